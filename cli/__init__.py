@@ -1,0 +1,1 @@
+"""The ``kvcodec`` command line: a thin click layer over the library."""

@@ -1,0 +1,164 @@
+"""``kvcodec`` CLI. Parses arguments and calls the library; errors print one line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import kvcodec
+from kvcodec.errors import KVCodecError
+
+
+class _App(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KVCodecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_App)
+@click.version_option(kvcodec.__version__, prog_name="kvcodec")
+def main():
+    """Compress transformer KV caches into .kvc files and load them back."""
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .kvc file to write.")
+@click.option("--config", default="default", show_default=True,
+              help=f"Config name ({', '.join(kvcodec.available_configs())}) or JSON path.")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
+@click.option("--chunk-tokens", type=int, default=None, help="Tokens per chunk (default 256).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Coder threads (0 = all cores).")
+def encode(source, output, config, model, max_tokens, chunk_tokens, threads):
+    """Encode SOURCE into a .kvc file.
+
+    SOURCE is a text file (run through the model to capture its KV cache) or a
+    .safetensors file of K/V tensors as written by `kvcodec decode`.
+    """
+    from kvcodec import io as kvio
+
+    if source.endswith(".safetensors"):
+        kv = kvio.load_safetensors(source)
+    else:
+        text = Path(source).read_text(encoding="utf-8", errors="replace")
+        with _status("loading the model"):
+            lm = kvcodec.load_model(model)
+        kv = _capture(lm, text, max_tokens, f"prefilling {Path(source).name}")
+    with _status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
+        data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
+    click.echo(f"wrote {output}: {len(data):,} bytes, "
+               f"{len(data) * 8 / kv.numel():.3f} bits/element, "
+               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write.")
+@click.option("--chunks", default=None, help="Chunk range to decode, e.g. 0:4 (default all).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Output dtype (default: the encoded cache's).")
+@click.option("--threads", type=int, default=0, show_default=True)
+def decode(source, output, chunks, dtype, threads):
+    """Decode a .kvc file into a safetensors file of K/V tensors."""
+    from kvcodec import io as kvio
+    from kvcodec.api import DTYPES
+
+    with kvcodec.open(source) as f:
+        sel = _parse_chunks(chunks)
+        with _status(f"decoding {source}"):
+            kv = f.decode(sel, dtype=DTYPES[dtype] if dtype else None, threads=threads)
+    kvio.save_safetensors(kv, output)
+    click.echo(f"wrote {output}: {kv.num_layers} layers x {kv.num_tokens} tokens")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(source, as_json):
+    """Show what a .kvc file holds and how big each part is."""
+    with kvcodec.open(source) as f:
+        info = f.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    model = info["model"] or {}
+    rows = [
+        ("file", f"{source} ({info['file_bytes']:,} bytes, format v{info['format_version']})"),
+        ("model", f"{model.get('architecture', 'unknown')} layers={info['num_layers']} "
+                  f"kv_heads={info['num_kv_heads']} head_dim={info['head_dim']}"),
+        ("tokens", f"{info['num_tokens']} in {info['num_chunks']} chunks of {info['chunk_tokens']}"),
+        ("config", info["config"]),
+        ("dtype", info["dtype"]),
+        ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
+                 f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),
+    ] + [(f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Document to use (default: a license text that ships with Debian/Python).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default="out", show_default=True)
+def demo(text, max_tokens, out_dir):
+    """Capture KV of a real document, encode, decode, and continue generation from it."""
+    from kvcodec.demo import run_demo
+
+    run_demo(text, max_tokens, out_dir, echo=click.echo)
+
+
+def _capture(lm, text, max_tokens, label):
+    """capture_kv with a progress bar over prefill steps."""
+    bar = click.progressbar(length=1, label=label, file=sys.stderr)
+    state = {"done": 0}
+
+    def progress(done, total):
+        bar.length = total
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    with bar:
+        return kvcodec.capture_kv(lm, text, max_tokens=max_tokens, progress=progress)
+
+
+def _parse_chunks(spec):
+    if spec is None:
+        return None
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            return slice(int(a) if a else None, int(b) if b else None)
+        return int(spec)
+    except ValueError:
+        raise KVCodecError(f"--chunks must be N or A:B, got {spec!r}") from None
+
+
+class _status:
+    """One line on stderr saying what a long step is doing (a spinner would need a thread)."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            click.echo(f"{self.what} ...", err=True)
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Encode a KV cache into .kvc bytes and decode it back, whole or by chunk and layer."""
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import container, tables
+from .config import MAX_CHUNK_TOKENS, load_config, resolve_layers
+from .container import Reader, atomic_write, crc32
+from .errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
+from .model import KVCache, validate_kv
+from .quant import make_quantizer
+
+INDEX_ENTRY = struct.Struct("<QIII")  # payload offset, side bytes, blob bytes, CRC-32
+KINDS = ("key", "value")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_LAYERS = 4096
+MAX_TOKENS = 1 << 24
+MAX_CHANNELS = 65535
+MAX_ELEMENTS = 1 << 34
+_zstd_level = 19
+
+
+def _flatten(t: torch.Tensor) -> torch.Tensor:
+    """``[1, H, T, D]`` -> float32 ``[T, H*D]``."""
+    _, h, n, d = t.shape
+    return t[0].detach().to("cpu", torch.float32).permute(1, 0, 2).reshape(n, h * d)
+
+
+def _unflatten(x: torch.Tensor, h: int, d: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], h, d).permute(1, 0, 2).unsqueeze(0)
+
+
+def _coder_info() -> dict:
+    nat = tables.native()
+    return {"name": "rans32x16", "bitstream": int(nat.BITSTREAM_VERSION),
+            "prob_bits": int(nat.PROB_BITS), "lanes": int(nat.LANES),
+            "table_levels_per_octave": tables.LEVELS_PER_OCTAVE}
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=_zstd_level, write_checksum=True).compress(data)
+
+
+def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
+           threads: int = 0, token_ids=None, model: dict | None = None) -> bytes:
+    """Compress a KV cache into .kvc bytes.
+
+    Parameters
+    ----------
+    kv : KVCache, transformers DynamicCache, or list of (key, value) pairs
+        Per layer, keys and values ``[1, kv_heads, tokens, head_dim]`` (fp16, bf16 or fp32).
+    path : str or Path, optional
+        Also write the result there, crash-safely (temp file + fsync + rename).
+    config : str, Path or dict
+        Codec config name (``"default"``, ``"cachegen"``), JSON path, or dict.
+    chunk_tokens : int, optional
+        Tokens per independently decodable chunk (default: the config's, else 256).
+    threads : int
+        Coder threads; 0 = all cores.
+    token_ids, model : optional
+        Token ids and model fingerprint to record, overriding those carried by ``kv``.
+
+    Returns
+    -------
+    bytes
+        The .kvc file contents.
+    """
+    kv = _as_kvcache(kv)
+    cfg = load_config(config)
+    chunk = int(chunk_tokens or cfg.get("chunk_tokens", 256))
+    if not 1 <= chunk <= MAX_CHUNK_TOKENS:
+        raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got {chunk}")
+    token_ids = kv.token_ids if token_ids is None else list(token_ids)
+    model = kv.model if model is None else model
+    n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
+    _check_geometry(n_layers, n, h * d)
+    if token_ids is not None and len(token_ids) != n:
+        raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
+    specs = resolve_layers(cfg, n_layers)
+
+    params_blob, levels_blob, jobs, sides = [], [], [], []
+    for layer in range(n_layers):
+        for kind, src in zip(KINDS, (kv.keys, kv.values)):
+            q = make_quantizer(specs[kind][layer])
+            x = _flatten(src[layer])
+            if not torch.isfinite(x).all():
+                raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
+            params = q.fit(x)
+            symbols, side = q.quantize(x, params)
+            for name in q.param_names:
+                params_blob.append(params[name].astype("<f2").tobytes())
+            levels = tables.levels_from_counts(tables.channel_counts(symbols, q.table_alphabet))
+            levels_blob.append(levels.tobytes())
+            jobs.append((np.ascontiguousarray(symbols), tables.freqs_from_levels(levels)))
+            sides.append(side)
+    blobs = tables.native().encode_many(jobs, chunk, threads)
+
+    n_chunks = (n + chunk - 1) // chunk
+    index, payload, offset = [], [], 0
+    for c in range(n_chunks):
+        rows = slice(c * chunk, min(n, (c + 1) * chunk))
+        for s, side in enumerate(sides):
+            side_bytes = b"" if side is None else side[rows].astype("<f2").tobytes()
+            item = side_bytes + blobs[s][c]
+            index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blobs[s][c]), crc32(item)))
+            payload.append(item)
+            offset += len(item)
+    header = {
+        "format": "kvc",
+        "created_by": f"kvcodec {_version()}",
+        "model": model,
+        "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
+        "dtype": str(kv.dtype).replace("torch.", ""),
+        "chunk_tokens": chunk,
+        "token_ids": [int(t) for t in token_ids] if token_ids is not None else None,
+        "config": cfg,
+        "coder": _coder_info(),
+    }
+    data = container.build(header, [
+        ("index", b"".join(index), True),
+        ("params", _zstd(b"".join(params_blob)), True),
+        ("tables", _zstd(b"".join(levels_blob)), True),
+        ("payload", b"".join(payload), False),
+    ])
+    if path is not None:
+        atomic_write(path, data)
+    return data
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _as_kvcache(kv) -> KVCache:
+    if isinstance(kv, KVCache):
+        return kv
+    if hasattr(kv, "layers"):  # a transformers Cache
+        return KVCache.from_dynamic_cache(kv)
+    if isinstance(kv, (list, tuple)):
+        try:
+            keys, values = [p[0] for p in kv], [p[1] for p in kv]
+        except (TypeError, IndexError):
+            raise ShapeError("expected a list of (key, value) tensor pairs") from None
+        return KVCache(keys, values)
+    raise ShapeError(f"cannot encode a {type(kv).__name__}; pass a KVCache, DynamicCache "
+                     "or list of (key, value) pairs")
+
+
+def _check_geometry(n_layers: int, n_tokens: int, channels: int) -> None:
+    if n_layers > MAX_LAYERS or n_tokens > MAX_TOKENS or channels > MAX_CHANNELS:
+        raise ShapeError(
+            f"{n_layers} layers x {n_tokens} tokens x {channels} channels exceeds the format "
+            f"limits ({MAX_LAYERS} layers, {MAX_TOKENS} tokens, {MAX_CHANNELS} channels)")
+    if 2 * n_layers * n_tokens * channels > MAX_ELEMENTS:
+        raise ShapeError(f"a cache of more than {MAX_ELEMENTS} elements is over the format cap")
+
+
+def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVCache:
+    """Decode a whole .kvc file (path, bytes or binary file object) into a :class:`KVCache`."""
+    with open(source) as f:
+        return f.decode(dtype=dtype, threads=threads)
+
+
+def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
+    """Open a .kvc file lazily for random access by chunk and layer.
+
+    ``source`` is a path, bytes, or a seekable binary file object.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise KVCodecError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            return KVCFile(Reader(f, str(path)))
+        except BaseException:
+            f.close()
+            raise
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return KVCFile(Reader(source))
+    if hasattr(source, "read") and hasattr(source, "seek"):
+        return KVCFile(Reader(source, getattr(source, "name", "<stream>")))
+    raise KVCodecError(f"cannot open a {type(source).__name__}; give a path, bytes or a file object")
+
+
+class KVCFile:
+    """A parsed .kvc file. Header fields are checked on open; sections are read lazily.
+
+    Attributes
+    ----------
+    num_layers, num_kv_heads, head_dim, num_tokens, chunk_tokens, num_chunks : int
+    dtype : torch.dtype
+        The dtype the cache had when encoded (the default decode dtype).
+    token_ids : list of int or None
+    model : dict or None
+        Fingerprint of the model that made the cache.
+    config : dict
+        The full codec config used.
+    """
+
+    def __init__(self, reader: Reader):
+        self._r = reader
+        h = reader.header
+        name = reader.name
+        if h.get("format") != "kvc":
+            raise FormatError(f"{name}: header does not describe a kvc cache")
+        g = _HeaderFields(h, name)
+        self.num_layers = g.int("num_layers", 1, MAX_LAYERS)
+        self.num_kv_heads = g.int("num_kv_heads", 1, MAX_CHANNELS)
+        self.head_dim = g.int("head_dim", 1, MAX_CHANNELS)
+        self.num_tokens = g.int("num_tokens", 1, MAX_TOKENS)
+        self.chunk_tokens = g.int("chunk_tokens", 1, MAX_CHUNK_TOKENS)
+        self.channels = self.num_kv_heads * self.head_dim
+        try:
+            _check_geometry(self.num_layers, self.num_tokens, self.channels)
+        except ShapeError as exc:
+            raise CorruptError(f"{name}: {exc}") from None
+        if h.get("dtype") not in DTYPES:
+            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r}")
+        self.dtype = DTYPES[h["dtype"]]
+        self.num_chunks = (self.num_tokens + self.chunk_tokens - 1) // self.chunk_tokens
+        tokens = h.get("token_ids")
+        if tokens is not None and (not isinstance(tokens, list) or len(tokens) != self.num_tokens
+                                   or not all(isinstance(t, int) for t in tokens)):
+            raise CorruptError(f"{name}: token_ids do not match num_tokens")
+        self.token_ids = tokens
+        self.model = h.get("model") if isinstance(h.get("model"), dict) else None
+        coder = h.get("coder")
+        if coder != _coder_info():
+            raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
+        try:
+            self.config = load_config(h.get("config"))
+            specs = resolve_layers(self.config, self.num_layers)
+        except ConfigError as exc:
+            raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
+        self._quant = {(l, k): make_quantizer(specs[k][l])
+                       for l in range(self.num_layers) for k in KINDS}
+        self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
+        self._index = None
+        self._params = None
+        self._levels = None
+
+    # -- metadata -------------------------------------------------------------------
+    @property
+    def header(self) -> dict:
+        return self._r.header
+
+    @property
+    def size_bytes(self) -> int:
+        return self._r.size
+
+    def numel(self) -> int:
+        return 2 * self.num_layers * self.num_tokens * self.channels
+
+    def bits_per_element(self) -> float:
+        """All-in size (header, tables, index, checksums, payload) per K/V element."""
+        return self.size_bytes * 8 / self.numel()
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _coded(self, q) -> int:
+        """Symbol columns per token: the channels plus the quantizer's coded side columns."""
+        return self.channels + q.extra_channels
+
+    # -- lazily parsed sections -------------------------------------------------------
+    def _unzstd(self, section: str, expected: int) -> bytes:
+        import zstandard
+
+        data = self._r.read_section(section)
+        try:
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
+        except zstandard.ZstdError as exc:
+            raise CorruptError(f"{self._r.name}: section {section!r} does not decompress: {exc}") from None
+        if len(out) != expected:
+            raise CorruptError(f"{self._r.name}: section {section!r} holds {len(out)} bytes, "
+                               f"expected {expected}")
+        return out
+
+    def _load_index(self):
+        if self._index is not None:
+            return self._index
+        n_items = self.num_chunks * len(self._streams)
+        raw = self._r.read_section("index")
+        if len(raw) != n_items * INDEX_ENTRY.size:
+            raise CorruptError(f"{self._r.name}: index has {len(raw)} bytes, expected "
+                               f"{n_items * INDEX_ENTRY.size}")
+        idx = np.frombuffer(raw, dtype=np.dtype([("off", "<u8"), ("side", "<u4"),
+                                                  ("blob", "<u4"), ("crc", "<u4")]))
+        ends = idx["off"] + idx["side"].astype(np.uint64) + idx["blob"]
+        _, payload_len = self._r.section_bounds("payload")
+        if n_items and (idx["off"][0] != 0 or np.any(idx["off"][1:] != ends[:-1])
+                        or int(ends[-1]) != payload_len):
+            raise CorruptError(f"{self._r.name}: index entries do not tile the payload")
+        nat = tables.native()
+        for i, entry in enumerate(idx):
+            chunk, s = divmod(i, len(self._streams))
+            rows = min(self.chunk_tokens, self.num_tokens - chunk * self.chunk_tokens)
+            q = self._quant[self._streams[s]]
+            if int(entry["side"]) != rows * q.side_per_token * 2:
+                raise CorruptError(f"{self._r.name}: chunk {chunk} side information has the wrong size")
+            if int(entry["blob"]) > nat.max_encoded_size(rows, self._coded(q)):
+                raise CorruptError(f"{self._r.name}: chunk {chunk} blob is larger than possible")
+        self._index = idx
+        return idx
+
+    def _load_tables(self):
+        if self._levels is not None:
+            return
+        c = self.channels
+        psizes = [len(self._quant[s].param_names) * c * 2 for s in self._streams]
+        lsizes = [self._quant[s].table_alphabet * self._coded(self._quant[s])
+                  for s in self._streams]
+        praw = self._unzstd("params", sum(psizes))
+        lraw = self._unzstd("tables", sum(lsizes))
+        params, levels, po, lo = {}, {}, 0, 0
+        for s, ps, ls in zip(self._streams, psizes, lsizes):
+            q = self._quant[s]
+            arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
+            params[s] = {name: arr[i].astype(np.float16) for i, name in enumerate(q.param_names)}
+            lv = np.frombuffer(lraw, dtype=np.uint8, count=ls, offset=lo).reshape(
+                self._coded(q), q.table_alphabet)
+            if lv.max(initial=0) > tables.MAX_LEVEL or np.any(lv.max(axis=1) == 0):
+                raise CorruptError(f"{self._r.name}: invalid probability table for layer {s[0]} {s[1]}s")
+            levels[s] = lv
+            po += ps
+            lo += ls
+        self._params, self._levels = params, levels
+
+    # -- decoding -----------------------------------------------------------------------
+    def _chunk_range(self, chunks) -> range:
+        if chunks is None:
+            return range(self.num_chunks)
+        if isinstance(chunks, int):
+            chunks = range(chunks, chunks + 1)
+        elif isinstance(chunks, slice):
+            chunks = range(self.num_chunks)[chunks]
+        elif not isinstance(chunks, range):
+            chunks = list(chunks)
+            if not chunks or chunks != list(range(chunks[0], chunks[-1] + 1)):
+                raise ShapeError("chunks must be a contiguous, increasing range")
+            chunks = range(chunks[0], chunks[-1] + 1)
+        if len(chunks) == 0 or chunks.step != 1 or chunks[0] < 0 or chunks[-1] >= self.num_chunks:
+            raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
+        return chunks
+
+    def decode_layers(self, layers=None, chunks=None, *, dtype=None, threads: int = 0):
+        """Decode chosen layers over a contiguous chunk range.
+
+        Returns
+        -------
+        dict
+            ``{layer: (keys, values)}``, each ``[1, kv_heads, tokens, head_dim]`` where
+            tokens covers ``chunks`` (all chunks by default).
+        """
+        idx = self._load_index()
+        self._load_tables()
+        chunks = self._chunk_range(chunks)
+        layers = range(self.num_layers) if layers is None else list(layers)
+        for l in layers:
+            if not isinstance(l, int) or not 0 <= l < self.num_layers:
+                raise ShapeError(f"layer {l!r} is outside 0..{self.num_layers - 1}")
+        t0 = chunks[0] * self.chunk_tokens
+        t1 = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens)
+        dtype = dtype or self.dtype
+        nat = tables.native()
+        jobs, outs, sides = [], [], []
+        for l in layers:
+            for k in KINDS:
+                s = self._streams.index((l, k))
+                blobs, side_parts = [], []
+                for c in chunks:
+                    e = idx[c * len(self._streams) + s]
+                    item = self._r.read_range("payload", int(e["off"]),
+                                              int(e["side"]) + int(e["blob"]))
+                    if crc32(item) != int(e["crc"]):
+                        raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {c}, "
+                                           f"layer {l} {k}s; the file is damaged")
+                    side_parts.append(item[:int(e["side"])])
+                    blobs.append(memoryview(item)[int(e["side"]):])
+                out = np.empty((t1 - t0, self._coded(self._quant[(l, k)])), dtype=np.uint8)
+                jobs.append((blobs, nat.normalize_freqs(self._levels[(l, k)]), out))
+                outs.append(out)
+                sides.append(b"".join(side_parts))
+        errors = nat.decode_many(jobs, self.chunk_tokens, threads)
+        result = {}
+        for i, (l, k) in enumerate((l, k) for l in layers for k in KINDS):
+            if errors[i] is not None:
+                raise CorruptError(f"{self._r.name}: layer {l} {k}s: {errors[i]}")
+            q = self._quant[(l, k)]
+            if q.alphabet < q.table_alphabet and outs[i][:, :self.channels].max(initial=0) >= q.alphabet:
+                raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
+                                   "the quantizer's range; the header does not match the data")
+            side = (np.frombuffer(sides[i], dtype="<f2").reshape(-1, q.side_per_token)
+                    if q.side_per_token else None)
+            x = q.dequantize(torch.from_numpy(outs[i]), self._params[(l, k)], side)
+            t = _unflatten(x, self.num_kv_heads, self.head_dim).to(dtype)
+            result.setdefault(l, [None, None])[KINDS.index(k)] = t
+        return {l: tuple(kv) for l, kv in result.items()}
+
+    def decode(self, chunks=None, *, dtype=None, threads: int = 0) -> KVCache:
+        """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`."""
+        chunks = self._chunk_range(chunks)
+        layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads)
+        t0 = chunks[0] * self.chunk_tokens
+        ids = None
+        if self.token_ids is not None:
+            ids = self.token_ids[t0:t0 + layers[0][0].shape[2]]
+        return KVCache([layers[l][0] for l in range(self.num_layers)],
+                       [layers[l][1] for l in range(self.num_layers)], ids, self.model)
+
+    def summary(self) -> dict:
+        """Sizes and geometry, for ``kvcodec inspect``."""
+        sections = {n: length for n, (_, length, _) in self._r.sections.items()}
+        return {
+            "file_bytes": self.size_bytes,
+            "format_version": container.FORMAT_VERSION,
+            "created_by": self.header.get("created_by"),
+            "model": self.model,
+            "config": self.config.get("name"),
+            "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "num_tokens": self.num_tokens,
+            "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "elements": self.numel(),
+            "bits_per_element": self.bits_per_element(),
+            "compression_vs_fp16": self.numel() * 2 / self.size_bytes,
+            "sections": sections,
+            "header_bytes": self.size_bytes - self._r.data_start + self._r.data_start
+                            - sum(sections.values()),
+        }
+
+
+class _HeaderFields:
+    def __init__(self, header: dict, name: str):
+        self.h, self.name = header, name
+
+    def int(self, key: str, lo: int, hi: int) -> int:
+        v = self.h.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise CorruptError(f"{self.name}: header field {key!r} = {v!r:.50} is not an "
+                               f"integer in [{lo}, {hi}]")
+        return v

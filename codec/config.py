@@ -1,0 +1,111 @@
+"""Codec configurations: which quantizer each layer's keys and values get.
+
+A config is JSON (``configs/*.json``)::
+
+    {
+      "name": "cachegen",
+      "description": "...",
+      "chunk_tokens": 256,
+      "key":   [{"layers": [0, 10],   "quantizer": {"type": "absmax_token", "bins": 32}},
+                {"layers": [10, null], "quantizer": {"type": "absmax_token", "bins": 16}}],
+      "value": [{"layers": [0, null],  "quantizer": {"type": "absmax_token", "bins": 16}}]
+    }
+
+``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
+null = through the last layer; negative numbers count from the end). The first rule
+that covers a layer applies; every layer must be covered. Quantizer types and their
+fields are documented in :mod:`kvcodec.quant`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+from .quant import make_quantizer
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+DEFAULT_CHUNK_TOKENS = 256
+MAX_CHUNK_TOKENS = 1 << 16
+
+
+def config_dirs() -> list[Path]:
+    return [d for d in (CONFIG_DIR, _PACKAGED) if d.is_dir()]
+
+
+def available_configs() -> list[str]:
+    names = set()
+    for d in config_dirs():
+        names.update(p.stem for p in d.glob("*.json"))
+    return sorted(names)
+
+
+def load_config(spec) -> dict:
+    """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict."""
+    if isinstance(spec, dict):
+        cfg = copy.deepcopy(spec)
+    else:
+        spec = str(spec)
+        path = Path(spec)
+        if not path.is_file():
+            for d in config_dirs():
+                if (d / f"{spec}.json").is_file():
+                    path = d / f"{spec}.json"
+                    break
+            else:
+                raise ConfigError(
+                    f"no config {spec!r}: give a JSON file or one of {available_configs()}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    if not isinstance(cfg, dict):
+        raise ConfigError("a config must be a JSON object")
+    chunk = cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
+    if not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
+        raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk!r}")
+    for kind in ("key", "value"):
+        rules = cfg.get(kind)
+        if not isinstance(rules, list) or not rules:
+            raise ConfigError(f"config needs a non-empty list of rules under {kind!r}")
+        for i, rule in enumerate(rules):
+            where = f"{kind}[{i}]"
+            if not isinstance(rule, dict) or "quantizer" not in rule:
+                raise ConfigError(f"{where} must be an object with 'layers' and 'quantizer'")
+            layers = rule.get("layers", [0, None])
+            if (not isinstance(layers, list) or len(layers) != 2
+                    or not isinstance(layers[0], int)
+                    or not (layers[1] is None or isinstance(layers[1], int))):
+                raise ConfigError(f"{where}.layers must be [start, end] with end an int or null")
+            try:
+                make_quantizer(rule["quantizer"])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.quantizer: {exc}") from None
+
+
+def resolve_layers(cfg: dict, num_layers: int) -> dict[str, list[dict]]:
+    """Per-layer quantizer specs: ``{"key": [spec_layer0, ...], "value": [...]}``."""
+    out = {}
+    for kind in ("key", "value"):
+        specs = []
+        for layer in range(num_layers):
+            for rule in cfg[kind]:
+                start, end = rule.get("layers", [0, None])
+                start = start + num_layers if start < 0 else start
+                end = num_layers if end is None else (end + num_layers if end < 0 else end)
+                if start <= layer < end:
+                    specs.append(rule["quantizer"])
+                    break
+            else:
+                raise ConfigError(
+                    f"config {cfg.get('name', '?')!r} has no {kind} rule for layer {layer} "
+                    f"of a {num_layers}-layer model")
+        out[kind] = specs
+    return out

@@ -1,0 +1,216 @@
+"""The .kvc container: safe to open from an untrusted source.
+
+Layout (all integers little-endian)::
+
+    0   8 bytes   magic  b"\\x89KVC\\r\\n\\x1a\\n"
+    8   u32       format version (readers refuse versions they do not know)
+    12  u32       header length H (<= MAX_HEADER_BYTES)
+    16  u32       CRC-32 of the header bytes
+    20  u32       reserved, 0
+    24  H bytes   UTF-8 JSON header
+        zero padding to a multiple of 64 -> data start
+        sections, each starting at an 8-byte aligned offset relative to data start,
+        zero padding between them
+
+The header lists its sections as ``{"name", "offset", "length", "crc32"}``. Offsets must
+tile the data exactly (each one the previous end rounded up to 8, the first 0, the last
+end rounded up to 8 equal to ``data_length``), and every size is checked against hard caps
+before anything is allocated. Like safetensors, no code is ever loaded (no pickle); unlike
+safetensors, every section is checksummed. The ``payload`` section has ``crc32: null``
+because each of its items carries its own CRC in the index, so one chunk can be read and
+verified without reading the rest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+from .errors import CorruptError, FormatError, TruncatedError
+
+MAGIC = b"\x89KVC\r\n\x1a\n"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sIIII")
+MAX_HEADER_BYTES = 64 << 20
+DATA_ALIGN = 64
+SECTION_ALIGN = 8
+MAX_DATA_BYTES = 1 << 40
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def build(header: dict, sections: list[tuple[str, bytes, bool]]) -> bytes:
+    """Serialize a header and ``(name, data, checksummed)`` sections into .kvc bytes."""
+    table, offset = [], 0
+    for name, data, checked in sections:
+        table.append({"name": name, "offset": offset, "length": len(data),
+                      "crc32": crc32(data) if checked else None})
+        offset = _align(offset + len(data), SECTION_ALIGN)
+    header = dict(header, sections=table, data_length=offset)
+    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise FormatError(f"header of {len(hbytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
+    out = io.BytesIO()
+    out.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hbytes), crc32(hbytes), 0))
+    out.write(hbytes)
+    out.write(b"\0" * (_align(out.tell(), DATA_ALIGN) - out.tell()))
+    for (_, data, _), entry in zip(sections, table):
+        out.write(b"\0" * (_align(out.tell(), SECTION_ALIGN) - out.tell()))
+        out.write(data)
+    out.write(b"\0" * (_align(out.tell(), SECTION_ALIGN) - out.tell()))
+    return out.getvalue()
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+class Reader:
+    """Random-access reader of a .kvc file held in a file object or bytes.
+
+    Parsing checks the preamble, header checksum and section tiling; section contents
+    are read (and checksummed) on demand.
+    """
+
+    def __init__(self, source, name: str = "<bytes>"):
+        self.name = name
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._f = io.BytesIO(bytes(source))
+        else:
+            self._f = source
+        self._f.seek(0, io.SEEK_END)
+        self.size = self._f.tell()
+        self.header = self._read_header()
+        self.sections = self._check_sections()
+
+    def close(self):
+        self._f.close()
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TruncatedError(
+                f"{self.name}: needs bytes {offset}..{offset + length} but the file has "
+                f"{self.size}; it is truncated")
+        self._f.seek(offset)
+        data = self._f.read(length)
+        if len(data) != length:
+            raise TruncatedError(f"{self.name}: short read at offset {offset}; truncated file")
+        return data
+
+    def _read_header(self) -> dict:
+        if self.size < PREAMBLE.size:
+            if self.size and not MAGIC.startswith(self._read_at(0, min(self.size, 8))):
+                raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
+            raise TruncatedError(f"{self.name}: only {self.size} bytes; the file is empty or "
+                                 "truncated")
+        magic, version, hlen, hcrc, _ = PREAMBLE.unpack(self._read_at(0, PREAMBLE.size))
+        if magic != MAGIC:
+            raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"{self.name} has .kvc format version {version}; this kvcodec reads version "
+                f"{FORMAT_VERSION} (upgrade kvcodec to read newer files)")
+        if hlen > MAX_HEADER_BYTES:
+            raise CorruptError(f"{self.name}: header claims {hlen} bytes, over the "
+                               f"{MAX_HEADER_BYTES}-byte cap")
+        hbytes = self._read_at(PREAMBLE.size, hlen)
+        if crc32(hbytes) != hcrc:
+            raise CorruptError(f"{self.name}: header checksum mismatch; the file is damaged")
+        try:
+            header = json.loads(hbytes)
+        except ValueError:
+            raise CorruptError(f"{self.name}: header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise CorruptError(f"{self.name}: header is not a JSON object")
+        self.data_start = _align(PREAMBLE.size + hlen, DATA_ALIGN)
+        return header
+
+    def _check_sections(self) -> dict:
+        table = self.header.get("sections")
+        data_length = self.header.get("data_length")
+        if not isinstance(table, list) or not _is_int(data_length, 0, MAX_DATA_BYTES):
+            raise CorruptError(f"{self.name}: header lacks a valid section table")
+        sections, expect = {}, 0
+        for entry in table:
+            if not isinstance(entry, dict):
+                raise CorruptError(f"{self.name}: malformed section entry")
+            name, off, length = entry.get("name"), entry.get("offset"), entry.get("length")
+            crc = entry.get("crc32")
+            if (not isinstance(name, str) or name in sections or not _is_int(off, 0, MAX_DATA_BYTES)
+                    or not _is_int(length, 0, MAX_DATA_BYTES)
+                    or not (crc is None or _is_int(crc, 0, 0xFFFFFFFF))):
+                raise CorruptError(f"{self.name}: malformed section entry {entry!r:.200}")
+            if off != expect:
+                raise CorruptError(
+                    f"{self.name}: section {name!r} starts at {off}, expected {expect}; "
+                    "sections must tile the data")
+            sections[name] = (off, length, crc)
+            expect = _align(off + length, SECTION_ALIGN)
+        if expect != data_length:
+            raise CorruptError(f"{self.name}: sections end at {expect} but data_length is {data_length}")
+        have = self.size - self.data_start
+        if have < data_length:
+            raise TruncatedError(
+                f"{self.name}: holds {max(have, 0)} data bytes of {data_length}; it is truncated")
+        if have > data_length:
+            raise CorruptError(f"{self.name}: {have - data_length} unexpected bytes after the data")
+        return sections
+
+    def section_bounds(self, name: str) -> tuple[int, int]:
+        if name not in self.sections:
+            raise CorruptError(f"{self.name}: missing section {name!r}")
+        off, length, _ = self.sections[name]
+        return off, length
+
+    def read_section(self, name: str) -> bytes:
+        """Whole section contents, checksum verified."""
+        off, length = self.section_bounds(name)
+        data = self._read_at(self.data_start + off, length)
+        crc = self.sections[name][2]
+        if crc is not None and crc32(data) != crc:
+            raise CorruptError(f"{self.name}: checksum mismatch in section {name!r}; damaged file")
+        return data
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of a section (caller verifies them)."""
+        off, slen = self.section_bounds(name)
+        if offset < 0 or length < 0 or offset + length > slen:
+            raise CorruptError(f"{self.name}: range {offset}+{length} outside section {name!r}")
+        return self._read_at(self.data_start + off + offset, length)
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi

@@ -1,0 +1,34 @@
+"""Typed errors. Every failure a user can cause maps to one of these, with a message
+that says what is wrong and what to do; the CLI prints the message without a traceback."""
+
+
+class KVCodecError(Exception):
+    """Base class of every error kvcodec raises on bad input or environment."""
+
+
+class FormatError(KVCodecError):
+    """The file is not a .kvc file, or is of an unsupported version."""
+
+
+class CorruptError(FormatError):
+    """The file's structure or a checksum does not match: it was damaged or tampered with."""
+
+
+class TruncatedError(CorruptError):
+    """The file or stream ended before the sizes its header promises."""
+
+
+class ModelMismatchError(KVCodecError):
+    """The cache was made by a different model than the one it is being loaded into."""
+
+
+class ShapeError(KVCodecError):
+    """Tensors have shapes, dtypes or counts that do not fit together."""
+
+
+class ConfigError(KVCodecError):
+    """A codec configuration is invalid."""
+
+
+class BackendError(KVCodecError):
+    """A required backend (native extension, GPU, model package) is missing."""

@@ -1,0 +1,66 @@
+"""Plain K/V tensors on disk as safetensors (the uncompressed interchange format).
+
+Tensor names are ``layers.{i}.key`` and ``layers.{i}.value``, each
+``[1, kv_heads, tokens, head_dim]``; token ids and the model fingerprint go in the
+metadata as JSON strings. safetensors never executes code on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import FormatError, ShapeError
+from .model import KVCache
+
+
+def save_safetensors(kv: KVCache, path) -> None:
+    """Write ``kv`` to ``path`` crash-safely."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
+        tensors[f"layers.{i}.key"] = k.contiguous()
+        tensors[f"layers.{i}.value"] = v.contiguous()
+    meta = {"format": "kvcodec-kv", "token_ids": json.dumps(kv.token_ids),
+            "model": json.dumps(kv.model)}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_safetensors(path) -> KVCache:
+    """Read K/V tensors written by :func:`save_safetensors`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            n = 0
+            while f"layers.{n}.key" in names:
+                n += 1
+            if n == 0 or any(f"layers.{i}.value" not in names for i in range(n)):
+                raise ShapeError(
+                    f"{path}: expected tensors layers.0.key, layers.0.value, ... "
+                    f"(found {sorted(names)[:6]})")
+            keys = [f.get_tensor(f"layers.{i}.key") for i in range(n)]
+            values = [f.get_tensor(f"layers.{i}.value") for i in range(n)]
+    except SafetensorError as exc:
+        raise FormatError(f"{path} is not a valid safetensors file: {exc}") from None
+    try:
+        token_ids = json.loads(meta.get("token_ids", "null"))
+        model = json.loads(meta.get("model", "null"))
+    except ValueError:
+        raise FormatError(f"{path}: metadata is not valid JSON") from None
+    return KVCache(keys, values, token_ids, model)

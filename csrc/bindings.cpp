@@ -1,0 +1,270 @@
+// The one Python binding of the native coder. Arrays come in as NumPy buffers and are
+// checked here, at the boundary, with messages that name the argument; the coder itself
+// never sees Python objects and runs without the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/rans.h"
+#include "decoder/decoder.h"
+#include "encoder/encoder.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_array(const py::array& a, const char* name, char kind, int itemsize, int ndim) {
+  if (a.dtype().kind() != kind || a.itemsize() != itemsize) {
+    throw py::value_error(std::string(name) + ": expected dtype " +
+                          (kind == 'u' && itemsize == 1 ? "uint8" : "uint16") + ", got " +
+                          std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != ndim) {
+    throw py::value_error(std::string(name) + ": expected " + std::to_string(ndim) +
+                          " dimensions, got " + std::to_string(a.ndim()));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + ": must be C-contiguous");
+  }
+}
+
+struct Table {
+  const uint16_t* freqs;
+  int channels, alphabet;
+};
+
+Table check_freqs(const py::array& freqs, const char* name, int channels) {
+  check_array(freqs, name, 'u', 2, 2);
+  const int c = (int)freqs.shape(0), a = (int)freqs.shape(1);
+  if (c != channels) {
+    throw py::value_error(std::string(name) + ": has " + std::to_string(c) +
+                          " rows but the symbols have " + std::to_string(channels) + " channels");
+  }
+  if (a < 1 || a > kvc::MAX_ALPHABET) {
+    throw py::value_error(std::string(name) + ": alphabet must be in [1, 256]");
+  }
+  const uint16_t* f = static_cast<const uint16_t*>(freqs.data());
+  for (int i = 0; i < c; ++i) {
+    uint32_t sum = 0;
+    for (int s = 0; s < a; ++s) sum += f[(size_t)i * a + s];
+    if (sum != kvc::PROB_SCALE) {
+      throw py::value_error(std::string(name) + ": row " + std::to_string(i) + " sums to " +
+                            std::to_string(sum) + ", not " + std::to_string(kvc::PROB_SCALE));
+    }
+  }
+  return {f, c, a};
+}
+
+int resolve_threads(int threads, size_t jobs) {
+  if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
+  return (int)std::max<size_t>(1, std::min<size_t>((size_t)threads, jobs));
+}
+
+// Runs fn(i) for i in [0, n) on `threads` workers pulling from a shared counter.
+template <class F>
+void parallel_for(size_t n, int threads, F fn) {
+  std::atomic<size_t> next{0};
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < n;) fn(i);
+  };
+  if (threads <= 1) {
+    work();
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int k = 0; k < threads; ++k) pool.emplace_back(work);
+  for (auto& th : pool) th.join();
+}
+
+struct EncodeJob {
+  const uint8_t* symbols;
+  int rows, channels;
+  Table table;
+  std::vector<uint32_t> cums;
+  std::vector<std::vector<uint8_t>> blobs;
+  std::string error;
+};
+
+EncodeJob make_encode_job(const py::array& symbols, const py::array& freqs, int chunk_tokens) {
+  check_array(symbols, "symbols", 'u', 1, 2);
+  if (symbols.shape(1) < 1 || symbols.shape(1) > 65535) {
+    throw py::value_error("symbols: channels must be in [1, 65535]");
+  }
+  if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
+  EncodeJob job;
+  job.symbols = static_cast<const uint8_t*>(symbols.data());
+  job.rows = (int)symbols.shape(0);
+  job.channels = (int)symbols.shape(1);
+  job.table = check_freqs(freqs, "freqs", job.channels);
+  return job;
+}
+
+void run_encode(EncodeJob& job, int chunk_tokens) {
+  job.cums.resize((size_t)job.channels * job.table.alphabet);
+  kvc::cumulative(job.table.freqs, job.channels, job.table.alphabet, job.cums.data());
+  const int n_chunks = (job.rows + chunk_tokens - 1) / chunk_tokens;
+  job.blobs.resize(n_chunks);
+  for (int i = 0; i < n_chunks && job.error.empty(); ++i) {
+    const int t0 = i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
+    job.error = kvc::encode_blob(job.symbols + (size_t)t0 * job.channels, rows, job.channels,
+                                 job.table.freqs, job.cums.data(), job.table.alphabet,
+                                 &job.blobs[i]);
+    if (!job.error.empty()) job.error = "chunk " + std::to_string(i) + ": " + job.error;
+  }
+}
+
+py::list blobs_to_python(const EncodeJob& job) {
+  if (!job.error.empty()) throw py::value_error("symbols: " + job.error);
+  py::list out;
+  for (const auto& b : job.blobs) {
+    out.append(py::bytes(reinterpret_cast<const char*>(b.data()), b.size()));
+  }
+  return out;
+}
+
+py::list encode_many(py::list items, int chunk_tokens, int threads) {
+  std::vector<EncodeJob> jobs;
+  jobs.reserve(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    py::tuple item = items[i].cast<py::tuple>();
+    if (item.size() != 2) throw py::value_error("items: each item is (symbols, freqs)");
+    jobs.push_back(make_encode_job(item[0].cast<py::array>(), item[1].cast<py::array>(),
+                                   chunk_tokens));
+  }
+  {
+    py::gil_scoped_release release;
+    parallel_for(jobs.size(), resolve_threads(threads, jobs.size()),
+                 [&](size_t i) { run_encode(jobs[i], chunk_tokens); });
+  }
+  py::list out;
+  for (auto& job : jobs) out.append(blobs_to_python(job));
+  return out;
+}
+
+struct DecodeJob {
+  std::vector<std::pair<const uint8_t*, size_t>> blobs;
+  std::vector<py::buffer_info> keep;  // holds the buffers while the GIL is released
+  Table table;
+  uint8_t* out;
+  int rows, channels;
+  std::string error;
+};
+
+void run_decode(DecodeJob& job, int chunk_tokens) {
+  std::vector<uint32_t> lut((size_t)job.channels * kvc::PROB_SCALE);
+  kvc::build_luts(job.table.freqs, job.channels, job.table.alphabet, lut.data());
+  for (size_t i = 0; i < job.blobs.size(); ++i) {
+    const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
+    std::string err = kvc::decode_blob(job.blobs[i].first, job.blobs[i].second, rows,
+                                       job.channels, lut.data(),
+                                       job.out + (size_t)t0 * job.channels);
+    if (!err.empty()) {
+      job.error = "blob " + std::to_string(i) + ": " + err;
+      return;
+    }
+  }
+}
+
+py::list decode_many(py::list items, int chunk_tokens, int threads) {
+  if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
+  std::vector<DecodeJob> jobs(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    py::tuple item = items[i].cast<py::tuple>();
+    if (item.size() != 3) throw py::value_error("items: each item is (blobs, freqs, out)");
+    DecodeJob& job = jobs[i];
+    py::array out = item[2].cast<py::array>();
+    check_array(out, "out", 'u', 1, 2);
+    if (!out.writeable()) throw py::value_error("out: must be writable");
+    job.rows = (int)out.shape(0);
+    job.channels = (int)out.shape(1);
+    if (job.channels < 1 || job.channels > 65535) {
+      throw py::value_error("out: channels must be in [1, 65535]");
+    }
+    job.out = static_cast<uint8_t*>(out.mutable_data());
+    job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+    py::list blobs = item[0].cast<py::list>();
+    const size_t expected = ((size_t)job.rows + chunk_tokens - 1) / chunk_tokens;
+    if (blobs.size() != expected) {
+      throw py::value_error("blobs: " + std::to_string(blobs.size()) + " blobs for " +
+                            std::to_string(job.rows) + " rows; expected " +
+                            std::to_string(expected));
+    }
+    for (auto b : blobs) {
+      py::buffer buf = py::reinterpret_borrow<py::buffer>(b);
+      py::buffer_info info = buf.request();
+      if (info.itemsize != 1 || info.ndim != 1 || info.strides[0] != 1) {
+        throw py::value_error("blobs: each blob must be a contiguous byte buffer");
+      }
+      job.blobs.emplace_back(static_cast<const uint8_t*>(info.ptr), (size_t)info.size);
+      job.keep.push_back(std::move(info));
+    }
+  }
+  {
+    py::gil_scoped_release release;
+    parallel_for(jobs.size(), resolve_threads(threads, jobs.size()),
+                 [&](size_t i) { run_decode(jobs[i], chunk_tokens); });
+  }
+  py::list errors;
+  for (auto& job : jobs) {
+    if (job.error.empty()) errors.append(py::none());
+    else errors.append(py::str(job.error));
+  }
+  return errors;
+}
+
+py::array normalize_freqs(py::array levels) {
+  check_array(levels, "levels", 'u', 1, 2);
+  const size_t n = (size_t)levels.shape(0);
+  const int a = (int)levels.shape(1);
+  if (a < 1 || a > kvc::MAX_ALPHABET) throw py::value_error("levels: alphabet must be in [1, 256]");
+  py::array_t<uint16_t> out({(py::ssize_t)n, (py::ssize_t)a});
+  const uint8_t* lv = static_cast<const uint8_t*>(levels.data());
+  uint16_t* f = out.mutable_data();
+  for (size_t i = 0; i < n; ++i) {
+    if (!kvc::normalize_freqs(lv + i * a, a, f + i * a)) {
+      throw py::value_error("levels: row " + std::to_string(i) +
+                            " has no present symbol or a level above 63");
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "kvcodec native interleaved rANS coder (CPU)";
+  m.attr("BITSTREAM_VERSION") = kvc::BITSTREAM_VERSION;
+  m.attr("PROB_BITS") = kvc::PROB_BITS;
+  m.attr("LANES") = kvc::LANES;
+  m.attr("MAX_LEVEL") = kvc::MAX_LEVEL;
+  m.def("normalize_freqs", &normalize_freqs, py::arg("levels"),
+        "uint8 levels [N, A] -> uint16 frequencies [N, A] summing to 2**PROB_BITS per row.");
+  m.def(
+      "encode",
+      [](py::array symbols, py::array freqs, int chunk_tokens) {
+        EncodeJob job = make_encode_job(symbols, freqs, chunk_tokens);
+        {
+          py::gil_scoped_release release;
+          run_encode(job, chunk_tokens);
+        }
+        return blobs_to_python(job);
+      },
+      py::arg("symbols"), py::arg("freqs"), py::arg("chunk_tokens"),
+      "Encode uint8 symbols [T, C] with per-channel tables freqs [C, A] into one blob per "
+      "chunk of chunk_tokens rows.");
+  m.def("encode_many", &encode_many, py::arg("items"), py::arg("chunk_tokens"),
+        py::arg("threads") = 0, "encode() over a list of (symbols, freqs), in parallel.");
+  m.def("decode_many", &decode_many, py::arg("items"), py::arg("chunk_tokens"),
+        py::arg("threads") = 0,
+        "Decode [(blobs, freqs, out)] in parallel; returns None or an error message per item.");
+  m.def("max_encoded_size", [](uint64_t t, uint64_t c) { return kvc::max_encoded_size(t, c); },
+        py::arg("tokens"), py::arg("channels"));
+}

@@ -1,0 +1,51 @@
+"""Build kvcodec: the Python packages plus the native coder through CMake + Ninja."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = os.environ.get("CMAKE", "cmake")
+        subprocess.run([
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('KVCODEC_BUILD_TYPE', 'Release')}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DKVCODEC_OUTPUT_DIR={out_dir}",
+            f"-DKVCODEC_CUDA={os.environ.get('KVCODEC_CUDA', 'AUTO')}",
+        ], check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(
+    name="kvcodec",
+    version="0.1.0",
+    description="Compress transformer KV caches into compact, safe, randomly accessible files",
+    packages=["kvcodec", "kvcodec_cli"],
+    package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
+    python_requires=">=3.10",
+    install_requires=["numpy", "zstandard", "click", "safetensors", "transformers", "gguf",
+                      "accelerate", "tqdm"],
+    ext_modules=[CMakeExtension("kvcodec._native")],
+    cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": ["kvcodec = kvcodec_cli.main:main"]},
+    zip_safe=False,
+)

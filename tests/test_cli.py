@@ -1,0 +1,83 @@
+"""The CLI: encode/decode/inspect end to end; errors are one line, exit 1, no traceback."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec import io as kvio
+from kvcodec_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def kv_file(tmp_path_factory, kv_600):
+    path = tmp_path_factory.mktemp("cli") / "kv.safetensors"
+    kvio.save_safetensors(kv_600, path)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_encode_decode_inspect_from_tensors(tmp_path, kv_file, kv_600):
+    out = tmp_path / "doc.kvc"
+    r = run("encode", kv_file, "-o", out, "--config", "cachegen")
+    assert r.exit_code == 0, r.output
+    assert "bits/element" in r.output and out.is_file()
+
+    r = run("inspect", out, "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.output)
+    assert info["num_tokens"] == 600 and info["num_layers"] == 30 and info["config"] == "cachegen"
+    assert info["model"]["architecture"] == "LlamaForCausalLM"
+    assert 1.5 < info["bits_per_element"] < 4
+
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "bits/element" in r.output and "payload" in r.output
+
+    dec = tmp_path / "dec.safetensors"
+    r = run("decode", out, "-o", dec, "--chunks", "1:3", "--dtype", "float16")
+    assert r.exit_code == 0, r.output
+    kv = kvio.load_safetensors(dec)
+    assert kv.num_tokens == 600 - 256 and kv.dtype == torch.float16
+    assert kv.token_ids == kv_600.token_ids[256:]
+    full = kvcodec.decode(out)
+    assert torch.equal(kv.keys[4], full.keys[4][:, :, 256:].half())
+
+
+def test_encode_from_text(tmp_path, texts):
+    src = tmp_path / "doc.txt"
+    src.write_text(texts["gpl3"])
+    out = tmp_path / "doc.kvc"
+    r = run("encode", src, "-o", out, "--max-tokens", "300")
+    assert r.exit_code == 0, r.output
+    with kvcodec.open(out) as f:
+        assert f.num_tokens == 300 and f.config["name"] == "default"
+        assert f.token_ids[:3] == kvcodec.load_model().tokenizer(texts["gpl3"])["input_ids"][:3]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "truncated"), (b"hello world, not a kvc file at all", "not a .kvc"),
+])
+def test_bad_files_give_one_clear_line(tmp_path, content, needle):
+    bad = tmp_path / "bad.kvc"
+    bad.write_bytes(content)
+    for args in (("inspect", bad), ("decode", bad, "-o", tmp_path / "x.safetensors")):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1
+        assert needle in r.output and "Traceback" not in r.output
+        assert r.output.startswith("error: ") and r.output.count("\n") == 1
+
+
+def test_bad_config_and_tensors(tmp_path, kv_file):
+    r = CliRunner().invoke(main, ["encode", str(kv_file), "-o", str(tmp_path / "a.kvc"),
+                                  "--config", "nonexistent"])
+    assert r.exit_code == 1 and "no config" in r.output
+    not_kv = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(3)}, str(not_kv))
+    r = CliRunner().invoke(main, ["encode", str(not_kv), "-o", str(tmp_path / "b.kvc")])
+    assert r.exit_code == 1 and "layers.0.key" in r.output
+    assert not (tmp_path / "b.kvc").exists()

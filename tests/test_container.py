@@ -1,0 +1,185 @@
+"""Bad input never crashes, hangs or returns silently wrong tensors: it raises a typed error."""
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvcodec
+from kvcodec import container
+from kvcodec.errors import (CorruptError, FormatError, KVCodecError, ModelMismatchError,
+                            ShapeError, TruncatedError)
+
+
+@pytest.fixture(scope="module")
+def small_kvc(kv_600):
+    """A small real file: 3 layers x 70 tokens in 16-token chunks (5 chunks)."""
+    kv = kvcodec.KVCache([k[:, :, :70] for k in kv_600.keys[:3]],
+                         [v[:, :, :70] for v in kv_600.values[:3]],
+                         kv_600.token_ids[:70], dict(kv_600.model, num_layers=3))
+    return kvcodec.encode(kv, chunk_tokens=16)
+
+
+def split(data):
+    _, _, hlen, _, _ = container.PREAMBLE.unpack_from(data)
+    header = json.loads(data[24:24 + hlen])
+    start = (24 + hlen + 63) // 64 * 64
+    return header, data[start:]
+
+
+def join(header, body):
+    h = json.dumps(header).encode()
+    pre = container.PREAMBLE.pack(container.MAGIC, container.FORMAT_VERSION, len(h),
+                                  container.crc32(h), 0)
+    out = pre + h
+    return out + b"\0" * ((len(out) + 63) // 64 * 64 - len(out)) + body
+
+
+def decode_all(data):
+    with kvcodec.open(data) as f:
+        return f.decode()
+
+
+def test_valid_file_round_trips_through_split_and_join(small_kvc):
+    header, body = split(small_kvc)
+    assert decode_all(join(header, body)).num_tokens == 70
+
+
+@pytest.mark.parametrize("n", [0, 3, 8, 23, 24, 100, -1000, -100, -1])
+def test_truncated_files(small_kvc, n):
+    data = small_kvc[:n] if n >= 0 else small_kvc[:len(small_kvc) + n]
+    with pytest.raises((TruncatedError, CorruptError)) as info:
+        decode_all(data)
+    assert "truncat" in str(info.value) or "short" in str(info.value) or n < 24
+
+
+def test_extra_bytes_are_rejected(small_kvc):
+    with pytest.raises(CorruptError):
+        decode_all(small_kvc + b"\0" * 8)
+
+
+def test_wrong_magic_and_version(small_kvc):
+    with pytest.raises(FormatError, match="not a .kvc"):
+        decode_all(b"PK\x03\x04" + small_kvc[4:])
+    bumped = bytearray(small_kvc)
+    struct.pack_into("<I", bumped, 8, container.FORMAT_VERSION + 1)
+    with pytest.raises(FormatError, match="version"):
+        decode_all(bytes(bumped))
+
+
+def test_every_section_is_checksummed(small_kvc):
+    header, _ = split(small_kvc)
+    start = len(small_kvc) - header["data_length"]
+    positions = [30]  # inside the JSON header
+    for sec in header["sections"]:
+        positions += [start + sec["offset"], start + sec["offset"] + sec["length"] - 1]
+    for pos in positions:
+        bad = bytearray(small_kvc)
+        bad[pos] ^= 0x10
+        with pytest.raises(CorruptError):
+            decode_all(bytes(bad))
+
+
+LIES = {
+    "more tokens": lambda h: h.update(num_tokens=h["num_tokens"] + 16),
+    "fewer tokens": lambda h: h.update(num_tokens=h["num_tokens"] - 16),
+    "chunking": lambda h: h.update(chunk_tokens=32),
+    "huge tokens": lambda h: h.update(num_tokens=10 ** 12),
+    "huge geometry": lambda h: h.update(num_kv_heads=60000, head_dim=60000),
+    "layers": lambda h: h.update(num_layers=4),
+    "negative": lambda h: h.update(num_layers=-1),
+    "float": lambda h: h.update(head_dim=64.0),
+    "dtype": lambda h: h.update(dtype="int8"),
+    "token ids": lambda h: h.update(token_ids=h["token_ids"][:-1]),
+    "config": lambda h: h.update(config={"key": "x"}),
+    "bins": lambda h: h["config"]["key"][0]["quantizer"].update(bins=31),
+    "coder": lambda h: h["coder"].update(prob_bits=15),
+    "section length": lambda h: h["sections"][1].update(length=h["sections"][1]["length"] + 1),
+    "section offset": lambda h: h["sections"][2].update(offset=h["sections"][2]["offset"] + 8),
+    "data length": lambda h: h.update(data_length=h["data_length"] + 8),
+    "no sections": lambda h: h.pop("sections"),
+    "swapped": lambda h: h["sections"].reverse(),
+    "not an object": lambda h: h.clear(),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_headers_that_lie(small_kvc, lie):
+    header, body = split(small_kvc)
+    LIES[lie](header)
+    with pytest.raises(KVCodecError):
+        decode_all(join(header, body))
+
+
+def test_header_size_cap(small_kvc):
+    bad = bytearray(small_kvc)
+    struct.pack_into("<I", bad, 12, container.MAX_HEADER_BYTES + 1)
+    with pytest.raises(CorruptError, match="cap"):
+        decode_all(bytes(bad))
+
+
+def test_wrong_model_is_refused(small_kvc, lm):
+    with kvcodec.open(small_kvc) as f:
+        stored = f.model
+    kvcodec.check_fingerprint(dict(stored, num_layers=30), lm.fingerprint)
+    other = dict(lm.fingerprint, head_dim=128, tokenizer_hash="0" * 16)
+    with pytest.raises(ModelMismatchError, match="head_dim"):
+        kvcodec.check_fingerprint(stored, other)
+    with pytest.raises(ModelMismatchError):
+        kvcodec.check_fingerprint(None, lm.fingerprint)
+
+
+def test_wrong_shapes_are_refused(kv_600):
+    k, v = kv_600.keys[0], kv_600.values[0]
+    with pytest.raises(ShapeError, match="batch"):
+        kvcodec.encode([(k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1))])
+    with pytest.raises(ShapeError, match="shape"):
+        kvcodec.encode([(k, v), (k[:, :, :10], v[:, :, :10])])
+    with pytest.raises(ShapeError, match="dtype"):
+        kvcodec.encode([(k.to(torch.int32), v.to(torch.int32))])
+    with pytest.raises(ShapeError, match="NaN"):
+        kvcodec.encode([(k * float("nan"), v)])
+    with pytest.raises(ShapeError):
+        kvcodec.encode("not a cache")
+    with pytest.raises(ShapeError):
+        kvcodec.KVCache([k], [v], token_ids=[1, 2, 3])
+
+
+def test_bad_chunk_and_layer_requests(small_kvc):
+    with kvcodec.open(small_kvc) as f:
+        for chunks in (5, -1, slice(4, 2), [0, 2]):
+            with pytest.raises(ShapeError):
+                f.decode(chunks)
+        with pytest.raises(ShapeError):
+            f.decode_layers([3])
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(KVCodecError, match="cannot open"):
+        kvcodec.open(tmp_path / "nope.kvc")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuzz_mutated_files(small_kvc, data):
+    """Random damage to a real file: a typed error or tensors of the promised shape."""
+    buf = bytearray(small_kvc)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "set", "cut", "insert"]))
+        pos = data.draw(st.integers(0, max(len(buf) - 1, 0)))
+        if op == "flip" and buf:
+            buf[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "set" and buf:
+            buf[pos] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del buf[pos:pos + data.draw(st.integers(1, 64))]
+        else:
+            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        kv = decode_all(bytes(buf))
+    except KVCodecError:
+        return
+    assert kv.num_layers == 3 and kv.keys[0].shape == (1, 3, 70, 64)
+    assert all(torch.isfinite(k).all() for k in kv.keys + kv.values)

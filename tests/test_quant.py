@@ -1,0 +1,120 @@
+"""Quantizers against plain PyTorch references written from their papers' formulas."""
+import numpy as np
+import pytest
+import torch
+
+from kvcodec.config import load_config, resolve_layers
+from kvcodec.errors import ConfigError
+from kvcodec.quant import STEP_GRID, make_quantizer
+
+
+def flat(t):
+    return t[0].float().permute(1, 0, 2).reshape(t.shape[2], -1)
+
+
+def ref_cachegen(x, bins):
+    m = bins // 2 - 1
+    s = x.abs().max(dim=1, keepdim=True).values.half().float()
+    q = torch.clamp(torch.round(x / s * m + m), 0, 2 * m)
+    return q, (q - m) / m * s
+
+
+def ref_uniform_token(x, step, bins):
+    r = (bins - 1) // 2
+    target = torch.sqrt((x * x).mean(dim=1, keepdim=True)) * step
+    s = torch.tensor(2.0) ** ((torch.round(8 * torch.log2(target)).clamp(-127, 127)) / 8)
+    q = torch.clamp(torch.round(x / s), -r, r)
+    return q + r, q * s
+
+
+def ref_uniform_channel(x, step, bins):
+    r = (bins - 1) // 2
+    mean = x.mean(dim=0, keepdim=True).half().float()
+    mad = (x - mean).abs().median(dim=0, keepdim=True).values
+    s = (1.4826 * mad * step).half().float()
+    q = torch.clamp(torch.round((x - mean) / s), -r, r)
+    return q + r, q * s + mean
+
+
+CASES = [
+    ({"type": "absmax_token", "bins": 32}, lambda x: ref_cachegen(x, 32)),
+    ({"type": "absmax_token", "bins": 16}, lambda x: ref_cachegen(x, 16)),
+    ({"type": "uniform", "scale": "token", "step": 0.5, "bins": 63},
+     lambda x: ref_uniform_token(x, 0.5, 63)),
+    ({"type": "uniform", "scale": "channel", "step": 0.4, "bins": 255},
+     lambda x: ref_uniform_channel(x, 0.4, 255)),
+]
+
+
+@pytest.mark.parametrize("spec,ref", CASES, ids=lambda c: str(c)[:60])
+def test_quantizer_matches_reference_on_real_kv(kv_600, spec, ref):
+    q = make_quantizer(spec)
+    for layer in (0, 7, 29):
+        for t in (kv_600.keys[layer], kv_600.values[layer]):
+            x = flat(t)
+            params = q.fit(x)
+            sym, side = q.quantize(x, params)
+            assert sym.dtype == np.uint8
+            assert sym.shape == (x.shape[0], x.shape[1] + q.extra_channels)
+            assert int(sym[:, :x.shape[1]].max()) < q.alphabet
+            y = q.dequantize(torch.from_numpy(sym), params, side)
+            ref_q, ref_y = ref(x)
+            # Float evaluation order may flip a rounding tie; anything else is a bug.
+            diff = (torch.from_numpy(sym[:, :x.shape[1]]).float() - ref_q).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4
+            same = diff == 0
+            torch.testing.assert_close(y[same], ref_y[same], rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_token_never_clips(kv_600):
+    """63 bins at step 0.5 cover |x| <= sqrt(C) * rms, the largest any token can have."""
+    q = make_quantizer({"type": "uniform", "scale": "token", "step": 0.5, "bins": 63})
+    x = flat(kv_600.keys[0])
+    x[3] = 0
+    x[3, 5] = 100.0  # all the energy in one channel: |x| / rms = sqrt(C)
+    sym, side = q.quantize(x, {})
+    y = q.dequantize(torch.from_numpy(sym), {}, side)
+    step = torch.from_numpy(STEP_GRID[sym[:, -1]])[:, None]
+    assert ((y - x).abs() <= step / 2 + 1e-4 * x.abs()).all()
+
+
+def test_constant_and_zero_inputs():
+    for spec in (c[0] for c in CASES):
+        q = make_quantizer(spec)
+        x = torch.zeros(10, 8)
+        params = q.fit(x)
+        sym, side = q.quantize(x, params)
+        y = q.dequantize(torch.from_numpy(sym), params, side)
+        assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("spec", [
+    {"type": "nope"}, {"type": "absmax_token"}, {"type": "absmax_token", "bins": 1000},
+    {"type": "uniform", "bins": 63}, {"type": "uniform", "bins": 63, "step": -1},
+    {"type": "uniform", "bins": 63, "step": 0.5, "scale": "head"}, "uniform",
+])
+def test_bad_quantizer_specs(spec):
+    with pytest.raises(ConfigError):
+        make_quantizer(spec)
+
+
+def test_shipped_configs_resolve_every_layer():
+    for name in ("default", "cachegen"):
+        cfg = load_config(name)
+        specs = resolve_layers(cfg, 30)
+        assert len(specs["key"]) == len(specs["value"]) == 30
+    cg = resolve_layers(load_config("cachegen"), 30)
+    assert [s["bins"] for s in cg["key"]] == [32] * 10 + [16] * 20
+    assert [s["bins"] for s in cg["value"]] == [32] * 2 + [16] * 28
+
+
+@pytest.mark.parametrize("cfg", [
+    {"key": [], "value": []},
+    {"key": [{"layers": [0, 5], "quantizer": {"type": "absmax_token", "bins": 16}}],
+     "value": [{"layers": [0, None], "quantizer": {"type": "absmax_token", "bins": 16}}]},
+    {"chunk_tokens": 0, "key": [{"quantizer": {"type": "absmax_token", "bins": 16}}],
+     "value": [{"quantizer": {"type": "absmax_token", "bins": 16}}]},
+])
+def test_bad_configs(cfg):
+    with pytest.raises(ConfigError):
+        resolve_layers(load_config(cfg), 30)
