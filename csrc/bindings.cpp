@@ -159,12 +159,12 @@ struct DecodeJob {
 };
 
 void run_decode(DecodeJob& job, int chunk_tokens) {
-  std::vector<uint32_t> lut((size_t)job.channels * kvc::PROB_SCALE);
-  kvc::build_luts(job.table.freqs, job.channels, job.table.alphabet, lut.data());
+  kvc::DecodeTables tables;
+  kvc::build_tables(job.table.freqs, job.channels, job.table.alphabet, &tables);
   for (size_t i = 0; i < job.blobs.size(); ++i) {
     const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
     std::string err = kvc::decode_blob(job.blobs[i].first, job.blobs[i].second, rows,
-                                       job.channels, lut.data(),
+                                       job.channels, tables,
                                        job.out + (size_t)t0 * job.channels);
     if (!err.empty()) {
       job.error = "blob " + std::to_string(i) + ": " + err;

@@ -103,17 +103,10 @@ KVC_HD inline void enc_put(uint32_t* x, uint32_t freq, uint32_t cum) {
 }
 
 // --- decoder step -----------------------------------------------------------------------
-// Decode lookup entry: symbol (8 bits) | (freq - 1) << 8 (12 bits) | (slot - cum) << 20.
-KVC_HD inline uint32_t lut_pack(uint32_t sym, uint32_t freq, uint32_t bias) {
-  return sym | ((freq - 1) << 8) | (bias << 20);
-}
-
-// Advance the state past the symbol stored in lut entry e; returns the symbol.
-KVC_HD inline uint32_t dec_advance(uint32_t* x, uint32_t e) {
-  const uint32_t freq = ((e >> 8) & 0xfff) + 1;
-  const uint32_t bias = e >> 20;
-  *x = freq * (*x >> PROB_BITS) + bias;
-  return e & 0xff;
+// Advance the state past a symbol of frequency `freq` starting at `cum` (the symbol is
+// the one whose [cum, cum + freq) range holds x & PROB_MASK).
+KVC_HD inline void dec_advance(uint32_t* x, uint32_t freq, uint32_t cum) {
+  *x = freq * (*x >> PROB_BITS) + (*x & PROB_MASK) - cum;
 }
 
 KVC_HD inline bool dec_needs_word(uint32_t x) { return x < RANS_L; }

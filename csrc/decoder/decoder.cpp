@@ -1,21 +1,28 @@
 #include "decoder.h"
 
+#include <string.h>
+
 #include <algorithm>
 
 #include "../common/rans.h"
 
 namespace kvc {
 
-void build_luts(const uint16_t* freqs, int channels, int alphabet, uint32_t* lut) {
+void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
+  out->symbol.assign((size_t)channels * PROB_SCALE, 0);
+  out->range.assign((size_t)channels * MAX_ALPHABET, 1);  // unused symbols: freq 1, cum 0
   for (int c = 0; c < channels; ++c) {
-    uint32_t* row = lut + (size_t)c * PROB_SCALE;
-    uint32_t slot = 0;
+    uint8_t* sym = out->symbol.data() + (size_t)c * PROB_SCALE;
+    uint32_t* range = out->range.data() + (size_t)c * MAX_ALPHABET;
+    uint32_t cum = 0;
     for (int s = 0; s < alphabet; ++s) {
       const uint32_t f = freqs[(size_t)c * alphabet + s];
-      for (uint32_t i = 0; i < f && slot < PROB_SCALE; ++i, ++slot) row[slot] = lut_pack(s, f, i);
+      // Tables are validated to sum to PROB_SCALE; clamp defensively anyway.
+      const uint32_t n = cum + f > PROB_SCALE ? PROB_SCALE - cum : f;
+      memset(sym + cum, s, n);
+      range[s] = f | (cum << 16);
+      cum += n;
     }
-    // Tables are validated to sum to PROB_SCALE; fill defensively anyway.
-    for (; slot < PROB_SCALE; ++slot) row[slot] = lut_pack(0, 1, 0);
   }
 }
 
@@ -24,7 +31,7 @@ static inline uint32_t load_u32(const uint8_t* p) {
 }
 
 std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
-                        const uint32_t* lut, uint8_t* out) {
+                        const DecodeTables& tables, uint8_t* out) {
   if (size < (size_t)STATE_BYTES) return "blob shorter than its lane states";
   if ((size - STATE_BYTES) % 2) return "blob has an odd number of word bytes";
   uint32_t state[LANES];
@@ -42,17 +49,24 @@ std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels
     for (int g = 0; g < groups; ++g) {
       const int first = g * LANES;
       const int n = std::min(channels - first, LANES);
-      const uint32_t* glut = lut + (size_t)first * PROB_SCALE;
+      const uint8_t* gsym = tables.symbol.data() + (size_t)first * PROB_SCALE;
+      const uint32_t* grange = tables.range.data() + (size_t)first * MAX_ALPHABET;
+      // Two passes: the lanes' table lookups are independent and overlap; only the
+      // refills are ordered (they share one word stream).
       for (int j = 0; j < n; ++j) {
         uint32_t x = state[j];
-        const uint32_t e = glut[(size_t)j * PROB_SCALE + (x & PROB_MASK)];
-        row[first + j] = (uint8_t)dec_advance(&x, e);
-        if (dec_needs_word(x)) {
+        const uint32_t s = gsym[(size_t)j * PROB_SCALE + (x & PROB_MASK)];
+        const uint32_t r = grange[(size_t)j * MAX_ALPHABET + s];
+        dec_advance(&x, r & 0xffff, r >> 16);
+        row[first + j] = (uint8_t)s;
+        state[j] = x;
+      }
+      for (int j = 0; j < n; ++j) {
+        if (dec_needs_word(state[j])) {
           if (pos >= n_words) return "truncated word stream";
-          x = dec_refill(x, (uint16_t)(words[2 * pos] | (words[2 * pos + 1] << 8)));
+          state[j] = dec_refill(state[j], (uint16_t)(words[2 * pos] | (words[2 * pos + 1] << 8)));
           ++pos;
         }
-        state[j] = x;
       }
     }
   }
