@@ -1,0 +1,200 @@
+"""The native coder against a pure-Python reference of the bitstream (csrc/common/rans.h)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcodec import _native as nat
+from kvcodec import tables
+
+L, PROB_BITS, LANES = 1 << 16, 12, 32
+WEIGHTS = [0] + [round(2 ** (16 + (k - 63) / 4.0 + 15.5)) for k in range(1, 64)]
+
+
+def ref_normalize(levels):
+    """The table builder, re-implemented from its specification."""
+    total = sum(WEIGHTS[v] for v in levels)
+    f = [max(1, WEIGHTS[v] * 4096 // total) if v else 0 for v in levels]
+    d = 4096 - sum(f)
+    while d:
+        best = max(range(len(f)), key=lambda s: (f[s], -s))
+        take = d if d > 0 else -min(-d, f[best] - 1)
+        f[best] += take
+        d -= take
+    return f
+
+
+def ref_decode(blob, rows, channels, freqs):
+    """Slow, obviously-correct decoder of one blob."""
+    states = [int.from_bytes(blob[4 * j:4 * j + 4], "little") for j in range(LANES)]
+    words = np.frombuffer(blob[128:], dtype="<u2")
+    cums = np.concatenate([np.zeros((channels, 1), np.int64), np.cumsum(freqs, 1)], 1)
+    out = np.zeros((rows, channels), np.uint8)
+    pos = 0
+    for t in range(rows):
+        for c in range(channels):  # steps (t, g) with lanes ascending == channels ascending
+            j = c % LANES
+            x = states[j]
+            slot = x & 4095
+            s = int(np.searchsorted(cums[c], slot, side="right") - 1)
+            x = int(freqs[c, s]) * (x >> 12) + slot - int(cums[c, s])
+            if x < L:
+                x = (x << 16) | int(words[pos])
+                pos += 1
+            states[j] = x
+            out[t, c] = s
+    assert pos == len(words) and all(x == L for x in states[:min(channels, LANES)])
+    return out
+
+
+def random_case(rng, rows, channels, alphabet, skew=1.0):
+    logits = rng.normal(0, 3 * skew, (channels, alphabet))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    sym = np.stack([rng.choice(alphabet, size=rows, p=p[c]) for c in range(channels)], 1)
+    sym = sym.astype(np.uint8)
+    counts = tables.channel_counts(sym, alphabet)
+    return sym, nat.normalize_freqs(tables.levels_from_counts(counts))
+
+
+def roundtrip(sym, freqs, chunk):
+    blobs = nat.encode(sym, freqs, chunk)
+    out = np.empty_like(sym)
+    assert nat.decode_many([(blobs, freqs, out)], chunk) == [None]
+    np.testing.assert_array_equal(out, sym)
+    return blobs
+
+
+def test_normalize_matches_reference_and_invariants():
+    rng = np.random.default_rng(1)
+    for alphabet in (1, 2, 7, 63, 256):
+        for _ in range(20):
+            lv = rng.integers(0, 64, (1, alphabet)).astype(np.uint8)
+            if lv.max() == 0:
+                lv[0, 0] = 5
+            f = nat.normalize_freqs(lv)[0]
+            assert f.sum() == 4096 and ((f > 0) == (lv[0] > 0)).all()
+            assert list(f) == ref_normalize(list(lv[0]))
+    # Monotone in level, deterministic, and a full alphabet at the lowest level still fits.
+    f = nat.normalize_freqs(np.arange(1, 64, dtype=np.uint8)[None])[0]
+    assert (np.diff(f.astype(int)) >= 0).all()
+    assert nat.normalize_freqs(np.ones((1, 256), np.uint8))[0].tolist() == [16] * 256
+
+
+@pytest.mark.parametrize("rows,channels,alphabet", [
+    (1, 1, 1), (255, 5, 2), (256, 32, 16), (257, 33, 63), (1000, 192, 256), (300, 193, 31),
+])
+def test_exact_round_trips(rows, channels, alphabet):
+    rng = np.random.default_rng(rows * 7 + channels)
+    sym, freqs = random_case(rng, rows, channels, alphabet)
+    blobs = roundtrip(sym, freqs, 256)
+    assert len(blobs) == (rows + 255) // 256
+    assert all(len(b) <= nat.max_encoded_size(min(256, rows), channels) for b in blobs)
+
+
+def test_reference_decoder_reads_the_native_bytes():
+    rng = np.random.default_rng(3)
+    for rows, channels, alphabet in [(40, 3, 5), (17, 45, 20), (9, 70, 256)]:
+        sym, freqs = random_case(rng, rows, channels, alphabet)
+        (blob,) = nat.encode(sym, freqs, rows)
+        np.testing.assert_array_equal(ref_decode(blob, rows, channels, freqs), sym)
+
+
+def test_one_symbol_and_extremely_skewed_tables():
+    sym = np.full((500, 40), 3, np.uint8)  # every channel constant: freq 4096
+    freqs = nat.normalize_freqs(tables.levels_from_counts(tables.channel_counts(sym, 8)))
+    blobs = roundtrip(sym, freqs, 128)
+    assert all(len(b) == 128 for b in blobs)  # only lane states: zero bits per symbol
+    rng = np.random.default_rng(4)
+    sym, freqs = random_case(rng, 2000, 8, 256, skew=4.0)
+    roundtrip(sym, freqs, 256)
+
+
+def test_entropy_efficiency():
+    rng = np.random.default_rng(5)
+    sym = (np.clip(np.round(rng.laplace(0, 2, (4096, 64))), -20, 20) + 20).astype(np.uint8)
+    counts = tables.channel_counts(sym, 41)
+    freqs = nat.normalize_freqs(tables.levels_from_counts(counts))
+    bits = sum(len(b) for b in roundtrip(sym, freqs, 256)) * 8
+    assert bits < tables.entropy_bits(counts) * 1.02
+
+
+def test_many_streams_in_parallel():
+    rng = np.random.default_rng(6)
+    items = [random_case(rng, int(rng.integers(1, 600)), int(rng.integers(1, 70)), 16)
+             for _ in range(12)]
+    blobs = nat.encode_many(items, 100, threads=2)
+    outs = [np.empty_like(s) for s, _ in items]
+    errs = nat.decode_many([(b, f, o) for b, (_, f), o in zip(blobs, items, outs)], 100, 2)
+    assert errs == [None] * 12
+    for o, (s, _) in zip(outs, items):
+        np.testing.assert_array_equal(o, s)
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    sym = np.zeros((4, 3), np.uint8)
+    freqs = nat.normalize_freqs(np.full((3, 4), 10, np.uint8))
+    with pytest.raises(ValueError, match="symbols"):
+        nat.encode(sym.astype(np.int16), freqs, 4)
+    with pytest.raises(ValueError, match="symbols"):
+        nat.encode(np.zeros((4, 6), np.uint8)[:, ::2], freqs, 4)
+    with pytest.raises(ValueError, match="freqs"):
+        nat.encode(sym, freqs[:2], 4)
+    bad = freqs.copy()
+    bad[1, 0] += 1
+    with pytest.raises(ValueError, match="sums to"):
+        nat.encode(sym, bad, 4)
+    with pytest.raises(ValueError, match="zero frequency"):
+        nat.encode(np.full((4, 3), 3, np.uint8), nat.normalize_freqs(
+            np.array([[5, 5, 5, 0]] * 3, np.uint8)), 4)
+    with pytest.raises(ValueError, match="levels"):
+        nat.normalize_freqs(np.zeros((2, 4), np.uint8))
+    with pytest.raises(ValueError, match="levels"):
+        nat.normalize_freqs(np.full((1, 4), 64, np.uint8))
+    blobs = nat.encode(sym, freqs, 4)
+    with pytest.raises(ValueError, match="blobs"):
+        nat.decode_many([(blobs * 2, freqs, np.empty((4, 3), np.uint8))], 4)
+    with pytest.raises(ValueError, match="out"):
+        nat.decode_many([(blobs, freqs, np.empty((4, 3), np.float32))], 4)
+
+
+def test_damaged_blobs_give_error_strings():
+    rng = np.random.default_rng(7)
+    sym, freqs = random_case(rng, 256, 40, 16)
+    (blob,) = nat.encode(sym, freqs, 256)
+    out = np.empty_like(sym)
+
+    def dec(b):
+        return nat.decode_many([([b], freqs, out)], 256)[0]
+
+    assert dec(blob) is None
+    assert "shorter" in dec(blob[:100])
+    assert "odd" in dec(blob[:-1])
+    assert "truncated" in dec(blob[:-2]) or "corrupt" in dec(blob[:-2])
+    assert "corrupt" in dec(blob + b"\0\0")
+    assert "initial lane state" in dec(b"\0" * 4 + blob[4:])
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x40
+    assert dec(bytes(flipped)) is not None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_decoder_never_crashes(data):
+    """Random and mutated blobs: an error string or symbols, never a crash or a hang."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    rows, channels = data.draw(st.integers(1, 64)), data.draw(st.integers(1, 40))
+    sym, freqs = random_case(rng, rows, channels, data.draw(st.integers(1, 32)))
+    (blob,) = nat.encode(sym, freqs, rows)
+    if data.draw(st.booleans()):
+        blob = data.draw(st.binary(max_size=600))
+    else:
+        buf = bytearray(blob)
+        for _ in range(data.draw(st.integers(1, 6))):
+            if buf:
+                buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+        blob = bytes(buf[:data.draw(st.integers(0, len(buf)))])
+    out = np.empty_like(sym)
+    err = nat.decode_many([([blob], freqs, out)], rows)[0]
+    assert err is None or isinstance(err, str)
+    assert int(out.max(initial=0)) < 256
