@@ -24,6 +24,7 @@ from kvcodec import tables  # noqa: E402
 from kvcodec.api import KINDS, _flatten  # noqa: E402
 from kvcodec.config import load_config, resolve_layers  # noqa: E402
 from kvcodec.quant import make_quantizer  # noqa: E402
+from kvcodec.transforms import key_transform, rope  # noqa: E402
 
 
 def real_streams(tokens: int, config: str):
@@ -33,11 +34,15 @@ def real_streams(tokens: int, config: str):
     lm = kvcodec.load_model()
     text = "\n".join(real_texts().values())
     kv = kvcodec.capture_kv(lm, text, max_tokens=tokens)
-    specs = resolve_layers(load_config(config), kv.num_layers)
+    cfg = load_config(config)
+    specs = resolve_layers(cfg, kv.num_layers)
+    xform = key_transform(cfg, kv.model)
     streams = []
     for kind, src in zip(KINDS, (kv.keys, kv.values)):
         for layer, t in enumerate(src):
-            q = make_quantizer(specs[kind][layer])
+            q = make_quantizer(specs[kind][layer], kv.dtype)
+            if kind == "key" and xform:
+                t = rope(t, xform["theta"], inverse=True)
             x = _flatten(t)
             sym, _ = q.quantize(x, q.fit(x))
             counts = tables.channel_counts(sym, q.table_alphabet)

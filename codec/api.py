@@ -14,6 +14,7 @@ from .container import Reader, atomic_write, crc32
 from .errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
 from .model import KVCache, validate_kv
 from .quant import make_quantizer
+from .transforms import key_transform, rope
 
 INDEX_ENTRY = struct.Struct("<QIII")  # payload offset, side bytes, blob bytes, CRC-32
 KINDS = ("key", "value")
@@ -49,7 +50,8 @@ def _zstd(data: bytes) -> bytes:
 
 
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
-           threads: int = 0, token_ids=None, model: dict | None = None) -> bytes:
+           threads: int = 0, token_ids=None, model: dict | None = None,
+           position_offset: int = 0) -> bytes:
     """Compress a KV cache into .kvc bytes.
 
     Parameters
@@ -66,6 +68,8 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         Coder threads; 0 = all cores.
     token_ids, model : optional
         Token ids and model fingerprint to record, overriding those carried by ``kv``.
+    position_offset : int
+        Position of the cache's first token (for configs that strip RoPE from keys).
 
     Returns
     -------
@@ -84,19 +88,31 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     if token_ids is not None and len(token_ids) != n:
         raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
     specs = resolve_layers(cfg, n_layers)
+    xform = key_transform(cfg, model)
+    n_sink = min(cfg.get("sink_tokens", 0), n)
 
-    params_blob, levels_blob, jobs, sides = [], [], [], []
+    params_blob, levels_blob, jobs, sides, sinks = [], [], [], [], []
     for layer in range(n_layers):
         for kind, src in zip(KINDS, (kv.keys, kv.values)):
-            q = make_quantizer(specs[kind][layer])
-            x = _flatten(src[layer])
+            q = make_quantizer(specs[kind][layer], kv.dtype)
+            t = src[layer]
+            if kind == "key" and xform:
+                t = rope(t, xform["theta"], position_offset, inverse=True)
+            x = _flatten(t)
             if not torch.isfinite(x).all():
                 raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
+            sinks.append(x[:n_sink].half().numpy().astype("<f2").tobytes())
             params = q.fit(x)
             symbols, side = q.quantize(x, params)
             for name in q.param_names:
                 params_blob.append(params[name].astype("<f2").tobytes())
-            levels = tables.levels_from_counts(tables.channel_counts(symbols, q.table_alphabet))
+            counts = tables.channel_counts(symbols, q.table_alphabet)
+            groups = q.table_groups(x.shape[1])
+            if groups is not None:
+                pooled = np.zeros_like(counts)
+                np.add.at(pooled, groups, counts)
+                counts = pooled[groups]
+            levels = tables.levels_from_counts(counts)
             levels_blob.append(levels.tobytes())
             jobs.append((np.ascontiguousarray(symbols), tables.freqs_from_levels(levels)))
             sides.append(side)
@@ -121,12 +137,16 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         "chunk_tokens": chunk,
         "token_ids": [int(t) for t in token_ids] if token_ids is not None else None,
         "config": cfg,
+        "key_transform": xform,
+        "position_offset": int(position_offset),
+        "sink_tokens": n_sink,
         "coder": _coder_info(),
     }
     data = container.build(header, [
         ("index", b"".join(index), True),
         ("params", _zstd(b"".join(params_blob)), True),
         ("tables", _zstd(b"".join(levels_blob)), True),
+        ("sinks", b"".join(sinks), True),
         ("payload", b"".join(payload), False),
     ])
     if path is not None:
@@ -243,9 +263,20 @@ class KVCFile:
             specs = resolve_layers(self.config, self.num_layers)
         except ConfigError as exc:
             raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
-        self._quant = {(l, k): make_quantizer(specs[k][l])
+        self._quant = {(l, k): make_quantizer(specs[k][l], self.dtype)
                        for l in range(self.num_layers) for k in KINDS}
         self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
+        self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
+        self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
+        try:
+            self.key_transform = key_transform(
+                {"key_transform": h.get("key_transform")}, self.model) if h.get(
+                "key_transform") is not None else None
+        except ConfigError as exc:
+            raise CorruptError(f"{name}: {exc}") from None
+        if (self.key_transform is None) != (self.config.get("key_transform") is None):
+            raise CorruptError(f"{name}: key_transform does not match the codec config")
+        self._sinks = None
         self._index = None
         self._params = None
         self._levels = None
@@ -277,7 +308,7 @@ class KVCFile:
 
     def _coded(self, q) -> int:
         """Symbol columns per token: the channels plus the quantizer's coded side columns."""
-        return self.channels + q.extra_channels
+        return q.coded_columns(self.channels)
 
     # -- lazily parsed sections -------------------------------------------------------
     def _unzstd(self, section: str, expected: int) -> bytes:
@@ -292,6 +323,17 @@ class KVCFile:
             raise CorruptError(f"{self._r.name}: section {section!r} holds {len(out)} bytes, "
                                f"expected {expected}")
         return out
+
+    def _load_sinks(self):
+        if self._sinks is None:
+            raw = self._r.read_section("sinks")
+            n = self.sink_tokens * self.channels
+            if len(raw) != 2 * n * len(self._streams):
+                raise CorruptError(f"{self._r.name}: sinks section has the wrong size")
+            arr = np.frombuffer(raw, dtype="<f2").reshape(len(self._streams), self.sink_tokens,
+                                                          self.channels)
+            self._sinks = torch.from_numpy(arr.astype(np.float32))
+        return self._sinks
 
     def _load_index(self):
         if self._index is not None:
@@ -404,13 +446,19 @@ class KVCFile:
             if errors[i] is not None:
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s: {errors[i]}")
             q = self._quant[(l, k)]
-            if q.alphabet < q.table_alphabet and outs[i][:, :self.channels].max(initial=0) >= q.alphabet:
+            if (q.alphabet < q.table_alphabet
+                    and outs[i][:, :self.channels].max(initial=0) >= q.alphabet):
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
                                    "the quantizer's range; the header does not match the data")
             side = (np.frombuffer(sides[i], dtype="<f2").reshape(-1, q.side_per_token)
                     if q.side_per_token else None)
             x = q.dequantize(torch.from_numpy(outs[i]), self._params[(l, k)], side)
-            t = _unflatten(x, self.num_kv_heads, self.head_dim).to(dtype)
+            if t0 < self.sink_tokens:
+                x[: self.sink_tokens - t0] = self._load_sinks()[self._streams.index((l, k)), t0:]
+            t = _unflatten(x, self.num_kv_heads, self.head_dim)
+            if k == "key" and self.key_transform:
+                t = rope(t, self.key_transform["theta"], self.position_offset + t0)
+            t = t.to(dtype)
             result.setdefault(l, [None, None])[KINDS.index(k)] = t
         return {l: tuple(kv) for l, kv in result.items()}
 

@@ -11,6 +11,11 @@ A config is JSON (``configs/*.json``)::
       "value": [{"layers": [0, null],  "quantizer": {"type": "absmax_token", "bins": 16}}]
     }
 
+Optional top-level fields: ``sink_tokens`` (the first N tokens, the attention sinks, are
+also stored in float16 and restored exactly on decode; StreamingLLM, Xiao et al. 2024) and
+``key_transform`` (``{"type": "rope_strip"}``: keys are coded before RoPE, see
+:mod:`kvcodec.transforms`).
+
 ``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
 null = through the last layer; negative numbers count from the end). The first rule
 that covers a layer applies; every layer must be covered. Quantizer types and their
@@ -71,6 +76,17 @@ def validate_config(cfg: dict) -> None:
     chunk = cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
     if not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk!r}")
+    sinks = cfg.get("sink_tokens", 0)
+    if not isinstance(sinks, int) or not 0 <= sinks <= min(chunk, 64):
+        raise ConfigError(f"sink_tokens must be an integer in [0, min(chunk_tokens, 64)], got {sinks!r}")
+    xform = cfg.get("key_transform")
+    if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"):
+        raise ConfigError(f"key_transform must be null or {{'type': 'rope_strip'}}, got {xform!r}")
+    lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
+                   and r["quantizer"].get("type") == "lossless"
+                   for kind in ("key", "value") for r in (cfg.get(kind) or []))
+    if lossless and (sinks or xform is not None):
+        raise ConfigError("a lossless config cannot strip RoPE or store sinks in float16")
     for kind in ("key", "value"):
         rules = cfg.get(kind)
         if not isinstance(rules, list) or not rules:

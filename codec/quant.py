@@ -13,6 +13,8 @@ that encoder and decoder use bit-identical values:
 
 Types
 -----
+``lossless``
+    Bit-exact byte planes of the stored dtype (fp16/bf16: 2 planes, fp32: 4).
 ``absmax_token`` (CacheGen, Liu et al. 2024, released code)
     One absmax scale per token over all channels of the layer;
     ``q = round(x * M / absmax + M)`` with ``M = bins // 2 - 1``. Fields: ``bins``.
@@ -23,7 +25,8 @@ Types
     ``scale: "token"`` (KIVI's choice for values) ``s_t ~ step * rms_t`` per token, mean 0,
     rounded to ``STEP_GRID`` and coded in one extra symbol column.
     Entropy coding makes the step, not ``bins``, set the rate; ``bins`` only bounds the
-    clipping range. Fields: ``step``, ``bins`` (<= 256), ``scale``.
+    clipping range. Fields: ``step``, ``bins`` (<= 256), ``scale``, and optionally
+    ``head_scale`` (per-KV-head step multipliers, from ``kvcodec calibrate``).
 """
 from __future__ import annotations
 
@@ -50,6 +53,16 @@ class Quantizer:
     side_per_token: int = 0
     extra_channels: int = 0
     alphabet: int = 0
+
+    def coded_columns(self, channels: int) -> int:
+        """Symbol columns per token for ``channels`` channels."""
+        return channels + self.extra_channels
+
+    def table_groups(self, channels: int):
+        """Columns that share one probability table (an int group id per column), or
+        None for a table per column. Sharing is an encoder choice: the file still stores
+        a table per column, and identical rows cost zstd almost nothing."""
+        return None
 
     @property
     def table_alphabet(self) -> int:
@@ -106,6 +119,11 @@ class Uniform(Quantizer):
         if self.scale not in ("channel", "token"):
             raise ConfigError(f"'scale' must be 'channel' or 'token', got {self.scale!r}")
         self.step = float(step)
+        heads = spec.get("head_scale")
+        if heads is not None and (not isinstance(heads, list) or not heads or not all(
+                isinstance(h, (int, float)) and 0 < h <= 64 for h in heads)):
+            raise ConfigError(f"'head_scale' must be a list of positive multipliers, got {heads!r}")
+        self.head_scale = heads
         self.r = (bins - 1) // 2
         self.alphabet = 2 * self.r + 1
         self.param_names = ("mean", "step") if self.scale == "channel" else ()
@@ -123,13 +141,23 @@ class Uniform(Quantizer):
         step = torch.where(step > 0, step, torch.ones_like(step))
         return {"mean": mean.half().numpy(), "step": step.half().numpy()}
 
+    def _head_mult(self, channels: int) -> torch.Tensor:
+        """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""
+        if self.head_scale is None:
+            return torch.ones(channels)
+        if channels % len(self.head_scale):
+            raise ConfigError(f"head_scale has {len(self.head_scale)} entries, which do not "
+                              f"divide {channels} channels")
+        mult = torch.tensor(self.head_scale, dtype=torch.float32)
+        return mult.repeat_interleave(channels // len(self.head_scale))
+
     def quantize(self, x, params):
         if self.scale == "token":
             target = x.pow(2).mean(dim=1).sqrt() * self.step
             code = torch.round(8 * torch.log2(target)) + 128
             code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
             code = code.to(torch.uint8)
-            step = torch.from_numpy(STEP_GRID)[code.long()][:, None]
+            step = torch.from_numpy(STEP_GRID)[code.long()][:, None] * self._head_mult(x.shape[1])
             q = torch.round(x / step).clamp_(-self.r, self.r) + self.r
             q = torch.where(code[:, None] == 0, torch.full_like(q, self.r), q)
             return torch.cat([q.to(torch.uint8), code[:, None]], dim=1).numpy(), None
@@ -141,17 +169,61 @@ class Uniform(Quantizer):
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
             step = torch.from_numpy(STEP_GRID)[symbols[:, -1].long()][:, None]
-            return (symbols[:, :-1].float() - self.r) * step
+            return (symbols[:, :-1].float() - self.r) * (step * self._head_mult(symbols.shape[1] - 1))
         mean = torch.from_numpy(params["mean"]).float()
         step = torch.from_numpy(params["step"]).float()
         return (symbols.float() - self.r) * step + mean
 
 
-_TYPES = {"absmax_token": AbsmaxToken, "uniform": Uniform}
+class Lossless(Quantizer):
+    """Bit-exact: the stored dtype's bytes as symbols, one plane per byte position.
+
+    A 16-bit value becomes two symbols, its high byte (sign, exponent, top mantissa bits:
+    skewed, cheap to code) and its low byte (near uniform); each (plane, channel) gets
+    its own table. Columns are ``[plane 0 of all C channels, plane 1, ...]``, little
+    endian planes in order, so the output is ``[T, C * itemsize]``.
+    """
+
+    alphabet = MAX_ALPHABET
+
+    def __init__(self, spec: dict, dtype: torch.dtype = torch.float16):
+        self.dtype = dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.extra_channels = None  # depends on C; see coded_columns
+
+    def coded_columns(self, channels: int) -> int:
+        return channels * self.itemsize
+
+    def table_groups(self, channels: int):
+        # The most significant byte (sign, exponent) depends on each channel's magnitude:
+        # a table per channel. Lower bytes are near uniform: one table per plane, else
+        # 256-entry tables per channel would cost more than they save.
+        groups = np.arange(channels * self.itemsize)
+        for plane in range(self.itemsize - 1):
+            groups[plane * channels:(plane + 1) * channels] = plane * channels
+        return groups
+
+    def quantize(self, x, params):
+        raw = x.to(self.dtype).contiguous().view(torch.uint8)  # [T, C * itemsize], interleaved
+        t, c = x.shape
+        planes = raw.reshape(t, c, self.itemsize).permute(0, 2, 1).reshape(t, c * self.itemsize)
+        return planes.contiguous().numpy(), None
+
+    def dequantize(self, symbols, params, side):
+        t = symbols.shape[0]
+        c = symbols.shape[1] // self.itemsize
+        raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).contiguous()
+        return raw.view(self.dtype).reshape(t, c).float()
 
 
-def make_quantizer(spec: dict) -> Quantizer:
+_TYPES = {"absmax_token": AbsmaxToken, "uniform": Uniform, "lossless": Lossless}
+
+
+def make_quantizer(spec: dict, dtype: torch.dtype = torch.float16) -> Quantizer:
+    """Quantizer for a config spec; ``dtype`` is the cache's (used by ``lossless``)."""
     if not isinstance(spec, dict) or spec.get("type") not in _TYPES:
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise ConfigError(f"unknown quantizer {kind!r}; known: {sorted(_TYPES)}")
+    if spec["type"] == "lossless":
+        return Lossless(spec, dtype)
     return _TYPES[spec["type"]](spec)

@@ -6,25 +6,19 @@ import torch
 import kvcodec
 from kvcodec import tables
 from kvcodec.api import KINDS, _flatten
+from kvcodec.calibrate import simulate
 from kvcodec.config import load_config, resolve_layers
 from kvcodec.quant import make_quantizer
+from kvcodec.transforms import rope
 
 CONFIGS = kvcodec.available_configs()
 
 
 def reference_decode(kv, cfg_name):
-    """What decoding must return: each layer quantized and dequantized in plain PyTorch."""
-    specs = resolve_layers(load_config(cfg_name), kv.num_layers)
-    out = {"key": [], "value": []}
-    for kind, src in zip(KINDS, (kv.keys, kv.values)):
-        for layer, t in enumerate(src):
-            q = make_quantizer(specs[kind][layer])
-            x = _flatten(t)
-            params = q.fit(x)
-            sym, side = q.quantize(x, params)
-            y = q.dequantize(torch.from_numpy(sym), params, side)
-            out[kind].append(y.reshape(t.shape[2], t.shape[1], t.shape[3]).permute(1, 0, 2)[None])
-    return out
+    """What decoding must return: the quantizers and transforms applied in plain PyTorch,
+    with no entropy coding (the coder is lossless, so decode must match exactly)."""
+    ref = simulate(kv, load_config(cfg_name))
+    return {"key": ref.keys, "value": ref.values}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -96,14 +90,19 @@ def test_size_overhead_within_3_percent_of_entropy(kv_1536):
     2.4% at 1536 (this test), 2.1% at 2048.
     """
     data = kvcodec.encode(kv_1536, config="default", chunk_tokens=256)
-    specs = resolve_layers(load_config("default"), kv_1536.num_layers)
+    cfg = load_config("default")
+    specs = resolve_layers(cfg, kv_1536.num_layers)
     entropy = 0.0
     for kind, src in zip(KINDS, (kv_1536.keys, kv_1536.values)):
         for layer, t in enumerate(src):
             q = make_quantizer(specs[kind][layer])
+            if kind == "key" and cfg.get("key_transform"):
+                t = rope(t, kv_1536.model["rope_theta"], inverse=True)
             x = _flatten(t)
             sym, side = q.quantize(x, q.fit(x))
             entropy += tables.entropy_bits(tables.channel_counts(sym, q.table_alphabet))
+    # Sink tokens are stored raw in float16: payload, not side information.
+    entropy += 16 * cfg.get("sink_tokens", 0) * kv_1536.numel() / kv_1536.num_tokens
     ratio = len(data) * 8 / entropy
     assert 1.0 < ratio < 1.03, ratio
 
@@ -137,3 +136,18 @@ def test_encode_writes_file_atomically(tmp_path, kv_600):
     data = kvcodec.encode(kv_600, path)
     assert path.read_bytes() == data
     assert [p.name for p in tmp_path.iterdir()] == ["x.kvc"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lossless_is_bit_exact_and_beats_zstd(kv_600, dtype):
+    import zstandard
+
+    kv = kvcodec.KVCache([k.to(dtype) for k in kv_600.keys[:6]],
+                         [v.to(dtype) for v in kv_600.values[:6]], kv_600.token_ids)
+    data = kvcodec.encode(kv, config="lossless")
+    dec = kvcodec.decode(data)
+    assert dec.dtype == dtype
+    for a, b in zip(dec.keys + dec.values, kv.keys + kv.values):
+        assert torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8))
+    raw = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in kv.keys + kv.values)
+    assert len(data) < len(zstandard.ZstdCompressor(level=19).compress(raw))

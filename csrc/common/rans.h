@@ -3,11 +3,14 @@
 // Bitstream v1 (a "blob" codes a uint8 symbol matrix S[T][C], one table per channel):
 //   * 32-bit states, lower bound L = 2^16, renormalization in 16-bit words,
 //     probabilities in 1/4096 (PROB_BITS = 12), alphabet <= 256.
-//   * Channel c is coded by lane c % 32 in group g = c / 32. Decode order: steps (t, g),
+//   * Channel c is coded by lane c % 16 in group g = c / 16. Decode order: steps (t, g),
 //     t outer; inside a step the active lanes in ascending order. Every lane that needs a
 //     refill after its symbol reads the next word of one shared forward word stream, so
-//     a warp can decode a step with one ballot + prefix count (DietGPU's layout).
-//   * Blob = 32 little-endian u32 lane states (the decoder's initial states; lane 0 first)
+//     a half-warp can decode a step with one ballot + prefix count (DietGPU's layout).
+//     16 lanes, not 32: the lane states are the blob's fixed cost (64 bytes per 256-token
+//     chunk of a layer, 0.5% at 2 bits/element), and 16 lanes already keep a CPU core's
+//     pipeline full; a GPU warp decodes two blobs at once.
+//   * Blob = 16 little-endian u32 lane states (the decoder's initial states; lane 0 first)
 //     followed by the u16 LE word stream. Encoder lanes start at L; a correct decode ends
 //     with every lane back at L and every word consumed, which is the integrity check.
 #pragma once
@@ -24,7 +27,7 @@ namespace kvc {
 constexpr int PROB_BITS = 12;
 constexpr uint32_t PROB_SCALE = 1u << PROB_BITS;
 constexpr uint32_t PROB_MASK = PROB_SCALE - 1;
-constexpr int LANES = 32;
+constexpr int LANES = 16;
 constexpr uint32_t RANS_L = 1u << 16;
 constexpr int MAX_ALPHABET = 256;
 constexpr int MAX_LEVEL = 63;

@@ -1,0 +1,172 @@
+"""Per-model calibration: the bits each layer, K/V and head gets, for a target KL.
+
+Method (sensitivity-weighted allocation; cf. KVQuant's per-layer sensitivity and
+classic reverse water-filling): with uniform scalar quantization of step ``s`` the
+distortion a stream adds is ~``w * s^2`` and its rate ~``-log2 s``, so the bit budget is
+spent best where every stream has the same marginal KL per bit, i.e. ``s_i ~ w_i^-1/2``.
+
+1. On calibration text, quantize one (layer, K/V, head) at a probe step, leaving the rest
+   exact, and measure the KL of the next-token distribution over a continuation: that is
+   its sensitivity ``w_i``.
+2. Steps ``s_i = g * (w_i / geomean(w)) ** -alpha``; ``alpha`` below the theoretical 1/2
+   hedges against noisy estimates (measured: 0.35 beats 0.5 on held-out text).
+3. Binary-search the global ``g`` until the mean KL over the calibration texts meets the
+   target, with the real quantizers and transforms.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import tables
+from .api import KINDS, _flatten, _unflatten
+from .config import load_config, resolve_layers, validate_config
+from .evaluate import compare_logits, continuation_logits
+from .model import KVCache, capture_kv
+from .quant import MAX_ALPHABET, make_quantizer
+from .transforms import key_transform, rope
+
+
+def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
+    """Quantize and dequantize ``kv`` as the codec would (no entropy coding).
+
+    ``only`` = (layer, kind) or (layer, kind, head) limits the loss to one stream or one
+    KV head of it. With ``with_bits``, also
+    returns the empirical entropy of every coded symbol (a close estimate of the
+    payload; the .kvc file adds ~2% of side information).
+    """
+    specs = resolve_layers(cfg, kv.num_layers)
+    xform = key_transform(cfg, kv.model)
+    n_sink = min(cfg.get("sink_tokens", 0), kv.num_tokens)
+    keys, values = list(kv.keys), list(kv.values)
+    bits = 0.0
+    for layer in range(kv.num_layers):
+        for kind, dst in zip(KINDS, (keys, values)):
+            if only is not None and tuple(only[:2]) != (layer, kind):
+                continue
+            t = dst[layer]
+            if kind == "key" and xform:
+                t = rope(t, xform["theta"], inverse=True)
+            x = _flatten(t)
+            q = make_quantizer(specs[kind][layer], kv.dtype)
+            params = q.fit(x)
+            sym, side = q.quantize(x, params)
+            y = q.dequantize(torch.from_numpy(sym), params, side)
+            y[:n_sink] = x[:n_sink].half().float()
+            if only is not None and len(only) == 3:  # keep the other heads exact
+                d = kv.head_dim
+                keep = torch.ones(x.shape[1], dtype=torch.bool)
+                keep[only[2] * d:(only[2] + 1) * d] = False
+                y[:, keep] = x[:, keep]
+            if with_bits:
+                bits += tables.entropy_bits(tables.channel_counts(sym, q.table_alphabet))
+                bits += 0 if side is None else side.size * 16
+                bits += n_sink * x.shape[1] * 16
+            out = _unflatten(y, kv.num_kv_heads, kv.head_dim)
+            if kind == "key" and xform:
+                out = rope(out, xform["theta"])
+            dst[layer] = out.to(kv.dtype)
+    result = KVCache(keys, values, kv.token_ids, kv.model)
+    return (result, bits) if with_bits else result
+
+
+def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channels: int,
+                 description: str = "", sink_tokens: int = 1) -> dict:
+    """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``."""
+    cfg = {"name": name, "description": description, "chunk_tokens": 256,
+           "sink_tokens": sink_tokens, "key_transform": {"type": "rope_strip"},
+           "key": [], "value": []}
+    for kind in KINDS:
+        for layer in range(num_layers):
+            hs = [float(v) for v in steps[(kind, layer)]]
+            base = math.exp(np.mean(np.log(hs)))
+            # Never clip: |x| / rms <= sqrt(C), so the range needs sqrt(C) / smallest step.
+            bins = int(min(MAX_ALPHABET - 1, 2 * math.ceil(math.sqrt(channels) / min(hs)) + 1))
+            q = {"type": "uniform", "scale": "token", "step": round(base, 5), "bins": bins}
+            if kv_heads > 1 and max(hs) / min(hs) > 1.001:
+                q["head_scale"] = [round(h / base, 4) for h in hs]
+            cfg[kind].append({"layers": [layer, layer + 1], "quantizer": q})
+    validate_config(cfg)
+    return cfg
+
+
+class Calibrator:
+    """Holds the calibration texts' caches and reference logits."""
+
+    def __init__(self, lm, token_lists, prefill: int = 1536, continuation: int = 256):
+        self.lm = lm
+        self.cases = []
+        for ids in token_lists:
+            if len(ids) < prefill + 16:
+                continue
+            kv = capture_kv(lm, token_ids=ids[:prefill])
+            cont = ids[prefill:prefill + continuation]
+            self.cases.append((kv, cont, continuation_logits(lm, kv, cont)))
+        if not self.cases:
+            from .errors import ShapeError
+            raise ShapeError(f"calibration needs texts of more than {prefill + 16} tokens")
+        kv = self.cases[0][0]
+        self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
+        self.channels = kv.num_kv_heads * kv.head_dim
+
+    def kl(self, cfg: dict, only=None) -> tuple[float, float]:
+        """Mean KL and mean payload bits per element over the calibration texts."""
+        kls, bits = [], []
+        for kv, cont, ref in self.cases:
+            dec, b = simulate(kv, cfg, only, with_bits=True)
+            kls.append(compare_logits(ref, continuation_logits(self.lm, dec, cont))["kl"])
+            bits.append(b / kv.numel())
+        return float(np.mean(kls)), float(np.mean(bits))
+
+    def sensitivities(self, probe: float = 1.0, per_head: bool = True, progress=None) -> dict:
+        """KL when only one (kind, layer[, head]) is quantized at step ``probe``."""
+        groups = self.kv_heads if per_head else 1
+        sens = {}
+        total, done = 2 * self.num_layers * groups, 0
+        for kind in KINDS:
+            for layer in range(self.num_layers):
+                vals = []
+                steps = {(k, l): [probe] for k in KINDS for l in range(self.num_layers)}
+                cfg = build_config("probe", steps, self.num_layers, 1, self.channels)
+                for g in range(groups):
+                    only = (layer, kind, g) if per_head else (layer, kind)
+                    vals.append(max(self.kl(cfg, only=only)[0], 1e-7))
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                sens[(kind, layer)] = vals
+        return sens
+
+    def allocate(self, sens: dict, target_kl: float, alpha: float = 0.35, progress=None,
+                 name: str = "calibrated", description: str = "") -> tuple[dict, dict]:
+        """Binary-search the global step so the calibration KL meets ``target_kl``."""
+        logs = np.log(np.concatenate([np.asarray(v) for v in sens.values()]))
+        gm = math.exp(logs.mean())
+        groups = len(next(iter(sens.values())))
+
+        def cfg_for(g):
+            steps = {key: [float(np.clip(g * (w / gm) ** -alpha, 0.02, 16.0)) for w in v]
+                     for key, v in sens.items()}
+            return build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
+                                self.channels, description)
+
+        lo, hi = math.log(0.05), math.log(4.0)
+        best = None
+        for i in range(9):
+            mid = (lo + hi) / 2
+            cfg = cfg_for(math.exp(mid))
+            kl, bits = self.kl(cfg)
+            if progress:
+                progress(i + 1, 9)
+            if kl <= target_kl:
+                best = (cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": math.exp(mid)})
+                lo = mid
+            else:
+                hi = mid
+        if best is None:
+            cfg = cfg_for(math.exp(lo))
+            kl, bits = self.kl(cfg)
+            best = (cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": math.exp(lo)})
+        return best
