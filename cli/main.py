@@ -195,6 +195,45 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")
 
 
+@main.command()
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--context", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The cached document (.kvc).")
+@click.option("--prompt", required=True, help="Text that follows the cached document.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--compare", is_flag=True,
+              help="Also prefill the document from its tokens and report agreement.")
+def generate(model, context, prompt, max_new_tokens, compare):
+    """Continue from a cached document plus a new prompt, without prefilling the document."""
+    import time
+
+    from kvcodec import evaluate, hf
+
+    lm = kvcodec.load_model(model)
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise KVCodecError("--prompt is empty")
+    t = time.perf_counter()
+    with kvcodec.open(context) as f:
+        cache = hf.LayerwiseCache.open(lm.model, f, fingerprint=lm.fingerprint)
+        out = evaluate.greedy_generate(lm, cache, prompt_ids, max_new_tokens)
+        doc_ids = f.token_ids
+    elapsed = time.perf_counter() - t
+    click.echo(lm.tokenizer.decode(out))
+    click.echo(f"[{len(out)} tokens in {elapsed:.2f}s from {context}]", err=True)
+    if compare:
+        if doc_ids is None:
+            raise KVCodecError(f"{context} carries no token ids; cannot prefill it to compare")
+        ref_kv = kvcodec.capture_kv(lm, token_ids=doc_ids)
+        ref = evaluate.greedy_generate(lm, ref_kv, prompt_ids, max_new_tokens)
+        n = min(len(ref), len(out))
+        same = sum(a == b for a, b in zip(ref, out))
+        prefix = next((i for i in range(n) if ref[i] != out[i]), n)
+        click.echo(f"full prefill: {lm.tokenizer.decode(ref)!r}", err=True)
+        click.echo(f"agreement with full prefill: {same}/{max(len(ref), len(out))} tokens, "
+                   f"identical for the first {prefix}", err=True)
+
+
 def _with_bar(label, fn):
     bar = click.progressbar(length=1, label=label, file=sys.stderr)
     state = {"done": 0}

@@ -42,9 +42,16 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor, targets=None) -> dict:
 
 
 @torch.no_grad()
-def greedy_generate(lm: LoadedModel, kv: KVCache, prompt_ids, max_new_tokens: int = 32) -> list:
-    """Greedy continuation of the cached context followed by ``prompt_ids``."""
-    cache = kv.to_dynamic_cache(lm.config, dtype=next(lm.model.parameters()).dtype)
+def greedy_generate(lm: LoadedModel, kv, prompt_ids, max_new_tokens: int = 32) -> list:
+    """Greedy continuation of the cached context followed by ``prompt_ids``.
+
+    ``kv`` is a :class:`KVCache` (copied into a fresh DynamicCache) or a transformers
+    cache, which is extended in place.
+    """
+    if isinstance(kv, KVCache):
+        cache = kv.to_dynamic_cache(lm.config, dtype=next(lm.model.parameters()).dtype)
+    else:
+        cache = kv
     ids = torch.tensor([list(prompt_ids)])
     out = []
     eos = lm.tokenizer.eos_token_id
