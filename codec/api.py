@@ -10,7 +10,7 @@ import torch
 
 from . import container, tables
 from .config import MAX_CHUNK_TOKENS, load_config, resolve_layers
-from .container import Reader, atomic_write, crc32
+from .container import Reader, StreamBuffer, atomic_write, crc32
 from .errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
 from .model import KVCache, validate_kv
 from .quant import make_quantizer
@@ -194,7 +194,10 @@ def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVC
 def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
     """Open a .kvc file lazily for random access by chunk and layer.
 
-    ``source`` is a path, bytes, or a seekable binary file object.
+    ``source`` is a path, bytes, a seekable binary file object, or any readable stream
+    (a socket file, a pipe, a rate-limited reader): with a stream, the header is parsed
+    as soon as it arrives and chunks decode while later bytes are still in flight
+    (see :meth:`KVCFile.iter_chunks`).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -209,9 +212,14 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
             raise
     if isinstance(source, (bytes, bytearray, memoryview)):
         return KVCFile(Reader(source))
-    if hasattr(source, "read") and hasattr(source, "seek"):
-        return KVCFile(Reader(source, getattr(source, "name", "<stream>")))
-    raise KVCodecError(f"cannot open a {type(source).__name__}; give a path, bytes or a file object")
+    if hasattr(source, "read"):
+        name = str(getattr(source, "name", "<stream>"))
+        seekable = getattr(source, "seekable", None)
+        if hasattr(source, "seek") and (seekable is None or seekable()):
+            return KVCFile(Reader(source, name))
+        return KVCFile(Reader(StreamBuffer(source), name))
+    raise KVCodecError(f"cannot open a {type(source).__name__}; give a path, bytes or a "
+                       "readable (seekable or streaming) file object")
 
 
 class KVCFile:
@@ -462,6 +470,40 @@ class KVCFile:
             t = t.to(dtype)
             result.setdefault(l, [None, None])[KINDS.index(k)] = t
         return {l: tuple(kv) for l, kv in result.items()}
+
+    def iter_chunks(self, chunks=None, *, out: KVCache | None = None, dtype=None,
+                    threads: int = 0):
+        """Decode chunk by chunk, in file order, into preallocated tensors.
+
+        Each step reads only its chunk's bytes, so over a stream it decodes chunk ``i``
+        while chunk ``i + 1`` is still arriving. Yields ``(chunk, t0, t1)`` once tokens
+        ``[t0, t1)`` of every layer are in ``out``.
+
+        Parameters
+        ----------
+        out : KVCache, optional
+            Destination, ``[1, kv_heads, tokens, head_dim]`` per layer covering the chunk
+            range (allocated when omitted; read it from ``self.last_out``).
+        """
+        chunks = self._chunk_range(chunks)
+        base = chunks[0] * self.chunk_tokens
+        total = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - base
+        dtype = dtype or self.dtype
+        if out is None:
+            shape = (1, self.num_kv_heads, total, self.head_dim)
+            out = KVCache([torch.empty(shape, dtype=dtype) for _ in range(self.num_layers)],
+                          [torch.empty(shape, dtype=dtype) for _ in range(self.num_layers)])
+        elif out.num_layers != self.num_layers or out.num_tokens != total:
+            raise ShapeError(f"out holds {out.num_layers} layers x {out.num_tokens} tokens; "
+                             f"need {self.num_layers} x {total}")
+        self.last_out = out
+        for c in chunks:
+            part = self.decode_layers(None, c, dtype=out.dtype, threads=threads)
+            t0 = c * self.chunk_tokens - base
+            for l, (k, v) in part.items():
+                out.keys[l][:, :, t0:t0 + k.shape[2]] = k
+                out.values[l][:, :, t0:t0 + v.shape[2]] = v
+            yield c, t0, t0 + part[0][0].shape[2]
 
     def decode(self, chunks=None, *, dtype=None, threads: int = 0) -> KVCache:
         """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`."""

@@ -98,21 +98,54 @@ def atomic_write(path, data: bytes) -> None:
         pass
 
 
+class StreamBuffer:
+    """Offset reads over a forward-only readable (a socket file, a pipe, a rate-limited
+    reader): bytes are pulled from ``raw.read`` only as far as a read needs, so parsing and
+    decoding start while later bytes are still arriving."""
+
+    def __init__(self, raw, block: int = 1 << 16):
+        self.raw, self.block = raw, block
+        self.buf = bytearray()
+        self.eof = False
+
+    def fill_to(self, n: int) -> int:
+        """Read until ``n`` bytes are buffered or the stream ends; return what is buffered."""
+        while len(self.buf) < n and not self.eof:
+            data = self.raw.read(max(n - len(self.buf), self.block))
+            if not data:
+                self.eof = True
+            else:
+                self.buf += data
+        return len(self.buf)
+
+    def close(self):
+        close = getattr(self.raw, "close", None)
+        if close:
+            close()
+
+
 class Reader:
-    """Random-access reader of a .kvc file held in a file object or bytes.
+    """Random-access reader of a .kvc file held in bytes, a seekable file object, or a
+    :class:`StreamBuffer`.
 
     Parsing checks the preamble, header checksum and section tiling; section contents
-    are read (and checksummed) on demand.
+    are read (and checksummed) on demand. For a stream, sizes are checked as bytes
+    arrive: a stream that ends early raises :class:`TruncatedError` at the first read
+    that needs the missing bytes.
     """
 
     def __init__(self, source, name: str = "<bytes>"):
         self.name = name
+        self._stream = isinstance(source, StreamBuffer)
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._f = io.BytesIO(bytes(source))
         else:
             self._f = source
-        self._f.seek(0, io.SEEK_END)
-        self.size = self._f.tell()
+        if self._stream:
+            self.size = self._f.fill_to(PREAMBLE.size)
+        else:
+            self._f.seek(0, io.SEEK_END)
+            self.size = self._f.tell()
         self.header = self._read_header()
         self.sections = self._check_sections()
 
@@ -120,6 +153,12 @@ class Reader:
         self._f.close()
 
     def _read_at(self, offset: int, length: int) -> bytes:
+        if self._stream:
+            have = self._f.fill_to(offset + length)
+            if offset < 0 or length < 0 or have < offset + length:
+                raise TruncatedError(f"{self.name}: the stream ended at byte {have} but byte "
+                                     f"{offset + length} is needed; it is truncated")
+            return bytes(self._f.buf[offset:offset + length])
         if offset < 0 or length < 0 or offset + length > self.size:
             raise TruncatedError(
                 f"{self.name}: needs bytes {offset}..{offset + length} but the file has "
@@ -181,6 +220,9 @@ class Reader:
             expect = _align(off + length, SECTION_ALIGN)
         if expect != data_length:
             raise CorruptError(f"{self.name}: sections end at {expect} but data_length is {data_length}")
+        if self._stream:  # sizes are checked as the bytes arrive
+            self.size = self.data_start + data_length
+            return sections
         have = self.size - self.data_start
         if have < data_length:
             raise TruncatedError(

@@ -1,0 +1,63 @@
+"""Opening .kvc data from forward-only streams: decode starts before the bytes end."""
+import io
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec.stream import RateLimitedReader
+
+
+class Pipe:
+    """Forward-only, like a socket file: no seek, reads come in small pieces."""
+
+    def __init__(self, data, piece=4096):
+        self._b, self.piece, self.delivered = io.BytesIO(data), piece, 0
+
+    def read(self, n=-1):
+        out = self._b.read(min(n if n and n > 0 else self.piece, self.piece))
+        self.delivered += len(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def doc(kv_600):
+    return kvcodec.encode(kv_600, config="default")
+
+
+def test_stream_decodes_like_a_file(doc):
+    full = kvcodec.decode(doc)
+    with kvcodec.open(Pipe(doc)) as f:
+        got = f.decode()
+    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, full.keys + full.values))
+
+
+def test_iter_chunks_fills_preallocated_buffers_while_bytes_arrive(doc):
+    full = kvcodec.decode(doc)
+    pipe = Pipe(doc)
+    f = kvcodec.open(pipe)
+    out = kvcodec.KVCache([torch.zeros_like(k) for k in full.keys],
+                          [torch.zeros_like(v) for v in full.values])
+    seen = []
+    for chunk, t0, t1 in f.iter_chunks(out=out):
+        seen.append((chunk, t0, t1, pipe.delivered))
+    assert [s[:3] for s in seen] == [(0, 0, 256), (1, 256, 512), (2, 512, 600)]
+    # Chunk 0 was complete while most of the file had not been delivered yet.
+    assert seen[0][3] < len(doc) * 0.6
+    assert all(torch.equal(a, b) for a, b in zip(out.keys + out.values, full.keys + full.values))
+
+
+def test_truncated_stream_fails_at_the_missing_chunk(doc):
+    f = kvcodec.open(Pipe(doc[: int(len(doc) * 0.7)]))
+    done = []
+    with pytest.raises(kvcodec.TruncatedError, match="stream ended"):
+        for chunk, _, _ in f.iter_chunks():
+            done.append(chunk)
+    assert done and done[0] == 0
+
+
+def test_rate_limited_reader_counts_bytes(doc):
+    r = RateLimitedReader(io.BytesIO(doc), bits_per_s=8e9)
+    with kvcodec.open(r) as f:
+        f.decode()
+    assert r.bytes_read == len(doc)
