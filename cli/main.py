@@ -234,6 +234,29 @@ def generate(model, context, prompt, max_new_tokens, compare):
                    f"identical for the first {prefix}", err=True)
 
 
+@main.command()
+@click.argument("texts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Store directory (created if missing).")
+@click.option("--config", default="default", show_default=True)
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--max-tokens", type=int, default=None)
+def precompute(texts, store_dir, config, model, max_tokens):
+    """Batch job: prefill each text once and store its chunks for prefix reuse."""
+    from kvcodec.store import Store
+
+    lm = kvcodec.load_model(model)
+    store = Store(store_dir, lm.fingerprint, config)
+    total = 0
+    for path in texts:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        kv = _capture(lm, text, max_tokens, f"prefilling {Path(path).name}")
+        n = store.put(kv)
+        total += n
+        click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
+    click.echo(f"stored {total} new chunks in {store_dir}")
+
+
 def _with_bar(label, fn):
     bar = click.progressbar(length=1, label=label, file=sys.stderr)
     state = {"done": 0}

@@ -393,6 +393,9 @@ class KVCFile:
             po += ps
             lo += ls
         self._params, self._levels = params, levels
+        # Tables are built once per file, not per decoded chunk.
+        nat = tables.native()
+        self._freqs = {key: nat.normalize_freqs(lv) for key, lv in levels.items()}
 
     # -- decoding -----------------------------------------------------------------------
     def _chunk_range(self, chunks) -> range:
@@ -446,7 +449,7 @@ class KVCFile:
                     side_parts.append(item[:int(e["side"])])
                     blobs.append(memoryview(item)[int(e["side"]):])
                 out = np.empty((t1 - t0, self._coded(self._quant[(l, k)])), dtype=np.uint8)
-                jobs.append((blobs, nat.normalize_freqs(self._levels[(l, k)]), out))
+                jobs.append((blobs, self._freqs[(l, k)], out))
                 outs.append(out)
                 sides.append(b"".join(side_parts))
         errors = nat.decode_many(jobs, self.chunk_tokens, threads)

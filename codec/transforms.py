@@ -9,14 +9,19 @@ position-independent, as blending cached chunks needs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import ConfigError
 
 
-def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+@functools.lru_cache(maxsize=64)
+def _rope_tables(offset: int, length: int, head_dim: int, theta: float):
+    """cos/sin ``[length, head_dim]``, computed in float64 once per (span, theta): every
+    layer of a chunk shares them, so a decode builds them once, not once per layer."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = torch.outer(positions.to(torch.float64), inv)
+    freqs = torch.outer(torch.arange(offset, offset + length, dtype=torch.float64), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
 
@@ -35,7 +40,7 @@ def rope(keys: torch.Tensor, theta: float, offset: int = 0, inverse: bool = Fals
     t, d = keys.shape[2], keys.shape[3]
     if d % 2:
         raise ConfigError(f"rope_strip needs an even head_dim, got {d}")
-    cos, sin = _rope_tables(torch.arange(offset, offset + t), d, theta)
+    cos, sin = _rope_tables(int(offset), int(t), int(d), float(theta))
     x = keys.float()
     return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
 
