@@ -1,0 +1,35 @@
+"""Bandwidth adaptation: the plan follows the budget; the adaptive cache works on the model."""
+import torch
+
+from kvcodec.adapt import RECOMPUTE, load_adaptive, plan
+from kvcodec.store import Store
+
+
+def test_plan_picks_best_level_that_fits():
+    sizes = [[1000, 400, 100]] * 4
+    assert plan(sizes, 8e6, budget_s=1.0, recompute_s=5.0) == [0, 0, 0, 0]  # 1 ms each
+    assert plan(sizes, 8e3, budget_s=2.0, recompute_s=5.0) == [1, 1, 1, 1]  # 0.4 s each
+    assert plan(sizes, 8e3, budget_s=0.5, recompute_s=0.05) == [RECOMPUTE] * 4
+    # Nothing fits and recompute is slower: the smallest level.
+    assert plan(sizes, 8e3, budget_s=0.1, recompute_s=5.0) == [2, 2, 2, 2]
+    # Missing levels are skipped; leftover budget flows to later chunks.
+    assert plan([[None, 400, 100], [1000, 400, 100]], 8e3, budget_s=1.0, recompute_s=9) == [1, 1]
+    assert plan([[100, 40, 10], [1000, 400, 100]], 8e3, budget_s=0.6, recompute_s=9) == [0, 1]
+
+
+def test_adaptive_load_on_the_model(tmp_path, lm, kv_600):
+    hi = Store(tmp_path / "hi", lm.fingerprint, config="lossless")
+    lo = Store(tmp_path / "lo", lm.fingerprint, config="default")
+    hi.put(kv_600)
+    lo.put(kv_600)
+    ids = kv_600.token_ids[:512]
+    size_hi = hi.path(hi.keys(ids)[0]).stat().st_size
+    size_lo = lo.path(lo.keys(ids)[0]).stat().st_size
+    bw = 8e6  # 1 MB/s: the lossless chunks take too long, the lossy ones fit
+    budget = 2 * (size_lo * 8 / bw) * 1.5
+    cache, choices = load_adaptive(lm, [hi, lo], ids, bw, budget, recompute_s=10.0)
+    assert size_hi * 8 / bw > budget / 2 and choices == [1, 1]
+    assert cache.get_seq_length() == 512
+    cache2, choices2 = load_adaptive(lm, [hi, lo], ids, bw, budget, recompute_s=0.0)
+    assert choices2 == [RECOMPUTE, RECOMPUTE]
+    torch.testing.assert_close(cache2.layers[3].keys, kv_600.keys[3][:, :, :512], atol=1e-3, rtol=1e-3)
