@@ -34,7 +34,7 @@ def _flatten(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unflatten(x: torch.Tensor, h: int, d: int) -> torch.Tensor:
-    return x.reshape(x.shape[0], h, d).permute(1, 0, 2).unsqueeze(0)
+    return x.reshape(x.shape[0], h, d).permute(1, 0, 2).unsqueeze(0).contiguous()
 
 
 def _coder_info() -> dict:

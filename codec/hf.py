@@ -56,7 +56,7 @@ class LayerwiseCache:
     """
 
     @staticmethod
-    def open(model, src, *, fingerprint: dict | None = None, threads: int = 1):
+    def open(model, src, *, fingerprint: dict | None = None, threads: int = 0):
         f = _open_checked(model, src, fingerprint)
         return _make_layerwise(model, f, threads)
 
