@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import kvcodec  # noqa: E402
 from kvcodec import tables  # noqa: E402
-from kvcodec.api import KINDS, _flatten  # noqa: E402
+from kvcodec.api import KINDS, stream_input  # noqa: E402
 from kvcodec.config import load_config, resolve_layers  # noqa: E402
 from kvcodec.quant import make_quantizer  # noqa: E402
-from kvcodec.transforms import key_transform, rope  # noqa: E402
+from kvcodec.transforms import key_transform  # noqa: E402
 
 
 def real_streams(tokens: int, config: str):
@@ -41,9 +41,7 @@ def real_streams(tokens: int, config: str):
     for kind, src in zip(KINDS, (kv.keys, kv.values)):
         for layer, t in enumerate(src):
             q = make_quantizer(specs[kind][layer], kv.dtype)
-            if kind == "key" and xform:
-                t = rope(t, xform["theta"], inverse=True)
-            x = _flatten(t)
+            x = stream_input(t, kind, xform)
             sym, _ = q.quantize(x, q.fit(x))
             counts = tables.channel_counts(sym, q.table_alphabet)
             freqs = tables.freqs_from_levels(tables.levels_from_counts(counts))

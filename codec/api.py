@@ -1,7 +1,6 @@
 """Encode a KV cache into .kvc bytes and decode it back, whole or by chunk and layer."""
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from . import container, tables
 from .config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from .container import Reader, StreamBuffer, atomic_write, crc32
 from .errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
-from .model import KVCache, validate_kv
+from .model import KVCache
 from .quant import make_quantizer
 from .transforms import key_transform, rope
 
@@ -31,6 +30,25 @@ def _flatten(t: torch.Tensor) -> torch.Tensor:
     """``[1, H, T, D]`` -> float32 ``[T, H*D]``."""
     _, h, n, d = t.shape
     return t[0].detach().to("cpu", torch.float32).permute(1, 0, 2).reshape(n, h * d)
+
+
+def stream_input(t: torch.Tensor, kind: str, xform: dict | None, offset: int = 0) -> torch.Tensor:
+    """What a quantizer sees for one layer's keys or values: ``[T, C]`` float32, keys
+    un-rotated first when the config strips RoPE."""
+    if kind == "key" and xform:
+        t = rope(t, xform["theta"], offset, inverse=True)
+    return _flatten(t)
+
+
+def stream_counts(q, symbols: np.ndarray, channels: int) -> np.ndarray:
+    """Per-column symbol histograms, pooled where the quantizer shares tables."""
+    counts = tables.channel_counts(symbols, q.table_alphabet)
+    groups = q.table_groups(channels)
+    if groups is not None:
+        pooled = np.zeros_like(counts)
+        np.add.at(pooled, groups, counts)
+        counts = pooled[groups]
+    return counts
 
 
 def _unflatten(x: torch.Tensor, h: int, d: int) -> torch.Tensor:
@@ -96,10 +114,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     for layer in range(n_layers):
         for kind, src in zip(KINDS, (kv.keys, kv.values)):
             q = make_quantizer(specs[kind][layer], kv.dtype)
-            t = src[layer]
-            if kind == "key" and xform:
-                t = rope(t, xform["theta"], position_offset, inverse=True)
-            x = _flatten(t)
+            x = stream_input(src[layer], kind, xform, position_offset)
             if not torch.isfinite(x).all():
                 raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
             sinks.append(x[:n_sink].half().numpy().astype("<f2").tobytes())
@@ -107,13 +122,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
             symbols, side = q.quantize(x, params)
             for name in q.param_names:
                 params_blob.append(params[name].astype("<f2").tobytes())
-            counts = tables.channel_counts(symbols, q.table_alphabet)
-            groups = q.table_groups(x.shape[1])
-            if groups is not None:
-                pooled = np.zeros_like(counts)
-                np.add.at(pooled, groups, counts)
-                counts = pooled[groups]
-            levels = tables.levels_from_counts(counts)
+            levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
             levels_blob.append(levels.tobytes())
             jobs.append((np.ascontiguousarray(symbols), tables.freqs_from_levels(levels)))
             sides.append(side)
@@ -536,8 +545,7 @@ class KVCFile:
             "bits_per_element": self.bits_per_element(),
             "compression_vs_fp16": self.numel() * 2 / self.size_bytes,
             "sections": sections,
-            "header_bytes": self.size_bytes - self._r.data_start + self._r.data_start
-                            - sum(sections.values()),
+            "header_bytes": self._r.data_start,
         }
 
 

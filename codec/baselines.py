@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import tables
-from .api import KINDS, _flatten, _unflatten
+from .api import _flatten, _unflatten
 from .config import load_config, resolve_layers
 from .model import KVCache
 from .quant import make_quantizer

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from . import tables
-from .api import KINDS, _flatten, _unflatten
-from .config import load_config, resolve_layers, validate_config
+from .api import KINDS, _unflatten, stream_counts, stream_input
+from .config import resolve_layers, validate_config
 from .evaluate import compare_logits, continuation_logits
 from .model import KVCache, capture_kv
 from .quant import MAX_ALPHABET, make_quantizer
@@ -46,10 +46,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
         for kind, dst in zip(KINDS, (keys, values)):
             if only is not None and tuple(only[:2]) != (layer, kind):
                 continue
-            t = dst[layer]
-            if kind == "key" and xform:
-                t = rope(t, xform["theta"], inverse=True)
-            x = _flatten(t)
+            x = stream_input(dst[layer], kind, xform)
             q = make_quantizer(specs[kind][layer], kv.dtype)
             params = q.fit(x)
             sym, side = q.quantize(x, params)
@@ -61,7 +58,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
                 keep[only[2] * d:(only[2] + 1) * d] = False
                 y[:, keep] = x[:, keep]
             if with_bits:
-                bits += tables.entropy_bits(tables.channel_counts(sym, q.table_alphabet))
+                bits += tables.entropy_bits(stream_counts(q, sym, x.shape[1]))
                 bits += 0 if side is None else side.size * 16
                 bits += n_sink * x.shape[1] * 16
             out = _unflatten(y, kv.num_kv_heads, kv.head_dim)

@@ -7,17 +7,15 @@ metadata as JSON strings. safetensors never executes code on load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
+from .container import atomic_write
 from .errors import FormatError, ShapeError
 from .model import KVCache
 
 
 def save_safetensors(kv: KVCache, path) -> None:
-    """Write ``kv`` to ``path`` crash-safely."""
-    from safetensors.torch import save_file
+    """Write ``kv`` to ``path`` crash-safely (temp file + fsync + rename)."""
+    from safetensors.torch import save
 
     tensors = {}
     for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
@@ -25,17 +23,7 @@ def save_safetensors(kv: KVCache, path) -> None:
         tensors[f"layers.{i}.value"] = v.contiguous()
     meta = {"format": "kvcodec-kv", "token_ids": json.dumps(kv.token_ids),
             "model": json.dumps(kv.model)}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, save(tensors, metadata=meta))
 
 
 def load_safetensors(path) -> KVCache:

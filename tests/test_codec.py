@@ -1,5 +1,4 @@
 """End-to-end codec: exact symbol round trips, random access, size against entropy."""
-import numpy as np
 import pytest
 import torch
 
