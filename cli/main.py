@@ -120,6 +120,30 @@ def demo(text, max_tokens, out_dir):
     run_demo(text, max_tokens, out_dir, echo=click.echo)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(as_json):
+    """Report the backends this build has (CPU coder, CUDA) and versions."""
+    import platform
+
+    import torch
+
+    from kvcodec import tables
+
+    nat = tables.native()
+    cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report = {"cpu": True, "cuda_compiled": bool(getattr(nat, "CUDA_COMPILED", False)),
+              "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
+              "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),
+              "prob_bits": int(nat.PROB_BITS), "torch": torch.__version__,
+              "python": platform.python_version(), "configs": kvcodec.available_configs()}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for k, v in report.items():
+            click.echo(f"{k:14s} {v}")
+
+
 @main.command(name="eval")
 @click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),

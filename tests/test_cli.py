@@ -81,3 +81,11 @@ def test_bad_config_and_tensors(tmp_path, kv_file):
     r = CliRunner().invoke(main, ["encode", str(not_kv), "-o", str(tmp_path / "b.kvc")])
     assert r.exit_code == 1 and "layers.0.key" in r.output
     assert not (tmp_path / "b.kvc").exists()
+
+
+def test_info_reports_backends():
+    r = run("info", "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.output)
+    assert info["cpu"] is True and info["cuda_compiled"] is False
+    assert info["lanes"] == 16 and "default" in info["configs"]

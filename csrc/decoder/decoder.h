@@ -8,16 +8,20 @@
 
 namespace kvc {
 
-// Per-channel slot tables, lut[c][slot] = kvc_dec_entry(...): 16 KiB per channel, built
-// once per call and shared by all blobs coded with those tables. `freqs` rows must sum
-// to 4096 (checked by the caller).
-void build_decode_tables(const uint16_t* freqs, int channels, int alphabet,
-                         std::vector<uint32_t>* lut);
+// Per-channel decode tables, built once per stream and reused for all its blobs:
+// slot -> symbol (one byte per slot, 4 KiB per channel, so a 193-channel stream stays
+// in L2) and symbol -> freq | cum << 16.
+struct DecodeTables {
+  std::vector<uint8_t> symbol;  // [channels][PROB_SCALE]
+  std::vector<uint32_t> range;  // [channels][MAX_ALPHABET]
+};
 
-// Decodes one blob of `rows` x `channels` symbols into out[rows][channels]. The blob is
-// untrusted: any inconsistency returns a message (and `out` holds garbage); it never
-// reads outside [blob, blob + size) and always terminates after rows * channels steps.
+void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out);
+
+// Decodes one blob of `rows` x `channels` symbols into `out` (row-major). The blob is
+// untrusted: on any inconsistency it returns a message and `out` holds garbage; it never
+// reads outside [blob, blob + size).
 std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
-                        const uint32_t* lut, uint8_t* out);
+                        const DecodeTables& tables, uint8_t* out);
 
 }  // namespace kvc
