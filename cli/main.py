@@ -194,22 +194,27 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
 @click.option("--per-layer", is_flag=True, help="One step per layer and K/V (default: per KV head).")
 @click.option("--prefill", type=int, default=1536, show_default=True)
 @click.option("--continuation", type=int, default=256, show_default=True)
-def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, continuation):
+@click.option("--token-importance/--no-token-importance", default=True, show_default=True,
+              help="Scale per-token steps by the attention each token receives.")
+def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, continuation,
+              token_importance):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits."""
-    from kvcodec.calibrate import Calibrator
+    from kvcodec.calibrate import DEFAULT_TOKEN_IMPORTANCE, Calibrator
     from kvcodec.container import atomic_write
 
     lm = kvcodec.load_model(model)
     ids = [lm.tokenizer(Path(t).read_text(errors="replace"), add_special_tokens=False)["input_ids"]
            for t in texts]
     with _status("prefilling calibration texts"):
-        cal = Calibrator(lm, ids, prefill, continuation)
+        cal = Calibrator(lm, ids, prefill, continuation,
+                         DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
     sens = _with_bar("measuring sensitivities",
                      lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
     name = name or Path(output).stem
     desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL <= "
             f"{target_kl} ({prefill} tokens prefilled, {continuation} scored); "
-            f"steps ~ sensitivity^-{alpha}, keys coded before RoPE, 1 sink token in fp16.")
+            f"steps ~ sensitivity^-{alpha}, keys coded before RoPE, 1 sink token in fp16"
+            + (", per-token steps scaled by attention importance." if token_importance else "."))
     cfg, info = _with_bar("searching the global step",
                           lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
     cfg["calibration"] = {"target_kl": target_kl, "texts": [Path(t).name for t in texts],

@@ -1,6 +1,7 @@
 """Encode a KV cache into .kvc bytes and decode it back, whole or by chunk and layer."""
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from .config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from .container import Reader, StreamBuffer, atomic_write, crc32
 from .errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
 from .model import KVCache
-from .quant import make_quantizer
-from .transforms import key_transform, rope
+from .quant import MAX_ALPHABET, STEP_GRID, Uniform, make_quantizer, token_step_multipliers
+from .transforms import key_transform, rope, rope_tables
 
 INDEX_ENTRY = struct.Struct("<QIII")  # payload offset, side bytes, blob bytes, CRC-32
 KINDS = ("key", "value")
@@ -22,6 +23,7 @@ MAX_LAYERS = 4096
 MAX_TOKENS = 1 << 24
 MAX_CHANNELS = 65535
 MAX_ELEMENTS = 1 << 34
+MAX_CONFIG_BYTES = 16 << 20
 # Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
 _zstd_level = 12
 
@@ -51,6 +53,15 @@ def stream_counts(q, symbols: np.ndarray, channels: int) -> np.ndarray:
     return counts
 
 
+def step_multipliers(cfg: dict, importance, layer: int, n_sink: int):
+    """Per-token step multipliers for one layer, or None (no importance, or the config
+    does not use it)."""
+    spec = cfg.get("token_importance")
+    if spec is None or importance is None:
+        return None
+    return token_step_multipliers(importance[layer], spec, skip=n_sink)
+
+
 def _unflatten(x: torch.Tensor, h: int, d: int) -> torch.Tensor:
     return x.reshape(x.shape[0], h, d).permute(1, 0, 2).unsqueeze(0).contiguous()
 
@@ -70,7 +81,7 @@ def _zstd(data: bytes) -> bytes:
 
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
            threads: int = 0, token_ids=None, model: dict | None = None,
-           position_offset: int = 0) -> bytes:
+           position_offset: int = 0, importance=None) -> bytes:
     """Compress a KV cache into .kvc bytes.
 
     Parameters
@@ -89,6 +100,11 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         Token ids and model fingerprint to record, overriding those carried by ``kv``.
     position_offset : int
         Position of the cache's first token (for configs that strip RoPE from keys).
+    importance : Tensor, optional
+        ``[layers, tokens]`` attention importance, overriding ``kv.importance`` (which
+        :func:`kvcodec.capture_kv` fills in). Configs with ``token_importance`` give
+        attended tokens finer steps; without importance every token gets the config's
+        step. The decoder needs nothing: the steps are coded in the payload.
 
     Returns
     -------
@@ -109,6 +125,10 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     specs = resolve_layers(cfg, n_layers)
     xform = key_transform(cfg, model)
     n_sink = min(cfg.get("sink_tokens", 0), n)
+    importance = kv.importance if importance is None else torch.as_tensor(importance)
+    if importance is not None and tuple(importance.shape) != (n_layers, n):
+        raise ShapeError(f"importance has shape {tuple(importance.shape)}; expected "
+                         f"[layers, tokens] = [{n_layers}, {n}]")
 
     params_blob, levels_blob, jobs, sides, sinks = [], [], [], [], []
     for layer in range(n_layers):
@@ -119,11 +139,12 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
                 raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
             sinks.append(x[:n_sink].half().numpy().astype("<f2").tobytes())
             params = q.fit(x)
-            symbols, side = q.quantize(x, params)
+            symbols, side = q.quantize(x, params, step_multipliers(cfg, importance, layer, n_sink))
             for name in q.param_names:
                 params_blob.append(params[name].astype("<f2").tobytes())
             levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
-            levels_blob.append(levels.tobytes())
+            # Padded to 256 symbols: the packing stores only each row's present span.
+            levels_blob.append(np.pad(levels, ((0, 0), (0, MAX_ALPHABET - levels.shape[1]))))
             jobs.append((np.ascontiguousarray(symbols), tables.freqs_from_levels(levels)))
             sides.append(side)
     blobs = tables.native().encode_many(jobs, chunk, threads)
@@ -145,17 +166,21 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
         "dtype": str(kv.dtype).replace("torch.", ""),
         "chunk_tokens": chunk,
-        "token_ids": [int(t) for t in token_ids] if token_ids is not None else None,
-        "config": cfg,
+        "has_token_ids": token_ids is not None,
         "key_transform": xform,
         "position_offset": int(position_offset),
         "sink_tokens": n_sink,
         "coder": _coder_info(),
     }
+    ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+        raise ShapeError("token ids must be in [0, 2**32)")
     data = container.build(header, [
+        ("config", _zstd(json.dumps(cfg, separators=(",", ":")).encode()), True),
+        ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
         ("index", b"".join(index), True),
         ("params", _zstd(b"".join(params_blob)), True),
-        ("tables", _zstd(b"".join(levels_blob)), True),
+        ("tables", _zstd(tables.pack_levels(np.concatenate(levels_blob))), True),
         ("sinks", b"".join(sinks), True),
         ("payload", b"".join(payload), False),
     ])
@@ -267,17 +292,22 @@ class KVCFile:
             raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r}")
         self.dtype = DTYPES[h["dtype"]]
         self.num_chunks = (self.num_tokens + self.chunk_tokens - 1) // self.chunk_tokens
-        tokens = h.get("token_ids")
-        if tokens is not None and (not isinstance(tokens, list) or len(tokens) != self.num_tokens
-                                   or not all(isinstance(t, int) for t in tokens)):
-            raise CorruptError(f"{name}: token_ids do not match num_tokens")
-        self.token_ids = tokens
+        has_ids = h.get("has_token_ids")
+        if not isinstance(has_ids, bool):
+            raise CorruptError(f"{name}: has_token_ids must be true or false")
+        try:
+            cfg = json.loads(self._unzstd("config", MAX_CONFIG_BYTES, exact=False))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
+        raw = self._unzstd("tokens", 4 * self.num_tokens if has_ids else 0)
+        self.token_ids = (np.frombuffer(raw, dtype="<u4").astype(np.int64).tolist()
+                          if has_ids else None)
         self.model = h.get("model") if isinstance(h.get("model"), dict) else None
         coder = h.get("coder")
         if coder != _coder_info():
             raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
         try:
-            self.config = load_config(h.get("config"))
+            self.config = load_config(cfg)
             specs = resolve_layers(self.config, self.num_layers)
         except ConfigError as exc:
             raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
@@ -329,7 +359,9 @@ class KVCFile:
         return q.coded_columns(self.channels)
 
     # -- lazily parsed sections -------------------------------------------------------
-    def _unzstd(self, section: str, expected: int) -> bytes:
+    def _unzstd(self, section: str, expected: int, exact: bool = True) -> bytes:
+        """A zstd section's contents: exactly ``expected`` bytes, or at most that many
+        with ``exact=False``."""
         import zstandard
 
         data = self._r.read_section(section)
@@ -337,7 +369,7 @@ class KVCFile:
             out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
         except zstandard.ZstdError as exc:
             raise CorruptError(f"{self._r.name}: section {section!r} does not decompress: {exc}") from None
-        if len(out) != expected:
+        if len(out) != expected if exact else len(out) > expected:
             raise CorruptError(f"{self._r.name}: section {section!r} holds {len(out)} bytes, "
                                f"expected {expected}")
         return out
@@ -385,17 +417,24 @@ class KVCFile:
             return
         c = self.channels
         psizes = [len(self._quant[s].param_names) * c * 2 for s in self._streams]
-        lsizes = [self._quant[s].table_alphabet * self._coded(self._quant[s])
-                  for s in self._streams]
+        lrows = [self._coded(self._quant[s]) for s in self._streams]
         praw = self._unzstd("params", sum(psizes))
-        lraw = self._unzstd("tables", sum(lsizes))
+        # Packed tables: 2 span bytes per row plus at most one code per symbol.
+        lraw = self._unzstd("tables", sum(lrows) * (2 + MAX_ALPHABET), exact=False)
+        try:
+            lall = tables.unpack_levels(lraw, sum(lrows), MAX_ALPHABET)
+        except ValueError as exc:
+            raise CorruptError(f"{self._r.name}: invalid probability tables: {exc}") from None
         params, levels, po, lo = {}, {}, 0, 0
-        for s, ps, ls in zip(self._streams, psizes, lsizes):
+        for s, ps, ls in zip(self._streams, psizes, lrows):
             q = self._quant[s]
             arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
             params[s] = {name: arr[i].astype(np.float16) for i, name in enumerate(q.param_names)}
-            lv = np.frombuffer(lraw, dtype=np.uint8, count=ls, offset=lo).reshape(
-                self._coded(q), q.table_alphabet)
+            lv = lall[lo:lo + ls]
+            if lv[:, q.table_alphabet:].any():
+                raise CorruptError(f"{self._r.name}: a table of layer {s[0]} {s[1]}s has "
+                                   "symbols outside its quantizer's alphabet")
+            lv = np.ascontiguousarray(lv[:, :q.table_alphabet])
             if lv.max(initial=0) > tables.MAX_LEVEL or np.any(lv.max(axis=1) == 0):
                 raise CorruptError(f"{self._r.name}: invalid probability table for layer {s[0]} {s[1]}s")
             levels[s] = lv
@@ -423,6 +462,20 @@ class KVCFile:
             raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
         return chunks
 
+    def _fused_dequant(self, q, kind: str, t0: int, rows: int):
+        """The native dequantizer's arguments for per-token-step uniform streams (the
+        shipped default), or None where the quantizer has no fused path."""
+        if not (isinstance(q, Uniform) and q.scale == "token"):
+            return None
+        out = np.empty((self.num_kv_heads, rows, self.head_dim), dtype=np.float32)
+        cos = sin = None
+        if kind == "key" and self.key_transform:
+            c, s = rope_tables(self.position_offset + t0, rows, self.head_dim,
+                               self.key_transform["theta"])
+            cos, sin = c.numpy(), s.numpy()
+        mult = np.ascontiguousarray(q._head_mult(self.channels).numpy(), dtype=np.float32)
+        return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
+
     def decode_layers(self, layers=None, chunks=None, *, dtype=None, threads: int = 0):
         """Decode chosen layers over a contiguous chunk range.
 
@@ -443,7 +496,8 @@ class KVCFile:
         t1 = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens)
         dtype = dtype or self.dtype
         nat = tables.native()
-        jobs, outs, sides = [], [], []
+        jobs, outs, sides, fused = [], [], [], []
+        rows = t1 - t0
         for l in layers:
             for k in KINDS:
                 s = self._streams.index((l, k))
@@ -457,9 +511,12 @@ class KVCFile:
                                            f"layer {l} {k}s; the file is damaged")
                     side_parts.append(item[:int(e["side"])])
                     blobs.append(memoryview(item)[int(e["side"]):])
-                out = np.empty((t1 - t0, self._coded(self._quant[(l, k)])), dtype=np.uint8)
-                jobs.append((blobs, self._freqs[(l, k)], out))
+                q = self._quant[(l, k)]
+                out = np.empty((rows, self._coded(q)), dtype=np.uint8)
+                deq = self._fused_dequant(q, k, t0, rows)
+                jobs.append((blobs, self._freqs[(l, k)], out, deq))
                 outs.append(out)
+                fused.append(None if deq is None else deq[4])
                 sides.append(b"".join(side_parts))
         errors = nat.decode_many(jobs, self.chunk_tokens, threads)
         result = {}
@@ -467,18 +524,31 @@ class KVCFile:
             if errors[i] is not None:
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s: {errors[i]}")
             q = self._quant[(l, k)]
-            if (q.alphabet < q.table_alphabet
-                    and outs[i][:, :self.channels].max(initial=0) >= q.alphabet):
-                raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
-                                   "the quantizer's range; the header does not match the data")
-            side = (np.frombuffer(sides[i], dtype="<f2").reshape(-1, q.side_per_token)
-                    if q.side_per_token else None)
-            x = q.dequantize(torch.from_numpy(outs[i]), self._params[(l, k)], side)
-            if t0 < self.sink_tokens:
-                x[: self.sink_tokens - t0] = self._load_sinks()[self._streams.index((l, k)), t0:]
-            t = _unflatten(x, self.num_kv_heads, self.head_dim)
-            if k == "key" and self.key_transform:
-                t = rope(t, self.key_transform["theta"], self.position_offset + t0)
+            rope_here = k == "key" and self.key_transform
+            if fused[i] is not None:
+                # Decoded, dequantized and re-rotated natively; only sink rows remain.
+                t = torch.from_numpy(fused[i]).unsqueeze(0)
+                n_sink = max(0, min(self.sink_tokens - t0, rows))
+                if n_sink:
+                    x = self._load_sinks()[self._streams.index((l, k)), t0:t0 + n_sink].clone()
+                    st = _unflatten(x, self.num_kv_heads, self.head_dim)
+                    if rope_here:
+                        st = rope(st, self.key_transform["theta"], self.position_offset + t0)
+                    t[:, :, :n_sink] = st
+            else:
+                if (q.alphabet < q.table_alphabet
+                        and outs[i][:, :self.channels].max(initial=0) >= q.alphabet):
+                    raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols "
+                                       "outside the quantizer's range; the header does not "
+                                       "match the data")
+                side = (np.frombuffer(sides[i], dtype="<f2").reshape(-1, q.side_per_token)
+                        if q.side_per_token else None)
+                x = q.dequantize(torch.from_numpy(outs[i]), self._params[(l, k)], side)
+                if t0 < self.sink_tokens:
+                    x[: self.sink_tokens - t0] = self._load_sinks()[self._streams.index((l, k)), t0:]
+                t = _unflatten(x, self.num_kv_heads, self.head_dim)
+                if rope_here:
+                    t = rope(t, self.key_transform["theta"], self.position_offset + t0)
             t = t.to(dtype)
             result.setdefault(l, [None, None])[KINDS.index(k)] = t
         return {l: tuple(kv) for l, kv in result.items()}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import tables
-from .api import KINDS, _unflatten, stream_counts, stream_input
+from .api import KINDS, _unflatten, step_multipliers, stream_counts, stream_input
 from .config import resolve_layers, validate_config
 from .evaluate import compare_logits, continuation_logits
 from .model import KVCache, capture_kv
@@ -49,7 +49,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
             x = stream_input(dst[layer], kind, xform)
             q = make_quantizer(specs[kind][layer], kv.dtype)
             params = q.fit(x)
-            sym, side = q.quantize(x, params)
+            sym, side = q.quantize(x, params, step_multipliers(cfg, kv.importance, layer, n_sink))
             y = q.dequantize(torch.from_numpy(sym), params, side)
             y[:n_sink] = x[:n_sink].half().float()
             if only is not None and len(only) == 3:  # keep the other heads exact
@@ -70,10 +70,12 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
 
 
 def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channels: int,
-                 description: str = "", sink_tokens: int = 1) -> dict:
+                 description: str = "", sink_tokens: int = 1,
+                 token_importance: dict | None = None) -> dict:
     """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``."""
     cfg = {"name": name, "description": description, "chunk_tokens": 256,
            "sink_tokens": sink_tokens, "key_transform": {"type": "rope_strip"},
+           **({"token_importance": dict(token_importance)} if token_importance else {}),
            "key": [], "value": []}
     for kind in KINDS:
         for layer in range(num_layers):
@@ -89,11 +91,22 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
     return cfg
 
 
-class Calibrator:
-    """Holds the calibration texts' caches and reference logits."""
+# Measured on held-out text (3 texts, 1536 + 256 tokens): ~7% fewer bits at equal KL
+# than equal per-token steps; beta 0.3 and a [0.25, 3] clamp were worse.
+DEFAULT_TOKEN_IMPORTANCE = {"beta": 0.2, "min": 0.5, "max": 1.5}
 
-    def __init__(self, lm, token_lists, prefill: int = 1536, continuation: int = 256):
+
+class Calibrator:
+    """Holds the calibration texts' caches and reference logits.
+
+    ``token_importance`` (default :data:`DEFAULT_TOKEN_IMPORTANCE`; None for equal
+    per-token steps) goes into every config the calibrator builds and measures.
+    """
+
+    def __init__(self, lm, token_lists, prefill: int = 1536, continuation: int = 256,
+                 token_importance: dict | None = DEFAULT_TOKEN_IMPORTANCE):
         self.lm = lm
+        self.token_importance = token_importance
         self.cases = []
         for ids in token_lists:
             if len(ids) < prefill + 16:
@@ -105,6 +118,7 @@ class Calibrator:
             from .errors import ShapeError
             raise ShapeError(f"calibration needs texts of more than {prefill + 16} tokens")
         kv = self.cases[0][0]
+        self.rope_theta = (kv.model or {}).get("rope_theta")
         self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
         self.channels = kv.num_kv_heads * kv.head_dim
 
@@ -126,7 +140,8 @@ class Calibrator:
             for layer in range(self.num_layers):
                 vals = []
                 steps = {(k, l): [probe] for k in KINDS for l in range(self.num_layers)}
-                cfg = build_config("probe", steps, self.num_layers, 1, self.channels)
+                cfg = build_config("probe", steps, self.num_layers, 1, self.channels,
+                                   token_importance=self.token_importance)
                 for g in range(groups):
                     only = (layer, kind, g) if per_head else (layer, kind)
                     vals.append(max(self.kl(cfg, only=only)[0], 1e-7))
@@ -146,8 +161,12 @@ class Calibrator:
         def cfg_for(g):
             steps = {key: [float(np.clip(g * (w / gm) ** -alpha, 0.02, 16.0)) for w in v]
                      for key, v in sens.items()}
-            return build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
-                                self.channels, description)
+            cfg = build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
+                               self.channels, description,
+                               token_importance=self.token_importance)
+            if self.rope_theta:  # recorded, so caches without a fingerprint still encode
+                cfg["key_transform"]["theta"] = float(self.rope_theta)
+            return cfg
 
         lo, hi = math.log(0.05), math.log(4.0)
         best = None

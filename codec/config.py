@@ -14,7 +14,10 @@ A config is JSON (``configs/*.json``)::
 Optional top-level fields: ``sink_tokens`` (the first N tokens, the attention sinks, are
 also stored in float16 and restored exactly on decode; StreamingLLM, Xiao et al. 2024) and
 ``key_transform`` (``{"type": "rope_strip"}``: keys are coded before RoPE, see
-:mod:`kvcodec.transforms`).
+:mod:`kvcodec.transforms`) and ``token_importance`` (``{"beta", "min", "max"}``: when
+the cache carries attention importance, per-token steps are scaled by
+``clamp((imp / geomean(imp)) ** -beta, min, max)``; see
+:func:`kvcodec.quant.token_step_multipliers`).
 
 ``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
 null = through the last layer; negative numbers count from the end). The first rule
@@ -28,7 +31,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .quant import make_quantizer
+from .quant import make_quantizer, validate_token_importance
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _PACKAGED = Path(__file__).resolve().parent / "configs"
@@ -82,6 +85,7 @@ def validate_config(cfg: dict) -> None:
     xform = cfg.get("key_transform")
     if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"):
         raise ConfigError(f"key_transform must be null or {{'type': 'rope_strip'}}, got {xform!r}")
+    validate_token_importance(cfg.get("token_importance"))
     lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
                    and r["quantizer"].get("type") == "lossless"
                    for kind in ("key", "value") for r in (cfg.get(kind) or []))

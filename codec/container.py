@@ -33,7 +33,7 @@ from pathlib import Path
 from .errors import CorruptError, FormatError, TruncatedError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64

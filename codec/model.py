@@ -161,6 +161,10 @@ def check_fingerprint(stored: dict | None, actual: dict) -> None:
             "the cache was made by a different model (" + "; ".join(diffs) + ")")
 
 
+# Queries at the end of a prompt whose attention ranks its tokens (see capture_kv).
+IMPORTANCE_WINDOW = 128
+
+
 @dataclass
 class KVCache:
     """Per-layer keys and values of one sequence, as a model's cache holds them.
@@ -174,12 +178,17 @@ class KVCache:
         The tokens the cache was computed from.
     model : dict or None
         The fingerprint (see :func:`fingerprint`) of the model that made it.
+    importance : Tensor or None
+        float32 ``[layers, tokens]``: the attention each token received from the last
+        queries of the prompt (see :func:`capture_kv`); encoders that support it spend
+        more bits on tokens that are attended to.
     """
 
     keys: list
     values: list
     token_ids: list | None = None
     model: dict | None = None
+    importance: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -187,6 +196,23 @@ class KVCache:
         if self.token_ids is not None and len(self.token_ids) != self.num_tokens:
             raise ShapeError(
                 f"{len(self.token_ids)} token ids for a cache of {self.num_tokens} tokens")
+        if self.importance is not None:
+            imp = self.importance
+            if (not isinstance(imp, torch.Tensor)
+                    or tuple(imp.shape) != (self.num_layers, self.num_tokens)):
+                got = tuple(imp.shape) if isinstance(imp, torch.Tensor) else type(imp).__name__
+                raise ShapeError(f"importance must be a [layers, tokens] = "
+                                 f"[{self.num_layers}, {self.num_tokens}] tensor, got {got}")
+            if not torch.isfinite(imp).all() or bool((imp < 0).any()):
+                raise ShapeError("importance must be finite and non-negative")
+
+    def slice(self, start: int, end: int) -> "KVCache":
+        """Tokens ``[start, end)`` of the cache (views, not copies)."""
+        return KVCache([k[:, :, start:end] for k in self.keys],
+                       [v[:, :, start:end] for v in self.values],
+                       None if self.token_ids is None else self.token_ids[start:end],
+                       self.model,
+                       None if self.importance is None else self.importance[:, start:end])
 
     @property
     def num_layers(self) -> int:
@@ -263,17 +289,22 @@ def validate_kv(keys, values) -> None:
 @torch.no_grad()
 def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
                max_tokens: int | None = None, prefill_chunk: int = 512,
-               progress=None) -> KVCache:
+               progress=None, importance_window: int = IMPORTANCE_WINDOW) -> KVCache:
     """Run the model on ``text`` (or ``token_ids``) and return its KV cache.
 
     The prompt is prefilled ``prefill_chunk`` tokens at a time (bounded activation
     memory on long documents); ``progress(done, total)`` is called after each step.
 
+    With ``importance_window`` > 0, the last that many tokens are run in one step with
+    eager attention and their attention weights, averaged over heads and queries, give
+    each layer's per-token ``importance`` (SnapKV's observation window, Li et al. 2024:
+    the end of a prompt predicts what later queries attend to). 0 skips it.
+
     Returns
     -------
     KVCache
         keys/values ``[1, kv_heads, tokens, head_dim]`` per layer, in the model's dtype,
-        post-RoPE, with the token ids and the model's fingerprint.
+        post-RoPE, with the token ids, the model's fingerprint and the importance.
     """
     if token_ids is None:
         if text is None:
@@ -289,9 +320,35 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.config)
-    for start in range(0, len(token_ids), prefill_chunk):
-        ids = torch.tensor([token_ids[start:start + prefill_chunk]])
+    n = len(token_ids)
+    window = min(max(0, int(importance_window)), n)
+    for start in range(0, n - window, prefill_chunk):
+        ids = torch.tensor([token_ids[start:min(start + prefill_chunk, n - window)]])
         lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
         if progress is not None:
-            progress(min(start + prefill_chunk, len(token_ids)), len(token_ids))
-    return KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
+            progress(min(start + prefill_chunk, n - window), n)
+    importance = None
+    if window:
+        importance = _observe(lm, token_ids[n - window:], cache)
+        if progress is not None:
+            progress(n, n)
+    kv = KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
+    kv.importance = importance
+    return kv
+
+
+def _observe(lm: LoadedModel, ids, cache) -> torch.Tensor:
+    """Prefill ``ids`` with eager attention; float32 ``[layers, tokens]`` attention each
+    cached token receives, averaged over heads and the new queries."""
+    model = lm.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
+                    use_cache=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    if not out.attentions or out.attentions[0] is None:
+        raise BackendError("the model returned no attention weights; it cannot supply "
+                           "token importance (pass importance_window=0)")
+    return torch.stack([a[0].float().mean(dim=(0, 1)) for a in out.attentions])

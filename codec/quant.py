@@ -73,8 +73,12 @@ class Quantizer:
         """Per-file parameters, each a float16 ``np.ndarray`` of shape ``[C]``."""
         return {}
 
-    def quantize(self, x: torch.Tensor, params: dict):
-        """``(symbols uint8 [T, C + extra_channels], side float16 [T, side_per_token] or None)``."""
+    def quantize(self, x: torch.Tensor, params: dict, step_mult=None):
+        """``(symbols uint8 [T, C + extra_channels], side float16 [T, side_per_token] or None)``.
+
+        ``step_mult`` (float ``[T]``, optional) scales each token's step, for quantizers
+        that code a per-token step (see :func:`token_step_multipliers`); others ignore it.
+        """
         raise NotImplementedError
 
     def dequantize(self, symbols: torch.Tensor, params: dict, side) -> torch.Tensor:
@@ -97,7 +101,7 @@ class AbsmaxToken(Quantizer):
         self.m = bins // 2 - 1
         self.alphabet = 2 * self.m + 1
 
-    def quantize(self, x, params):
+    def quantize(self, x, params, step_mult=None):
         scale = _half(x.abs().amax(dim=1))
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(x * (self.m / safe)[:, None] + self.m).clamp_(0, 2 * self.m)
@@ -151,9 +155,11 @@ class Uniform(Quantizer):
         mult = torch.tensor(self.head_scale, dtype=torch.float32)
         return mult.repeat_interleave(channels // len(self.head_scale))
 
-    def quantize(self, x, params):
+    def quantize(self, x, params, step_mult=None):
         if self.scale == "token":
             target = x.pow(2).mean(dim=1).sqrt() * self.step
+            if step_mult is not None:
+                target = target * step_mult
             code = torch.round(8 * torch.log2(target)) + 128
             code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
             code = code.to(torch.uint8)
@@ -203,7 +209,7 @@ class Lossless(Quantizer):
             groups[plane * channels:(plane + 1) * channels] = plane * channels
         return groups
 
-    def quantize(self, x, params):
+    def quantize(self, x, params, step_mult=None):
         raw = x.to(self.dtype).contiguous().view(torch.uint8)  # [T, C * itemsize], interleaved
         t, c = x.shape
         planes = raw.reshape(t, c, self.itemsize).permute(0, 2, 1).reshape(t, c * self.itemsize)
@@ -214,6 +220,31 @@ class Lossless(Quantizer):
         c = symbols.shape[1] // self.itemsize
         raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).contiguous()
         return raw.view(self.dtype).reshape(t, c).float()
+
+
+def validate_token_importance(spec) -> None:
+    """``token_importance`` config field: ``{"beta", "min", "max"}`` or null."""
+    if spec is None:
+        return
+    ok = (isinstance(spec, dict) and set(spec) <= {"beta", "min", "max"}
+          and all(isinstance(spec.get(k), (int, float)) for k in ("beta", "min", "max")))
+    if not ok or not (0 <= spec["beta"] <= 2 and 0 < spec["min"] <= 1 <= spec["max"] <= 16):
+        raise ConfigError("token_importance must be {\"beta\": 0..2, \"min\": (0, 1], "
+                          f"\"max\": [1, 16]}}, got {spec!r}")
+
+
+def token_step_multipliers(importance: torch.Tensor, spec: dict, skip: int = 0) -> torch.Tensor:
+    """Per-token step multipliers ``[T]`` from one layer's attention importance ``[T]``.
+
+    ``m_t = clamp((imp_t / geomean(imp))^-beta, min, max)``: attended tokens get finer
+    steps, ignored ones coarser, at about the same total rate (log-mean of ``m`` ~ 0
+    before clamping). The first ``skip`` tokens (stored exactly as sinks) do not enter
+    the mean. This is an encoder choice: the steps it yields are coded in the payload.
+    """
+    r = importance.float().clamp(min=1e-9).log()
+    rest = r[skip:] if r.numel() > skip else r
+    r = r - rest.mean()
+    return (-float(spec["beta"]) * r).exp().clamp(float(spec["min"]), float(spec["max"]))
 
 
 _TYPES = {"absmax_token": AbsmaxToken, "uniform": Uniform, "lossless": Lossless}

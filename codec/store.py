@@ -74,8 +74,8 @@ class Store:
             if path.exists():
                 continue
             t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
-            part = KVCache([k[:, :, t0:t1] for k in kv.keys], [v[:, :, t0:t1] for v in kv.values],
-                           kv.token_ids[t0:t1], self.fingerprint)
+            part = kv.slice(t0, t1)
+            part.model = self.fingerprint
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, api.encode(part, config=self.config, position_offset=t0))
             written += 1

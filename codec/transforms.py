@@ -26,6 +26,12 @@ def _rope_tables(offset: int, length: int, head_dim: int, theta: float):
     return emb.cos().float(), emb.sin().float()
 
 
+def rope_tables(offset: int, length: int, head_dim: int, theta: float):
+    """float32 cos/sin ``[length, head_dim]`` for positions ``offset ..``, as :func:`rope`
+    uses them (contiguous; shared, do not modify)."""
+    return _rope_tables(int(offset), int(length), int(head_dim), float(theta))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

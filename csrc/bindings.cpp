@@ -15,6 +15,7 @@
 
 #include "common/rans.h"
 #include "decoder/decoder.h"
+#include "decoder/dequant.h"
 #include "encoder/encoder.h"
 
 namespace py = pybind11;
@@ -155,6 +156,7 @@ struct DecodeJob {
   Table table;
   uint8_t* out;
   int rows, channels;
+  std::optional<kvc::DequantSpec> dequant;
   std::string error;
 };
 
@@ -171,6 +173,51 @@ void run_decode(DecodeJob& job, int chunk_tokens) {
       return;
     }
   }
+  if (job.dequant) job.error = kvc::dequant_token(job.out, job.rows, *job.dequant);
+}
+
+// The array must already be a NumPy array (never a converted temporary): the caller's
+// items keep it alive while the GIL is released.
+const float* float_data(const py::object& o, const char* name, size_t count) {
+  if (!py::isinstance<py::array>(o)) {
+    throw py::value_error(std::string(name) + ": expected a NumPy float32 array");
+  }
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  if (a.dtype().kind() != 'f' || a.itemsize() != 4 || !(a.flags() & py::array::c_style) ||
+      (size_t)a.size() != count) {
+    throw py::value_error(std::string(name) + ": expected a C-contiguous float32 array of " +
+                          std::to_string(count) + " values");
+  }
+  return static_cast<const float*>(a.data());
+}
+
+// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec.
+kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
+  if (d.size() != 7) {
+    throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin)");
+  }
+  kvc::DequantSpec spec{};
+  spec.half_range = d[2].cast<int>();
+  spec.heads = d[3].cast<int>();
+  if (spec.half_range < 0 || spec.half_range > 127) {
+    throw py::value_error("dequant: half_range must be in [0, 127]");
+  }
+  if (spec.heads < 1 || (channels - 1) % spec.heads) {
+    throw py::value_error("dequant: heads must divide the value channels");
+  }
+  spec.head_dim = (channels - 1) / spec.heads;
+  spec.grid = float_data(d[0], "dequant grid", 256);
+  spec.mult = float_data(d[1], "dequant mult", (size_t)channels - 1);
+  float_data(d[4], "dequant out", (size_t)rows * (channels - 1));
+  py::array out = py::reinterpret_borrow<py::array>(d[4]);
+  if (!out.writeable()) throw py::value_error("dequant out: must be writable");
+  spec.out = static_cast<float*>(out.mutable_data());
+  if (!d[5].is_none()) {
+    if (spec.head_dim % 2) throw py::value_error("dequant: RoPE needs an even head_dim");
+    spec.cos = float_data(d[5], "dequant cos", (size_t)rows * spec.head_dim);
+    spec.sin = float_data(d[6], "dequant sin", (size_t)rows * spec.head_dim);
+  }
+  return spec;
 }
 
 py::list decode_many(py::list items, int chunk_tokens, int threads) {
@@ -178,7 +225,9 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
   std::vector<DecodeJob> jobs(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     py::tuple item = items[i].cast<py::tuple>();
-    if (item.size() != 3) throw py::value_error("items: each item is (blobs, freqs, out)");
+    if (item.size() != 3 && item.size() != 4) {
+      throw py::value_error("items: each item is (blobs, freqs, out[, dequant])");
+    }
     DecodeJob& job = jobs[i];
     py::array out = item[2].cast<py::array>();
     check_array(out, "out", 'u', 1, 2);
@@ -190,6 +239,9 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     }
     job.out = static_cast<uint8_t*>(out.mutable_data());
     job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+    if (item.size() == 4 && !item[3].is_none()) {
+      job.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
+    }
     py::list blobs = item[0].cast<py::list>();
     const size_t expected = ((size_t)job.rows + chunk_tokens - 1) / chunk_tokens;
     if (blobs.size() != expected) {
@@ -264,7 +316,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("threads") = 0, "encode() over a list of (symbols, freqs), in parallel.");
   m.def("decode_many", &decode_many, py::arg("items"), py::arg("chunk_tokens"),
         py::arg("threads") = 0,
-        "Decode [(blobs, freqs, out)] in parallel; returns None or an error message per item.");
+        "Decode [(blobs, freqs, out[, dequant])] in parallel; returns None or an error message "
+        "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin), also "
+        "writes the per-token-step uniform reconstruction [heads, rows, head_dim], RoPE "
+        "re-applied when cos/sin are given.");
   m.def("max_encoded_size", [](uint64_t t, uint64_t c) { return kvc::max_encoded_size(t, c); },
         py::arg("tokens"), py::arg("channels"));
 }

@@ -4,7 +4,7 @@ import torch
 
 import kvcodec
 from kvcodec import tables
-from kvcodec.api import KINDS, _flatten
+from kvcodec.api import KINDS, _flatten, step_multipliers
 from kvcodec.calibrate import simulate
 from kvcodec.config import load_config, resolve_layers
 from kvcodec.quant import make_quantizer
@@ -98,7 +98,8 @@ def test_size_overhead_within_3_percent_of_entropy(kv_1536):
             if kind == "key" and cfg.get("key_transform"):
                 t = rope(t, kv_1536.model["rope_theta"], inverse=True)
             x = _flatten(t)
-            sym, side = q.quantize(x, q.fit(x))
+            mult = step_multipliers(cfg, kv_1536.importance, layer, cfg.get("sink_tokens", 0))
+            sym, side = q.quantize(x, q.fit(x), mult)
             entropy += tables.entropy_bits(tables.channel_counts(sym, q.table_alphabet))
     # Sink tokens are stored raw in float16: payload, not side information.
     entropy += 16 * cfg.get("sink_tokens", 0) * kv_1536.numel() / kv_1536.num_tokens

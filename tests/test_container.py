@@ -2,6 +2,7 @@
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -92,9 +93,8 @@ LIES = {
     "negative": lambda h: h.update(num_layers=-1),
     "float": lambda h: h.update(head_dim=64.0),
     "dtype": lambda h: h.update(dtype="int8"),
-    "token ids": lambda h: h.update(token_ids=h["token_ids"][:-1]),
-    "config": lambda h: h.update(config={"key": "x"}),
-    "bins": lambda h: h["config"]["key"][0]["quantizer"].update(bins=31),
+    "no token ids": lambda h: h.update(has_token_ids=False),
+    "token ids flag": lambda h: h.update(has_token_ids="yes"),
     "coder": lambda h: h["coder"].update(prob_bits=15),
     "section length": lambda h: h["sections"][1].update(length=h["sections"][1]["length"] + 1),
     "section offset": lambda h: h["sections"][2].update(offset=h["sections"][2]["offset"] + 8),
@@ -111,6 +111,42 @@ def test_headers_that_lie(small_kvc, lie):
     LIES[lie](header)
     with pytest.raises(KVCodecError):
         decode_all(join(header, body))
+
+
+def rebuild(data, config=None, tokens=None):
+    """Re-serialize a file with its config or token section replaced: valid checksums,
+    lying contents."""
+    import zstandard
+
+    header, _ = split(data)
+    with kvcodec.open(data) as f:
+        sections = [(e["name"], f._r.read_section(e["name"]), e["crc32"] is not None)
+                    for e in header["sections"]]
+    z = zstandard.ZstdCompressor().compress
+    out = []
+    for name, body, checked in sections:
+        if name == "config" and config is not None:
+            body = z(json.dumps(config).encode())
+        if name == "tokens" and tokens is not None:
+            body = z(tokens)
+        out.append((name, body, checked))
+    for k in ("sections", "data_length"):
+        header.pop(k)
+    return container.build(header, out)
+
+
+def test_sections_that_lie(small_kvc):
+    with kvcodec.open(small_kvc) as f:
+        cfg, ids = f.config, f.token_ids
+    assert decode_all(rebuild(small_kvc, config=cfg)).num_tokens == 70
+    bins = json.loads(json.dumps(cfg))
+    bins["key"][0]["quantizer"]["bins"] = 31
+    for bad in ({"key": "x"}, bins, ["not", "an", "object"]):
+        with pytest.raises(KVCodecError):
+            decode_all(rebuild(small_kvc, config=bad))
+    for tokens in (np.asarray(ids[:-1], "<u4").tobytes(), b"\1\2\3", b""):
+        with pytest.raises(CorruptError, match="tokens"):
+            decode_all(rebuild(small_kvc, tokens=tokens))
 
 
 def test_header_size_cap(small_kvc):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.config import load_config, resolve_layers
+from kvcodec.config import load_config, resolve_layers, validate_config
 from kvcodec.errors import ConfigError
-from kvcodec.quant import STEP_GRID, make_quantizer
+from kvcodec.quant import STEP_GRID, make_quantizer, token_step_multipliers
 
 
 def flat(t):
@@ -19,9 +19,11 @@ def ref_cachegen(x, bins):
     return q, (q - m) / m * s
 
 
-def ref_uniform_token(x, step, bins):
+def ref_uniform_token(x, step, bins, mult=None):
     r = (bins - 1) // 2
     target = torch.sqrt((x * x).mean(dim=1, keepdim=True)) * step
+    if mult is not None:
+        target = target * mult[:, None]
     s = torch.tensor(2.0) ** ((torch.round(8 * torch.log2(target)).clamp(-127, 127)) / 8)
     q = torch.clamp(torch.round(x / s), -r, r)
     return q + r, q * s
@@ -118,3 +120,51 @@ def test_shipped_configs_resolve_every_layer():
 def test_bad_configs(cfg):
     with pytest.raises(ConfigError):
         resolve_layers(load_config(cfg), 30)
+
+
+def ref_multipliers(imp, beta, lo, hi, skip):
+    logs = [np.log(max(float(v), 1e-9)) for v in imp]
+    mean = np.mean(logs[skip:])
+    return torch.tensor([min(hi, max(lo, np.exp(-beta * (v - mean)))) for v in logs])
+
+
+def test_token_step_multipliers_match_formula(kv_600):
+    spec = {"beta": 0.2, "min": 0.5, "max": 1.5}
+    imp = kv_600.importance[7]
+    m = token_step_multipliers(imp, spec, skip=1)
+    torch.testing.assert_close(m, ref_multipliers(imp, 0.2, 0.5, 1.5, 1).float(),
+                               rtol=1e-5, atol=1e-6)
+    assert float(m.min()) >= 0.5 and float(m.max()) <= 1.5
+    # Attended tokens get finer steps: the multiplier falls as importance rises.
+    order = torch.argsort(imp)
+    assert bool((m[order][1:] <= m[order][:-1] + 1e-6).all())
+    # Equal importance -> every step unchanged; beta 0 -> no effect.
+    torch.testing.assert_close(token_step_multipliers(torch.full((9,), 0.1), spec), torch.ones(9))
+    assert torch.equal(token_step_multipliers(imp, {**spec, "beta": 0}), torch.ones(len(imp)))
+
+
+def test_uniform_token_with_step_multipliers_matches_reference(kv_600):
+    q = make_quantizer({"type": "uniform", "scale": "token", "step": 0.5, "bins": 255})
+    x = flat(kv_600.values[12])
+    mult = token_step_multipliers(kv_600.importance[12], {"beta": 0.3, "min": 0.25, "max": 3.0})
+    sym, side = q.quantize(x, {}, mult)
+    ref_q, ref_y = ref_uniform_token(x, 0.5, 255, mult)
+    diff = (torch.from_numpy(sym[:, :-1]).float() - ref_q).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    y = q.dequantize(torch.from_numpy(sym), {}, side)
+    same = (diff == 0).all(dim=1)
+    torch.testing.assert_close(y[same], ref_y[same], rtol=1e-5, atol=1e-5)
+    plain, _ = q.quantize(x, {})
+    # Important tokens (m < 1) got finer steps: more distinct symbols there.
+    fine = mult < 0.8
+    assert fine.any() and bool((sym[fine.numpy(), -1] < plain[fine.numpy(), -1]).all())
+
+
+@pytest.mark.parametrize("bad", [{"beta": -1, "min": 0.5, "max": 1.5}, {"beta": 0.2},
+                                 {"beta": 0.2, "min": 2, "max": 3}, "yes",
+                                 {"beta": 0.2, "min": 0.5, "max": 1.5, "extra": 1}])
+def test_bad_token_importance_specs(bad):
+    cfg = load_config("default")
+    cfg["token_importance"] = bad
+    with pytest.raises(ConfigError, match="token_importance"):
+        validate_config(cfg)

@@ -1,0 +1,47 @@
+#include "decoder/dequant.h"
+
+#include <vector>
+
+namespace kvc {
+
+std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec) {
+  const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
+  const size_t stride = (size_t)c + 1;
+  const uint8_t top = (uint8_t)(2 * spec.half_range);
+  std::vector<float> x(d);
+  for (int t = 0; t < rows; ++t) {
+    const uint8_t* row = symbols + (size_t)t * stride;
+    const float step = spec.grid[row[c]];
+    for (int k = 0; k < h; ++k) {
+      const uint8_t* s = row + (size_t)k * d;
+      const float* m = spec.mult + (size_t)k * d;
+      float* o = spec.out + ((size_t)k * rows + t) * d;
+      uint8_t bad = 0;
+      for (int i = 0; i < d; ++i) {
+        bad |= (uint8_t)(s[i] > top);
+        x[i] = (float)((int)s[i] - spec.half_range) * (step * m[i]);
+      }
+      if (bad) {
+        return "token " + std::to_string(t) + " decodes to a symbol outside the quantizer's "
+               "range; the header does not match the data";
+      }
+      if (!spec.cos) {
+        for (int i = 0; i < d; ++i) o[i] = x[i];
+        continue;
+      }
+      const float* cs = spec.cos + (size_t)t * d;
+      const float* sn = spec.sin + (size_t)t * d;
+      for (int i = 0; i < half; ++i) {
+        const float a = x[i] * cs[i], b = -x[i + half] * sn[i];
+        o[i] = a + b;
+      }
+      for (int i = half; i < d; ++i) {
+        const float a = x[i] * cs[i], b = x[i - half] * sn[i];
+        o[i] = a + b;
+      }
+    }
+  }
+  return {};
+}
+
+}  // namespace kvc
