@@ -1,5 +1,6 @@
 """Build kvcodec: the Python packages plus the native coder through CMake + Ninja."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,25 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def cuda_wanted() -> bool:
+    """Mirrors CMake's KVCODEC_CUDA=AUTO: build the GPU module wherever nvcc exists."""
+    mode = os.environ.get("KVCODEC_CUDA", "AUTO")
+    return mode == "ON" or (mode != "OFF" and shutil.which(os.environ.get("CUDACXX", "nvcc")))
+
+
 class CMakeBuild(build_ext):
+    def run(self):
+        if not cuda_wanted():
+            self.extensions = [e for e in self.extensions if e.name != "kvcodec._cuda"]
+        self._built = False
+        super().run()
+
     def build_extension(self, ext):
         import pybind11
+
+        if self._built:  # one CMake build produces every module
+            return
+        self._built = True
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
@@ -44,7 +61,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "zstandard", "click", "safetensors", "transformers", "gguf",
                       "accelerate", "tqdm"],
-    ext_modules=[CMakeExtension("kvcodec._native")],
+    ext_modules=[CMakeExtension("kvcodec._native"), CMakeExtension("kvcodec._cuda")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["kvcodec = kvcodec_cli.main:main"]},
     zip_safe=False,

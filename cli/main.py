@@ -128,11 +128,11 @@ def info(as_json):
 
     import torch
 
-    from kvcodec import tables
+    from kvcodec import cuda, tables
 
     nat = tables.native()
     cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    report = {"cpu": True, "cuda_compiled": bool(getattr(nat, "CUDA_COMPILED", False)),
+    report = {"cpu": True, "cuda_compiled": cuda.compiled(),
               "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
               "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),
               "prob_bits": int(nat.PROB_BITS), "torch": torch.__version__,

@@ -87,5 +87,9 @@ def test_info_reports_backends():
     r = run("info", "--json")
     assert r.exit_code == 0
     info = json.loads(r.output)
-    assert info["cpu"] is True and info["cuda_compiled"] is False
+    import shutil
+
+    # Every build where nvcc exists compiles the CUDA coder (CMake KVCODEC_CUDA=AUTO).
+    assert info["cpu"] is True
+    assert info["cuda_compiled"] is (shutil.which("nvcc") is not None)
     assert info["lanes"] == 16 and "default" in info["configs"]

@@ -1,0 +1,261 @@
+"""The CUDA coder: decode .kvc streams on the GPU straight into cache tensors.
+
+Same bitstream as the CPU coder (``csrc/common/rans.h``): a file encoded on either side
+decodes bit-exactly on the other. For per-token-step ``uniform`` streams (the shipped
+default) decoding is fused with dequantization and RoPE re-application and writes fp16,
+bf16 or fp32 into a caller-given destination, either a ``[1, kv_heads, tokens,
+head_dim]`` tensor (HF) or a paged block cache addressed by a slot mapping (vLLM layout
+``[num_blocks, block_size, kv_heads, head_dim]``). Other quantizers decode symbols on the
+GPU and are dequantized by the PyTorch path on the host (lossless, ``cachegen``: not a
+fast path yet). Everything runs on the current CUDA
+stream; a kernel never raises, it reports a status per blob, checked after the launch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .container import crc32
+from .errors import BackendError, CorruptError, ShapeError
+
+STATUS = {1: "blob shorter than its lane states or odd word bytes",
+          2: "invalid initial lane state", 3: "truncated word stream",
+          4: "corrupt blob (final lane state mismatch)",
+          5: "corrupt blob (unread words at the end)",
+          6: "a symbol outside the quantizer's range; the header does not match the data",
+          7: "a symbol has zero frequency in its table", 8: "output capacity too small",
+          9: "unsupported geometry"}
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def module():
+    """The compiled CUDA module, or a BackendError saying why it is missing."""
+    try:
+        from . import _cuda
+    except ImportError as exc:
+        raise BackendError(f"this kvcodec build has no CUDA coder ({exc}); rebuild with nvcc "
+                           "on PATH (pip install -e .)") from None
+    return _cuda
+
+
+def compiled() -> bool:
+    try:
+        module()
+    except BackendError:
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the CUDA coder is compiled and a GPU is visible to torch."""
+    return compiled() and torch.cuda.is_available()
+
+
+def _require(device) -> torch.device:
+    if not available():
+        raise BackendError("no CUDA device: the GPU coder needs a CUDA build of torch and a "
+                           "visible GPU (use the CPU decoder instead)")
+    return torch.device(device)
+
+
+def _stream() -> int:
+    return int(torch.cuda.current_stream().cuda_stream)
+
+
+def _check(status: torch.Tensor, names: list) -> None:
+    bad = torch.nonzero(status).flatten().tolist()  # the one sync, after all launches
+    if bad:
+        i = bad[0]
+        raise CorruptError(f"{names[i]}: {STATUS.get(int(status[i]), 'error')}")
+
+
+class DeviceFile:
+    """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
+
+    def __init__(self, f, device="cuda"):
+        self.f = f
+        self.device = _require(device)
+        nat = module()
+        f._load_tables()
+        f._load_index()
+        self._tables = {}
+        for key, freqs in f._freqs.items():
+            fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(self.device)
+            c, a = fr.shape
+            sym = torch.empty((c, 4096), dtype=torch.uint8, device=self.device)
+            rng = torch.empty((c, 256), dtype=torch.int32, device=self.device)
+            nat.build_tables(fr.data_ptr(), c, a, sym.data_ptr(), rng.data_ptr(), _stream())
+            self._tables[key] = (fr, sym, rng)
+        self._grid = None
+
+    def decode(self, chunks=None, *, dtype=torch.float16, out=None, slots=None,
+               block_size: int = 0):
+        """Decode every layer over ``chunks`` on the GPU.
+
+        Parameters
+        ----------
+        out : list of (key, value) tensors, optional
+            Destinations per layer. Without ``slots``: ``[1, kv_heads, tokens, head_dim]``
+            (any strides). With ``slots`` (int64 ``[tokens]`` on the device): paged
+            caches ``[num_blocks, block_size, kv_heads, head_dim]``.
+
+        Returns
+        -------
+        list of (key, value)
+            ``out`` (allocated contiguous when omitted).
+        """
+        from .api import KINDS, _unflatten
+        from .quant import STEP_GRID, Uniform
+        from .transforms import rope, rope_tables
+
+        f, dev, nat = self.f, self.device, module()
+        chunks = f._chunk_range(chunks)
+        t0 = chunks[0] * f.chunk_tokens
+        t1 = min(f.num_tokens, (chunks[-1] + 1) * f.chunk_tokens)
+        n = t1 - t0
+        h, d = f.num_kv_heads, f.head_dim
+        if dtype not in _DTYPES:
+            raise ShapeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if out is None:
+            if slots is not None:
+                raise ShapeError("a paged decode needs its destination caches (out)")
+            out = [tuple(torch.empty((1, h, n, d), dtype=dtype, device=dev) for _ in KINDS)
+                   for _ in range(f.num_layers)]
+        if len(out) != f.num_layers:
+            raise ShapeError(f"out has {len(out)} layers; the file has {f.num_layers}")
+        if slots is not None and (slots.shape != (n,) or slots.dtype != torch.int64
+                                  or slots.device != dev or block_size < 1):
+            raise ShapeError(f"slots must be int64 [{n}] on {dev} with block_size >= 1")
+        if self._grid is None:
+            self._grid = torch.from_numpy(STEP_GRID).to(dev)
+        # Bytes of the chunk range, one upload (the only host-to-device copy of payload).
+        idx = f._index
+        names, spans, keep, items = [], [], [], []
+        blob = []
+        for l in range(f.num_layers):
+            for k in KINDS:
+                s = f._streams.index((l, k))
+                for c in chunks:
+                    e = idx[c * len(f._streams) + s]
+                    raw = f._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
+                    if crc32(raw) != int(e["crc"]):
+                        raise CorruptError(f"{f._r.name}: checksum mismatch in chunk {c}, layer {l} {k}s")
+                    spans.append((sum(len(b) for b in blob) + int(e["side"]), int(e["blob"])))
+                    blob.append(raw)
+        data = torch.frombuffer(bytearray(b"".join(blob)), dtype=torch.uint8).to(dev, non_blocking=True)
+        cos = sin = None
+        if f.key_transform:
+            cs, sn = rope_tables(f.position_offset + t0, n, d, f.key_transform["theta"])
+            cos, sin = cs.to(dev), sn.to(dev)
+        i = 0
+        symbols = {}
+        for l in range(f.num_layers):
+            for ki, k in enumerate(KINDS):
+                q = f._quant[(l, k)]
+                cols = f._coded(q)
+                sym = torch.empty((n, cols), dtype=torch.uint8, device=dev)
+                symbols[(l, k)] = sym
+                fused = isinstance(q, Uniform) and q.scale == "token"
+                mult = (q._head_mult(f.channels).to(dev) if fused else None)
+                if mult is not None:
+                    keep.append(mult)
+                dst = out[l][ki]
+                for j, c in enumerate(chunks):
+                    r0 = c * f.chunk_tokens - t0
+                    rows = min(f.chunk_tokens, n - r0)
+                    off, size = spans[i]
+                    i += 1
+                    item = {"blob": data.data_ptr() + off, "size": size, "rows": rows,
+                            "channels": cols, "symbol_table": self._tables[(l, k)][1].data_ptr(),
+                            "range_table": self._tables[(l, k)][2].data_ptr(),
+                            "symbols": sym.data_ptr() + r0 * cols}
+                    if fused:
+                        rope_here = k == "key" and cos is not None
+                        item.update(dtype=_DTYPES[dtype], heads=h, head_dim=d, half_range=q.r,
+                                    grid=self._grid.data_ptr(), mult=mult.data_ptr(),
+                                    cos=cos[r0:].data_ptr() if rope_here else 0,
+                                    sin=sin[r0:].data_ptr() if rope_here else 0,
+                                    first_row=max(0, f.sink_tokens - (t0 + r0)))
+                        if slots is None:
+                            item.update(dst=dst.data_ptr() + r0 * dst.stride(2) * dst.element_size(),
+                                        stride_head=dst.stride(1), stride_token=dst.stride(2),
+                                        stride_dim=dst.stride(3))
+                        else:
+                            item.update(dst=dst.data_ptr(), stride_head=dst.stride(2),
+                                        stride_token=dst.stride(1), stride_dim=dst.stride(3),
+                                        stride_block=dst.stride(0), block_size=block_size,
+                                        slots=slots.data_ptr() + 8 * r0)
+                    items.append(item)
+                    names.append(f"{f._r.name}: chunk {c}, layer {l} {k}s")
+        status = torch.zeros(len(items), dtype=torch.int32, device=dev)
+        buf = torch.empty(len(items) * nat.DECODE_ITEM_BYTES, dtype=torch.uint8, device=dev)
+        nat.decode(items, buf.data_ptr(), buf.numel(), status.data_ptr(), _stream())
+        # Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU.
+        for l in range(f.num_layers):
+            for ki, k in enumerate(KINDS):
+                q = f._quant[(l, k)]
+                fused = isinstance(q, Uniform) and q.scale == "token"
+                n_sink = max(0, min(f.sink_tokens - t0, n))
+                if fused and not n_sink:
+                    continue
+                if fused:
+                    x = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                    rows = slice(0, n_sink)
+                else:
+                    side = self._side(l, k, chunks, q) if q.side_per_token else None
+                    x = q.dequantize(symbols[(l, k)].cpu(), f._params[(l, k)], side).to(dev)
+                    if n_sink:
+                        x[:n_sink] = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                    rows = slice(0, n)
+                t = _unflatten(x, h, d)
+                if k == "key" and f.key_transform:
+                    t = rope(t, f.key_transform["theta"], f.position_offset + t0 + rows.start)
+                dst = out[l][ki]
+                if slots is None:
+                    dst[:, :, rows] = t.to(dtype)
+                else:
+                    s = slots[rows]
+                    dst[s // block_size, s % block_size] = t[0].permute(1, 0, 2).to(dtype)
+        _check(status, names)
+        return out
+
+    def _side(self, l, k, chunks, q):
+        f = self.f
+        s = f._streams.index((l, k))
+        parts = []
+        for c in chunks:
+            e = f._index[c * len(f._streams) + s]
+            raw = f._r.read_range("payload", int(e["off"]), int(e["side"]))
+            parts.append(raw)
+        return np.frombuffer(b"".join(parts), dtype="<f2").reshape(-1, q.side_per_token)
+
+
+def encode_symbols(symbols, freqs, chunk_tokens: int, device="cuda") -> list:
+    """GPU-encode one stream's symbols ``uint8 [T, C]`` with tables ``uint16 [C, A]``
+    into blobs of ``chunk_tokens`` rows: the same bytes as the CPU ``encode``."""
+    dev = _require(device)
+    nat = module()
+    sym = torch.as_tensor(np.ascontiguousarray(symbols)).to(dev)
+    fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(dev)
+    t, c = sym.shape
+    rng = torch.empty((c, 256), dtype=torch.int32, device=dev)
+    nat.build_range(fr.data_ptr(), c, fr.shape[1], rng.data_ptr(), _stream())
+    chunks = [(r0, min(chunk_tokens, t - r0)) for r0 in range(0, t, chunk_tokens)]
+    cap = [64 + 2 * rows * c + 32 for _, rows in chunks]
+    out = torch.empty(sum(cap), dtype=torch.uint8, device=dev)
+    scratch = torch.empty(sum(rows * c + 16 for _, rows in chunks), dtype=torch.int16, device=dev)
+    items, o, so = [], 0, 0
+    for (r0, rows), cp in zip(chunks, cap):
+        items.append({"symbols": sym.data_ptr() + r0 * c, "rows": rows, "channels": c,
+                      "range_table": rng.data_ptr(), "scratch": scratch.data_ptr() + 2 * so,
+                      "out": out.data_ptr() + o, "capacity": cp})
+        o += cp
+        so += rows * c + 16
+    sizes = torch.zeros(len(items), dtype=torch.int64, device=dev)
+    status = torch.zeros(len(items), dtype=torch.int32, device=dev)
+    buf = torch.empty(len(items) * nat.ENCODE_ITEM_BYTES, dtype=torch.uint8, device=dev)
+    nat.encode(items, buf.data_ptr(), buf.numel(), sizes.data_ptr(), status.data_ptr(), _stream())
+    _check(status, [f"chunk {i}" for i in range(len(items))])
+    host, sizes = out.cpu().numpy(), sizes.cpu().tolist()
+    starts = np.cumsum([0] + cap[:-1])
+    return [host[s:s + n].tobytes() for s, n in zip(starts, sizes)]

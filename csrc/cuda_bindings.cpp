@@ -1,0 +1,132 @@
+// Python binding of the CUDA coder (module kvcodec._cuda, built only where nvcc exists).
+// Like _native it takes no torch types: device pointers and the cudaStream_t arrive as
+// integers (tensor.data_ptr(), torch.cuda.current_stream().cuda_stream). Item arrays are
+// staged from host memory into a caller-given device buffer on the caller's stream.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/cuda_coder.h"
+#include "common/rans.h"
+
+namespace py = pybind11;
+using kvc::gpu::DecodeItem;
+using kvc::gpu::EncodeItem;
+
+namespace {
+
+template <typename T>
+T* ptr(const py::handle& h) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(h.cast<uint64_t>()));
+}
+
+void check(int err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " +
+                             cudaGetErrorString(static_cast<cudaError_t>(err)));
+  }
+}
+
+template <typename Item>
+void stage(const std::vector<Item>& host, uint64_t dev, uint64_t capacity, uint64_t stream) {
+  const size_t bytes = host.size() * sizeof(Item);
+  if (bytes > capacity) throw py::value_error("item buffer too small: need " + std::to_string(bytes));
+  // Pageable source: the copy is staged before cudaMemcpyAsync returns, so `host` may go.
+  check((int)cudaMemcpyAsync(reinterpret_cast<void*>(dev), host.data(), bytes,
+                             cudaMemcpyHostToDevice, reinterpret_cast<cudaStream_t>(stream)),
+        "staging items");
+}
+
+// items: list of dicts with the DecodeItem fields (pointers as ints, 0 for null).
+void decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t status,
+            uint64_t stream) {
+  std::vector<DecodeItem> host(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    py::dict d = items[i].cast<py::dict>();
+    DecodeItem& it = host[i];
+    it.blob = ptr<const uint8_t>(d["blob"]);
+    it.size = d["size"].cast<uint32_t>();
+    it.rows = d["rows"].cast<int32_t>();
+    it.channels = d["channels"].cast<int32_t>();
+    it.tables.symbol = ptr<const uint8_t>(d["symbol_table"]);
+    it.tables.range = ptr<const uint32_t>(d["range_table"]);
+    it.symbols = ptr<uint8_t>(d["symbols"]);
+    it.dst = d.contains("dst") ? ptr<void>(d["dst"]) : nullptr;
+    if (it.dst) {
+      it.dtype = d["dtype"].cast<int32_t>();
+      it.heads = d["heads"].cast<int32_t>();
+      it.head_dim = d["head_dim"].cast<int32_t>();
+      it.half_range = d["half_range"].cast<int32_t>();
+      it.grid = ptr<const float>(d["grid"]);
+      it.mult = ptr<const float>(d["mult"]);
+      it.cos = ptr<const float>(d["cos"]);
+      it.sin = ptr<const float>(d["sin"]);
+      it.stride_head = d["stride_head"].cast<int64_t>();
+      it.stride_token = d["stride_token"].cast<int64_t>();
+      it.stride_dim = d["stride_dim"].cast<int64_t>();
+      it.stride_block = d.contains("stride_block") ? d["stride_block"].cast<int64_t>() : 0;
+      it.slots = d.contains("slots") ? ptr<const int64_t>(d["slots"]) : nullptr;
+      it.block_size = d.contains("block_size") ? d["block_size"].cast<int32_t>() : 1;
+      it.first_row = d.contains("first_row") ? d["first_row"].cast<int32_t>() : 0;
+      if (it.slots && it.block_size < 1) throw py::value_error("block_size must be >= 1");
+    }
+  }
+  stage(host, items_dev, capacity, stream);
+  check(kvc::gpu::decode(reinterpret_cast<const DecodeItem*>(items_dev), (int)host.size(),
+                         reinterpret_cast<int32_t*>(status), reinterpret_cast<void*>(stream)),
+        "decode launch");
+}
+
+void encode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t sizes,
+            uint64_t status, uint64_t stream) {
+  std::vector<EncodeItem> host(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    py::dict d = items[i].cast<py::dict>();
+    EncodeItem& it = host[i];
+    it.symbols = ptr<const uint8_t>(d["symbols"]);
+    it.rows = d["rows"].cast<int32_t>();
+    it.channels = d["channels"].cast<int32_t>();
+    it.range = ptr<const uint32_t>(d["range_table"]);
+    it.scratch = ptr<uint16_t>(d["scratch"]);
+    it.out = ptr<uint8_t>(d["out"]);
+    it.capacity = d["capacity"].cast<uint64_t>();
+  }
+  stage(host, items_dev, capacity, stream);
+  check(kvc::gpu::encode(reinterpret_cast<const EncodeItem*>(items_dev), (int)host.size(),
+                         reinterpret_cast<uint64_t*>(sizes), reinterpret_cast<int32_t*>(status),
+                         reinterpret_cast<void*>(stream)),
+        "encode launch");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "kvcodec CUDA coder: bitstream v1 on the GPU (device pointers as integers)";
+  m.attr("DECODE_ITEM_BYTES") = sizeof(DecodeItem);
+  m.attr("ENCODE_ITEM_BYTES") = sizeof(EncodeItem);
+  m.def("device_count", [] {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+  });
+  m.def("build_tables", [](uint64_t freqs, int channels, int alphabet, uint64_t symbol,
+                           uint64_t range, uint64_t stream) {
+    check(kvc::gpu::build_tables(reinterpret_cast<const uint16_t*>(freqs), channels, alphabet,
+                                 reinterpret_cast<uint8_t*>(symbol),
+                                 reinterpret_cast<uint32_t*>(range),
+                                 reinterpret_cast<void*>(stream)), "build_tables");
+  });
+  m.def("build_range", [](uint64_t freqs, int channels, int alphabet, uint64_t range,
+                          uint64_t stream) {
+    check(kvc::gpu::build_range(reinterpret_cast<const uint16_t*>(freqs), channels, alphabet,
+                                reinterpret_cast<uint32_t*>(range),
+                                reinterpret_cast<void*>(stream)), "build_range");
+  });
+  m.def("decode", &decode, py::arg("items"), py::arg("items_dev"), py::arg("capacity"),
+        py::arg("status"), py::arg("stream"));
+  m.def("encode", &encode, py::arg("items"), py::arg("items_dev"), py::arg("capacity"),
+        py::arg("sizes"), py::arg("status"), py::arg("stream"));
+}
