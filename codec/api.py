@@ -462,6 +462,16 @@ class KVCFile:
             raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
         return chunks
 
+    def _read_item(self, chunk: int, stream: int):
+        """``(side bytes, blob memoryview)`` of one payload item, checksum verified."""
+        e = self._load_index()[chunk * len(self._streams) + stream]
+        item = self._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
+        if crc32(item) != int(e["crc"]):
+            l, k = self._streams[stream]
+            raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {chunk}, "
+                               f"layer {l} {k}s; the file is damaged")
+        return item[:int(e["side"])], memoryview(item)[int(e["side"]):]
+
     def _fused_dequant(self, q, kind: str, t0: int, rows: int):
         """The native dequantizer's arguments for per-token-step uniform streams (the
         shipped default), or None where the quantizer has no fused path."""
@@ -485,7 +495,7 @@ class KVCFile:
             ``{layer: (keys, values)}``, each ``[1, kv_heads, tokens, head_dim]`` where
             tokens covers ``chunks`` (all chunks by default).
         """
-        idx = self._load_index()
+        self._load_index()
         self._load_tables()
         chunks = self._chunk_range(chunks)
         layers = range(self.num_layers) if layers is None else list(layers)
@@ -503,14 +513,9 @@ class KVCFile:
                 s = self._streams.index((l, k))
                 blobs, side_parts = [], []
                 for c in chunks:
-                    e = idx[c * len(self._streams) + s]
-                    item = self._r.read_range("payload", int(e["off"]),
-                                              int(e["side"]) + int(e["blob"]))
-                    if crc32(item) != int(e["crc"]):
-                        raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {c}, "
-                                           f"layer {l} {k}s; the file is damaged")
-                    side_parts.append(item[:int(e["side"])])
-                    blobs.append(memoryview(item)[int(e["side"]):])
+                    side, blob = self._read_item(c, s)
+                    side_parts.append(side)
+                    blobs.append(blob)
                 q = self._quant[(l, k)]
                 out = np.empty((rows, self._coded(q)), dtype=np.uint8)
                 deq = self._fused_dequant(q, k, t0, rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .container import crc32
 from .errors import BackendError, CorruptError, ShapeError
 
 STATUS = {1: "blob shorter than its lane states or odd word bytes",
@@ -128,21 +127,22 @@ class DeviceFile:
             raise ShapeError(f"slots must be int64 [{n}] on {dev} with block_size >= 1")
         if self._grid is None:
             self._grid = torch.from_numpy(STEP_GRID).to(dev)
-        # Bytes of the chunk range, one upload (the only host-to-device copy of payload).
-        idx = f._index
+        # Blobs of the chunk range, one upload (the only host-to-device copy of payload);
+        # side bytes stay on the host for the quantizers that need them.
         names, spans, keep, items = [], [], [], []
-        blob = []
+        blobs, sides, offset = [], {}, 0
         for l in range(f.num_layers):
             for k in KINDS:
                 s = f._streams.index((l, k))
+                parts = []
                 for c in chunks:
-                    e = idx[c * len(f._streams) + s]
-                    raw = f._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
-                    if crc32(raw) != int(e["crc"]):
-                        raise CorruptError(f"{f._r.name}: checksum mismatch in chunk {c}, layer {l} {k}s")
-                    spans.append((sum(len(b) for b in blob) + int(e["side"]), int(e["blob"])))
-                    blob.append(raw)
-        data = torch.frombuffer(bytearray(b"".join(blob)), dtype=torch.uint8).to(dev, non_blocking=True)
+                    side, blob = f._read_item(c, s)
+                    parts.append(side)
+                    spans.append((offset, len(blob)))
+                    blobs.append(blob)
+                    offset += len(blob)
+                sides[(l, k)] = b"".join(parts)
+        data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).to(dev, non_blocking=True)
         cos = sin = None
         if f.key_transform:
             cs, sn = rope_tables(f.position_offset + t0, n, d, f.key_transform["theta"])
@@ -202,7 +202,8 @@ class DeviceFile:
                     x = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
                     rows = slice(0, n_sink)
                 else:
-                    side = self._side(l, k, chunks, q) if q.side_per_token else None
+                    side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
+                            if q.side_per_token else None)
                     x = q.dequantize(symbols[(l, k)].cpu(), f._params[(l, k)], side).to(dev)
                     if n_sink:
                         x[:n_sink] = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
@@ -218,16 +219,6 @@ class DeviceFile:
                     dst[s // block_size, s % block_size] = t[0].permute(1, 0, 2).to(dtype)
         _check(status, names)
         return out
-
-    def _side(self, l, k, chunks, q):
-        f = self.f
-        s = f._streams.index((l, k))
-        parts = []
-        for c in chunks:
-            e = f._index[c * len(f._streams) + s]
-            raw = f._r.read_range("payload", int(e["off"]), int(e["side"]))
-            parts.append(raw)
-        return np.frombuffer(b"".join(parts), dtype="<f2").reshape(-1, q.side_per_token)
 
 
 def encode_symbols(symbols, freqs, chunk_tokens: int, device="cuda") -> list:
