@@ -149,6 +149,10 @@ class Reader:
         self.header = self._read_header()
         self.sections = self._check_sections()
 
+    @property
+    def streaming(self) -> bool:
+        return self._stream
+
     def close(self):
         self._f.close()
 

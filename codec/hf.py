@@ -15,13 +15,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from . import api
-from .model import check_fingerprint
+from .errors import ModelMismatchError, ShapeError
+from .model import KVCache, check_fingerprint
+
+
+DEFAULT_RESERVE = 256
 
 
 def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _open_checked(model, src, fingerprint):
@@ -31,8 +41,107 @@ def _open_checked(model, src, fingerprint):
     return f
 
 
-def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0):
-    """Decode a .kvc file (path, bytes, file object or open KVCFile) into a DynamicCache.
+class ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` backed by preallocated ``[1, kv_heads, capacity, head_dim]``
+    buffers: the decoder writes the cached tokens into them in place, and the tokens the
+    model appends later (the prompt, generated tokens) are written into the spare room
+    instead of concatenated, so a cache of ``n`` tokens is never copied per forward.
+
+    Past ``capacity`` it grows by half (one copy). If something else replaces its tensors
+    (``batch_select_indices``, ``reset``, ...), it behaves as a plain ``DynamicLayer``.
+    """
+
+    def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor, length: int):
+        super().__init__()
+        if keys_buf.shape != values_buf.shape or not 0 <= length <= keys_buf.shape[-2]:
+            raise ShapeError(f"buffers {tuple(keys_buf.shape)} / {tuple(values_buf.shape)} "
+                             f"cannot hold {length} tokens")
+        self._kbuf, self._vbuf = keys_buf, values_buf
+        self.dtype, self.device = keys_buf.dtype, keys_buf.device
+        self.keys, self.values = keys_buf[:, :, :length], values_buf[:, :, :length]
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._kbuf is None else self._kbuf.shape[-2]
+
+    def _in_buffers(self, k: torch.Tensor) -> bool:
+        kb, vb = self._kbuf, self._vbuf
+        return (kb is not None and self.is_initialized and self.keys is not None
+                and self.keys.data_ptr() == kb.data_ptr()
+                and self.values.data_ptr() == vb.data_ptr()
+                and self.keys.stride() == kb.stride() and self.values.stride() == vb.stride()
+                and k.dim() == 4 and k.shape[:2] == kb.shape[:2] and k.shape[3] == kb.shape[3]
+                and k.dtype == kb.dtype and k.device == kb.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self._in_buffers(key_states):
+            self._kbuf = self._vbuf = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, m = self.keys.shape[-2], key_states.shape[-2]
+        if n + m > self.capacity:
+            cap = max(n + m, self.capacity + self.capacity // 2)
+            kb = self._kbuf.new_empty((*self._kbuf.shape[:2], cap, self._kbuf.shape[3]))
+            vb = self._vbuf.new_empty(kb.shape)
+            kb[:, :, :n] = self.keys
+            vb[:, :, :n] = self.values
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[:, :, n:n + m] = key_states
+        self._vbuf[:, :, n:n + m] = value_states
+        self.keys, self.values = self._kbuf[:, :, :n + m], self._vbuf[:, :, :n + m]
+        return self.keys, self.values
+
+
+def _buffers(model, n_layers: int, heads: int, tokens: int, head_dim: int, dtype=None):
+    shape = (1, heads, tokens, head_dim)
+    dtype, device = dtype or _model_dtype(model), _model_device(model)
+    return [(torch.empty(shape, dtype=dtype, device=device),
+             torch.empty(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+
+
+def _check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:
+    cfg = model.config.get_text_config(decoder=True)
+    want = (cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or
+            cfg.num_attention_heads,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    if (n_layers, heads, head_dim) != want:
+        raise ModelMismatchError(
+            f"the cache has {n_layers} layers x {heads} KV heads x head_dim {head_dim}; the "
+            f"model has {want[0]} x {want[1]} x {want[2]}")
+
+
+def _reserved_cache(model, bufs, length: int) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for i, (kb, vb) in enumerate(bufs):
+        if type(cache.layers[i]) is DynamicLayer:  # sliding-window layers keep their own kind
+            cache.layers[i] = ReservedLayer(kb, vb, length)
+        else:
+            cache.layers[i].update(kb[:, :, :length], vb[:, :, :length])
+    return cache
+
+
+def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
+    """Copy a :class:`kvcodec.KVCache` (e.g. an fp16 cache read from safetensors) into a
+    ``DynamicCache`` of the model's dtype with room for ``reserve`` more tokens per layer."""
+    _, heads, n, d = kv.keys[0].shape
+    _check_geometry(model, kv.num_layers, heads, d)
+    bufs = _buffers(model, kv.num_layers, heads, n + reserve, d)
+    for (kb, vb), k, v in zip(bufs, kv.keys, kv.values):
+        kb[:, :, :n] = k
+        vb[:, :, :n] = v
+    return _reserved_cache(model, bufs, n)
+
+
+def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
+               reserve: int = DEFAULT_RESERVE) -> DynamicCache:
+    """Decode a .kvc file (path, bytes, file object, stream or open KVCFile) straight into
+    a ``DynamicCache``.
+
+    The cache's buffers are allocated once, with room for ``reserve`` more tokens (the
+    prompt, the answer), and the decoder writes into them: no copy of the decoded cache
+    is made, and the model's appends do not re-copy it either (:class:`ReservedLayer`).
+    A file is decoded in one parallel call; a stream is decoded chunk by chunk while the
+    next chunk's bytes arrive.
 
     Parameters
     ----------
@@ -43,8 +152,17 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0)
         given, a cache from another model raises ``ModelMismatchError``.
     """
     f = _open_checked(model, src, fingerprint)
-    kv = f.decode(dtype=_model_dtype(model), threads=threads)
-    return kv.to_dynamic_cache(model.config)
+    _check_geometry(model, f.num_layers, f.num_kv_heads, f.head_dim)
+    n = f.num_tokens
+    bufs = _buffers(model, f.num_layers, f.num_kv_heads, n + reserve, f.head_dim)
+    views = [(kb[:, :, :n], vb[:, :, :n]) for kb, vb in bufs]
+    if f.streaming:
+        out = KVCache([k for k, _ in views], [v for _, v in views])
+        for _ in f.iter_chunks(out=out, threads=threads):
+            pass
+    else:
+        f.decode_into(dict(enumerate(views)), threads=threads)
+    return _reserved_cache(model, bufs, n)
 
 
 class LayerwiseCache:
@@ -56,20 +174,20 @@ class LayerwiseCache:
     """
 
     @staticmethod
-    def open(model, src, *, fingerprint: dict | None = None, threads: int = 0):
+    def open(model, src, *, fingerprint: dict | None = None, threads: int = 0,
+             reserve: int = DEFAULT_RESERVE):
         f = _open_checked(model, src, fingerprint)
-        return _make_layerwise(model, f, threads)
+        _check_geometry(model, f.num_layers, f.num_kv_heads, f.head_dim)
+        return _make_layerwise(model, f, threads, reserve)
 
 
-def _make_layerwise(model, f: api.KVCFile, threads: int):
-    from transformers import DynamicCache
-
+def _make_layerwise(model, f: api.KVCFile, threads: int, reserve: int):
     class _Layerwise(DynamicCache):
         def __init__(self):
             super().__init__(config=model.config)
             self._file = f
-            self._length = f.num_tokens
-            self._dtype = _model_dtype(model)
+            self._length = n = f.num_tokens
+            self._bufs = _buffers(model, f.num_layers, f.num_kv_heads, n + reserve, f.head_dim)
             self._filled = set()
             self._lock = threading.Lock()
             self._t0 = time.perf_counter()
@@ -83,17 +201,23 @@ def _make_layerwise(model, f: api.KVCFile, threads: int):
 
         def _decode(self, layer):
             self._mark("decode_start", layer)
-            k, v = self._file.decode_layers([layer], dtype=self._dtype, threads=threads)[layer]
+            kb, vb = self._bufs[layer]
+            n = self._length
+            self._file.decode_into({layer: (kb[:, :, :n], vb[:, :, :n])}, threads=threads)
             self._mark("decode_end", layer)
-            return k, v
 
         def _ensure(self, layer):
             if layer in self._filled or layer >= len(self._futures):
                 return
-            k, v = self._futures[layer].result()  # re-raises decode errors here
+            self._futures[layer].result()  # re-raises decode errors here
             with self._lock:
                 if layer not in self._filled:
-                    self.layers[layer].update(k, v)
+                    kb, vb = self._bufs[layer]
+                    if type(self.layers[layer]) is DynamicLayer:
+                        self.layers[layer] = ReservedLayer(kb, vb, self._length)
+                    else:
+                        n = self._length
+                        self.layers[layer].update(kb[:, :, :n], vb[:, :, :n])
                     self._filled.add(layer)
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -150,10 +151,39 @@ py::list encode_many(py::list items, int chunk_tokens, int threads) {
   return out;
 }
 
+// Decode tables built once per stream of a file and reused by every decode call on it
+// (a chunk-by-chunk decode would otherwise rebuild ~1 MB of tables per stream per chunk).
+struct Tables {
+  kvc::DecodeTables t;
+  int channels = 0, alphabet = 0;
+};
+
+std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int threads) {
+  std::vector<Table> specs;
+  for (size_t i = 0; i < freqs.size(); ++i) {
+    const py::array a = freqs[i].cast<py::array>();
+    const int channels = a.ndim() == 2 ? (int)a.shape(0) : 0;
+    specs.push_back(check_freqs(a, "freqs", channels));
+  }
+  std::vector<std::shared_ptr<Tables>> out(specs.size());
+  {
+    py::gil_scoped_release release;
+    parallel_for(specs.size(), resolve_threads(threads, specs.size()), [&](size_t i) {
+      auto t = std::make_shared<Tables>();
+      t->channels = specs[i].channels;
+      t->alphabet = specs[i].alphabet;
+      kvc::build_tables(specs[i].freqs, t->channels, t->alphabet, &t->t);
+      out[i] = std::move(t);
+    });
+  }
+  return out;
+}
+
 struct DecodeJob {
   std::vector<std::pair<const uint8_t*, size_t>> blobs;
   std::vector<py::buffer_info> keep;  // holds the buffers while the GIL is released
   Table table;
+  std::shared_ptr<Tables> built;  // prebuilt tables, or null: build from `table`
   uint8_t* out;
   int rows, channels;
   std::optional<kvc::DequantSpec> dequant;
@@ -161,8 +191,9 @@ struct DecodeJob {
 };
 
 void run_decode(DecodeJob& job, int chunk_tokens) {
-  kvc::DecodeTables tables;
-  kvc::build_tables(job.table.freqs, job.channels, job.table.alphabet, &tables);
+  kvc::DecodeTables local;
+  if (!job.built) kvc::build_tables(job.table.freqs, job.channels, job.table.alphabet, &local);
+  const kvc::DecodeTables& tables = job.built ? job.built->t : local;
   for (size_t i = 0; i < job.blobs.size(); ++i) {
     const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
     std::string err = kvc::decode_blob(job.blobs[i].first, job.blobs[i].second, rows,
@@ -191,6 +222,29 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
   return static_cast<const float*>(a.data());
 }
 
+// A writable float32 [heads, rows, head_dim] array whose rows and channels are contiguous;
+// the head stride may be larger (a token slice of a preallocated cache buffer).
+float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_t* head_stride) {
+  if (!py::isinstance<py::array>(o)) {
+    throw py::value_error("dequant out: expected a NumPy float32 array");
+  }
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  const py::ssize_t f = 4;
+  if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(0) != heads ||
+      a.shape(1) != rows || a.shape(2) != head_dim) {
+    throw py::value_error("dequant out: expected float32 [" + std::to_string(heads) + ", " +
+                          std::to_string(rows) + ", " + std::to_string(head_dim) + "]");
+  }
+  if (a.strides(2) != f || a.strides(1) != f * head_dim || a.strides(0) % f ||
+      (heads > 1 && a.strides(0) < f * head_dim * rows)) {
+    throw py::value_error("dequant out: tokens and channels must be contiguous and heads "
+                          "must not overlap");
+  }
+  if (!a.writeable()) throw py::value_error("dequant out: must be writable");
+  *head_stride = (size_t)(a.strides(0) / f);
+  return static_cast<float*>(a.mutable_data());
+}
+
 // (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   if (d.size() != 7) {
@@ -208,10 +262,7 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   spec.head_dim = (channels - 1) / spec.heads;
   spec.grid = float_data(d[0], "dequant grid", 256);
   spec.mult = float_data(d[1], "dequant mult", (size_t)channels - 1);
-  float_data(d[4], "dequant out", (size_t)rows * (channels - 1));
-  py::array out = py::reinterpret_borrow<py::array>(d[4]);
-  if (!out.writeable()) throw py::value_error("dequant out: must be writable");
-  spec.out = static_cast<float*>(out.mutable_data());
+  spec.out = strided_out(d[4], spec.heads, rows, spec.head_dim, &spec.head_stride);
   if (!d[5].is_none()) {
     if (spec.head_dim % 2) throw py::value_error("dequant: RoPE needs an even head_dim");
     spec.cos = float_data(d[5], "dequant cos", (size_t)rows * spec.head_dim);
@@ -238,7 +289,16 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       throw py::value_error("out: channels must be in [1, 65535]");
     }
     job.out = static_cast<uint8_t*>(out.mutable_data());
-    job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+    if (py::isinstance<Tables>(item[1])) {
+      job.built = item[1].cast<std::shared_ptr<Tables>>();
+      if (job.built->channels != job.channels) {
+        throw py::value_error("tables: built for " + std::to_string(job.built->channels) +
+                              " channels but the symbols have " +
+                              std::to_string(job.channels));
+      }
+    } else {
+      job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+    }
     if (item.size() == 4 && !item[3].is_none()) {
       job.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
     }
@@ -314,9 +374,16 @@ PYBIND11_MODULE(_native, m) {
       "chunk of chunk_tokens rows.");
   m.def("encode_many", &encode_many, py::arg("items"), py::arg("chunk_tokens"),
         py::arg("threads") = 0, "encode() over a list of (symbols, freqs), in parallel.");
+  py::class_<Tables, std::shared_ptr<Tables>>(m, "DecodeTables",
+                                               "Prebuilt decode tables of one stream.")
+      .def_property_readonly("channels", [](const Tables& t) { return t.channels; })
+      .def_property_readonly("alphabet", [](const Tables& t) { return t.alphabet; });
+  m.def("build_decode_tables", &build_decode_tables, py::arg("freqs"), py::arg("threads") = 0,
+        "[uint16 freqs [C, A]] -> [DecodeTables], built in parallel; pass them to "
+        "decode_many in place of freqs.");
   m.def("decode_many", &decode_many, py::arg("items"), py::arg("chunk_tokens"),
         py::arg("threads") = 0,
-        "Decode [(blobs, freqs, out[, dequant])] in parallel; returns None or an error message "
+        "Decode [(blobs, freqs or DecodeTables, out[, dequant])] in parallel; returns None or an error message "
         "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin), also "
         "writes the per-token-step uniform reconstruction [heads, rows, head_dim], RoPE "
         "re-applied when cos/sin are given.");

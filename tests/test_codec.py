@@ -151,3 +151,24 @@ def test_lossless_is_bit_exact_and_beats_zstd(kv_600, dtype):
         assert torch.equal(a.view(torch.uint8), b.contiguous().view(torch.uint8))
     raw = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in kv.keys + kv.values)
     assert len(data) < len(zstandard.ZstdCompressor(level=19).compress(raw))
+
+
+def test_decode_into_writes_views_of_larger_buffers(default_kvc):
+    """Decoding straight into slices of preallocated buffers (how the HF loader fills a
+    cache that has room for the prompt) gives the plain decode, in every dtype."""
+    full = kvcodec.decode(default_kvc)
+    with kvcodec.open(default_kvc) as f:
+        for dtype in (torch.float32, torch.float16):
+            bufs = {l: (torch.full((1, 3, 700, 64), 7.0, dtype=dtype),
+                        torch.full((1, 3, 700, 64), 7.0, dtype=dtype)) for l in (0, 29)}
+            f.decode_into({l: (k[:, :, 256:600], v[:, :, 256:600]) for l, (k, v) in bufs.items()},
+                          chunks=slice(1, 3))
+            for l, (k, v) in bufs.items():
+                assert torch.equal(k[:, :, 256:600], full.keys[l][:, :, 256:600].to(dtype))
+                assert torch.equal(v[:, :, 256:600], full.values[l][:, :, 256:600].to(dtype))
+                # Nothing outside the target slice was touched.
+                assert bool((k[:, :, :256] == 7).all() and (k[:, :, 600:] == 7).all())
+        with pytest.raises(kvcodec.ShapeError, match="destination of layer 0"):
+            f.decode_into({0: (torch.empty(1, 3, 599, 64), torch.empty(1, 3, 600, 64))})
+        with pytest.raises(kvcodec.ShapeError, match="layer 30"):
+            f.decode_into({30: (torch.empty(1, 3, 600, 64), torch.empty(1, 3, 600, 64))})

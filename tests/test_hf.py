@@ -69,3 +69,50 @@ def test_generate_cli(tmp_path, doc):
                                   " This license is", "--max-new-tokens", "6", "--compare"])
     assert r.exit_code == 0, r.output
     assert "agreement with full prefill" in r.output
+
+
+def test_reserved_cache_appends_in_place_and_matches_a_plain_cache(lm, doc):
+    """The loaded cache writes the prompt and generated tokens into its spare room, grows
+    past it, and the model's outputs are those of a plain DynamicCache of the same data."""
+    prompt = lm.tokenizer(" Who may copy it?", add_special_tokens=False)["input_ids"]
+    cache = hf.load_cache(lm.model, doc, reserve=len(prompt) + 2)
+    layer = cache.layers[3]
+    assert isinstance(layer, hf.ReservedLayer) and layer.capacity == 600 + len(prompt) + 2
+    buf = layer._kbuf
+    plain = kvcodec.decode(doc).to_dynamic_cache(lm.config)
+    assert torch.equal(logits(lm, cache, prompt), logits(lm, plain, prompt))
+    assert layer._kbuf is buf and layer.keys.data_ptr() == buf.data_ptr()  # no copy
+    assert cache.get_seq_length() == 600 + len(prompt)
+    # Five more tokens: the reserve runs out after two and the layer grows once.
+    assert (evaluate.greedy_generate(lm, cache, [42], 5)
+            == evaluate.greedy_generate(lm, plain, [42], 5))
+    assert layer._kbuf is not buf and layer.capacity >= cache.get_seq_length()
+    assert torch.equal(cache.layers[3].keys, plain.layers[3].keys)
+    cache.crop(600 - cache.get_seq_length())
+    assert cache.get_seq_length() == 600
+    assert torch.equal(cache.layers[29].values, kvcodec.decode(doc).values[29])
+    grown = layer._kbuf
+    logits(lm, cache, [7])  # appended in place after the crop too
+    assert layer._kbuf is grown and cache.get_seq_length() == 601
+
+
+def test_cache_from_kv_and_geometry_checks(lm, doc, kv_600):
+    cache = hf.cache_from_kv(lm.model, kvcodec.KVCache([k.half() for k in kv_600.keys],
+                                                       [v.half() for v in kv_600.values]))
+    assert cache.get_seq_length() == 600 and cache.layers[0].keys.dtype == torch.float32
+    assert torch.equal(cache.layers[5].keys, kv_600.keys[5].half().float())
+    short = kvcodec.KVCache(kv_600.keys[:12], kv_600.values[:12])
+    with pytest.raises(kvcodec.ModelMismatchError, match="12 layers"):
+        hf.cache_from_kv(lm.model, short)
+    with pytest.raises(kvcodec.ModelMismatchError, match="12 layers"):
+        hf.load_cache(lm.model, kvcodec.encode(short, config="default"))
+
+
+def test_streamed_load_equals_file_load(lm, doc):
+    from kvcodec.stream import RateLimitedReader
+    import io
+
+    a = hf.load_cache(lm.model, doc)
+    b = hf.load_cache(lm.model, RateLimitedReader(io.BytesIO(doc), 2e9))
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)

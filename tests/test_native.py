@@ -199,3 +199,29 @@ def test_fuzz_decoder_never_crashes(data):
     err = nat.decode_many([([blob], freqs, out)], rows)[0]
     assert err is None or isinstance(err, str)
     assert int(out.max(initial=0)) < 256
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), alphabet=st.sampled_from([1, 2, 3, 17, 61, 256]),
+       skew=st.sampled_from([0.2, 1.0, 3.0]))
+def test_prebuilt_tables_decode_like_freqs(seed, alphabet, skew):
+    """Prebuilt (bucketed) decode tables give the same symbols as tables built per call,
+    including tables with many tiny symbols that share one bucket."""
+    rng = np.random.default_rng(seed)
+    sym, freqs = random_case(rng, 40, 21, alphabet, skew)
+    blobs = nat.encode(sym, freqs, 16)
+    built, = nat.build_decode_tables([freqs])
+    assert (built.channels, built.alphabet) == (21, alphabet)
+    a, b = np.empty_like(sym), np.empty_like(sym)
+    assert nat.decode_many([(blobs, freqs, a), (blobs, built, b)], 16, 2) == [None, None]
+    assert np.array_equal(a, sym) and np.array_equal(b, sym)
+    assert np.array_equal(ref_decode(blobs[0], 16, 21, freqs), sym[:16])
+
+
+def test_prebuilt_tables_must_match_the_channels():
+    freqs = nat.normalize_freqs(np.full((3, 4), 10, np.uint8))
+    built, = nat.build_decode_tables([freqs])
+    with pytest.raises(ValueError, match="built for 3 channels"):
+        nat.decode_many([([b"\0" * 64], built, np.empty((4, 5), np.uint8))], 16)
+    with pytest.raises(ValueError, match="sums to"):
+        nat.build_decode_tables([np.full((2, 4), 7, np.uint16)])

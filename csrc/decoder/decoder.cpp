@@ -9,20 +9,24 @@
 namespace kvc {
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
-  out->symbol.assign((size_t)channels * PROB_SCALE, 0);
-  out->range.assign((size_t)channels * MAX_ALPHABET, 1);  // unused symbols: freq 1, cum 0
+  constexpr int B = DecodeTables::BUCKETS, SHIFT = PROB_BITS - DecodeTables::BUCKET_BITS;
+  out->stride = alphabet + 1;
+  out->bucket.assign((size_t)channels * B, 0);
+  out->range.assign((size_t)channels * out->stride, 0);
   for (int c = 0; c < channels; ++c) {
-    uint8_t* sym = out->symbol.data() + (size_t)c * PROB_SCALE;
-    uint32_t* range = out->range.data() + (size_t)c * MAX_ALPHABET;
+    uint8_t* bucket = out->bucket.data() + (size_t)c * B;
+    uint32_t* range = out->range.data() + (size_t)c * out->stride;
     uint32_t cum = 0;
     for (int s = 0; s < alphabet; ++s) {
-      const uint32_t f = freqs[(size_t)c * alphabet + s];
       // Tables are validated to sum to PROB_SCALE; clamp defensively anyway.
-      const uint32_t n = cum + f > PROB_SCALE ? PROB_SCALE - cum : f;
-      memset(sym + cum, s, n);
+      const uint32_t f = std::min<uint32_t>(freqs[(size_t)c * alphabet + s], PROB_SCALE - cum);
       range[s] = f | (cum << 16);
-      cum += n;
+      // Buckets whose first slot falls in [cum, cum + f) start at this symbol.
+      for (uint32_t b = (cum + (1u << SHIFT) - 1) >> SHIFT; b < (uint32_t)B && (b << SHIFT) < cum + f; ++b)
+        bucket[b] = (uint8_t)s;
+      cum += f;
     }
+    range[alphabet] = PROB_SCALE << 16;  // sentinel: no slot lies at or past it
   }
 }
 
@@ -44,19 +48,24 @@ std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels
   const size_t n_words = (size - STATE_BYTES) / 2;
   size_t pos = 0;
   const int groups = (channels + LANES - 1) / LANES;
+  const size_t stride = (size_t)tables.stride;
+  constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
   for (int t = 0; t < rows; ++t) {
     uint8_t* row = out + (size_t)t * channels;
     for (int g = 0; g < groups; ++g) {
       const int first = g * LANES;
       const int n = std::min(channels - first, LANES);
-      const uint8_t* gsym = tables.symbol.data() + (size_t)first * PROB_SCALE;
-      const uint32_t* grange = tables.range.data() + (size_t)first * MAX_ALPHABET;
+      const uint8_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
+      const uint32_t* grange = tables.range.data() + (size_t)first * stride;
       // Two passes: the lanes' table lookups are independent and overlap; only the
       // refills are ordered (they share one word stream).
       for (int j = 0; j < n; ++j) {
         uint32_t x = state[j];
-        const uint32_t s = gsym[(size_t)j * PROB_SCALE + (x & PROB_MASK)];
-        const uint32_t r = grange[(size_t)j * MAX_ALPHABET + s];
+        const uint32_t slot = x & PROB_MASK;
+        const uint32_t* range = grange + (size_t)j * stride;
+        uint32_t s = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
+        while (slot >= (range[s + 1] >> 16)) ++s;  // the sentinel stops it at the last symbol
+        const uint32_t r = range[s];
         dec_advance(&x, r & 0xffff, r >> 16);
         row[first + j] = (uint8_t)s;
         state[j] = x;

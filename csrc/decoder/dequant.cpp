@@ -15,7 +15,7 @@ std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& s
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
-      float* o = spec.out + ((size_t)k * rows + t) * d;
+      float* o = spec.out + (size_t)k * spec.head_stride + (size_t)t * d;
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {
         bad |= (uint8_t)(s[i] > top);

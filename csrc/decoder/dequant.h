@@ -15,7 +15,9 @@ struct DequantSpec {
   int heads, head_dim;   // channels = heads * head_dim
   const float* cos;      // [rows, head_dim] or null: re-apply rotate_half RoPE
   const float* sin;
-  float* out;            // [heads, rows, head_dim]
+  float* out;            // [heads, rows, head_dim]; tokens and channels contiguous
+  size_t head_stride;    // floats from one head to the next in `out` (>= rows * head_dim),
+                         // so a decode can land in a slice of a larger cache buffer
 };
 
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
