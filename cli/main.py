@@ -226,30 +226,62 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
 
 @main.command()
 @click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
-@click.option("--context", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--context", type=click.Path(exists=True, dir_okay=False),
               help="The cached document (.kvc).")
+@click.option("--store", "store_dir", type=click.Path(exists=True, file_okay=False),
+              help="Instead of --context: a store made by `kvcodec precompute`; the longest "
+                   "cached prefix of --text is reused and the rest prefilled.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --store: the document the prompt follows.")
+@click.option("--config", "configs", multiple=True,
+              help="With --store: the store's config (default: default). Repeat it for "
+                   "quality levels, best first, with --bandwidth and --budget.")
+@click.option("--bandwidth", default=None,
+              help="With --store: link bandwidth (1gbps, 200mbps, bits/s) for choosing levels.")
+@click.option("--budget", type=float, default=None,
+              help="With --bandwidth: seconds allowed for loading the document.")
 @click.option("--prompt", required=True, help="Text that follows the cached document.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--compare", is_flag=True,
               help="Also prefill the document from its tokens and report agreement.")
-def generate(model, context, prompt, max_new_tokens, compare):
+def generate(model, context, store_dir, text_file, configs, bandwidth, budget, prompt,
+             max_new_tokens, compare):
     """Continue from a cached document plus a new prompt, without prefilling the document."""
     import time
 
     from kvcodec import evaluate, hf
 
+    if (context is None) == (store_dir is None):
+        raise click.UsageError("give exactly one of --context FILE.kvc and --store DIR")
+    if store_dir is not None and text_file is None:
+        raise click.UsageError("--store needs --text (the document the prompt follows)")
+    if store_dir is None and (text_file or configs or bandwidth or budget is not None):
+        raise click.UsageError("--text, --config, --bandwidth and --budget go with --store")
+    if (bandwidth is None) != (budget is None):
+        raise click.UsageError("--bandwidth and --budget go together")
+    if len(configs) > 1 and bandwidth is None:
+        raise click.UsageError("several --config levels need --bandwidth and --budget")
+    if bandwidth is not None:
+        from kvcodec.adapt import parse_bandwidth
+
+        bandwidth = parse_bandwidth(bandwidth)
     lm = kvcodec.load_model(model)
     prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not prompt_ids:
         raise KVCodecError("--prompt is empty")
     t = time.perf_counter()
-    with kvcodec.open(context) as f:
-        cache = hf.LayerwiseCache.open(lm.model, f, fingerprint=lm.fingerprint)
-        out = evaluate.greedy_generate(lm, cache, prompt_ids, max_new_tokens)
-        doc_ids = f.token_ids
+    if context is not None:
+        with kvcodec.open(context) as f:
+            cache = hf.load_cache(lm.model, f, fingerprint=lm.fingerprint,
+                                  reserve=len(prompt_ids) + max_new_tokens)
+            doc_ids, rest, source = f.token_ids, [], context
+    else:
+        cache, doc_ids, rest, source = _from_store(lm, store_dir, text_file, configs or
+                                                   ("default",), bandwidth, budget)
+    out = evaluate.greedy_generate(lm, cache, rest + prompt_ids, max_new_tokens)
     elapsed = time.perf_counter() - t
     click.echo(lm.tokenizer.decode(out))
-    click.echo(f"[{len(out)} tokens in {elapsed:.2f}s from {context}]", err=True)
+    click.echo(f"[{len(out)} tokens in {elapsed:.2f}s from {source}]", err=True)
     if compare:
         if doc_ids is None:
             raise KVCodecError(f"{context} carries no token ids; cannot prefill it to compare")
@@ -263,24 +295,50 @@ def generate(model, context, prompt, max_new_tokens, compare):
                    f"identical for the first {prefix}", err=True)
 
 
+def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
+    """(cache, document ids, uncached document ids, description) for generate --store."""
+    from kvcodec import adapt
+    from kvcodec.store import Store
+
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    doc_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not doc_ids:
+        raise KVCodecError(f"{text_file} has no tokens")
+    stores = [Store(store_dir, lm.fingerprint, c) for c in configs]
+    if bandwidth is None:
+        cache, n = stores[0].load_cache(lm.model, doc_ids)
+        return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "
+                                             f"tokens cached, the rest prefilled")
+    bps = bandwidth
+    recompute_s, per_byte = adapt.measure_costs(lm, stores, doc_ids)
+    cache, choices = adapt.load_adaptive(lm, stores, doc_ids, bps, budget, recompute_s,
+                                         decode_s_per_byte=per_byte)
+    n = len(choices) * stores[0].chunk_tokens
+    names = [c if c == adapt.RECOMPUTE else configs[c] for c in choices]
+    return cache, doc_ids, doc_ids[n:], (f"{store_dir} at {bps / 1e6:g} Mbit/s, budget "
+                                         f"{budget:g}s: chunks {', '.join(names) or 'none'}")
+
+
 @main.command()
 @click.argument("texts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
               help="Store directory (created if missing).")
-@click.option("--config", default="default", show_default=True)
+@click.option("--config", "configs", multiple=True,
+              help="Codec config (default: default); repeat it to store several quality "
+                   "levels for bandwidth adaptation.")
 @click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
 @click.option("--max-tokens", type=int, default=None)
-def precompute(texts, store_dir, config, model, max_tokens):
+def precompute(texts, store_dir, configs, model, max_tokens):
     """Batch job: prefill each text once and store its chunks for prefix reuse."""
     from kvcodec.store import Store
 
     lm = kvcodec.load_model(model)
-    store = Store(store_dir, lm.fingerprint, config)
+    stores = [Store(store_dir, lm.fingerprint, c) for c in configs or ("default",)]
     total = 0
     for path in texts:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         kv = _capture(lm, text, max_tokens, f"prefilling {Path(path).name}")
-        n = store.put(kv)
+        n = sum(store.put(kv) for store in stores)
         total += n
         click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
     click.echo(f"stored {total} new chunks in {store_dir}")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .model import KVCache
+from . import hf
+from .errors import KVCodecError
+from .model import check_fingerprint, fingerprint
 
 RECOMPUTE = "recompute"
 
@@ -58,38 +60,101 @@ def plan(sizes: list, bandwidth_bps: float, budget_s: float, recompute_s: float,
     return choices
 
 
-@torch.no_grad()
-def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: float,
-                  recompute_s: float):
-    """Build a DynamicCache for the whole chunks of ``token_ids`` following :func:`plan`.
+_UNITS = {"": 1.0, "bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
 
-    Returns ``(cache, choices)``; a recomputed chunk is prefilled on top of the chunks
-    before it, so it is exact given them.
-    """
+
+def parse_bandwidth(text) -> float:
+    """Bits per second from ``"1gbps"``, ``"200 Mbps"``, ``"10gbit/s"`` or ``"5e8"``."""
+    t = str(text).strip().lower().replace(" ", "").replace("bit/s", "bps").replace("b/s", "bps")
+    num = t.rstrip("kmgbps")
+    try:
+        bps = float(num) * _UNITS[t[len(num):]]
+    except (KeyError, ValueError):
+        raise KVCodecError(f"bandwidth {text!r}: give bits/s, e.g. 1gbps, 200mbps or 5e8") from None
+    if not bps > 0 or bps == float("inf"):
+        raise KVCodecError(f"bandwidth {text!r} must be positive")
+    return bps
+
+
+@torch.no_grad()
+def measure_costs(lm, stores: list, token_ids, *, probe_tokens: int = 64, threads: int = 0):
+    """This machine's ``(recompute_s, decode_s_per_byte)`` for :func:`plan`: a prefill
+    of ``probe_tokens`` of ``token_ids`` scaled to a chunk, and the decode of the first
+    cached chunk of the smallest level (0 when none is cached)."""
+    import time
+
     from transformers import DynamicCache
 
-    from . import api
-
+    ids = [int(t) for t in token_ids]
     n = stores[0].chunk_tokens
-    keys_per_store = [s.keys(token_ids) for s in stores]
-    full = len(token_ids) // n
+    probe = ids[:min(probe_tokens, n)]
+    if not probe:
+        raise KVCodecError("no tokens to measure recomputation on")
+    t = time.perf_counter()
+    lm.model(input_ids=torch.tensor([probe]), past_key_values=DynamicCache(config=lm.config),
+             use_cache=True, logits_to_keep=1)
+    recompute_s = (time.perf_counter() - t) * n / len(probe)
+    decode_s_per_byte = 0.0
+    store = stores[-1]
+    keys = store.keys(ids[:n])
+    if len(ids) >= n and store.path(keys[0]).exists():
+        fp, path = store.fingerprint, store.path(keys[0])
+        shape = (1, fp["num_kv_heads"], n, fp["head_dim"])
+        dst = {l: (torch.empty(shape), torch.empty(shape)) for l in range(fp["num_layers"])}
+        size = path.stat().st_size
+        t = time.perf_counter()
+        if store.read_chunk(path, ids[:n], 0, dst, threads):
+            decode_s_per_byte = (time.perf_counter() - t) / size
+    return recompute_s, decode_s_per_byte
+
+
+@torch.no_grad()
+def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: float,
+                  recompute_s: float, *, decode_s_per_byte: float = 0.0, threads: int = 0,
+                  reserve: int = hf.DEFAULT_RESERVE):
+    """Build a DynamicCache for the whole chunks of ``token_ids`` following :func:`plan`.
+
+    ``stores`` are the quality levels, best first (same model and chunk size). Loaded
+    chunks are decoded straight into the cache's buffers (room for ``reserve`` more
+    tokens); a recomputed chunk is prefilled on top of the chunks before it, so it is
+    exact given them, and so is a chunk whose chosen entry turns out damaged.
+
+    Returns ``(cache, choices)``: per chunk the level index used or ``RECOMPUTE``.
+    """
+    if not stores:
+        raise KVCodecError("load_adaptive needs at least one store")
+    n = stores[0].chunk_tokens
+    if any(s.chunk_tokens != n or s.fingerprint != stores[0].fingerprint for s in stores):
+        raise KVCodecError("the stores of a level ladder must share the model and chunk size")
+    ids = [int(t) for t in token_ids]
+    check_fingerprint(stores[0].fingerprint, fingerprint(lm.config))
+    keys_per_store = [s.keys(ids) for s in stores]
+    full = len(ids) // n
     sizes = []
     for i in range(full):
         row = []
         for s, keys in zip(stores, keys_per_store):
-            p = s.path(keys[i])
-            row.append(p.stat().st_size if p.exists() else None)
+            try:
+                row.append(s.path(keys[i]).stat().st_size)
+            except OSError:
+                row.append(None)
         sizes.append(row)
-    choices = plan(sizes, bandwidth_bps, budget_s, recompute_s)
-    dtype = next(lm.model.parameters()).dtype
-    cache = DynamicCache(config=lm.config)
+    choices = plan(sizes, bandwidth_bps, budget_s, recompute_s, decode_s_per_byte)
+    fp = stores[0].fingerprint
+    hf._check_geometry(lm.model, fp["num_layers"], fp["num_kv_heads"], fp["head_dim"])
+    bufs = hf._buffers(lm.model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
+                       fp["head_dim"])
+    cache = hf._reserved_cache(lm.model, bufs, 0)
     for i, choice in enumerate(choices):
-        ids = token_ids[i * n:(i + 1) * n]
-        if choice == RECOMPUTE:
-            lm.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-            continue
-        with api.open(stores[choice].path(keys_per_store[choice][i])) as f:
-            part: KVCache = f.decode(dtype=dtype)
-        for layer in range(part.num_layers):
-            cache.update(part.keys[layer], part.values[layer], layer)
+        t0, t1 = i * n, (i + 1) * n
+        if choice != RECOMPUTE:
+            dst = {l: (k[:, :, t0:t1], v[:, :, t0:t1]) for l, (k, v) in enumerate(bufs)}
+            store = stores[choice]
+            if store.read_chunk(store.path(keys_per_store[choice][i]), ids[t0:t1], t0, dst,
+                                threads):
+                hf._advance(cache, bufs, t0, t1)
+                continue
+            choices[i] = RECOMPUTE
+        lm.model(input_ids=torch.tensor([ids[t0:t1]]), past_key_values=cache, use_cache=True,
+                 logits_to_keep=1)
     return cache, choices

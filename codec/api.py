@@ -443,8 +443,7 @@ class KVCFile:
             lo += ls
         self._params, self._levels = params, levels
         # Tables are built once per file, not per decoded chunk.
-        nat = tables.native()
-        self._freqs = {key: nat.normalize_freqs(lv) for key, lv in levels.items()}
+        self._freqs = dict(zip(levels, tables.native().normalize_many(list(levels.values()))))
 
     # -- decoding -----------------------------------------------------------------------
     def _chunk_range(self, chunks) -> range:

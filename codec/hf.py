@@ -92,6 +92,17 @@ class ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def _advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
+    """Declare tokens ``t0:t1`` written straight into ``bufs`` (the buffers of a cache made
+    by :func:`_reserved_cache` that holds ``t0`` tokens)."""
+    for layer, (kb, vb) in zip(cache.layers, bufs):
+        if isinstance(layer, ReservedLayer) and layer._in_buffers(kb) \
+                and layer.keys.shape[-2] == t0:
+            layer.keys, layer.values = kb[:, :, :t1], vb[:, :, :t1]
+        else:
+            layer.update(kb[:, :, t0:t1], vb[:, :, t0:t1])
+
+
 def _buffers(model, n_layers: int, heads: int, tokens: int, head_dim: int, dtype=None):
     shape = (1, heads, tokens, head_dim)
     dtype, device = dtype or _model_dtype(model), _model_device(model)

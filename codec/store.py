@@ -10,20 +10,29 @@ Writes are atomic (temp file + fsync + rename), so concurrent writers of the sam
 race harmlessly (same bytes) and readers never see a partial file. Each chunk carries
 its own probability tables: about 5% over a long file's size, the price of independent
 chunks.
+
+A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
+than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
+with a warning on the ``kvcodec`` logger, the reused prefix ends before it, and the next
+``put`` of that text writes it again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 
-from . import api
+from . import api, hf
 from .config import load_config
 from .container import atomic_write
 from .errors import KVCodecError
-from .model import KVCache, check_fingerprint
+from .model import KVCache, check_fingerprint, fingerprint as model_fingerprint
+
+log = logging.getLogger("kvcodec")
 
 
 class Store:
@@ -93,32 +102,89 @@ class Store:
             found.append(path)
         return found
 
+    def read_chunk(self, path: Path, token_ids, t0: int, dst: dict, threads: int = 0) -> bool:
+        """Decode the entry at ``path`` (the chunk of ``token_ids`` starting at token ``t0``)
+        into ``dst`` (``{layer: (keys, values)}`` float views ``[1, kv_heads, n, head_dim]``).
+
+        Returns False, after moving the entry aside, if it is damaged or is not that chunk;
+        False without touching it if it vanished (another reader moved it)."""
+        try:
+            with api.open(path) as f:
+                check_fingerprint(f.model, self.fingerprint)
+                ids = [int(t) for t in token_ids]
+                if (f.num_tokens != len(ids) or f.position_offset != t0
+                        or (f.token_ids is not None and f.token_ids != ids)):
+                    raise KVCodecError(f"{path} holds other tokens than its key says")
+                f.decode_into(dst, threads=threads)
+            return True
+        except FileNotFoundError:
+            return False
+        except (KVCodecError, OSError) as exc:
+            bad = path.with_name(path.name + ".bad")
+            try:
+                os.replace(path, bad)
+            except OSError:
+                pass  # another reader moved it first
+            log.warning("kvcodec store: %s; moved it to %s, the prefix ends before it", exc, bad.name)
+            return False
+
+    def load_cache(self, model, token_ids, *, threads: int = 0,
+                   reserve: int = hf.DEFAULT_RESERVE):
+        """The longest cached prefix of ``token_ids`` decoded straight into a
+        ``DynamicCache`` for ``model``, with room for the rest of ``token_ids`` plus
+        ``reserve`` tokens (the uncached suffix and the answer are appended in place).
+
+        Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
+        check_fingerprint(self.fingerprint, model_fingerprint(model.config))
+        fp = self.fingerprint
+        ids = [int(t) for t in token_ids]
+        hf._check_geometry(model, fp["num_layers"], fp["num_kv_heads"], fp["head_dim"])
+        paths = self.lookup(ids)
+        bufs = hf._buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
+                           fp["head_dim"])
+        n = 0
+        for path in paths:
+            t1 = n + self.chunk_tokens
+            dst = {l: (k[:, :, n:t1], v[:, :, n:t1]) for l, (k, v) in enumerate(bufs)}
+            if not self.read_chunk(path, ids[n:t1], n, dst, threads):
+                break
+            n = t1
+        return hf._reserved_cache(model, bufs, n), n
+
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
-        """Decode the longest cached prefix of ``token_ids``, or None if nothing is cached."""
-        paths = self.lookup(token_ids)
+        """Decode the longest cached prefix of ``token_ids`` as a :class:`KVCache`
+        (tensors only; :meth:`load_cache` fills a model's cache), or None if nothing is
+        cached or its first chunk is damaged."""
+        ids = [int(t) for t in token_ids]
+        paths = self.lookup(ids)
         if not paths:
             return None
-        parts = []
-        for p in paths:
-            with api.open(p) as f:
-                check_fingerprint(f.model, self.fingerprint)
-                parts.append(f.decode(dtype=dtype))
-        n = len(parts[0].keys)
-        return KVCache([torch.cat([p.keys[l] for p in parts], dim=2) for l in range(n)],
-                       [torch.cat([p.values[l] for p in parts], dim=2) for l in range(n)],
-                       [t for p in parts for t in p.token_ids], self.fingerprint)
+        fp, c = self.fingerprint, self.chunk_tokens
+        shape = (1, fp["num_kv_heads"], len(paths) * c, fp["head_dim"])
+        dtype = dtype or torch.float32
+        keys = [torch.empty(shape, dtype=dtype) for _ in range(fp["num_layers"])]
+        values = [torch.empty(shape, dtype=dtype) for _ in range(fp["num_layers"])]
+        n = 0
+        for path in paths:
+            dst = {l: (k[:, :, n:n + c], v[:, :, n:n + c]) for l, (k, v) in enumerate(zip(keys, values))}
+            if not self.read_chunk(path, ids[n:n + c], n, dst):
+                break
+            n += c
+        if n == 0:
+            return None
+        return KVCache([k[:, :, :n] for k in keys], [v[:, :, :n] for v in values], ids[:n],
+                       self.fingerprint)
 
 
 @torch.no_grad()
-def prefill_with_store(lm, store: Store, token_ids):
+def prefill_with_store(lm, store: Store, token_ids, *, threads: int = 0):
     """A DynamicCache for ``token_ids``: the cached prefix from ``store``, the rest
     prefilled by the model. Returns ``(cache, cached_tokens, last_logits)``."""
-    ids = list(token_ids)
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        raise KVCodecError("no tokens to prefill")
     # Keep at least one token to run, so the caller gets the next-token logits.
-    prefix = store.load_prefix(ids[:-1], dtype=next(lm.model.parameters()).dtype)
-    n = 0 if prefix is None else prefix.num_tokens
-    from transformers import DynamicCache
-
-    cache = prefix.to_dynamic_cache(lm.config) if prefix else DynamicCache(config=lm.config)
-    out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True)
+    cache, n = store.load_cache(lm.model, ids[:-1], threads=threads)
+    out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
     return cache, n, out.logits[0, -1]

@@ -349,6 +349,42 @@ py::array normalize_freqs(py::array levels) {
   return out;
 }
 
+// normalize_freqs over a list of level arrays, in parallel with the GIL released (a file
+// holds one per stream: 300 for the default model).
+std::vector<py::array> normalize_many(py::list levels, int threads) {
+  std::vector<py::array> in, out;
+  for (size_t i = 0; i < levels.size(); ++i) {
+    py::array a = levels[i].cast<py::array>();
+    check_array(a, "levels", 'u', 1, 2);
+    if (a.shape(1) < 1 || a.shape(1) > kvc::MAX_ALPHABET)
+      throw py::value_error("levels: alphabet must be in [1, 256]");
+    out.push_back(py::array_t<uint16_t>({a.shape(0), a.shape(1)}));
+    in.push_back(std::move(a));
+  }
+  std::vector<std::string> errors(in.size());
+  {
+    std::vector<std::tuple<const uint8_t*, uint16_t*, size_t, int>> work;
+    for (size_t i = 0; i < in.size(); ++i)
+      work.emplace_back(static_cast<const uint8_t*>(in[i].data()),
+                        static_cast<uint16_t*>(out[i].mutable_data()), (size_t)in[i].shape(0),
+                        (int)in[i].shape(1));
+    py::gil_scoped_release release;
+    parallel_for(work.size(), resolve_threads(threads, work.size()), [&](size_t i) {
+      const auto [lv, f, n, a] = work[i];
+      for (size_t r = 0; r < n; ++r) {
+        if (!kvc::normalize_freqs(lv + r * a, a, f + r * a)) {
+          errors[i] = "levels[" + std::to_string(i) + "]: row " + std::to_string(r) +
+                      " has no present symbol or a level above 63";
+          return;
+        }
+      }
+    });
+  }
+  for (const auto& e : errors)
+    if (!e.empty()) throw py::value_error(e);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -378,6 +414,8 @@ PYBIND11_MODULE(_native, m) {
                                                "Prebuilt decode tables of one stream.")
       .def_property_readonly("channels", [](const Tables& t) { return t.channels; })
       .def_property_readonly("alphabet", [](const Tables& t) { return t.alphabet; });
+  m.def("normalize_many", &normalize_many, py::arg("levels"), py::arg("threads") = 0,
+        "normalize_freqs over a list of uint8 level arrays, in parallel.");
   m.def("build_decode_tables", &build_decode_tables, py::arg("freqs"), py::arg("threads") = 0,
         "[uint16 freqs [C, A]] -> [DecodeTables], built in parallel; pass them to "
         "decode_many in place of freqs.");

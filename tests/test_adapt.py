@@ -1,7 +1,9 @@
 """Bandwidth adaptation: the plan follows the budget; the adaptive cache works on the model."""
+import pytest
 import torch
 
-from kvcodec.adapt import RECOMPUTE, load_adaptive, plan
+from kvcodec.adapt import RECOMPUTE, load_adaptive, measure_costs, parse_bandwidth, plan
+from kvcodec.errors import KVCodecError
 from kvcodec.store import Store
 
 
@@ -33,3 +35,28 @@ def test_adaptive_load_on_the_model(tmp_path, lm, kv_600):
     cache2, choices2 = load_adaptive(lm, [hi, lo], ids, bw, budget, recompute_s=0.0)
     assert choices2 == [RECOMPUTE, RECOMPUTE]
     torch.testing.assert_close(cache2.layers[3].keys, kv_600.keys[3][:, :, :512], atol=1e-3, rtol=1e-3)
+
+
+def test_damaged_level_entry_is_recomputed(tmp_path, lm, kv_600):
+    lo = Store(tmp_path, lm.fingerprint, config="lossless")
+    lo.put(kv_600)
+    ids = kv_600.token_ids[:512]
+    lo.path(lo.keys(ids)[1]).write_bytes(b"KVC damaged")
+    cache, choices = load_adaptive(lm, [lo], ids, 1e12, budget_s=10.0, recompute_s=100.0)
+    assert choices == [0, RECOMPUTE] and cache.get_seq_length() == 512
+    # The recomputed chunk runs on top of the decoded (lossless) one: the full prefill.
+    torch.testing.assert_close(cache.layers[7].keys, kv_600.keys[7][:, :, :512], atol=1e-3, rtol=1e-3)
+
+
+def test_measured_costs_and_bandwidth_parsing(tmp_path, lm, kv_600):
+    store = Store(tmp_path, lm.fingerprint, config="default")
+    recompute_s, per_byte = measure_costs(lm, [store], kv_600.token_ids)
+    assert recompute_s > 0 and per_byte == 0.0  # nothing cached yet
+    store.put(kv_600)
+    recompute_s, per_byte = measure_costs(lm, [store], kv_600.token_ids)
+    assert recompute_s > 0 and per_byte > 0
+    assert parse_bandwidth("1gbps") == 1e9 and parse_bandwidth("200 Mbit/s") == 2e8
+    assert parse_bandwidth("5e8") == 5e8
+    for bad in ("fast", "0", "-1mbps", "nan"):
+        with pytest.raises(KVCodecError):
+            parse_bandwidth(bad)

@@ -81,6 +81,23 @@ def test_normalize_matches_reference_and_invariants():
     assert nat.normalize_freqs(np.ones((1, 256), np.uint8))[0].tolist() == [16] * 256
 
 
+def test_normalize_many_equals_one_by_one():
+    rng = np.random.default_rng(2)
+    arrays = [rng.integers(1, 64, (rows, a)).astype(np.uint8)
+              for rows, a in [(3, 7), (192, 63), (1, 256), (50, 16)] * 3]
+    for threads in (1, 2, 5):
+        got = nat.normalize_many(arrays, threads)
+        assert len(got) == len(arrays)
+        for lv, f in zip(arrays, got):
+            assert f.dtype == np.uint16 and np.array_equal(f, nat.normalize_freqs(lv))
+    bad = arrays[1].copy()
+    bad[7] = 0
+    with pytest.raises(ValueError, match=r"levels\[1\]: row 7"):
+        nat.normalize_many([arrays[0], bad], 2)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        nat.normalize_many([arrays[1][:, ::2]])
+
+
 @pytest.mark.parametrize("rows,channels,alphabet", [
     (1, 1, 1), (255, 5, 2), (256, 32, 16), (257, 33, 63), (1000, 192, 256), (300, 193, 31),
 ])

@@ -81,3 +81,83 @@ def test_precompute_cli(tmp_path, texts):
                                   "--max-tokens", "300"])
     assert r.exit_code == 0, r.output
     assert "2 new chunks" in r.output and len(list((tmp_path / "s").rglob("*.kvc"))) == 2
+
+
+def test_load_cache_fills_the_model_cache_in_place(tmp_path, lm, kv_600, doc_ids):
+    store = Store(tmp_path, lm.fingerprint, config="lossless")
+    store.put(kv_600)
+    cache, n = store.load_cache(lm.model, doc_ids[:550])
+    assert n == 512 and cache.get_seq_length() == 512
+    for layer in (0, 29):
+        torch.testing.assert_close(cache.layers[layer].keys, kv_600.keys[layer][:, :, :512])
+        torch.testing.assert_close(cache.layers[layer].values, kv_600.values[layer][:, :, :512])
+    # The uncached rest is appended into the same buffers, not concatenated.
+    ptr = cache.layers[5].keys.data_ptr()
+    with torch.no_grad():
+        lm.model(input_ids=torch.tensor([doc_ids[512:550]]), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 550 and cache.layers[5].keys.data_ptr() == ptr
+    empty, n0 = store.load_cache(lm.model, [doc_ids[0] + 1] + doc_ids[1:300])
+    assert n0 == 0 and empty.get_seq_length() == 0
+    with pytest.raises(kvcodec.ModelMismatchError):
+        Store(tmp_path, dict(lm.fingerprint, num_layers=12)).load_cache(lm.model, doc_ids)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other_chunk"])
+def test_damaged_entry_ends_the_prefix_and_is_rewritten(tmp_path, lm, kv_600, doc_ids,
+                                                        caplog, damage):
+    store = Store(tmp_path, lm.fingerprint, config="default")
+    store.put(kv_600)
+    first, second = store.lookup(doc_ids)
+    data = bytearray(second.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+        second.write_bytes(bytes(data))
+    elif damage == "truncate":
+        second.write_bytes(bytes(data[: len(data) - 100]))
+    else:  # a valid file in the wrong place: its tokens are not the key's
+        second.write_bytes(first.read_bytes())
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        cache, n = store.load_cache(lm.model, doc_ids)
+    assert n == 256 and cache.get_seq_length() == 256
+    assert "moved it to" in caplog.text and not second.exists()
+    assert second.with_name(second.name + ".bad").exists()
+    # The damaged entry no longer counts as cached, so the next put writes it again.
+    assert len(store.lookup(doc_ids)) == 1 and store.put(kv_600) == 1
+    assert store.load_cache(lm.model, doc_ids)[1] == 512
+    # prefill_with_store recomputes past the damage and still answers like a full prefill.
+    second.write_bytes(bytes(data[:10]))
+    _, cached, logits = prefill_with_store(lm, store, doc_ids[:520])
+    with torch.no_grad():
+        ref = lm.model(input_ids=torch.tensor([doc_ids[:520]])).logits[0, -1]
+    assert cached == 256 and int(logits.argmax()) == int(ref.argmax())
+
+
+def test_generate_from_store_cli(tmp_path, texts):
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    src = tmp_path / "a.txt"
+    src.write_text(texts["gpl3"][:2500])
+    store = str(tmp_path / "s")
+    r = CliRunner().invoke(main, ["precompute", str(src), "--store", store,
+                                  "--config", "lossless", "--config", "default"])
+    assert r.exit_code == 0, r.output
+    n_chunks = len(list((tmp_path / "s").rglob("*.kvc")))
+    assert n_chunks >= 4 and n_chunks % 2 == 0  # every chunk at both levels
+    common = ["generate", "--store", store, "--text", str(src), "--prompt",
+              "\n\nQuestion: What is this text?\nAnswer:", "--max-new-tokens", "5", "--compare"]
+    r = CliRunner().invoke(main, common + ["--config", "lossless"])
+    assert r.exit_code == 0, r.output
+    assert "document tokens cached" in r.output and "identical for the first 5" in r.output
+    r = CliRunner().invoke(main, common + ["--config", "lossless", "--config", "default",
+                                           "--bandwidth", "1gbps", "--budget", "10"])
+    assert r.exit_code == 0, r.output
+    assert "chunks lossless" in r.output and "agreement with full prefill" in r.output
+    for bad, needle in [(["--config", "lossless", "--config", "default"], "need --bandwidth"),
+                        (["--bandwidth", "fast", "--budget", "1"], "bandwidth 'fast'"),
+                        (["--bandwidth", "1gbps"], "go together")]:
+        r = CliRunner().invoke(main, common + bad)
+        assert r.exit_code != 0 and needle in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", "--prompt", "x"])
+    assert r.exit_code != 0 and "exactly one of" in r.output
