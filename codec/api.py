@@ -307,7 +307,7 @@ class KVCFile:
         if coder != _coder_info():
             raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
         try:
-            self.config = load_config(cfg)
+            self.config = load_config(cfg, copy_dict=False)  # parsed from this header
             specs = resolve_layers(self.config, self.num_layers)
         except ConfigError as exc:
             raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
@@ -329,6 +329,7 @@ class KVCFile:
         self._params = None
         self._levels = None
         self._dtables = None
+        self._mults = {}
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -497,7 +498,14 @@ class KVCFile:
         if kind == "key" and self.key_transform:
             c, s = rope_tables(self.position_offset + t0, rows, d, self.key_transform["theta"])
             cos, sin = c.numpy(), s.numpy()
-        mult = np.ascontiguousarray(q._head_mult(self.channels).numpy(), dtype=np.float32)
+        key = None if q.head_scale is None else tuple(q.head_scale)
+        mult = self._mults.get(key)
+        if mult is None:  # one array per distinct head_scale, not per stream
+            if key is None or self.channels % len(key):
+                mult = np.ascontiguousarray(q._head_mult(self.channels).numpy(), dtype=np.float32)
+            else:
+                mult = np.repeat(np.asarray(key, dtype=np.float32), self.channels // len(key))
+            self._mults[key] = mult
         return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
 
     def _check_layers(self, layers) -> list:

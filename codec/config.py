@@ -50,10 +50,11 @@ def available_configs() -> list[str]:
     return sorted(names)
 
 
-def load_config(spec) -> dict:
-    """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict."""
+def load_config(spec, *, copy_dict: bool = True) -> dict:
+    """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict
+    (copied unless ``copy_dict`` is False, for a dict the caller just parsed)."""
     if isinstance(spec, dict):
-        cfg = copy.deepcopy(spec)
+        cfg = copy.deepcopy(spec) if copy_dict else spec
     else:
         spec = str(spec)
         path = Path(spec)

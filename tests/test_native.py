@@ -242,3 +242,24 @@ def test_prebuilt_tables_must_match_the_channels():
         nat.decode_many([([b"\0" * 64], built, np.empty((4, 5), np.uint8))], 16)
     with pytest.raises(ValueError, match="sums to"):
         nat.build_decode_tables([np.full((2, 4), 7, np.uint16)])
+
+
+@pytest.mark.parametrize("spans", [[(100, 110), (104, 130), (90, 101)],  # shipped-like
+                                   [(0, 0), (255, 255), (7, 7)],           # the edges
+                                   [(0, 255), (128, 129), (3, 3)]])
+def test_narrow_spans_of_a_wide_alphabet(spans):
+    """Tables cover only the symbols a stream uses (decode tables start at its lowest
+    symbol); symbols outside every channel's span never appear, edges included."""
+    rng = np.random.default_rng(len(spans[0]) + spans[0][0])
+    rows = 300
+    sym = np.stack([rng.integers(lo, hi + 1, rows) for lo, hi in spans * 7], 1).astype(np.uint8)
+    levels = tables.levels_from_counts(tables.channel_counts(sym, 256))
+    freqs = nat.normalize_freqs(levels)
+    for row in range(len(levels)):
+        assert list(freqs[row]) == ref_normalize(list(levels[row]))
+    blobs = nat.encode(sym, freqs, 128)
+    built, = nat.build_decode_tables([freqs])
+    out = np.empty_like(sym)
+    assert nat.decode_many([(blobs, built, out)], 128) == [None]
+    np.testing.assert_array_equal(out, sym)
+    np.testing.assert_array_equal(ref_decode(blobs[0], 128, sym.shape[1], freqs), sym[:128])

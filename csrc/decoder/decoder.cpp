@@ -10,23 +10,36 @@ namespace kvc {
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
   constexpr int B = DecodeTables::BUCKETS, SHIFT = PROB_BITS - DecodeTables::BUCKET_BITS;
-  out->stride = alphabet + 1;
+  int lo = alphabet, hi = -1;  // the span any channel uses
+  for (int c = 0; c < channels; ++c) {
+    const uint16_t* f = freqs + (size_t)c * alphabet;
+    int a = 0, b = alphabet - 1;
+    while (a < lo && f[a] == 0) ++a;
+    while (b > hi && f[b] == 0) --b;
+    lo = std::min(lo, a);
+    hi = std::max(hi, b);
+  }
+  if (hi < lo) lo = hi = 0;  // all-zero tables (rejected upstream): one symbol, never matched
+  out->base = lo;
+  const int width = hi - lo + 1;
+  out->stride = width + 1;
   out->bucket.assign((size_t)channels * B, 0);
   out->range.assign((size_t)channels * out->stride, 0);
   for (int c = 0; c < channels; ++c) {
+    const uint16_t* f = freqs + (size_t)c * alphabet + lo;
     uint8_t* bucket = out->bucket.data() + (size_t)c * B;
     uint32_t* range = out->range.data() + (size_t)c * out->stride;
     uint32_t cum = 0;
-    for (int s = 0; s < alphabet; ++s) {
+    for (int s = 0; s < width; ++s) {
       // Tables are validated to sum to PROB_SCALE; clamp defensively anyway.
-      const uint32_t f = std::min<uint32_t>(freqs[(size_t)c * alphabet + s], PROB_SCALE - cum);
-      range[s] = f | (cum << 16);
-      // Buckets whose first slot falls in [cum, cum + f) start at this symbol.
-      for (uint32_t b = (cum + (1u << SHIFT) - 1) >> SHIFT; b < (uint32_t)B && (b << SHIFT) < cum + f; ++b)
+      const uint32_t fs = std::min<uint32_t>(f[s], PROB_SCALE - cum);
+      range[s] = fs | (cum << 16);
+      // Buckets whose first slot falls in [cum, cum + fs) start at this symbol.
+      for (uint32_t b = (cum + (1u << SHIFT) - 1) >> SHIFT; b < (uint32_t)B && (b << SHIFT) < cum + fs; ++b)
         bucket[b] = (uint8_t)s;
-      cum += f;
+      cum += fs;
     }
-    range[alphabet] = PROB_SCALE << 16;  // sentinel: no slot lies at or past it
+    range[width] = PROB_SCALE << 16;  // sentinel: no slot lies at or past it
   }
 }
 
@@ -49,6 +62,7 @@ std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels
   size_t pos = 0;
   const int groups = (channels + LANES - 1) / LANES;
   const size_t stride = (size_t)tables.stride;
+  const uint32_t base = (uint32_t)tables.base;
   constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
   for (int t = 0; t < rows; ++t) {
     uint8_t* row = out + (size_t)t * channels;
@@ -67,7 +81,7 @@ std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels
         while (slot >= (range[s + 1] >> 16)) ++s;  // the sentinel stops it at the last symbol
         const uint32_t r = range[s];
         dec_advance(&x, r & 0xffff, r >> 16);
-        row[first + j] = (uint8_t)s;
+        row[first + j] = (uint8_t)(s + base);
         state[j] = x;
       }
       for (int j = 0; j < n; ++j) {

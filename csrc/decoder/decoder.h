@@ -11,16 +11,19 @@ namespace kvc {
 // Per-channel decode tables, built once per stream and reused for all its blobs. Compact,
 // so that the tables of all of a file's streams stay in the last-level cache when a file
 // is decoded chunk by chunk (a flat slot -> symbol map would be 4 KiB per channel, ~1 MB
-// per stream and ~60 MB per file, and each chunk would refetch it from memory):
+// per stream and ~60 MB per file, and each chunk would refetch it from memory). They
+// cover only the symbols [base, base + stride - 1) that some channel of the stream uses:
 //   range  [channels][stride]: freq | cum << 16 per symbol, then a sentinel cum = 2^12;
-//   bucket [channels][BUCKETS]: the symbol that holds slot b * (2^12 / BUCKETS).
+//   bucket [channels][BUCKETS]: the symbol (less base) that holds slot b * (2^12 / BUCKETS).
 // A slot's symbol is its bucket's symbol, stepped forward while the slot lies at or past
 // the next symbol's cum (rarely more than one step: only buckets that straddle a symbol
-// boundary need any). About 0.4 KiB per channel for the shipped alphabets.
+// boundary need any). About 0.25 KiB per channel for the shipped quantizers, whose 256-symbol
+// alphabets use a span of 20-40 symbols per stream.
 struct DecodeTables {
-  static constexpr int BUCKET_BITS = 8;
+  static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
-  int stride = 0;               // alphabet + 1
+  int base = 0;                 // the first symbol covered
+  int stride = 0;               // symbols covered + 1
   std::vector<uint8_t> bucket;  // [channels][BUCKETS]
   std::vector<uint32_t> range;  // [channels][stride]
 };
