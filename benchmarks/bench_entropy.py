@@ -102,8 +102,24 @@ def bench_constriction(streams, repeats):
     return sum(c.size * 32 for c in comp), t_enc, t_dec
 
 
+def _import_quietly(name):
+    """Import a module whose first import builds a C++ extension: the build tools print
+    to file descriptor 1, which must carry only the JSON."""
+    import importlib
+    import os
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        return importlib.import_module(name)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def bench_torchac(streams, max_symbols, repeats):
-    import torchac
+    torchac = _import_quietly("torchac")
 
     # torchac takes a float CDF per symbol, so it runs on a prefix of the streams.
     picked, n = [], 0
