@@ -309,13 +309,12 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
         cache, n = stores[0].load_cache(lm.model, doc_ids)
         return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "
                                              f"tokens cached, the rest prefilled")
-    bps = bandwidth
     recompute_s, per_byte = adapt.measure_costs(lm, stores, doc_ids)
-    cache, choices = adapt.load_adaptive(lm, stores, doc_ids, bps, budget, recompute_s,
+    cache, choices = adapt.load_adaptive(lm, stores, doc_ids, bandwidth, budget, recompute_s,
                                          decode_s_per_byte=per_byte)
     n = len(choices) * stores[0].chunk_tokens
     names = [c if c == adapt.RECOMPUTE else configs[c] for c in choices]
-    return cache, doc_ids, doc_ids[n:], (f"{store_dir} at {bps / 1e6:g} Mbit/s, budget "
+    return cache, doc_ids, doc_ids[n:], (f"{store_dir} at {bandwidth / 1e6:g} Mbit/s, budget "
                                          f"{budget:g}s: chunks {', '.join(names) or 'none'}")
 
 

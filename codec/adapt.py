@@ -14,7 +14,6 @@ import torch
 
 from . import hf
 from .errors import KVCodecError
-from .model import check_fingerprint, fingerprint
 
 RECOMPUTE = "recompute"
 
@@ -96,9 +95,9 @@ def measure_costs(lm, stores: list, token_ids, *, probe_tokens: int = 64, thread
     recompute_s = (time.perf_counter() - t) * n / len(probe)
     decode_s_per_byte = 0.0
     store = stores[-1]
-    keys = store.keys(ids[:n])
-    if len(ids) >= n and store.path(keys[0]).exists():
-        fp, path = store.fingerprint, store.path(keys[0])
+    path = store.path(store.keys(ids[:n])[0])
+    if len(ids) >= n and path.exists():
+        fp = store.fingerprint
         shape = (1, fp["num_kv_heads"], n, fp["head_dim"])
         dst = {l: (torch.empty(shape), torch.empty(shape)) for l in range(fp["num_layers"])}
         size = path.stat().st_size
@@ -127,7 +126,7 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
     if any(s.chunk_tokens != n or s.fingerprint != stores[0].fingerprint for s in stores):
         raise KVCodecError("the stores of a level ladder must share the model and chunk size")
     ids = [int(t) for t in token_ids]
-    check_fingerprint(stores[0].fingerprint, fingerprint(lm.config))
+    bufs = stores[0].model_buffers(lm.model, len(ids) + reserve)
     keys_per_store = [s.keys(ids) for s in stores]
     full = len(ids) // n
     sizes = []
@@ -140,18 +139,13 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
                 row.append(None)
         sizes.append(row)
     choices = plan(sizes, bandwidth_bps, budget_s, recompute_s, decode_s_per_byte)
-    fp = stores[0].fingerprint
-    hf._check_geometry(lm.model, fp["num_layers"], fp["num_kv_heads"], fp["head_dim"])
-    bufs = hf._buffers(lm.model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
-                       fp["head_dim"])
     cache = hf._reserved_cache(lm.model, bufs, 0)
     for i, choice in enumerate(choices):
         t0, t1 = i * n, (i + 1) * n
         if choice != RECOMPUTE:
-            dst = {l: (k[:, :, t0:t1], v[:, :, t0:t1]) for l, (k, v) in enumerate(bufs)}
             store = stores[choice]
-            if store.read_chunk(store.path(keys_per_store[choice][i]), ids[t0:t1], t0, dst,
-                                threads):
+            if store.read_chunk(store.path(keys_per_store[choice][i]), ids[t0:t1], t0,
+                                hf._views(bufs, t0, t1), threads):
                 hf._advance(cache, bufs, t0, t1)
                 continue
             choices[i] = RECOMPUTE

@@ -329,7 +329,6 @@ class KVCFile:
         self._params = None
         self._levels = None
         self._dtables = None
-        self._mults = {}
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -463,6 +462,11 @@ class KVCFile:
             raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
         return chunks
 
+    def _span(self, chunks: range) -> tuple:
+        """``(first token, token count)`` of a chunk range."""
+        t0 = chunks[0] * self.chunk_tokens
+        return t0, min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
+
     def _read_item(self, chunk: int, stream: int):
         """``(side bytes, blob memoryview)`` of one payload item, checksum verified."""
         e = self._load_index()[chunk * len(self._streams) + stream]
@@ -498,14 +502,7 @@ class KVCFile:
         if kind == "key" and self.key_transform:
             c, s = rope_tables(self.position_offset + t0, rows, d, self.key_transform["theta"])
             cos, sin = c.numpy(), s.numpy()
-        key = None if q.head_scale is None else tuple(q.head_scale)
-        mult = self._mults.get(key)
-        if mult is None:  # one array per distinct head_scale, not per stream
-            if key is None or self.channels % len(key):
-                mult = np.ascontiguousarray(q._head_mult(self.channels).numpy(), dtype=np.float32)
-            else:
-                mult = np.repeat(np.asarray(key, dtype=np.float32), self.channels // len(key))
-            self._mults[key] = mult
+        mult = q._head_mult(self.channels).numpy()
         return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
 
     def _check_layers(self, layers) -> list:
@@ -520,8 +517,7 @@ class KVCFile:
         the native decode jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
         self._load_index()
         dtab = self._decode_tables()
-        t0 = chunks[0] * self.chunk_tokens
-        rows = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
+        t0, rows = self._span(chunks)
         shape = (1, self.num_kv_heads, rows, self.head_dim)
         jobs, work = [], []
         for l, pair in dst.items():
@@ -598,9 +594,7 @@ class KVCFile:
         """
         chunks = self._chunk_range(chunks)
         layers = self._check_layers(layers)
-        t0 = chunks[0] * self.chunk_tokens
-        rows = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
-        shape = (1, self.num_kv_heads, rows, self.head_dim)
+        shape = (1, self.num_kv_heads, self._span(chunks)[1], self.head_dim)
         dtype = dtype or self.dtype
         dst = {l: (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
                for l in layers}
@@ -630,8 +624,7 @@ class KVCFile:
         from concurrent.futures import ThreadPoolExecutor
 
         chunks = self._chunk_range(chunks)
-        base = chunks[0] * self.chunk_tokens
-        total = min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - base
+        base, total = self._span(chunks)
         dtype = dtype or self.dtype
         if out is None:
             shape = (1, self.num_kv_heads, total, self.head_dim)

@@ -104,6 +104,9 @@ def _advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
 
 
 def _buffers(model, n_layers: int, heads: int, tokens: int, head_dim: int, dtype=None):
+    """Per-layer ``(keys, values)`` buffers ``[1, heads, tokens, head_dim]`` for ``model``
+    (its dtype and device), after checking that the model has that geometry."""
+    _check_geometry(model, n_layers, heads, head_dim)
     shape = (1, heads, tokens, head_dim)
     dtype, device = dtype or _model_dtype(model), _model_device(model)
     return [(torch.empty(shape, dtype=dtype, device=device),
@@ -121,13 +124,23 @@ def _check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:
             f"model has {want[0]} x {want[1]} x {want[2]}")
 
 
+def _views(bufs, t0: int, t1: int) -> dict:
+    """``{layer: (keys, values)}`` views of tokens ``t0:t1`` of per-layer buffers."""
+    return {l: (kb[:, :, t0:t1], vb[:, :, t0:t1]) for l, (kb, vb) in enumerate(bufs)}
+
+
+def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int) -> None:
+    """Make layer ``i`` hold the first ``length`` tokens of its buffers."""
+    if type(cache.layers[i]) is DynamicLayer:  # sliding-window layers keep their own kind
+        cache.layers[i] = ReservedLayer(kb, vb, length)
+    else:
+        cache.layers[i].update(kb[:, :, :length], vb[:, :, :length])
+
+
 def _reserved_cache(model, bufs, length: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     for i, (kb, vb) in enumerate(bufs):
-        if type(cache.layers[i]) is DynamicLayer:  # sliding-window layers keep their own kind
-            cache.layers[i] = ReservedLayer(kb, vb, length)
-        else:
-            cache.layers[i].update(kb[:, :, :length], vb[:, :, :length])
+        _fill_layer(cache, i, kb, vb, length)
     return cache
 
 
@@ -135,7 +148,6 @@ def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
     """Copy a :class:`kvcodec.KVCache` (e.g. an fp16 cache read from safetensors) into a
     ``DynamicCache`` of the model's dtype with room for ``reserve`` more tokens per layer."""
     _, heads, n, d = kv.keys[0].shape
-    _check_geometry(model, kv.num_layers, heads, d)
     bufs = _buffers(model, kv.num_layers, heads, n + reserve, d)
     for (kb, vb), k, v in zip(bufs, kv.keys, kv.values):
         kb[:, :, :n] = k
@@ -163,16 +175,15 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
         given, a cache from another model raises ``ModelMismatchError``.
     """
     f = _open_checked(model, src, fingerprint)
-    _check_geometry(model, f.num_layers, f.num_kv_heads, f.head_dim)
     n = f.num_tokens
     bufs = _buffers(model, f.num_layers, f.num_kv_heads, n + reserve, f.head_dim)
-    views = [(kb[:, :, :n], vb[:, :, :n]) for kb, vb in bufs]
+    views = _views(bufs, 0, n)
     if f.streaming:
-        out = KVCache([k for k, _ in views], [v for _, v in views])
+        out = KVCache([k for k, _ in views.values()], [v for _, v in views.values()])
         for _ in f.iter_chunks(out=out, threads=threads):
             pass
     else:
-        f.decode_into(dict(enumerate(views)), threads=threads)
+        f.decode_into(views, threads=threads)
     return _reserved_cache(model, bufs, n)
 
 
@@ -188,7 +199,6 @@ class LayerwiseCache:
     def open(model, src, *, fingerprint: dict | None = None, threads: int = 0,
              reserve: int = DEFAULT_RESERVE):
         f = _open_checked(model, src, fingerprint)
-        _check_geometry(model, f.num_layers, f.num_kv_heads, f.head_dim)
         return _make_layerwise(model, f, threads, reserve)
 
 
@@ -223,12 +233,7 @@ def _make_layerwise(model, f: api.KVCFile, threads: int, reserve: int):
             self._futures[layer].result()  # re-raises decode errors here
             with self._lock:
                 if layer not in self._filled:
-                    kb, vb = self._bufs[layer]
-                    if type(self.layers[layer]) is DynamicLayer:
-                        self.layers[layer] = ReservedLayer(kb, vb, self._length)
-                    else:
-                        n = self._length
-                        self.layers[layer].update(kb[:, :, :n], vb[:, :, :n])
+                    _fill_layer(self, layer, *self._bufs[layer], self._length)
                     self._filled.add(layer)
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):

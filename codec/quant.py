@@ -152,8 +152,8 @@ class Uniform(Quantizer):
         if channels % len(self.head_scale):
             raise ConfigError(f"head_scale has {len(self.head_scale)} entries, which do not "
                               f"divide {channels} channels")
-        mult = torch.tensor(self.head_scale, dtype=torch.float32)
-        return mult.repeat_interleave(channels // len(self.head_scale))
+        mult = np.asarray(self.head_scale, dtype=np.float32)
+        return torch.from_numpy(np.repeat(mult, channels // len(self.head_scale)))
 
     def quantize(self, x, params, step_mult=None):
         if self.scale == "token":

@@ -128,6 +128,24 @@ class Store:
             log.warning("kvcodec store: %s; moved it to %s, the prefix ends before it", exc, bad.name)
             return False
 
+    def fill(self, bufs, token_ids, paths, threads: int = 0) -> int:
+        """Decode the entries ``paths`` (consecutive chunks of ``token_ids`` from token 0)
+        into per-layer ``(keys, values)`` buffers until one is damaged; returns the number
+        of tokens filled."""
+        n = 0
+        for path in paths:
+            t1 = n + self.chunk_tokens
+            if not self.read_chunk(path, token_ids[n:t1], n, hf._views(bufs, n, t1), threads):
+                break
+            n = t1
+        return n
+
+    def model_buffers(self, model, tokens: int):
+        """Cache buffers of ``tokens`` tokens for ``model``, which must be the store's."""
+        check_fingerprint(self.fingerprint, model_fingerprint(model.config))
+        fp = self.fingerprint
+        return hf._buffers(model, fp["num_layers"], fp["num_kv_heads"], tokens, fp["head_dim"])
+
     def load_cache(self, model, token_ids, *, threads: int = 0,
                    reserve: int = hf.DEFAULT_RESERVE):
         """The longest cached prefix of ``token_ids`` decoded straight into a
@@ -135,20 +153,9 @@ class Store:
         ``reserve`` tokens (the uncached suffix and the answer are appended in place).
 
         Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
-        check_fingerprint(self.fingerprint, model_fingerprint(model.config))
-        fp = self.fingerprint
         ids = [int(t) for t in token_ids]
-        hf._check_geometry(model, fp["num_layers"], fp["num_kv_heads"], fp["head_dim"])
-        paths = self.lookup(ids)
-        bufs = hf._buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
-                           fp["head_dim"])
-        n = 0
-        for path in paths:
-            t1 = n + self.chunk_tokens
-            dst = {l: (k[:, :, n:t1], v[:, :, n:t1]) for l, (k, v) in enumerate(bufs)}
-            if not self.read_chunk(path, ids[n:t1], n, dst, threads):
-                break
-            n = t1
+        bufs = self.model_buffers(model, len(ids) + reserve)
+        n = self.fill(bufs, ids, self.lookup(ids), threads)
         return hf._reserved_cache(model, bufs, n), n
 
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
@@ -159,20 +166,15 @@ class Store:
         paths = self.lookup(ids)
         if not paths:
             return None
-        fp, c = self.fingerprint, self.chunk_tokens
-        shape = (1, fp["num_kv_heads"], len(paths) * c, fp["head_dim"])
+        fp = self.fingerprint
+        shape = (1, fp["num_kv_heads"], len(paths) * self.chunk_tokens, fp["head_dim"])
         dtype = dtype or torch.float32
-        keys = [torch.empty(shape, dtype=dtype) for _ in range(fp["num_layers"])]
-        values = [torch.empty(shape, dtype=dtype) for _ in range(fp["num_layers"])]
-        n = 0
-        for path in paths:
-            dst = {l: (k[:, :, n:n + c], v[:, :, n:n + c]) for l, (k, v) in enumerate(zip(keys, values))}
-            if not self.read_chunk(path, ids[n:n + c], n, dst):
-                break
-            n += c
+        bufs = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+                for _ in range(fp["num_layers"])]
+        n = self.fill(bufs, ids, paths)
         if n == 0:
             return None
-        return KVCache([k[:, :, :n] for k in keys], [v[:, :, :n] for v in values], ids[:n],
+        return KVCache([k[:, :, :n] for k, _ in bufs], [v[:, :, :n] for _, v in bufs], ids[:n],
                        self.fingerprint)
 
 

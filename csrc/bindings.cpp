@@ -332,56 +332,60 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
   return errors;
 }
 
-py::array normalize_freqs(py::array levels) {
-  check_array(levels, "levels", 'u', 1, 2);
-  const size_t n = (size_t)levels.shape(0);
-  const int a = (int)levels.shape(1);
-  if (a < 1 || a > kvc::MAX_ALPHABET) throw py::value_error("levels: alphabet must be in [1, 256]");
-  py::array_t<uint16_t> out({(py::ssize_t)n, (py::ssize_t)a});
-  const uint8_t* lv = static_cast<const uint8_t*>(levels.data());
-  uint16_t* f = out.mutable_data();
-  for (size_t i = 0; i < n; ++i) {
-    if (!kvc::normalize_freqs(lv + i * a, a, f + i * a)) {
-      throw py::value_error("levels: row " + std::to_string(i) +
-                            " has no present symbol or a level above 63");
-    }
+// normalize_freqs over the `n` rows of one levels array; "" or what is wrong. Plain
+// pointers, so it runs without the GIL.
+struct LevelRows {
+  const uint8_t* levels;
+  uint16_t* freqs;
+  size_t n;
+  int alphabet;
+};
+
+std::string normalize_rows(const LevelRows& t) {
+  const int a = t.alphabet;
+  for (size_t r = 0; r < t.n; ++r) {
+    if (!kvc::normalize_freqs(t.levels + r * a, a, t.freqs + r * a))
+      return "row " + std::to_string(r) + " has no present symbol or a level above 63";
   }
+  return std::string();
+}
+
+// Checks `levels` and allocates its frequencies into `out`.
+LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
+  check_array(levels, "levels", 'u', 1, 2);
+  if (levels.shape(1) < 1 || levels.shape(1) > kvc::MAX_ALPHABET)
+    throw py::value_error("levels: alphabet must be in [1, 256]");
+  *out = py::array_t<uint16_t>({levels.shape(0), levels.shape(1)});
+  return {static_cast<const uint8_t*>(levels.data()), out->mutable_data(),
+          (size_t)levels.shape(0), (int)levels.shape(1)};
+}
+
+py::array normalize_freqs(py::array levels) {
+  py::array_t<uint16_t> out;
+  const std::string err = normalize_rows(level_rows(levels, &out));
+  if (!err.empty()) throw py::value_error("levels: " + err);
   return out;
 }
 
 // normalize_freqs over a list of level arrays, in parallel with the GIL released (a file
-// holds one per stream: 300 for the default model).
-std::vector<py::array> normalize_many(py::list levels, int threads) {
-  std::vector<py::array> in, out;
+// holds one per stream: 60 for the default model).
+std::vector<py::array_t<uint16_t>> normalize_many(py::list levels, int threads) {
+  std::vector<py::array> in;  // keeps the inputs alive while the GIL is released
+  std::vector<py::array_t<uint16_t>> out(levels.size());
+  std::vector<LevelRows> work;
   for (size_t i = 0; i < levels.size(); ++i) {
-    py::array a = levels[i].cast<py::array>();
-    check_array(a, "levels", 'u', 1, 2);
-    if (a.shape(1) < 1 || a.shape(1) > kvc::MAX_ALPHABET)
-      throw py::value_error("levels: alphabet must be in [1, 256]");
-    out.push_back(py::array_t<uint16_t>({a.shape(0), a.shape(1)}));
-    in.push_back(std::move(a));
+    in.push_back(levels[i].cast<py::array>());
+    work.push_back(level_rows(in.back(), &out[i]));
   }
-  std::vector<std::string> errors(in.size());
+  std::vector<std::string> errors(work.size());
   {
-    std::vector<std::tuple<const uint8_t*, uint16_t*, size_t, int>> work;
-    for (size_t i = 0; i < in.size(); ++i)
-      work.emplace_back(static_cast<const uint8_t*>(in[i].data()),
-                        static_cast<uint16_t*>(out[i].mutable_data()), (size_t)in[i].shape(0),
-                        (int)in[i].shape(1));
     py::gil_scoped_release release;
-    parallel_for(work.size(), resolve_threads(threads, work.size()), [&](size_t i) {
-      const auto [lv, f, n, a] = work[i];
-      for (size_t r = 0; r < n; ++r) {
-        if (!kvc::normalize_freqs(lv + r * a, a, f + r * a)) {
-          errors[i] = "levels[" + std::to_string(i) + "]: row " + std::to_string(r) +
-                      " has no present symbol or a level above 63";
-          return;
-        }
-      }
-    });
+    parallel_for(work.size(), resolve_threads(threads, work.size()),
+                 [&](size_t i) { errors[i] = normalize_rows(work[i]); });
   }
-  for (const auto& e : errors)
-    if (!e.empty()) throw py::value_error(e);
+  for (size_t i = 0; i < errors.size(); ++i)
+    if (!errors[i].empty())
+      throw py::value_error("levels[" + std::to_string(i) + "]: " + errors[i]);
   return out;
 }
 
