@@ -5,19 +5,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
-#include <atomic>
 #include <memory>
-#include <optional>
-#include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "common/jobs.h"
 #include "common/rans.h"
 #include "decoder/decoder.h"
 #include "decoder/dequant.h"
-#include "encoder/encoder.h"
 
 namespace py = pybind11;
 
@@ -38,12 +33,7 @@ void check_array(const py::array& a, const char* name, char kind, int itemsize, 
   }
 }
 
-struct Table {
-  const uint16_t* freqs;
-  int channels, alphabet;
-};
-
-Table check_freqs(const py::array& freqs, const char* name, int channels) {
+kvc::FreqTable check_freqs(const py::array& freqs, const char* name, int channels) {
   check_array(freqs, name, 'u', 2, 2);
   const int c = (int)freqs.shape(0), a = (int)freqs.shape(1);
   if (c != channels) {
@@ -65,43 +55,14 @@ Table check_freqs(const py::array& freqs, const char* name, int channels) {
   return {f, c, a};
 }
 
-int resolve_threads(int threads, size_t jobs) {
-  if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
-  return (int)std::max<size_t>(1, std::min<size_t>((size_t)threads, jobs));
-}
-
-// Runs fn(i) for i in [0, n) on `threads` workers pulling from a shared counter.
-template <class F>
-void parallel_for(size_t n, int threads, F fn) {
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < n;) fn(i);
-  };
-  if (threads <= 1) {
-    work();
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int k = 0; k < threads; ++k) pool.emplace_back(work);
-  for (auto& th : pool) th.join();
-}
-
-struct EncodeJob {
-  const uint8_t* symbols;
-  int rows, channels;
-  Table table;
-  std::vector<uint32_t> cums;
-  std::vector<std::vector<uint8_t>> blobs;
-  std::string error;
-};
-
-EncodeJob make_encode_job(const py::array& symbols, const py::array& freqs, int chunk_tokens) {
+kvc::EncodeJob check_encode(const py::array& symbols, const py::array& freqs,
+                            int chunk_tokens) {
   check_array(symbols, "symbols", 'u', 1, 2);
   if (symbols.shape(1) < 1 || symbols.shape(1) > 65535) {
     throw py::value_error("symbols: channels must be in [1, 65535]");
   }
   if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
-  EncodeJob job;
+  kvc::EncodeJob job;
   job.symbols = static_cast<const uint8_t*>(symbols.data());
   job.rows = (int)symbols.shape(0);
   job.channels = (int)symbols.shape(1);
@@ -109,45 +70,31 @@ EncodeJob make_encode_job(const py::array& symbols, const py::array& freqs, int 
   return job;
 }
 
-void run_encode(EncodeJob& job, int chunk_tokens) {
-  job.cums.resize((size_t)job.channels * job.table.alphabet);
-  kvc::cumulative(job.table.freqs, job.channels, job.table.alphabet, job.cums.data());
-  const int n_chunks = (job.rows + chunk_tokens - 1) / chunk_tokens;
-  job.blobs.resize(n_chunks);
-  for (int i = 0; i < n_chunks && job.error.empty(); ++i) {
-    const int t0 = i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
-    job.error = kvc::encode_blob(job.symbols + (size_t)t0 * job.channels, rows, job.channels,
-                                 job.table.freqs, job.cums.data(), job.table.alphabet,
-                                 &job.blobs[i]);
-    if (!job.error.empty()) job.error = "chunk " + std::to_string(i) + ": " + job.error;
-  }
-}
-
-py::list blobs_to_python(const EncodeJob& job) {
-  if (!job.error.empty()) throw py::value_error("symbols: " + job.error);
+py::list blobs_to_python(const kvc::EncodeResult& result) {
+  if (!result.error.empty()) throw py::value_error("symbols: " + result.error);
   py::list out;
-  for (const auto& b : job.blobs) {
+  for (const auto& b : result.blobs) {
     out.append(py::bytes(reinterpret_cast<const char*>(b.data()), b.size()));
   }
   return out;
 }
 
 py::list encode_many(py::list items, int chunk_tokens, int threads) {
-  std::vector<EncodeJob> jobs;
+  std::vector<kvc::EncodeJob> jobs;
   jobs.reserve(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 2) throw py::value_error("items: each item is (symbols, freqs)");
-    jobs.push_back(make_encode_job(item[0].cast<py::array>(), item[1].cast<py::array>(),
-                                   chunk_tokens));
+    jobs.push_back(check_encode(item[0].cast<py::array>(), item[1].cast<py::array>(),
+                                chunk_tokens));
   }
+  std::vector<kvc::EncodeResult> results(jobs.size());
   {
     py::gil_scoped_release release;
-    parallel_for(jobs.size(), resolve_threads(threads, jobs.size()),
-                 [&](size_t i) { run_encode(jobs[i], chunk_tokens); });
+    kvc::encode_many(jobs.data(), jobs.size(), chunk_tokens, threads, results.data());
   }
   py::list out;
-  for (auto& job : jobs) out.append(blobs_to_python(job));
+  for (const auto& result : results) out.append(blobs_to_python(result));
   return out;
 }
 
@@ -159,53 +106,34 @@ struct Tables {
 };
 
 std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int threads) {
-  std::vector<Table> specs;
+  std::vector<kvc::FreqTable> specs;
   for (size_t i = 0; i < freqs.size(); ++i) {
     const py::array a = freqs[i].cast<py::array>();
     const int channels = a.ndim() == 2 ? (int)a.shape(0) : 0;
     specs.push_back(check_freqs(a, "freqs", channels));
   }
-  std::vector<std::shared_ptr<Tables>> out(specs.size());
+  std::vector<std::shared_ptr<Tables>> out;
+  std::vector<kvc::DecodeTables*> targets;
+  for (const auto& spec : specs) {
+    out.push_back(std::make_shared<Tables>());
+    out.back()->channels = spec.channels;
+    out.back()->alphabet = spec.alphabet;
+    targets.push_back(&out.back()->t);
+  }
   {
     py::gil_scoped_release release;
-    parallel_for(specs.size(), resolve_threads(threads, specs.size()), [&](size_t i) {
-      auto t = std::make_shared<Tables>();
-      t->channels = specs[i].channels;
-      t->alphabet = specs[i].alphabet;
-      kvc::build_tables(specs[i].freqs, t->channels, t->alphabet, &t->t);
-      out[i] = std::move(t);
-    });
+    kvc::build_decode_tables(specs.data(), specs.size(), threads, targets.data());
   }
   return out;
 }
 
-struct DecodeJob {
-  std::vector<std::pair<const uint8_t*, size_t>> blobs;
-  std::vector<py::buffer_info> keep;  // holds the buffers while the GIL is released
-  Table table;
-  std::shared_ptr<Tables> built;  // prebuilt tables, or null: build from `table`
-  uint8_t* out;
-  int rows, channels;
-  std::optional<kvc::DequantSpec> dequant;
-  std::string error;
+// What a decode job points into, held while the GIL is released.
+struct DecodeArgs {
+  std::vector<kvc::Blob> blobs;
+  std::vector<py::buffer_info> keep;
+  std::shared_ptr<Tables> built;
+  kvc::DequantSpec dequant;
 };
-
-void run_decode(DecodeJob& job, int chunk_tokens) {
-  kvc::DecodeTables local;
-  if (!job.built) kvc::build_tables(job.table.freqs, job.channels, job.table.alphabet, &local);
-  const kvc::DecodeTables& tables = job.built ? job.built->t : local;
-  for (size_t i = 0; i < job.blobs.size(); ++i) {
-    const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
-    std::string err = kvc::decode_blob(job.blobs[i].first, job.blobs[i].second, rows,
-                                       job.channels, tables,
-                                       job.out + (size_t)t0 * job.channels);
-    if (!err.empty()) {
-      job.error = "blob " + std::to_string(i) + ": " + err;
-      return;
-    }
-  }
-  if (job.dequant) job.error = kvc::dequant_token(job.out, job.rows, *job.dequant);
-}
 
 // The array must already be a NumPy array (never a converted temporary): the caller's
 // items keep it alive while the GIL is released.
@@ -273,13 +201,15 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
 
 py::list decode_many(py::list items, int chunk_tokens, int threads) {
   if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
-  std::vector<DecodeJob> jobs(items.size());
+  std::vector<kvc::DecodeJob> jobs(items.size());
+  std::vector<DecodeArgs> args(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 3 && item.size() != 4) {
       throw py::value_error("items: each item is (blobs, freqs, out[, dequant])");
     }
-    DecodeJob& job = jobs[i];
+    kvc::DecodeJob& job = jobs[i];
+    DecodeArgs& arg = args[i];
     py::array out = item[2].cast<py::array>();
     check_array(out, "out", 'u', 1, 2);
     if (!out.writeable()) throw py::value_error("out: must be writable");
@@ -290,17 +220,19 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     }
     job.out = static_cast<uint8_t*>(out.mutable_data());
     if (py::isinstance<Tables>(item[1])) {
-      job.built = item[1].cast<std::shared_ptr<Tables>>();
-      if (job.built->channels != job.channels) {
-        throw py::value_error("tables: built for " + std::to_string(job.built->channels) +
+      arg.built = item[1].cast<std::shared_ptr<Tables>>();
+      if (arg.built->channels != job.channels) {
+        throw py::value_error("tables: built for " + std::to_string(arg.built->channels) +
                               " channels but the symbols have " +
                               std::to_string(job.channels));
       }
+      job.built = &arg.built->t;
     } else {
       job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
     }
     if (item.size() == 4 && !item[3].is_none()) {
-      job.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
+      arg.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
+      job.dequant = &arg.dequant;
     }
     py::list blobs = item[0].cast<py::list>();
     const size_t expected = ((size_t)job.rows + chunk_tokens - 1) / chunk_tokens;
@@ -315,43 +247,27 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       if (info.itemsize != 1 || info.ndim != 1 || info.strides[0] != 1) {
         throw py::value_error("blobs: each blob must be a contiguous byte buffer");
       }
-      job.blobs.emplace_back(static_cast<const uint8_t*>(info.ptr), (size_t)info.size);
-      job.keep.push_back(std::move(info));
+      arg.blobs.push_back({static_cast<const uint8_t*>(info.ptr), (size_t)info.size});
+      arg.keep.push_back(std::move(info));
     }
+    job.blobs = arg.blobs.data();
+    job.n_blobs = arg.blobs.size();
   }
+  std::vector<std::string> errors(jobs.size());
   {
     py::gil_scoped_release release;
-    parallel_for(jobs.size(), resolve_threads(threads, jobs.size()),
-                 [&](size_t i) { run_decode(jobs[i], chunk_tokens); });
+    kvc::decode_many(jobs.data(), jobs.size(), chunk_tokens, threads, errors.data());
   }
-  py::list errors;
-  for (auto& job : jobs) {
-    if (job.error.empty()) errors.append(py::none());
-    else errors.append(py::str(job.error));
+  py::list out;
+  for (const auto& error : errors) {
+    if (error.empty()) out.append(py::none());
+    else out.append(py::str(error));
   }
-  return errors;
-}
-
-// normalize_freqs over the `n` rows of one levels array; "" or what is wrong. Plain
-// pointers, so it runs without the GIL.
-struct LevelRows {
-  const uint8_t* levels;
-  uint16_t* freqs;
-  size_t n;
-  int alphabet;
-};
-
-std::string normalize_rows(const LevelRows& t) {
-  const int a = t.alphabet;
-  for (size_t r = 0; r < t.n; ++r) {
-    if (!kvc::normalize_freqs(t.levels + r * a, a, t.freqs + r * a))
-      return "row " + std::to_string(r) + " has no present symbol or a level above 63";
-  }
-  return std::string();
+  return out;
 }
 
 // Checks `levels` and allocates its frequencies into `out`.
-LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
+kvc::LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
   check_array(levels, "levels", 'u', 1, 2);
   if (levels.shape(1) < 1 || levels.shape(1) > kvc::MAX_ALPHABET)
     throw py::value_error("levels: alphabet must be in [1, 256]");
@@ -362,7 +278,9 @@ LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
 
 py::array normalize_freqs(py::array levels) {
   py::array_t<uint16_t> out;
-  const std::string err = normalize_rows(level_rows(levels, &out));
+  const kvc::LevelRows rows = level_rows(levels, &out);
+  std::string err;
+  kvc::normalize_many(&rows, 1, 1, &err);
   if (!err.empty()) throw py::value_error("levels: " + err);
   return out;
 }
@@ -372,7 +290,7 @@ py::array normalize_freqs(py::array levels) {
 std::vector<py::array_t<uint16_t>> normalize_many(py::list levels, int threads) {
   std::vector<py::array> in;  // keeps the inputs alive while the GIL is released
   std::vector<py::array_t<uint16_t>> out(levels.size());
-  std::vector<LevelRows> work;
+  std::vector<kvc::LevelRows> work;
   for (size_t i = 0; i < levels.size(); ++i) {
     in.push_back(levels[i].cast<py::array>());
     work.push_back(level_rows(in.back(), &out[i]));
@@ -380,8 +298,7 @@ std::vector<py::array_t<uint16_t>> normalize_many(py::list levels, int threads) 
   std::vector<std::string> errors(work.size());
   {
     py::gil_scoped_release release;
-    parallel_for(work.size(), resolve_threads(threads, work.size()),
-                 [&](size_t i) { errors[i] = normalize_rows(work[i]); });
+    kvc::normalize_many(work.data(), work.size(), threads, errors.data());
   }
   for (size_t i = 0; i < errors.size(); ++i)
     if (!errors[i].empty())
@@ -402,12 +319,13 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "encode",
       [](py::array symbols, py::array freqs, int chunk_tokens) {
-        EncodeJob job = make_encode_job(symbols, freqs, chunk_tokens);
+        const kvc::EncodeJob job = check_encode(symbols, freqs, chunk_tokens);
+        kvc::EncodeResult result;
         {
           py::gil_scoped_release release;
-          run_encode(job, chunk_tokens);
+          kvc::encode_many(&job, 1, chunk_tokens, 1, &result);
         }
-        return blobs_to_python(job);
+        return blobs_to_python(result);
       },
       py::arg("symbols"), py::arg("freqs"), py::arg("chunk_tokens"),
       "Encode uint8 symbols [T, C] with per-channel tables freqs [C, A] into one blob per "
