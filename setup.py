@@ -56,7 +56,9 @@ setup(
     name="kvcodec",
     version="0.1.0",
     description="Compress transformer KV caches into compact, safe, randomly accessible files",
-    packages=["kvcodec", "kvcodec_cli"],
+    packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
+                                           ("core", "format", "models", "integrations",
+                                            "store", "quality")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
     install_requires=["numpy", "zstandard", "click", "safetensors", "transformers", "gguf",

@@ -15,7 +15,9 @@ import time
 import torch
 
 import kvcodec
-from kvcodec import cuda, tables
+from kvcodec.core import tables
+from kvcodec.core.streams import stream_input
+from kvcodec.integrations import cuda
 
 
 def timed(fn, repeats: int, sync=True) -> float:
@@ -63,7 +65,7 @@ def main():
     }
     # Encode: symbols of one stream tiled, GPU vs CPU coder.
     layer = f._quant[(0, "value")]
-    sym, _ = layer.quantize(kvcodec.api.stream_input(kv.values[0], "value", None), {})
+    sym, _ = layer.quantize(stream_input(kv.values[0], "value", None), {})
     freqs = tables.freqs_from_levels(tables.levels_from_counts(
         tables.channel_counts(sym, layer.table_alphabet)))
     import numpy as np

@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import kvcodec  # noqa: E402
-from kvcodec import tables  # noqa: E402
-from kvcodec.api import KINDS, stream_input  # noqa: E402
-from kvcodec.config import load_config, resolve_layers  # noqa: E402
-from kvcodec.quant import make_quantizer  # noqa: E402
-from kvcodec.transforms import key_transform  # noqa: E402
+from kvcodec.core import tables  # noqa: E402
+from kvcodec.core.streams import KINDS, stream_input  # noqa: E402
+from kvcodec.core.config import load_config, resolve_layers  # noqa: E402
+from kvcodec.core.quant import make_quantizer  # noqa: E402
+from kvcodec.core.transforms import key_transform  # noqa: E402
 
 
 def real_streams(tokens: int, config: str):

@@ -1,6 +1,6 @@
 """Rate-distortion sweep on held-out real texts: the figures behind the default config.
 
-For each text (none used to calibrate ``default``), runs ``kvcodec.evaluate`` for the
+For each text (none used to calibrate ``default``), runs ``kvcodec.quality.evaluate`` for the
 baselines, ``default``, ``cachegen`` and their step sweeps, then averages each scheme
 over the texts. ``--json`` prints ``{"texts": [...], "results": [...]}`` with the
 averaged rows; ``--plot rd.png`` draws the curves.
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import kvcodec  # noqa: E402
-from kvcodec import evaluate  # noqa: E402
+from kvcodec.quality import evaluate  # noqa: E402
 
 
 def heldout_texts() -> dict:

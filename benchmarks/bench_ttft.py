@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import kvcodec
-from kvcodec import hf
-from kvcodec import io as kvio
+from kvcodec.integrations import hf
+from kvcodec.format import io as kvio
 from kvcodec.store import Store
-from kvcodec.stream import RateLimitedReader
+from kvcodec.format.stream import RateLimitedReader
 
 QUESTION = "\n\nQuestion: What is this document about?\nAnswer:"
 

@@ -7,18 +7,47 @@
 >>> with kvcodec.open("doc.kvc") as f:
 ...     first = f.decode(chunks=0)                   # only the first 256-token chunk
 >>> kv2 = kvcodec.decode("doc.kvc")                  # everything
-"""
-__version__ = "0.1.0"
 
-from .api import KVCFile, decode, encode, open  # noqa: A004
-from .config import available_configs, load_config
+The package is layered (ARCHITECTURE.md); a layer imports only those below it:
+``errors`` < ``core`` < ``format``, ``models`` < ``integrations`` < ``store`` < ``quality``.
+"""
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+from ._version import __version__
+from .core import KVCache, available_configs, load_config
 from .errors import (BackendError, ConfigError, CorruptError, FormatError, KVCodecError,
                      ModelMismatchError, ShapeError, TruncatedError)
-from .model import DEFAULT_MODEL, KVCache, capture_kv, check_fingerprint, fingerprint, load_model
+from .format import KVCFile, decode, encode, open  # noqa: A004
+from .models import DEFAULT_MODEL, capture_kv, check_fingerprint, fingerprint, load_model
 
 __all__ = [
     "KVCFile", "KVCache", "decode", "encode", "open", "load_config", "available_configs",
     "load_model", "capture_kv", "fingerprint", "check_fingerprint", "DEFAULT_MODEL",
     "KVCodecError", "FormatError", "CorruptError", "TruncatedError", "ModelMismatchError",
-    "ShapeError", "ConfigError", "BackendError",
+    "ShapeError", "ConfigError", "BackendError", "__version__",
 ]
+
+# Modules documented before the package was split into layers keep their import paths
+# (``import kvcodec.hf`` is ``kvcodec.integrations.hf`` itself, not a copy), resolved
+# only when imported so that ``import kvcodec`` stays light.
+_MOVED = {"hf": "integrations.hf", "cuda": "integrations.cuda", "adapt": "store.adapt",
+          "stream": "format.stream"}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        package, _, short = name.rpartition(".")
+        if package == __name__ and short in _MOVED:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def exec_module(self, module):
+        # The import system returns whatever sys.modules holds once this returns.
+        short = module.__name__.rpartition(".")[2]
+        sys.modules[module.__name__] = importlib.import_module(f"{__name__}.{_MOVED[short]}")
+
+
+sys.meta_path.append(_MovedModules())

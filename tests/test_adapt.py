@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvcodec.adapt import RECOMPUTE, load_adaptive, measure_costs, parse_bandwidth, plan
+from kvcodec.store.adapt import RECOMPUTE, load_adaptive, measure_costs, parse_bandwidth, plan
 from kvcodec.errors import KVCodecError
 from kvcodec.store import Store
 

@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import io as kvio
+from kvcodec.format import io as kvio
 from kvcodec_cli.main import main
 
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import tables
-from kvcodec.api import KINDS, _flatten, step_multipliers
-from kvcodec.calibrate import simulate
-from kvcodec.config import load_config, resolve_layers
-from kvcodec.quant import make_quantizer
-from kvcodec.transforms import rope
+from kvcodec.core import tables
+from kvcodec.core.streams import KINDS, flatten, step_multipliers
+from kvcodec.quality.calibrate import simulate
+from kvcodec.core.config import load_config, resolve_layers
+from kvcodec.core.quant import make_quantizer
+from kvcodec.core.transforms import rope
 
 CONFIGS = kvcodec.available_configs()
 
@@ -97,7 +97,7 @@ def test_size_overhead_within_3_percent_of_entropy(kv_1536):
             q = make_quantizer(specs[kind][layer])
             if kind == "key" and cfg.get("key_transform"):
                 t = rope(t, kv_1536.model["rope_theta"], inverse=True)
-            x = _flatten(t)
+            x = flatten(t)
             mult = step_multipliers(cfg, kv_1536.importance, layer, cfg.get("sink_tokens", 0))
             sym, side = q.quantize(x, q.fit(x), mult)
             entropy += tables.entropy_bits(tables.channel_counts(sym, q.table_alphabet))
@@ -108,7 +108,7 @@ def test_size_overhead_within_3_percent_of_entropy(kv_1536):
 
 
 def test_default_beats_cachegen_size_and_quality_on_the_model(lm, texts):
-    from kvcodec.evaluate import compare_logits, continuation_logits
+    from kvcodec.quality.evaluate import compare_logits, continuation_logits
 
     ids = lm.tokenizer(texts["argparse_doc"], add_special_tokens=False)["input_ids"]
     kv = kvcodec.capture_kv(lm, token_ids=ids[:768])

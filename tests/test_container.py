@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvcodec
-from kvcodec import container
+from kvcodec.format import container
 from kvcodec.errors import (CorruptError, FormatError, KVCodecError, ModelMismatchError,
                             ShapeError, TruncatedError)
 

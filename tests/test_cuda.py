@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec import cuda, tables
+from kvcodec.core import tables
+from kvcodec.format import container
+from kvcodec.integrations import cuda
 from kvcodec.errors import BackendError, CorruptError
 
 needs_gpu = pytest.mark.skipif(not cuda.available(), reason="no CUDA device")
@@ -81,7 +83,7 @@ def test_damaged_blob_reports_status(kv_600):
         e = f._index[5]
         e["blob"] = int(e["blob"]) - 2
         raw = f._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
-        e["crc"] = kvcodec.container.crc32(raw)
+        e["crc"] = container.crc32(raw)
         with pytest.raises(CorruptError, match="chunk"):
             dev.decode()
 
@@ -91,7 +93,7 @@ def test_damaged_blob_reports_status(kv_600):
 def test_compute_sanitizer_memcheck(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
-        "import kvcodec, torch\nfrom kvcodec import cuda\n"
+        "import kvcodec, torch\nfrom kvcodec.integrations import cuda\n"
         "lm = kvcodec.load_model()\n"
         "kv = kvcodec.capture_kv(lm, 'The quick brown fox jumps over the lazy dog. ' * 40)\n"
         "data = kvcodec.encode(kv)\n"

@@ -4,7 +4,8 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import evaluate, hf
+from kvcodec.integrations import hf
+from kvcodec.quality import evaluate
 from kvcodec_cli.main import main
 
 
@@ -109,7 +110,7 @@ def test_cache_from_kv_and_geometry_checks(lm, doc, kv_600):
 
 
 def test_streamed_load_equals_file_load(lm, doc):
-    from kvcodec.stream import RateLimitedReader
+    from kvcodec.format.stream import RateLimitedReader
     import io
 
     a = hf.load_cache(lm.model, doc)

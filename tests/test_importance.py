@@ -6,7 +6,7 @@ import torch
 
 import kvcodec
 from kvcodec.errors import ShapeError
-from kvcodec.evaluate import compare_logits, continuation_logits
+from kvcodec.quality.evaluate import compare_logits, continuation_logits
 
 
 def test_capture_reports_attention_importance(lm, texts, kv_600):
@@ -34,7 +34,7 @@ def test_importance_moves_bits_to_attended_tokens(lm, texts):
     importance point lies below the rate-distortion curve of equal per-token steps."""
     import math
 
-    from kvcodec.evaluate import sweep_configs
+    from kvcodec.quality.evaluate import sweep_configs
 
     ids = lm.tokenizer(texts["gpl3"], add_special_tokens=False)["input_ids"]
     kv = kvcodec.capture_kv(lm, token_ids=ids[:1024])

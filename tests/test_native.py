@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcodec import _native as nat
-from kvcodec import tables
+from kvcodec.core import tables
 
 L, PROB_BITS, LANES = 1 << 16, 12, 16
 WEIGHTS = [0] + [round(2 ** (16 + (k - 63) / 4.0 + 15.5)) for k in range(1, 64)]

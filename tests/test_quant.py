@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvcodec.config import load_config, resolve_layers, validate_config
+from kvcodec.core.config import load_config, resolve_layers, validate_config
 from kvcodec.errors import ConfigError
-from kvcodec.quant import STEP_GRID, make_quantizer, token_step_multipliers
+from kvcodec.core.quant import STEP_GRID, make_quantizer, token_step_multipliers
 
 
 def flat(t):

@@ -6,9 +6,9 @@ import torch
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec import baselines, evaluate
-from kvcodec.calibrate import Calibrator, build_config, simulate
-from kvcodec.transforms import rope
+from kvcodec.quality import baselines, evaluate
+from kvcodec.quality.calibrate import Calibrator, build_config, simulate
+from kvcodec.core.transforms import rope
 from kvcodec_cli.main import main
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.stream import RateLimitedReader
+from kvcodec.format.stream import RateLimitedReader
 
 
 class Pipe:

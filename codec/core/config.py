@@ -14,10 +14,10 @@ A config is JSON (``configs/*.json``)::
 Optional top-level fields: ``sink_tokens`` (the first N tokens, the attention sinks, are
 also stored in float16 and restored exactly on decode; StreamingLLM, Xiao et al. 2024) and
 ``key_transform`` (``{"type": "rope_strip"}``: keys are coded before RoPE, see
-:mod:`kvcodec.transforms`) and ``token_importance`` (``{"beta", "min", "max"}``: when
+:mod:`kvcodec.core.transforms`) and ``token_importance`` (``{"beta", "min", "max"}``: when
 the cache carries attention importance, per-token steps are scaled by
 ``clamp((imp / geomean(imp)) ** -beta, min, max)``; see
-:func:`kvcodec.quant.token_step_multipliers`).
+:func:`kvcodec.core.quant.token_step_multipliers`).
 
 ``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
 null = through the last layer; negative numbers count from the end). The first rule
@@ -30,11 +30,13 @@ import copy
 import json
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .quant import make_quantizer, validate_token_importance
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_PACKAGED = Path(__file__).resolve().parent / "configs"
+# The repository's configs/ (editable installs) and a copy inside the package (wheels).
+_PACKAGE = Path(__file__).resolve().parent.parent
+CONFIG_DIR = _PACKAGE.parent / "configs"
+_PACKAGED = _PACKAGE / "configs"
 DEFAULT_CHUNK_TOKENS = 256
 MAX_CHUNK_TOKENS = 1 << 16
 

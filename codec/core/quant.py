@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MAX_ALPHABET = 256
 # Per-token steps live on this grid: code k in [1, 255] means 2**((k - 128) / 8), code 0

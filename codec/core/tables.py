@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BackendError
+from ..errors import BackendError
 
 MAX_LEVEL = 63
 LEVELS_PER_OCTAVE = 4
@@ -21,7 +21,7 @@ LEVELS_PER_OCTAVE = 4
 
 def native():
     try:
-        from . import _native
+        from .. import _native
     except ImportError as exc:
         raise BackendError(
             f"the native coder is not built ({exc}); run `pip install -e .` in the kvcodec "

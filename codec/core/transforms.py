@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,7 +30,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from .errors import CorruptError, FormatError, TruncatedError
+from ..errors import CorruptError, FormatError, TruncatedError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 FORMAT_VERSION = 2

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 
 from .container import atomic_write
-from .errors import FormatError, ShapeError
-from .model import KVCache
+from ..errors import FormatError, ShapeError
+from ..core.kvcache import KVCache
 
 
 def save_safetensors(kv: KVCache, path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import BackendError, CorruptError, ShapeError
+from ..errors import BackendError, CorruptError, ShapeError
 
 STATUS = {1: "blob shorter than its lane states or odd word bytes",
           2: "invalid initial lane state", 3: "truncated word stream",
@@ -30,7 +30,7 @@ _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 def module():
     """The compiled CUDA module, or a BackendError saying why it is missing."""
     try:
-        from . import _cuda
+        from .. import _cuda
     except ImportError as exc:
         raise BackendError(f"this kvcodec build has no CUDA coder ({exc}); rebuild with nvcc "
                            "on PATH (pip install -e .)") from None
@@ -103,9 +103,9 @@ class DeviceFile:
         list of (key, value)
             ``out`` (allocated contiguous when omitted).
         """
-        from .api import KINDS, _unflatten
-        from .quant import STEP_GRID, Uniform
-        from .transforms import rope, rope_tables
+        from ..core.quant import STEP_GRID, Uniform
+        from ..core.streams import KINDS, unflatten
+        from ..core.transforms import rope, rope_tables
 
         f, dev, nat = self.f, self.device, module()
         chunks = f._chunk_range(chunks)
@@ -208,7 +208,7 @@ class DeviceFile:
                     if n_sink:
                         x[:n_sink] = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
                     rows = slice(0, n)
-                t = _unflatten(x, h, d)
+                t = unflatten(x, h, d)
                 if k == "key" and f.key_transform:
                     t = rope(t, f.key_transform["theta"], f.position_offset + t0 + rows.start)
                 dst = out[l][ki]

@@ -18,9 +18,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import api
-from .errors import ModelMismatchError, ShapeError
-from .model import KVCache, check_fingerprint
+from .. import format as kvc
+from ..core.kvcache import KVCache
+from ..errors import ModelMismatchError, ShapeError
+from ..models.fingerprint import check_fingerprint
 
 
 DEFAULT_RESERVE = 256
@@ -35,7 +36,7 @@ def _model_device(model) -> torch.device:
 
 
 def _open_checked(model, src, fingerprint):
-    f = src if isinstance(src, api.KVCFile) else api.open(src)
+    f = src if isinstance(src, kvc.KVCFile) else kvc.open(src)
     if fingerprint is not None:
         check_fingerprint(f.model, fingerprint)
     return f
@@ -202,7 +203,7 @@ class LayerwiseCache:
         return _make_layerwise(model, f, threads, reserve)
 
 
-def _make_layerwise(model, f: api.KVCFile, threads: int, reserve: int):
+def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
     class _Layerwise(DynamicCache):
         def __init__(self):
             super().__init__(config=model.config)

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import torch
 
-from . import tables
-from .api import _flatten, _unflatten
-from .config import load_config, resolve_layers
-from .model import KVCache
-from .quant import make_quantizer
+from ..core import tables
+from ..core.config import load_config, resolve_layers
+from ..core.kvcache import KVCache
+from ..core.quant import make_quantizer
+from ..core.streams import flatten, unflatten
 
 
 def _map_layers(kv: KVCache, fn) -> tuple[KVCache, float]:
     keys, values, bits = [], [], 0.0
     for kind, src, dst in (("key", kv.keys, keys), ("value", kv.values, values)):
         for t in src:
-            x = _flatten(t)
+            x = flatten(t)
             y, b = fn(kind, x)
             bits += b
-            dst.append(_unflatten(y, kv.num_kv_heads, kv.head_dim).to(t.dtype))
+            dst.append(unflatten(y, kv.num_kv_heads, kv.head_dim).to(t.dtype))
     return KVCache(keys, values, kv.token_ids, kv.model), bits
 
 

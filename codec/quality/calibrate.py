@@ -20,13 +20,14 @@ import math
 import numpy as np
 import torch
 
-from . import tables
-from .api import KINDS, _unflatten, step_multipliers, stream_counts, stream_input
-from .config import resolve_layers, validate_config
+from ..core import tables
+from ..core.config import resolve_layers, validate_config
+from ..core.kvcache import KVCache
+from ..core.quant import MAX_ALPHABET, make_quantizer
+from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
+from ..core.transforms import key_transform, rope
+from ..models.capture import capture_kv
 from .evaluate import compare_logits, continuation_logits
-from .model import KVCache, capture_kv
-from .quant import MAX_ALPHABET, make_quantizer
-from .transforms import key_transform, rope
 
 
 def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
@@ -61,7 +62,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
                 bits += tables.entropy_bits(stream_counts(q, sym, x.shape[1]))
                 bits += 0 if side is None else side.size * 16
                 bits += n_sink * x.shape[1] * 16
-            out = _unflatten(y, kv.num_kv_heads, kv.head_dim)
+            out = unflatten(y, kv.num_kv_heads, kv.head_dim)
             if kind == "key" and xform:
                 out = rope(out, xform["theta"])
             dst[layer] = out.to(kv.dtype)

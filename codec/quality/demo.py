@@ -5,8 +5,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from . import api, evaluate
-from .model import capture_kv, load_model
+from .. import format as kvc
+from ..models import capture_kv, load_model
+from . import evaluate
 
 QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
 
@@ -36,7 +37,7 @@ def run_demo(text=None, max_tokens: int = 1024, out_dir="out", echo=print) -> di
     sizes = {}
     for name in ("default", "cachegen"):
         t = time.perf_counter()
-        data = api.encode(kv, out / f"demo-{name}.kvc", config=name)
+        data = kvc.encode(kv, out / f"demo-{name}.kvc", config=name)
         sizes[name] = len(data)
         echo(f"  {name:9s}: {len(data):>10,} bytes  {len(data) * 8 / kv.numel():.3f} bits/element  "
              f"{fp16_bytes / len(data):5.1f}x smaller than fp16  "
@@ -44,7 +45,7 @@ def run_demo(text=None, max_tokens: int = 1024, out_dir="out", echo=print) -> di
     echo(f"  default is {sizes['cachegen'] / sizes['default']:.2f}x smaller than cachegen")
 
     t = time.perf_counter()
-    decoded = api.decode(out / "demo-default.kvc")
+    decoded = kvc.decode(out / "demo-default.kvc")
     echo(f"decoded {out / 'demo-default.kvc'} in {time.perf_counter() - t:.2f}s")
 
     prompt = lm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]

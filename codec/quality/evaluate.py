@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .model import KVCache, LoadedModel
+from ..core.kvcache import KVCache
+from ..models.loading import LoadedModel
 
 
 @torch.no_grad()
@@ -87,10 +88,11 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
         ``{"name", "bits_per_element", "kl", "top1_agreement", "delta_ppl_pct"}`` per
         scheme; ``bits_per_element`` is all-in (whole .kvc file for configs).
     """
-    from . import api, baselines as base
-    from .config import load_config
-    from .errors import ShapeError
-    from .model import capture_kv
+    from .. import format as kvc
+    from ..core.config import load_config
+    from ..errors import ShapeError
+    from ..models.capture import capture_kv
+    from . import baselines as base
 
     token_ids = list(token_ids)
     if len(token_ids) < prefill + 2:
@@ -113,9 +115,9 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
         rows.append(score(name, decoded, bits))
     for cfg in configs:
         cfg = load_config(cfg)
-        data = api.encode(kv, config=cfg, threads=threads)
+        data = kvc.encode(kv, config=cfg, threads=threads)
         rows.append(score(cfg.get("name", "custom") if cfg.get("name") != "cachegen"
-                          else "cachegen-kvc", api.decode(data, threads=threads), len(data) * 8))
+                          else "cachegen-kvc", kvc.decode(data, threads=threads), len(data) * 8))
     return rows
 
 
@@ -145,7 +147,7 @@ def plot(rows: list, path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import BackendError
+        from ..errors import BackendError
         raise BackendError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}

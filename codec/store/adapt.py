@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import hf
-from .errors import KVCodecError
+from ..integrations import hf
+from ..errors import KVCodecError
 
 RECOMPUTE = "recompute"
 

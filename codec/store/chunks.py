@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from . import api, hf
-from .config import load_config
-from .container import atomic_write
-from .errors import KVCodecError
-from .model import KVCache, check_fingerprint, fingerprint as model_fingerprint
+from .. import format as kvc
+from ..core.config import load_config
+from ..core.kvcache import KVCache
+from ..errors import KVCodecError
+from ..format.container import atomic_write
+from ..integrations import hf
+from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
 
 log = logging.getLogger("kvcodec")
 
@@ -86,7 +88,7 @@ class Store:
             part = kv.slice(t0, t1)
             part.model = self.fingerprint
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, api.encode(part, config=self.config, position_offset=t0))
+            atomic_write(path, kvc.encode(part, config=self.config, position_offset=t0))
             written += 1
         return written
 
@@ -109,7 +111,7 @@ class Store:
         Returns False, after moving the entry aside, if it is damaged or is not that chunk;
         False without touching it if it vanished (another reader moved it)."""
         try:
-            with api.open(path) as f:
+            with kvc.open(path) as f:
                 check_fingerprint(f.model, self.fingerprint)
                 ids = [int(t) for t in token_ids]
                 if (f.num_tokens != len(ids) or f.position_offset != t0

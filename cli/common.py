@@ -1,0 +1,55 @@
+"""Helpers the command modules share: progress on stderr and argument parsing."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+import kvcodec
+from kvcodec.errors import KVCodecError
+
+
+def with_bar(label, fn):
+    bar = click.progressbar(length=1, label=label, file=sys.stderr)
+    state = {"done": 0}
+
+    def progress(done, total):
+        bar.length = total
+        bar.update(done - state["done"])
+        state["done"] = done
+
+    with bar:
+        return fn(progress)
+
+
+def capture(lm, text, max_tokens, label):
+    """capture_kv with a progress bar over prefill steps."""
+    return with_bar(label, lambda p: kvcodec.capture_kv(lm, text, max_tokens=max_tokens,
+                                                         progress=p))
+
+
+def parse_chunks(spec):
+    if spec is None:
+        return None
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            return slice(int(a) if a else None, int(b) if b else None)
+        return int(spec)
+    except ValueError:
+        raise KVCodecError(f"--chunks must be N or A:B, got {spec!r}") from None
+
+
+class status:
+    """One line on stderr saying what a long step is doing (a spinner would need a thread)."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            click.echo(f"{self.what} ...", err=True)
+
+    def __exit__(self, *exc):
+        return False
+

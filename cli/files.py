@@ -1,0 +1,116 @@
+"""Commands on .kvc files: encode, decode, inspect, and the build's backends (info)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+import kvcodec
+
+from .common import capture, parse_chunks, status
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .kvc file to write.")
+@click.option("--config", default="default", show_default=True,
+              help=f"Config name ({', '.join(kvcodec.available_configs())}) or JSON path.")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
+@click.option("--chunk-tokens", type=int, default=None, help="Tokens per chunk (default 256).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Coder threads (0 = all cores).")
+def encode(source, output, config, model, max_tokens, chunk_tokens, threads):
+    """Encode SOURCE into a .kvc file.
+
+    SOURCE is a text file (run through the model to capture its KV cache) or a
+    .safetensors file of K/V tensors as written by `kvcodec decode`.
+    """
+    from kvcodec.format import io as kvio
+
+    if source.endswith(".safetensors"):
+        kv = kvio.load_safetensors(source)
+    else:
+        text = Path(source).read_text(encoding="utf-8", errors="replace")
+        with status("loading the model"):
+            lm = kvcodec.load_model(model)
+        kv = capture(lm, text, max_tokens, f"prefilling {Path(source).name}")
+    with status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
+        data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
+    click.echo(f"wrote {output}: {len(data):,} bytes, "
+               f"{len(data) * 8 / kv.numel():.3f} bits/element, "
+               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16")
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write.")
+@click.option("--chunks", default=None, help="Chunk range to decode, e.g. 0:4 (default all).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Output dtype (default: the encoded cache's).")
+@click.option("--threads", type=int, default=0, show_default=True)
+def decode(source, output, chunks, dtype, threads):
+    """Decode a .kvc file into a safetensors file of K/V tensors."""
+    from kvcodec.format import io as kvio
+    from kvcodec.format import DTYPES
+
+    with kvcodec.open(source) as f:
+        sel = parse_chunks(chunks)
+        with status(f"decoding {source}"):
+            kv = f.decode(sel, dtype=DTYPES[dtype] if dtype else None, threads=threads)
+    kvio.save_safetensors(kv, output)
+    click.echo(f"wrote {output}: {kv.num_layers} layers x {kv.num_tokens} tokens")
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(source, as_json):
+    """Show what a .kvc file holds and how big each part is."""
+    with kvcodec.open(source) as f:
+        info = f.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    model = info["model"] or {}
+    rows = [
+        ("file", f"{source} ({info['file_bytes']:,} bytes, format v{info['format_version']})"),
+        ("model", f"{model.get('architecture', 'unknown')} layers={info['num_layers']} "
+                  f"kv_heads={info['num_kv_heads']} head_dim={info['head_dim']}"),
+        ("tokens", f"{info['num_tokens']} in {info['num_chunks']} chunks of {info['chunk_tokens']}"),
+        ("config", info["config"]),
+        ("dtype", info["dtype"]),
+        ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
+                 f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),
+    ] + [(f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(as_json):
+    """Report the backends this build has (CPU coder, CUDA) and versions."""
+    import platform
+
+    import torch
+
+    from kvcodec.core import tables
+    from kvcodec.integrations import cuda
+
+    nat = tables.native()
+    cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    report = {"cpu": True, "cuda_compiled": cuda.compiled(),
+              "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
+              "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),
+              "prob_bits": int(nat.PROB_BITS), "torch": torch.__version__,
+              "python": platform.python_version(), "configs": kvcodec.available_configs()}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for k, v in report.items():
+            click.echo(f"{k:14s} {v}")
+

@@ -1,0 +1,104 @@
+"""Commands that measure and tune lossy settings: demo, eval, calibrate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+import kvcodec
+
+from .common import with_bar, status
+
+
+@click.command()
+@click.option("--text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Document to use (default: a license text that ships with Debian/Python).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default="out", show_default=True)
+def demo(text, max_tokens, out_dir):
+    """Capture KV of a real document, encode, decode, and continue generation from it."""
+    from kvcodec.quality.demo import run_demo
+
+    run_demo(text, max_tokens, out_dir, echo=click.echo)
+
+
+@click.command(name="eval")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text to prefill and continue.")
+@click.option("--config", "configs", multiple=True,
+              help="Config(s) to measure (repeatable; default: default and cachegen).")
+@click.option("--prefill", type=int, default=1536, show_default=True)
+@click.option("--continuation", type=int, default=256, show_default=True)
+@click.option("--sweep", is_flag=True, help="Also scale each config's steps for an R-D curve.")
+@click.option("--no-baselines", is_flag=True, help="Skip fp16/int8/KIVI/CacheGen baselines.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"results\": [...]} as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw bits vs KL to this PNG (needs matplotlib).")
+def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselines, as_json, plot):
+    """Bits per element against model quality (KL, greedy agreement, perplexity)."""
+    from kvcodec.quality import evaluate
+
+    lm = kvcodec.load_model(model)
+    ids = lm.tokenizer(Path(text_path).read_text(errors="replace"),
+                       add_special_tokens=False)["input_ids"]
+    configs = list(configs) or ["default", "cachegen"]
+    if sweep:
+        configs = configs + [c for name in configs
+                             for c in evaluate.sweep_configs(kvcodec.load_config(name))]
+    rows = evaluate.evaluate(lm, ids, configs, prefill=prefill, continuation=continuation,
+                             baselines=not no_baselines)
+    if plot:
+        evaluate.plot(rows, plot)
+    if as_json:
+        click.echo(json.dumps({"results": rows}))
+        return
+    click.echo(f"{'name':18s} {'bits/elem':>9s} {'KL':>9s} {'top1':>7s} {'dPPL%':>8s}")
+    for r in rows:
+        click.echo(f"{r['name']:18s} {r['bits_per_element']:9.3f} {r['kl']:9.5f} "
+                   f"{r['top1_agreement']:7.3f} {r['delta_ppl_pct']:8.2f}")
+
+
+@click.command()
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--text", "texts", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False), help="Calibration text (repeatable).")
+@click.option("--target-kl", type=float, default=0.01, show_default=True,
+              help="Mean KL (nats/token) the config must meet on the calibration texts.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--name", default=None, help="Config name (default: the output file's stem).")
+@click.option("--alpha", type=float, default=0.35, show_default=True,
+              help="Allocation exponent: steps ~ sensitivity^-alpha.")
+@click.option("--per-layer", is_flag=True, help="One step per layer and K/V (default: per KV head).")
+@click.option("--prefill", type=int, default=1536, show_default=True)
+@click.option("--continuation", type=int, default=256, show_default=True)
+@click.option("--token-importance/--no-token-importance", default=True, show_default=True,
+              help="Scale per-token steps by the attention each token receives.")
+def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, continuation,
+              token_importance):
+    """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits."""
+    from kvcodec.quality.calibrate import DEFAULT_TOKEN_IMPORTANCE, Calibrator
+    from kvcodec.format.container import atomic_write
+
+    lm = kvcodec.load_model(model)
+    ids = [lm.tokenizer(Path(t).read_text(errors="replace"), add_special_tokens=False)["input_ids"]
+           for t in texts]
+    with status("prefilling calibration texts"):
+        cal = Calibrator(lm, ids, prefill, continuation,
+                         DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
+    sens = with_bar("measuring sensitivities",
+                     lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
+    name = name or Path(output).stem
+    desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL <= "
+            f"{target_kl} ({prefill} tokens prefilled, {continuation} scored); "
+            f"steps ~ sensitivity^-{alpha}, keys coded before RoPE, 1 sink token in fp16"
+            + (", per-token steps scaled by attention importance." if token_importance else "."))
+    cfg, info = with_bar("searching the global step",
+                          lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
+    cfg["calibration"] = {"target_kl": target_kl, "texts": [Path(t).name for t in texts],
+                          "model": lm.fingerprint, **info}
+    atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
+    click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
+               f"~{info['payload_bits_per_element']:.3f} bits/element payload")
+

@@ -1,0 +1,132 @@
+"""Commands that reuse caches for generation: generate (from a file or a store)
+and precompute (fill a store)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+import kvcodec
+from kvcodec.errors import KVCodecError
+
+from .common import capture
+
+
+@click.command()
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--context", type=click.Path(exists=True, dir_okay=False),
+              help="The cached document (.kvc).")
+@click.option("--store", "store_dir", type=click.Path(exists=True, file_okay=False),
+              help="Instead of --context: a store made by `kvcodec precompute`; the longest "
+                   "cached prefix of --text is reused and the rest prefilled.")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --store: the document the prompt follows.")
+@click.option("--config", "configs", multiple=True,
+              help="With --store: the store's config (default: default). Repeat it for "
+                   "quality levels, best first, with --bandwidth and --budget.")
+@click.option("--bandwidth", default=None,
+              help="With --store: link bandwidth (1gbps, 200mbps, bits/s) for choosing levels.")
+@click.option("--budget", type=float, default=None,
+              help="With --bandwidth: seconds allowed for loading the document.")
+@click.option("--prompt", required=True, help="Text that follows the cached document.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--compare", is_flag=True,
+              help="Also prefill the document from its tokens and report agreement.")
+def generate(model, context, store_dir, text_file, configs, bandwidth, budget, prompt,
+             max_new_tokens, compare):
+    """Continue from a cached document plus a new prompt, without prefilling the document."""
+    import time
+
+    from kvcodec.integrations import hf
+    from kvcodec.quality import evaluate
+
+    if (context is None) == (store_dir is None):
+        raise click.UsageError("give exactly one of --context FILE.kvc and --store DIR")
+    if store_dir is not None and text_file is None:
+        raise click.UsageError("--store needs --text (the document the prompt follows)")
+    if store_dir is None and (text_file or configs or bandwidth or budget is not None):
+        raise click.UsageError("--text, --config, --bandwidth and --budget go with --store")
+    if (bandwidth is None) != (budget is None):
+        raise click.UsageError("--bandwidth and --budget go together")
+    if len(configs) > 1 and bandwidth is None:
+        raise click.UsageError("several --config levels need --bandwidth and --budget")
+    if bandwidth is not None:
+        from kvcodec.store.adapt import parse_bandwidth
+
+        bandwidth = parse_bandwidth(bandwidth)
+    lm = kvcodec.load_model(model)
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise KVCodecError("--prompt is empty")
+    t = time.perf_counter()
+    if context is not None:
+        with kvcodec.open(context) as f:
+            cache = hf.load_cache(lm.model, f, fingerprint=lm.fingerprint,
+                                  reserve=len(prompt_ids) + max_new_tokens)
+            doc_ids, rest, source = f.token_ids, [], context
+    else:
+        cache, doc_ids, rest, source = _from_store(lm, store_dir, text_file, configs or
+                                                   ("default",), bandwidth, budget)
+    out = evaluate.greedy_generate(lm, cache, rest + prompt_ids, max_new_tokens)
+    elapsed = time.perf_counter() - t
+    click.echo(lm.tokenizer.decode(out))
+    click.echo(f"[{len(out)} tokens in {elapsed:.2f}s from {source}]", err=True)
+    if compare:
+        if doc_ids is None:
+            raise KVCodecError(f"{context} carries no token ids; cannot prefill it to compare")
+        ref_kv = kvcodec.capture_kv(lm, token_ids=doc_ids)
+        ref = evaluate.greedy_generate(lm, ref_kv, prompt_ids, max_new_tokens)
+        n = min(len(ref), len(out))
+        same = sum(a == b for a, b in zip(ref, out))
+        prefix = next((i for i in range(n) if ref[i] != out[i]), n)
+        click.echo(f"full prefill: {lm.tokenizer.decode(ref)!r}", err=True)
+        click.echo(f"agreement with full prefill: {same}/{max(len(ref), len(out))} tokens, "
+                   f"identical for the first {prefix}", err=True)
+
+
+def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
+    """(cache, document ids, uncached document ids, description) for generate --store."""
+    from kvcodec.store import Store, adapt
+
+    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    doc_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not doc_ids:
+        raise KVCodecError(f"{text_file} has no tokens")
+    stores = [Store(store_dir, lm.fingerprint, c) for c in configs]
+    if bandwidth is None:
+        cache, n = stores[0].load_cache(lm.model, doc_ids)
+        return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "
+                                             f"tokens cached, the rest prefilled")
+    recompute_s, per_byte = adapt.measure_costs(lm, stores, doc_ids)
+    cache, choices = adapt.load_adaptive(lm, stores, doc_ids, bandwidth, budget, recompute_s,
+                                         decode_s_per_byte=per_byte)
+    n = len(choices) * stores[0].chunk_tokens
+    names = [c if c == adapt.RECOMPUTE else configs[c] for c in choices]
+    return cache, doc_ids, doc_ids[n:], (f"{store_dir} at {bandwidth / 1e6:g} Mbit/s, budget "
+                                         f"{budget:g}s: chunks {', '.join(names) or 'none'}")
+
+
+@click.command()
+@click.argument("texts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
+              help="Store directory (created if missing).")
+@click.option("--config", "configs", multiple=True,
+              help="Codec config (default: default); repeat it to store several quality "
+                   "levels for bandwidth adaptation.")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--max-tokens", type=int, default=None)
+def precompute(texts, store_dir, configs, model, max_tokens):
+    """Batch job: prefill each text once and store its chunks for prefix reuse."""
+    from kvcodec.store import Store
+
+    lm = kvcodec.load_model(model)
+    stores = [Store(store_dir, lm.fingerprint, c) for c in configs or ("default",)]
+    total = 0
+    for path in texts:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        kv = capture(lm, text, max_tokens, f"prefilling {Path(path).name}")
+        n = sum(store.put(kv) for store in stores)
+        total += n
+        click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
+    click.echo(f"stored {total} new chunks in {store_dir}")
+

@@ -1,0 +1,195 @@
+"""A .kvc file's header: every field checked on open, before any section is read.
+
+:class:`FileHeader` turns an untrusted JSON header into validated geometry, dtype,
+token ids, codec config, per-stream quantizers and key transform, and answers the
+geometry questions (chunk ranges, token spans) that decode planning asks.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import zstandard
+
+from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
+from ..core.quant import make_quantizer
+from ..core.streams import KINDS
+from ..core.transforms import key_transform
+from ..errors import ConfigError, CorruptError, FormatError, ShapeError
+from . import container
+from .container import Reader
+from .spec import (DTYPES, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS, MAX_TOKENS,
+                   check_geometry, coder_info)
+
+
+class FileHeader:
+    """The checked header of a .kvc file (sections are read by subclasses, lazily).
+
+    Attributes
+    ----------
+    num_layers, num_kv_heads, head_dim, num_tokens, chunk_tokens, num_chunks : int
+    dtype : torch.dtype
+        The dtype the cache had when encoded (the default decode dtype).
+    token_ids : list of int or None
+    model : dict or None
+        Fingerprint of the model that made the cache.
+    config : dict
+        The full codec config used.
+    """
+
+    def __init__(self, reader: Reader):
+        self._r = reader
+        h = reader.header
+        name = reader.name
+        if h.get("format") != "kvc":
+            raise FormatError(f"{name}: header does not describe a kvc cache")
+        g = _HeaderFields(h, name)
+        self.num_layers = g.int("num_layers", 1, MAX_LAYERS)
+        self.num_kv_heads = g.int("num_kv_heads", 1, MAX_CHANNELS)
+        self.head_dim = g.int("head_dim", 1, MAX_CHANNELS)
+        self.num_tokens = g.int("num_tokens", 1, MAX_TOKENS)
+        self.chunk_tokens = g.int("chunk_tokens", 1, MAX_CHUNK_TOKENS)
+        self.channels = self.num_kv_heads * self.head_dim
+        try:
+            check_geometry(self.num_layers, self.num_tokens, self.channels)
+        except ShapeError as exc:
+            raise CorruptError(f"{name}: {exc}") from None
+        if h.get("dtype") not in DTYPES:
+            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r}")
+        self.dtype = DTYPES[h["dtype"]]
+        self.num_chunks = (self.num_tokens + self.chunk_tokens - 1) // self.chunk_tokens
+        has_ids = h.get("has_token_ids")
+        if not isinstance(has_ids, bool):
+            raise CorruptError(f"{name}: has_token_ids must be true or false")
+        try:
+            cfg = json.loads(self._unzstd("config", MAX_CONFIG_BYTES, exact=False))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
+        raw = self._unzstd("tokens", 4 * self.num_tokens if has_ids else 0)
+        self.token_ids = (np.frombuffer(raw, dtype="<u4").astype(np.int64).tolist()
+                          if has_ids else None)
+        self.model = h.get("model") if isinstance(h.get("model"), dict) else None
+        coder = h.get("coder")
+        if coder != coder_info():
+            raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
+        try:
+            self.config = load_config(cfg, copy_dict=False)  # parsed from this header
+            specs = resolve_layers(self.config, self.num_layers)
+        except ConfigError as exc:
+            raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
+        self._quant = {(l, k): make_quantizer(specs[k][l], self.dtype)
+                       for l in range(self.num_layers) for k in KINDS}
+        self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
+        self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
+        self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
+        try:
+            self.key_transform = key_transform(
+                {"key_transform": h.get("key_transform")}, self.model) if h.get(
+                "key_transform") is not None else None
+        except ConfigError as exc:
+            raise CorruptError(f"{name}: {exc}") from None
+        if (self.key_transform is None) != (self.config.get("key_transform") is None):
+            raise CorruptError(f"{name}: key_transform does not match the codec config")
+
+    # -- metadata -------------------------------------------------------------------
+    @property
+    def header(self) -> dict:
+        return self._r.header
+
+    @property
+    def size_bytes(self) -> int:
+        return self._r.size
+
+    def numel(self) -> int:
+        return 2 * self.num_layers * self.num_tokens * self.channels
+
+    def bits_per_element(self) -> float:
+        """All-in size (header, tables, index, checksums, payload) per K/V element."""
+        return self.size_bytes * 8 / self.numel()
+
+    def close(self) -> None:
+        self._r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _coded(self, q) -> int:
+        """Symbol columns per token: the channels plus the quantizer's coded side columns."""
+        return q.coded_columns(self.channels)
+
+    def _unzstd(self, section: str, expected: int, exact: bool = True) -> bytes:
+        """A zstd section's contents: exactly ``expected`` bytes, or at most that many
+        with ``exact=False``."""
+        data = self._r.read_section(section)
+        try:
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
+        except zstandard.ZstdError as exc:
+            raise CorruptError(f"{self._r.name}: section {section!r} does not decompress: {exc}") from None
+        if len(out) != expected if exact else len(out) > expected:
+            raise CorruptError(f"{self._r.name}: section {section!r} holds {len(out)} bytes, "
+                               f"expected {expected}")
+        return out
+
+    # -- geometry -------------------------------------------------------------------
+    def _chunk_range(self, chunks) -> range:
+        if chunks is None:
+            return range(self.num_chunks)
+        if isinstance(chunks, int):
+            chunks = range(chunks, chunks + 1)
+        elif isinstance(chunks, slice):
+            chunks = range(self.num_chunks)[chunks]
+        elif not isinstance(chunks, range):
+            chunks = list(chunks)
+            if not chunks or chunks != list(range(chunks[0], chunks[-1] + 1)):
+                raise ShapeError("chunks must be a contiguous, increasing range")
+            chunks = range(chunks[0], chunks[-1] + 1)
+        if len(chunks) == 0 or chunks.step != 1 or chunks[0] < 0 or chunks[-1] >= self.num_chunks:
+            raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
+        return chunks
+
+    def _span(self, chunks: range) -> tuple:
+        """``(first token, token count)`` of a chunk range."""
+        t0 = chunks[0] * self.chunk_tokens
+        return t0, min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
+
+    def _check_layers(self, layers) -> list:
+        layers = list(range(self.num_layers)) if layers is None else list(layers)
+        for l in layers:
+            if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < self.num_layers:
+                raise ShapeError(f"layer {l!r} is outside 0..{self.num_layers - 1}")
+        return layers
+
+    def summary(self) -> dict:
+        """Sizes and geometry, for ``kvcodec inspect``."""
+        sections = {n: length for n, (_, length, _) in self._r.sections.items()}
+        return {
+            "file_bytes": self.size_bytes,
+            "format_version": container.FORMAT_VERSION,
+            "created_by": self.header.get("created_by"),
+            "model": self.model,
+            "config": self.config.get("name"),
+            "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "num_tokens": self.num_tokens,
+            "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "elements": self.numel(),
+            "bits_per_element": self.bits_per_element(),
+            "compression_vs_fp16": self.numel() * 2 / self.size_bytes,
+            "sections": sections,
+            "header_bytes": self._r.data_start,
+        }
+
+
+class _HeaderFields:
+    def __init__(self, header: dict, name: str):
+        self.h, self.name = header, name
+
+    def int(self, key: str, lo: int, hi: int) -> int:
+        v = self.h.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise CorruptError(f"{self.name}: header field {key!r} = {v!r:.50} is not an "
+                               f"integer in [{lo}, {hi}]")
+        return v

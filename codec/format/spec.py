@@ -1,0 +1,41 @@
+"""What a .kvc header and index hold, and the caps every reader and writer enforce.
+
+The caps bound what an untrusted file can make a reader allocate; the writer refuses
+caches over them, so every file it writes can be read back.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from ..core import tables
+from ..errors import ShapeError
+
+INDEX_ENTRY = struct.Struct("<QIII")  # payload offset, side bytes, blob bytes, CRC-32
+MAX_LAYERS = 4096
+MAX_TOKENS = 1 << 24
+MAX_CHANNELS = 65535
+MAX_ELEMENTS = 1 << 34
+MAX_CONFIG_BYTES = 16 << 20
+# Float dtypes a cache may have, by their header names.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def coder_info() -> dict:
+    """The coder a file was written with; a reader decodes only its own."""
+    nat = tables.native()
+    return {"name": "rans32x16", "bitstream": int(nat.BITSTREAM_VERSION),
+            "prob_bits": int(nat.PROB_BITS), "lanes": int(nat.LANES),
+            "table_levels_per_octave": tables.LEVELS_PER_OCTAVE}
+
+
+def check_geometry(n_layers: int, n_tokens: int, channels: int) -> None:
+    """Raise ShapeError if a cache of this geometry is over the format caps."""
+    if n_layers > MAX_LAYERS or n_tokens > MAX_TOKENS or channels > MAX_CHANNELS:
+        raise ShapeError(
+            f"{n_layers} layers x {n_tokens} tokens x {channels} channels exceeds the format "
+            f"limits ({MAX_LAYERS} layers, {MAX_TOKENS} tokens, {MAX_CHANNELS} channels)")
+    if 2 * n_layers * n_tokens * channels > MAX_ELEMENTS:
+        raise ShapeError(f"a cache of more than {MAX_ELEMENTS} elements is over the format cap")
+

@@ -1,0 +1,7 @@
+"""Integrations: decoded caches delivered where inference runs. ``hf`` builds Hugging
+Face transformers caches (eager, layer-wise, reserved buffers); ``cuda`` decodes on the
+GPU into contiguous or paged destinations.
+
+Submodules are imported on demand (each pulls in a heavy framework). May import
+``kvcodec.core``, ``kvcodec.format``, ``kvcodec.models`` and ``kvcodec.errors``.
+"""

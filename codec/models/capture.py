@@ -1,0 +1,79 @@
+"""KV capture: run a model over a prompt and keep its cache (and attention importance)."""
+from __future__ import annotations
+
+import torch
+
+from ..core.kvcache import KVCache
+from ..errors import BackendError, ShapeError
+from .loading import LoadedModel
+
+# Queries at the end of a prompt whose attention ranks its tokens (see capture_kv).
+IMPORTANCE_WINDOW = 128
+
+
+@torch.no_grad()
+def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
+               max_tokens: int | None = None, prefill_chunk: int = 512,
+               progress=None, importance_window: int = IMPORTANCE_WINDOW) -> KVCache:
+    """Run the model on ``text`` (or ``token_ids``) and return its KV cache.
+
+    The prompt is prefilled ``prefill_chunk`` tokens at a time (bounded activation
+    memory on long documents); ``progress(done, total)`` is called after each step.
+
+    With ``importance_window`` > 0, the last that many tokens are run in one step with
+    eager attention and their attention weights, averaged over heads and queries, give
+    each layer's per-token ``importance`` (SnapKV's observation window, Li et al. 2024:
+    the end of a prompt predicts what later queries attend to). 0 skips it.
+
+    Returns
+    -------
+    KVCache
+        keys/values ``[1, kv_heads, tokens, head_dim]`` per layer, in the model's dtype,
+        post-RoPE, with the token ids, the model's fingerprint and the importance.
+    """
+    if token_ids is None:
+        if text is None:
+            raise ShapeError("capture_kv needs text or token_ids")
+        token_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    token_ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
+    if not token_ids:
+        raise ShapeError("no tokens to run the model on")
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if limit and len(token_ids) > limit:
+        raise ShapeError(f"{len(token_ids)} tokens exceed the model's context of {limit}; "
+                         "pass max_tokens")
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.config)
+    n = len(token_ids)
+    window = min(max(0, int(importance_window)), n)
+    for start in range(0, n - window, prefill_chunk):
+        ids = torch.tensor([token_ids[start:min(start + prefill_chunk, n - window)]])
+        lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        if progress is not None:
+            progress(min(start + prefill_chunk, n - window), n)
+    importance = None
+    if window:
+        importance = _observe(lm, token_ids[n - window:], cache)
+        if progress is not None:
+            progress(n, n)
+    kv = KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
+    kv.importance = importance
+    return kv
+
+
+def _observe(lm: LoadedModel, ids, cache) -> torch.Tensor:
+    """Prefill ``ids`` with eager attention; float32 ``[layers, tokens]`` attention each
+    cached token receives, averaged over heads and the new queries."""
+    model = lm.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
+                    use_cache=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    if not out.attentions or out.attentions[0] is None:
+        raise BackendError("the model returned no attention weights; it cannot supply "
+                           "token importance (pass importance_window=0)")
+    return torch.stack([a[0].float().mean(dim=(0, 1)) for a in out.attentions])
