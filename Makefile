@@ -6,11 +6,12 @@ PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensors \
-          transformers gguf accelerate tqdm pytest hypothesis
+          "transformers>=5.16.1,<5.20" gguf accelerate tqdm pytest hypothesis
 
 .PHONY: demo test build bench clean
 
-$(DEPS_STAMP):
+# Re-run when this file changes (a new pin reaches existing venvs too).
+$(DEPS_STAMP): Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

