@@ -24,7 +24,7 @@ from kvcodec.core import tables  # noqa: E402
 from kvcodec.core.streams import KINDS, stream_input  # noqa: E402
 from kvcodec.core.config import load_config, resolve_layers  # noqa: E402
 from kvcodec.core.quant import make_quantizer  # noqa: E402
-from kvcodec.core.transforms import key_transform  # noqa: E402
+from kvcodec.core.transforms import key_transform, layer_ropes  # noqa: E402
 
 
 def real_streams(tokens: int, config: str):
@@ -34,14 +34,14 @@ def real_streams(tokens: int, config: str):
     lm = kvcodec.load_model()
     text = "\n".join(real_texts().values())
     kv = kvcodec.capture_kv(lm, text, max_tokens=tokens)
-    cfg = load_config(config)
+    cfg = load_config(config, model=kv.model)
     specs = resolve_layers(cfg, kv.num_layers)
-    xform = key_transform(cfg, kv.model)
+    ropes = layer_ropes(key_transform(cfg, kv.model, kv.num_layers), kv.num_layers, kv.head_dim)
     streams = []
     for kind, src in zip(KINDS, (kv.keys, kv.values)):
         for layer, t in enumerate(src):
             q = make_quantizer(specs[kind][layer], kv.dtype)
-            x = stream_input(t, kind, xform)
+            x = stream_input(t, kind, ropes[layer] if kind == "key" else None)
             sym, _ = q.quantize(x, q.fit(x))
             counts = tables.channel_counts(sym, q.table_alphabet)
             freqs = tables.freqs_from_levels(tables.levels_from_counts(counts))

@@ -47,7 +47,7 @@ def main():
     configs = list(args.configs)
     for name in args.configs:
         if name != "lossless" and args.sweep:
-            configs += evaluate.sweep_configs(kvcodec.load_config(name), args.sweep)
+            configs += evaluate.sweep_configs(kvcodec.load_config(name, model=lm.fingerprint), args.sweep)
     per = defaultdict(list)
     texts = heldout_texts()
     for tname, text in texts.items():

@@ -46,7 +46,7 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
     configs = list(configs) or ["default", "cachegen"]
     if sweep:
         configs = configs + [c for name in configs
-                             for c in evaluate.sweep_configs(kvcodec.load_config(name))]
+                             for c in evaluate.sweep_configs(kvcodec.load_config(name, model=lm.fingerprint))]
     rows = evaluate.evaluate(lm, ids, configs, prefill=prefill, continuation=continuation,
                              baselines=not no_baselines)
     if plot:
@@ -61,13 +61,18 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
 
 
 @click.command()
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
-@click.option("--text", "texts", multiple=True, required=True,
-              type=click.Path(exists=True, dir_okay=False), help="Calibration text (repeatable).")
+@click.option("--model", default=None,
+              help="Local transformers model directory (default: embedded SmolLM2-135M).")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text (repeatable; default: license and source texts that "
+                   "ship with Debian and Python, none of them used by the benchmarks).")
 @click.option("--target-kl", type=float, default=0.01, show_default=True,
               help="Mean KL (nats/token) the config must meet on the calibration texts.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--name", default=None, help="Config name (default: the output file's stem).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the config (default: the user config directory, where "
+                   "encode picks it up as this model's default).")
+@click.option("--name", default=None,
+              help="Config name (default: 'default', or the output file's stem with -o).")
 @click.option("--alpha", type=float, default=0.35, show_default=True,
               help="Allocation exponent: steps ~ sensitivity^-alpha.")
 @click.option("--per-layer", is_flag=True, help="One step per layer and K/V (default: per KV head).")
@@ -77,28 +82,49 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
               help="Scale per-token steps by the attention each token receives.")
 def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, continuation,
               token_importance):
-    """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits."""
-    from kvcodec.quality.calibrate import DEFAULT_TOKEN_IMPORTANCE, Calibrator
-    from kvcodec.format.container import atomic_write
+    """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
-    lm = kvcodec.load_model(model)
-    ids = [lm.tokenizer(Path(t).read_text(errors="replace"), add_special_tokens=False)["input_ids"]
-           for t in texts]
+    The config is keyed to the model's fingerprint (weights included): written to the
+    user config directory ($KVCODEC_CONFIG_DIR, else ~/.cache/kvcodec/configs), it is
+    what `kvcodec encode --config default` uses for this model from then on.
+    """
+    from kvcodec.core.config import model_key, user_config_dir
+    from kvcodec.format.container import atomic_write
+    from kvcodec.quality.calibrate import (DEFAULT_TOKEN_IMPORTANCE, Calibrator,
+                                           default_calibration_texts)
+
+    with status("loading the model"):
+        lm = kvcodec.load_model(model)
+    key = model_key(lm.fingerprint)
+    paths = [Path(t) for t in texts] or default_calibration_texts()
+    ids = [lm.tokenizer(p.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
+           for p in paths]
     with status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
+    minutes = cal.estimate_seconds(per_head=not per_layer) / 60
+    click.echo(f"calibrating {lm.fingerprint['architecture']} ({cal.num_layers} layers, "
+               f"{cal.kv_heads} KV heads) on {len(cal.cases)} text(s): about "
+               f"{minutes:.1f} min on this machine", err=True)
     sens = with_bar("measuring sensitivities",
-                     lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
+                    lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
+    if output is None:
+        stem = Path(model).name if model else kvcodec.DEFAULT_MODEL
+        output = user_config_dir() / f"{stem}-{key}.json"
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        name = name or "default"
     name = name or Path(output).stem
     desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL <= "
             f"{target_kl} ({prefill} tokens prefilled, {continuation} scored); "
             f"steps ~ sensitivity^-{alpha}, keys coded before RoPE, 1 sink token in fp16"
             + (", per-token steps scaled by attention importance." if token_importance else "."))
     cfg, info = with_bar("searching the global step",
-                          lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
-    cfg["calibration"] = {"target_kl": target_kl, "texts": [Path(t).name for t in texts],
-                          "model": lm.fingerprint, **info}
+                         lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
+    cfg = {"name": cfg.pop("name"), "model_key": key,
+           "model_name": Path(model).name if model else kvcodec.DEFAULT_MODEL, **cfg}
+    fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
+    cfg["calibration"] = {"target_kl": target_kl, "texts": [p.name for p in paths],
+                          "model": fp, **info}
     atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
     click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")
-

@@ -8,21 +8,27 @@ from kvcodec.core.streams import KINDS, flatten, step_multipliers
 from kvcodec.quality.calibrate import simulate
 from kvcodec.core.config import load_config, resolve_layers
 from kvcodec.core.quant import make_quantizer
-from kvcodec.core.transforms import rope
+from kvcodec.core.transforms import key_transform, layer_ropes, rope
 
-CONFIGS = kvcodec.available_configs()
+# "default" is the embedded model's calibrated config; "model-free" the default that any
+# other model gets.
+CONFIGS = kvcodec.available_configs() + ["model-free"]
+
+
+def _config(name):
+    return load_config("default") if name == "model-free" else name
 
 
 def reference_decode(kv, cfg_name):
     """What decoding must return: the quantizers and transforms applied in plain PyTorch,
     with no entropy coding (the coder is lossless, so decode must match exactly)."""
-    ref = simulate(kv, load_config(cfg_name))
+    ref = simulate(kv, load_config(_config(cfg_name), model=kv.model))
     return {"key": ref.keys, "value": ref.values}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_round_trip_is_exact_after_quantization(kv_600, cfg):
-    data = kvcodec.encode(kv_600, config=cfg)
+    data = kvcodec.encode(kv_600, config=_config(cfg))
     dec = kvcodec.decode(data)
     ref = reference_decode(kv_600, cfg)
     assert dec.num_layers == 30 and dec.num_tokens == 600
@@ -89,14 +95,16 @@ def test_size_overhead_within_3_percent_of_entropy(kv_1536):
     2.4% at 1536 (this test), 2.1% at 2048.
     """
     data = kvcodec.encode(kv_1536, config="default", chunk_tokens=256)
-    cfg = load_config("default")
+    cfg = load_config("default", model=kv_1536.model)
     specs = resolve_layers(cfg, kv_1536.num_layers)
+    ropes = layer_ropes(key_transform(cfg, kv_1536.model, kv_1536.num_layers),
+                        kv_1536.num_layers, kv_1536.head_dim)
     entropy = 0.0
     for kind, src in zip(KINDS, (kv_1536.keys, kv_1536.values)):
         for layer, t in enumerate(src):
             q = make_quantizer(specs[kind][layer])
             if kind == "key" and cfg.get("key_transform"):
-                t = rope(t, kv_1536.model["rope_theta"], inverse=True)
+                t = rope(t, ropes[layer], inverse=True)
             x = flatten(t)
             mult = step_multipliers(cfg, kv_1536.importance, layer, cfg.get("sink_tokens", 0))
             sym, side = q.quantize(x, q.fit(x), mult)

@@ -172,7 +172,9 @@ def test_wrong_shapes_are_refused(kv_600):
     with pytest.raises(ShapeError, match="batch"):
         kvcodec.encode([(k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1))])
     with pytest.raises(ShapeError, match="shape"):
-        kvcodec.encode([(k, v), (k[:, :, :10], v[:, :, :10])])
+        kvcodec.encode([(k, v), (k[:, :1], v[:, :1])])  # another head count
+    with pytest.raises(ShapeError, match="shape"):
+        kvcodec.encode([(k, v), (k, v[:, :, :10])])  # keys and values of other spans
     with pytest.raises(ShapeError, match="dtype"):
         kvcodec.encode([(k.to(torch.int32), v.to(torch.int32))])
     with pytest.raises(ShapeError, match="NaN"):

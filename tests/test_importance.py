@@ -40,7 +40,7 @@ def test_importance_moves_bits_to_attended_tokens(lm, texts):
     kv = kvcodec.capture_kv(lm, token_ids=ids[:1024])
     cont = ids[1024:1024 + 192]
     ref = continuation_logits(lm, kv, cont)
-    cfg = kvcodec.load_config("default")
+    cfg = kvcodec.load_config("default", model=lm.fingerprint)
     assert cfg["token_importance"]
     plain = copy.deepcopy(cfg)
     del plain["token_importance"]

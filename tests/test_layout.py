@@ -57,6 +57,23 @@ def test_no_module_imports_a_layer_above_its_own(path, parts):
             f"{'/'.join(parts)} ({own}, rank {RANK[own]}) imports {part} (rank {RANK[part]})")
 
 
+@pytest.mark.parametrize("path,parts", list(_modules()), ids=lambda p: "/".join(p) if isinstance(p, list) else "")
+def test_relative_imports_resolve(path, parts):
+    """Function-level imports run late: a moved module's stale ``from .x`` shows here."""
+    package = parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)]
+            target = PACKAGE.joinpath(*base, *(node.module.split(".") if node.module else []))
+            names = [] if node.module else [a.name for a in node.names]
+            candidates = [target] if node.module else [target / n for n in names]
+            for c in candidates:
+                assert (c.with_suffix(".py").is_file() or (c / "__init__.py").is_file()
+                        or list(c.parent.glob(c.name + ".*.so"))), (
+                    f"{'/'.join(parts)}: line {node.lineno} imports {c.relative_to(PACKAGE)}, "
+                    "which does not exist")
+
+
 def test_every_subpackage_says_what_it_owns():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))

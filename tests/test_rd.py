@@ -60,7 +60,7 @@ def test_baselines_against_plain_formulas(kv_600):
 
 
 def test_sweep_is_monotone_in_bits(lm, ids):
-    cfgs = evaluate.sweep_configs(kvcodec.load_config("default"), (0.7, 1.4))
+    cfgs = evaluate.sweep_configs(kvcodec.load_config("default", model=lm.fingerprint), (0.7, 1.4))
     rows = evaluate.evaluate(lm, ids, cfgs, prefill=512, continuation=64, baselines=())
     assert rows[0]["bits_per_element"] > rows[1]["bits_per_element"]
     assert rows[0]["kl"] < rows[1]["kl"]

@@ -14,7 +14,8 @@ A config is JSON (``configs/*.json``)::
 Optional top-level fields: ``sink_tokens`` (the first N tokens, the attention sinks, are
 also stored in float16 and restored exactly on decode; StreamingLLM, Xiao et al. 2024) and
 ``key_transform`` (``{"type": "rope_strip"}``: keys are coded before RoPE, see
-:mod:`kvcodec.core.transforms`) and ``token_importance`` (``{"beta", "min", "max"}``: when
+:mod:`kvcodec.core.transforms`; ``"optional": true`` codes post-RoPE keys instead for
+models whose RoPE cannot be undone exactly) and ``token_importance`` (``{"beta", "min", "max"}``: when
 the cache carries attention importance, per-token steps are scaled by
 ``clamp((imp / geomean(imp)) ** -beta, min, max)``; see
 :func:`kvcodec.core.quant.token_step_multipliers`).
@@ -27,7 +28,9 @@ fields are documented in :mod:`kvcodec.quant`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -45,6 +48,47 @@ def config_dirs() -> list[Path]:
     return [d for d in (CONFIG_DIR, _PACKAGED) if d.is_dir()]
 
 
+def user_config_dir() -> Path:
+    """Where ``kvcodec calibrate`` puts configs keyed to a model, which ``encode`` then
+    picks up for ``config="default"``: ``$KVCODEC_CONFIG_DIR``, else the ``configs``
+    folder of ``$KVCODEC_CACHE`` (default ``~/.cache/kvcodec/configs``)."""
+    if os.environ.get("KVCODEC_CONFIG_DIR"):
+        return Path(os.environ["KVCODEC_CONFIG_DIR"])
+    cache = os.environ.get("KVCODEC_CACHE") or Path.home() / ".cache" / "kvcodec"
+    return Path(cache) / "configs"
+
+
+# What identifies a model's weights for a calibration (see kvcodec.models.fingerprint).
+_MODEL_KEY_FIELDS = ("architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
+                     "tokenizer_hash", "weights_hash")
+
+
+def model_key(fingerprint: dict | None) -> str | None:
+    """The key a calibrated config is filed under, or None for a fingerprint that does not
+    identify its weights (calibrations are per checkpoint, not per architecture)."""
+    if not fingerprint or not fingerprint.get("weights_hash"):
+        return None
+    blob = json.dumps({k: fingerprint.get(k) for k in _MODEL_KEY_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def calibrated_config_path(fingerprint: dict | None) -> Path | None:
+    """The calibrated config for this model: shipped (``configs/calibrated/``) or made by
+    ``kvcodec calibrate`` (:func:`user_config_dir`); the user's win."""
+    key = model_key(fingerprint)
+    if key is None:
+        return None
+    dirs = [user_config_dir()] + [d / "calibrated" for d in config_dirs()]
+    for d in dirs:
+        for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+            try:
+                if json.loads(path.read_text()).get("model_key") == key:
+                    return path
+            except (OSError, ValueError, AttributeError):
+                continue  # not a config of ours; load_config reports it if asked by name
+    return None
+
+
 def available_configs() -> list[str]:
     names = set()
     for d in config_dirs():
@@ -52,15 +96,23 @@ def available_configs() -> list[str]:
     return sorted(names)
 
 
-def load_config(spec, *, copy_dict: bool = True) -> dict:
+def load_config(spec, *, copy_dict: bool = True, model: dict | None = None) -> dict:
     """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict
-    (copied unless ``copy_dict`` is False, for a dict the caller just parsed)."""
+    (copied unless ``copy_dict`` is False, for a dict the caller just parsed).
+
+    ``"default"`` with a ``model`` fingerprint is that model's calibrated config where one
+    exists (:func:`calibrated_config_path`); otherwise the model-free default, whose
+    per-token steps follow each token's own magnitude, so it suits any model.
+    """
     if isinstance(spec, dict):
         cfg = copy.deepcopy(spec) if copy_dict else spec
     else:
         spec = str(spec)
         path = Path(spec)
-        if not path.is_file():
+        calibrated = calibrated_config_path(model) if spec == "default" else None
+        if calibrated is not None:
+            path = calibrated
+        elif not path.is_file():
             for d in config_dirs():
                 if (d / f"{spec}.json").is_file():
                     path = d / f"{spec}.json"
@@ -86,8 +138,11 @@ def validate_config(cfg: dict) -> None:
     if not isinstance(sinks, int) or not 0 <= sinks <= min(chunk, 64):
         raise ConfigError(f"sink_tokens must be an integer in [0, min(chunk_tokens, 64)], got {sinks!r}")
     xform = cfg.get("key_transform")
-    if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"):
-        raise ConfigError(f"key_transform must be null or {{'type': 'rope_strip'}}, got {xform!r}")
+    if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"
+                              or not isinstance(xform.get("optional", False), bool)):
+        raise ConfigError(f"key_transform must be null or {{'type': 'rope_strip'}} (with "
+                          f"'optional': true to skip it where the RoPE cannot be undone), "
+                          f"got {xform!r}")
     validate_token_importance(cfg.get("token_importance"))
     lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
                    and r["quantizer"].get("type") == "lossless"

@@ -15,8 +15,10 @@ class KVCache:
     Attributes
     ----------
     keys, values : list of Tensor
-        One ``[1, kv_heads, tokens, head_dim]`` tensor per layer. Keys are post-RoPE,
-        exactly as transformers stores them.
+        One ``[1, kv_heads, tokens_l, head_dim]`` tensor per layer. Keys are post-RoPE,
+        exactly as transformers stores them. A layer holds the *last* ``tokens_l`` of
+        the sequence's ``num_tokens`` positions: all of them for full attention, fewer
+        for sliding-window layers (Gemma 2/3, Mistral variants), as the model keeps them.
     token_ids : list of int or None
         The tokens the cache was computed from.
     model : dict or None
@@ -24,7 +26,10 @@ class KVCache:
     importance : Tensor or None
         float32 ``[layers, tokens]``: the attention each token received from the last
         queries of the prompt (see :func:`capture_kv`); encoders that support it spend
-        more bits on tokens that are attended to.
+        more bits on tokens that are attended to (0 where a layer holds no token).
+    length : int or None
+        The sequence length (positions covered); default: the longest layer's tokens.
+        Needed only when every layer is a sliding window shorter than the sequence.
     """
 
     keys: list
@@ -33,9 +38,15 @@ class KVCache:
     model: dict | None = None
     importance: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    length: int | None = None
 
     def __post_init__(self):
         validate_kv(self.keys, self.values)
+        longest = max(int(k.shape[2]) for k in self.keys)
+        if self.length is None:
+            self.length = longest
+        elif not isinstance(self.length, int) or self.length < longest:
+            raise ShapeError(f"length {self.length!r} is shorter than a layer of {longest} tokens")
         if self.token_ids is not None and len(self.token_ids) != self.num_tokens:
             raise ShapeError(
                 f"{len(self.token_ids)} token ids for a cache of {self.num_tokens} tokens")
@@ -51,6 +62,9 @@ class KVCache:
 
     def slice(self, start: int, end: int) -> "KVCache":
         """Tokens ``[start, end)`` of the cache (views, not copies)."""
+        if not self.uniform:
+            raise ShapeError("this cache's layers hold different spans (sliding-window "
+                             "layers); it cannot be cut into token ranges")
         return KVCache([k[:, :, start:end] for k in self.keys],
                        [v[:, :, start:end] for v in self.values],
                        None if self.token_ids is None else self.token_ids[start:end],
@@ -63,7 +77,18 @@ class KVCache:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.keys[0].shape[2])
+        """Positions the cache covers (the sequence length)."""
+        return self.length
+
+    @property
+    def layer_tokens(self) -> list:
+        """Tokens each layer holds (the last that many of the sequence)."""
+        return [int(k.shape[2]) for k in self.keys]
+
+    @property
+    def uniform(self) -> bool:
+        """True when every layer holds every position (no sliding-window truncation)."""
+        return all(t == self.length for t in self.layer_tokens)
 
     @property
     def num_kv_heads(self) -> int:
@@ -89,24 +114,47 @@ class KVCache:
             if dtype is not None:
                 k, v = k.to(dtype), v.to(dtype)
             cache.update(k, v, i)
+            if hasattr(cache.layers[i], "cumulative_length"):  # a sliding-window layer
+                cache.layers[i].cumulative_length = self.length
         return cache
 
     @classmethod
     def from_dynamic_cache(cls, cache, token_ids=None, model=None) -> "KVCache":
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
-        return cls(keys, values, token_ids, model)
+        """The tensors of a transformers cache (views). Caches that do not hold per-head
+        keys and values (linear attention, SSM states, compressed latents) are refused."""
+        layers = list(getattr(cache, "layers", ()))
+        for i, layer in enumerate(layers):
+            # Hybrid layers (FalconH1, Zamba2) hold K/V beside a recurrent state that a
+            # K/V codec would silently drop.
+            stateful = "LinearAttention" in type(layer).__name__ or any(
+                getattr(layer, a, None) is not None for a in ("conv_states", "recurrent_states"))
+            if stateful or not (isinstance(getattr(layer, "keys", None), torch.Tensor)
+                                and isinstance(getattr(layer, "values", None), torch.Tensor)):
+                raise ShapeError(
+                    f"layer {i} of this cache is a {type(layer).__name__}, which holds no "
+                    "per-head keys and values (linear attention, SSM state or latent); "
+                    "kvcodec codes attention K/V caches only")
+        keys = [layer.keys for layer in layers]
+        values = [layer.values for layer in layers]
+        # A sliding-window layer knows how many positions it has seen.
+        length = max([int(getattr(l, "cumulative_length", 0) or 0) for l in layers]
+                     + [int(k.shape[2]) for k in keys])
+        return cls(keys, values, token_ids, model, length=length)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def validate_kv(keys, values) -> None:
+    """Check per-layer K/V tensors: ``[1, kv_heads, tokens_l, head_dim]``, one float
+    dtype, every layer the same heads and head_dim; a layer's keys and values hold the
+    same tokens, and layers may hold different numbers of them (sliding windows; none,
+    in a decoded range before a window's span)."""
     if len(keys) == 0:
         raise ShapeError("a cache needs at least one layer")
     if len(keys) != len(values):
         raise ShapeError(f"{len(keys)} key layers but {len(values)} value layers")
-    ref = tuple(keys[0].shape)
+    ref = None
     for i, (k, v) in enumerate(zip(keys, values)):
         for name, t in (("keys", k), ("values", v)):
             if not isinstance(t, torch.Tensor):
@@ -115,16 +163,19 @@ def validate_kv(keys, values) -> None:
                 raise ShapeError(
                     f"{name}[{i}] has shape {tuple(t.shape)}; expected "
                     "[batch, kv_heads, tokens, head_dim]")
-            if tuple(t.shape) != ref:
+            ref = ref or (tuple(t.shape), f"{name}[{i}]")
+            if (t.shape[0], t.shape[1], t.shape[3]) != (ref[0][0], ref[0][1], ref[0][3]):
                 raise ShapeError(
-                    f"{name}[{i}] has shape {tuple(t.shape)} but keys[0] has {ref}; "
-                    "all layers must share one shape")
+                    f"{name}[{i}] has shape {tuple(t.shape)} but {ref[1]} has {ref[0]}; all "
+                    "layers must share batch, kv_heads and head_dim")
             if t.dtype not in _FLOAT_DTYPES:
                 raise ShapeError(f"{name}[{i}] has dtype {t.dtype}; expected fp16, bf16 or fp32")
             if t.dtype != keys[0].dtype:
                 raise ShapeError(f"{name}[{i}] has dtype {t.dtype} but keys[0] has {keys[0].dtype}")
-    if ref[0] != 1:
-        raise ShapeError(f"batch size {ref[0]}: a .kvc file holds one sequence; split the batch")
-    if ref[2] == 0:
+        if k.shape != v.shape:
+            raise ShapeError(f"layer {i}: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                             "differ in shape")
+    if all(k.shape[2] == 0 for k in keys):
         raise ShapeError("the cache holds no tokens")
-
+    if ref[0][0] != 1:
+        raise ShapeError(f"batch size {ref[0][0]}: a .kvc file holds one sequence; split the batch")

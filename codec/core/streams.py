@@ -28,11 +28,12 @@ def unflatten(x: torch.Tensor, h: int, d: int) -> torch.Tensor:
     return x.reshape(x.shape[0], h, d).permute(1, 0, 2).unsqueeze(0).contiguous()
 
 
-def stream_input(t: torch.Tensor, kind: str, xform: dict | None, offset: int = 0) -> torch.Tensor:
+def stream_input(t: torch.Tensor, kind: str, layer_rope, offset: int = 0) -> torch.Tensor:
     """What a quantizer sees for one layer's keys or values: ``[T, C]`` float32, keys
-    un-rotated first when the config strips RoPE."""
-    if kind == "key" and xform:
-        t = rope(t, xform["theta"], offset, inverse=True)
+    un-rotated first when the config strips RoPE (``layer_rope``, a
+    :class:`~kvcodec.core.transforms.Rope` or None)."""
+    if kind == "key" and layer_rope is not None:
+        t = rope(t, layer_rope, offset, inverse=True)
     return flatten(t)
 
 

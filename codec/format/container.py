@@ -33,7 +33,10 @@ from pathlib import Path
 from ..errors import CorruptError, FormatError, TruncatedError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
-FORMAT_VERSION = 2
+# v3: the header records the model's RoPE per layer and each layer's token span
+# (sliding windows); v2 files (one default-RoPE theta, every layer full) still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64
@@ -182,10 +185,11 @@ class Reader:
         magic, version, hlen, hcrc, _ = PREAMBLE.unpack(self._read_at(0, PREAMBLE.size))
         if magic != MAGIC:
             raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(
-                f"{self.name} has .kvc format version {version}; this kvcodec reads version "
-                f"{FORMAT_VERSION} (upgrade kvcodec to read newer files)")
+                f"{self.name} has .kvc format version {version}; this kvcodec reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade kvcodec to read newer files)")
+        self.version = version
         if hlen > MAX_HEADER_BYTES:
             raise CorruptError(f"{self.name}: header claims {hlen} bytes, over the "
                                f"{MAX_HEADER_BYTES}-byte cap")

@@ -14,9 +14,8 @@ import zstandard
 from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from ..core.quant import make_quantizer
 from ..core.streams import KINDS
-from ..core.transforms import key_transform
+from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
-from . import container
 from .container import Reader
 from .spec import (DTYPES, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS, MAX_TOKENS,
                    check_geometry, coder_info)
@@ -35,6 +34,9 @@ class FileHeader:
         Fingerprint of the model that made the cache.
     config : dict
         The full codec config used.
+    layer_tokens : list of int
+        Tokens each layer holds: the last that many of ``num_tokens`` (fewer than
+        ``num_tokens`` for sliding-window layers).
     """
 
     def __init__(self, reader: Reader):
@@ -82,14 +84,26 @@ class FileHeader:
         self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
+        self.key_transform = h.get("key_transform")
         try:
-            self.key_transform = key_transform(
-                {"key_transform": h.get("key_transform")}, self.model) if h.get(
-                "key_transform") is not None else None
+            self._ropes = layer_ropes(self.key_transform, self.num_layers, self.head_dim)
         except ConfigError as exc:
             raise CorruptError(f"{name}: {exc}") from None
         if (self.key_transform is None) != (self.config.get("key_transform") is None):
             raise CorruptError(f"{name}: key_transform does not match the codec config")
+        self.layer_tokens = self._layer_tokens(h.get("layer_tokens"), reader.version)
+        # First position of each layer's span.
+        self._starts = [self.num_tokens - t for t in self.layer_tokens]
+
+    def _layer_tokens(self, spans, version: int) -> list:
+        if version < 3:  # every layer held every token
+            return [self.num_tokens] * self.num_layers
+        if (not isinstance(spans, list) or len(spans) != self.num_layers or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= self.num_tokens
+                for t in spans)):
+            raise CorruptError(f"{self._r.name}: layer_tokens must list 1..{self.num_tokens} "
+                               f"tokens for each of {self.num_layers} layers")
+        return spans
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -101,7 +115,8 @@ class FileHeader:
         return self._r.size
 
     def numel(self) -> int:
-        return 2 * self.num_layers * self.num_tokens * self.channels
+        """K/V elements the cache holds (every layer's own span)."""
+        return 2 * sum(self.layer_tokens) * self.channels
 
     def bits_per_element(self) -> float:
         """All-in size (header, tables, index, checksums, payload) per K/V element."""
@@ -155,6 +170,13 @@ class FileHeader:
         t0 = chunks[0] * self.chunk_tokens
         return t0, min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
 
+    def _layer_span(self, layer: int, chunks: range) -> tuple:
+        """``(first position, token count)`` of what ``layer`` holds within a chunk range
+        (count 0 where its span starts after the range)."""
+        t0, n = self._span(chunks)
+        first = max(t0, self._starts[layer])
+        return first, max(0, t0 + n - first)
+
     def _check_layers(self, layers) -> list:
         layers = list(range(self.num_layers)) if layers is None else list(layers)
         for l in layers:
@@ -167,12 +189,13 @@ class FileHeader:
         sections = {n: length for n, (_, length, _) in self._r.sections.items()}
         return {
             "file_bytes": self.size_bytes,
-            "format_version": container.FORMAT_VERSION,
+            "format_version": self._r.version,
             "created_by": self.header.get("created_by"),
             "model": self.model,
             "config": self.config.get("name"),
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "num_tokens": self.num_tokens,
+            "layer_tokens": self.layer_tokens,
             "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,
             "dtype": str(self.dtype).replace("torch.", ""),
             "elements": self.numel(),

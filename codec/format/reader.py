@@ -60,81 +60,117 @@ class KVCFile(SectionReader):
     sections are read lazily (:class:`SectionReader`); this class plans and runs decodes.
     """
 
-    def _fused_dequant(self, q, kind: str, t0: int, rows: int, dst: torch.Tensor):
+    def _fused_dequant(self, q, layer_rope, pos: int, dst: torch.Tensor):
         """The native dequantizer's arguments for per-token-step uniform streams (the
-        shipped default), or None where the quantizer has no fused path. It writes
+        shipped default) decoding into ``dst`` (tokens from position ``pos``), or None
+        where there is no fused path (other quantizers, partial rotary dims). It writes
         straight into ``dst`` when that is a float32 CPU view with contiguous tokens;
         otherwise into a scratch array that is cast into ``dst`` afterwards."""
-        if not (isinstance(q, Uniform) and q.scale == "token"):
-            return None
         d = self.head_dim
+        if not (isinstance(q, Uniform) and q.scale == "token") or (
+                layer_rope is not None and layer_rope.rotary_dim != d):
+            return None
+        rows = dst.shape[2]
         if (dst.dtype == torch.float32 and dst.device.type == "cpu" and dst.stride(3) == 1
                 and dst.stride(2) == d):
             out = dst[0].numpy()
         else:
             out = np.empty((self.num_kv_heads, rows, d), dtype=np.float32)
         cos = sin = None
-        if kind == "key" and self.key_transform:
-            c, s = rope_tables(self.position_offset + t0, rows, d, self.key_transform["theta"])
+        if layer_rope is not None:
+            c, s = rope_tables(self.position_offset + pos, rows, layer_rope)
             cos, sin = c.numpy(), s.numpy()
         mult = q._head_mult(self.channels).numpy()
         return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
 
+    def _pieces(self, layer: int, chunks: range) -> list:
+        """How a layer's part of ``chunks`` splits into native decode jobs: ``(chunk
+        range, first row, rows)``. The coder's chunks start at multiples of
+        ``chunk_tokens``, so a layer whose span starts inside a chunk (a sliding window)
+        decodes that chunk's tail as a job of its own, then whole chunks."""
+        first, rows = self._layer_span(layer, chunks)
+        if rows == 0:
+            return []
+        c0, pieces, head = first // self.chunk_tokens, [], 0
+        if first % self.chunk_tokens:
+            head = min((c0 + 1) * self.chunk_tokens, first + rows) - first
+            pieces.append((range(c0, c0 + 1), 0, head))
+            c0 += 1
+        if head < rows:
+            pieces.append((range(c0, chunks[-1] + 1), head, rows - head))
+        return pieces
 
     def _prepare(self, dst: dict, chunks: range) -> dict:
         """Read and verify the payload items of ``dst``'s layers over ``chunks`` and build
         the native decode jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
         self._load_index()
         dtab = self._decode_tables()
-        t0, rows = self._span(chunks)
-        shape = (1, self.num_kv_heads, rows, self.head_dim)
-        jobs, work = [], []
+        jobs, owner, work = [], [], []
         for l, pair in dst.items():
+            first, rows = self._layer_span(l, chunks)
+            shape = (1, self.num_kv_heads, rows, self.head_dim)
+            layer_rope = self._ropes[l]
             for k, target in zip(KINDS, pair):
                 if tuple(target.shape) != shape or target.dtype not in DTYPES.values():
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
                                      f"{tuple(target.shape)}; need a float {shape}")
+                if rows == 0:
+                    continue
                 s = self._streams.index((l, k))
-                items = [self._read_item(c, s) for c in chunks]
                 q = self._quant[(l, k)]
-                out = np.empty((rows, self._coded(q)), dtype=np.uint8)
-                deq = self._fused_dequant(q, k, t0, rows, target)
-                jobs.append(([blob for _, blob in items], dtab[(l, k)], out, deq))
-                work.append((l, k, target, out, deq, b"".join(side for side, _ in items)))
-        return {"t0": t0, "rows": rows, "jobs": jobs, "work": work}
+                sym = np.empty((rows, self._coded(q)), dtype=np.uint8)
+                rope_here = layer_rope if k == "key" else None
+                sides, fused = [], []
+                for prange, r0, n in self._pieces(l, chunks):
+                    items = [self._read_item(c, s) for c in prange]
+                    sides += [side for side, _ in items]
+                    view = target[:, :, r0:r0 + n]
+                    deq = self._fused_dequant(q, rope_here, first + r0, view)
+                    jobs.append(([blob for _, blob in items], dtab[(l, k)], sym[r0:r0 + n], deq))
+                    owner.append(len(work))
+                    fused.append((deq, view))
+                work.append((l, k, target, sym, fused, b"".join(sides), first))
+        return {"jobs": jobs, "owner": owner, "work": work}
 
     def _execute(self, prep: dict, threads: int = 0) -> None:
         """Decode prepared jobs (the GIL is released) and finish them into their targets."""
         errors = tables.native().decode_many(prep["jobs"], self.chunk_tokens, threads)
-        t0, rows = prep["t0"], prep["rows"]
-        n_sink = max(0, min(self.sink_tokens - t0, rows))
-        for err, (l, k, target, out, deq, side) in zip(errors, prep["work"]):
+        for err, w in zip(errors, prep["owner"]):
             if err is not None:
+                l, k = prep["work"][w][:2]
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s: {err}")
+        h, d = self.num_kv_heads, self.head_dim
+        for l, k, target, sym, fused, side, first in prep["work"]:
             q = self._quant[(l, k)]
-            rope_here = k == "key" and self.key_transform
-            if deq is not None:
+            rope_here = self._ropes[l] if k == "key" else None
+            rows = target.shape[2]
+            # Rows that are attention sinks come from the fp16 sinks section.
+            n_sink = max(0, min(self.sink_tokens, first + rows) - first)
+            if n_sink:
+                at = first - self._starts[l]
+                sinks = self._load_sinks()[self._streams.index((l, k)), at:at + n_sink]
+            if fused[0][0] is not None:
                 # Decoded, dequantized and re-rotated natively; only sink rows remain.
-                if deq[4].ctypes.data != target.data_ptr():
-                    target.copy_(torch.from_numpy(deq[4]).unsqueeze(0))
+                for deq, view in fused:
+                    if deq[4].ctypes.data != view.data_ptr():
+                        view.copy_(torch.from_numpy(deq[4]).unsqueeze(0))
                 if n_sink:
-                    x = self._load_sinks()[self._streams.index((l, k)), t0:t0 + n_sink].clone()
-                    st = unflatten(x, self.num_kv_heads, self.head_dim)
-                    if rope_here:
-                        st = rope(st, self.key_transform["theta"], self.position_offset + t0)
+                    st = unflatten(sinks.clone(), h, d)
+                    if rope_here is not None:
+                        st = rope(st, rope_here, self.position_offset + first)
                     target[:, :, :n_sink] = st
                 continue
-            if q.alphabet < q.table_alphabet and out[:, :self.channels].max(initial=0) >= q.alphabet:
+            if q.alphabet < q.table_alphabet and sym[:, :self.channels].max(initial=0) >= q.alphabet:
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
                                    "the quantizer's range; the header does not match the data")
             side = (np.frombuffer(side, dtype="<f2").reshape(-1, q.side_per_token)
                     if q.side_per_token else None)
-            x = q.dequantize(torch.from_numpy(out), self._params[(l, k)], side)
+            x = q.dequantize(torch.from_numpy(sym), self._params[(l, k)], side)
             if n_sink:
-                x[:n_sink] = self._load_sinks()[self._streams.index((l, k)), t0:t0 + n_sink]
-            t = unflatten(x, self.num_kv_heads, self.head_dim)
-            if rope_here:
-                t = rope(t, self.key_transform["theta"], self.position_offset + t0)
+                x[:n_sink] = sinks
+            t = unflatten(x, h, d)
+            if rope_here is not None:
+                t = rope(t, rope_here, self.position_offset + first)
             target.copy_(t)
 
     def decode_into(self, dst: dict, chunks=None, *, threads: int = 0) -> None:
@@ -159,16 +195,18 @@ class KVCFile(SectionReader):
         -------
         dict
             ``{layer: (keys, values)}``, each ``[1, kv_heads, tokens, head_dim]`` where
-            tokens covers ``chunks`` (all chunks by default).
+            tokens are what the layer holds within ``chunks`` (all chunks by default):
+            every token, or for a sliding-window layer the part of its span there.
         """
         chunks = self._chunk_range(chunks)
         layers = self._check_layers(layers)
-        shape = (1, self.num_kv_heads, self._span(chunks)[1], self.head_dim)
-        dtype = dtype or self.dtype
-        dst = {l: (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
-               for l in layers}
+        dst = {l: self._empty_layer(l, chunks, dtype or self.dtype) for l in layers}
         self.decode_into(dst, chunks, threads=threads)
         return dst
+
+    def _empty_layer(self, layer: int, chunks: range, dtype) -> tuple:
+        shape = (1, self.num_kv_heads, self._layer_span(layer, chunks)[1], self.head_dim)
+        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
 
     @property
     def streaming(self) -> bool:
@@ -186,29 +224,34 @@ class KVCFile(SectionReader):
         Parameters
         ----------
         out : KVCache, optional
-            Destination, ``[1, kv_heads, tokens, head_dim]`` per layer covering the chunk
-            range; views of larger buffers are fine (allocated when omitted; read it from
+            Destination, ``[1, kv_heads, tokens, head_dim]`` per layer, tokens being what
+            the layer holds within the chunk range (as :meth:`decode_layers` sizes them);
+            views of larger buffers are fine (allocated when omitted; read it from
             ``self.last_out``).
         """
         from concurrent.futures import ThreadPoolExecutor
 
         chunks = self._chunk_range(chunks)
         base, total = self._span(chunks)
-        dtype = dtype or self.dtype
+        spans = [self._layer_span(l, chunks) for l in range(self.num_layers)]
         if out is None:
-            shape = (1, self.num_kv_heads, total, self.head_dim)
-            out = KVCache([torch.empty(shape, dtype=dtype) for _ in range(self.num_layers)],
-                          [torch.empty(shape, dtype=dtype) for _ in range(self.num_layers)])
-        elif out.num_layers != self.num_layers or out.num_tokens != total:
-            raise ShapeError(f"out holds {out.num_layers} layers x {out.num_tokens} tokens; "
-                             f"need {self.num_layers} x {total}")
+            pairs = [self._empty_layer(l, chunks, dtype or self.dtype)
+                     for l in range(self.num_layers)]
+            out = KVCache([k for k, _ in pairs], [v for _, v in pairs], length=total)
+        elif out.layer_tokens != [n for _, n in spans]:
+            raise ShapeError(f"out holds {out.layer_tokens} tokens per layer; need "
+                             f"{[n for _, n in spans]}")
         self.last_out = out
 
         def step(c):
             t0 = c * self.chunk_tokens - base
             t1 = min(self.num_tokens - base, t0 + self.chunk_tokens)
-            dst = {l: (out.keys[l][:, :, t0:t1], out.values[l][:, :, t0:t1])
-                   for l in range(self.num_layers)}
+            dst = {}
+            for l, (first, _) in enumerate(spans):
+                at, n = self._layer_span(l, range(c, c + 1))
+                if n:
+                    r0 = at - first
+                    dst[l] = (out.keys[l][:, :, r0:r0 + n], out.values[l][:, :, r0:r0 + n])
             return (c, t0, t1), self._prepare(dst, range(c, c + 1))
 
         # Everything but the payload is read up front, so the reader thread below is the
@@ -230,10 +273,9 @@ class KVCFile(SectionReader):
         """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`."""
         chunks = self._chunk_range(chunks)
         layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads)
-        t0 = chunks[0] * self.chunk_tokens
-        ids = None
-        if self.token_ids is not None:
-            ids = self.token_ids[t0:t0 + layers[0][0].shape[2]]
+        t0, n = self._span(chunks)
+        ids = None if self.token_ids is None else self.token_ids[t0:t0 + n]
         return KVCache([layers[l][0] for l in range(self.num_layers)],
-                       [layers[l][1] for l in range(self.num_layers)], ids, self.model)
+                       [layers[l][1] for l in range(self.num_layers)], ids, self.model,
+                       length=n)
 

@@ -26,6 +26,8 @@ class SectionReader(FileHeader):
         self._dtables = None
 
     def _load_sinks(self):
+        """fp16 sink rows ``[streams, sink_tokens, channels]``: row ``i`` of a stream is
+        its layer's ``i``-th held token (zero where that is not an attention sink)."""
         if self._sinks is None:
             raw = self._r.read_section("sinks")
             n = self.sink_tokens * self.channels
@@ -54,11 +56,13 @@ class SectionReader(FileHeader):
         nat = tables.native()
         for i, entry in enumerate(idx):
             chunk, s = divmod(i, len(self._streams))
-            rows = min(self.chunk_tokens, self.num_tokens - chunk * self.chunk_tokens)
+            layer = self._streams[s][0]
+            rows = self._layer_span(layer, range(chunk, chunk + 1))[1]
             q = self._quant[self._streams[s]]
             if int(entry["side"]) != rows * q.side_per_token * 2:
                 raise CorruptError(f"{self._r.name}: chunk {chunk} side information has the wrong size")
-            if int(entry["blob"]) > nat.max_encoded_size(rows, self._coded(q)):
+            limit = nat.max_encoded_size(rows, self._coded(q)) if rows else 0
+            if int(entry["blob"]) > limit:
                 raise CorruptError(f"{self._r.name}: chunk {chunk} blob is larger than possible")
         self._index = idx
         return idx
@@ -94,7 +98,6 @@ class SectionReader(FileHeader):
         self._params, self._levels = params, levels
         # Tables are built once per file, not per decoded chunk.
         self._freqs = dict(zip(levels, tables.native().normalize_many(list(levels.values()))))
-
 
     def _read_item(self, chunk: int, stream: int):
         """``(side bytes, blob memoryview)`` of one payload item, checksum verified."""

@@ -12,7 +12,7 @@ from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from ..core.kvcache import KVCache
 from ..core.quant import MAX_ALPHABET, make_quantizer
 from ..core.streams import KINDS, stream_counts, stream_input, step_multipliers
-from ..core.transforms import key_transform
+from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
 from . import container
 from .container import atomic_write, crc32
@@ -41,6 +41,8 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         Also write the result there, crash-safely (temp file + fsync + rename).
     config : str, Path or dict
         Codec config name (``"default"``, ``"cachegen"``), JSON path, or dict.
+        ``"default"`` is the model's calibrated config where one exists for its
+        fingerprint, else the model-free default (see :func:`kvcodec.load_config`).
     chunk_tokens : int, optional
         Tokens per independently decodable chunk (default: the config's, else 256).
     threads : int
@@ -61,51 +63,75 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         The .kvc file contents.
     """
     kv = _as_kvcache(kv)
-    cfg = load_config(config)
+    model = kv.model if model is None else model
+    cfg = load_config(config, model=model)
     chunk = int(chunk_tokens or cfg.get("chunk_tokens", 256))
     if not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got {chunk}")
     token_ids = kv.token_ids if token_ids is None else list(token_ids)
-    model = kv.model if model is None else model
     n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
     check_geometry(n_layers, n, h * d)
     if token_ids is not None and len(token_ids) != n:
         raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
+    spans = kv.layer_tokens
+    if min(spans) == 0:
+        raise ShapeError(f"layer {spans.index(0)} holds no tokens; a file needs every layer")
+    starts = [n - t for t in spans]  # each layer holds the last spans[l] positions
     specs = resolve_layers(cfg, n_layers)
-    xform = key_transform(cfg, model)
+    xform, cfg = applied_key_transform(cfg, model, n_layers, position_offset, n)
+    ropes = layer_ropes(xform, n_layers, d)
     n_sink = min(cfg.get("sink_tokens", 0), n)
     importance = kv.importance if importance is None else torch.as_tensor(importance)
     if importance is not None and tuple(importance.shape) != (n_layers, n):
         raise ShapeError(f"importance has shape {tuple(importance.shape)}; expected "
                          f"[layers, tokens] = [{n_layers}, {n}]")
 
-    params_blob, levels_blob, jobs, sides, sinks = [], [], [], [], []
+    params_blob, levels_blob, jobs, sides, sinks, first_chunk = [], [], [], [], [], []
     for layer in range(n_layers):
+        s0 = starts[layer]
+        # The coder's chunks start at multiples of `chunk`: a span starting inside one
+        # (a sliding window) codes that chunk's tail as a job of its own.
+        head = (-s0) % chunk
         for kind, src in zip(KINDS, (kv.keys, kv.values)):
             q = make_quantizer(specs[kind][layer], kv.dtype)
-            x = stream_input(src[layer], kind, xform, position_offset)
+            rope_here = ropes[layer] if kind == "key" else None
+            x = stream_input(src[layer], kind, rope_here, position_offset + s0)
             if not torch.isfinite(x).all():
                 raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
-            sinks.append(x[:n_sink].half().numpy().astype("<f2").tobytes())
+            n_sink_here = min(max(0, n_sink - s0), len(x))
+            sink_rows = np.zeros((n_sink, x.shape[1]), dtype="<f2")
+            sink_rows[:n_sink_here] = x[:n_sink_here].half().numpy()
+            sinks.append(sink_rows.tobytes())
             params = q.fit(x)
-            symbols, side = q.quantize(x, params, step_multipliers(cfg, importance, layer, n_sink))
+            layer_imp = None if importance is None else importance[:, s0:]
+            symbols, side = q.quantize(
+                x, params, step_multipliers(cfg, layer_imp, layer, n_sink_here))
             for name in q.param_names:
                 params_blob.append(params[name].astype("<f2").tobytes())
             levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
             # Padded to 256 symbols: the packing stores only each row's present span.
             levels_blob.append(np.pad(levels, ((0, 0), (0, MAX_ALPHABET - levels.shape[1]))))
-            jobs.append((np.ascontiguousarray(symbols), tables.freqs_from_levels(levels)))
+            freqs = tables.freqs_from_levels(levels)
+            parts = [symbols[:head], symbols[head:]] if head else [symbols]
+            jobs += [(np.ascontiguousarray(p), freqs) for p in parts if len(p)]
+            first_chunk.append((s0 // chunk, sum(1 for p in parts if len(p))))
             sides.append(side)
-    blobs = tables.native().encode_many(jobs, chunk, threads)
+    coded = iter(tables.native().encode_many(jobs, chunk, threads))
+    blobs = []  # per stream: {chunk: blob}
+    for c0, n_jobs in first_chunk:
+        own = [b for _ in range(n_jobs) for b in next(coded)]
+        blobs.append(dict(zip(range(c0, c0 + len(own)), own)))
 
     n_chunks = (n + chunk - 1) // chunk
     index, payload, offset = [], [], 0
     for c in range(n_chunks):
-        rows = slice(c * chunk, min(n, (c + 1) * chunk))
         for s, side in enumerate(sides):
+            s0 = starts[s // len(KINDS)]
+            rows = slice(max(0, c * chunk - s0), max(0, min(n, (c + 1) * chunk) - s0))
+            blob = blobs[s].get(c, b"")
             side_bytes = b"" if side is None else side[rows].astype("<f2").tobytes()
-            item = side_bytes + blobs[s][c]
-            index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blobs[s][c]), crc32(item)))
+            item = side_bytes + blob
+            index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blob), crc32(item)))
             payload.append(item)
             offset += len(item)
     header = {
@@ -113,6 +139,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         "created_by": f"kvcodec {_version.__version__}",
         "model": model,
         "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
+        "layer_tokens": spans,
         "dtype": str(kv.dtype).replace("torch.", ""),
         "chunk_tokens": chunk,
         "has_token_ids": token_ids is not None,

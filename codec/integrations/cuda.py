@@ -72,6 +72,10 @@ class DeviceFile:
     """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
 
     def __init__(self, f, device="cuda"):
+        if min(f.layer_tokens) < f.num_tokens or any(
+                r is not None and r.rotary_dim != f.head_dim for r in f._ropes):
+            raise BackendError(f"{f._r.name}: sliding-window layer spans and partial rotary "
+                               "dims are not decoded on the GPU yet; decode on the CPU")
         self.f = f
         self.device = _require(device)
         nat = module()
@@ -143,10 +147,9 @@ class DeviceFile:
                     offset += len(blob)
                 sides[(l, k)] = b"".join(parts)
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).to(dev, non_blocking=True)
-        cos = sin = None
-        if f.key_transform:
-            cs, sn = rope_tables(f.position_offset + t0, n, d, f.key_transform["theta"])
-            cos, sin = cs.to(dev), sn.to(dev)
+        tables = {}  # cos/sin on the device per distinct RoPE (per layer type)
+        for r in set(f._ropes) - {None}:
+            tables[r] = tuple(t.to(dev) for t in rope_tables(f.position_offset + t0, n, r))
         i = 0
         symbols = {}
         for l in range(f.num_layers):
@@ -170,6 +173,7 @@ class DeviceFile:
                             "range_table": self._tables[(l, k)][2].data_ptr(),
                             "symbols": sym.data_ptr() + r0 * cols}
                     if fused:
+                        cos, sin = tables.get(f._ropes[l], (None, None))
                         rope_here = k == "key" and cos is not None
                         item.update(dtype=_DTYPES[dtype], heads=h, head_dim=d, half_range=q.r,
                                     grid=self._grid.data_ptr(), mult=mult.data_ptr(),
@@ -209,8 +213,8 @@ class DeviceFile:
                         x[:n_sink] = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
                     rows = slice(0, n)
                 t = unflatten(x, h, d)
-                if k == "key" and f.key_transform:
-                    t = rope(t, f.key_transform["theta"], f.position_offset + t0 + rows.start)
+                if k == "key" and f._ropes[l] is not None:
+                    t = rope(t, f._ropes[l], f.position_offset + t0 + rows.start)
                 dst = out[l][ki]
                 if slots is None:
                     dst[:, :, rows] = t.to(dtype)

@@ -104,14 +104,15 @@ def _advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
             layer.update(kb[:, :, t0:t1], vb[:, :, t0:t1])
 
 
-def _buffers(model, n_layers: int, heads: int, tokens: int, head_dim: int, dtype=None):
+def _buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype=None):
     """Per-layer ``(keys, values)`` buffers ``[1, heads, tokens, head_dim]`` for ``model``
-    (its dtype and device), after checking that the model has that geometry."""
+    (its dtype and device), after checking that the model has that geometry. ``tokens``
+    is one count for every layer or a list of per-layer counts."""
     _check_geometry(model, n_layers, heads, head_dim)
-    shape = (1, heads, tokens, head_dim)
+    tokens = [tokens] * n_layers if isinstance(tokens, int) else list(tokens)
     dtype, device = dtype or _model_dtype(model), _model_device(model)
-    return [(torch.empty(shape, dtype=dtype, device=device),
-             torch.empty(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+    return [(torch.empty((1, heads, t, head_dim), dtype=dtype, device=device),
+             torch.empty((1, heads, t, head_dim), dtype=dtype, device=device)) for t in tokens]
 
 
 def _check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:
@@ -130,30 +131,42 @@ def _views(bufs, t0: int, t1: int) -> dict:
     return {l: (kb[:, :, t0:t1], vb[:, :, t0:t1]) for l, (kb, vb) in enumerate(bufs)}
 
 
-def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int) -> None:
-    """Make layer ``i`` hold the first ``length`` tokens of its buffers."""
-    if type(cache.layers[i]) is DynamicLayer:  # sliding-window layers keep their own kind
+def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) -> None:
+    """Make layer ``i`` hold the first ``length`` tokens of its buffers: the last
+    ``length`` of a sequence of ``seq_len`` (fewer for a sliding-window span)."""
+    layer = cache.layers[i]
+    if type(layer) is DynamicLayer:  # the model's own layer kinds stay as they are
+        if length != seq_len:
+            raise ModelMismatchError(
+                f"layer {i} of the cache holds a window of {length} of {seq_len} tokens, "
+                "but it is a full-attention layer of this model")
         cache.layers[i] = ReservedLayer(kb, vb, length)
-    else:
-        cache.layers[i].update(kb[:, :, :length], vb[:, :, :length])
+        return
+    layer.update(kb[:, :, :length], vb[:, :, :length])
+    if hasattr(layer, "cumulative_length"):  # a sliding window: positions it has seen
+        layer.cumulative_length = seq_len
 
 
-def _reserved_cache(model, bufs, length: int) -> DynamicCache:
+def _reserved_cache(model, bufs, lengths, seq_len: int) -> DynamicCache:
+    """A cache of the model's own layer kinds over ``bufs``; ``lengths`` is one count or
+    per-layer counts of the tokens each holds."""
     cache = DynamicCache(config=model.config)
-    for i, (kb, vb) in enumerate(bufs):
-        _fill_layer(cache, i, kb, vb, length)
+    lengths = [lengths] * len(bufs) if isinstance(lengths, int) else lengths
+    for i, ((kb, vb), n) in enumerate(zip(bufs, lengths)):
+        _fill_layer(cache, i, kb, vb, n, seq_len)
     return cache
 
 
 def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
     """Copy a :class:`kvcodec.KVCache` (e.g. an fp16 cache read from safetensors) into a
     ``DynamicCache`` of the model's dtype with room for ``reserve`` more tokens per layer."""
-    _, heads, n, d = kv.keys[0].shape
-    bufs = _buffers(model, kv.num_layers, heads, n + reserve, d)
-    for (kb, vb), k, v in zip(bufs, kv.keys, kv.values):
-        kb[:, :, :n] = k
-        vb[:, :, :n] = v
-    return _reserved_cache(model, bufs, n)
+    spans = kv.layer_tokens
+    bufs = _buffers(model, kv.num_layers, kv.num_kv_heads, [t + reserve for t in spans],
+                    kv.head_dim)
+    for (kb, vb), k, v, t in zip(bufs, kv.keys, kv.values, spans):
+        kb[:, :, :t] = k
+        vb[:, :, :t] = v
+    return _reserved_cache(model, bufs, spans, kv.num_tokens)
 
 
 def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
@@ -176,16 +189,18 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
         given, a cache from another model raises ``ModelMismatchError``.
     """
     f = _open_checked(model, src, fingerprint)
-    n = f.num_tokens
-    bufs = _buffers(model, f.num_layers, f.num_kv_heads, n + reserve, f.head_dim)
-    views = _views(bufs, 0, n)
+    spans = f.layer_tokens
+    bufs = _buffers(model, f.num_layers, f.num_kv_heads, [t + reserve for t in spans],
+                    f.head_dim)
+    views = {l: (kb[:, :, :t], vb[:, :, :t]) for l, ((kb, vb), t) in enumerate(zip(bufs, spans))}
     if f.streaming:
-        out = KVCache([k for k, _ in views.values()], [v for _, v in views.values()])
+        out = KVCache([k for k, _ in views.values()], [v for _, v in views.values()],
+                      length=f.num_tokens)
         for _ in f.iter_chunks(out=out, threads=threads):
             pass
     else:
         f.decode_into(views, threads=threads)
-    return _reserved_cache(model, bufs, n)
+    return _reserved_cache(model, bufs, spans, f.num_tokens)
 
 
 class LayerwiseCache:
@@ -208,8 +223,10 @@ def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
         def __init__(self):
             super().__init__(config=model.config)
             self._file = f
-            self._length = n = f.num_tokens
-            self._bufs = _buffers(model, f.num_layers, f.num_kv_heads, n + reserve, f.head_dim)
+            self._length = f.num_tokens
+            self._spans = f.layer_tokens
+            self._bufs = _buffers(model, f.num_layers, f.num_kv_heads,
+                                  [t + reserve for t in self._spans], f.head_dim)
             self._filled = set()
             self._lock = threading.Lock()
             self._t0 = time.perf_counter()
@@ -224,7 +241,7 @@ def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
         def _decode(self, layer):
             self._mark("decode_start", layer)
             kb, vb = self._bufs[layer]
-            n = self._length
+            n = self._spans[layer]
             self._file.decode_into({layer: (kb[:, :, :n], vb[:, :, :n])}, threads=threads)
             self._mark("decode_end", layer)
 
@@ -234,7 +251,8 @@ def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
             self._futures[layer].result()  # re-raises decode errors here
             with self._lock:
                 if layer not in self._filled:
-                    _fill_layer(self, layer, *self._bufs[layer], self._length)
+                    _fill_layer(self, layer, *self._bufs[layer], self._spans[layer],
+                                self._length)
                     self._filled.add(layer)
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):

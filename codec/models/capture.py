@@ -31,6 +31,9 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         keys/values ``[1, kv_heads, tokens, head_dim]`` per layer, in the model's dtype,
         post-RoPE, with the token ids, the model's fingerprint and the importance.
     """
+    if getattr(lm.config.get_text_config(decoder=True), "kv_lora_rank", None):
+        raise ShapeError(f"{lm.config.model_type} caches multi-head latent attention (MLA) "
+                         "latents, not per-head keys and values; kvcodec codes K/V caches only")
     if token_ids is None:
         if text is None:
             raise ShapeError("capture_kv needs text or token_ids")
@@ -54,15 +57,16 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
             progress(min(start + prefill_chunk, n - window), n)
     importance = None
     if window:
-        importance = _observe(lm, token_ids[n - window:], cache)
+        importance = _observe(lm, token_ids[n - window:], cache, n)
         if progress is not None:
             progress(n, n)
     kv = KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
+    kv.length = n
     kv.importance = importance
     return kv
 
 
-def _observe(lm: LoadedModel, ids, cache) -> torch.Tensor:
+def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:
     """Prefill ``ids`` with eager attention; float32 ``[layers, tokens]`` attention each
     cached token receives, averaged over heads and the new queries."""
     model = lm.model
@@ -76,4 +80,8 @@ def _observe(lm: LoadedModel, ids, cache) -> torch.Tensor:
     if not out.attentions or out.attentions[0] is None:
         raise BackendError("the model returned no attention weights; it cannot supply "
                            "token importance (pass importance_window=0)")
-    return torch.stack([a[0].float().mean(dim=(0, 1)) for a in out.attentions])
+    rows = [a[0].float().mean(dim=(0, 1))[-n:] for a in out.attentions]
+    imp = torch.zeros(len(rows), n)
+    for l, r in enumerate(rows):  # a sliding-window layer attends to its last len(r) tokens
+        imp[l, n - len(r):] = r
+    return imp

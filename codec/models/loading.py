@@ -109,6 +109,6 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> L
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.eval()
         tok = AutoTokenizer.from_pretrained(path)
-        _LOADED[key] = LoadedModel(model, tok, fingerprint(model.config, tok))
+        _LOADED[key] = LoadedModel(model, tok, fingerprint(model.config, tok, model))
     return _LOADED[key]
 

@@ -16,6 +16,8 @@ spent best where every stream has the same marginal KL per bit, i.e. ``s_i ~ w_i
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from ..core.config import resolve_layers, validate_config
 from ..core.kvcache import KVCache
 from ..core.quant import MAX_ALPHABET, make_quantizer
 from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
-from ..core.transforms import key_transform, rope
+from ..core.transforms import applied_key_transform, layer_ropes, rope
 from ..models.capture import capture_kv
 from .evaluate import compare_logits, continuation_logits
 
@@ -39,18 +41,23 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
     payload; the .kvc file adds ~2% of side information).
     """
     specs = resolve_layers(cfg, kv.num_layers)
-    xform = key_transform(cfg, kv.model)
-    n_sink = min(cfg.get("sink_tokens", 0), kv.num_tokens)
+    n = kv.num_tokens
+    xform, cfg = applied_key_transform(cfg, kv.model, kv.num_layers, 0, n)
+    ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
     keys, values = list(kv.keys), list(kv.values)
     bits = 0.0
     for layer in range(kv.num_layers):
+        s0 = n - kv.layer_tokens[layer]  # a sliding-window layer holds the last tokens
+        n_sink = min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
+        imp = None if kv.importance is None else kv.importance[:, s0:]
         for kind, dst in zip(KINDS, (keys, values)):
             if only is not None and tuple(only[:2]) != (layer, kind):
                 continue
-            x = stream_input(dst[layer], kind, xform)
+            rope_here = ropes[layer] if kind == "key" else None
+            x = stream_input(dst[layer], kind, rope_here, s0)
             q = make_quantizer(specs[kind][layer], kv.dtype)
             params = q.fit(x)
-            sym, side = q.quantize(x, params, step_multipliers(cfg, kv.importance, layer, n_sink))
+            sym, side = q.quantize(x, params, step_multipliers(cfg, imp, layer, n_sink))
             y = q.dequantize(torch.from_numpy(sym), params, side)
             y[:n_sink] = x[:n_sink].half().float()
             if only is not None and len(only) == 3:  # keep the other heads exact
@@ -63,10 +70,10 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
                 bits += 0 if side is None else side.size * 16
                 bits += n_sink * x.shape[1] * 16
             out = unflatten(y, kv.num_kv_heads, kv.head_dim)
-            if kind == "key" and xform:
-                out = rope(out, xform["theta"])
+            if rope_here is not None:
+                out = rope(out, rope_here, s0)
             dst[layer] = out.to(kv.dtype)
-    result = KVCache(keys, values, kv.token_ids, kv.model)
+    result = KVCache(keys, values, kv.token_ids, kv.model, length=n)
     return (result, bits) if with_bits else result
 
 
@@ -75,7 +82,8 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
                  token_importance: dict | None = None) -> dict:
     """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``."""
     cfg = {"name": name, "description": description, "chunk_tokens": 256,
-           "sink_tokens": sink_tokens, "key_transform": {"type": "rope_strip"},
+           "sink_tokens": sink_tokens,
+           "key_transform": {"type": "rope_strip", "optional": True},
            **({"token_importance": dict(token_importance)} if token_importance else {}),
            "key": [], "value": []}
     for kind in KINDS:
@@ -97,6 +105,17 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
 DEFAULT_TOKEN_IMPORTANCE = {"beta": 0.2, "min": 0.5, "max": 1.5}
 
 
+def default_calibration_texts() -> list:
+    """Real English text that ships with Debian and Python, none of it among the
+    benchmarks' held-out texts (GPL-3, Python's LICENSE, collections' source)."""
+    import argparse
+    import inspect
+
+    paths = [Path("/usr/share/common-licenses/Apache-2.0"), Path(argparse.__file__),
+             Path(inspect.__file__)]
+    return [p for p in paths if p.is_file()]
+
+
 class Calibrator:
     """Holds the calibration texts' caches and reference logits.
 
@@ -109,19 +128,30 @@ class Calibrator:
         self.lm = lm
         self.token_importance = token_importance
         self.cases = []
+        self._pass_s = 0.0  # one scoring pass over every text (for estimate_seconds)
         for ids in token_lists:
             if len(ids) < prefill + 16:
                 continue
             kv = capture_kv(lm, token_ids=ids[:prefill])
             cont = ids[prefill:prefill + continuation]
+            t = time.perf_counter()
             self.cases.append((kv, cont, continuation_logits(lm, kv, cont)))
+            self._pass_s += time.perf_counter() - t
         if not self.cases:
-            from .errors import ShapeError
+            from ..errors import ShapeError
             raise ShapeError(f"calibration needs texts of more than {prefill + 16} tokens")
         kv = self.cases[0][0]
         self.rope_theta = (kv.model or {}).get("rope_theta")
+        self.rope_type = (kv.model or {}).get("rope_type")
         self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
         self.channels = kv.num_kv_heads * kv.head_dim
+
+    def estimate_seconds(self, per_head: bool = True) -> float:
+        """Time :meth:`sensitivities` and :meth:`allocate` will take: one scoring pass
+        over the texts (measured on this machine while prefilling) per probe, plus the
+        quantization each pass simulates (about as long again)."""
+        probes = 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
+        return 2.0 * probes * self._pass_s
 
     def kl(self, cfg: dict, only=None) -> tuple[float, float]:
         """Mean KL and mean payload bits per element over the calibration texts."""
@@ -165,7 +195,8 @@ class Calibrator:
             cfg = build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
                                self.channels, description,
                                token_importance=self.token_importance)
-            if self.rope_theta:  # recorded, so caches without a fingerprint still encode
+            if self.rope_theta and (self.rope_type or "default") == "default":
+                # recorded, so caches without a fingerprint still encode
                 cfg["key_transform"]["theta"] = float(self.rope_theta)
             return cfg
 

@@ -114,7 +114,7 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
         decoded, bits = fn(kv)
         rows.append(score(name, decoded, bits))
     for cfg in configs:
-        cfg = load_config(cfg)
+        cfg = load_config(cfg, model=lm.fingerprint)
         data = kvc.encode(kv, config=cfg, threads=threads)
         rows.append(score(cfg.get("name", "custom") if cfg.get("name") != "cachegen"
                           else "cachegen-kvc", kvc.decode(data, threads=threads), len(data) * 8))

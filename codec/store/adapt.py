@@ -139,7 +139,7 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
                 row.append(None)
         sizes.append(row)
     choices = plan(sizes, bandwidth_bps, budget_s, recompute_s, decode_s_per_byte)
-    cache = hf._reserved_cache(lm.model, bufs, 0)
+    cache = hf._reserved_cache(lm.model, bufs, 0, 0)
     for i, choice in enumerate(choices):
         t0, t1 = i * n, (i + 1) * n
         if choice != RECOMPUTE:

@@ -54,7 +54,7 @@ class Store:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
-        self.config = load_config(config)
+        self.config = load_config(config, model=fingerprint)
         self.chunk_tokens = self.config.get("chunk_tokens", 256)
         seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
         self._seed = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
@@ -79,6 +79,11 @@ class Store:
             raise KVCodecError("the store keys chunks by token ids; this cache has none")
         if kv.model is not None:
             check_fingerprint(kv.model, self.fingerprint)
+        if not kv.uniform:
+            raise KVCodecError(
+                "the store keeps every layer's tokens chunk by chunk, but this cache's "
+                "sliding-window layers hold only their last tokens; encode it into one "
+                ".kvc file instead")
         written = 0
         for i, key in enumerate(self.keys(kv.token_ids)):
             path = self.path(key)
@@ -158,7 +163,7 @@ class Store:
         ids = [int(t) for t in token_ids]
         bufs = self.model_buffers(model, len(ids) + reserve)
         n = self.fill(bufs, ids, self.lookup(ids), threads)
-        return hf._reserved_cache(model, bufs, n), n
+        return hf._reserved_cache(model, bufs, n, n), n
 
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
         """Decode the longest cached prefix of ``token_ids`` as a :class:`KVCache`
