@@ -35,7 +35,10 @@ def heldout_texts() -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="*", default=["default", "cachegen", "lossless"])
+    ap.add_argument("--configs", nargs="*",
+                    default=["default", "model-free", "cachegen", "lossless"],
+                    help="config names; 'model-free' is the default any uncalibrated model "
+                         "gets ('default' is the embedded model's calibrated config)")
     ap.add_argument("--sweep", nargs="*", type=float, default=[0.6, 0.8, 1.25, 1.6])
     ap.add_argument("--prefill", type=int, default=1536)
     ap.add_argument("--continuation", type=int, default=256)
@@ -44,10 +47,15 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     lm = kvcodec.load_model()
-    configs = list(args.configs)
+    def config(name):
+        if name == "model-free":
+            return dict(kvcodec.load_config("default"), name="model-free")
+        return kvcodec.load_config(name, model=lm.fingerprint)
+
+    configs = [config(name) for name in args.configs]
     for name in args.configs:
         if name != "lossless" and args.sweep:
-            configs += evaluate.sweep_configs(kvcodec.load_config(name, model=lm.fingerprint), args.sweep)
+            configs += evaluate.sweep_configs(config(name), args.sweep)
     per = defaultdict(list)
     texts = heldout_texts()
     for tname, text in texts.items():

@@ -79,8 +79,11 @@ def inspect(source, as_json):
         ("file", f"{source} ({info['file_bytes']:,} bytes, format v{info['format_version']})"),
         ("model", f"{model.get('architecture', 'unknown')} layers={info['num_layers']} "
                   f"kv_heads={info['num_kv_heads']} head_dim={info['head_dim']}"),
-        ("tokens", f"{info['num_tokens']} in {info['num_chunks']} chunks of {info['chunk_tokens']}"),
-        ("config", info["config"]),
+        ("tokens", f"{info['num_tokens']} in {info['num_chunks']} chunks of {info['chunk_tokens']}"
+                   + ("" if min(info["layer_tokens"]) == info["num_tokens"] else
+                      f"; sliding-window layers hold {min(info['layer_tokens'])}")),
+        ("config", info["config"] + (f" (calibrated for {info['calibrated_for']})"
+                                     if info["calibrated_for"] else "")),
         ("dtype", info["dtype"]),
         ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
                  f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),

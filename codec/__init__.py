@@ -51,3 +51,13 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.append(_MovedModules())
+
+_SUBPACKAGES = {"core", "format", "models", "integrations", "store", "quality"}
+
+
+def __getattr__(name):
+    """``kvcodec.hf.load_cache(...)`` after a plain ``import kvcodec``: sub-packages and
+    moved modules load on first use."""
+    if name in _MOVED or name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import kvcodec
+
 PACKAGE = Path(__file__).resolve().parent.parent / "codec"
 # Rank of each top-level part of kvcodec; a module may import only lower ranks (and its
 # own sub-package). format and models are siblings: neither may import the other.
@@ -80,28 +82,38 @@ def test_every_subpackage_says_what_it_owns():
         assert doc and "import" in doc, f"{init}: the docstring must say what it owns and may import"
 
 
-def test_public_and_documented_paths_import():
-    out = subprocess.run(
-        [sys.executable, "-c",
-         "import kvcodec, kvcodec.hf, kvcodec.store, kvcodec.cuda, kvcodec.adapt, kvcodec.stream\n"
-         "import kvcodec.integrations.hf as h, kvcodec.store.adapt as a\n"
-         "assert kvcodec.hf is h and kvcodec.adapt is a\n"
-         "from kvcodec.store import Store, prefill_with_store\n"
-         "from kvcodec.stream import RateLimitedReader\n"
-         "print(kvcodec.encode, kvcodec.hf.load_cache)"],
-        capture_output=True, text=True)
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (imports start from nothing); its stdout."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_public_and_documented_paths_import():
+    _fresh_python(
+        "import kvcodec, kvcodec.hf, kvcodec.store, kvcodec.cuda, kvcodec.adapt, kvcodec.stream\n"
+        "import kvcodec.integrations.hf as h, kvcodec.store.adapt as a\n"
+        "assert kvcodec.hf is h and kvcodec.adapt is a\n"
+        "from kvcodec.store import Store, prefill_with_store\n"
+        "from kvcodec.stream import RateLimitedReader\n"
+        "print(kvcodec.encode, kvcodec.hf.load_cache)")
 
 
 def test_import_kvcodec_stays_light():
     """The moved-path aliases resolve lazily: importing kvcodec loads no integration."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys, kvcodec\n"
-         "print(sorted(m for m in sys.modules if m.startswith('kvcodec.integrations')"
-         " or m.startswith('kvcodec.store')))"],
-        capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    loaded = _fresh_python(
+        "import sys, kvcodec\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kvcodec.integrations')"
+        " or m.startswith('kvcodec.store')))")
+    assert loaded == "[]"
+
+
+def test_attribute_access_loads_submodules():
+    _fresh_python("import kvcodec\n"
+                  "assert kvcodec.hf.load_cache and kvcodec.store.Store and kvcodec.quality\n"
+                  "import kvcodec.integrations.hf as h\nassert kvcodec.hf is h")
+    with pytest.raises(AttributeError):
+        kvcodec.no_such_thing  # noqa: B018
 
 
 def test_unknown_submodule_still_fails():

@@ -193,6 +193,8 @@ class FileHeader:
             "created_by": self.header.get("created_by"),
             "model": self.model,
             "config": self.config.get("name"),
+            "calibrated_for": (self.config.get("model_name") or self.config.get("model_key")
+                               if self.config.get("model_key") else None),
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "num_tokens": self.num_tokens,
             "layer_tokens": self.layer_tokens,
