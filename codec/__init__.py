@@ -9,7 +9,8 @@
 >>> kv2 = kvcodec.decode("doc.kvc")                  # everything
 
 The package is layered (ARCHITECTURE.md); a layer imports only those below it:
-``errors`` < ``core`` < ``format``, ``models`` < ``integrations`` < ``store`` < ``quality``.
+``errors`` < ``core`` < ``format``, ``models`` < ``storage`` < ``integrations`` < ``store``
+< ``quality``.
 """
 import importlib
 import importlib.abc
@@ -52,7 +53,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.append(_MovedModules())
 
-_SUBPACKAGES = {"core", "format", "models", "integrations", "store", "quality"}
+_SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality"}
 
 
 def __getattr__(name):

@@ -1,5 +1,6 @@
 """The CLI: encode/decode/inspect end to end; errors are one line, exit 1, no traceback."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,10 @@ def test_info_reports_backends():
     assert info["cpu"] is True
     assert info["cuda_compiled"] is (shutil.which("nvcc") is not None)
     assert info["lanes"] == 16 and "default" in info["configs"]
+
+
+def test_model_path_prints_the_embedded_model_directory(lm):
+    r = CliRunner().invoke(main, ["model-path"])
+    assert r.exit_code == 0, r.output
+    path = Path(r.output.strip().splitlines()[-1])
+    assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))

@@ -142,6 +142,12 @@ class KVCache:
         return cls(keys, values, token_ids, model, length=length)
 
 
+def token_views(bufs, t0: int, t1: int) -> dict:
+    """``{layer: (keys, values)}`` views of tokens ``t0:t1`` of per-layer ``(keys,
+    values)`` buffers ``[1, kv_heads, capacity, head_dim]``, as decoders fill them."""
+    return {l: (kb[:, :, t0:t1], vb[:, :, t0:t1]) for l, (kb, vb) in enumerate(bufs)}
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

@@ -126,11 +126,6 @@ def _check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:
             f"model has {want[0]} x {want[1]} x {want[2]}")
 
 
-def _views(bufs, t0: int, t1: int) -> dict:
-    """``{layer: (keys, values)}`` views of tokens ``t0:t1`` of per-layer buffers."""
-    return {l: (kb[:, :, t0:t1], vb[:, :, t0:t1]) for l, (kb, vb) in enumerate(bufs)}
-
-
 def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) -> None:
     """Make layer ``i`` hold the first ``length`` tokens of its buffers: the last
     ``length`` of a sequence of ``seq_len`` (fewer for a sliding-window span)."""

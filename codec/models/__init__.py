@@ -5,9 +5,9 @@ Owns everything that runs or inspects a model. May import ``kvcodec.core`` and
 ``kvcodec.errors``; never the file format, integrations or applications above it.
 """
 from .capture import IMPORTANCE_WINDOW, capture_kv
-from .fingerprint import check_fingerprint, fingerprint, tokenizer_hash
+from .fingerprint import check_fingerprint, fingerprint, fingerprint_dir, tokenizer_hash
 from .loading import DEFAULT_MODEL, LoadedModel, cache_dir, load_model, resolve_model_path
 
-__all__ = ["IMPORTANCE_WINDOW", "capture_kv", "check_fingerprint", "fingerprint",
+__all__ = ["IMPORTANCE_WINDOW", "capture_kv", "check_fingerprint", "fingerprint", "fingerprint_dir",
            "tokenizer_hash", "DEFAULT_MODEL", "LoadedModel", "cache_dir", "load_model",
            "resolve_model_path"]

@@ -5,10 +5,11 @@ import hashlib
 import json
 import re
 import warnings
+from pathlib import Path
 
 import torch
 
-from ..errors import ModelMismatchError
+from ..errors import BackendError, ModelMismatchError
 from .rope import rope_spec
 
 # Parameters that shape a layer's keys and values (their projections, biases and norms,
@@ -36,11 +37,34 @@ def weights_hash(model) -> str:
 
     A full fine-tune or a LoRA on k/v changes it; a LoRA that touches only queries or
     MLPs of the last layer leaves it (and, for the touched layers, the K/V) unchanged.
+    ``model`` is a module, or a directory of safetensors files holding the same names
+    (what an engine such as vLLM loads), so both sides hash alike without loading twice.
     """
+    if isinstance(model, (str, Path)):
+        return _hash_tensors(_checkpoint_tensors(Path(model)))
+    return _hash_tensors(dict(model.named_parameters()))
+
+
+def _checkpoint_tensors(directory: Path) -> dict:
+    """The K/V-shaping tensors of a safetensors checkpoint (all of them if none match)."""
+    from safetensors import safe_open
+
+    out, files = {}, sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise BackendError(f"{directory} has no .safetensors weights to fingerprint")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            picked = [n for n in names if _KV_PARAMS.search(n)] or names
+            out.update({n: f.get_tensor(n) for n in picked})
+    return out
+
+
+def _hash_tensors(tensors: dict) -> str:
     h = hashlib.sha256()
-    picked = [(name, p) for name, p in model.named_parameters() if _KV_PARAMS.search(name)]
+    picked = [(name, p) for name, p in tensors.items() if _KV_PARAMS.search(name)]
     if not picked:  # an unknown naming scheme: sample every parameter instead
-        picked = list(model.named_parameters())
+        picked = list(tensors.items())
     for name, p in sorted(picked, key=lambda np_: np_[0]):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLE)
@@ -59,14 +83,26 @@ def _rope_summary(cfg) -> tuple:
     return float(theta), str(rope.get("rope_type", "default"))
 
 
-def fingerprint(config, tokenizer=None, model=None) -> dict:
+def fingerprint_dir(path) -> dict:
+    """The fingerprint of a local model directory (config, tokenizer, safetensors
+    weights), equal to :func:`fingerprint` of the same model loaded by transformers,
+    without loading it: what a serving engine's side of the store checks against."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    return fingerprint(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                       weights=path)
+
+
+def fingerprint(config, tokenizer=None, model=None, *, weights=None) -> dict:
     """What must match for a cache to be valid in a model.
 
     Two models with the same fingerprint produce interchangeable KV caches: same
     architecture, layer/head geometry, attention windows, RoPE, tokenizer and (when
     ``model`` is given) the weights that shape K/V. ``rope`` records the model's own
     rotary frequencies per layer (:func:`kvcodec.models.rope.rope_spec`), which encoding
-    with ``rope_strip`` needs.
+    with ``rope_strip`` needs. ``weights`` (a checkpoint directory) hashes the weights
+    there instead of ``model``'s.
     """
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -87,7 +123,8 @@ def fingerprint(config, tokenizer=None, model=None) -> dict:
         "layer_types": list(layer_types) if layer_types is not None else None,
         "vocab_size": int(cfg.vocab_size),
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
-        "weights_hash": weights_hash(model) if model is not None else None,
+        "weights_hash": weights_hash(weights if weights is not None else model)
+        if weights is not None or model is not None else None,
         "rope": rope_spec(config, model),
     }
 

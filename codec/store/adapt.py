@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.kvcache import token_views
 from ..integrations import hf
 from ..errors import KVCodecError
 
@@ -145,7 +146,7 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
         if choice != RECOMPUTE:
             store = stores[choice]
             if store.read_chunk(store.path(keys_per_store[choice][i]), ids[t0:t1], t0,
-                                hf._views(bufs, t0, t1), threads):
+                                token_views(bufs, t0, t1), threads):
                 hf._advance(cache, bufs, t0, t1)
                 continue
             choices[i] = RECOMPUTE

@@ -1,0 +1,189 @@
+"""The vLLM connector on a real vLLM engine (the CPU build), the embedded model.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the test can read
+the connector's counters; everything else is vLLM as a user runs it.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvcodec.models.loading import resolve_model_path
+
+
+QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
+MAX_NEW = 24
+
+
+def _engine(store, config):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    from vllm import LLM  # installed by `make test` (the [vllm] extra)
+
+    return LLM(model=str(resolve_model_path(None)), dtype="float32", max_model_len=1024,
+               enforce_eager=True, max_num_seqs=2, enable_prefix_caching=False,
+               kv_transfer_config={
+                   "kv_connector": "KVCodecConnector",
+                   "kv_connector_module_path": "kvcodec.integrations.vllm",
+                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                   "kv_connector_extra_config": {"store": str(store), "config": config}})
+
+
+def _connector():
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
+
+
+def _ask(llm, ids):
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ids}],
+                       SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids)
+
+
+def _prompt(lm, text, tokens):
+    doc = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    return doc, doc + lm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+
+
+def _agreement(a, b):
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
+
+
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory):
+    store = tmp_path_factory.mktemp("vllm-lossless")
+    llm = _engine(store, "lossless")
+    yield llm, store
+    del llm
+
+
+def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
+    from kvcodec.storage import ChunkStore
+
+    llm, store = lossless
+    _, ids = _prompt(lm, texts["gpl3"], 600)
+    first = _ask(llm, ids)
+    conn = _connector()
+    conn._encoder.submit(lambda: None).result()  # the background encode has finished
+    chunks = ChunkStore(store, lm.fingerprint, "lossless")
+    # The prompt (600 document tokens and the question): two whole 256-token chunks and
+    # its partial last one.
+    assert chunks.cached_tokens(ids, partial=True) == len(ids)
+    assert len(chunks.lookup(ids, partial=True)) == 3
+    before = (conn.tokens_loaded, conn.bytes_read)
+    second = _ask(llm, ids)
+    # vLLM computes from the last whole block (128 tokens) before the last prompt token.
+    assert conn.tokens_loaded - before[0] == 512
+    assert conn.bytes_read - before[1] == sum(p.stat().st_size for p in chunks.lookup(ids))
+    assert second == first  # lossless: the same greedy answer
+
+
+def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
+    llm, store = lossless
+    _, ids = _prompt(lm, texts["python_license"], 560)
+    old = set(store.rglob("*.kvc"))
+    first = _ask(llm, ids)
+    conn = _connector()
+    conn._encoder.submit(lambda: None).result()
+    new = set(store.rglob("*.kvc")) - old
+    assert new
+    for path in new:  # damage the payload of every entry the first request saved
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    before = conn.blocks_failed
+    second = _ask(llm, ids)
+    assert second == first  # the request completed, with the prefill's output
+    assert conn.blocks_failed - before == 4  # reported: vLLM recomputed all 512 tokens
+    assert list(store.rglob("*.kvc.bad"))  # moved aside
+
+
+def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):
+    """`kvcodec precompute` (transformers) fills the store vLLM reads: HF's lossless K/V
+    in vLLM's cache; HF and vLLM numerics differ slightly, so agreement is reported."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    llm, store = lossless
+    doc, ids = _prompt(lm, texts["argparse_doc"], 520)
+    reference = _ask(llm, ids)  # nothing stored yet: vLLM's own prefill
+    conn = _connector()
+    conn._encoder.submit(lambda: None).result()
+    for p in store.rglob("*.kvc"):
+        p.unlink()  # what vLLM saved goes; the store is refilled by transformers
+    text = tmp_path / "doc.txt"
+    text.write_text(texts["argparse_doc"])
+    r = CliRunner().invoke(main, ["precompute", "--store", str(store), "--config", "lossless",
+                                  "--max-tokens", str(len(doc)), str(text)])
+    assert r.exit_code == 0, r.output
+    before = conn.tokens_loaded
+    served = _ask(llm, ids)
+    assert conn.tokens_loaded - before == 512
+    agreement = _agreement(served, reference)
+    print(f"HF-precomputed store served by vLLM: greedy agreement {agreement:.2f} "
+          f"over {MAX_NEW} tokens")
+    assert agreement >= 0.5
+
+
+def test_lossy_default_agreement(lm, texts, tmp_path):
+    """With the default config (in an engine of its own, in a subprocess): the second
+    request is served from the store. Free-running greedy agreement with the first
+    answer is reported; it collapses after the first flipped token, and vLLM computes no
+    prompt logprobs for loaded tokens, so the quality check is teacher-forced, in
+    transformers, on the entries vLLM saved: top-1 agreement and KL over the first
+    answer against the uncompressed prefix."""
+    import json
+
+    import torch
+
+    from kvcodec.quality.evaluate import compare_logits
+    from kvcodec.store import Store, prefill_with_store
+
+    code = f"""
+import json, os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import kvcodec, test_vllm as t
+from conftest import real_texts
+lm = kvcodec.load_model()
+_, ids = t._prompt(lm, real_texts()["gpl3"], 600)
+llm = t._engine({str(tmp_path)!r}, "default")
+first = t._ask(llm, ids)
+t._connector()._encoder.submit(lambda: None).result()
+before = t._connector().tokens_loaded
+second = t._ask(llm, ids)
+print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
+                            "ids": ids, "first": first, "second": second}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and line, out.stderr[-3000:]
+    r = json.loads(line[0][len("RESULT "):])
+    assert r["loaded"] == 512 and len(r["second"]) == MAX_NEW
+    full = r["ids"] + r["first"]
+    store = Store(tmp_path, lm.fingerprint, "default")
+    with torch.no_grad():
+        ref = lm.model(input_ids=torch.tensor([full])).logits[0, len(r["ids"]) - 1:-1]
+        cache, n, last = prefill_with_store(lm, store, r["ids"])
+        assert n == 512
+        rest = lm.model(input_ids=torch.tensor([r["first"][:-1]]), past_key_values=cache).logits[0]
+    got = torch.cat([last[None], rest])
+    row = compare_logits(ref, got, r["first"])
+    free = _agreement(r["second"], r["first"])
+    print(f"default config in vLLM: loaded 512 tokens; free-running greedy agreement "
+          f"{free:.2f} over {MAX_NEW} tokens; teacher-forced (HF on vLLM's entries) top-1 "
+          f"{row['top1_agreement']:.2f}, KL {row['kl']:.4f}")
+    assert row["top1_agreement"] >= 0.8 and row["kl"] < 0.1
+
+
+def test_fingerprint_of_the_vllm_model_dir_matches_transformers(lm):
+    """The connector fingerprints the directory vLLM loads; it must key the store as
+    transformers' side does, or neither would find the other's chunks."""
+    from kvcodec.models import fingerprint_dir
+
+    assert fingerprint_dir(resolve_model_path(None)) == lm.fingerprint
