@@ -97,7 +97,8 @@ class KVCodecConnector(KVConnectorBase_V1):
             raise ConfigError(f"KVCodecConnector needs a local model directory (got "
                               f"{model_dir}); kvcodec never downloads weights")
         self._fingerprint = fingerprint_dir(model_dir)
-        self._store = ChunkStore(root, self._fingerprint, extra.get_from_extra_config("config", "default"))
+        self._store = ChunkStore(root, self._fingerprint,
+                                 extra.get_from_extra_config("config", "default"))
         self._block = int(vllm_config.cache_config.block_size)
         self._chunk = self._store.chunk_tokens
         if self._chunk % self._block:
@@ -120,7 +121,6 @@ class KVCodecConnector(KVConnectorBase_V1):
         self._layout: _PagedLayout | None = None
         self._events: dict[int, threading.Event] = {}
         self._loader: threading.Thread | None = None
-        self._load_errors: set = set()
         self._failed_blocks: set = set()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
         # Counters, for tests and benchmarks: entry bytes read, tokens written into
