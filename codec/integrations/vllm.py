@@ -369,13 +369,11 @@ class _PagedLayout:
         """The ISA the attention layers use (vLLM sets it on each layer); relearn the
         inverse if it differs from the one assumed at registration."""
         layers = getattr(forward_context, "no_compile_layers", {}) or {}
-        for name in names:
-            isa = getattr(layers.get(name), "isa", None)
-            if isa is not None and isa != self.isa:
-                self.isa = isa
-                if self.can_read or self._perm is not None:
-                    self._learn()
-            return
+        isa = getattr(layers.get(next(iter(names), None)), "isa", None)  # one ISA for all
+        if isa is not None and isa != self.isa:
+            self.isa = isa
+            if self._perm is not None:
+                self._learn()
 
     def _split(self, cache: torch.Tensor):
         nb, h, bs, _ = cache.shape
@@ -418,15 +416,13 @@ class _PagedLayout:
                            zeros if which == "k" else code, slots)
                 flat = scratch.reshape(-1)
                 hit = flat.nonzero().flatten()
-                if len(hit) != n:
+                if len(hit) != n or (digit and not torch.equal(hit, order)):
                     log.warning("kvcodec: vLLM's paged layout (%s) is not a permutation; "
                                 "saving to the store is off", self.isa)
+                    self._perm, self.can_read = None, False
                     return
                 vals = flat[hit].to(torch.int64) - 1
-                if digit == 0:
-                    order = hit
-                elif not torch.equal(hit, order):
-                    return
+                order = hit
                 where += vals * scale
                 scale *= 64
                 digit += 1
