@@ -15,7 +15,7 @@ from ..core.transforms import rope, rope_tables
 from ..errors import CorruptError, KVCodecError, ShapeError
 from .container import Reader, StreamBuffer
 from .sections import SectionReader
-from .spec import DTYPES
+from .spec import DTYPES, head_rows
 
 
 def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVCache:
@@ -85,15 +85,13 @@ class KVCFile(SectionReader):
 
     def _pieces(self, layer: int, chunks: range) -> list:
         """How a layer's part of ``chunks`` splits into native decode jobs: ``(chunk
-        range, first row, rows)``. The coder's chunks start at multiples of
-        ``chunk_tokens``, so a layer whose span starts inside a chunk (a sliding window)
-        decodes that chunk's tail as a job of its own, then whole chunks."""
+        range, first row, rows)``, split as the writer coded it (:func:`head_rows`)."""
         first, rows = self._layer_span(layer, chunks)
         if rows == 0:
             return []
-        c0, pieces, head = first // self.chunk_tokens, [], 0
-        if first % self.chunk_tokens:
-            head = min((c0 + 1) * self.chunk_tokens, first + rows) - first
+        c0, pieces = first // self.chunk_tokens, []
+        head = head_rows(first, rows, self.chunk_tokens)
+        if head:
             pieces.append((range(c0, c0 + 1), 0, head))
             c0 += 1
         if head < rows:

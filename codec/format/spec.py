@@ -39,3 +39,11 @@ def check_geometry(n_layers: int, n_tokens: int, channels: int) -> None:
     if 2 * n_layers * n_tokens * channels > MAX_ELEMENTS:
         raise ShapeError(f"a cache of more than {MAX_ELEMENTS} elements is over the format cap")
 
+
+
+def head_rows(first: int, rows: int, chunk: int) -> int:
+    """Rows of a span of ``rows`` tokens from position ``first`` that lie in the chunk it
+    starts inside (0 when it starts on a chunk boundary). The coder's chunks start at
+    multiples of ``chunk``, so a sliding window's span codes those rows as a job of their
+    own, then whole chunks: the writer and the reader both split spans this way."""
+    return min((-first) % chunk, rows)

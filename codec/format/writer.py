@@ -16,7 +16,7 @@ from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
 from . import container
 from .container import atomic_write, crc32
-from .spec import INDEX_ENTRY, check_geometry, coder_info
+from .spec import INDEX_ENTRY, check_geometry, coder_info, head_rows
 
 # Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
 _zstd_level = 12
@@ -89,9 +89,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     params_blob, levels_blob, jobs, sides, sinks, first_chunk = [], [], [], [], [], []
     for layer in range(n_layers):
         s0 = starts[layer]
-        # The coder's chunks start at multiples of `chunk`: a span starting inside one
-        # (a sliding window) codes that chunk's tail as a job of its own.
-        head = (-s0) % chunk
+        head = head_rows(s0, spans[layer], chunk)
         for kind, src in zip(KINDS, (kv.keys, kv.values)):
             q = make_quantizer(specs[kind][layer], kv.dtype)
             rope_here = ropes[layer] if kind == "key" else None

@@ -408,7 +408,7 @@ class _PagedLayout:
         pos = {}
         for which in ("k", "v"):
             where = torch.zeros(n, dtype=torch.int64)
-            digit, scale = 0, 1
+            order, scale = None, 1  # order: the block positions the op wrote, each pass
             while scale < n:
                 code = ((torch.arange(n) // scale) % 64 + 1).to(self.dtype).view(bs, h, d)
                 scratch.zero_()
@@ -416,7 +416,7 @@ class _PagedLayout:
                            zeros if which == "k" else code, slots)
                 flat = scratch.reshape(-1)
                 hit = flat.nonzero().flatten()
-                if len(hit) != n or (digit and not torch.equal(hit, order)):
+                if len(hit) != n or (order is not None and not torch.equal(hit, order)):
                     log.warning("kvcodec: vLLM's paged layout (%s) is not a permutation; "
                                 "saving to the store is off", self.isa)
                     self._perm, self.can_read = None, False
@@ -425,7 +425,6 @@ class _PagedLayout:
                 order = hit
                 where += vals * scale
                 scale *= 64
-                digit += 1
             src = torch.empty(n, dtype=torch.int64)
             src[where] = order
             pos[which] = src.view(bs, h * d)
