@@ -102,6 +102,11 @@ LIES = {
     "no sections": lambda h: h.pop("sections"),
     "swapped": lambda h: h["sections"].reverse(),
     "not an object": lambda h: h.clear(),
+    "anchor not a list": lambda h: h.update(anchor="<bos>"),
+    "empty anchor": lambda h: h.update(anchor=[]),
+    "anchor ids": lambda h: h.update(anchor=[1, -2]),
+    "huge anchor": lambda h: h.update(anchor=[1] * 5000),
+    "position": lambda h: h.update(position_offset="zero"),
 }
 
 

@@ -91,6 +91,32 @@ def rope(keys: torch.Tensor, r, offset: int = 0, inverse: bool = False) -> torch
     return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
 
 
+def shift(keys: torch.Tensor, r: Rope, delta: int) -> torch.Tensor:
+    """Turn post-RoPE ``keys [1, H, T, D]`` by ``delta`` positions (every token alike);
+    float32 out. RoPE rotates each channel pair by ``position * inv_freq``, so a key
+    rotated at ``p`` and turned by ``delta`` is the key rotated at ``p + delta``; the
+    attention scaling is already in the keys and is not applied again."""
+    rd = r.rotary_dim
+    if rd > keys.shape[-1]:
+        raise ConfigError(f"a rotary dim of {rd} does not fit head_dim {keys.shape[-1]}")
+    ang = torch.tensor(r.inv_freq, dtype=torch.float64) * float(delta)
+    ang = torch.cat([ang, ang])
+    cos, sin = ang.cos().float(), ang.sin().float()
+    x = keys.float()
+    xr = x[..., :rd]
+    out = xr * cos + _rotate_half(xr) * sin
+    return out if rd == keys.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+
+
+def model_ropes(model: dict | None, num_layers: int, head_dim: int) -> list:
+    """Per-layer :class:`Rope` (None where a layer has none) that a model fingerprint
+    records; ConfigError where it records none or the model's RoPE is not rotate_half."""
+    if not (model or {}).get("rope") and not (model or {}).get("rope_theta"):
+        raise ConfigError("the model fingerprint records no rotary embedding")
+    xform = key_transform({"key_transform": {"type": "rope_strip"}}, model, num_layers)
+    return layer_ropes(xform, num_layers, head_dim)
+
+
 def key_transform(cfg: dict, model: dict | None, num_layers: int | None = None) -> dict | None:
     """The resolved key transform of a config for a model, as the header records it.
 

@@ -17,8 +17,8 @@ from ..core.streams import KINDS
 from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
 from .container import Reader
-from .spec import (DTYPES, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS, MAX_TOKENS,
-                   check_geometry, coder_info)
+from .spec import (DTYPES, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS,
+                   MAX_TOKENS, check_geometry, coder_info)
 
 
 class FileHeader:
@@ -37,6 +37,12 @@ class FileHeader:
     layer_tokens : list of int
         Tokens each layer holds: the last that many of ``num_tokens`` (fewer than
         ``num_tokens`` for sliding-window layers).
+    position_offset : int
+        Position of the first token when the cache was computed.
+    anchor : list of int or None
+        For a position-independent chunk (:mod:`kvcodec.blend`): the token ids of the
+        fixed prefix it was computed behind (positions ``0 .. len(anchor) - 1``, rows
+        dropped). None for a cache computed in place.
     """
 
     def __init__(self, reader: Reader):
@@ -84,6 +90,7 @@ class FileHeader:
         self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
+        self.anchor = self._anchor(h.get("anchor"))
         self.key_transform = h.get("key_transform")
         try:
             self._ropes = layer_ropes(self.key_transform, self.num_layers, self.head_dim)
@@ -104,6 +111,16 @@ class FileHeader:
             raise CorruptError(f"{self._r.name}: layer_tokens must list 1..{self.num_tokens} "
                                f"tokens for each of {self.num_layers} layers")
         return spans
+
+    def _anchor(self, anchor):
+        if anchor is None:
+            return None
+        if (not isinstance(anchor, list) or not 1 <= len(anchor) <= MAX_ANCHOR_TOKENS
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32
+                           for t in anchor)):
+            raise CorruptError(f"{self._r.name}: anchor must list 1..{MAX_ANCHOR_TOKENS} "
+                               "token ids")
+        return anchor
 
     # -- metadata -------------------------------------------------------------------
     @property
@@ -198,6 +215,8 @@ class FileHeader:
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "num_tokens": self.num_tokens,
             "layer_tokens": self.layer_tokens,
+            "position_offset": self.position_offset,
+            "anchor_tokens": None if self.anchor is None else len(self.anchor),
             "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,
             "dtype": str(self.dtype).replace("torch.", ""),
             "elements": self.numel(),

@@ -11,8 +11,8 @@ from ..core import tables
 from ..core.kvcache import KVCache
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS, unflatten
-from ..core.transforms import rope, rope_tables
-from ..errors import CorruptError, KVCodecError, ShapeError
+from ..core.transforms import check_positions, model_ropes, rope, rope_tables, shift
+from ..errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
 from .container import Reader, StreamBuffer
 from .sections import SectionReader
 from .spec import DTYPES, head_rows
@@ -60,12 +60,13 @@ class KVCFile(SectionReader):
     sections are read lazily (:class:`SectionReader`); this class plans and runs decodes.
     """
 
-    def _fused_dequant(self, q, layer_rope, pos: int, dst: torch.Tensor):
+    def _fused_dequant(self, q, layer_rope, pos: int, dst: torch.Tensor, base: int):
         """The native dequantizer's arguments for per-token-step uniform streams (the
         shipped default) decoding into ``dst`` (tokens from position ``pos``), or None
         where there is no fused path (other quantizers, partial rotary dims). It writes
         straight into ``dst`` when that is a float32 CPU view with contiguous tokens;
-        otherwise into a scratch array that is cast into ``dst`` afterwards."""
+        otherwise into a scratch array that is cast into ``dst`` afterwards. Keys are
+        rotated to positions from ``base + pos``."""
         d = self.head_dim
         if not (isinstance(q, Uniform) and q.scale == "token") or (
                 layer_rope is not None and layer_rope.rotary_dim != d):
@@ -78,7 +79,7 @@ class KVCFile(SectionReader):
             out = np.empty((self.num_kv_heads, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
-            c, s = rope_tables(self.position_offset + pos, rows, layer_rope)
+            c, s = rope_tables(base + pos, rows, layer_rope)
             cos, sin = c.numpy(), s.numpy()
         mult = q._head_mult(self.channels).numpy()
         return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
@@ -98,9 +99,10 @@ class KVCFile(SectionReader):
             pieces.append((range(c0, chunks[-1] + 1), head, rows - head))
         return pieces
 
-    def _prepare(self, dst: dict, chunks: range) -> dict:
+    def _prepare(self, dst: dict, chunks: range, position_offset: int | None = None) -> dict:
         """Read and verify the payload items of ``dst``'s layers over ``chunks`` and build
         the native decode jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
+        base, shift = self._placement(position_offset)
         self._load_index()
         dtab = self._decode_tables()
         jobs, owner, work = [], [], []
@@ -123,15 +125,42 @@ class KVCFile(SectionReader):
                     items = [self._read_item(c, s) for c in prange]
                     sides += [side for side, _ in items]
                     view = target[:, :, r0:r0 + n]
-                    deq = self._fused_dequant(q, rope_here, first + r0, view)
+                    deq = self._fused_dequant(q, rope_here, first + r0, view, base)
                     jobs.append(([blob for _, blob in items], dtab[(l, k)], sym[r0:r0 + n], deq))
                     owner.append(len(work))
                     fused.append((deq, view))
                 work.append((l, k, target, sym, fused, b"".join(sides), first))
-        return {"jobs": jobs, "owner": owner, "work": work}
+        return {"jobs": jobs, "owner": owner, "work": work, "base": base, "shift": shift}
+
+    def _placement(self, position_offset: int | None) -> tuple:
+        """``(base, shift)`` for decoding with the first token at ``position_offset``:
+        coded keys are rotated at positions from ``base``; ``shift`` is ``(ropes,
+        delta)`` when keys coded post-RoPE must then be turned by ``delta`` positions."""
+        if position_offset is None or position_offset == self.position_offset:
+            return self.position_offset, None
+        if not isinstance(position_offset, int) or isinstance(position_offset, bool):
+            raise ShapeError(f"position_offset must be an integer, got {position_offset!r:.40}")
+        if self.key_transform is not None:  # keys are coded pre-RoPE: rotate them there
+            check_positions(self.key_transform, position_offset, self.num_tokens)
+            return position_offset, None
+        try:
+            ropes = model_ropes(self.model, self.num_layers, self.head_dim)
+        except ConfigError as exc:
+            raise FormatError(f"{self._r.name}: its keys were coded with their rotary "
+                              f"embedding and cannot be moved to another position: {exc}") from None
+        return self.position_offset, (ropes, position_offset - self.position_offset)
 
     def _execute(self, prep: dict, threads: int = 0) -> None:
         """Decode prepared jobs (the GIL is released) and finish them into their targets."""
+        self._finish(prep, threads)
+        if prep["shift"] is not None:
+            ropes, delta = prep["shift"]
+            for l, k, target, *_ in prep["work"]:
+                if k == "key" and ropes[l] is not None:
+                    target.copy_(shift(target, ropes[l], delta))
+
+    def _finish(self, prep: dict, threads: int) -> None:
+        base = prep["base"]
         errors = tables.native().decode_many(prep["jobs"], self.chunk_tokens, threads)
         for err, w in zip(errors, prep["owner"]):
             if err is not None:
@@ -155,7 +184,7 @@ class KVCFile(SectionReader):
                 if n_sink:
                     st = unflatten(sinks.clone(), h, d)
                     if rope_here is not None:
-                        st = rope(st, rope_here, self.position_offset + first)
+                        st = rope(st, rope_here, base + first)
                     target[:, :, :n_sink] = st
                 continue
             if q.alphabet < q.table_alphabet and sym[:, :self.channels].max(initial=0) >= q.alphabet:
@@ -168,10 +197,11 @@ class KVCFile(SectionReader):
                 x[:n_sink] = sinks
             t = unflatten(x, h, d)
             if rope_here is not None:
-                t = rope(t, rope_here, self.position_offset + first)
+                t = rope(t, rope_here, base + first)
             target.copy_(t)
 
-    def decode_into(self, dst: dict, chunks=None, *, threads: int = 0) -> None:
+    def decode_into(self, dst: dict, chunks=None, *, threads: int = 0,
+                    position_offset: int | None = None) -> None:
         """Decode layers straight into caller-owned tensors (no intermediate copies).
 
         Parameters
@@ -182,11 +212,18 @@ class KVCFile(SectionReader):
             (e.g. ``buf[:, :, :n]`` of a cache preallocated with room for a prompt); with
             float32 targets whose tokens are contiguous the native decoder writes into
             them directly, other dtypes are cast into place.
+        position_offset : int, optional
+            Place the cache's first token at this position instead of where it was
+            computed: keys come out rotated for their new positions (what
+            :mod:`kvcodec.blend` does with position-independent chunks). Exact for
+            files coded pre-RoPE (``rope_strip``); other files are turned by the
+            position difference with the RoPE their model fingerprint records.
         """
         self._check_layers(dst.keys())
-        self._execute(self._prepare(dst, self._chunk_range(chunks)), threads)
+        self._execute(self._prepare(dst, self._chunk_range(chunks), position_offset), threads)
 
-    def decode_layers(self, layers=None, chunks=None, *, dtype=None, threads: int = 0):
+    def decode_layers(self, layers=None, chunks=None, *, dtype=None, threads: int = 0,
+                      position_offset: int | None = None):
         """Decode chosen layers over a contiguous chunk range.
 
         Returns
@@ -199,7 +236,7 @@ class KVCFile(SectionReader):
         chunks = self._chunk_range(chunks)
         layers = self._check_layers(layers)
         dst = {l: self._empty_layer(l, chunks, dtype or self.dtype) for l in layers}
-        self.decode_into(dst, chunks, threads=threads)
+        self.decode_into(dst, chunks, threads=threads, position_offset=position_offset)
         return dst
 
     def _empty_layer(self, layer: int, chunks: range, dtype) -> tuple:
@@ -267,10 +304,13 @@ class KVCFile(SectionReader):
                 self._execute(prep, threads)
                 yield span
 
-    def decode(self, chunks=None, *, dtype=None, threads: int = 0) -> KVCache:
-        """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`."""
+    def decode(self, chunks=None, *, dtype=None, threads: int = 0,
+               position_offset: int | None = None) -> KVCache:
+        """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`
+        (``position_offset``: see :meth:`decode_into`)."""
         chunks = self._chunk_range(chunks)
-        layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads)
+        layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads,
+                                    position_offset=position_offset)
         t0, n = self._span(chunks)
         ids = None if self.token_ids is None else self.token_ids[t0:t0 + n]
         return KVCache([layers[l][0] for l in range(self.num_layers)],

@@ -18,6 +18,7 @@ MAX_TOKENS = 1 << 24
 MAX_CHANNELS = 65535
 MAX_ELEMENTS = 1 << 34
 MAX_CONFIG_BYTES = 16 << 20
+MAX_ANCHOR_TOKENS = 1024  # the fixed prefix a position-independent chunk was computed behind
 # Float dtypes a cache may have, by their header names.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -16,7 +16,7 @@ from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
 from . import container
 from .container import atomic_write, crc32
-from .spec import INDEX_ENTRY, check_geometry, coder_info, head_rows
+from .spec import INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, coder_info, head_rows
 
 # Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
 _zstd_level = 12
@@ -30,7 +30,7 @@ def _zstd(data: bytes) -> bytes:
 
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
            threads: int = 0, token_ids=None, model: dict | None = None,
-           position_offset: int = 0, importance=None) -> bytes:
+           position_offset: int | None = None, importance=None, anchor=None) -> bytes:
     """Compress a KV cache into .kvc bytes.
 
     Parameters
@@ -49,8 +49,13 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         Coder threads; 0 = all cores.
     token_ids, model : optional
         Token ids and model fingerprint to record, overriding those carried by ``kv``.
-    position_offset : int
-        Position of the cache's first token (for configs that strip RoPE from keys).
+    position_offset : int, optional
+        Position of the cache's first token (for configs that strip RoPE from keys);
+        default ``len(anchor)`` for an anchored chunk, else 0.
+    anchor : list of int, optional
+        Token ids of the fixed prefix a position-independent chunk was computed behind
+        (default ``kv.extra["anchor"]``, which ``capture_kv(..., anchor=...)`` sets);
+        recorded so that :mod:`kvcodec.blend` refuses a chunk made behind another one.
     importance : Tensor, optional
         ``[layers, tokens]`` attention importance, overriding ``kv.importance`` (which
         :func:`kvcodec.capture_kv` fills in). Configs with ``token_importance`` give
@@ -69,6 +74,13 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     if not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got {chunk}")
     token_ids = kv.token_ids if token_ids is None else list(token_ids)
+    anchor = kv.extra.get("anchor") if anchor is None else anchor
+    if anchor is not None:
+        anchor = [int(t) for t in anchor]
+        if not 1 <= len(anchor) <= MAX_ANCHOR_TOKENS or min(anchor) < 0 or max(anchor) >= 1 << 32:
+            raise ShapeError(f"an anchor must be 1..{MAX_ANCHOR_TOKENS} token ids in [0, 2**32)")
+    if position_offset is None:
+        position_offset = len(anchor) if anchor else 0
     n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
     check_geometry(n_layers, n, h * d)
     if token_ids is not None and len(token_ids) != n:
@@ -143,6 +155,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
         "has_token_ids": token_ids is not None,
         "key_transform": xform,
         "position_offset": int(position_offset),
+        "anchor": anchor,
         "sink_tokens": n_sink,
         "coder": coder_info(),
     }
