@@ -32,3 +32,8 @@ class ConfigError(KVCodecError):
 
 class BackendError(KVCodecError):
     """A required backend (native extension, GPU, model package) is missing."""
+
+
+class BlendError(KVCodecError):
+    """Cached segments cannot be blended as asked (another anchor, computed in place
+    elsewhere, no token ids to recompute a damaged segment from)."""

@@ -11,10 +11,21 @@ from .loading import LoadedModel
 IMPORTANCE_WINDOW = 128
 
 
+def default_anchor(tokenizer) -> list:
+    """The anchor position-independent chunks are computed behind by default: the
+    tokenizer's BOS token (the token a chat prompt starts with, e.g. SmolLM2's
+    ``<|im_start|>``), else a newline."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        return [int(bos)]
+    return [int(t) for t in tokenizer("\n", add_special_tokens=False)["input_ids"]][:1] or [0]
+
+
 @torch.no_grad()
 def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
                max_tokens: int | None = None, prefill_chunk: int = 512,
-               progress=None, importance_window: int = IMPORTANCE_WINDOW) -> KVCache:
+               progress=None, importance_window: int = IMPORTANCE_WINDOW,
+               anchor=None) -> KVCache:
     """Run the model on ``text`` (or ``token_ids``) and return its KV cache.
 
     The prompt is prefilled ``prefill_chunk`` tokens at a time (bounded activation
@@ -24,6 +35,15 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     eager attention and their attention weights, averaged over heads and queries, give
     each layer's per-token ``importance`` (SnapKV's observation window, Li et al. 2024:
     the end of a prompt predicts what later queries attend to). 0 skips it.
+
+    With ``anchor`` (token ids), the text is run behind that fixed prefix and the
+    anchor's rows are dropped: a *position-independent* chunk for :mod:`kvcodec.blend`.
+    A text prefilled alone turns its first tokens into the attention sink that every
+    later query leans on; behind an anchor the anchor is the sink, as the start of a
+    real prompt is, and the text's own tokens stay ordinary. Every layer then keeps
+    every token (sliding-window layers too), the tokens sit at positions
+    ``len(anchor) ..``, and ``kv.extra["anchor"]`` records the anchor (the file keeps
+    it, so a chunk made behind another anchor is refused).
 
     Returns
     -------
@@ -41,13 +61,19 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     token_ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
     if not token_ids:
         raise ShapeError("no tokens to run the model on")
+    anchor = None if anchor is None else [int(t) for t in anchor]
+    if anchor is not None and not anchor:
+        raise ShapeError("an anchor needs at least one token")
+    a = len(anchor or ())
     limit = getattr(lm.config, "max_position_embeddings", None)
-    if limit and len(token_ids) > limit:
-        raise ShapeError(f"{len(token_ids)} tokens exceed the model's context of {limit}; "
+    if limit and a + len(token_ids) > limit:
+        raise ShapeError(f"{a + len(token_ids)} tokens exceed the model's context of {limit}; "
                          "pass max_tokens")
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=lm.config)
+    doc_ids, token_ids = token_ids, (anchor or []) + token_ids
+    # An anchored chunk is placed anywhere later, so every layer keeps every token.
+    cache = DynamicCache(config=lm.config) if anchor is None else DynamicCache()
     n = len(token_ids)
     window = min(max(0, int(importance_window)), n)
     for start in range(0, n - window, prefill_chunk):
@@ -63,7 +89,11 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     kv = KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
     kv.length = n
     kv.importance = importance
-    return kv
+    if anchor is None:
+        return kv
+    part = kv.slice(a, n)
+    return KVCache(part.keys, part.values, doc_ids, part.model, part.importance,
+                   {"anchor": anchor})
 
 
 def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:

@@ -6,6 +6,11 @@ from the model fingerprint and the codec config. A chunk's KV depends on every t
 before it, and so does its name, so a new prompt reuses exactly the longest cached
 prefix of whole chunks and prefills only the rest.
 
+Documents are stored a second way, for blending (:mod:`kvcodec.blend`): a document
+captured behind a fixed anchor (``capture_kv(..., anchor=...)``) is position-independent,
+so its chunks are keyed by the document's own tokens (a chain seeded with the anchor,
+not with a prompt prefix) and reused wherever the document appears in a prompt.
+
 Writes are atomic (temp file + fsync + rename), so concurrent writers of the same chunk
 race harmlessly (same bytes) and readers never see a partial file. Each chunk carries
 its own probability tables: about 5% over a long file's size, the price of independent
@@ -60,9 +65,13 @@ class ChunkStore:
         seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
         self._seed = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
 
-    def keys(self, token_ids) -> list:
-        """Chained hash of every chunk of ``token_ids`` (the last may be partial)."""
+    def keys(self, token_ids, anchor=None) -> list:
+        """Chained hash of every chunk of ``token_ids`` (the last may be partial); with
+        ``anchor``, the keys of a position-independent document computed behind it."""
         out, h = [], self._seed
+        if anchor is not None:
+            h = hashlib.sha256(b"kvcodec-document-v1" + h + b"".join(
+                int(t).to_bytes(4, "little") for t in anchor)).digest()
         ids = [int(t) for t in token_ids]
         for start in range(0, len(ids), self.chunk_tokens):
             part = ids[start:start + self.chunk_tokens]
@@ -98,6 +107,40 @@ class ChunkStore:
             written += 1
         return written
 
+    def put_document(self, kv: KVCache) -> int:
+        """Store a position-independent document (a cache captured behind an anchor,
+        which ``kv.extra["anchor"]`` records) under keys of its own tokens; returns how
+        many chunks were written."""
+        anchor = kv.extra.get("anchor")
+        if not anchor:
+            raise KVCodecError("put_document needs a cache captured behind an anchor "
+                               "(capture_kv(..., anchor=...)); use put for prompt prefixes")
+        if kv.token_ids is None:
+            raise KVCodecError("the store keys chunks by token ids; this cache has none")
+        if kv.model is not None:
+            check_fingerprint(kv.model, self.fingerprint)
+        if not kv.uniform:
+            raise KVCodecError("a document for blending must hold every token in every layer")
+        written = 0
+        for i, key in enumerate(self.keys(kv.token_ids, anchor)):
+            path = self.path(key)
+            if path.exists():
+                continue
+            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
+            part = kv.slice(t0, t1)
+            part.model = self.fingerprint
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, kvc.encode(part, config=self.config, anchor=anchor,
+                                          position_offset=len(anchor) + t0))
+            written += 1
+        return written
+
+    def document(self, token_ids, anchor) -> list | None:
+        """Paths of every chunk of the document ``token_ids`` stored by
+        :meth:`put_document` behind ``anchor``, or None unless all are present."""
+        paths = [self.path(k) for k in self.keys(token_ids, anchor)]
+        return paths if paths and all(p.exists() for p in paths) else None
+
     def lookup(self, token_ids, *, partial: bool = False) -> list:
         """Paths of the longest cached prefix of whole chunks of ``token_ids``; with
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
@@ -117,14 +160,17 @@ class ChunkStore:
         paths = self.lookup(token_ids, partial=partial)
         return min(len(token_ids), len(paths) * self.chunk_tokens)
 
-    def open_entry(self, path: Path, token_ids, t0: int) -> "kvc.KVCFile":
+    def open_entry(self, path: Path, token_ids, t0: int, anchor=None) -> "kvc.KVCFile":
         """The entry at ``path``, checked to be the chunk of ``token_ids`` starting at token
-        ``t0`` made by the store's model (KVCodecError, or OSError, if it is not)."""
+        ``t0`` (of a document behind ``anchor``, if given) made by the store's model
+        (KVCodecError, or OSError, if it is not)."""
         f = kvc.open(path)
         try:
             check_fingerprint(f.model, self.fingerprint)
             ids = [int(t) for t in token_ids]
-            if (f.num_tokens != len(ids) or f.position_offset != t0
+            anchor = None if anchor is None else [int(t) for t in anchor]
+            if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0
+                    or f.anchor != anchor
                     or (f.token_ids is not None and f.token_ids != ids)):
                 raise KVCodecError(f"{path} holds other tokens than its key says")
             return f
