@@ -10,7 +10,7 @@
 
 The package is layered (ARCHITECTURE.md); a layer imports only those below it:
 ``errors`` < ``core`` < ``format``, ``models`` < ``storage`` < ``integrations`` < ``store``
-< ``quality``.
+< ``quality``, ``blend``.
 """
 import importlib
 import importlib.abc
@@ -53,7 +53,8 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.append(_MovedModules())
 
-_SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality"}
+_SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality",
+                "blend"}
 
 
 def __getattr__(name):
