@@ -22,10 +22,12 @@ def with_bar(label, fn):
         return fn(progress)
 
 
-def capture(lm, text, max_tokens, label):
-    """capture_kv with a progress bar over prefill steps."""
+def capture(lm, text, max_tokens, label, independent: bool = False):
+    """capture_kv with a progress bar over prefill steps; ``independent``: behind the
+    model's anchor, position-independent (for blending)."""
+    anchor = kvcodec.models.default_anchor(lm.tokenizer) if independent else None
     return with_bar(label, lambda p: kvcodec.capture_kv(lm, text, max_tokens=max_tokens,
-                                                         progress=p))
+                                                         progress=p, anchor=anchor))
 
 
 def parse_chunks(spec):

@@ -21,7 +21,10 @@ from .common import capture, parse_chunks, status
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
 @click.option("--chunk-tokens", type=int, default=None, help="Tokens per chunk (default 256).")
 @click.option("--threads", type=int, default=0, show_default=True, help="Coder threads (0 = all cores).")
-def encode(source, output, config, model, max_tokens, chunk_tokens, threads):
+@click.option("--independent", is_flag=True,
+              help="Capture the text behind the model's anchor so that the file can be "
+                   "placed anywhere in a prompt (kvcodec generate --blend).")
+def encode(source, output, config, model, max_tokens, chunk_tokens, threads, independent):
     """Encode SOURCE into a .kvc file.
 
     SOURCE is a text file (run through the model to capture its KV cache) or a
@@ -30,12 +33,15 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads):
     from kvcodec.format import io as kvio
 
     if source.endswith(".safetensors"):
+        if independent:
+            raise click.UsageError("--independent captures a text; it does not apply to "
+                                   ".safetensors input")
         kv = kvio.load_safetensors(source)
     else:
         text = Path(source).read_text(encoding="utf-8", errors="replace")
         with status("loading the model"):
             lm = kvcodec.load_model(model)
-        kv = capture(lm, text, max_tokens, f"prefilling {Path(source).name}")
+        kv = capture(lm, text, max_tokens, f"prefilling {Path(source).name}", independent)
     with status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
     click.echo(f"wrote {output}: {len(data):,} bytes, "

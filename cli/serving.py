@@ -13,7 +13,21 @@ from .common import capture, status
 
 
 @click.command()
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--blend", "blend_mode", is_flag=True,
+              help="Blend the FILES (position-independent .kvc documents, from `kvcodec "
+                   "encode --independent`), or with --store the --doc texts, in order, "
+                   "between --system and --prompt, recomputing a fraction of their tokens.")
+@click.option("--doc", "docs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="With --blend --store: a document (text file) stored by `kvcodec "
+                   "precompute --independent`; repeat it, in prompt order.")
+@click.option("--system", default=None, help="With --blend: text before the documents.")
+@click.option("--recompute", type=float, default=0.15, show_default=True,
+              help="With --blend: fraction of the documents' tokens recomputed (0..1).")
+@click.option("--selector", default="hkvd", show_default=True,
+              help="With --blend: which tokens to recompute: hkvd, query, boundary, random, "
+                   "none or all.")
 @click.option("--context", type=click.Path(exists=True, dir_okay=False),
               help="The cached document (.kvc).")
 @click.option("--store", "store_dir", type=click.Path(exists=True, file_okay=False),
@@ -31,15 +45,26 @@ from .common import capture, status
 @click.option("--prompt", required=True, help="Text that follows the cached document.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True)
 @click.option("--compare", is_flag=True,
-              help="Also prefill the document from its tokens and report agreement.")
-def generate(model, context, store_dir, text_file, configs, bandwidth, budget, prompt,
-             max_new_tokens, compare):
-    """Continue from a cached document plus a new prompt, without prefilling the document."""
+              help="Also prefill the document from its tokens and report agreement "
+                   "(with --blend: and the KL of the answer's next-token distributions).")
+def generate(files, model, blend_mode, docs, system, recompute, selector, context, store_dir,
+             text_file, configs, bandwidth, budget, prompt, max_new_tokens, compare):
+    """Continue from a cached document plus a new prompt, without prefilling the document.
+
+    With --blend, several cached documents are fused into one prompt (CacheBlend-style
+    selective recompute): kvcodec generate --blend a.kvc b.kvc --prompt "..."
+    """
     import time
 
     from kvcodec.integrations import hf
     from kvcodec.quality import evaluate
 
+    if blend_mode:
+        return _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
+                      max_new_tokens, compare, bool(context or text_file or configs or
+                                                    bandwidth or budget is not None))
+    if files or docs or system is not None:
+        raise click.UsageError("FILES, --doc and --system go with --blend")
     if (context is None) == (store_dir is None):
         raise click.UsageError("give exactly one of --context FILE.kvc and --store DIR")
     if store_dir is not None and text_file is None:
@@ -84,6 +109,43 @@ def generate(model, context, store_dir, text_file, configs, bandwidth, budget, p
                    f"identical for the first {prefix}", err=True)
 
 
+def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
+           max_new_tokens, compare, other):
+    from kvcodec.blend import Cached, Text, compare_with_prefill, generate as blend_generate
+    from kvcodec.storage import ChunkStore
+
+    if other:
+        raise click.UsageError("--context, --text, --config, --bandwidth and --budget do not "
+                               "go with --blend")
+    if bool(files) == bool(store_dir):
+        raise click.UsageError("--blend takes .kvc FILES, or --store DIR with --doc texts")
+    if store_dir and not docs:
+        raise click.UsageError("--blend --store needs --doc (the documents, in order)")
+    if files and docs:
+        raise click.UsageError("--doc goes with --store")
+    lm = kvcodec.load_model(model)
+    segs = [Text(system)] if system else []
+    if files:
+        segs += [Cached(f, name=f) for f in files]
+    else:
+        store = ChunkStore(store_dir, lm.fingerprint)
+        segs += [Cached(store=store, text=Path(d).read_text(encoding="utf-8", errors="replace"),
+                        name=d) for d in docs]
+    segs.append(Text(prompt))
+    out, result = blend_generate(lm, segs, max_new_tokens=max_new_tokens, recompute=recompute,
+                                 selector=selector)
+    click.echo(lm.tokenizer.decode(out))
+    click.echo(result.report.summary(), err=True)
+    if compare:
+        m = compare_with_prefill(lm, result, max_new_tokens)
+        click.echo(f"full prefill: {lm.tokenizer.decode(m['prefill_tokens'])!r}", err=True)
+        click.echo(f"against full prefill over its {len(m['prefill_tokens'])}-token answer: "
+                   f"KL {m['kl']:.4f} nats/token, top-1 agreement {m['top1']:.1%}, "
+                   f"greedy answer {'identical' if m['exact'] else 'differs'}; "
+                   f"TTFT {result.report.seconds['total']:.2f}s vs prefill "
+                   f"{m['prefill_s']:.2f}s", err=True)
+
+
 def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
     """(cache, document ids, uncached document ids, description) for generate --store."""
     from kvcodec.store import Store, adapt
@@ -115,8 +177,12 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
                    "levels for bandwidth adaptation.")
 @click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
 @click.option("--max-tokens", type=int, default=None)
-def precompute(texts, store_dir, configs, model, max_tokens):
-    """Batch job: prefill each text once and store its chunks for prefix reuse."""
+@click.option("--independent", is_flag=True,
+              help="Store each text as a position-independent document (captured behind "
+                   "the model's anchor, keyed by its own tokens) for `generate --blend`.")
+def precompute(texts, store_dir, configs, model, max_tokens, independent):
+    """Batch job: prefill each text once and store its chunks for prefix reuse (or, with
+    --independent, for blending anywhere in a prompt)."""
     from kvcodec.store import Store
 
     lm = kvcodec.load_model(model)
@@ -124,8 +190,8 @@ def precompute(texts, store_dir, configs, model, max_tokens):
     total = 0
     for path in texts:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
-        kv = capture(lm, text, max_tokens, f"prefilling {Path(path).name}")
-        n = sum(store.put(kv) for store in stores)
+        kv = capture(lm, text, max_tokens, f"prefilling {Path(path).name}", independent)
+        n = sum(store.put_document(kv) if independent else store.put(kv) for store in stores)
         total += n
         click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
     click.echo(f"stored {total} new chunks in {store_dir}")
