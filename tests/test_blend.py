@@ -9,7 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import kvcodec
 from kvcodec.blend import SELECTORS, Cached, Text, blend, generate
 from kvcodec.core.transforms import model_ropes, shift
-from kvcodec.errors import (BlendError, ConfigError, ModelMismatchError,
+from kvcodec.errors import (BlendError, ConfigError, KVCodecError, ModelMismatchError,
                             ShapeError)
 from kvcodec.models import LoadedModel, default_anchor, fingerprint
 from kvcodec.storage import ChunkStore
@@ -254,6 +254,8 @@ def test_store_documents_blend_like_files(lm, rag, tmp_path):
     for kv in kvs:
         assert store.put_document(kv) > 0
     assert store.document(d1, anchor) is not None and store.lookup(d1) == []
+    with pytest.raises(KVCodecError, match="put_document"):
+        store.put(kvs[0])
     segs = [Text(rag["head"]), Cached(store=store, token_ids=d1), Cached(store=store, token_ids=d2),
             Text(rag["question"])]
     from_store = blend(lm, segs, recompute=0.15)

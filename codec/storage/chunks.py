@@ -85,27 +85,10 @@ class ChunkStore:
 
     def put(self, kv: KVCache) -> int:
         """Store every chunk of ``kv`` not yet present; returns how many were written."""
-        if kv.token_ids is None:
-            raise KVCodecError("the store keys chunks by token ids; this cache has none")
-        if kv.model is not None:
-            check_fingerprint(kv.model, self.fingerprint)
-        if not kv.uniform:
-            raise KVCodecError(
-                "the store keeps every layer's tokens chunk by chunk, but this cache's "
-                "sliding-window layers hold only their last tokens; encode it into one "
-                ".kvc file instead")
-        written = 0
-        for i, key in enumerate(self.keys(kv.token_ids)):
-            path = self.path(key)
-            if path.exists():
-                continue
-            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
-            part = kv.slice(t0, t1)
-            part.model = self.fingerprint
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, kvc.encode(part, config=self.config, position_offset=t0))
-            written += 1
-        return written
+        if kv.extra.get("anchor"):
+            raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
+                               "prefix; store it with put_document")
+        return self._put(kv, None)
 
     def put_document(self, kv: KVCache) -> int:
         """Store a position-independent document (a cache captured behind an anchor,
@@ -115,13 +98,19 @@ class ChunkStore:
         if not anchor:
             raise KVCodecError("put_document needs a cache captured behind an anchor "
                                "(capture_kv(..., anchor=...)); use put for prompt prefixes")
+        return self._put(kv, [int(t) for t in anchor])
+
+    def _put(self, kv: KVCache, anchor) -> int:
         if kv.token_ids is None:
             raise KVCodecError("the store keys chunks by token ids; this cache has none")
         if kv.model is not None:
             check_fingerprint(kv.model, self.fingerprint)
         if not kv.uniform:
-            raise KVCodecError("a document for blending must hold every token in every layer")
-        written = 0
+            raise KVCodecError(
+                "the store keeps every layer's tokens chunk by chunk, but this cache's "
+                "sliding-window layers hold only their last tokens; encode it into one "
+                ".kvc file instead")
+        written, base = 0, len(anchor or ())
         for i, key in enumerate(self.keys(kv.token_ids, anchor)):
             path = self.path(key)
             if path.exists():
@@ -131,7 +120,7 @@ class ChunkStore:
             part.model = self.fingerprint
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, kvc.encode(part, config=self.config, anchor=anchor,
-                                          position_offset=len(anchor) + t0))
+                                          position_offset=base + t0))
             written += 1
         return written
 
