@@ -195,9 +195,7 @@ def _blend(lm, parts, sel, ratio, check_layer, flt, candidates, seed, n_layers, 
             report.filter_layer = flt
         pool, qpos = cached_pos, torch.arange(n)
         for layer, size in stages:
-            if layer == check_layer:
-                qpos = torch.arange(n)
-            else:
+            if layer != check_layer:  # the filter stage: candidates and forced tokens
                 need = forced.clone()
                 need[pool] = True
                 if "attention" in sel.needs:
@@ -286,20 +284,27 @@ def _checked(picked, cached_pos: torch.Tensor, k: int, name: str) -> torch.Tenso
     return torch.sort(picked).values
 
 
+def _greedy(lm, cache, logits, n: int) -> tuple:
+    """Greedy continuation from ``cache`` whose next-token logits are ``logits``: up to
+    ``n`` tokens (stopping after EOS) and the logits each was chosen from."""
+    eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else None
+    out, seen = [], []
+    for _ in range(n):
+        seen.append(logits.float())
+        out.append(int(logits.argmax()))
+        if out[-1] == eos or len(out) == n:
+            break
+        logits = lm.model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
+                          use_cache=True).logits[0, -1]
+    return out, seen
+
+
 @torch.no_grad()
 def generate(lm, segments, *, max_new_tokens: int = 48, **kwargs):
     """Blend ``segments`` and continue greedily; returns ``(token ids, BlendResult)``.
     ``kwargs`` go to :func:`blend`."""
     result = blend(lm, segments, **kwargs)
-    out, cache, logits = [], result.cache, result.logits
-    eos = lm.tokenizer.eos_token_id
-    for _ in range(max_new_tokens):
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt == eos or len(out) == max_new_tokens:
-            break
-        logits = lm.model(input_ids=torch.tensor([[nxt]]), past_key_values=cache,
-                          use_cache=True).logits[0, -1]
+    out, _ = _greedy(lm, result.cache, result.logits, max_new_tokens)
     return out, result
 
 
@@ -316,16 +321,7 @@ def compare_with_prefill(lm, result: BlendResult, n: int = 32) -> dict:
     out = lm.model(input_ids=torch.tensor([result.token_ids]), use_cache=True,
                    logits_to_keep=1)
     prefill_s = time.perf_counter() - t
-    cache, logits, answer = out.past_key_values, out.logits[0, -1], []
-    eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else None
-    ref = []
-    for _ in range(n):
-        ref.append(logits.float())
-        answer.append(int(logits.argmax()))
-        if answer[-1] == eos or len(answer) == n:
-            break
-        logits = lm.model(input_ids=torch.tensor([[answer[-1]]]), past_key_values=cache,
-                          use_cache=True).logits[0, -1]
+    answer, ref = _greedy(lm, out.past_key_values, out.logits[0, -1], n)
     ref = torch.stack(ref)
     test = [result.logits.view(1, -1).float()]
     if len(answer) > 1:

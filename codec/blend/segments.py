@@ -4,8 +4,9 @@ A prompt is an explicit list of segments, never found by separator strings: a
 :class:`Text` (the system line, the question, glue between documents) is computed;
 a :class:`Cached` segment (a .kvc file, a decoded :class:`KVCache`, or a document in a
 :class:`~kvcodec.storage.ChunkStore`) is decoded straight into the fused cache at its
-offset in the prompt, keys re-rotated there. :func:`place` does that and says, per
-segment, what happened; a cached segment that cannot be used for a reason that is not
+offset in the prompt, keys re-rotated there. :func:`resolve` opens and checks every
+segment and gives each cached one a loader; each segment's report says what happened: a
+cached segment that cannot be used for a reason that is not
 the caller's (damaged file, missing store entry) is computed from its tokens instead,
 and the report says why.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
 
 from .. import format as kvc
 from ..core.kvcache import KVCache
