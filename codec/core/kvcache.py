@@ -30,6 +30,14 @@ class KVCache:
     length : int or None
         The sequence length (positions covered); default: the longest layer's tokens.
         Needed only when every layer is a sliding window shorter than the sequence.
+    kept : list of Tensor or None
+        Set on an *evicted* cache (:mod:`kvcodec.evict`), where each head keeps its own
+        tokens: one int64 ``[kv_heads, slots_l]`` tensor per layer giving the true
+        position of each slot of ``keys[l]`` / ``values[l]`` (``[1, kv_heads, slots_l,
+        head_dim]``). A head's positions ascend and its unused slots (heads keep
+        different numbers of tokens; ``slots_l`` is the layer's largest) are ``-1`` at
+        the end, with zero K/V. ``length`` stays the original sequence length and
+        ``token_ids`` / ``importance`` still cover every position.
     """
 
     keys: list
@@ -39,9 +47,14 @@ class KVCache:
     importance: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     length: int | None = None
+    kept: list | None = None
 
     def __post_init__(self):
         validate_kv(self.keys, self.values)
+        if self.kept is not None:
+            if self.length is None:
+                raise ShapeError("an evicted cache needs its original length")
+            self.kept = validate_kept(self.kept, self.keys, self.length)
         longest = max(int(k.shape[2]) for k in self.keys)
         if self.length is None:
             self.length = longest
@@ -62,6 +75,9 @@ class KVCache:
 
     def slice(self, start: int, end: int) -> "KVCache":
         """Tokens ``[start, end)`` of the cache (views, not copies)."""
+        if self.evicted:
+            raise ShapeError("an evicted cache (heads keep different tokens) cannot be cut "
+                             "into token ranges")
         if not self.uniform:
             raise ShapeError("this cache's layers hold different spans (sliding-window "
                              "layers); it cannot be cut into token ranges")
@@ -87,8 +103,25 @@ class KVCache:
 
     @property
     def uniform(self) -> bool:
-        """True when every layer holds every position (no sliding-window truncation)."""
-        return all(t == self.length for t in self.layer_tokens)
+        """True when every layer holds every position (no sliding-window truncation,
+        no eviction)."""
+        return self.kept is None and all(t == self.length for t in self.layer_tokens)
+
+    @property
+    def evicted(self) -> bool:
+        """True when heads keep their own subsets of tokens (see ``kept``)."""
+        return self.kept is not None
+
+    def kept_counts(self) -> torch.Tensor:
+        """int64 ``[layers, kv_heads]``: tokens each head holds (every slot when not
+        evicted)."""
+        if self.kept is None:
+            return torch.tensor([[t] * self.num_kv_heads for t in self.layer_tokens])
+        return torch.stack([(p >= 0).sum(1) for p in self.kept])
+
+    def stored_numel(self) -> int:
+        """Elements the cache actually holds: kept tokens only, for an evicted cache."""
+        return int(2 * self.kept_counts().sum()) * self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
@@ -103,12 +136,21 @@ class KVCache:
         return self.keys[0].dtype
 
     def numel(self) -> int:
+        """Elements of the cache as the model made it: for an evicted cache, of the full
+        cache before eviction (every layer holding every position), the denominator of
+        bits per element."""
+        if self.kept is not None:
+            return 2 * self.num_layers * self.num_kv_heads * self.length * self.head_dim
         return 2 * sum(k.numel() for k in self.keys)
 
     def to_dynamic_cache(self, config=None, dtype: torch.dtype | None = None):
         """An HF ``DynamicCache`` holding these tensors (cast to ``dtype`` if given)."""
         from transformers import DynamicCache
 
+        if self.kept is not None:
+            raise ShapeError("an evicted cache (heads keep different tokens) does not fit a "
+                             "DynamicCache; load it with kvcodec.integrations.ragged."
+                             "ragged_cache(kv, model)")
         cache = DynamicCache(config=config) if config is not None else DynamicCache()
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if dtype is not None:
@@ -149,6 +191,31 @@ def token_views(bufs, t0: int, t1: int) -> dict:
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def validate_kept(kept, keys, length: int) -> list:
+    """Check an evicted cache's kept positions against its K/V (see ``KVCache.kept``);
+    returns them as int64 CPU tensors."""
+    if not isinstance(kept, (list, tuple)) or len(kept) != len(keys):
+        raise ShapeError(f"kept must list one positions tensor per layer ({len(keys)})")
+    out = []
+    for l, (p, k) in enumerate(zip(kept, keys)):
+        if not isinstance(p, torch.Tensor) or p.dtype.is_floating_point:
+            raise ShapeError(f"kept[{l}] must be an integer tensor")
+        p = p.to("cpu", torch.int64)
+        if tuple(p.shape) != (k.shape[1], k.shape[2]):
+            raise ShapeError(f"kept[{l}] has shape {tuple(p.shape)}; layer {l} holds "
+                             f"[kv_heads, slots] = [{k.shape[1]}, {k.shape[2]}]")
+        valid = p >= 0
+        if bool((p < -1).any()) or bool((p >= length).any()):
+            raise ShapeError(f"kept[{l}] holds positions outside [0, {length})")
+        # Valid slots first (pads only at the end), positions strictly ascending.
+        if p.shape[1] > 1 and (bool((valid[:, 1:] & ~valid[:, :-1]).any())
+                               or bool(((p[:, 1:] <= p[:, :-1]) & valid[:, 1:]).any())):
+            raise ShapeError(f"kept[{l}]: each head's positions must ascend, unused slots "
+                             "(-1) at the end")
+        out.append(p)
+    return out
 
 
 def validate_kv(keys, values) -> None:
