@@ -51,8 +51,13 @@ class Rope:
 def _rope_tables(offset: int, length: int, r: Rope):
     """cos/sin ``[length, rotary_dim]`` (scaled), computed in float64 once per (span,
     rope): every layer of a chunk shares them, so a decode builds them once per kind."""
+    return _cos_sin(torch.arange(offset, offset + length, dtype=torch.float64), r)
+
+
+def _cos_sin(positions: torch.Tensor, r: Rope):
+    """float32 cos/sin ``[len(positions), rotary_dim]`` (scaled) of float64 positions."""
     inv = torch.tensor(r.inv_freq, dtype=torch.float64)
-    freqs = torch.outer(torch.arange(offset, offset + length, dtype=torch.float64), inv)
+    freqs = torch.outer(positions, inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * r.scaling).float(), (emb.sin() * r.scaling).float()
 
@@ -68,12 +73,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def rope(keys: torch.Tensor, r, offset: int = 0, inverse: bool = False) -> torch.Tensor:
+def rope(keys: torch.Tensor, r, offset: int | torch.Tensor = 0,
+         inverse: bool = False) -> torch.Tensor:
     """Apply (or undo) rotary embedding to ``keys [1, H, T, D]``; float32 out.
 
     ``r`` is a :class:`Rope` or a default-RoPE ``theta``. Uses transformers' convention
     (``rotate_half`` within the first ``rotary_dim`` channels, the rest passed through)
-    and positions ``offset .. offset + T - 1``. The inverse divides the scaling out.
+    and positions ``offset .. offset + T - 1``, or, with ``offset`` an integer tensor
+    ``[T]``, each token's own position (the kept tokens of an evicted cache). The
+    inverse divides the scaling out.
     """
     t, d = keys.shape[2], keys.shape[3]
     if not isinstance(r, Rope):
@@ -81,7 +89,10 @@ def rope(keys: torch.Tensor, r, offset: int = 0, inverse: bool = False) -> torch
     rd = r.rotary_dim
     if rd > d:
         raise ConfigError(f"a rotary dim of {rd} does not fit head_dim {d}")
-    cos, sin = _rope_tables(int(offset), int(t), r)
+    if isinstance(offset, torch.Tensor):
+        cos, sin = _cos_sin(offset.to("cpu", torch.float64), r)
+    else:
+        cos, sin = _rope_tables(int(offset), int(t), r)
     x = keys.float()
     xr = x[..., :rd]
     if inverse:

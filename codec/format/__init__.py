@@ -1,7 +1,8 @@
 """Format: the .kvc file. The container (magic, version, capped JSON header, checksummed
 and tiled sections, crash-safe writes), the header's fields and caps, the writer
 (:func:`encode`), the reader (:class:`KVCFile`: header checks, lazy sections, decode
-planning), streaming sources, and plain safetensors interchange.
+planning), evicted caches (format v4, per-head kept tokens: ``kept``, ``evicted``),
+streaming sources, and plain safetensors interchange.
 
 Knows nothing of models or stores: a file carries a model's fingerprint as data.
 May import ``kvcodec.core`` and ``kvcodec.errors``.

@@ -35,8 +35,12 @@ from ..errors import CorruptError, FormatError, TruncatedError
 MAGIC = b"\x89KVC\r\n\x1a\n"
 # v3: the header records the model's RoPE per layer and each layer's token span
 # (sliding windows); v2 files (one default-RoPE theta, every layer full) still read.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# v4: the header may say ``"evicted": true`` (per-head kept tokens, a ``kept`` section,
+# streams per head; see :mod:`kvcodec.format.kept`). Dense caches are still written as
+# v3, so that older readers open them.
+FORMAT_VERSION = 4
+DENSE_VERSION = 3
+READABLE_VERSIONS = (2, 3, 4)
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64
@@ -52,8 +56,10 @@ def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
-def build(header: dict, sections: list[tuple[str, bytes, bool]]) -> bytes:
-    """Serialize a header and ``(name, data, checksummed)`` sections into .kvc bytes."""
+def build(header: dict, sections: list[tuple[str, bytes, bool]],
+          version: int = FORMAT_VERSION) -> bytes:
+    """Serialize a header and ``(name, data, checksummed)`` sections into .kvc bytes of
+    format ``version``."""
     table, offset = [], 0
     for name, data, checked in sections:
         table.append({"name": name, "offset": offset, "length": len(data),
@@ -64,10 +70,10 @@ def build(header: dict, sections: list[tuple[str, bytes, bool]]) -> bytes:
     if len(hbytes) > MAX_HEADER_BYTES:
         raise FormatError(f"header of {len(hbytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
     out = io.BytesIO()
-    out.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(hbytes), crc32(hbytes), 0))
+    out.write(PREAMBLE.pack(MAGIC, version, len(hbytes), crc32(hbytes), 0))
     out.write(hbytes)
     out.write(b"\0" * (_align(out.tell(), DATA_ALIGN) - out.tell()))
-    for (_, data, _), entry in zip(sections, table):
+    for _, data, _ in sections:
         out.write(b"\0" * (_align(out.tell(), SECTION_ALIGN) - out.tell()))
         out.write(data)
     out.write(b"\0" * (_align(out.tell(), SECTION_ALIGN) - out.tell()))

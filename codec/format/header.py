@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import zstandard
 
 from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
@@ -17,8 +18,9 @@ from ..core.streams import KINDS
 from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
 from .container import Reader
+from .kept import head_spec, kept_bytes, kept_counts, unpack_kept
 from .spec import (DTYPES, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS,
-                   MAX_TOKENS, check_geometry, coder_info)
+                   MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
 
 
 class FileHeader:
@@ -36,7 +38,12 @@ class FileHeader:
         The full codec config used.
     layer_tokens : list of int
         Tokens each layer holds: the last that many of ``num_tokens`` (fewer than
-        ``num_tokens`` for sliding-window layers).
+        ``num_tokens`` for sliding-window layers; every position of an evicted file,
+        whose heads keep their own tokens among them).
+    evicted : bool
+        True for an evicted cache (format version 4, :mod:`kvcodec.format.kept`): each
+        head keeps its own subset of the positions (:meth:`kept_counts`), and only those
+        tokens are coded, one stream per (layer, kind, head).
     position_offset : int
         Position of the first token when the cache was computed.
     anchor : list of int or None
@@ -85,9 +92,8 @@ class FileHeader:
             specs = resolve_layers(self.config, self.num_layers)
         except ConfigError as exc:
             raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
-        self._quant = {(l, k): make_quantizer(specs[k][l], self.dtype)
-                       for l in range(self.num_layers) for k in KINDS}
-        self._streams = [(l, k) for l in range(self.num_layers) for k in KINDS]
+        self.evicted = self._evicted(h.get("evicted"), reader.version)
+        self._set_streams(specs)
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
         self.anchor = self._anchor(h.get("anchor"))
@@ -101,6 +107,48 @@ class FileHeader:
         self.layer_tokens = self._layer_tokens(h.get("layer_tokens"), reader.version)
         # First position of each layer's span.
         self._starts = [self.num_tokens - t for t in self.layer_tokens]
+        if self.evicted:
+            self._kept = self._load_kept()
+            self._kept_counts = kept_counts(self._kept)
+
+    def _evicted(self, flag, version: int) -> bool:
+        if flag is None:
+            return False
+        if flag is not True or version < 4:
+            raise CorruptError(f"{self._r.name}: header field 'evicted' = {flag!r:.20} is "
+                               "invalid (true in a format v4 file, or absent)")
+        return True
+
+    def _set_streams(self, specs: dict) -> None:
+        """The file's streams in file order and their quantizers: per (layer, kind), or
+        per (layer, kind, head) in an evicted file, whose streams are ``head_dim`` wide."""
+        layers, heads, d = range(self.num_layers), self.num_kv_heads, self.head_dim
+        if not self.evicted:
+            self.stream_channels = self.channels
+            self._streams = [(l, k) for l in layers for k in KINDS]
+            self._quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
+                           for s in self._streams}
+            return
+        self.stream_channels = d
+        self._streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
+        try:
+            self._quant = {s: make_quantizer(head_spec(specs[s[1]][s[0]], s[2], heads, d),
+                                             self.dtype) for s in self._streams}
+        except ConfigError as exc:
+            raise CorruptError(f"{self._r.name}: invalid codec config in header: {exc}") from None
+
+    def _load_kept(self):
+        """The ``kept`` section's bitmap, checked (:func:`unpack_kept`)."""
+        n_layers, heads, n = self.num_layers, self.num_kv_heads, self.num_tokens
+        try:
+            check_kept_geometry(n_layers, heads, n)
+        except ShapeError as exc:
+            raise CorruptError(f"{self._r.name}: {exc}") from None
+        raw = self._unzstd("kept", kept_bytes(n_layers, heads, n))
+        try:
+            return unpack_kept(raw, n_layers, heads, n)
+        except ValueError as exc:
+            raise CorruptError(f"{self._r.name}: invalid kept section: {exc}") from None
 
     def _layer_tokens(self, spans, version: int) -> list:
         if version < 3:  # every layer held every token
@@ -110,6 +158,9 @@ class FileHeader:
                 for t in spans)):
             raise CorruptError(f"{self._r.name}: layer_tokens must list 1..{self.num_tokens} "
                                f"tokens for each of {self.num_layers} layers")
+        if self.evicted and min(spans) < self.num_tokens:
+            raise CorruptError(f"{self._r.name}: an evicted file's layers span all "
+                               f"{self.num_tokens} positions")
         return spans
 
     def _anchor(self, anchor):
@@ -132,8 +183,16 @@ class FileHeader:
         return self._r.size
 
     def numel(self) -> int:
-        """K/V elements the cache holds (every layer's own span)."""
+        """K/V elements the cache holds (every layer's own span); for an evicted file,
+        those of the full cache before eviction, as :meth:`KVCache.numel` counts them."""
         return 2 * sum(self.layer_tokens) * self.channels
+
+    def kept_counts(self) -> torch.Tensor:
+        """int64 ``[layers, kv_heads]``: tokens each head holds (its layer's span when
+        not evicted)."""
+        if self.evicted:
+            return torch.from_numpy(self._kept_counts)
+        return torch.tensor([[t] * self.num_kv_heads for t in self.layer_tokens])
 
     def bits_per_element(self) -> float:
         """All-in size (header, tables, index, checksums, payload) per K/V element."""
@@ -149,8 +208,14 @@ class FileHeader:
         self.close()
 
     def _coded(self, q) -> int:
-        """Symbol columns per token: the channels plus the quantizer's coded side columns."""
-        return q.coded_columns(self.channels)
+        """Symbol columns per token: a stream's channels plus the quantizer's coded side
+        columns."""
+        return q.coded_columns(self.stream_channels)
+
+    def _stream_name(self, stream: int) -> str:
+        """``"layer 3 keys"``, or ``"layer 3 head 1 keys"`` in an evicted file."""
+        s = self._streams[stream]
+        return f"layer {s[0]} " + (f"head {s[2]} " if self.evicted else "") + f"{s[1]}s"
 
     def _unzstd(self, section: str, expected: int, exact: bool = True) -> bytes:
         """A zstd section's contents: exactly ``expected`` bytes, or at most that many
@@ -215,6 +280,9 @@ class FileHeader:
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "num_tokens": self.num_tokens,
             "layer_tokens": self.layer_tokens,
+            "evicted": self.evicted,
+            "kept_fraction": float(self.kept_counts().sum()) / (
+                self.num_layers * self.num_kv_heads * self.num_tokens),
             "position_offset": self.position_offset,
             "anchor_tokens": None if self.anchor is None else len(self.anchor),
             "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,

@@ -17,6 +17,11 @@ def save_safetensors(kv: KVCache, path) -> None:
     """Write ``kv`` to ``path`` crash-safely (temp file + fsync + rename)."""
     from safetensors.torch import save
 
+    if kv.evicted:
+        raise ShapeError("an evicted cache (each head keeps its own tokens) has no plain "
+                         "safetensors form here; save it as .kvc (kvcodec.encode(kv, "
+                         "config='lossless') is exact)")
+
     tensors = {}
     for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
         tensors[f"layers.{i}.key"] = k.contiguous()

@@ -14,7 +14,7 @@ from ..core.streams import KINDS, unflatten
 from ..core.transforms import check_positions, model_ropes, rope, rope_tables, shift
 from ..errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
 from .container import Reader, StreamBuffer
-from .sections import SectionReader
+from .evicted import EvictedReader
 from .spec import DTYPES, head_rows
 
 
@@ -55,10 +55,18 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
                        "readable (seekable or streaming) file object")
 
 
-class KVCFile(SectionReader):
+class KVCFile(EvictedReader):
     """A parsed .kvc file: header fields are checked on open (:class:`FileHeader`),
-    sections are read lazily (:class:`SectionReader`); this class plans and runs decodes.
+    sections are read lazily (:class:`SectionReader`); this class plans and runs decodes
+    (of evicted files: :class:`EvictedReader`).
     """
+
+    def _dense_only(self, method: str) -> None:
+        if self.evicted:
+            raise FormatError(f"{self._r.name} holds an evicted cache (each head keeps its "
+                              f"own tokens), which {method} cannot lay out as dense "
+                              "[1, kv_heads, tokens, head_dim] tensors; decode it with "
+                              "decode()")
 
     def _fused_dequant(self, q, layer_rope, pos: int, dst: torch.Tensor, base: int):
         """The native dequantizer's arguments for per-token-step uniform streams (the
@@ -219,6 +227,7 @@ class KVCFile(SectionReader):
             files coded pre-RoPE (``rope_strip``); other files are turned by the
             position difference with the RoPE their model fingerprint records.
         """
+        self._dense_only("decode_into")
         self._check_layers(dst.keys())
         self._execute(self._prepare(dst, self._chunk_range(chunks), position_offset), threads)
 
@@ -233,6 +242,7 @@ class KVCFile(SectionReader):
             tokens are what the layer holds within ``chunks`` (all chunks by default):
             every token, or for a sliding-window layer the part of its span there.
         """
+        self._dense_only("decode_layers")
         chunks = self._chunk_range(chunks)
         layers = self._check_layers(layers)
         dst = {l: self._empty_layer(l, chunks, dtype or self.dtype) for l in layers}
@@ -266,6 +276,7 @@ class KVCFile(SectionReader):
         """
         from concurrent.futures import ThreadPoolExecutor
 
+        self._dense_only("iter_chunks")
         chunks = self._chunk_range(chunks)
         base, total = self._span(chunks)
         spans = [self._layer_span(l, chunks) for l in range(self.num_layers)]
@@ -307,8 +318,15 @@ class KVCFile(SectionReader):
     def decode(self, chunks=None, *, dtype=None, threads: int = 0,
                position_offset: int | None = None) -> KVCache:
         """Decode every layer over ``chunks`` (default all) into a :class:`KVCache`
-        (``position_offset``: see :meth:`decode_into`)."""
+        (``position_offset``: see :meth:`decode_into`).
+
+        An evicted file decodes to an evicted cache: the tokens each head keeps within
+        the chunks' token span ``[t0, t1)``, ``kept`` positions relative to ``t0``,
+        ``length = t1 - t0``."""
         chunks = self._chunk_range(chunks)
+        if self.evicted:
+            return self._decode_evicted(chunks, dtype, threads,
+                                        *self._placement(position_offset))
         layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads,
                                     position_offset=position_offset)
         t0, n = self._span(chunks)

@@ -8,9 +8,11 @@ import torch
 
 from ..core import tables
 from ..core.quant import MAX_ALPHABET
+from ..core.streams import KINDS
 from ..errors import CorruptError
 from .container import Reader, crc32
 from .header import FileHeader
+from .kept import chunk_rows
 from .spec import INDEX_ENTRY
 
 
@@ -24,17 +26,19 @@ class SectionReader(FileHeader):
         self._params = None
         self._levels = None
         self._dtables = None
+        self._chunk_rows = None
 
     def _load_sinks(self):
-        """fp16 sink rows ``[streams, sink_tokens, channels]``: row ``i`` of a stream is
-        its layer's ``i``-th held token (zero where that is not an attention sink)."""
+        """fp16 sink rows ``[streams, sink_tokens, stream channels]``: row ``i`` of a
+        stream is its layer's ``i``-th held token, in an evicted file position ``i`` (zero
+        where that is not an attention sink, or not kept)."""
         if self._sinks is None:
             raw = self._r.read_section("sinks")
-            n = self.sink_tokens * self.channels
+            n = self.sink_tokens * self.stream_channels
             if len(raw) != 2 * n * len(self._streams):
                 raise CorruptError(f"{self._r.name}: sinks section has the wrong size")
             arr = np.frombuffer(raw, dtype="<f2").reshape(len(self._streams), self.sink_tokens,
-                                                          self.channels)
+                                                          self.stream_channels)
             self._sinks = torch.from_numpy(arr.astype(np.float32))
         return self._sinks
 
@@ -53,24 +57,41 @@ class SectionReader(FileHeader):
         if n_items and (idx["off"][0] != 0 or np.any(idx["off"][1:] != ends[:-1])
                         or int(ends[-1]) != payload_len):
             raise CorruptError(f"{self._r.name}: index entries do not tile the payload")
+        rows = self._item_rows().ravel()
+        quant = [self._quant[s] for s in self._streams]
+        side = rows * np.tile([2 * q.side_per_token for q in quant], self.num_chunks)
+        bad = np.flatnonzero(idx["side"] != side)
+        if bad.size:
+            raise CorruptError(f"{self._r.name}: chunk {bad[0] // len(self._streams)} side "
+                               "information has the wrong size")
+        # Coded sizes are bounded by rows and columns, of which few pairs occur.
+        cols = np.tile([self._coded(q) for q in quant], self.num_chunks)
+        pairs, inverse = np.unique(np.stack([rows, cols]), axis=1, return_inverse=True)
         nat = tables.native()
-        for i, entry in enumerate(idx):
-            chunk, s = divmod(i, len(self._streams))
-            layer = self._streams[s][0]
-            rows = self._layer_span(layer, range(chunk, chunk + 1))[1]
-            q = self._quant[self._streams[s]]
-            if int(entry["side"]) != rows * q.side_per_token * 2:
-                raise CorruptError(f"{self._r.name}: chunk {chunk} side information has the wrong size")
-            limit = nat.max_encoded_size(rows, self._coded(q)) if rows else 0
-            if int(entry["blob"]) > limit:
-                raise CorruptError(f"{self._r.name}: chunk {chunk} blob is larger than possible")
+        limit = np.array([nat.max_encoded_size(int(r), int(c)) if r else 0
+                          for r, c in pairs.T], dtype=np.int64)[inverse.ravel()]
+        bad = np.flatnonzero(idx["blob"] > limit)
+        if bad.size:
+            raise CorruptError(f"{self._r.name}: chunk {bad[0] // len(self._streams)} blob is "
+                               "larger than possible")
         self._index = idx
         return idx
+
+    def _item_rows(self) -> np.ndarray:
+        """int64 ``[chunks, streams]``: the rows each payload item codes (called once the
+        index, which is larger, is known to be in the file)."""
+        if self.evicted:  # streams (layer, kind, head): that head's kept rows
+            # Rows each (layer, head) keeps in each chunk, [layers, heads, chunks].
+            self._chunk_rows = chunk_rows(self._kept, self.num_tokens, self.chunk_tokens)
+            per_layer = np.repeat(self._chunk_rows, len(KINDS), axis=0)  # [layers * kinds, ...]
+            return per_layer.reshape(len(self._streams), self.num_chunks).T
+        return np.array([[self._layer_span(l, range(c, c + 1))[1] for l, _ in self._streams]
+                         for c in range(self.num_chunks)], dtype=np.int64)
 
     def _load_tables(self):
         if self._levels is not None:
             return
-        c = self.channels
+        c = self.stream_channels
         psizes = [len(self._quant[s].param_names) * c * 2 for s in self._streams]
         lrows = [self._coded(self._quant[s]) for s in self._streams]
         praw = self._unzstd("params", sum(psizes))
@@ -81,17 +102,18 @@ class SectionReader(FileHeader):
         except ValueError as exc:
             raise CorruptError(f"{self._r.name}: invalid probability tables: {exc}") from None
         params, levels, po, lo = {}, {}, 0, 0
-        for s, ps, ls in zip(self._streams, psizes, lrows):
+        for i, (s, ps, ls) in enumerate(zip(self._streams, psizes, lrows)):
             q = self._quant[s]
             arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
-            params[s] = {name: arr[i].astype(np.float16) for i, name in enumerate(q.param_names)}
+            params[s] = {name: arr[j].astype(np.float16) for j, name in enumerate(q.param_names)}
             lv = lall[lo:lo + ls]
+            where = self._stream_name(i)
             if lv[:, q.table_alphabet:].any():
-                raise CorruptError(f"{self._r.name}: a table of layer {s[0]} {s[1]}s has "
-                                   "symbols outside its quantizer's alphabet")
+                raise CorruptError(f"{self._r.name}: a table of {where} has symbols outside "
+                                   "its quantizer's alphabet")
             lv = np.ascontiguousarray(lv[:, :q.table_alphabet])
             if lv.max(initial=0) > tables.MAX_LEVEL or np.any(lv.max(axis=1) == 0):
-                raise CorruptError(f"{self._r.name}: invalid probability table for layer {s[0]} {s[1]}s")
+                raise CorruptError(f"{self._r.name}: invalid probability table for {where}")
             levels[s] = lv
             po += ps
             lo += ls
@@ -104,9 +126,8 @@ class SectionReader(FileHeader):
         e = self._load_index()[chunk * len(self._streams) + stream]
         item = self._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
         if crc32(item) != int(e["crc"]):
-            l, k = self._streams[stream]
             raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {chunk}, "
-                               f"layer {l} {k}s; the file is damaged")
+                               f"{self._stream_name(stream)}; the file is damaged")
         return item[:int(e["side"])], memoryview(item)[int(e["side"]):]
 
     def _decode_tables(self):

@@ -19,6 +19,9 @@ MAX_CHANNELS = 65535
 MAX_ELEMENTS = 1 << 34
 MAX_CONFIG_BYTES = 16 << 20
 MAX_ANCHOR_TOKENS = 1024  # the fixed prefix a position-independent chunk was computed behind
+# An evicted file's kept bitmap (layers x heads x tokens bits, 128 MiB): every cache under
+# MAX_ELEMENTS whose head_dim is 8 or more fits.
+MAX_KEPT_BITS = 1 << 30
 # Float dtypes a cache may have, by their header names.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -40,6 +43,12 @@ def check_geometry(n_layers: int, n_tokens: int, channels: int) -> None:
     if 2 * n_layers * n_tokens * channels > MAX_ELEMENTS:
         raise ShapeError(f"a cache of more than {MAX_ELEMENTS} elements is over the format cap")
 
+
+def check_kept_geometry(n_layers: int, heads: int, n_tokens: int) -> None:
+    """Raise ShapeError if an evicted cache's kept bitmap would be over the format cap."""
+    if n_layers * heads * n_tokens > MAX_KEPT_BITS:
+        raise ShapeError(f"an evicted cache of {n_layers} layers x {heads} heads x {n_tokens} "
+                         f"tokens is over the format cap of {MAX_KEPT_BITS} kept-position bits")
 
 
 def head_rows(first: int, rows: int, chunk: int) -> int:

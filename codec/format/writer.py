@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
 from . import container
 from .container import atomic_write, crc32
-from .spec import INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, coder_info, head_rows
+from .kept import chunk_bounds, head_spec, pack_kept
+from .spec import (INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, check_kept_geometry,
+                   coder_info, head_rows)
 
 # Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
 _zstd_level = 12
@@ -37,6 +40,9 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     ----------
     kv : KVCache, transformers DynamicCache, or list of (key, value) pairs
         Per layer, keys and values ``[1, kv_heads, tokens, head_dim]`` (fp16, bf16 or fp32).
+        An evicted cache (``kv.kept``, each head keeping its own tokens) is written as
+        format version 4 with only its kept tokens coded (:mod:`kvcodec.format.kept`);
+        others as version 3.
     path : str or Path, optional
         Also write the result there, crash-safely (temp file + fsync + rename).
     config : str, Path or dict
@@ -85,65 +91,21 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     check_geometry(n_layers, n, h * d)
     if token_ids is not None and len(token_ids) != n:
         raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
-    spans = kv.layer_tokens
+    if kv.evicted:
+        check_kept_geometry(n_layers, h, n)
+    spans = [n] * n_layers if kv.evicted else kv.layer_tokens
     if min(spans) == 0:
         raise ShapeError(f"layer {spans.index(0)} holds no tokens; a file needs every layer")
-    starts = [n - t for t in spans]  # each layer holds the last spans[l] positions
     specs = resolve_layers(cfg, n_layers)
     xform, cfg = applied_key_transform(cfg, model, n_layers, position_offset, n)
-    ropes = layer_ropes(xform, n_layers, d)
     n_sink = min(cfg.get("sink_tokens", 0), n)
     importance = kv.importance if importance is None else torch.as_tensor(importance)
     if importance is not None and tuple(importance.shape) != (n_layers, n):
         raise ShapeError(f"importance has shape {tuple(importance.shape)}; expected "
                          f"[layers, tokens] = [{n_layers}, {n}]")
-
-    params_blob, levels_blob, jobs, sides, sinks, first_chunk = [], [], [], [], [], []
-    for layer in range(n_layers):
-        s0 = starts[layer]
-        head = head_rows(s0, spans[layer], chunk)
-        for kind, src in zip(KINDS, (kv.keys, kv.values)):
-            q = make_quantizer(specs[kind][layer], kv.dtype)
-            rope_here = ropes[layer] if kind == "key" else None
-            x = stream_input(src[layer], kind, rope_here, position_offset + s0)
-            if not torch.isfinite(x).all():
-                raise ShapeError(f"{kind}s of layer {layer} contain NaN or infinity")
-            n_sink_here = min(max(0, n_sink - s0), len(x))
-            sink_rows = np.zeros((n_sink, x.shape[1]), dtype="<f2")
-            sink_rows[:n_sink_here] = x[:n_sink_here].half().numpy()
-            sinks.append(sink_rows.tobytes())
-            params = q.fit(x)
-            layer_imp = None if importance is None else importance[:, s0:]
-            symbols, side = q.quantize(
-                x, params, step_multipliers(cfg, layer_imp, layer, n_sink_here))
-            for name in q.param_names:
-                params_blob.append(params[name].astype("<f2").tobytes())
-            levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
-            # Padded to 256 symbols: the packing stores only each row's present span.
-            levels_blob.append(np.pad(levels, ((0, 0), (0, MAX_ALPHABET - levels.shape[1]))))
-            freqs = tables.freqs_from_levels(levels)
-            parts = [symbols[:head], symbols[head:]] if head else [symbols]
-            jobs += [(np.ascontiguousarray(p), freqs) for p in parts if len(p)]
-            first_chunk.append((s0 // chunk, sum(1 for p in parts if len(p))))
-            sides.append(side)
-    coded = iter(tables.native().encode_many(jobs, chunk, threads))
-    blobs = []  # per stream: {chunk: blob}
-    for c0, n_jobs in first_chunk:
-        own = [b for _ in range(n_jobs) for b in next(coded)]
-        blobs.append(dict(zip(range(c0, c0 + len(own)), own)))
-
-    n_chunks = (n + chunk - 1) // chunk
-    index, payload, offset = [], [], 0
-    for c in range(n_chunks):
-        for s, side in enumerate(sides):
-            s0 = starts[s // len(KINDS)]
-            rows = slice(max(0, c * chunk - s0), max(0, min(n, (c + 1) * chunk) - s0))
-            blob = blobs[s].get(c, b"")
-            side_bytes = b"" if side is None else side[rows].astype("<f2").tobytes()
-            item = side_bytes + blob
-            index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blob), crc32(item)))
-            payload.append(item)
-            offset += len(item)
+    coder = _Coder(cfg, specs, layer_ropes(xform, n_layers, d), chunk, n_sink, importance,
+                   position_offset, threads)
+    index, payload = _payload(coder.evicted(kv) if kv.evicted else coder.dense(kv))
     header = {
         "format": "kvc",
         "created_by": f"kvcodec {_version.__version__}",
@@ -162,19 +124,147 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
         raise ShapeError("token ids must be in [0, 2**32)")
-    data = container.build(header, [
+    sections = [
         ("config", _zstd(json.dumps(cfg, separators=(",", ":")).encode()), True),
         ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
-        ("index", b"".join(index), True),
-        ("params", _zstd(b"".join(params_blob)), True),
-        ("tables", _zstd(tables.pack_levels(np.concatenate(levels_blob))), True),
-        ("sinks", b"".join(sinks), True),
-        ("payload", b"".join(payload), False),
-    ])
+        ("index", index, True),
+        ("params", _zstd(b"".join(coder.params)), True),
+        ("tables", _zstd(tables.pack_levels(np.concatenate(coder.levels))), True),
+        ("sinks", b"".join(coder.sinks), True),
+        ("payload", payload, False),
+    ]
+    version = container.DENSE_VERSION
+    if kv.evicted:  # version 4: only evicted files need it
+        header["evicted"] = True
+        sections.insert(2, ("kept", _zstd(pack_kept(kv.kept, n)), True))
+        version = container.FORMAT_VERSION
+    data = container.build(header, sections, version)
     if path is not None:
         atomic_write(path, data)
     return data
 
+
+@dataclass
+class _Coder:
+    """Codes one cache's streams with a resolved config: per-layer quantizer ``specs``
+    and key ``ropes``, collecting each stream's parameters, tables and sink rows in file
+    order; :meth:`dense` and :meth:`evicted` return the payload items."""
+
+    cfg: dict
+    specs: dict
+    ropes: list
+    chunk: int
+    n_sink: int
+    importance: torch.Tensor | None
+    offset: int
+    threads: int
+    params: list = field(default_factory=list)
+    levels: list = field(default_factory=list)
+    sinks: list = field(default_factory=list)
+
+    def _stream(self, q, x: torch.Tensor, layer: int, where: str, importance,
+                sinks: np.ndarray) -> tuple:
+        """Quantize one stream ``x [rows, C]`` of ``layer`` (``where`` names it) whose
+        first ``len(sinks)`` rows are attention sinks, kept in fp16 as the given rows of
+        its sink section (``importance``: ``[layers, rows]``, the attention of its rows);
+        records its sink rows, parameters and tables and returns ``(symbols, side,
+        freqs)``."""
+        if not torch.isfinite(x).all():
+            raise ShapeError(f"{where} contain NaN or infinity")
+        sink_rows = np.zeros((self.n_sink, x.shape[1]), dtype="<f2")
+        sink_rows[sinks] = x[:len(sinks)].half().numpy()
+        self.sinks.append(sink_rows.tobytes())
+        # A head that keeps no token still records parameters (of one zero row).
+        params = q.fit(x if len(x) else torch.zeros(1, x.shape[1]))
+        symbols, side = q.quantize(
+            x, params, step_multipliers(self.cfg, importance, layer, len(sinks)))
+        for name in q.param_names:
+            self.params.append(params[name].astype("<f2").tobytes())
+        levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
+        # Padded to 256 symbols: the packing stores only each row's present span.
+        self.levels.append(np.pad(levels, ((0, 0), (0, MAX_ALPHABET - levels.shape[1]))))
+        return symbols, side, tables.freqs_from_levels(levels)
+
+    def dense(self, kv: KVCache) -> list:
+        """Payload items ``(side bytes, blob)`` of a dense cache, chunk by chunk, one per
+        (layer, kind) stream in each: the layer's tokens ``[T_l, kv_heads * head_dim]``."""
+        n, chunk = kv.num_tokens, self.chunk
+        spans = kv.layer_tokens
+        starts = [n - t for t in spans]  # each layer holds the last spans[l] positions
+        jobs, sides, first_chunk = [], [], []
+        for layer in range(kv.num_layers):
+            s0 = starts[layer]
+            head = head_rows(s0, spans[layer], chunk)
+            for kind, src in zip(KINDS, (kv.keys, kv.values)):
+                q = make_quantizer(self.specs[kind][layer], kv.dtype)
+                rope_here = self.ropes[layer] if kind == "key" else None
+                x = stream_input(src[layer], kind, rope_here, self.offset + s0)
+                sinks = np.arange(min(max(0, self.n_sink - s0), len(x)))
+                imp = None if self.importance is None else self.importance[:, s0:]
+                symbols, side, freqs = self._stream(q, x, layer, f"{kind}s of layer {layer}",
+                                                    imp, sinks)
+                parts = [symbols[:head], symbols[head:]] if head else [symbols]
+                jobs += [(np.ascontiguousarray(p), freqs) for p in parts if len(p)]
+                first_chunk.append((s0 // chunk, sum(1 for p in parts if len(p))))
+                sides.append(side)
+        coded = iter(tables.native().encode_many(jobs, chunk, self.threads))
+        blobs = []  # per stream: {chunk: blob}
+        for c0, n_jobs in first_chunk:
+            own = [b for _ in range(n_jobs) for b in next(coded)]
+            blobs.append(dict(zip(range(c0, c0 + len(own)), own)))
+        items = []
+        for c in range((n + chunk - 1) // chunk):
+            for s, side in enumerate(sides):
+                s0 = starts[s // len(KINDS)]
+                rows = slice(max(0, c * chunk - s0), max(0, min(n, (c + 1) * chunk) - s0))
+                items.append((_side_bytes(side, rows), blobs[s].get(c, b"")))
+        return items
+
+    def evicted(self, kv: KVCache) -> list:
+        """Payload items ``(side bytes, blob)`` of an evicted cache, chunk by chunk, one
+        per (layer, kind, head) stream in each: the head's kept rows ``[n, head_dim]``
+        at positions in that chunk, each chunk's rows coded as a job of its own."""
+        h, d, chunk = kv.num_kv_heads, kv.head_dim, self.chunk
+        n_chunks = (kv.num_tokens + chunk - 1) // chunk
+        jobs, streams = [], []  # streams: (row bounds per chunk, side)
+        for layer, kept in enumerate(kv.kept):
+            for kind, src in zip(KINDS, (kv.keys, kv.values)):
+                for head in range(h):
+                    pos = kept[head][kept[head] >= 0]
+                    q = make_quantizer(head_spec(self.specs[kind][layer], head, h, d), kv.dtype)
+                    rope_here = self.ropes[layer] if kind == "key" else None
+                    x = stream_input(src[layer][:, head:head + 1, :len(pos)], kind, rope_here,
+                                     self.offset + pos)
+                    imp = None if self.importance is None else self.importance[:, pos]
+                    symbols, side, freqs = self._stream(
+                        q, x, layer, f"head {head} {kind}s of layer {layer}", imp,
+                        pos[pos < self.n_sink].numpy())
+                    bounds = chunk_bounds(pos.numpy(), chunk, n_chunks)
+                    jobs += [(np.ascontiguousarray(symbols[a:b]), freqs)
+                             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+                    streams.append((bounds, side))
+        coded = iter(tables.native().encode_many(jobs, chunk, self.threads))
+        per_stream = []  # per stream: per chunk (side bytes, blob)
+        for bounds, side in streams:
+            per_stream.append([(_side_bytes(side, slice(a, b)), next(coded)[0] if b > a else b"")
+                               for a, b in zip(bounds[:-1], bounds[1:])])
+        return [items[c] for c in range(n_chunks) for items in per_stream]
+
+
+def _side_bytes(side, rows: slice) -> bytes:
+    return b"" if side is None else side[rows].astype("<f2").tobytes()
+
+
+def _payload(items: list) -> tuple:
+    """``(index, payload)`` bytes of payload items ``(side bytes, blob)`` in file order,
+    each indexed with its offset, sizes and CRC."""
+    index, payload, offset = [], [], 0
+    for side_bytes, blob in items:
+        item = side_bytes + blob
+        index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blob), crc32(item)))
+        payload.append(item)
+        offset += len(item)
+    return b"".join(index), b"".join(payload)
 
 
 def _as_kvcache(kv) -> KVCache:

@@ -72,6 +72,10 @@ class DeviceFile:
     """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
 
     def __init__(self, f, device="cuda"):
+        if f.evicted:
+            raise BackendError(f"{f._r.name} holds an evicted cache (each head keeps its own "
+                               "tokens); the GPU decoder decodes dense layouts only: decode "
+                               "it on the CPU with kvcodec.open(path).decode()")
         if min(f.layer_tokens) < f.num_tokens or any(
                 r is not None and r.rotary_dim != f.head_dim for r in f._ropes):
             raise BackendError(f"{f._r.name}: sliding-window layer spans and partial rotary "
@@ -163,7 +167,7 @@ class DeviceFile:
                 if mult is not None:
                     keep.append(mult)
                 dst = out[l][ki]
-                for j, c in enumerate(chunks):
+                for c in chunks:
                     r0 = c * f.chunk_tokens - t0
                     rows = min(f.chunk_tokens, n - r0)
                     off, size = spans[i]

@@ -49,7 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 
 from ..core.kvcache import KVCache
-from ..errors import ConfigError, KVCodecError
+from ..errors import ConfigError, FormatError, KVCodecError
 from ..models.fingerprint import fingerprint_dir
 from ..storage import ChunkStore
 
@@ -221,15 +221,20 @@ class KVCodecConnector(KVConnectorBase_V1):
         self._loader.start()
 
     def _open(self, load: _Load):
-        """Check every entry a load needs; the first that is missing or damaged (and
-        everything after it) is reported for recomputation instead."""
+        """Check every entry a load needs; the first that is missing, damaged or evicted
+        (and everything after it) is reported for recomputation instead."""
         files, keys = [], self._store.keys(load.token_ids)
         for c in range(load.start // self._chunk, len(keys)):
             t = c * self._chunk
             path = self._store.path(keys[c])
+            f = None
             try:
-                files.append((self._store.open_entry(path, load.token_ids[t:t + self._chunk], t), t))
+                f = self._store.open_entry(path, load.token_ids[t:t + self._chunk], t)
+                check_dense(f)
+                files.append((f, t))
             except (KVCodecError, OSError) as exc:
+                if f is not None:
+                    f.close()
                 if not isinstance(exc, FileNotFoundError):
                     self._store.quarantine(path, exc)
                 self._fail(load, t)
@@ -252,7 +257,7 @@ class KVCodecConnector(KVConnectorBase_V1):
                     self._events[layer].set()
         except BaseException as exc:  # never leave attention waiting, nor a wrong cache
             log.warning("kvcodec vLLM load stopped: %s", exc)
-            for load, files in jobs:
+            for load, _ in jobs:
                 self._fail(load, load.start)
         finally:
             for ev in self._events.values():
@@ -333,6 +338,14 @@ class KVCodecConnector(KVConnectorBase_V1):
 
     def shutdown(self):
         self._encoder.shutdown(wait=True)
+
+
+def check_dense(cache) -> None:
+    """Refuse an evicted cache or file (``evicted``: each head keeps its own tokens),
+    which vLLM's paged cache, one slot per token for every head, cannot hold."""
+    if getattr(cache, "evicted", False):
+        raise FormatError("evicted caches (per-head token subsets) cannot be loaded into "
+                          "vLLM's paged cache yet")
 
 
 def _groups(layers: list) -> list:

@@ -34,7 +34,7 @@ import torch
 from .. import format as kvc
 from ..core.config import load_config
 from ..core.kvcache import KVCache, token_views
-from ..errors import KVCodecError
+from ..errors import KVCodecError, ShapeError
 from ..format.container import atomic_write
 from ..models.fingerprint import check_fingerprint
 
@@ -101,6 +101,10 @@ class ChunkStore:
         return self._put(kv, [int(t) for t in anchor])
 
     def _put(self, kv: KVCache, anchor) -> int:
+        if kv.evicted:
+            raise ShapeError("this cache is evicted (each head keeps its own tokens), but a "
+                             "store holds dense chunks of every token; encode it into one "
+                             ".kvc file instead")
         if kv.token_ids is None:
             raise KVCodecError("the store keys chunks by token ids; this cache has none")
         if kv.model is not None:
