@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import format as kvc
 from ..core.kvcache import KVCache
@@ -165,9 +165,13 @@ def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
 
 
 def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
-               reserve: int = DEFAULT_RESERVE) -> DynamicCache:
+               reserve: int = DEFAULT_RESERVE) -> Cache:
     """Decode a .kvc file (path, bytes, file object, stream or open KVCFile) straight into
-    a ``DynamicCache``.
+    a ``DynamicCache``; a :class:`kvcodec.KVCache` is copied into one (:func:`cache_from_kv`).
+
+    An *evicted* file or cache (each head keeps its own tokens) becomes a
+    :class:`kvcodec.integrations.ragged.RaggedCache` instead, and the model is switched
+    to the kvcodec attention wrapper that masks each head (:func:`ragged.attach`).
 
     The cache's buffers are allocated once, with room for ``reserve`` more tokens (the
     prompt, the answer), and the decoder writes into them: no copy of the decoded cache
@@ -183,7 +187,16 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
         The model's fingerprint (``kvcodec.fingerprint(model.config, tokenizer)``); when
         given, a cache from another model raises ``ModelMismatchError``.
     """
+    from .ragged import ragged_cache  # ragged builds on this module
+
+    if isinstance(src, KVCache):
+        if fingerprint is not None:
+            check_fingerprint(src.model, fingerprint)
+        return ragged_cache(src, model) if src.evicted else cache_from_kv(model, src,
+                                                                           reserve=reserve)
     f = _open_checked(model, src, fingerprint)
+    if getattr(f, "evicted", False):
+        return ragged_cache(f.decode(threads=threads), model)
     spans = f.layer_tokens
     bufs = _buffers(model, f.num_layers, f.num_kv_heads, [t + reserve for t in spans],
                     f.head_dim)
