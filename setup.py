@@ -58,7 +58,8 @@ setup(
     description="Compress transformer KV caches into compact, safe, randomly accessible files",
     packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
                                            ("core", "format", "models", "storage", "integrations",
-                                            "store", "quality", "blend", "blend.selectors")],
+                                            "store", "quality", "blend", "blend.selectors", "evict",
+                                            "evict.policies")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
     install_requires=["numpy", "zstandard", "click", "safetensors",

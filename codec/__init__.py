@@ -10,7 +10,7 @@
 
 The package is layered (ARCHITECTURE.md); a layer imports only those below it:
 ``errors`` < ``core`` < ``format``, ``models`` < ``storage`` < ``integrations`` < ``store``
-< ``quality``, ``blend``.
+< ``quality``, ``blend``, ``evict``.
 """
 import importlib
 import importlib.abc
@@ -54,7 +54,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.append(_MovedModules())
 
 _SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality",
-                "blend"}
+                "blend", "evict"}
 
 
 def __getattr__(name):

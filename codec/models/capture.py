@@ -81,14 +81,16 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
         if progress is not None:
             progress(min(start + prefill_chunk, n - window), n)
-    importance = None
+    importance = head_importance = None
     if window:
-        importance = _observe(lm, token_ids[n - window:], cache, n)
+        importance, head_importance = _observe(lm, token_ids[n - window:], cache, n)
         if progress is not None:
             progress(n, n)
     kv = KVCache.from_dynamic_cache(cache, token_ids, lm.fingerprint)
     kv.length = n
     kv.importance = importance
+    if head_importance is not None:  # what kvcodec.evict scores heads by after the fact
+        kv.extra["head_importance"] = head_importance
     if anchor is None:
         return kv
     part = kv.slice(a, n)
@@ -98,7 +100,8 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
 
 def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:
     """Prefill ``ids`` with eager attention; float32 ``[layers, tokens]`` attention each
-    cached token receives, averaged over heads and the new queries."""
+    cached token receives, averaged over heads and the new queries, and the same per KV
+    head (``[layers, kv_heads, tokens]``, averaged over its query group)."""
     model = lm.model
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -110,8 +113,9 @@ def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:
     if not out.attentions or out.attentions[0] is None:
         raise BackendError("the model returned no attention weights; it cannot supply "
                            "token importance (pass importance_window=0)")
-    rows = [a[0].float().mean(dim=(0, 1))[-n:] for a in out.attentions]
-    imp = torch.zeros(len(rows), n)
+    kv_heads = cache.layers[0].keys.shape[1]
+    rows = [a[0].float().mean(dim=1)[:, -n:] for a in out.attentions]  # [Hq, tokens]
+    imp = torch.zeros(len(rows), kv_heads, n)
     for l, r in enumerate(rows):  # a sliding-window layer attends to its last len(r) tokens
-        imp[l, n - len(r):] = r
-    return imp
+        imp[l, :, n - r.shape[1]:] = r.reshape(kv_heads, -1, r.shape[1]).mean(1)
+    return imp.mean(1), imp

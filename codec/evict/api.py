@@ -1,0 +1,77 @@
+"""Front doors: evict a cache after the fact, during its capture, or parse a policy spec."""
+from __future__ import annotations
+
+from ..core.kvcache import KVCache
+from ..errors import ConfigError
+from .base import Stats, check_ratio, gather, stats_from_cache, top_positions
+from .policies import POLICIES, get_policy
+from .press import Press
+
+
+def evict(kv: KVCache, policy, ratio: float, stats: Stats | None = None) -> KVCache:
+    """Keep ``ratio`` of each head's tokens (on average, for policies that move budget
+    between heads) by ``policy``'s scores; ``stats`` default to the cache's own (its
+    full-precision tensors and stored importance). Ratio 1.0 returns ``kv`` itself."""
+    ratio, policy = check_ratio(ratio), get_policy(policy)
+    if ratio == 1.0:
+        return kv
+    st = stats_from_cache(kv) if stats is None else stats
+    _check_needs(policy, st)
+    scores = policy.score(st)
+    budgets = policy.budgets(st, scores, ratio)
+    kept = [top_positions(s, b, p) for s, b, p in zip(scores, budgets, st.positions)]
+    return gather(kv, kept)
+
+
+def apply(kv: KVCache, policy, ratio: float) -> KVCache:
+    """Evict a captured or decoded cache after the fact. Attention-based policies use
+    the window importance :func:`kvcodec.capture_kv` stored with the cache; score on the
+    full-precision capture, not on a decoded (quantized) cache, where you can."""
+    return evict(kv, policy, ratio)
+
+
+def press(model, policy, ratio: float) -> Press:
+    """``with press(model, "snapkv", 0.25) as p:`` run the prefill, then
+    ``p.evict(cache)``: scores come from the attention of that very prefill (hooks
+    on the model's attention modules, removed when the block ends)."""
+    return Press(model, get_policy(policy), check_ratio(ratio))
+
+
+def capture(lm, text: str | None = None, policy="snapkv", ratio: float = 0.5, **kwargs):
+    """:func:`kvcodec.capture_kv` under :func:`press`: the evicted cache of ``text``."""
+    from ..models.capture import capture_kv
+
+    with press(lm, policy, ratio) as p:
+        kv = capture_kv(lm, text, **kwargs)
+    return p.evict(kv)
+
+
+def parse(spec: str) -> tuple:
+    """``"snapkv:0.25"`` -> ``("snapkv", 0.25)`` (policy and kept ratio), checked."""
+    name, sep, value = str(spec).rpartition(":")
+    if not sep or not name:
+        raise ConfigError(f"an eviction spec is POLICY:RATIO (e.g. snapkv:0.25), got "
+                          f"{spec!r}; policies: {', '.join(sorted(POLICIES))}")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise ConfigError(f"the kept ratio in {spec!r} is not a number") from None
+    get_policy(name)
+    return name, check_ratio(ratio)
+
+
+def _check_needs(policy, st: Stats) -> None:
+    if "observed" in policy.needs and st.observed is None:
+        raise ConfigError(f"policy {policy.name} scores by the attention of the whole "
+                          "prefill, which only a capture sees: use kvcodec.evict.capture / "
+                          "press (CLI: kvcodec encode --evict); after the fact use one of "
+                          f"{', '.join(_posthoc())}")
+    if "window" in policy.needs and st.window is None and st.head_importance is None:
+        raise ConfigError(f"policy {policy.name} needs attention scores, and this cache has "
+                          "none (a decoded file, or captured with importance_window=0): "
+                          "capture with kvcodec.evict.capture / press, or use one of "
+                          f"{', '.join(p for p, c in POLICIES.items() if not c.needs)}")
+
+
+def _posthoc():
+    return [p for p, c in POLICIES.items() if "observed" not in c.needs]

@@ -1,0 +1,152 @@
+"""Eviction at capture: hooks on the model's attention collect what a policy scores from
+while the prompt is prefilled (kvpress applies its presses the same way); the hooks
+come off when the ``with`` block ends, whatever happens in it."""
+from __future__ import annotations
+
+import torch
+
+from ..core.kvcache import KVCache
+from ..errors import BackendError, ShapeError
+from .base import Stats, stats_from_cache
+
+# Prompt queries whose attention rows are kept for window scores (policies use their
+# last ``window`` of them; SnapKV's default is 64).
+MAX_WINDOW = 128
+
+
+class _LayerLog:
+    """What one attention layer saw over the prefill: attention rows of the last
+    queries and the running mean attention per token."""
+
+    def __init__(self, sliding_window):
+        self.sliding = sliding_window
+        self.seen = 0
+        self.rows = []       # (probabilities [Hq, q, kv], first key position)
+        self.sum = None      # [Hq, P] attention summed over the queries that see a token
+        self.count = None    # [P] how many queries see each token
+
+    def add(self, probs: torch.Tensor, want_rows: bool, want_mean: bool) -> None:
+        probs = probs[0].detach().float().cpu()
+        q, kv = probs.shape[1], probs.shape[2]
+        end = self.seen + q
+        k0 = end - kv
+        if k0 < 0:
+            raise BackendError("the attention saw more keys than tokens were fed; evict "
+                               "presses need one sequence prefilled from its start")
+        if want_rows:
+            self.rows.append((probs[:, -MAX_WINDOW:], k0))
+            while sum(r.shape[1] for r, _ in self.rows[1:]) >= MAX_WINDOW:
+                self.rows.pop(0)
+        if want_mean:
+            grow = end - (0 if self.sum is None else self.sum.shape[1])
+            self.sum = _grow(self.sum, probs.shape[0], grow)
+            self.count = _grow(self.count, None, grow)
+            self.sum[:, k0:end] += probs.sum(1)
+            qpos = torch.arange(self.seen, end)[:, None]
+            kpos = torch.arange(k0, end)[None, :]
+            sees = kpos <= qpos
+            if self.sliding:
+                sees &= qpos - kpos < self.sliding
+            self.count[k0:end] += sees.sum(0)
+        self.seen = end
+
+    def window(self) -> torch.Tensor:
+        """``[Hq, w, seen]`` attention of the last ``w`` queries (0 before their keys)."""
+        n = sum(r.shape[1] for r, _ in self.rows)
+        out = torch.zeros(self.rows[0][0].shape[0], n, self.seen)
+        at = 0
+        for r, k0 in self.rows:
+            out[:, at:at + r.shape[1], k0:k0 + r.shape[2]] = r
+            at += r.shape[1]
+        return out[:, -MAX_WINDOW:]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1)
+
+
+def _grow(t, heads, n):
+    shape = (n,) if heads is None else (heads, n)
+    z = torch.zeros(shape)
+    return z if t is None else torch.cat([t, z], dim=-1)
+
+
+class Press:
+    """Context manager returned by :func:`press`: collects attention during the prefill
+    run inside it, then :meth:`evict` turns the cache that prefill made into an
+    evicted one."""
+
+    def __init__(self, model, policy, ratio: float):
+        self.model = getattr(model, "model", model)  # a LoadedModel or a transformers model
+        self.policy, self.ratio = policy, ratio
+        self._logs, self._hooks, self._previous = {}, [], None
+
+    def __enter__(self):
+        if self.policy.needs:
+            mods = [m for m in self.model.modules()
+                    if isinstance(getattr(m, "layer_idx", None), int)
+                    and type(m).__name__.endswith("Attention")]
+            if not mods:
+                raise BackendError(f"found no attention modules in {type(self.model).__name__}"
+                                   f" to hook; policy {self.policy.name} needs attention")
+            self._previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation("eager")  # the kernels that return weights
+            try:
+                for m in mods:
+                    self._logs[m.layer_idx] = _LayerLog(getattr(m, "sliding_window", None))
+                    self._hooks.append(m.register_forward_hook(self._hook))
+            except BaseException:
+                self._remove()
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+        return False
+
+    def _remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self._previous is not None:
+            self.model.set_attn_implementation(self._previous)
+            self._previous = None
+
+    def _hook(self, module, args, output):
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if probs is None:
+            raise BackendError(f"{type(module).__name__} returned no attention weights; "
+                               f"policy {self.policy.name} needs them (eager attention)")
+        self._logs[module.layer_idx].add(probs, "window" in self.policy.needs,
+                                         "observed" in self.policy.needs)
+
+    def stats(self, kv: KVCache) -> Stats:
+        """The :class:`Stats` of ``kv`` (the cache the prefill made) with the attention
+        collected while it was made."""
+        window = observed = None
+        groups = 1
+        if self._logs:
+            seen = {log.seen for log in self._logs.values()}
+            if seen != {kv.num_tokens} or len(self._logs) != kv.num_layers:
+                raise ShapeError(f"the press saw {sorted(seen)} tokens over "
+                                 f"{len(self._logs)} layers but the cache holds "
+                                 f"{kv.num_tokens} tokens over {kv.num_layers}: evict the "
+                                 "cache the prefill inside this press made")
+            n = kv.num_tokens
+            keep = [slice(n - t, n) for t in kv.layer_tokens]
+            logs = [self._logs[l] for l in range(kv.num_layers)]
+            groups = logs[0].rows[0][0].shape[0] // kv.num_kv_heads if logs[0].rows else 1
+            if "window" in self.policy.needs:
+                window = [log.window()[:, :, s] for log, s in zip(logs, keep)]
+            if "observed" in self.policy.needs:
+                observed = [log.mean()[:, s] for log, s in zip(logs, keep)]
+                groups = observed[0].shape[0] // kv.num_kv_heads
+        return stats_from_cache(kv, window, observed, groups)
+
+    def evict(self, kv) -> KVCache:
+        """``kv`` (a :class:`KVCache` or transformers cache of the prefill run inside
+        the press) evicted to the press's policy and ratio."""
+        from .api import evict
+
+        if not isinstance(kv, KVCache):
+            kv = KVCache.from_dynamic_cache(kv)
+        return evict(kv, self.policy, self.ratio, self.stats(kv))
