@@ -120,6 +120,8 @@ def test_bad_input_says_what_is_valid():
     assert evict.parse("knorm+window:0.25") == ("knorm+window", 0.25)
     with pytest.raises(ConfigError, match="whole prefill.*capture"):
         evict.apply(kv, "observed", 0.5)
+    with pytest.raises(ConfigError, match="over the text again.*capture"):
+        evict.apply(kv, "replay", 0.5)
     bare = KVCache(kv.keys, kv.values)
     with pytest.raises(ConfigError, match="needs attention scores.*streaming"):
         evict.apply(bare, "snapkv", 0.5)
@@ -140,6 +142,7 @@ def test_press_removes_its_hooks_and_restores_attention():
     assert not any(m._forward_hooks for m in model.modules())
     with evict.press(lm, "snapkv", 0.5) as p:
         kv = kvcodec.capture_kv(lm, token_ids=ids)
+    assert p.evict(kv).evicted
     other = kvcodec.capture_kv(lm, token_ids=ids[:32])
     with pytest.raises(ShapeError, match="the press saw"):
         p.evict(other)
@@ -150,7 +153,7 @@ def test_press_on_model_families(family):
     model = tiny_models.TINY[family]()
     lm = _loaded(model)
     ids = tiny_models.token_ids(160, model.config.vocab_size)[0].tolist()
-    for policy in ("snapkv", "observed", "kvcompress"):
+    for policy in ("snapkv", "observed", "kvcompress", "replay"):
         with evict.press(lm, policy, 0.25) as p:
             kv = kvcodec.capture_kv(lm, token_ids=ids, prefill_chunk=64)
         ev = p.evict(kv)
@@ -195,7 +198,7 @@ def test_every_policy_and_ratio_on_the_real_model(lm, texts, mode):
     from kvcodec.quality.evaluate import compare_logits
 
     for policy in evict.POLICIES:
-        if mode == "post-hoc" and "observed" in evict.get_policy(policy).needs:
+        if mode == "post-hoc" and evict.get_policy(policy).needs & {"observed", "replay"}:
             with pytest.raises(ConfigError):
                 evict.apply(full, policy, 0.5)
             continue
@@ -214,3 +217,14 @@ def test_every_policy_and_ratio_on_the_real_model(lm, texts, mode):
         assert kls[0] < 1e-3, (policy, kls)
         assert all(k == k and k < 10 for k in kls), (policy, kls)
         assert kls[-1] > kls[0], (policy, kls)  # keeping 10% costs something
+
+
+def test_blend_refuses_an_evicted_segment(lm, texts):
+    from kvcodec.blend import Cached, Text, blend
+    from kvcodec.errors import BlendError
+
+    ev = evict.capture(lm, texts["gpl3"], "knorm", 0.5, max_tokens=64)
+    with pytest.raises(BlendError, match="evicted"):
+        blend(lm, [Text("Hello"), Cached(ev, name="doc")])
+    with pytest.raises(BlendError, match="evicted"):
+        blend(lm, [Text("Hello"), Cached(kvcodec.encode(ev, config="lossless"), name="doc")])

@@ -169,6 +169,9 @@ def _check_file(lm, f, given, name, anchor, owned) -> _Part:
     ids = ids if ids is not None else given
     if not ids:
         raise BlendError(f"{name} carries no token ids; give the segment's text")
+    if getattr(f, "evicted", False):
+        raise BlendError(f"{name} is an evicted cache (heads keep different tokens); a "
+                         "blended segment needs every token")
     if f.layer_tokens != [f.num_tokens] * f.num_layers:
         raise BlendError(f"{name} keeps only a sliding window in some layers; a blended "
                          "segment needs every token (capture it with an anchor)")
@@ -192,6 +195,9 @@ def _resolve_tensors(lm, kv: KVCache, given, name, anchor) -> _Part:
     ids = kv.token_ids if kv.token_ids is not None else given
     if not ids:
         raise BlendError(f"{name} carries no token ids; give the segment's text")
+    if kv.evicted:
+        raise BlendError(f"{name} is an evicted cache (heads keep different tokens); a "
+                         "blended segment needs every token")
     if not kv.uniform:
         raise BlendError(f"{name} keeps only a sliding window in some layers")
     found = kv.extra.get("anchor")

@@ -61,6 +61,11 @@ def parse(spec: str) -> tuple:
 
 
 def _check_needs(policy, st: Stats) -> None:
+    if "replay" in policy.needs and st.replay is None:
+        raise ConfigError(f"policy {policy.name} runs the model over the text again, which "
+                          "only a capture can: use kvcodec.evict.capture / press (CLI: "
+                          f"kvcodec encode --evict); after the fact use one of "
+                          f"{', '.join(_posthoc())}")
     if "observed" in policy.needs and st.observed is None:
         raise ConfigError(f"policy {policy.name} scores by the attention of the whole "
                           "prefill, which only a capture sees: use kvcodec.evict.capture / "
@@ -74,4 +79,4 @@ def _check_needs(policy, st: Stats) -> None:
 
 
 def _posthoc():
-    return [p for p, c in POLICIES.items() if "observed" not in c.needs]
+    return [p for p, c in POLICIES.items() if not c.needs & {"observed", "replay"}]

@@ -35,6 +35,10 @@ class Stats:
     head_importance : list of Tensor or None
         float32 ``[H, T_l]``: what :func:`kvcodec.capture_kv` stores after a capture
         (window attention per KV head); the post-hoc stand-in for ``window``.
+    replay : list of Tensor or None
+        float32 ``[Hq, T_l]``: the most attention each token got from any query of a
+        replay of the text behind the cache (the model asked to repeat it, KVzip's
+        reconstruction signal), run by :func:`press` after the prefill.
     """
 
     keys: list
@@ -45,6 +49,7 @@ class Stats:
     window: list | None = None
     observed: list | None = None
     head_importance: list | None = None
+    replay: list | None = None
 
     @property
     def num_layers(self) -> int:
@@ -127,7 +132,8 @@ def gather(kv: KVCache, kept: list) -> KVCache:
                    length=n, kept=[p.clone() for p in kept])
 
 
-def stats_from_cache(kv: KVCache, window=None, observed=None, groups: int = 1) -> Stats:
+def stats_from_cache(kv: KVCache, window=None, observed=None, groups: int = 1,
+                     replay=None) -> Stats:
     """:class:`Stats` of a dense cache (full precision as given), with the attention
     statistics a press collected, or else what the capture stored
     (``kv.extra["head_importance"]``, else ``kv.importance`` for every head)."""
@@ -146,7 +152,7 @@ def stats_from_cache(kv: KVCache, window=None, observed=None, groups: int = 1) -
                     for l, t in enumerate(kv.layer_tokens)]
     return Stats([k[0].detach().float().cpu() for k in kv.keys],
                  [v[0].detach().float().cpu() for v in kv.values],
-                 positions, n, groups, window, observed, head_imp)
+                 positions, n, groups, window, observed, head_imp, replay)
 
 
 def group_heads(x: torch.Tensor, heads: int, reduce: str = "mean") -> torch.Tensor:

@@ -70,59 +70,121 @@ def _grow(t, heads, n):
     return z if t is None else torch.cat([t, z], dim=-1)
 
 
-class Press:
-    """Context manager returned by :func:`press`: collects attention during the prefill
-    run inside it, then :meth:`evict` turns the cache that prefill made into an
-    evicted one."""
+class _Hooked:
+    """Eager attention plus a forward hook on every attention module of ``model``, both
+    undone on exit whatever happens."""
 
-    def __init__(self, model, policy, ratio: float):
-        self.model = getattr(model, "model", model)  # a LoadedModel or a transformers model
-        self.policy, self.ratio = policy, ratio
-        self._logs, self._hooks, self._previous = {}, [], None
+    def __init__(self, model, hook, why: str):
+        self.model, self.hook, self.why = model, hook, why
+        self._handles, self._previous = [], None
+
+    def modules(self) -> list:
+        mods = [m for m in self.model.modules()
+                if isinstance(getattr(m, "layer_idx", None), int)
+                and type(m).__name__.endswith("Attention")]
+        if not mods:
+            raise BackendError(f"found no attention modules in {type(self.model).__name__} "
+                               f"to hook; {self.why}")
+        return mods
 
     def __enter__(self):
-        if self.policy.needs:
-            mods = [m for m in self.model.modules()
-                    if isinstance(getattr(m, "layer_idx", None), int)
-                    and type(m).__name__.endswith("Attention")]
-            if not mods:
-                raise BackendError(f"found no attention modules in {type(self.model).__name__}"
-                                   f" to hook; policy {self.policy.name} needs attention")
-            self._previous = self.model.config._attn_implementation
-            self.model.set_attn_implementation("eager")  # the kernels that return weights
-            try:
-                for m in mods:
-                    self._logs[m.layer_idx] = _LayerLog(getattr(m, "sliding_window", None))
-                    self._hooks.append(m.register_forward_hook(self._hook))
-            except BaseException:
-                self._remove()
-                raise
-        return self
+        mods = self.modules()
+        self._previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")  # the kernels that return weights
+        try:
+            self._handles = [m.register_forward_hook(self.hook) for m in mods]
+        except BaseException:
+            self.__exit__()
+            raise
+        return mods
 
     def __exit__(self, *exc):
-        self._remove()
-        return False
-
-    def _remove(self):
-        for h in self._hooks:
+        for h in self._handles:
             h.remove()
-        self._hooks = []
+        self._handles = []
         if self._previous is not None:
             self.model.set_attn_implementation(self._previous)
             self._previous = None
+        return False
+
+
+def _weights(module, output, why: str) -> torch.Tensor:
+    probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+    if probs is None:
+        raise BackendError(f"{type(module).__name__} returned no attention weights; {why} "
+                           "(eager attention)")
+    return probs
+
+
+# What the model is asked before it replays a text (policy ``replay``).
+REPLAY_PROMPT = "\n\nRepeat the previous text exactly:\n"
+REPLAY_CHUNK = 256
+
+
+class Press:
+    """Context manager returned by :func:`press`: collects attention during the prefill
+    run inside it, then :meth:`evict` turns the cache that prefill made into an
+    evicted one (for ``replay``, after running the model over the text once more)."""
+
+    def __init__(self, model, policy, ratio: float):
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.model = getattr(model, "model", model)  # a LoadedModel or a transformers model
+        self.policy, self.ratio = policy, ratio
+        self._logs, self._hooked = {}, None
+        self._why = f"policy {policy.name} needs attention weights"
+
+    def __enter__(self):
+        if self.policy.needs & {"window", "observed"}:
+            self._hooked = _Hooked(self.model, self._hook, self._why)
+            for m in self._hooked.__enter__():
+                self._logs[m.layer_idx] = _LayerLog(getattr(m, "sliding_window", None))
+        return self
+
+    def __exit__(self, *exc):
+        if self._hooked is not None:
+            self._hooked.__exit__()
+            self._hooked = None
+        return False
 
     def _hook(self, module, args, output):
-        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if probs is None:
-            raise BackendError(f"{type(module).__name__} returned no attention weights; "
-                               f"policy {self.policy.name} needs them (eager attention)")
-        self._logs[module.layer_idx].add(probs, "window" in self.policy.needs,
+        self._logs[module.layer_idx].add(_weights(module, output, self._why),
+                                         "window" in self.policy.needs,
                                          "observed" in self.policy.needs)
+
+    @torch.no_grad()
+    def _replay(self, kv: KVCache) -> list:
+        """``[Hq, T_l]`` per layer: the most attention each token gets from a replay of
+        the text over a copy of its cache."""
+        if kv.token_ids is None:
+            raise ShapeError(f"policy {self.policy.name} replays the text, and this cache "
+                             "carries no token ids")
+        prompt = ([] if self.tokenizer is None else
+                  self.tokenizer(REPLAY_PROMPT, add_special_tokens=False)["input_ids"])
+        ids = list(prompt) + list(kv.token_ids)
+        n = kv.num_tokens
+        best, seen = {}, [n]
+
+        def hook(module, args, output):
+            probs = _weights(module, output, self._why)[0].detach().float()
+            end = seen[0] + probs.shape[1]
+            k0 = end - probs.shape[2]
+            top = probs[:, :, :max(0, n - k0)].amax(1).cpu()  # over the replay's queries
+            row = best.setdefault(module.layer_idx, torch.zeros(probs.shape[0], n))
+            row[:, k0:k0 + top.shape[1]] = torch.maximum(row[:, k0:k0 + top.shape[1]], top)
+
+        cache = kv.to_dynamic_cache(self.model.config)
+        with _Hooked(self.model, hook, self._why):
+            for start in range(0, len(ids), REPLAY_CHUNK):
+                piece = ids[start:start + REPLAY_CHUNK]
+                self.model(input_ids=torch.tensor([piece]), past_key_values=cache,
+                           use_cache=True)
+                seen[0] += len(piece)
+        return [best[l][:, n - t:] for l, t in enumerate(kv.layer_tokens)]
 
     def stats(self, kv: KVCache) -> Stats:
         """The :class:`Stats` of ``kv`` (the cache the prefill made) with the attention
         collected while it was made."""
-        window = observed = None
+        window = observed = replay = None
         groups = 1
         if self._logs:
             seen = {log.seen for log in self._logs.values()}
@@ -134,13 +196,16 @@ class Press:
             n = kv.num_tokens
             keep = [slice(n - t, n) for t in kv.layer_tokens]
             logs = [self._logs[l] for l in range(kv.num_layers)]
-            groups = logs[0].rows[0][0].shape[0] // kv.num_kv_heads if logs[0].rows else 1
             if "window" in self.policy.needs:
                 window = [log.window()[:, :, s] for log, s in zip(logs, keep)]
             if "observed" in self.policy.needs:
                 observed = [log.mean()[:, s] for log, s in zip(logs, keep)]
-                groups = observed[0].shape[0] // kv.num_kv_heads
-        return stats_from_cache(kv, window, observed, groups)
+        if "replay" in self.policy.needs:
+            replay = self._replay(kv)
+        some = next((x for x in (window, observed, replay) if x is not None), None)
+        if some is not None:
+            groups = some[0].shape[0] // kv.num_kv_heads
+        return stats_from_cache(kv, window, observed, groups, replay)
 
     def evict(self, kv) -> KVCache:
         """``kv`` (a :class:`KVCache` or transformers cache of the prefill run inside

@@ -6,11 +6,12 @@ from ..base import Policy
 from .knorm import Knorm
 from .kvcompress import KVCompress
 from .observed import Observed
+from .replay import Replay
 from .snapkv import SnapKV
 from .streaming import Streaming
 from .window import Protected
 
-POLICIES = {p.name: p for p in (Streaming, SnapKV, Observed, Knorm, KVCompress)}
+POLICIES = {p.name: p for p in (Streaming, SnapKV, Observed, Knorm, KVCompress, Replay)}
 WRAPPERS = {"window": Protected}
 
 
@@ -36,4 +37,4 @@ def get_policy(policy) -> Policy:
 
 
 __all__ = ["POLICIES", "WRAPPERS", "get_policy", "Policy", "Streaming", "SnapKV", "Observed",
-           "Knorm", "KVCompress", "Protected"]
+           "Knorm", "KVCompress", "Replay", "Protected"]
