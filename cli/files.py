@@ -24,7 +24,12 @@ from .common import capture, parse_chunks, status
 @click.option("--independent", is_flag=True,
               help="Capture the text behind the model's anchor so that the file can be "
                    "placed anywhere in a prompt (kvcodec generate --blend).")
-def encode(source, output, config, model, max_tokens, chunk_tokens, threads, independent):
+@click.option("--evict", "evict_spec", default=None, metavar="POLICY:RATIO",
+              help="Keep only RATIO of each head's tokens, ranked by POLICY "
+                   f"({', '.join(sorted(kvcodec.evict.POLICIES))}; wrap with +window), "
+                   "scored during the capture, e.g. snapkv:0.25.")
+def encode(source, output, config, model, max_tokens, chunk_tokens, threads, independent,
+           evict_spec):
     """Encode SOURCE into a .kvc file.
 
     SOURCE is a text file (run through the model to capture its KV cache) or a
@@ -37,16 +42,28 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
             raise click.UsageError("--independent captures a text; it does not apply to "
                                    ".safetensors input")
         kv = kvio.load_safetensors(source)
+        if evict_spec:  # no attention to score by: knorm or streaming, after the fact
+            kv = kvcodec.evict.apply(kv, *kvcodec.evict.parse(evict_spec))
     else:
+        if independent and evict_spec:
+            raise click.UsageError("--independent and --evict do not combine: blending "
+                                   "needs every token of a chunk")
         text = Path(source).read_text(encoding="utf-8", errors="replace")
         with status("loading the model"):
             lm = kvcodec.load_model(model)
-        kv = capture(lm, text, max_tokens, f"prefilling {Path(source).name}", independent)
+        label = f"prefilling {Path(source).name}"
+        if evict_spec:
+            with kvcodec.evict.press(lm, *kvcodec.evict.parse(evict_spec)) as press:
+                kv = press.evict(capture(lm, text, max_tokens, label))
+        else:
+            kv = capture(lm, text, max_tokens, label, independent)
     with status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
+    kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
+            if kv.evicted else "")
     click.echo(f"wrote {output}: {len(data):,} bytes, "
                f"{len(data) * 8 / kv.numel():.3f} bits/element, "
-               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16")
+               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16{kept}")
 
 
 @click.command()

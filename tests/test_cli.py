@@ -59,6 +59,30 @@ def test_encode_from_text(tmp_path, texts):
         assert f.token_ids[:3] == kvcodec.load_model().tokenizer(texts["gpl3"])["input_ids"][:3]
 
 
+def test_encode_with_eviction_inspect_and_generate(tmp_path, texts):
+    src = tmp_path / "doc.txt"
+    src.write_text(texts["gpl3"])
+    out = tmp_path / "doc.kvc"
+    r = run("encode", src, "-o", out, "--max-tokens", "300", "--evict", "replay:0.25")
+    assert r.exit_code == 0, r.output
+    assert "25% of tokens kept" in r.output
+    info = json.loads(run("inspect", out, "--json").output)
+    assert info["evicted"] is True and abs(info["kept_fraction"] - 0.25) < 0.01
+    dense = tmp_path / "dense.kvc"
+    assert run("encode", src, "-o", dense, "--max-tokens", "300").exit_code == 0
+    assert out.stat().st_size < 0.4 * dense.stat().st_size
+    r = CliRunner().invoke(main, ["generate", "--context", str(out), "--prompt",
+                                  " This License", "--max-new-tokens", "4",
+                                  "--compare"])
+    assert r.exit_code == 0, r.output
+    assert "agreement with full prefill" in r.stderr
+    for spec, needle in (("snapkv", "POLICY:RATIO"), ("h2o:0.5", "choose from"),
+                         ("knorm:2", "(0, 1]")):
+        r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "x.kvc"),
+                                      "--max-tokens", "50", "--evict", spec])
+        assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output
+
+
 @pytest.mark.parametrize("content,needle", [
     (b"", "truncated"), (b"hello world, not a kvc file at all", "not a .kvc"),
 ])
