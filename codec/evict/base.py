@@ -155,6 +155,14 @@ def stats_from_cache(kv: KVCache, window=None, observed=None, groups: int = 1,
                  positions, n, groups, window, observed, head_imp, replay)
 
 
+def protect(scores: torch.Tensor, positions: torch.Tensor, length: int, sinks: int,
+            recent: int) -> torch.Tensor:
+    """``scores`` ``[H, T_l]`` with the first ``sinks`` and the last ``recent`` positions
+    of the sequence set to ``inf``: they stay (and count in the budget)."""
+    keep = (positions < sinks) | (positions >= length - recent)
+    return torch.where(keep[None, :], torch.inf, scores)
+
+
 def group_heads(x: torch.Tensor, heads: int, reduce: str = "mean") -> torch.Tensor:
     """``[Hq, ...]`` per query head -> ``[H, ...]`` per KV head over its query group."""
     g = x.reshape(heads, x.shape[0] // heads, *x.shape[1:])

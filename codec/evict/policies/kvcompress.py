@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Policy, Stats, head_budget, rank
+from ..base import Policy, Stats, head_budget, protect, rank
 from .snapkv import WINDOW, window_attention
 
 SINKS = 4
@@ -23,12 +23,8 @@ class KVCompress(Policy):
         self.window, self.sinks = window, sinks
 
     def score(self, st: Stats) -> list:
-        out = []
-        for l, pos in enumerate(st.positions):
-            s = window_attention(st, l, self.window).double()
-            keep = (pos < self.sinks) | (pos >= st.length - self.window)
-            out.append(torch.where(keep[None, :], torch.inf, s))
-        return out
+        return [protect(window_attention(st, l, self.window).double(), pos, st.length,
+                        self.sinks, self.window) for l, pos in enumerate(st.positions)]
 
     def budgets(self, st: Stats, scores: list, ratio: float) -> list:
         # Protected tokens first (each head's, up to its even share of the budget), then

@@ -7,9 +7,7 @@ KV-Compress), so heads that need few tokens give their share to those that need 
 """
 from __future__ import annotations
 
-import torch
-
-from ..base import Stats, group_heads
+from ..base import Stats, group_heads, protect
 from .kvcompress import KVCompress
 
 
@@ -24,9 +22,5 @@ class Replay(KVCompress):
         super().__init__(window=window, sinks=sinks)
 
     def score(self, st: Stats) -> list:
-        out = []
-        for l, pos in enumerate(st.positions):
-            s = group_heads(st.replay[l], st.num_heads, "max").double()
-            keep = (pos < self.sinks) | (pos >= st.length - self.window)
-            out.append(torch.where(keep[None, :], torch.inf, s))
-        return out
+        return [protect(group_heads(r, st.num_heads, "max").double(), pos, st.length,
+                        self.sinks, self.window) for r, pos in zip(st.replay, st.positions)]

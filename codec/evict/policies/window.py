@@ -2,9 +2,7 @@
 (they count in the budget), the inner policy ranks the rest."""
 from __future__ import annotations
 
-import torch
-
-from ..base import Policy, Stats
+from ..base import Policy, Stats, protect
 
 SINKS = 4
 RECENT = 64
@@ -17,11 +15,8 @@ class Protected(Policy):
         self.needs = inner.needs
 
     def score(self, st: Stats) -> list:
-        out = []
-        for s, p in zip(self.inner.score(st), st.positions):
-            keep = (p < self.sinks) | (p >= st.length - self.recent)
-            out.append(torch.where(keep[None, :], torch.inf, s))
-        return out
+        return [protect(s, p, st.length, self.sinks, self.recent)
+                for s, p in zip(self.inner.score(st), st.positions)]
 
     def budgets(self, st: Stats, scores: list, ratio: float) -> list:
         return self.inner.budgets(st, scores, ratio)
