@@ -1,11 +1,16 @@
-"""Session-scoped real model and real KV, shared by every test."""
+"""Session-scoped real model and real KV, shared by every test; an S3 server on loopback."""
+import importlib.util
+import socket
+import subprocess
+import sys
 import sysconfig
+import time
+import urllib.request
 from pathlib import Path
 
+import kvcodec
 import pytest
 import torch
-
-import kvcodec
 
 torch.set_num_threads(2)
 
@@ -53,3 +58,41 @@ def kv_1536(lm, texts):
 @pytest.fixture(scope="session")
 def default_kvc(kv_600):
     return kvcodec.encode(kv_600, config="default")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API: moto_server on 127.0.0.1 (a free port), bucket "kvtest", dummy
+    credentials in the environment while it runs."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install kvcodec[s3])")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.setenv(name, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            mp.delenv(name, raising=False)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(endpoint, timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail("moto_server did not start")
+                    time.sleep(0.2)
+            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("kvtest")
+            yield endpoint
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            proc.terminate()
+            proc.wait(10)

@@ -233,10 +233,10 @@ def _load_store(store, paths, ids, anchor, dst: dict, offset: int) -> None:
             with store.open_entry(path, ids[t0:t1], t0, anchor) as f:
                 f.decode_into(rows, position_offset=offset + t0)
         except FileNotFoundError:
-            raise CorruptError(f"store entry {path.name} vanished") from None
+            raise CorruptError(f"store entry {path} vanished") from None
         except (KVCodecError, OSError) as exc:
             store.quarantine(path, exc)
-            raise CorruptError(f"store entry {path.name}: {exc}") from None
+            raise CorruptError(f"store entry {path}: {exc}") from None
 
 
 def _load_tensors(lm, kv: KVCache, dst: dict, offset: int, computed_at: int, anchored) -> None:

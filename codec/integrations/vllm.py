@@ -82,8 +82,9 @@ class KVCodecConnectorMetadata(KVConnectorMetadata):
 
 class KVCodecConnector(KVConnectorBase_V1):
     """See the module docstring. ``kv_connector_extra_config`` keys: ``store`` (the store
-    directory, required), ``config`` (codec config for new chunks, default ``default``),
-    ``threads`` (decoder threads, default all cores), ``save`` (default true)."""
+    directory or fsspec URL, required), ``storage_options`` (for a URL's filesystem),
+    ``config`` (codec config for new chunks, default ``default``), ``threads`` (decoder
+    threads, default all cores), ``save`` (default true)."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -91,14 +92,15 @@ class KVCodecConnector(KVConnectorBase_V1):
         root = extra.get_from_extra_config("store", None)
         if not root:
             raise ConfigError("KVCodecConnector needs kv_connector_extra_config.store, the "
-                              "kvcodec store directory")
+                              "kvcodec store directory or URL")
         model_dir = Path(vllm_config.model_config.model)
         if not model_dir.is_dir():
             raise ConfigError(f"KVCodecConnector needs a local model directory (got "
                               f"{model_dir}); kvcodec never downloads weights")
         self._fingerprint = fingerprint_dir(model_dir)
         self._store = ChunkStore(root, self._fingerprint,
-                                 extra.get_from_extra_config("config", "default"))
+                                 extra.get_from_extra_config("config", "default"),
+                                 extra.get_from_extra_config("storage_options", None))
         self._block = int(vllm_config.cache_config.block_size)
         self._chunk = self._store.chunk_tokens
         if self._chunk % self._block:
@@ -278,7 +280,7 @@ class KVCodecConnector(KVConnectorBase_V1):
             try:
                 f.decode_into(dst, threads=self._threads)
             except KVCodecError as exc:
-                self._store.quarantine(Path(f._r.name), exc)
+                self._store.quarantine(f._r.name, exc)  # the entry's path or URL
                 for j in range(i, len(files)):  # this entry and the ones after it
                     if files[j][0] is not None:
                         files[j][0].close()

@@ -97,11 +97,11 @@ def measure_costs(lm, stores: list, token_ids, *, probe_tokens: int = 64, thread
     decode_s_per_byte = 0.0
     store = stores[-1]
     path = store.path(store.keys(ids[:n])[0])
-    if len(ids) >= n and path.exists():
+    if len(ids) >= n and store.exists(path):
         fp = store.fingerprint
         shape = (1, fp["num_kv_heads"], n, fp["head_dim"])
         dst = {l: (torch.empty(shape), torch.empty(shape)) for l in range(fp["num_layers"])}
-        size = path.stat().st_size
+        size = store.size(path)
         t = time.perf_counter()
         if store.read_chunk(path, ids[:n], 0, dst, threads):
             decode_s_per_byte = (time.perf_counter() - t) / size
@@ -135,7 +135,7 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
         row = []
         for s, keys in zip(stores, keys_per_store):
             try:
-                row.append(s.path(keys[i]).stat().st_size)
+                row.append(s.size(s.path(keys[i])))
             except OSError:
                 row.append(None)
         sizes.append(row)

@@ -1,0 +1,197 @@
+"""Where a store keeps its objects: a local directory, or any fsspec URL.
+
+Both backends address objects by a relative POSIX key (``"ab/cdef….kvc"``,
+``"manifest/job/….json"``) and give the same guarantee: an object is visible whole or
+not at all.
+
+- :class:`LocalBackend` (a path, or a ``file://`` URL) writes a temp file in the same
+  directory, fsyncs it and renames it over the name (:func:`atomic_write`); entries are
+  opened by path, so a reader maps only the parts of a file it decodes.
+- :class:`FsspecBackend` (``s3://``, ``gs://``, ``memory://``, ...) writes an object
+  store's object with one PUT (``pipe_file``), which the store makes visible atomically
+  (large objects go up as a multipart upload, which appears only when completed).
+  Filesystems that are not object stores (sftp, hdfs, ...) get a temp name in the same
+  folder, then a rename (``mv``). Reads fetch the whole object: entries are small.
+
+Temp names are ``.<name>.<random>.tmp`` on both; :meth:`list` skips them.
+"""
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+from ..errors import BackendError, ConfigError
+from ..format.container import atomic_write
+
+# fsspec protocols whose writes are single atomic PUTs (no rename, no folders).
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl",
+                           "oci", "oss", "memory"})
+# The pip requirement that brings each protocol's fsspec implementation.
+EXTRAS = {"s3": "kvcodec[s3]", "s3a": "kvcodec[s3]", "gs": "gcsfs", "gcs": "gcsfs",
+          "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+
+
+def open_backend(root, storage_options: dict | None = None):
+    """The backend of ``root``: a local path or ``file://`` URL, or any other fsspec URL
+    (``storage_options`` go to its filesystem, on top of fsspec's config and the
+    environment, e.g. AWS credentials)."""
+    if not isinstance(root, str) or "://" not in root:
+        return LocalBackend(root)
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    protocol = root.split("://", 1)[0].split("::")[-1]
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    except ImportError as exc:
+        need = EXTRAS.get(protocol)
+        hint = f"; pip install {need}" if need else ""
+        raise BackendError(f"store {root}: {exc}{hint}") from None
+    except ValueError as exc:
+        raise ConfigError(f"store {root}: {exc}; give a directory or a URL fsspec knows "
+                          "(s3://, gs://, memory://, ...)") from None
+    if isinstance(fs, LocalFileSystem):
+        return LocalBackend(path)
+    return FsspecBackend(fs, path, root)
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def _is_temp(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+class LocalBackend:
+    """A local directory (created if missing); locations are :class:`Path` objects."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def location(self, rel: str) -> Path:
+        return self.root / rel
+
+    def rel(self, loc) -> str:
+        return Path(loc).relative_to(self.root).as_posix()
+
+    def exists(self, rel: str) -> bool:
+        return self.location(rel).exists()
+
+    def size(self, rel: str) -> int:
+        return self.location(rel).stat().st_size
+
+    def read(self, rel: str) -> bytes:
+        return self.location(rel).read_bytes()
+
+    def source(self, rel: str) -> Path:
+        """What :func:`kvcodec.open` opens for ``rel``: the path (read lazily)."""
+        return self.location(rel)
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self.location(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+
+    def quarantine(self, rel: str) -> str:
+        """Rename ``rel`` to ``rel + ".bad"``; returns the new location. A failure
+        (another reader moved it first) is ignored."""
+        bad = self.location(rel + ".bad")
+        try:
+            os.replace(self.location(rel), bad)
+        except OSError:
+            pass
+        return str(bad)
+
+    def list(self, prefix: str = ""):
+        """Relative keys of every object under the folder ``prefix``, temp files skipped."""
+        for folder, _, names in os.walk(self.location(prefix)):
+            for name in names:
+                rel = Path(folder, name).relative_to(self.root).as_posix()
+                if not _is_temp(rel):
+                    yield rel
+
+
+class FsspecBackend:
+    """A folder of an fsspec filesystem; locations are URLs (``root + "/" + rel``)."""
+
+    def __init__(self, fs, path: str, url: str):
+        self.fs, self.path, self.root = fs, path.rstrip("/"), url.rstrip("/")
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        self.object_store = bool(protocols & OBJECT_STORES)
+
+    def location(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def rel(self, loc) -> str:
+        loc = str(loc)
+        if not loc.startswith(self.root + "/"):
+            raise ConfigError(f"{loc} is not in the store {self.root}")
+        return loc[len(self.root) + 1:]
+
+    def _full(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        # Not ``fs.isfile``, which answers False on any error (bad credentials, no network).
+        try:
+            return self.fs.info(self._full(rel))["type"] == "file"
+        except FileNotFoundError:
+            return False
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self._full(rel)))
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._full(rel))
+
+    def source(self, rel: str) -> io.BytesIO:
+        """What :func:`kvcodec.open` opens for ``rel``: the fetched bytes, named by the
+        URL (so messages, and ``KVCFile`` readers, name the entry)."""
+        buf = io.BytesIO(self.read(rel))
+        buf.name = self.location(rel)
+        return buf
+
+    def write(self, rel: str, data: bytes) -> None:
+        full = self._full(rel)
+        if self.object_store:
+            self.fs.pipe_file(full, data)
+            return
+        folder, name = full.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/{_temp_name(name)}"
+        self.fs.pipe_file(tmp, data)
+        try:
+            self.fs.mv(tmp, full)
+        except OSError:
+            # Some servers (SFTP) refuse to rename over an existing name: a concurrent
+            # writer of the same key put it there first.
+            self.fs.rm_file(tmp)
+            if not self.fs.isfile(full):
+                raise
+
+    def quarantine(self, rel: str) -> str:
+        """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores);
+        returns the new location. A failure (another reader moved it first) is ignored."""
+        try:
+            self.fs.mv(self._full(rel), self._full(rel + ".bad"))
+        except OSError:
+            pass
+        return self.location(rel + ".bad")
+
+    def list(self, prefix: str = ""):
+        """Relative keys of every object under the folder ``prefix``, temp files skipped.
+        Listings are not cached, so a later :meth:`exists` asks the store again (another
+        process may have written since)."""
+        start = f"{self.path}/{prefix}".rstrip("/")
+        try:
+            found = self.fs.find(start)
+        finally:
+            self.fs.invalidate_cache()
+        for full in found:
+            if full.startswith(self.path + "/") and not _is_temp(full):
+                yield full[len(self.path) + 1:]

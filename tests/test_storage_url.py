@@ -1,0 +1,164 @@
+"""Chunk stores on fsspec URLs: ``memory://``, S3 (a real ``moto_server``), and the local
+backend's listing and object helpers."""
+import os
+import uuid
+
+import fsspec
+import pytest
+import torch
+from kvcodec import evict
+from kvcodec.errors import BackendError, ConfigError, KVCodecError, ShapeError
+from kvcodec.storage import ChunkStore
+from kvcodec.storage.backends import FsspecBackend
+
+CONFIG = "default"
+
+
+def _same(a, b):
+    assert a.token_ids == b.token_ids and a.num_layers == b.num_layers
+    assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, lm, kv_600):
+    """A local store holding kv_600: the reference every URL store must match."""
+    store = ChunkStore(tmp_path_factory.mktemp("local"), lm.fingerprint, CONFIG)
+    assert store.put(kv_600) == 3
+    return store
+
+
+def test_memory_store_matches_the_local_store(local, lm, kv_600):
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, CONFIG)
+    try:
+        ids = kv_600.token_ids
+        assert store.put(kv_600) == 3 and store.put(kv_600) == 0
+        locs = store.lookup(ids, partial=True)
+        assert locs == [f"{url}/{k[:2]}/{k[2:]}.kvc" for k in local.keys(ids)]
+        for loc, path in zip(locs, local.lookup(ids, partial=True)):
+            with fsspec.open(loc, "rb") as f:
+                assert f.read() == path.read_bytes()  # byte-identical entries
+            assert store.exists(loc) and store.size(loc) == path.stat().st_size
+        assert sorted(store.entries()) == sorted(locs)
+        _same(store.load_prefix(ids), local.load_prefix(ids))
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+# -- S3 on a real moto server ---------------------------------------------------------
+
+
+@pytest.fixture
+def s3_store(s3_endpoint, lm):
+    """A fresh prefix of the bucket per test, and the filesystem to inspect it with."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    store = ChunkStore(f"s3://kvtest/{uuid.uuid4().hex[:8]}", lm.fingerprint, CONFIG,
+                       storage_options=options)
+    return store, s3fs.S3FileSystem(**options)
+
+
+def _key(loc):
+    return loc.split("://", 1)[1]
+
+
+def test_s3_round_trip_writes_once_and_leaves_no_temp_objects(s3_store, local, kv_600):
+    store, fs = s3_store
+    ids = kv_600.token_ids
+    assert store.put(kv_600) == 3 and store.put(kv_600) == 0
+    assert store.written_chunks == 3 and store.written_numel == kv_600.numel()
+    _same(store.load_prefix(ids), local.load_prefix(ids))
+    objects = sorted(fs.find(_key(store.root)))
+    assert objects == sorted(_key(loc) for loc in store.entries())
+    assert len(objects) == 3 and all(o.endswith(".kvc") for o in objects)
+
+
+def test_s3_damaged_entries_are_moved_aside_and_rewritten(s3_store, local, kv_600, caplog):
+    store, fs = s3_store
+    ids = kv_600.token_ids
+    store.put(kv_600)
+    first, second = (_key(loc) for loc in store.lookup(ids))
+    data = fs.cat_file(second)
+    fs.pipe_file(second, data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x40])
+                 + data[len(data) // 2 + 1:])
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        assert store.load_prefix(ids).num_tokens == 256  # stops before the damage
+    assert "moved it to" in caplog.text
+    assert not fs.exists(second) and fs.exists(second + ".bad")
+    assert store.put(kv_600) == 1
+    _same(store.load_prefix(ids), local.load_prefix(ids))
+    fs.pipe_file(first, fs.cat_file(first)[:-100])  # truncated: nothing loads
+    assert store.load_prefix(ids) is None and fs.exists(first + ".bad")
+    assert store.put(kv_600) == 1
+    _same(store.load_prefix(ids), local.load_prefix(ids))
+    assert len(list(store.entries())) == 3
+
+
+def test_s3_evicted_cache_is_one_entry(s3_store, kv_600):
+    store, _ = s3_store
+    ids = kv_600.token_ids
+    ev = evict.apply(kv_600, "knorm", 0.5)
+    with pytest.raises(ShapeError, match="put_evicted"):
+        store.put(ev)
+    assert store.put_evicted(ev, "knorm:0.5") == 1 and store.put_evicted(ev, "knorm:0.5") == 0
+    assert store.evicted(ids, "knorm:0.25") is None  # another ratio, another key
+    loc = store.evicted(ids, "knorm:0.5")
+    assert loc.startswith(store.root) and list(store.entries()) == [loc]
+    assert store.written_numel == kv_600.numel()  # the cache before eviction
+    with store.open_entry(loc, ids, 0) as f:
+        got = f.decode()
+    assert got.evicted and got.token_ids == ids
+    assert all(torch.equal(a, b) for a, b in zip(got.kept, ev.kept))
+
+
+# -- the local backend and errors -----------------------------------------------------
+
+
+def test_local_entries_and_objects(local, kv_600):
+    ids = kv_600.token_ids
+    assert sorted(local.entries()) == sorted(local.lookup(ids, partial=True))
+    (local.root / "ab").mkdir(exist_ok=True)
+    (local.root / "ab" / ".x.kvc.123.tmp").write_bytes(b"half")  # a writer's temp file
+    local.write_object("manifest/job/doc.json", b"{}")
+    assert local.read_object("manifest/job/doc.json") == b"{}"
+    assert local.exists_object("manifest/job/doc.json")
+    assert local.read_object("manifest/job/other.json") is None
+    assert sorted(local.entries()) == sorted(local.lookup(ids, partial=True))
+    for bad in ("../x", "/etc/x", local.lookup(ids)[0].relative_to(local.root).as_posix()):
+        with pytest.raises(ConfigError):
+            local.write_object(bad, b"")
+
+
+def test_fsspec_filesystems_without_atomic_puts_write_then_rename(tmp_path):
+    """sftp, hdfs and the like: a temp name in the same folder, then a rename."""
+    backend = FsspecBackend(fsspec.filesystem("file"), str(tmp_path), "x://root")
+    moves = []
+    mv = backend.fs.mv
+    backend.fs.mv = lambda a, b: (moves.append((a, b)), mv(a, b))
+    backend.write("ab/cd.kvc", b"data")
+    assert moves and moves[0][0].endswith(".tmp") and moves[0][1].endswith("/ab/cd.kvc")
+    assert backend.read("ab/cd.kvc") == b"data" and backend.size("ab/cd.kvc") == 4
+    assert list(backend.list()) == ["ab/cd.kvc"]
+    assert backend.location("ab/cd.kvc") == "x://root/ab/cd.kvc"
+    assert backend.quarantine("ab/cd.kvc") == "x://root/ab/cd.kvc.bad"
+    assert not backend.exists("ab/cd.kvc") and backend.exists("ab/cd.kvc.bad")
+    backend.quarantine("ab/cd.kvc")  # moved already: ignored
+
+
+def test_unknown_protocols_and_missing_packages_say_what_to_do(lm, monkeypatch):
+    with pytest.raises(KVCodecError, match="nosuch://bucket.*Protocol not known"):
+        ChunkStore("nosuch://bucket/x", lm.fingerprint)
+
+    def missing(url, **options):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(BackendError, match=r"pip install kvcodec\[s3\]"):
+        ChunkStore("s3://bucket/x", lm.fingerprint)
+
+
+def test_file_urls_are_local_stores(tmp_path, lm):
+    store = ChunkStore(f"file://{tmp_path}/s", lm.fingerprint)
+    assert store.root == tmp_path / "s" and os.path.isdir(store.root)
