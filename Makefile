@@ -6,7 +6,8 @@ PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensors \
-          "transformers>=5.16.1,<5.20" gguf accelerate tqdm pytest hypothesis
+          "transformers>=5.16.1,<5.20" gguf accelerate tqdm pytest hypothesis \
+          fsspec s3fs pyarrow "ray==2.60.*" "moto[server]"
 
 .PHONY: demo test build bench clean
 

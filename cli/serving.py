@@ -9,7 +9,7 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from .common import capture, status
+from .common import status
 
 
 @click.command()
@@ -166,36 +166,6 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
     names = [c if c == adapt.RECOMPUTE else configs[c] for c in choices]
     return cache, doc_ids, doc_ids[n:], (f"{store_dir} at {bandwidth / 1e6:g} Mbit/s, budget "
                                          f"{budget:g}s: chunks {', '.join(names) or 'none'}")
-
-
-@click.command()
-@click.argument("texts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--store", "store_dir", required=True, type=click.Path(file_okay=False),
-              help="Store directory (created if missing).")
-@click.option("--config", "configs", multiple=True,
-              help="Codec config (default: default); repeat it to store several quality "
-                   "levels for bandwidth adaptation.")
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
-@click.option("--max-tokens", type=int, default=None)
-@click.option("--independent", is_flag=True,
-              help="Store each text as a position-independent document (captured behind "
-                   "the model's anchor, keyed by its own tokens) for `generate --blend`.")
-def precompute(texts, store_dir, configs, model, max_tokens, independent):
-    """Batch job: prefill each text once and store its chunks for prefix reuse (or, with
-    --independent, for blending anywhere in a prompt)."""
-    from kvcodec.store import Store
-
-    lm = kvcodec.load_model(model)
-    stores = [Store(store_dir, lm.fingerprint, c) for c in configs or ("default",)]
-    total = 0
-    for path in texts:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-        kv = capture(lm, text, max_tokens, f"prefilling {Path(path).name}", independent)
-        n = sum(store.put_document(kv) if independent else store.put(kv) for store in stores)
-        total += n
-        click.echo(f"{path}: {kv.num_tokens} tokens, {n} new chunks")
-    click.echo(f"stored {total} new chunks in {store_dir}")
-
 
 
 @click.command(name="model-path")

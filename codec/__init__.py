@@ -10,7 +10,8 @@
 
 The package is layered (ARCHITECTURE.md); a layer imports only those below it:
 ``errors`` < ``core`` < ``format``, ``models`` < ``storage`` < ``integrations`` < ``store``
-< ``quality``, ``blend``, ``evict``.
+< ``quality``, ``blend``, ``evict``
+< ``jobs``.
 """
 import importlib
 import importlib.abc
@@ -54,7 +55,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.append(_MovedModules())
 
 _SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality",
-                "blend", "evict"}
+                "blend", "evict", "jobs"}
 
 
 def __getattr__(name):

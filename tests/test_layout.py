@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codec"
 # own sub-package). format and models are siblings: neither may import the other.
 RANK = {"errors": 0, "_version": 0, "_native": 0, "_cuda": 0, "core": 1, "format": 2,
         "models": 2, "storage": 3, "integrations": 4, "store": 5, "quality": 6,
-        "blend": 6, "evict": 6}
+        "blend": 6, "evict": 6, "jobs": 7}
 
 
 def _modules():

@@ -1,0 +1,65 @@
+"""``kvcodec precompute``: the corpus job (kvcodec.jobs), in this process or on Ray."""
+from __future__ import annotations
+
+import click
+
+from kvcodec.errors import KVCodecError
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--store", required=True,
+              help="Store: a directory (created if missing) or an fsspec URL "
+                   "(s3://bucket/kv, memory://kv, ...).")
+@click.option("--config", "configs", multiple=True,
+              help="Codec config (default: default); repeat it to store several quality "
+                   "levels for bandwidth adaptation.")
+@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSONL / Parquet: the field holding each document's text.")
+@click.option("--id-field", default=None,
+              help="JSONL / Parquet: the field holding each document's id (default: "
+                   "file and line or row).")
+@click.option("--max-tokens", type=int, default=None,
+              help="Longest window; longer documents are cut into windows at chunk "
+                   "boundaries (default: the model's context).")
+@click.option("--independent", is_flag=True,
+              help="Store each window as a position-independent document (behind the "
+                   "model's anchor) for `generate --blend`.")
+@click.option("--evict", default=None, metavar="POLICY:RATIO",
+              help="Store each window evicted to RATIO of its tokens (e.g. snapkv:0.25), "
+                   "one entry per window.")
+@click.option("--batch-tokens", type=int, default=4096, show_default=True,
+              help="Padded tokens per forward pass.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="Run in this process, or on Ray.")
+@click.option("--num-workers", type=int, default=None,
+              help="With --runner ray: actors (one CPU each; default 2).")
+@click.option("--address", default=None,
+              help="With --runner ray: an existing cluster (default: a local Ray).")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the summary as JSON here.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar on stderr.")
+def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, independent,
+               evict, batch_tokens, runner, num_workers, address, report_path, progress):
+    """Batch job: prefill every document of INPUTS once and store its KV chunks.
+
+    INPUTS are text files, directories, globs, JSONL or Parquet files (local paths or
+    fsspec URLs). Documents already stored are skipped without a prefill, so the same
+    command finishes an interrupted job.
+    """
+    from kvcodec.format.container import atomic_write
+    from kvcodec.jobs import JobSpec, precompute as run
+
+    spec = JobSpec(configs=configs, independent=independent, evict=evict,
+                   max_tokens=max_tokens, batch_tokens=batch_tokens)
+    summary = run(list(inputs), store, model=model, spec=spec, runner=runner,
+                  num_workers=num_workers, address=address, text_field=text_field,
+                  id_field=id_field, progress=progress)
+    for line in summary.lines():
+        click.echo(line)
+    if report_path:
+        atomic_write(report_path, summary.to_json().encode() + b"\n")
+    if summary.documents and summary.failed == summary.documents:
+        raise KVCodecError("every document failed")

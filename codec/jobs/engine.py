@@ -1,0 +1,274 @@
+"""The work of one process: a loaded model and the job's stores turn documents into
+stored entries. Both runners drive it (in-process, and each Ray worker).
+
+Pipeline
+    The calling thread reads documents, skips finished ones (manifest, then entry
+    existence), tokenizes and cuts windows, and prefills batches of windows; one encoder
+    thread evicts (if asked), encodes and writes each window's entries, then records
+    finished documents in the manifest. A bounded queue between them (``QUEUE`` batches)
+    overlaps encoding with the next prefill and bounds memory. Encoding holds the GIL
+    only in short Python stretches; the model's kernels release it.
+
+Errors
+    A document that cannot be prefilled or stored (a :class:`KVCodecError`: too long for
+    an anchor, a shape the codec refuses...) is reported as failed and the job goes on;
+    a batch that fails is retried window by window so one bad window does not fail its
+    neighbours. A store that cannot be written (``OSError``: full disk, no permission,
+    unreachable object store) stops the job, since every later write would fail too:
+    the same command resumes it.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, KVCodecError
+from ..models.batch import capture_batch
+from ..models.capture import default_anchor
+from ..storage import ChunkStore
+from .corpus import Skipped
+from .manifest import Manifest
+from .plan import LOOKAHEAD, JobSpec, batches, windows
+from .report import DocResult
+
+QUEUE = 2  # prefilled batches waiting for the encoder
+
+
+@dataclass
+class _Doc:
+    result: DocResult
+    text: str
+    left: int  # windows not yet stored
+    failed: list = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    doc: _Doc
+    ids: list
+
+
+class Engine:
+    """Documents in, entries out, for one model and one :class:`JobSpec`.
+
+    ``store`` is a directory or fsspec URL; ``threads`` the coder threads per entry
+    (1 leaves the cores to the prefill running beside the encoder).
+    """
+
+    def __init__(self, lm, spec: JobSpec, store, *, storage_options=None, threads: int = 1):
+        self.lm, self.spec = lm, spec
+        self.stores = [ChunkStore(store, lm.fingerprint, c, storage_options=storage_options)
+                       for c in spec.configs]
+        for s in self.stores:
+            s.threads = threads
+        chunk = math.lcm(*(s.chunk_tokens for s in self.stores))
+        self.anchor = default_anchor(lm.tokenizer) if spec.independent else None
+        context = getattr(lm.config, "max_position_embeddings", None)
+        self.window = spec.window(context, chunk, len(self.anchor or ()))
+        self.manifest = Manifest(self.stores[0], spec.key(lm.fingerprint, self.window))
+        self._policy = None
+        if spec.evict:
+            from ..evict import parse
+            from ..evict.policies import get_policy
+
+            name, ratio = parse(spec.evict)
+            self._policy = (name, ratio, bool(get_policy(name).needs & {"observed", "replay"}))
+        if spec.mode == "prefix" and _sliding(lm):
+            raise ConfigError(
+                f"{lm.config.model_type} has sliding-window layers, which the store cannot "
+                "hold as prompt prefixes; store its windows with --independent (for "
+                "blending) or encode documents to .kvc files")
+        self._lock = threading.Lock()
+
+    # -- the calling thread ------------------------------------------------------------
+
+    def run(self, items, emit) -> None:
+        """Process ``items`` (:class:`~kvcodec.jobs.corpus.Document` or ``Skipped``);
+        ``emit(DocResult)`` is called once per item, from this thread or the encoder's."""
+        work: queue.Queue = queue.Queue(maxsize=QUEUE)
+        failure: list = []
+        encoder = threading.Thread(target=self._encode_loop, args=(work, emit, failure),
+                                   name="kvcodec-encode", daemon=True)
+        encoder.start()
+        pending: list = []
+        try:
+            for item in items:
+                if failure:
+                    break
+                if isinstance(item, Skipped):
+                    self._emit(emit, DocResult(item.id, "skipped", reason=item.reason))
+                    continue
+                pending.extend(self._plan(item, emit))
+                if len(pending) >= LOOKAHEAD:
+                    self._prefill(pending, work, failure)
+                    pending = []
+            if pending and not failure:
+                self._prefill(pending, work, failure)
+        finally:
+            work.put(None)
+            encoder.join()
+        if failure:
+            raise failure[0]
+
+    def _plan(self, doc, emit) -> list:
+        """The windows of ``doc`` that need a prefill (none if it is finished)."""
+        record = self.manifest.get(doc.text)
+        if record is not None:
+            self._emit(emit, DocResult(doc.id, "stored", tokens=record.get("tokens", 0),
+                                       windows=record.get("windows", 0),
+                                       chunks_skipped=record.get("chunks", 0)))
+            return []
+        result = DocResult(doc.id, "done")
+        try:
+            ids = self.lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        except Exception as exc:  # noqa: BLE001 - a tokenizer failure fails this document
+            self._emit(emit, DocResult(doc.id, "failed", reason=f"tokenizer: {exc}"))
+            return []
+        if not ids:
+            self._emit(emit, DocResult(doc.id, "skipped", reason="no tokens"))
+            return []
+        parts = windows(ids, self.window)
+        result.tokens, result.windows = len(ids), len(parts)
+        state = _Doc(result, doc.text, 0)
+        todo = []
+        for part in parts:
+            stored = self._stored_chunks(part)
+            if stored is None:
+                todo.append(_Window(state, part))
+            else:
+                result.chunks_skipped += stored
+        state.left = len(todo)
+        if not todo:
+            result.status = "stored"
+            self._finish(state, emit)
+        return todo
+
+    def _stored_chunks(self, ids) -> int | None:
+        """How many entries hold ``ids`` if every store has all of them, else None."""
+        n = 0
+        for s in self.stores:
+            if self._policy is not None:
+                if s.evicted(ids, self.spec.evict) is None:
+                    return None
+                n += 1
+                continue
+            keys = s.keys(ids, self.anchor)
+            if self.anchor is not None:
+                if s.document(ids, self.anchor) is None:
+                    return None
+            elif len(s.lookup(ids, partial=True)) < len(keys):
+                return None
+            n += len(keys)
+        return n
+
+    def _prefill(self, pending: list, work, failure) -> None:
+        for group in batches(pending, lambda w: len(w.ids), self.spec.batch_tokens):
+            if failure:
+                return
+            t = time.perf_counter()
+            kvs = self._capture(group)
+            dt = time.perf_counter() - t
+            tokens = sum(len(w.ids) for w in group)
+            for w in group:
+                w.doc.result.prefill_s += dt * len(w.ids) / tokens
+            work.put(list(zip(group, kvs)))
+
+    def _capture(self, group: list) -> list:
+        """KV (or the exception it raised) of each window of ``group``."""
+        if self._policy is not None and self._policy[2]:
+            return [self._one(w) for w in group]  # attention hooks: one window at a time
+        try:
+            return capture_batch(self.lm, [w.ids for w in group], anchor=self.anchor)
+        except KVCodecError:
+            if len(group) == 1:
+                raise
+        except Exception:  # noqa: BLE001 - retried one by one below, which reports it
+            if len(group) == 1:
+                raise
+        return [self._one(w) for w in group]
+
+    def _one(self, w: _Window):
+        try:
+            if self._policy is not None and self._policy[2]:
+                from ..evict import capture
+
+                return capture(self.lm, token_ids=w.ids, policy=self._policy[0],
+                               ratio=self._policy[1])
+            return capture_batch(self.lm, [w.ids], anchor=self.anchor)[0]
+        except Exception as exc:  # noqa: BLE001 - reported as this document's failure
+            return exc
+
+    # -- the encoder thread ------------------------------------------------------------
+
+    def _encode_loop(self, work, emit, failure) -> None:
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            if failure:
+                continue  # drain: the job is stopping
+            for w, kv in item:
+                try:
+                    if isinstance(kv, BaseException):
+                        raise kv
+                    t = time.perf_counter()
+                    self._store(w, kv)
+                    w.doc.result.codec_s += time.perf_counter() - t
+                except OSError as exc:
+                    failure.append(exc)
+                    break
+                except Exception as exc:  # noqa: BLE001 - this document fails, the job goes on
+                    w.doc.failed.append(_describe(exc))
+                w.doc.result.tokens_prefilled += len(w.ids)
+                w.doc.left -= 1
+                if w.doc.left == 0:
+                    self._finish(w.doc, emit)
+
+    def _store(self, w: _Window, kv) -> None:
+        r = w.doc.result
+        if self._policy is not None and not self._policy[2]:
+            from ..evict import apply
+
+            kv = apply(kv, self._policy[0], self._policy[1])
+        for s in self.stores:
+            before = (s.written_chunks, s.written_bytes, s.written_numel)
+            if self._policy is not None:
+                s.put_evicted(kv, self.spec.evict)
+            elif self.anchor is not None:
+                s.put_document(kv)
+            else:
+                s.put(kv)
+            new = s.written_chunks - before[0]
+            r.chunks_new += new
+            r.chunks_skipped += len(s.keys(w.ids, self.anchor)) - new if self._policy is None \
+                else 1 - new
+            r.bytes_new += s.written_bytes - before[1]
+            r.fp16_bytes_new += 2 * (s.written_numel - before[2])
+
+    def _finish(self, doc: _Doc, emit) -> None:
+        r = doc.result
+        if doc.failed:
+            r.status, r.reason = "failed", doc.failed[0]
+        else:
+            self.manifest.put(doc.text, {"id": r.id, "tokens": r.tokens, "windows": r.windows,
+                                         "chunks": r.chunks_new + r.chunks_skipped})
+        self._emit(emit, r)
+
+    def _emit(self, emit, result: DocResult) -> None:
+        with self._lock:
+            emit(result)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, KVCodecError) else f"{type(exc).__name__}: {text}"
+
+
+def _sliding(lm) -> bool:
+    from transformers import DynamicCache
+
+    return any(getattr(layer, "is_sliding", False)
+               for layer in DynamicCache(config=lm.config).layers)

@@ -1,0 +1,117 @@
+"""What a job stores and how documents are cut and grouped: :class:`JobSpec`, windows,
+batches.
+
+Windows
+    A document longer than the model's context (or ``max_tokens``) is cut into windows
+    of ``W`` tokens, ``W`` the largest multiple of the store's chunk size that fits (a
+    window then ends on a chunk boundary, so no chunk straddles two windows), the last
+    window taking the rest. Each window is stored as a sequence of its own: as a prompt
+    prefix (a request that starts with that window reuses it), as an independent
+    document for blending, or as one evicted entry. Attention cannot reach across a
+    window; a document that should be one prefix needs a model with a longer context.
+
+Batches
+    Windows that need a prefill are grouped into forward passes of at most
+    ``batch_tokens`` padded tokens (rows x longest row). A batcher holds up to
+    ``LOOKAHEAD`` windows and sorts them by length before cutting batches, so rows of a
+    batch have similar lengths and little padding. Batching does not change the stored
+    bytes (:func:`kvcodec.models.batch.capture_batch` makes every row's KV independent
+    of its batch), so any runner, any batch size and any resume point give the same
+    store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ..core.config import load_config
+from ..errors import ConfigError
+
+LOOKAHEAD = 64  # windows the batcher sorts by length before cutting batches
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a precompute job writes (everything that decides the stored bytes).
+
+    Parameters
+    ----------
+    configs : tuple of str
+        Codec configs (names or JSON paths); one set of entries per config, best first.
+    independent : bool
+        Store windows as position-independent documents (behind the model's anchor) for
+        :mod:`kvcodec.blend`, instead of prompt prefixes.
+    evict : str or None
+        ``"POLICY:RATIO"``: store each window evicted (:mod:`kvcodec.evict`), one entry
+        per window.
+    max_tokens : int or None
+        Longest window; default (and cap) the model's context.
+    batch_tokens : int
+        Padded tokens per forward pass.
+    """
+
+    configs: tuple = ("default",)
+    independent: bool = False
+    evict: str | None = None
+    max_tokens: int | None = None
+    batch_tokens: int = 4096
+
+    def __post_init__(self):
+        object.__setattr__(self, "configs", tuple(self.configs) or ("default",))
+        if self.evict is not None and self.independent:
+            raise ConfigError("an evicted window keeps only some tokens of each head, and "
+                              "blending needs every token: choose --evict or --independent")
+        if self.evict is not None:
+            from ..evict import parse
+
+            parse(self.evict)
+        for name, v in (("max_tokens", self.max_tokens), ("batch_tokens", self.batch_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+    @property
+    def mode(self) -> str:
+        return "evicted" if self.evict else "independent" if self.independent else "prefix"
+
+    def window(self, context: int | None, chunk_tokens: int, anchor_tokens: int = 0) -> int:
+        """The window size ``W`` for a model of ``context`` positions (see module doc)."""
+        limit = min(v for v in (self.max_tokens, context) if v) if (self.max_tokens or
+                                                                       context) else None
+        if limit is None:
+            return 1 << 30
+        room = limit - anchor_tokens
+        if room < 1:
+            raise ConfigError(f"max_tokens {limit} leaves no room after the {anchor_tokens}-"
+                              "token anchor")
+        return room // chunk_tokens * chunk_tokens or room
+
+    def key(self, fingerprint: dict, window: int) -> str:
+        """The identity of what this job stores for a document: the manifest's namespace."""
+        configs = [load_config(c, model=fingerprint) for c in self.configs]
+        blob = json.dumps([fingerprint, configs, self.mode, self.evict, window],
+                          sort_keys=True).encode()
+        return hashlib.sha256(b"kvcodec-job-v1" + blob).hexdigest()
+
+
+def windows(token_ids: list, size: int) -> list:
+    """``token_ids`` cut into consecutive windows of ``size`` tokens (the last shorter)."""
+    return [token_ids[i:i + size] for i in range(0, len(token_ids), size)]
+
+
+def batches(items: list, length, batch_tokens: int) -> list:
+    """``items`` sorted by ``length(item)`` (longest first, stable) and cut into groups
+    whose rows x longest row stays within ``batch_tokens`` (a longer item goes alone)."""
+    order = sorted(items, key=length, reverse=True)
+    out, group, width = [], [], 0
+    for item in order:
+        n = length(item)
+        w = max(width, n)
+        if group and w * (len(group) + 1) > batch_tokens:
+            out.append(group)
+            group, w = [], n
+        group.append(item)
+        width = w
+    if group:
+        out.append(group)
+    return out

@@ -1,0 +1,97 @@
+"""Front door of corpus jobs: :func:`precompute` reads a corpus and fills a store, in
+this process or on Ray, with a progress bar and a :class:`Summary` at the end."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ..errors import ConfigError
+from .corpus import Corpus
+from .plan import JobSpec
+from .report import Summary
+
+RUNNERS = ("local", "ray")
+
+
+def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
+               runner: str = "local", num_workers: int | None = None,
+               address: str | None = None, text_field: str = "text",
+               id_field: str | None = None, storage_options: dict | None = None,
+               progress: bool = True, threads: int = 1) -> Summary:
+    """Prefill every document of ``inputs`` once and store its entries in ``store``.
+
+    Parameters
+    ----------
+    inputs : list of str
+        Files, directories, globs or fsspec URLs: text files, JSONL or Parquet with a
+        ``text_field`` column and an optional ``id_field`` (:class:`Corpus`).
+    store : str or path
+        A directory or an fsspec URL (``s3://bucket/kv``).
+    model : str, LoadedModel or None
+        A local model directory (or, for the local runner, a model already loaded with
+        :func:`kvcodec.load_model`); None: the embedded SmolLM2-135M-Instruct.
+    spec : JobSpec
+        What to store (configs, prefix / independent / evicted, window and batch sizes).
+    runner : ``"local"`` or ``"ray"``
+        In this process, or on a Ray actor pool of ``num_workers`` workers (each loads
+        the model once), on ``address`` (an existing cluster) or a local Ray.
+    progress : bool
+        A progress bar on stderr (documents, tokens/s, ETA).
+    threads : int
+        Coder threads per entry in the local runner (the encoder runs beside the prefill).
+
+    Documents already finished are skipped without a prefill, so running the same
+    command again after an interruption finishes the job. Returns the :class:`Summary`.
+    """
+    spec = spec or JobSpec()
+    if runner not in RUNNERS:
+        raise ConfigError(f"unknown runner {runner!r}; choose {' or '.join(RUNNERS)}")
+    if runner == "local" and (num_workers is not None or address is not None):
+        raise ConfigError("--num-workers and --address go with --runner ray")
+    corpus = Corpus(inputs, text_field=text_field, id_field=id_field,
+                    storage_options=storage_options)
+    summary = Summary()
+    bar = _bar(corpus.count(), progress)
+
+    def emit(result):
+        summary.add(result)
+        if bar is not None:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{summary.tokens_prefilled / max(elapsed, 1e-9):.0f} tok/s, "
+                                f"{summary.chunks_new} new chunks", refresh=False)
+            bar.update(1)
+
+    try:
+        if runner == "local":
+            from ..models.loading import LoadedModel, load_model
+            from .engine import Engine
+
+            lm = model if isinstance(model, LoadedModel) else load_model(model)
+            engine = Engine(lm, spec, store, storage_options=storage_options, threads=threads)
+            start = time.perf_counter()
+            engine.run(iter(corpus), emit)
+        else:
+            from ..models.loading import LoadedModel
+            from .ray_runner import run_ray
+
+            if isinstance(model, LoadedModel):
+                raise ConfigError("Ray workers load the model themselves: pass its directory "
+                                  "(or None for the embedded model), not a loaded model")
+
+            start = time.perf_counter()
+            run_ray(corpus, store, spec, emit, model=model, num_workers=num_workers or 2,
+                    address=address, storage_options=storage_options)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _bar(total, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", desc="precompute", file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
