@@ -30,8 +30,8 @@ from .common import status
                    "none or all.")
 @click.option("--context", type=click.Path(exists=True, dir_okay=False),
               help="The cached document (.kvc).")
-@click.option("--store", "store_dir", type=click.Path(exists=True, file_okay=False),
-              help="Instead of --context: a store made by `kvcodec precompute`; the longest "
+@click.option("--store", "store_dir", callback=lambda ctx, param, v: _store_arg(v),
+              help="Instead of --context: a store (directory or URL) made by `kvcodec precompute`; the longest "
                    "cached prefix of --text is reused and the rest prefilled.")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="With --store: the document the prompt follows.")
@@ -144,6 +144,15 @@ def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
                    f"greedy answer {'identical' if m['exact'] else 'differs'}; "
                    f"TTFT {result.report.seconds['total']:.2f}s vs prefill "
                    f"{m['prefill_s']:.2f}s", err=True)
+
+
+def _store_arg(value):
+    """A store given to generate: an existing directory, or an fsspec URL."""
+    if value is None or "://" in value or Path(value).is_dir():
+        return value
+    raise click.BadParameter(f"no store directory {value!r} (a directory made by `kvcodec "
+                             "precompute`, or a URL such as s3://bucket/kv)",
+                             param_hint="--store")
 
 
 def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):

@@ -162,3 +162,18 @@ def test_unknown_protocols_and_missing_packages_say_what_to_do(lm, monkeypatch):
 def test_file_urls_are_local_stores(tmp_path, lm):
     store = ChunkStore(f"file://{tmp_path}/s", lm.fingerprint)
     assert store.root == tmp_path / "s" and os.path.isdir(store.root)
+
+
+def test_sweep_removes_only_stale_temp_files(tmp_path, lm):
+    """A writer killed mid-write leaves a temp file: never an entry, removed by the next
+    job once it is old enough that no live writer can own it."""
+    store = ChunkStore(tmp_path, lm.fingerprint, CONFIG)
+    folder = tmp_path / "ab"
+    folder.mkdir()
+    stale, live = folder / ".cdef.kvc.x1.tmp", folder / ".cdef.kvc.x2.tmp"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    assert list(store.entries()) == []
+    assert store.sweep(older_than=600) == 1
+    assert not stale.exists() and live.exists()

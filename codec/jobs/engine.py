@@ -82,6 +82,7 @@ class Engine:
                 "hold as prompt prefixes; store its windows with --independent (for "
                 "blending) or encode documents to .kvc files")
         self._lock = threading.Lock()
+        self.stores[0].sweep()  # temp files of writers killed mid-write, if any
 
     # -- the calling thread ------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -114,6 +115,21 @@ class LocalBackend:
                 rel = Path(folder, name).relative_to(self.root).as_posix()
                 if not _is_temp(rel):
                     yield rel
+
+    def sweep(self, older_than: float) -> int:
+        """Remove temp files older than ``older_than`` seconds: what writers killed
+        mid-write left (a live write holds its temp for milliseconds). Returns how many."""
+        removed, cutoff = 0, time.time() - older_than
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                path = Path(folder, name)
+                try:
+                    if _is_temp(name) and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    pass  # another sweeper, or the writer renamed it
+        return removed
 
 
 class FsspecBackend:

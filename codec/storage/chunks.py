@@ -139,6 +139,13 @@ class ChunkStore:
             if _ENTRY.fullmatch(rel):
                 yield self._backend.location(rel)
 
+    def sweep(self, older_than: float = 600.0) -> int:
+        """Remove what writers killed mid-write left in a local store (temp files older
+        than ``older_than`` seconds; never visible as entries). Object stores have none:
+        their writes are single PUTs. Returns how many were removed."""
+        sweep = getattr(self._backend, "sweep", None)
+        return sweep(older_than) if sweep else 0
+
     def put(self, kv: KVCache) -> int:
         """Store every chunk of ``kv`` not yet present; returns how many were written."""
         if kv.extra.get("anchor"):
