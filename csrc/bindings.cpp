@@ -306,6 +306,196 @@ std::vector<py::array_t<uint16_t>> normalize_many(py::list levels, int threads) 
   return out;
 }
 
+// A C-contiguous array of the given kind ('f' float, 'i' signed int), itemsize and shape
+// rank; the caller keeps it alive while the GIL is released.
+py::array checked(const py::object& o, const char* name, char kind, int itemsize, int ndim) {
+  if (!py::isinstance<py::array>(o)) {
+    throw py::value_error(std::string(name) + ": expected a NumPy array");
+  }
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  if (a.dtype().kind() != kind || a.itemsize() != itemsize || a.ndim() != ndim ||
+      !(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + ": expected a C-contiguous " +
+                          std::to_string(ndim) + "-D array of " + std::string(1, kind) +
+                          std::to_string(8 * itemsize) + ", got " +
+                          std::string(py::str(a.dtype())) + " of " +
+                          std::to_string(a.ndim()) + " dimensions");
+  }
+  return a;
+}
+
+// [(symbols uint8 [T, C], alphabet, groups int64 [C] or None)] -> [(freqs uint16 [C, A],
+// spans bytes, codes bytes)], the streams in parallel with the GIL released.
+py::list stream_tables(py::list items, int threads) {
+  const size_t n = items.size();
+  std::vector<py::array> keep;
+  std::vector<kvc::TablesJob> jobs(n);
+  std::vector<py::array_t<uint16_t>> freqs(n);
+  std::vector<std::vector<uint8_t>> spans(n);
+  for (size_t i = 0; i < n; ++i) {
+    py::tuple item = items[i].cast<py::tuple>();
+    if (item.size() != 3) throw py::value_error("items: each item is (symbols, alphabet, groups)");
+    keep.push_back(checked(item[0], "symbols", 'u', 1, 2));
+    const py::array& sym = keep.back();
+    kvc::TablesJob& job = jobs[i];
+    job.symbols = static_cast<const uint8_t*>(sym.data());
+    job.rows = (int)sym.shape(0);
+    job.channels = (int)sym.shape(1);
+    job.alphabet = item[1].cast<int>();
+    if (job.channels < 1 || job.channels > 65535) {
+      throw py::value_error("symbols: channels must be in [1, 65535]");
+    }
+    if (job.alphabet < 1 || job.alphabet > kvc::MAX_ALPHABET) {
+      throw py::value_error("alphabet must be in [1, 256]");
+    }
+    job.groups = nullptr;
+    if (!item[2].is_none()) {
+      keep.push_back(checked(item[2], "groups", 'i', 8, 1));
+      if (keep.back().shape(0) != job.channels) {
+        throw py::value_error("groups: expected one entry per channel");
+      }
+      job.groups = static_cast<const int64_t*>(keep.back().data());
+    }
+    freqs[i] = py::array_t<uint16_t>({(py::ssize_t)job.channels, (py::ssize_t)job.alphabet});
+    job.freqs = freqs[i].mutable_data();
+    spans[i].resize(2 * (size_t)job.channels);
+    job.spans = spans[i].data();
+  }
+  {
+    py::gil_scoped_release release;
+    kvc::stream_tables_many(jobs.data(), n, threads);
+  }
+  py::list out;
+  for (size_t i = 0; i < n; ++i) {
+    if (!jobs[i].error.empty()) {
+      throw py::value_error("items[" + std::to_string(i) + "]: " + jobs[i].error);
+    }
+    const auto& c = jobs[i].codes;
+    out.append(py::make_tuple(
+        freqs[i], py::bytes(reinterpret_cast<const char*>(spans[i].data()), spans[i].size()),
+        py::bytes(reinterpret_cast<const char*>(c.data()), c.size())));
+  }
+  return out;
+}
+
+// Stream inputs of layers into out float32 [N, T, H * D]: xs[i] (float32 [H, T, D], rows
+// and channels contiguous, any head stride: a token slice of a cache) goes to out[layers[i]],
+// un-rotated with cos/sin float32 [T, rotary_dim] (or None) and `divisor`; returns whether
+// every value written is finite. Layers in parallel, GIL released.
+bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int>& layers,
+                   const py::object& cos_obj, const py::object& sin_obj, float divisor,
+                   int threads) {
+  py::array out = checked(out_obj, "out", 'f', 4, 3);
+  if (!out.writeable()) throw py::value_error("out: must be writable");
+  const py::ssize_t n = out.shape(0), t = out.shape(1);
+  if (xs.size() != layers.size()) throw py::value_error("xs: expected one array per layer");
+  std::vector<py::array> keep;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const py::object o = xs[i];
+    if (!py::isinstance<py::array>(o)) throw py::value_error("xs: expected NumPy arrays");
+    py::array a = py::reinterpret_borrow<py::array>(o);
+    if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(1) != t ||
+        a.shape(0) * a.shape(2) != out.shape(2) || a.strides(2) != 4 ||
+        a.strides(1) != 4 * a.shape(2) || a.strides(0) < 0 || a.strides(0) % 4) {
+      throw py::value_error("xs: expected float32 [heads, tokens, head_dim] arrays with "
+                            "contiguous tokens and channels, matching out");
+    }
+    if (i && (a.shape(0) != keep[0].shape(0) || a.shape(2) != keep[0].shape(2))) {
+      throw py::value_error("xs: every layer needs the same heads and head_dim");
+    }
+    keep.push_back(a);
+  }
+  py::array cos, sin;
+  int rotary_dim = 0;
+  const py::ssize_t d = keep.empty() ? 0 : keep[0].shape(2);
+  if (!cos_obj.is_none()) {
+    cos = checked(cos_obj, "cos", 'f', 4, 2);
+    sin = checked(sin_obj, "sin", 'f', 4, 2);
+    rotary_dim = (int)cos.shape(1);
+    if (cos.shape(0) != t || sin.shape(0) != t || sin.shape(1) != rotary_dim ||
+        rotary_dim % 2 || rotary_dim > d || rotary_dim < 2) {
+      throw py::value_error("cos/sin: expected [tokens, rotary_dim], rotary_dim even and "
+                            "at most head_dim");
+    }
+  }
+  std::vector<kvc::InputJob> jobs;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int l = layers[i];
+    if (l < 0 || l >= n) throw py::value_error("layers: index out of range");
+    const py::array& a = keep[i];
+    kvc::InputJob j;
+    j.x = static_cast<const float*>(a.data());
+    j.head_stride = (size_t)(a.strides(0) / 4);
+    j.heads = (int)a.shape(0);
+    j.rows = (int)t;
+    j.head_dim = (int)d;
+    j.cos = rotary_dim ? static_cast<const float*>(cos.data()) : nullptr;
+    j.sin = rotary_dim ? static_cast<const float*>(sin.data()) : nullptr;
+    j.rotary_dim = rotary_dim;
+    j.divisor = divisor;
+    j.out = static_cast<float*>(out.mutable_data()) + (size_t)l * t * out.shape(2);
+    j.finite = false;
+    jobs.push_back(j);
+  }
+  {
+    py::gil_scoped_release release;
+    kvc::stream_inputs_many(jobs.data(), jobs.size(), threads);
+  }
+  for (const auto& j : jobs)
+    if (!j.finite) return false;
+  return true;
+}
+
+// x float32 [N, T, C] and per-layer parameters -> uint8 symbols, layers in parallel with
+// the GIL released. `token`: code uint8 [N, T], grid [256], mult [N, C], params = R per
+// layer; else (absmax): inv float32 [N, T], params = M per layer.
+py::array quantize_layers(const py::object& x_obj, bool token, const py::object& per_row,
+                          const py::object& grid_obj, const py::object& mult_obj,
+                          const std::vector<int>& params, int threads) {
+  py::array x = checked(x_obj, "x", 'f', 4, 3);
+  const py::ssize_t n = x.shape(0), rows = x.shape(1), channels = x.shape(2);
+  if ((py::ssize_t)params.size() != n) {
+    throw py::value_error("params: expected one entry per layer");
+  }
+  if (channels < 1 || channels > 65534) throw py::value_error("x: channels must be in [1, 65534]");
+  py::array row = token ? checked(per_row, "code", 'u', 1, 2) : checked(per_row, "inv", 'f', 4, 2);
+  if (row.shape(0) != n || row.shape(1) != rows) {
+    throw py::value_error("per-token parameters: expected [layers, tokens]");
+  }
+  py::array grid, mult;
+  if (token) {
+    grid = checked(grid_obj, "grid", 'f', 4, 1);
+    mult = checked(mult_obj, "mult", 'f', 4, 2);
+    if (grid.shape(0) != 256) throw py::value_error("grid: expected 256 steps");
+    if (mult.shape(0) != n || mult.shape(1) != channels) {
+      throw py::value_error("mult: expected [layers, channels]");
+    }
+  }
+  for (int p : params) {
+    if (p < 0 || p > 127) throw py::value_error("params: R or M must be in [0, 127]");
+  }
+  const py::ssize_t width = channels + (token ? 1 : 0);
+  py::array_t<uint8_t> out({n, rows, width});
+  std::vector<kvc::QuantizeJob> jobs(n);
+  for (py::ssize_t l = 0; l < n; ++l) {
+    kvc::QuantizeJob& j = jobs[l];
+    j.x = static_cast<const float*>(x.data()) + (size_t)l * rows * channels;
+    j.code = token ? static_cast<const uint8_t*>(row.data()) + (size_t)l * rows : nullptr;
+    j.inv = token ? nullptr : static_cast<const float*>(row.data()) + (size_t)l * rows;
+    j.grid = token ? static_cast<const float*>(grid.data()) : nullptr;
+    j.mult = token ? static_cast<const float*>(mult.data()) + (size_t)l * channels : nullptr;
+    j.rows = (int)rows;
+    j.channels = (int)channels;
+    j.param = params[l];
+    j.out = out.mutable_data() + (size_t)l * rows * width;
+  }
+  {
+    py::gil_scoped_release release;
+    kvc::quantize_many(jobs.data(), jobs.size(), threads);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -347,6 +537,37 @@ PYBIND11_MODULE(_native, m) {
         "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin), also "
         "writes the per-token-step uniform reconstruction [heads, rows, head_dim], RoPE "
         "re-applied when cos/sin are given.");
+  m.def("stream_tables", &stream_tables, py::arg("items"), py::arg("threads") = 0,
+        "Writer tables of many streams, in parallel: [(symbols uint8 [T, C], alphabet, "
+        "groups int64 [C] or None)] -> [(freqs uint16 [C, alphabet], spans bytes [C, 2], "
+        "codes bytes)]: the histograms (pooled over equal groups), their levels "
+        "(tables.levels_from_counts), normalize_freqs of them, and their packing "
+        "(tables.pack_levels, split into spans and codes).");
+  m.def("stream_inputs", &stream_inputs, py::arg("xs"), py::arg("out"), py::arg("layers"),
+        py::arg("cos"), py::arg("sin"), py::arg("divisor"), py::arg("threads") = 0,
+        "Stream inputs (streams.stream_input) of layers xs[i] float32 [H, T, D] into "
+        "out[layers[i]] of out float32 [N, T, H * D], keys un-rotated with cos/sin "
+        "[T, rotary_dim] (or None) and divisor as transforms.rope(inverse=True) does; "
+        "returns whether all are finite.");
+  m.def(
+      "quantize_token",
+      [](const py::object& x, const py::object& code, const py::object& grid,
+         const py::object& mult, const std::vector<int>& half_range, int threads) {
+        return quantize_layers(x, true, code, grid, mult, half_range, threads);
+      },
+      py::arg("x"), py::arg("code"), py::arg("grid"), py::arg("mult"), py::arg("half_range"),
+      py::arg("threads") = 0,
+      "Per-token-step uniform quantizer over layers: x float32 [N, T, C], step codes uint8 "
+      "[N, T], grid float32 [256], mult float32 [N, C], R per layer -> uint8 [N, T, C + 1].");
+  m.def(
+      "quantize_absmax",
+      [](const py::object& x, const py::object& inv, const std::vector<int>& m,
+         int threads) {
+        return quantize_layers(x, false, inv, py::none(), py::none(), m, threads);
+      },
+      py::arg("x"), py::arg("inv"), py::arg("m"), py::arg("threads") = 0,
+      "Absmax quantizer over layers: x float32 [N, T, C], inv float32 [N, T] (M / scale "
+      "as PyTorch rounds it), M per layer -> uint8 round(x * inv + M) clamped to [0, 2M].");
   m.def("max_encoded_size", [](uint64_t t, uint64_t c) { return kvc::max_encoded_size(t, c); },
         py::arg("tokens"), py::arg("channels"));
 }

@@ -250,18 +250,15 @@ def test_memory_filesystem():
         fs.rm("/kvc-corpus", recursive=True)
 
 
-def test_s3_via_moto(monkeypatch):
-    server_mod = pytest.importorskip("moto.server")
+def test_s3_via_moto(s3_endpoint):
+    """On the moto_server of conftest (a subprocess: moto in this process would import
+    flask, whose proxies break vLLM's module scan in later tests)."""
     s3fs = pytest.importorskip("s3fs")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = server_mod.ThreadedMotoServer(port=0, verbose=False)
-    server.start()
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("corpus-bucket")
     try:
-        host, port = server.get_host_and_port()
-        options = {"key": "test", "secret": "test",
-                   "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-        fs = s3fs.S3FileSystem(**options)
-        fs.mkdir("corpus-bucket")
         docs = real_docs(2)
         fs.pipe("corpus-bucket/c/a.jsonl", (json.dumps({"text": docs[0], "id": "a"}) + "\n\n"
                                             + json.dumps({"text": ""}) + "\n").encode())
@@ -279,4 +276,4 @@ def test_s3_via_moto(monkeypatch):
         with pytest.raises(ConfigError):
             Corpus("s3://corpus-bucket/d/*.jsonl", storage_options=options)
     finally:
-        server.stop()
+        fs.rm("corpus-bucket", recursive=True)

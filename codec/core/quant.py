@@ -46,6 +46,17 @@ def _half(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-65504.0, 65504.0).half().float()
 
 
+def _native():
+    from .tables import native
+
+    return native()
+
+
+def _f32(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 NumPy view (or copy) of ``x``."""
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
 class Quantizer:
     """Base class; subclasses set ``alphabet``, ``param_names``, ``side_per_token``."""
 
@@ -85,6 +96,20 @@ class Quantizer:
         """float32 ``[T, C]`` reconstruction from symbols and side information."""
         raise NotImplementedError
 
+    def batch_key(self):
+        """Quantizers with equal keys can code several layers in one
+        :meth:`quantize_layers` call; None: one layer at a time."""
+        return None
+
+    @staticmethod
+    def quantize_layers(qs: list, x: torch.Tensor, params: list, step_mults: list,
+                        threads: int = 0) -> list:
+        """:meth:`quantize` of layer ``i`` of ``x [L, T, C]`` (float32, contiguous) with
+        ``qs[i]``, ``params[i]`` and ``step_mults[i]``, for quantizers of equal
+        :meth:`batch_key`: a list of ``(symbols, side)``, bit for bit what
+        :meth:`quantize` returns layer by layer."""
+        return [q.quantize(x[i], p, m) for i, (q, p, m) in enumerate(zip(qs, params, step_mults))]
+
 
 def _check_bins(spec: dict, lo: int = 2) -> int:
     bins = spec.get("bins")
@@ -102,11 +127,24 @@ class AbsmaxToken(Quantizer):
         self.alphabet = 2 * self.m + 1
 
     def quantize(self, x, params, step_mult=None):
-        scale = _half(x.abs().amax(dim=1))
+        return self.quantize_layers([self], x[None], [params], [step_mult])[0]
+
+    def batch_key(self):
+        return AbsmaxToken
+
+    @staticmethod
+    def quantize_layers(qs, x, params, step_mults, threads=0):
+        # Per layer and token: scale = fp16(absmax), q = round(x * (M / scale) + M)
+        # clamped to [0, 2M]. The max is exact in any order and the rest elementwise, so
+        # every layer is done at once; ``M / scale`` is what PyTorch computes for it,
+        # ``scale.reciprocal() * M``, and the native kernel rounds x * that + M the same.
+        m = [q.m for q in qs]
+        scale = _half(x.abs().amax(dim=2))
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(x * (self.m / safe)[:, None] + self.m).clamp_(0, 2 * self.m)
-        side = scale.half().numpy().reshape(-1, 1)
-        return q.to(torch.uint8).numpy(), side
+        inv = safe.reciprocal() * torch.tensor(m, dtype=torch.float32)[:, None]
+        sym = _native().quantize_absmax(_f32(x), _f32(inv), m, threads)
+        side = scale.half().numpy()
+        return [(sym[i], side[i].reshape(-1, 1)) for i in range(len(qs))]
 
     def dequantize(self, symbols, params, side):
         scale = torch.from_numpy(np.array(side[:, 0], dtype=np.float32))
@@ -157,20 +195,40 @@ class Uniform(Quantizer):
 
     def quantize(self, x, params, step_mult=None):
         if self.scale == "token":
-            target = x.pow(2).mean(dim=1).sqrt() * self.step
-            if step_mult is not None:
-                target = target * step_mult
-            code = torch.round(8 * torch.log2(target)) + 128
-            code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
-            code = code.to(torch.uint8)
-            step = torch.from_numpy(STEP_GRID)[code.long()][:, None] * self._head_mult(x.shape[1])
-            q = torch.round(x / step).clamp_(-self.r, self.r) + self.r
-            q = torch.where(code[:, None] == 0, torch.full_like(q, self.r), q)
-            return torch.cat([q.to(torch.uint8), code[:, None]], dim=1).numpy(), None
+            return self.quantize_layers([self], x[None], [params], [step_mult])[0]
         mean = torch.from_numpy(params["mean"]).float()
         step = torch.from_numpy(params["step"]).float()
         q = torch.round((x - mean) / step).clamp_(-self.r, self.r) + self.r
         return q.to(torch.uint8).numpy(), None
+
+    def batch_key(self):
+        return (Uniform, "token") if self.scale == "token" else None
+
+    @staticmethod
+    def quantize_layers(qs, x, params, step_mults, threads=0):
+        if qs[0].scale != "token":
+            return Quantizer.quantize_layers(qs, x, params, step_mults, threads)
+        # Per token: target = rms * step (* step_mult), code = round(8 log2 target) + 128
+        # (0 for target 0), step = STEP_GRID[code] * head_mult, q = round(x / step)
+        # clamped to [-R, R], plus R. The mean and log2 run layer by layer on [T], as a
+        # single layer's quantize does: PyTorch vectorizes all but a tail of each call, and
+        # its vector and scalar log2 may differ in the last bit, so batching them would
+        # move the tail. Everything else is elementwise and exactly rounded: batched.
+        n, c = len(qs), x.shape[2]
+        sq = x.pow(2)
+        rms = torch.stack([sq[i].mean(dim=1) for i in range(n)]).sqrt()
+        target = rms * torch.tensor([q.step for q in qs], dtype=torch.float32)[:, None]
+        if any(m is not None for m in step_mults):
+            target = target * torch.stack([torch.ones(x.shape[1]) if m is None else m.float()
+                                           for m in step_mults])
+        log = torch.stack([torch.log2(target[i]) for i in range(n)])
+        code = torch.round(8 * log) + 128
+        code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
+        code = code.to(torch.uint8)
+        mult = torch.stack([q._head_mult(c) for q in qs])
+        sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
+                                       [q.r for q in qs], threads)
+        return [(sym[i], None) for i in range(n)]
 
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
@@ -210,10 +268,19 @@ class Lossless(Quantizer):
         return groups
 
     def quantize(self, x, params, step_mult=None):
-        raw = x.to(self.dtype).contiguous().view(torch.uint8)  # [T, C * itemsize], interleaved
-        t, c = x.shape
-        planes = raw.reshape(t, c, self.itemsize).permute(0, 2, 1).reshape(t, c * self.itemsize)
-        return planes.contiguous().numpy(), None
+        return self.quantize_layers([self], x[None], [params], [step_mult])[0]
+
+    def batch_key(self):
+        return (Lossless, self.dtype)
+
+    @staticmethod
+    def quantize_layers(qs, x, params, step_mults, threads=0):
+        q = qs[0]
+        n, t, c = x.shape
+        raw = x.to(q.dtype).contiguous().view(torch.uint8)  # [L, T, C * itemsize], interleaved
+        planes = raw.reshape(n, t, c, q.itemsize).permute(0, 1, 3, 2).reshape(
+            n, t, c * q.itemsize).contiguous().numpy()
+        return [(planes[i], None) for i in range(n)]
 
     def dequantize(self, symbols, params, side):
         t = symbols.shape[0]

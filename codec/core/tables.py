@@ -60,6 +60,19 @@ def freqs_from_levels(levels: np.ndarray) -> np.ndarray:
     return native().normalize_freqs(np.ascontiguousarray(levels, dtype=np.uint8))
 
 
+def stream_tables(items: list, threads: int = 0) -> list:
+    """The writer's tables of many streams at once (native, in parallel, GIL released).
+
+    ``items``: ``(symbols uint8 [T, C], alphabet, groups)`` per stream, ``groups`` as
+    :meth:`~kvcodec.core.quant.Quantizer.table_groups` returns it (int64 ``[C]`` or None).
+    Returns per stream ``(freqs uint16 [C, alphabet], spans, codes)``: exactly
+    :func:`freqs_from_levels` of :func:`levels_from_counts` of the (pooled) histograms,
+    and :func:`pack_levels` of those levels split in two, the rows' spans (``2 C`` bytes)
+    and their codes.
+    """
+    return native().stream_tables(list(items), threads)
+
+
 def entropy_bits(counts: np.ndarray) -> float:
     """Empirical (order-0, per row) entropy of the histograms, in total bits."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -83,8 +96,9 @@ def pack_levels(levels: np.ndarray) -> bytes:
     hi = lv.shape[1] - 1 - present[:, ::-1].argmax(axis=1)
     spans = np.stack([lo, hi], axis=1).astype(np.uint8)
     codes = np.where(present, 64 - lv.astype(np.int16), 0).astype(np.uint8)
-    body = b"".join(codes[i, lo[i]:hi[i] + 1].tobytes() for i in range(len(lv)))
-    return spans.tobytes() + body
+    cols = np.arange(lv.shape[1])
+    in_span = (cols >= lo[:, None]) & (cols <= hi[:, None])
+    return spans.tobytes() + codes[in_span].tobytes()  # row by row, each row's span
 
 
 def unpack_levels(data: bytes, rows: int, alphabet: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Writing .kvc files: quantize each stream, build its tables, code it chunk by chunk."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -11,9 +12,9 @@ from .. import _version
 from ..core import tables
 from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from ..core.kvcache import KVCache
-from ..core.quant import MAX_ALPHABET, make_quantizer
-from ..core.streams import KINDS, stream_counts, stream_input, step_multipliers
-from ..core.transforms import applied_key_transform, layer_ropes
+from ..core.quant import make_quantizer
+from ..core.streams import KINDS, stream_input, step_multipliers
+from ..core.transforms import applied_key_transform, layer_ropes, rope_tables
 from ..errors import ConfigError, ShapeError
 from . import container
 from .container import atomic_write, crc32
@@ -29,6 +30,13 @@ def _zstd(data: bytes) -> bytes:
     import zstandard
 
     return zstandard.ZstdCompressor(level=_zstd_level, write_checksum=True).compress(data)
+
+
+@functools.lru_cache(maxsize=16)
+def _zstd_config(data: bytes, level: int) -> bytes:
+    """:func:`_zstd` of a config section, remembered: a store's chunks all carry the same
+    config, and zstd gives the same bytes for the same input and level."""
+    return _zstd(data)
 
 
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
@@ -75,7 +83,9 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     """
     kv = _as_kvcache(kv)
     model = kv.model if model is None else model
-    cfg = load_config(config, model=model)
+    # A dict is only read here (and validated): no copy of it, which a calibrated config's
+    # size makes cost more than a small chunk's coding.
+    cfg = load_config(config, copy_dict=False, model=model)
     chunk = int(chunk_tokens or cfg.get("chunk_tokens", 256))
     if not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got {chunk}")
@@ -125,11 +135,12 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
         raise ShapeError("token ids must be in [0, 2**32)")
     sections = [
-        ("config", _zstd(json.dumps(cfg, separators=(",", ":")).encode()), True),
+        ("config", _zstd_config(json.dumps(cfg, separators=(",", ":")).encode(), _zstd_level),
+         True),
         ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
         ("index", index, True),
         ("params", _zstd(b"".join(coder.params)), True),
-        ("tables", _zstd(tables.pack_levels(np.concatenate(coder.levels))), True),
+        ("tables", _zstd(coder.tables_section()), True),
         ("sinks", b"".join(coder.sinks), True),
         ("payload", payload, False),
     ]
@@ -159,31 +170,148 @@ class _Coder:
     offset: int
     threads: int
     params: list = field(default_factory=list)
-    levels: list = field(default_factory=list)
+    # Per stream, its tables as tables.pack_levels packs them: the rows' spans, then codes.
+    spans: list = field(default_factory=list)
+    codes: list = field(default_factory=list)
     sinks: list = field(default_factory=list)
+    # Per stream, what its tables are built from: (symbols, table alphabet, groups).
+    pending: list = field(default_factory=list)
+
+    def tables_section(self) -> bytes:
+        """The packed level tables of every stream (:func:`tables.pack_levels` of all
+        their rows, in file order), before zstd."""
+        return b"".join(self.spans) + b"".join(self.codes)
+
+    def _record(self, q, symbols: np.ndarray, params: dict, sink_rows: bytes,
+                channels: int) -> None:
+        """Record one stream's sink rows and parameters, and queue its tables."""
+        self.sinks.append(sink_rows)
+        for name in q.param_names:
+            self.params.append(params[name].astype("<f2").tobytes())
+        self.pending.append((symbols, q.table_alphabet, q.table_groups(channels)))
+
+    def _build_tables(self) -> list:
+        """Build the queued streams' tables (natively, in parallel, GIL released): records
+        their packed levels and returns their frequencies, in stream order."""
+        built = tables.stream_tables(self.pending, self.threads)
+        self.pending = []
+        for _, spans, codes in built:
+            self.spans.append(spans)
+            self.codes.append(codes)
+        return [freqs for freqs, _, _ in built]
 
     def _stream(self, q, x: torch.Tensor, layer: int, where: str, importance,
                 sinks: np.ndarray) -> tuple:
         """Quantize one stream ``x [rows, C]`` of ``layer`` (``where`` names it) whose
         first ``len(sinks)`` rows are attention sinks, kept in fp16 as the given rows of
         its sink section (``importance``: ``[layers, rows]``, the attention of its rows);
-        records its sink rows, parameters and tables and returns ``(symbols, side,
-        freqs)``."""
+        records its sink rows and parameters, queues its tables and returns ``(symbols,
+        side)``."""
         if not torch.isfinite(x).all():
             raise ShapeError(f"{where} contain NaN or infinity")
         sink_rows = np.zeros((self.n_sink, x.shape[1]), dtype="<f2")
         sink_rows[sinks] = x[:len(sinks)].half().numpy()
-        self.sinks.append(sink_rows.tobytes())
         # A head that keeps no token still records parameters (of one zero row).
         params = q.fit(x if len(x) else torch.zeros(1, x.shape[1]))
         symbols, side = q.quantize(
             x, params, step_multipliers(self.cfg, importance, layer, len(sinks)))
-        for name in q.param_names:
-            self.params.append(params[name].astype("<f2").tobytes())
-        levels = tables.levels_from_counts(stream_counts(q, symbols, x.shape[1]))
-        # Padded to 256 symbols: the packing stores only each row's present span.
-        self.levels.append(np.pad(levels, ((0, 0), (0, MAX_ALPHABET - levels.shape[1]))))
-        return symbols, side, tables.freqs_from_levels(levels)
+        self._record(q, symbols, params, sink_rows.tobytes(), x.shape[1])
+        return symbols, side
+
+    def _dense_streams(self, kv: KVCache, starts: list) -> list:
+        """``(symbols, side)`` of every (layer, kind) stream of a dense cache in file
+        order, one stream at a time through :meth:`_stream`."""
+        out = []
+        for layer in range(kv.num_layers):
+            s0 = starts[layer]
+            for kind, src in zip(KINDS, (kv.keys, kv.values)):
+                q = make_quantizer(self.specs[kind][layer], kv.dtype)
+                rope_here = self.ropes[layer] if kind == "key" else None
+                x = stream_input(src[layer], kind, rope_here, self.offset + s0)
+                sinks = np.arange(min(max(0, self.n_sink - s0), len(x)))
+                imp = None if self.importance is None else self.importance[:, s0:]
+                out.append(self._stream(q, x, layer, f"{kind}s of layer {layer}", imp, sinks))
+        return out
+
+    def _dense_batched(self, kv: KVCache, starts: list) -> list | None:
+        """What :meth:`_dense_streams` returns and records, bit for bit, with the layers
+        of equal span quantized together (a few calls per chunk instead of dozens per
+        stream). None, with nothing recorded, where a stream would raise (a rotary dim
+        over head_dim, a non-finite value, a ``head_scale`` that does not divide the
+        channels): the stream-by-stream loop then raises that error in its order."""
+        n_layers, n = kv.num_layers, kv.num_tokens
+        c = kv.num_kv_heads * kv.head_dim
+        try:
+            qs = {kind: [make_quantizer(self.specs[kind][layer], kv.dtype)
+                         for layer in range(n_layers)] for kind in KINDS}
+            done = {}  # (layer, kind) -> (symbols, side, params, sink rows)
+            for s0, layers in _layer_batches(starts, n, c):
+                t = n - s0
+                n_snk = min(max(0, self.n_sink - s0), t)
+                imp = None if self.importance is None else self.importance[:, s0:]
+                # Keys and values of a layer share their tokens' step multipliers.
+                mults = [step_multipliers(self.cfg, imp, layer, n_snk) for layer in layers]
+                for kind, src in zip(KINDS, (kv.keys, kv.values)):
+                    x, finite = self._inputs(src, layers, kind, self.offset + s0, t, c)
+                    if not finite:
+                        return None
+                    sink = x[:, :n_snk].half().numpy()
+                    qk = [qs[kind][layer] for layer in layers]
+                    params = [q.fit(x[i]) for i, q in enumerate(qk)]
+                    by_key = {}
+                    for i, q in enumerate(qk):
+                        key = q.batch_key()
+                        by_key.setdefault(("alone", i) if key is None else key, []).append(i)
+                    coded = [None] * len(qk)
+                    for idx in by_key.values():
+                        xs = x if len(idx) == len(qk) else x[idx]
+                        got = qk[idx[0]].quantize_layers(
+                            [qk[i] for i in idx], xs, [params[i] for i in idx],
+                            [mults[i] for i in idx], self.threads)
+                        for i, r in zip(idx, got):
+                            coded[i] = r
+                    for i, layer in enumerate(layers):
+                        rows = np.zeros((self.n_sink, c), dtype="<f2")
+                        rows[:n_snk] = sink[i]
+                        done[layer, kind] = (*coded[i], params[i], rows.tobytes())
+        except (ConfigError, ShapeError):
+            return None
+        out = []
+        for layer in range(n_layers):
+            for kind in KINDS:
+                symbols, side, params, sink_rows = done[layer, kind]
+                self._record(qs[kind][layer], symbols, params, sink_rows, c)
+                out.append((symbols, side))
+        return out
+
+    def _inputs(self, src: list, layers: list, kind: str, offset: int, t: int,
+                c: int) -> tuple:
+        """``(x, finite)``: float32 ``[len(layers), t, c]``, :func:`stream_input` of each
+        of ``layers`` bit for bit (keys un-rotated), and whether all of it is finite."""
+        heads = [src[layer].detach()[0] for layer in layers]  # [H, t, D] each
+        if all(h.dtype == torch.float32 and h.device.type == "cpu" for h in heads):
+            # Read in place (a token slice too): rows and channels must be contiguous.
+            heads = [h if h.stride(2) == 1 and h.stride(1) == h.shape[2] else h.contiguous()
+                     for h in heads]
+        else:
+            heads = list(torch.stack([h.to("cpu") for h in heads]).float())
+        xs = [h.numpy() for h in heads]
+        out = np.empty((len(layers), t, c), dtype=np.float32)
+        by_rope = {}
+        for i, layer in enumerate(layers):
+            by_rope.setdefault(self.ropes[layer] if kind == "key" else None, []).append(i)
+        finite = True
+        for r, idx in by_rope.items():
+            cos = sin = None
+            divisor = 1.0
+            if r is not None:
+                if r.rotary_dim > heads[0].shape[2]:
+                    raise ConfigError("the rotary dim does not fit head_dim")  # rope() says it
+                cos, sin = (a.numpy() for a in rope_tables(offset, t, r))
+                divisor = r.scaling * r.scaling
+            finite &= tables.native().stream_inputs([xs[i] for i in idx], out, idx, cos, sin,
+                                                    divisor, self.threads)
+        return torch.from_numpy(out), finite
 
     def dense(self, kv: KVCache) -> list:
         """Payload items ``(side bytes, blob)`` of a dense cache, chunk by chunk, one per
@@ -191,22 +319,19 @@ class _Coder:
         n, chunk = kv.num_tokens, self.chunk
         spans = kv.layer_tokens
         starts = [n - t for t in spans]  # each layer holds the last spans[l] positions
+        streams = self._dense_batched(kv, starts)
+        if streams is None:
+            streams = self._dense_streams(kv, starts)
+        freqs = self._build_tables()
         jobs, sides, first_chunk = [], [], []
-        for layer in range(kv.num_layers):
+        for s, ((symbols, side), f) in enumerate(zip(streams, freqs)):
+            layer = s // len(KINDS)
             s0 = starts[layer]
             head = head_rows(s0, spans[layer], chunk)
-            for kind, src in zip(KINDS, (kv.keys, kv.values)):
-                q = make_quantizer(self.specs[kind][layer], kv.dtype)
-                rope_here = self.ropes[layer] if kind == "key" else None
-                x = stream_input(src[layer], kind, rope_here, self.offset + s0)
-                sinks = np.arange(min(max(0, self.n_sink - s0), len(x)))
-                imp = None if self.importance is None else self.importance[:, s0:]
-                symbols, side, freqs = self._stream(q, x, layer, f"{kind}s of layer {layer}",
-                                                    imp, sinks)
-                parts = [symbols[:head], symbols[head:]] if head else [symbols]
-                jobs += [(np.ascontiguousarray(p), freqs) for p in parts if len(p)]
-                first_chunk.append((s0 // chunk, sum(1 for p in parts if len(p))))
-                sides.append(side)
+            parts = [symbols[:head], symbols[head:]] if head else [symbols]
+            jobs += [(np.ascontiguousarray(p), f) for p in parts if len(p)]
+            first_chunk.append((s0 // chunk, sum(1 for p in parts if len(p))))
+            sides.append(side)
         coded = iter(tables.native().encode_many(jobs, chunk, self.threads))
         blobs = []  # per stream: {chunk: blob}
         for c0, n_jobs in first_chunk:
@@ -226,7 +351,7 @@ class _Coder:
         at positions in that chunk, each chunk's rows coded as a job of its own."""
         h, d, chunk = kv.num_kv_heads, kv.head_dim, self.chunk
         n_chunks = (kv.num_tokens + chunk - 1) // chunk
-        jobs, streams = [], []  # streams: (row bounds per chunk, side)
+        streams = []  # (symbols, row bounds per chunk, side)
         for layer, kept in enumerate(kv.kept):
             for kind, src in zip(KINDS, (kv.keys, kv.values)):
                 for head in range(h):
@@ -236,19 +361,37 @@ class _Coder:
                     x = stream_input(src[layer][:, head:head + 1, :len(pos)], kind, rope_here,
                                      self.offset + pos)
                     imp = None if self.importance is None else self.importance[:, pos]
-                    symbols, side, freqs = self._stream(
+                    symbols, side = self._stream(
                         q, x, layer, f"head {head} {kind}s of layer {layer}", imp,
                         pos[pos < self.n_sink].numpy())
-                    bounds = chunk_bounds(pos.numpy(), chunk, n_chunks)
-                    jobs += [(np.ascontiguousarray(symbols[a:b]), freqs)
-                             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-                    streams.append((bounds, side))
+                    streams.append((symbols, chunk_bounds(pos.numpy(), chunk, n_chunks), side))
+        jobs = []
+        for (symbols, bounds, _), freqs in zip(streams, self._build_tables()):
+            jobs += [(np.ascontiguousarray(symbols[a:b]), freqs)
+                     for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         coded = iter(tables.native().encode_many(jobs, chunk, self.threads))
         per_stream = []  # per stream: per chunk (side bytes, blob)
-        for bounds, side in streams:
+        for _, bounds, side in streams:
             per_stream.append([(_side_bytes(side, slice(a, b)), next(coded)[0] if b > a else b"")
                                for a, b in zip(bounds[:-1], bounds[1:])])
         return [items[c] for c in range(n_chunks) for items in per_stream]
+
+
+# Elements of one batch of layers quantized together (float32: 16 MiB).
+_BATCH_ELEMENTS = 1 << 22
+
+
+def _layer_batches(starts: list, n: int, channels: int) -> list:
+    """``(start, layers)``: the layers of each distinct start position (equal spans), in
+    batches of at most :data:`_BATCH_ELEMENTS` elements."""
+    by_start = {}
+    for layer, s0 in enumerate(starts):
+        by_start.setdefault(s0, []).append(layer)
+    out = []
+    for s0, layers in by_start.items():
+        per = max(1, _BATCH_ELEMENTS // max(1, (n - s0) * channels))
+        out += [(s0, layers[i:i + per]) for i in range(0, len(layers), per)]
+    return out
 
 
 def _side_bytes(side, rows: slice) -> bytes:

@@ -6,6 +6,7 @@ import sys
 import time
 
 from ..errors import ConfigError
+from ..storage.backends import open_backend
 from .corpus import Corpus
 from .plan import JobSpec
 from .report import Summary
@@ -50,12 +51,17 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
         raise ConfigError("--num-workers and --address go with --runner ray")
     corpus = Corpus(inputs, text_field=text_field, id_field=id_field,
                     storage_options=storage_options)
+    open_backend(store, storage_options)  # a bad store URL fails before the model loads
     summary = Summary()
-    bar = _bar(corpus.count(), progress)
+    total = corpus.count()
+    bars = []  # made at the first result: the bar's clock starts with the work
 
     def emit(result):
         summary.add(result)
-        if bar is not None:
+        if progress and not bars:
+            bars.append(_bar(total))
+        if bars:
+            bar = bars[0]
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{summary.tokens_prefilled / max(elapsed, 1e-9):.0f} tok/s, "
                                 f"{summary.chunks_new} new chunks", refresh=False)
@@ -82,15 +88,13 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
             run_ray(corpus, store, spec, emit, model=model, num_workers=num_workers or 2,
                     address=address, storage_options=storage_options)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _bar(total, enabled: bool):
-    if not enabled:
-        return None
+def _bar(total):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="doc", desc="precompute", file=sys.stderr,

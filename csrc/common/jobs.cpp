@@ -70,6 +70,33 @@ void decode_many(const DecodeJob* jobs, size_t n, int chunk_tokens, int threads,
                [&](size_t i) { errors[i] = run_decode(jobs[i], chunk_tokens); });
 }
 
+void stream_tables_many(TablesJob* jobs, size_t n, int threads) {
+  parallel_for(n, resolve_threads(threads, n), [&](size_t i) {
+    TablesJob& j = jobs[i];
+    j.error = stream_tables(j.symbols, j.rows, j.channels, j.alphabet, j.groups, j.freqs,
+                            j.spans, &j.codes);
+  });
+}
+
+void stream_inputs_many(InputJob* jobs, size_t n, int threads) {
+  parallel_for(n, resolve_threads(threads, n), [&](size_t i) {
+    InputJob& j = jobs[i];
+    j.finite = stream_input(j.x, j.head_stride, j.heads, j.rows, j.head_dim, j.cos, j.sin,
+                            j.rotary_dim, j.divisor, j.out);
+  });
+}
+
+void quantize_many(const QuantizeJob* jobs, size_t n, int threads) {
+  parallel_for(n, resolve_threads(threads, n), [&](size_t i) {
+    const QuantizeJob& j = jobs[i];
+    if (j.code) {
+      quantize_token(j.x, j.code, j.rows, j.channels, j.grid, j.mult, j.param, j.out);
+    } else {
+      quantize_absmax(j.x, j.inv, j.rows, j.channels, j.param, j.out);
+    }
+  });
+}
+
 void normalize_many(const LevelRows* rows, size_t n, int threads, std::string* errors) {
   parallel_for(n, resolve_threads(threads, n),
                [&](size_t i) { errors[i] = normalize_rows(rows[i]); });

@@ -70,4 +70,46 @@ struct LevelRows {
 // errors[i]: "" or the first bad row of rows[i].
 void normalize_many(const LevelRows* rows, size_t n, int threads, std::string* errors);
 
+// One stream's writer tables (encoder/encoder.h stream_tables): inputs, then outputs.
+struct TablesJob {
+  const uint8_t* symbols;  // [rows][channels]
+  int rows, channels, alphabet;
+  const int64_t* groups;   // [channels] or null
+  uint16_t* freqs;         // [channels][alphabet]
+  uint8_t* spans;          // [channels][2]
+  std::vector<uint8_t> codes;
+  std::string error;
+};
+
+void stream_tables_many(TablesJob* jobs, size_t n, int threads);
+
+// One layer's stream input (encoder/encoder.h stream_input); `finite` is its result.
+struct InputJob {
+  const float* x;  // [heads][rows][head_dim], heads head_stride floats apart
+  size_t head_stride;
+  int heads, rows, head_dim;
+  const float* cos;  // [rows][rotary_dim] or null
+  const float* sin;
+  int rotary_dim;
+  float divisor;
+  float* out;  // [rows][heads * head_dim]
+  bool finite;
+};
+
+void stream_inputs_many(InputJob* jobs, size_t n, int threads);
+
+// One layer's quantization (encoder/encoder.h quantize_token or quantize_absmax).
+struct QuantizeJob {
+  const float* x;       // [rows][channels]
+  const uint8_t* code;  // token: [rows] step codes
+  const float* inv;     // absmax: [rows] factors
+  const float* grid;    // token: [256]
+  const float* mult;    // token: [channels]
+  int rows, channels;
+  int param;            // token: R; absmax: M
+  uint8_t* out;         // [rows][channels + 1] (token) or [rows][channels] (absmax)
+};
+
+void quantize_many(const QuantizeJob* jobs, size_t n, int threads);
+
 }  // namespace kvc
