@@ -502,6 +502,11 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "kvcodec native interleaved rANS coder (CPU)";
   m.attr("BITSTREAM_VERSION") = kvc::BITSTREAM_VERSION;
   m.attr("PROB_BITS") = kvc::PROB_BITS;
+  m.def("simd_path", [] { return std::string(kvc::simd_path()); },
+        "The rANS decode path in use: 'avx2' or 'scalar'.");
+  m.def("set_simd_path", [](const std::string& name) { return kvc::set_simd_path(name); },
+        py::arg("name"),
+        "Choose the decode path: 'scalar', 'avx2' (False if the CPU lacks it) or 'auto'.");
   m.attr("LANES") = kvc::LANES;
   m.attr("MAX_LEVEL") = kvc::MAX_LEVEL;
   m.def("normalize_freqs", &normalize_freqs, py::arg("levels"),

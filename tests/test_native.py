@@ -263,3 +263,55 @@ def test_narrow_spans_of_a_wide_alphabet(spans):
     assert nat.decode_many([(blobs, built, out)], 128) == [None]
     np.testing.assert_array_equal(out, sym)
     np.testing.assert_array_equal(ref_decode(blobs[0], 128, sym.shape[1], freqs), sym[:128])
+
+
+# -- the AVX2 decoder against the scalar one (the same bitstream, bit for bit) ----------
+
+def _decode_with(path, items, chunk):
+    assert nat.set_simd_path(path)
+    try:
+        return nat.decode_many(items, chunk, 1)
+    finally:
+        nat.set_simd_path("auto")
+
+
+@pytest.mark.skipif(not nat.set_simd_path("auto") or nat.simd_path() != "avx2",
+                    reason="this CPU has no AVX2: only the scalar decoder runs")
+@pytest.mark.parametrize("seed", range(6))
+def test_avx2_decoder_equals_scalar(seed):
+    """Random tables (wide and span-limited), channel counts with partial lane groups,
+    chunk ends, and damaged blobs: the same symbols or the same error from both paths."""
+    rng = np.random.default_rng(seed)
+    rows = int(rng.integers(1, 300))
+    channels = int(rng.choice([1, 15, 16, 17, 48, 192, 200]))
+    alphabet = int(rng.choice([2, 16, 256]))
+    sym, freqs = random_case(rng, rows, channels, alphabet, skew=float(rng.uniform(0.2, 3)))
+    chunk = int(rng.choice([1, 7, 64, 256]))
+    blobs = nat.encode(sym, freqs, chunk)
+    damaged = []
+    for b in blobs[:3]:
+        if len(b) > 64:
+            flipped = bytearray(b)
+            flipped[int(rng.integers(64, len(b)))] ^= int(rng.integers(1, 256))
+            damaged.append(bytes(flipped))
+        damaged += [b[:-2], b + b"\0\0"]
+    cases = [blobs] + [[d] for d in damaged]
+    for blob_list in cases:
+        n = min(rows, chunk * len(blob_list))
+        outs = {}
+        for path in ("scalar", "avx2"):
+            out = np.zeros((n, channels), np.uint8)
+            outs[path] = (_decode_with(path, [(blob_list, freqs, out)], chunk), out)
+        assert outs["scalar"][0] == outs["avx2"][0]
+        if outs["scalar"][0] == [None]:
+            np.testing.assert_array_equal(outs["scalar"][1], outs["avx2"][1])
+    out = np.empty_like(sym)
+    assert _decode_with("avx2", [(blobs, freqs, out)], chunk) == [None]
+    np.testing.assert_array_equal(out, sym)
+
+
+def test_simd_path_switch():
+    assert nat.simd_path() in ("avx2", "scalar")
+    assert nat.set_simd_path("scalar") and nat.simd_path() == "scalar"
+    assert not nat.set_simd_path("neon")
+    assert nat.set_simd_path("auto")

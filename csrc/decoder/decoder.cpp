@@ -2,9 +2,13 @@
 
 #include <string.h>
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <atomic>
 
 #include "../common/rans.h"
+#include "group.h"
 
 namespace kvc {
 
@@ -23,7 +27,8 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
   out->base = lo;
   const int width = hi - lo + 1;
   out->stride = width + 1;
-  out->bucket.assign((size_t)channels * B, 0);
+  // +4: the AVX2 decoder gathers bytes with 32-bit loads.
+  out->bucket.assign((size_t)channels * B + 4, 0);
   out->range.assign((size_t)channels * out->stride, 0);
   for (int c = 0; c < channels; ++c) {
     const uint16_t* f = freqs + (size_t)c * alphabet + lo;
@@ -43,61 +48,53 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
   }
 }
 
-static inline uint32_t load_u32(const uint8_t* p) {
-  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
-std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
-                        const DecodeTables& tables, uint8_t* out) {
-  if (size < (size_t)STATE_BYTES) return "blob shorter than its lane states";
-  if ((size - STATE_BYTES) % 2) return "blob has an odd number of word bytes";
+static std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int channels,
+                                      const DecodeTables& tables, uint8_t* out) {
   uint32_t state[LANES];
-  for (int j = 0; j < LANES; ++j) {
-    state[j] = load_u32(blob + 4 * j);
-    const bool used = j < channels;
-    if (used ? state[j] < RANS_L : state[j] != RANS_L) return "invalid initial lane state";
-  }
+  if (const char* err = load_states(blob, size, channels, state)) return err;
   const uint8_t* words = blob + STATE_BYTES;
   const size_t n_words = (size - STATE_BYTES) / 2;
   size_t pos = 0;
   const int groups = (channels + LANES - 1) / LANES;
-  const size_t stride = (size_t)tables.stride;
-  const uint32_t base = (uint32_t)tables.base;
-  constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
   for (int t = 0; t < rows; ++t) {
     uint8_t* row = out + (size_t)t * channels;
     for (int g = 0; g < groups; ++g) {
       const int first = g * LANES;
       const int n = std::min(channels - first, LANES);
-      const uint8_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
-      const uint32_t* grange = tables.range.data() + (size_t)first * stride;
-      // Two passes: the lanes' table lookups are independent and overlap; only the
-      // refills are ordered (they share one word stream).
-      for (int j = 0; j < n; ++j) {
-        uint32_t x = state[j];
-        const uint32_t slot = x & PROB_MASK;
-        const uint32_t* range = grange + (size_t)j * stride;
-        uint32_t s = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
-        while (slot >= (range[s + 1] >> 16)) ++s;  // the sentinel stops it at the last symbol
-        const uint32_t r = range[s];
-        dec_advance(&x, r & 0xffff, r >> 16);
-        row[first + j] = (uint8_t)(s + base);
-        state[j] = x;
-      }
-      for (int j = 0; j < n; ++j) {
-        if (dec_needs_word(state[j])) {
-          if (pos >= n_words) return "truncated word stream";
-          state[j] = dec_refill(state[j], (uint16_t)(words[2 * pos] | (words[2 * pos + 1] << 8)));
-          ++pos;
-        }
-      }
+      if (!scalar_group(state, n, first, tables, row, words, n_words, &pos))
+        return "truncated word stream";
     }
   }
-  for (int j = 0; j < std::min(channels, LANES); ++j) {
-    if (state[j] != RANS_L) return "corrupt blob (final lane state mismatch)";
+  const char* err = final_check(state, channels, pos, n_words);
+  return err ? err : std::string();
+}
+
+// -1: not decided yet; 0: scalar; 1: AVX2. KVCODEC_SIMD=scalar forces the scalar path.
+static std::atomic<int> g_simd{-1};
+
+static int simd_mode() {
+  int m = g_simd.load(std::memory_order_relaxed);
+  if (m < 0) {
+    const char* env = getenv("KVCODEC_SIMD");
+    m = (env && strcmp(env, "scalar") == 0) ? 0 : (avx2_available() ? 1 : 0);
+    g_simd.store(m, std::memory_order_relaxed);
   }
-  if (pos != n_words) return "corrupt blob (unread words at the end)";
-  return std::string();
+  return m;
+}
+
+const char* simd_path() { return simd_mode() ? "avx2" : "scalar"; }
+
+bool set_simd_path(const std::string& name) {
+  if (name == "scalar") { g_simd.store(0); return true; }
+  if (name == "avx2" && avx2_available()) { g_simd.store(1); return true; }
+  if (name == "auto") { g_simd.store(-1); return true; }
+  return false;
+}
+
+std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
+                        const DecodeTables& tables, uint8_t* out) {
+  if (simd_mode()) return decode_blob_avx2(blob, size, rows, channels, tables, out);
+  return decode_blob_scalar(blob, size, rows, channels, tables, out);
 }
 
 }  // namespace kvc

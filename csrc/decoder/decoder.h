@@ -33,7 +33,14 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
 // Decodes one blob of `rows` x `channels` symbols into `out` (row-major). The blob is
 // untrusted: on any inconsistency it returns a message and `out` holds garbage; it never
 // reads outside [blob, blob + size).
+// Runs the AVX2 path where the CPU has it (decode_avx2.cpp; bit-identical), else scalar.
 std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
                         const DecodeTables& tables, uint8_t* out);
+
+// The decode path in use ("avx2" or "scalar"), and a switch for tests and benchmarks:
+// "scalar", "avx2" (false if the CPU lacks it) or "auto". KVCODEC_SIMD=scalar in the
+// environment starts on the scalar path.
+const char* simd_path();
+bool set_simd_path(const std::string& name);
 
 }  // namespace kvc

@@ -1,0 +1,75 @@
+// One decode step (t, g) of a blob, scalar: shared by the scalar decoder (every group) and
+// the AVX2 decoder (groups of fewer than 16 lanes). Layout in common/rans.h.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/rans.h"
+#include "decoder.h"
+
+namespace kvc {
+
+static inline uint32_t load_u32(const uint8_t* p) {
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+// Decodes the `n` lanes of group `first / LANES` of one row into row[first ..), then
+// refills them in lane order from `words`; false if the word stream runs out.
+static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeTables& tables,
+                                uint8_t* row, const uint8_t* words, size_t n_words,
+                                size_t* pos) {
+  constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
+  const size_t stride = (size_t)tables.stride;
+  const uint8_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
+  const uint32_t* grange = tables.range.data() + (size_t)first * stride;
+  // Two passes: the lanes' table lookups are independent and overlap; only the refills
+  // are ordered (they share one word stream).
+  for (int j = 0; j < n; ++j) {
+    uint32_t x = state[j];
+    const uint32_t slot = x & PROB_MASK;
+    const uint32_t* range = grange + (size_t)j * stride;
+    uint32_t s = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
+    while (slot >= (range[s + 1] >> 16)) ++s;  // the sentinel stops it at the last symbol
+    const uint32_t r = range[s];
+    dec_advance(&x, r & 0xffff, r >> 16);
+    row[first + j] = (uint8_t)(s + (uint32_t)tables.base);
+    state[j] = x;
+  }
+  for (int j = 0; j < n; ++j) {
+    if (dec_needs_word(state[j])) {
+      if (*pos >= n_words) return false;
+      state[j] = dec_refill(state[j], (uint16_t)(words[2 * *pos] | (words[2 * *pos + 1] << 8)));
+      ++*pos;
+    }
+  }
+  return true;
+}
+
+// The blob's lane states, checked: used lanes below L are invalid, unused ones must be L.
+static inline const char* load_states(const uint8_t* blob, size_t size, int channels,
+                                      uint32_t* state) {
+  if (size < (size_t)STATE_BYTES) return "blob shorter than its lane states";
+  if ((size - STATE_BYTES) % 2) return "blob has an odd number of word bytes";
+  for (int j = 0; j < LANES; ++j) {
+    state[j] = load_u32(blob + 4 * j);
+    const bool used = j < channels;
+    if (used ? state[j] < RANS_L : state[j] != RANS_L) return "invalid initial lane state";
+  }
+  return nullptr;
+}
+
+// The integrity check at the end: every lane back at L, every word read.
+static inline const char* final_check(const uint32_t* state, int channels, size_t pos,
+                                      size_t n_words) {
+  for (int j = 0; j < (channels < LANES ? channels : LANES); ++j)
+    if (state[j] != RANS_L) return "corrupt blob (final lane state mismatch)";
+  if (pos != n_words) return "corrupt blob (unread words at the end)";
+  return nullptr;
+}
+
+// The AVX2 decoder (decode_avx2.cpp); nullptr-safe to call only where avx2_available().
+std::string decode_blob_avx2(const uint8_t* blob, size_t size, int rows, int channels,
+                             const DecodeTables& tables, uint8_t* out);
+bool avx2_available();
+
+}  // namespace kvc
