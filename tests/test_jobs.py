@@ -275,3 +275,25 @@ def test_parquet_corpus_and_s3_store(lm, corpus_docs, s3_endpoint, tmp_path):
         assert fs.cat_file(f"kvtest/jobstore/{rel}") == path.read_bytes()
     again = precompute(["s3://kvtest/corpus/docs.parquet"], "s3://kvtest/jobstore", **kwargs)
     assert (again.already_stored, again.tokens_prefilled, again.chunks_new) == (3, 0, 0)
+
+
+def test_a_window_that_fails_to_prefill_fails_only_its_document(lm, corpus_docs, tmp_path,
+                                                                monkeypatch):
+    """Alone in its batch or not, a window whose capture raises fails its document (no
+    manifest record) and the job goes on with the others."""
+    bad = lm.tokenizer(corpus_docs[1]["text"], add_special_tokens=False)["input_ids"]
+    real = engine_mod.capture_batch
+
+    def flaky(model, seqs, **kw):
+        if any(list(s) == bad for s in seqs):
+            raise RuntimeError("simulated kernel failure")
+        return real(model, seqs, **kw)
+
+    monkeypatch.setattr(engine_mod, "capture_batch", flaky)
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in corpus_docs[:3]) + "\n")
+    for batch_tokens in (64, 4096):  # each window alone; all three in one batch
+        s = precompute([str(path)], tmp_path / f"s{batch_tokens}", model=lm, id_field="id",
+                       progress=False, spec=JobSpec(batch_tokens=batch_tokens))
+        assert (s.done, s.failed) == (2, 1)
+        assert s.problems[0]["id"] == "doc1" and "simulated" in s.problems[0]["reason"]

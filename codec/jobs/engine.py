@@ -82,7 +82,6 @@ class Engine:
                 "hold as prompt prefixes; store its windows with --independent (for "
                 "blending) or encode documents to .kvc files")
         self._lock = threading.Lock()
-        self.stores[0].sweep()  # temp files of writers killed mid-write, if any
 
     # -- the calling thread ------------------------------------------------------------
 
@@ -156,13 +155,13 @@ class Engine:
                     return None
                 n += 1
                 continue
-            keys = s.keys(ids, self.anchor)
+            chunks = _chunks(ids, s)
             if self.anchor is not None:
                 if s.document(ids, self.anchor) is None:
                     return None
-            elif len(s.lookup(ids, partial=True)) < len(keys):
+            elif len(s.lookup(ids, partial=True)) < chunks:
                 return None
-            n += len(keys)
+            n += chunks
         return n
 
     def _prefill(self, pending: list, work, failure) -> None:
@@ -181,15 +180,12 @@ class Engine:
         """KV (or the exception it raised) of each window of ``group``."""
         if self._policy is not None and self._policy[2]:
             return [self._one(w) for w in group]  # attention hooks: one window at a time
+        if len(group) == 1:
+            return [self._one(group[0])]
         try:
             return capture_batch(self.lm, [w.ids for w in group], anchor=self.anchor)
-        except KVCodecError:
-            if len(group) == 1:
-                raise
-        except Exception:  # noqa: BLE001 - retried one by one below, which reports it
-            if len(group) == 1:
-                raise
-        return [self._one(w) for w in group]
+        except Exception:  # noqa: BLE001 - retried one by one, which reports each failure
+            return [self._one(w) for w in group]
 
     def _one(self, w: _Window):
         try:
@@ -244,8 +240,7 @@ class Engine:
                 s.put(kv)
             new = s.written_chunks - before[0]
             r.chunks_new += new
-            r.chunks_skipped += len(s.keys(w.ids, self.anchor)) - new if self._policy is None \
-                else 1 - new
+            r.chunks_skipped += (1 if self._policy is not None else _chunks(w.ids, s)) - new
             r.bytes_new += s.written_bytes - before[1]
             r.fp16_bytes_new += 2 * (s.written_numel - before[2])
 
@@ -261,6 +256,11 @@ class Engine:
     def _emit(self, emit, result: DocResult) -> None:
         with self._lock:
             emit(result)
+
+
+def _chunks(ids, store) -> int:
+    """How many entries ``store`` keeps a window of ``ids`` in (the last may be partial)."""
+    return -(-len(ids) // store.chunk_tokens)
 
 
 def _describe(exc: BaseException) -> str:
