@@ -61,8 +61,6 @@ that have left the window (masked, not dropped).
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
@@ -70,6 +68,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from ..errors import BackendError, ModelMismatchError, ShapeError
+from ..models.batch import eager_attention
 from .hf import _check_geometry, _model_device, _model_dtype
 
 _ATTR = "_kvcodec_ragged"  # (bias, query positions) on the keys update returns
@@ -299,10 +298,7 @@ def ragged_sdpa(module, query, key, value, attention_mask, **kwargs):
 def ragged_eager(module, query, key, value, attention_mask, **kwargs):
     """The model's own eager attention (soft-capping and all), with a ragged layer's
     per-head mask when ``key`` carries one."""
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise BackendError(f"{type(module).__name__} defines no eager_attention_forward to "
-                           "wrap; use attn_implementation='sdpa'")
+    eager = eager_attention(module, "use attn_implementation='sdpa'")
     bias = _query_head_bias(module, key, query, kwargs.get("position_ids"))
     return eager(module, query, key, value, attention_mask if bias is None else bias, **kwargs)
 

@@ -76,14 +76,13 @@ class JobSpec:
 
     def window(self, context: int | None, chunk_tokens: int, anchor_tokens: int = 0) -> int:
         """The window size ``W`` for a model of ``context`` positions (see module doc)."""
-        limit = min(v for v in (self.max_tokens, context) if v) if (self.max_tokens or
-                                                                       context) else None
-        if limit is None:
+        limits = [v for v in (self.max_tokens, context) if v]
+        if not limits:
             return 1 << 30
-        room = limit - anchor_tokens
+        room = min(limits) - anchor_tokens
         if room < 1:
-            raise ConfigError(f"max_tokens {limit} leaves no room after the {anchor_tokens}-"
-                              "token anchor")
+            raise ConfigError(f"max_tokens {min(limits)} leaves no room after the "
+                              f"{anchor_tokens}-token anchor")
         return room // chunk_tokens * chunk_tokens or room
 
     def key(self, fingerprint: dict, window: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ..errors import BackendError, ConfigError
 from .corpus import Skipped
+from .report import DocResult
 
 DOCS_PER_TASK = 8
 
@@ -59,34 +60,32 @@ def _dispatch(ray, workers, corpus, emit) -> None:
     idle = list(workers) * 2  # two batches in flight per actor
     running = {}
 
-    def collect(block: bool) -> None:
-        done, _ = ray.wait(list(running), num_returns=1, timeout=None if block else 0)
+    def collect() -> None:
+        done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
             idle.append(running.pop(ref))
             for result in ray.get(ref):
                 emit(result)
 
+    def submit(docs) -> None:
+        while not idle:
+            collect()
+        w = idle.pop(0)
+        running[w.process.remote(docs)] = w
+
     batch = []
     for item in corpus:
         if isinstance(item, Skipped):
-            from .report import DocResult
-
             emit(DocResult(item.id, "skipped", reason=item.reason))
             continue
         batch.append(item)
         if len(batch) == DOCS_PER_TASK:
-            while not idle:
-                collect(True)
-            w = idle.pop(0)
-            running[w.process.remote(batch)] = w
+            submit(batch)
             batch = []
     if batch:
-        while not idle:
-            collect(True)
-        w = idle.pop(0)
-        running[w.process.remote(batch)] = w
+        submit(batch)
     while running:
-        collect(True)
+        collect()
 
 
 class _Worker:

@@ -51,7 +51,9 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
         raise ConfigError("--num-workers and --address go with --runner ray")
     corpus = Corpus(inputs, text_field=text_field, id_field=id_field,
                     storage_options=storage_options)
-    open_backend(store, storage_options)  # a bad store URL fails before the model loads
+    # A bad store URL fails before the model loads; temp files of writers killed
+    # mid-write are swept once here, not by every Ray worker.
+    open_backend(store, storage_options).sweep()
     summary = Summary()
     total = corpus.count()
     bars = []  # made at the first result: the bar's clock starts with the work

@@ -111,11 +111,14 @@ def _pad_id(lm) -> int:
     return 0
 
 
-def _eager(module):
+def eager_attention(module, instead: str):
+    """The eager attention function of ``module``'s own modeling file (its scaling,
+    soft-capping and GQA repeat), which returns the attention weights; ``BackendError``
+    naming ``instead`` (what to do without it) for a model that defines none."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise BackendError(f"{type(module).__name__} defines no eager_attention_forward; "
-                           "capture documents one at a time")
+                           f"{instead}")
     return eager
 
 
@@ -140,6 +143,7 @@ def batch_attention(module, query, key, value, attention_mask, **kwargs):
     kwargs.pop("position_ids", None)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     layer = getattr(module, "layer_idx", 0)
+    eager = eager_attention(module, "capture documents one at a time") if batch.window else None
     for b, n in enumerate(batch.lengths):
         q, k, v = query[b:b + 1, :, :n], key[b:b + 1, :, :n], value[b:b + 1, :, :n]
         mask = _row_mask(torch.arange(n), n, window, query.dtype) if window else None
@@ -149,9 +153,9 @@ def batch_attention(module, query, key, value, attention_mask, **kwargs):
         w = min(batch.window, n)
         if w:
             q_pos = torch.arange(n - w, n)
-            _, weights = _eager(module)(module, q[:, :, n - w:], k, v,
-                                        _row_mask(q_pos, n, window, query.dtype),
-                                        **{**kwargs, "dropout": 0.0})
+            _, weights = eager(module, q[:, :, n - w:], k, v,
+                               _row_mask(q_pos, n, window, query.dtype),
+                               **{**kwargs, "dropout": 0.0})
             heads = weights[0].float().mean(dim=1)  # [Hq, n]: mean over the window queries
             kv_heads = key.shape[1]
             batch.head_importance[b][layer] = heads.reshape(kv_heads, -1, n).mean(1)

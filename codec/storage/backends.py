@@ -62,6 +62,11 @@ def _temp_name(name: str) -> str:
     return f".{name}.{uuid.uuid4().hex}.tmp"
 
 
+# Temp files older than this were left by writers killed mid-write (a live write holds
+# its temp for milliseconds); sweep() removes them.
+STALE_TEMP_S = 600.0
+
+
 def _is_temp(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
     return name.startswith(".") and name.endswith(".tmp")
@@ -116,9 +121,9 @@ class LocalBackend:
                 if not _is_temp(rel):
                     yield rel
 
-    def sweep(self, older_than: float) -> int:
+    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
         """Remove temp files older than ``older_than`` seconds: what writers killed
-        mid-write left (a live write holds its temp for milliseconds). Returns how many."""
+        mid-write left. Returns how many."""
         removed, cutoff = 0, time.time() - older_than
         for folder, _, names in os.walk(self.root):
             for name in names:
@@ -211,3 +216,9 @@ class FsspecBackend:
         for full in found:
             if full.startswith(self.path + "/") and not _is_temp(full):
                 yield full[len(self.path) + 1:]
+
+    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
+        """Nothing swept: an object store writes with one PUT and leaves no temp; the
+        temp names other remote filesystems rename into place are left, since listing a
+        remote tree at every job start costs more than a rare leftover does."""
+        return 0

@@ -46,7 +46,7 @@ from ..core.config import load_config
 from ..core.kvcache import KVCache, token_views
 from ..errors import ConfigError, KVCodecError, ShapeError
 from ..models.fingerprint import check_fingerprint
-from .backends import open_backend
+from .backends import STALE_TEMP_S, open_backend
 
 log = logging.getLogger("kvcodec")
 
@@ -139,12 +139,11 @@ class ChunkStore:
             if _ENTRY.fullmatch(rel):
                 yield self._backend.location(rel)
 
-    def sweep(self, older_than: float = 600.0) -> int:
+    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
         """Remove what writers killed mid-write left in a local store (temp files older
         than ``older_than`` seconds; never visible as entries). Object stores have none:
         their writes are single PUTs. Returns how many were removed."""
-        sweep = getattr(self._backend, "sweep", None)
-        return sweep(older_than) if sweep else 0
+        return self._backend.sweep(older_than)
 
     def put(self, kv: KVCache) -> int:
         """Store every chunk of ``kv`` not yet present; returns how many were written."""
