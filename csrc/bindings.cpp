@@ -210,15 +210,25 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     }
     kvc::DecodeJob& job = jobs[i];
     DecodeArgs& arg = args[i];
-    py::array out = item[2].cast<py::array>();
-    check_array(out, "out", 'u', 1, 2);
-    if (!out.writeable()) throw py::value_error("out: must be writable");
-    job.rows = (int)out.shape(0);
-    job.channels = (int)out.shape(1);
+    const bool fused = item.size() == 4 && !item[3].is_none();
+    if (fused && py::isinstance<py::tuple>(item[2])) {  // (rows, channels): symbols not kept
+      py::tuple shape = item[2].cast<py::tuple>();
+      if (shape.size() != 2) throw py::value_error("out: expected an array or (rows, channels)");
+      job.rows = shape[0].cast<int>();
+      job.channels = shape[1].cast<int>();
+      if (job.rows < 0) throw py::value_error("out: rows must be >= 0");
+      job.out = nullptr;
+    } else {
+      py::array out = item[2].cast<py::array>();
+      check_array(out, "out", 'u', 1, 2);
+      if (!out.writeable()) throw py::value_error("out: must be writable");
+      job.rows = (int)out.shape(0);
+      job.channels = (int)out.shape(1);
+      job.out = static_cast<uint8_t*>(out.mutable_data());
+    }
     if (job.channels < 1 || job.channels > 65535) {
       throw py::value_error("out: channels must be in [1, 65535]");
     }
-    job.out = static_cast<uint8_t*>(out.mutable_data());
     if (py::isinstance<Tables>(item[1])) {
       arg.built = item[1].cast<std::shared_ptr<Tables>>();
       if (arg.built->channels != job.channels) {
@@ -230,7 +240,7 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     } else {
       job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
     }
-    if (item.size() == 4 && !item[3].is_none()) {
+    if (fused) {
       arg.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
       job.dequant = &arg.dequant;
     }
@@ -541,7 +551,9 @@ PYBIND11_MODULE(_native, m) {
         "Decode [(blobs, freqs or DecodeTables, out[, dequant])] in parallel; returns None or an error message "
         "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin), also "
         "writes the per-token-step uniform reconstruction [heads, rows, head_dim], RoPE "
-        "re-applied when cos/sin are given.");
+        "re-applied when cos/sin are given; out may then be (rows, channels) instead of "
+        "an array, and the symbols are not kept (each chunk is dequantized from a scratch "
+        "buffer as soon as it is decoded).");
   m.def("stream_tables", &stream_tables, py::arg("items"), py::arg("threads") = 0,
         "Writer tables of many streams, in parallel: [(symbols uint8 [T, C], alphabet, "
         "groups int64 [C] or None)] -> [(freqs uint16 [C, alphabet], spans bytes [C, 2], "

@@ -87,10 +87,23 @@ class KVCFile(EvictedReader):
             out = np.empty((self.num_kv_heads, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
-            c, s = rope_tables(base + pos, rows, layer_rope)
-            cos, sin = c.numpy(), s.numpy()
-        mult = q._head_mult(self.channels).numpy()
+            cos, sin = self._rope_arrays(base + pos, rows, layer_rope)
+        mult = self._mults.get(id(q))  # the file's quantizers live as long as it does
+        if mult is None:
+            mult = self._mults[id(q)] = q._head_mult(self.channels).numpy()
         return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
+
+    def _rope_arrays(self, pos: int, rows: int, layer_rope):
+        """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
+        have the same RoPE (a chunk's decode asks once per layer)."""
+        key = (pos, rows, layer_rope)
+        got = self._ropes_np.get(key)
+        if got is None:
+            if len(self._ropes_np) > 64:
+                self._ropes_np.clear()
+            c, s = rope_tables(pos, rows, layer_rope)
+            got = self._ropes_np[key] = (c.numpy(), s.numpy())
+        return got
 
     def _pieces(self, layer: int, chunks: range) -> list:
         """How a layer's part of ``chunks`` splits into native decode jobs: ``(chunk
@@ -107,37 +120,47 @@ class KVCFile(EvictedReader):
             pieces.append((range(c0, chunks[-1] + 1), head, rows - head))
         return pieces
 
-    def _prepare(self, dst: dict, chunks: range, position_offset: int | None = None) -> dict:
-        """Read and verify the payload items of ``dst``'s layers over ``chunks`` and build
-        the native decode jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
+    def _prepare(self, dst: dict, chunks: range, position_offset: int | None = None,
+                 items: dict | None = None) -> dict:
+        """Read and verify the payload items of ``dst``'s layers over ``chunks`` (unless
+        ``items`` holds them already: :meth:`_read_items`) and build the native decode
+        jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
         base, shift = self._placement(position_offset)
         self._load_index()
         dtab = self._decode_tables()
-        jobs, owner, work = [], [], []
+        plan = []
         for l, pair in dst.items():
             first, rows = self._layer_span(l, chunks)
             shape = (1, self.num_kv_heads, rows, self.head_dim)
-            layer_rope = self._ropes[l]
             for k, target in zip(KINDS, pair):
                 if tuple(target.shape) != shape or target.dtype not in DTYPES.values():
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
                                      f"{tuple(target.shape)}; need a float {shape}")
-                if rows == 0:
-                    continue
-                s = self._streams.index((l, k))
-                q = self._quant[(l, k)]
-                sym = np.empty((rows, self._coded(q)), dtype=np.uint8)
-                rope_here = layer_rope if k == "key" else None
-                sides, fused = [], []
-                for prange, r0, n in self._pieces(l, chunks):
-                    items = [self._read_item(c, s) for c in prange]
-                    sides += [side for side, _ in items]
-                    view = target[:, :, r0:r0 + n]
-                    deq = self._fused_dequant(q, rope_here, first + r0, view, base)
-                    jobs.append(([blob for _, blob in items], dtab[(l, k)], sym[r0:r0 + n], deq))
-                    owner.append(len(work))
-                    fused.append((deq, view))
-                work.append((l, k, target, sym, fused, b"".join(sides), first))
+                if rows:
+                    plan.append((l, k, target, first, self._streams.index((l, k))))
+        pieces = {l: self._pieces(l, chunks) for l in dst}
+        if items is None:
+            items = self._read_items([(c, s) for l, _, _, _, s in plan
+                                      for prange, _, _ in pieces[l] for c in prange])
+        jobs, owner, work = [], [], []
+        for l, k, target, first, s in plan:
+            q = self._quant[(l, k)]
+            coded = self._coded(q)
+            rope_here = self._ropes[l] if k == "key" else None
+            sym, sides, fused = None, [], []
+            for prange, r0, n in pieces[l]:
+                got = [items[(c, s)] for c in prange]
+                sides += [side for side, _ in got]
+                view = target[:, :, r0:r0 + n]
+                deq = self._fused_dequant(q, rope_here, first + r0, view, base)
+                if deq is None and sym is None:
+                    sym = np.empty((target.shape[2], coded), dtype=np.uint8)
+                # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.
+                out = (n, coded) if deq is not None else sym[r0:r0 + n]
+                jobs.append(([blob for _, blob in got], dtab[(l, k)], out, deq))
+                owner.append(len(work))
+                fused.append((deq, view))
+            work.append((l, k, target, sym, fused, b"".join(sides), first))
         return {"jobs": jobs, "owner": owner, "work": work, "base": base, "shift": shift}
 
     def _placement(self, position_offset: int | None) -> tuple:
@@ -262,9 +285,13 @@ class KVCFile(EvictedReader):
                     threads: int = 0):
         """Decode chunk by chunk, in file order, into preallocated tensors.
 
-        A reader thread fetches chunk ``i + 1``'s bytes while chunk ``i`` decodes (native
-        code, without the GIL), so over a stream decoding overlaps the transfer. Yields ``(chunk, t0, t1)`` once tokens ``[t0, t1)`` of every layer are
-        in ``out``.
+        A reader thread fetches chunks' bytes (and checks them) as fast as the source
+        delivers them, while this thread decodes: each decode takes every chunk that has
+        arrived since the last one began, in one native call with all threads. Over a
+        slow stream that is one chunk at a time, decoding while the next is on the wire,
+        and what remains after the last byte is the last chunk's decode; over a file or
+        a fast link it is few, large calls, as fast as :meth:`decode`. Yields ``(chunk,
+        t0, t1)`` once tokens ``[t0, t1)`` of every layer are in ``out``.
 
         Parameters
         ----------
@@ -274,7 +301,8 @@ class KVCFile(EvictedReader):
             views of larger buffers are fine (allocated when omitted; read it from
             ``self.last_out``).
         """
-        from concurrent.futures import ThreadPoolExecutor
+        import queue
+        import threading
 
         self._dense_only("iter_chunks")
         chunks = self._chunk_range(chunks)
@@ -289,16 +317,14 @@ class KVCFile(EvictedReader):
                              f"{[n for _, n in spans]}")
         self.last_out = out
 
-        def step(c):
-            t0 = c * self.chunk_tokens - base
-            t1 = min(self.num_tokens - base, t0 + self.chunk_tokens)
+        def dst_of(run: range) -> dict:
             dst = {}
             for l, (first, _) in enumerate(spans):
-                at, n = self._layer_span(l, range(c, c + 1))
+                at, n = self._layer_span(l, run)
                 if n:
                     r0 = at - first
                     dst[l] = (out.keys[l][:, :, r0:r0 + n], out.values[l][:, :, r0:r0 + n])
-            return (c, t0, t1), self._prepare(dst, range(c, c + 1))
+            return dst
 
         # Everything but the payload is read up front, so the reader thread below is the
         # only one touching the source while chunks decode here.
@@ -306,14 +332,46 @@ class KVCFile(EvictedReader):
         self._decode_tables()
         if self.sink_tokens:
             self._load_sinks()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-read") as pool:
-            ahead = pool.submit(step, chunks[0])
-            for i in range(len(chunks)):
-                span, prep = ahead.result()
-                if i + 1 < len(chunks):
-                    ahead = pool.submit(step, chunks[i + 1])  # read while this one decodes
-                self._execute(prep, threads)
-                yield span
+        streams = range(len(self._streams))
+        arrived: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def read():  # -> (chunk, items) per chunk, then None; or the exception
+            try:
+                for c in chunks:
+                    if stop.is_set():
+                        return
+                    arrived.put((c, self._read_items([(c, s) for s in streams])))
+                arrived.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the decoding thread
+                arrived.put(exc)
+
+        reader = threading.Thread(target=read, name="kvcodec-read", daemon=True)
+        reader.start()
+        try:
+            done = False
+            while not done:
+                got = [arrived.get()]  # at least one chunk, then all that are here
+                while not isinstance(got[-1], (BaseException, type(None))):
+                    try:
+                        got.append(arrived.get_nowait())
+                    except queue.Empty:
+                        break
+                failed = got.pop() if isinstance(got[-1], BaseException) else None
+                done = failed is not None or (got and got[-1] is None)
+                ready = [g for g in got if g is not None]
+                if ready:  # chunks that arrived before a failure are still decoded
+                    run = range(ready[0][0], ready[-1][0] + 1)
+                    items = {k: v for _, part in ready for k, v in part.items()}
+                    self._execute(self._prepare(dst_of(run), run, items=items), threads)
+                    for c in run:
+                        t0 = c * self.chunk_tokens - base
+                        yield c, t0, min(self.num_tokens - base, t0 + self.chunk_tokens)
+                if failed is not None:
+                    raise failed
+        finally:  # the reader has ended, or stops at its next chunk: never wait on a
+            stop.set()  # stalled source for long
+            reader.join(timeout=1.0)
 
     def decode(self, chunks=None, *, dtype=None, threads: int = 0,
                position_offset: int | None = None) -> KVCache:

@@ -23,6 +23,9 @@ class SectionReader(FileHeader):
         super().__init__(reader)
         self._sinks = None
         self._index = None
+        self._items = None
+        self._mults = {}     # id(quantizer) -> its per-channel step multipliers (NumPy)
+        self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
         self._params = None
         self._levels = None
         self._dtables = None
@@ -129,6 +132,39 @@ class SectionReader(FileHeader):
             raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {chunk}, "
                                f"{self._stream_name(stream)}; the file is damaged")
         return item[:int(e["side"])], memoryview(item)[int(e["side"]):]
+
+    # Needed items closer than this in the payload are read together, with what lies between.
+    READ_GAP = 1 << 18
+
+    def _read_items(self, keys) -> dict:
+        """``{(chunk, stream): (side bytes, blob memoryview)}`` for payload items ``keys``,
+        checksums verified: each run of items that lie close together in the payload is
+        one read (a whole chunk, or the whole payload, is one)."""
+        if self._items is None:  # the index as lists: per-item lookups in plain Python
+            idx = self._load_index()
+            self._items = (idx["off"].tolist(), idx["side"].tolist(), idx["blob"].tolist(),
+                           idx["crc"].tolist())
+        off, side, blob, crc = self._items
+        n_streams = len(self._streams)
+        at = sorted({c * n_streams + s for c, s in keys})
+        out, i = {}, 0
+        while i < len(at):
+            j = i + 1
+            while j < len(at) and off[at[j]] - off[at[j - 1]] - side[at[j - 1]] - blob[at[j - 1]] <= self.READ_GAP:
+                j += 1
+            start, last = off[at[i]], at[j - 1]
+            buf = memoryview(self._r.read_range("payload", start,
+                                                off[last] + side[last] + blob[last] - start))
+            for p in at[i:j]:
+                o = off[p] - start
+                item = buf[o:o + side[p] + blob[p]]
+                if crc32(item) != crc[p]:
+                    raise CorruptError(f"{self._r.name}: checksum mismatch in chunk "
+                                       f"{p // n_streams}, {self._stream_name(p % n_streams)}; "
+                                       "the file is damaged")
+                out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
+            i = j
+        return out
 
     def _decode_tables(self):
         """Native decode tables of every stream, built once per file (in parallel)."""

@@ -1,6 +1,8 @@
 #include "common/jobs.h"
 
 #include <algorithm>
+#include <utility>
+#include <vector>
 
 #include "common/parallel.h"
 #include "common/rans.h"
@@ -26,18 +28,64 @@ void run_encode(const EncodeJob& job, int chunk_tokens, EncodeResult* result) {
   }
 }
 
-std::string run_decode(const DecodeJob& job, int chunk_tokens) {
-  DecodeTables local;
-  if (!job.built) build_tables(job.table.freqs, job.channels, job.table.alphabet, &local);
-  const DecodeTables& tables = job.built ? *job.built : local;
-  for (size_t i = 0; i < job.n_blobs; ++i) {
-    const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
-    std::string err = decode_blob(job.blobs[i].data, job.blobs[i].size, rows, job.channels,
-                                  tables, job.out + (size_t)t0 * job.channels);
-    if (!err.empty()) return "blob " + std::to_string(i) + ": " + err;
+// Decodes jobs [first, last) (one work item). Their blobs go to decode_blobs a batch at a
+// time, so that the AVX2 path interleaves blobs across jobs too when each job has one (a
+// chunk of a stream, as the streaming loader decodes). A job with a dequantizer and no
+// `out` has its blobs decoded into a scratch buffer that stays in cache and dequantized
+// (and re-rotated) from there straight away, blob by blob.
+void run_decode(const DecodeJob* jobs, size_t first, size_t last, int chunk_tokens,
+                std::string* errors) {
+  constexpr size_t BATCH = 8;
+  std::vector<DecodeTables> local(last - first);
+  std::vector<BlobTask> tasks;
+  struct Owner {
+    size_t job, blob;
+    int t0;
+  };
+  std::vector<Owner> owner;
+  for (size_t j = first; j < last; ++j) {
+    const DecodeJob& job = jobs[j];
+    const DecodeTables* tables = job.built;
+    if (!tables) {
+      build_tables(job.table.freqs, job.channels, job.table.alphabet, &local[j - first]);
+      tables = &local[j - first];
+    }
+    for (size_t i = 0; i < job.n_blobs; ++i) {
+      const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
+      uint8_t* out = job.out ? job.out + (size_t)t0 * job.channels : nullptr;
+      tasks.push_back({job.blobs[i].data, job.blobs[i].size, rows, job.channels, tables, out,
+                       std::string()});
+      owner.push_back({j, i, t0});
+    }
   }
-  if (job.dequant) return dequant_token(job.out, job.rows, *job.dequant);
-  return std::string();
+  std::vector<uint8_t> scratch;
+  for (size_t b = 0; b < tasks.size(); b += BATCH) {
+    const size_t e = std::min(tasks.size(), b + BATCH);
+    size_t need = 0;
+    for (size_t i = b; i < e; ++i)
+      if (!jobs[owner[i].job].out) need += (size_t)tasks[i].rows * tasks[i].channels;
+    if (scratch.size() < need) scratch.resize(need);
+    for (size_t i = b, at = 0; i < e; ++i) {
+      if (jobs[owner[i].job].out) continue;
+      tasks[i].out = scratch.data() + at;
+      at += (size_t)tasks[i].rows * tasks[i].channels;
+    }
+    decode_blobs(tasks.data() + b, e - b);
+    for (size_t i = b; i < e; ++i) {
+      const DecodeJob& job = jobs[owner[i].job];
+      std::string& err = errors[owner[i].job];
+      if (!err.empty()) continue;  // a job reports its first bad blob
+      if (!tasks[i].error.empty()) {
+        err = "blob " + std::to_string(owner[i].blob) + ": " + tasks[i].error;
+      } else if (job.dequant && !job.out) {
+        err = dequant_token(tasks[i].out, tasks[i].rows, *job.dequant, owner[i].t0);
+      }
+    }
+  }
+  for (size_t j = first; j < last; ++j) {  // whole-stream symbols: dequantized at the end
+    if (errors[j].empty() && jobs[j].dequant && jobs[j].out)
+      errors[j] = dequant_token(jobs[j].out, jobs[j].rows, *jobs[j].dequant);
+  }
 }
 
 std::string normalize_rows(const LevelRows& t) {
@@ -66,8 +114,22 @@ void build_decode_tables(const FreqTable* tables, size_t n, int threads,
 
 void decode_many(const DecodeJob* jobs, size_t n, int chunk_tokens, int threads,
                  std::string* errors) {
-  parallel_for(n, resolve_threads(threads, n),
-               [&](size_t i) { errors[i] = run_decode(jobs[i], chunk_tokens); });
+  // Work items: runs of consecutive jobs, closed once they hold INTERLEAVE blobs (the
+  // AVX2 decoder's group), so one-chunk jobs still come four to an item.
+  constexpr size_t INTERLEAVE = 4;
+  std::vector<size_t> starts;
+  for (size_t j = 0, blobs = INTERLEAVE; j < n; ++j) {
+    if (blobs >= INTERLEAVE) {
+      starts.push_back(j);
+      blobs = 0;
+    }
+    blobs += jobs[j].n_blobs;
+  }
+  starts.push_back(n);
+  const size_t items = starts.size() - 1;
+  parallel_for(items, resolve_threads(threads, items), [&](size_t i) {
+    run_decode(jobs, starts[i], starts[i + 1], chunk_tokens, errors);
+  });
 }
 
 void stream_tables_many(TablesJob* jobs, size_t n, int threads) {

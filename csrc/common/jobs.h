@@ -50,7 +50,7 @@ struct DecodeJob {
   size_t n_blobs;
   FreqTable table;
   const DecodeTables* built;  // prebuilt tables, or null: build from `table`
-  uint8_t* out;
+  uint8_t* out;                // [rows][channels]; null with a dequantizer: not kept
   int rows, channels;
   const DequantSpec* dequant;  // or null: symbols only
 };

@@ -1,12 +1,14 @@
-// AVX2 decoder of the interleaved rANS blob (layout in common/rans.h): a group's 16 lane
-// states are two 256-bit registers; a step gathers each lane's bucket and range entries,
-// advances all 16 states at once, and refills the lanes that need a word from the shared
-// stream in lane order (a movemask, a popcount and a permutation that spreads the next
-// k words over the lanes asking for one, as in ryg's SIMD rANS). Bit-identical to the
-// scalar decoder by construction: the same tables and arithmetic, lane by lane, and
-// groups of fewer than 16 lanes take the scalar step. Compiled for AVX2 by function
-// attribute only, so the rest of the library stays portable; decode_blob picks it at run
-// time (CPU feature check).
+// AVX2 decoder of the interleaved rANS blob (layout in common/rans.h). A blob's 16 lane
+// states are two 256-bit registers; a step gathers each lane's bucket entry and range
+// entry, advances 8 states at once, and refills the lanes that need a word from the
+// shared stream in lane order (a movemask, a popcount and a permutation that spreads the
+// next k words over the lanes asking for one, as in ryg's SIMD rANS); a partial last
+// group runs the same step on its lanes only. One blob alone is one chain of dependent
+// gathers (the bitstream orders every step after the previous one's refills), so up to
+// four blobs of equal shape decode together and their steps overlap.
+// Bit-identical to the scalar decoder by construction: the same tables and arithmetic,
+// lane by lane. Compiled for AVX2 by function attribute only, so the rest of the library
+// stays portable; decode_blobs picks it at run time (CPU feature check).
 #include <string.h>
 
 #include <string>
@@ -46,48 +48,82 @@ struct RefillPerm {
 };
 const RefillPerm kPerm;
 
-// Decode one half-group (8 lanes) symbol step: returns the new states, sets the symbols.
-KVC_AVX2 inline __m256i step8(__m256i x, __m256i bucket_off, __m256i range_off,
-                              const uint8_t* gbucket, const uint32_t* grange, __m256i* sym) {
-  const __m256i mask12 = _mm256_set1_epi32((int)PROB_MASK);
-  const __m256i ff = _mm256_set1_epi32(0xff);
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i slot = _mm256_and_si256(x, mask12);
-  constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
-  const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, shift));
-  __m256i s = _mm256_and_si256(
-      _mm256_i32gather_epi32(reinterpret_cast<const int*>(gbucket), bidx, 1), ff);
-  // Step forward while the slot lies at or past the next symbol's cum (rarely taken).
-  for (;;) {
-    const __m256i next = _mm256_srli_epi32(
-        _mm256_i32gather_epi32(reinterpret_cast<const int*>(grange),
-                               _mm256_add_epi32(range_off, _mm256_add_epi32(s, one)), 4), 16);
-    const __m256i past = _mm256_xor_si256(_mm256_cmpgt_epi32(next, slot),
-                                          _mm256_set1_epi32(-1));  // slot >= next
-    if (_mm256_testz_si256(past, past)) break;
-    s = _mm256_sub_epi32(s, past);  // +1 where past (all-ones = -1)
-  }
-  const __m256i r = _mm256_i32gather_epi32(reinterpret_cast<const int*>(grange),
-                                           _mm256_add_epi32(range_off, s), 4);
-  const __m256i freq = _mm256_and_si256(r, _mm256_set1_epi32(0xffff));
-  const __m256i cum = _mm256_srli_epi32(r, 16);
-  *sym = s;
-  return _mm256_sub_epi32(
-      _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(x, PROB_BITS)), slot), cum);
+// A half-group step (8 lanes) in three phases, so that the decoder can issue one phase
+// for every state chain in flight before the next (their gathers then overlap):
+// lookup8 gathers each lane's bucket entry, symbol8 turns it into the lane's symbol (less
+// base), advance8 gathers its range entry and advances the state. Lanes outside `active`
+// (all-ones = active) touch no memory and keep their state.
+constexpr int kShift = PROB_BITS - DecodeTables::BUCKET_BITS;
+
+template <bool MASKED>
+KVC_AVX2 inline __m256i lookup8(__m256i x, __m256i active, __m256i bucket_off,
+                                const uint16_t* gbucket) {
+  const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
+  const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, kShift));
+  const int* bt = reinterpret_cast<const int*>(gbucket);
+  // 16-bit entries, gathered as the low half of 32-bit loads; moved up so that the
+  // multi flag is the sign bit.
+  return _mm256_slli_epi32(
+      MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), bt, bidx, active, 2)
+             : _mm256_i32gather_epi32(bt, bidx, 2), 16);
 }
 
-// Refill the lanes of `x` below L from words[*pos ..] in lane order; false if the stream
-// runs out.
-KVC_AVX2 inline bool refill8(__m256i* x, const uint8_t* words, size_t n_words, size_t* pos) {
-  const __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(*x, 16), _mm256_setzero_si256());
+KVC_AVX2 inline __m256i symbol8(__m256i x, __m256i e, __m256i range_off,
+                                const uint32_t* grange) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
+  // s = s0 + 1 - (split > offset): s0 + 1 where the slot lies at or past the split.
+  const __m256i split = _mm256_and_si256(_mm256_srli_epi32(e, 24), _mm256_set1_epi32(2 * DecodeTables::SPAN - 1));
+  const __m256i offset = _mm256_and_si256(slot, _mm256_set1_epi32(DecodeTables::SPAN - 1));
+  __m256i s = _mm256_add_epi32(
+      _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), _mm256_set1_epi32(0xff)), one),
+      _mm256_cmpgt_epi32(split, offset));
+  // `multi` buckets step on while the slot lies at or past the next cum (rare).
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(e)) != 0, 0)) {
+    const int* rt = reinterpret_cast<const int*>(grange);
+    const __m256i multi = _mm256_srai_epi32(e, 31);
+    for (;;) {
+      const __m256i nidx = _mm256_add_epi32(range_off, _mm256_add_epi32(s, one));
+      const __m256i nc = _mm256_srli_epi32(
+          _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, nidx, multi, 4), 16);
+      const __m256i past = _mm256_andnot_si256(_mm256_cmpgt_epi32(nc, slot), multi);
+      if (_mm256_testz_si256(past, past)) break;
+      s = _mm256_sub_epi32(s, past);  // +1 where past (all-ones = -1)
+    }
+  }
+  return s;
+}
+
+template <bool MASKED>
+KVC_AVX2 inline __m256i advance8(__m256i x, __m256i s, __m256i active, __m256i range_off,
+                                 const uint32_t* grange) {
+  const int* rt = reinterpret_cast<const int*>(grange);
+  const __m256i ridx = _mm256_add_epi32(range_off, s);
+  const __m256i r = MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, ridx, active, 4)
+                           : _mm256_i32gather_epi32(rt, ridx, 4);
+  const __m256i freq = _mm256_and_si256(r, _mm256_set1_epi32(0xffff));
+  const __m256i cum = _mm256_srli_epi32(r, 16);
+  const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
+  const __m256i y = _mm256_sub_epi32(
+      _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(x, PROB_BITS)), slot), cum);
+  return MASKED ? _mm256_blendv_epi8(x, y, active) : y;
+}
+
+// Refill the lanes of `x` below L (within `active`) from words[*pos ..] in lane order;
+// false if the stream runs out.
+KVC_AVX2 inline bool refill8(__m256i* x, __m256i active, const uint8_t* words, size_t n_words,
+                             size_t* pos) {
+  const __m256i need = _mm256_and_si256(
+      active, _mm256_cmpeq_epi32(_mm256_srli_epi32(*x, 16), _mm256_setzero_si256()));
+  // No branch on whether any lane needs a word: that is close to a coin toss per step
+  // (a lane needs one every ~6 symbols at 2.5 bits), and a blend of nothing is cheap.
   const int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
-  if (!m) return true;
   const int k = __builtin_popcount((unsigned)m);
-  if (*pos + k > n_words) return false;
   __m256i w;
-  if (*pos + 8 <= n_words) {
+  if (__builtin_expect(*pos + 8 <= n_words, 1)) {
     w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words + 2 * *pos)));
   } else {  // near the end: no 16-byte load past the stream
+    if (*pos + k > n_words) return false;
     alignas(16) uint16_t tail[8] = {0};
     memcpy(tail, words + 2 * *pos, 2 * k);
     w = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tail)));
@@ -100,66 +136,148 @@ KVC_AVX2 inline bool refill8(__m256i* x, const uint8_t* words, size_t n_words, s
   return true;
 }
 
-}  // namespace
+// 16 symbols (less base, + base < 256) to bytes in lane order.
+KVC_AVX2 inline __m128i pack16(__m256i s0, __m256i s1, __m256i base) {
+  __m256i p = _mm256_packus_epi32(_mm256_add_epi32(s0, base), _mm256_add_epi32(s1, base));
+  p = _mm256_permute4x64_epi64(p, 0xD8);
+  return _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+}
 
-KVC_AVX2 std::string decode_blob_avx2(const uint8_t* blob, size_t size, int rows, int channels,
-                                      const DecodeTables& tables, uint8_t* out) {
-  uint32_t state[LANES];
-  if (const char* err = load_states(blob, size, channels, state)) return err;
-  const uint8_t* words = blob + STATE_BYTES;
-  const size_t n_words = (size - STATE_BYTES) / 2;
-  size_t pos = 0;
-  const int groups = (channels + LANES - 1) / LANES;
-  const int full = channels / LANES;  // groups of 16 lanes; the last may be partial
-  const int stride = tables.stride;
+// The tables and word stream of one blob in flight.
+struct Flight {
+  const uint8_t* words;
+  size_t n_words, pos;
+  const uint16_t* bucket;
+  const uint32_t* range;
+  int stride;
+  uint8_t* out;
+};
+
+// Decodes K blobs of the same rows and channels together: chain c = 2k + h is half h of
+// blob k's lane states. The chains are independent, and each phase of a step is issued
+// for all 2K of them before the next phase, so their gathers overlap (one blob alone is
+// one latency-bound chain of dependent gathers, by the bitstream's design). Returns
+// null, or an error that some blob has (the caller then decodes them one by one to say
+// which).
+template <int K>
+KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
+  constexpr int C = 2 * K;
+  const int rows = tasks[0].rows, channels = tasks[0].channels;
+  const int full = channels / LANES, rest = channels - full * LANES;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i boff0 = _mm256_mullo_epi32(lane, _mm256_set1_epi32(DecodeTables::BUCKETS));
-  const __m256i boff1 = _mm256_add_epi32(boff0, _mm256_set1_epi32(8 * DecodeTables::BUCKETS));
-  const __m256i roff0 = _mm256_mullo_epi32(lane, _mm256_set1_epi32(stride));
-  const __m256i roff1 = _mm256_add_epi32(roff0, _mm256_set1_epi32(8 * stride));
-  const __m256i base = _mm256_set1_epi32(tables.base);
-  __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(state));
-  __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(state + 8));
+  const __m256i all = _mm256_set1_epi32(-1);
+  __m256i boff[2];  // lane * BUCKETS: each lane's bucket row within a group
+  boff[0] = _mm256_mullo_epi32(lane, _mm256_set1_epi32(DecodeTables::BUCKETS));
+  boff[1] = _mm256_add_epi32(boff[0], _mm256_set1_epi32(8 * DecodeTables::BUCKETS));
+  // The partial last group's lanes: [0, rest).
+  __m256i act[2];
+  act[0] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), lane);
+  act[1] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest - 8), lane);
+  Flight f[K];
+  __m256i x[C], roff[C], base[K];
+  for (int k = 0; k < K; ++k) {
+    const BlobTask& t = tasks[k];
+    alignas(32) uint32_t state[LANES];
+    if (const char* err = load_states(t.data, t.size, channels, state)) return err;
+    x[2 * k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state));
+    x[2 * k + 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state + 8));
+    f[k].stride = t.tables->stride;
+    roff[2 * k] = _mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride));
+    roff[2 * k + 1] = _mm256_add_epi32(roff[2 * k], _mm256_set1_epi32(8 * f[k].stride));
+    base[k] = _mm256_set1_epi32(t.tables->base);
+    f[k].words = t.data + STATE_BYTES;
+    f[k].n_words = (t.size - STATE_BYTES) / 2;
+    f[k].pos = 0;
+    f[k].bucket = t.tables->bucket.data();
+    f[k].range = t.tables->range.data();
+    f[k].out = t.out;
+  }
   for (int t = 0; t < rows; ++t) {
-    uint8_t* row = out + (size_t)t * channels;
+    const size_t row = (size_t)t * channels;
     for (int g = 0; g < full; ++g) {
-      const int first = g * LANES;
-      const uint8_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
-      const uint32_t* grange = tables.range.data() + (size_t)first * stride;
-      __m256i s0, s1;
-      x0 = step8(x0, boff0, roff0, gbucket, grange, &s0);
-      x1 = step8(x1, boff1, roff1, gbucket, grange, &s1);
-      // 16 symbols (< 256 after adding base) to bytes, in lane order.
-      __m256i p = _mm256_packus_epi32(_mm256_add_epi32(s0, base), _mm256_add_epi32(s1, base));
-      p = _mm256_permute4x64_epi64(p, 0xD8);
-      const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(p),
-                                         _mm256_extracti128_si256(p, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + first), b);
-      if (!refill8(&x0, words, n_words, &pos) || !refill8(&x1, words, n_words, &pos))
-        return "truncated word stream";
+      const size_t first = (size_t)g * LANES;
+      __m256i e[C], s[C];
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c)
+        e[c] = lookup8<false>(x[c], all, boff[c & 1], f[c / 2].bucket + first * DecodeTables::BUCKETS);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c)
+        s[c] = symbol8(x[c], e[c], roff[c], f[c / 2].range + first * f[c / 2].stride);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c)
+        x[c] = advance8<false>(x[c], s[c], all, roff[c], f[c / 2].range + first * f[c / 2].stride);
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(f[k].out + row + first),
+                         pack16(s[2 * k], s[2 * k + 1], base[k]));
+        if (!refill8(&x[2 * k], all, f[k].words, f[k].n_words, &f[k].pos) ||
+            !refill8(&x[2 * k + 1], all, f[k].words, f[k].n_words, &f[k].pos))
+          return "truncated word stream";
+      }
     }
-    if (full < groups) {  // a partial last group: the scalar step on the same states
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(state), x0);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(state + 8), x1);
-      if (!scalar_group(state, channels - full * LANES, full * LANES, tables, row, words,
-                        n_words, &pos))
-        return "truncated word stream";
-      x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(state));
-      x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(state + 8));
+    if (rest) {  // the partial last group: the same step on its lanes only
+      const size_t first = (size_t)full * LANES;
+      for (int k = 0; k < K; ++k) {
+        const uint16_t* gb = f[k].bucket + first * DecodeTables::BUCKETS;
+        const uint32_t* gr = f[k].range + first * f[k].stride;
+        __m256i sym[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int h = 0; h < (rest > 8 ? 2 : 1); ++h) {
+          __m256i& xc = x[2 * k + h];
+          sym[h] = symbol8(xc, lookup8<true>(xc, act[h], boff[h], gb), roff[2 * k + h], gr);
+          xc = advance8<true>(xc, sym[h], act[h], roff[2 * k + h], gr);
+        }
+        alignas(16) uint8_t bytes[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), pack16(sym[0], sym[1], base[k]));
+        memcpy(f[k].out + row + first, bytes, rest);
+        if (!refill8(&x[2 * k], act[0], f[k].words, f[k].n_words, &f[k].pos) ||
+            (rest > 8 && !refill8(&x[2 * k + 1], act[1], f[k].words, f[k].n_words, &f[k].pos)))
+          return "truncated word stream";
+      }
     }
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(state), x0);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(state + 8), x1);
-  const char* err = final_check(state, channels, pos, n_words);
-  return err ? err : std::string();
+  for (int k = 0; k < K; ++k) {
+    alignas(32) uint32_t state[LANES];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(state), x[2 * k]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(state + 8), x[2 * k + 1]);
+    if (const char* err = final_check(state, channels, f[k].pos, f[k].n_words)) return err;
+  }
+  return nullptr;
+}
+
+KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
+  switch (k) {
+    case 4: return decode_together<4>(tasks);
+    case 3: return decode_together<3>(tasks);
+    case 2: return decode_together<2>(tasks);
+    default: return decode_together<1>(tasks);
+  }
+}
+
+}  // namespace
+
+void decode_blobs_avx2(BlobTask* tasks, size_t n) {
+  constexpr size_t MAX_K = 4;
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && j - i < MAX_K && tasks[j].rows == tasks[i].rows &&
+           tasks[j].channels == tasks[i].channels)
+      ++j;
+    if (decode_k(tasks + i, (int)(j - i))) {
+      for (size_t k = i; k < j; ++k) {  // say which blob is bad, and why
+        const char* err = decode_k(tasks + k, 1);
+        tasks[k].error = err ? err : "";
+      }
+    }
+    i = j;
+  }
 }
 
 #else  // not x86-64 GCC/Clang: the scalar path only
 
 bool avx2_available() { return false; }
 
-std::string decode_blob_avx2(const uint8_t*, size_t, int, int, const DecodeTables&, uint8_t*) {
-  return "the AVX2 decoder is not built for this CPU";
+void decode_blobs_avx2(BlobTask* tasks, size_t n) {
+  for (size_t i = 0; i < n; ++i) tasks[i].error = "the AVX2 decoder is not built for this CPU";
 }
 
 #endif

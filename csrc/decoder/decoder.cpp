@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <vector>
 #include <atomic>
 
 #include "../common/rans.h"
@@ -27,29 +28,47 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
   out->base = lo;
   const int width = hi - lo + 1;
   out->stride = width + 1;
-  // +4: the AVX2 decoder gathers bytes with 32-bit loads.
-  out->bucket.assign((size_t)channels * B + 4, 0);
+  // +1: the AVX2 decoder gathers the 16-bit entries with 32-bit loads.
+  // +1: the AVX2 decoder gathers the 16-bit entries with 32-bit loads.
+  out->bucket.assign((size_t)channels * B + 1, 0);
   out->range.assign((size_t)channels * out->stride, 0);
   for (int c = 0; c < channels; ++c) {
     const uint16_t* f = freqs + (size_t)c * alphabet + lo;
-    uint8_t* bucket = out->bucket.data() + (size_t)c * B;
     uint32_t* range = out->range.data() + (size_t)c * out->stride;
     uint32_t cum = 0;
+    int first = -1;  // the channel's first present symbol
     for (int s = 0; s < width; ++s) {
       // Tables are validated to sum to PROB_SCALE; clamp defensively anyway.
       const uint32_t fs = std::min<uint32_t>(f[s], PROB_SCALE - cum);
       range[s] = fs | (cum << 16);
-      // Buckets whose first slot falls in [cum, cum + fs) start at this symbol.
-      for (uint32_t b = (cum + (1u << SHIFT) - 1) >> SHIFT; b < (uint32_t)B && (b << SHIFT) < cum + fs; ++b)
-        bucket[b] = (uint8_t)s;
+      if (fs && first < 0) first = s;
       cum += fs;
     }
     range[width] = PROB_SCALE << 16;  // sentinel: no slot lies at or past it
+    // Each bucket's s0: the symbol holding its first slot, found by one walk over the
+    // symbols (zero-frequency ones are stepped over: their cum equals the next one's).
+    // Slots past the table's total (only in tables that do not sum to PROB_SCALE) have
+    // no symbol: their buckets are `multi` from the first present symbol, and the step
+    // loop, bounded by the sentinel, finds one.
+    uint16_t* bucket = out->bucket.data() + (size_t)c * B;
+    int s0 = first < 0 ? 0 : first;
+    for (int b = 0; b < B; ++b) {
+      const uint32_t start = (uint32_t)b << SHIFT, last = start + (1u << SHIFT) - 1;
+      while (s0 + 1 < width && (range[s0 + 1] >> 16) <= start) ++s0;
+      const bool owned = start < cum;
+      const int s = owned ? s0 : (first < 0 ? 0 : first);
+      const uint32_t next = range[s + 1] >> 16;  // > start where s holds the first slot
+      // s + 1 holds [next, its end); with freq 0 its end is next itself.
+      const bool multi = !owned || (next <= last && s + 2 <= width &&
+                                    (range[s + 2] >> 16) <= last);
+      const uint32_t split = owned && next <= last ? next - start : DecodeTables::SPAN;
+      bucket[b] = (uint16_t)(s | split << 8 | (multi ? DecodeTables::MULTI : 0u));
+    }
   }
 }
 
-static std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int channels,
-                                      const DecodeTables& tables, uint8_t* out) {
+std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int channels,
+                               const DecodeTables& tables, uint8_t* out) {
   uint32_t state[LANES];
   if (const char* err = load_states(blob, size, channels, state)) return err;
   const uint8_t* words = blob + STATE_BYTES;
@@ -91,10 +110,12 @@ bool set_simd_path(const std::string& name) {
   return false;
 }
 
-std::string decode_blob(const uint8_t* blob, size_t size, int rows, int channels,
-                        const DecodeTables& tables, uint8_t* out) {
-  if (simd_mode()) return decode_blob_avx2(blob, size, rows, channels, tables, out);
-  return decode_blob_scalar(blob, size, rows, channels, tables, out);
+void decode_blobs(BlobTask* tasks, size_t n) {
+  if (simd_mode()) return decode_blobs_avx2(tasks, n);
+  for (size_t i = 0; i < n; ++i) {
+    BlobTask& t = tasks[i];
+    t.error = decode_blob_scalar(t.data, t.size, t.rows, t.channels, *t.tables, t.out);
+  }
 }
 
 }  // namespace kvc

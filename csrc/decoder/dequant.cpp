@@ -2,35 +2,40 @@
 
 #include <vector>
 
+#include "decoder/decoder.h"
+
 namespace kvc {
 
-std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec) {
+void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
+                          int* bad_row) {
   const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
   std::vector<float> x(d);
+  *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
+    const size_t at = (size_t)(row0 + t) * d;  // this row in out's heads and in cos/sin
     const float step = spec.grid[row[c]];
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
-      float* o = spec.out + (size_t)k * spec.head_stride + (size_t)t * d;
+      float* o = spec.out + (size_t)k * spec.head_stride + at;
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {
         bad |= (uint8_t)(s[i] > top);
         x[i] = (float)((int)s[i] - spec.half_range) * (step * m[i]);
       }
       if (bad) {
-        return "token " + std::to_string(t) + " decodes to a symbol outside the quantizer's "
-               "range; the header does not match the data";
+        *bad_row = t;
+        return;
       }
       if (!spec.cos) {
         for (int i = 0; i < d; ++i) o[i] = x[i];
         continue;
       }
-      const float* cs = spec.cos + (size_t)t * d;
-      const float* sn = spec.sin + (size_t)t * d;
+      const float* cs = spec.cos + at;
+      const float* sn = spec.sin + at;
       for (int i = 0; i < half; ++i) {
         const float a = x[i] * cs[i], b = -x[i + half] * sn[i];
         o[i] = a + b;
@@ -41,7 +46,16 @@ std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& s
       }
     }
   }
-  return {};
+}
+
+std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0) {
+  int bad = -1;
+  if (!(std::string(simd_path()) == "avx2" &&
+        dequant_token_avx2(symbols, rows, spec, row0, &bad)))
+    dequant_token_scalar(symbols, rows, spec, row0, &bad);
+  if (bad < 0) return {};
+  return "token " + std::to_string(row0 + bad) + " decodes to a symbol outside the quantizer's "
+         "range; the header does not match the data";
 }
 
 }  // namespace kvc

@@ -23,7 +23,18 @@ struct DequantSpec {
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
 // PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])), then
 // x * cos + rotate_half(x) * sin, each product rounded separately (no FMA contraction).
-// Returns an error for a symbol above 2R (data inconsistent with the header).
-std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec);
+// `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
+// `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data
+// inconsistent with the header). Runs the AVX2 variant (dequant_avx2.cpp, bit-identical:
+// the same IEEE operations in the same order) where the decoder runs its AVX2 path.
+std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec,
+                          int row0 = 0);
+
+// The two variants behind it; the AVX2 one handles head_dim % 16 == 0 (false otherwise,
+// or where it is not built) and sets *bad_row to the first row with a bad symbol, or -1.
+void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
+                          int* bad_row);
+bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
+                        int* bad_row);
 
 }  // namespace kvc

@@ -20,7 +20,7 @@ static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeT
                                 size_t* pos) {
   constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
   const size_t stride = (size_t)tables.stride;
-  const uint8_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
+  const uint16_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
   const uint32_t* grange = tables.range.data() + (size_t)first * stride;
   // Two passes: the lanes' table lookups are independent and overlap; only the refills
   // are ordered (they share one word stream).
@@ -28,8 +28,10 @@ static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeT
     uint32_t x = state[j];
     const uint32_t slot = x & PROB_MASK;
     const uint32_t* range = grange + (size_t)j * stride;
-    uint32_t s = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
-    while (slot >= (range[s + 1] >> 16)) ++s;  // the sentinel stops it at the last symbol
+    const uint32_t e = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
+    uint32_t s = (e & 0xff) + ((slot & (DecodeTables::SPAN - 1)) >= ((e >> 8) & (2 * DecodeTables::SPAN - 1)));
+    if (e & DecodeTables::MULTI)  // the sentinel stops it at the last symbol
+      while (slot >= (range[s + 1] >> 16)) ++s;
     const uint32_t r = range[s];
     dec_advance(&x, r & 0xffff, r >> 16);
     row[first + j] = (uint8_t)(s + (uint32_t)tables.base);
@@ -67,9 +69,13 @@ static inline const char* final_check(const uint32_t* state, int channels, size_
   return nullptr;
 }
 
-// The AVX2 decoder (decode_avx2.cpp); nullptr-safe to call only where avx2_available().
-std::string decode_blob_avx2(const uint8_t* blob, size_t size, int rows, int channels,
-                             const DecodeTables& tables, uint8_t* out);
+// The scalar decoder of one blob: "" or what is wrong with it.
+std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int channels,
+                               const DecodeTables& tables, uint8_t* out);
+
+// The AVX2 decoder (decode_avx2.cpp): decode_blobs's AVX2 path, to call only where
+// avx2_available().
+void decode_blobs_avx2(BlobTask* tasks, size_t n);
 bool avx2_available();
 
 }  // namespace kvc
