@@ -286,6 +286,40 @@ kvc::LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
           (size_t)levels.shape(0), (int)levels.shape(1)};
 }
 
+// tables.pack_levels's packing -> levels uint8 [rows, alphabet]; ValueError where the
+// data is not a valid packing (the messages tables.unpack_levels documents).
+py::array unpack_levels(py::buffer data, int rows, int alphabet) {
+  py::buffer_info info = data.request();
+  if (info.itemsize != 1 || info.ndim != 1) throw py::value_error("data: expected bytes");
+  if (rows < 0 || alphabet < 1 || alphabet > kvc::MAX_ALPHABET)
+    throw py::value_error("rows must be >= 0 and alphabet in [1, 256]");
+  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  const size_t n = (size_t)info.size;
+  if (n < 2 * (size_t)rows) throw py::value_error("table spans are truncated");
+  size_t codes = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int lo = p[2 * r], hi = p[2 * r + 1];
+    if (lo > hi || hi >= alphabet) throw py::value_error("a table span lies outside the alphabet");
+    codes += (size_t)(hi - lo + 1);
+  }
+  if (2 * (size_t)rows + codes != n) throw py::value_error("table codes do not match their spans");
+  py::array_t<uint8_t> out({(py::ssize_t)rows, (py::ssize_t)alphabet});
+  uint8_t* o = out.mutable_data();
+  std::fill(o, o + (size_t)rows * alphabet, 0);
+  const uint8_t* c = p + 2 * (size_t)rows;
+  for (int r = 0; r < rows; ++r) {
+    const int lo = p[2 * r], hi = p[2 * r + 1];
+    uint8_t* row = o + (size_t)r * alphabet;
+    for (int s = lo; s <= hi; ++s, ++c) {
+      if (*c > kvc::MAX_LEVEL) throw py::value_error("a table level is out of range");
+      row[s] = *c ? (uint8_t)(64 - *c) : 0;
+    }
+    if (!row[lo] || !row[hi])
+      throw py::value_error("a table span does not start and end on present symbols");
+  }
+  return out;
+}
+
 py::array normalize_freqs(py::array levels) {
   py::array_t<uint16_t> out;
   const kvc::LevelRows rows = level_rows(levels, &out);
@@ -541,6 +575,8 @@ PYBIND11_MODULE(_native, m) {
                                                "Prebuilt decode tables of one stream.")
       .def_property_readonly("channels", [](const Tables& t) { return t.channels; })
       .def_property_readonly("alphabet", [](const Tables& t) { return t.alphabet; });
+  m.def("unpack_levels", &unpack_levels, py::arg("data"), py::arg("rows"), py::arg("alphabet"),
+        "tables.pack_levels's packing -> uint8 levels [rows, alphabet] (ValueError if invalid).");
   m.def("normalize_many", &normalize_many, py::arg("levels"), py::arg("threads") = 0,
         "normalize_freqs over a list of uint8 level arrays, in parallel.");
   m.def("build_decode_tables", &build_decode_tables, py::arg("freqs"), py::arg("threads") = 0,

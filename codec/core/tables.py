@@ -102,24 +102,7 @@ def pack_levels(levels: np.ndarray) -> bytes:
 
 
 def unpack_levels(data: bytes, rows: int, alphabet: int) -> np.ndarray:
-    """Inverse of :func:`pack_levels`; raises ValueError on data that is not a valid
-    packing of ``rows`` tables over ``alphabet`` symbols."""
-    if len(data) < 2 * rows:
-        raise ValueError("table spans are truncated")
-    spans = np.frombuffer(data, dtype=np.uint8, count=2 * rows).reshape(rows, 2).astype(np.int64)
-    lo, hi = spans[:, 0], spans[:, 1]
-    if np.any(lo > hi) or np.any(hi >= alphabet):
-        raise ValueError("a table span lies outside the alphabet")
-    widths = hi - lo + 1
-    if 2 * rows + int(widths.sum()) != len(data):
-        raise ValueError("table codes do not match their spans")
-    codes = np.frombuffer(data, dtype=np.uint8, offset=2 * rows)
-    if codes.max(initial=0) > MAX_LEVEL:
-        raise ValueError("a table level is out of range")
-    out = np.zeros((rows, alphabet), dtype=np.uint8)
-    row = np.repeat(np.arange(rows), widths)
-    col = np.arange(len(codes)) - np.repeat(np.cumsum(widths) - widths, widths) + np.repeat(lo, widths)
-    out[row, col] = np.where(codes > 0, 64 - codes.astype(np.int16), 0).astype(np.uint8)
-    if np.any(out[np.arange(rows), lo] == 0) or np.any(out[np.arange(rows), hi] == 0):
-        raise ValueError("a table span does not start and end on present symbols")
-    return out
+    """Inverse of :func:`pack_levels` (natively); raises ValueError on data that is not a
+    valid packing of ``rows`` tables over ``alphabet`` symbols. Every row it returns has
+    its span's ends present and levels in ``[0, MAX_LEVEL]``."""
+    return native().unpack_levels(data, rows, alphabet)

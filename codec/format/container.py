@@ -171,7 +171,8 @@ class Reader:
             if offset < 0 or length < 0 or have < offset + length:
                 raise TruncatedError(f"{self.name}: the stream ended at byte {have} but byte "
                                      f"{offset + length} is needed; it is truncated")
-            return bytes(self._f.buf[offset:offset + length])
+            with memoryview(self._f.buf) as view:  # one copy (a slice would be two)
+                return bytes(view[offset:offset + length])
         if offset < 0 or length < 0 or offset + length > self.size:
             raise TruncatedError(
                 f"{self.name}: needs bytes {offset}..{offset + length} but the file has "
@@ -250,6 +251,21 @@ class Reader:
             raise CorruptError(f"{self.name}: missing section {name!r}")
         off, length, _ = self.sections[name]
         return off, length
+
+    def fill(self, upto: int, step: int = 1 << 17) -> bool:
+        """For a stream, buffer at most ``step`` more bytes toward file offset ``upto``
+        (a wait of at most one step); True once they are all in or the stream has ended
+        (a read then says what is missing). Other sources hold every byte: True."""
+        if not self._stream:
+            return True
+        have = len(self._f.buf)
+        if have < upto and not self._f.eof:
+            have = self._f.fill_to(min(upto, have + step))
+        return have >= upto or self._f.eof
+
+    def section_offset(self, name: str) -> int:
+        """File offset of section ``name``'s first byte."""
+        return self.data_start + self.section_bounds(name)[0]
 
     def read_section(self, name: str) -> bytes:
         """Whole section contents, checksum verified."""

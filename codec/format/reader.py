@@ -285,13 +285,15 @@ class KVCFile(EvictedReader):
                     threads: int = 0):
         """Decode chunk by chunk, in file order, into preallocated tensors.
 
-        A reader thread fetches chunks' bytes (and checks them) as fast as the source
-        delivers them, while this thread decodes: each decode takes every chunk that has
-        arrived since the last one began, in one native call with all threads. Over a
-        slow stream that is one chunk at a time, decoding while the next is on the wire,
-        and what remains after the last byte is the last chunk's decode; over a file or
-        a fast link it is few, large calls, as fast as :meth:`decode`. Yields ``(chunk,
-        t0, t1)`` once tokens ``[t0, t1)`` of every layer are in ``out``.
+        This thread reads chunks' bytes as the source delivers them while a decode runs
+        (native code, all threads, without the GIL); each decode takes every chunk that
+        has arrived since the previous one was started. Over a slow stream that is one
+        chunk at a time, decoding while the next is on the wire, and what remains after
+        the last byte is the last chunk's decode; over a file or a fast link it is few,
+        large decodes, about as fast as :meth:`decode`. Yields ``(chunk, t0, t1)`` once
+        tokens ``[t0, t1)`` of every layer are in ``out``; if the source fails or ends
+        early, the chunks that arrived are decoded and yielded before the error is
+        raised.
 
         Parameters
         ----------
@@ -301,8 +303,7 @@ class KVCFile(EvictedReader):
             views of larger buffers are fine (allocated when omitted; read it from
             ``self.last_out``).
         """
-        import queue
-        import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         self._dense_only("iter_chunks")
         chunks = self._chunk_range(chunks)
@@ -316,62 +317,69 @@ class KVCFile(EvictedReader):
             raise ShapeError(f"out holds {out.layer_tokens} tokens per layer; need "
                              f"{[n for _, n in spans]}")
         self.last_out = out
-
-        def dst_of(run: range) -> dict:
-            dst = {}
-            for l, (first, _) in enumerate(spans):
-                at, n = self._layer_span(l, run)
-                if n:
-                    r0 = at - first
-                    dst[l] = (out.keys[l][:, :, r0:r0 + n], out.values[l][:, :, r0:r0 + n])
-            return dst
-
-        # Everything but the payload is read up front, so the reader thread below is the
-        # only one touching the source while chunks decode here.
         self._load_index()
         self._decode_tables()
         if self.sink_tokens:
             self._load_sinks()
-        streams = range(len(self._streams))
-        arrived: queue.Queue = queue.Queue()
-        stop = threading.Event()
+        n = len(self._streams)
 
-        def read():  # -> (chunk, items) per chunk, then None; or the exception
-            try:
-                for c in chunks:
-                    if stop.is_set():
-                        return
-                    arrived.put((c, self._read_items([(c, s) for s in streams])))
-                arrived.put(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the decoding thread
-                arrived.put(exc)
+        def arrive(c: int) -> dict:
+            """Chunk ``c``'s payload items, read and checked (while a decode runs)."""
+            return self._read_items([(c, s) for s in range(n)],
+                                    {(c * n, c * n + n - 1): self._read_run(c * n, c * n + n - 1)})
 
-        reader = threading.Thread(target=read, name="kvcodec-read", daemon=True)
-        reader.start()
-        try:
-            done = False
-            while not done:
-                got = [arrived.get()]  # at least one chunk, then all that are here
-                while not isinstance(got[-1], (BaseException, type(None))):
-                    try:
-                        got.append(arrived.get_nowait())
-                    except queue.Empty:
-                        break
-                failed = got.pop() if isinstance(got[-1], BaseException) else None
-                done = failed is not None or (got and got[-1] is None)
-                ready = [g for g in got if g is not None]
-                if ready:  # chunks that arrived before a failure are still decoded
-                    run = range(ready[0][0], ready[-1][0] + 1)
-                    items = {k: v for _, part in ready for k, v in part.items()}
-                    self._execute(self._prepare(dst_of(run), run, items=items), threads)
-                    for c in run:
-                        t0 = c * self.chunk_tokens - base
-                        yield c, t0, min(self.num_tokens - base, t0 + self.chunk_tokens)
-                if failed is not None:
-                    raise failed
-        finally:  # the reader has ended, or stops at its next chunk: never wait on a
-            stop.set()  # stalled source for long
-            reader.join(timeout=1.0)
+        def start(pool, arrived: list):
+            """Plan the chunks in ``arrived`` and start their decode."""
+            run = range(arrived[0][0], arrived[-1][0] + 1)
+            items = {k: v for _, part in arrived for k, v in part.items()}
+            dst = {}
+            for l, (first, _) in enumerate(spans):
+                at, rows = self._layer_span(l, run)
+                if rows:
+                    r0 = at - first
+                    dst[l] = (out.keys[l][:, :, r0:r0 + rows], out.values[l][:, :, r0:r0 + rows])
+            return run, pool.submit(self._execute, self._prepare(dst, run, items=items), threads)
+
+        def finish(pending):
+            run, future = pending
+            future.result()  # a decode error is raised here
+            for c in run:
+                t0 = c * self.chunk_tokens - base
+                yield c, t0, min(self.num_tokens - base, t0 + self.chunk_tokens)
+
+        off, side, blob, _ = self._item_lists()
+        payload = self._r.section_offset("payload")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-decode") as pool:
+            pending, arrived, failed = None, [], None
+            for c in chunks:
+                last = c * n + n - 1
+                end = payload + off[last] + side[last] + blob[last]
+                try:
+                    # A stream's bytes come a step at a time, so that a finished decode
+                    # is followed at once by one of the chunks that arrived meanwhile.
+                    while not self._r.fill(end):
+                        if pending is not None and pending[1].done():
+                            yield from finish(pending)
+                            pending = None
+                            if arrived:
+                                pending, arrived = start(pool, arrived), []
+                    arrived.append((c, arrive(c)))
+                except KVCodecError as exc:  # decode what did arrive, then raise
+                    failed = exc
+                    break
+                if pending is not None and pending[1].done():
+                    yield from finish(pending)
+                    pending = None
+                if pending is None:
+                    pending, arrived = start(pool, arrived), []
+            while pending is not None or arrived:
+                if pending is not None:
+                    yield from finish(pending)
+                    pending = None
+                if arrived:
+                    pending, arrived = start(pool, arrived), []
+            if failed is not None:
+                raise failed
 
     def decode(self, chunks=None, *, dtype=None, threads: int = 0,
                position_offset: int | None = None) -> KVCache:

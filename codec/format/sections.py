@@ -104,20 +104,18 @@ class SectionReader(FileHeader):
             lall = tables.unpack_levels(lraw, sum(lrows), MAX_ALPHABET)
         except ValueError as exc:
             raise CorruptError(f"{self._r.name}: invalid probability tables: {exc}") from None
+        # Each row's highest present symbol, from its packed span (unpack_levels has
+        # checked that every row has present ends and levels in range).
+        last = np.frombuffer(lraw, dtype=np.uint8, count=2 * sum(lrows))[1::2]
         params, levels, po, lo = {}, {}, 0, 0
         for i, (s, ps, ls) in enumerate(zip(self._streams, psizes, lrows)):
             q = self._quant[s]
             arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
             params[s] = {name: arr[j].astype(np.float16) for j, name in enumerate(q.param_names)}
-            lv = lall[lo:lo + ls]
-            where = self._stream_name(i)
-            if lv[:, q.table_alphabet:].any():
-                raise CorruptError(f"{self._r.name}: a table of {where} has symbols outside "
-                                   "its quantizer's alphabet")
-            lv = np.ascontiguousarray(lv[:, :q.table_alphabet])
-            if lv.max(initial=0) > tables.MAX_LEVEL or np.any(lv.max(axis=1) == 0):
-                raise CorruptError(f"{self._r.name}: invalid probability table for {where}")
-            levels[s] = lv
+            if ls and int(last[lo:lo + ls].max()) >= q.table_alphabet:
+                raise CorruptError(f"{self._r.name}: a table of {self._stream_name(i)} has "
+                                   "symbols outside its quantizer's alphabet")
+            levels[s] = np.ascontiguousarray(lall[lo:lo + ls, :q.table_alphabet])
             po += ps
             lo += ls
         self._params, self._levels = params, levels
@@ -136,15 +134,12 @@ class SectionReader(FileHeader):
     # Needed items closer than this in the payload are read together, with what lies between.
     READ_GAP = 1 << 18
 
-    def _read_items(self, keys) -> dict:
+    def _read_items(self, keys, runs: dict | None = None) -> dict:
         """``{(chunk, stream): (side bytes, blob memoryview)}`` for payload items ``keys``,
         checksums verified: each run of items that lie close together in the payload is
-        one read (a whole chunk, or the whole payload, is one)."""
-        if self._items is None:  # the index as lists: per-item lookups in plain Python
-            idx = self._load_index()
-            self._items = (idx["off"].tolist(), idx["side"].tolist(), idx["blob"].tolist(),
-                           idx["crc"].tolist())
-        off, side, blob, crc = self._items
+        one read (a whole chunk, or the whole payload, is one), unless ``runs`` already
+        holds it (``{(first item, last item): bytes}`` from :meth:`_read_run`)."""
+        off, side, blob, crc = self._item_lists()
         n_streams = len(self._streams)
         at = sorted({c * n_streams + s for c, s in keys})
         out, i = {}, 0
@@ -152,9 +147,9 @@ class SectionReader(FileHeader):
             j = i + 1
             while j < len(at) and off[at[j]] - off[at[j - 1]] - side[at[j - 1]] - blob[at[j - 1]] <= self.READ_GAP:
                 j += 1
-            start, last = off[at[i]], at[j - 1]
-            buf = memoryview(self._r.read_range("payload", start,
-                                                off[last] + side[last] + blob[last] - start))
+            got = (runs or {}).get((at[i], at[j - 1]))
+            buf = memoryview(got if got is not None else self._read_run(at[i], at[j - 1]))
+            start = off[at[i]]
             for p in at[i:j]:
                 o = off[p] - start
                 item = buf[o:o + side[p] + blob[p]]
@@ -165,6 +160,21 @@ class SectionReader(FileHeader):
                 out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
             i = j
         return out
+
+    def _read_run(self, first: int, last: int) -> bytes:
+        """The payload bytes from item ``first`` to the end of item ``last`` (one read,
+        not yet verified: :meth:`_read_items` checks them)."""
+        off, side, blob, _ = self._item_lists()
+        return self._r.read_range("payload", off[first], off[last] + side[last] + blob[last] - off[first])
+
+    def _item_lists(self) -> tuple:
+        """The index as lists (per-item lookups in plain Python): offsets, side sizes,
+        blob sizes, checksums."""
+        if self._items is None:
+            idx = self._load_index()
+            self._items = (idx["off"].tolist(), idx["side"].tolist(), idx["blob"].tolist(),
+                           idx["crc"].tolist())
+        return self._items
 
     def _decode_tables(self):
         """Native decode tables of every stream, built once per file (in parallel)."""

@@ -15,20 +15,20 @@ namespace kvc {
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
   constexpr int B = DecodeTables::BUCKETS, SHIFT = PROB_BITS - DecodeTables::BUCKET_BITS;
-  int lo = alphabet, hi = -1;  // the span any channel uses
+  // The span any channel uses, from the OR of all rows (a vectorizable pass; scanning
+  // each row for its ends was most of the build).
+  std::vector<uint16_t> any(alphabet, 0);
   for (int c = 0; c < channels; ++c) {
     const uint16_t* f = freqs + (size_t)c * alphabet;
-    int a = 0, b = alphabet - 1;
-    while (a < lo && f[a] == 0) ++a;
-    while (b > hi && f[b] == 0) --b;
-    lo = std::min(lo, a);
-    hi = std::max(hi, b);
+    for (int s = 0; s < alphabet; ++s) any[s] |= f[s];
   }
+  int lo = 0, hi = alphabet - 1;
+  while (lo < alphabet && any[lo] == 0) ++lo;
+  while (hi >= 0 && any[hi] == 0) --hi;
   if (hi < lo) lo = hi = 0;  // all-zero tables (rejected upstream): one symbol, never matched
   out->base = lo;
   const int width = hi - lo + 1;
   out->stride = width + 1;
-  // +1: the AVX2 decoder gathers the 16-bit entries with 32-bit loads.
   // +1: the AVX2 decoder gathers the 16-bit entries with 32-bit loads.
   out->bucket.assign((size_t)channels * B + 1, 0);
   out->range.assign((size_t)channels * out->stride, 0);
