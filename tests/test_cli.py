@@ -1,5 +1,6 @@
 """The CLI: encode/decode/inspect end to end; errors are one line, exit 1, no traceback."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,21 @@ def test_info_reports_backends():
     assert info["cpu"] is True
     assert info["cuda_compiled"] is (shutil.which("nvcc") is not None)
     assert info["lanes"] == 16 and "default" in info["configs"]
+    # The decode path the CPU runs: AVX2 where the CPU has it, else the scalar reference.
+    from kvcodec import _native
+
+    assert info["cpu_decode"] == ("avx2" if _native.set_simd_path("avx2") else "scalar")
+    _native.set_simd_path("auto")
+
+
+def test_info_reports_the_forced_scalar_decoder():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KVCODEC_SIMD="scalar")
+    out = subprocess.run([sys.executable, "-m", "kvcodec_cli.main", "info", "--json"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1])["cpu_decode"] == "scalar"
 
 
 def test_model_path_prints_the_embedded_model_directory(lm):

@@ -315,3 +315,117 @@ def test_simd_path_switch():
     assert nat.set_simd_path("scalar") and nat.simd_path() == "scalar"
     assert not nat.set_simd_path("neon")
     assert nat.set_simd_path("auto")
+
+
+# -- decoding many blobs at once, fused dequantization, table unpacking -----------------
+
+def _fused_case(rng, rows, heads, head_dim, half_range=7):
+    """Symbols of a per-token-step uniform stream (last column: the step code) and its
+    dequantizer arguments, writing into a fresh [heads, rows, head_dim] array."""
+    c = heads * head_dim
+    sym = np.concatenate([rng.integers(0, 2 * half_range + 1, (rows, c)),
+                          rng.integers(0, 256, (rows, 1))], 1).astype(np.uint8)
+    levels = tables.levels_from_counts(tables.channel_counts(sym, 256))
+    freqs = nat.normalize_freqs(levels)
+    grid = np.geomspace(1e-3, 10, 256).astype(np.float32)
+    mult = rng.uniform(0.5, 2, c).astype(np.float32)
+    ang = rng.uniform(0, 6.3, (rows, head_dim // 2))
+    cos = np.ascontiguousarray(np.concatenate([np.cos(ang)] * 2, 1), dtype=np.float32)
+    sin = np.ascontiguousarray(np.concatenate([np.sin(ang)] * 2, 1), dtype=np.float32)
+
+    def deq(out):
+        return (grid, mult, half_range, heads, out, cos, sin)
+    return sym, freqs, deq
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, scalar only
+def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim):
+    rng = np.random.default_rng(head_dim)
+    rows, heads, chunk = 300, 3, 128
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    blobs = nat.encode(sym, freqs, chunk)
+    got = {}
+    for path in ("scalar", "avx2") if nat.set_simd_path("avx2") else ("scalar",):
+        for keep in (True, False):
+            out = np.zeros((heads, rows, head_dim), np.float32)
+            target = np.empty_like(sym) if keep else sym.shape
+            assert _decode_with(path, [(blobs, freqs, target, deq(out))], chunk) == [None]
+            if keep:
+                np.testing.assert_array_equal(target, sym)
+            got[path, keep] = out
+    ref = next(iter(got.values()))
+    for out in got.values():
+        assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))  # bit for bit
+    # The reconstruction itself: (s - R) * (grid[code] * mult), then rotate_half RoPE.
+    x = ((sym[:, :-1].astype(np.float32) - 7)
+         * (deq(None)[0][sym[:, -1]][:, None] * deq(None)[1])).reshape(rows, heads, head_dim)
+    cos, sin = deq(None)[5], deq(None)[6]
+    half = head_dim // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    np.testing.assert_allclose(ref, (x * cos[:, None] + rot * sin[:, None]).transpose(1, 0, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_fused_dequant_reports_symbols_outside_the_quantizer_range():
+    rng = np.random.default_rng(5)
+    sym, freqs, deq = _fused_case(rng, 40, 3, 64)
+    sym[17, 5] = 200  # > 2R
+    levels = tables.levels_from_counts(tables.channel_counts(sym, 256))
+    freqs = nat.normalize_freqs(levels)
+    blobs = nat.encode(sym, freqs, 16)
+    errs = {path: _decode_with(path, [(blobs, freqs, sym.shape,
+                                       deq(np.zeros((3, 40, 64), np.float32)))], 16)
+            for path in ("scalar", "avx2") if nat.set_simd_path(path)}
+    for err in errs.values():
+        assert err[0] is not None and "token 17" in err[0] and "outside the quantizer" in err[0]
+
+
+def test_many_one_blob_jobs_decode_together_and_fail_alone():
+    """A chunk of many streams (one blob each, different tables, as the streaming loader
+    decodes): the AVX2 path decodes them four at a time; a damaged blob fails only its
+    own job, with the error the scalar path gives."""
+    rng = np.random.default_rng(11)
+    items, syms = [], []
+    for j in range(9):
+        sym, freqs = random_case(rng, 64, int(rng.choice([48, 193])), 256,
+                                 skew=float(rng.uniform(0.5, 2)))
+        blob = nat.encode(sym, freqs, 64)
+        if j == 4:
+            blob = [blob[0][:-2]]  # truncated
+        items.append((blob, freqs))
+        syms.append(sym)
+    results = {}
+    for path in ("scalar", "avx2") if nat.set_simd_path("avx2") else ("scalar",):
+        outs = [np.zeros_like(s) for s in syms]
+        errs = _decode_with(path, [(b, f, o) for (b, f), o in zip(items, outs)], 64)
+        results[path] = errs
+        for j, (err, out, sym) in enumerate(zip(errs, outs, syms)):
+            if j == 4:
+                assert err is not None and err.startswith("blob 0:")
+            else:
+                assert err is None
+                np.testing.assert_array_equal(out, sym)
+    assert len(set(map(tuple, results.values()))) == 1
+
+
+def test_level_tables_pack_and_unpack():
+    rng = np.random.default_rng(3)
+    levels = np.zeros((50, 256), np.uint8)
+    for r in range(50):
+        lo = int(rng.integers(0, 200))
+        hi = lo + int(rng.integers(0, 56))
+        levels[r, lo:hi + 1] = rng.integers(0, 64, hi - lo + 1)
+        levels[r, lo] = levels[r, hi] = int(rng.integers(1, 64))
+    packed = tables.pack_levels(levels)
+    np.testing.assert_array_equal(tables.unpack_levels(packed, 50, 256), levels)
+    spans = 2 * 50
+    bad = {
+        "table spans are truncated": packed[:spans - 1],
+        "table codes do not match their spans": packed[:-1],
+        "a table span lies outside the alphabet": bytes([5, 3]) + packed[2:],
+        "a table level is out of range": packed[:spans] + bytes([64]) + packed[spans + 1:],
+        "does not start and end on present symbols": packed[:spans] + b"\0" + packed[spans + 1:],
+    }
+    for message, data in bad.items():
+        with pytest.raises(ValueError, match=message):
+            tables.unpack_levels(data, 50, 256)

@@ -2,6 +2,7 @@
 tables, where each stream lands), and run it natively straight into caller buffers."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ class KVCFile(EvictedReader):
     sections are read lazily (:class:`SectionReader`); this class plans and runs decodes
     (of evicted files: :class:`EvictedReader`).
     """
+
+    # A read step (128 KiB) of a stream that takes longer than this waited for the source.
+    STALL_S = 1e-3
 
     def _dense_only(self, method: str) -> None:
         if self.evicted:
@@ -198,6 +202,7 @@ class KVCFile(EvictedReader):
                 l, k = prep["work"][w][:2]
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s: {err}")
         h, d = self.num_kv_heads, self.head_dim
+        sink_keys = {}  # (rope, position, rows) -> [(target, sink rows)]: rotated together
         for l, k, target, sym, fused, side, first in prep["work"]:
             q = self._quant[(l, k)]
             rope_here = self._ropes[l] if k == "key" else None
@@ -210,13 +215,12 @@ class KVCFile(EvictedReader):
             if fused[0][0] is not None:
                 # Decoded, dequantized and re-rotated natively; only sink rows remain.
                 for deq, view in fused:
-                    if deq[4].ctypes.data != view.data_ptr():
+                    if deq[4].base is None:  # a scratch array (else a view of `view`)
                         view.copy_(torch.from_numpy(deq[4]).unsqueeze(0))
-                if n_sink:
-                    st = unflatten(sinks.clone(), h, d)
-                    if rope_here is not None:
-                        st = rope(st, rope_here, base + first)
-                    target[:, :, :n_sink] = st
+                if n_sink and rope_here is not None:
+                    sink_keys.setdefault((rope_here, base + first, n_sink), []).append((target, sinks))
+                elif n_sink:
+                    target[:, :, :n_sink] = unflatten(sinks.clone(), h, d)
                 continue
             if q.alphabet < q.table_alphabet and sym[:, :self.channels].max(initial=0) >= q.alphabet:
                 raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
@@ -230,6 +234,10 @@ class KVCFile(EvictedReader):
             if rope_here is not None:
                 t = rope(t, rope_here, base + first)
             target.copy_(t)
+        for (r, pos, n_sink), pairs in sink_keys.items():
+            st = rope(torch.stack([unflatten(sinks, h, d)[0] for _, sinks in pairs], 1), r, pos)
+            for i, (target, _) in enumerate(pairs):
+                target[:, :, :n_sink] = st[:, i]
 
     def decode_into(self, dst: dict, chunks=None, *, threads: int = 0,
                     position_offset: int | None = None) -> None:
@@ -350,14 +358,23 @@ class KVCFile(EvictedReader):
         off, side, blob, _ = self._item_lists()
         payload = self._r.section_offset("payload")
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-decode") as pool:
-            pending, arrived, failed = None, [], None
+            # Decoding starts once the source has made this thread wait: until then the
+            # bytes are there already, and one large decode beats a first chunk decoded
+            # alone while this thread copies the rest (the whole-file case, or a link
+            # faster than the decoder).
+            pending, arrived, failed, waited = None, [], None, False
             for c in chunks:
                 last = c * n + n - 1
                 end = payload + off[last] + side[last] + blob[last]
                 try:
                     # A stream's bytes come a step at a time, so that a finished decode
                     # is followed at once by one of the chunks that arrived meanwhile.
-                    while not self._r.fill(end):
+                    while True:
+                        t = time.perf_counter()
+                        got = self._r.fill(end)
+                        waited = waited or time.perf_counter() - t > self.STALL_S
+                        if got:
+                            break
                         if pending is not None and pending[1].done():
                             yield from finish(pending)
                             pending = None
@@ -370,7 +387,7 @@ class KVCFile(EvictedReader):
                 if pending is not None and pending[1].done():
                     yield from finish(pending)
                     pending = None
-                if pending is None:
+                if pending is None and waited:
                     pending, arrived = start(pool, arrived), []
             while pending is not None or arrived:
                 if pending is not None:

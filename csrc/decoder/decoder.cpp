@@ -36,34 +36,49 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
     const uint16_t* f = freqs + (size_t)c * alphabet + lo;
     uint32_t* range = out->range.data() + (size_t)c * out->stride;
     uint32_t cum = 0;
-    int first = -1;  // the channel's first present symbol
     for (int s = 0; s < width; ++s) {
-      // Tables are validated to sum to PROB_SCALE; clamp defensively anyway.
-      const uint32_t fs = std::min<uint32_t>(f[s], PROB_SCALE - cum);
-      range[s] = fs | (cum << 16);
-      if (fs && first < 0) first = s;
-      cum += fs;
+      range[s] = f[s] | (cum << 16);
+      cum += f[s];
     }
+    if (cum > PROB_SCALE) {  // tables are validated to sum to PROB_SCALE; clamp anyway
+      cum = 0;
+      for (int s = 0; s < width; ++s) {
+        const uint32_t fs = std::min<uint32_t>(f[s], PROB_SCALE - cum);
+        range[s] = fs | (cum << 16);
+        cum += fs;
+      }
+    }
+    int first = 0;  // the channel's first present symbol (0 if none)
+    while (first < width && !(range[first] & 0xffff)) ++first;
+    if (first == width) first = 0;
     range[width] = PROB_SCALE << 16;  // sentinel: no slot lies at or past it
-    // Each bucket's s0: the symbol holding its first slot, found by one walk over the
-    // symbols (zero-frequency ones are stepped over: their cum equals the next one's).
-    // Slots past the table's total (only in tables that do not sum to PROB_SCALE) have
-    // no symbol: their buckets are `multi` from the first present symbol, and the step
-    // loop, bounded by the sentinel, finds one.
+    // Each bucket's s0 is the symbol holding its first slot: one walk over the present
+    // symbols (zero-frequency ones hold no slot), filling the buckets that start within
+    // each; only the last of them can hold a boundary. Buckets past the table's total
+    // (only in tables that do not sum to PROB_SCALE) have no symbol: they are `multi`
+    // from the first present symbol, and the step loop, bounded by the sentinel, finds
+    // one.
     uint16_t* bucket = out->bucket.data() + (size_t)c * B;
-    int s0 = first < 0 ? 0 : first;
-    for (int b = 0; b < B; ++b) {
-      const uint32_t start = (uint32_t)b << SHIFT, last = start + (1u << SHIFT) - 1;
-      while (s0 + 1 < width && (range[s0 + 1] >> 16) <= start) ++s0;
-      const bool owned = start < cum;
-      const int s = owned ? s0 : (first < 0 ? 0 : first);
-      const uint32_t next = range[s + 1] >> 16;  // > start where s holds the first slot
-      // s + 1 holds [next, its end); with freq 0 its end is next itself.
-      const bool multi = !owned || (next <= last && s + 2 <= width &&
-                                    (range[s + 2] >> 16) <= last);
-      const uint32_t split = owned && next <= last ? next - start : DecodeTables::SPAN;
-      bucket[b] = (uint16_t)(s | split << 8 | (multi ? DecodeTables::MULTI : 0u));
+    constexpr uint32_t SPAN = DecodeTables::SPAN;
+    uint32_t filled = 0;  // buckets [0, filled) are done
+    for (int s = 0; s < width && filled < (uint32_t)B; ++s) {
+      const uint32_t fs = range[s] & 0xffff, c0 = range[s] >> 16;
+      if (!fs) continue;
+      const uint32_t next = s + 1 < width ? c0 + fs : PROB_SCALE;  // s + 1's cum
+      // Buckets starting in [c0, c0 + fs): those that end before next s holds whole.
+      const uint32_t b0 = (c0 + SPAN - 1) >> SHIFT;
+      const uint32_t end = std::min<uint32_t>(B, (c0 + fs + SPAN - 1) >> SHIFT);
+      const uint32_t whole = std::max(b0, std::min(end, next >> SHIFT));
+      std::fill(bucket + b0, bucket + whole, (uint16_t)(s | SPAN << 8));
+      for (uint32_t b = whole; b < end; ++b) {  // at most one: it holds next
+        const uint32_t start = b << SHIFT, last = start + SPAN - 1;
+        // s + 1 holds [next, its end); with freq 0 its end is next itself.
+        const bool multi = s + 2 <= width && (range[s + 2] >> 16) <= last;
+        bucket[b] = (uint16_t)(s | (next - start) << 8 | (multi ? DecodeTables::MULTI : 0u));
+      }
+      filled = end;
     }
+    std::fill(bucket + filled, bucket + B, (uint16_t)(first | SPAN << 8 | DecodeTables::MULTI));
   }
 }
 

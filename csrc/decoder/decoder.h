@@ -23,7 +23,7 @@ namespace kvc {
 // the shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per
 // stream.
 struct DecodeTables {
-  static constexpr int BUCKET_BITS = 6;
+  static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
   static constexpr int SPAN = 1 << (12 - BUCKET_BITS);  // slots per bucket
   static constexpr uint16_t MULTI = 1u << 15;
