@@ -104,7 +104,7 @@ def test_rope_tables_match_the_models_rotary_module(family):
     pos = torch.arange(PROMPT)[None]
     x = torch.zeros(1, 1, dtype=torch.float32)
     types = getattr(rot, "layer_types", None)
-    for layer, kind in enumerate(spec["layers"]):
+    for layer in range(len(spec["layers"])):
         r = layer_ropes({"type": "rope_strip", **spec}, len(spec["layers"]), kv.head_dim)[layer]
         kwargs = {"layer_type": model.config.layer_types[layer]} if types else {}
         cos, sin = rot(x, pos, **kwargs)
@@ -154,6 +154,13 @@ def test_sliding_window_layers_keep_their_span_and_kind():
     stream = kvcodec.open(RateLimitedReader(io.BytesIO(data), 1e12))
     for a, b in zip(hf.load_cache(lm.model, stream).layers, cache.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    # A slow stream (~0.2 s on the wire) decodes in several runs of chunks, some starting
+    # inside the windows' span: the same values.
+    with kvcodec.open(RateLimitedReader(io.BytesIO(data), len(data) * 8 / 0.2)) as slow:
+        spans = list(slow.iter_chunks())
+        assert [c for c, _, _ in spans] == list(range(slow.num_chunks))
+        for a, b in zip(whole.keys + whole.values, slow.last_out.keys + slow.last_out.values):
+            assert torch.equal(a, b)
 
 
 def test_store_refuses_sliding_window_caches(tmp_path):
