@@ -35,13 +35,37 @@ def test_eager_and_layerwise_caches_match(lm, doc, kv_600):
             == evaluate.greedy_generate(lm, hf.LayerwiseCache.open(lm.model, doc), prompt, 8))
 
 
-def test_layerwise_cache_overlaps_decode_with_compute(lm, doc):
+def test_layerwise_cache_overlaps_decode_with_compute(lm, doc, monkeypatch):
+    """The model computes layer 0 while later layers are still decoding. The decoder can
+    outrun a 600-token forward pass, so the last layer's decode is held until layer 0's
+    attention has run: a cache that made the model wait for the whole file would never
+    release it (the recorded events, not a timing threshold)."""
+    import threading
+
+    from kvcodec.format.reader import KVCFile
+
+    n = lm.config.num_hidden_layers
+    computing = threading.Event()
+    decode_into = KVCFile.decode_into
+
+    def held(self, dst, *args, **kwargs):
+        if n - 1 in dst:
+            assert computing.wait(timeout=120), "the model waited for every layer"
+        return decode_into(self, dst, *args, **kwargs)
+
+    monkeypatch.setattr(KVCFile, "decode_into", held)
     lw = hf.LayerwiseCache.open(lm.model, doc)
+    update = lw.update
+
+    def update_and_tell(key_states, value_states, layer_idx, *args, **kwargs):
+        out = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0:
+            computing.set()
+        return out
+
+    lw.update = update_and_tell
     logits(lm, lw, [42, 43])
     ev = {(e, l): t for e, l, t in lw.timeline}
-    n = lm.config.num_hidden_layers
-    # Layer 0's attention ran before the last layer had finished decoding: the model
-    # did not wait for the whole file (the recorded events, not a timing threshold).
     assert ev[("attention", 0)] < ev[("decode_end", n - 1)]
     for layer in range(n):
         assert ev[("decode_end", layer)] <= ev[("attention", layer)]
