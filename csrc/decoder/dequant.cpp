@@ -1,5 +1,7 @@
 #include "decoder/dequant.h"
 
+#include <string.h>
+
 #include <vector>
 
 #include "decoder/decoder.h"
@@ -50,8 +52,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
 
 std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0) {
   int bad = -1;
-  if (!(std::string(simd_path()) == "avx2" &&
-        dequant_token_avx2(symbols, rows, spec, row0, &bad)))
+  if (!(strcmp(simd_path(), "avx2") == 0 && dequant_token_avx2(symbols, rows, spec, row0, &bad)))
     dequant_token_scalar(symbols, rows, spec, row0, &bad);
   if (bad < 0) return {};
   return "token " + std::to_string(row0 + bad) + " decodes to a symbol outside the quantizer's "
