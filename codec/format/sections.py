@@ -124,12 +124,7 @@ class SectionReader(FileHeader):
 
     def _read_item(self, chunk: int, stream: int):
         """``(side bytes, blob memoryview)`` of one payload item, checksum verified."""
-        e = self._load_index()[chunk * len(self._streams) + stream]
-        item = self._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
-        if crc32(item) != int(e["crc"]):
-            raise CorruptError(f"{self._r.name}: checksum mismatch in chunk {chunk}, "
-                               f"{self._stream_name(stream)}; the file is damaged")
-        return item[:int(e["side"])], memoryview(item)[int(e["side"]):]
+        return self._read_items([(chunk, stream)])[chunk, stream]
 
     # Needed items closer than this in the payload are read together, with what lies between.
     READ_GAP = 1 << 18

@@ -1,12 +1,11 @@
 #include "decoder.h"
 
+#include <stdlib.h>
 #include <string.h>
 
-#include <stdlib.h>
-
 #include <algorithm>
-#include <vector>
 #include <atomic>
+#include <vector>
 
 #include "../common/rans.h"
 #include "group.h"

@@ -19,9 +19,9 @@ namespace kvc {
 //     starts at slot `split` of the bucket (32: not in it), and multi is set when s0 + 1
 //     does not hold every slot of the bucket from there on.
 // A slot's symbol is s0, plus one if the slot lies at or past the split; in a `multi`
-// bucket it is then stepped forward while the slot lies at or past the next symbol's cum. About 0.35 KiB per channel for
-// the shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per
-// stream.
+// bucket it is then stepped forward while the slot lies at or past the next symbol's
+// cum. About 0.4 KiB per channel for the shipped quantizers, whose 256-symbol alphabets
+// use a span of 20-40 symbols per stream.
 struct DecodeTables {
   static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
