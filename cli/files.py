@@ -129,8 +129,8 @@ def info(as_json):
 
     nat = tables.native()
     cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    # cpu_decode: the rANS decode path this CPU runs ("avx2" or "scalar"; KVCODEC_SIMD=
-    # scalar forces the portable one).
+    # cpu_decode: the rANS decode path this CPU runs ("avx512", "avx2" or "scalar";
+    # KVCODEC_SIMD=avx2 or =scalar caps it).
     report = {"cpu": True, "cpu_decode": nat.simd_path(), "cuda_compiled": cuda.compiled(),
               "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
               "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),

@@ -119,11 +119,12 @@ def test_info_reports_backends():
     assert info["cpu"] is True
     assert info["cuda_compiled"] is (shutil.which("nvcc") is not None)
     assert info["lanes"] == 16 and "default" in info["configs"]
-    # The decode path the CPU runs: AVX2 where the CPU has it, else the scalar reference.
+    # The decode path the CPU runs: the best of AVX-512, AVX2 and the scalar reference.
     from kvcodec import _native
 
-    assert info["cpu_decode"] == ("avx2" if _native.set_simd_path("avx2") else "scalar")
+    best = next(p for p in ("avx512", "avx2", "scalar") if _native.set_simd_path(p))
     _native.set_simd_path("auto")
+    assert info["cpu_decode"] == best
 
 
 def test_info_reports_the_forced_scalar_decoder():
@@ -134,6 +135,16 @@ def test_info_reports_the_forced_scalar_decoder():
     out = subprocess.run([sys.executable, "-m", "kvcodec_cli.main", "info", "--json"],
                          env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1])["cpu_decode"] == "scalar"
+    # KVCODEC_SIMD=avx2 caps an AVX-512 CPU at the AVX2 path.
+    env["KVCODEC_SIMD"] = "avx2"
+    out = subprocess.run([sys.executable, "-m", "kvcodec_cli.main", "info", "--json"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    from kvcodec import _native
+
+    has_avx2 = _native.set_simd_path("avx2")
+    _native.set_simd_path("auto")
+    assert json.loads(out.strip().splitlines()[-1])["cpu_decode"] == (
+        "avx2" if has_avx2 else "scalar")
 
 
 def test_model_path_prints_the_embedded_model_directory(lm):

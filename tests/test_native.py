@@ -265,7 +265,7 @@ def test_narrow_spans_of_a_wide_alphabet(spans):
     np.testing.assert_array_equal(ref_decode(blobs[0], 128, sym.shape[1], freqs), sym[:128])
 
 
-# -- the AVX2 decoder against the scalar one (the same bitstream, bit for bit) ----------
+# -- the SIMD decoders against the scalar one (the same bitstream, bit for bit) ---------
 
 def _decode_with(path, items, chunk):
     assert nat.set_simd_path(path)
@@ -275,15 +275,22 @@ def _decode_with(path, items, chunk):
         nat.set_simd_path("auto")
 
 
-@pytest.mark.skipif(not nat.set_simd_path("auto") or nat.simd_path() != "avx2",
-                    reason="this CPU has no AVX2: only the scalar decoder runs")
+SIMD_PATHS = [p for p in ("avx2", "avx512") if nat.set_simd_path(p)]
+nat.set_simd_path("auto")
+PATHS = ["scalar"] + SIMD_PATHS
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
 @pytest.mark.parametrize("seed", range(6))
-def test_avx2_decoder_equals_scalar(seed):
-    """Random tables (wide and span-limited), channel counts with partial lane groups,
-    chunk ends, and damaged blobs: the same symbols or the same error from both paths."""
+def test_simd_decoder_equals_scalar(path, seed):
+    """Random tables (wide and span-limited), channel counts with partial lane groups (of
+    1 to 15 lanes, both sides of the few-lane scalar step), chunk ends so that up to 8
+    blobs decode together, and damaged blobs: the same symbols or the same error."""
+    if path not in SIMD_PATHS:
+        pytest.skip(f"this CPU has no {path}")
     rng = np.random.default_rng(seed)
     rows = int(rng.integers(1, 300))
-    channels = int(rng.choice([1, 15, 16, 17, 48, 192, 200]))
+    channels = int(rng.choice([1, 4, 5, 15, 16, 17, 48, 192, 200]))
     alphabet = int(rng.choice([2, 16, 256]))
     sym, freqs = random_case(rng, rows, channels, alphabet, skew=float(rng.uniform(0.2, 3)))
     chunk = int(rng.choice([1, 7, 64, 256]))
@@ -299,20 +306,36 @@ def test_avx2_decoder_equals_scalar(seed):
     for blob_list in cases:
         n = min(rows, chunk * len(blob_list))
         outs = {}
-        for path in ("scalar", "avx2"):
+        for p in ("scalar", path):
             out = np.zeros((n, channels), np.uint8)
-            outs[path] = (_decode_with(path, [(blob_list, freqs, out)], chunk), out)
-        assert outs["scalar"][0] == outs["avx2"][0]
+            outs[p] = (_decode_with(p, [(blob_list, freqs, out)], chunk), out)
+        assert outs["scalar"][0] == outs[path][0]
         if outs["scalar"][0] == [None]:
-            np.testing.assert_array_equal(outs["scalar"][1], outs["avx2"][1])
+            np.testing.assert_array_equal(outs["scalar"][1], outs[path][1])
     out = np.empty_like(sym)
-    assert _decode_with("avx2", [(blobs, freqs, out)], chunk) == [None]
+    assert _decode_with(path, [(blobs, freqs, out)], chunk) == [None]
     np.testing.assert_array_equal(out, sym)
 
 
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_simd_decoder_every_partial_group_width(path):
+    """Every width of the last lane group (0-15 lanes: scalar steps up to 4, a masked
+    vector step above), 9 blobs of a stream so that groups of 8, 4 and 1 decode."""
+    if path not in SIMD_PATHS:
+        pytest.skip(f"this CPU has no {path}")
+    rng = np.random.default_rng(7)
+    for rest in range(16):
+        sym, freqs = random_case(rng, 63, 32 + rest, 256, skew=1.0)
+        blobs = nat.encode(sym, freqs, 7)
+        out = np.zeros_like(sym)
+        assert _decode_with(path, [(blobs, freqs, out)], 7) == [None]
+        np.testing.assert_array_equal(out, sym)
+
+
 def test_simd_path_switch():
-    assert nat.simd_path() in ("avx2", "scalar")
-    assert nat.set_simd_path("scalar") and nat.simd_path() == "scalar"
+    assert nat.simd_path() == PATHS[-1]  # the best the CPU has
+    for path in PATHS:
+        assert nat.set_simd_path(path) and nat.simd_path() == path
     assert not nat.set_simd_path("neon")
     assert nat.set_simd_path("auto")
 
@@ -345,7 +368,7 @@ def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim):
     sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
     blobs = nat.encode(sym, freqs, chunk)
     got = {}
-    for path in ("scalar", "avx2") if nat.set_simd_path("avx2") else ("scalar",):
+    for path in PATHS:
         for keep in (True, False):
             out = np.zeros((heads, rows, head_dim), np.float32)
             target = np.empty_like(sym) if keep else sym.shape
@@ -375,27 +398,26 @@ def test_fused_dequant_reports_symbols_outside_the_quantizer_range():
     blobs = nat.encode(sym, freqs, 16)
     errs = {path: _decode_with(path, [(blobs, freqs, sym.shape,
                                        deq(np.zeros((3, 40, 64), np.float32)))], 16)
-            for path in ("scalar", "avx2") if nat.set_simd_path(path)}
+            for path in PATHS}
     for err in errs.values():
         assert err[0] is not None and "token 17" in err[0] and "outside the quantizer" in err[0]
 
 
 def test_many_one_blob_jobs_decode_together_and_fail_alone():
     """A chunk of many streams (one blob each, different tables, as the streaming loader
-    decodes): the AVX2 path decodes them four at a time; a damaged blob fails only its
-    own job, with the error the scalar path gives."""
+    decodes): the SIMD paths decode up to 4 (AVX2) or 8 (AVX-512) of equal shape at a
+    time; a damaged blob fails only its own job, with the error the scalar path gives."""
     rng = np.random.default_rng(11)
     items, syms = [], []
-    for j in range(9):
-        sym, freqs = random_case(rng, 64, int(rng.choice([48, 193])), 256,
-                                 skew=float(rng.uniform(0.5, 2)))
+    for j, channels in enumerate([193] * 10 + [48, 193, 48] + [193] * 6):
+        sym, freqs = random_case(rng, 64, channels, 256, skew=float(rng.uniform(0.5, 2)))
         blob = nat.encode(sym, freqs, 64)
         if j == 4:
             blob = [blob[0][:-2]]  # truncated
         items.append((blob, freqs))
         syms.append(sym)
     results = {}
-    for path in ("scalar", "avx2") if nat.set_simd_path("avx2") else ("scalar",):
+    for path in PATHS:
         outs = [np.zeros_like(s) for s in syms]
         errs = _decode_with(path, [(b, f, o) for (b, f), o in zip(items, outs)], 64)
         results[path] = errs

@@ -114,12 +114,17 @@ void build_decode_tables(const FreqTable* tables, size_t n, int threads,
 
 void decode_many(const DecodeJob* jobs, size_t n, int chunk_tokens, int threads,
                  std::string* errors) {
-  // Work items: runs of consecutive jobs, closed once they hold INTERLEAVE blobs (the
-  // AVX2 decoder's group), so one-chunk jobs still come four to an item.
-  constexpr size_t INTERLEAVE = 4;
+  // Work items: runs of consecutive jobs, closed once they hold the SIMD decoder's
+  // interleave of blobs, so that one-chunk jobs still decode together; fewer (down to 4)
+  // where that would leave threads without an item.
+  size_t total = 0;
+  for (size_t j = 0; j < n; ++j) total += jobs[j].n_blobs;
+  const size_t workers = (size_t)resolve_threads(threads, n);
+  size_t group = (size_t)decode_interleave();
+  while (group > 4 && total < group * workers) group /= 2;
   std::vector<size_t> starts;
-  for (size_t j = 0, blobs = INTERLEAVE; j < n; ++j) {
-    if (blobs >= INTERLEAVE) {
+  for (size_t j = 0, blobs = group; j < n; ++j) {
+    if (blobs >= group) {
       starts.push_back(j);
       blobs = 0;
     }

@@ -50,59 +50,51 @@ const RefillPerm kPerm;
 
 // A half-group step (8 lanes) in three phases, so that the decoder can issue one phase
 // for every state chain in flight before the next (their gathers then overlap):
-// lookup8 gathers each lane's bucket entry, symbol8 turns it into the lane's symbol (less
-// base), advance8 gathers its range entry and advances the state. Lanes outside `active`
-// (all-ones = active) touch no memory and keep their state.
+// lookup8 gathers each lane's bucket entry, index8 turns it into the lane's range index
+// within the group, advance8 gathers that range entry and advances the state. Lanes
+// outside `active` (all-ones = active) touch no memory and keep their state.
 constexpr int kShift = PROB_BITS - DecodeTables::BUCKET_BITS;
 
 template <bool MASKED>
 KVC_AVX2 inline __m256i lookup8(__m256i x, __m256i active, __m256i bucket_off,
-                                const uint16_t* gbucket) {
+                                const uint32_t* gbucket) {
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
   const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, kShift));
   const int* bt = reinterpret_cast<const int*>(gbucket);
-  // 16-bit entries, gathered as the low half of 32-bit loads; moved up so that the
-  // multi flag is the sign bit.
-  return _mm256_slli_epi32(
-      MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), bt, bidx, active, 2)
-             : _mm256_i32gather_epi32(bt, bidx, 2), 16);
+  return MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), bt, bidx, active, 4)
+                : _mm256_i32gather_epi32(bt, bidx, 4);
 }
 
-KVC_AVX2 inline __m256i symbol8(__m256i x, __m256i e, __m256i range_off,
-                                const uint32_t* grange) {
-  const __m256i one = _mm256_set1_epi32(1);
+KVC_AVX2 inline __m256i index8(__m256i x, __m256i e, const uint32_t* grange) {
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
-  // s = s0 + 1 - (split > offset): s0 + 1 where the slot lies at or past the split.
-  const __m256i split = _mm256_and_si256(_mm256_srli_epi32(e, 24), _mm256_set1_epi32(2 * DecodeTables::SPAN - 1));
-  const __m256i offset = _mm256_and_si256(slot, _mm256_set1_epi32(DecodeTables::SPAN - 1));
-  __m256i s = _mm256_add_epi32(
-      _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), _mm256_set1_epi32(0xff)), one),
-      _mm256_cmpgt_epi32(split, offset));
+  // r = r1 - (split > offset); the multi bit makes the split past every offset.
+  const __m256i offset = _mm256_and_si256(x, _mm256_set1_epi32(DecodeTables::SPAN - 1));
+  __m256i r = _mm256_add_epi32(_mm256_and_si256(e, _mm256_set1_epi32((int)DecodeTables::R_MASK)),
+                               _mm256_cmpgt_epi32(_mm256_srli_epi32(e, 24), offset));
   // `multi` buckets step on while the slot lies at or past the next cum (rare).
   if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(e)) != 0, 0)) {
     const int* rt = reinterpret_cast<const int*>(grange);
+    const __m256i one = _mm256_set1_epi32(1);
     const __m256i multi = _mm256_srai_epi32(e, 31);
     for (;;) {
-      const __m256i nidx = _mm256_add_epi32(range_off, _mm256_add_epi32(s, one));
       const __m256i nc = _mm256_srli_epi32(
-          _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, nidx, multi, 4), 16);
+          _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, _mm256_add_epi32(r, one),
+                                      multi, 4), 16);
       const __m256i past = _mm256_andnot_si256(_mm256_cmpgt_epi32(nc, slot), multi);
       if (_mm256_testz_si256(past, past)) break;
-      s = _mm256_sub_epi32(s, past);  // +1 where past (all-ones = -1)
+      r = _mm256_sub_epi32(r, past);  // +1 where past (all-ones = -1)
     }
   }
-  return s;
+  return r;
 }
 
 template <bool MASKED>
-KVC_AVX2 inline __m256i advance8(__m256i x, __m256i s, __m256i active, __m256i range_off,
-                                 const uint32_t* grange) {
+KVC_AVX2 inline __m256i advance8(__m256i x, __m256i r, __m256i active, const uint32_t* grange) {
   const int* rt = reinterpret_cast<const int*>(grange);
-  const __m256i ridx = _mm256_add_epi32(range_off, s);
-  const __m256i r = MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, ridx, active, 4)
-                           : _mm256_i32gather_epi32(rt, ridx, 4);
-  const __m256i freq = _mm256_and_si256(r, _mm256_set1_epi32(0xffff));
-  const __m256i cum = _mm256_srli_epi32(r, 16);
+  const __m256i v = MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, r, active, 4)
+                           : _mm256_i32gather_epi32(rt, r, 4);
+  const __m256i freq = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+  const __m256i cum = _mm256_srli_epi32(v, 16);
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
   const __m256i y = _mm256_sub_epi32(
       _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(x, PROB_BITS)), slot), cum);
@@ -136,9 +128,10 @@ KVC_AVX2 inline bool refill8(__m256i* x, __m256i active, const uint8_t* words, s
   return true;
 }
 
-// 16 symbols (less base, + base < 256) to bytes in lane order.
-KVC_AVX2 inline __m128i pack16(__m256i s0, __m256i s1, __m256i base) {
-  __m256i p = _mm256_packus_epi32(_mm256_add_epi32(s0, base), _mm256_add_epi32(s1, base));
+// 16 symbols from their range indices (less lane * stride - base: sub0, sub1) to bytes in
+// lane order.
+KVC_AVX2 inline __m128i pack16(__m256i r0, __m256i r1, __m256i sub0, __m256i sub1) {
+  __m256i p = _mm256_packus_epi32(_mm256_sub_epi32(r0, sub0), _mm256_sub_epi32(r1, sub1));
   p = _mm256_permute4x64_epi64(p, 0xD8);
   return _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
 }
@@ -147,11 +140,18 @@ KVC_AVX2 inline __m128i pack16(__m256i s0, __m256i s1, __m256i base) {
 struct Flight {
   const uint8_t* words;
   size_t n_words, pos;
-  const uint16_t* bucket;
+  const uint32_t* bucket;
   const uint32_t* range;
   int stride;
+  const DecodeTables* tables;
   uint8_t* out;
 };
+
+// A partial last group of at most this many lanes runs the scalar step on them: a
+// masked vector step costs as much as a full one (two gathers) for a few symbols, and
+// the scalar step uses the integer units, which the vector steps leave idle. Channels
+// are commonly a multiple of 16 plus one (the step code).
+constexpr int kScalarRest = 4;
 
 // Decodes K blobs of the same rows and channels together: chain c = 2k + h is half h of
 // blob k's lane states. The chains are independent, and each phase of a step is issued
@@ -174,7 +174,7 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
   act[0] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), lane);
   act[1] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest - 8), lane);
   Flight f[K];
-  __m256i x[C], roff[C], base[K];
+  __m256i x[C], sub[C];  // sub: lane * stride - base, from a range index to the symbol
   for (int k = 0; k < K; ++k) {
     const BlobTask& t = tasks[k];
     alignas(32) uint32_t state[LANES];
@@ -182,14 +182,15 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
     x[2 * k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state));
     x[2 * k + 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state + 8));
     f[k].stride = t.tables->stride;
-    roff[2 * k] = _mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride));
-    roff[2 * k + 1] = _mm256_add_epi32(roff[2 * k], _mm256_set1_epi32(8 * f[k].stride));
-    base[k] = _mm256_set1_epi32(t.tables->base);
+    sub[2 * k] = _mm256_sub_epi32(_mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride)),
+                                  _mm256_set1_epi32(t.tables->base));
+    sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
     f[k].words = t.data + STATE_BYTES;
     f[k].n_words = (t.size - STATE_BYTES) / 2;
     f[k].pos = 0;
     f[k].bucket = t.tables->bucket.data();
     f[k].range = t.tables->range.data();
+    f[k].tables = t.tables;
     f[k].out = t.out;
   }
   for (int t = 0; t < rows; ++t) {
@@ -202,32 +203,47 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
         e[c] = lookup8<false>(x[c], all, boff[c & 1], f[c / 2].bucket + first * DecodeTables::BUCKETS);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        s[c] = symbol8(x[c], e[c], roff[c], f[c / 2].range + first * f[c / 2].stride);
+        s[c] = index8(x[c], e[c], f[c / 2].range + first * f[c / 2].stride);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        x[c] = advance8<false>(x[c], s[c], all, roff[c], f[c / 2].range + first * f[c / 2].stride);
+        x[c] = advance8<false>(x[c], s[c], all, f[c / 2].range + first * f[c / 2].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(f[k].out + row + first),
-                         pack16(s[2 * k], s[2 * k + 1], base[k]));
+                         pack16(s[2 * k], s[2 * k + 1], sub[2 * k], sub[2 * k + 1]));
         if (!refill8(&x[2 * k], all, f[k].words, f[k].n_words, &f[k].pos) ||
             !refill8(&x[2 * k + 1], all, f[k].words, f[k].n_words, &f[k].pos))
           return "truncated word stream";
       }
     }
-    if (rest) {  // the partial last group: the same step on its lanes only
+    if (rest && rest <= kScalarRest) {  // a few lanes of a partial group: scalar steps
+      const int first = full * LANES;
+      for (int k = 0; k < K; ++k) {
+        // Lane moves, not a store and a reload: a vector load of scalar stores stalls.
+        const __m128i lo = _mm256_castsi256_si128(x[2 * k]);
+        uint32_t state[4] = {(uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
+                             (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
+        if (!scalar_group(state, rest, first, *f[k].tables, f[k].out + row, f[k].words,
+                          f[k].n_words, &f[k].pos))
+          return "truncated word stream";
+        x[2 * k] = _mm256_blend_epi32(
+            x[2 * k], _mm256_castsi128_si256(_mm_setr_epi32((int)state[0], (int)state[1],
+                                                            (int)state[2], (int)state[3])), 0x0f);
+      }
+    } else if (rest) {  // the partial last group: the same step on its lanes only
       const size_t first = (size_t)full * LANES;
       for (int k = 0; k < K; ++k) {
-        const uint16_t* gb = f[k].bucket + first * DecodeTables::BUCKETS;
+        const uint32_t* gb = f[k].bucket + first * DecodeTables::BUCKETS;
         const uint32_t* gr = f[k].range + first * f[k].stride;
         __m256i sym[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int h = 0; h < (rest > 8 ? 2 : 1); ++h) {
           __m256i& xc = x[2 * k + h];
-          sym[h] = symbol8(xc, lookup8<true>(xc, act[h], boff[h], gb), roff[2 * k + h], gr);
-          xc = advance8<true>(xc, sym[h], act[h], roff[2 * k + h], gr);
+          sym[h] = index8(xc, lookup8<true>(xc, act[h], boff[h], gb), gr);
+          xc = advance8<true>(xc, sym[h], act[h], gr);
         }
         alignas(16) uint8_t bytes[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(bytes), pack16(sym[0], sym[1], base[k]));
+        _mm_store_si128(reinterpret_cast<__m128i*>(bytes),
+                        pack16(sym[0], sym[1], sub[2 * k], sub[2 * k + 1]));
         memcpy(f[k].out + row + first, bytes, rest);
         if (!refill8(&x[2 * k], act[0], f[k].words, f[k].n_words, &f[k].pos) ||
             (rest > 8 && !refill8(&x[2 * k + 1], act[1], f[k].words, f[k].n_words, &f[k].pos)))
@@ -256,20 +272,7 @@ KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
 }  // namespace
 
 void decode_blobs_avx2(BlobTask* tasks, size_t n) {
-  constexpr size_t MAX_K = 4;
-  for (size_t i = 0; i < n;) {
-    size_t j = i + 1;
-    while (j < n && j - i < MAX_K && tasks[j].rows == tasks[i].rows &&
-           tasks[j].channels == tasks[i].channels)
-      ++j;
-    if (decode_k(tasks + i, (int)(j - i))) {
-      for (size_t k = i; k < j; ++k) {  // say which blob is bad, and why
-        const char* err = decode_k(tasks + k, 1);
-        tasks[k].error = err ? err : "";
-      }
-    }
-    i = j;
-  }
+  decode_in_groups(tasks, n, AVX2_INTERLEAVE, decode_k);
 }
 
 #else  // not x86-64 GCC/Clang: the scalar path only

@@ -10,7 +10,52 @@
 #include "../common/rans.h"
 #include "group.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace kvc {
+
+// Writes freq | cum << 16 for the symbols [0, width) of one row (cum: the exclusive prefix
+// sum; in up to 7 entries past width, garbage) and returns the row's total. Eight symbols
+// a step with SSE2 (part of x86-64): this loop was half of a table build.
+static uint32_t fill_range_row(const uint16_t* f, int width, uint32_t* range) {
+#if defined(__SSE2__)
+  __m128i carry = _mm_setzero_si128();  // the total of the blocks before, in every lane
+  __m128i total = _mm_setzero_si128();  // 32-bit partial totals (a bad table may pass 2^16)
+  const __m128i zero = _mm_setzero_si128();
+  for (int s = 0; s < width; s += 8) {
+    __m128i v;
+    if (s + 8 <= width) {
+      v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(f + s));
+    } else {  // the last, partial block: no read past the row
+      alignas(16) uint16_t tail[8] = {0};
+      memcpy(tail, f + s, 2 * (size_t)(width - s));
+      v = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    __m128i p = _mm_add_epi16(v, _mm_slli_si128(v, 2));
+    p = _mm_add_epi16(p, _mm_slli_si128(p, 4));
+    p = _mm_add_epi16(p, _mm_slli_si128(p, 8));  // inclusive prefix sums in the block
+    const __m128i cum = _mm_add_epi16(_mm_sub_epi16(p, v), carry);
+    const __m128i last = _mm_shufflehi_epi16(p, 0xff);
+    carry = _mm_add_epi16(carry, _mm_unpackhi_epi64(last, last));
+    total = _mm_add_epi32(total, _mm_add_epi32(_mm_unpacklo_epi16(v, zero),
+                                               _mm_unpackhi_epi16(v, zero)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(range + s), _mm_unpacklo_epi16(v, cum));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(range + s + 4), _mm_unpackhi_epi16(v, cum));
+  }
+  alignas(16) uint32_t t[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(t), total);
+  return t[0] + t[1] + t[2] + t[3];
+#else
+  uint32_t cum = 0;
+  for (int s = 0; s < width; ++s) {
+    range[s] = f[s] | (cum << 16);
+    cum += f[s];
+  }
+  return cum;
+#endif
+}
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
   constexpr int B = DecodeTables::BUCKETS, SHIFT = PROB_BITS - DecodeTables::BUCKET_BITS;
@@ -28,19 +73,15 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
   out->base = lo;
   const int width = hi - lo + 1;
   out->stride = width + 1;
-  // +1: the AVX2 decoder gathers the 16-bit entries with 32-bit loads.
-  out->bucket.assign((size_t)channels * B + 1, 0);
-  out->range.assign((size_t)channels * out->stride, 0);
+  out->bucket.allocate((size_t)channels * B);
+  // + 8: fill_range_row writes whole blocks of 8 entries (the next row overwrites them).
+  out->range.allocate((size_t)channels * out->stride + 8);
   for (int c = 0; c < channels; ++c) {
     const uint16_t* f = freqs + (size_t)c * alphabet + lo;
     uint32_t* range = out->range.data() + (size_t)c * out->stride;
-    uint32_t cum = 0;
-    for (int s = 0; s < width; ++s) {
-      range[s] = f[s] | (cum << 16);
-      cum += f[s];
-    }
-    if (cum > PROB_SCALE) {  // tables are validated to sum to PROB_SCALE; clamp anyway
-      cum = 0;
+    if (fill_range_row(f, width, range) > PROB_SCALE) {
+      // Tables are validated to sum to PROB_SCALE; clamp anyway.
+      uint32_t cum = 0;
       for (int s = 0; s < width; ++s) {
         const uint32_t fs = std::min<uint32_t>(f[s], PROB_SCALE - cum);
         range[s] = fs | (cum << 16);
@@ -57,8 +98,9 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
     // (only in tables that do not sum to PROB_SCALE) have no symbol: they are `multi`
     // from the first present symbol, and the step loop, bounded by the sentinel, finds
     // one.
-    uint16_t* bucket = out->bucket.data() + (size_t)c * B;
+    uint32_t* bucket = out->bucket.data() + (size_t)c * B;
     constexpr uint32_t SPAN = DecodeTables::SPAN;
+    const uint32_t r1 = (uint32_t)(c % LANES) * out->stride + 1;  // + s: s + 1's range index
     uint32_t filled = 0;  // buckets [0, filled) are done
     for (int s = 0; s < width && filled < (uint32_t)B; ++s) {
       const uint32_t fs = range[s] & 0xffff, c0 = range[s] >> 16;
@@ -68,16 +110,16 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
       const uint32_t b0 = (c0 + SPAN - 1) >> SHIFT;
       const uint32_t end = std::min<uint32_t>(B, (c0 + fs + SPAN - 1) >> SHIFT);
       const uint32_t whole = std::max(b0, std::min(end, next >> SHIFT));
-      std::fill(bucket + b0, bucket + whole, (uint16_t)(s | SPAN << 8));
+      std::fill(bucket + b0, bucket + whole, (r1 + s) | SPAN << 24);
       for (uint32_t b = whole; b < end; ++b) {  // at most one: it holds next
         const uint32_t start = b << SHIFT, last = start + SPAN - 1;
         // s + 1 holds [next, its end); with freq 0 its end is next itself.
         const bool multi = s + 2 <= width && (range[s + 2] >> 16) <= last;
-        bucket[b] = (uint16_t)(s | (next - start) << 8 | (multi ? DecodeTables::MULTI : 0u));
+        bucket[b] = (r1 + s) | (next - start) << 24 | (multi ? DecodeTables::MULTI : 0u);
       }
       filled = end;
     }
-    std::fill(bucket + filled, bucket + B, (uint16_t)(first | SPAN << 8 | DecodeTables::MULTI));
+    std::fill(bucket + filled, bucket + B, (r1 + first) | SPAN << 24 | DecodeTables::MULTI);
   }
 }
 
@@ -102,33 +144,70 @@ std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int c
   return err ? err : std::string();
 }
 
-// -1: not decided yet; 0: scalar; 1: AVX2. KVCODEC_SIMD=scalar forces the scalar path.
+// The decode paths, slowest first; -1: not decided yet. KVCODEC_SIMD (scalar, avx2 or
+// avx512) caps the path for a process; otherwise the best the CPU has.
+enum Path { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+static const char* const kPathNames[] = {"scalar", "avx2", "avx512"};
 static std::atomic<int> g_simd{-1};
+
+static bool path_available(int p) {
+  return p == SCALAR || (p == AVX2 && avx2_available()) || (p == AVX512 && avx512_available());
+}
+
+static int best_path(int cap) {
+  int p = cap;
+  while (p > SCALAR && !path_available(p)) --p;
+  return p;
+}
 
 static int simd_mode() {
   int m = g_simd.load(std::memory_order_relaxed);
   if (m < 0) {
-    const char* env = getenv("KVCODEC_SIMD");
-    m = (env && strcmp(env, "scalar") == 0) ? 0 : (avx2_available() ? 1 : 0);
+    int cap = AVX512;
+    if (const char* env = getenv("KVCODEC_SIMD")) {
+      for (int p = SCALAR; p <= AVX512; ++p)
+        if (strcmp(env, kPathNames[p]) == 0) cap = p;
+    }
+    m = best_path(cap);
     g_simd.store(m, std::memory_order_relaxed);
   }
   return m;
 }
 
-const char* simd_path() { return simd_mode() ? "avx2" : "scalar"; }
+const char* simd_path() { return kPathNames[simd_mode()]; }
 
 bool set_simd_path(const std::string& name) {
-  if (name == "scalar") { g_simd.store(0); return true; }
-  if (name == "avx2" && avx2_available()) { g_simd.store(1); return true; }
-  if (name == "auto") { g_simd.store(-1); return true; }
+  if (name == "auto") {
+    g_simd.store(-1);
+    return true;
+  }
+  for (int p = SCALAR; p <= AVX512; ++p) {
+    if (name == kPathNames[p]) {
+      if (!path_available(p)) return false;
+      g_simd.store(p);
+      return true;
+    }
+  }
   return false;
 }
 
+int decode_interleave() {
+  switch (simd_mode()) {
+    case AVX512: return AVX512_INTERLEAVE;
+    case AVX2: return AVX2_INTERLEAVE;
+    default: return 1;
+  }
+}
+
 void decode_blobs(BlobTask* tasks, size_t n) {
-  if (simd_mode()) return decode_blobs_avx2(tasks, n);
-  for (size_t i = 0; i < n; ++i) {
-    BlobTask& t = tasks[i];
-    t.error = decode_blob_scalar(t.data, t.size, t.rows, t.channels, *t.tables, t.out);
+  switch (simd_mode()) {
+    case AVX512: return decode_blobs_avx512(tasks, n);
+    case AVX2: return decode_blobs_avx2(tasks, n);
+    default:
+      for (size_t i = 0; i < n; ++i) {
+        BlobTask& t = tasks[i];
+        t.error = decode_blob_scalar(t.data, t.size, t.rows, t.channels, *t.tables, t.out);
+      }
   }
 }
 

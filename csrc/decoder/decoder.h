@@ -3,6 +3,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,23 +16,38 @@ namespace kvc {
 // cover only the symbols [base, base + stride - 1) that some channel of the stream uses:
 //   range  [channels][stride]: freq | cum << 16 per symbol, then a sentinel cum = 2^12;
 //   bucket [channels][BUCKETS]: for the 2^12 / BUCKETS slots from b * 2^12 / BUCKETS,
-//     s0 | split << 8 | multi << 15: s0 (less base) holds the bucket's first slot, s0 + 1
-//     starts at slot `split` of the bucket (32: not in it), and multi is set when s0 + 1
-//     does not hold every slot of the bucket from there on.
-// A slot's symbol is s0, plus one if the slot lies at or past the split; in a `multi`
-// bucket it is then stepped forward while the slot lies at or past the next symbol's
-// cum. About 0.4 KiB per channel for the shipped quantizers, whose 256-symbol alphabets
-// use a span of 20-40 symbols per stream.
+//     r1 | split << 24 | multi << 31. r1 is the range index, within the channel's group
+//     of 16 (lane * stride + symbol less base), of s0 + 1, where s0 holds the bucket's
+//     first slot; s0 + 1 starts at slot `split` of the bucket (SPAN: not in it); multi is
+//     set when s0 + 1 does not hold every slot of the bucket from there on.
+// A slot's range index is r1 - 1, or r1 if the slot lies at or past the split; in a
+// `multi` bucket it is r1 - 1 stepped forward while the slot lies at or past the next
+// symbol's cum (multi reads as a split past every slot). Indexing the range table
+// directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
+// shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per stream.
+// An array left uninitialized when allocated (every entry of a table is written by the
+// build: zeroing them first was a fifth of it).
+class Words {
+ public:
+  void allocate(size_t n) { p_.reset(new uint32_t[n]); }
+  uint32_t* data() { return p_.get(); }
+  const uint32_t* data() const { return p_.get(); }
+
+ private:
+  std::unique_ptr<uint32_t[]> p_;
+};
+
 struct DecodeTables {
   static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
   static constexpr int SPAN = 1 << (12 - BUCKET_BITS);  // slots per bucket
-  static constexpr uint16_t MULTI = 1u << 15;
-  static_assert(2 * SPAN <= 128, "s0, split (0..SPAN) and multi must fit 16 bits");
+  static constexpr uint32_t MULTI = 1u << 31;
+  static constexpr uint32_t R_MASK = (1u << 24) - 1;
+  static_assert(SPAN < 64, "split (0..SPAN) must fit 6 bits");
   int base = 0;                  // the first symbol covered
   int stride = 0;                // symbols covered + 1
-  std::vector<uint16_t> bucket;  // [channels][BUCKETS], then 2 bytes of padding
-  std::vector<uint32_t> range;   // [channels][stride]
+  Words bucket;  // [channels][BUCKETS]
+  Words range;   // [channels][stride], then 8 spare entries
 };
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out);
@@ -48,15 +64,19 @@ struct BlobTask {
   std::string error;
 };
 
-// Decodes every task. The AVX2 path (decode_avx2.cpp; bit-identical) runs where the CPU
-// has it and interleaves up to four consecutive tasks of equal shape, so that their
-// independent lane states keep the gathers of one core busy; else the scalar path.
+// Decodes every task. The SIMD paths (decode_avx512.cpp, decode_avx2.cpp; bit-identical)
+// run where the CPU has them and interleave up to decode_interleave() consecutive tasks
+// of equal shape, so that their independent lane states keep the gathers of one core
+// busy; else the scalar path.
 void decode_blobs(BlobTask* tasks, size_t n);
 
-// The decode path in use ("avx2" or "scalar"), and a switch for tests and benchmarks:
-// "scalar", "avx2" (false if the CPU lacks it) or "auto". KVCODEC_SIMD=scalar in the
-// environment starts on the scalar path.
+// The decode path in use ("avx512", "avx2" or "scalar"), and a switch for tests and
+// benchmarks: a path's name (false if the CPU lacks it) or "auto". KVCODEC_SIMD=avx2 or
+// =scalar in the environment caps the path a process starts on.
 const char* simd_path();
 bool set_simd_path(const std::string& name);
+
+// How many blobs the path in use decodes together (1 on the scalar path).
+int decode_interleave();
 
 }  // namespace kvc

@@ -52,7 +52,8 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
 
 std::string dequant_token(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0) {
   int bad = -1;
-  if (!(strcmp(simd_path(), "avx2") == 0 && dequant_token_avx2(symbols, rows, spec, row0, &bad)))
+  // The SIMD decode paths (avx2, avx512) both run the AVX2 dequantizer.
+  if (!(strcmp(simd_path(), "scalar") != 0 && dequant_token_avx2(symbols, rows, spec, row0, &bad)))
     dequant_token_scalar(symbols, rows, spec, row0, &bad);
   if (bad < 0) return {};
   return "token " + std::to_string(row0 + bad) + " decodes to a symbol outside the quantizer's "

@@ -19,22 +19,23 @@ static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeT
                                 uint8_t* row, const uint8_t* words, size_t n_words,
                                 size_t* pos) {
   constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
-  const size_t stride = (size_t)tables.stride;
-  const uint16_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
+  const int stride = tables.stride;
+  const uint32_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
   const uint32_t* grange = tables.range.data() + (size_t)first * stride;
   // Two passes: the lanes' table lookups are independent and overlap; only the refills
   // are ordered (they share one word stream).
   for (int j = 0; j < n; ++j) {
     uint32_t x = state[j];
     const uint32_t slot = x & PROB_MASK;
-    const uint32_t* range = grange + (size_t)j * stride;
     const uint32_t e = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
-    uint32_t s = (e & 0xff) + ((slot & (DecodeTables::SPAN - 1)) >= ((e >> 8) & (2 * DecodeTables::SPAN - 1)));
-    if (e & DecodeTables::MULTI)  // the sentinel stops it at the last symbol
-      while (slot >= (range[s + 1] >> 16)) ++s;
-    const uint32_t r = range[s];
-    dec_advance(&x, r & 0xffff, r >> 16);
-    row[first + j] = (uint8_t)(s + (uint32_t)tables.base);
+    // r1 - 1 before the split, r1 from it on; a `multi` entry reads as a split past
+    // every slot, and steps on from r1 - 1 (the sentinel stops it at the last symbol).
+    uint32_t r = (e & DecodeTables::R_MASK) - ((slot & (DecodeTables::SPAN - 1)) < (e >> 24));
+    if (e & DecodeTables::MULTI)
+      while (slot >= (grange[r + 1] >> 16)) ++r;
+    const uint32_t v = grange[r];
+    dec_advance(&x, v & 0xffff, v >> 16);
+    row[first + j] = (uint8_t)(r - (uint32_t)(j * stride - tables.base));
     state[j] = x;
   }
   for (int j = 0; j < n; ++j) {
@@ -73,9 +74,34 @@ static inline const char* final_check(const uint32_t* state, int channels, size_
 std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int channels,
                                const DecodeTables& tables, uint8_t* out);
 
-// The AVX2 decoder (decode_avx2.cpp): decode_blobs's AVX2 path, to call only where
-// avx2_available().
+// The SIMD decoders (decode_avx2.cpp, decode_avx512.cpp): decode_blobs's paths, to call
+// only where avx2_available() / avx512_available(). Each decodes up to its interleave of
+// consecutive blobs of equal shape together.
+constexpr int AVX2_INTERLEAVE = 4;
+constexpr int AVX512_INTERLEAVE = 8;
 void decode_blobs_avx2(BlobTask* tasks, size_t n);
+void decode_blobs_avx512(BlobTask* tasks, size_t n);
 bool avx2_available();
+bool avx512_available();
+
+// Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
+// equal shape; a run that fails is decoded again one task at a time, to say which task
+// is bad and why.
+static inline void decode_in_groups(BlobTask* tasks, size_t n, size_t max_k,
+                                    const char* (*decode_k)(const BlobTask*, int)) {
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && j - i < max_k && tasks[j].rows == tasks[i].rows &&
+           tasks[j].channels == tasks[i].channels)
+      ++j;
+    if (decode_k(tasks + i, (int)(j - i))) {
+      for (size_t k = i; k < j; ++k) {
+        const char* err = decode_k(tasks + k, 1);
+        tasks[k].error = err ? err : "";
+      }
+    }
+    i = j;
+  }
+}
 
 }  // namespace kvc
