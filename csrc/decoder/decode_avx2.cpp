@@ -136,23 +136,6 @@ KVC_AVX2 inline __m128i pack16(__m256i r0, __m256i r1, __m256i sub0, __m256i sub
   return _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
 }
 
-// The tables and word stream of one blob in flight.
-struct Flight {
-  const uint8_t* words;
-  size_t n_words, pos;
-  const uint32_t* bucket;
-  const uint32_t* range;
-  int stride;
-  const DecodeTables* tables;
-  uint8_t* out;
-};
-
-// A partial last group of at most this many lanes runs the scalar step on them: a
-// masked vector step costs as much as a full one (two gathers) for a few symbols, and
-// the scalar step uses the integer units, which the vector steps leave idle. Channels
-// are commonly a multiple of 16 plus one (the step code).
-constexpr int kScalarRest = 4;
-
 // Decodes K blobs of the same rows and channels together: chain c = 2k + h is half h of
 // blob k's lane states. The chains are independent, and each phase of a step is issued
 // for all 2K of them before the next phase, so their gathers overlap (one blob alone is
@@ -181,17 +164,11 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
     if (const char* err = load_states(t.data, t.size, channels, state)) return err;
     x[2 * k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state));
     x[2 * k + 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state + 8));
-    f[k].stride = t.tables->stride;
+    f[k] = Flight(t);
     sub[2 * k] = _mm256_sub_epi32(_mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride)),
                                   _mm256_set1_epi32(t.tables->base));
     sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
-    f[k].words = t.data + STATE_BYTES;
-    f[k].n_words = (t.size - STATE_BYTES) / 2;
-    f[k].pos = 0;
-    f[k].bucket = t.tables->bucket.data();
-    f[k].range = t.tables->range.data();
-    f[k].tables = t.tables;
-    f[k].out = t.out;
+    if (k == 0 || t.tables != tasks[k - 1].tables) prefetch_tables(*t.tables, channels);
   }
   for (int t = 0; t < rows; ++t) {
     const size_t row = (size_t)t * channels;
@@ -216,16 +193,14 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
           return "truncated word stream";
       }
     }
-    if (rest && rest <= kScalarRest) {  // a few lanes of a partial group: scalar steps
+    if (rest && rest <= SCALAR_REST) {  // a few lanes of a partial group: scalar steps
       const int first = full * LANES;
       for (int k = 0; k < K; ++k) {
         // Lane moves, not a store and a reload: a vector load of scalar stores stalls.
         const __m128i lo = _mm256_castsi256_si128(x[2 * k]);
         uint32_t state[4] = {(uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
                              (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
-        if (!scalar_group(state, rest, first, *f[k].tables, f[k].out + row, f[k].words,
-                          f[k].n_words, &f[k].pos))
-          return "truncated word stream";
+        if (!f[k].scalar_step(state, rest, first, row)) return "truncated word stream";
         x[2 * k] = _mm256_blend_epi32(
             x[2 * k], _mm256_castsi128_si256(_mm_setr_epi32((int)state[0], (int)state[1],
                                                             (int)state[2], (int)state[3])), 0x0f);

@@ -36,17 +36,6 @@ bool avx512_available() {
 namespace {
 
 constexpr int kShift = PROB_BITS - DecodeTables::BUCKET_BITS;
-constexpr int kScalarRest = 4;  // as the AVX2 path: a few lanes left run the scalar step
-
-struct Flight {
-  const uint8_t* words;
-  size_t n_words, pos;
-  const uint32_t* bucket;
-  const uint32_t* range;
-  int stride;
-  const DecodeTables* tables;
-  uint8_t* out;
-};
 
 // One step of the lanes in `active` of a blob's state x (lanes outside keep their state
 // and touch no memory), in three phases issued across blobs by the caller:
@@ -132,10 +121,10 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
     alignas(64) uint32_t state[LANES];
     if (const char* err = load_states(t.data, t.size, channels, state)) return err;
     x[k] = _mm512_load_si512(state);
-    f[k] = {t.data + STATE_BYTES, (t.size - STATE_BYTES) / 2, 0, t.tables->bucket.data(),
-            t.tables->range.data(), t.tables->stride, t.tables, t.out};
+    f[k] = Flight(t);
     sub[k] = _mm512_sub_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(f[k].stride)),
                               _mm512_set1_epi32(t.tables->base));
+    if (k == 0 || t.tables != tasks[k - 1].tables) prefetch_tables(*t.tables, channels);
   }
   for (int t = 0; t < rows; ++t) {
     const size_t row = (size_t)t * channels;
@@ -159,13 +148,11 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
     if (!rest) continue;
     const int first = full * LANES;
     for (int k = 0; k < K; ++k) {
-      if (rest <= kScalarRest) {  // lane moves, not a store and a reload (that stalls)
+      if (rest <= SCALAR_REST) {  // lane moves, not a store and a reload (that stalls)
         const __m128i lo = _mm512_castsi512_si128(x[k]);
         uint32_t state[4] = {(uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
                              (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
-        if (!scalar_group(state, rest, first, *f[k].tables, f[k].out + row, f[k].words,
-                          f[k].n_words, &f[k].pos))
-          return "truncated word stream";
+        if (!f[k].scalar_step(state, rest, first, row)) return "truncated word stream";
         x[k] = _mm512_mask_blend_epi32(
             0x000f, x[k],
             _mm512_castsi128_si512(_mm_setr_epi32((int)state[0], (int)state[1], (int)state[2],
