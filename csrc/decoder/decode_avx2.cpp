@@ -177,7 +177,8 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
       __m256i e[C], s[C];
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        e[c] = lookup8<false>(x[c], all, boff[c & 1], f[c / 2].bucket + first * DecodeTables::BUCKETS);
+        e[c] = lookup8<false>(x[c], all, boff[c & 1],
+                              f[c / 2].bucket + first * DecodeTables::BUCKETS);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
         s[c] = index8(x[c], e[c], f[c / 2].range + first * f[c / 2].stride);
@@ -198,8 +199,9 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
       for (int k = 0; k < K; ++k) {
         // Lane moves, not a store and a reload: a vector load of scalar stores stalls.
         const __m128i lo = _mm256_castsi256_si128(x[2 * k]);
-        uint32_t state[4] = {(uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
-                             (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
+        uint32_t state[4] = {
+            (uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
+            (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
         if (!f[k].scalar_step(state, rest, first, row)) return "truncated word stream";
         x[2 * k] = _mm256_blend_epi32(
             x[2 * k], _mm256_castsi128_si256(_mm_setr_epi32((int)state[0], (int)state[1],

@@ -137,7 +137,8 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) r[k] = index16(x[k], e[k], f[k].range + first * f[k].stride);
 #pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) x[k] = advance16(x[k], r[k], all, f[k].range + first * f[k].stride);
+      for (int k = 0; k < K; ++k)
+        x[k] = advance16(x[k], r[k], all, f[k].range + first * f[k].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(f[k].out + row + first),
@@ -150,8 +151,9 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
     for (int k = 0; k < K; ++k) {
       if (rest <= SCALAR_REST) {  // lane moves, not a store and a reload (that stalls)
         const __m128i lo = _mm512_castsi512_si128(x[k]);
-        uint32_t state[4] = {(uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
-                             (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
+        uint32_t state[4] = {
+            (uint32_t)_mm_cvtsi128_si32(lo), (uint32_t)_mm_extract_epi32(lo, 1),
+            (uint32_t)_mm_extract_epi32(lo, 2), (uint32_t)_mm_extract_epi32(lo, 3)};
         if (!f[k].scalar_step(state, rest, first, row)) return "truncated word stream";
         x[k] = _mm512_mask_blend_epi32(
             0x000f, x[k],
