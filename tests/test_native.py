@@ -332,6 +332,23 @@ def test_simd_decoder_every_partial_group_width(path):
         np.testing.assert_array_equal(out, sym)
 
 
+def test_tables_built_in_recycled_memory_decode_exactly():
+    """Decode tables come from a pool of freed ones (no page faults on reuse): tables of
+    other shapes and spans, built after the first ones are dropped, decode exactly."""
+    rng = np.random.default_rng(12)
+    first = [random_case(rng, 40, c, 256, skew=1.0)[1] for c in (193, 48, 385)]
+    built = nat.build_decode_tables(first, 1)
+    del built  # back to the pool
+    for channels, alphabet in ((192, 256), (49, 16), (385, 256), (17, 2)):
+        sym, freqs = random_case(rng, 70, channels, alphabet, skew=float(rng.uniform(0.3, 2)))
+        tabs, = nat.build_decode_tables([freqs], 1)
+        blobs = nat.encode(sym, freqs, 32)
+        for path in PATHS:
+            out = np.zeros_like(sym)
+            assert _decode_with(path, [(blobs, tabs, out)], 32) == [None]
+            np.testing.assert_array_equal(out, sym)
+
+
 def test_simd_path_switch():
     assert nat.simd_path() == PATHS[-1]  # the best the CPU has
     for path in PATHS:

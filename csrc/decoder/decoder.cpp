@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../common/rans.h"
@@ -15,6 +17,61 @@
 #endif
 
 namespace kvc {
+
+namespace {
+// Freed arrays for Words. Never destroyed: tables that Python frees at interpreter exit
+// may return theirs after static destructors have run.
+struct Pool {
+  std::mutex mu;
+  std::vector<std::pair<size_t, uint32_t*>> blocks;  // (entries, block)
+  size_t entries = 0;
+  static constexpr size_t MAX_ENTRIES = (64u << 20) / sizeof(uint32_t);
+};
+Pool& pool() {
+  static Pool* p = new Pool;
+  return *p;
+}
+}  // namespace
+
+void Words::allocate(size_t n) {
+  release();
+  Pool& pl = pool();
+  {
+    std::lock_guard<std::mutex> lock(pl.mu);
+    size_t best = pl.blocks.size();  // the smallest block that fits, wasting at most half
+    for (size_t i = 0; i < pl.blocks.size(); ++i) {
+      const size_t c = pl.blocks[i].first;
+      if (c >= n && c <= 2 * n + 64 && (best == pl.blocks.size() || c < pl.blocks[best].first))
+        best = i;
+    }
+    if (best < pl.blocks.size()) {
+      cap_ = pl.blocks[best].first;
+      p_ = pl.blocks[best].second;
+      pl.entries -= cap_;
+      pl.blocks[best] = pl.blocks.back();
+      pl.blocks.pop_back();
+      return;
+    }
+  }
+  p_ = new uint32_t[n];
+  cap_ = n;
+}
+
+void Words::release() {
+  if (!p_) return;
+  Pool& pl = pool();
+  {
+    std::lock_guard<std::mutex> lock(pl.mu);
+    if (pl.entries + cap_ <= Pool::MAX_ENTRIES) {
+      pl.blocks.emplace_back(cap_, p_);
+      pl.entries += cap_;
+      p_ = nullptr;
+    }
+  }
+  delete[] p_;
+  p_ = nullptr;
+  cap_ = 0;
+}
 
 // Writes freq | cum << 16 for the symbols [0, width) of one row (cum: the exclusive prefix
 // sum; in up to 7 entries past width, garbage) and returns the row's total. Eight symbols
