@@ -249,7 +249,7 @@ KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
 }  // namespace
 
 void decode_blobs_avx2(BlobTask* tasks, size_t n) {
-  decode_in_groups(tasks, n, AVX2_INTERLEAVE, decode_k);
+  decode_in_groups(tasks, n, AVX2_INTERLEAVE, MAX_TABLES_TOGETHER, decode_k);
 }
 
 #else  // not x86-64 GCC/Clang: the scalar path only

@@ -197,7 +197,7 @@ KVC_AVX512 const char* decode_k(const BlobTask* tasks, int k) {
 }  // namespace
 
 void decode_blobs_avx512(BlobTask* tasks, size_t n) {
-  decode_in_groups(tasks, n, AVX512_INTERLEAVE, decode_k);
+  decode_in_groups(tasks, n, AVX512_INTERLEAVE, MAX_TABLES_TOGETHER, decode_k);
 }
 
 #else  // not x86-64 GCC/Clang

@@ -121,21 +121,29 @@ std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int c
 // consecutive blobs of equal shape together.
 constexpr int AVX2_INTERLEAVE = 4;
 constexpr int AVX512_INTERLEAVE = 8;
+constexpr int MAX_TABLES_TOGETHER = 4;
 void decode_blobs_avx2(BlobTask* tasks, size_t n);
 void decode_blobs_avx512(BlobTask* tasks, size_t n);
 bool avx2_available();
 bool avx512_available();
 
 // Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
-// equal shape; a run that fails is decoded again one task at a time, to say which task
-// is bad and why.
+// equal shape that use at most max_tables distinct tables (those of up to 4 streams fit
+// a core's L2 together; 8 blobs of 8 streams, as a chunk of a stream loads, did not);
+// a run that fails is decoded again one task at a time, to say which task is bad and why.
 static inline void decode_in_groups(BlobTask* tasks, size_t n, size_t max_k,
+                                    size_t max_tables,
                                     const char* (*decode_k)(const BlobTask*, int)) {
   for (size_t i = 0; i < n;) {
-    size_t j = i + 1;
+    size_t j = i + 1, distinct = 1;
     while (j < n && j - i < max_k && tasks[j].rows == tasks[i].rows &&
-           tasks[j].channels == tasks[i].channels)
+           tasks[j].channels == tasks[i].channels) {
+      bool seen = false;
+      for (size_t k = i; k < j && !seen; ++k) seen = tasks[k].tables == tasks[j].tables;
+      if (!seen && distinct == max_tables) break;
+      distinct += !seen;
       ++j;
+    }
     if (decode_k(tasks + i, (int)(j - i))) {
       for (size_t k = i; k < j; ++k) {
         const char* err = decode_k(tasks + k, 1);
