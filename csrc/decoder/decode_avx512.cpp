@@ -2,10 +2,10 @@
 // states are one 512-bit register, so a step is one bucket gather, one range gather and
 // one 16-lane refill (a compare into a mask, a popcount, and an expand of the next words
 // into the lanes asking for one, in lane order, as the bitstream orders them). Up to
-// eight blobs of equal shape decode together, each phase of a step issued for all of
-// them before the next, so that their gathers overlap. On Zen 4 a 512-bit gather costs
-// two 256-bit ones, but every other step is half the instructions of the AVX2 path's
-// two halves, and the window then holds twice the steps in flight.
+// eight blobs of equal shape (and of at most four streams) decode together, each phase
+// of a step issued for all of them before the next, so that their gathers overlap. On
+// Zen 4 a 512-bit gather costs two 256-bit ones, but every other step takes half the
+// instructions of the AVX2 path's two halves, so twice the steps fit in flight.
 // Bit-identical to the scalar decoder by construction: the same tables and arithmetic,
 // lane by lane; a partial last group of a few lanes runs the scalar step itself.
 // Compiled for AVX-512F by function attribute only; decode_blobs picks it at run time.
