@@ -53,13 +53,11 @@ const RefillPerm kPerm;
 // lookup8 gathers each lane's bucket entry, index8 turns it into the lane's range index
 // within the group, advance8 gathers that range entry and advances the state. Lanes
 // outside `active` (all-ones = active) touch no memory and keep their state.
-constexpr int kShift = PROB_BITS - DecodeTables::BUCKET_BITS;
-
 template <bool MASKED>
 KVC_AVX2 inline __m256i lookup8(__m256i x, __m256i active, __m256i bucket_off,
                                 const uint32_t* gbucket) {
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
-  const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, kShift));
+  const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, DecodeTables::SHIFT));
   const int* bt = reinterpret_cast<const int*>(gbucket);
   return MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), bt, bidx, active, 4)
                 : _mm256_i32gather_epi32(bt, bidx, 4);
@@ -168,7 +166,6 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
     sub[2 * k] = _mm256_sub_epi32(_mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride)),
                                   _mm256_set1_epi32(t.tables->base));
     sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
-    if (k == 0 || t.tables != tasks[k - 1].tables) prefetch_tables(*t.tables, channels);
   }
   for (int t = 0; t < rows; ++t) {
     const size_t row = (size_t)t * channels;

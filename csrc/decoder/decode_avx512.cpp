@@ -35,8 +35,6 @@ bool avx512_available() {
 
 namespace {
 
-constexpr int kShift = PROB_BITS - DecodeTables::BUCKET_BITS;
-
 // One step of the lanes in `active` of a blob's state x (lanes outside keep their state
 // and touch no memory), in three phases issued across blobs by the caller:
 // lookup16 gathers the bucket entries,
@@ -44,8 +42,8 @@ KVC_AVX512 inline __m512i lookup16(__m512i x, __mmask16 active, __m512i bucket_o
                                    const uint32_t* gbucket) {
   // (x >> shift) & (BUCKETS - 1) | bucket_off in one ternary-logic op.
   const __m512i bidx = _mm512_ternarylogic_epi32(
-      _mm512_srli_epi32(x, kShift), _mm512_set1_epi32(DecodeTables::BUCKETS - 1), bucket_off,
-      0xEA);
+      _mm512_srli_epi32(x, DecodeTables::SHIFT), _mm512_set1_epi32(DecodeTables::BUCKETS - 1),
+      bucket_off, 0xEA);
   return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, bidx, gbucket, 4);
 }
 
@@ -124,7 +122,6 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
     f[k] = Flight(t);
     sub[k] = _mm512_sub_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(f[k].stride)),
                               _mm512_set1_epi32(t.tables->base));
-    if (k == 0 || t.tables != tasks[k - 1].tables) prefetch_tables(*t.tables, channels);
   }
   for (int t = 0; t < rows; ++t) {
     const size_t row = (size_t)t * channels;

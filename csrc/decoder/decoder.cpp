@@ -115,7 +115,7 @@ static uint32_t fill_range_row(const uint16_t* f, int width, uint32_t* range) {
 }
 
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
-  constexpr int B = DecodeTables::BUCKETS, SHIFT = PROB_BITS - DecodeTables::BUCKET_BITS;
+  constexpr int B = DecodeTables::BUCKETS, SHIFT = DecodeTables::SHIFT;
   // The span any channel uses, from the OR of all rows (a vectorizable pass; scanning
   // each row for its ends was most of the build).
   std::vector<uint16_t> any(alphabet, 0);

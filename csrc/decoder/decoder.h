@@ -4,26 +4,9 @@
 #include <stdint.h>
 
 #include <string>
-#include <vector>
 
 namespace kvc {
 
-// Per-channel decode tables, built once per stream and reused for all its blobs. Compact,
-// so that the tables of all of a file's streams stay in the last-level cache when a file
-// is decoded chunk by chunk (a flat slot -> symbol map would be 4 KiB per channel, ~1 MB
-// per stream and ~60 MB per file, and each chunk would refetch it from memory). They
-// cover only the symbols [base, base + stride - 1) that some channel of the stream uses:
-//   range  [channels][stride]: freq | cum << 16 per symbol, then a sentinel cum = 2^12;
-//   bucket [channels][BUCKETS]: for the 2^12 / BUCKETS slots from b * 2^12 / BUCKETS,
-//     r1 | split << 24 | multi << 31. r1 is the range index, within the channel's group
-//     of 16 (lane * stride + symbol less base), of s0 + 1, where s0 holds the bucket's
-//     first slot; s0 + 1 starts at slot `split` of the bucket (SPAN: not in it); multi is
-//     set when s0 + 1 does not hold every slot of the bucket from there on.
-// A slot's range index is r1 - 1, or r1 if the slot lies at or past the split; in a
-// `multi` bucket it is r1 - 1 stepped forward while the slot lies at or past the next
-// symbol's cum (multi reads as a split past every slot). Indexing the range table
-// directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
-// shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per stream.
 // An array left uninitialized when allocated (every entry of a table is written by the
 // build: zeroing them first was a fifth of it), and taken from a process-wide pool of
 // freed ones where one fits: a file's tables are megabytes, and fresh memory costs a
@@ -55,10 +38,27 @@ class Words {
   size_t cap_ = 0;  // entries
 };
 
+// Per-channel decode tables, built once per stream and reused for all its blobs. Compact,
+// so that the tables of all of a file's streams stay in the last-level cache when a file
+// is decoded chunk by chunk (a flat slot -> symbol map would be 4 KiB per channel, ~1 MB
+// per stream and ~60 MB per file, and each chunk would refetch it from memory). They
+// cover only the symbols [base, base + stride - 1) that some channel of the stream uses:
+//   range  [channels][stride]: freq | cum << 16 per symbol, then a sentinel cum = 2^12;
+//   bucket [channels][BUCKETS]: for the 2^12 / BUCKETS slots from b * 2^12 / BUCKETS,
+//     r1 | split << 24 | multi << 31. r1 is the range index, within the channel's group
+//     of 16 (lane * stride + symbol less base), of s0 + 1, where s0 holds the bucket's
+//     first slot; s0 + 1 starts at slot `split` of the bucket (SPAN: not in it); multi is
+//     set when s0 + 1 does not hold every slot of the bucket from there on.
+// A slot's range index is r1 - 1, or r1 if the slot lies at or past the split; in a
+// `multi` bucket it is r1 - 1 stepped forward while the slot lies at or past the next
+// symbol's cum (multi reads as a split past every slot). Indexing the range table
+// directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
+// shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per stream.
 struct DecodeTables {
   static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
-  static constexpr int SPAN = 1 << (12 - BUCKET_BITS);  // slots per bucket
+  static constexpr int SHIFT = 12 - BUCKET_BITS;  // slot >> SHIFT: its bucket (PROB_BITS 12)
+  static constexpr int SPAN = 1 << SHIFT;         // slots per bucket
   static constexpr uint32_t MULTI = 1u << 31;
   static constexpr uint32_t R_MASK = (1u << 24) - 1;
   static_assert(SPAN < 64, "split (0..SPAN) must fit 6 bits");

@@ -31,7 +31,8 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
       float* o = spec.out + (size_t)k * spec.head_stride + at;
       __m256i bad = _mm256_setzero_si256();
       for (int i = 0; i < d; i += 8) {
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
+        const __m256i v =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
         bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
         const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
         _mm256_store_ps(x + i, _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i))));

@@ -9,6 +9,9 @@
 
 namespace kvc {
 
+static_assert(DecodeTables::SHIFT == PROB_BITS - DecodeTables::BUCKET_BITS,
+              "a bucket's slots: the probability scale over BUCKETS");
+
 static inline uint32_t load_u32(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
@@ -18,7 +21,6 @@ static inline uint32_t load_u32(const uint8_t* p) {
 static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeTables& tables,
                                 uint8_t* row, const uint8_t* words, size_t n_words,
                                 size_t* pos) {
-  constexpr int shift = PROB_BITS - DecodeTables::BUCKET_BITS;
   const int stride = tables.stride;
   const uint32_t* gbucket = tables.bucket.data() + (size_t)first * DecodeTables::BUCKETS;
   const uint32_t* grange = tables.range.data() + (size_t)first * stride;
@@ -27,7 +29,7 @@ static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeT
   for (int j = 0; j < n; ++j) {
     uint32_t x = state[j];
     const uint32_t slot = x & PROB_MASK;
-    const uint32_t e = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> shift)];
+    const uint32_t e = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> DecodeTables::SHIFT)];
     // r1 - 1 before the split, r1 from it on; a `multi` entry reads as a split past
     // every slot, and steps on from r1 - 1 (the sentinel stops it at the last symbol).
     uint32_t r = (e & DecodeTables::R_MASK) - ((slot & (DecodeTables::SPAN - 1)) < (e >> 24));
@@ -129,19 +131,24 @@ bool avx512_available();
 
 // Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
 // equal shape that use at most max_tables distinct tables (those of up to 4 streams fit
-// a core's L2 together; 8 blobs of 8 streams, as a chunk of a stream loads, did not);
-// a run that fails is decoded again one task at a time, to say which task is bad and why.
+// a core's L2 together; 8 blobs of 8 streams, as a chunk of a stream loads, did not),
+// each of those tables prefetched once; a run that fails is decoded again one task at a
+// time, to say which task is bad and why.
 static inline void decode_in_groups(BlobTask* tasks, size_t n, size_t max_k,
                                     size_t max_tables,
                                     const char* (*decode_k)(const BlobTask*, int)) {
   for (size_t i = 0; i < n;) {
     size_t j = i + 1, distinct = 1;
+    prefetch_tables(*tasks[i].tables, tasks[i].channels);
     while (j < n && j - i < max_k && tasks[j].rows == tasks[i].rows &&
            tasks[j].channels == tasks[i].channels) {
       bool seen = false;
       for (size_t k = i; k < j && !seen; ++k) seen = tasks[k].tables == tasks[j].tables;
-      if (!seen && distinct == max_tables) break;
-      distinct += !seen;
+      if (!seen) {
+        if (distinct == max_tables) break;
+        prefetch_tables(*tasks[j].tables, tasks[j].channels);
+        ++distinct;
+      }
       ++j;
     }
     if (decode_k(tasks + i, (int)(j - i))) {
