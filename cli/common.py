@@ -22,12 +22,39 @@ def with_bar(label, fn):
         return fn(progress)
 
 
-def capture(lm, text, max_tokens, label, independent: bool = False):
+MODEL_HELP = ("Model: a transformers directory or a .gguf file (converted once and cached); "
+              "default: the embedded SmolLM2-135M.")
+
+
+def model_option(fn):
+    """``--model``, the same in every command."""
+    return click.option("--model", default=None, help=MODEL_HELP)(fn)
+
+
+def chat_options(fn):
+    """``--chat`` / ``--system``: the document as the start of a chat turn."""
+    fn = click.option("--system", default=None,
+                      help="With --chat: the system message before the document.")(fn)
+    return click.option("--chat", is_flag=True,
+                        help="Wrap the document in the model's chat template (a user turn "
+                             "that starts with it, after --system), as a chat request about "
+                             "it begins.")(fn)
+
+
+def check_chat(chat, system):
+    if system is not None and not chat:
+        raise click.UsageError("--system goes with --chat")
+
+
+def capture(lm, text, max_tokens, label, independent: bool = False, chat: bool = False,
+            system=None):
     """capture_kv with a progress bar over prefill steps; ``independent``: behind the
-    model's anchor, position-independent (for blending)."""
+    model's anchor, position-independent (for blending); ``chat``: inside the model's
+    chat template."""
     anchor = kvcodec.models.default_anchor(lm.tokenizer) if independent else None
     return with_bar(label, lambda p: kvcodec.capture_kv(lm, text, max_tokens=max_tokens,
-                                                         progress=p, anchor=anchor))
+                                                         progress=p, anchor=anchor, chat=chat,
+                                                         system=system))
 
 
 def parse_chunks(spec):

@@ -8,7 +8,7 @@ import click
 
 import kvcodec
 
-from .common import capture, parse_chunks, status
+from .common import capture, chat_options, check_chat, model_option, parse_chunks, status
 
 
 @click.command()
@@ -17,7 +17,7 @@ from .common import capture, parse_chunks, status
               help="The .kvc file to write.")
 @click.option("--config", default="default", show_default=True,
               help=f"Config name ({', '.join(kvcodec.available_configs())}) or JSON path.")
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@model_option
 @click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
 @click.option("--chunk-tokens", type=int, default=None, help="Tokens per chunk (default 256).")
 @click.option("--threads", type=int, default=0, show_default=True, help="Coder threads (0 = all cores).")
@@ -28,8 +28,9 @@ from .common import capture, parse_chunks, status
               help="Keep only RATIO of each head's tokens, ranked by POLICY "
                    f"({', '.join(sorted(kvcodec.evict.POLICIES))}; wrap with +window), "
                    "scored during the capture, e.g. snapkv:0.25.")
+@chat_options
 def encode(source, output, config, model, max_tokens, chunk_tokens, threads, independent,
-           evict_spec):
+           evict_spec, chat, system):
     """Encode SOURCE into a .kvc file.
 
     SOURCE is a text file (run through the model to capture its KV cache) or a
@@ -37,10 +38,11 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
     """
     from kvcodec.format import io as kvio
 
+    check_chat(chat, system)
     if source.endswith(".safetensors"):
-        if independent:
-            raise click.UsageError("--independent captures a text; it does not apply to "
-                                   ".safetensors input")
+        if independent or chat:
+            raise click.UsageError("--independent and --chat capture a text; they do not "
+                                   "apply to .safetensors input")
         kv = kvio.load_safetensors(source)
         if evict_spec:  # no attention to score by: knorm or streaming, after the fact
             kv = kvcodec.evict.apply(kv, *kvcodec.evict.parse(evict_spec))
@@ -48,15 +50,19 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
         if independent and evict_spec:
             raise click.UsageError("--independent and --evict do not combine: blending "
                                    "needs every token of a chunk")
+        if independent and chat:
+            raise click.UsageError("--independent and --chat do not combine: a document "
+                                   "placed inside a prompt carries no chat template")
         text = Path(source).read_text(encoding="utf-8", errors="replace")
         with status("loading the model"):
             lm = kvcodec.load_model(model)
         label = f"prefilling {Path(source).name}"
         if evict_spec:
             with kvcodec.evict.press(lm, *kvcodec.evict.parse(evict_spec)) as press:
-                kv = press.evict(capture(lm, text, max_tokens, label))
+                kv = press.evict(capture(lm, text, max_tokens, label, chat=chat,
+                                         system=system))
         else:
-            kv = capture(lm, text, max_tokens, label, independent)
+            kv = capture(lm, text, max_tokens, label, independent, chat, system)
     with status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"

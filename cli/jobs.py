@@ -5,6 +5,8 @@ import click
 
 from kvcodec.errors import KVCodecError
 
+from .common import chat_options, check_chat, model_option
+
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
@@ -14,7 +16,7 @@ from kvcodec.errors import KVCodecError
 @click.option("--config", "configs", multiple=True,
               help="Codec config (default: default); repeat it to store several quality "
                    "levels for bandwidth adaptation.")
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@model_option
 @click.option("--text-field", default="text", show_default=True,
               help="JSONL / Parquet: the field holding each document's text.")
 @click.option("--id-field", default=None,
@@ -41,8 +43,10 @@ from kvcodec.errors import KVCodecError
               help="Also write the summary as JSON here.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr.")
+@chat_options
 def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, independent,
-               evict, batch_tokens, runner, num_workers, address, report_path, progress):
+               evict, batch_tokens, runner, num_workers, address, report_path, progress,
+               chat, system):
     """Batch job: prefill every document of INPUTS once and store its KV chunks.
 
     INPUTS are text files, directories, globs, JSONL or Parquet files (local paths or
@@ -52,8 +56,9 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
     from kvcodec.format.container import atomic_write
     from kvcodec.jobs import JobSpec, precompute as run
 
+    check_chat(chat, system)
     spec = JobSpec(configs=configs, independent=independent, evict=evict,
-                   max_tokens=max_tokens, batch_tokens=batch_tokens)
+                   max_tokens=max_tokens, batch_tokens=batch_tokens, chat=chat, system=system)
     summary = run(list(inputs), store, model=model, spec=spec, runner=runner,
                   num_workers=num_workers, address=address, text_field=text_field,
                   id_field=id_field, progress=progress)

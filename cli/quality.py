@@ -8,7 +8,7 @@ import click
 
 import kvcodec
 
-from .common import with_bar, status
+from .common import model_option, status, with_bar
 
 
 @click.command()
@@ -24,7 +24,7 @@ def demo(text, max_tokens, out_dir):
 
 
 @click.command(name="eval")
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@model_option
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text to prefill and continue.")
 @click.option("--config", "configs", multiple=True,
@@ -41,8 +41,7 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
     from kvcodec.quality import evaluate
 
     lm = kvcodec.load_model(model)
-    ids = lm.tokenizer(Path(text_path).read_text(errors="replace"),
-                       add_special_tokens=False)["input_ids"]
+    ids = kvcodec.models.text_ids(lm.tokenizer, Path(text_path).read_text(errors="replace"))
     configs = list(configs) or ["default", "cachegen"]
     if sweep:
         configs = configs + [c for name in configs
@@ -61,8 +60,7 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
 
 
 @click.command()
-@click.option("--model", default=None,
-              help="Local transformers model directory (default: embedded SmolLM2-135M).")
+@model_option
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Calibration text (repeatable; default: license and source texts that "
                    "ship with Debian and Python, none of them used by the benchmarks).")
@@ -97,8 +95,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
         lm = kvcodec.load_model(model)
     key = model_key(lm.fingerprint)
     paths = [Path(t) for t in texts] or default_calibration_texts()
-    ids = [lm.tokenizer(p.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
-           for p in paths]
+    ids = [kvcodec.models.text_ids(lm.tokenizer, p.read_text(errors="replace")) for p in paths]
     with status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
@@ -109,7 +106,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
     sens = with_bar("measuring sensitivities",
                     lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
     if output is None:
-        stem = Path(model).name if model else kvcodec.DEFAULT_MODEL
+        stem = kvcodec.models.model_name(model)
         output = user_config_dir() / f"{stem}-{key}.json"
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         name = name or "default"
@@ -121,7 +118,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
     cfg, info = with_bar("searching the global step",
                          lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
     cfg = {"name": cfg.pop("name"), "model_key": key,
-           "model_name": Path(model).name if model else kvcodec.DEFAULT_MODEL, **cfg}
+           "model_name": kvcodec.models.model_name(model), **cfg}
     fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     cfg["calibration"] = {"target_kl": target_kl, "texts": [p.name for p in paths],
                           "model": fp, **info}

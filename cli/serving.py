@@ -9,12 +9,12 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from .common import status
+from .common import chat_options, check_chat, model_option, status
 
 
 @click.command()
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
+@model_option
 @click.option("--blend", "blend_mode", is_flag=True,
               help="Blend the FILES (position-independent .kvc documents, from `kvcodec "
                    "encode --independent`), or with --store the --doc texts, in order, "
@@ -22,7 +22,8 @@ from .common import status
 @click.option("--doc", "docs", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="With --blend --store: a document (text file) stored by `kvcodec "
                    "precompute --independent`; repeat it, in prompt order.")
-@click.option("--system", default=None, help="With --blend: text before the documents.")
+@click.option("--system", default=None,
+              help="With --blend: text before the documents; with --chat: the system message.")
 @click.option("--recompute", type=float, default=0.15, show_default=True,
               help="With --blend: fraction of the documents' tokens recomputed (0..1).")
 @click.option("--selector", default="hkvd", show_default=True,
@@ -47,8 +48,12 @@ from .common import status
 @click.option("--compare", is_flag=True,
               help="Also prefill the document from its tokens and report agreement "
                    "(with --blend: and the KL of the answer's next-token distributions).")
+@click.option("--chat", is_flag=True,
+              help="The document and --prompt are one user turn of the model's chat template "
+                   "(after --system), answered by the assistant; the store or file must have "
+                   "been made with --chat too.")
 def generate(files, model, blend_mode, docs, system, recompute, selector, context, store_dir,
-             text_file, configs, bandwidth, budget, prompt, max_new_tokens, compare):
+             text_file, configs, bandwidth, budget, prompt, max_new_tokens, compare, chat):
     """Continue from a cached document plus a new prompt, without prefilling the document.
 
     With --blend, several cached documents are fused into one prompt (CacheBlend-style
@@ -60,11 +65,15 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
     from kvcodec.quality import evaluate
 
     if blend_mode:
+        if chat:
+            raise click.UsageError("--chat does not go with --blend (blended documents carry "
+                                   "no chat template)")
         return _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
                       max_new_tokens, compare, bool(context or text_file or configs or
                                                     bandwidth or budget is not None))
-    if files or docs or system is not None:
-        raise click.UsageError("FILES, --doc and --system go with --blend")
+    if files or docs:
+        raise click.UsageError("FILES and --doc go with --blend")
+    check_chat(chat, system)
     if (context is None) == (store_dir is None):
         raise click.UsageError("give exactly one of --context FILE.kvc and --store DIR")
     if store_dir is not None and text_file is None:
@@ -80,7 +89,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
 
         bandwidth = parse_bandwidth(bandwidth)
     lm = kvcodec.load_model(model)
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = kvcodec.models.prompt_ids(lm.tokenizer, prompt, chat=chat, system=system)
     if not prompt_ids:
         raise KVCodecError("--prompt is empty")
     t = time.perf_counter()
@@ -91,7 +100,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
             doc_ids, rest, source = f.token_ids, [], context
     else:
         cache, doc_ids, rest, source = _from_store(lm, store_dir, text_file, configs or
-                                                   ("default",), bandwidth, budget)
+                                                   ("default",), bandwidth, budget, chat, system)
     out = evaluate.greedy_generate(lm, cache, rest + prompt_ids, max_new_tokens)
     elapsed = time.perf_counter() - t
     click.echo(lm.tokenizer.decode(out))
@@ -155,12 +164,12 @@ def _store_arg(value):
                              param_hint="--store")
 
 
-def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
+def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False, system=None):
     """(cache, document ids, uncached document ids, description) for generate --store."""
     from kvcodec.store import Store, adapt
 
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
-    doc_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    doc_ids = kvcodec.models.document_ids(lm.tokenizer, text, chat=chat, system=system)
     if not doc_ids:
         raise KVCodecError(f"{text_file} has no tokens")
     stores = [Store(store_dir, lm.fingerprint, c) for c in configs]
@@ -178,12 +187,16 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget):
 
 
 @click.command(name="model-path")
-@click.option("--model", default=None, help="Model directory (default: embedded SmolLM2-135M).")
-def model_path(model):
-    """Print the model's local transformers directory (the embedded GGUF is converted to
-    safetensors once), e.g. to serve it with vLLM, which cannot read GGUF on CPU."""
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@model_option
+def model_path(model_arg, model):
+    """Print MODEL's local transformers directory, e.g. to serve it with vLLM, which cannot
+    read GGUF on CPU. MODEL (or --model) is a .gguf file, converted to safetensors once and
+    cached by its hash, or a model directory (printed as is); default: the embedded model."""
     from kvcodec.models.loading import resolve_model_path
 
-    with status("converting the embedded model (once)"):
-        path = resolve_model_path(model)
+    if model_arg and model and model_arg != model:
+        raise click.UsageError("give the model once (MODEL or --model)")
+    with status("converting the model (once)"):
+        path = resolve_model_path(model_arg or model)
     click.echo(str(path))

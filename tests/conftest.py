@@ -45,6 +45,32 @@ def lm():
 
 
 @pytest.fixture(scope="session")
+def bos_model_dir(tmp_path_factory):
+    """The embedded model with a tokenizer that starts every sequence with BOS (as Llama 3,
+    Gemma, Mistral and Phi-3 tokenizers do): its files, weights linked, not copied."""
+    from transformers import AutoTokenizer
+
+    from kvcodec.models.loading import resolve_model_path
+
+    src = resolve_model_path(None)
+    out = tmp_path_factory.mktemp("bos-model")
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            (out / f.name).symlink_to(f)
+        elif f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_bos_token = True
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bos_lm(bos_model_dir):
+    return kvcodec.load_model(str(bos_model_dir))
+
+
+@pytest.fixture(scope="session")
 def kv_600(lm, texts):
     """600 tokens of real KV: two full 256-token chunks and a partial one."""
     return kvcodec.capture_kv(lm, texts["python_license"], max_tokens=600)

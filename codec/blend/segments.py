@@ -21,12 +21,14 @@ from ..core.transforms import model_ropes, shift
 from ..errors import (BlendError, ConfigError, CorruptError, FormatError, KVCodecError,
                       ShapeError)
 from ..models.fingerprint import check_fingerprint
+from ..models.tokens import special_prefix, text_ids
 
 
 @dataclass
 class Text:
-    """Tokens computed in the blend: give ``text`` (tokenized without special tokens)
-    or ``token_ids``."""
+    """Tokens computed in the blend: give ``text`` (tokenized without special tokens:
+    the prompt's BOS, where the model's tokenizer starts with one, is added by
+    :func:`resolve`) or ``token_ids``."""
 
     text: str | None = None
     token_ids: list | None = None
@@ -75,8 +77,8 @@ class _Part:
 def _ids(lm, text, token_ids) -> list | None:
     if token_ids is not None:
         return [int(t) for t in token_ids]
-    if text is not None:
-        return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if text is not None:  # a piece inside the prompt: never a BOS of its own
+        return text_ids(lm.tokenizer, text, first=False)
     return None
 
 
@@ -92,7 +94,13 @@ def _describe(seg: Cached, i: int) -> str:
 
 def resolve(lm, segments, anchor: list) -> list:
     """Token ids and loaders of every segment (files opened, headers checked); errors
-    that are the caller's (wrong model, another anchor, no tokens) raise here."""
+    that are the caller's (wrong model, another anchor, no tokens) raise here.
+
+    The prompt starts as the model's tokenizer starts a sequence
+    (:mod:`kvcodec.models.tokens`): where that is a BOS and the first segment does not
+    begin with it (a text, or a position-independent document, which never carries one),
+    a computed part holding it comes first.
+    """
     if not segments:
         raise ShapeError("blend needs at least one segment")
     parts = []
@@ -104,6 +112,9 @@ def resolve(lm, segments, anchor: list) -> list:
             for f in p.owned:
                 f.close()
         raise
+    prefix = special_prefix(lm.tokenizer) if lm.tokenizer is not None else []
+    if prefix and parts[0].ids[:len(prefix)] != prefix:
+        parts.insert(0, _Part(prefix, SegmentReport("text", "bos", 0, len(prefix))))
     return parts
 
 

@@ -7,6 +7,7 @@ import torch
 
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
+from ..models.tokens import special_prefix, text_ids
 from .base import Stats, stats_from_cache
 
 # Prompt queries whose attention rows are kept for window scores (policies use their
@@ -158,9 +159,14 @@ class Press:
         if kv.token_ids is None:
             raise ShapeError(f"policy {self.policy.name} replays the text, and this cache "
                              "carries no token ids")
-        prompt = ([] if self.tokenizer is None else
-                  self.tokenizer(REPLAY_PROMPT, add_special_tokens=False)["input_ids"])
-        ids = list(prompt) + list(kv.token_ids)
+        text = list(kv.token_ids)
+        prompt = []
+        if self.tokenizer is not None:
+            prompt = text_ids(self.tokenizer, REPLAY_PROMPT, first=False)
+            bos = special_prefix(self.tokenizer)  # the text is repeated, not its BOS
+            if bos and text[:len(bos)] == bos:
+                text = text[len(bos):]
+        ids = prompt + text
         n = kv.num_tokens
         best, seen = {}, [n]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError, KVCodecError
 from ..models.batch import capture_batch
 from ..models.capture import default_anchor
+from ..models.tokens import chat_text, document_ids, special_prefix
 from ..storage import ChunkStore
 from .corpus import Skipped
 from .manifest import Manifest
@@ -68,7 +69,12 @@ class Engine:
         self.anchor = default_anchor(lm.tokenizer) if spec.independent else None
         context = getattr(lm.config, "max_position_embeddings", None)
         self.window = spec.window(context, chunk, len(self.anchor or ()))
-        self.manifest = Manifest(self.stores[0], spec.key(lm.fingerprint, self.window))
+        # Every prefix window starts as a prompt does (the BOS where the tokenizer adds one).
+        self.prefix = [] if self.anchor is not None else special_prefix(lm.tokenizer)
+        if spec.chat:
+            chat_text(lm.tokenizer, "", spec.system)  # no template: refused before any work
+        self.manifest = Manifest(self.stores[0],
+                                 spec.key(lm.fingerprint, self.window, self.prefix))
         self._policy = None
         if spec.evict:
             from ..evict import parse
@@ -123,14 +129,15 @@ class Engine:
             return []
         result = DocResult(doc.id, "done")
         try:
-            ids = self.lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            ids = document_ids(self.lm.tokenizer, doc.text, chat=self.spec.chat,
+                               system=self.spec.system, independent=self.anchor is not None)
         except Exception as exc:  # noqa: BLE001 - a tokenizer failure fails this document
             self._emit(emit, DocResult(doc.id, "failed", reason=f"tokenizer: {exc}"))
             return []
-        if not ids:
+        if len(ids) <= len(self.prefix):
             self._emit(emit, DocResult(doc.id, "skipped", reason="no tokens"))
             return []
-        parts = windows(ids, self.window)
+        parts = windows(ids, self.window, self.prefix)
         result.tokens, result.windows = len(ids), len(parts)
         state = _Doc(result, doc.text, 0)
         todo = []

@@ -7,8 +7,11 @@ Windows
     window then ends on a chunk boundary, so no chunk straddles two windows), the last
     window taking the rest. Each window is stored as a sequence of its own: as a prompt
     prefix (a request that starts with that window reuses it), as an independent
-    document for blending, or as one evicted entry. Attention cannot reach across a
-    window; a document that should be one prefix needs a model with a longer context.
+    document for blending, or as one evicted entry. A prompt starts the way the model's
+    tokenizer starts it (:mod:`kvcodec.models.tokens`), so where that is a BOS every
+    prefix window starts with it too: ``W`` tokens are the BOS and ``W - 1`` of text.
+    Attention cannot reach across a window; a document that should be one prefix needs a
+    model with a longer context.
 
 Batches
     Windows that need a prefill are grouped into forward passes of at most
@@ -49,6 +52,11 @@ class JobSpec:
         Longest window; default (and cap) the model's context.
     batch_tokens : int
         Padded tokens per forward pass.
+    chat : bool
+        Store each document as the start of a chat turn (the tokenizer's chat template,
+        after a ``system`` turn if given), as a chat request about it begins.
+    system : str or None
+        With ``chat``: the system message.
     """
 
     configs: tuple = ("default",)
@@ -56,6 +64,8 @@ class JobSpec:
     evict: str | None = None
     max_tokens: int | None = None
     batch_tokens: int = 4096
+    chat: bool = False
+    system: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "configs", tuple(self.configs) or ("default",))
@@ -66,6 +76,11 @@ class JobSpec:
             from ..evict import parse
 
             parse(self.evict)
+        if self.system is not None and not self.chat:
+            raise ConfigError("a system message goes with chat (--chat)")
+        if self.chat and self.independent:
+            raise ConfigError("a position-independent document is placed inside a prompt: "
+                              "it cannot carry a chat template (choose --chat or --independent)")
         for name, v in (("max_tokens", self.max_tokens), ("batch_tokens", self.batch_tokens)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -85,17 +100,34 @@ class JobSpec:
                               f"{anchor_tokens}-token anchor")
         return room // chunk_tokens * chunk_tokens or room
 
-    def key(self, fingerprint: dict, window: int) -> str:
-        """The identity of what this job stores for a document: the manifest's namespace."""
+    def key(self, fingerprint: dict, window: int, prefix=()) -> str:
+        """The identity of what this job stores for a document: the manifest's namespace.
+        ``prefix``: the tokens every window starts with (the tokenizer's BOS)."""
         configs = [load_config(c, model=fingerprint) for c in self.configs]
-        blob = json.dumps([fingerprint, configs, self.mode, self.evict, window],
-                          sort_keys=True).encode()
+        what = [fingerprint, configs, self.mode, self.evict, window]
+        # Only where they change the stored tokens, so that older manifests stay valid.
+        if prefix:
+            what.append({"prefix": list(prefix)})
+        if self.chat:
+            what.append({"chat": True, "system": self.system})
+        blob = json.dumps(what, sort_keys=True).encode()
         return hashlib.sha256(b"kvcodec-job-v1" + blob).hexdigest()
 
 
-def windows(token_ids: list, size: int) -> list:
-    """``token_ids`` cut into consecutive windows of ``size`` tokens (the last shorter)."""
-    return [token_ids[i:i + size] for i in range(0, len(token_ids), size)]
+def windows(token_ids: list, size: int, prefix=()) -> list:
+    """``token_ids`` cut into consecutive windows of ``size`` tokens (the last shorter).
+
+    ``prefix`` (the tokenizer's BOS), which ``token_ids`` start with, starts every window:
+    each holds ``size - len(prefix)`` of the other tokens after it.
+    """
+    prefix = list(prefix)
+    if not prefix or token_ids[:len(prefix)] != prefix:
+        return [token_ids[i:i + size] for i in range(0, len(token_ids), size)]
+    rest, step = token_ids[len(prefix):], size - len(prefix)
+    if step < 1:
+        raise ConfigError(f"a window of {size} tokens has no room after the "
+                          f"{len(prefix)}-token prefix")
+    return [prefix + rest[i:i + step] for i in range(0, max(len(rest), 1), step)]
 
 
 def batches(items: list, length, batch_tokens: int) -> list:

@@ -6,6 +6,7 @@ import torch
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
 from .loading import LoadedModel
+from .tokens import document_ids
 
 # Queries at the end of a prompt whose attention ranks its tokens (see capture_kv).
 IMPORTANCE_WINDOW = 128
@@ -25,8 +26,14 @@ def default_anchor(tokenizer) -> list:
 def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
                max_tokens: int | None = None, prefill_chunk: int = 512,
                progress=None, importance_window: int = IMPORTANCE_WINDOW,
-               anchor=None) -> KVCache:
+               anchor=None, chat: bool = False, system: str | None = None) -> KVCache:
     """Run the model on ``text`` (or ``token_ids``) and return its KV cache.
+
+    ``text`` is tokenized as the start of a prompt (:mod:`kvcodec.models.tokens`: BOS
+    first where the tokenizer adds one), so that the cache is the one a prompt starting
+    with that text makes, in transformers and in vLLM alike. With ``chat``, the text is
+    the document of a chat turn (the tokenizer's chat template, after a ``system`` turn
+    if given), cut right after it. ``token_ids`` are taken as given.
 
     The prompt is prefilled ``prefill_chunk`` tokens at a time (bounded activation
     memory on long documents); ``progress(done, total)`` is called after each step.
@@ -43,7 +50,8 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     real prompt is, and the text's own tokens stay ordinary. Every layer then keeps
     every token (sliding-window layers too), the tokens sit at positions
     ``len(anchor) ..``, and ``kv.extra["anchor"]`` records the anchor (the file keeps
-    it, so a chunk made behind another anchor is refused).
+    it, so a chunk made behind another anchor is refused). Such a chunk's text never
+    carries a BOS: the anchor stands where it would.
 
     Returns
     -------
@@ -57,7 +65,8 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     if token_ids is None:
         if text is None:
             raise ShapeError("capture_kv needs text or token_ids")
-        token_ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        token_ids = document_ids(lm.tokenizer, text, chat=chat, system=system,
+                                 independent=anchor is not None)
     token_ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
     if not token_ids:
         raise ShapeError("no tokens to run the model on")

