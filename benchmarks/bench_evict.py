@@ -33,6 +33,7 @@ from kvcodec import evict  # noqa: E402
 from kvcodec.evict.base import Policy  # noqa: E402
 from kvcodec.integrations.ragged import ragged_cache  # noqa: E402
 from kvcodec.quality.evaluate import compare_logits  # noqa: E402
+from real_models import resolve  # noqa: E402
 
 POLICIES = ["streaming", "knorm", "snapkv", "observed", "kvcompress", "replay"]
 PRESSES = ["snapkv", "streaming_llm", "knorm", "expected_attention",
@@ -124,13 +125,20 @@ def main():
     ap.add_argument("--prefill", type=int, default=1536)
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--texts", type=int, default=None, help="use only the first N texts")
+    ap.add_argument("--model", default=None,
+                    help="smollm2-135m (default), a name in benchmarks/real_models.py, a .gguf "
+                         "file or a model directory (kvpress runs on the embedded model only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    lm = kvcodec.load_model()
+    lm = kvcodec.load_model(resolve(args.model))
+    if resolve(args.model) is not None and args.presses:
+        print("kvpress runs on the embedded model only (its venv converts that GGUF): "
+              "skipping the presses", file=sys.stderr)
+        args.presses = []
     texts = []
     for name, text in list(heldout_texts().items())[:args.texts]:
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = kvcodec.models.text_ids(lm.tokenizer, text)
         if len(ids) < args.prefill + args.continuation:
             raise SystemExit(f"{name}: {len(ids)} tokens, need {args.prefill + args.continuation}")
         texts.append({"name": name, "prefill": ids[:args.prefill],
@@ -152,7 +160,8 @@ def main():
                                                   "bits_per_element", "kl", "top1")}
                            | ({"error": r["error"]} if r.get("error") else {}))
         print(f"kvpress rows: {time.time() - t0:.0f} s", file=sys.stderr)
-    out = {"texts": [t["name"] for t in texts], "prefill": args.prefill,
+    out = {"model": args.model or "smollm2-135m", "texts": [t["name"] for t in texts],
+           "prefill": args.prefill,
            "continuation": args.continuation, "results": results, "targets": targets(results)}
     if args.json:
         print(json.dumps(out))

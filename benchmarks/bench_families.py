@@ -1,6 +1,8 @@
 """Bits against model quality per decoder family: tiny random-initialised models of
 Llama 3 (llama3 RoPE), Qwen2 (YaRN), Qwen3, Mistral, Gemma 2/3 (sliding windows),
-Phi-3 (partial rotary), OLMo2, GPT-NeoX, StableLM, plus the embedded SmolLM2.
+Phi-3 (partial rotary), OLMo2, GPT-NeoX, StableLM, plus real trained models on real text:
+the embedded SmolLM2 and every model of ``benchmarks/real_models.py`` installed here
+(``make bench-models``), or those named by ``--model``.
 
 For each model and config: all-in bits per element, KL of the next-token distribution
 over a teacher-forced continuation against the uncompressed cache, top-1 agreement, and
@@ -9,6 +11,7 @@ for the codec to exploit and far sharper sensitivity than trained ones, so their
 figures show that every family codes, not how well a trained model of it would.
 
     python benchmarks/bench_families.py --json
+    python benchmarks/bench_families.py --json --no-tiny --model gemma3-270m
 """
 import argparse
 import json
@@ -23,6 +26,7 @@ import kvcodec  # noqa: E402
 from kvcodec.integrations import hf  # noqa: E402
 from kvcodec.models import LoadedModel, fingerprint  # noqa: E402
 from kvcodec.quality.evaluate import compare_logits  # noqa: E402
+from real_models import EMBEDDED, MODELS, resolve  # noqa: E402
 
 
 @torch.no_grad()
@@ -47,11 +51,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--continuation", type=int, default=64)
+    ap.add_argument("--model", action="append", default=None,
+                    help="real model for the real-text rows (repeatable): smollm2-135m, a "
+                         "name in benchmarks/real_models.py, a .gguf file or a directory; "
+                         "default: the embedded model and every installed real model")
+    ap.add_argument("--no-tiny", action="store_true", help="real models only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = []
-    for family, make in TINY.items():
+    for family, make in ({} if args.no_tiny else TINY).items():
         model = make()
         lm = LoadedModel(model, None, fingerprint(model.config, None, model))
         vocab = model.config.vocab_size
@@ -60,15 +69,17 @@ def main():
         for config in ("lossless", "default", "cachegen"):
             rows.append({"family": family, "layer_tokens": sorted(set(kv.layer_tokens)),
                          **measure(model, kv, cont, config)})
-    lm = kvcodec.load_model()
-    ids = lm.tokenizer(real_texts()["gpl3"], add_special_tokens=False)["input_ids"]
-    kv = kvcodec.capture_kv(lm, token_ids=ids[:args.tokens])
-    cont = torch.tensor([ids[args.tokens:args.tokens + args.continuation]])
+    names = args.model or [EMBEDDED] + [n for n, m in MODELS.items() if m.gguf.is_file()]
     model_free = dict(kvcodec.load_config("default"), name="default-model-free")
-    for config in ("lossless", "default", model_free, "cachegen"):
-        rows.append({"family": "smollm2-135m (real text)",
-                     "layer_tokens": sorted(set(kv.layer_tokens)),
-                     **measure(lm.model, kv, cont, config)})
+    for name in names:
+        lm = kvcodec.load_model(resolve(name))
+        ids = kvcodec.models.text_ids(lm.tokenizer, real_texts()["gpl3"])
+        kv = kvcodec.capture_kv(lm, token_ids=ids[:args.tokens])
+        cont = torch.tensor([ids[args.tokens:args.tokens + args.continuation]])
+        for config in ("lossless", "default", model_free, "cachegen"):
+            rows.append({"family": f"{name} (real text)",
+                         "layer_tokens": sorted(set(kv.layer_tokens)),
+                         **measure(lm.model, kv, cont, config)})
     for r in rows:
         if args.json:
             print(json.dumps(r))

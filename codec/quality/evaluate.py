@@ -85,8 +85,9 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
     Returns
     -------
     list of dict
-        ``{"name", "bits_per_element", "kl", "top1_agreement", "delta_ppl_pct"}`` per
-        scheme; ``bits_per_element`` is all-in (whole .kvc file for configs).
+        ``{"name", "bits_per_element", "kl", "top1_agreement", "delta_ppl_pct", "exact"}``
+        per scheme; ``bits_per_element`` is all-in (whole .kvc file for configs); ``exact``:
+        the continuation's logits are identical to the uncompressed cache's.
     """
     from .. import format as kvc
     from ..core.config import load_config
@@ -104,9 +105,11 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
     n = kv.numel()
 
     def score(name, decoded, bits):
-        row = compare_logits(ref, continuation_logits(lm, decoded, cont), cont[1:])
+        got = continuation_logits(lm, decoded, cont)
+        row = compare_logits(ref, got, cont[1:])
         return {"name": name, "bits_per_element": bits / n, "kl": row["kl"],
-                "top1_agreement": row["top1_agreement"], "delta_ppl_pct": row["delta_ppl_pct"]}
+                "top1_agreement": row["top1_agreement"], "delta_ppl_pct": row["delta_ppl_pct"],
+                "exact": bool(torch.equal(ref, got))}
 
     rows = []
     schemes = base.SCHEMES if baselines is True else {k: base.SCHEMES[k] for k in (baselines or ())}
