@@ -169,3 +169,28 @@ def test_eval_and_calibrate_score_the_text_as_a_prompt_starts(bos_model_dir, bos
     assert isinstance(r.exception, Stop)
     expected = text_ids(bos_lm.tokenizer, texts["gpl3"][:3000])
     assert seen == [expected, expected] and expected[0] == bos_lm.tokenizer.bos_token_id
+
+
+def test_eviction_replays_the_text_without_its_bos(bos_lm, monkeypatch):
+    """`replay` asks the model to repeat the text: the BOS the prompt starts with is not
+    part of the text, and it is not repeated in the middle of the replay."""
+    import importlib
+
+    from kvcodec import evict
+
+    press_mod = importlib.import_module("kvcodec.evict.press")  # not evict.press, the API
+
+    fed = []
+    forward = bos_lm.model.forward
+
+    def spy(*args, input_ids=None, **kwargs):
+        fed.append(input_ids[0].tolist())
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(bos_lm.model, "forward", spy)
+    ev = evict.capture(bos_lm, DOC, "replay", 0.5, importance_window=0)
+    bos = bos_lm.tokenizer.bos_token_id
+    assert ev.token_ids[0] == bos
+    replay = [t for ids in fed for t in ids][len(ev.token_ids):]  # after the prefill
+    prompt = kvcodec.models.text_ids(bos_lm.tokenizer, press_mod.REPLAY_PROMPT, first=False)
+    assert replay == prompt + ev.token_ids[1:]
