@@ -27,6 +27,9 @@ $(DEPS_STAMP): Makefile
 
 # Always re-run: CMake + Ninja rebuild only what changed in csrc/.
 build: $(DEPS_STAMP)
+	@# The distribution was called kvcodec before it became kvcodec-toolkit (the PyPI name
+	@# kvcodec is another project's): an older editable install of the same modules goes.
+	@$(PIP) uninstall -q -y kvcodec 2>/dev/null || true
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: build

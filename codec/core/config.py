@@ -36,16 +36,19 @@ from pathlib import Path
 from ..errors import ConfigError
 from .quant import make_quantizer, validate_token_importance
 
-# The repository's configs/ (editable installs) and a copy inside the package (wheels).
+# The repository's configs/ (editable installs: the package is the source tree's codec/,
+# beside setup.py) and the copy inside the package (wheels). A folder named configs that
+# merely sits beside an installed package in site-packages is not ours.
 _PACKAGE = Path(__file__).resolve().parent.parent
-CONFIG_DIR = _PACKAGE.parent / "configs"
+_TREE = _PACKAGE.parent
+CONFIG_DIR = _TREE / "configs" if (_TREE / "setup.py").is_file() else _PACKAGE / "configs"
 _PACKAGED = _PACKAGE / "configs"
 DEFAULT_CHUNK_TOKENS = 256
 MAX_CHUNK_TOKENS = 1 << 16
 
 
 def config_dirs() -> list[Path]:
-    return [d for d in (CONFIG_DIR, _PACKAGED) if d.is_dir()]
+    return [d for d in dict.fromkeys((CONFIG_DIR, _PACKAGED)) if d.is_dir()]
 
 
 def user_config_dir() -> Path:

@@ -315,7 +315,7 @@ def _pyarrow():
         import pyarrow.parquet
     except ImportError:
         raise BackendError("reading Parquet corpus files needs pyarrow: "
-                           "pip install 'kvcodec[parquet]' (pyarrow)") from None
+                           "pip install 'kvcodec-toolkit[parquet]' (pyarrow)") from None
     return pyarrow, pyarrow.parquet
 
 

@@ -25,7 +25,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError("--runner ray needs Ray: pip install 'kvcodec[ray]'") from None
+        raise ConfigError("--runner ray needs Ray: pip install 'kvcodec-toolkit[ray]'") from None
     return ray
 
 

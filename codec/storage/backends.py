@@ -30,8 +30,8 @@ from ..format.container import atomic_write
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl",
                            "oci", "oss", "memory"})
 # The pip requirement that brings each protocol's fsspec implementation.
-EXTRAS = {"s3": "kvcodec[s3]", "s3a": "kvcodec[s3]", "gs": "gcsfs", "gcs": "gcsfs",
-          "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+EXTRAS = {"s3": "kvcodec-toolkit[s3]", "s3a": "kvcodec-toolkit[s3]", "gs": "gcsfs",
+          "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 
 def open_backend(root, storage_options: dict | None = None):
