@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
@@ -69,10 +69,8 @@ setup(
     name="kvcodec-toolkit",
     version="0.1.0",
     description="Compress transformer KV caches into compact, safe, randomly accessible files",
-    packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{sub}" for sub in
-                                           ("core", "format", "models", "storage", "integrations",
-                                            "store", "quality", "blend", "blend.selectors", "evict",
-                                            "evict.policies", "jobs")],
+    # Every sub-package of codec/ (imported as kvcodec.*), found, not listed by hand.
+    packages=["kvcodec", "kvcodec_cli"] + [f"kvcodec.{p}" for p in find_packages("codec")],
     package_dir={"kvcodec": "codec", "kvcodec_cli": "cli"},
     python_requires=">=3.10",
     # torch is required; which build (CPU or CUDA) is the user's choice, made before.

@@ -21,6 +21,7 @@ first-token logits). ``--json`` prints ``{"results": [{"probe", "selector", "rat
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import random
@@ -37,6 +38,7 @@ import torch
 import kvcodec
 from kvcodec.blend import Cached, Text, blend
 from kvcodec.models import default_anchor, text_ids
+from kvcodec.models.compare import compare_logits, greedy
 from real_models import resolve
 
 DOC_TOKENS = 512
@@ -132,12 +134,9 @@ def scored_logits(lm, cache, first_logits, tokens: list) -> torch.Tensor:
 
 
 def compare(ref: torch.Tensor, test: torch.Tensor, greedy: list) -> dict:
-    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1)
-    top1 = (ref.argmax(-1) == test.argmax(-1)).float()
-    g = torch.tensor(greedy)
-    exact = bool((test[:len(g)].argmax(-1) == g).all())
-    return {"kl": float(kl.mean()), "top1": float(top1.mean()), "exact": exact}
+    m = compare_logits(ref, test)
+    exact = bool((test[:len(greedy)].argmax(-1) == torch.tensor(greedy)).all())
+    return {"kl": m["kl"], "top1": m["top1_agreement"], "exact": exact}
 
 
 def prompts(lm, n: int, seed: int) -> dict:
@@ -196,29 +195,24 @@ def run(lm, n_prompts: int, seed: int, quick: bool, model: str = "smollm2-135m")
                 out = lm.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
                 prefill_ttft.append(time.perf_counter() - t)
                 ref_cache, ref_first = out.past_key_values, out.logits[0, -1]
-                if probe == "qa":
-                    greedy, cache, logits = [], ref_cache, ref_first
-                    for _ in range(ANSWER_TOKENS):
-                        greedy.append(int(logits.argmax()))
-                        logits = lm.model(input_ids=torch.tensor([[greedy[-1]]]),
-                                          past_key_values=cache, use_cache=True).logits[0, -1]
-                    scored = greedy
-                    ref_cache.crop(-(ref_cache.get_seq_length() - len(ids)))
-                else:
+                # Caches are copied, not cropped, to run two continuations from one
+                # prompt: a sliding-window layer (Gemma) cannot be cropped back.
+                if probe == "qa":  # scored on prefill's own greedy answer
+                    scored = greedy = _greedy(lm, copy.deepcopy(ref_cache), ref_first,
+                                              ANSWER_TOKENS)
+                    ref = scored_logits(lm, ref_cache, ref_first, scored)
+                else:  # the real next tokens; prefill's greedy 32 for `exact`
                     scored = p["next"]
-                    greedy = None
-                ref = scored_logits(lm, ref_cache, ref_first, scored)
-                if greedy is None:  # continuation: prefill's own greedy 32 for `exact`
-                    ref_cache.crop(-(ref_cache.get_seq_length() - len(ids)))
+                    ref = scored_logits(lm, copy.deepcopy(ref_cache), ref_first, scored)
                     greedy = _greedy(lm, ref_cache, ref_first, ANSWER_TOKENS)
                 for sel, ratio in configs:
                     t = time.perf_counter()
                     res = blend(lm, segs, selector=sel, recompute=ratio, seed=i)
                     ttft = time.perf_counter() - t
-                    test = scored_logits(lm, res.cache, res.logits, scored)
+                    test = scored_logits(lm, res.cache if probe == "qa"
+                                         else copy.deepcopy(res.cache), res.logits, scored)
                     m = compare(ref, test, greedy if probe == "qa" else [])
                     if probe != "qa":  # teacher-force prefill's greedy answer as well
-                        res.cache.crop(-(res.cache.get_seq_length() - len(ids)))
                         own = scored_logits(lm, res.cache, res.logits, greedy)
                         m["exact"] = compare(own, own, greedy)["exact"]
                     rows[(probe, sel, ratio)].append(dict(m, ttft_s=ttft))
@@ -235,12 +229,8 @@ def run(lm, n_prompts: int, seed: int, quick: bool, model: str = "smollm2-135m")
 
 
 def _greedy(lm, cache, logits, n: int) -> list:
-    out = []
-    for _ in range(n):
-        out.append(int(logits.argmax()))
-        logits = lm.model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
-                          use_cache=True).logits[0, -1]
-    return out
+    """``n`` greedy tokens (no stop at EOS: a fixed-length answer to score)."""
+    return greedy(lm.model, cache, logits, n)[0]
 
 
 def main():

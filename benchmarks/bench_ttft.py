@@ -7,7 +7,7 @@ document's cache sits on disk or behind the link) to the logits of the first ans
 token; ``load_s`` is the part of it until the cache is ready for the question. Each case
 is the best of ``--repeats`` rounds over all cases.
 
-``store`` is prefix reuse: the document sits in a :class:`kvcodec.store.Store` as
+``store`` is prefix reuse: the document sits in a :class:`kvcodec.store.ChunkStore` as
 256-token chunk files; the whole chunks are decoded into the cache and the remaining
 tokens of the document are prefilled with the question (so it reads less and computes
 more than ``kvc``).
@@ -26,7 +26,7 @@ import torch
 import kvcodec
 from kvcodec.integrations import hf
 from kvcodec.format import io as kvio
-from kvcodec.store import Store
+from kvcodec.store import ChunkStore
 from kvcodec.format.stream import RateLimitedReader
 
 QUESTION = "\n\nQuestion: What is this document about?\nAnswer:"
@@ -69,7 +69,7 @@ def main():
     kvio.save_safetensors(kvcodec.KVCache([k.half() for k in kv.keys],
                                           [v.half() for v in kv.values], doc, kv.model), fp16_path)
     n_layers = len(kv.keys)
-    store = Store(tmp / "store", lm.fingerprint, config=args.config)
+    store = ChunkStore(tmp / "store", lm.fingerprint, config=args.config)
     store.put(kv)
 
     # Every case returns (the cache, bytes read); the cache-based cases use the same
@@ -89,7 +89,7 @@ def main():
         return hf.cache_from_kv(lm.model, kvio.load_safetensors(fp16_path)), fp16_path.stat().st_size
 
     def from_store():
-        cache, n = store.load_cache(lm.model, doc, threads=args.threads)
+        cache, n = hf.cache_from_store(lm.model, store, doc, threads=args.threads)
         return (cache, sum(p.stat().st_size for p in store.lookup(doc[:n]))), doc[n:]
 
     def kvc_link(bps):

@@ -45,7 +45,7 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
                                    "apply to .safetensors input")
         kv = kvio.load_safetensors(source)
         if evict_spec:  # no attention to score by: knorm or streaming, after the fact
-            kv = kvcodec.evict.apply(kv, *kvcodec.evict.parse(evict_spec))
+            kv = kvcodec.evict.evict(kv, *kvcodec.evict.parse(evict_spec))
     else:
         if independent and evict_spec:
             raise click.UsageError("--independent and --evict do not combine: blending "

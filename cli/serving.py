@@ -85,7 +85,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
     if len(configs) > 1 and bandwidth is None:
         raise click.UsageError("several --config levels need --bandwidth and --budget")
     if bandwidth is not None:
-        from kvcodec.store.adapt import parse_bandwidth
+        from kvcodec.integrations.adapt import parse_bandwidth
 
         bandwidth = parse_bandwidth(bandwidth)
     lm = kvcodec.load_model(model)
@@ -121,7 +121,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
 def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
            max_new_tokens, compare, other):
     from kvcodec.blend import Cached, Text, compare_with_prefill, generate as blend_generate
-    from kvcodec.storage import ChunkStore
+    from kvcodec.store import ChunkStore
 
     if other:
         raise click.UsageError("--context, --text, --config, --bandwidth and --budget do not "
@@ -166,15 +166,16 @@ def _store_arg(value):
 
 def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False, system=None):
     """(cache, document ids, uncached document ids, description) for generate --store."""
-    from kvcodec.store import Store, adapt
+    from kvcodec.integrations import adapt, hf
+    from kvcodec.store import ChunkStore
 
     text = Path(text_file).read_text(encoding="utf-8", errors="replace")
     doc_ids = kvcodec.models.document_ids(lm.tokenizer, text, chat=chat, system=system)
     if not doc_ids:
         raise KVCodecError(f"{text_file} has no tokens")
-    stores = [Store(store_dir, lm.fingerprint, c) for c in configs]
+    stores = [ChunkStore(store_dir, lm.fingerprint, c) for c in configs]
     if bandwidth is None:
-        cache, n = stores[0].load_cache(lm.model, doc_ids)
+        cache, n = hf.cache_from_store(lm.model, stores[0], doc_ids)
         return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "
                                              f"tokens cached, the rest prefilled")
     recompute_s, per_byte = adapt.measure_costs(lm, stores, doc_ids)

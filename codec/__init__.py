@@ -9,14 +9,10 @@
 >>> kv2 = kvcodec.decode("doc.kvc")                  # everything
 
 The package is layered (ARCHITECTURE.md); a layer imports only those below it:
-``errors`` < ``core`` < ``format``, ``models`` < ``storage`` < ``integrations`` < ``store``
-< ``quality``, ``blend``, ``evict``
-< ``jobs``.
+``errors`` < ``core`` < ``format``, ``models`` < ``store`` < ``integrations``
+< ``quality``, ``blend``, ``evict`` < ``jobs``.
 """
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 
 from ._version import __version__
 from .core import KVCache, available_configs, load_config
@@ -32,35 +28,13 @@ __all__ = [
     "ShapeError", "ConfigError", "BackendError", "__version__",
 ]
 
-# Modules documented before the package was split into layers keep their import paths
-# (``import kvcodec.hf`` is ``kvcodec.integrations.hf`` itself, not a copy), resolved
-# only when imported so that ``import kvcodec`` stays light.
-_MOVED = {"hf": "integrations.hf", "cuda": "integrations.cuda", "adapt": "store.adapt",
-          "stream": "format.stream"}
-
-
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        package, _, short = name.rpartition(".")
-        if package == __name__ and short in _MOVED:
-            return importlib.util.spec_from_loader(name, self)
-        return None
-
-    def exec_module(self, module):
-        # The import system returns whatever sys.modules holds once this returns.
-        short = module.__name__.rpartition(".")[2]
-        sys.modules[module.__name__] = importlib.import_module(f"{__name__}.{_MOVED[short]}")
-
-
-sys.meta_path.append(_MovedModules())
-
-_SUBPACKAGES = {"core", "format", "models", "storage", "integrations", "store", "quality",
-                "blend", "evict", "jobs"}
+_SUBPACKAGES = {"core", "format", "models", "store", "integrations", "quality", "blend",
+                "evict", "jobs"}
 
 
 def __getattr__(name):
-    """``kvcodec.hf.load_cache(...)`` after a plain ``import kvcodec``: sub-packages and
-    moved modules load on first use."""
-    if name in _MOVED or name in _SUBPACKAGES:
+    """``kvcodec.store.ChunkStore(...)`` after a plain ``import kvcodec``: sub-packages
+    load on first use."""
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

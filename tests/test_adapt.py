@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kvcodec.store.adapt import RECOMPUTE, load_adaptive, measure_costs, parse_bandwidth, plan
+from kvcodec.integrations.adapt import RECOMPUTE, load_adaptive, measure_costs, parse_bandwidth, plan
 from kvcodec.errors import KVCodecError
-from kvcodec.store import Store
+from kvcodec.store import ChunkStore
 
 
 def test_plan_picks_best_level_that_fits():
@@ -20,8 +20,8 @@ def test_plan_picks_best_level_that_fits():
 
 
 def test_adaptive_load_on_the_model(tmp_path, lm, kv_600):
-    hi = Store(tmp_path / "hi", lm.fingerprint, config="lossless")
-    lo = Store(tmp_path / "lo", lm.fingerprint, config="default")
+    hi = ChunkStore(tmp_path / "hi", lm.fingerprint, config="lossless")
+    lo = ChunkStore(tmp_path / "lo", lm.fingerprint, config="default")
     hi.put(kv_600)
     lo.put(kv_600)
     ids = kv_600.token_ids[:512]
@@ -38,7 +38,7 @@ def test_adaptive_load_on_the_model(tmp_path, lm, kv_600):
 
 
 def test_damaged_level_entry_is_recomputed(tmp_path, lm, kv_600):
-    lo = Store(tmp_path, lm.fingerprint, config="lossless")
+    lo = ChunkStore(tmp_path, lm.fingerprint, config="lossless")
     lo.put(kv_600)
     ids = kv_600.token_ids[:512]
     lo.path(lo.keys(ids)[1]).write_bytes(b"KVC damaged")
@@ -49,7 +49,7 @@ def test_damaged_level_entry_is_recomputed(tmp_path, lm, kv_600):
 
 
 def test_measured_costs_and_bandwidth_parsing(tmp_path, lm, kv_600):
-    store = Store(tmp_path, lm.fingerprint, config="default")
+    store = ChunkStore(tmp_path, lm.fingerprint, config="default")
     recompute_s, per_byte = measure_costs(lm, [store], kv_600.token_ids)
     assert recompute_s > 0 and per_byte == 0.0  # nothing cached yet
     store.put(kv_600)

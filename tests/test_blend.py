@@ -12,7 +12,7 @@ from kvcodec.core.transforms import model_ropes, shift
 from kvcodec.errors import (BlendError, ConfigError, KVCodecError, ModelMismatchError,
                             ShapeError)
 from kvcodec.models import LoadedModel, default_anchor, fingerprint
-from kvcodec.storage import ChunkStore
+from kvcodec.store import ChunkStore
 
 ANCHOR = [1]
 

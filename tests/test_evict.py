@@ -53,14 +53,14 @@ def test_ties_break_to_the_later_token_deterministically():
 def test_ratio_one_is_the_identity():
     kv = _random_kv()
     for policy in ("knorm", "streaming", "snapkv", "kvcompress"):
-        assert evict.apply(kv, policy, 1.0) is kv
+        assert evict.evict(kv, policy, 1.0) is kv
 
 
 @pytest.mark.parametrize("policy", ["streaming", "knorm", "snapkv", "knorm+window"])
 @pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
 def test_uniform_budgets_and_gathered_tensors(policy, ratio):
     kv = _random_kv()
-    ev = evict.apply(kv, policy, ratio)
+    ev = evict.evict(kv, policy, ratio)
     assert ev.evicted and ev.num_tokens == kv.num_tokens and ev.token_ids == kv.token_ids
     assert bool((ev.kept_counts() == max(1, round(ratio * 40))).all())
     for l in range(kv.num_layers):
@@ -73,13 +73,13 @@ def test_uniform_budgets_and_gathered_tensors(policy, ratio):
 
 
 def test_streaming_keeps_sinks_and_the_newest_tokens():
-    ev = evict.apply(_random_kv(n=40), "streaming", 0.25)
+    ev = evict.evict(_random_kv(n=40), "streaming", 0.25)
     assert ev.kept[0][0].tolist() == [0, 1, 2, 3] + list(range(34, 40))
 
 
 def test_knorm_keeps_the_smallest_key_norms():
     kv = _random_kv()
-    ev = evict.apply(kv, "knorm", 0.25)
+    ev = evict.evict(kv, "knorm", 0.25)
     norms = kv.keys[1][0, 2].norm(dim=-1)
     assert sorted(ev.kept[1][2].tolist()) == sorted(torch.topk(-norms, 10).indices.tolist())
 
@@ -90,7 +90,7 @@ def test_kvcompress_moves_budget_between_heads_within_the_total():
     imp = torch.rand(2, 3, 400, generator=torch.Generator().manual_seed(3)) * 0.01
     imp[0, 0, :] = 1.0
     kv.extra["head_importance"] = imp
-    ev = evict.apply(kv, "kvcompress", 0.25)
+    ev = evict.evict(kv, "kvcompress", 0.25)
     counts = ev.kept_counts()
     assert int(counts.sum()) == 0.25 * 400 * 6
     # Every head keeps its 68 protected tokens; the other 192 of the budget all go
@@ -108,25 +108,25 @@ def test_bad_input_says_what_is_valid():
     kv = _random_kv()
     for ratio in (0, -0.5, 1.5, float("nan"), "half", True):
         with pytest.raises(ConfigError, match=r"\(0, 1\]"):
-            evict.apply(kv, "knorm", ratio)
+            evict.evict(kv, "knorm", ratio)
     with pytest.raises(ConfigError, match="choose from.*knorm.*snapkv"):
-        evict.apply(kv, "h2o", 0.5)
+        evict.evict(kv, "h2o", 0.5)
     with pytest.raises(ConfigError, match="wrappers: window"):
-        evict.apply(kv, "knorm+pyramid", 0.5)
+        evict.evict(kv, "knorm+pyramid", 0.5)
     with pytest.raises(ConfigError, match="POLICY:RATIO"):
         evict.parse("snapkv")
     with pytest.raises(ConfigError, match="not a number"):
         evict.parse("snapkv:lots")
     assert evict.parse("knorm+window:0.25") == ("knorm+window", 0.25)
     with pytest.raises(ConfigError, match="whole prefill.*capture"):
-        evict.apply(kv, "observed", 0.5)
+        evict.evict(kv, "observed", 0.5)
     with pytest.raises(ConfigError, match="over the text again.*capture"):
-        evict.apply(kv, "replay", 0.5)
+        evict.evict(kv, "replay", 0.5)
     bare = KVCache(kv.keys, kv.values)
     with pytest.raises(ConfigError, match="needs attention scores.*streaming"):
-        evict.apply(bare, "snapkv", 0.5)
+        evict.evict(bare, "snapkv", 0.5)
     with pytest.raises(ShapeError, match="already evicted"):
-        evict.apply(evict.apply(kv, "knorm", 0.5), "knorm", 0.5)
+        evict.evict(evict.evict(kv, "knorm", 0.5), "knorm", 0.5)
 
 
 def test_press_removes_its_hooks_and_restores_attention():
@@ -200,14 +200,14 @@ def test_every_policy_and_ratio_on_the_real_model(lm, texts, mode):
     for policy in evict.POLICIES:
         if mode == "post-hoc" and evict.get_policy(policy).needs & {"observed", "replay"}:
             with pytest.raises(ConfigError):
-                evict.apply(full, policy, 0.5)
+                evict.evict(full, policy, 0.5)
             continue
         kls = []
         for ratio in RATIOS:
             if mode == "capture":
                 ev = evict.capture(lm, None, policy, ratio, token_ids=prefill)
             else:
-                ev = evict.apply(full, policy, ratio)
+                ev = evict.evict(full, policy, ratio)
             if ratio == 1.0:
                 assert not ev.evicted
             else:

@@ -352,7 +352,7 @@ def test_dense_decoders_refuse_evicted_files(default_file):
 
 def test_the_store_and_safetensors_refuse_evicted_caches(tmp_path, cache):
     from kvcodec.format.io import save_safetensors
-    from kvcodec.storage import ChunkStore
+    from kvcodec.store import ChunkStore
 
     store = ChunkStore(tmp_path / "store", {"architecture": "test"}, config="lossless")
     with pytest.raises(ShapeError, match="evicted"):

@@ -17,7 +17,7 @@ from kvcodec.jobs import JobSpec, precompute
 from kvcodec.jobs import engine as engine_mod
 from kvcodec.models.batch import capture_batch
 from kvcodec.models.capture import default_anchor
-from kvcodec.storage import ChunkStore
+from kvcodec.store import ChunkStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

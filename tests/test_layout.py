@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "codec"
 # Rank of each top-level part of kvcodec; a module may import only lower ranks (and its
 # own sub-package). format and models are siblings: neither may import the other.
 RANK = {"errors": 0, "_version": 0, "_native": 0, "_cuda": 0, "core": 1, "format": 2,
-        "models": 2, "storage": 3, "integrations": 4, "store": 5, "quality": 6,
-        "blend": 6, "evict": 6, "jobs": 7}
+        "models": 2, "store": 3, "integrations": 4, "quality": 6, "blend": 6, "evict": 6,
+        "jobs": 7}
 
 
 def _modules():
@@ -91,17 +91,22 @@ def _fresh_python(code: str) -> str:
 
 
 def test_public_and_documented_paths_import():
+    """The paths the README documents (there are no aliases for older ones)."""
     _fresh_python(
-        "import kvcodec, kvcodec.hf, kvcodec.store, kvcodec.cuda, kvcodec.adapt, kvcodec.stream\n"
-        "import kvcodec.integrations.hf as h, kvcodec.store.adapt as a\n"
-        "assert kvcodec.hf is h and kvcodec.adapt is a\n"
-        "from kvcodec.store import Store, prefill_with_store\n"
-        "from kvcodec.stream import RateLimitedReader\n"
-        "print(kvcodec.encode, kvcodec.hf.load_cache)")
+        "import kvcodec, kvcodec.integrations.hf as h, kvcodec.integrations.adapt as a\n"
+        "import kvcodec.integrations.cuda, kvcodec.format.stream\n"
+        "from kvcodec.store import ChunkStore\n"
+        "from kvcodec.integrations.hf import cache_from_store, prefill_with_store\n"
+        "from kvcodec.format.stream import RateLimitedReader\n"
+        "print(kvcodec.encode, h.load_cache, a.load_adaptive)")
+    for old in ("kvcodec.hf", "kvcodec.cuda", "kvcodec.adapt", "kvcodec.stream",
+                "kvcodec.storage"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
 
 
 def test_import_kvcodec_stays_light():
-    """The moved-path aliases resolve lazily: importing kvcodec loads no integration."""
+    """Importing kvcodec loads no integration and no store."""
     loaded = _fresh_python(
         "import sys, kvcodec\n"
         "print(sorted(m for m in sys.modules if m.startswith('kvcodec.integrations')"
@@ -111,8 +116,7 @@ def test_import_kvcodec_stays_light():
 
 def test_attribute_access_loads_submodules():
     _fresh_python("import kvcodec\n"
-                  "assert kvcodec.hf.load_cache and kvcodec.store.Store and kvcodec.quality\n"
-                  "import kvcodec.integrations.hf as h\nassert kvcodec.hf is h")
+                  "assert kvcodec.integrations and kvcodec.store.ChunkStore and kvcodec.quality")
     with pytest.raises(AttributeError):
         kvcodec.no_such_thing  # noqa: B018
 
@@ -120,3 +124,112 @@ def test_attribute_access_loads_submodules():
 def test_unknown_submodule_still_fails():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("kvcodec.no_such_module")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["kvcodec"] + parts)
+
+
+def _all_modules() -> dict:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _import_edges(path: Path, modules: dict) -> set:
+    """kvcodec modules that ``path`` imports anywhere in it (function-level imports
+    too): ``from .x import y`` is an edge to ``x``, and to ``x.y`` where that is a module."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        out.update(t for t in targets if t in modules and t != name)
+    return out
+
+
+def test_no_import_cycles():
+    """No module depends on itself through others (package __init__ files excepted as
+    the importers they are: an ``__init__`` re-exporting its submodules is no cycle)."""
+    modules = _all_modules()
+    graph = {m: {t for t in _import_edges(p, modules) if not modules[t].name == "__init__.py"}
+             for m, p in modules.items() if p.name != "__init__.py"}
+    state, stack, cycles = {}, [], []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                cycles.append(stack[stack.index(t):] + [t])
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def _private_definitions(tree) -> set:
+    """Private names a module defines: its functions and classes, class attributes and
+    methods, and ``self._x`` attributes its methods assign."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            out.add(node.attr)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if isinstance(t, ast.Name):
+                    out.add(t.id)
+    return {n for n in out if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_private_member_is_used_across_modules():
+    """``from x import _y`` between kvcodec modules, or ``obj._attr`` where ``_attr`` is
+    private to another kvcodec module (and not defined in this one), means a module is
+    reaching into another's internals: make it public or move the code."""
+    trees = {m: ast.parse(p.read_text()) for m, p in _all_modules().items()}
+    defined = {m: _private_definitions(t) for m, t in trees.items()}
+    owners = {}
+    for m, names in defined.items():
+        for n in names:
+            owners.setdefault(n, set()).add(m)
+    problems = []
+    for m, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("kvcodec")):
+                problems += [f"{m}: imports {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")
+                             and a.name not in ("_native", "_cuda", "_version")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and node.attr not in defined[m] \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                others = owners.get(node.attr, set()) - {m}
+                if others:
+                    problems.append(f"{m}: uses .{node.attr} (private to {sorted(others)[0]})")
+    assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_no_module_is_too_long_to_hold_in_one_head():
+    """A module is one idea, a few hundred lines (STYLE.md)."""
+    long = {m: n for m, p in _all_modules().items()
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert not long, f"modules over 420 lines: {long}"

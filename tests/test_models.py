@@ -24,7 +24,7 @@ from kvcodec.integrations import hf
 from kvcodec.models import LoadedModel, fingerprint
 from kvcodec.models.rope import rope_spec
 from kvcodec.quality.evaluate import compare_logits
-from kvcodec.store import Store
+from kvcodec.store import ChunkStore
 
 PROMPT, CONT = 300, 12
 
@@ -166,7 +166,7 @@ def test_sliding_window_layers_keep_their_span_and_kind():
 def test_store_refuses_sliding_window_caches(tmp_path):
     lm = _loaded(TINY["gemma2"]())
     kv = kvcodec.capture_kv(lm, token_ids=token_ids(PROMPT, seed=3)[0].tolist())
-    store = Store(tmp_path, lm.fingerprint)
+    store = ChunkStore(tmp_path, lm.fingerprint)
     with pytest.raises(kvcodec.KVCodecError, match="sliding-window"):
         store.put(kv)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from kvcodec import evict
 from kvcodec.errors import BackendError, ConfigError, KVCodecError, ShapeError
-from kvcodec.storage import ChunkStore
-from kvcodec.storage.backends import FsspecBackend
+from kvcodec.store import ChunkStore
+from kvcodec.store.backends import FsspecBackend
 
 CONFIG = "default"
 
@@ -99,7 +99,7 @@ def test_s3_damaged_entries_are_moved_aside_and_rewritten(s3_store, local, kv_60
 def test_s3_evicted_cache_is_one_entry(s3_store, kv_600):
     store, _ = s3_store
     ids = kv_600.token_ids
-    ev = evict.apply(kv_600, "knorm", 0.5)
+    ev = evict.evict(kv_600, "knorm", 0.5)
     with pytest.raises(ShapeError, match="put_evicted"):
         store.put(ev)
     assert store.put_evicted(ev, "knorm:0.5") == 1 and store.put_evicted(ev, "knorm:0.5") == 0

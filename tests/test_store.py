@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import kvcodec
-from kvcodec.store import Store, prefill_with_store
+from kvcodec.integrations.hf import cache_from_store, prefill_with_store
+from kvcodec.store import ChunkStore
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def doc_ids(kv_600):
 
 
 def test_prefix_reuse_matches_full_prefill(tmp_path, lm, kv_600, doc_ids):
-    store = Store(tmp_path, lm.fingerprint, config="lossless")
+    store = ChunkStore(tmp_path, lm.fingerprint, config="lossless")
     assert store.put(kv_600) == 3 and store.put(kv_600) == 0
     question = lm.tokenizer(" Who wrote this?", add_special_tokens=False)["input_ids"]
     ids = doc_ids[:512] + question
@@ -28,17 +29,17 @@ def test_prefix_reuse_matches_full_prefill(tmp_path, lm, kv_600, doc_ids):
 
 
 def test_different_prefix_or_model_misses(tmp_path, lm, kv_600, doc_ids):
-    store = Store(tmp_path, lm.fingerprint)
+    store = ChunkStore(tmp_path, lm.fingerprint)
     store.put(kv_600)
     changed = [doc_ids[0] + 1] + doc_ids[1:]
     assert store.lookup(changed) == []  # the chain breaks at chunk 0
     assert len(store.lookup(doc_ids[:300])) == 1
-    other = Store(tmp_path, dict(lm.fingerprint, num_layers=12))
+    other = ChunkStore(tmp_path, dict(lm.fingerprint, num_layers=12))
     assert other.lookup(doc_ids) == []
 
 
 def test_lossy_chunks_keep_absolute_positions(tmp_path, lm, kv_600, doc_ids):
-    store = Store(tmp_path, lm.fingerprint)
+    store = ChunkStore(tmp_path, lm.fingerprint)
     store.put(kv_600)
     got = store.load_prefix(doc_ids)
     whole = kvcodec.decode(kvcodec.encode(kv_600))
@@ -50,12 +51,12 @@ def test_lossy_chunks_keep_absolute_positions(tmp_path, lm, kv_600, doc_ids):
 
 
 def test_concurrent_writers_and_readers(tmp_path, lm, kv_600, doc_ids):
-    store = Store(tmp_path, lm.fingerprint, config="cachegen")
+    store = ChunkStore(tmp_path, lm.fingerprint, config="cachegen")
     errors = []
 
     def work():
         try:
-            Store(tmp_path, lm.fingerprint, config="cachegen").put(kv_600)
+            ChunkStore(tmp_path, lm.fingerprint, config="cachegen").put(kv_600)
             store.load_prefix(doc_ids)
         except Exception as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
@@ -84,9 +85,9 @@ def test_precompute_cli(tmp_path, texts):
 
 
 def test_load_cache_fills_the_model_cache_in_place(tmp_path, lm, kv_600, doc_ids):
-    store = Store(tmp_path, lm.fingerprint, config="lossless")
+    store = ChunkStore(tmp_path, lm.fingerprint, config="lossless")
     store.put(kv_600)
-    cache, n = store.load_cache(lm.model, doc_ids[:550])
+    cache, n = cache_from_store(lm.model, store, doc_ids[:550])
     assert n == 512 and cache.get_seq_length() == 512
     for layer in (0, 29):
         torch.testing.assert_close(cache.layers[layer].keys, kv_600.keys[layer][:, :, :512])
@@ -96,16 +97,16 @@ def test_load_cache_fills_the_model_cache_in_place(tmp_path, lm, kv_600, doc_ids
     with torch.no_grad():
         lm.model(input_ids=torch.tensor([doc_ids[512:550]]), past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 550 and cache.layers[5].keys.data_ptr() == ptr
-    empty, n0 = store.load_cache(lm.model, [doc_ids[0] + 1] + doc_ids[1:300])
+    empty, n0 = cache_from_store(lm.model, store, [doc_ids[0] + 1] + doc_ids[1:300])
     assert n0 == 0 and empty.get_seq_length() == 0
     with pytest.raises(kvcodec.ModelMismatchError):
-        Store(tmp_path, dict(lm.fingerprint, num_layers=12)).load_cache(lm.model, doc_ids)
+        cache_from_store(lm.model, ChunkStore(tmp_path, dict(lm.fingerprint, num_layers=12)), doc_ids)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "other_chunk"])
 def test_damaged_entry_ends_the_prefix_and_is_rewritten(tmp_path, lm, kv_600, doc_ids,
                                                         caplog, damage):
-    store = Store(tmp_path, lm.fingerprint, config="default")
+    store = ChunkStore(tmp_path, lm.fingerprint, config="default")
     store.put(kv_600)
     first, second = store.lookup(doc_ids)
     data = bytearray(second.read_bytes())
@@ -117,13 +118,13 @@ def test_damaged_entry_ends_the_prefix_and_is_rewritten(tmp_path, lm, kv_600, do
     else:  # a valid file in the wrong place: its tokens are not the key's
         second.write_bytes(first.read_bytes())
     with caplog.at_level("WARNING", logger="kvcodec"):
-        cache, n = store.load_cache(lm.model, doc_ids)
+        cache, n = cache_from_store(lm.model, store, doc_ids)
     assert n == 256 and cache.get_seq_length() == 256
     assert "moved it to" in caplog.text and not second.exists()
     assert second.with_name(second.name + ".bad").exists()
     # The damaged entry no longer counts as cached, so the next put writes it again.
     assert len(store.lookup(doc_ids)) == 1 and store.put(kv_600) == 1
-    assert store.load_cache(lm.model, doc_ids)[1] == 512
+    assert cache_from_store(lm.model, store, doc_ids)[1] == 512
     # prefill_with_store recomputes past the damage and still answers like a full prefill.
     second.write_bytes(bytes(data[:10]))
     _, cached, logits = prefill_with_store(lm, store, doc_ids[:520])

@@ -121,7 +121,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused(lm):
 
 def test_precompute_chat_and_generate_chat_share_the_store(lm, tmp_path):
     """A document stored with --chat is found again by a chat prompt about it."""
-    from kvcodec.storage import ChunkStore
+    from kvcodec.store import ChunkStore
 
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC * 3)
@@ -178,7 +178,7 @@ def test_eviction_replays_the_text_without_its_bos(bos_lm, monkeypatch):
 
     from kvcodec import evict
 
-    press_mod = importlib.import_module("kvcodec.evict.press")  # not evict.press, the API
+    press_mod = importlib.import_module("kvcodec.evict.presses")
 
     fed = []
     forward = bos_lm.model.forward

@@ -62,13 +62,13 @@ def lossless(tmp_path_factory):
 
 
 def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
-    from kvcodec.storage import ChunkStore
+    from kvcodec.store import ChunkStore
 
     llm, store = lossless
     _, ids = _prompt(lm, texts["gpl3"], 600)
     first = _ask(llm, ids)
     conn = _connector()
-    conn._encoder.submit(lambda: None).result()  # the background encode has finished
+    conn.flush()  # the background encode has finished
     chunks = ChunkStore(store, lm.fingerprint, "lossless")
     # The prompt (600 document tokens and the question): two whole 256-token chunks and
     # its partial last one.
@@ -88,7 +88,7 @@ def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
     old = set(store.rglob("*.kvc"))
     first = _ask(llm, ids)
     conn = _connector()
-    conn._encoder.submit(lambda: None).result()
+    conn.flush()
     new = set(store.rglob("*.kvc")) - old
     assert new
     for path in new:  # damage the payload of every entry the first request saved
@@ -113,7 +113,7 @@ def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):
     doc, ids = _prompt(lm, texts["argparse_doc"], 520)
     reference = _ask(llm, ids)  # nothing stored yet: vLLM's own prefill
     conn = _connector()
-    conn._encoder.submit(lambda: None).result()
+    conn.flush()
     for p in store.rglob("*.kvc"):
         p.unlink()  # what vLLM saved goes; the store is refilled by transformers
     text = tmp_path / "doc.txt"
@@ -142,7 +142,8 @@ def test_lossy_default_agreement(lm, texts, tmp_path):
     import torch
 
     from kvcodec.quality.evaluate import compare_logits
-    from kvcodec.store import Store, prefill_with_store
+    from kvcodec.integrations.hf import prefill_with_store
+    from kvcodec.store import ChunkStore
 
     code = f"""
 import json, os, sys
@@ -153,7 +154,7 @@ lm = kvcodec.load_model()
 _, ids = t._prompt(lm, real_texts()["gpl3"], 600)
 llm = t._engine({str(tmp_path)!r}, "default")
 first = t._ask(llm, ids)
-t._connector()._encoder.submit(lambda: None).result()
+t._connector().flush()
 before = t._connector().tokens_loaded
 second = t._ask(llm, ids)
 print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
@@ -166,7 +167,7 @@ print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
     r = json.loads(line[0][len("RESULT "):])
     assert r["loaded"] == 512 and len(r["second"]) == MAX_NEW
     full = r["ids"] + r["first"]
-    store = Store(tmp_path, lm.fingerprint, "default")
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
     with torch.no_grad():
         ref = lm.model(input_ids=torch.tensor([full])).logits[0, len(r["ids"]) - 1:-1]
         cache, n, last = prefill_with_store(lm, store, r["ids"])
@@ -195,7 +196,7 @@ def test_precompute_is_hit_by_a_text_prompt_on_a_bos_model(bos_model_dir, bos_lm
 
     import kvcodec
     from kvcodec.models import text_ids
-    from kvcodec.storage import ChunkStore
+    from kvcodec.store import ChunkStore
     from kvcodec_cli.main import main
 
     tok = bos_lm.tokenizer

@@ -9,6 +9,7 @@ import torch
 from ..core.kvcache import KVCache
 from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
 from ..models.capture import default_anchor
+from ..models.compare import compare_logits, greedy
 from . import engine
 from .segments import check_in_place, resolve
 from .selectors import Context, get_selector
@@ -284,27 +285,12 @@ def _checked(picked, cached_pos: torch.Tensor, k: int, name: str) -> torch.Tenso
     return torch.sort(picked).values
 
 
-def _greedy(lm, cache, logits, n: int) -> tuple:
-    """Greedy continuation from ``cache`` whose next-token logits are ``logits``: up to
-    ``n`` tokens (stopping after EOS) and the logits each was chosen from."""
-    eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else None
-    out, seen = [], []
-    for _ in range(n):
-        seen.append(logits.float())
-        out.append(int(logits.argmax()))
-        if out[-1] == eos or len(out) == n:
-            break
-        logits = lm.model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
-                          use_cache=True).logits[0, -1]
-    return out, seen
-
-
 @torch.no_grad()
 def generate(lm, segments, *, max_new_tokens: int = 48, **kwargs):
     """Blend ``segments`` and continue greedily; returns ``(token ids, BlendResult)``.
     ``kwargs`` go to :func:`blend`."""
     result = blend(lm, segments, **kwargs)
-    out, _ = _greedy(lm, result.cache, result.logits, max_new_tokens)
+    out, _ = greedy(lm.model, result.cache, result.logits, max_new_tokens, _eos(lm))
     return out, result
 
 
@@ -321,7 +307,7 @@ def compare_with_prefill(lm, result: BlendResult, n: int = 32) -> dict:
     out = lm.model(input_ids=torch.tensor([result.token_ids]), use_cache=True,
                    logits_to_keep=1)
     prefill_s = time.perf_counter() - t
-    answer, ref = _greedy(lm, out.past_key_values, out.logits[0, -1], n)
+    answer, ref = greedy(lm.model, out.past_key_values, out.logits[0, -1], n, _eos(lm))
     ref = torch.stack(ref)
     test = [result.logits.view(1, -1).float()]
     if len(answer) > 1:
@@ -329,7 +315,11 @@ def compare_with_prefill(lm, result: BlendResult, n: int = 32) -> dict:
         test.append(lm.model(input_ids=torch.tensor([answer[:-1]]), past_key_values=cache,
                              use_cache=True).logits[0].float())
     test = torch.cat(test)
-    lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
-    agree = test.argmax(-1) == torch.tensor(answer)
-    return {"kl": float((lp.exp() * (lp - lq)).sum(-1).mean()), "top1": float(agree.float().mean()),
-            "exact": bool(agree.all()), "prefill_tokens": answer, "prefill_s": prefill_s}
+    m = compare_logits(ref, test)  # prefill's greedy answer is its top-1 at every step
+    return {"kl": m["kl"], "top1": m["top1_agreement"],
+            "exact": bool((test.argmax(-1) == torch.tensor(answer)).all()),
+            "prefill_tokens": answer, "prefill_s": prefill_s}
+
+
+def _eos(lm):
+    return lm.tokenizer.eos_token_id if lm.tokenizer is not None else None

@@ -34,10 +34,13 @@ the call.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import BackendError
+from ..models.attention import model_dtype, weights_of
 
 
 class _ScatterLayer(DynamicLayer):
@@ -145,9 +148,8 @@ def run(model, ids: list, query_pos: torch.Tensor, cache: FusedCache, *, hidden=
     n = cache.layers[0].keys.shape[2]
     cache.rows["index"] = query_pos
     layers = _layers(model)
-    dtype = next(model.parameters()).dtype
-    hooks, replaced, captured = [], [], {}
-    attn_mod = previous = None
+    dtype = model_dtype(model)
+    hooks, replaced = [], []
     if hidden is not None:
         # Layers up to ``after`` already ran for these tokens: they hand on its output.
         for layer in layers[:after + 1]:
@@ -157,37 +159,27 @@ def run(model, ids: list, query_pos: torch.Tensor, cache: FusedCache, *, hidden=
         def halt(mod, args, out):
             raise _Stop(_first(out))
         hooks.append(layers[stop].register_forward_hook(halt))
-    if attention_rows is not None:
-        # Only that layer runs eager attention (the kernel that returns weights).
-        attn_mod = _attention_module(layers[stop])
-        previous = attn_mod.config._attn_implementation
-
-        def eager(mod, args):
-            mod.config._attn_implementation = "eager"
-
-        def keep(mod, args, out):
-            mod.config._attn_implementation = previous
-            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if weights is None:
-                raise BackendError("the model returned no attention weights for "
-                                   "query-aware selection")
-            captured["w"] = weights[0, :, attention_rows].float()
-        hooks += [attn_mod.register_forward_pre_hook(eager),
-                  attn_mod.register_forward_hook(keep)]
     try:
-        out = model(input_ids=torch.tensor([[ids[int(p)] for p in query_pos]]),
-                    position_ids=query_pos[None], past_key_values=cache,
-                    attention_mask=attention_masks(model.config, query_pos, n, dtype),
-                    use_cache=True, logits_to_keep=1)
+        # Only the stop layer runs eager attention (the kernel that returns weights).
+        watched = (weights_of(_attention_module(layers[stop])) if attention_rows is not None
+                   else nullcontext(None))
+        with watched as seen:
+            out = model(input_ids=torch.tensor([[ids[int(p)] for p in query_pos]]),
+                        position_ids=query_pos[None], past_key_values=cache,
+                        attention_mask=attention_masks(model.config, query_pos, n, dtype),
+                        use_cache=True, logits_to_keep=1)
     except _Stop as halted:
-        return halted.hidden, captured.get("w")
+        if seen is None:
+            return halted.hidden, None
+        if seen.weights is None:
+            raise BackendError("the model returned no attention weights for query-aware "
+                               "selection") from None
+        return halted.hidden, seen.weights[0, :, attention_rows].float()
     finally:
         for h in hooks:
             h.remove()
         for layer in replaced:
             del layer.forward
-        if attn_mod is not None:
-            attn_mod.config._attn_implementation = previous
     if stop is not None:
         raise BackendError(f"the model never reached layer {stop}; it skips decoder layers")
     return out.logits[0, -1].float()

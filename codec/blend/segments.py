@@ -3,7 +3,7 @@
 A prompt is an explicit list of segments, never found by separator strings: a
 :class:`Text` (the system line, the question, glue between documents) is computed;
 a :class:`Cached` segment (a .kvc file, a decoded :class:`KVCache`, or a document in a
-:class:`~kvcodec.storage.ChunkStore`) is decoded straight into the fused cache at its
+:class:`~kvcodec.store.ChunkStore`) is decoded straight into the fused cache at its
 offset in the prompt, keys re-rotated there. :func:`resolve` opens and checks every
 segment and gives each cached one a loader; each segment's report says what happened: a
 cached segment that cannot be used for a reason that is not
@@ -39,7 +39,7 @@ class Cached:
     """A segment whose K/V come from a cache.
 
     ``source`` is a .kvc path, bytes, an open :class:`~kvcodec.KVCFile` or a
-    :class:`KVCache`; or give ``store`` (a :class:`~kvcodec.storage.ChunkStore`) and the
+    :class:`KVCache`; or give ``store`` (a :class:`~kvcodec.store.ChunkStore`) and the
     document's ``text`` / ``token_ids`` to load it from there. The text, when known,
     also lets a damaged cache be recomputed instead of failing.
     """

@@ -20,19 +20,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import format as kvc
 from ..core.kvcache import KVCache
-from ..errors import ModelMismatchError, ShapeError
-from ..models.fingerprint import check_fingerprint
-
+from ..errors import KVCodecError, ModelMismatchError, ShapeError
+from ..models.attention import check_geometry, model_device, model_dtype
+from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
+from .ragged import ragged_cache
 
 DEFAULT_RESERVE = 256
-
-
-def _model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _open_checked(model, src, fingerprint):
@@ -93,9 +86,9 @@ class ReservedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
+def advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
     """Declare tokens ``t0:t1`` written straight into ``bufs`` (the buffers of a cache made
-    by :func:`_reserved_cache` that holds ``t0`` tokens)."""
+    by :func:`reserved_cache` that holds ``t0`` tokens)."""
     for layer, (kb, vb) in zip(cache.layers, bufs):
         if isinstance(layer, ReservedLayer) and layer._in_buffers(kb) \
                 and layer.keys.shape[-2] == t0:
@@ -104,26 +97,16 @@ def _advance(cache: DynamicCache, bufs, t0: int, t1: int) -> None:
             layer.update(kb[:, :, t0:t1], vb[:, :, t0:t1])
 
 
-def _buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype=None):
+def cache_buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype=None):
     """Per-layer ``(keys, values)`` buffers ``[1, heads, tokens, head_dim]`` for ``model``
     (its dtype and device), after checking that the model has that geometry. ``tokens``
-    is one count for every layer or a list of per-layer counts."""
-    _check_geometry(model, n_layers, heads, head_dim)
+    is one count for every layer or a list of per-layer counts. Decode into them, then
+    hand them to the model with :func:`reserved_cache`."""
+    check_geometry(model, n_layers, heads, head_dim)
     tokens = [tokens] * n_layers if isinstance(tokens, int) else list(tokens)
-    dtype, device = dtype or _model_dtype(model), _model_device(model)
+    dtype, device = dtype or model_dtype(model), model_device(model)
     return [(torch.empty((1, heads, t, head_dim), dtype=dtype, device=device),
              torch.empty((1, heads, t, head_dim), dtype=dtype, device=device)) for t in tokens]
-
-
-def _check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:
-    cfg = model.config.get_text_config(decoder=True)
-    want = (cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or
-            cfg.num_attention_heads,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    if (n_layers, heads, head_dim) != want:
-        raise ModelMismatchError(
-            f"the cache has {n_layers} layers x {heads} KV heads x head_dim {head_dim}; the "
-            f"model has {want[0]} x {want[1]} x {want[2]}")
 
 
 def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) -> None:
@@ -142,9 +125,10 @@ def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) 
         layer.cumulative_length = seq_len
 
 
-def _reserved_cache(model, bufs, lengths, seq_len: int) -> DynamicCache:
-    """A cache of the model's own layer kinds over ``bufs``; ``lengths`` is one count or
-    per-layer counts of the tokens each holds."""
+def reserved_cache(model, bufs, lengths, seq_len: int) -> DynamicCache:
+    """A cache of the model's own layer kinds over ``bufs`` (:func:`cache_buffers`);
+    ``lengths`` is one count or per-layer counts of the tokens each holds, the last
+    ``lengths`` of a sequence of ``seq_len``."""
     cache = DynamicCache(config=model.config)
     lengths = [lengths] * len(bufs) if isinstance(lengths, int) else lengths
     for i, ((kb, vb), n) in enumerate(zip(bufs, lengths)):
@@ -156,12 +140,12 @@ def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
     """Copy a :class:`kvcodec.KVCache` (e.g. an fp16 cache read from safetensors) into a
     ``DynamicCache`` of the model's dtype with room for ``reserve`` more tokens per layer."""
     spans = kv.layer_tokens
-    bufs = _buffers(model, kv.num_layers, kv.num_kv_heads, [t + reserve for t in spans],
+    bufs = cache_buffers(model, kv.num_layers, kv.num_kv_heads, [t + reserve for t in spans],
                     kv.head_dim)
     for (kb, vb), k, v, t in zip(bufs, kv.keys, kv.values, spans):
         kb[:, :, :t] = k
         vb[:, :, :t] = v
-    return _reserved_cache(model, bufs, spans, kv.num_tokens)
+    return reserved_cache(model, bufs, spans, kv.num_tokens)
 
 
 def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
@@ -187,8 +171,6 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
         The model's fingerprint (``kvcodec.fingerprint(model.config, tokenizer)``); when
         given, a cache from another model raises ``ModelMismatchError``.
     """
-    from .ragged import ragged_cache  # ragged builds on this module
-
     if isinstance(src, KVCache):
         if fingerprint is not None:
             check_fingerprint(src.model, fingerprint)
@@ -198,7 +180,7 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
     if getattr(f, "evicted", False):
         return ragged_cache(f.decode(threads=threads), model)
     spans = f.layer_tokens
-    bufs = _buffers(model, f.num_layers, f.num_kv_heads, [t + reserve for t in spans],
+    bufs = cache_buffers(model, f.num_layers, f.num_kv_heads, [t + reserve for t in spans],
                     f.head_dim)
     views = {l: (kb[:, :, :t], vb[:, :, :t]) for l, ((kb, vb), t) in enumerate(zip(bufs, spans))}
     if f.streaming:
@@ -208,7 +190,38 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
             pass
     else:
         f.decode_into(views, threads=threads)
-    return _reserved_cache(model, bufs, spans, f.num_tokens)
+    return reserved_cache(model, bufs, spans, f.num_tokens)
+
+
+def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int = DEFAULT_RESERVE):
+    """The longest prefix of ``token_ids`` that ``store`` (a
+    :class:`~kvcodec.store.ChunkStore` of this model) holds, decoded straight into a
+    ``DynamicCache`` for ``model`` with room for the rest of ``token_ids`` plus
+    ``reserve`` tokens (the uncached suffix and the answer are appended in place).
+
+    Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
+    check_fingerprint(store.fingerprint, model_fingerprint(model.config))
+    ids = [int(t) for t in token_ids]
+    fp = store.fingerprint
+    bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
+                         fp["head_dim"])
+    n = store.fill(bufs, ids, store.lookup(ids), threads)
+    return reserved_cache(model, bufs, n, n), n
+
+
+@torch.no_grad()
+def prefill_with_store(lm, store, token_ids, *, threads: int = 0):
+    """A ``DynamicCache`` for ``token_ids``: the cached prefix from ``store``
+    (:func:`cache_from_store`), the rest prefilled by the model. Returns ``(cache,
+    cached_tokens, last_logits)``."""
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        raise KVCodecError("no tokens to prefill")
+    # Keep at least one token to run, so the caller gets the next-token logits.
+    cache, n = cache_from_store(lm.model, store, ids[:-1], threads=threads)
+    out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+    return cache, n, out.logits[0, -1]
 
 
 class LayerwiseCache:
@@ -233,7 +246,7 @@ def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
             self._file = f
             self._length = f.num_tokens
             self._spans = f.layer_tokens
-            self._bufs = _buffers(model, f.num_layers, f.num_kv_heads,
+            self._bufs = cache_buffers(model, f.num_layers, f.num_kv_heads,
                                   [t + reserve for t in self._spans], f.head_dim)
             self._filled = set()
             self._lock = threading.Lock()

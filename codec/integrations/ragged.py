@@ -68,8 +68,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from ..errors import BackendError, ModelMismatchError, ShapeError
-from ..models.batch import eager_attention
-from .hf import _check_geometry, _model_device, _model_dtype
+from ..models.attention import (check_geometry, eager_attention_function, model_device,
+                                model_dtype)
 
 _ATTR = "_kvcodec_ragged"  # (bias, query positions) on the keys update returns
 # transformers implementation -> the kvcodec wrapper around it
@@ -201,10 +201,10 @@ def ragged_cache(kv, model, dtype: torch.dtype | None = None) -> RaggedCache:
     if not getattr(kv, "evicted", False):
         raise ShapeError("ragged_cache needs an evicted cache (KVCache.kept set); load a full "
                          "cache with kv.to_dynamic_cache() or kvcodec.hf.cache_from_kv()")
-    _check_geometry(model, kv.num_layers, kv.num_kv_heads, kv.head_dim)
+    check_geometry(model, kv.num_layers, kv.num_kv_heads, kv.head_dim)
     windows = _layer_windows(model.config, kv.num_layers)
     attach(model)
-    dtype, device = dtype or _model_dtype(model), _model_device(model)
+    dtype, device = dtype or model_dtype(model), model_device(model)
     return RaggedCache([
         RaggedLayer(k.to(device, dtype), v.to(device, dtype), p, kv.length, w)
         for k, v, p, w in zip(kv.keys, kv.values, kv.kept, windows)])
@@ -298,7 +298,7 @@ def ragged_sdpa(module, query, key, value, attention_mask, **kwargs):
 def ragged_eager(module, query, key, value, attention_mask, **kwargs):
     """The model's own eager attention (soft-capping and all), with a ragged layer's
     per-head mask when ``key`` carries one."""
-    eager = eager_attention(module, "use attn_implementation='sdpa'")
+    eager = eager_attention_function(module, "use attn_implementation='sdpa'")
     bias = _query_head_bias(module, key, query, kwargs.get("position_ids"))
     return eager(module, query, key, value, attention_mask if bias is None else bias, **kwargs)
 

@@ -5,7 +5,7 @@ finished documents in the store) and in this process or on a Ray actor pool
 (:func:`precompute`).
 
 The top layer beside ``quality``, ``blend`` and ``evict``: may import every layer below
-it (``core``, ``format``, ``models``, ``storage``, ``evict``), never the CLI.
+it (``core``, ``format``, ``models``, ``store``, ``evict``), never the CLI.
 """
 from .corpus import Corpus, Document, Skipped
 from .plan import JobSpec

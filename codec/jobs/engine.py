@@ -29,7 +29,7 @@ from ..errors import ConfigError, KVCodecError
 from ..models.batch import capture_batch
 from ..models.capture import default_anchor
 from ..models.tokens import chat_text, document_ids, special_prefix
-from ..storage import ChunkStore
+from ..store import ChunkStore
 from .corpus import Skipped
 from .manifest import Manifest
 from .plan import LOOKAHEAD, JobSpec, batches, windows
@@ -234,9 +234,9 @@ class Engine:
     def _store(self, w: _Window, kv) -> None:
         r = w.doc.result
         if self._policy is not None and not self._policy[2]:
-            from ..evict import apply
+            from ..evict import evict
 
-            kv = apply(kv, self._policy[0], self._policy[1])
+            kv = evict(kv, self._policy[0], self._policy[1])
         for s in self.stores:
             before = (s.written_chunks, s.written_bytes, s.written_numel)
             if self._policy is not None:

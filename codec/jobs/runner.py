@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import ConfigError
-from ..storage.backends import open_backend
+from ..store.backends import open_backend
 from .corpus import Corpus
 from .plan import JobSpec
 from .report import Summary

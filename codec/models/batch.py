@@ -22,13 +22,13 @@ Importance in the same pass
 """
 from __future__ import annotations
 
-import sys
 import threading
 
 import torch
 
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
+from .attention import attention_implementation, eager_attention_function
 from .capture import IMPORTANCE_WINDOW
 from .loading import LoadedModel
 
@@ -76,18 +76,13 @@ def capture_batch(lm: LoadedModel, sequences, *, anchor=None,
     layers = lm.fingerprint["num_layers"]
     batch = _Batch(lengths, max(0, int(importance_window)), layers)
     model = lm.model
-    previous = model.config._attn_implementation
     _state.batch = batch
-    model.set_attn_implementation(IMPLEMENTATION)
     try:
-        if model.config._attn_implementation != IMPLEMENTATION:
-            raise BackendError(f"{type(model).__name__} cannot switch its attention "
-                               "implementation; capture documents one at a time")
-        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        with attention_implementation(model, IMPLEMENTATION, "capture documents one at a time"):
+            model(input_ids=ids, position_ids=positions, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
     finally:
         _state.batch = None
-        model.set_attn_implementation(previous)
     out = []
     for b, (seq, n) in enumerate(zip(seqs, lengths)):
         keys = [layer.keys[b:b + 1, :, a:n].clone() for layer in cache.layers]
@@ -111,17 +106,6 @@ def _pad_id(lm) -> int:
     return 0
 
 
-def eager_attention(module, instead: str):
-    """The eager attention function of ``module``'s own modeling file (its scaling,
-    soft-capping and GQA repeat), which returns the attention weights; ``BackendError``
-    naming ``instead`` (what to do without it) for a model that defines none."""
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if eager is None:
-        raise BackendError(f"{type(module).__name__} defines no eager_attention_forward; "
-                           f"{instead}")
-    return eager
-
-
 def _row_mask(q_pos: torch.Tensor, n: int, window, dtype) -> torch.Tensor:
     """Additive ``[1, 1, q, n]`` mask: causal, and within ``window`` on sliding layers."""
     k_pos = torch.arange(n)
@@ -143,7 +127,8 @@ def batch_attention(module, query, key, value, attention_mask, **kwargs):
     kwargs.pop("position_ids", None)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     layer = getattr(module, "layer_idx", 0)
-    eager = eager_attention(module, "capture documents one at a time") if batch.window else None
+    eager = (eager_attention_function(module, "capture documents one at a time")
+             if batch.window else None)
     for b, n in enumerate(batch.lengths):
         q, k, v = query[b:b + 1, :, :n], key[b:b + 1, :, :n], value[b:b + 1, :, :n]
         mask = _row_mask(torch.arange(n), n, window, query.dtype) if window else None

@@ -5,6 +5,7 @@ import torch
 
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
+from .attention import eager
 from .loading import LoadedModel
 from .tokens import document_ids
 
@@ -111,14 +112,9 @@ def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:
     """Prefill ``ids`` with eager attention; float32 ``[layers, tokens]`` attention each
     cached token receives, averaged over heads and the new queries, and the same per KV
     head (``[layers, kv_heads, tokens]``, averaged over its query group)."""
-    model = lm.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        out = model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
-                    use_cache=True, output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
+    with eager(lm.model):
+        out = lm.model(input_ids=torch.tensor([list(ids)]), past_key_values=cache,
+                       use_cache=True, output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
         raise BackendError("the model returned no attention weights; it cannot supply "
                            "token importance (pass importance_window=0)")

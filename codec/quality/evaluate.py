@@ -6,11 +6,10 @@ original one (CacheGen §6 reports the same quality signals).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..core.kvcache import KVCache
+from ..models.compare import compare_logits, greedy
 from ..models.loading import LoadedModel
 
 
@@ -20,26 +19,6 @@ def continuation_logits(lm: LoadedModel, kv: KVCache, continuation) -> torch.Ten
     cache = kv.to_dynamic_cache(lm.config, dtype=next(lm.model.parameters()).dtype)
     ids = torch.tensor([list(continuation)])
     return lm.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
-
-
-def compare_logits(ref: torch.Tensor, test: torch.Tensor, targets=None) -> dict:
-    """KL(ref || test) per position (mean, nats), greedy agreement, perplexity change.
-
-    ``targets[i]`` is the token that follows position i (for perplexity); when omitted,
-    the perplexity fields are left out.
-    """
-    lp_ref, lp = ref.log_softmax(-1), test.log_softmax(-1)
-    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
-    out = {"kl": float(kl.mean()),
-           "top1_agreement": float((ref.argmax(-1) == test.argmax(-1)).float().mean())}
-    if targets is not None:
-        t = torch.tensor(list(targets))[:, None]
-        nll_ref = -lp_ref[: len(t)].gather(1, t).mean()
-        nll = -lp[: len(t)].gather(1, t).mean()
-        out["ppl_ref"] = math.exp(float(nll_ref))
-        out["ppl"] = math.exp(float(nll))
-        out["delta_ppl_pct"] = 100.0 * (out["ppl"] / out["ppl_ref"] - 1.0)
-    return out
 
 
 @torch.no_grad()
@@ -53,17 +32,9 @@ def greedy_generate(lm: LoadedModel, kv, prompt_ids, max_new_tokens: int = 32) -
         cache = kv.to_dynamic_cache(lm.config, dtype=next(lm.model.parameters()).dtype)
     else:
         cache = kv
-    ids = torch.tensor([list(prompt_ids)])
-    out = []
-    eos = lm.tokenizer.eos_token_id
-    for _ in range(max_new_tokens):
-        logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-        nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt == eos:
-            break
-        ids = torch.tensor([[nxt]])
-    return out
+    logits = lm.model(input_ids=torch.tensor([list(prompt_ids)]), past_key_values=cache,
+                      use_cache=True).logits[0, -1]
+    return greedy(lm.model, cache, logits, max_new_tokens, lm.tokenizer.eos_token_id)[0]
 
 
 def answer_agreement(lm: LoadedModel, ref_kv: KVCache, test_kv: KVCache, prompt_ids,

@@ -1,9 +1,12 @@
-"""Store: applications over many .kvc files. ``chunks`` is the chunk store (one file per
-chunk, keyed by a chained hash of the token prefix, for prefix reuse); ``adapt`` picks a
-quality level or recomputation per chunk to meet a time-to-first-token budget.
+"""Store: caches kept on disk or in an object store, as chunk entries keyed by chained
+hashes of their token prefix under a model fingerprint and a codec config
+(:class:`ChunkStore`, in ``chunks``); the filesystems it runs on (``backends``: a local
+directory or any fsspec URL). Atomic writes, checked reads, damaged entries moved aside.
 
-May import every layer below it: ``core``, ``format``, ``models``, ``integrations``.
+Below the integrations, which all read and write it (transformers through
+:func:`kvcodec.integrations.hf.cache_from_store`, vLLM through its connector). May import
+``kvcodec.core``, ``kvcodec.format``, ``kvcodec.models`` and ``kvcodec.errors``.
 """
-from .chunks import Store, prefill_with_store
+from .chunks import ChunkStore
 
-__all__ = ["Store", "prefill_with_store"]
+__all__ = ["ChunkStore"]

@@ -1,49 +1,342 @@
-"""The chunk store as transformers uses it: decode the longest cached prefix straight
-into a model's cache (:meth:`Store.load_cache`) and prefill the rest
-(:func:`prefill_with_store`). The storage itself (keys, entries, damaged-entry handling)
-is :class:`kvcodec.storage.ChunkStore`, which the vLLM connector shares.
+"""A content-addressed store of cached chunks with prefix reuse (as vLLM and LMCache do).
+
+Each ``chunk_tokens``-token chunk of a sequence is one small .kvc entry, named by a
+chained hash: ``h_i = sha256(h_{i-1} || token ids of chunk i)``, with ``h_{-1}`` derived
+from the model fingerprint and the codec config. A chunk's KV depends on every token
+before it, and so does its name, so a new prompt reuses exactly the longest cached
+prefix of whole chunks and prefills only the rest.
+
+Documents are stored a second way, for blending (:mod:`kvcodec.blend`): a document
+captured behind a fixed anchor (``capture_kv(..., anchor=...)``) is position-independent,
+so its chunks are keyed by the document's own tokens (a chain seeded with the anchor,
+not with a prompt prefix) and reused wherever the document appears in a prompt.
+
+An evicted cache (:mod:`kvcodec.evict`: each head keeps its own tokens) has no dense
+chunks to cut, so it is stored whole, as one entry keyed by its tokens, its anchor and
+the eviction spec (:meth:`ChunkStore.put_evicted`), so different policies and ratios
+never share an entry.
+
+The store is a local directory or any fsspec URL (``s3://bucket/prefix``, ``gs://...``,
+``memory://...``; :mod:`.backends`). Entry ``key`` lives at ``key[:2]/key[2:].kvc``
+under the root; other objects (a job's manifest, :meth:`write_object`) live under other
+folders. Writes are atomic: on a local disk a temp file, fsync and rename; on an object
+store a single PUT, which the store makes visible whole; on other filesystems (sftp,
+hdfs) a temp name and a rename. So concurrent writers of the same chunk race harmlessly
+(same bytes) and readers never see a partial entry. Locations are :class:`Path` objects
+for a local store and URLs otherwise. Each chunk carries its own probability tables:
+about 5% over a long file's size, the price of independent chunks.
+
+A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
+than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
+with a warning on the ``kvcodec`` logger, the reused prefix ends before it, and the next
+``put`` of that text writes it again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import re
+from pathlib import PurePosixPath
+
 import torch
 
-from ..errors import KVCodecError
-from ..integrations import hf
-from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
-from ..storage import ChunkStore
+from .. import format as kvc
+from ..core.config import load_config
+from ..core.kvcache import KVCache, token_views
+from ..errors import ConfigError, KVCodecError, ShapeError
+from ..models.fingerprint import check_fingerprint
+from .backends import STALE_TEMP_S, open_backend
+
+log = logging.getLogger("kvcodec")
+
+_ENTRY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}\.kvc")
 
 
-class Store(ChunkStore):
-    """A :class:`~kvcodec.storage.ChunkStore` that loads into transformers caches."""
+def _entry(key: str) -> str:
+    return f"{key[:2]}/{key[2:]}.kvc"
 
-    def model_buffers(self, model, tokens: int):
-        """Cache buffers of ``tokens`` tokens for ``model``, which must be the store's."""
-        check_fingerprint(self.fingerprint, model_fingerprint(model.config))
-        fp = self.fingerprint
-        return hf._buffers(model, fp["num_layers"], fp["num_kv_heads"], tokens, fp["head_dim"])
 
-    def load_cache(self, model, token_ids, *, threads: int = 0,
-                   reserve: int = hf.DEFAULT_RESERVE):
-        """The longest cached prefix of ``token_ids`` decoded straight into a
-        ``DynamicCache`` for ``model``, with room for the rest of ``token_ids`` plus
-        ``reserve`` tokens (the uncached suffix and the answer are appended in place).
+def _ids_bytes(ids) -> bytes:
+    return b"".join(int(t).to_bytes(4, "little") for t in ids)
 
-        Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
+
+class ChunkStore:
+    """A store of chunks (a directory or fsspec URL): keys, atomic puts, lookups and
+    checked reads, which every consumer shares (transformers loading in
+    :func:`kvcodec.integrations.hf.cache_from_store`, the vLLM connector, precompute jobs).
+
+    Parameters
+    ----------
+    root : path or str
+        Directory (created if missing), or an fsspec URL (``s3://bucket/prefix``).
+    fingerprint : dict
+        The model's fingerprint; part of every key, so models never share entries.
+    config : str or dict
+        Codec config used for new chunks (part of every key).
+    storage_options : dict, optional
+        Options for a URL's filesystem (``{"client_kwargs": {"endpoint_url": ...}}``),
+        on top of fsspec's config and the environment.
+
+    Attributes
+    ----------
+    threads : int
+        Coder threads for new entries (0 = all cores).
+    written_chunks, written_bytes, written_numel : int
+        Entries written by this object, their bytes, and the elements of the caches they
+        hold (:meth:`KVCache.numel`: for an evicted cache, of the cache before eviction).
+    """
+
+    def __init__(self, root, fingerprint: dict, config="default", storage_options=None):
+        self._backend = open_backend(root, storage_options)
+        self.root = self._backend.root
+        self.fingerprint = fingerprint
+        self.config = load_config(config, model=fingerprint)
+        self.chunk_tokens = self.config.get("chunk_tokens", 256)
+        seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
+        self._seed = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
+        self.threads = 0
+        self.written_chunks = self.written_bytes = self.written_numel = 0
+
+    def keys(self, token_ids, anchor=None) -> list:
+        """Chained hash of every chunk of ``token_ids`` (the last may be partial); with
+        ``anchor``, the keys of a position-independent document computed behind it."""
+        out, h = [], self._seed
+        if anchor is not None:
+            h = hashlib.sha256(b"kvcodec-document-v1" + h + _ids_bytes(anchor)).digest()
         ids = [int(t) for t in token_ids]
-        bufs = self.model_buffers(model, len(ids) + reserve)
-        n = self.fill(bufs, ids, self.lookup(ids), threads)
-        return hf._reserved_cache(model, bufs, n, n), n
+        for start in range(0, len(ids), self.chunk_tokens):
+            part = ids[start:start + self.chunk_tokens]
+            h = hashlib.sha256(h + len(part).to_bytes(4, "little") + _ids_bytes(part)).digest()
+            out.append(h.hex())
+        return out
 
+    def evicted_key(self, token_ids, spec: str, anchor=None) -> str:
+        """The key of the whole evicted cache of ``token_ids`` (behind ``anchor``, if
+        given) evicted by ``spec`` (``"snapkv:0.25"``). Every variable-length part is
+        preceded by its length, so no two inputs hash the same bytes."""
+        spec_b, anchor = str(spec).encode(), list(anchor or ())
+        h = hashlib.sha256(self._seed + b"kvcodec-evicted-v1" + len(spec_b).to_bytes(4, "little")
+                           + spec_b + len(anchor).to_bytes(4, "little") + _ids_bytes(anchor)
+                           + _ids_bytes(token_ids))
+        return h.hexdigest()
 
-@torch.no_grad()
-def prefill_with_store(lm, store: Store, token_ids, *, threads: int = 0):
-    """A DynamicCache for ``token_ids``: the cached prefix from ``store``, the rest
-    prefilled by the model. Returns ``(cache, cached_tokens, last_logits)``."""
-    ids = [int(t) for t in token_ids]
-    if not ids:
-        raise KVCodecError("no tokens to prefill")
-    # Keep at least one token to run, so the caller gets the next-token logits.
-    cache, n = store.load_cache(lm.model, ids[:-1], threads=threads)
-    out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
-    return cache, n, out.logits[0, -1]
+    def path(self, key: str):
+        """The location of entry ``key``: a :class:`Path` in a local store, else a URL."""
+        return self._backend.location(_entry(key))
+
+    def exists(self, loc) -> bool:
+        """Whether the entry (or object) at location ``loc`` exists."""
+        return self._backend.exists(self._backend.rel(loc))
+
+    def size(self, loc) -> int:
+        """Bytes of the entry at ``loc`` (FileNotFoundError if it is absent)."""
+        return self._backend.size(self._backend.rel(loc))
+
+    def entries(self):
+        """Locations of every entry in the store (not ``*.kvc.bad``, nor other objects)."""
+        for rel in self._backend.list():
+            if _ENTRY.fullmatch(rel):
+                yield self._backend.location(rel)
+
+    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
+        """Remove what writers killed mid-write left in a local store (temp files older
+        than ``older_than`` seconds; never visible as entries). Object stores have none:
+        their writes are single PUTs. Returns how many were removed."""
+        return self._backend.sweep(older_than)
+
+    def put(self, kv: KVCache) -> int:
+        """Store every chunk of ``kv`` not yet present; returns how many were written."""
+        if kv.extra.get("anchor"):
+            raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
+                               "prefix; store it with put_document")
+        return self._put(kv, None)
+
+    def put_document(self, kv: KVCache) -> int:
+        """Store a position-independent document (a cache captured behind an anchor,
+        which ``kv.extra["anchor"]`` records) under keys of its own tokens; returns how
+        many chunks were written."""
+        anchor = kv.extra.get("anchor")
+        if not anchor:
+            raise KVCodecError("put_document needs a cache captured behind an anchor "
+                               "(capture_kv(..., anchor=...)); use put for prompt prefixes")
+        return self._put(kv, [int(t) for t in anchor])
+
+    def put_evicted(self, kv: KVCache, spec: str) -> int:
+        """Store ``kv``, the cache evicted by ``spec`` (``"snapkv:0.25"``), whole as one
+        entry (keyed by :meth:`evicted_key` of its tokens and ``kv.extra["anchor"]``);
+        returns 1 if written, 0 if it was already there. A dense cache is stored the same
+        way: a kept ratio of 1 evicts nothing."""
+        self._check(kv)
+        anchor = kv.extra.get("anchor")
+        anchor = [int(t) for t in anchor] if anchor else None
+        rel = _entry(self.evicted_key(kv.token_ids, spec, anchor))
+        if self._backend.exists(rel):
+            return 0
+        self._write(rel, kv, anchor, None)
+        return 1
+
+    def _check(self, kv: KVCache) -> None:
+        if kv.token_ids is None:
+            raise KVCodecError("the store keys entries by token ids; this cache has none")
+        if kv.model is not None:
+            check_fingerprint(kv.model, self.fingerprint)
+
+    def _put(self, kv: KVCache, anchor) -> int:
+        if kv.evicted:
+            raise ShapeError("this cache is evicted (each head keeps its own tokens), so it "
+                             "has no dense chunks to store; store it whole with "
+                             "put_evicted(kv, spec)")
+        self._check(kv)
+        if not kv.uniform:
+            raise KVCodecError(
+                "the store keeps every layer's tokens chunk by chunk, but this cache's "
+                "sliding-window layers hold only their last tokens; encode it into one "
+                ".kvc file instead")
+        written, base = 0, len(anchor or ())
+        for i, key in enumerate(self.keys(kv.token_ids, anchor)):
+            rel = _entry(key)
+            if self._backend.exists(rel):
+                continue
+            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
+            self._write(rel, kv.slice(t0, t1), anchor, base + t0)
+            written += 1
+        return written
+
+    def _write(self, rel: str, kv: KVCache, anchor, position_offset) -> None:
+        data = kvc.encode(kv, config=self.config, threads=self.threads, model=self.fingerprint,
+                          anchor=anchor, position_offset=position_offset)
+        self._backend.write(rel, data)
+        self.written_chunks += 1
+        self.written_bytes += len(data)
+        self.written_numel += kv.numel()
+
+    def document(self, token_ids, anchor) -> list | None:
+        """Locations of every chunk of the document ``token_ids`` stored by
+        :meth:`put_document` behind ``anchor``, or None unless all are present."""
+        rels = [_entry(k) for k in self.keys(token_ids, anchor)]
+        if not rels or not all(self._backend.exists(r) for r in rels):
+            return None
+        return [self._backend.location(r) for r in rels]
+
+    def evicted(self, token_ids, spec: str, anchor=None):
+        """The location of the entry :meth:`put_evicted` stored for ``token_ids`` evicted
+        by ``spec`` (behind ``anchor``), or None. Read it with :meth:`open_entry` (``t0``
+        0) and decode it with ``KVCFile.decode``."""
+        rel = _entry(self.evicted_key(token_ids, spec, anchor))
+        return self._backend.location(rel) if self._backend.exists(rel) else None
+
+    def lookup(self, token_ids, *, partial: bool = False) -> list:
+        """Locations of the longest cached prefix of whole chunks of ``token_ids``; with
+        ``partial``, also a last, partial chunk stored for exactly the remaining tokens
+        (``put`` of the same sequence stores it: the same prompt sent again)."""
+        found = []
+        ids = list(token_ids)
+        for i, key in enumerate(self.keys(ids)):
+            full = (i + 1) * self.chunk_tokens <= len(ids)
+            rel = _entry(key)
+            if not (full or partial) or not self._backend.exists(rel):
+                break
+            found.append(self._backend.location(rel))
+        return found
+
+    def cached_tokens(self, token_ids, *, partial: bool = False) -> int:
+        """How many leading tokens of ``token_ids`` :meth:`lookup` finds."""
+        paths = self.lookup(token_ids, partial=partial)
+        return min(len(token_ids), len(paths) * self.chunk_tokens)
+
+    def open_entry(self, loc, token_ids, t0: int, anchor=None) -> "kvc.KVCFile":
+        """The entry at ``loc``, checked to be the chunk of ``token_ids`` starting at token
+        ``t0`` (of a document behind ``anchor``, if given) made by the store's model
+        (KVCodecError, or OSError, if it is not). A local entry is read lazily; a remote
+        one is fetched whole first."""
+        f = kvc.open(self._backend.source(self._backend.rel(loc)))
+        try:
+            check_fingerprint(f.model, self.fingerprint)
+            ids = [int(t) for t in token_ids]
+            anchor = None if anchor is None else [int(t) for t in anchor]
+            if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0
+                    or f.anchor != anchor
+                    or (f.token_ids is not None and f.token_ids != ids)):
+                raise KVCodecError(f"{loc} holds other tokens than its key says")
+            return f
+        except BaseException:
+            f.close()
+            raise
+
+    def quarantine(self, loc, exc: Exception) -> None:
+        """Move a damaged entry aside (``*.kvc.bad``) so the next ``put`` writes it again."""
+        bad = self._backend.quarantine(self._backend.rel(loc))
+        log.warning("kvcodec store: %s; moved it to %s, the prefix ends before it", exc,
+                    bad.rsplit("/", 1)[-1])
+
+    def read_chunk(self, loc, token_ids, t0: int, dst: dict, threads: int = 0) -> bool:
+        """Decode the entry at ``loc`` (the chunk of ``token_ids`` starting at token ``t0``)
+        into ``dst`` (``{layer: (keys, values)}`` float views ``[1, kv_heads, n, head_dim]``).
+
+        Returns False, after moving the entry aside, if it is damaged or is not that chunk;
+        False without touching it if it vanished (another reader moved it)."""
+        try:
+            with self.open_entry(loc, token_ids, t0) as f:
+                f.decode_into(dst, threads=threads)
+            return True
+        except FileNotFoundError:
+            return False
+        except (KVCodecError, OSError) as exc:
+            self.quarantine(loc, exc)
+            return False
+
+    def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
+        """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)
+        into per-layer ``(keys, values)`` buffers until one is damaged; returns the number
+        of tokens filled."""
+        n = 0
+        for loc in locs:
+            t1 = n + self.chunk_tokens
+            if not self.read_chunk(loc, token_ids[n:t1], n, token_views(bufs, n, t1), threads):
+                break
+            n = t1
+        return n
+
+    def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
+        """Decode the longest cached prefix of ``token_ids`` as a :class:`KVCache`
+        (tensors only; :meth:`load_cache` fills a model's cache), or None if nothing is
+        cached or its first chunk is damaged."""
+        ids = [int(t) for t in token_ids]
+        locs = self.lookup(ids)
+        if not locs:
+            return None
+        fp = self.fingerprint
+        shape = (1, fp["num_kv_heads"], len(locs) * self.chunk_tokens, fp["head_dim"])
+        dtype = dtype or torch.float32
+        bufs = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+                for _ in range(fp["num_layers"])]
+        n = self.fill(bufs, ids, locs)
+        if n == 0:
+            return None
+        return KVCache([k[:, :, :n] for k, _ in bufs], [v[:, :, :n] for _, v in bufs], ids[:n],
+                       self.fingerprint)
+
+    # Other objects (a job's manifest) share the root; entries own the two-hex folders.
+
+    @staticmethod
+    def _object(rel: str) -> str:
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or not p.parts or _ENTRY.fullmatch(rel):
+            raise ConfigError(f"{rel!r} is not a store object name (a relative path outside "
+                              "the entries' folders)")
+        return p.as_posix()
+
+    def write_object(self, rel: str, data: bytes) -> None:
+        """Write the object ``rel`` (``"manifest/job/x.json"``) atomically."""
+        self._backend.write(self._object(rel), data)
+
+    def read_object(self, rel: str) -> bytes | None:
+        """The bytes of the object ``rel``, or None if it is absent."""
+        try:
+            return self._backend.read(self._object(rel))
+        except FileNotFoundError:
+            return None
+
+    def exists_object(self, rel: str) -> bool:
+        return self._backend.exists(self._object(rel))

@@ -1,6 +1,6 @@
 """Bandwidth adaptation (CacheGen §5.3): per chunk, the best quality level that fits.
 
-Chunks are stored at several quality levels (one :class:`~kvcodec.store.Store` per
+Chunks are stored at several quality levels (one :class:`~kvcodec.store.ChunkStore` per
 config, best first) and can always be recomputed from their text. Given a bandwidth
 estimate and a time-to-first-token budget, :func:`plan` walks the chunks in order and
 gives each its fair share of the time left: the best level if it fits, else
@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..core.kvcache import token_views
-from ..integrations import hf
 from ..errors import KVCodecError
+from ..models.fingerprint import check_fingerprint
+from . import hf
 
 RECOMPUTE = "recompute"
 
@@ -127,7 +128,10 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
     if any(s.chunk_tokens != n or s.fingerprint != stores[0].fingerprint for s in stores):
         raise KVCodecError("the stores of a level ladder must share the model and chunk size")
     ids = [int(t) for t in token_ids]
-    bufs = stores[0].model_buffers(lm.model, len(ids) + reserve)
+    fp = stores[0].fingerprint
+    check_fingerprint(fp, lm.fingerprint)
+    bufs = hf.cache_buffers(lm.model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
+                            fp["head_dim"])
     keys_per_store = [s.keys(ids) for s in stores]
     full = len(ids) // n
     sizes = []
@@ -140,14 +144,14 @@ def load_adaptive(lm, stores: list, token_ids, bandwidth_bps: float, budget_s: f
                 row.append(None)
         sizes.append(row)
     choices = plan(sizes, bandwidth_bps, budget_s, recompute_s, decode_s_per_byte)
-    cache = hf._reserved_cache(lm.model, bufs, 0, 0)
+    cache = hf.reserved_cache(lm.model, bufs, 0, 0)
     for i, choice in enumerate(choices):
         t0, t1 = i * n, (i + 1) * n
         if choice != RECOMPUTE:
             store = stores[choice]
             if store.read_chunk(store.path(keys_per_store[choice][i]), ids[t0:t1], t0,
                                 token_views(bufs, t0, t1), threads):
-                hf._advance(cache, bufs, t0, t1)
+                hf.advance(cache, bufs, t0, t1)
                 continue
             choices[i] = RECOMPUTE
         lm.model(input_ids=torch.tensor([ids[t0:t1]]), past_key_values=cache, use_cache=True,

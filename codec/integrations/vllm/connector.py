@@ -1,0 +1,108 @@
+"""The V1 KV connector vLLM loads: a facade that builds the side its role needs
+(:class:`ConnectorScheduler` in the scheduler, :class:`ConnectorWorker` in each worker)
+and forwards vLLM's calls to it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorRole)
+
+from ...errors import ConfigError
+from ...models.fingerprint import fingerprint_dir
+from ...store import ChunkStore
+from .scheduler import ConnectorScheduler
+from .worker import ConnectorWorker
+
+
+class KVCodecConnector(KVConnectorBase_V1):
+    """See :mod:`kvcodec.integrations.vllm`. ``kv_connector_extra_config`` keys: ``store``
+    (the store directory or fsspec URL, required), ``storage_options`` (for a URL's
+    filesystem), ``config`` (codec config for new chunks, default ``default``),
+    ``threads`` (decoder threads, default all cores), ``save`` (default true)."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config
+        root = extra.get_from_extra_config("store", None)
+        if not root:
+            raise ConfigError("KVCodecConnector needs kv_connector_extra_config.store, the "
+                              "kvcodec store directory or URL")
+        model_dir = Path(vllm_config.model_config.model)
+        if not model_dir.is_dir():
+            raise ConfigError(f"KVCodecConnector needs a local model directory (got "
+                              f"{model_dir}); kvcodec never downloads weights")
+        if vllm_config.cache_config.cache_dtype not in ("auto", None):
+            raise ConfigError("KVCodecConnector works on unquantized paged caches; drop "
+                              f"kv_cache_dtype={vllm_config.cache_config.cache_dtype}")
+        fp = fingerprint_dir(model_dir)
+        store = ChunkStore(root, fp, extra.get_from_extra_config("config", "default"),
+                           extra.get_from_extra_config("storage_options", None))
+        block = int(vllm_config.cache_config.block_size)
+        if store.chunk_tokens % block:
+            raise ConfigError(f"the store's chunks of {store.chunk_tokens} tokens are not a "
+                              f"whole number of vLLM blocks of {block}; use a block size "
+                              f"that divides {store.chunk_tokens}")
+        save = bool(extra.get_from_extra_config("save", True))
+        self.scheduler = self.worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = ConnectorScheduler(store, block, save)
+        else:
+            self.worker = ConnectorWorker(store, fp, block,
+                                          int(extra.get_from_extra_config("threads", 0)), save)
+
+    # -- scheduler side ---------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request, block_ids):
+        return self.scheduler.request_finished(request, block_ids)
+
+    # -- worker side --------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches):
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self.worker.start_load_kv(self._get_connector_metadata(), forward_context)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return  # whole requests are saved in wait_for_save, after every layer has run
+
+    def wait_for_save(self):
+        self.worker.wait_for_save(self._get_connector_metadata()
+                                  if self.has_connector_metadata() else None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors()
+
+    def shutdown(self):
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    # Counters and save barrier of the worker side (tests, benchmarks).
+    @property
+    def bytes_read(self) -> int:
+        return self.worker.bytes_read
+
+    @property
+    def tokens_loaded(self) -> int:
+        return self.worker.tokens_loaded
+
+    @property
+    def blocks_failed(self) -> int:
+        return self.worker.blocks_failed
+
+    def flush(self) -> None:
+        """Wait until every save this worker queued is written."""
+        self.worker.flush()

@@ -1,0 +1,115 @@
+"""vLLM's CPU paged cache as kvcodec writes and reads it: through vLLM's own
+cache-writing op, and back through the inverse of that op, learned from the op itself."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("kvcodec")
+
+
+def slot_ids(block_ids: list, lo: int, hi: int, block: int) -> torch.Tensor:
+    """Slot numbers (block id * block size + offset) of tokens ``lo .. hi - 1``."""
+    pos = torch.arange(lo, hi)
+    return torch.tensor(block_ids, dtype=torch.int64)[pos // block] * block + pos % block
+
+
+class PagedLayout:
+    """Writes K/V into vLLM's CPU paged cache through its own op, and reads them back
+    through the inverse of that op, learned from the op itself: each element's position
+    inside a block is found by writing coded indices through the op, then checked by a
+    round trip of random values. A layout the check does not confirm disables saving
+    (``can_read`` is False)."""
+
+    def __init__(self, cache: torch.Tensor, block: int, want_read: bool):
+        self.dtype = cache.dtype
+        _, self.heads, _, two_d = cache.shape
+        self.head_dim = two_d // 2
+        self.block = block
+        self.isa = default_isa(self.dtype, block, self.head_dim)
+        self.can_read = False
+        self._perm = None
+        if want_read:
+            self._learn()
+
+    def bind_isa(self, forward_context, names: dict) -> None:
+        """The ISA the attention layers use (vLLM sets it on each layer); relearn the
+        inverse if it differs from the one assumed at registration."""
+        layers = getattr(forward_context, "no_compile_layers", {}) or {}
+        isa = getattr(layers.get(next(iter(names), None)), "isa", None)  # one ISA for all
+        if isa is not None and isa != self.isa:
+            self.isa = isa
+            if self._perm is not None:
+                self._learn()
+
+    def _split(self, cache: torch.Tensor):
+        nb, h, bs, _ = cache.shape
+        return cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+
+    def write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots) -> None:
+        """``k``, ``v``: ``[tokens, kv_heads, head_dim]`` (any float dtype)."""
+        from vllm import _custom_ops as ops
+
+        kc, vc = self._split(cache)
+        ops.cpu_attn_reshape_and_cache(k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
+                                       kc, vc, slots, self.isa)
+
+    def read(self, cache: torch.Tensor, slots: torch.Tensor):
+        """K and V ``[tokens, kv_heads, head_dim]`` of ``slots`` (copies)."""
+        blocks = slots // self.block
+        offs = slots % self.block
+        raw = cache[blocks].reshape(len(slots), -1)  # [tokens, whole block]
+        k_idx, v_idx = self._perm  # [block, heads * head_dim] positions inside a block
+        k = raw.gather(1, k_idx[offs]).view(len(slots), self.heads, self.head_dim)
+        v = raw.gather(1, v_idx[offs]).view(len(slots), self.heads, self.head_dim)
+        return k.clone(), v.clone()
+
+    def _learn(self) -> None:
+        h, d, bs = self.heads, self.head_dim, self.block
+        n = bs * h * d
+        scratch = torch.zeros((1, h, bs, 2 * d), dtype=self.dtype)
+        slots = torch.arange(bs)
+        zeros = torch.zeros((bs, h, d), dtype=self.dtype)
+        # Element e = (token, head, dim) is written as its base-64 digits, one pass each:
+        # small integers are exact in every float dtype the backend supports.
+        pos = {}
+        for which in ("k", "v"):
+            where = torch.zeros(n, dtype=torch.int64)
+            order, scale = None, 1  # order: the block positions the op wrote, each pass
+            while scale < n:
+                code = ((torch.arange(n) // scale) % 64 + 1).to(self.dtype).view(bs, h, d)
+                scratch.zero_()
+                self.write(scratch, code if which == "k" else zeros,
+                           zeros if which == "k" else code, slots)
+                flat = scratch.reshape(-1)
+                hit = flat.nonzero().flatten()
+                if len(hit) != n or (order is not None and not torch.equal(hit, order)):
+                    log.warning("kvcodec: vLLM's paged layout (%s) is not a permutation; "
+                                "saving to the store is off", self.isa)
+                    self._perm, self.can_read = None, False
+                    return
+                vals = flat[hit].to(torch.int64) - 1
+                order = hit
+                where += vals * scale
+                scale *= 64
+            src = torch.empty(n, dtype=torch.int64)
+            src[where] = order
+            pos[which] = src.view(bs, h * d)
+        self._perm = (pos["k"], pos["v"])
+        # The check: random values written by the op read back exactly.
+        k = torch.randn((bs, h, d)).to(self.dtype)
+        v = torch.randn((bs, h, d)).to(self.dtype)
+        scratch.zero_()
+        self.write(scratch, k, v, slots)
+        rk, rv = self.read(scratch, slots)
+        self.can_read = bool(torch.equal(rk, k) and torch.equal(rv, v))
+        if not self.can_read:
+            log.warning("kvcodec: reading vLLM's paged cache (%s) back failed its self-test; "
+                        "saving to the store is off", self.isa)
+
+
+def default_isa(dtype, block: int, head_dim: int) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block, head_dim)

@@ -1,0 +1,206 @@
+"""The connector's worker side: entries decoded layer by layer into vLLM's paged cache
+while attention runs, and the chunks vLLM computes encoded into the store."""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ...core.kvcache import KVCache
+from ...errors import ConfigError, FormatError, KVCodecError
+from .paged_layout import PagedLayout, slot_ids
+from .scheduler import Load
+
+log = logging.getLogger("kvcodec")
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def check_dense(cache) -> None:
+    """Refuse an evicted cache or file (``evicted``: each head keeps its own tokens),
+    which vLLM's paged cache, one slot per token for every head, cannot hold."""
+    if getattr(cache, "evicted", False):
+        raise FormatError("evicted caches (per-head token subsets) cannot be loaded into "
+                          "vLLM's paged cache yet")
+
+
+def layer_groups(layers: list) -> list:
+    """Layers in decode order: the first alone (its attention can start soon), the next
+    three, then the rest in one native call per entry. Each call costs ~1 ms of setup
+    per entry; on a 2-core machine finer groups lose more to that than they gain."""
+    return [g for g in (layers[:1], layers[1:4], layers[4:]) if g]
+
+
+class ConnectorWorker:
+    """Loads and saves for one vLLM worker. ``store``: a :class:`~kvcodec.store.ChunkStore`
+    under ``fingerprint`` (the served model's); ``threads``: decoder threads (0: all
+    cores); ``save``: encode what the scheduler asks to save.
+
+    Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
+    ``tokens_loaded`` (tokens written into vLLM's cache), ``blocks_failed`` (blocks
+    reported for recomputation).
+    """
+
+    def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool):
+        self.store, self.fingerprint = store, fingerprint
+        self.block, self.chunk = block, store.chunk_tokens
+        self.threads, self.save = threads, save
+        self._caches: dict[int, torch.Tensor] = {}
+        self._names: dict[str, int] = {}
+        self._layout: PagedLayout | None = None
+        self._events: dict[int, threading.Event] = {}
+        self._loader: threading.Thread | None = None
+        self._failed_blocks: set = set()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
+        self.bytes_read = 0
+        self.tokens_loaded = 0
+        self.blocks_failed = 0
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        for name, cache in kv_caches.items():
+            m = _LAYER.search(name)
+            if m is None:
+                raise ConfigError(f"cannot tell the layer index of vLLM layer {name!r}")
+            self._names[name] = int(m.group(1))
+            self._caches[int(m.group(1))] = cache
+        first = next(iter(self._caches.values()))
+        if first.dim() != 4:
+            raise ConfigError(f"paged cache of shape {tuple(first.shape)}: KVCodecConnector "
+                              "handles vLLM's CPU layout [blocks, kv_heads, block, 2*head_size]")
+        fp = self.fingerprint
+        if (len(self._caches), first.shape[1], first.shape[3]) != (
+                fp["num_layers"], fp["num_kv_heads"], 2 * fp["head_dim"]):
+            raise ConfigError(f"vLLM's caches ({len(self._caches)} layers, "
+                              f"{tuple(first.shape)}) do not fit the model fingerprint")
+        self._layout = PagedLayout(first, self.block, self.save)
+
+    def start_load_kv(self, meta, forward_context) -> None:
+        if not meta.loads:
+            return
+        self._layout.bind_isa(forward_context, self._names)
+        jobs = [job for load in meta.loads if (job := self._open(load)) is not None]
+        self._events = {l: threading.Event() for l in self._caches}
+        self._loader = threading.Thread(target=self._load_layers, args=(jobs,),
+                                        name="kvcodec-load", daemon=True)
+        self._loader.start()
+
+    def _open(self, load: Load):
+        """Check every entry a load needs; the first that is missing, damaged or evicted
+        (and everything after it) is reported for recomputation instead."""
+        files, keys = [], self.store.keys(load.token_ids)
+        for c in range(load.start // self.chunk, len(keys)):
+            t = c * self.chunk
+            path = self.store.path(keys[c])
+            f = None
+            try:
+                f = self.store.open_entry(path, load.token_ids[t:t + self.chunk], t)
+                check_dense(f)
+                files.append((f, t, path))
+            except (KVCodecError, OSError) as exc:
+                if f is not None:
+                    f.close()
+                if not isinstance(exc, FileNotFoundError):
+                    self.store.quarantine(path, exc)
+                self._fail(load, t)
+                break
+        return (load, files) if files else None
+
+    def _fail(self, load: Load, t: int) -> None:
+        first = max(t, load.start) // self.block
+        last = (load.end + self.block - 1) // self.block
+        self._failed_blocks.update(load.block_ids[first:last])
+        self.blocks_failed += max(0, last - first)
+
+    def _load_layers(self, jobs) -> None:
+        layers = sorted(self._caches)
+        try:
+            for group in layer_groups(layers):
+                for load, files in jobs:
+                    self._load_group(group, load, files)
+                for layer in group:
+                    self._events[layer].set()
+        except BaseException as exc:  # never leave attention waiting, nor a wrong cache
+            log.warning("kvcodec vLLM load stopped: %s", exc)
+            for load, _ in jobs:
+                self._fail(load, load.start)
+        finally:
+            for ev in self._events.values():
+                ev.set()
+            for _, files in jobs:
+                for f, _, _ in files:
+                    if f is not None:
+                        f.close()
+
+    def _load_group(self, group: list, load: Load, files: list) -> None:
+        """Decode layers ``group`` of every entry of ``load`` and write them into its
+        blocks; a damaged entry stops the load there (it and later ones are recomputed)."""
+        for i, (f, t0, path) in enumerate(files):
+            if f is None:
+                continue
+            shape = (1, f.num_kv_heads, f.num_tokens, f.head_dim)
+            dst = {l: (torch.empty(shape), torch.empty(shape)) for l in group}
+            try:
+                f.decode_into(dst, threads=self.threads)
+            except KVCodecError as exc:
+                self.store.quarantine(path, exc)
+                for j in range(i, len(files)):  # this entry and the ones after it
+                    if files[j][0] is not None:
+                        files[j][0].close()
+                    files[j] = (None,) + files[j][1:]
+                self._fail(load, t0)
+                return
+            lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
+            rows = slice(lo - t0, hi - t0)
+            where = slot_ids(load.block_ids, lo, hi, self.block)
+            for l, (k, v) in dst.items():
+                self._layout.write(self._caches[l], k[0, :, rows].transpose(0, 1),
+                                   v[0, :, rows].transpose(0, 1), where)
+            if group[0] == min(self._caches):
+                self.tokens_loaded += hi - lo
+                self.bytes_read += f.size_bytes
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        ev = self._events.get(self._names.get(layer_name))
+        if ev is not None:
+            ev.wait()
+
+    def _join_loader(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+
+    def wait_for_save(self, meta) -> None:
+        self._join_loader()
+        if meta is None or not meta.saves or not self._layout.can_read:
+            return
+        for save in meta.saves:
+            n = len(save.token_ids)
+            where = slot_ids(save.block_ids, 0, n, self.block)
+            keys, values = [], []
+            for layer in sorted(self._caches):
+                k, v = self._layout.read(self._caches[layer], where)  # copies, [T, H, D]
+                keys.append(k.transpose(0, 1).unsqueeze(0))
+                values.append(v.transpose(0, 1).unsqueeze(0))
+            kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
+            self._encoder.submit(self._put, kv)
+
+    def _put(self, kv: KVCache) -> None:
+        try:
+            self.store.put(kv)
+        except Exception as exc:  # a failed save is a future cache miss, not an error
+            log.warning("kvcodec vLLM save failed: %s", exc)
+
+    def flush(self) -> None:
+        """Wait until every save queued so far is written (or has failed)."""
+        self._encoder.submit(lambda: None).result()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        self._join_loader()  # every error of this step is known once it ends
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self):
+        self._encoder.shutdown(wait=True)
