@@ -69,7 +69,7 @@ def parse_chunks(spec):
         raise KVCodecError(f"--chunks must be N or A:B, got {spec!r}") from None
 
 
-class status:
+class Status:
     """One line on stderr saying what a long step is doing (a spinner would need a thread)."""
 
     def __init__(self, what):

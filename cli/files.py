@@ -8,7 +8,7 @@ import click
 
 import kvcodec
 
-from .common import capture, chat_options, check_chat, model_option, parse_chunks, status
+from .common import Status, capture, chat_options, check_chat, model_option, parse_chunks
 
 
 @click.command()
@@ -54,7 +54,7 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
             raise click.UsageError("--independent and --chat do not combine: a document "
                                    "placed inside a prompt carries no chat template")
         text = Path(source).read_text(encoding="utf-8", errors="replace")
-        with status("loading the model"):
+        with Status("loading the model"):
             lm = kvcodec.load_model(model)
         label = f"prefilling {Path(source).name}"
         if evict_spec:
@@ -63,7 +63,7 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
                                          system=system))
         else:
             kv = capture(lm, text, max_tokens, label, independent, chat, system)
-    with status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
+    with Status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
@@ -87,7 +87,7 @@ def decode(source, output, chunks, dtype, threads):
 
     with kvcodec.open(source) as f:
         sel = parse_chunks(chunks)
-        with status(f"decoding {source}"):
+        with Status(f"decoding {source}"):
             kv = f.decode(sel, dtype=DTYPES[dtype] if dtype else None, threads=threads)
     kvio.save_safetensors(kv, output)
     click.echo(f"wrote {output}: {kv.num_layers} layers x {kv.num_tokens} tokens")

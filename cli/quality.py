@@ -8,7 +8,7 @@ import click
 
 import kvcodec
 
-from .common import model_option, status, with_bar
+from .common import Status, model_option, with_bar
 
 
 @click.command()
@@ -91,12 +91,12 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, 
     from kvcodec.quality.calibrate import (DEFAULT_TOKEN_IMPORTANCE, Calibrator,
                                            default_calibration_texts)
 
-    with status("loading the model"):
+    with Status("loading the model"):
         lm = kvcodec.load_model(model)
     key = model_key(lm.fingerprint)
     paths = [Path(t) for t in texts] or default_calibration_texts()
     ids = [kvcodec.models.text_ids(lm.tokenizer, p.read_text(errors="replace")) for p in paths]
-    with status("prefilling calibration texts"):
+    with Status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
     minutes = cal.estimate_seconds(per_head=not per_layer) / 60

@@ -9,7 +9,7 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from .common import chat_options, check_chat, model_option, status
+from .common import Status, chat_options, check_chat, model_option
 
 
 @click.command()
@@ -198,6 +198,6 @@ def model_path(model_arg, model):
 
     if model_arg and model and model_arg != model:
         raise click.UsageError("give the model once (MODEL or --model)")
-    with status("converting the model (once)"):
+    with Status("converting the model (once)"):
         path = resolve_model_path(model_arg or model)
     click.echo(str(path))

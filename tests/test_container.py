@@ -125,7 +125,7 @@ def rebuild(data, config=None, tokens=None):
 
     header, _ = split(data)
     with kvcodec.open(data) as f:
-        sections = [(e["name"], f._r.read_section(e["name"]), e["crc32"] is not None)
+        sections = [(e["name"], f.source.read_section(e["name"]), e["crc32"] is not None)
                     for e in header["sections"]]
     z = zstandard.ZstdCompressor().compress
     out = []

@@ -80,9 +80,9 @@ def test_damaged_blob_reports_status(kv_600):
     with kvcodec.open(bytes(data)) as f:
         dev = cuda.DeviceFile(f)
         # A blob cut short (its checksum recomputed) must come back as a status.
-        e = f._index[5]
+        e = f.sections.index()[5]
         e["blob"] = int(e["blob"]) - 2
-        raw = f._r.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
+        raw = f.source.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
         e["crc"] = container.crc32(raw)
         with pytest.raises(CorruptError, match="chunk"):
             dev.decode()

@@ -8,6 +8,7 @@ import kvcodec
 from kvcodec import evict
 from kvcodec.core.kvcache import KVCache
 from kvcodec.errors import ConfigError, ShapeError
+from kvcodec.evict import POLICIES, WRAPPERS, Policy, get_policy
 from kvcodec.evict.base import rank, top_positions
 from kvcodec.models.fingerprint import fingerprint
 from kvcodec.models.loading import LoadedModel
@@ -50,13 +51,22 @@ def test_ties_break_to_the_later_token_deterministically():
     assert kept.tolist() == [[2, 4]]
 
 
+# Registry-driven: every policy, and every wrapper around each.
+ALL_POLICIES = sorted(POLICIES) + [f"{p}+{w}" for p in sorted(POLICIES) for w in WRAPPERS]
+# Those that score after the fact (not from a capture's own attention) with the same
+# budget for every head (the base class's budgets, not a shared one like kvcompress).
+UNIFORM = [p for p in sorted(POLICIES)
+           if not POLICIES[p].needs & {"observed", "replay"}
+           and type(get_policy(p)).budgets is Policy.budgets]
+
+
 def test_ratio_one_is_the_identity():
     kv = _random_kv()
-    for policy in ("knorm", "streaming", "snapkv", "kvcompress"):
+    for policy in ALL_POLICIES:
         assert evict.evict(kv, policy, 1.0) is kv
 
 
-@pytest.mark.parametrize("policy", ["streaming", "knorm", "snapkv", "knorm+window"])
+@pytest.mark.parametrize("policy", UNIFORM + [f"{p}+{w}" for p in UNIFORM for w in WRAPPERS])
 @pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
 def test_uniform_budgets_and_gathered_tensors(policy, ratio):
     kv = _random_kv()

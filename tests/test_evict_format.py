@@ -225,7 +225,7 @@ def test_dense_files_stay_version_3(cache):
     data = kvcodec.encode(dense(), config="default", model=THETA, chunk_tokens=CHUNK)
     assert int.from_bytes(data[8:12], "little") == 3
     with kvcodec.open(data) as f:
-        assert not f.evicted and "evicted" not in f.header and "kept" not in f._r.sections
+        assert not f.evicted and "evicted" not in f.header and "kept" not in f.source.sections
         assert f.summary()["kept_fraction"] == 1.0
         assert torch.equal(f.kept_counts(), torch.full((L, H), T))
 
@@ -241,7 +241,7 @@ def rebuild(data, replace: dict, header=None, version: int = 4) -> bytes:
     """``data`` re-serialized with sections replaced (valid checksums, lying contents)."""
     head = split(data)
     with kvcodec.open(data) as f:
-        sections = [(e["name"], replace.get(e["name"], f._r.read_section(e["name"])),
+        sections = [(e["name"], replace.get(e["name"], f.source.read_section(e["name"])),
                      e["crc32"] is not None) for e in head["sections"]
                     if replace.get(e["name"], b"") is not None]
     for k in ("sections", "data_length"):
@@ -252,7 +252,7 @@ def rebuild(data, replace: dict, header=None, version: int = 4) -> bytes:
 
 def kept_bits(data) -> np.ndarray:
     with kvcodec.open(data) as f:
-        return f._kept.copy()
+        return f.meta.kept.copy()
 
 
 def open_all(data):
@@ -358,7 +358,7 @@ def test_the_store_and_safetensors_refuse_evicted_caches(tmp_path, cache):
     with pytest.raises(ShapeError, match="evicted"):
         store.put(cache)
     anchored = KVCache(cache.keys, cache.values, cache.token_ids, length=T, kept=cache.kept,
-                       extra={"anchor": [1, 2]})
+                       anchor=[1, 2])
     with pytest.raises(ShapeError, match="evicted"):
         store.put_document(anchored)
     with pytest.raises(ShapeError, match="evicted"):

@@ -2,6 +2,7 @@
 its own, siblings do not import each other, and the documented import paths work."""
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,10 +78,37 @@ def test_relative_imports_resolve(path, parts):
                     "which does not exist")
 
 
-def test_every_subpackage_says_what_it_owns():
-    for init in PACKAGE.glob("*/__init__.py"):
+_ALWAYS = {"errors", "_version", "_native", "_cuda"}  # below everything
+
+
+def _allowed_by_docstring(part: str, doc: str) -> set:
+    """The parts a package's docstring says it may import: its "may import" sentence,
+    up to a "never" or "but not"; "every"/"everything" means every lower layer."""
+    sentences = re.split(r"(?<=\.)\s+", " ".join(doc.split()))
+    said = [x for x in sentences if "may import" in x.lower()]
+    assert said, f"{part}: the docstring must say what the package may import"
+    head = re.split(r"\bnever\b|\bbut not\b", said[0], flags=re.I)[0]
+    if re.search(r"\bevery(thing)?\b", head, re.I):
+        return {p for p in RANK if RANK[p] < RANK[part]}
+    return {p for p in RANK if re.search(rf"\b{p}\b", head)}
+
+
+def test_every_subpackage_says_truly_what_it_may_import():
+    """Each sub-package's docstring says what it owns and what it may import; what it
+    names there is below it, and its modules import nothing else."""
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        part = init.parent.name
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and "import" in doc, f"{init}: the docstring must say what it owns and may import"
+        assert doc and len(doc.split()) > 20, f"{part}: say what the package owns"
+        allowed = _allowed_by_docstring(part, doc)
+        assert all(RANK[p] < RANK[part] for p in allowed - {part}), (
+            f"{part}: its docstring allows a layer above it: {sorted(allowed)}")
+        used = set()
+        for path, parts in _modules():
+            if parts[0] == part:
+                used |= _imported_parts(path, parts)
+        extra = used - allowed - {part} - _ALWAYS
+        assert not extra, f"{part} imports {sorted(extra)}, which its docstring does not allow"
 
 
 def _fresh_python(code: str) -> str:

@@ -13,11 +13,12 @@ Documents are cached position-independently behind a fixed anchor
 --independent``, ``kvcodec precompute --independent``). Built on the decoded tensors;
 sits on top of the layers below (may import every one of them, but not ``quality``).
 """
+from ..errors import BlendError
 from .api import (CHECK_LAYER, RECOMPUTE, BlendReport, BlendResult, blend, compare_with_prefill,
                   generate)
 from .segments import Cached, SegmentReport, Text
 from .selectors import SELECTORS, Context, Selector, get_selector
 
-__all__ = ["CHECK_LAYER", "RECOMPUTE", "BlendReport", "BlendResult", "blend", "generate", "compare_with_prefill",
-           "Cached", "SegmentReport", "Text", "SELECTORS", "Context", "Selector",
-           "get_selector"]
+__all__ = ["CHECK_LAYER", "RECOMPUTE", "BlendError", "BlendReport", "BlendResult", "blend",
+           "generate", "compare_with_prefill", "Cached", "SegmentReport", "Text", "SELECTORS",
+           "Context", "Selector", "get_selector"]

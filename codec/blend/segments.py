@@ -211,7 +211,7 @@ def _resolve_tensors(lm, kv: KVCache, given, name, anchor) -> _Part:
                          "blended segment needs every token")
     if not kv.uniform:
         raise BlendError(f"{name} keeps only a sliding window in some layers")
-    found = kv.extra.get("anchor")
+    found = kv.anchor
     _check_anchor(found, anchor, name)
     computed_at = len(found) if found else 0
     part = _Part(list(ids), SegmentReport("cached", name, 0, len(ids)))

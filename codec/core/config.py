@@ -23,7 +23,7 @@ the cache carries attention importance, per-token steps are scaled by
 ``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
 null = through the last layer; negative numbers count from the end). The first rule
 that covers a layer applies; every layer must be covered. Quantizer types and their
-fields are documented in :mod:`kvcodec.quant`.
+fields are documented in :mod:`kvcodec.core.quant` (and the README's Configs section).
 """
 from __future__ import annotations
 

@@ -38,6 +38,13 @@ class KVCache:
         different numbers of tokens; ``slots_l`` is the layer's largest) are ``-1`` at
         the end, with zero K/V. ``length`` stays the original sequence length and
         ``token_ids`` / ``importance`` still cover every position.
+    anchor : list of int or None
+        For a position-independent chunk (:mod:`kvcodec.blend`), the token ids of the
+        fixed prefix it was computed behind (``capture_kv(..., anchor=...)``); its tokens
+        sit at positions ``len(anchor) ..``. Kept by :meth:`slice`, by a file and by what
+        decodes it.
+    extra : dict
+        Anything else a producer attaches (``head_importance`` from a capture).
     """
 
     keys: list
@@ -48,6 +55,7 @@ class KVCache:
     extra: dict = field(default_factory=dict)
     length: int | None = None
     kept: list | None = None
+    anchor: list | None = None
 
     def __post_init__(self):
         validate_kv(self.keys, self.values)
@@ -85,7 +93,8 @@ class KVCache:
                        [v[:, :, start:end] for v in self.values],
                        None if self.token_ids is None else self.token_ids[start:end],
                        self.model,
-                       None if self.importance is None else self.importance[:, start:end])
+                       None if self.importance is None else self.importance[:, start:end],
+                       anchor=self.anchor)
 
     @property
     def num_layers(self) -> int:

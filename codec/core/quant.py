@@ -183,7 +183,7 @@ class Uniform(Quantizer):
         step = torch.where(step > 0, step, torch.ones_like(step))
         return {"mean": mean.half().numpy(), "step": step.half().numpy()}
 
-    def _head_mult(self, channels: int) -> torch.Tensor:
+    def head_mult(self, channels: int) -> torch.Tensor:
         """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""
         if self.head_scale is None:
             return torch.ones(channels)
@@ -225,7 +225,7 @@ class Uniform(Quantizer):
         code = torch.round(8 * log) + 128
         code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
         code = code.to(torch.uint8)
-        mult = torch.stack([q._head_mult(c) for q in qs])
+        mult = torch.stack([q.head_mult(c) for q in qs])
         sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
                                        [q.r for q in qs], threads)
         return [(sym[i], None) for i in range(n)]
@@ -233,7 +233,7 @@ class Uniform(Quantizer):
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
             step = torch.from_numpy(STEP_GRID)[symbols[:, -1].long()][:, None]
-            return (symbols[:, :-1].float() - self.r) * (step * self._head_mult(symbols.shape[1] - 1))
+            return (symbols[:, :-1].float() - self.r) * (step * self.head_mult(symbols.shape[1] - 1))
         mean = torch.from_numpy(params["mean"]).float()
         step = torch.from_numpy(params["step"]).float()
         return (symbols.float() - self.r) * step + mean

@@ -139,7 +139,7 @@ def stats_from_cache(kv: KVCache, window=None, observed=None, groups: int = 1,
     (``kv.extra["head_importance"]``, else ``kv.importance`` for every head)."""
     if kv.evicted:
         raise ShapeError("this cache is already evicted; evict the full cache once")
-    if kv.extra.get("anchor") is not None:
+    if kv.anchor is not None:
         raise ShapeError("an anchored (position-independent) chunk cannot be evicted: "
                          "blending needs every token of it")
     n = kv.num_tokens

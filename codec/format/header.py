@@ -23,8 +23,24 @@ from .spec import (DTYPES, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES, MA
                    MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
 
 
+def read_zstd(reader: Reader, section: str, expected: int, exact: bool = True) -> bytes:
+    """A zstd section's contents: exactly ``expected`` bytes, or at most that many with
+    ``exact=False``."""
+    data = reader.read_section(section)
+    try:
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
+    except zstandard.ZstdError as exc:
+        raise CorruptError(f"{reader.name}: section {section!r} does not decompress: "
+                           f"{exc}") from None
+    if len(out) != expected if exact else len(out) > expected:
+        raise CorruptError(f"{reader.name}: section {section!r} holds {len(out)} bytes, "
+                           f"expected {expected}")
+    return out
+
+
 class FileHeader:
-    """The checked header of a .kvc file (sections are read by subclasses, lazily).
+    """The checked header of a .kvc file: every field validated on construction, before
+    any section other than the small ``config``, ``tokens`` and ``kept`` ones is read.
 
     Attributes
     ----------
@@ -50,6 +66,17 @@ class FileHeader:
         For a position-independent chunk (:mod:`kvcodec.blend`): the token ids of the
         fixed prefix it was computed behind (positions ``0 .. len(anchor) - 1``, rows
         dropped). None for a cache computed in place.
+    streams : list of tuple
+        The payload's streams in file order: ``(layer, kind)``, or ``(layer, kind, head)``
+        in an evicted file; ``quant[stream]`` is its quantizer and ``stream_channels``
+        its width.
+    ropes : list
+        Per layer, the :class:`~kvcodec.core.transforms.Rope` its keys were coded without
+        (None where keys are coded as the cache held them).
+    starts : list of int
+        Per layer, the first position it holds.
+    kept : numpy.ndarray or None
+        An evicted file's kept bitmap ``[layers, heads, positions]`` (bool).
     """
 
     def __init__(self, reader: Reader):
@@ -77,10 +104,10 @@ class FileHeader:
         if not isinstance(has_ids, bool):
             raise CorruptError(f"{name}: has_token_ids must be true or false")
         try:
-            cfg = json.loads(self._unzstd("config", MAX_CONFIG_BYTES, exact=False))
+            cfg = json.loads(read_zstd(self._r, "config", MAX_CONFIG_BYTES, exact=False))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
-        raw = self._unzstd("tokens", 4 * self.num_tokens if has_ids else 0)
+        raw = read_zstd(self._r, "tokens", 4 * self.num_tokens if has_ids else 0)
         self.token_ids = (np.frombuffer(raw, dtype="<u4").astype(np.int64).tolist()
                           if has_ids else None)
         self.model = h.get("model") if isinstance(h.get("model"), dict) else None
@@ -99,17 +126,18 @@ class FileHeader:
         self.anchor = self._anchor(h.get("anchor"))
         self.key_transform = h.get("key_transform")
         try:
-            self._ropes = layer_ropes(self.key_transform, self.num_layers, self.head_dim)
+            self.ropes = layer_ropes(self.key_transform, self.num_layers, self.head_dim)
         except ConfigError as exc:
             raise CorruptError(f"{name}: {exc}") from None
         if (self.key_transform is None) != (self.config.get("key_transform") is None):
             raise CorruptError(f"{name}: key_transform does not match the codec config")
         self.layer_tokens = self._layer_tokens(h.get("layer_tokens"), reader.version)
         # First position of each layer's span.
-        self._starts = [self.num_tokens - t for t in self.layer_tokens]
+        self.starts = [self.num_tokens - t for t in self.layer_tokens]
+        self.kept = None
         if self.evicted:
-            self._kept = self._load_kept()
-            self._kept_counts = kept_counts(self._kept)
+            self.kept = self._load_kept()
+            self._kept_counts = kept_counts(self.kept)
 
     def _evicted(self, flag, version: int) -> bool:
         if flag is None:
@@ -125,15 +153,15 @@ class FileHeader:
         layers, heads, d = range(self.num_layers), self.num_kv_heads, self.head_dim
         if not self.evicted:
             self.stream_channels = self.channels
-            self._streams = [(l, k) for l in layers for k in KINDS]
-            self._quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
-                           for s in self._streams}
+            self.streams = [(l, k) for l in layers for k in KINDS]
+            self.quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
+                           for s in self.streams}
             return
         self.stream_channels = d
-        self._streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
+        self.streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
         try:
-            self._quant = {s: make_quantizer(head_spec(specs[s[1]][s[0]], s[2], heads, d),
-                                             self.dtype) for s in self._streams}
+            self.quant = {s: make_quantizer(head_spec(specs[s[1]][s[0]], s[2], heads, d),
+                                             self.dtype) for s in self.streams}
         except ConfigError as exc:
             raise CorruptError(f"{self._r.name}: invalid codec config in header: {exc}") from None
 
@@ -144,7 +172,7 @@ class FileHeader:
             check_kept_geometry(n_layers, heads, n)
         except ShapeError as exc:
             raise CorruptError(f"{self._r.name}: {exc}") from None
-        raw = self._unzstd("kept", kept_bytes(n_layers, heads, n))
+        raw = read_zstd(self._r, "kept", kept_bytes(n_layers, heads, n))
         try:
             return unpack_kept(raw, n_layers, heads, n)
         except ValueError as exc:
@@ -175,8 +203,9 @@ class FileHeader:
 
     # -- metadata -------------------------------------------------------------------
     @property
-    def header(self) -> dict:
-        return self._r.header
+    def name(self) -> str:
+        """The file's path or URL (``<bytes>``, ``<stream>`` for others), for messages."""
+        return self._r.name
 
     @property
     def size_bytes(self) -> int:
@@ -198,40 +227,18 @@ class FileHeader:
         """All-in size (header, tables, index, checksums, payload) per K/V element."""
         return self.size_bytes * 8 / self.numel()
 
-    def close(self) -> None:
-        self._r.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _coded(self, q) -> int:
+    def coded_columns(self, q) -> int:
         """Symbol columns per token: a stream's channels plus the quantizer's coded side
         columns."""
         return q.coded_columns(self.stream_channels)
 
-    def _stream_name(self, stream: int) -> str:
+    def stream_name(self, stream: int) -> str:
         """``"layer 3 keys"``, or ``"layer 3 head 1 keys"`` in an evicted file."""
-        s = self._streams[stream]
+        s = self.streams[stream]
         return f"layer {s[0]} " + (f"head {s[2]} " if self.evicted else "") + f"{s[1]}s"
 
-    def _unzstd(self, section: str, expected: int, exact: bool = True) -> bytes:
-        """A zstd section's contents: exactly ``expected`` bytes, or at most that many
-        with ``exact=False``."""
-        data = self._r.read_section(section)
-        try:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
-        except zstandard.ZstdError as exc:
-            raise CorruptError(f"{self._r.name}: section {section!r} does not decompress: {exc}") from None
-        if len(out) != expected if exact else len(out) > expected:
-            raise CorruptError(f"{self._r.name}: section {section!r} holds {len(out)} bytes, "
-                               f"expected {expected}")
-        return out
-
     # -- geometry -------------------------------------------------------------------
-    def _chunk_range(self, chunks) -> range:
+    def chunk_range(self, chunks) -> range:
         if chunks is None:
             return range(self.num_chunks)
         if isinstance(chunks, int):
@@ -247,19 +254,19 @@ class FileHeader:
             raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
         return chunks
 
-    def _span(self, chunks: range) -> tuple:
+    def span(self, chunks: range) -> tuple:
         """``(first token, token count)`` of a chunk range."""
         t0 = chunks[0] * self.chunk_tokens
         return t0, min(self.num_tokens, (chunks[-1] + 1) * self.chunk_tokens) - t0
 
-    def _layer_span(self, layer: int, chunks: range) -> tuple:
+    def layer_span(self, layer: int, chunks: range) -> tuple:
         """``(first position, token count)`` of what ``layer`` holds within a chunk range
         (count 0 where its span starts after the range)."""
-        t0, n = self._span(chunks)
-        first = max(t0, self._starts[layer])
+        t0, n = self.span(chunks)
+        first = max(t0, self.starts[layer])
         return first, max(0, t0 + n - first)
 
-    def _check_layers(self, layers) -> list:
+    def check_layers(self, layers) -> list:
         layers = list(range(self.num_layers)) if layers is None else list(layers)
         for l in layers:
             if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < self.num_layers:
@@ -272,7 +279,7 @@ class FileHeader:
         return {
             "file_bytes": self.size_bytes,
             "format_version": self._r.version,
-            "created_by": self.header.get("created_by"),
+            "created_by": self._r.header.get("created_by"),
             "model": self.model,
             "config": self.config.get("name"),
             "calibrated_for": (self.config.get("model_name") or self.config.get("model_key")

@@ -1,22 +1,25 @@
-"""Reading .kvc files: open any source lazily, plan a decode (which payload items, which
-tables, where each stream lands), and run it natively straight into caller buffers."""
+"""Reading .kvc files: :class:`KVCFile` composes a checked header (``meta``), lazily
+verified sections (``sections``) and decode plans (:mod:`.plan`), which it builds for
+caller buffers and runs natively."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..core import tables
 from ..core.kvcache import KVCache
 from ..core.quant import STEP_GRID, Uniform
-from ..core.streams import KINDS, unflatten
-from ..core.transforms import check_positions, model_ropes, rope, rope_tables, shift
-from ..errors import ConfigError, CorruptError, FormatError, KVCodecError, ShapeError
+from ..core.streams import KINDS
+from ..core.transforms import check_positions, model_ropes, rope_tables
+from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
 from .container import Reader, StreamBuffer
-from .evicted import EvictedReader
+from .evicted import plan_evicted
+from .header import FileHeader
+from .plan import DecodePlan, Dequant, Job, Target, execute
+from .sections import SectionSource
 from .spec import DTYPES, head_rows
+from .streaming import ChunkStreamer
 
 
 def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVCache:
@@ -56,46 +59,112 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
                        "readable (seekable or streaming) file object")
 
 
-class KVCFile(EvictedReader):
-    """A parsed .kvc file: header fields are checked on open (:class:`FileHeader`),
-    sections are read lazily (:class:`SectionReader`); this class plans and runs decodes
-    (of evicted files: :class:`EvictedReader`).
+# Header fields a KVCFile answers directly (see FileHeader for what each is).
+_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens",
+           "num_chunks", "channels", "dtype", "token_ids", "model", "config",
+           "layer_tokens", "evicted", "position_offset", "anchor", "key_transform",
+           "sink_tokens", "size_bytes", "name")
+
+
+class KVCFile:
+    """An open .kvc file.
+
+    ``source`` reads the container (sections, ranges, a stream's bytes as they come);
+    ``meta`` is its header, every field checked on open (:class:`FileHeader`; its fields
+    are also attributes of the file: ``num_tokens``, ``layer_tokens``, ``model``, ...);
+    ``sections`` reads the index, tables, sinks and payload items when first needed,
+    verified (:class:`SectionSource`). :meth:`plan` turns a request (layers, chunks,
+    destinations) into a :class:`~kvcodec.format.plan.DecodePlan`, which
+    :func:`~kvcodec.format.plan.execute` runs; :meth:`decode_into`, :meth:`decode_layers`,
+    :meth:`decode` and :meth:`iter_chunks` do both.
     """
 
-    # A read step (128 KiB) of a stream that takes longer than this waited for the source.
-    STALL_S = 1e-3
+    def __init__(self, source: Reader):
+        self.source = source
+        self.meta = FileHeader(source)
+        self.sections = SectionSource(self.meta, source)
+        self._mults = {}     # quantizer -> its per-channel step multipliers (NumPy)
+        self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
 
+    @property
+    def header(self) -> dict:
+        """The header as the file's JSON holds it."""
+        return self.source.header
+
+    @property
+    def streaming(self) -> bool:
+        """True when the source is a forward-only stream (bytes arrive as they are read)."""
+        return self.source.streaming
+
+    def numel(self) -> int:
+        return self.meta.numel()
+
+    def kept_counts(self) -> torch.Tensor:
+        return self.meta.kept_counts()
+
+    def bits_per_element(self) -> float:
+        return self.meta.bits_per_element()
+
+    def summary(self) -> dict:
+        return self.meta.summary()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- planning ---------------------------------------------------------------------
     def _dense_only(self, method: str) -> None:
-        if self.evicted:
-            raise FormatError(f"{self._r.name} holds an evicted cache (each head keeps its "
+        if self.meta.evicted:
+            raise FormatError(f"{self.meta.name} holds an evicted cache (each head keeps its "
                               f"own tokens), which {method} cannot lay out as dense "
                               "[1, kv_heads, tokens, head_dim] tensors; decode it with "
                               "decode()")
 
-    def _fused_dequant(self, q, layer_rope, pos: int, dst: torch.Tensor, base: int):
-        """The native dequantizer's arguments for per-token-step uniform streams (the
-        shipped default) decoding into ``dst`` (tokens from position ``pos``), or None
-        where there is no fused path (other quantizers, partial rotary dims). It writes
-        straight into ``dst`` when that is a float32 CPU view with contiguous tokens;
-        otherwise into a scratch array that is cast into ``dst`` afterwards. Keys are
-        rotated to positions from ``base + pos``."""
-        d = self.head_dim
+    def placement(self, position_offset: int | None) -> tuple:
+        """``(base, turn)`` for decoding with the first token at ``position_offset``:
+        coded keys are rotated at positions from ``base``; ``turn`` is ``(ropes,
+        delta)`` when keys coded post-RoPE must then be turned by ``delta`` positions."""
+        m = self.meta
+        if position_offset is None or position_offset == m.position_offset:
+            return m.position_offset, None
+        if not isinstance(position_offset, int) or isinstance(position_offset, bool):
+            raise ShapeError(f"position_offset must be an integer, got {position_offset!r:.40}")
+        if m.key_transform is not None:  # keys are coded pre-RoPE: rotate them there
+            check_positions(m.key_transform, position_offset, m.num_tokens)
+            return position_offset, None
+        try:
+            ropes = model_ropes(m.model, m.num_layers, m.head_dim)
+        except ConfigError as exc:
+            raise FormatError(f"{m.name}: its keys were coded with their rotary embedding "
+                              f"and cannot be moved to another position: {exc}") from None
+        return m.position_offset, (ropes, position_offset - m.position_offset)
+
+    def _dequant(self, q, layer_rope, pos: int, dst: torch.Tensor) -> Dequant | None:
+        """The fused-path spec for per-token-step uniform streams (the shipped default)
+        decoding into ``dst`` (rows from position ``pos``), or None where there is no
+        fused path (other quantizers, partial rotary dims). It writes straight into
+        ``dst`` when that is a float32 CPU view with contiguous tokens; otherwise into a
+        scratch array that :func:`~kvcodec.format.plan.finish` casts into ``dst``."""
+        h, d = dst.shape[1], dst.shape[3]
         if not (isinstance(q, Uniform) and q.scale == "token") or (
                 layer_rope is not None and layer_rope.rotary_dim != d):
             return None
         rows = dst.shape[2]
-        if (dst.dtype == torch.float32 and dst.device.type == "cpu" and dst.stride(3) == 1
-                and dst.stride(2) == d):
-            out = dst[0].numpy()
-        else:
-            out = np.empty((self.num_kv_heads, rows, d), dtype=np.float32)
+        in_place = (dst.dtype == torch.float32 and dst.device.type == "cpu"
+                    and dst.stride(3) == 1 and dst.stride(2) == d)
+        out = dst[0].numpy() if in_place else np.empty((h, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
-            cos, sin = self._rope_arrays(base + pos, rows, layer_rope)
-        mult = self._mults.get(id(q))  # the file's quantizers live as long as it does
+            cos, sin = self._rope_arrays(pos, rows, layer_rope)
+        mult = self._mults.get(q)  # the file's quantizers live as long as it does
         if mult is None:
-            mult = self._mults[id(q)] = q._head_mult(self.channels).numpy()
-        return (STEP_GRID, mult, q.r, self.num_kv_heads, out, cos, sin)
+            mult = self._mults[q] = q.head_mult(h * d).numpy()
+        return Dequant(STEP_GRID, mult, q.r, h, out, cos, sin, scratch=not in_place)
 
     def _rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
@@ -112,11 +181,11 @@ class KVCFile(EvictedReader):
     def _pieces(self, layer: int, chunks: range) -> list:
         """How a layer's part of ``chunks`` splits into native decode jobs: ``(chunk
         range, first row, rows)``, split as the writer coded it (:func:`head_rows`)."""
-        first, rows = self._layer_span(layer, chunks)
+        first, rows = self.meta.layer_span(layer, chunks)
         if rows == 0:
             return []
-        c0, pieces = first // self.chunk_tokens, []
-        head = head_rows(first, rows, self.chunk_tokens)
+        c0, pieces = first // self.meta.chunk_tokens, []
+        head = head_rows(first, rows, self.meta.chunk_tokens)
         if head:
             pieces.append((range(c0, c0 + 1), 0, head))
             c0 += 1
@@ -124,121 +193,65 @@ class KVCFile(EvictedReader):
             pieces.append((range(c0, chunks[-1] + 1), head, rows - head))
         return pieces
 
-    def _prepare(self, dst: dict, chunks: range, position_offset: int | None = None,
-                 items: dict | None = None) -> dict:
-        """Read and verify the payload items of ``dst``'s layers over ``chunks`` (unless
-        ``items`` holds them already: :meth:`_read_items`) and build the native decode
-        jobs (the I/O half of a decode; :meth:`_execute` is the rest)."""
-        base, shift = self._placement(position_offset)
-        self._load_index()
-        dtab = self._decode_tables()
-        plan = []
+    def plan(self, dst: dict, chunks=None, *, position_offset: int | None = None,
+             items: dict | None = None) -> DecodePlan:
+        """The decode of layers ``dst`` over ``chunks`` (see :meth:`decode_into`) as a
+        :class:`~kvcodec.format.plan.DecodePlan`: the payload items read and verified
+        (unless ``items`` holds them: :meth:`SectionSource.read_items`), a native job per
+        stream and run of chunks, a target per stream. Plans of several files
+        concatenate (:meth:`DecodePlan.extend`) and run as one native call."""
+        self._dense_only("plan")
+        m, sec = self.meta, self.sections
+        chunks = m.chunk_range(chunks)
+        m.check_layers(dst.keys())
+        base, turn = self.placement(position_offset)
+        dtab, params = sec.decode_tables(), sec.params()
+        streams = []
         for l, pair in dst.items():
-            first, rows = self._layer_span(l, chunks)
-            shape = (1, self.num_kv_heads, rows, self.head_dim)
+            first, rows = m.layer_span(l, chunks)
+            shape = (1, m.num_kv_heads, rows, m.head_dim)
             for k, target in zip(KINDS, pair):
                 if tuple(target.shape) != shape or target.dtype not in DTYPES.values():
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
                                      f"{tuple(target.shape)}; need a float {shape}")
                 if rows:
-                    plan.append((l, k, target, first, self._streams.index((l, k))))
+                    streams.append((l, k, target, first, m.streams.index((l, k))))
         pieces = {l: self._pieces(l, chunks) for l in dst}
         if items is None:
-            items = self._read_items([(c, s) for l, _, _, _, s in plan
-                                      for prange, _, _ in pieces[l] for c in prange])
-        jobs, owner, work = [], [], []
-        for l, k, target, first, s in plan:
-            q = self._quant[(l, k)]
-            coded = self._coded(q)
-            rope_here = self._ropes[l] if k == "key" else None
-            sym, sides, fused = None, [], []
+            items = sec.read_items([(c, s) for l, _, _, _, s in streams
+                                    for prange, _, _ in pieces[l] for c in prange])
+        plan = DecodePlan(m.chunk_tokens)
+        for l, k, target, first, s in streams:
+            q = m.quant[(l, k)]
+            coded = m.coded_columns(q)
+            rope_here = m.ropes[l] if k == "key" else None
+            t = Target(f"{m.name}: layer {l} {k}s", target, q, params[(l, k)],
+                       rope=rope_here, base=base, first=first)
+            if turn is not None and k == "key" and turn[0][l] is not None:
+                t.turn = (turn[0][l], turn[1])
+            n_sink = max(0, min(m.sink_tokens, first + target.shape[2]) - first)
+            if n_sink:
+                at = first - m.starts[l]
+                t.sinks = sec.sinks()[s, at:at + n_sink]
+            jobs, sides = [], []
             for prange, r0, n in pieces[l]:
                 got = [items[(c, s)] for c in prange]
                 sides += [side for side, _ in got]
                 view = target[:, :, r0:r0 + n]
-                deq = self._fused_dequant(q, rope_here, first + r0, view, base)
-                if deq is None and sym is None:
-                    sym = np.empty((target.shape[2], coded), dtype=np.uint8)
+                deq = self._dequant(q, rope_here, base + first + r0, view)
+                if deq is None and t.symbols is None:
+                    t.symbols = np.empty((target.shape[2], coded), dtype=np.uint8)
                 # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.
-                out = (n, coded) if deq is not None else sym[r0:r0 + n]
-                jobs.append(([blob for _, blob in got], dtab[(l, k)], out, deq))
-                owner.append(len(work))
-                fused.append((deq, view))
-            work.append((l, k, target, sym, fused, b"".join(sides), first))
-        return {"jobs": jobs, "owner": owner, "work": work, "base": base, "shift": shift}
+                out = (n, coded) if deq is not None else t.symbols[r0:r0 + n]
+                jobs.append(Job([blob for _, blob in got], dtab[(l, k)], out, deq))
+                if deq is not None:
+                    t.fused.append((deq, view))
+                    t.rotated = deq.cos is not None
+            t.side = b"".join(sides)
+            plan.add(t, jobs)
+        return plan
 
-    def _placement(self, position_offset: int | None) -> tuple:
-        """``(base, shift)`` for decoding with the first token at ``position_offset``:
-        coded keys are rotated at positions from ``base``; ``shift`` is ``(ropes,
-        delta)`` when keys coded post-RoPE must then be turned by ``delta`` positions."""
-        if position_offset is None or position_offset == self.position_offset:
-            return self.position_offset, None
-        if not isinstance(position_offset, int) or isinstance(position_offset, bool):
-            raise ShapeError(f"position_offset must be an integer, got {position_offset!r:.40}")
-        if self.key_transform is not None:  # keys are coded pre-RoPE: rotate them there
-            check_positions(self.key_transform, position_offset, self.num_tokens)
-            return position_offset, None
-        try:
-            ropes = model_ropes(self.model, self.num_layers, self.head_dim)
-        except ConfigError as exc:
-            raise FormatError(f"{self._r.name}: its keys were coded with their rotary "
-                              f"embedding and cannot be moved to another position: {exc}") from None
-        return self.position_offset, (ropes, position_offset - self.position_offset)
-
-    def _execute(self, prep: dict, threads: int = 0) -> None:
-        """Decode prepared jobs (the GIL is released) and finish them into their targets."""
-        self._finish(prep, threads)
-        if prep["shift"] is not None:
-            ropes, delta = prep["shift"]
-            for l, k, target, *_ in prep["work"]:
-                if k == "key" and ropes[l] is not None:
-                    target.copy_(shift(target, ropes[l], delta))
-
-    def _finish(self, prep: dict, threads: int) -> None:
-        base = prep["base"]
-        errors = tables.native().decode_many(prep["jobs"], self.chunk_tokens, threads)
-        for err, w in zip(errors, prep["owner"]):
-            if err is not None:
-                l, k = prep["work"][w][:2]
-                raise CorruptError(f"{self._r.name}: layer {l} {k}s: {err}")
-        h, d = self.num_kv_heads, self.head_dim
-        sink_keys = {}  # (rope, position, rows) -> [(target, sink rows)]: rotated together
-        for l, k, target, sym, fused, side, first in prep["work"]:
-            q = self._quant[(l, k)]
-            rope_here = self._ropes[l] if k == "key" else None
-            rows = target.shape[2]
-            # Rows that are attention sinks come from the fp16 sinks section.
-            n_sink = max(0, min(self.sink_tokens, first + rows) - first)
-            if n_sink:
-                at = first - self._starts[l]
-                sinks = self._load_sinks()[self._streams.index((l, k)), at:at + n_sink]
-            if fused[0][0] is not None:
-                # Decoded, dequantized and re-rotated natively; only sink rows remain.
-                for deq, view in fused:
-                    if deq[4].base is None:  # a scratch array (else a view of `view`)
-                        view.copy_(torch.from_numpy(deq[4]).unsqueeze(0))
-                if n_sink and rope_here is not None:
-                    sink_keys.setdefault((rope_here, base + first, n_sink), []).append((target, sinks))
-                elif n_sink:
-                    target[:, :, :n_sink] = unflatten(sinks.clone(), h, d)
-                continue
-            if q.alphabet < q.table_alphabet and sym[:, :self.channels].max(initial=0) >= q.alphabet:
-                raise CorruptError(f"{self._r.name}: layer {l} {k}s decode to symbols outside "
-                                   "the quantizer's range; the header does not match the data")
-            side = (np.frombuffer(side, dtype="<f2").reshape(-1, q.side_per_token)
-                    if q.side_per_token else None)
-            x = q.dequantize(torch.from_numpy(sym), self._params[(l, k)], side)
-            if n_sink:
-                x[:n_sink] = sinks
-            t = unflatten(x, h, d)
-            if rope_here is not None:
-                t = rope(t, rope_here, base + first)
-            target.copy_(t)
-        for (r, pos, n_sink), pairs in sink_keys.items():
-            st = rope(torch.stack([unflatten(sinks, h, d)[0] for _, sinks in pairs], 1), r, pos)
-            for i, (target, _) in enumerate(pairs):
-                target[:, :, :n_sink] = st[:, i]
-
+    # -- decoding ---------------------------------------------------------------------
     def decode_into(self, dst: dict, chunks=None, *, threads: int = 0,
                     position_offset: int | None = None) -> None:
         """Decode layers straight into caller-owned tensors (no intermediate copies).
@@ -258,9 +271,25 @@ class KVCFile(EvictedReader):
             files coded pre-RoPE (``rope_strip``); other files are turned by the
             position difference with the RoPE their model fingerprint records.
         """
-        self._dense_only("decode_into")
-        self._check_layers(dst.keys())
-        self._execute(self._prepare(dst, self._chunk_range(chunks), position_offset), threads)
+        execute(self.plan(dst, chunks, position_offset=position_offset), threads)
+
+    def empty_layers(self, layers=None, chunks=None, dtype=None) -> dict:
+        """``{layer: (keys, values)}`` of uninitialized tensors sized for ``chunks`` (all
+        by default), as :meth:`decode_into` takes them."""
+        chunks = self.meta.chunk_range(chunks)
+        dtype = dtype or self.meta.dtype
+        out = {}
+        for l in self.meta.check_layers(layers):
+            shape = (1, self.meta.num_kv_heads, self.meta.layer_span(l, chunks)[1],
+                     self.meta.head_dim)
+            out[l] = (torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+        return out
+
+    def empty_cache(self, chunks=None, dtype=None) -> KVCache:
+        """An uninitialized :class:`KVCache` sized for ``chunks``, for :meth:`iter_chunks`."""
+        pairs = self.empty_layers(None, chunks, dtype)
+        return KVCache([k for k, _ in pairs.values()], [v for _, v in pairs.values()],
+                       length=self.meta.span(self.meta.chunk_range(chunks))[1])
 
     def decode_layers(self, layers=None, chunks=None, *, dtype=None, threads: int = 0,
                       position_offset: int | None = None):
@@ -274,129 +303,33 @@ class KVCFile(EvictedReader):
             every token, or for a sliding-window layer the part of its span there.
         """
         self._dense_only("decode_layers")
-        chunks = self._chunk_range(chunks)
-        layers = self._check_layers(layers)
-        dst = {l: self._empty_layer(l, chunks, dtype or self.dtype) for l in layers}
+        dst = self.empty_layers(layers, chunks, dtype)
         self.decode_into(dst, chunks, threads=threads, position_offset=position_offset)
         return dst
 
-    def _empty_layer(self, layer: int, chunks: range, dtype) -> tuple:
-        shape = (1, self.num_kv_heads, self._layer_span(layer, chunks)[1], self.head_dim)
-        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-
-    @property
-    def streaming(self) -> bool:
-        """True when the source is a forward-only stream (bytes arrive as they are read)."""
-        return self._r.streaming
-
     def iter_chunks(self, chunks=None, *, out: KVCache | None = None, dtype=None,
                     threads: int = 0):
-        """Decode chunk by chunk, in file order, into preallocated tensors.
-
-        This thread reads chunks' bytes as the source delivers them while a decode runs
-        (native code, all threads, without the GIL); each decode takes every chunk that
-        has arrived since the previous one was started. Over a slow stream that is one
-        chunk at a time, decoding while the next is on the wire, and what remains after
-        the last byte is the last chunk's decode; over a file or a fast link it is few,
-        large decodes, about as fast as :meth:`decode`. Yields ``(chunk, t0, t1)`` once
-        tokens ``[t0, t1)`` of every layer are in ``out``; if the source fails or ends
-        early, the chunks that arrived are decoded and yielded before the error is
-        raised.
+        """Decode chunk by chunk, in file order, into preallocated tensors, while the
+        source delivers the bytes (:mod:`kvcodec.format.streaming`). Yields ``(chunk, t0,
+        t1)`` once tokens ``[t0, t1)`` of every layer are in ``out``; if the source fails
+        or ends early, the chunks that arrived are decoded and yielded before the error
+        is raised.
 
         Parameters
         ----------
         out : KVCache, optional
             Destination, ``[1, kv_heads, tokens, head_dim]`` per layer, tokens being what
-            the layer holds within the chunk range (as :meth:`decode_layers` sizes them);
-            views of larger buffers are fine (allocated when omitted; read it from
-            ``self.last_out``).
+            the layer holds within the chunk range (:meth:`empty_cache` makes one; views of
+            larger buffers are fine). Allocated when omitted.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         self._dense_only("iter_chunks")
-        chunks = self._chunk_range(chunks)
-        base, total = self._span(chunks)
-        spans = [self._layer_span(l, chunks) for l in range(self.num_layers)]
+        chunks = self.meta.chunk_range(chunks)
+        spans = [self.meta.layer_span(l, chunks)[1] for l in range(self.meta.num_layers)]
         if out is None:
-            pairs = [self._empty_layer(l, chunks, dtype or self.dtype)
-                     for l in range(self.num_layers)]
-            out = KVCache([k for k, _ in pairs], [v for _, v in pairs], length=total)
-        elif out.layer_tokens != [n for _, n in spans]:
-            raise ShapeError(f"out holds {out.layer_tokens} tokens per layer; need "
-                             f"{[n for _, n in spans]}")
-        self.last_out = out
-        self._load_index()
-        self._decode_tables()
-        if self.sink_tokens:
-            self._load_sinks()
-        n = len(self._streams)
-
-        def arrive(c: int) -> dict:
-            """Chunk ``c``'s payload items, read and checked (while a decode runs)."""
-            return self._read_items([(c, s) for s in range(n)],
-                                    {(c * n, c * n + n - 1): self._read_run(c * n, c * n + n - 1)})
-
-        def start(pool, arrived: list):
-            """Plan the chunks in ``arrived`` and start their decode."""
-            run = range(arrived[0][0], arrived[-1][0] + 1)
-            items = {k: v for _, part in arrived for k, v in part.items()}
-            dst = {}
-            for l, (first, _) in enumerate(spans):
-                at, rows = self._layer_span(l, run)
-                if rows:
-                    r0 = at - first
-                    dst[l] = (out.keys[l][:, :, r0:r0 + rows], out.values[l][:, :, r0:r0 + rows])
-            return run, pool.submit(self._execute, self._prepare(dst, run, items=items), threads)
-
-        def finish(pending):
-            run, future = pending
-            future.result()  # a decode error is raised here
-            for c in run:
-                t0 = c * self.chunk_tokens - base
-                yield c, t0, min(self.num_tokens - base, t0 + self.chunk_tokens)
-
-        off, side, blob, _ = self._item_lists()
-        payload = self._r.section_offset("payload")
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-decode") as pool:
-            # Decoding starts once the source has made this thread wait: until then the
-            # bytes are there already, and one large decode beats a first chunk decoded
-            # alone while this thread copies the rest (the whole-file case, or a link
-            # faster than the decoder).
-            pending, arrived, failed, waited = None, [], None, False
-            for c in chunks:
-                last = c * n + n - 1
-                end = payload + off[last] + side[last] + blob[last]
-                try:
-                    # A stream's bytes come a step at a time, so that a finished decode
-                    # is followed at once by one of the chunks that arrived meanwhile.
-                    while True:
-                        t = time.perf_counter()
-                        got = self._r.fill(end)
-                        waited = waited or time.perf_counter() - t > self.STALL_S
-                        if got:
-                            break
-                        if pending is not None and pending[1].done():
-                            yield from finish(pending)
-                            pending = None
-                            if arrived:
-                                pending, arrived = start(pool, arrived), []
-                    arrived.append((c, arrive(c)))
-                except KVCodecError as exc:  # decode what did arrive, then raise
-                    failed = exc
-                    break
-                if pending is not None and pending[1].done():
-                    yield from finish(pending)
-                    pending = None
-                if pending is None and waited:
-                    pending, arrived = start(pool, arrived), []
-            while pending is not None or arrived:
-                if pending is not None:
-                    yield from finish(pending)
-                    pending = None
-                if arrived:
-                    pending, arrived = start(pool, arrived), []
-            if failed is not None:
-                raise failed
+            out = self.empty_cache(chunks, dtype)
+        elif out.layer_tokens != spans:
+            raise ShapeError(f"out holds {out.layer_tokens} tokens per layer; need {spans}")
+        return iter(ChunkStreamer(self, chunks, out, threads))
 
     def decode(self, chunks=None, *, dtype=None, threads: int = 0,
                position_offset: int | None = None) -> KVCache:
@@ -406,15 +339,26 @@ class KVCFile(EvictedReader):
         An evicted file decodes to an evicted cache: the tokens each head keeps within
         the chunks' token span ``[t0, t1)``, ``kept`` positions relative to ``t0``,
         ``length = t1 - t0``."""
-        chunks = self._chunk_range(chunks)
-        if self.evicted:
-            return self._decode_evicted(chunks, dtype, threads,
-                                        *self._placement(position_offset))
+        m = self.meta
+        chunks = m.chunk_range(chunks)
+        t0, n = m.span(chunks)
+        ids = None if m.token_ids is None else m.token_ids[t0:t0 + n]
+        if m.evicted:
+            plan, keys, values, kept = plan_evicted(self, chunks, dtype or m.dtype,
+                                                    *self.placement(position_offset))
+            execute(plan, threads)
+            return KVCache(keys, values, ids, m.model, length=n, kept=kept, anchor=m.anchor)
         layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads,
                                     position_offset=position_offset)
-        t0, n = self._span(chunks)
-        ids = None if self.token_ids is None else self.token_ids[t0:t0 + n]
-        return KVCache([layers[l][0] for l in range(self.num_layers)],
-                       [layers[l][1] for l in range(self.num_layers)], ids, self.model,
-                       length=n)
+        return KVCache([layers[l][0] for l in range(m.num_layers)],
+                       [layers[l][1] for l in range(m.num_layers)], ids, m.model,
+                       length=n, anchor=m.anchor)
 
+
+def _field(name):
+    return property(lambda self: getattr(self.meta, name),
+                    doc=f"The header's ``{name}`` (see :class:`FileHeader`).")
+
+
+for _name in _FIELDS:
+    setattr(KVCFile, _name, _field(_name))

@@ -11,71 +11,79 @@ from ..core.quant import MAX_ALPHABET
 from ..core.streams import KINDS
 from ..errors import CorruptError
 from .container import Reader, crc32
-from .header import FileHeader
+from .header import FileHeader, read_zstd
 from .kept import chunk_rows
 from .spec import INDEX_ENTRY
 
 
-class SectionReader(FileHeader):
-    """A checked header plus lazy, verified access to the sections it describes."""
+class SectionSource:
+    """The sections of a file whose header ``meta`` (a :class:`FileHeader`) is checked,
+    read from ``source`` on first use and verified: everything a decode plan needs."""
 
-    def __init__(self, reader: Reader):
-        super().__init__(reader)
+    # Needed items closer than this in the payload are read together, with what lies between.
+    READ_GAP = 1 << 18
+
+    def __init__(self, meta: FileHeader, source: Reader):
+        self.meta, self.source = meta, source
         self._sinks = None
         self._index = None
         self._items = None
-        self._mults = {}     # id(quantizer) -> its per-channel step multipliers (NumPy)
-        self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
         self._params = None
         self._levels = None
+        self._freqs = None
         self._dtables = None
-        self._chunk_rows = None
+        self.chunk_rows = None  # evicted files: rows each (layer, head) keeps per chunk
 
-    def _load_sinks(self):
-        """fp16 sink rows ``[streams, sink_tokens, stream channels]``: row ``i`` of a
-        stream is its layer's ``i``-th held token, in an evicted file position ``i`` (zero
-        where that is not an attention sink, or not kept)."""
+    def sinks(self) -> torch.Tensor:
+        """fp16 sink rows as float32 ``[streams, sink_tokens, stream channels]``: row
+        ``i`` of a stream is its layer's ``i``-th held token, in an evicted file position
+        ``i`` (zero where that is not an attention sink, or not kept)."""
         if self._sinks is None:
-            raw = self._r.read_section("sinks")
-            n = self.sink_tokens * self.stream_channels
-            if len(raw) != 2 * n * len(self._streams):
-                raise CorruptError(f"{self._r.name}: sinks section has the wrong size")
-            arr = np.frombuffer(raw, dtype="<f2").reshape(len(self._streams), self.sink_tokens,
-                                                          self.stream_channels)
+            m = self.meta
+            raw = self.source.read_section("sinks")
+            n = m.sink_tokens * m.stream_channels
+            if len(raw) != 2 * n * len(m.streams):
+                raise CorruptError(f"{m.name}: sinks section has the wrong size")
+            arr = np.frombuffer(raw, dtype="<f2").reshape(len(m.streams), m.sink_tokens,
+                                                          m.stream_channels)
             self._sinks = torch.from_numpy(arr.astype(np.float32))
         return self._sinks
 
-    def _load_index(self):
+    def index(self) -> np.ndarray:
+        """The chunk index, one record (``off``, ``side``, ``blob``, ``crc``) per payload
+        item, chunk-major: checked to tile the payload and to be within the coder's
+        bounds for each item's rows and columns."""
         if self._index is not None:
             return self._index
-        n_items = self.num_chunks * len(self._streams)
-        raw = self._r.read_section("index")
+        m = self.meta
+        n_items = m.num_chunks * len(m.streams)
+        raw = self.source.read_section("index")
         if len(raw) != n_items * INDEX_ENTRY.size:
-            raise CorruptError(f"{self._r.name}: index has {len(raw)} bytes, expected "
+            raise CorruptError(f"{m.name}: index has {len(raw)} bytes, expected "
                                f"{n_items * INDEX_ENTRY.size}")
         idx = np.frombuffer(raw, dtype=np.dtype([("off", "<u8"), ("side", "<u4"),
                                                   ("blob", "<u4"), ("crc", "<u4")]))
         ends = idx["off"] + idx["side"].astype(np.uint64) + idx["blob"]
-        _, payload_len = self._r.section_bounds("payload")
+        _, payload_len = self.source.section_bounds("payload")
         if n_items and (idx["off"][0] != 0 or np.any(idx["off"][1:] != ends[:-1])
                         or int(ends[-1]) != payload_len):
-            raise CorruptError(f"{self._r.name}: index entries do not tile the payload")
+            raise CorruptError(f"{m.name}: index entries do not tile the payload")
         rows = self._item_rows().ravel()
-        quant = [self._quant[s] for s in self._streams]
-        side = rows * np.tile([2 * q.side_per_token for q in quant], self.num_chunks)
+        quant = [m.quant[s] for s in m.streams]
+        side = rows * np.tile([2 * q.side_per_token for q in quant], m.num_chunks)
         bad = np.flatnonzero(idx["side"] != side)
         if bad.size:
-            raise CorruptError(f"{self._r.name}: chunk {bad[0] // len(self._streams)} side "
+            raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} side "
                                "information has the wrong size")
         # Coded sizes are bounded by rows and columns, of which few pairs occur.
-        cols = np.tile([self._coded(q) for q in quant], self.num_chunks)
+        cols = np.tile([m.coded_columns(q) for q in quant], m.num_chunks)
         pairs, inverse = np.unique(np.stack([rows, cols]), axis=1, return_inverse=True)
         nat = tables.native()
         limit = np.array([nat.max_encoded_size(int(r), int(c)) if r else 0
                           for r, c in pairs.T], dtype=np.int64)[inverse.ravel()]
         bad = np.flatnonzero(idx["blob"] > limit)
         if bad.size:
-            raise CorruptError(f"{self._r.name}: chunk {bad[0] // len(self._streams)} blob is "
+            raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} blob is "
                                "larger than possible")
         self._index = idx
         return idx
@@ -83,38 +91,51 @@ class SectionReader(FileHeader):
     def _item_rows(self) -> np.ndarray:
         """int64 ``[chunks, streams]``: the rows each payload item codes (called once the
         index, which is larger, is known to be in the file)."""
-        if self.evicted:  # streams (layer, kind, head): that head's kept rows
+        m = self.meta
+        if m.evicted:  # streams (layer, kind, head): that head's kept rows
             # Rows each (layer, head) keeps in each chunk, [layers, heads, chunks].
-            self._chunk_rows = chunk_rows(self._kept, self.num_tokens, self.chunk_tokens)
-            per_layer = np.repeat(self._chunk_rows, len(KINDS), axis=0)  # [layers * kinds, ...]
-            return per_layer.reshape(len(self._streams), self.num_chunks).T
-        return np.array([[self._layer_span(l, range(c, c + 1))[1] for l, _ in self._streams]
-                         for c in range(self.num_chunks)], dtype=np.int64)
+            self.chunk_rows = chunk_rows(m.kept, m.num_tokens, m.chunk_tokens)
+            per_layer = np.repeat(self.chunk_rows, len(KINDS), axis=0)  # [layers * kinds, ...]
+            return per_layer.reshape(len(m.streams), m.num_chunks).T
+        return np.array([[m.layer_span(l, range(c, c + 1))[1] for l, _ in m.streams]
+                         for c in range(m.num_chunks)], dtype=np.int64)
+
+    def params(self) -> dict:
+        """Per stream, its quantizer's per-file parameters (float16 ``[channels]`` each)."""
+        self._load_tables()
+        return self._params
+
+    def frequencies(self) -> dict:
+        """Per stream, its probability tables as exact integer frequencies (what both the
+        CPU and the GPU coders build their decode tables from)."""
+        self._load_tables()
+        return self._freqs
 
     def _load_tables(self):
         if self._levels is not None:
             return
-        c = self.stream_channels
-        psizes = [len(self._quant[s].param_names) * c * 2 for s in self._streams]
-        lrows = [self._coded(self._quant[s]) for s in self._streams]
-        praw = self._unzstd("params", sum(psizes))
+        m = self.meta
+        c = m.stream_channels
+        psizes = [len(m.quant[s].param_names) * c * 2 for s in m.streams]
+        lrows = [m.coded_columns(m.quant[s]) for s in m.streams]
+        praw = read_zstd(self.source, "params", sum(psizes))
         # Packed tables: 2 span bytes per row plus at most one code per symbol.
-        lraw = self._unzstd("tables", sum(lrows) * (2 + MAX_ALPHABET), exact=False)
+        lraw = read_zstd(self.source, "tables", sum(lrows) * (2 + MAX_ALPHABET), exact=False)
         try:
             lall = tables.unpack_levels(lraw, sum(lrows), MAX_ALPHABET)
         except ValueError as exc:
-            raise CorruptError(f"{self._r.name}: invalid probability tables: {exc}") from None
+            raise CorruptError(f"{m.name}: invalid probability tables: {exc}") from None
         # Each row's highest present symbol, from its packed span (unpack_levels has
         # checked that every row has present ends and levels in range).
         last = np.frombuffer(lraw, dtype=np.uint8, count=2 * sum(lrows))[1::2]
         params, levels, po, lo = {}, {}, 0, 0
-        for i, (s, ps, ls) in enumerate(zip(self._streams, psizes, lrows)):
-            q = self._quant[s]
+        for i, (s, ps, ls) in enumerate(zip(m.streams, psizes, lrows)):
+            q = m.quant[s]
             arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
             params[s] = {name: arr[j].astype(np.float16) for j, name in enumerate(q.param_names)}
             if ls and int(last[lo:lo + ls].max()) >= q.table_alphabet:
-                raise CorruptError(f"{self._r.name}: a table of {self._stream_name(i)} has "
-                                   "symbols outside its quantizer's alphabet")
+                raise CorruptError(f"{m.name}: a table of {m.stream_name(i)} has symbols "
+                                   "outside its quantizer's alphabet")
             levels[s] = np.ascontiguousarray(lall[lo:lo + ls, :q.table_alphabet])
             po += ps
             lo += ls
@@ -122,59 +143,59 @@ class SectionReader(FileHeader):
         # Tables are built once per file, not per decoded chunk.
         self._freqs = dict(zip(levels, tables.native().normalize_many(list(levels.values()))))
 
-    def _read_item(self, chunk: int, stream: int):
+    def decode_tables(self) -> dict:
+        """Native decode tables of every stream, built once per file (in parallel)."""
+        if self._dtables is None:
+            freqs = self.frequencies()
+            built = tables.native().build_decode_tables([freqs[s] for s in self.meta.streams])
+            self._dtables = dict(zip(self.meta.streams, built))
+        return self._dtables
+
+    def read_item(self, chunk: int, stream: int):
         """``(side bytes, blob memoryview)`` of one payload item, checksum verified."""
-        return self._read_items([(chunk, stream)])[chunk, stream]
+        return self.read_items([(chunk, stream)])[chunk, stream]
 
-    # Needed items closer than this in the payload are read together, with what lies between.
-    READ_GAP = 1 << 18
-
-    def _read_items(self, keys, runs: dict | None = None) -> dict:
+    def read_items(self, keys, runs: dict | None = None) -> dict:
         """``{(chunk, stream): (side bytes, blob memoryview)}`` for payload items ``keys``,
         checksums verified: each run of items that lie close together in the payload is
         one read (a whole chunk, or the whole payload, is one), unless ``runs`` already
-        holds it (``{(first item, last item): bytes}`` from :meth:`_read_run`)."""
-        off, side, blob, crc = self._item_lists()
-        n_streams = len(self._streams)
+        holds it (``{(first item, last item): bytes}`` from :meth:`read_run`)."""
+        off, side, blob, crc = self.item_lists()
+        n_streams = len(self.meta.streams)
         at = sorted({c * n_streams + s for c, s in keys})
         out, i = {}, 0
         while i < len(at):
             j = i + 1
-            while j < len(at) and off[at[j]] - off[at[j - 1]] - side[at[j - 1]] - blob[at[j - 1]] <= self.READ_GAP:
+            while j < len(at) and (off[at[j]] - off[at[j - 1]] - side[at[j - 1]]
+                                   - blob[at[j - 1]] <= self.READ_GAP):
                 j += 1
             got = (runs or {}).get((at[i], at[j - 1]))
-            buf = memoryview(got if got is not None else self._read_run(at[i], at[j - 1]))
+            buf = memoryview(got if got is not None else self.read_run(at[i], at[j - 1]))
             start = off[at[i]]
             for p in at[i:j]:
                 o = off[p] - start
                 item = buf[o:o + side[p] + blob[p]]
                 if crc32(item) != crc[p]:
-                    raise CorruptError(f"{self._r.name}: checksum mismatch in chunk "
-                                       f"{p // n_streams}, {self._stream_name(p % n_streams)}; "
-                                       "the file is damaged")
+                    raise CorruptError(f"{self.meta.name}: checksum mismatch in chunk "
+                                       f"{p // n_streams}, "
+                                       f"{self.meta.stream_name(p % n_streams)}; the file is "
+                                       "damaged")
                 out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
             i = j
         return out
 
-    def _read_run(self, first: int, last: int) -> bytes:
+    def read_run(self, first: int, last: int) -> bytes:
         """The payload bytes from item ``first`` to the end of item ``last`` (one read,
-        not yet verified: :meth:`_read_items` checks them)."""
-        off, side, blob, _ = self._item_lists()
-        return self._r.read_range("payload", off[first], off[last] + side[last] + blob[last] - off[first])
+        not yet verified: :meth:`read_items` checks them)."""
+        off, side, blob, _ = self.item_lists()
+        return self.source.read_range("payload", off[first],
+                                      off[last] + side[last] + blob[last] - off[first])
 
-    def _item_lists(self) -> tuple:
+    def item_lists(self) -> tuple:
         """The index as lists (per-item lookups in plain Python): offsets, side sizes,
         blob sizes, checksums."""
         if self._items is None:
-            idx = self._load_index()
+            idx = self.index()
             self._items = (idx["off"].tolist(), idx["side"].tolist(), idx["blob"].tolist(),
                            idx["crc"].tolist())
         return self._items
-
-    def _decode_tables(self):
-        """Native decode tables of every stream, built once per file (in parallel)."""
-        if self._dtables is None:
-            self._load_tables()
-            built = tables.native().build_decode_tables([self._freqs[s] for s in self._streams])
-            self._dtables = dict(zip(self._streams, built))
-        return self._dtables

@@ -1,9 +1,12 @@
 """Integrations: decoded caches delivered where inference runs. ``hf`` builds Hugging
-Face transformers caches (eager, layer-wise, reserved buffers); ``ragged`` loads evicted
-caches, where each KV head keeps its own tokens, with a per-head attention mask
+Face transformers caches (eager, layer-wise, reserved buffers; a store's cached prefix:
+``cache_from_store``, ``prefill_with_store``); ``adapt`` picks a quality level or
+recomputation per chunk within a TTFT budget; ``ragged`` loads evicted caches, where
+each KV head keeps its own tokens, with a per-head attention mask
 (``ragged.ragged_cache``); ``cuda`` decodes on the GPU into contiguous or paged
-destinations.
+destinations; ``vllm`` is a V1 KV connector serving a store into vLLM's paged cache.
 
 Submodules are imported on demand (each pulls in a heavy framework). May import
-``kvcodec.core``, ``kvcodec.format``, ``kvcodec.models`` and ``kvcodec.errors``.
+``kvcodec.core``, ``kvcodec.format``, ``kvcodec.models``, ``kvcodec.store`` and
+``kvcodec.errors``.
 """

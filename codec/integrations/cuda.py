@@ -72,21 +72,21 @@ class DeviceFile:
     """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
 
     def __init__(self, f, device="cuda"):
-        if f.evicted:
-            raise BackendError(f"{f._r.name} holds an evicted cache (each head keeps its own "
+        m = f.meta
+        if m.evicted:
+            raise BackendError(f"{m.name} holds an evicted cache (each head keeps its own "
                                "tokens); the GPU decoder decodes dense layouts only: decode "
                                "it on the CPU with kvcodec.open(path).decode()")
-        if min(f.layer_tokens) < f.num_tokens or any(
-                r is not None and r.rotary_dim != f.head_dim for r in f._ropes):
-            raise BackendError(f"{f._r.name}: sliding-window layer spans and partial rotary "
+        if min(m.layer_tokens) < m.num_tokens or any(
+                r is not None and r.rotary_dim != m.head_dim for r in m.ropes):
+            raise BackendError(f"{m.name}: sliding-window layer spans and partial rotary "
                                "dims are not decoded on the GPU yet; decode on the CPU")
         self.f = f
         self.device = _require(device)
         nat = module()
-        f._load_tables()
-        f._load_index()
+        f.sections.index()
         self._tables = {}
-        for key, freqs in f._freqs.items():
+        for key, freqs in f.sections.frequencies().items():
             fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(self.device)
             c, a = fr.shape
             sym = torch.empty((c, 4096), dtype=torch.uint8, device=self.device)
@@ -115,8 +115,10 @@ class DeviceFile:
         from ..core.streams import KINDS, unflatten
         from ..core.transforms import rope, rope_tables
 
-        f, dev, nat = self.f, self.device, module()
-        chunks = f._chunk_range(chunks)
+        f, dev, nat = self.f.meta, self.device, module()
+        sec = self.f.sections
+        params = sec.params()
+        chunks = f.chunk_range(chunks)
         t0 = chunks[0] * f.chunk_tokens
         t1 = min(f.num_tokens, (chunks[-1] + 1) * f.chunk_tokens)
         n = t1 - t0
@@ -141,10 +143,10 @@ class DeviceFile:
         blobs, sides, offset = [], {}, 0
         for l in range(f.num_layers):
             for k in KINDS:
-                s = f._streams.index((l, k))
+                s = f.streams.index((l, k))
                 parts = []
                 for c in chunks:
-                    side, blob = f._read_item(c, s)
+                    side, blob = sec.read_item(c, s)
                     parts.append(side)
                     spans.append((offset, len(blob)))
                     blobs.append(blob)
@@ -152,18 +154,18 @@ class DeviceFile:
                 sides[(l, k)] = b"".join(parts)
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).to(dev, non_blocking=True)
         tables = {}  # cos/sin on the device per distinct RoPE (per layer type)
-        for r in set(f._ropes) - {None}:
+        for r in set(f.ropes) - {None}:
             tables[r] = tuple(t.to(dev) for t in rope_tables(f.position_offset + t0, n, r))
         i = 0
         symbols = {}
         for l in range(f.num_layers):
             for ki, k in enumerate(KINDS):
-                q = f._quant[(l, k)]
-                cols = f._coded(q)
+                q = f.quant[(l, k)]
+                cols = f.coded_columns(q)
                 sym = torch.empty((n, cols), dtype=torch.uint8, device=dev)
                 symbols[(l, k)] = sym
                 fused = isinstance(q, Uniform) and q.scale == "token"
-                mult = (q._head_mult(f.channels).to(dev) if fused else None)
+                mult = (q.head_mult(f.channels).to(dev) if fused else None)
                 if mult is not None:
                     keep.append(mult)
                 dst = out[l][ki]
@@ -177,7 +179,7 @@ class DeviceFile:
                             "range_table": self._tables[(l, k)][2].data_ptr(),
                             "symbols": sym.data_ptr() + r0 * cols}
                     if fused:
-                        cos, sin = tables.get(f._ropes[l], (None, None))
+                        cos, sin = tables.get(f.ropes[l], (None, None))
                         rope_here = k == "key" and cos is not None
                         item.update(dtype=_DTYPES[dtype], heads=h, head_dim=d, half_range=q.r,
                                     grid=self._grid.data_ptr(), mult=mult.data_ptr(),
@@ -194,31 +196,31 @@ class DeviceFile:
                                         stride_block=dst.stride(0), block_size=block_size,
                                         slots=slots.data_ptr() + 8 * r0)
                     items.append(item)
-                    names.append(f"{f._r.name}: chunk {c}, layer {l} {k}s")
+                    names.append(f"{f.name}: chunk {c}, layer {l} {k}s")
         status = torch.zeros(len(items), dtype=torch.int32, device=dev)
         buf = torch.empty(len(items) * nat.DECODE_ITEM_BYTES, dtype=torch.uint8, device=dev)
         nat.decode(items, buf.data_ptr(), buf.numel(), status.data_ptr(), _stream())
         # Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU.
         for l in range(f.num_layers):
             for ki, k in enumerate(KINDS):
-                q = f._quant[(l, k)]
+                q = f.quant[(l, k)]
                 fused = isinstance(q, Uniform) and q.scale == "token"
                 n_sink = max(0, min(f.sink_tokens - t0, n))
                 if fused and not n_sink:
                     continue
                 if fused:
-                    x = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                    x = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink].to(dev)
                     rows = slice(0, n_sink)
                 else:
                     side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
                             if q.side_per_token else None)
-                    x = q.dequantize(symbols[(l, k)].cpu(), f._params[(l, k)], side).to(dev)
+                    x = q.dequantize(symbols[(l, k)].cpu(), params[(l, k)], side).to(dev)
                     if n_sink:
-                        x[:n_sink] = f._load_sinks()[f._streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                        x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink].to(dev)
                     rows = slice(0, n)
                 t = unflatten(x, h, d)
-                if k == "key" and f._ropes[l] is not None:
-                    t = rope(t, f._ropes[l], f.position_offset + t0 + rows.start)
+                if k == "key" and f.ropes[l] is not None:
+                    t = rope(t, f.ropes[l], f.position_offset + t0 + rows.start)
                 dst = out[l][ki]
                 if slots is None:
                     dst[:, :, rows] = t.to(dtype)

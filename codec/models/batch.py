@@ -92,8 +92,7 @@ def capture_batch(lm: LoadedModel, sequences, *, anchor=None,
             head = torch.stack([h[:, a:n] for h in batch.head_importance[b]])
             kv.extra["head_importance"] = head
             kv.importance = head.mean(1)
-        if anchor is not None:
-            kv.extra["anchor"] = anchor
+        kv.anchor = anchor
         out.append(kv)
     return out
 

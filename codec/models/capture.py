@@ -50,7 +50,7 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     later query leans on; behind an anchor the anchor is the sink, as the start of a
     real prompt is, and the text's own tokens stay ordinary. Every layer then keeps
     every token (sliding-window layers too), the tokens sit at positions
-    ``len(anchor) ..``, and ``kv.extra["anchor"]`` records the anchor (the file keeps
+    ``len(anchor) ..``, and ``kv.anchor`` records the anchor (the file keeps
     it, so a chunk made behind another anchor is refused). Such a chunk's text never
     carries a BOS: the anchor stands where it would.
 
@@ -105,7 +105,7 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         return kv
     part = kv.slice(a, n)
     return KVCache(part.keys, part.values, doc_ids, part.model, part.importance,
-                   {"anchor": anchor})
+                   anchor=anchor)
 
 
 def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:

@@ -80,8 +80,10 @@ class ChunkStore:
 
     Attributes
     ----------
+    encoder : kvcodec.format.Encoder
+        Codes new entries (configured once for this store's model and config).
     threads : int
-        Coder threads for new entries (0 = all cores).
+        Coder threads for new entries (0 = all cores): the encoder's.
     written_chunks, written_bytes, written_numel : int
         Entries written by this object, their bytes, and the elements of the caches they
         hold (:meth:`KVCache.numel`: for an evicted cache, of the cache before eviction).
@@ -91,12 +93,20 @@ class ChunkStore:
         self._backend = open_backend(root, storage_options)
         self.root = self._backend.root
         self.fingerprint = fingerprint
-        self.config = load_config(config, model=fingerprint)
+        self.encoder = kvc.Encoder(load_config(config, model=fingerprint), fingerprint)
+        self.config = self.encoder.config
         self.chunk_tokens = self.config.get("chunk_tokens", 256)
         seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
         self._seed = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
-        self.threads = 0
         self.written_chunks = self.written_bytes = self.written_numel = 0
+
+    @property
+    def threads(self) -> int:
+        return self.encoder.threads
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self.encoder.threads = n
 
     def keys(self, token_ids, anchor=None) -> list:
         """Chained hash of every chunk of ``token_ids`` (the last may be partial); with
@@ -147,16 +157,16 @@ class ChunkStore:
 
     def put(self, kv: KVCache) -> int:
         """Store every chunk of ``kv`` not yet present; returns how many were written."""
-        if kv.extra.get("anchor"):
+        if kv.anchor:
             raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
                                "prefix; store it with put_document")
         return self._put(kv, None)
 
     def put_document(self, kv: KVCache) -> int:
         """Store a position-independent document (a cache captured behind an anchor,
-        which ``kv.extra["anchor"]`` records) under keys of its own tokens; returns how
-        many chunks were written."""
-        anchor = kv.extra.get("anchor")
+        which ``kv.anchor`` records) under keys of its own tokens; returns how many
+        chunks were written."""
+        anchor = kv.anchor
         if not anchor:
             raise KVCodecError("put_document needs a cache captured behind an anchor "
                                "(capture_kv(..., anchor=...)); use put for prompt prefixes")
@@ -164,12 +174,11 @@ class ChunkStore:
 
     def put_evicted(self, kv: KVCache, spec: str) -> int:
         """Store ``kv``, the cache evicted by ``spec`` (``"snapkv:0.25"``), whole as one
-        entry (keyed by :meth:`evicted_key` of its tokens and ``kv.extra["anchor"]``);
+        entry (keyed by :meth:`evicted_key` of its tokens and ``kv.anchor``);
         returns 1 if written, 0 if it was already there. A dense cache is stored the same
         way: a kept ratio of 1 evicts nothing."""
         self._check(kv)
-        anchor = kv.extra.get("anchor")
-        anchor = [int(t) for t in anchor] if anchor else None
+        anchor = [int(t) for t in kv.anchor] if kv.anchor else None
         rel = _entry(self.evicted_key(kv.token_ids, spec, anchor))
         if self._backend.exists(rel):
             return 0
@@ -204,8 +213,7 @@ class ChunkStore:
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset) -> None:
-        data = kvc.encode(kv, config=self.config, threads=self.threads, model=self.fingerprint,
-                          anchor=anchor, position_offset=position_offset)
+        data = self.encoder.encode(kv, anchor=anchor, position_offset=position_offset)
         self._backend.write(rel, data)
         self.written_chunks += 1
         self.written_bytes += len(data)

@@ -1,0 +1,239 @@
+"""Writing .kvc files: an :class:`Encoder` configured once (python-zstandard's
+``ZstdCompressor`` is the model), then ``encode(kv)`` for every cache; :func:`encode` is
+the one-shot form."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from .. import _version
+from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
+from ..core.kvcache import KVCache
+from ..core.quant import make_quantizer
+from ..core.transforms import applied_key_transform, layer_ropes
+from ..errors import ConfigError, ShapeError
+from . import container
+from .coding import StreamCoder
+from .container import atomic_write, crc32
+from .kept import head_spec, pack_kept
+from .spec import (INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, check_kept_geometry,
+                   coder_info)
+
+# Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
+ZSTD_LEVEL = 12
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(data)
+
+
+class Encoder:
+    """A codec config resolved once, to code many caches.
+
+    Parameters
+    ----------
+    config : str, Path or dict
+        Codec config name (``"default"``, ``"cachegen"``), JSON path, or dict.
+        ``"default"`` is the model's calibrated config where one exists for
+        ``fingerprint``, else the model-free default (see :func:`kvcodec.load_config`).
+    fingerprint : dict, optional
+        The model whose caches this encoder codes (recorded in every file, and what picks
+        its calibrated config). None: the config is resolved without a model and each
+        file records its cache's own ``kv.model``.
+    chunk_tokens : int, optional
+        Tokens per independently decodable chunk (default: the config's, else 256).
+    threads : int
+        Coder threads; 0 = all cores (an attribute: change it between calls).
+
+    What depends only on these is done here, once: the config is loaded and checked, and
+    per layer count and dtype the quantizers are built; the compressed config section is
+    kept per distinct config a file records. A dict config is used as given, not copied:
+    leave it unchanged while the encoder is in use.
+    """
+
+    def __init__(self, config="default", fingerprint: dict | None = None, *,
+                 chunk_tokens: int | None = None, threads: int = 0):
+        self.fingerprint = fingerprint
+        self.config = load_config(config, copy_dict=False, model=fingerprint)
+        self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
+        if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
+                              f"{self.chunk_tokens}")
+        self.threads = threads
+        self._specs = {}            # layers -> per-kind quantizer specs per layer
+        self._quantizers = {}       # (layers, dtype) -> {(layer, kind): Quantizer}
+        self._config_sections = {}  # the JSON a file records -> its zstd section
+
+    def _layer_specs(self, n_layers: int) -> dict:
+        if n_layers not in self._specs:
+            self._specs[n_layers] = resolve_layers(self.config, n_layers)
+        return self._specs[n_layers]
+
+    def _dense_quantizers(self, n_layers: int, dtype) -> dict:
+        key = (n_layers, dtype)
+        if key not in self._quantizers:
+            specs = self._layer_specs(n_layers)
+            self._quantizers[key] = {(l, k): make_quantizer(specs[k][l], dtype)
+                                     for k in specs for l in range(n_layers)}
+        return self._quantizers[key]
+
+    def _config_section(self, cfg: dict) -> bytes:
+        raw = json.dumps(cfg, separators=(",", ":")).encode()
+        got = self._config_sections.get(raw)
+        if got is None:
+            if len(self._config_sections) >= 16:
+                self._config_sections.clear()
+            got = self._config_sections[raw] = _zstd(raw)
+        return got
+
+    def encode(self, kv, path=None, *, token_ids=None, position_offset: int | None = None,
+               importance=None, anchor=None) -> bytes:
+        """Compress a KV cache into .kvc bytes (and write them to ``path``, crash-safely:
+        temp file + fsync + rename).
+
+        Parameters
+        ----------
+        kv : KVCache, transformers DynamicCache, or list of (key, value) pairs
+            Per layer, keys and values ``[1, kv_heads, tokens, head_dim]`` (fp16, bf16 or
+            fp32). An evicted cache (``kv.kept``, each head keeping its own tokens) is
+            written as format version 4 with only its kept tokens coded
+            (:mod:`kvcodec.format.kept`); others as version 3.
+        token_ids : optional
+            Token ids to record, overriding those ``kv`` carries.
+        position_offset : int, optional
+            Position of the cache's first token (for configs that strip RoPE from keys);
+            default ``len(anchor)`` for an anchored chunk, else 0.
+        anchor : list of int, optional
+            Token ids of the fixed prefix a position-independent chunk was computed behind
+            (default ``kv.anchor``, which ``capture_kv(..., anchor=...)`` sets); recorded so
+            that :mod:`kvcodec.blend` refuses a chunk made behind another one.
+        importance : Tensor, optional
+            ``[layers, tokens]`` attention importance, overriding ``kv.importance``.
+            Configs with ``token_importance`` give attended tokens finer steps; without
+            importance every token gets the config's step. The decoder needs nothing: the
+            steps are coded in the payload.
+        """
+        kv = as_kvcache(kv)
+        model = self.fingerprint if self.fingerprint is not None else kv.model
+        token_ids = kv.token_ids if token_ids is None else list(token_ids)
+        anchor = kv.anchor if anchor is None else anchor
+        if anchor is not None:
+            anchor = [int(t) for t in anchor]
+            if not 1 <= len(anchor) <= MAX_ANCHOR_TOKENS or min(anchor) < 0 \
+                    or max(anchor) >= 1 << 32:
+                raise ShapeError(f"an anchor must be 1..{MAX_ANCHOR_TOKENS} token ids in "
+                                 "[0, 2**32)")
+        if position_offset is None:
+            position_offset = len(anchor) if anchor else 0
+        n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
+        check_geometry(n_layers, n, h * d)
+        if token_ids is not None and len(token_ids) != n:
+            raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
+        if kv.evicted:
+            check_kept_geometry(n_layers, h, n)
+        spans = [n] * n_layers if kv.evicted else kv.layer_tokens
+        if min(spans) == 0:
+            raise ShapeError(f"layer {spans.index(0)} holds no tokens; a file needs every layer")
+        specs = self._layer_specs(n_layers)
+        xform, cfg = applied_key_transform(self.config, model, n_layers, position_offset, n)
+        n_sink = min(cfg.get("sink_tokens", 0), n)
+        importance = kv.importance if importance is None else torch.as_tensor(importance)
+        if importance is not None and tuple(importance.shape) != (n_layers, n):
+            raise ShapeError(f"importance has shape {tuple(importance.shape)}; expected "
+                             f"[layers, tokens] = [{n_layers}, {n}]")
+        if kv.evicted:
+            def quant(layer, kind, head, _dtype=kv.dtype):
+                return make_quantizer(head_spec(specs[kind][layer], head, h, d), _dtype)
+        else:
+            quant = self._dense_quantizers(n_layers, kv.dtype)
+        coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_tokens,
+                            n_sink, importance, position_offset, self.threads)
+        index, payload = _payload(coder.evicted(kv) if kv.evicted else coder.dense(kv))
+        header = {
+            "format": "kvc",
+            "created_by": f"kvcodec {_version.__version__}",
+            "model": model,
+            "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
+            "layer_tokens": spans,
+            "dtype": str(kv.dtype).replace("torch.", ""),
+            "chunk_tokens": self.chunk_tokens,
+            "has_token_ids": token_ids is not None,
+            "key_transform": xform,
+            "position_offset": int(position_offset),
+            "anchor": anchor,
+            "sink_tokens": n_sink,
+            "coder": coder_info(),
+        }
+        ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+            raise ShapeError("token ids must be in [0, 2**32)")
+        sections = [
+            ("config", self._config_section(cfg), True),
+            ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
+            ("index", index, True),
+            ("params", _zstd(b"".join(coder.params)), True),
+            ("tables", _zstd(coder.tables_section()), True),
+            ("sinks", b"".join(coder.sinks), True),
+            ("payload", payload, False),
+        ]
+        version = container.DENSE_VERSION
+        if kv.evicted:  # version 4: only evicted files need it
+            header["evicted"] = True
+            sections.insert(2, ("kept", _zstd(pack_kept(kv.kept, n)), True))
+            version = container.FORMAT_VERSION
+        data = container.build(header, sections, version)
+        if path is not None:
+            atomic_write(path, data)
+        return data
+
+
+def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
+           threads: int = 0, token_ids=None, model: dict | None = None,
+           position_offset: int | None = None, importance=None, anchor=None) -> bytes:
+    """Compress a KV cache into .kvc bytes: :class:`Encoder` ``(config, model or
+    kv.model, chunk_tokens=..., threads=...).encode(kv, path, ...)``. Code many caches
+    with one :class:`Encoder` instead.
+
+    Returns
+    -------
+    bytes
+        The .kvc file contents.
+    """
+    kv = as_kvcache(kv)
+    return Encoder(config, kv.model if model is None else model, chunk_tokens=chunk_tokens,
+                   threads=threads).encode(kv, path, token_ids=token_ids,
+                                           position_offset=position_offset,
+                                           importance=importance, anchor=anchor)
+
+
+def _payload(items: list) -> tuple:
+    """``(index, payload)`` bytes of payload items ``(side bytes, blob)`` in file order,
+    each indexed with its offset, sizes and CRC."""
+    index, payload, offset = [], [], 0
+    for side_bytes, blob in items:
+        item = side_bytes + blob
+        index.append(INDEX_ENTRY.pack(offset, len(side_bytes), len(blob), crc32(item)))
+        payload.append(item)
+        offset += len(item)
+    return b"".join(index), b"".join(payload)
+
+
+def as_kvcache(kv) -> KVCache:
+    """``kv`` as a :class:`KVCache`: a transformers cache or ``(key, value)`` pairs are
+    wrapped (no copy)."""
+    if isinstance(kv, KVCache):
+        return kv
+    if hasattr(kv, "layers"):  # a transformers Cache
+        return KVCache.from_dynamic_cache(kv)
+    if isinstance(kv, (list, tuple)):
+        try:
+            keys, values = [p[0] for p in kv], [p[1] for p in kv]
+        except (TypeError, IndexError):
+            raise ShapeError("expected a list of (key, value) tensor pairs") from None
+        return KVCache(keys, values)
+    raise ShapeError(f"cannot encode a {type(kv).__name__}; pass a KVCache, DynamicCache "
+                     "or list of (key, value) pairs")

@@ -1,0 +1,183 @@
+"""Decode plans: the one way a .kvc file's bytes become tensors.
+
+A :class:`DecodePlan` lists native decode :class:`Job` s (each a stream's rANS blobs over
+a run of chunks, its tables, where its symbols go, and, on the fused path, a named
+:class:`Dequant` spec so that the native decoder dequantizes and re-applies RoPE as it
+goes) and the :class:`Target` each job fills (a stream's destination rows and what is
+left to do there). Plans of several files (or several calls on one file) concatenate
+with :meth:`DecodePlan.extend` and run as one native call. :func:`execute` runs a plan on
+the CPU and :func:`finish` completes its targets: dequantization where the native decoder
+did not do it, the fp16 attention-sink rows, keys rotated at their positions, and keys
+coded after RoPE turned to a new position. The GPU decoder (:mod:`kvcodec.integrations.cuda`)
+plans with the same file API.
+
+Plans are built by the file (:meth:`kvcodec.format.KVCFile.plan`); building one reads
+and verifies the payload items it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core import tables
+from ..core.streams import flatten, unflatten
+from ..core.transforms import rope, shift
+from ..errors import CorruptError
+
+
+@dataclass(slots=True)
+class Dequant:
+    """The native dequantizer's arguments for one job of a per-token-step ``uniform``
+    stream (the shipped default): the step grid, per-channel step multipliers, the
+    quantizer's half range, the heads the channels split into, where the float32 values
+    go (``out``: ``[heads, rows, head_dim]``, a view of the destination or a ``scratch``
+    array copied there afterwards), and cos/sin of the rows' positions for keys (None:
+    not rotated natively)."""
+
+    grid: np.ndarray
+    mult: np.ndarray
+    half_range: int
+    heads: int
+    out: np.ndarray
+    cos: np.ndarray | None = None
+    sin: np.ndarray | None = None
+    scratch: bool = False
+
+    def native(self) -> tuple:
+        return (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
+                self.sin)
+
+
+@dataclass(slots=True)
+class Job:
+    """One native decode job: ``blobs`` (one per chunk) of a stream coded with
+    ``tables``, decoded into ``out`` (a uint8 ``[rows, coded columns]`` symbol array, or
+    ``(rows, coded columns)`` when ``dequant`` turns them into values directly)."""
+
+    blobs: list
+    tables: object
+    out: object
+    dequant: Dequant | None = None
+
+    def native(self) -> tuple:
+        return (self.blobs, self.tables, self.out,
+                None if self.dequant is None else self.dequant.native())
+
+
+@dataclass(slots=True)
+class Target:
+    """A stream's rows in one decode, finished after its jobs have run.
+
+    ``dst`` is ``[1, heads, rows, head_dim]`` (a view of the caller's tensor). Its rows
+    sit at positions ``base + first ..`` (``positions``, int64 ``[rows]``, for the kept
+    rows of an evicted stream). Where the native decoder dequantized them (``fused``:
+    ``[(Dequant, destination view)]``) only the rest is done here; else ``symbols`` and
+    ``side`` are dequantized with ``quant`` and ``params``. The first ``sinks.shape[0]``
+    rows are attention sinks, kept in fp16 (``sinks``: float32 ``[n, channels]``).
+    ``rope`` rotates keys at their positions (unless ``rotated``: done natively);
+    ``turn`` is ``(rope, delta)`` for keys coded after RoPE and placed elsewhere.
+    """
+
+    name: str
+    dst: torch.Tensor
+    quant: object
+    params: dict | None = None
+    symbols: np.ndarray | None = None
+    side: bytes = b""
+    fused: list = field(default_factory=list)
+    rotated: bool = False
+    sinks: torch.Tensor | None = None
+    rope: object = None
+    base: int = 0
+    first: int = 0
+    positions: torch.Tensor | None = None
+    turn: tuple | None = None
+
+
+@dataclass
+class DecodePlan:
+    """Native jobs, the target each fills (``owner``: an index into ``targets`` per
+    job), and the chunk size their blobs were coded with."""
+
+    chunk_tokens: int
+    jobs: list = field(default_factory=list)
+    owner: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+
+    def add(self, target: Target, jobs: list) -> None:
+        self.owner += [len(self.targets)] * len(jobs)
+        self.jobs += jobs
+        self.targets.append(target)
+
+    def extend(self, other: "DecodePlan") -> "DecodePlan":
+        """Append ``other``'s jobs and targets (one native call decodes both)."""
+        if other.chunk_tokens != self.chunk_tokens:
+            raise ValueError("plans of different chunk sizes cannot run as one")
+        self.owner += [len(self.targets) + o for o in other.owner]
+        self.jobs += other.jobs
+        self.targets += other.targets
+        return self
+
+
+def execute(plan: DecodePlan, threads: int = 0) -> None:
+    """Decode ``plan``'s jobs natively (all threads, the GIL released), then
+    :func:`finish` its targets. The first damaged blob raises :class:`CorruptError`
+    naming its stream."""
+    errors = tables.native().decode_many([j.native() for j in plan.jobs], plan.chunk_tokens,
+                                         threads)
+    for err, t in zip(errors, plan.owner):
+        if err is not None:
+            raise CorruptError(f"{plan.targets[t].name}: {err}")
+    finish(plan.targets)
+
+
+def finish(targets: list) -> None:
+    """Complete decoded targets in place: values dequantized (where the native decoder
+    did not), attention-sink rows restored, keys rotated at their positions and turned
+    where they move. Keys whose other rows were rotated natively have their sink rows
+    rotated together, one call per distinct RoPE and position."""
+    sink_keys = {}  # (rope, position, rows) -> [(dst, sink rows)]
+    for t in targets:
+        rows = t.dst.shape[2]
+        if not rows:
+            continue
+        h, d = t.dst.shape[1], t.dst.shape[3]
+        for deq, view in t.fused:
+            if deq.scratch:
+                view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
+        n_sink = 0 if t.sinks is None else t.sinks.shape[0]
+        if t.fused and (t.rotated or t.rope is None) and t.turn is None:
+            # Values in place, rotated where they are keys: only the sink rows remain.
+            if n_sink and t.rope is not None:
+                key = (t.rope, t.base + t.first, n_sink, h)
+                sink_keys.setdefault(key, []).append((t.dst, t.sinks))
+            elif n_sink:
+                t.dst[:, :, :n_sink] = unflatten(t.sinks.clone(), h, d)
+            continue
+        if t.fused:  # dequantized natively, not rotated (evicted rows) or turned after
+            x = flatten(t.dst)
+        else:
+            q = t.quant
+            sym = t.symbols
+            if q.alphabet < q.table_alphabet and sym[:, :h * d].max(initial=0) >= q.alphabet:
+                raise CorruptError(f"{t.name} decode to symbols outside the quantizer's "
+                                   "range; the header does not match the data")
+            side = (np.frombuffer(t.side, dtype="<f2").reshape(-1, q.side_per_token)
+                    if q.side_per_token else None)
+            x = q.dequantize(torch.from_numpy(sym), t.params, side)
+        if n_sink:
+            x[:n_sink] = t.sinks
+        y = unflatten(x, h, d)
+        if t.rope is not None and not (t.fused and t.rotated):
+            pos = t.positions + t.base if t.positions is not None else t.base + t.first
+            y = rope(y, t.rope, pos)
+        if t.turn is not None:
+            y = shift(y, *t.turn)
+        t.dst.copy_(y)
+    for (r, pos, n_sink, h), pairs in sink_keys.items():
+        d = pairs[0][0].shape[3]
+        st = rope(torch.stack([unflatten(s, h, d)[0] for _, s in pairs], 1), r, pos)
+        for i, (dst, _) in enumerate(pairs):
+            dst[:, :, :n_sink] = st[:, i]
