@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import kvcodec
 from kvcodec.models.loading import resolve_model_path
 
 
@@ -100,6 +101,45 @@ def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
     assert second == first  # the request completed, with the prefill's output
     assert conn.blocks_failed - before == 4  # reported: vLLM recomputed all 512 tokens
     assert list(store.rglob("*.kvc.bad"))  # moved aside
+
+
+def test_a_failed_load_is_not_saved_back(lm, texts, lossless):
+    """A cached document, a damaged chunk in its middle and an uncached question: the
+    load fails there, vLLM recomputes, and what the step's forward saw in the failed
+    blocks (another request's data) never reaches the store: the entry is either gone
+    or holds this document's own K/V (before: it was rewritten with the stale blocks,
+    valid checksums and wrong values, served to every later request)."""
+    import torch
+
+    from kvcodec.store import ChunkStore
+
+    llm, store = lossless
+    doc, ids = _prompt(lm, texts["argparse_doc"][3000:], 600)
+    _ask(llm, ids)  # stores the document's chunks
+    conn = _connector()
+    conn.flush()
+    chunks = ChunkStore(store, lm.fingerprint, "lossless")
+    entry = chunks.lookup(doc)[1]
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    # Another request overwrites the freed blocks with other K/V.
+    _ask(llm, _prompt(lm, texts["python_license"], 700)[1])
+    conn.flush()
+    other = doc + lm.tokenizer("\n\nQuestion: Who wrote it?\nAnswer:",
+                               add_special_tokens=False)["input_ids"]
+    before = conn.blocks_failed
+    _ask(llm, other)
+    conn.flush()
+    assert conn.blocks_failed > before  # the damaged chunk was recomputed
+    with torch.no_grad():
+        ref = kvcodec.capture_kv(lm, token_ids=doc[:512], importance_window=0)
+    if entry.exists():  # rewritten: it must be this document's chunk
+        with kvcodec.open(entry) as f:
+            got = f.decode()
+        for a, b in zip(got.keys + got.values, ref.slice(256, 512).keys + ref.slice(256, 512).values):
+            err = float((a.float() - b.float()).norm() / b.float().norm())
+            assert err < 0.05, f"entry {entry.name} holds other K/V (relative error {err:.2f})"
 
 
 def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):

@@ -28,9 +28,12 @@ import os
 import struct
 import tempfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import CorruptError, FormatError, TruncatedError
+import zstandard
+
+from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 # v3: the header records the model's RoPE per layer and each layer's token span
@@ -54,6 +57,22 @@ def _align(n: int, a: int) -> int:
 
 def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@contextmanager
+def untrusted(name: str):
+    """Inside, whatever a malformed file can make parsing raise (wrong JSON types, a
+    nesting deeper than Python's recursion, sizes that overflow, a damaged frame) is a
+    :class:`CorruptError` naming ``name``: a reader raises only :class:`KVCodecError`
+    for what is in the file, and ``OSError`` for what is around it."""
+    try:
+        yield
+    except (KVCodecError, OSError):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
+            OverflowError, MemoryError, UnicodeError, zstandard.ZstdError) as exc:
+        raise CorruptError(f"{name}: malformed file ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
 
 
 def build(header: dict, sections: list[tuple[str, bytes, bool]],
@@ -205,7 +224,7 @@ class Reader:
             raise CorruptError(f"{self.name}: header checksum mismatch; the file is damaged")
         try:
             header = json.loads(hbytes)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's
             raise CorruptError(f"{self.name}: header is not valid JSON") from None
         if not isinstance(header, dict):
             raise CorruptError(f"{self.name}: header is not a JSON object")

@@ -23,18 +23,51 @@ from .spec import (DTYPES, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES, MA
                    MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
 
 
-def read_zstd(reader: Reader, section: str, expected: int, exact: bool = True) -> bytes:
-    """A zstd section's contents: exactly ``expected`` bytes, or at most that many with
-    ``exact=False``."""
-    data = reader.read_section(section)
+def unzstd(data: bytes, limit: int, what: str) -> bytes:
+    """The contents of the zstd frame ``data``, at most ``limit`` bytes: decompressed as
+    a stream, so a frame that declares (or expands to) more never makes this allocate
+    more than ``limit`` plus one step. CorruptError (naming ``what``) past the limit or
+    on a damaged frame (its checksum is checked at its end)."""
+    out = bytearray()
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max(expected, 1))
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
+            while True:
+                block = r.read(min(1 << 20, limit + 1 - len(out)))
+                if not block:
+                    break
+                out += block
+                if len(out) > limit:
+                    raise CorruptError(f"{what} holds more than the {limit} bytes it may")
     except zstandard.ZstdError as exc:
-        raise CorruptError(f"{reader.name}: section {section!r} does not decompress: "
-                           f"{exc}") from None
-    if len(out) != expected if exact else len(out) > expected:
-        raise CorruptError(f"{reader.name}: section {section!r} holds {len(out)} bytes, "
-                           f"expected {expected}")
+        raise CorruptError(f"{what} does not decompress: {exc}") from None
+    return bytes(out)
+
+
+# What a section's zstd frame may expand to beyond a floor, per compressed byte. The
+# files kvcodec writes stay far below it (tables of a lossless file ~90x; a kept bitmap,
+# ~750x for a streaming policy, is bounded by the index instead); a crafted frame of
+# zeros expands ~30000x. With it, what a file can make a reader allocate is proportional
+# to the file's size.
+ZSTD_FLOOR = 8 << 20
+ZSTD_RATIO = 1024
+
+
+def read_zstd(reader: Reader, section: str, expected: int, exact: bool = True,
+              budget: int | None = None) -> bytes:
+    """A zstd section's contents: exactly ``expected`` bytes, or at most that many with
+    ``exact=False``. Never more than ``budget`` bytes are allocated, whatever the frame
+    declares (default: :data:`ZSTD_FLOOR` + :data:`ZSTD_RATIO` x its compressed size); a
+    section that must hold more than its budget is refused before it is decompressed."""
+    what = f"{reader.name}: section {section!r}"
+    data = reader.read_section(section)
+    if budget is None:
+        budget = ZSTD_FLOOR + ZSTD_RATIO * len(data)
+    if exact and expected > budget:
+        raise CorruptError(f"{what} must hold {expected} bytes, more than its {len(data)} "
+                           "compressed bytes can")
+    out = unzstd(data, max(min(expected, budget), 0), what)
+    if exact and len(out) != expected:
+        raise CorruptError(f"{what} holds {len(out)} bytes, expected {expected}")
     return out
 
 
@@ -110,7 +143,9 @@ class FileHeader:
         raw = read_zstd(self._r, "tokens", 4 * self.num_tokens if has_ids else 0)
         self.token_ids = (np.frombuffer(raw, dtype="<u4").astype(np.int64).tolist()
                           if has_ids else None)
-        self.model = h.get("model") if isinstance(h.get("model"), dict) else None
+        self.model = h.get("model")
+        if self.model is not None and not isinstance(self.model, dict):
+            raise CorruptError(f"{name}: header field 'model' must be an object or null")
         coder = h.get("coder")
         if coder != coder_info():
             raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
@@ -157,11 +192,21 @@ class FileHeader:
             self.quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
                            for s in self.streams}
             return
+        try:  # the stream count is capped before a stream is built
+            check_kept_geometry(self.num_layers, heads, self.num_tokens)
+        except ShapeError as exc:
+            raise CorruptError(f"{self._r.name}: {exc}") from None
         self.stream_channels = d
         self.streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
+        self.quant = {}
+        built = {}  # heads of equal specs share one quantizer
         try:
-            self.quant = {s: make_quantizer(head_spec(specs[s[1]][s[0]], s[2], heads, d),
-                                             self.dtype) for s in self.streams}
+            for s in self.streams:
+                spec = head_spec(specs[s[1]][s[0]], s[2], heads, d)
+                key = json.dumps(spec, sort_keys=True)
+                if key not in built:
+                    built[key] = make_quantizer(spec, self.dtype)
+                self.quant[s] = built[key]
         except ConfigError as exc:
             raise CorruptError(f"{self._r.name}: invalid codec config in header: {exc}") from None
 
@@ -172,7 +217,11 @@ class FileHeader:
             check_kept_geometry(n_layers, heads, n)
         except ShapeError as exc:
             raise CorruptError(f"{self._r.name}: {exc}") from None
-        raw = read_zstd(self._r, "kept", kept_bytes(n_layers, heads, n))
+        # A kept bitmap is bounded by the index, which is in the file: 20 bytes per item
+        # (chunk x stream) against at most chunk_tokens / 8 bytes of bitmap per item.
+        index_bytes = self._r.section_bounds("index")[1] if "index" in self._r.sections else 0
+        raw = read_zstd(self._r, "kept", kept_bytes(n_layers, heads, n),
+                        budget=(1 << 20) + index_bytes * max(1, self.chunk_tokens // 80))
         try:
             return unpack_kept(raw, n_layers, heads, n)
         except ValueError as exc:

@@ -13,7 +13,7 @@ from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
 from ..core.transforms import check_positions, model_ropes, rope_tables
 from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
-from .container import Reader, StreamBuffer
+from .container import Reader, StreamBuffer, untrusted
 from .evicted import plan_evicted
 from .header import FileHeader
 from .plan import DecodePlan, Dequant, Job, Target, execute
@@ -81,7 +81,8 @@ class KVCFile:
 
     def __init__(self, source: Reader):
         self.source = source
-        self.meta = FileHeader(source)
+        with untrusted(source.name):
+            self.meta = FileHeader(source)
         self.sections = SectionSource(self.meta, source)
         self._mults = {}     # quantizer -> its per-channel step multipliers (NumPy)
         self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
@@ -201,6 +202,10 @@ class KVCFile:
         stream and run of chunks, a target per stream. Plans of several files
         concatenate (:meth:`DecodePlan.extend`) and run as one native call."""
         self._dense_only("plan")
+        with untrusted(self.meta.name):
+            return self._plan(dst, chunks, position_offset, items)
+
+    def _plan(self, dst: dict, chunks, position_offset, items) -> DecodePlan:
         m, sec = self.meta, self.sections
         chunks = m.chunk_range(chunks)
         m.check_layers(dst.keys())
@@ -344,8 +349,9 @@ class KVCFile:
         t0, n = m.span(chunks)
         ids = None if m.token_ids is None else m.token_ids[t0:t0 + n]
         if m.evicted:
-            plan, keys, values, kept = plan_evicted(self, chunks, dtype or m.dtype,
-                                                    *self.placement(position_offset))
+            with untrusted(m.name):
+                plan, keys, values, kept = plan_evicted(self, chunks, dtype or m.dtype,
+                                                        *self.placement(position_offset))
             execute(plan, threads)
             return KVCache(keys, values, ids, m.model, length=n, kept=kept, anchor=m.anchor)
         layers = self.decode_layers(None, chunks, dtype=dtype, threads=threads,

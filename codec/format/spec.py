@@ -22,6 +22,10 @@ MAX_ANCHOR_TOKENS = 1024  # the fixed prefix a position-independent chunk was co
 # An evicted file's kept bitmap (layers x heads x tokens bits, 128 MiB): every cache under
 # MAX_ELEMENTS whose head_dim is 8 or more fits.
 MAX_KEPT_BITS = 1 << 30
+# An evicted file codes a stream per (layer, kind, head), and a reader builds one object
+# per stream before reading anything else: 2 x 512 layers x 128 KV heads is far beyond
+# any model.
+MAX_EVICTED_STREAMS = 1 << 17
 # Float dtypes a cache may have, by their header names.
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -49,6 +53,10 @@ def check_kept_geometry(n_layers: int, heads: int, n_tokens: int) -> None:
     if n_layers * heads * n_tokens > MAX_KEPT_BITS:
         raise ShapeError(f"an evicted cache of {n_layers} layers x {heads} heads x {n_tokens} "
                          f"tokens is over the format cap of {MAX_KEPT_BITS} kept-position bits")
+    if 2 * n_layers * heads > MAX_EVICTED_STREAMS:
+        raise ShapeError(f"an evicted cache of {n_layers} layers x {heads} heads needs "
+                         f"{2 * n_layers * heads} streams, over the format cap of "
+                         f"{MAX_EVICTED_STREAMS}")
 
 
 def head_rows(first: int, rows: int, chunk: int) -> int:

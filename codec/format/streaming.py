@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import KVCodecError
+from .container import untrusted
 from .plan import execute
 
 # A read step (128 KiB) of a stream that takes longer than this waited for the source.
@@ -33,9 +34,10 @@ class ChunkStreamer:
         self.base = meta.span(chunks)[0]
         self.spans = [meta.layer_span(l, chunks) for l in range(meta.num_layers)]
         # What every chunk's plan needs, read before the first byte of payload.
-        sec.decode_tables()
-        if meta.sink_tokens:
-            sec.sinks()
+        with untrusted(meta.name):
+            sec.decode_tables()
+            if meta.sink_tokens:
+                sec.sinks()
         self.payload = f.source.section_offset("payload")
 
     def _arrive(self, c: int) -> dict:

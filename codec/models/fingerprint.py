@@ -132,19 +132,29 @@ def fingerprint(config, tokenizer=None, model=None, *, weights=None) -> dict:
 _FINGERPRINT_KEYS = ("architecture", "num_layers", "num_kv_heads", "head_dim",
                      "rope_theta", "rope_type", "sliding_window", "layer_types",
                      "vocab_size", "tokenizer_hash", "weights_hash")
+# What every fingerprint states: without these a cache's shape is not the model's.
+_REQUIRED_KEYS = ("architecture", "num_layers", "num_kv_heads", "head_dim")
 
 
 def check_fingerprint(stored: dict | None, actual: dict) -> None:
     """Raise ModelMismatchError if a cache made by ``stored`` cannot be used in ``actual``.
 
-    Fields either side lacks are not compared; a file from before weight hashes (no
-    ``weights_hash``) checked against a model that has one opens with a warning, since
-    a fine-tune of the same base cannot be told apart from it.
+    The geometry (architecture, layers, KV heads, head_dim) must be stated on both
+    sides; other fields either side lacks are not compared; a file from before weight
+    hashes (no ``weights_hash``) checked against a model that has one opens with a
+    warning, since a fine-tune of the same base cannot be told apart from it.
     """
     if not stored:
         raise ModelMismatchError(
             "this cache carries no model fingerprint (it was encoded from raw tensors); "
             "it cannot be checked against a model")
+    for side, fp in (("cache", stored), ("model", actual)):
+        if not isinstance(fp, dict):
+            raise ModelMismatchError(f"the {side}'s fingerprint is not a fingerprint")
+        missing = [k for k in _REQUIRED_KEYS if fp.get(k) is None]
+        if missing:
+            raise ModelMismatchError(f"the {side}'s fingerprint does not state "
+                                     f"{', '.join(missing)}; it cannot be checked")
     diffs = [f"{k}: file has {stored.get(k)!r:.80}, model has {actual.get(k)!r:.80}"
              for k in _FINGERPRINT_KEYS
              if stored.get(k) is not None and actual.get(k) is not None

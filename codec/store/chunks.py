@@ -261,6 +261,13 @@ class ChunkStore:
         f = kvc.open(self._backend.source(self._backend.rel(loc)))
         try:
             check_fingerprint(f.model, self.fingerprint)
+            fp = self.fingerprint
+            if (f.num_layers, f.num_kv_heads, f.head_dim) != (
+                    fp["num_layers"], fp["num_kv_heads"], fp["head_dim"]):
+                raise ShapeError(f"{loc} holds {f.num_layers} layers x {f.num_kv_heads} KV "
+                                 f"heads x head_dim {f.head_dim}, not the {fp['num_layers']} x "
+                                 f"{fp['num_kv_heads']} x {fp['head_dim']} its fingerprint "
+                                 "states")
             ids = [int(t) for t in token_ids]
             anchor = None if anchor is None else [int(t) for t in anchor]
             if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0

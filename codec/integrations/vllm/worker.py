@@ -54,6 +54,7 @@ class ConnectorWorker:
         self._events: dict[int, threading.Event] = {}
         self._loader: threading.Thread | None = None
         self._failed_blocks: set = set()
+        self._failed_requests: set = set()  # requests of this step whose load failed
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
         self.bytes_read = 0
         self.tokens_loaded = 0
@@ -78,6 +79,7 @@ class ConnectorWorker:
         self._layout = PagedLayout(first, self.block, self.save)
 
     def start_load_kv(self, meta, forward_context) -> None:
+        self._failed_requests = set()
         if not meta.loads:
             return
         self._layout.bind_isa(forward_context, self._names)
@@ -109,6 +111,7 @@ class ConnectorWorker:
         return (load, files) if files else None
 
     def _fail(self, load: Load, t: int) -> None:
+        self._failed_requests.add(load.req_id)
         first = max(t, load.start) // self.block
         last = (load.end + self.block - 1) // self.block
         self._failed_blocks.update(load.block_ids[first:last])
@@ -177,6 +180,12 @@ class ConnectorWorker:
         if meta is None or not meta.saves or not self._layout.can_read:
             return
         for save in meta.saves:
+            if save.req_id in self._failed_requests:
+                # Its blocks from the failed one on hold what was there before (another
+                # request's data), and this step's forward attended to them: vLLM
+                # recomputes them, and nothing of this step may reach the store.
+                log.info("kvcodec vLLM: not saving %s, whose load failed", save.req_id)
+                continue
             n = len(save.token_ids)
             where = slot_ids(save.block_ids, 0, n, self.block)
             keys, values = [], []

@@ -1,0 +1,161 @@
+"""Crafted files of a few kilobytes: every one is refused with a KVCodecError (the CLI: one
+line, no traceback), within a bounded amount of memory and time."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec.errors import CorruptError, KVCodecError
+from kvcodec.format import container
+from kvcodec_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    kv = [(torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)) for _ in range(3)]
+    return kvcodec.encode(kv, config="default")
+
+
+def _header(data) -> dict:
+    hlen = container.PREAMBLE.unpack_from(data)[2]
+    return json.loads(data[24:24 + hlen])
+
+
+def rebuild(data, header_update=None, replace=None, raw_header=None, version=3) -> bytes:
+    """``data`` re-serialized (valid checksums) with header fields or sections replaced,
+    or with ``raw_header`` bytes as its whole header."""
+    head = _header(data)
+    with kvcodec.open(data) as f:
+        sections = [(e["name"], (replace or {}).get(e["name"], f.source.read_section(e["name"])),
+                     e["crc32"] is not None) for e in head["sections"]]
+    for k in ("sections", "data_length"):
+        head.pop(k)
+    head.update(header_update or {})
+    out = container.build(head, sections, version)
+    if raw_header is None:
+        return out
+    hlen = container.PREAMBLE.unpack_from(out)[2]
+    body = out[container._align(24 + hlen, container.DATA_ALIGN):]
+    start = container._align(24 + len(raw_header), container.DATA_ALIGN)
+    pre = container.PREAMBLE.pack(container.MAGIC, version, len(raw_header),
+                                  container.crc32(raw_header), 0)
+    return pre + raw_header + b"\0" * (start - 24 - len(raw_header)) + body
+
+
+def refused(data):
+    with pytest.raises(KVCodecError):
+        with kvcodec.open(data) as f:
+            f.decode()
+
+
+def test_deeply_nested_json_is_refused(small):
+    deep = b'{"format": "kvc", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(CorruptError, match="not valid JSON"):
+        kvcodec.open(rebuild(small, raw_header=deep))
+    cfg = zstandard.ZstdCompressor().compress(b'{"key": ' + b"[" * 100_000 + b"]" * 100_000
+                                              + b"}")
+    refused(rebuild(small, replace={"config": cfg}))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("layer_tokens", {"a": 1}), ("layer_tokens", [70, "70", 70]), ("anchor", "1,2"),
+    ("anchor", [[1]]), ("key_transform", ["junk"]), ("key_transform", {"type": 5}),
+    ("key_transform", {"type": "rope_strip", "layers": "x"}), ("model", [1, 2]),
+    ("sink_tokens", 1.5), ("position_offset", "0"), ("dtype", ["float32"]),
+    ("coder", None), ("evicted", "yes"), ("format", {"kvc": 1}), ("has_token_ids", 1),
+])
+def test_header_fields_of_wrong_types_are_refused(small, field, value):
+    refused(rebuild(small, {field: value}))
+
+
+@pytest.mark.parametrize("config", [
+    {"key": "x"}, {"key": [{"layers": "all", "quantizer": {}}], "value": []},
+    {"key": [{"layers": [0, None], "quantizer": {"type": "uniform", "step": "1",
+                                                 "bins": 255}}]},
+    {"key": [{"layers": [0, None], "quantizer": {"type": "uniform", "step": 0.3,
+                                                 "bins": 255, "head_scale": [1e300]}}]},
+    {"chunk_tokens": -1}, ["not", "a", "dict"], None, 1e999 if False else "string",
+])
+def test_configs_of_wrong_types_are_refused(small, config):
+    cfg = zstandard.ZstdCompressor().compress(json.dumps(config).encode())
+    refused(rebuild(small, replace={"config": cfg}))
+
+
+def _rss_growth(code: str) -> tuple:
+    """``(returncode, stdout, peak RSS growth in MB)`` of ``code`` run in a new
+    interpreter after kvcodec is imported."""
+    probe = ("import resource, kvcodec\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n" + code +
+             "\nafter = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "print('GROWTH', (after - before) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120)
+    growth = [float(l.split()[1]) for l in out.stdout.splitlines() if l.startswith("GROWTH")]
+    return out.returncode, out.stdout + out.stderr, growth[0] if growth else None
+
+
+def test_a_zstd_bomb_is_refused_without_allocating_it(small, tmp_path):
+    """A config frame that expands to 1 GiB (and one that declares 1 TiB) in a file of a
+    few kilobytes: refused after reading at most the config cap (16 MiB)."""
+    c = zstandard.ZstdCompressor(level=19)
+    bomb = c.compress(b" " * (1 << 30))
+    assert len(bomb) < 64 << 10
+    liar = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(b"{}"))
+    # Frame header: magic, descriptor (content size in 8 bytes), then the size.
+    liar[4] = (liar[4] & 0x3F) | 0xC0
+    liar = bytes(liar[:5]) + (1 << 40).to_bytes(8, "little") + bytes(liar[6:])
+    for i, frame in enumerate((bomb, liar)):
+        path = tmp_path / f"bomb{i}.kvc"
+        path.write_bytes(rebuild(small, replace={"config": frame}))
+        rc, out, growth = _rss_growth(
+            f"try:\n    kvcodec.open({str(path)!r})\nexcept kvcodec.KVCodecError as e:\n"
+            f"    print('REFUSED', type(e).__name__)")
+        assert rc == 0 and "REFUSED CorruptError" in out, out[-2000:]
+        assert growth < 100, f"opening a {path.stat().st_size}-byte file grew RSS {growth} MB"
+
+
+def test_an_evicted_header_of_many_heads_is_refused_before_building_streams(small):
+    t = _header(small)
+    bits = np.zeros(1, dtype=np.uint8).tobytes()
+    data = rebuild(small, {"evicted": True, "num_layers": 4096, "num_kv_heads": 4096,
+                           "num_tokens": 1, "head_dim": 1, "layer_tokens": [1] * 4096},
+                   replace={"kept": zstandard.ZstdCompressor().compress(bits)}, version=4)
+    assert t  # the original header parsed
+    with pytest.raises(CorruptError, match="streams"):
+        kvcodec.open(data)
+
+
+def test_the_cli_prints_one_line_for_crafted_files(small, tmp_path):
+    deep = tmp_path / "deep.kvc"
+    deep.write_bytes(rebuild(small, raw_header=b"[" * 100_000 + b"]" * 100_000))
+    odd = tmp_path / "odd.kvc"
+    odd.write_bytes(rebuild(small, {"layer_tokens": {"a": 1}}))
+    for path in (deep, odd):
+        for cmd in (["inspect", str(path)], ["decode", str(path), "-o", str(tmp_path / "o")]):
+            r = CliRunner().invoke(main, cmd)
+            assert r.exit_code == 1 and r.output.startswith("error: "), r.output
+            assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_tables_bomb_is_cut_at_a_budget_proportional_to_its_size(small, tmp_path):
+    """The tables section may expand to what the header's geometry allows, but never more
+    than a floor plus a fixed ratio of its compressed size."""
+    from kvcodec.format.header import ZSTD_FLOOR, ZSTD_RATIO
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (1 << 30))
+    path = tmp_path / "tables-bomb.kvc"
+    path.write_bytes(rebuild(small, {"num_kv_heads": 64, "head_dim": 512},
+                             replace={"tables": bomb}))
+    rc, out, growth = _rss_growth(
+        f"try:\n    kvcodec.open({str(path)!r}).decode()\n"
+        f"except kvcodec.KVCodecError as e:\n    print('REFUSED', type(e).__name__, e)")
+    assert rc == 0 and "REFUSED CorruptError" in out, out[-2000:]
+    budget = (ZSTD_FLOOR + ZSTD_RATIO * len(bomb)) / 2 ** 20
+    assert growth < budget + 64, f"{growth} MB for a {len(bomb)}-byte section (budget {budget})"
