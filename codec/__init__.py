@@ -16,8 +16,9 @@ import importlib
 
 from ._version import __version__
 from .core import KVCache, available_configs, load_config
-from .errors import (BackendError, BlendError, ConfigError, CorruptError, FormatError,
-                     KVCodecError, ModelMismatchError, ShapeError, TruncatedError)
+from .errors import (AccessError, BackendError, BlendError, ConfigError, CorruptError,
+                     FormatError, KVCodecError, ModelMismatchError, ShapeError,
+                     TruncatedError, VersionError)
 from .format import KVCFile, decode, encode, open  # noqa: A004
 from .models import DEFAULT_MODEL, capture_kv, check_fingerprint, fingerprint, load_model
 
@@ -25,7 +26,8 @@ __all__ = [
     "KVCFile", "KVCache", "decode", "encode", "open", "load_config", "available_configs",
     "load_model", "capture_kv", "fingerprint", "check_fingerprint", "DEFAULT_MODEL",
     "KVCodecError", "FormatError", "CorruptError", "TruncatedError", "ModelMismatchError",
-    "ShapeError", "ConfigError", "BackendError", "BlendError", "__version__",
+    "ShapeError", "ConfigError", "BackendError", "BlendError", "AccessError", "VersionError",
+    "__version__",
 ]
 
 _SUBPACKAGES = {"core", "format", "models", "store", "integrations", "quality", "blend",

@@ -10,6 +10,11 @@ class FormatError(KVCodecError):
     """The file is not a .kvc file, or is of an unsupported version."""
 
 
+class VersionError(FormatError):
+    """The file is a .kvc file of a format version this kvcodec does not read (a newer
+    writer's): nothing is wrong with it, so a store never moves it aside."""
+
+
 class CorruptError(FormatError):
     """The file's structure or a checksum does not match: it was damaged or tampered with."""
 
@@ -37,3 +42,9 @@ class BackendError(KVCodecError):
 class BlendError(KVCodecError):
     """Cached segments cannot be blended as asked (another anchor, computed in place
     elsewhere, no token ids to recompute a damaged segment from)."""
+
+
+class AccessError(BackendError, OSError):
+    """A file or store object could not be read or written (permissions, descriptors, I/O,
+    network): the environment failed, nothing is known about the bytes. Also an
+    ``OSError`` with the ``errno`` of the failure, so both kinds of handler see it."""

@@ -37,10 +37,13 @@ def _connector():
     return get_kv_transfer_group()
 
 
-def _ask(llm, ids):
+def _ask(llm, ids, salt=None):
     from vllm import SamplingParams
 
-    out = llm.generate([{"prompt_token_ids": ids}],
+    prompt = {"prompt_token_ids": ids}
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    out = llm.generate([prompt],
                        SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)[0]
     return list(out.outputs[0].token_ids)
 
@@ -140,6 +143,113 @@ def test_a_failed_load_is_not_saved_back(lm, texts, lossless):
         for a, b in zip(got.keys + got.values, ref.slice(256, 512).keys + ref.slice(256, 512).values):
             err = float((a.float() - b.float()).norm() / b.float().norm())
             assert err < 0.05, f"entry {entry.name} holds other K/V (relative error {err:.2f})"
+
+
+def _saved(lm, llm, store, ids, salt=None):
+    """Ask once (the engine saves the prompt), wait for the save; the entries' paths."""
+    from kvcodec.store import ChunkStore
+
+    _ask(llm, ids, salt)
+    _connector().flush()
+    chunks = ChunkStore(store, lm.fingerprint, "lossless", salt=salt)
+    return chunks, chunks.lookup(ids)
+
+
+def test_an_entry_of_another_geometry_is_refused(lm, texts, lossless):
+    """An entry with twice the KV heads, under the right name and claiming the right
+    model: decoded into vLLM's blocks it would overrun them (vLLM's op checks nothing).
+    It is refused as damage and recomputed."""
+    import torch
+
+    from kvcodec.core.kvcache import KVCache
+
+    llm, store = lossless
+    _, ids = _prompt(lm, texts["gpl3"][9000:], 300)
+    chunks, paths = _saved(lm, llm, store, ids)
+    reference = _ask(llm, ids)
+    with kvcodec.open(paths[0]) as f:
+        kv = f.decode()
+    fp = dict(lm.fingerprint, num_kv_heads=2 * lm.fingerprint["num_kv_heads"])
+    wide = KVCache([torch.cat([k, k], 1) for k in kv.keys],
+                   [torch.cat([v, v], 1) for v in kv.values], kv.token_ids, fp)
+    paths[0].write_bytes(kvcodec.encode(wide, config="lossless"))
+    conn = _connector()
+    before = (conn.blocks_failed, conn.tokens_loaded)
+    assert _ask(llm, ids) == reference
+    assert conn.blocks_failed > before[0] and conn.tokens_loaded == before[1]
+    assert not paths[0].exists() and paths[0].with_name(paths[0].name + ".bad").exists()
+
+
+def test_an_unreadable_store_is_recomputed_and_keeps_its_entries(lm, texts, lossless,
+                                                                 monkeypatch, caplog):
+    """Too many open files during a load, then a store slower than the load timeout:
+    both recompute (with a log line), and neither moves a good entry aside (before:
+    EMFILE became a KVCodecError and the entry went to .bad)."""
+    import errno
+    import time
+
+    from kvcodec.store import backends
+
+    llm, store = lossless
+    _, ids = _prompt(lm, texts["gpl3"][20000:], 300)
+    _, paths = _saved(lm, llm, store, ids)
+    reference = _ask(llm, ids)
+    conn = _connector()
+    real_open = open
+
+    def emfile(path, *a, **k):
+        if str(path).endswith(".kvc"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", emfile)
+        m.setattr("io.open", emfile)
+        before = conn.blocks_failed
+        assert _ask(llm, ids) == reference
+        assert conn.blocks_failed > before
+    assert all(p.exists() and not p.with_name(p.name + ".bad").exists() for p in paths)
+    assert "Too many open files" in caplog.text and "left in place" in caplog.text
+
+    worker = conn.worker
+    fetch = backends.LocalBackend.fetch
+
+    def slow(self, rel, limit):
+        time.sleep(worker.load_timeout_s + 0.5)
+        return fetch(self, rel, limit)
+
+    with monkeypatch.context() as m:
+        m.setattr(worker, "load_timeout_s", 0.3)
+        m.setattr(backends.LocalBackend, "fetch", slow)
+        before = conn.blocks_failed
+        t = time.monotonic()
+        assert _ask(llm, ids) == reference
+        assert conn.blocks_failed > before
+        assert time.monotonic() - t < 30
+    assert "did not deliver" in caplog.text
+    assert all(p.exists() for p in paths)
+    before = conn.tokens_loaded
+    assert _ask(llm, ids) == reference  # the store works again: a hit
+    assert conn.tokens_loaded > before
+
+
+def test_cache_salts_separate_tenants(lm, texts, lossless):
+    """vLLM's ``cache_salt`` is part of the keys: what tenant A's request stored is a miss
+    for tenant B (no shared entries, nothing to time) and a hit for A again."""
+    llm, store = lossless
+    _, ids = _prompt(lm, texts["gpl3"][30000:], 300)
+    chunks_a, paths_a = _saved(lm, llm, store, ids, salt="tenant-a")
+    assert paths_a
+    conn = _connector()
+    before = conn.tokens_loaded
+    _ask(llm, ids, "tenant-b")
+    assert conn.tokens_loaded == before  # B misses A's entries
+    conn.flush()
+    assert chunks_a.with_salt("tenant-b").lookup(ids)  # B's own, under other keys
+    assert not set(chunks_a.with_salt("tenant-b").lookup(ids)) & set(paths_a)
+    assert not chunks_a.with_salt(None).lookup(ids)  # nor unsalted ones
+    _ask(llm, ids, "tenant-a")
+    assert conn.tokens_loaded > before  # A hits its own
 
 
 def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):

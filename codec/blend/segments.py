@@ -241,13 +241,17 @@ def _load_store(store, paths, ids, anchor, dst: dict, offset: int) -> None:
         t1 = min(len(ids), t0 + n)
         rows = {l: (k[:, :, t0:t1], v[:, :, t0:t1]) for l, (k, v) in dst.items()}
         try:
-            with store.open_entry(path, ids[t0:t1], t0, anchor) as f:
-                f.decode_into(rows, position_offset=offset + t0)
+            f = store.open_entry(path, ids[t0:t1], t0, anchor)  # reports its failures
         except FileNotFoundError:
             raise CorruptError(f"store entry {path} vanished") from None
         except (KVCodecError, OSError) as exc:
-            store.quarantine(path, exc)
             raise CorruptError(f"store entry {path}: {exc}") from None
+        with f:
+            try:
+                f.decode_into(rows, position_offset=offset + t0)
+            except (KVCodecError, OSError) as exc:
+                store.quarantine(path, exc, f.identity)
+                raise CorruptError(f"store entry {path}: {exc}") from None
 
 
 def _load_tensors(lm, kv: KVCache, dst: dict, offset: int, computed_at: int, anchored) -> None:

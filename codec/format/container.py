@@ -33,7 +33,7 @@ from pathlib import Path
 
 import zstandard
 
-from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError
+from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
 # v3: the header records the model's RoPE per layer and each layer's token span
@@ -99,13 +99,33 @@ def build(header: dict, sections: list[tuple[str, bytes, bool]],
     return out.getvalue()
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, and another
+    thread creating a file meanwhile would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename."""
+    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the
+    umask), not ``mkstemp``'s 0600: a store filled by one user (a batch job) is read by
+    another (the server)."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -139,7 +159,9 @@ class StreamBuffer:
     def fill_to(self, n: int) -> int:
         """Read until ``n`` bytes are buffered or the stream ends; return what is buffered."""
         while len(self.buf) < n and not self.eof:
-            data = self.raw.read(max(n - len(self.buf), self.block))
+            # At most 1 MiB per read: a buffered reader allocates what it is asked for
+            # before the bytes exist, and ``n`` comes from a header the peer wrote.
+            data = self.raw.read(min(max(n - len(self.buf), self.block), 1 << 20))
             if not data:
                 self.eof = True
             else:
@@ -212,7 +234,7 @@ class Reader:
         if magic != MAGIC:
             raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
         if version not in READABLE_VERSIONS:
-            raise FormatError(
+            raise VersionError(
                 f"{self.name} has .kvc format version {version}; this kvcodec reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade kvcodec to read newer files)")
         self.version = version

@@ -12,7 +12,7 @@ from ..core.kvcache import KVCache
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
 from ..core.transforms import check_positions, model_ropes, rope_tables
-from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
+from ..errors import AccessError, ConfigError, FormatError, KVCodecError, ShapeError
 from .container import Reader, StreamBuffer, untrusted
 from .evicted import plan_evicted
 from .header import FileHeader
@@ -41,7 +41,7 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
         try:
             f = path.open("rb")
         except OSError as exc:
-            raise KVCodecError(f"cannot open {path}: {exc.strerror}") from None
+            raise AccessError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
         try:
             return KVCFile(Reader(f, str(path)))
         except BaseException:
@@ -78,6 +78,10 @@ class KVCFile:
     :func:`~kvcodec.format.plan.execute` runs; :meth:`decode_into`, :meth:`decode_layers`,
     :meth:`decode` and :meth:`iter_chunks` do both.
     """
+
+    # What its opener knows of which bytes these are (a store entry's inode, size and
+    # mtime, or ETag): :meth:`kvcodec.store.ChunkStore.quarantine` moves only those.
+    identity = None
 
     def __init__(self, source: Reader):
         self.source = source

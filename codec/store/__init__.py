@@ -7,6 +7,6 @@ Below the integrations, which all read and write it (transformers through
 :func:`kvcodec.integrations.hf.cache_from_store`, vLLM through its connector). May import
 ``kvcodec.core``, ``kvcodec.format``, ``kvcodec.models`` and ``kvcodec.errors``.
 """
-from .chunks import ChunkStore
+from .chunks import ChunkStore, is_damage
 
-__all__ = ["ChunkStore"]
+__all__ = ["ChunkStore", "is_damage"]

@@ -14,16 +14,23 @@ not at all.
   folder, then a rename (``mv``). Reads fetch the whole object: entries are small.
 
 Temp names are ``.<name>.<random>.tmp`` on both; :meth:`list` skips them.
+
+Reads return the bytes with their *identity* (inode, size and mtime on a local disk; the
+ETag or generation and size on an object store), and :meth:`quarantine` moves an object
+aside only if it still is those bytes: a reader that found damage never moves aside the
+good entry a writer has put in its place since. Whatever a backend fails on that is not
+the object's absence is an ``OSError`` (:class:`~kvcodec.errors.AccessError` for errors a
+filesystem library raises of its own types): the environment failed, not the bytes.
 """
 from __future__ import annotations
 
-import io
+import errno
 import os
 import time
 import uuid
 from pathlib import Path
 
-from ..errors import BackendError, ConfigError
+from ..errors import AccessError, BackendError, ConfigError, CorruptError
 from ..format.container import atomic_write
 
 # fsspec protocols whose writes are single atomic PUTs (no rename, no folders).
@@ -58,6 +65,23 @@ def open_backend(root, storage_options: dict | None = None):
     return FsspecBackend(fs, path, root)
 
 
+def _file_identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _object_identity(info: dict) -> tuple:
+    """What tells one version of an object from another: the ETag (S3, Azure) or
+    generation (GCS) where the store gives one, else the modification time; and size."""
+    tag = next((info[k] for k in ("ETag", "etag", "generation", "version_id", "VersionId",
+                                  "mtime", "LastModified", "last_modified", "created")
+                if info.get(k) is not None), None)
+    return (str(tag), int(info.get("size") or 0))
+
+
+def _access(where: str, exc: Exception) -> AccessError:
+    return AccessError(errno.EIO, f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def _temp_name(name: str) -> str:
     return f".{name}.{uuid.uuid4().hex}.tmp"
 
@@ -68,8 +92,10 @@ STALE_TEMP_S = 600.0
 
 
 def _is_temp(rel: str) -> bool:
+    """A writer's temp file, or a file a quarantining reader holds for a moment (its
+    ``.hold``, left behind only if that reader was killed then)."""
     name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and name.endswith(".tmp")
+    return name.startswith(".") and name.endswith((".tmp", ".hold"))
 
 
 class LocalBackend:
@@ -94,24 +120,54 @@ class LocalBackend:
     def read(self, rel: str) -> bytes:
         return self.location(rel).read_bytes()
 
-    def source(self, rel: str) -> Path:
-        """What :func:`kvcodec.open` opens for ``rel``: the path (read lazily)."""
-        return self.location(rel)
+    def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
+        """The bytes of ``rel`` (CorruptError if over ``limit``) and their identity
+        (inode, size, mtime). The file is closed on return: an entry holds no descriptor
+        while it decodes."""
+        with open(self.location(rel), "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size > limit:
+                raise CorruptError(f"{self.location(rel)}: {st.st_size} bytes, more than "
+                                   f"the {limit} an entry of its tokens can need")
+            data = f.read(st.st_size + 1)
+        if len(data) != st.st_size:
+            raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
+        return data, _file_identity(st)
 
     def write(self, rel: str, data: bytes) -> None:
         path = self.location(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
 
-    def quarantine(self, rel: str) -> str:
-        """Rename ``rel`` to ``rel + ".bad"``; returns the new location. A failure
-        (another reader moved it first) is ignored."""
+    def quarantine(self, rel: str, identity=None) -> str | None:
+        """Rename ``rel`` to ``rel + ".bad"`` if it still is the file of ``identity``
+        (any file, if None); returns the new location, or None if nothing was moved
+        (another reader moved it first, or a writer has replaced it since it was read).
+
+        The file is first renamed to a private name, then its identity is checked: a
+        check and then a rename would move a writer's new file that landed in between.
+        A new file moved that way goes back, unless yet another writer has put one
+        there meanwhile (a hard link never replaces)."""
+        path = self.location(rel)
         bad = self.location(rel + ".bad")
+        hold = path.with_name(f".{path.name}.{uuid.uuid4().hex}.hold")
         try:
-            os.replace(self.location(rel), bad)
+            os.rename(path, hold)
+        except OSError:
+            return None
+        try:
+            same = identity is None or _file_identity(os.stat(hold)) == tuple(identity)
+            if same:
+                os.replace(hold, bad)
+                return str(bad)
+            try:
+                os.link(hold, path)
+            except FileExistsError:
+                pass  # a newer writer's file is there: ours, as good, goes
+            os.unlink(hold)
         except OSError:
             pass
-        return str(bad)
+        return None
 
     def list(self, prefix: str = ""):
         """Relative keys of every object under the folder ``prefix``, temp files skipped."""
@@ -170,12 +226,31 @@ class FsspecBackend:
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._full(rel))
 
-    def source(self, rel: str) -> io.BytesIO:
-        """What :func:`kvcodec.open` opens for ``rel``: the fetched bytes, named by the
-        URL (so messages, and ``KVCFile`` readers, name the entry)."""
-        buf = io.BytesIO(self.read(rel))
-        buf.name = self.location(rel)
-        return buf
+    def _info(self, rel: str) -> dict:
+        try:
+            return self.fs.info(self._full(rel))
+        except OSError:
+            raise
+        except Exception as exc:  # a library's own network or credentials error
+            raise _access(self.location(rel), exc) from None
+
+    def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
+        """The bytes of ``rel`` (CorruptError if over ``limit``, checked before they are
+        fetched) and their identity (ETag or generation, and size)."""
+        info = self._info(rel)
+        size = int(info.get("size") or 0)
+        if size > limit:
+            raise CorruptError(f"{self.location(rel)}: {size} bytes, more than the {limit} "
+                               "an entry of its tokens can need")
+        try:
+            data = self.fs.cat_file(self._full(rel))
+        except OSError:
+            raise
+        except Exception as exc:
+            raise _access(self.location(rel), exc) from None
+        if len(data) != size:  # replaced between the two requests
+            raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
+        return data, _object_identity(info)
 
     def write(self, rel: str, data: bytes) -> None:
         full = self._full(rel)
@@ -195,13 +270,22 @@ class FsspecBackend:
             if not self.fs.isfile(full):
                 raise
 
-    def quarantine(self, rel: str) -> str:
-        """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores);
-        returns the new location. A failure (another reader moved it first) is ignored."""
+    def quarantine(self, rel: str, identity=None) -> str | None:
+        """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores) if it
+        still is the object of ``identity`` (any, if None); returns the new location, or
+        None if nothing was moved (gone, or replaced since it was read).
+
+        fsspec has no conditional delete, so a writer that replaces the object between
+        this check and the delete (milliseconds) loses its write; the next ``put`` of
+        that text writes it again."""
         try:
+            if identity is not None and _object_identity(self._info(rel)) != tuple(identity):
+                return None
             self.fs.mv(self._full(rel), self._full(rel + ".bad"))
-        except OSError:
-            pass
+        except Exception:  # gone (another reader moved it), or the store failed
+            return None
+        finally:
+            self.fs.invalidate_cache()
         return self.location(rel + ".bad")
 
     def list(self, prefix: str = ""):

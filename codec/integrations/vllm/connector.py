@@ -21,7 +21,11 @@ class KVCodecConnector(KVConnectorBase_V1):
     """See :mod:`kvcodec.integrations.vllm`. ``kv_connector_extra_config`` keys: ``store``
     (the store directory or fsspec URL, required), ``storage_options`` (for a URL's
     filesystem), ``config`` (codec config for new chunks, default ``default``),
-    ``threads`` (decoder threads, default all cores), ``save`` (default true)."""
+    ``threads`` (decoder threads, default all cores), ``save`` (default true),
+    ``load_timeout_s`` (how long a step waits for the store's entries before vLLM
+    recomputes the rest, default 5), ``max_pending_save_mb`` (K/V copies queued for
+    encoding at most, default 1024). A request's ``cache_salt`` is part of its keys:
+    tenants of different salts share no entry."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -50,8 +54,10 @@ class KVCodecConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = ConnectorScheduler(store, block, save)
         else:
-            self.worker = ConnectorWorker(store, fp, block,
-                                          int(extra.get_from_extra_config("threads", 0)), save)
+            self.worker = ConnectorWorker(
+                store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,
+                float(extra.get_from_extra_config("load_timeout_s", 5.0)),
+                int(float(extra.get_from_extra_config("max_pending_save_mb", 1024)) * (1 << 20)))
 
     # -- scheduler side ---------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

@@ -14,6 +14,7 @@ class Load:
     block_ids: list
     start: int             # first token to load (what vLLM had computed already)
     end: int               # one past the last token to load
+    salt: str | None = None  # the request's cache_salt: its tenant's keys
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Save:
     req_id: str
     token_ids: list        # the whole prompt
     block_ids: list
+    salt: str | None = None
 
 
 @dataclass
@@ -41,10 +43,18 @@ class ConnectorScheduler:
         self._blocks: dict[str, list] = {}       # req_id -> block ids so far
         self._prompts: dict[str, list] = {}      # req_id -> prompt token ids
         self._saved: set = set()
+        self._salts: dict[str, str] = {}         # req_id -> its cache_salt, if any
+
+    def _store(self, req_id: str):
+        """The store as the request's tenant sees it (its ``cache_salt`` in every key)."""
+        return self.store.with_salt(self._salts.get(req_id))
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         ids = list(request.prompt_token_ids or [])
-        cached = self.store.cached_tokens(ids, partial=True)
+        salt = getattr(request, "cache_salt", None)
+        if salt is not None:
+            self._salts[request.request_id] = salt
+        cached = self._store(request.request_id).cached_tokens(ids, partial=True)
         # vLLM computes at least one prompt token itself, and loads whole blocks.
         end = min(cached, (len(ids) - 1) // self.block * self.block)
         if end <= num_computed_tokens:
@@ -67,7 +77,8 @@ class ConnectorScheduler:
                 # one), past `end` for a cut last entry.
                 whole = -(-end // self.chunk) * self.chunk
                 meta.loads.append(Load(new.req_id, self._prompts[new.req_id][:whole],
-                                       list(self._blocks[new.req_id]), start, end))
+                                       list(self._blocks[new.req_id]), start, end,
+                                       self._salts.get(new.req_id)))
             done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
             self._maybe_save(meta, new.req_id, done)
         cached = scheduler_output.scheduled_cached_reqs
@@ -92,12 +103,13 @@ class ConnectorScheduler:
         if not self.save or req_id in self._saved or done < len(ids) or not ids:
             return
         self._saved.add(req_id)
-        if self.store.cached_tokens(ids, partial=True) < len(ids):
+        if self._store(req_id).cached_tokens(ids, partial=True) < len(ids):
             n_blocks = -(-len(ids) // self.block)
-            meta.saves.append(Save(req_id, list(ids), list(self._blocks[req_id][:n_blocks])))
+            meta.saves.append(Save(req_id, list(ids), list(self._blocks[req_id][:n_blocks]),
+                                   self._salts.get(req_id)))
 
     def request_finished(self, request, block_ids):
-        for d in (self._blocks, self._prompts, self._pending):
+        for d in (self._blocks, self._prompts, self._pending, self._salts):
             d.pop(request.request_id, None)
         self._saved.discard(request.request_id)
         return False, None

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
@@ -37,17 +39,23 @@ def layer_groups(layers: list) -> list:
 class ConnectorWorker:
     """Loads and saves for one vLLM worker. ``store``: a :class:`~kvcodec.store.ChunkStore`
     under ``fingerprint`` (the served model's); ``threads``: decoder threads (0: all
-    cores); ``save``: encode what the scheduler asks to save.
+    cores); ``save``: encode what the scheduler asks to save; ``load_timeout_s``: how long
+    a step waits for the store to deliver its entries before it recomputes the rest;
+    ``max_pending_save_bytes``: the K/V copies queued for encoding at most (a save past
+    it is skipped: a future miss, not a stall; one save always goes).
 
     Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
     ``tokens_loaded`` (tokens written into vLLM's cache), ``blocks_failed`` (blocks
-    reported for recomputation).
+    reported for recomputation), ``saves_skipped`` (saves the bound turned away).
     """
 
-    def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool):
+    def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool,
+                 load_timeout_s: float = 5.0, max_pending_save_bytes: int = 1 << 30):
         self.store, self.fingerprint = store, fingerprint
         self.block, self.chunk = block, store.chunk_tokens
         self.threads, self.save = threads, save
+        self.load_timeout_s = float(load_timeout_s)
+        self.max_pending_save_bytes = int(max_pending_save_bytes)
         self._caches: dict[int, torch.Tensor] = {}
         self._names: dict[str, int] = {}
         self._layout: PagedLayout | None = None
@@ -55,10 +63,16 @@ class ConnectorWorker:
         self._loader: threading.Thread | None = None
         self._failed_blocks: set = set()
         self._failed_requests: set = set()  # requests of this step whose load failed
+        # Entries are fetched in parallel (a remote store's latency overlaps), bounded by
+        # load_timeout_s per step; a fetch stuck past it finishes in the background.
+        self._fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcodec-fetch")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
+        self._pending_save_bytes = 0
+        self._pending_lock = threading.Lock()
         self.bytes_read = 0
         self.tokens_loaded = 0
         self.blocks_failed = 0
+        self.saves_skipped = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         for name, cache in kv_caches.items():
@@ -90,25 +104,42 @@ class ConnectorWorker:
         self._loader.start()
 
     def _open(self, load: Load):
-        """Check every entry a load needs; the first that is missing, damaged or evicted
-        (and everything after it) is reported for recomputation instead."""
-        files, keys = [], self.store.keys(load.token_ids)
-        for c in range(load.start // self.chunk, len(keys)):
-            t = c * self.chunk
-            path = self.store.path(keys[c])
-            f = None
+        """Fetch and check every entry a load needs; the first that is missing, damaged,
+        evicted, unreadable or not there within ``load_timeout_s`` (and everything after
+        it) is reported for recomputation instead."""
+        store = self.store.with_salt(load.salt)
+        keys = store.keys(load.token_ids)
+        starts = [c * self.chunk for c in range(load.start // self.chunk, len(keys))]
+        futures = [self._fetcher.submit(self._open_entry, store, store.path(keys[t // self.chunk]),
+                                        load.token_ids[t:t + self.chunk], t) for t in starts]
+        deadline = time.monotonic() + self.load_timeout_s
+        files = []
+        for t, fut in zip(starts, futures):
             try:
-                f = self.store.open_entry(path, load.token_ids[t:t + self.chunk], t)
-                check_dense(f)
-                files.append((f, t, path))
-            except (KVCodecError, OSError) as exc:
-                if f is not None:
-                    f.close()
-                if not isinstance(exc, FileNotFoundError):
-                    self.store.quarantine(path, exc)
-                self._fail(load, t)
-                break
-        return (load, files) if files else None
+                files.append(fut.result(timeout=max(0.0, deadline - time.monotonic())) + (t,))
+                continue
+            except FutureTimeout:
+                log.warning("kvcodec vLLM: the store did not deliver %s's entry at token %d "
+                            "within %.1f s; recomputing from there", load.req_id, t,
+                            self.load_timeout_s)
+            except (KVCodecError, OSError):
+                pass  # absent, or reported (moved aside or logged) by open_entry
+            self._fail(load, t)
+            break
+        for fut in futures[len(files):]:  # not used: never leave an entry open
+            if not fut.cancel():
+                fut.add_done_callback(_close_result)
+        return (load, [(f, t, path) for f, path, t in files]) if files else None
+
+    @staticmethod
+    def _open_entry(store, path, token_ids, t: int):
+        f = store.open_entry(path, token_ids, t)
+        try:
+            check_dense(f)
+        except BaseException:
+            f.close()
+            raise
+        return f, path
 
     def _fail(self, load: Load, t: int) -> None:
         self._failed_requests.add(load.req_id)
@@ -147,8 +178,8 @@ class ConnectorWorker:
             dst = {l: (torch.empty(shape), torch.empty(shape)) for l in group}
             try:
                 f.decode_into(dst, threads=self.threads)
-            except KVCodecError as exc:
-                self.store.quarantine(path, exc)
+            except (KVCodecError, OSError) as exc:
+                self.store.quarantine(path, exc, f.identity)
                 for j in range(i, len(files)):  # this entry and the ones after it
                     if files[j][0] is not None:
                         files[j][0].close()
@@ -187,6 +218,14 @@ class ConnectorWorker:
                 log.info("kvcodec vLLM: not saving %s, whose load failed", save.req_id)
                 continue
             n = len(save.token_ids)
+            # The K/V copy this save holds until it is encoded ([blocks, heads, block,
+            # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
+            size = n * sum(c[0, :, 0].numel() * c.element_size() for c in self._caches.values())
+            if not self._reserve_save(size):
+                self.saves_skipped += 1
+                log.info("kvcodec vLLM: not saving %s: %d MiB of saves already queued",
+                         save.req_id, self._pending_save_bytes >> 20)
+                continue
             where = slot_ids(save.block_ids, 0, n, self.block)
             keys, values = [], []
             for layer in sorted(self._caches):
@@ -194,13 +233,24 @@ class ConnectorWorker:
                 keys.append(k.transpose(0, 1).unsqueeze(0))
                 values.append(v.transpose(0, 1).unsqueeze(0))
             kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
-            self._encoder.submit(self._put, kv)
+            self._encoder.submit(self._put, self.store.with_salt(save.salt), kv, size)
 
-    def _put(self, kv: KVCache) -> None:
+    def _reserve_save(self, size: int) -> bool:
+        with self._pending_lock:
+            if self._pending_save_bytes and (self._pending_save_bytes + size
+                                             > self.max_pending_save_bytes):
+                return False
+            self._pending_save_bytes += size
+            return True
+
+    def _put(self, store, kv: KVCache, size: int) -> None:
         try:
-            self.store.put(kv)
+            store.put(kv)
         except Exception as exc:  # a failed save is a future cache miss, not an error
             log.warning("kvcodec vLLM save failed: %s", exc)
+        finally:
+            with self._pending_lock:
+                self._pending_save_bytes -= size
 
     def flush(self) -> None:
         """Wait until every save queued so far is written (or has failed)."""
@@ -213,3 +263,10 @@ class ConnectorWorker:
 
     def shutdown(self):
         self._encoder.shutdown(wait=True)
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_result(fut) -> None:
+    """Close the entry a fetch opened after its load stopped needing it."""
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result()[0].close()

@@ -1,0 +1,182 @@
+"""A store under faults: only proven damage moves an entry aside, only the bytes that
+failed move, entries are readable by other users, tenants' salts separate keys, and
+nothing a store holds makes a reader allocate more than an entry of its tokens needs."""
+import errno
+import io
+import os
+import stat
+import uuid
+
+import pytest
+
+import kvcodec
+from kvcodec.errors import AccessError, CorruptError, KVCodecError, VersionError
+from kvcodec.format.container import StreamBuffer, atomic_write
+from kvcodec.store import ChunkStore, is_damage
+
+
+@pytest.fixture
+def filled(tmp_path, lm, kv_600):
+    store = ChunkStore(tmp_path / "store", lm.fingerprint, "default")
+    store.put(kv_600)
+    return store, kv_600.token_ids, store.lookup(kv_600.token_ids)
+
+
+def _refusing(monkeypatch, err: int):
+    """Every open of an entry fails with ``err`` (as it would with too many open files,
+    a permission, a dying disk), through whichever ``open`` the reader calls."""
+    real_open = open
+
+    def fake(path, *a, **k):
+        if str(path).endswith(".kvc"):
+            raise OSError(err, os.strerror(err))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake)
+    monkeypatch.setattr("io.open", fake)
+
+
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.EACCES, errno.EIO])
+def test_environment_errors_leave_entries_in_place(filled, monkeypatch, caplog, err):
+    store, ids, paths = filled
+    with monkeypatch.context() as m:
+        _refusing(m, err)
+        with caplog.at_level("WARNING", logger="kvcodec"):
+            assert store.load_prefix(ids) is None  # a miss, not an error
+    assert all(p.exists() for p in paths), "a good entry was moved aside"
+    assert not list(store.root.rglob("*.bad"))
+    assert os.strerror(err) in caplog.text and "left in place" in caplog.text
+    assert store.load_prefix(ids).num_tokens == 512  # the store works again
+
+
+def test_damage_is_what_the_bytes_prove():
+    assert is_damage(CorruptError("crc")) and is_damage(kvcodec.TruncatedError("short"))
+    assert is_damage(kvcodec.FormatError("bad magic"))
+    assert not is_damage(VersionError("version 9"))  # a newer writer's entry
+    assert not is_damage(OSError(errno.EIO, "I/O error"))
+    assert not is_damage(AccessError(errno.EMFILE, "too many"))
+    assert not is_damage(KVCodecError("no backend"))
+    assert isinstance(AccessError(errno.EMFILE, "x"), OSError)
+    assert AccessError(errno.EMFILE, "x").errno == errno.EMFILE
+
+
+def test_a_newer_format_version_is_left_in_place(filled):
+    store, ids, paths = filled
+    data = bytearray(paths[1].read_bytes())
+    data[8:12] = (99).to_bytes(4, "little")
+    paths[1].write_bytes(bytes(data))
+    assert store.load_prefix(ids).num_tokens == 256
+    assert paths[1].exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_entries_follow_the_umask(tmp_path, lm, kv_600, umask):
+    """A store filled by one user is read by another: entries get 0666 less the umask,
+    as any file the process creates (before: 0600, from mkstemp)."""
+    old = os.umask(umask)
+    try:
+        store = ChunkStore(tmp_path, lm.fingerprint, "default")
+        store.put(kv_600)
+        atomic_write(tmp_path / "plain.bin", b"x")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    for p in list(store.entries()) + [tmp_path / "plain.bin"]:
+        assert stat.S_IMODE(p.stat().st_mode) == want, oct(p.stat().st_mode)
+
+
+def test_quarantine_moves_only_the_bytes_that_failed(filled, monkeypatch):
+    """A reader finds an entry damaged; before it moves it aside, a writer puts a good
+    one in its place. The good one stays (before: moved aside by name)."""
+    from kvcodec.store import chunks as chunks_mod
+
+    store, ids, paths = filled
+    good = paths[1].read_bytes()
+    damaged = bytearray(good)
+    damaged[30] ^= 0xFF  # the header: its checksum fails when it is opened
+    paths[1].write_bytes(bytes(damaged))
+    real_open = chunks_mod.kvc.open
+
+    def racing_open(source):
+        try:
+            return real_open(source)
+        except CorruptError:
+            atomic_write(paths[1], good)  # the writer, between the read and the move
+            raise
+
+    monkeypatch.setattr(chunks_mod.kvc, "open", racing_open)
+    assert store.load_prefix(ids).num_tokens == 256  # this read failed at the damage
+    monkeypatch.undo()
+    assert paths[1].read_bytes() == good, "the writer's good entry was moved aside"
+    assert not paths[1].with_name(paths[1].name + ".bad").exists()
+    assert store.load_prefix(ids).num_tokens == 512
+    assert not [p for p in store.root.rglob(".*") if p.is_file()]  # nothing held behind
+
+
+def test_quarantine_by_identity_moves_the_damaged_bytes(filled):
+    store, ids, paths = filled
+    data = bytearray(paths[0].read_bytes())
+    data[-100] ^= 0xFF  # the payload: found when it decodes
+    paths[0].write_bytes(bytes(data))
+    f = store.open_entry(paths[0], ids[:256], 0)
+    with f, pytest.raises(CorruptError):
+        f.decode()
+    assert store.quarantine(paths[0], CorruptError("crc"), f.identity)
+    assert not paths[0].exists() and paths[0].with_name(paths[0].name + ".bad").exists()
+    # Nothing there any more: nothing moved, no error.
+    assert not store.quarantine(paths[0], CorruptError("crc"), f.identity)
+
+
+def test_an_object_larger_than_its_tokens_need_is_not_fetched(lm, kv_600, monkeypatch):
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, "default")
+    import fsspec
+
+    try:
+        store.put(kv_600)
+        loc = store.lookup(kv_600.token_ids)[0]
+        big = store.entry_limit(256) + 1
+        fsspec.filesystem("memory").pipe_file(loc.split("://", 1)[1], b"\0" * big)
+        fetched = []
+        fs = store._backend.fs
+        real_cat = fs.cat_file
+        monkeypatch.setattr(fs, "cat_file", lambda *a, **k: fetched.append(a) or real_cat(*a, **k))
+        with pytest.raises(CorruptError, match="more than"):
+            store.open_entry(loc, kv_600.token_ids[:256], 0)
+        assert not fetched
+        assert store.exists(loc + ".bad")  # damage: moved aside
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+def test_salts_separate_keys(tmp_path, lm, kv_600):
+    ids = kv_600.token_ids
+    plain = ChunkStore(tmp_path, lm.fingerprint, "default")
+    a = ChunkStore(tmp_path, lm.fingerprint, "default", salt="a")
+    assert a.put(kv_600) == 3
+    assert a.cached_tokens(ids) == 512
+    assert plain.cached_tokens(ids) == 0 and plain.with_salt("b").cached_tokens(ids) == 0
+    assert plain.with_salt("a").keys(ids) == a.keys(ids)
+    assert a.with_salt(None).keys(ids) == plain.keys(ids)
+    assert not set(a.keys(ids)) & set(plain.keys(ids))
+    # Unsalted keys are what they were: stores filled before salts existed still hit.
+    assert plain.keys(ids)[0] == ChunkStore(tmp_path, lm.fingerprint, "default",
+                                            salt=None).keys(ids)[0]
+
+
+def test_a_stream_is_read_in_bounded_pieces():
+    """A header the peer wrote claims a terabyte: the reader asks the stream for at most
+    1 MiB at a time (a buffered reader allocates what it is asked for)."""
+    asked = []
+
+    class Peer(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            asked.append(n)
+            return b"\0" * min(n, 4096) if len(asked) < 50 else b""
+
+    buf = StreamBuffer(Peer())
+    buf.fill_to(1 << 40)
+    assert max(asked) <= 1 << 20
