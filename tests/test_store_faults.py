@@ -180,3 +180,29 @@ def test_a_stream_is_read_in_bounded_pieces():
     buf = StreamBuffer(Peer())
     buf.fill_to(1 << 40)
     assert max(asked) <= 1 << 20
+
+
+def test_s3_quarantine_checks_the_etag(s3_endpoint, lm, kv_600):
+    """On S3 the damaged object moves aside by its ETag: a newer object a writer put
+    under the name since it was read stays."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    store = ChunkStore(f"s3://kvtest/{uuid.uuid4().hex[:8]}", lm.fingerprint, "default",
+                       storage_options=options)
+    fs = s3fs.S3FileSystem(**options)
+    store.put(kv_600)
+    locs = store.lookup(kv_600.token_ids)
+    key = locs[1].split("://", 1)[1]
+    good = fs.cat_file(key)
+    fs.pipe_file(key, good[:-10])  # damaged
+    _, identity = store._backend.fetch(store._backend.rel(locs[1]), 1 << 30)
+    fs.pipe_file(key, good)  # a writer's good object lands before the reader moves it
+    assert not store.quarantine(locs[1], CorruptError("truncated"), identity)
+    assert fs.cat_file(key) == good and not fs.exists(key + ".bad")
+    # The damaged object itself does move.
+    fs.pipe_file(key, good[:-10])
+    assert store.load_prefix(kv_600.token_ids).num_tokens == 256
+    fs.invalidate_cache()
+    assert fs.exists(key + ".bad") and not fs.exists(key)
