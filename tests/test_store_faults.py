@@ -206,3 +206,20 @@ def test_s3_quarantine_checks_the_etag(s3_endpoint, lm, kv_600):
     assert store.load_prefix(kv_600.token_ids).num_tokens == 256
     fs.invalidate_cache()
     assert fs.exists(key + ".bad") and not fs.exists(key)
+
+
+def test_a_store_that_cannot_answer_is_a_miss(filled, monkeypatch, caplog):
+    """A lookup that fails (no network, a permission on a folder) is a miss with a
+    warning, not an error in the caller (the vLLM scheduler, a loader)."""
+    from kvcodec.store import backends
+
+    store, ids, paths = filled
+
+    def down(self, rel):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(backends.LocalBackend, "exists", down)
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        assert store.lookup(ids) == [] and store.cached_tokens(ids) == 0
+        assert store.load_prefix(ids) is None
+    assert "Network is unreachable" in caplog.text

@@ -216,7 +216,7 @@ class FsspecBackend:
     def exists(self, rel: str) -> bool:
         # Not ``fs.isfile``, which answers False on any error (bad credentials, no network).
         try:
-            return self.fs.info(self._full(rel))["type"] == "file"
+            return self._info(rel)["type"] == "file"
         except FileNotFoundError:
             return False
 

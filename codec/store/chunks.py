@@ -265,7 +265,7 @@ class ChunkStore:
         """Locations of every chunk of the document ``token_ids`` stored by
         :meth:`put_document` behind ``anchor``, or None unless all are present."""
         rels = [_entry(k) for k in self.keys(token_ids, anchor)]
-        if not rels or not all(self._backend.exists(r) for r in rels):
+        if not rels or not all(self._present(r) for r in rels):
             return None
         return [self._backend.location(r) for r in rels]
 
@@ -274,7 +274,7 @@ class ChunkStore:
         by ``spec`` (behind ``anchor``), or None. Read it with :meth:`open_entry` (``t0``
         0) and decode it with ``KVCFile.decode``."""
         rel = _entry(self.evicted_key(token_ids, spec, anchor))
-        return self._backend.location(rel) if self._backend.exists(rel) else None
+        return self._backend.location(rel) if self._present(rel) else None
 
     def lookup(self, token_ids, *, partial: bool = False) -> list:
         """Locations of the longest cached prefix of whole chunks of ``token_ids``; with
@@ -285,10 +285,19 @@ class ChunkStore:
         for i, key in enumerate(self.keys(ids)):
             full = (i + 1) * self.chunk_tokens <= len(ids)
             rel = _entry(key)
-            if not (full or partial) or not self._backend.exists(rel):
+            if not (full or partial) or not self._present(rel):
                 break
             found.append(self._backend.location(rel))
         return found
+
+    def _present(self, rel: str) -> bool:
+        """Whether entry ``rel`` exists; a store that cannot say (no network, a
+        permission) has it not, for this lookup: a cache miss, logged."""
+        try:
+            return self._backend.exists(rel)
+        except OSError as exc:
+            log.warning("kvcodec store: cannot look up %s (%s); a miss", rel, exc)
+            return False
 
     def cached_tokens(self, token_ids, *, partial: bool = False) -> int:
         """How many leading tokens of ``token_ids`` :meth:`lookup` finds."""
