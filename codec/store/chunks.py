@@ -39,11 +39,8 @@ tenant's prompts can neither hit nor time another's entries (vLLM's ``cache_salt
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import re
 from pathlib import PurePosixPath
 
 import torch
@@ -54,15 +51,10 @@ from ..core.kvcache import KVCache, token_views
 from ..errors import (ConfigError, CorruptError, FormatError, KVCodecError,
                       ModelMismatchError, ShapeError, VersionError)
 from ..models.fingerprint import check_fingerprint
+from . import keys as keying
 from .backends import STALE_TEMP_S, open_backend
 
 log = logging.getLogger("kvcodec")
-
-_ENTRY = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}\.kvc")
-
-
-def _entry(key: str) -> str:
-    return f"{key[:2]}/{key[2:]}.kvc"
 
 
 def is_damage(exc: BaseException) -> bool:
@@ -71,20 +63,6 @@ def is_damage(exc: BaseException) -> bool:
     of which :class:`CorruptError`), but not a newer format version, nor anything of the
     environment (``OSError``, a missing backend)."""
     return isinstance(exc, FormatError) and not isinstance(exc, VersionError)
-
-
-def _salted(base: bytes, salt) -> bytes:
-    """``h_{-1}`` of every key chain: ``base`` (the model and the config) and, if given,
-    the salt."""
-    if salt is None:
-        return base
-    salt_b = str(salt).encode()
-    return hashlib.sha256(b"kvcodec-salt-v1" + base + len(salt_b).to_bytes(4, "little")
-                          + salt_b).digest()
-
-
-def _ids_bytes(ids) -> bytes:
-    return b"".join(int(t).to_bytes(4, "little") for t in ids)
 
 
 class ChunkStore:
@@ -127,9 +105,8 @@ class ChunkStore:
         self.config = self.encoder.config
         self.chunk_tokens = self.config.get("chunk_tokens", 256)
         self.salt = salt
-        seed = json.dumps([fingerprint, self.config], sort_keys=True).encode()
-        self._base = hashlib.sha256(b"kvcodec-store-v1" + seed).digest()
-        self._seed = _salted(self._base, salt)
+        self._base = keying.base_seed(fingerprint, self.config)
+        self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
 
     def with_salt(self, salt: str | None) -> "ChunkStore":
@@ -139,7 +116,7 @@ class ChunkStore:
             return self
         other = object.__new__(ChunkStore)
         other.__dict__.update(self.__dict__)
-        other.salt, other._seed = salt, _salted(self._base, salt)
+        other.salt, other._seed = salt, keying.salted(self._base, salt)
         return other
 
     @property
@@ -153,29 +130,16 @@ class ChunkStore:
     def keys(self, token_ids, anchor=None) -> list:
         """Chained hash of every chunk of ``token_ids`` (the last may be partial); with
         ``anchor``, the keys of a position-independent document computed behind it."""
-        out, h = [], self._seed
-        if anchor is not None:
-            h = hashlib.sha256(b"kvcodec-document-v1" + h + _ids_bytes(anchor)).digest()
-        ids = [int(t) for t in token_ids]
-        for start in range(0, len(ids), self.chunk_tokens):
-            part = ids[start:start + self.chunk_tokens]
-            h = hashlib.sha256(h + len(part).to_bytes(4, "little") + _ids_bytes(part)).digest()
-            out.append(h.hex())
-        return out
+        return keying.chain(self._seed, token_ids, self.chunk_tokens, anchor)
 
     def evicted_key(self, token_ids, spec: str, anchor=None) -> str:
         """The key of the whole evicted cache of ``token_ids`` (behind ``anchor``, if
-        given) evicted by ``spec`` (``"snapkv:0.25"``). Every variable-length part is
-        preceded by its length, so no two inputs hash the same bytes."""
-        spec_b, anchor = str(spec).encode(), list(anchor or ())
-        h = hashlib.sha256(self._seed + b"kvcodec-evicted-v1" + len(spec_b).to_bytes(4, "little")
-                           + spec_b + len(anchor).to_bytes(4, "little") + _ids_bytes(anchor)
-                           + _ids_bytes(token_ids))
-        return h.hexdigest()
+        given) evicted by ``spec`` (``"snapkv:0.25"``)."""
+        return keying.evicted_key(self._seed, token_ids, spec, anchor)
 
     def path(self, key: str):
         """The location of entry ``key``: a :class:`Path` in a local store, else a URL."""
-        return self._backend.location(_entry(key))
+        return self._backend.location(keying.entry_name(key))
 
     def exists(self, loc) -> bool:
         """Whether the entry (or object) at location ``loc`` exists."""
@@ -188,7 +152,7 @@ class ChunkStore:
     def entries(self):
         """Locations of every entry in the store (not ``*.kvc.bad``, nor other objects)."""
         for rel in self._backend.list():
-            if _ENTRY.fullmatch(rel):
+            if keying.ENTRY_NAME.fullmatch(rel):
                 yield self._backend.location(rel)
 
     def sweep(self, older_than: float = STALE_TEMP_S) -> int:
@@ -221,7 +185,7 @@ class ChunkStore:
         way: a kept ratio of 1 evicts nothing."""
         self._check(kv)
         anchor = [int(t) for t in kv.anchor] if kv.anchor else None
-        rel = _entry(self.evicted_key(kv.token_ids, spec, anchor))
+        rel = keying.entry_name(self.evicted_key(kv.token_ids, spec, anchor))
         if self._backend.exists(rel):
             return 0
         self._write(rel, kv, anchor, None)
@@ -246,7 +210,7 @@ class ChunkStore:
                 ".kvc file instead")
         written, base = 0, len(anchor or ())
         for i, key in enumerate(self.keys(kv.token_ids, anchor)):
-            rel = _entry(key)
+            rel = keying.entry_name(key)
             if self._backend.exists(rel):
                 continue
             t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
@@ -264,7 +228,7 @@ class ChunkStore:
     def document(self, token_ids, anchor) -> list | None:
         """Locations of every chunk of the document ``token_ids`` stored by
         :meth:`put_document` behind ``anchor``, or None unless all are present."""
-        rels = [_entry(k) for k in self.keys(token_ids, anchor)]
+        rels = [keying.entry_name(k) for k in self.keys(token_ids, anchor)]
         if not rels or not all(self._present(r) for r in rels):
             return None
         return [self._backend.location(r) for r in rels]
@@ -273,7 +237,7 @@ class ChunkStore:
         """The location of the entry :meth:`put_evicted` stored for ``token_ids`` evicted
         by ``spec`` (behind ``anchor``), or None. Read it with :meth:`open_entry` (``t0``
         0) and decode it with ``KVCFile.decode``."""
-        rel = _entry(self.evicted_key(token_ids, spec, anchor))
+        rel = keying.entry_name(self.evicted_key(token_ids, spec, anchor))
         return self._backend.location(rel) if self._present(rel) else None
 
     def lookup(self, token_ids, *, partial: bool = False) -> list:
@@ -284,7 +248,7 @@ class ChunkStore:
         ids = list(token_ids)
         for i, key in enumerate(self.keys(ids)):
             full = (i + 1) * self.chunk_tokens <= len(ids)
-            rel = _entry(key)
+            rel = keying.entry_name(key)
             if not (full or partial) or not self._present(rel):
                 break
             found.append(self._backend.location(rel))
@@ -436,7 +400,7 @@ class ChunkStore:
     @staticmethod
     def _object(rel: str) -> str:
         p = PurePosixPath(rel)
-        if p.is_absolute() or ".." in p.parts or not p.parts or _ENTRY.fullmatch(rel):
+        if p.is_absolute() or ".." in p.parts or not p.parts or keying.ENTRY_NAME.fullmatch(rel):
             raise ConfigError(f"{rel!r} is not a store object name (a relative path outside "
                               "the entries' folders)")
         return p.as_posix()
