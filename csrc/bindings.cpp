@@ -245,7 +245,7 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       job.dequant = &arg.dequant;
     }
     py::list blobs = item[0].cast<py::list>();
-    const size_t expected = ((size_t)job.rows + chunk_tokens - 1) / chunk_tokens;
+    const size_t expected = kvc::chunk_count(job.rows, chunk_tokens);
     if (blobs.size() != expected) {
       throw py::value_error("blobs: " + std::to_string(blobs.size()) + " blobs for " +
                             std::to_string(job.rows) + " rows; expected " +

@@ -52,6 +52,24 @@ def run_isolated(*parts: str, timeout: int = 300) -> None:
 
 # -- 3. sizes and worker threads ----------------------------------------------------------
 
+def test_a_chunk_size_near_int_max_codes_one_chunk_per_stream():
+    """(rows + chunk - 1) / chunk overflowed int: a chunk of 2^31 - 1 tokens gave 0
+    chunks for 64 rows and -1 for 2 rows. Before the fix encode() returned no blob at all
+    (where this test stopped), and encode_many on two threads resized a vector to -1
+    entries in a worker, whose std::length_error aborted the process (SIGABRT)."""
+    run_isolated(f"""
+        sym, freqs, blobs = coded()
+        one = nat.encode(sym, freqs, {INT_MAX})
+        assert len(one) == 1, len(one)
+        out = np.zeros_like(sym)
+        assert nat.decode_many([(one, freqs, out)], {INT_MAX}) == [None]
+        assert (out == sym).all()
+        got = nat.encode_many([(sym[:2], freqs), (sym[:3], freqs)], {INT_MAX}, 2)
+        assert [len(b) for b in got] == [1, 1], got
+        assert got == [nat.encode(sym[:2], freqs, 64), nat.encode(sym[:3], freqs, 64)]
+    """)
+
+
 LIMIT_MEMORY = """
     import resource
 
