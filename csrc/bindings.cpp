@@ -18,6 +18,26 @@ namespace py = pybind11;
 
 namespace {
 
+// Lifetimes. The coder runs without the GIL on raw pointers, so everything they point
+// into must stay alive, unchanged in place, until it returns. A Python object the caller
+// passed in a list or tuple is only borrowed: another thread may drop the caller's last
+// reference meanwhile, and `x.cast<py::array>()` of something that is not already an
+// array (a list, an object with __array__) makes a temporary array that dies with the
+// local holding it. Each call therefore keeps a reference to every object whose memory
+// the coder reads (Keep) for the whole call, and takes outputs only as the caller's own
+// NumPy arrays (output_array), never converted: a converted output is a copy the caller
+// would not see, freed before the decode writes to it.
+using Keep = std::vector<py::object>;
+
+// The caller's array `o` itself, to be written to (checked further by the caller).
+py::array output_array(const py::handle& o, const char* name) {
+  if (!py::isinstance<py::array>(o)) {
+    throw py::value_error(std::string(name) + ": expected a NumPy array to write to, got " +
+                          std::string(py::str(py::type::handle_of(o))));
+  }
+  return py::reinterpret_borrow<py::array>(o);
+}
+
 void check_array(const py::array& a, const char* name, char kind, int itemsize, int ndim) {
   if (a.dtype().kind() != kind || a.itemsize() != itemsize) {
     throw py::value_error(std::string(name) + ": expected dtype " +
@@ -82,11 +102,13 @@ py::list blobs_to_python(const kvc::EncodeResult& result) {
 py::list encode_many(py::list items, int chunk_tokens, int threads) {
   std::vector<kvc::EncodeJob> jobs;
   jobs.reserve(items.size());
+  Keep keep;  // the (possibly converted) inputs, read with the GIL released
   for (size_t i = 0; i < items.size(); ++i) {
     py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 2) throw py::value_error("items: each item is (symbols, freqs)");
-    jobs.push_back(check_encode(item[0].cast<py::array>(), item[1].cast<py::array>(),
-                                chunk_tokens));
+    py::array symbols = item[0].cast<py::array>(), freqs = item[1].cast<py::array>();
+    keep.insert(keep.end(), {symbols, freqs});
+    jobs.push_back(check_encode(symbols, freqs, chunk_tokens));
   }
   std::vector<kvc::EncodeResult> results(jobs.size());
   {
@@ -107,8 +129,10 @@ struct Tables {
 
 std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int threads) {
   std::vector<kvc::FreqTable> specs;
+  Keep keep;  // the (possibly converted) tables, read with the GIL released
   for (size_t i = 0; i < freqs.size(); ++i) {
     const py::array a = freqs[i].cast<py::array>();
+    keep.push_back(a);
     const int channels = a.ndim() == 2 ? (int)a.shape(0) : 0;
     specs.push_back(check_freqs(a, "freqs", channels));
   }
@@ -127,16 +151,18 @@ std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int thr
   return out;
 }
 
-// What a decode job points into, held while the GIL is released.
+// What a decode job points into, held while the GIL is released: the buffers of its
+// blobs, and in `hold` its item, tables, output and dequantizer arguments.
 struct DecodeArgs {
   std::vector<kvc::Blob> blobs;
   std::vector<py::buffer_info> keep;
   std::shared_ptr<Tables> built;
   kvc::DequantSpec dequant;
+  Keep hold;
 };
 
-// The array must already be a NumPy array (never a converted temporary): the caller's
-// items keep it alive while the GIL is released.
+// The array must already be a NumPy array (never a converted temporary); the call holds
+// the tuple it came from while the GIL is released.
 const float* float_data(const py::object& o, const char* name, size_t count) {
   if (!py::isinstance<py::array>(o)) {
     throw py::value_error(std::string(name) + ": expected a NumPy float32 array");
@@ -153,10 +179,7 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
 // A writable float32 [heads, rows, head_dim] array whose rows and channels are contiguous;
 // the head stride may be larger (a token slice of a preallocated cache buffer).
 float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_t* head_stride) {
-  if (!py::isinstance<py::array>(o)) {
-    throw py::value_error("dequant out: expected a NumPy float32 array");
-  }
-  py::array a = py::reinterpret_borrow<py::array>(o);
+  py::array a = output_array(o, "dequant out");
   const py::ssize_t f = 4;
   if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(0) != heads ||
       a.shape(1) != rows || a.shape(2) != head_dim) {
@@ -173,7 +196,8 @@ float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_
   return static_cast<float*>(a.mutable_data());
 }
 
-// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec.
+// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec. The
+// caller holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   if (d.size() != 7) {
     throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin)");
@@ -210,6 +234,7 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     }
     kvc::DecodeJob& job = jobs[i];
     DecodeArgs& arg = args[i];
+    arg.hold.push_back(item);
     const bool fused = item.size() == 4 && !item[3].is_none();
     if (fused && py::isinstance<py::tuple>(item[2])) {  // (rows, channels): symbols not kept
       py::tuple shape = item[2].cast<py::tuple>();
@@ -219,12 +244,13 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       if (job.rows < 0) throw py::value_error("out: rows must be >= 0");
       job.out = nullptr;
     } else {
-      py::array out = item[2].cast<py::array>();
+      py::array out = output_array(item[2], "out");
       check_array(out, "out", 'u', 1, 2);
       if (!out.writeable()) throw py::value_error("out: must be writable");
       job.rows = (int)out.shape(0);
       job.channels = (int)out.shape(1);
       job.out = static_cast<uint8_t*>(out.mutable_data());
+      arg.hold.push_back(out);
     }
     if (job.channels < 1 || job.channels > 65535) {
       throw py::value_error("out: channels must be in [1, 65535]");
@@ -238,10 +264,14 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       }
       job.built = &arg.built->t;
     } else {
-      job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+      py::array freqs = item[1].cast<py::array>();
+      arg.hold.push_back(freqs);
+      job.table = check_freqs(freqs, "freqs", job.channels);
     }
     if (fused) {
-      arg.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
+      py::tuple d = item[3].cast<py::tuple>();
+      arg.hold.push_back(d);
+      arg.dequant = check_dequant(d, job.rows, job.channels);
       job.dequant = &arg.dequant;
     }
     py::list blobs = item[0].cast<py::list>();

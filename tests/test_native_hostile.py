@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import kvcodec
@@ -48,6 +49,145 @@ def run_isolated(*parts: str, timeout: int = 300) -> None:
                        timeout=timeout, env=env)
     ok = r.returncode == 0 and r.stdout.strip().endswith("OK")
     assert ok, f"exit {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-2000:]}"
+
+
+# -- 1. lifetimes: outputs are the caller's arrays, inputs live until the call returns --
+
+@pytest.mark.parametrize("kind", ["list", "array-like"])
+def test_a_decode_output_that_is_not_an_array_is_refused(kind):
+    """A nested list of uint8 scalars, or an object whose __array__ makes a new uint8
+    array, converts to a temporary array that passes every other check; the decode (GIL
+    released) then wrote into that temporary after it was freed, and the caller never
+    saw a value. Before the fix: [None] returned, heap corrupted (the list: SIGSEGV on
+    the way out; the array-like: SIGSEGV in the next allocation)."""
+    run_isolated(f"""
+        class Fresh:
+            def __array__(self, dtype=None, copy=None):
+                return np.zeros((64, 20), np.uint8)
+
+        sym, freqs, blobs = coded()
+        out = ([[np.uint8(0)] * sym.shape[1] for _ in range(sym.shape[0])]
+               if {kind!r} == "list" else Fresh())
+        try:
+            nat.decode_many([(blobs, freqs, out)], 16)
+        except ValueError as e:
+            assert "out: expected a NumPy array" in str(e), e
+        else:
+            raise SystemExit("a non-array was accepted as the output")
+        [np.zeros(1 << k, np.uint8) for k in range(22)]  # allocations see a corrupt heap
+    """)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "strided", "read-only", "shape"])
+def test_decode_outputs_must_be_writable_c_contiguous_uint8_arrays(bad):
+    """Every other bad output is refused before anything is written (as before the fix:
+    these guard the checks that the fix kept)."""
+    sym, freqs, blobs = coded()
+    out = {
+        "dtype": np.zeros(sym.shape, np.int16),
+        "strided": np.zeros((sym.shape[0], 2 * sym.shape[1]), np.uint8)[:, ::2],
+        "read-only": np.zeros_like(sym),
+        "shape": np.zeros((sym.shape[0] + 16, sym.shape[1]), np.uint8),
+    }[bad]
+    if bad == "read-only":
+        out.flags.writeable = False
+    with pytest.raises(ValueError, match="out|blobs"):
+        nat.decode_many([(blobs, freqs, out)], 16)
+
+
+def vanishing(storage: np.ndarray, scribble, log: list) -> np.ndarray:
+    """A new view of `storage` that overwrites storage with `scribble` once it is freed:
+    a binding that lets it die before the coder (GIL released) reads it reads the
+    scribble. `log` records that it was freed at all."""
+    view = storage.view()
+
+    def scribble_over():
+        storage[...] = scribble
+        log.append("freed")
+    weakref.finalize(view, scribble_over)
+    return view
+
+
+class Vanishing:
+    """An array-like converted by the binding into a temporary (a vanishing view)."""
+
+    def __init__(self, storage, scribble, log):
+        self.storage, self.scribble, self.log = storage, scribble, log
+
+    def __array__(self, dtype=None, copy=None):
+        return vanishing(self.storage, self.scribble, self.log)
+
+
+def transient(*parts):
+    """A one-shot iterable of `parts` that nothing else holds: the binding's tuple of it
+    is the only owner of what is in it."""
+    return (p for p in list(parts))
+
+
+def _lifetime_case(case, log):
+    """Runs one binding with an input that vanishes when the binding drops it; returns
+    (got, expected)."""
+    sym, freqs, blobs = coded()
+    out = np.zeros_like(sym)
+    if case == "decode freqs":
+        errs = nat.decode_many([(blobs, Vanishing(freqs.copy(), 0, log), out)], 16)
+        return (errs, out), ([None], sym)
+    if case == "decode item":
+        item = transient(blobs, vanishing(freqs.copy(), 0, log), out)
+        errs = nat.decode_many([item], 16)
+        return (errs, out), ([None], sym)
+    if case == "decode tables":
+        built = nat.build_decode_tables([freqs, Vanishing(freqs.copy(), 0, log)], 2)
+        errs = nat.decode_many([(blobs, built[1], out)], 16)
+        return (errs, out), ([None], sym)
+    if case == "encode symbols":
+        got = nat.encode_many([(sym, freqs), (Vanishing(sym.copy(), 255, log), freqs)], 16, 2)
+        return got, [blobs, blobs]
+    if case == "encode freqs":
+        got = nat.encode_many([(sym, freqs), (sym, Vanishing(freqs.copy(), 0, log))], 16, 2)
+        return got, [blobs, blobs]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["decode freqs", "decode item", "decode tables",
+                                  "encode symbols", "encode freqs"])
+def test_inputs_stay_alive_until_the_call_returns(case):
+    """Before the fix each input here was freed before the coder read it (a converted
+    temporary, or an array only the binding's temporary tuple held): the decodes read
+    zeroed tables ('blob 0: truncated word stream') and the encodes scribbled symbols or
+    zeroed tables (ValueError: '... has zero frequency in its table')."""
+    log = []
+    got, expected = _lifetime_case(case, log)
+    assert log, "the input was never freed: the test did not exercise anything"
+    if isinstance(expected, tuple):
+        assert got[0] == expected[0]
+        np.testing.assert_array_equal(got[1], expected[1])
+    else:
+        assert got == expected
+
+
+def test_dequantizer_arguments_stay_alive_until_the_call_returns():
+    """The fused dequantizer's arrays were borrowed from a tuple the binding let go of
+    before decoding: a one-shot item's step grid was freed (here: overwritten with NaN)
+    before the decoder read it. Before the fix: NaN values came out."""
+    rng = np.random.default_rng(4)
+    rows, heads, head_dim, r = 40, 2, 16, 7
+    c = heads * head_dim
+    sym = np.concatenate([rng.integers(0, 2 * r + 1, (rows, c)),
+                          rng.integers(0, 256, (rows, 1))], 1).astype(np.uint8)
+    freqs = nat.normalize_freqs(tables.levels_from_counts(tables.channel_counts(sym, 256)))
+    blobs = nat.encode(sym, freqs, 16)
+    grid = np.geomspace(1e-3, 10, 256).astype(np.float32)
+    mult = rng.uniform(0.5, 2, c).astype(np.float32)
+    ref = np.zeros((heads, rows, head_dim), np.float32)
+    assert nat.decode_many([(blobs, freqs, sym.shape,
+                             (grid, mult, r, heads, ref, None, None))], 16) == [None]
+    log = []
+    out = np.zeros_like(ref)
+    deq = transient(vanishing(grid.copy(), np.nan, log), mult, r, heads, out, None, None)
+    assert nat.decode_many([transient(blobs, freqs, sym.shape, deq)], 16) == [None]
+    assert log
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
 # -- 3. sizes and worker threads ----------------------------------------------------------
