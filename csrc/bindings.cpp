@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,16 @@ namespace {
 // NumPy arrays (output_array), never converted: a converted output is a copy the caller
 // would not see, freed before the decode writes to it.
 using Keep = std::vector<py::object>;
+
+// An int dimension of the coder (rows, channels), refused rather than truncated by a
+// cast when an array is larger.
+int int_dim(py::ssize_t n, const std::string& name) {
+  if (n < 0 || n > INT_MAX) {
+    throw py::value_error(name + ": " + std::to_string(n) + " is out of range (at most " +
+                          std::to_string(INT_MAX) + ")");
+  }
+  return (int)n;
+}
 
 // The caller's array `o` itself, to be written to (checked further by the caller).
 py::array output_array(const py::handle& o, const char* name) {
@@ -55,7 +66,7 @@ void check_array(const py::array& a, const char* name, char kind, int itemsize, 
 
 kvc::FreqTable check_freqs(const py::array& freqs, const char* name, int channels) {
   check_array(freqs, name, 'u', 2, 2);
-  const int c = (int)freqs.shape(0), a = (int)freqs.shape(1);
+  const int c = int_dim(freqs.shape(0), name), a = int_dim(freqs.shape(1), name);
   if (c != channels) {
     throw py::value_error(std::string(name) + ": has " + std::to_string(c) +
                           " rows but the symbols have " + std::to_string(channels) + " channels");
@@ -84,7 +95,7 @@ kvc::EncodeJob check_encode(const py::array& symbols, const py::array& freqs,
   if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
   kvc::EncodeJob job;
   job.symbols = static_cast<const uint8_t*>(symbols.data());
-  job.rows = (int)symbols.shape(0);
+  job.rows = int_dim(symbols.shape(0), "symbols: rows");
   job.channels = (int)symbols.shape(1);
   job.table = check_freqs(freqs, "freqs", job.channels);
   return job;
@@ -133,7 +144,7 @@ std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int thr
   for (size_t i = 0; i < freqs.size(); ++i) {
     const py::array a = freqs[i].cast<py::array>();
     keep.push_back(a);
-    const int channels = a.ndim() == 2 ? (int)a.shape(0) : 0;
+    const int channels = a.ndim() == 2 ? int_dim(a.shape(0), "freqs") : 0;
     specs.push_back(check_freqs(a, "freqs", channels));
   }
   std::vector<std::shared_ptr<Tables>> out;
@@ -247,8 +258,8 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       py::array out = output_array(item[2], "out");
       check_array(out, "out", 'u', 1, 2);
       if (!out.writeable()) throw py::value_error("out: must be writable");
-      job.rows = (int)out.shape(0);
-      job.channels = (int)out.shape(1);
+      job.rows = int_dim(out.shape(0), "out: rows");
+      job.channels = int_dim(out.shape(1), "out: channels");
       job.out = static_cast<uint8_t*>(out.mutable_data());
       arg.hold.push_back(out);
     }
@@ -413,12 +424,12 @@ py::list stream_tables(py::list items, int threads) {
     const py::array& sym = keep.back();
     kvc::TablesJob& job = jobs[i];
     job.symbols = static_cast<const uint8_t*>(sym.data());
-    job.rows = (int)sym.shape(0);
-    job.channels = (int)sym.shape(1);
-    job.alphabet = item[1].cast<int>();
-    if (job.channels < 1 || job.channels > 65535) {
+    if (sym.shape(1) < 1 || sym.shape(1) > 65535) {
       throw py::value_error("symbols: channels must be in [1, 65535]");
     }
+    job.rows = int_dim(sym.shape(0), "symbols: rows");
+    job.channels = (int)sym.shape(1);
+    job.alphabet = item[1].cast<int>();
     if (job.alphabet < 1 || job.alphabet > kvc::MAX_ALPHABET) {
       throw py::value_error("alphabet must be in [1, 256]");
     }
@@ -461,15 +472,20 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
                    int threads) {
   py::array out = checked(out_obj, "out", 'f', 4, 3);
   if (!out.writeable()) throw py::value_error("out: must be writable");
-  const py::ssize_t n = out.shape(0), t = out.shape(1);
+  const py::ssize_t n = out.shape(0), t = int_dim(out.shape(1), "out: tokens");
+  int_dim(out.shape(2), "out: channels");  // the coder's heads * head_dim is an int
   if (xs.size() != layers.size()) throw py::value_error("xs: expected one array per layer");
   std::vector<py::array> keep;
   for (size_t i = 0; i < xs.size(); ++i) {
     const py::object o = xs[i];
     if (!py::isinstance<py::array>(o)) throw py::value_error("xs: expected NumPy arrays");
     py::array a = py::reinterpret_borrow<py::array>(o);
+    // Each int before the product (a broadcast array can claim any number of heads).
+    const auto width = [&] {
+      return (int64_t)int_dim(a.shape(0), "xs: heads") * int_dim(a.shape(2), "xs: head_dim");
+    };
     if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(1) != t ||
-        a.shape(0) * a.shape(2) != out.shape(2) || a.strides(2) != 4 ||
+        width() != out.shape(2) || a.strides(2) != 4 ||
         a.strides(1) != 4 * a.shape(2) || a.strides(0) < 0 || a.strides(0) % 4) {
       throw py::value_error("xs: expected float32 [heads, tokens, head_dim] arrays with "
                             "contiguous tokens and channels, matching out");
@@ -485,7 +501,7 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
   if (!cos_obj.is_none()) {
     cos = checked(cos_obj, "cos", 'f', 4, 2);
     sin = checked(sin_obj, "sin", 'f', 4, 2);
-    rotary_dim = (int)cos.shape(1);
+    rotary_dim = int_dim(cos.shape(1), "cos: rotary_dim");
     if (cos.shape(0) != t || sin.shape(0) != t || sin.shape(1) != rotary_dim ||
         rotary_dim % 2 || rotary_dim > d || rotary_dim < 2) {
       throw py::value_error("cos/sin: expected [tokens, rotary_dim], rotary_dim even and "
@@ -527,7 +543,8 @@ py::array quantize_layers(const py::object& x_obj, bool token, const py::object&
                           const py::object& grid_obj, const py::object& mult_obj,
                           const std::vector<int>& params, int threads) {
   py::array x = checked(x_obj, "x", 'f', 4, 3);
-  const py::ssize_t n = x.shape(0), rows = x.shape(1), channels = x.shape(2);
+  const py::ssize_t n = x.shape(0), rows = int_dim(x.shape(1), "x: tokens");
+  const py::ssize_t channels = x.shape(2);
   if ((py::ssize_t)params.size() != n) {
     throw py::value_error("params: expected one entry per layer");
   }
@@ -568,6 +585,19 @@ py::array quantize_layers(const py::object& x_obj, bool token, const py::object&
     kvc::quantize_many(jobs.data(), jobs.size(), threads);
   }
   return out;
+}
+
+// kvc::max_encoded_size, refusing sizes whose bound does not fit 64 bits (it would wrap
+// to a small number, and a buffer of that size would be too small).
+uint64_t max_encoded_size(uint64_t tokens, uint64_t channels) {
+  uint64_t elements, words;
+  if (__builtin_mul_overflow(tokens, channels, &elements) ||
+      __builtin_mul_overflow(elements, (uint64_t)2, &words) ||
+      words > UINT64_MAX - (uint64_t)(kvc::STATE_BYTES + 2 * kvc::LANES)) {
+    throw py::value_error("max_encoded_size: " + std::to_string(tokens) + " tokens x " +
+                          std::to_string(channels) + " channels overflows 64 bits");
+  }
+  return kvc::max_encoded_size(tokens, channels);
 }
 
 }  // namespace
@@ -651,6 +681,5 @@ PYBIND11_MODULE(_native, m) {
       py::arg("x"), py::arg("inv"), py::arg("m"), py::arg("threads") = 0,
       "Absmax quantizer over layers: x float32 [N, T, C], inv float32 [N, T] (M / scale "
       "as PyTorch rounds it), M per layer -> uint8 round(x * inv + M) clamped to [0, 2M].");
-  m.def("max_encoded_size", [](uint64_t t, uint64_t c) { return kvc::max_encoded_size(t, c); },
-        py::arg("tokens"), py::arg("channels"));
+  m.def("max_encoded_size", &max_encoded_size, py::arg("tokens"), py::arg("channels"));
 }

@@ -210,6 +210,31 @@ def test_a_chunk_size_near_int_max_codes_one_chunk_per_stream():
     """)
 
 
+def test_rows_beyond_int_are_refused_before_any_thread_starts():
+    """An array of 2^31 rows (virtual memory, never touched) had its row count cast to a
+    negative int. Before the fix the chunk count came out negative and the workers threw
+    std::length_error: the process aborted (SIGABRT)."""
+    run_isolated(f"""
+        sym, freqs, blobs = coded(channels=1)
+        huge = np.empty(({INT_MAX} + 1, 1), np.uint8)
+        try:
+            nat.encode_many([(huge, freqs), (huge, freqs)], 256, 2)
+        except ValueError as e:
+            assert "symbols: rows" in str(e), e
+        else:
+            raise SystemExit("2^31 rows were accepted")
+    """)
+
+
+def test_max_encoded_size_refuses_sizes_that_overflow():
+    """Before the fix the bound wrapped around 2^64: max_encoded_size(2^62, 4) was 96."""
+    assert nat.max_encoded_size(256, 129) == 64 + 2 * 256 * 129 + 32
+    with pytest.raises(ValueError, match="overflows"):
+        nat.max_encoded_size(2**62, 4)
+    with pytest.raises(ValueError, match="overflows"):
+        nat.max_encoded_size(2**63, 1)
+
+
 LIMIT_MEMORY = """
     import resource
 
