@@ -509,9 +509,12 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
     }
   }
   std::vector<kvc::InputJob> jobs;
+  std::vector<bool> written((size_t)n, false);  // two jobs on one layer would race
   for (size_t i = 0; i < layers.size(); ++i) {
     const int l = layers[i];
     if (l < 0 || l >= n) throw py::value_error("layers: index out of range");
+    if (written[(size_t)l]) throw py::value_error("layers: layer " + std::to_string(l) + " twice");
+    written[(size_t)l] = true;
     const py::array& a = keep[i];
     kvc::InputJob j;
     j.x = static_cast<const float*>(a.data());

@@ -95,6 +95,17 @@ def test_decode_outputs_must_be_writable_c_contiguous_uint8_arrays(bad):
         nat.decode_many([(blobs, freqs, out)], 16)
 
 
+def test_stream_inputs_refuses_one_layer_twice():
+    """Two layers' jobs writing the same rows of `out` at once are a data race (the
+    result depends on which thread ends last). Before the fix: accepted."""
+    xs = [np.ones((2, 4, 8), np.float32), np.full((2, 4, 8), 2, np.float32)]
+    out = np.zeros((3, 4, 16), np.float32)
+    with pytest.raises(ValueError, match="twice"):
+        nat.stream_inputs(xs, out, [1, 1], None, None, 1.0, 2)
+    assert nat.stream_inputs(xs, out, [2, 0], None, None, 1.0, 2)
+    assert (out[2] == 1).all() and (out[0] == 2).all() and (out[1] == 0).all()
+
+
 def vanishing(storage: np.ndarray, scribble, log: list) -> np.ndarray:
     """A new view of `storage` that overwrites storage with `scribble` once it is freed:
     a binding that lets it die before the coder (GIL released) reads it reads the
