@@ -327,6 +327,19 @@ kvc::LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
           (size_t)levels.shape(0), (int)levels.shape(1)};
 }
 
+// The bytes of a 1-D byte buffer in order. A strided view (memoryview(b)[::2], a reversed
+// array) has its elements `stride` bytes apart, the first at `ptr` even when the stride is
+// negative: reading `size` bytes on from `ptr` would read other bytes, and past the end of
+// a reversed one. Contiguous buffers are read in place, others gathered into `copy`.
+const uint8_t* buffer_bytes(const py::buffer_info& info, std::vector<uint8_t>* copy) {
+  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  const py::ssize_t stride = info.strides[0];
+  if (stride == 1 || info.size <= 1) return p;
+  copy->resize((size_t)info.size);
+  for (py::ssize_t i = 0; i < info.size; ++i) (*copy)[(size_t)i] = p[i * stride];
+  return copy->data();
+}
+
 // tables.pack_levels's packing -> levels uint8 [rows, alphabet]; ValueError where the
 // data is not a valid packing (the messages tables.unpack_levels documents).
 py::array unpack_levels(py::buffer data, int rows, int alphabet) {
@@ -334,7 +347,8 @@ py::array unpack_levels(py::buffer data, int rows, int alphabet) {
   if (info.itemsize != 1 || info.ndim != 1) throw py::value_error("data: expected bytes");
   if (rows < 0 || alphabet < 1 || alphabet > kvc::MAX_ALPHABET)
     throw py::value_error("rows must be >= 0 and alphabet in [1, 256]");
-  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  std::vector<uint8_t> gathered;
+  const uint8_t* p = buffer_bytes(info, &gathered);
   const size_t n = (size_t)info.size;
   if (n < 2 * (size_t)rows) throw py::value_error("table spans are truncated");
   size_t codes = 0;

@@ -201,6 +201,45 @@ def test_dequantizer_arguments_stay_alive_until_the_call_returns():
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
 
 
+# -- 2. strides --------------------------------------------------------------------------
+
+def _two_packings():
+    """A buffer holding two valid packings of one row over 4 symbols, laid out so that
+    its strided views read one (P1, levels 63 63) and a reader that ignores the stride
+    reads the other (P2, levels 63 59) from the same start."""
+    p1, p2 = [0, 1, 1, 1], [0, 1, 1, 5]
+    forward = np.array([0, 1, 1, 5, 1, 0, 1], np.uint8)  # [::2] is P1, [:4] is P2
+    backward = np.array(p1[::-1] + p2[1:], np.uint8)     # [3::-1] is P1, [3:7] is P2
+    return p1, p2, forward, backward
+
+
+def test_unpack_levels_honours_strides():
+    """Before the fix unpack_levels read `size` bytes on from the buffer's pointer: a
+    strided view decoded as the other packing (levels 63, 59 instead of 63, 63), and a
+    reversed one read past its end."""
+    p1, _, forward, backward = _two_packings()
+    expected = nat.unpack_levels(bytes(p1), 1, 4)
+    np.testing.assert_array_equal(expected, [[63, 63, 0, 0]])
+    for view in (forward[::2], backward[3::-1], memoryview(forward.tobytes())[::2]):
+        assert bytes(view) == bytes(p1)
+        np.testing.assert_array_equal(nat.unpack_levels(view, 1, 4), expected)
+        np.testing.assert_array_equal(tables.unpack_levels(view, 1, 4), expected)
+
+
+def test_unpack_levels_of_a_strided_view_of_a_real_packing():
+    rng = np.random.default_rng(9)
+    levels = np.zeros((30, 256), np.uint8)
+    for row in levels:
+        lo = int(rng.integers(0, 200))
+        row[lo:lo + 20] = rng.integers(1, 64, 20)
+    packed = np.frombuffer(tables.pack_levels(levels), np.uint8)
+    wide = np.zeros(2 * len(packed), np.uint8)
+    wide[::2] = packed
+    np.testing.assert_array_equal(nat.unpack_levels(wide[::2], 30, 256), levels)
+    np.testing.assert_array_equal(nat.unpack_levels(packed[::-1].copy()[::-1], 30, 256),
+                                  levels)
+
+
 # -- 3. sizes and worker threads ----------------------------------------------------------
 
 def test_a_chunk_size_near_int_max_codes_one_chunk_per_stream():
