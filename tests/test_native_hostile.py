@@ -331,3 +331,16 @@ def test_a_thread_that_cannot_start_leaves_its_work_to_the_others():
     """)
 
 
+# -- the CUDA binding (checks that run before anything reaches a device) ------------------
+
+def test_cuda_decode_refuses_a_negative_first_row():
+    """The kernel dequantizes rows [first_row, rows): a negative first_row read symbols
+    and wrote values before the buffers. Before the fix it was staged and launched (with
+    no GPU: RuntimeError from the copy instead of this ValueError)."""
+    cuda = pytest.importorskip("kvcodec._cuda")
+    item = dict(blob=0, size=64, rows=4, channels=3, symbol_table=0, range_table=0,
+                symbols=0, dst=1, dtype=2, heads=1, head_dim=2, half_range=7, grid=0,
+                mult=0, cos=0, sin=0, stride_head=8, stride_token=2, stride_dim=1,
+                first_row=-1)
+    with pytest.raises(ValueError, match="first_row"):
+        cuda.decode([item], 0, 1 << 20, 0, 0)
