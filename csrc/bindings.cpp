@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,36 @@
 namespace py = pybind11;
 
 namespace {
+
+// Lifetimes. The coder runs without the GIL on raw pointers, so everything they point
+// into must stay alive, unchanged in place, until it returns. A Python object the caller
+// passed in a list or tuple is only borrowed: another thread may drop the caller's last
+// reference meanwhile, and `x.cast<py::array>()` of something that is not already an
+// array (a list, an object with __array__) makes a temporary array that dies with the
+// local holding it. Each call therefore keeps a reference to every object whose memory
+// the coder reads (Keep) for the whole call, and takes outputs only as the caller's own
+// NumPy arrays (output_array), never converted: a converted output is a copy the caller
+// would not see, freed before the decode writes to it.
+using Keep = std::vector<py::object>;
+
+// An int dimension of the coder (rows, channels), refused rather than truncated by a
+// cast when an array is larger.
+int int_dim(py::ssize_t n, const std::string& name) {
+  if (n < 0 || n > INT_MAX) {
+    throw py::value_error(name + ": " + std::to_string(n) + " is out of range (at most " +
+                          std::to_string(INT_MAX) + ")");
+  }
+  return (int)n;
+}
+
+// The caller's array `o` itself, to be written to (checked further by the caller).
+py::array output_array(const py::handle& o, const char* name) {
+  if (!py::isinstance<py::array>(o)) {
+    throw py::value_error(std::string(name) + ": expected a NumPy array to write to, got " +
+                          std::string(py::str(py::type::handle_of(o))));
+  }
+  return py::reinterpret_borrow<py::array>(o);
+}
 
 void check_array(const py::array& a, const char* name, char kind, int itemsize, int ndim) {
   if (a.dtype().kind() != kind || a.itemsize() != itemsize) {
@@ -35,7 +66,7 @@ void check_array(const py::array& a, const char* name, char kind, int itemsize, 
 
 kvc::FreqTable check_freqs(const py::array& freqs, const char* name, int channels) {
   check_array(freqs, name, 'u', 2, 2);
-  const int c = (int)freqs.shape(0), a = (int)freqs.shape(1);
+  const int c = int_dim(freqs.shape(0), name), a = int_dim(freqs.shape(1), name);
   if (c != channels) {
     throw py::value_error(std::string(name) + ": has " + std::to_string(c) +
                           " rows but the symbols have " + std::to_string(channels) + " channels");
@@ -64,7 +95,7 @@ kvc::EncodeJob check_encode(const py::array& symbols, const py::array& freqs,
   if (chunk_tokens < 1) throw py::value_error("chunk_tokens must be >= 1");
   kvc::EncodeJob job;
   job.symbols = static_cast<const uint8_t*>(symbols.data());
-  job.rows = (int)symbols.shape(0);
+  job.rows = int_dim(symbols.shape(0), "symbols: rows");
   job.channels = (int)symbols.shape(1);
   job.table = check_freqs(freqs, "freqs", job.channels);
   return job;
@@ -82,11 +113,13 @@ py::list blobs_to_python(const kvc::EncodeResult& result) {
 py::list encode_many(py::list items, int chunk_tokens, int threads) {
   std::vector<kvc::EncodeJob> jobs;
   jobs.reserve(items.size());
+  Keep keep;  // the (possibly converted) inputs, read with the GIL released
   for (size_t i = 0; i < items.size(); ++i) {
     py::tuple item = items[i].cast<py::tuple>();
     if (item.size() != 2) throw py::value_error("items: each item is (symbols, freqs)");
-    jobs.push_back(check_encode(item[0].cast<py::array>(), item[1].cast<py::array>(),
-                                chunk_tokens));
+    py::array symbols = item[0].cast<py::array>(), freqs = item[1].cast<py::array>();
+    keep.insert(keep.end(), {symbols, freqs});
+    jobs.push_back(check_encode(symbols, freqs, chunk_tokens));
   }
   std::vector<kvc::EncodeResult> results(jobs.size());
   {
@@ -107,9 +140,11 @@ struct Tables {
 
 std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int threads) {
   std::vector<kvc::FreqTable> specs;
+  Keep keep;  // the (possibly converted) tables, read with the GIL released
   for (size_t i = 0; i < freqs.size(); ++i) {
     const py::array a = freqs[i].cast<py::array>();
-    const int channels = a.ndim() == 2 ? (int)a.shape(0) : 0;
+    keep.push_back(a);
+    const int channels = a.ndim() == 2 ? int_dim(a.shape(0), "freqs") : 0;
     specs.push_back(check_freqs(a, "freqs", channels));
   }
   std::vector<std::shared_ptr<Tables>> out;
@@ -127,16 +162,18 @@ std::vector<std::shared_ptr<Tables>> build_decode_tables(py::list freqs, int thr
   return out;
 }
 
-// What a decode job points into, held while the GIL is released.
+// What a decode job points into, held while the GIL is released: the buffers of its
+// blobs, and in `hold` its item, tables, output and dequantizer arguments.
 struct DecodeArgs {
   std::vector<kvc::Blob> blobs;
   std::vector<py::buffer_info> keep;
   std::shared_ptr<Tables> built;
   kvc::DequantSpec dequant;
+  Keep hold;
 };
 
-// The array must already be a NumPy array (never a converted temporary): the caller's
-// items keep it alive while the GIL is released.
+// The array must already be a NumPy array (never a converted temporary); the call holds
+// the tuple it came from while the GIL is released.
 const float* float_data(const py::object& o, const char* name, size_t count) {
   if (!py::isinstance<py::array>(o)) {
     throw py::value_error(std::string(name) + ": expected a NumPy float32 array");
@@ -153,10 +190,7 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
 // A writable float32 [heads, rows, head_dim] array whose rows and channels are contiguous;
 // the head stride may be larger (a token slice of a preallocated cache buffer).
 float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_t* head_stride) {
-  if (!py::isinstance<py::array>(o)) {
-    throw py::value_error("dequant out: expected a NumPy float32 array");
-  }
-  py::array a = py::reinterpret_borrow<py::array>(o);
+  py::array a = output_array(o, "dequant out");
   const py::ssize_t f = 4;
   if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(0) != heads ||
       a.shape(1) != rows || a.shape(2) != head_dim) {
@@ -173,7 +207,8 @@ float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_
   return static_cast<float*>(a.mutable_data());
 }
 
-// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec.
+// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec. The
+// caller holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   if (d.size() != 7) {
     throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin)");
@@ -210,6 +245,7 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
     }
     kvc::DecodeJob& job = jobs[i];
     DecodeArgs& arg = args[i];
+    arg.hold.push_back(item);
     const bool fused = item.size() == 4 && !item[3].is_none();
     if (fused && py::isinstance<py::tuple>(item[2])) {  // (rows, channels): symbols not kept
       py::tuple shape = item[2].cast<py::tuple>();
@@ -219,12 +255,13 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       if (job.rows < 0) throw py::value_error("out: rows must be >= 0");
       job.out = nullptr;
     } else {
-      py::array out = item[2].cast<py::array>();
+      py::array out = output_array(item[2], "out");
       check_array(out, "out", 'u', 1, 2);
       if (!out.writeable()) throw py::value_error("out: must be writable");
-      job.rows = (int)out.shape(0);
-      job.channels = (int)out.shape(1);
+      job.rows = int_dim(out.shape(0), "out: rows");
+      job.channels = int_dim(out.shape(1), "out: channels");
       job.out = static_cast<uint8_t*>(out.mutable_data());
+      arg.hold.push_back(out);
     }
     if (job.channels < 1 || job.channels > 65535) {
       throw py::value_error("out: channels must be in [1, 65535]");
@@ -238,14 +275,18 @@ py::list decode_many(py::list items, int chunk_tokens, int threads) {
       }
       job.built = &arg.built->t;
     } else {
-      job.table = check_freqs(item[1].cast<py::array>(), "freqs", job.channels);
+      py::array freqs = item[1].cast<py::array>();
+      arg.hold.push_back(freqs);
+      job.table = check_freqs(freqs, "freqs", job.channels);
     }
     if (fused) {
-      arg.dequant = check_dequant(item[3].cast<py::tuple>(), job.rows, job.channels);
+      py::tuple d = item[3].cast<py::tuple>();
+      arg.hold.push_back(d);
+      arg.dequant = check_dequant(d, job.rows, job.channels);
       job.dequant = &arg.dequant;
     }
     py::list blobs = item[0].cast<py::list>();
-    const size_t expected = ((size_t)job.rows + chunk_tokens - 1) / chunk_tokens;
+    const size_t expected = kvc::chunk_count(job.rows, chunk_tokens);
     if (blobs.size() != expected) {
       throw py::value_error("blobs: " + std::to_string(blobs.size()) + " blobs for " +
                             std::to_string(job.rows) + " rows; expected " +
@@ -286,6 +327,19 @@ kvc::LevelRows level_rows(const py::array& levels, py::array_t<uint16_t>* out) {
           (size_t)levels.shape(0), (int)levels.shape(1)};
 }
 
+// The bytes of a 1-D byte buffer in order. A strided view (memoryview(b)[::2], a reversed
+// array) has its elements `stride` bytes apart, the first at `ptr` even when the stride is
+// negative: reading `size` bytes on from `ptr` would read other bytes, and past the end of
+// a reversed one. Contiguous buffers are read in place, others gathered into `copy`.
+const uint8_t* buffer_bytes(const py::buffer_info& info, std::vector<uint8_t>* copy) {
+  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  const py::ssize_t stride = info.strides[0];
+  if (stride == 1 || info.size <= 1) return p;
+  copy->resize((size_t)info.size);
+  for (py::ssize_t i = 0; i < info.size; ++i) (*copy)[(size_t)i] = p[i * stride];
+  return copy->data();
+}
+
 // tables.pack_levels's packing -> levels uint8 [rows, alphabet]; ValueError where the
 // data is not a valid packing (the messages tables.unpack_levels documents).
 py::array unpack_levels(py::buffer data, int rows, int alphabet) {
@@ -293,7 +347,8 @@ py::array unpack_levels(py::buffer data, int rows, int alphabet) {
   if (info.itemsize != 1 || info.ndim != 1) throw py::value_error("data: expected bytes");
   if (rows < 0 || alphabet < 1 || alphabet > kvc::MAX_ALPHABET)
     throw py::value_error("rows must be >= 0 and alphabet in [1, 256]");
-  const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+  std::vector<uint8_t> gathered;
+  const uint8_t* p = buffer_bytes(info, &gathered);
   const size_t n = (size_t)info.size;
   if (n < 2 * (size_t)rows) throw py::value_error("table spans are truncated");
   size_t codes = 0;
@@ -383,12 +438,12 @@ py::list stream_tables(py::list items, int threads) {
     const py::array& sym = keep.back();
     kvc::TablesJob& job = jobs[i];
     job.symbols = static_cast<const uint8_t*>(sym.data());
-    job.rows = (int)sym.shape(0);
-    job.channels = (int)sym.shape(1);
-    job.alphabet = item[1].cast<int>();
-    if (job.channels < 1 || job.channels > 65535) {
+    if (sym.shape(1) < 1 || sym.shape(1) > 65535) {
       throw py::value_error("symbols: channels must be in [1, 65535]");
     }
+    job.rows = int_dim(sym.shape(0), "symbols: rows");
+    job.channels = (int)sym.shape(1);
+    job.alphabet = item[1].cast<int>();
     if (job.alphabet < 1 || job.alphabet > kvc::MAX_ALPHABET) {
       throw py::value_error("alphabet must be in [1, 256]");
     }
@@ -431,15 +486,20 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
                    int threads) {
   py::array out = checked(out_obj, "out", 'f', 4, 3);
   if (!out.writeable()) throw py::value_error("out: must be writable");
-  const py::ssize_t n = out.shape(0), t = out.shape(1);
+  const py::ssize_t n = out.shape(0), t = int_dim(out.shape(1), "out: tokens");
+  int_dim(out.shape(2), "out: channels");  // the coder's heads * head_dim is an int
   if (xs.size() != layers.size()) throw py::value_error("xs: expected one array per layer");
   std::vector<py::array> keep;
   for (size_t i = 0; i < xs.size(); ++i) {
     const py::object o = xs[i];
     if (!py::isinstance<py::array>(o)) throw py::value_error("xs: expected NumPy arrays");
     py::array a = py::reinterpret_borrow<py::array>(o);
+    // Each int before the product (a broadcast array can claim any number of heads).
+    const auto width = [&] {
+      return (int64_t)int_dim(a.shape(0), "xs: heads") * int_dim(a.shape(2), "xs: head_dim");
+    };
     if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(1) != t ||
-        a.shape(0) * a.shape(2) != out.shape(2) || a.strides(2) != 4 ||
+        width() != out.shape(2) || a.strides(2) != 4 ||
         a.strides(1) != 4 * a.shape(2) || a.strides(0) < 0 || a.strides(0) % 4) {
       throw py::value_error("xs: expected float32 [heads, tokens, head_dim] arrays with "
                             "contiguous tokens and channels, matching out");
@@ -455,7 +515,7 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
   if (!cos_obj.is_none()) {
     cos = checked(cos_obj, "cos", 'f', 4, 2);
     sin = checked(sin_obj, "sin", 'f', 4, 2);
-    rotary_dim = (int)cos.shape(1);
+    rotary_dim = int_dim(cos.shape(1), "cos: rotary_dim");
     if (cos.shape(0) != t || sin.shape(0) != t || sin.shape(1) != rotary_dim ||
         rotary_dim % 2 || rotary_dim > d || rotary_dim < 2) {
       throw py::value_error("cos/sin: expected [tokens, rotary_dim], rotary_dim even and "
@@ -463,9 +523,12 @@ bool stream_inputs(py::list xs, const py::object& out_obj, const std::vector<int
     }
   }
   std::vector<kvc::InputJob> jobs;
+  std::vector<bool> written((size_t)n, false);  // two jobs on one layer would race
   for (size_t i = 0; i < layers.size(); ++i) {
     const int l = layers[i];
     if (l < 0 || l >= n) throw py::value_error("layers: index out of range");
+    if (written[(size_t)l]) throw py::value_error("layers: layer " + std::to_string(l) + " twice");
+    written[(size_t)l] = true;
     const py::array& a = keep[i];
     kvc::InputJob j;
     j.x = static_cast<const float*>(a.data());
@@ -497,7 +560,8 @@ py::array quantize_layers(const py::object& x_obj, bool token, const py::object&
                           const py::object& grid_obj, const py::object& mult_obj,
                           const std::vector<int>& params, int threads) {
   py::array x = checked(x_obj, "x", 'f', 4, 3);
-  const py::ssize_t n = x.shape(0), rows = x.shape(1), channels = x.shape(2);
+  const py::ssize_t n = x.shape(0), rows = int_dim(x.shape(1), "x: tokens");
+  const py::ssize_t channels = x.shape(2);
   if ((py::ssize_t)params.size() != n) {
     throw py::value_error("params: expected one entry per layer");
   }
@@ -538,6 +602,19 @@ py::array quantize_layers(const py::object& x_obj, bool token, const py::object&
     kvc::quantize_many(jobs.data(), jobs.size(), threads);
   }
   return out;
+}
+
+// kvc::max_encoded_size, refusing sizes whose bound does not fit 64 bits (it would wrap
+// to a small number, and a buffer of that size would be too small).
+uint64_t max_encoded_size(uint64_t tokens, uint64_t channels) {
+  uint64_t elements, words;
+  if (__builtin_mul_overflow(tokens, channels, &elements) ||
+      __builtin_mul_overflow(elements, (uint64_t)2, &words) ||
+      words > UINT64_MAX - (uint64_t)(kvc::STATE_BYTES + 2 * kvc::LANES)) {
+    throw py::value_error("max_encoded_size: " + std::to_string(tokens) + " tokens x " +
+                          std::to_string(channels) + " channels overflows 64 bits");
+  }
+  return kvc::max_encoded_size(tokens, channels);
 }
 
 }  // namespace
@@ -621,6 +698,5 @@ PYBIND11_MODULE(_native, m) {
       py::arg("x"), py::arg("inv"), py::arg("m"), py::arg("threads") = 0,
       "Absmax quantizer over layers: x float32 [N, T, C], inv float32 [N, T] (M / scale "
       "as PyTorch rounds it), M per layer -> uint8 round(x * inv + M) clamped to [0, 2M].");
-  m.def("max_encoded_size", [](uint64_t t, uint64_t c) { return kvc::max_encoded_size(t, c); },
-        py::arg("tokens"), py::arg("channels"));
+  m.def("max_encoded_size", &max_encoded_size, py::arg("tokens"), py::arg("channels"));
 }

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <climits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,6 +30,12 @@ void check(int err, const char* what) {
     throw std::runtime_error(std::string(what) + ": " +
                              cudaGetErrorString(static_cast<cudaError_t>(err)));
   }
+}
+
+// The launches take the item count as an int: more items are refused, not truncated.
+int item_count(size_t n) {
+  if (n > (size_t)INT_MAX) throw py::value_error("items: at most 2^31 - 1 per call");
+  return (int)n;
 }
 
 template <typename Item>
@@ -73,10 +80,14 @@ void decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t stat
       it.block_size = d.contains("block_size") ? d["block_size"].cast<int32_t>() : 1;
       it.first_row = d.contains("first_row") ? d["first_row"].cast<int32_t>() : 0;
       if (it.slots && it.block_size < 1) throw py::value_error("block_size must be >= 1");
+      // The kernel dequantizes rows [first_row, rows): a negative one would read symbols
+      // and write values before the buffers' starts.
+      if (it.first_row < 0) throw py::value_error("first_row must be >= 0");
     }
   }
+  const int n = item_count(host.size());
   stage(host, items_dev, capacity, stream);
-  check(kvc::gpu::decode(reinterpret_cast<const DecodeItem*>(items_dev), (int)host.size(),
+  check(kvc::gpu::decode(reinterpret_cast<const DecodeItem*>(items_dev), n,
                          reinterpret_cast<int32_t*>(status), reinterpret_cast<void*>(stream)),
         "decode launch");
 }
@@ -95,8 +106,9 @@ void encode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t size
     it.out = ptr<uint8_t>(d["out"]);
     it.capacity = d["capacity"].cast<uint64_t>();
   }
+  const int n = item_count(host.size());
   stage(host, items_dev, capacity, stream);
-  check(kvc::gpu::encode(reinterpret_cast<const EncodeItem*>(items_dev), (int)host.size(),
+  check(kvc::gpu::encode(reinterpret_cast<const EncodeItem*>(items_dev), n,
                          reinterpret_cast<uint64_t*>(sizes), reinterpret_cast<int32_t*>(status),
                          reinterpret_cast<void*>(stream)),
         "encode launch");

@@ -12,13 +12,17 @@ namespace kvc {
 
 namespace {
 
+// The first row of chunk i < chunk_count(rows, chunk_tokens): below rows, so it fits an
+// int, but the product is taken in 64 bits so that it never overflows on the way there.
+int chunk_start(size_t i, int chunk_tokens) { return (int)((int64_t)i * chunk_tokens); }
+
 void run_encode(const EncodeJob& job, int chunk_tokens, EncodeResult* result) {
   std::vector<uint32_t> cums((size_t)job.channels * job.table.alphabet);
   cumulative(job.table.freqs, job.channels, job.table.alphabet, cums.data());
-  const int n_chunks = (job.rows + chunk_tokens - 1) / chunk_tokens;
+  const size_t n_chunks = chunk_count(job.rows, chunk_tokens);
   result->blobs.resize(n_chunks);
-  for (int i = 0; i < n_chunks && result->error.empty(); ++i) {
-    const int t0 = i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
+  for (size_t i = 0; i < n_chunks && result->error.empty(); ++i) {
+    const int t0 = chunk_start(i, chunk_tokens), rows = std::min(chunk_tokens, job.rows - t0);
     result->error = encode_blob(job.symbols + (size_t)t0 * job.channels, rows, job.channels,
                                 job.table.freqs, cums.data(), job.table.alphabet,
                                 &result->blobs[i]);
@@ -51,7 +55,7 @@ void run_decode(const DecodeJob* jobs, size_t first, size_t last, int chunk_toke
       tables = &local[j - first];
     }
     for (size_t i = 0; i < job.n_blobs; ++i) {
-      const int t0 = (int)i * chunk_tokens, rows = std::min(chunk_tokens, job.rows - t0);
+      const int t0 = chunk_start(i, chunk_tokens), rows = std::min(chunk_tokens, job.rows - t0);
       uint8_t* out = job.out ? job.out + (size_t)t0 * job.channels : nullptr;
       tasks.push_back({job.blobs[i].data, job.blobs[i].size, rows, job.channels, tables, out,
                        std::string()});

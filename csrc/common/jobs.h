@@ -20,6 +20,13 @@ struct FreqTable {
   int channels, alphabet;
 };
 
+// How many chunks of chunk_tokens (>= 1) rows cover rows (>= 0): the blobs of a stream.
+// Not (rows + chunk_tokens - 1) / chunk_tokens, which overflows int for a chunk size near
+// INT_MAX (and came out negative: a vector resized to that threw in a worker thread).
+inline size_t chunk_count(int rows, int chunk_tokens) {
+  return (size_t)(rows / chunk_tokens) + (rows % chunk_tokens != 0 ? 1 : 0);
+}
+
 // Symbols [rows][channels], coded one blob per chunk of chunk_tokens rows.
 struct EncodeJob {
   const uint8_t* symbols;
@@ -47,7 +54,7 @@ struct Blob {
 // One stream's blobs (one per chunk of chunk_tokens rows) into out [rows][channels].
 struct DecodeJob {
   const Blob* blobs;
-  size_t n_blobs;
+  size_t n_blobs;              // chunk_count(rows, chunk_tokens): the caller checks it
   FreqTable table;
   const DecodeTables* built;  // prebuilt tables, or null: build from `table`
   uint8_t* out;                // [rows][channels]; null with a dequantizer: not kept

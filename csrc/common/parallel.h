@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -16,20 +18,47 @@ inline int resolve_threads(int threads, size_t jobs) {
   return (int)std::max<size_t>(1, std::min<size_t>((size_t)threads, jobs));
 }
 
-// Runs fn(i) for i in [0, n) on `threads` workers pulling from a shared counter.
+// Runs fn(i) for i in [0, n) on up to `threads` workers pulling from a shared counter; the
+// calling thread is one of them.
+//
+// An exception escaping a std::thread calls std::terminate, which would abort the whole
+// Python process (a std::bad_alloc in one job, say). So each worker catches what fn
+// throws, the first exception is kept and no further items are handed out (the call has
+// failed as a whole; items already running finish), and it is rethrown here on the
+// calling thread once every worker has joined, where the binding turns it into a Python
+// exception. A worker that cannot be started (std::system_error at the thread limit)
+// leaves its share to the others instead of aborting: the result is the same, only later.
 template <class F>
 void parallel_for(size_t n, int threads, F fn) {
   std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < n;) fn(i);
+  std::mutex error_mu;
+  std::exception_ptr error;
+  auto work = [&]() noexcept {
+    for (size_t i; (i = next.fetch_add(1)) < n;) {
+      try {
+        fn(i);
+      } catch (...) {
+        {
+          std::lock_guard<std::mutex> lock(error_mu);
+          if (!error) error = std::current_exception();
+        }
+        next.store(n);  // stop handing out items
+        return;
+      }
+    }
   };
-  if (threads <= 1) {
-    work();
-    return;
-  }
   std::vector<std::thread> pool;
-  for (int k = 0; k < threads; ++k) pool.emplace_back(work);
+  if (threads > 1) {
+    try {
+      pool.reserve((size_t)threads - 1);
+      for (int k = 1; k < threads; ++k) pool.emplace_back(work);
+    } catch (...) {
+      // Fewer workers than asked: the started ones and this thread do all the items.
+    }
+  }
+  work();
   for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace kvc
