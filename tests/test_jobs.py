@@ -297,3 +297,48 @@ def test_a_window_that_fails_to_prefill_fails_only_its_document(lm, corpus_docs,
                        progress=False, spec=JobSpec(batch_tokens=batch_tokens))
         assert (s.done, s.failed) == (2, 1)
         assert s.problems[0]["id"] == "doc1" and "simulated" in s.problems[0]["reason"]
+
+
+def test_a_manifest_write_that_fails_stops_the_job_and_a_rerun_resumes(lm, tmp_path,
+                                                                       monkeypatch):
+    """A full disk when the encoder thread records a finished document: the job raises
+    that error (it used to hang, the calling thread blocked on the full queue of a dead
+    encoder), leaves only whole files, and the same job run again finishes the store."""
+    import errno
+    import threading
+
+    from kvcodec.jobs.manifest import Manifest
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Document {i}: a short "
+                                        "one about the weather."}) + "\n" for i in range(4)))
+    store = tmp_path / "s"
+    spec = JobSpec(batch_tokens=1)  # a batch per window: more batches than the queue holds
+
+    def disk_full(self, text, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "put", disk_full)
+    outcome = []
+
+    def job():
+        try:
+            precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            outcome.append(exc)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(300)  # a guard against the hang, not a timing threshold
+    assert not thread.is_alive(), "the job hung after its manifest write failed"
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC
+    assert not list(store.rglob("*.tmp")) and not (store / "manifest").exists()
+    for entry in store.rglob("*.kvc"):
+        kvcodec.open(entry).close()  # whole and checksummed
+
+    monkeypatch.undo()
+    s = precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+    assert (s.done + s.already_stored, s.failed) == (4, 0)
+    again = precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+    assert (again.already_stored, again.tokens_prefilled) == (4, 0)
