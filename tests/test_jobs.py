@@ -342,3 +342,23 @@ def test_a_manifest_write_that_fails_stops_the_job_and_a_rerun_resumes(lm, tmp_p
     assert (s.done + s.already_stored, s.failed) == (4, 0)
     again = precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
     assert (again.already_stored, again.tokens_prefilled) == (4, 0)
+
+
+def test_cli_precompute_skips_damaged_compressed_inputs(lm, tmp_path):
+    """A damaged .bz2 or .zst input is reported as skipped and the job goes on (it used
+    to stop the job with a traceback)."""
+    import bz2
+
+    import zstandard
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    (tmp_path / "a.txt.bz2").write_bytes(b"BZh91AY&SY" + b"\xff" * 64)
+    rows = zstandard.ZstdCompressor().compress(b'{"text": "%d"}\n' % 7 * 10)
+    (tmp_path / "b.jsonl.zst").write_bytes(rows[:len(rows) // 2])
+    (tmp_path / "c.txt.bz2").write_bytes(bz2.compress(b"some text")[:20])
+    res = CliRunner().invoke(main, ["precompute", str(tmp_path / "*.*"), "--store",
+                                    str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "3 skipped" in res.output and "Traceback" not in res.output
