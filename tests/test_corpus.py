@@ -1,6 +1,8 @@
 """The precompute job's corpus reader: input forms, formats, ids, skip reasons, count()."""
 import gzip
 import json
+import re
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -338,6 +340,33 @@ def test_memory_filesystem():
             Corpus("memory://kvc-corpus/none")
     finally:
         fs.rm("/kvc-corpus", recursive=True)
+
+
+def test_bad_urls_and_remote_errors_are_clear(monkeypatch):
+    """An unknown protocol, a protocol whose package is missing, and a remote
+    filesystem's own error while listing (no credentials) are one-line KVCodecErrors
+    (they were a ValueError, an ImportError and botocore's error)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    with pytest.raises(ConfigError, match="corpus input foo://x: Protocol not known: foo"):
+        Corpus("foo://x")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+        m.delitem(_registry, "s3", raising=False)
+        with pytest.raises(BackendError, match=r"s3://b/x.jsonl: .*s3fs.*"
+                                               r"pip install kvcodec-toolkit\[s3\]"):
+            Corpus("s3://b/x.jsonl")
+
+    def no_credentials(self, *args, **kwargs):
+        raise RuntimeError("Unable to locate credentials")
+
+    monkeypatch.setattr(MemoryFileSystem, "exists", no_credentials)
+    monkeypatch.setattr(MemoryFileSystem, "glob", no_credentials)
+    for spec in ("memory://corpus/x.jsonl", "memory://corpus/*.jsonl"):
+        with pytest.raises(BackendError, match=f"corpus input {re.escape(spec)}: cannot list "
+                                               r"it \(RuntimeError: Unable to locate"):
+            Corpus(spec)
 
 
 def test_s3_via_moto(s3_endpoint):

@@ -362,3 +362,31 @@ def test_cli_precompute_skips_damaged_compressed_inputs(lm, tmp_path):
                                     str(tmp_path / "s"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "3 skipped" in res.output and "Traceback" not in res.output
+
+
+def _cli_error(args) -> str:
+    """The one line `kvcodec ARGS` prints on stderr, checking it exits 1 without a
+    traceback."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert isinstance(res.exception, SystemExit), res.exception  # not an uncaught error
+    assert res.exit_code == 1 and res.stderr.startswith("error: "), res.output
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    return res.stderr
+
+
+def test_cli_precompute_unknown_url_protocol_is_one_line(tmp_path):
+    err = _cli_error(["precompute", "foo://x/docs.jsonl", "--store", tmp_path / "s"])
+    assert "corpus input foo://x/docs.jsonl: Protocol not known: foo" in err
+
+
+def test_cli_precompute_s3_input_without_s3fs_says_what_to_install(tmp_path, monkeypatch):
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    monkeypatch.delitem(_registry, "s3", raising=False)  # nor imported by an earlier test
+    err = _cli_error(["precompute", "s3://bucket/docs.jsonl", "--store", tmp_path / "s"])
+    assert "s3://bucket/docs.jsonl" in err and "pip install kvcodec-toolkit[s3]" in err

@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec.utils
-from fsspec.core import has_magic, url_to_fs
+from fsspec.core import has_magic
 from fsspec.implementations.local import LocalFileSystem
 
 import zstandard
 
 from ..errors import BackendError, ConfigError, KVCodecError
+from ..store.backends import filesystem
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
@@ -370,7 +371,7 @@ class Corpus:
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
     """The files one input names, sorted by path, hidden ones below it left out."""
-    fs, path = url_to_fs(spec, **storage_options)
+    fs, path = filesystem(spec, storage_options, "corpus input")
     if has_magic(path):
         first_magic = min(path.find(c) for c in "*?[" if c in path)
         cut = path.rfind("/", 0, first_magic)
@@ -382,17 +383,23 @@ def _resolve(spec: str, storage_options: dict) -> list[_File]:
     def visible(p):
         return not any(part.startswith(".") for part in p.split("/")[depth:])
 
-    if has_magic(path):
-        matches = {p: info for p, info in fs.glob(path, detail=True).items() if visible(p)}
-        paths, tops = [], []  # tops: matched directories not inside another one
-        for p in sorted(matches, key=lambda p: p.split("/")):
-            if matches[p].get("type") != "directory":
-                paths.append(p)
-            elif not tops or not p.startswith(tops[-1] + "/"):
-                tops.append(p)
-                paths += fs.find(p)
-    else:
-        paths = fs.find(path) if fs.exists(path) else []
+    try:
+        if has_magic(path):
+            matches = {p: info for p, info in fs.glob(path, detail=True).items() if visible(p)}
+            paths, tops = [], []  # tops: matched directories not inside another one
+            for p in sorted(matches, key=lambda p: p.split("/")):
+                if matches[p].get("type") != "directory":
+                    paths.append(p)
+                elif not tops or not p.startswith(tops[-1] + "/"):
+                    tops.append(p)
+                    paths += fs.find(p)
+        else:
+            paths = fs.find(path) if fs.exists(path) else []
+    except (OSError, KVCodecError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors (credentials...)
+        raise BackendError(f"corpus input {spec}: cannot list it ({type(exc).__name__}: "
+                           f"{_one_line(exc)})") from None
     paths = sorted(set(filter(visible, paths)))
     if not paths:
         raise ConfigError(f"corpus input {spec!r} matches no files")
