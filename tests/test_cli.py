@@ -152,3 +152,16 @@ def test_model_path_prints_the_embedded_model_directory(lm):
     assert r.exit_code == 0, r.output
     path = Path(r.output.strip().splitlines()[-1])
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+
+
+def test_error_lines_escape_control_characters(tmp_path, default_kvc):
+    """An error message that carries a name with terminal escapes or a newline is still
+    one escaped line (the OSError and the KVCodecError paths)."""
+    src = tmp_path / "ok.kvc"
+    src.write_bytes(default_kvc)
+    for args in (["decode", src, "-o", tmp_path / "no\x1b[2Jdir" / "x.safetensors"],
+                 ["precompute", "foo://x\x1b[2J\nfake", "--store", tmp_path / "s"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "\x1b" not in r.stderr and "\\x1b[2J" in r.stderr

@@ -390,3 +390,17 @@ def test_cli_precompute_s3_input_without_s3fs_says_what_to_install(tmp_path, mon
     monkeypatch.delitem(_registry, "s3", raising=False)  # nor imported by an earlier test
     err = _cli_error(["precompute", "s3://bucket/docs.jsonl", "--store", tmp_path / "s"])
     assert "s3://bucket/docs.jsonl" in err and "pip install kvcodec-toolkit[s3]" in err
+
+
+def test_cli_precompute_summary_escapes_ids_from_the_corpus(lm, tmp_path):
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"id": "x\x1b[2J\rfake", "text": " "}) + "\n")
+    res = CliRunner().invoke(main, ["precompute", str(path), "--id-field", "id", "--store",
+                                    str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\r" not in res.output
+    assert "skipped: x\\x1b[2J\\rfake: line 1: empty text" in res.output
