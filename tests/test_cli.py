@@ -165,3 +165,20 @@ def test_error_lines_escape_control_characters(tmp_path, default_kvc):
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert "\x1b" not in r.stderr and "\\x1b[2J" in r.stderr
+
+
+def test_a_model_folder_transformers_cannot_load_is_one_line(tmp_path):
+    """--model naming a folder that is not a model (it raised transformers' ValueError)."""
+    src = tmp_path / "doc.txt"
+    src.write_text("A short document.")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    for folder in (empty, odd):
+        r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "x.kvc"),
+                                      "--model", str(folder)])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+        assert r.stderr.startswith(f"error: cannot load a model from {folder}: ")
+        assert r.stderr.count("\n") == 1
