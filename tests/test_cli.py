@@ -182,3 +182,12 @@ def test_a_model_folder_transformers_cannot_load_is_one_line(tmp_path):
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
         assert r.stderr.startswith(f"error: cannot load a model from {folder}: ")
         assert r.stderr.count("\n") == 1
+
+
+def test_an_output_in_a_missing_folder_is_named_as_given(tmp_path, default_kvc):
+    """The error names the output path, not the temp file the atomic write uses."""
+    src = tmp_path / "ok.kvc"
+    src.write_bytes(default_kvc)
+    out = tmp_path / "missing" / "x.safetensors"
+    r = CliRunner().invoke(main, ["decode", str(src), "-o", str(out)])
+    assert r.exit_code == 1 and r.stderr == f"error: No such file or directory: {out}\n"

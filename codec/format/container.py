@@ -100,21 +100,28 @@ def build(header: dict, sections: list[tuple[str, bytes, bool]],
 
 
 def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename."""
+    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename.
+    An OSError names ``path``, not the temp file."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a missing folder, no permission: named by the temp file
+        exc.filename = str(path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            exc.filename = str(path)
         raise
     try:  # make the rename itself durable
         dfd = os.open(directory, os.O_RDONLY)
