@@ -28,15 +28,10 @@ no file is loaded whole except a text file, which is a single document anyway.
 """
 from __future__ import annotations
 
-import bz2
 import codecs
-import gzip
-import io
 import json
-import lzma
 import os
 import re
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -45,19 +40,12 @@ import fsspec.utils
 from fsspec.core import has_magic
 from fsspec.implementations.local import LocalFileSystem
 
-import zstandard
-
 from ..errors import BackendError, ConfigError, KVCodecError
 from ..store.backends import filesystem
+from .streams import COMPRESSIONS, DAMAGED, ReadError, open_stream
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
-_STREAM_COMPRESSIONS = {"gzip", "bz2", "xz", "lzma", "zstd"}
-# Damaged or truncated compressed data: the rest of the file is skipped rather than
-# ending the job. (bz2 reports bad data as a plain OSError; failures to read the file
-# itself are told apart by _Source.)
-_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
-_ZSTD_STEP = 1 << 10          # compressed bytes decoded at a time: bounds one step's output
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -92,110 +80,9 @@ class _File:
     def open(self):
         return self.fs.open(self.path, "rb", compression=self.compression)
 
-    @contextmanager
     def stream(self):
-        """The file's decompressed bytes (buffered, iterable by line). A failure to read
-        the file itself raises :class:`_ReadError`; damaged compressed data raises one of
-        ``_DECOMPRESS_ERRORS``."""
-        try:
-            raw = self.fs.open(self.path, "rb")
-        except Exception as exc:  # noqa: BLE001 - told apart from damaged data
-            raise _ReadError(exc) from exc
-        try:
-            src = _Source(raw)
-            if self.compression == "gzip":
-                f = gzip.GzipFile(fileobj=src, mode="rb")
-            elif self.compression == "bz2":
-                f = bz2.BZ2File(src)
-            elif self.compression in ("xz", "lzma"):
-                f = lzma.LZMAFile(src)
-            elif self.compression == "zstd":
-                f = io.BufferedReader(_ZstdReader(src), 1 << 16)
-            else:
-                f = io.BufferedReader(src, 1 << 16)
-            yield f
-        finally:
-            raw.close()
-
-
-class _ReadError(Exception):
-    """An input file could not be read (as opposed to holding damaged data)."""
-
-    def __init__(self, error: BaseException):
-        super().__init__(str(error))
-        self.error = error
-
-
-def _read_failure(source: str, exc: _ReadError) -> Exception:
-    """What a job raises when ``source`` cannot be read: its OSError or KVCodecError, or
-    a BackendError for another error of its filesystem (missing credentials...)."""
-    err = exc.error
-    if isinstance(err, (OSError, KVCodecError)):
-        return err
-    return BackendError(f"cannot read {source}: {type(err).__name__}: {_one_line(err)}")
-
-
-class _Source(io.RawIOBase):
-    """The raw bytes of an input file, under a decompressor: a read that fails raises
-    :class:`_ReadError`, so that it is not taken for damaged data."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        try:
-            data = self._f.read(len(b))
-        except Exception as exc:  # noqa: BLE001 - told apart from damaged data
-            raise _ReadError(exc) from exc
-        b[:len(data)] = data
-        return len(data)
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a zstd file of one or more frames. Unlike zstandard's
-    ``stream_reader`` (no ``readline``, and a stream cut inside a frame just ends
-    early), input that ends inside a frame raises EOFError; each step decodes at most
-    ``_ZSTD_STEP`` compressed bytes, so a small file cannot expand in one go."""
-
-    def __init__(self, src):
-        self._src, self._dctx = src, zstandard.ZstdDecompressor()
-        self._frame = None            # decompressor of the frame being read
-        self._in, self._at = b"", 0   # compressed bytes read and not yet decoded
-        self._out, self._pos = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while self._pos == len(self._out):
-            if not self._step():
-                return 0
-        n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def _step(self) -> bool:
-        """Decode the next piece of input; False at the end of the last frame."""
-        if self._at == len(self._in):
-            self._in, self._at = self._src.read(1 << 16), 0
-            if not self._in:
-                if self._frame is not None:
-                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
-                return False
-        if self._frame is None:
-            self._frame = self._dctx.decompressobj()
-        piece = self._in[self._at:self._at + _ZSTD_STEP]
-        self._at += len(piece)
-        self._out, self._pos = self._frame.decompress(piece), 0
-        if self._frame.eof:  # the frame ended inside this piece: the rest starts the next
-            rest = self._frame.unused_data
-            self._in, self._at = rest + self._in[self._at:], 0
-            self._frame = None
-        return True
+        """The decompressed bytes of a text or JSONL file (:func:`streams.open_stream`)."""
+        return open_stream(self.fs, self.path, self.compression)
 
 
 class Corpus:
@@ -258,9 +145,9 @@ class Corpus:
         try:
             with file.stream() as f:
                 data = f.read()
-        except _ReadError as exc:
-            raise _read_failure(src, exc) from None
-        except _DECOMPRESS_ERRORS as exc:
+        except ReadError as exc:
+            raise exc.reraise(src) from None
+        except DAMAGED as exc:
             return Skipped(src, src, f"cannot decompress ({_one_line(exc)})")
         nul = data.find(b"\0", 0, _BINARY_PROBE)
         if nul >= 0:
@@ -406,7 +293,7 @@ def _resolve(spec: str, storage_options: dict) -> list[_File]:
     files = []
     for p in paths:
         compression = fsspec.utils.infer_compression(p)
-        if compression not in _STREAM_COMPRESSIONS:
+        if compression not in COMPRESSIONS:
             compression = None
         name = p.lower()
         if compression:
@@ -428,9 +315,9 @@ def _jsonl_lines(file: _File):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     yield n, line
-    except _ReadError as exc:
-        raise _read_failure(file.source, exc) from None
-    except _DECOMPRESS_ERRORS as exc:
+    except ReadError as exc:
+        raise exc.reraise(file.source) from None
+    except DAMAGED as exc:
         yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
