@@ -22,6 +22,18 @@ def with_bar(label, fn):
         return fn(progress)
 
 
+def printable(value) -> str:
+    """``value`` as one line of text that cannot drive the terminal: control and other
+    non-printable characters (ESC, CR, newlines, bidi overrides...) escaped as
+    ``\\x1b``, ``\\n``, ``\\u202e``. For every string that comes from a file or an
+    error message."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 MODEL_HELP = ("Model: a transformers directory or a .gguf file (converted once and cached); "
               "default: the embedded SmolLM2-135M.")
 

@@ -8,7 +8,8 @@ import click
 
 import kvcodec
 
-from .common import Status, capture, chat_options, check_chat, model_option, parse_chunks
+from .common import (Status, capture, chat_options, check_chat, model_option, parse_chunks,
+                     printable)
 
 
 @click.command()
@@ -103,23 +104,32 @@ def inspect(source, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    # Names come from the file: possibly absent, of another type, or holding terminal
+    # escapes; each is printed as one escaped line (the JSON output escapes them itself).
     model = info["model"] or {}
     rows = [
         ("file", f"{source} ({info['file_bytes']:,} bytes, format v{info['format_version']})"),
-        ("model", f"{model.get('architecture', 'unknown')} layers={info['num_layers']} "
+        ("model", f"{_name(model.get('architecture'))} layers={info['num_layers']} "
                   f"kv_heads={info['num_kv_heads']} head_dim={info['head_dim']}"),
         ("tokens", f"{info['num_tokens']} in {info['num_chunks']} chunks of {info['chunk_tokens']}"
                    + ("" if min(info["layer_tokens"]) == info["num_tokens"] else
                       f"; sliding-window layers hold {min(info['layer_tokens'])}")),
-        ("config", info["config"] + (f" (calibrated for {info['calibrated_for']})"
-                                     if info["calibrated_for"] else "")),
+        ("config", _name(info["config"], "unnamed")
+         + (f" (calibrated for {_name(info['calibrated_for'])})"
+            if info["calibrated_for"] else "")),
         ("dtype", info["dtype"]),
         ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
                  f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),
     ] + [(f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
+    rows = [(printable(k), printable(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+def _name(value, missing: str = "unknown") -> str:
+    """A name read from a file, for the table: ``missing`` when absent or empty."""
+    return missing if value is None or value == "" else str(value)
 
 
 @click.command()

@@ -5,7 +5,7 @@ import click
 
 from kvcodec.errors import KVCodecError
 
-from .common import chat_options, check_chat, model_option
+from .common import chat_options, check_chat, model_option, printable
 
 
 @click.command()
@@ -63,7 +63,7 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
                   num_workers=num_workers, address=address, text_field=text_field,
                   id_field=id_field, progress=progress)
     for line in summary.lines():
-        click.echo(line)
+        click.echo(printable(line))  # ids and reasons come from the corpus
     if report_path:
         atomic_write(report_path, summary.to_json().encode() + b"\n")
     if summary.documents and summary.failed == summary.documents:

@@ -9,6 +9,7 @@ import kvcodec
 from kvcodec.errors import KVCodecError
 
 from . import files, jobs, quality, serving
+from .common import printable
 
 
 class _App(click.Group):
@@ -16,10 +17,11 @@ class _App(click.Group):
         try:
             return super().invoke(ctx)
         except KVCodecError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(1)
         except OSError as exc:
-            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            click.echo(f"error: {printable(message)}", err=True)
             sys.exit(1)
 
 

@@ -152,3 +152,42 @@ def test_model_path_prints_the_embedded_model_directory(lm):
     assert r.exit_code == 0, r.output
     path = Path(r.output.strip().splitlines()[-1])
     assert (path / "config.json").is_file() and list(path.glob("*.safetensors"))
+
+
+def test_error_lines_escape_control_characters(tmp_path, default_kvc):
+    """An error message that carries a name with terminal escapes or a newline is still
+    one escaped line (the OSError and the KVCodecError paths)."""
+    src = tmp_path / "ok.kvc"
+    src.write_bytes(default_kvc)
+    for args in (["decode", src, "-o", tmp_path / "no\x1b[2Jdir" / "x.safetensors"],
+                 ["precompute", "foo://x\x1b[2J\nfake", "--store", tmp_path / "s"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "\x1b" not in r.stderr and "\\x1b[2J" in r.stderr
+
+
+def test_a_model_folder_transformers_cannot_load_is_one_line(tmp_path):
+    """--model naming a folder that is not a model (it raised transformers' ValueError)."""
+    src = tmp_path / "doc.txt"
+    src.write_text("A short document.")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"architectures": ["NoSuchModel"]}')
+    for folder in (empty, odd):
+        r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "x.kvc"),
+                                      "--model", str(folder)])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
+        assert r.stderr.startswith(f"error: cannot load a model from {folder}: ")
+        assert r.stderr.count("\n") == 1
+
+
+def test_an_output_in_a_missing_folder_is_named_as_given(tmp_path, default_kvc):
+    """The error names the output path, not the temp file the atomic write uses."""
+    src = tmp_path / "ok.kvc"
+    src.write_bytes(default_kvc)
+    out = tmp_path / "missing" / "x.safetensors"
+    r = CliRunner().invoke(main, ["decode", str(src), "-o", str(out)])
+    assert r.exit_code == 1 and r.stderr == f"error: No such file or directory: {out}\n"

@@ -1,6 +1,8 @@
 """The precompute job's corpus reader: input forms, formats, ids, skip reasons, count()."""
 import gzip
 import json
+import re
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -173,6 +175,96 @@ def test_compressed_jsonl_and_text(tmp_path):
     assert got[-1].id == str(tmp_path / "bad.txt.gz") and "cannot decompress" in got[-1].reason
 
 
+def test_every_compression_reads_jsonl_by_line_and_text(tmp_path):
+    """.gz, .bz2, .xz, .lzma and .zst (several frames too): JSONL line by line (a zstd
+    stream used to fail, having no readline), text whole."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    docs = real_docs(6)
+    data = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)).encode()
+    half = data.index(b"\n", len(data) // 2) + 1
+    zstd = zstandard.ZstdCompressor()
+    packers = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+               "lzma": lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
+               "zst": zstd.compress}
+    for ext, pack in packers.items():
+        (tmp_path / f"rows.jsonl.{ext}").write_bytes(pack(data))
+        (tmp_path / f"doc.txt.{ext}").write_bytes(pack(docs[0].encode()))
+    (tmp_path / "frames.jsonl.zst").write_bytes(zstd.compress(data[:half])
+                                                + zstd.compress(data[half:]))
+    for ext in [*packers, "frames"]:
+        rows = f"frames.jsonl.zst" if ext == "frames" else f"rows.jsonl.{ext}"
+        inputs = [tmp_path / rows] + ([] if ext == "frames" else [tmp_path / f"doc.txt.{ext}"])
+        got = items(Corpus(inputs, id_field="id"))
+        assert [d.text for d in got] == docs + ([] if ext == "frames" else [docs[0]]), ext
+        assert [d.id for d in got[:6]] == [str(i) for i in range(6)]
+
+
+def test_damaged_compressed_files_are_skipped(tmp_path):
+    """A damaged or truncated .bz2 / .zst / .xz file is a skip, like a damaged .gz,
+    and the job goes on (a bz2 or zstd error used to end it; a zstd file cut short was
+    read as a shorter document)."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    docs = real_docs(20)
+    data = "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+    text = docs[0].encode()
+    packers = {"bz2": bz2.compress, "xz": lzma.compress,
+               "zst": zstandard.ZstdCompressor().compress}
+    for ext, pack in packers.items():
+        rows, doc = pack(data), pack(text)
+        (tmp_path / f"cut.jsonl.{ext}").write_bytes(rows[:len(rows) * 3 // 4])
+        (tmp_path / f"cut.txt.{ext}").write_bytes(doc[:len(doc) // 2])
+        (tmp_path / f"garbage.txt.{ext}").write_bytes(doc[:6] + b"\xff" * 64)
+    (tmp_path / "tail.txt.zst").write_bytes(packers["zst"](text) + b"junk")
+    for ext in packers:
+        got = items(Corpus([tmp_path / f"cut.jsonl.{ext}", tmp_path / f"cut.txt.{ext}",
+                            tmp_path / f"garbage.txt.{ext}"]))
+        rows = [i for i in got if i.source.endswith(f"cut.jsonl.{ext}")]
+        assert all(isinstance(i, Document) for i in rows[:-1]), ext
+        assert rows[-1].reason.startswith("cannot decompress after line"), (ext, rows[-1])
+        assert rows[-1].id == str(tmp_path / f"cut.jsonl.{ext}")
+        assert [i.text for i in rows[:-1]] == docs[:len(rows) - 1]
+        for name in ("cut.txt", "garbage.txt"):
+            skip = by_id(got)[str(tmp_path / f"{name}.{ext}")]
+            assert isinstance(skip, Skipped) and skip.reason.startswith("cannot decompress ("), (
+                ext, name, skip)
+    tail = items(Corpus(tmp_path / "tail.txt.zst"))
+    assert len(tail) == 1 and tail[0].reason.startswith("cannot decompress (")
+
+
+def test_a_compressed_file_that_cannot_be_read_stops_the_job(tmp_path, monkeypatch):
+    """Damaged data is skipped, but a failure to read the file itself (a disk or
+    network error) is not taken for damage: it is raised, as for an uncompressed file."""
+    import bz2
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    path = tmp_path / "doc.txt.bz2"
+    path.write_bytes(bz2.compress(real_docs(1)[0].encode()))
+    corpus = Corpus(path)
+
+    error = OSError(errno.EIO, "Input/output error")
+
+    def failing_read(self, *args):
+        raise error
+
+    monkeypatch.setattr(LocalFileOpener, "read", failing_read)
+    with pytest.raises(OSError, match="Input/output error"):
+        list(corpus)
+    # Another error of a filesystem (a remote one's missing credentials): one clear line.
+    error = RuntimeError("Unable to locate credentials")
+    with pytest.raises(BackendError, match=r"cannot read .*doc.txt.bz2: RuntimeError: Unable"):
+        list(corpus)
+
+
 @pytest.fixture
 def parquet_dir(tmp_path):
     pa = pytest.importorskip("pyarrow")
@@ -248,6 +340,33 @@ def test_memory_filesystem():
             Corpus("memory://kvc-corpus/none")
     finally:
         fs.rm("/kvc-corpus", recursive=True)
+
+
+def test_bad_urls_and_remote_errors_are_clear(monkeypatch):
+    """An unknown protocol, a protocol whose package is missing, and a remote
+    filesystem's own error while listing (no credentials) are one-line KVCodecErrors
+    (they were a ValueError, an ImportError and botocore's error)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    with pytest.raises(ConfigError, match="corpus input foo://x: Protocol not known: foo"):
+        Corpus("foo://x")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+        m.delitem(_registry, "s3", raising=False)
+        with pytest.raises(BackendError, match=r"s3://b/x.jsonl: .*s3fs.*"
+                                               r"pip install kvcodec-toolkit\[s3\]"):
+            Corpus("s3://b/x.jsonl")
+
+    def no_credentials(self, *args, **kwargs):
+        raise RuntimeError("Unable to locate credentials")
+
+    monkeypatch.setattr(MemoryFileSystem, "exists", no_credentials)
+    monkeypatch.setattr(MemoryFileSystem, "glob", no_credentials)
+    for spec in ("memory://corpus/x.jsonl", "memory://corpus/*.jsonl"):
+        with pytest.raises(BackendError, match=f"corpus input {re.escape(spec)}: cannot list "
+                                               r"it \(RuntimeError: Unable to locate"):
+            Corpus(spec)
 
 
 def test_s3_via_moto(s3_endpoint):

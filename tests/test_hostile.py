@@ -159,3 +159,49 @@ def test_a_tables_bomb_is_cut_at_a_budget_proportional_to_its_size(small, tmp_pa
     assert rc == 0 and "REFUSED CorruptError" in out, out[-2000:]
     budget = (ZSTD_FLOOR + ZSTD_RATIO * len(bomb)) / 2 ** 20
     assert growth < budget + 64, f"{growth} MB for a {len(bomb)}-byte section (budget {budget})"
+
+
+def test_inspect_escapes_every_string_from_the_file(small, tmp_path):
+    """Header and config strings with terminal escapes (clear screen, set the title, a
+    CR/LF that would fake a row) are printed escaped, each row on one line; the JSON
+    output keeps them exact (JSON escapes them)."""
+    with kvcodec.open(small) as f:
+        config = dict(f.config)
+    name = "evil\x1b[2J\x1b]0;title\x07\u202e"
+    config.update(name=name, model_key="key", model_name="m\x1b[31m")
+    arch = "Llama\x1b[2J\r\nfake: row"
+    path = tmp_path / "evil.kvc"
+    path.write_bytes(rebuild(small, {"model": {"architecture": arch}}, replace={
+        "config": zstandard.ZstdCompressor().compress(json.dumps(config).encode())}))
+    plain = tmp_path / "plain.kvc"
+    plain.write_bytes(small)
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    assert not any(c in r.output for c in "\x1b\x07\r\u202e")
+    assert "Llama\\x1b[2J\\r\\nfake: row layers=3" in r.output
+    assert "evil\\x1b[2J\\x1b]0;title\\x07\\u202e (calibrated for m\\x1b[31m)" in r.output
+    rows = CliRunner().invoke(main, ["inspect", str(plain)]).output.splitlines()
+    assert len(r.output.splitlines()) == len(rows)
+    r = CliRunner().invoke(main, ["inspect", "--json", str(path)])
+    assert "\x1b" not in r.output
+    info = json.loads(r.output)
+    assert info["config"] == name and info["model"]["architecture"] == arch
+
+
+@pytest.mark.parametrize("value", [None, "", 5])
+def test_inspect_of_a_config_without_a_name(small, tmp_path, value):
+    """A config whose name is absent, empty or not a string: `inspect` prints its table
+    (it raised TypeError on concatenating None)."""
+    with kvcodec.open(small) as f:
+        config = dict(f.config)
+    if value is None:
+        config.pop("name")
+    else:
+        config["name"] = value
+    path = tmp_path / "unnamed.kvc"
+    path.write_bytes(rebuild(small, replace={
+        "config": zstandard.ZstdCompressor().compress(json.dumps(config).encode())}))
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0, r.exception
+    config_row = next(line for line in r.output.splitlines() if line.startswith("config"))
+    assert config_row.split()[1] == ("5" if value == 5 else "unnamed")

@@ -297,3 +297,110 @@ def test_a_window_that_fails_to_prefill_fails_only_its_document(lm, corpus_docs,
                        progress=False, spec=JobSpec(batch_tokens=batch_tokens))
         assert (s.done, s.failed) == (2, 1)
         assert s.problems[0]["id"] == "doc1" and "simulated" in s.problems[0]["reason"]
+
+
+def test_a_manifest_write_that_fails_stops_the_job_and_a_rerun_resumes(lm, tmp_path,
+                                                                       monkeypatch):
+    """A full disk when the encoder thread records a finished document: the job raises
+    that error (it used to hang, the calling thread blocked on the full queue of a dead
+    encoder), leaves only whole files, and the same job run again finishes the store."""
+    import errno
+    import threading
+
+    from kvcodec.jobs.manifest import Manifest
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Document {i}: a short "
+                                        "one about the weather."}) + "\n" for i in range(4)))
+    store = tmp_path / "s"
+    spec = JobSpec(batch_tokens=1)  # a batch per window: more batches than the queue holds
+
+    def disk_full(self, text, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Manifest, "put", disk_full)
+    outcome = []
+
+    def job():
+        try:
+            precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            outcome.append(exc)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(300)  # a guard against the hang, not a timing threshold
+    assert not thread.is_alive(), "the job hung after its manifest write failed"
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.ENOSPC
+    assert not list(store.rglob("*.tmp")) and not (store / "manifest").exists()
+    for entry in store.rglob("*.kvc"):
+        kvcodec.open(entry).close()  # whole and checksummed
+
+    monkeypatch.undo()
+    s = precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+    assert (s.done + s.already_stored, s.failed) == (4, 0)
+    again = precompute([str(path)], store, model=lm, id_field="id", progress=False, spec=spec)
+    assert (again.already_stored, again.tokens_prefilled) == (4, 0)
+
+
+def test_cli_precompute_skips_damaged_compressed_inputs(lm, tmp_path):
+    """A damaged .bz2 or .zst input is reported as skipped and the job goes on (it used
+    to stop the job with a traceback)."""
+    import bz2
+
+    import zstandard
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    (tmp_path / "a.txt.bz2").write_bytes(b"BZh91AY&SY" + b"\xff" * 64)
+    rows = zstandard.ZstdCompressor().compress(b'{"text": "%d"}\n' % 7 * 10)
+    (tmp_path / "b.jsonl.zst").write_bytes(rows[:len(rows) // 2])
+    (tmp_path / "c.txt.bz2").write_bytes(bz2.compress(b"some text")[:20])
+    res = CliRunner().invoke(main, ["precompute", str(tmp_path / "*.*"), "--store",
+                                    str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "3 skipped" in res.output and "Traceback" not in res.output
+
+
+def _cli_error(args) -> str:
+    """The one line `kvcodec ARGS` prints on stderr, checking it exits 1 without a
+    traceback."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert isinstance(res.exception, SystemExit), res.exception  # not an uncaught error
+    assert res.exit_code == 1 and res.stderr.startswith("error: "), res.output
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    return res.stderr
+
+
+def test_cli_precompute_unknown_url_protocol_is_one_line(tmp_path):
+    err = _cli_error(["precompute", "foo://x/docs.jsonl", "--store", tmp_path / "s"])
+    assert "corpus input foo://x/docs.jsonl: Protocol not known: foo" in err
+
+
+def test_cli_precompute_s3_input_without_s3fs_says_what_to_install(tmp_path, monkeypatch):
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    monkeypatch.delitem(_registry, "s3", raising=False)  # nor imported by an earlier test
+    err = _cli_error(["precompute", "s3://bucket/docs.jsonl", "--store", tmp_path / "s"])
+    assert "s3://bucket/docs.jsonl" in err and "pip install kvcodec-toolkit[s3]" in err
+
+
+def test_cli_precompute_summary_escapes_ids_from_the_corpus(lm, tmp_path):
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"id": "x\x1b[2J\rfake", "text": " "}) + "\n")
+    res = CliRunner().invoke(main, ["precompute", str(path), "--id-field", "id", "--store",
+                                    str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\r" not in res.output
+    assert "skipped: x\\x1b[2J\\rfake: line 1: empty text" in res.output

@@ -159,6 +159,34 @@ def test_unknown_protocols_and_missing_packages_say_what_to_do(lm, monkeypatch):
         ChunkStore("s3://bucket/x", lm.fingerprint)
 
 
+def test_a_store_filesystem_failing_with_its_own_errors_raises_oserror(tmp_path, lm,
+                                                                        monkeypatch):
+    """A remote filesystem's own exceptions (botocore's NoCredentialsError is not an
+    OSError) become an OSError naming the store: a job stops on it as on any store it
+    cannot reach, and the CLI prints it as one line (it was an uncaught traceback)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class NoCredentialsError(Exception):
+        pass
+
+    def no_credentials(self, *args, **kwargs):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    url = f"memory://kv-{uuid.uuid4().hex}"
+    store = ChunkStore(url, lm.fingerprint, CONFIG)
+    for method in ("info", "cat_file", "pipe_file", "find"):
+        monkeypatch.setattr(MemoryFileSystem, method, no_credentials)
+    message = rf"store {url}: NoCredentialsError: Unable to locate credentials"
+    with pytest.raises(OSError, match=message):
+        store.lookup(list(range(300)))
+    with pytest.raises(OSError, match=message):
+        store.read_object("manifest/job/doc.json")
+    with pytest.raises(OSError, match=message):
+        store.write_object("manifest/job/doc.json", b"{}")
+    with pytest.raises(OSError, match=message):
+        list(store.entries())
+
+
 def test_file_urls_are_local_stores(tmp_path, lm):
     store = ChunkStore(f"file://{tmp_path}/s", lm.fingerprint)
     assert store.root == tmp_path / "s" and os.path.isdir(store.root)

@@ -119,10 +119,14 @@ def atomic_write(path, data: bytes) -> None:
 
     The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the
     umask), not ``mkstemp``'s 0600: a store filled by one user (a batch job) is read by
-    another (the server)."""
+    another (the server). An OSError names ``path``, not the temp file."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a missing folder, no permission: named by the temp file
+        exc.filename = str(path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -130,11 +134,13 @@ def atomic_write(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            exc.filename = str(path)
         raise
     try:  # make the rename itself durable
         dfd = os.open(directory, os.O_RDONLY)

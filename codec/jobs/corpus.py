@@ -8,7 +8,8 @@ the literal part of a glob, files and directories whose names start with "." are
 input that matches no file is a ConfigError, raised by ``Corpus(...)`` before any work.
 
 The format follows the extension (case-insensitive), after a compression suffix
-(``.gz``, ``.bz2``, ``.xz``, ``.zst``) that is decompressed on the fly:
+(``.gz``, ``.bz2``, ``.xz``, ``.lzma``, ``.zst``) that is decompressed on the fly (a
+damaged or truncated compressed file is skipped from where it breaks, like a bad row):
 
 - ``.jsonl`` / ``.ndjson``: one JSON object per non-blank line, text in ``text_field``.
 - ``.parquet``: one row per document, text in the ``text_field`` column (read in batches).
@@ -21,33 +22,30 @@ is the absolute local path, or the URL of a remote file.
 
 Iterating yields a ``Document`` for each usable text and a ``Skipped`` (with a one-line
 reason) for each unusable row or file, so a job can record what it left out; only input
-resolution, a missing pyarrow and I/O failures raise. Everything streams: no file is loaded whole except a
-text file, which is a single document anyway.
+resolution, a missing pyarrow and failures to read a file (an ``OSError``, or a
+:class:`BackendError` for other errors of a remote filesystem) raise. Everything streams:
+no file is loaded whole except a text file, which is a single document anyway.
 """
 from __future__ import annotations
 
 import codecs
-import gzip
 import json
-import lzma
 import os
 import re
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec.utils
-from fsspec.core import has_magic, url_to_fs
+from fsspec.core import has_magic
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, KVCodecError
+from ..store.backends import filesystem
+from .streams import COMPRESSIONS, DAMAGED, ReadError, open_stream
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
-_STREAM_COMPRESSIONS = {"gzip", "bz2", "xz", "lzma", "zstd"}
-# Damaged compressed data: the file is skipped rather than ending the job.
-_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -81,6 +79,10 @@ class _File:
 
     def open(self):
         return self.fs.open(self.path, "rb", compression=self.compression)
+
+    def stream(self):
+        """The decompressed bytes of a text or JSONL file (:func:`streams.open_stream`)."""
+        return open_stream(self.fs, self.path, self.compression)
 
 
 class Corpus:
@@ -141,9 +143,11 @@ class Corpus:
     def _read_text(self, file: _File) -> Document | Skipped:
         src = file.source
         try:
-            with file.open() as f:
+            with file.stream() as f:
                 data = f.read()
-        except _DECOMPRESS_ERRORS as exc:
+        except ReadError as exc:
+            raise exc.reraise(src) from None
+        except DAMAGED as exc:
             return Skipped(src, src, f"cannot decompress ({_one_line(exc)})")
         nul = data.find(b"\0", 0, _BINARY_PROBE)
         if nul >= 0:
@@ -254,7 +258,7 @@ class Corpus:
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
     """The files one input names, sorted by path, hidden ones below it left out."""
-    fs, path = url_to_fs(spec, **storage_options)
+    fs, path = filesystem(spec, storage_options, "corpus input")
     if has_magic(path):
         first_magic = min(path.find(c) for c in "*?[" if c in path)
         cut = path.rfind("/", 0, first_magic)
@@ -266,24 +270,30 @@ def _resolve(spec: str, storage_options: dict) -> list[_File]:
     def visible(p):
         return not any(part.startswith(".") for part in p.split("/")[depth:])
 
-    if has_magic(path):
-        matches = {p: info for p, info in fs.glob(path, detail=True).items() if visible(p)}
-        paths, tops = [], []  # tops: matched directories not inside another one
-        for p in sorted(matches, key=lambda p: p.split("/")):
-            if matches[p].get("type") != "directory":
-                paths.append(p)
-            elif not tops or not p.startswith(tops[-1] + "/"):
-                tops.append(p)
-                paths += fs.find(p)
-    else:
-        paths = fs.find(path) if fs.exists(path) else []
+    try:
+        if has_magic(path):
+            matches = {p: info for p, info in fs.glob(path, detail=True).items() if visible(p)}
+            paths, tops = [], []  # tops: matched directories not inside another one
+            for p in sorted(matches, key=lambda p: p.split("/")):
+                if matches[p].get("type") != "directory":
+                    paths.append(p)
+                elif not tops or not p.startswith(tops[-1] + "/"):
+                    tops.append(p)
+                    paths += fs.find(p)
+        else:
+            paths = fs.find(path) if fs.exists(path) else []
+    except (OSError, KVCodecError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a remote filesystem's own errors (credentials...)
+        raise BackendError(f"corpus input {spec}: cannot list it ({type(exc).__name__}: "
+                           f"{_one_line(exc)})") from None
     paths = sorted(set(filter(visible, paths)))
     if not paths:
         raise ConfigError(f"corpus input {spec!r} matches no files")
     files = []
     for p in paths:
         compression = fsspec.utils.infer_compression(p)
-        if compression not in _STREAM_COMPRESSIONS:
+        if compression not in COMPRESSIONS:
             compression = None
         name = p.lower()
         if compression:
@@ -300,13 +310,15 @@ def _jsonl_lines(file: _File):
     """(line number, bytes) of each non-blank line of a JSONL file; when its compressed
     stream is damaged, a last (None, reason). Shared by iteration and count()."""
     n = 0
-    with file.open() as f:
-        try:
+    try:
+        with file.stream() as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     yield n, line
-        except _DECOMPRESS_ERRORS as exc:
-            yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
+    except ReadError as exc:
+        raise exc.reraise(file.source) from None
+    except DAMAGED as exc:
+        yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
 def _pyarrow():

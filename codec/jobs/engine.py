@@ -15,7 +15,11 @@ Errors
     a batch that fails is retried window by window so one bad window does not fail its
     neighbours. A store that cannot be written (``OSError``: full disk, no permission,
     unreachable object store) stops the job, since every later write would fail too:
-    the same command resumes it.
+    the same command resumes it. So does any other failure of the encoder thread outside
+    one document's entries (a manifest record that cannot be written, a bug): the
+    encoder records it and keeps draining the queue, so the calling thread never waits
+    on a full queue, stops at its next hand-off and raises it. Every write is atomic
+    (temp and rename), so a stopped job leaves only whole entries and records.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from .plan import LOOKAHEAD, JobSpec, batches, windows
 from .report import DocResult
 
 QUEUE = 2  # prefilled batches waiting for the encoder
+HANDOFF_POLL_S = 1.0  # how often a hand-off to a full queue checks the encoder is alive
 
 
 @dataclass
@@ -100,6 +105,20 @@ class Engine:
                                    name="kvcodec-encode", daemon=True)
         encoder.start()
         pending: list = []
+
+        def hand_off(item) -> None:
+            # The encoder drains the queue until None, even after a failure; the timeout
+            # only guards against it having died some other way.
+            while True:
+                try:
+                    work.put(item, timeout=HANDOFF_POLL_S)
+                    return
+                except queue.Full:
+                    if not encoder.is_alive():
+                        if not failure:
+                            failure.append(RuntimeError("the encoder thread stopped"))
+                        return
+
         try:
             for item in items:
                 if failure:
@@ -109,12 +128,12 @@ class Engine:
                     continue
                 pending.extend(self._plan(item, emit))
                 if len(pending) >= LOOKAHEAD:
-                    self._prefill(pending, work, failure)
+                    self._prefill(pending, hand_off, failure)
                     pending = []
             if pending and not failure:
-                self._prefill(pending, work, failure)
+                self._prefill(pending, hand_off, failure)
         finally:
-            work.put(None)
+            hand_off(None)
             encoder.join()
         if failure:
             raise failure[0]
@@ -171,7 +190,7 @@ class Engine:
             n += chunks
         return n
 
-    def _prefill(self, pending: list, work, failure) -> None:
+    def _prefill(self, pending: list, hand_off, failure) -> None:
         for group in batches(pending, lambda w: len(w.ids), self.spec.batch_tokens):
             if failure:
                 return
@@ -181,7 +200,7 @@ class Engine:
             tokens = sum(len(w.ids) for w in group)
             for w in group:
                 w.doc.result.prefill_s += dt * len(w.ids) / tokens
-            work.put(list(zip(group, kvs)))
+            hand_off(list(zip(group, kvs)))
 
     def _capture(self, group: list) -> list:
         """KV (or the exception it raised) of each window of ``group``."""
@@ -214,22 +233,30 @@ class Engine:
                 return
             if failure:
                 continue  # drain: the job is stopping
-            for w, kv in item:
-                try:
-                    if isinstance(kv, BaseException):
-                        raise kv
-                    t = time.perf_counter()
-                    self._store(w, kv)
-                    w.doc.result.codec_s += time.perf_counter() - t
-                except OSError as exc:
-                    failure.append(exc)
-                    break
-                except Exception as exc:  # noqa: BLE001 - this document fails, the job goes on
-                    w.doc.failed.append(_describe(exc))
-                w.doc.result.tokens_prefilled += len(w.ids)
-                w.doc.left -= 1
-                if w.doc.left == 0:
-                    self._finish(w.doc, emit)
+            try:
+                self._encode(item, emit, failure)
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                failure.append(exc)
+
+    def _encode(self, item: list, emit, failure) -> None:
+        """Store the entries of one prefilled batch; a document whose entries are all
+        stored gets its manifest record (a failure there stops the job)."""
+        for w, kv in item:
+            try:
+                if isinstance(kv, BaseException):
+                    raise kv
+                t = time.perf_counter()
+                self._store(w, kv)
+                w.doc.result.codec_s += time.perf_counter() - t
+            except OSError as exc:
+                failure.append(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - this document fails, the job goes on
+                w.doc.failed.append(_describe(exc))
+            w.doc.result.tokens_prefilled += len(w.ids)
+            w.doc.left -= 1
+            if w.doc.left == 0:
+                self._finish(w.doc, emit)
 
     def _store(self, w: _Window, kv) -> None:
         r = w.doc.result

@@ -199,9 +199,14 @@ def load_model(name=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     path = resolve_model_path(name)
     key = f"{path}:{dtype}"
     if key not in _LOADED:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
+            lines = str(exc).strip().splitlines()
+            raise BackendError(f"cannot load a model from {path}: {type(exc).__name__}: "
+                               f"{lines[0] if lines else ''}".rstrip(": ")) from None
         model.eval()
-        tok = AutoTokenizer.from_pretrained(path)
         _LOADED[key] = LoadedModel(model, tok, fingerprint(model.config, tok, model))
     return _LOADED[key]
 

@@ -25,12 +25,13 @@ filesystem library raises of its own types): the environment failed, not the byt
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 import uuid
 from pathlib import Path
 
-from ..errors import AccessError, BackendError, ConfigError, CorruptError
+from ..errors import AccessError, BackendError, ConfigError, CorruptError, KVCodecError
 from ..format.container import atomic_write
 
 # fsspec protocols whose writes are single atomic PUTs (no rename, no folders).
@@ -41,25 +42,39 @@ EXTRAS = {"s3": "kvcodec-toolkit[s3]", "s3a": "kvcodec-toolkit[s3]", "gs": "gcsf
           "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 
 
+def filesystem(url: str, storage_options: dict | None = None, what: str = "store"):
+    """``(fs, path)`` of a path or fsspec URL (``fsspec.core.url_to_fs``), or a one-line
+    error naming ``what`` it is: a :class:`BackendError` saying what to install when the
+    protocol's package is missing (fsspec's ImportError), a :class:`ConfigError` for a
+    protocol fsspec does not know (its ValueError) or options its filesystem refuses."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0].split("::")[-1] if "://" in url else "file"
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        need = EXTRAS.get(protocol)
+        hint = f"; pip install {need}" if need else ""
+        raise BackendError(f"{what} {url}: {_first_line(exc)}{hint}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} {url}: {_first_line(exc)}; give a local path or a URL "
+                          "fsspec knows (s3://, gs://, memory://, ...)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def open_backend(root, storage_options: dict | None = None):
     """The backend of ``root``: a local path or ``file://`` URL, or any other fsspec URL
     (``storage_options`` go to its filesystem, on top of fsspec's config and the
     environment, e.g. AWS credentials)."""
     if not isinstance(root, str) or "://" not in root:
         return LocalBackend(root)
-    import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    protocol = root.split("://", 1)[0].split("::")[-1]
-    try:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    except ImportError as exc:
-        need = EXTRAS.get(protocol)
-        hint = f"; pip install {need}" if need else ""
-        raise BackendError(f"store {root}: {exc}{hint}") from None
-    except ValueError as exc:
-        raise ConfigError(f"store {root}: {exc}; give a directory or a URL fsspec knows "
-                          "(s3://, gs://, memory://, ...)") from None
+    fs, path = filesystem(root, storage_options, "store")
     if isinstance(fs, LocalFileSystem):
         return LocalBackend(path)
     return FsspecBackend(fs, path, root)
@@ -193,11 +208,37 @@ class LocalBackend:
         return removed
 
 
+class _Guarded:
+    """An fsspec filesystem whose calls raise OSError for the filesystem's own errors
+    (botocore's NoCredentialsError...), so that an unreachable store is one clear error
+    that stops a job, like any store that cannot be written."""
+
+    def __init__(self, fs, url: str):
+        self._fs, self._url = fs, url
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except (OSError, KVCodecError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the filesystem's own error types
+                raise AccessError(errno.EIO, f"store {self._url}: {type(exc).__name__}: "
+                                  f"{_first_line(exc)}") from exc
+        return call
+
+
 class FsspecBackend:
     """A folder of an fsspec filesystem; locations are URLs (``root + "/" + rel``)."""
 
     def __init__(self, fs, path: str, url: str):
-        self.fs, self.path, self.root = fs, path.rstrip("/"), url.rstrip("/")
+        self.fs = _Guarded(fs, url.rstrip("/"))
+        self.path, self.root = path.rstrip("/"), url.rstrip("/")
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
         self.object_store = bool(protocols & OBJECT_STORES)
 
