@@ -8,6 +8,7 @@ import pytest
 import torch
 from kvcodec import evict
 from kvcodec.errors import BackendError, ConfigError, KVCodecError, ShapeError
+from kvcodec.core.kvcache import KVCache
 from kvcodec.store import ChunkStore
 from kvcodec.store.backends import FsspecBackend
 
@@ -163,7 +164,8 @@ def test_a_store_filesystem_failing_with_its_own_errors_raises_oserror(tmp_path,
                                                                         monkeypatch):
     """A remote filesystem's own exceptions (botocore's NoCredentialsError is not an
     OSError) become an OSError naming the store: a job stops on it as on any store it
-    cannot reach, and the CLI prints it as one line (it was an uncaught traceback)."""
+    cannot reach, and the CLI prints it as one line (it was an uncaught traceback); a
+    reader's lookup is a miss."""
     from fsspec.implementations.memory import MemoryFileSystem
 
     class NoCredentialsError(Exception):
@@ -177,8 +179,10 @@ def test_a_store_filesystem_failing_with_its_own_errors_raises_oserror(tmp_path,
     for method in ("info", "cat_file", "pipe_file", "find"):
         monkeypatch.setattr(MemoryFileSystem, method, no_credentials)
     message = rf"store {url}: NoCredentialsError: Unable to locate credentials"
+    assert store.lookup(list(range(300))) == []  # a reader's lookup: a logged miss
     with pytest.raises(OSError, match=message):
-        store.lookup(list(range(300)))
+        store.put(KVCache([torch.zeros(1, 3, 2, 64)] * 30, [torch.zeros(1, 3, 2, 64)] * 30,
+                          [1, 2], lm.fingerprint))
     with pytest.raises(OSError, match=message):
         store.read_object("manifest/job/doc.json")
     with pytest.raises(OSError, match=message):

@@ -19,8 +19,8 @@ Reads return the bytes with their *identity* (inode, size and mtime on a local d
 ETag or generation and size on an object store), and :meth:`quarantine` moves an object
 aside only if it still is those bytes: a reader that found damage never moves aside the
 good entry a writer has put in its place since. Whatever a backend fails on that is not
-the object's absence is an ``OSError`` (:class:`~kvcodec.errors.AccessError` for errors a
-filesystem library raises of its own types): the environment failed, not the bytes.
+the object's absence is an ``OSError`` (:class:`~kvcodec.errors.AccessError` for the
+errors a filesystem library raises of its own types, e.g. botocore's): the environment failed, not the bytes.
 """
 from __future__ import annotations
 
@@ -91,10 +91,6 @@ def _object_identity(info: dict) -> tuple:
                                   "mtime", "LastModified", "last_modified", "created")
                 if info.get(k) is not None), None)
     return (str(tag), int(info.get("size") or 0))
-
-
-def _access(where: str, exc: Exception) -> AccessError:
-    return AccessError(errno.EIO, f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _temp_name(name: str) -> str:
@@ -268,12 +264,7 @@ class FsspecBackend:
         return self.fs.cat_file(self._full(rel))
 
     def _info(self, rel: str) -> dict:
-        try:
-            return self.fs.info(self._full(rel))
-        except OSError:
-            raise
-        except Exception as exc:  # a library's own network or credentials error
-            raise _access(self.location(rel), exc) from None
+        return self.fs.info(self._full(rel))
 
     def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
         """The bytes of ``rel`` (CorruptError if over ``limit``, checked before they are
@@ -283,12 +274,7 @@ class FsspecBackend:
         if size > limit:
             raise CorruptError(f"{self.location(rel)}: {size} bytes, more than the {limit} "
                                "an entry of its tokens can need")
-        try:
-            data = self.fs.cat_file(self._full(rel))
-        except OSError:
-            raise
-        except Exception as exc:
-            raise _access(self.location(rel), exc) from None
+        data = self.fs.cat_file(self._full(rel))
         if len(data) != size:  # replaced between the two requests
             raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
         return data, _object_identity(info)
