@@ -53,6 +53,15 @@ def chat_options(fn):
                              "it begins.")(fn)
 
 
+def salt_option(fn):
+    """``--salt``: a tenant's key salt (vLLM's ``cache_salt``), also from $KVCODEC_SALT so
+    that the secret need not show in the process list."""
+    return click.option("--salt", default=None, envvar="KVCODEC_SALT",
+                        help="The tenant's salt (vLLM's cache_salt; or $KVCODEC_SALT): part "
+                             "of every store key, so only requests of that salt hit the "
+                             "entries.")(fn)
+
+
 def check_chat(chat, system):
     if system is not None and not chat:
         raise click.UsageError("--system goes with --chat")

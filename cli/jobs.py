@@ -5,7 +5,7 @@ import click
 
 from kvcodec.errors import KVCodecError
 
-from .common import chat_options, check_chat, model_option, printable
+from .common import chat_options, check_chat, model_option, printable, salt_option
 
 
 @click.command()
@@ -44,9 +44,10 @@ from .common import chat_options, check_chat, model_option, printable
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr.")
 @chat_options
+@salt_option
 def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, independent,
                evict, batch_tokens, runner, num_workers, address, report_path, progress,
-               chat, system):
+               chat, system, salt):
     """Batch job: prefill every document of INPUTS once and store its KV chunks.
 
     INPUTS are text files, directories, globs, JSONL or Parquet files (local paths or
@@ -58,7 +59,8 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
 
     check_chat(chat, system)
     spec = JobSpec(configs=configs, independent=independent, evict=evict,
-                   max_tokens=max_tokens, batch_tokens=batch_tokens, chat=chat, system=system)
+                   max_tokens=max_tokens, batch_tokens=batch_tokens, chat=chat, system=system,
+                   salt=salt)
     summary = run(list(inputs), store, model=model, spec=spec, runner=runner,
                   num_workers=num_workers, address=address, text_field=text_field,
                   id_field=id_field, progress=progress)

@@ -9,7 +9,7 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from .common import Status, chat_options, check_chat, model_option
+from .common import Status, chat_options, check_chat, model_option, salt_option
 
 
 @click.command()
@@ -52,8 +52,10 @@ from .common import Status, chat_options, check_chat, model_option
               help="The document and --prompt are one user turn of the model's chat template "
                    "(after --system), answered by the assistant; the store or file must have "
                    "been made with --chat too.")
+@salt_option
 def generate(files, model, blend_mode, docs, system, recompute, selector, context, store_dir,
-             text_file, configs, bandwidth, budget, prompt, max_new_tokens, compare, chat):
+             text_file, configs, bandwidth, budget, prompt, max_new_tokens, compare, chat,
+             salt):
     """Continue from a cached document plus a new prompt, without prefilling the document.
 
     With --blend, several cached documents are fused into one prompt (CacheBlend-style
@@ -70,7 +72,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
                                    "no chat template)")
         return _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
                       max_new_tokens, compare, bool(context or text_file or configs or
-                                                    bandwidth or budget is not None))
+                                                    bandwidth or budget is not None), salt)
     if files or docs:
         raise click.UsageError("FILES and --doc go with --blend")
     check_chat(chat, system)
@@ -100,7 +102,8 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
             doc_ids, rest, source = f.token_ids, [], context
     else:
         cache, doc_ids, rest, source = _from_store(lm, store_dir, text_file, configs or
-                                                   ("default",), bandwidth, budget, chat, system)
+                                                   ("default",), bandwidth, budget, chat, system,
+                                                   salt)
     out = evaluate.greedy_generate(lm, cache, rest + prompt_ids, max_new_tokens)
     elapsed = time.perf_counter() - t
     click.echo(lm.tokenizer.decode(out))
@@ -119,7 +122,7 @@ def generate(files, model, blend_mode, docs, system, recompute, selector, contex
 
 
 def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
-           max_new_tokens, compare, other):
+           max_new_tokens, compare, other, salt=None):
     from kvcodec.blend import Cached, Text, compare_with_prefill, generate as blend_generate
     from kvcodec.store import ChunkStore
 
@@ -137,7 +140,7 @@ def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
     if files:
         segs += [Cached(f, name=f) for f in files]
     else:
-        store = ChunkStore(store_dir, lm.fingerprint)
+        store = ChunkStore(store_dir, lm.fingerprint, salt=salt)
         segs += [Cached(store=store, text=Path(d).read_text(encoding="utf-8", errors="replace"),
                         name=d) for d in docs]
     segs.append(Text(prompt))
@@ -164,7 +167,8 @@ def _store_arg(value):
                              param_hint="--store")
 
 
-def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False, system=None):
+def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False, system=None,
+                salt=None):
     """(cache, document ids, uncached document ids, description) for generate --store."""
     from kvcodec.integrations import adapt, hf
     from kvcodec.store import ChunkStore
@@ -173,7 +177,7 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False
     doc_ids = kvcodec.models.document_ids(lm.tokenizer, text, chat=chat, system=system)
     if not doc_ids:
         raise KVCodecError(f"{text_file} has no tokens")
-    stores = [ChunkStore(store_dir, lm.fingerprint, c) for c in configs]
+    stores = [ChunkStore(store_dir, lm.fingerprint, c, salt=salt) for c in configs]
     if bandwidth is None:
         cache, n = hf.cache_from_store(lm.model, stores[0], doc_ids)
         return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "

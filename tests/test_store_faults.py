@@ -223,3 +223,31 @@ def test_a_store_that_cannot_answer_is_a_miss(filled, monkeypatch, caplog):
         assert store.lookup(ids) == [] and store.cached_tokens(ids) == 0
         assert store.load_prefix(ids) is None
     assert "Network is unreachable" in caplog.text
+
+
+def test_precompute_salt_writes_the_tenants_keys(tmp_path, lm, texts):
+    """``precompute --salt`` (or $KVCODEC_SALT) stores under the tenant's keys: hits for
+    that salt, misses for the unsalted store and for other salts; an unsalted run of the
+    same corpus is another job (it does not skip the salted one's documents)."""
+    from click.testing import CliRunner
+
+    from kvcodec.models import document_ids
+    from kvcodec_cli.main import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(texts["python_license"][:2500])
+    store = tmp_path / "store"
+    run = CliRunner().invoke(main, ["precompute", "--store", str(store), "--no-progress",
+                                    str(doc)], env={"KVCODEC_SALT": "tenant-a"})
+    assert run.exit_code == 0, run.output
+    ids = document_ids(lm.tokenizer, doc.read_text())
+    salted = ChunkStore(store, lm.fingerprint, "default", salt="tenant-a")
+    n = salted.cached_tokens(ids)
+    assert n >= 256
+    assert salted.with_salt(None).cached_tokens(ids) == 0
+    assert salted.with_salt("tenant-b").cached_tokens(ids) == 0
+    run = CliRunner().invoke(main, ["precompute", "--store", str(store), "--no-progress",
+                                    str(doc)], env={"KVCODEC_SALT": None})
+    assert run.exit_code == 0, run.output
+    assert salted.with_salt(None).cached_tokens(ids) == n
+    assert "tenant-a" not in run.output

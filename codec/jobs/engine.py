@@ -66,8 +66,8 @@ class Engine:
 
     def __init__(self, lm, spec: JobSpec, store, *, storage_options=None, threads: int = 1):
         self.lm, self.spec = lm, spec
-        self.stores = [ChunkStore(store, lm.fingerprint, c, storage_options=storage_options)
-                       for c in spec.configs]
+        self.stores = [ChunkStore(store, lm.fingerprint, c, storage_options=storage_options,
+                                  salt=spec.salt) for c in spec.configs]
         for s in self.stores:
             s.threads = threads
         chunk = math.lcm(*(s.chunk_tokens for s in self.stores))

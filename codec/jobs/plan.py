@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.config import load_config
 from ..errors import ConfigError
@@ -57,6 +57,9 @@ class JobSpec:
         after a ``system`` turn if given), as a chat request about it begins.
     system : str or None
         With ``chat``: the system message.
+    salt : str or None
+        The tenant's salt (vLLM's ``cache_salt``), part of every entry's key
+        (:class:`~kvcodec.store.ChunkStore`): only requests of that salt hit them.
     """
 
     configs: tuple = ("default",)
@@ -66,6 +69,7 @@ class JobSpec:
     batch_tokens: int = 4096
     chat: bool = False
     system: str | None = None
+    salt: str | None = field(default=None, repr=False)  # a secret: kept out of reprs
 
     def __post_init__(self):
         object.__setattr__(self, "configs", tuple(self.configs) or ("default",))
@@ -110,6 +114,8 @@ class JobSpec:
             what.append({"prefix": list(prefix)})
         if self.chat:
             what.append({"chat": True, "system": self.system})
+        if self.salt is not None:
+            what.append({"salt": self.salt})
         blob = json.dumps(what, sort_keys=True).encode()
         return hashlib.sha256(b"kvcodec-job-v1" + blob).hexdigest()
 
