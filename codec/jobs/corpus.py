@@ -26,8 +26,10 @@ text file, which is a single document anyway.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
+import io
 import json
 import lzma
 import os
@@ -40,14 +42,21 @@ from typing import Any, Iterator
 import fsspec.utils
 from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+import zstandard
 
 from ..errors import BackendError, ConfigError
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
 _STREAM_COMPRESSIONS = {"gzip", "bz2", "xz", "lzma", "zstd"}
+
+
+class _DamagedStream(Exception):
+    """A zstd or bz2 stream that does not decompress (gzip and xz raise their own)."""
+
+
 # Damaged compressed data: the file is skipped rather than ending the job.
-_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)
+_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError, _DamagedStream)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -80,7 +89,66 @@ class _File:
     compression: str | None
 
     def open(self):
+        if self.compression in _Decompressing.CODECS:
+            return io.BufferedReader(_Decompressing(self.fs.open(self.path, "rb"),
+                                                    self.compression))
         return self.fs.open(self.path, "rb", compression=self.compression)
+
+
+class _Decompressing(io.RawIOBase):
+    """A zstd or bz2 file (one or more frames/streams) as a readable binary file.
+
+    fsspec's own readers do not serve here: zstd's cannot be read by lines (JSONL) and
+    returns a truncated frame's partial contents as if complete, bz2's raises a bare
+    OSError on damaged data, which reads like an I/O failure. Here damage is a
+    :class:`_DamagedStream` and a truncated stream an EOFError, as gzip and xz have them,
+    while errors of the underlying file pass through as they are."""
+
+    CODECS = {"zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
+              "bz2": bz2.BZ2Decompressor}
+    STEP = 1 << 12  # compressed bytes fed at a time (bounds what one step expands to)
+
+    def __init__(self, raw, codec: str):
+        self._raw, self._new = raw, self.CODECS[codec]
+        self._codec = codec
+        self._obj = None           # the current frame's decompressor
+        self._out, self._at = b"", 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._at == len(self._out) and not self._done:
+            self._step()
+        n = min(len(b), len(self._out) - self._at)
+        b[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _step(self) -> None:
+        data = self._raw.read(self.STEP)
+        if not data:
+            if self._obj is not None and not self._obj.eof:
+                raise EOFError("Compressed file ended before the end-of-stream marker was "
+                               "reached")
+            self._done = True
+            return
+        out = []
+        while data:
+            if self._obj is None or self._obj.eof:
+                self._obj = self._new()
+            try:
+                out.append(self._obj.decompress(data))
+            except (zstandard.ZstdError, OSError, ValueError) as exc:
+                raise _DamagedStream(f"{self._codec}: {exc}") from None
+            data = self._obj.unused_data if self._obj.eof else b""
+        self._out, self._at = b"".join(out), 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 class Corpus:
@@ -188,12 +256,22 @@ class Corpus:
         """Yield (ParquetFile, None), or (None, reason) when the file cannot be used."""
         pa, pq = _pyarrow()
         with file.open() as f:
+            source = _ParquetSource(f)
             try:
-                pf = pq.ParquetFile(f)
-            except pa.ArrowException as exc:
+                if not f.seekable():  # zstd, bz2: a Parquet reader seeks (the footer is last)
+                    source = _ParquetSource(io.BytesIO(source.read()))
+                pf = pq.ParquetFile(source)
+                names = pf.schema_arrow.names
+            except _SourceError as exc:  # an I/O failure
+                raise exc.error from None
+            except _DECOMPRESS_ERRORS as exc:  # reading a compressed file's footer
+                yield None, f"cannot decompress ({_one_line(exc)})"
+                return
+            # pyarrow raises OSError for a footer that does not parse, and UnicodeDecodeError
+            # for column names that are not UTF-8.
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 yield None, f"not a valid Parquet file ({_one_line(exc)})"
                 return
-            names = pf.schema_arrow.names
             missing = [c for c in (self.text_field, self.id_field) if c and c not in names]
             if missing:
                 yield None, f"no column '{missing[0]}' (columns: {', '.join(names)})"
@@ -208,20 +286,25 @@ class Corpus:
                 yield Skipped(src, src, problem)
                 return
             columns = list(dict.fromkeys(c for c in (self.text_field, self.id_field) if c))
-            row = 0
+            row, reason = 0, None
             try:
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-                    texts = batch.column(self.text_field).to_pylist()
-                    ids = (batch.column(self.id_field).to_pylist() if self.id_field
+                    texts = _pylist(batch.column(self.text_field))
+                    ids = (_pylist(batch.column(self.id_field)) if self.id_field
                            else [_MISSING] * len(texts))
                     for text, raw_id in zip(texts, ids):
                         yield self._record(src, f"row {row}", f"{src}#{row}", text, raw_id)
                         row += 1
-            except pa.ArrowException as exc:
-                # Damaged data: the rows not read are skipped, so count() stays exact.
+            except _SourceError as exc:
+                raise exc.error from None
+            except (pa.ArrowException, OSError, *_DECOMPRESS_ERRORS) as exc:
                 reason = f"unreadable Parquet data ({_one_line(exc)})"
-                for r in range(row, pf.metadata.num_rows):
-                    yield Skipped(f"{src}#{r}", src, f"row {r}: {reason}")
+            # Damaged data (an error, or columns that end early, which pyarrow can return
+            # without one): the rows not read are skipped, so count() stays exact.
+            reason = reason or (f"unreadable Parquet data (its columns hold {row} of the "
+                                f"{pf.metadata.num_rows} rows its footer states)")
+            for r in range(row, pf.metadata.num_rows):
+                yield Skipped(f"{src}#{r}", src, f"row {r}: {reason}")
 
     def _record(self, source: str, where: str, default_id: str, text, raw_id):
         """A Document for one JSONL line or Parquet row, or a Skipped saying what is wrong."""
@@ -250,6 +333,47 @@ class Corpus:
         if problem:
             return Skipped(doc_id, source, f"{where}: {problem}")
         return Document(doc_id, text, source)
+
+
+class _SourceError(Exception):
+    """An OSError of the file pyarrow reads, carried past pyarrow, which raises OSError
+    for damaged Parquet data too."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _ParquetSource:
+    """The file a ParquetFile reads, its I/O failures wrapped in :class:`_SourceError`
+    (pyarrow re-raises a Python exception of the file as it is), so that they still raise
+    while pyarrow's own OSErrors about the data make the file a Skipped."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except _DECOMPRESS_ERRORS:
+            raise
+        except OSError as exc:
+            raise _SourceError(exc) from exc
+
+    def read(self, *args):
+        return self._call(self._f.read, *args)
+
+    def readinto(self, *args):
+        return self._call(self._f.readinto, *args)
+
+    def seek(self, *args):
+        return self._call(self._f.seek, *args)
+
+    def tell(self):
+        return self._call(self._f.tell)
 
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
@@ -309,6 +433,28 @@ def _jsonl_lines(file: _File):
             yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """A Parquet value with no Python form (a string that is not UTF-8, a date out of
+    Python's range): its row is skipped."""
+    reason: str
+
+
+def _pylist(column) -> list:
+    """A Parquet column's values; a value that cannot be converted is an _Unreadable (one
+    would fail the whole column's conversion)."""
+    try:
+        return column.to_pylist()
+    except (ValueError, OverflowError):  # UnicodeDecodeError, ArrowInvalid are ValueErrors
+        out = []
+        for i in range(len(column)):
+            try:
+                out.append(column[i].as_py())
+            except (ValueError, OverflowError) as exc:
+                out.append(_Unreadable(_one_line(exc)))
+        return out
+
+
 def _pyarrow():
     try:
         import pyarrow
@@ -328,6 +474,8 @@ def _kind(value) -> str:
 
 
 def _wrong_type(name: str, value, wanted: str) -> str:
+    if isinstance(value, _Unreadable):
+        return f"'{name}' cannot be read ({value.reason})"
     return f"'{name}' is null" if value is None else f"'{name}' is {_kind(value)}, not {wanted}"
 
 
