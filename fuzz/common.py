@@ -208,6 +208,11 @@ class Budget:
                                  f"{time_limit:.2f} s budget ({self.notes})")
 
 
+# KVCODEC_FUZZ_STRICT=1: a CorruptError that untrusted() made of a stray Python error
+# ("malformed file (TypeError: ...)") is a finding too: validation that is implicit.
+STRICT = os.environ.get("KVCODEC_FUZZ_STRICT") == "1"
+
+
 def harness(target):
     """``TestOneInput`` for ``target(data, budget)``: KVCodecError is an answer, any other
     exception a crash, and the budget is checked either way."""
@@ -219,8 +224,9 @@ def harness(target):
         budget.start(len(data))
         try:
             target(data, budget)
-        except KVCodecError:
-            pass
+        except KVCodecError as exc:
+            if STRICT and ": malformed file (" in str(exc):
+                raise AssertionError(f"caught only by untrusted(): {exc}") from exc
         budget.check()
 
     TestOneInput.budget = budget

@@ -38,10 +38,13 @@ def _regressions():
 
 
 @pytest.mark.parametrize("harness,path", _regressions())
-def test_regression_files_pass_their_harness(harness, path):
+def test_regression_files_pass_their_harness(harness, path, monkeypatch):
     """Each input is decoded or refused with a KVCodecError, within its budget (the
-    harness raises anything else, and AssertionError past the budget)."""
-    _harness(harness).TestOneInput(path.read_bytes())
+    harness raises anything else, and AssertionError past the budget), and strictly: by
+    explicit validation, not by untrusted() catching a stray Python error."""
+    module = _harness(harness)
+    monkeypatch.setattr(module.common, "STRICT", True)
+    module.TestOneInput(path.read_bytes())
 
 
 def test_regression_folders_are_harnesses():

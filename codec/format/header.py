@@ -129,8 +129,8 @@ class FileHeader:
             check_geometry(self.num_layers, self.num_tokens, self.channels)
         except ShapeError as exc:
             raise CorruptError(f"{name}: {exc}") from None
-        if h.get("dtype") not in DTYPES:
-            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r}")
+        if not isinstance(h.get("dtype"), str) or h["dtype"] not in DTYPES:
+            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r:.50}")
         self.dtype = DTYPES[h["dtype"]]
         self.num_chunks = (self.num_tokens + self.chunk_tokens - 1) // self.chunk_tokens
         has_ids = h.get("has_token_ids")
