@@ -7,9 +7,9 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BENCH_STAMP := $(VENV)/.bench-installed
 PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensors \
           "transformers>=5.16.1,<5.20" gguf accelerate tqdm pytest hypothesis \
-          fsspec s3fs pyarrow "ray==2.60.*" "moto[server]"
+          fsspec s3fs pyarrow "ray==2.60.*" "moto[server]" "atheris==3.0.*"
 
-.PHONY: demo test build bench bench-models clean
+.PHONY: demo test build fuzz bench bench-models clean
 
 # Re-run when this file changes (a new pin reaches existing venvs too).
 $(DEPS_STAMP): Makefile
@@ -37,6 +37,12 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q tests
+
+# Coverage-guided fuzzing (fuzz/, atheris): every harness for FUZZ_S seconds, two at a
+# time; crash files land in out/fuzz/artifacts/<harness>/. `make test` runs each for 30 s.
+FUZZ_S ?= 60
+fuzz: build
+	$(PY) fuzz/run.py --seconds $(FUZZ_S) --out out/fuzz
 
 $(BENCH_STAMP): $(DEPS_STAMP)
 	$(PIP) install -q constriction torchac

@@ -396,3 +396,80 @@ def test_s3_via_moto(s3_endpoint):
             Corpus("s3://corpus-bucket/d/*.jsonl", storage_options=options)
     finally:
         fs.rm("corpus-bucket", recursive=True)
+
+
+@pytest.mark.parametrize("suffix", [".zst", ".bz2", ".xz"])
+def test_other_compressions_read_by_lines_and_skip_damage(tmp_path, suffix):
+    """Each compression reads JSONL line by line (zstd could not), several frames or
+    streams back to back, and damaged or truncated data is a skip (zstd and bz2 raised)."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    pack = {".zst": zstandard.ZstdCompressor(write_checksum=True).compress,
+            ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    docs = real_docs(6)
+    rows = "".join(json.dumps({"text": t}) + "\n" for t in docs).encode()
+    good = pack(rows[:len(rows) // 2]) + pack(rows[len(rows) // 2:])
+    (tmp_path / f"good.jsonl{suffix}").write_bytes(good)
+    assert [d.text for d in items(Corpus(tmp_path / f"good.jsonl{suffix}"))] == docs
+    whole = pack(rows)
+    for name, data in [("cut", whole[:len(whole) * 3 // 4]),
+                       ("flip", whole[:40] + bytes([whole[40] ^ 0x55]) + whole[41:]),
+                       ("junk", b"not compressed at all, " * 8)]:
+        for kind in ("jsonl", "txt"):
+            path = tmp_path / f"{name}.{kind}{suffix}"
+            path.write_bytes(data)
+            got = items(Corpus(path))
+            assert got and isinstance(got[-1], Skipped), (name, kind, got[-1:])
+            assert "cannot decompress" in got[-1].reason
+
+
+def test_damaged_parquet_is_skipped_and_io_failures_still_raise(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import io
+
+    import zstandard
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["one", "two"]}), buf)
+    data = buf.getvalue()
+    (tmp_path / "ok.parquet.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    assert [d.text for d in items(Corpus(tmp_path / "ok.parquet.zst"))] == ["one", "two"]
+    # A footer that does not parse: pyarrow raises OSError for it, which is a skip here.
+    footer = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    (tmp_path / "bad.parquet").write_bytes(data[:footer] + b"\xff" * 8 + data[footer + 8:])
+    got = items(Corpus(tmp_path / "bad.parquet"))
+    assert len(got) == 1 and got[0].reason.startswith("not a valid Parquet file"), got
+    # An I/O failure reading the file is not: it raises.
+    from fsspec.implementations.local import LocalFileOpener
+
+    def fail(self, *args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(LocalFileOpener, "read", fail)
+    with pytest.raises(OSError, match="Input/output"):
+        list(Corpus(tmp_path / "ok.parquet.zst"))
+    monkeypatch.setattr(LocalFileOpener, "readinto", fail, raising=False)
+    with pytest.raises(OSError, match="Input/output"):
+        list(Corpus(tmp_path / "bad.parquet"))
+
+
+@pytest.fixture
+def parquet_dir(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    d = tmp_path / "pq"
+    d.mkdir()
+    docs = real_docs(6)
+    texts = [docs[0], None, "   ", docs[1], docs[2], docs[3], docs[4], docs[5]]
+    ids = [10, 11, 12, 13, None, 15, 16, 17]
+    table = pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string()),
+                      "n": pa.array(range(8), pa.int32())})
+    pq.write_table(table, d / "a.parquet", row_group_size=3)  # several row groups
+    pq.write_table(pa.table({"body": ["x"], "lang": ["en"]}), d / "b.PARQUET")
+    (d / "c.parquet").write_bytes(b"not parquet at all, just some words")
+    pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), d / "d.parquet")
+    return d, texts

@@ -132,6 +132,28 @@ def test_an_evicted_header_of_many_heads_is_refused_before_building_streams(smal
         kvcodec.open(data)
 
 
+def test_a_header_of_many_streams_is_refused_by_its_index_size(small):
+    """Under the stream cap, 4096 layers x 16 heads claimed by a file of a few kilobytes:
+    the index's size (in the section table) is checked before 131072 streams are built
+    (found by fuzz/fuzz_stream.py: over a second to refuse before)."""
+    import time
+
+    head = _header(small)
+    with kvcodec.open(small) as f:
+        sections = [(e["name"], f.source.read_section(e["name"]), e["crc32"] is not None)
+                    for e in head.pop("sections")]
+    bits = np.zeros(4096 * 16 * 9, dtype=np.uint8).tobytes()  # 70 positions: 9 bytes each
+    sections.insert(2, ("kept", zstandard.ZstdCompressor().compress(bits), True))
+    head.update(evicted=True, num_layers=4096, num_kv_heads=16, head_dim=16,
+                layer_tokens=[70] * 4096)
+    data = container.build(head, sections, 4)
+    assert len(data) < 64 << 10
+    t = time.perf_counter()
+    with pytest.raises(CorruptError, match="index has .* for 131072 streams"):
+        kvcodec.open(data)
+    assert time.perf_counter() - t < 0.5
+
+
 def test_the_cli_prints_one_line_for_crafted_files(small, tmp_path):
     deep = tmp_path / "deep.kvc"
     deep.write_bytes(rebuild(small, raw_header=b"[" * 100_000 + b"]" * 100_000))

@@ -149,7 +149,8 @@ def validate_config(cfg: dict) -> None:
     validate_token_importance(cfg.get("token_importance"))
     lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
                    and r["quantizer"].get("type") == "lossless"
-                   for kind in ("key", "value") for r in (cfg.get(kind) or []))
+                   for kind in ("key", "value") if isinstance(cfg.get(kind), list)
+                   for r in cfg[kind])
     if lossless and (sinks or xform is not None):
         raise ConfigError("a lossless config cannot strip RoPE or store sinks in float16")
     for kind in ("key", "value"):

@@ -319,9 +319,10 @@ _TYPES = {"absmax_token": AbsmaxToken, "uniform": Uniform, "lossless": Lossless}
 
 def make_quantizer(spec: dict, dtype: torch.dtype = torch.float16) -> Quantizer:
     """Quantizer for a config spec; ``dtype`` is the cache's (used by ``lossless``)."""
-    if not isinstance(spec, dict) or spec.get("type") not in _TYPES:
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) \
+            or spec["type"] not in _TYPES:
         kind = spec.get("type") if isinstance(spec, dict) else spec
-        raise ConfigError(f"unknown quantizer {kind!r}; known: {sorted(_TYPES)}")
+        raise ConfigError(f"unknown quantizer {kind!r:.50}; known: {sorted(_TYPES)}")
     if spec["type"] == "lossless":
         return Lossless(spec, dtype)
     return _TYPES[spec["type"]](spec)

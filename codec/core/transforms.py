@@ -145,18 +145,22 @@ def key_transform(cfg: dict, model: dict | None, num_layers: int | None = None) 
         raise ConfigError(f"unknown key_transform {spec!r}; known: rope_strip")
     model = model or {}
     if model.get("rope"):
-        rope = model["rope"]
+        rope = model["rope"]  # a fingerprint may come from a file: its shape is checked
+        if not isinstance(rope, dict) or not isinstance(rope.get("layers"), list) \
+                or not rope["layers"]:
+            raise ConfigError(f"the model fingerprint's rope {rope!r:.80} is not "
+                              "{'style', 'kinds', 'layers'}")
         if rope.get("style", "half") != "half":
             raise ConfigError(f"{model.get('model_type')} applies {rope['style']} RoPE; "
                               "rope_strip supports rotate_half RoPE only (use a config "
                               "without key_transform, e.g. cachegen or lossless)")
         layers = list(rope["layers"])
         if num_layers is not None and num_layers != len(layers):
-            if len(set(layers)) != 1:
+            if any(v != layers[0] for v in layers):
                 raise ConfigError(f"the cache has {num_layers} layers but its model's RoPE "
                                   f"differs across its {len(layers)} layers")
             layers = layers[:1] * num_layers
-        return {"type": "rope_strip", "kinds": rope["kinds"], "layers": layers}
+        return {"type": "rope_strip", "kinds": rope.get("kinds"), "layers": layers}
     # The model's own theta wins: the config may have been calibrated on another model.
     theta = model.get("rope_theta") or spec.get("theta")
     if not isinstance(theta, (int, float)) or theta <= 0:
@@ -196,6 +200,9 @@ def layer_ropes(xform: dict | None, num_layers: int, head_dim: int) -> list:
         if (not isinstance(scaling, (int, float)) or isinstance(scaling, bool)
                 or not math.isfinite(scaling) or not scaling > 0):
             raise ConfigError(f"rope kind {i}: scaling must be a positive number")
+        limit = k.get("max_position")  # check_positions compares positions with it
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise ConfigError(f"rope kind {i}: max_position must be an integer or null")
         ropes.append(Rope(tuple(float(v) for v in inv), float(scaling)))
     if not isinstance(layers, list) or len(layers) != num_layers or not all(
             v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(ropes))

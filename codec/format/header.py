@@ -19,8 +19,8 @@ from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
 from .container import Reader
 from .kept import head_spec, kept_bytes, kept_counts, unpack_kept
-from .spec import (DTYPES, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES, MAX_LAYERS,
-                   MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
+from .spec import (DTYPES, INDEX_ENTRY, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES,
+                   MAX_LAYERS, MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
 
 
 def unzstd(data: bytes, limit: int, what: str) -> bytes:
@@ -129,8 +129,8 @@ class FileHeader:
             check_geometry(self.num_layers, self.num_tokens, self.channels)
         except ShapeError as exc:
             raise CorruptError(f"{name}: {exc}") from None
-        if h.get("dtype") not in DTYPES:
-            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r}")
+        if not isinstance(h.get("dtype"), str) or h["dtype"] not in DTYPES:
+            raise CorruptError(f"{name}: unknown dtype {h.get('dtype')!r:.50}")
         self.dtype = DTYPES[h["dtype"]]
         self.num_chunks = (self.num_tokens + self.chunk_tokens - 1) // self.chunk_tokens
         has_ids = h.get("has_token_ids")
@@ -186,16 +186,18 @@ class FileHeader:
         """The file's streams in file order and their quantizers: per (layer, kind), or
         per (layer, kind, head) in an evicted file, whose streams are ``head_dim`` wide."""
         layers, heads, d = range(self.num_layers), self.num_kv_heads, self.head_dim
+        if self.evicted:
+            try:  # the stream count is capped before a stream is built
+                check_kept_geometry(self.num_layers, heads, self.num_tokens)
+            except ShapeError as exc:
+                raise CorruptError(f"{self._r.name}: {exc}") from None
+        self._check_index_size(self.num_layers * len(KINDS) * (heads if self.evicted else 1))
         if not self.evicted:
             self.stream_channels = self.channels
             self.streams = [(l, k) for l in layers for k in KINDS]
             self.quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
                            for s in self.streams}
             return
-        try:  # the stream count is capped before a stream is built
-            check_kept_geometry(self.num_layers, heads, self.num_tokens)
-        except ShapeError as exc:
-            raise CorruptError(f"{self._r.name}: {exc}") from None
         self.stream_channels = d
         self.streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
         self.quant = {}
@@ -209,6 +211,16 @@ class FileHeader:
                 self.quant[s] = built[key]
         except ConfigError as exc:
             raise CorruptError(f"{self._r.name}: invalid codec config in header: {exc}") from None
+
+    def _check_index_size(self, n_streams: int) -> None:
+        """The index holds one entry per (chunk, stream): its length, in the section table,
+        is checked before a stream is built, so that what a header makes a reader build
+        (up to MAX_EVICTED_STREAMS quantizers) is proportional to the file's size."""
+        want = self.num_chunks * n_streams * INDEX_ENTRY.size
+        have = self._r.section_bounds("index")[1]
+        if have != want:
+            raise CorruptError(f"{self._r.name}: index has {have} bytes, expected {want} for "
+                               f"{n_streams} streams of {self.num_chunks} chunks")
 
     def _load_kept(self):
         """The ``kept`` section's bitmap, checked (:func:`unpack_kept`)."""

@@ -29,6 +29,7 @@ no file is loaded whole except a text file, which is a single document anyway.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import os
 import re
@@ -191,16 +192,33 @@ class Corpus:
     def _open_parquet(self, file: _File):
         """Yield (ParquetFile, None), or (None, reason) when the file cannot be used."""
         pa, pq = _pyarrow()
-        with file.open() as f:
+        if file.compression:  # a Parquet reader seeks (the footer is last): decompressed
+            try:              # whole, as no compressed stream can seek
+                with file.stream() as f:
+                    raw = io.BytesIO(f.read())
+            except ReadError as exc:
+                raise exc.reraise(file.source) from None
+            except DAMAGED as exc:
+                yield None, f"cannot decompress ({_one_line(exc)})"
+                return
+        else:
+            raw = file.open()
+        with raw:
             try:
-                pf = pq.ParquetFile(f)
-            except pa.ArrowException as exc:
+                pf = pq.ParquetFile(_ParquetSource(raw))
+                names = pf.schema_arrow.names
+            except _SourceError as exc:  # an I/O failure
+                raise exc.error from None
+            # pyarrow raises OSError for a footer that does not parse, and UnicodeDecodeError
+            # for column names that are not UTF-8.
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 yield None, f"not a valid Parquet file ({_one_line(exc)})"
                 return
-            names = pf.schema_arrow.names
             missing = [c for c in (self.text_field, self.id_field) if c and c not in names]
             if missing:
                 yield None, f"no column '{missing[0]}' (columns: {', '.join(names)})"
+            elif pf.metadata.num_rows < 0:  # a footer field pyarrow takes as it is
+                yield None, f"not a valid Parquet file ({pf.metadata.num_rows} rows)"
             else:
                 yield pf, None
 
@@ -212,20 +230,25 @@ class Corpus:
                 yield Skipped(src, src, problem)
                 return
             columns = list(dict.fromkeys(c for c in (self.text_field, self.id_field) if c))
-            row = 0
+            row, reason = 0, None
             try:
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-                    texts = batch.column(self.text_field).to_pylist()
-                    ids = (batch.column(self.id_field).to_pylist() if self.id_field
+                    texts = _pylist(batch.column(self.text_field))
+                    ids = (_pylist(batch.column(self.id_field)) if self.id_field
                            else [_MISSING] * len(texts))
                     for text, raw_id in zip(texts, ids):
                         yield self._record(src, f"row {row}", f"{src}#{row}", text, raw_id)
                         row += 1
-            except pa.ArrowException as exc:
-                # Damaged data: the rows not read are skipped, so count() stays exact.
+            except _SourceError as exc:
+                raise exc.error from None
+            except (pa.ArrowException, OSError, ValueError) as exc:
                 reason = f"unreadable Parquet data ({_one_line(exc)})"
-                for r in range(row, pf.metadata.num_rows):
-                    yield Skipped(f"{src}#{r}", src, f"row {r}: {reason}")
+            # Damaged data (an error, or columns that end early, which pyarrow can return
+            # without one): the rows not read are skipped, so count() stays exact.
+            reason = reason or (f"unreadable Parquet data (its columns hold {row} of the "
+                                f"{pf.metadata.num_rows} rows its footer states)")
+            for r in range(row, pf.metadata.num_rows):
+                yield Skipped(f"{src}#{r}", src, f"row {r}: {reason}")
 
     def _record(self, source: str, where: str, default_id: str, text, raw_id):
         """A Document for one JSONL line or Parquet row, or a Skipped saying what is wrong."""
@@ -254,6 +277,52 @@ class Corpus:
         if problem:
             return Skipped(doc_id, source, f"{where}: {problem}")
         return Document(doc_id, text, source)
+
+
+class _SourceError(Exception):
+    """An OSError of the file pyarrow reads, carried past pyarrow, which raises OSError
+    for damaged Parquet data too."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _ParquetSource:
+    """The file a ParquetFile reads, its I/O failures wrapped in :class:`_SourceError`
+    (pyarrow re-raises a Python exception of the file as it is), so that they still raise
+    while pyarrow's own OSErrors about the data make the file a Skipped."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise _SourceError(exc) from exc
+
+    def read(self, *args):
+        return self._call(self._f.read, *args)
+
+    def readinto(self, *args):
+        return self._call(self._f.readinto, *args)
+
+    def seek(self, *args):
+        return self._call(self._f.seek, *args)
+
+    def tell(self):
+        return self._call(self._f.tell)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A Parquet value with no Python form (a string that is not UTF-8, a date out of
+    Python's range): its row is skipped."""
+    reason: str
 
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
@@ -321,6 +390,21 @@ def _jsonl_lines(file: _File):
         yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
+def _pylist(column) -> list:
+    """A Parquet column's values; a value that cannot be converted is an _Unreadable (one
+    would fail the whole column's conversion)."""
+    try:
+        return column.to_pylist()
+    except (ValueError, OverflowError):  # UnicodeDecodeError, ArrowInvalid are ValueErrors
+        out = []
+        for i in range(len(column)):
+            try:
+                out.append(column[i].as_py())
+            except (ValueError, OverflowError) as exc:
+                out.append(_Unreadable(_one_line(exc)))
+        return out
+
+
 def _pyarrow():
     try:
         import pyarrow
@@ -340,6 +424,8 @@ def _kind(value) -> str:
 
 
 def _wrong_type(name: str, value, wanted: str) -> str:
+    if isinstance(value, _Unreadable):
+        return f"'{name}' cannot be read ({value.reason})"
     return f"'{name}' is null" if value is None else f"'{name}' is {_kind(value)}, not {wanted}"
 
 

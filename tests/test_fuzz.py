@@ -1,0 +1,80 @@
+"""The fuzz harnesses (fuzz/): each runs under libFuzzer for a bounded time and finds
+nothing, and every regression file under tests/data/fuzz/<harness>/ (inputs that once
+crashed a harness) goes through its harness within its budget.
+
+KVCODEC_FUZZ_S sets the seconds per harness (default 30; 0 skips the fuzzing runs);
+harnesses run two at a time."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ = ROOT / "fuzz"
+REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"
+HARNESSES = ("reader", "stream", "store", "corpus")
+SECONDS = int(os.environ.get("KVCODEC_FUZZ_S", "30"))
+
+
+def _harness(name: str):
+    """The harness module fuzz/fuzz_<name>.py (not instrumented: imported, not run)."""
+    sys.path.insert(0, str(FUZZ))
+    try:
+        spec = importlib.util.spec_from_file_location(f"fuzz_{name}", FUZZ / f"fuzz_{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(FUZZ))
+    return module
+
+
+def _regressions():
+    return [pytest.param(h, p, id=f"{h}/{p.name}") for h in HARNESSES
+            if (REGRESSIONS / h).is_dir() for p in sorted((REGRESSIONS / h).iterdir())]
+
+
+@pytest.mark.parametrize("harness,path", _regressions())
+def test_regression_files_pass_their_harness(harness, path, monkeypatch):
+    """Each input is decoded or refused with a KVCodecError, within its budget (the
+    harness raises anything else, and AssertionError past the budget), and strictly: by
+    explicit validation, not by untrusted() catching a stray Python error."""
+    module = _harness(harness)
+    monkeypatch.setattr(module.common, "STRICT", True)
+    module.TestOneInput(path.read_bytes())
+
+
+def test_regression_folders_are_harnesses():
+    for d in REGRESSIONS.iterdir() if REGRESSIONS.is_dir() else []:
+        assert d.name in HARNESSES, f"tests/data/fuzz/{d.name} is not a harness"
+
+
+@pytest.fixture(scope="module")
+def fuzz_runs(tmp_path_factory):
+    """One bounded libFuzzer run of every harness (fuzz/run.py, two at a time)."""
+    if SECONDS <= 0:
+        pytest.skip("KVCODEC_FUZZ_S=0")
+    pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
+    out = tmp_path_factory.mktemp("fuzz")
+    proc = subprocess.run([sys.executable, str(FUZZ / "run.py"), "--seconds", str(SECONDS),
+                           "--jobs", "2", "--out", str(out)], capture_output=True, text=True,
+                          timeout=4 * SECONDS + 600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            results[r["harness"]] = r
+    return proc, results
+
+
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_harness_fuzzes_without_findings(fuzz_runs, harness):
+    proc, results = fuzz_runs
+    assert harness in results, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = results[harness]
+    log = Path(r["log"]).read_text(errors="replace")[-6000:] if Path(r["log"]).is_file() else ""
+    assert r["rc"] == 0 and not r["crashes"], f"{r}\n{log}"
+    assert r["execs"] > 0, f"{r}\n{log}"
