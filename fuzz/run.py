@@ -2,14 +2,15 @@
 
     python fuzz/run.py --seconds 60 [--jobs 2] [--out out/fuzz] [HARNESS ...]
 
-It makes the seeds (``fuzz/seeds.py``, a few seconds) in ``<out>/seeds``, then runs, for
-each harness (default: all of reader, stream, store, corpus), ``fuzz/fuzz_<harness>.py`` under
-libFuzzer for ``--seconds`` with a working corpus in ``<out>/corpus/<harness>`` (kept
-between runs, so coverage accumulates), the seeds and the regression files of
-``tests/data/fuzz/<harness>`` as further corpus directories, crash files written to
-``<out>/artifacts/<harness>/``. ``--jobs`` harnesses run at a time. Prints one JSON line
-per harness (executions, executions per second, new corpus units, peak RSS, crash files)
-and exits 1 if any harness failed or left a crash file.
+It makes the seeds (``fuzz/seeds.py``, a few seconds) in ``<out>/seeds``, then runs
+each harness (default: all of reader, stream, store, corpus), ``fuzz/fuzz_<harness>.py``,
+under libFuzzer for ``--seconds`` with a working corpus in ``<out>/corpus/<harness>``
+(kept between runs, so coverage accumulates), the seeds and the regression files of
+``tests/data/fuzz/<harness>`` as further corpus directories, and crash files written to
+``<out>/artifacts/<harness>/``; ``--jobs`` harnesses run at a time. It prints one JSON
+line per harness (executions; executions per second of wall time, start-up included, and
+as libFuzzer counts them; new corpus units; peak RSS; crash files) and exits 1 if any
+harness failed or left a crash file.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def run_one(harness: str, seconds: int, out: Path, seeds: Path, env: dict,
     crashes = sorted(str(p) for p in set(artifacts.iterdir()) - before)
     return {"harness": harness, "rc": proc.returncode, "execs": execs,
             "seconds": round(wall, 1), "execs_per_s": round(execs / max(wall, 1e-9), 1),
+            "fuzzing_execs_per_s": stats.get("average_exec_per_sec"),
             "new_units": stats.get("new_units_added"), "peak_rss_mb": stats.get("peak_rss_mb"),
             "corpus_units": sum(1 for _ in corpus.iterdir()), "crashes": crashes,
             "log": str(logs / f"{harness}.log")}
