@@ -26,15 +26,11 @@ text file, which is a single document anyway.
 """
 from __future__ import annotations
 
-import bz2
 import codecs
-import gzip
 import io
 import json
-import lzma
 import os
 import re
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -42,21 +38,13 @@ from typing import Any, Iterator
 import fsspec.utils
 from fsspec.core import has_magic, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-import zstandard
 
 from ..errors import BackendError, ConfigError
+from .corpus_io import DECOMPRESS_ERRORS, Decompressing, ParquetSource, SourceError
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
 _STREAM_COMPRESSIONS = {"gzip", "bz2", "xz", "lzma", "zstd"}
-
-
-class _DamagedStream(Exception):
-    """A zstd or bz2 stream that does not decompress (gzip and xz raise their own)."""
-
-
-# Damaged compressed data: the file is skipped rather than ending the job.
-_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError, _DamagedStream)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -89,66 +77,10 @@ class _File:
     compression: str | None
 
     def open(self):
-        if self.compression in _Decompressing.CODECS:
-            return io.BufferedReader(_Decompressing(self.fs.open(self.path, "rb"),
-                                                    self.compression))
+        if self.compression in Decompressing.CODECS:
+            return io.BufferedReader(Decompressing(self.fs.open(self.path, "rb"),
+                                                   self.compression))
         return self.fs.open(self.path, "rb", compression=self.compression)
-
-
-class _Decompressing(io.RawIOBase):
-    """A zstd or bz2 file (one or more frames/streams) as a readable binary file.
-
-    fsspec's own readers do not serve here: zstd's cannot be read by lines (JSONL) and
-    returns a truncated frame's partial contents as if complete, bz2's raises a bare
-    OSError on damaged data, which reads like an I/O failure. Here damage is a
-    :class:`_DamagedStream` and a truncated stream an EOFError, as gzip and xz have them,
-    while errors of the underlying file pass through as they are."""
-
-    CODECS = {"zstd": lambda: zstandard.ZstdDecompressor().decompressobj(),
-              "bz2": bz2.BZ2Decompressor}
-    STEP = 1 << 12  # compressed bytes fed at a time (bounds what one step expands to)
-
-    def __init__(self, raw, codec: str):
-        self._raw, self._new = raw, self.CODECS[codec]
-        self._codec = codec
-        self._obj = None           # the current frame's decompressor
-        self._out, self._at = b"", 0
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while self._at == len(self._out) and not self._done:
-            self._step()
-        n = min(len(b), len(self._out) - self._at)
-        b[:n] = self._out[self._at:self._at + n]
-        self._at += n
-        return n
-
-    def _step(self) -> None:
-        data = self._raw.read(self.STEP)
-        if not data:
-            if self._obj is not None and not self._obj.eof:
-                raise EOFError("Compressed file ended before the end-of-stream marker was "
-                               "reached")
-            self._done = True
-            return
-        out = []
-        while data:
-            if self._obj is None or self._obj.eof:
-                self._obj = self._new()
-            try:
-                out.append(self._obj.decompress(data))
-            except (zstandard.ZstdError, OSError, ValueError) as exc:
-                raise _DamagedStream(f"{self._codec}: {exc}") from None
-            data = self._obj.unused_data if self._obj.eof else b""
-        self._out, self._at = b"".join(out), 0
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
 
 
 class Corpus:
@@ -211,7 +143,7 @@ class Corpus:
         try:
             with file.open() as f:
                 data = f.read()
-        except _DECOMPRESS_ERRORS as exc:
+        except DECOMPRESS_ERRORS as exc:
             return Skipped(src, src, f"cannot decompress ({_one_line(exc)})")
         nul = data.find(b"\0", 0, _BINARY_PROBE)
         if nul >= 0:
@@ -256,15 +188,15 @@ class Corpus:
         """Yield (ParquetFile, None), or (None, reason) when the file cannot be used."""
         pa, pq = _pyarrow()
         with file.open() as f:
-            source = _ParquetSource(f)
+            source = ParquetSource(f)
             try:
                 if not f.seekable():  # zstd, bz2: a Parquet reader seeks (the footer is last)
-                    source = _ParquetSource(io.BytesIO(source.read()))
+                    source = ParquetSource(io.BytesIO(source.read()))
                 pf = pq.ParquetFile(source)
                 names = pf.schema_arrow.names
-            except _SourceError as exc:  # an I/O failure
+            except SourceError as exc:  # an I/O failure
                 raise exc.error from None
-            except _DECOMPRESS_ERRORS as exc:  # reading a compressed file's footer
+            except DECOMPRESS_ERRORS as exc:  # reading a compressed file's footer
                 yield None, f"cannot decompress ({_one_line(exc)})"
                 return
             # pyarrow raises OSError for a footer that does not parse, and UnicodeDecodeError
@@ -295,9 +227,9 @@ class Corpus:
                     for text, raw_id in zip(texts, ids):
                         yield self._record(src, f"row {row}", f"{src}#{row}", text, raw_id)
                         row += 1
-            except _SourceError as exc:
+            except SourceError as exc:
                 raise exc.error from None
-            except (pa.ArrowException, OSError, *_DECOMPRESS_ERRORS) as exc:
+            except (pa.ArrowException, OSError, *DECOMPRESS_ERRORS) as exc:
                 reason = f"unreadable Parquet data ({_one_line(exc)})"
             # Damaged data (an error, or columns that end early, which pyarrow can return
             # without one): the rows not read are skipped, so count() stays exact.
@@ -333,47 +265,6 @@ class Corpus:
         if problem:
             return Skipped(doc_id, source, f"{where}: {problem}")
         return Document(doc_id, text, source)
-
-
-class _SourceError(Exception):
-    """An OSError of the file pyarrow reads, carried past pyarrow, which raises OSError
-    for damaged Parquet data too."""
-
-    def __init__(self, error: OSError):
-        super().__init__(str(error))
-        self.error = error
-
-
-class _ParquetSource:
-    """The file a ParquetFile reads, its I/O failures wrapped in :class:`_SourceError`
-    (pyarrow re-raises a Python exception of the file as it is), so that they still raise
-    while pyarrow's own OSErrors about the data make the file a Skipped."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def _call(self, method, *args):
-        try:
-            return method(*args)
-        except _DECOMPRESS_ERRORS:
-            raise
-        except OSError as exc:
-            raise _SourceError(exc) from exc
-
-    def read(self, *args):
-        return self._call(self._f.read, *args)
-
-    def readinto(self, *args):
-        return self._call(self._f.readinto, *args)
-
-    def seek(self, *args):
-        return self._call(self._f.seek, *args)
-
-    def tell(self):
-        return self._call(self._f.tell)
 
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
@@ -429,7 +320,7 @@ def _jsonl_lines(file: _File):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     yield n, line
-        except _DECOMPRESS_ERRORS as exc:
+        except DECOMPRESS_ERRORS as exc:
             yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
