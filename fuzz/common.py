@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import io
 import lzma
 import os
 import sys
@@ -90,7 +91,7 @@ def decompress(compression: str | None, data: bytes, limit: int = 1 << 20) -> by
         return data
     try:
         if compression == "gzip":
-            with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as f:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
                 return f.read(limit)
         if compression == "bz2":
             return bz2.BZ2Decompressor().decompress(data, limit)
