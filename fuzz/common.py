@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import io
 import lzma
 import os
 import sys
@@ -26,7 +27,11 @@ MEM_PER_INPUT_BYTE = 1024
 MEM_PER_OUTPUT_BYTE = 4
 TIME_FLOOR_S = 1.0
 TIME_PER_INPUT_BYTE_S = 1.0 / (1 << 20)   # 1 s per MiB of input
-TIME_PER_OUTPUT_BYTE_S = 50e-9            # 50 ms per MiB of declared output
+TIME_PER_OUTPUT_BYTE_S = 50e-9            # 50 ms per MiB of declared output (native decode)
+# Output that Python handles byte by byte or line by line (a corpus file's text: JSON
+# parsing and checks per line) costs far more per byte: ~12 us for short JSONL lines
+# under atheris's instrumentation.
+TIME_PER_TEXT_BYTE_S = 20e-6
 # Harnesses decode a .kvc file only when its decoded tensors are at most this large (a
 # larger one is still opened, and its index and tables are read and checked): a header can
 # declare up to the format caps (2**34 elements), which is the reader's contract, not the
@@ -86,7 +91,7 @@ def decompress(compression: str | None, data: bytes, limit: int = 1 << 20) -> by
         return data
     try:
         if compression == "gzip":
-            with gzip.GzipFile(fileobj=__import__("io").BytesIO(data)) as f:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
                 return f.read(limit)
         if compression == "bz2":
             return bz2.BZ2Decompressor().decompress(data, limit)
@@ -168,6 +173,7 @@ class Budget:
     def __init__(self):
         self.exact = sys.platform.startswith("linux") and _reset_peak()
         self.size = self.allowed = 0
+        self.allowed_s = 0.0
         self.notes = []
 
     def _peak_and_now(self):
@@ -179,21 +185,22 @@ class Budget:
         return peak, peak
 
     def start(self, size: int) -> None:
-        self.size, self.allowed, self.notes = size, 0, []
+        self.size, self.allowed, self.allowed_s, self.notes = size, 0, 0.0, []
         if self.exact:
             _reset_peak()
         self.base = self._peak_and_now()[1]
         self.t0 = time.perf_counter()
 
-    def allow(self, nbytes: int, why: str) -> None:
-        """Let the input use memory and time for ``nbytes`` of output (``why``: what)."""
+    def allow(self, nbytes: int, why: str, secs_per_byte: float = TIME_PER_OUTPUT_BYTE_S):
+        """Let the input use memory and time for ``nbytes`` of output (``why``: what),
+        ``secs_per_byte`` of time each."""
         self.allowed += int(nbytes)
+        self.allowed_s += nbytes * secs_per_byte
         self.notes.append(f"{why}: {nbytes} bytes")
 
     def limits(self) -> tuple:
         mem = max(MEM_FLOOR, MEM_PER_INPUT_BYTE * self.size) + MEM_PER_OUTPUT_BYTE * self.allowed
-        secs = (max(TIME_FLOOR_S, TIME_PER_INPUT_BYTE_S * self.size)
-                + TIME_PER_OUTPUT_BYTE_S * self.allowed)
+        secs = max(TIME_FLOOR_S, TIME_PER_INPUT_BYTE_S * self.size) + self.allowed_s
         return mem, secs
 
     def check(self) -> None:

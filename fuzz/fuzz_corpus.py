@@ -35,7 +35,8 @@ def target(data: bytes, budget: common.Budget) -> None:
     kind, comp, id_field = common.corpus_unmode(data[0])
     body = data[1:]
     plain = common.decompress(comp, body, common.DECODE_CAP_BYTES)
-    budget.allow(len(plain) if plain is not None else 0, "decompressed bytes")
+    budget.allow(len(plain) if plain is not None else 0, "decompressed bytes",
+                 common.TIME_PER_TEXT_BYTE_S)
     path = os.path.join(_DIR, "doc" + common.CORPUS_EXT[kind] + common.CORPUS_SUFFIX[comp])
     with open(path, "wb") as f:
         f.write(body)
