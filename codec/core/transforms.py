@@ -146,14 +146,14 @@ def key_transform(cfg: dict, model: dict | None, num_layers: int | None = None) 
     model = model or {}
     if model.get("rope"):
         rope = model["rope"]  # a fingerprint may come from a file: its shape is checked
+        if isinstance(rope, dict) and rope.get("style", "half") != "half":
+            raise ConfigError(f"{model.get('model_type')} applies {rope['style']!r:.40} RoPE; "
+                              "rope_strip supports rotate_half RoPE only (use a config "
+                              "without key_transform, e.g. cachegen or lossless)")
         if not isinstance(rope, dict) or not isinstance(rope.get("layers"), list) \
                 or not rope["layers"]:
             raise ConfigError(f"the model fingerprint's rope {rope!r:.80} is not "
                               "{'style', 'kinds', 'layers'}")
-        if rope.get("style", "half") != "half":
-            raise ConfigError(f"{model.get('model_type')} applies {rope['style']} RoPE; "
-                              "rope_strip supports rotate_half RoPE only (use a config "
-                              "without key_transform, e.g. cachegen or lossless)")
         layers = list(rope["layers"])
         if num_layers is not None and num_layers != len(layers):
             if any(v != layers[0] for v in layers):

@@ -43,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import BackendError, ConfigError, KVCodecError
 from ..store.backends import filesystem
+from .parquet import ParquetSource, SourceError, Unreadable, pylist, pyarrow_modules
 from .streams import COMPRESSIONS, DAMAGED, ReadError, open_stream
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
@@ -108,7 +109,7 @@ class Corpus:
                     seen.add(file.source)
                     self._files.append(file)
         if any(f.kind == "parquet" for f in self._files):
-            _pyarrow()  # fail now, not at the first Parquet file of a long job
+            pyarrow_modules()  # fail now, not at the first Parquet file of a long job
 
     @property
     def files(self) -> list[str]:
@@ -191,7 +192,7 @@ class Corpus:
     @contextmanager
     def _open_parquet(self, file: _File):
         """Yield (ParquetFile, None), or (None, reason) when the file cannot be used."""
-        pa, pq = _pyarrow()
+        pa, pq = pyarrow_modules()
         if file.compression:  # a Parquet reader seeks (the footer is last): decompressed
             try:              # whole, as no compressed stream can seek
                 with file.stream() as f:
@@ -205,9 +206,9 @@ class Corpus:
             raw = file.open()
         with raw:
             try:
-                pf = pq.ParquetFile(_ParquetSource(raw))
+                pf = pq.ParquetFile(ParquetSource(raw))
                 names = pf.schema_arrow.names
-            except _SourceError as exc:  # an I/O failure
+            except SourceError as exc:  # an I/O failure
                 raise exc.error from None
             # pyarrow raises OSError for a footer that does not parse, and UnicodeDecodeError
             # for column names that are not UTF-8.
@@ -223,7 +224,7 @@ class Corpus:
                 yield pf, None
 
     def _read_parquet(self, file: _File) -> Iterator[Document | Skipped]:
-        pa, _ = _pyarrow()
+        pa, _ = pyarrow_modules()
         src = file.source
         with self._open_parquet(file) as (pf, problem):
             if problem:
@@ -233,13 +234,13 @@ class Corpus:
             row, reason = 0, None
             try:
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-                    texts = _pylist(batch.column(self.text_field))
-                    ids = (_pylist(batch.column(self.id_field)) if self.id_field
+                    texts = pylist(batch.column(self.text_field))
+                    ids = (pylist(batch.column(self.id_field)) if self.id_field
                            else [_MISSING] * len(texts))
                     for text, raw_id in zip(texts, ids):
                         yield self._record(src, f"row {row}", f"{src}#{row}", text, raw_id)
                         row += 1
-            except _SourceError as exc:
+            except SourceError as exc:
                 raise exc.error from None
             except (pa.ArrowException, OSError, ValueError) as exc:
                 reason = f"unreadable Parquet data ({_one_line(exc)})"
@@ -277,52 +278,6 @@ class Corpus:
         if problem:
             return Skipped(doc_id, source, f"{where}: {problem}")
         return Document(doc_id, text, source)
-
-
-class _SourceError(Exception):
-    """An OSError of the file pyarrow reads, carried past pyarrow, which raises OSError
-    for damaged Parquet data too."""
-
-    def __init__(self, error: OSError):
-        super().__init__(str(error))
-        self.error = error
-
-
-class _ParquetSource:
-    """The file a ParquetFile reads, its I/O failures wrapped in :class:`_SourceError`
-    (pyarrow re-raises a Python exception of the file as it is), so that they still raise
-    while pyarrow's own OSErrors about the data make the file a Skipped."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def _call(self, method, *args):
-        try:
-            return method(*args)
-        except OSError as exc:
-            raise _SourceError(exc) from exc
-
-    def read(self, *args):
-        return self._call(self._f.read, *args)
-
-    def readinto(self, *args):
-        return self._call(self._f.readinto, *args)
-
-    def seek(self, *args):
-        return self._call(self._f.seek, *args)
-
-    def tell(self):
-        return self._call(self._f.tell)
-
-
-@dataclass(frozen=True)
-class _Unreadable:
-    """A Parquet value with no Python form (a string that is not UTF-8, a date out of
-    Python's range): its row is skipped."""
-    reason: str
 
 
 def _resolve(spec: str, storage_options: dict) -> list[_File]:
@@ -390,31 +345,6 @@ def _jsonl_lines(file: _File):
         yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
 
 
-def _pylist(column) -> list:
-    """A Parquet column's values; a value that cannot be converted is an _Unreadable (one
-    would fail the whole column's conversion)."""
-    try:
-        return column.to_pylist()
-    except (ValueError, OverflowError):  # UnicodeDecodeError, ArrowInvalid are ValueErrors
-        out = []
-        for i in range(len(column)):
-            try:
-                out.append(column[i].as_py())
-            except (ValueError, OverflowError) as exc:
-                out.append(_Unreadable(_one_line(exc)))
-        return out
-
-
-def _pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise BackendError("reading Parquet corpus files needs pyarrow: "
-                           "pip install 'kvcodec-toolkit[parquet]' (pyarrow)") from None
-    return pyarrow, pyarrow.parquet
-
-
 def _not_utf8(data: bytes, offset: int) -> str:
     return f"not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})"
 
@@ -424,7 +354,7 @@ def _kind(value) -> str:
 
 
 def _wrong_type(name: str, value, wanted: str) -> str:
-    if isinstance(value, _Unreadable):
+    if isinstance(value, Unreadable):
         return f"'{name}' cannot be read ({value.reason})"
     return f"'{name}' is null" if value is None else f"'{name}' is {_kind(value)}, not {wanted}"
 
