@@ -194,6 +194,8 @@ class Corpus:
                     source = ParquetSource(io.BytesIO(source.read()))
                 pf = pq.ParquetFile(source)
                 names = pf.schema_arrow.names
+                meta = pf.metadata
+                groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             except SourceError as exc:  # an I/O failure
                 raise exc.error from None
             except DECOMPRESS_ERRORS as exc:  # reading a compressed file's footer
@@ -205,7 +207,11 @@ class Corpus:
                 yield None, f"not a valid Parquet file ({_one_line(exc)})"
                 return
             missing = [c for c in (self.text_field, self.id_field) if c and c not in names]
-            if missing:
+            if meta.num_rows < 0 or min(groups, default=0) < 0 or sum(groups) != meta.num_rows:
+                # count() and iteration rely on the footer's row count
+                yield None, (f"not a valid Parquet file (its footer states {meta.num_rows} "
+                             f"rows, its row groups {sum(groups)})")
+            elif missing:
                 yield None, f"no column '{missing[0]}' (columns: {', '.join(names)})"
             else:
                 yield pf, None
@@ -218,13 +224,14 @@ class Corpus:
                 yield Skipped(src, src, problem)
                 return
             columns = list(dict.fromkeys(c for c in (self.text_field, self.id_field) if c))
-            row, reason = 0, None
+            row, reason, total = 0, None, pf.metadata.num_rows
             try:
                 for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
                     texts = _pylist(batch.column(self.text_field))
                     ids = (_pylist(batch.column(self.id_field)) if self.id_field
                            else [_MISSING] * len(texts))
-                    for text, raw_id in zip(texts, ids):
+                    # Rows past the footer's count are not the file's (count() says so).
+                    for text, raw_id in list(zip(texts, ids))[:max(0, total - row)]:
                         yield self._record(src, f"row {row}", f"{src}#{row}", text, raw_id)
                         row += 1
             except SourceError as exc:
@@ -234,8 +241,8 @@ class Corpus:
             # Damaged data (an error, or columns that end early, which pyarrow can return
             # without one): the rows not read are skipped, so count() stays exact.
             reason = reason or (f"unreadable Parquet data (its columns hold {row} of the "
-                                f"{pf.metadata.num_rows} rows its footer states)")
-            for r in range(row, pf.metadata.num_rows):
+                                f"{total} rows its footer states)")
+            for r in range(row, total):
                 yield Skipped(f"{src}#{r}", src, f"row {r}: {reason}")
 
     def _record(self, source: str, where: str, default_id: str, text, raw_id):
