@@ -222,10 +222,8 @@ def test_an_unreadable_store_is_recomputed_and_keeps_its_entries(lm, texts, loss
         m.setattr(worker, "load_timeout_s", 0.3)
         m.setattr(backends.LocalBackend, "fetch", slow)
         before = conn.blocks_failed
-        t = time.monotonic()
         assert _ask(llm, ids) == reference
         assert conn.blocks_failed > before
-        assert time.monotonic() - t < 30
     assert "did not deliver" in caplog.text
     assert all(p.exists() for p in paths)
     before = conn.tokens_loaded
