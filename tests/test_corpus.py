@@ -455,21 +455,3 @@ def test_damaged_parquet_is_skipped_and_io_failures_still_raise(tmp_path, monkey
     monkeypatch.setattr(LocalFileOpener, "readinto", fail, raising=False)
     with pytest.raises(OSError, match="Input/output"):
         list(Corpus(tmp_path / "bad.parquet"))
-
-
-@pytest.fixture
-def parquet_dir(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
-    d = tmp_path / "pq"
-    d.mkdir()
-    docs = real_docs(6)
-    texts = [docs[0], None, "   ", docs[1], docs[2], docs[3], docs[4], docs[5]]
-    ids = [10, 11, 12, 13, None, 15, 16, 17]
-    table = pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string()),
-                      "n": pa.array(range(8), pa.int32())})
-    pq.write_table(table, d / "a.parquet", row_group_size=3)  # several row groups
-    pq.write_table(pa.table({"body": ["x"], "lang": ["en"]}), d / "b.PARQUET")
-    (d / "c.parquet").write_bytes(b"not parquet at all, just some words")
-    pq.write_table(pa.table({"text": pa.array([1, 2], pa.int64())}), d / "d.parquet")
-    return d, texts
