@@ -19,9 +19,16 @@ from .common import (Status, capture, chat_options, check_chat, model_option, pa
 @click.option("--config", default="default", show_default=True,
               help=f"Config name ({', '.join(kvcodec.available_configs())}) or JSON path.")
 @model_option
-@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of the text.")
-@click.option("--chunk-tokens", type=int, default=None, help="Tokens per chunk (default 256).")
-@click.option("--threads", type=int, default=0, show_default=True, help="Coder threads (0 = all cores).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Use only the first N tokens of the text.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens per chunk (default 256).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Coder threads (0 = all cores).")
+@click.option("--target-kl", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Ask for a quality instead of steps: the mean continuation KL "
+                   "(nats/token) the config's rate curve for this model predicts "
+                   "(needs a calibration: kvcodec calibrate [--fast]).")
 @click.option("--independent", is_flag=True,
               help="Capture the text behind the model's anchor so that the file can be "
                    "placed anywhere in a prompt (kvcodec generate --blend).")
@@ -30,8 +37,8 @@ from .common import (Status, capture, chat_options, check_chat, model_option, pa
                    f"({', '.join(sorted(kvcodec.evict.POLICIES))}; wrap with +window), "
                    "scored during the capture, e.g. snapkv:0.25.")
 @chat_options
-def encode(source, output, config, model, max_tokens, chunk_tokens, threads, independent,
-           evict_spec, chat, system):
+def encode(source, output, config, model, max_tokens, chunk_tokens, threads, target_kl,
+           independent, evict_spec, chat, system):
     """Encode SOURCE into a .kvc file.
 
     SOURCE is a text file (run through the model to capture its KV cache) or a
@@ -57,6 +64,9 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
         text = Path(source).read_text(encoding="utf-8", errors="replace")
         with Status("loading the model"):
             lm = kvcodec.load_model(model)
+        if target_kl is not None:  # before the prefill: a config without a curve fails now
+            config = kvcodec.load_config(config, model=lm.fingerprint, target_kl=target_kl)
+            target_kl = None
         label = f"prefilling {Path(source).name}"
         if evict_spec:
             with kvcodec.evict.press(lm, *kvcodec.evict.parse(evict_spec)) as press:
@@ -65,7 +75,8 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, ind
         else:
             kv = capture(lm, text, max_tokens, label, independent, chat, system)
     with Status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
-        data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens, threads=threads)
+        data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens,
+                              threads=threads, target_kl=target_kl)
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
     click.echo(f"wrote {output}: {len(data):,} bytes, "

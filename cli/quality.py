@@ -74,49 +74,87 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
 @click.option("--alpha", type=float, default=0.35, show_default=True,
               help="Allocation exponent: steps ~ sensitivity^-alpha.")
 @click.option("--per-layer", is_flag=True, help="One step per layer and K/V (default: per KV head).")
-@click.option("--prefill", type=int, default=1536, show_default=True)
-@click.option("--continuation", type=int, default=256, show_default=True)
+@click.option("--fast", is_flag=True,
+              help="One global step factor on the model-free default, measured on one "
+                   "text (about a minute per 1B parameters on 2 cores) instead of a step "
+                   "per layer, K/V and head (tens of minutes).")
+@click.option("--prefill", type=int, default=None,
+              help="Tokens prefilled per text [default: 1536; 1024 with --fast].")
+@click.option("--continuation", type=int, default=None,
+              help="Tokens scored per text [default: 256; 128 with --fast].")
 @click.option("--token-importance/--no-token-importance", default=True, show_default=True,
               help="Scale per-token steps by the attention each token receives.")
-def calibrate(model, texts, target_kl, output, name, alpha, per_layer, prefill, continuation,
-              token_importance):
+def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, prefill,
+              continuation, token_importance):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
     The config is keyed to the model's fingerprint (weights included): written to the
     user config directory ($KVCODEC_CONFIG_DIR, else ~/.cache/kvcodec/configs), it is
-    what `kvcodec encode --config default` uses for this model from then on.
+    what `kvcodec encode --config default` uses for this model from then on. It carries
+    the rate curve it measured, so `kvcodec encode --target-kl` can ask for a quality.
+    A calibration that cannot meet its target writes nothing and exits non-zero.
     """
     from kvcodec.core.config import model_key, user_config_dir
     from kvcodec.format.container import atomic_write
     from kvcodec.quality.calibrate import (DEFAULT_TOKEN_IMPORTANCE, Calibrator,
                                            default_calibration_texts)
 
+    if target_kl <= 0:
+        raise click.BadParameter("must be positive", param_hint="--target-kl")
+    prefill = prefill or (1024 if fast else 1536)
+    continuation = continuation or (128 if fast else 256)
+    if prefill < 16 or continuation < 2:
+        raise click.BadParameter("--prefill must be >= 16 and --continuation >= 2")
     with Status("loading the model"):
         lm = kvcodec.load_model(model)
     key = model_key(lm.fingerprint)
     paths = [Path(t) for t in texts] or default_calibration_texts()
+    if fast and not texts:
+        paths = paths[:1]
     ids = [kvcodec.models.text_ids(lm.tokenizer, p.read_text(errors="replace")) for p in paths]
     with Status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
-    minutes = cal.estimate_seconds(per_head=not per_layer) / 60
+    minutes = (2.0 * 7 * cal.pass_seconds if fast
+               else cal.estimate_seconds(per_head=not per_layer)) / 60
     click.echo(f"calibrating {lm.fingerprint['architecture']} ({cal.num_layers} layers, "
                f"{cal.kv_heads} KV heads) on {len(cal.cases)} text(s): about "
                f"{minutes:.1f} min on this machine", err=True)
-    sens = with_bar("measuring sensitivities",
-                    lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
+    if not fast:
+        sens = with_bar("measuring sensitivities",
+                        lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
     if output is None:
         stem = kvcodec.models.model_name(model)
         output = user_config_dir() / f"{stem}-{key}.json"
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         name = name or "default"
     name = name or Path(output).stem
-    desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL <= "
-            f"{target_kl} ({prefill} tokens prefilled, {continuation} scored); "
-            f"steps ~ sensitivity^-{alpha}, keys coded before RoPE, 1 sink token in fp16"
-            + (", per-token steps scaled by attention importance." if token_importance else "."))
-    cfg, info = with_bar("searching the global step",
-                         lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
+    if fast:
+        from kvcodec.core.config import load_config
+
+        base = load_config("default")  # the model-free default, not a calibration
+        cfg, info = with_bar("measuring the rate curve",
+                             lambda p: cal.fast(base, target_kl, p))
+        cfg["name"] = name
+        cfg["description"] = (
+            f"kvcodec calibrate --fast on {len(cal.cases)} text(s) for mean KL <= "
+            f"{target_kl} ({prefill} tokens prefilled, {continuation} scored): the "
+            f"model-free default with every step x{info['global_step']:.3f}.")
+    else:
+        desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL "
+                f"<= {target_kl} ({prefill} tokens prefilled, {continuation} scored); "
+                f"steps ~ sensitivity^-{alpha}, keys centered and coded before RoPE, 1 sink "
+                "token in fp16" + (", per-token steps scaled by attention importance."
+                                   if token_importance else "."))
+        cfg, info = with_bar("searching the global step",
+                             lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
+    if not info["met"]:
+        from kvcodec.errors import CalibrationError
+        raise CalibrationError(
+            f"calibration missed its target: KL {info['kl']:.4f} > --target-kl {target_kl} "
+            f"even at the finest step searched (~{info['payload_bits_per_element']:.2f} "
+            "bits/element); no config written. Use the model-free default, or a higher "
+            "--target-kl")
     cfg = {"name": cfg.pop("name"), "model_key": key,
            "model_name": kvcodec.models.model_name(model), **cfg}
     fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}

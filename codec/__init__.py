@@ -16,7 +16,8 @@ import importlib
 
 from ._version import __version__
 from .core import KVCache, available_configs, load_config
-from .errors import (AccessError, BackendError, BlendError, ConfigError, CorruptError,
+from .errors import (AccessError, BackendError, BlendError, CalibrationError, ConfigError,
+                     CorruptError,
                      FormatError, KVCodecError, ModelMismatchError, ShapeError,
                      TruncatedError, VersionError)
 from .format import KVCFile, decode, encode, open  # noqa: A004
@@ -27,6 +28,7 @@ __all__ = [
     "load_model", "capture_kv", "fingerprint", "check_fingerprint", "DEFAULT_MODEL",
     "KVCodecError", "FormatError", "CorruptError", "TruncatedError", "ModelMismatchError",
     "ShapeError", "ConfigError", "BackendError", "BlendError", "AccessError", "VersionError",
+    "CalibrationError",
     "__version__",
 ]
 

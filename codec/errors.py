@@ -35,6 +35,10 @@ class ConfigError(KVCodecError):
     """A codec configuration is invalid."""
 
 
+class CalibrationError(ConfigError):
+    """A calibration could not meet its quality target (no config was written)."""
+
+
 class BackendError(KVCodecError):
     """A required backend (native extension, GPU, model package) is missing."""
 

@@ -207,11 +207,12 @@ float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_
   return static_cast<float*>(a.mutable_data());
 }
 
-// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin) -> spec. The
-// caller holds `d` (which holds the arrays) until the decode has run.
+// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin[, add [C]]) ->
+// spec. The caller holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
-  if (d.size() != 7) {
-    throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin)");
+  if (d.size() != 7 && d.size() != 8) {
+    throw py::value_error(
+        "dequant: expected (grid, mult, half_range, heads, out, cos, sin[, add])");
   }
   kvc::DequantSpec spec{};
   spec.half_range = d[2].cast<int>();
@@ -225,6 +226,8 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   spec.head_dim = (channels - 1) / spec.heads;
   spec.grid = float_data(d[0], "dequant grid", 256);
   spec.mult = float_data(d[1], "dequant mult", (size_t)channels - 1);
+  if (d.size() == 8 && !d[7].is_none())
+    spec.add = float_data(d[7], "dequant add", (size_t)channels - 1);
   spec.out = strided_out(d[4], spec.heads, rows, spec.head_dim, &spec.head_stride);
   if (!d[5].is_none()) {
     if (spec.head_dim % 2) throw py::value_error("dequant: RoPE needs an even head_dim");
@@ -662,8 +665,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("decode_many", &decode_many, py::arg("items"), py::arg("chunk_tokens"),
         py::arg("threads") = 0,
         "Decode [(blobs, freqs or DecodeTables, out[, dequant])] in parallel; returns None or an error message "
-        "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin), also "
-        "writes the per-token-step uniform reconstruction [heads, rows, head_dim], RoPE "
+        "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin[, add]), also "
+        "writes the per-token-step uniform reconstruction [heads, rows, head_dim] (+ add per "
+        "channel), RoPE "
         "re-applied when cos/sin are given; out may then be (rows, channels) instead of "
         "an array, and the symbols are not kept (each chunk is dequantized from a scratch "
         "buffer as soon as it is decoded).");

@@ -12,7 +12,7 @@ import zstandard
 import kvcodec
 from kvcodec.core.config import load_config, resolve_layers
 from kvcodec.core.kvcache import KVCache
-from kvcodec.core.quant import make_quantizer
+from kvcodec.core.quant import fit_stream, make_quantizer
 from kvcodec.core.streams import KINDS, step_multipliers
 from kvcodec.core.transforms import applied_key_transform, layer_ropes, rope, shift
 from kvcodec.errors import BackendError, CorruptError, FormatError, ShapeError
@@ -79,7 +79,7 @@ def reference(kv: KVCache, config, model=None, offset: int = 0) -> dict:
                 q = make_quantizer(head_spec(specs[kind][l], h, kv.num_kv_heads,
                                              kv.head_dim), kv.dtype)
                 sinks = int((pos < n_sink).sum())
-                params = q.fit(x) if len(x) else {}
+                params = fit_stream(q, x, sinks)
                 mult = step_multipliers(cfg, kv.importance[:, pos], l, sinks)
                 y = q.dequantize(torch.from_numpy(q.quantize(x, params, mult)[0]), params, None)
                 y[:sinks] = x[:sinks].half().float()
@@ -142,7 +142,9 @@ def test_default_error_is_small_and_sinks_are_fp16(cache, default_file):
             src = cache.keys if kind == "key" else cache.values
             dec = out.keys if kind == "key" else out.values
             err = (dec[l] - src[l]).pow(2).mean().sqrt() / src[l].pow(2).mean().sqrt()
-            assert err < 0.3, (l, kind, float(err))
+            # The default's value step is 1.1 token RMS: uniform rounding error is
+            # step / sqrt(12) = 0.32 of it on this random data.
+            assert err < 0.35, (l, kind, float(err))
             for h in range(H):
                 pos, rows = held(out, l, h, kind)
                 if len(pos):  # position 0 is kept, and an fp16 sink

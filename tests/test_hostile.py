@@ -28,10 +28,11 @@ def _header(data) -> dict:
     return json.loads(data[24:24 + hlen])
 
 
-def rebuild(data, header_update=None, replace=None, raw_header=None, version=3) -> bytes:
+def rebuild(data, header_update=None, replace=None, raw_header=None, version=None) -> bytes:
     """``data`` re-serialized (valid checksums) with header fields or sections replaced,
-    or with ``raw_header`` bytes as its whole header."""
+    or with ``raw_header`` bytes as its whole header (``version``: the original's)."""
     head = _header(data)
+    version = version or container.PREAMBLE.unpack_from(data)[1]
     with kvcodec.open(data) as f:
         sections = [(e["name"], (replace or {}).get(e["name"], f.source.read_section(e["name"])),
                      e["crc32"] is not None) for e in head["sections"]]

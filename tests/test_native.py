@@ -359,9 +359,10 @@ def test_simd_path_switch():
 
 # -- decoding many blobs at once, fused dequantization, table unpacking -----------------
 
-def _fused_case(rng, rows, heads, head_dim, half_range=7):
+def _fused_case(rng, rows, heads, head_dim, half_range=7, add=None):
     """Symbols of a per-token-step uniform stream (last column: the step code) and its
-    dequantizer arguments, writing into a fresh [heads, rows, head_dim] array."""
+    dequantizer arguments (``add``: a centered stream's channel means), writing into a
+    fresh [heads, rows, head_dim] array."""
     c = heads * head_dim
     sym = np.concatenate([rng.integers(0, 2 * half_range + 1, (rows, c)),
                           rng.integers(0, 256, (rows, 1))], 1).astype(np.uint8)
@@ -374,15 +375,17 @@ def _fused_case(rng, rows, heads, head_dim, half_range=7):
     sin = np.ascontiguousarray(np.concatenate([np.sin(ang)] * 2, 1), dtype=np.float32)
 
     def deq(out):
-        return (grid, mult, half_range, heads, out, cos, sin)
+        return (grid, mult, half_range, heads, out, cos, sin) + (() if add is None else (add,))
     return sym, freqs, deq
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, scalar only
-def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim):
+def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim, centered):
     rng = np.random.default_rng(head_dim)
     rows, heads, chunk = 300, 3, 128
-    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    add = rng.normal(0, 50, heads * head_dim).astype(np.float32) if centered else None
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim, add=add)
     blobs = nat.encode(sym, freqs, chunk)
     got = {}
     for path in PATHS:
@@ -396,9 +399,13 @@ def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim):
     ref = next(iter(got.values()))
     for out in got.values():
         assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))  # bit for bit
-    # The reconstruction itself: (s - R) * (grid[code] * mult), then rotate_half RoPE.
+    # The reconstruction itself: (s - R) * (grid[code] * mult) (+ add), then rotate_half
+    # RoPE.
     x = ((sym[:, :-1].astype(np.float32) - 7)
-         * (deq(None)[0][sym[:, -1]][:, None] * deq(None)[1])).reshape(rows, heads, head_dim)
+         * (deq(None)[0][sym[:, -1]][:, None] * deq(None)[1]))
+    if centered:
+        x = x + add
+    x = x.reshape(rows, heads, head_dim)
     cos, sin = deq(None)[5], deq(None)[6]
     half = head_dim // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], -1)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .quant import make_quantizer, validate_token_importance
+from .rate import check_rate_curve, for_target_kl
 
 # The repository's configs/ (editable installs: the package is the source tree's codec/,
 # beside setup.py) and the copy inside the package (wheels). A folder named configs that
@@ -99,13 +100,16 @@ def available_configs() -> list[str]:
     return sorted(names)
 
 
-def load_config(spec, *, copy_dict: bool = True, model: dict | None = None) -> dict:
+def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
+                target_kl: float | None = None) -> dict:
     """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict
     (copied unless ``copy_dict`` is False, for a dict the caller just parsed).
 
     ``"default"`` with a ``model`` fingerprint is that model's calibrated config where one
     exists (:func:`calibrated_config_path`); otherwise the model-free default, whose
     per-token steps follow each token's own magnitude, so it suits any model.
+    ``target_kl`` (or the config's own ``"target_kl"`` field) scales its steps along its
+    measured rate curve (:mod:`kvcodec.core.rate`).
     """
     if isinstance(spec, dict):
         cfg = copy.deepcopy(spec) if copy_dict else spec
@@ -128,6 +132,8 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None) -> d
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
     validate_config(cfg)
+    if target_kl is not None or (cfg.get("target_kl") is not None and "rate_factor" not in cfg):
+        cfg = for_target_kl(cfg, cfg["target_kl"] if target_kl is None else target_kl)
     return cfg
 
 
@@ -147,6 +153,8 @@ def validate_config(cfg: dict) -> None:
                           f"'optional': true to skip it where the RoPE cannot be undone), "
                           f"got {xform!r}")
     validate_token_importance(cfg.get("token_importance"))
+    if cfg.get("rate_curve") is not None:
+        check_rate_curve(cfg["rate_curve"])
     lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
                    and r["quantizer"].get("type") == "lossless"
                    for kind in ("key", "value") if isinstance(cfg.get(kind), list)

@@ -27,6 +27,13 @@ Types
     Entropy coding makes the step, not ``bins``, set the rate; ``bins`` only bounds the
     clipping range. Fields: ``step``, ``bins`` (<= 256), ``scale``, and optionally
     ``head_scale`` (per-KV-head step multipliers, from ``kvcodec calibrate``).
+
+    ``center: true`` (with ``scale: "token"``; format version 5) fits a per-file
+    parameter on the stream's non-sink tokens, ``mean``: each channel's mean, subtracted
+    before quantizing and added back after. The per-token step is then a fraction of the
+    token's *centered* RMS, so a channel that is mostly a constant offset (large key
+    biases: Qwen2.5's layer 0 keys carry channels whose mean is 200x the median channel's
+    RMS) no longer sizes every token's step.
 """
 from __future__ import annotations
 
@@ -81,7 +88,8 @@ class Quantizer:
         return MAX_ALPHABET if self.extra_channels else self.alphabet
 
     def fit(self, x: torch.Tensor) -> dict:
-        """Per-file parameters, each a float16 ``np.ndarray`` of shape ``[C]``."""
+        """Per-file parameters, each a float16 ``np.ndarray`` of shape ``[C]``, of the
+        stream's tokens after its attention sinks."""
         return {}
 
     def quantize(self, x: torch.Tensor, params: dict, step_mult=None):
@@ -166,14 +174,19 @@ class Uniform(Quantizer):
                 isinstance(h, (int, float)) and 0 < h <= 64 for h in heads)):
             raise ConfigError(f"'head_scale' must be a list of positive multipliers, got {heads!r}")
         self.head_scale = heads
+        self.center = spec.get("center", False)
+        if self.center not in (True, False) or (self.center and self.scale != "token"):
+            raise ConfigError(f"'center' must be true or false, and true only with scale "
+                              f"'token'; got {self.center!r:.40}")
         self.r = (bins - 1) // 2
         self.alphabet = 2 * self.r + 1
-        self.param_names = ("mean", "step") if self.scale == "channel" else ()
+        self.param_names = (("mean", "step") if self.scale == "channel" else
+                            ("mean",) if self.center else ())
         self.extra_channels = 1 if self.scale == "token" else 0
 
     def fit(self, x):
         if self.scale == "token":
-            return {}
+            return self._fit_centered(x) if self.center else {}
         mean = _half(x.mean(dim=0))
         # Median absolute deviation, not std: a few outlier tokens (the attention sink)
         # would otherwise inflate every step of the channel. 1.4826 maps MAD to std.
@@ -182,6 +195,15 @@ class Uniform(Quantizer):
         # A constant channel has no spread; any positive step reproduces it from the mean.
         step = torch.where(step > 0, step, torch.ones_like(step))
         return {"mean": mean.half().numpy(), "step": step.half().numpy()}
+
+    def _fit_centered(self, x: torch.Tensor) -> dict:
+        """``mean`` per channel, float16, of ``x [T, C]``."""
+        return {"mean": _half(x.mean(dim=0)).half().numpy()}
+
+    def channel_mult(self, params: dict | None, channels: int) -> torch.Tensor:
+        """Per-channel step multipliers ``[C]`` (``head_scale``'s; every stream's
+        parameters are passed, for quantizers that fit multipliers of their own)."""
+        return self.head_mult(channels)
 
     def head_mult(self, channels: int) -> torch.Tensor:
         """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""
@@ -202,7 +224,7 @@ class Uniform(Quantizer):
         return q.to(torch.uint8).numpy(), None
 
     def batch_key(self):
-        return (Uniform, "token") if self.scale == "token" else None
+        return (Uniform, "token", self.center) if self.scale == "token" else None
 
     @staticmethod
     def quantize_layers(qs, x, params, step_mults, threads=0):
@@ -215,6 +237,8 @@ class Uniform(Quantizer):
         # its vector and scalar log2 may differ in the last bit, so batching them would
         # move the tail. Everything else is elementwise and exactly rounded: batched.
         n, c = len(qs), x.shape[2]
+        if qs[0].center:
+            x = x - torch.stack([torch.from_numpy(p["mean"]).float() for p in params])[:, None]
         sq = x.pow(2)
         rms = torch.stack([sq[i].mean(dim=1) for i in range(n)]).sqrt()
         target = rms * torch.tensor([q.step for q in qs], dtype=torch.float32)[:, None]
@@ -225,7 +249,7 @@ class Uniform(Quantizer):
         code = torch.round(8 * log) + 128
         code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
         code = code.to(torch.uint8)
-        mult = torch.stack([q.head_mult(c) for q in qs])
+        mult = torch.stack([q.channel_mult(p, c) for q, p in zip(qs, params)])
         sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
                                        [q.r for q in qs], threads)
         return [(sym[i], None) for i in range(n)]
@@ -233,7 +257,11 @@ class Uniform(Quantizer):
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
             step = torch.from_numpy(STEP_GRID)[symbols[:, -1].long()][:, None]
-            return (symbols[:, :-1].float() - self.r) * (step * self.head_mult(symbols.shape[1] - 1))
+            x = (symbols[:, :-1].float() - self.r) * (step * self.channel_mult(
+                params, symbols.shape[1] - 1))
+            if self.center:
+                x = x + torch.from_numpy(params["mean"]).float()
+            return x
         mean = torch.from_numpy(params["mean"]).float()
         step = torch.from_numpy(params["step"]).float()
         return (symbols.float() - self.r) * step + mean
@@ -287,6 +315,17 @@ class Lossless(Quantizer):
         c = symbols.shape[1] // self.itemsize
         raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).contiguous()
         return raw.view(self.dtype).reshape(t, c).float()
+
+
+def fit_stream(q: Quantizer, x: torch.Tensor, n_sink: int = 0) -> dict:
+    """``q``'s per-file parameters for stream ``x [T, C]`` whose first ``n_sink`` rows are
+    attention sinks (kept exactly, so not fitted on, unless they are all there is; an
+    empty stream fits one zero row)."""
+    if len(x) > n_sink:
+        x = x[n_sink:]
+    elif not len(x):
+        x = torch.zeros(1, x.shape[1])
+    return q.fit(x)
 
 
 def validate_token_importance(spec) -> None:

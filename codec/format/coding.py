@@ -9,6 +9,7 @@ import torch
 
 from ..core import tables
 from ..core.kvcache import KVCache
+from ..core.quant import fit_stream
 from ..core.streams import KINDS, step_multipliers, stream_input
 from ..core.transforms import rope_tables
 from ..errors import ConfigError, ShapeError
@@ -78,7 +79,7 @@ class StreamCoder:
         sink_rows = np.zeros((self.n_sink, x.shape[1]), dtype="<f2")
         sink_rows[sinks] = x[:len(sinks)].half().numpy()
         # A head that keeps no token still records parameters (of one zero row).
-        params = q.fit(x if len(x) else torch.zeros(1, x.shape[1]))
+        params = fit_stream(q, x, len(sinks))
         symbols, side = q.quantize(
             x, params, step_multipliers(self.cfg, importance, layer, len(sinks)))
         self._record(q, symbols, params, sink_rows.tobytes(), x.shape[1])
@@ -111,7 +112,7 @@ class StreamCoder:
                     raise ShapeError(f"{kind}s of layer {bad} contain NaN or infinity")
                 sink = x[:, :n_snk].half().numpy()
                 qk = [self.quant[layer, kind] for layer in layers]
-                params = [q.fit(x[i]) for i, q in enumerate(qk)]
+                params = [fit_stream(q, x[i], n_snk) for i, q in enumerate(qk)]
                 by_key = {}
                 for i, q in enumerate(qk):
                     key = q.batch_key()

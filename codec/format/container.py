@@ -41,9 +41,13 @@ MAGIC = b"\x89KVC\r\n\x1a\n"
 # v4: the header may say ``"evicted": true`` (per-head kept tokens, a ``kept`` section,
 # streams per head; see :mod:`kvcodec.format.kept`). Dense caches are still written as
 # v3, so that older readers open them.
-FORMAT_VERSION = 4
+# v5: a quantizer may say ``"center": true`` (per-file channel means and head scales,
+# :class:`kvcodec.core.quant.Uniform`); only files that use it are written as v5, so an
+# older reader refuses them instead of decoding them without their means.
+FORMAT_VERSION = 5
+EVICTED_VERSION = 4
 DENSE_VERSION = 3
-READABLE_VERSIONS = (2, 3, 4)
+READABLE_VERSIONS = (2, 3, 4, 5)
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64

@@ -48,6 +48,10 @@ class Encoder:
         Tokens per independently decodable chunk (default: the config's, else 256).
     threads : int
         Coder threads; 0 = all cores (an attribute: change it between calls).
+    target_kl : float, optional
+        Ask for a quality instead of steps: the config's steps are scaled along the rate
+        curve its calibration measured for the model (:mod:`kvcodec.core.rate`;
+        ``kvcodec calibrate --fast`` makes one in about a minute).
 
     What depends only on these is done here, once: the config is loaded and checked, and
     per layer count and dtype the quantizers are built; the compressed config section is
@@ -56,9 +60,11 @@ class Encoder:
     """
 
     def __init__(self, config="default", fingerprint: dict | None = None, *,
-                 chunk_tokens: int | None = None, threads: int = 0):
+                 chunk_tokens: int | None = None, threads: int = 0,
+                 target_kl: float | None = None):
         self.fingerprint = fingerprint
-        self.config = load_config(config, copy_dict=False, model=fingerprint)
+        self.config = load_config(config, copy_dict=False, model=fingerprint,
+                                  target_kl=target_kl)
         self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
             raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
@@ -184,6 +190,8 @@ class Encoder:
         if kv.evicted:  # version 4: only evicted files need it
             header["evicted"] = True
             sections.insert(2, ("kept", _zstd(pack_kept(kv.kept, n)), True))
+            version = container.EVICTED_VERSION
+        if _centered(cfg):  # version 5: only files with centered streams need it
             version = container.FORMAT_VERSION
         data = container.build(header, sections, version)
         if path is not None:
@@ -191,12 +199,18 @@ class Encoder:
         return data
 
 
+def _centered(cfg: dict) -> bool:
+    return any(rule["quantizer"].get("center") for kind in ("key", "value")
+               for rule in cfg.get(kind, ()))
+
+
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
            threads: int = 0, token_ids=None, model: dict | None = None,
-           position_offset: int | None = None, importance=None, anchor=None) -> bytes:
+           position_offset: int | None = None, importance=None, anchor=None,
+           target_kl: float | None = None) -> bytes:
     """Compress a KV cache into .kvc bytes: :class:`Encoder` ``(config, model or
-    kv.model, chunk_tokens=..., threads=...).encode(kv, path, ...)``. Code many caches
-    with one :class:`Encoder` instead.
+    kv.model, chunk_tokens=..., threads=..., target_kl=...).encode(kv, path, ...)``.
+    Code many caches with one :class:`Encoder` instead.
 
     Returns
     -------
@@ -205,7 +219,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     """
     kv = as_kvcache(kv)
     return Encoder(config, kv.model if model is None else model, chunk_tokens=chunk_tokens,
-                   threads=threads).encode(kv, path, token_ids=token_ids,
+                   threads=threads, target_kl=target_kl).encode(kv, path, token_ids=token_ids,
                                            position_offset=position_offset,
                                            importance=importance, anchor=anchor)
 

@@ -50,7 +50,10 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
         fused = isinstance(q, Uniform) and q.scale == "token"
         if not fused:
             t.symbols = np.empty((len(pos), m.coded_columns(q)), dtype=np.uint8)
-        mult = q.head_mult(d).numpy() if fused else None
+        p = params[(l, k, head)]
+        mult = np.ascontiguousarray(q.channel_mult(p, d).numpy()) if fused else None
+        add = (np.ascontiguousarray(p["mean"], dtype=np.float32)
+               if fused and q.center else None)
         jobs, sides, r0 = [], [], 0
         per_chunk = sec.chunk_rows[l, head, chunks[0]:chunks[-1] + 1].tolist()
         for c, rows_here in zip(chunks, per_chunk):
@@ -63,7 +66,7 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
                 deq = Dequant(STEP_GRID, mult, q.r, 1,
                               view[0].numpy() if in_place else
                               np.empty((1, rows_here, d), dtype=np.float32),
-                              scratch=not in_place)
+                              scratch=not in_place, add=add)
                 jobs.append(Job([blob], dtab[(l, k, head)], (rows_here, m.coded_columns(q)),
                                 deq))
                 t.fused.append((deq, view))

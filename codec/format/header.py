@@ -197,6 +197,7 @@ class FileHeader:
             self.streams = [(l, k) for l in layers for k in KINDS]
             self.quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
                            for s in self.streams}
+            self._check_centered()
             return
         self.stream_channels = d
         self.streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
@@ -211,6 +212,14 @@ class FileHeader:
                 self.quant[s] = built[key]
         except ConfigError as exc:
             raise CorruptError(f"{self._r.name}: invalid codec config in header: {exc}") from None
+        self._check_centered()
+
+    def _check_centered(self) -> None:
+        """Centered streams (``"center": true``) came with format version 5: a file of an
+        older version that claims them was not written by kvcodec."""
+        if self._r.version < 5 and any(getattr(q, "center", False) for q in self.quant.values()):
+            raise CorruptError(f"{self._r.name}: format version {self._r.version} has no "
+                               "centered streams, but its header asks for them")
 
     def _check_index_size(self, n_streams: int) -> None:
         """The index holds one entry per (chunk, stream): its length, in the section table,

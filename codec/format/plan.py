@@ -33,8 +33,9 @@ class Dequant:
     stream (the shipped default): the step grid, per-channel step multipliers, the
     quantizer's half range, the heads the channels split into, where the float32 values
     go (``out``: ``[heads, rows, head_dim]``, a view of the destination or a ``scratch``
-    array copied there afterwards), and cos/sin of the rows' positions for keys (None:
-    not rotated natively)."""
+    array copied there afterwards), cos/sin of the rows' positions for keys (None:
+    not rotated natively), and ``add``, the per-channel offset a centered stream adds
+    back before RoPE (None: none)."""
 
     grid: np.ndarray
     mult: np.ndarray
@@ -44,10 +45,11 @@ class Dequant:
     cos: np.ndarray | None = None
     sin: np.ndarray | None = None
     scratch: bool = False
+    add: np.ndarray | None = None
 
     def native(self) -> tuple:
         return (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
-                self.sin)
+                self.sin, self.add)
 
 
 @dataclass(slots=True)

@@ -149,7 +149,8 @@ class KVCFile:
                               f"and cannot be moved to another position: {exc}") from None
         return m.position_offset, (ropes, position_offset - m.position_offset)
 
-    def _dequant(self, q, layer_rope, pos: int, dst: torch.Tensor) -> Dequant | None:
+    def _dequant(self, q, layer_rope, pos: int, dst: torch.Tensor,
+                 params: dict | None = None) -> Dequant | None:
         """The fused-path spec for per-token-step uniform streams (the shipped default)
         decoding into ``dst`` (rows from position ``pos``), or None where there is no
         fused path (other quantizers, partial rotary dims). It writes straight into
@@ -166,10 +167,14 @@ class KVCFile:
         cos = sin = None
         if layer_rope is not None:
             cos, sin = self._rope_arrays(pos, rows, layer_rope)
-        mult = self._mults.get(q)  # the file's quantizers live as long as it does
-        if mult is None:
-            mult = self._mults[q] = q.head_mult(h * d).numpy()
-        return Dequant(STEP_GRID, mult, q.r, h, out, cos, sin, scratch=not in_place)
+        key = (q, id(params))  # the file's quantizers and parameters live as long as it does
+        got = self._mults.get(key)
+        if got is None:
+            got = self._mults[key] = (
+                np.ascontiguousarray(q.channel_mult(params, h * d).numpy()),
+                np.ascontiguousarray(params["mean"], dtype=np.float32) if q.center else None)
+        return Dequant(STEP_GRID, got[0], q.r, h, out, cos, sin, scratch=not in_place,
+                       add=got[1])
 
     def _rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
@@ -247,7 +252,7 @@ class KVCFile:
                 got = [items[(c, s)] for c in prange]
                 sides += [side for side, _ in got]
                 view = target[:, :, r0:r0 + n]
-                deq = self._dequant(q, rope_here, base + first + r0, view)
+                deq = self._dequant(q, rope_here, base + first + r0, view, params[(l, k)])
                 if deq is None and t.symbols is None:
                     t.symbols = np.empty((target.shape[2], coded), dtype=np.uint8)
                 # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.

@@ -164,7 +164,7 @@ class DeviceFile:
                 cols = f.coded_columns(q)
                 sym = torch.empty((n, cols), dtype=torch.uint8, device=dev)
                 symbols[(l, k)] = sym
-                fused = isinstance(q, Uniform) and q.scale == "token"
+                fused = isinstance(q, Uniform) and q.scale == "token" and not q.center
                 mult = (q.head_mult(f.channels).to(dev) if fused else None)
                 if mult is not None:
                     keep.append(mult)
@@ -204,7 +204,7 @@ class DeviceFile:
         for l in range(f.num_layers):
             for ki, k in enumerate(KINDS):
                 q = f.quant[(l, k)]
-                fused = isinstance(q, Uniform) and q.scale == "token"
+                fused = isinstance(q, Uniform) and q.scale == "token" and not q.center
                 n_sink = max(0, min(f.sink_tokens - t0, n))
                 if fused and not n_sink:
                     continue

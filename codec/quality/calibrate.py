@@ -25,7 +25,7 @@ import torch
 from ..core import tables
 from ..core.config import resolve_layers, validate_config
 from ..core.kvcache import KVCache
-from ..core.quant import MAX_ALPHABET, make_quantizer
+from ..core.quant import MAX_ALPHABET, fit_stream, make_quantizer
 from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
 from ..core.transforms import applied_key_transform, layer_ropes, rope
 from ..models.capture import capture_kv
@@ -56,7 +56,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
             rope_here = ropes[layer] if kind == "key" else None
             x = stream_input(dst[layer], kind, rope_here, s0)
             q = make_quantizer(specs[kind][layer], kv.dtype)
-            params = q.fit(x)
+            params = fit_stream(q, x, n_sink)
             sym, side = q.quantize(x, params, step_multipliers(cfg, imp, layer, n_sink))
             y = q.dequantize(torch.from_numpy(sym), params, side)
             y[:n_sink] = x[:n_sink].half().float()
@@ -92,7 +92,8 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
             base = math.exp(np.mean(np.log(hs)))
             # Never clip: |x| / rms <= sqrt(C), so the range needs sqrt(C) / smallest step.
             bins = int(min(MAX_ALPHABET - 1, 2 * math.ceil(math.sqrt(channels) / min(hs)) + 1))
-            q = {"type": "uniform", "scale": "token", "step": round(base, 5), "bins": bins}
+            q = {"type": "uniform", "scale": "token", "center": True, "step": round(base, 5),
+                 "bins": bins}
             if kv_heads > 1 and max(hs) / min(hs) > 1.001:
                 q["head_scale"] = [round(h / base, 4) for h in hs]
             cfg[kind].append({"layers": [layer, layer + 1], "quantizer": q})
@@ -146,6 +147,11 @@ class Calibrator:
         self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
         self.channels = kv.num_kv_heads * kv.head_dim
 
+    @property
+    def pass_seconds(self) -> float:
+        """One scoring pass over every text, as measured while prefilling."""
+        return self._pass_s
+
     def estimate_seconds(self, per_head: bool = True) -> float:
         """Time :meth:`sensitivities` and :meth:`allocate` will take: one scoring pass
         over the texts (measured on this machine while prefilling) per probe, plus the
@@ -184,7 +190,10 @@ class Calibrator:
 
     def allocate(self, sens: dict, target_kl: float, alpha: float = 0.35, progress=None,
                  name: str = "calibrated", description: str = "") -> tuple[dict, dict]:
-        """Binary-search the global step so the calibration KL meets ``target_kl``."""
+        """Binary-search the global step so the calibration KL meets ``target_kl``.
+
+        ``(config, info)``; ``info["met"]`` is False when even the finest step searched
+        misses the target (the config is then the finest one, for the caller to refuse)."""
         logs = np.log(np.concatenate([np.asarray(v) for v in sens.values()]))
         gm = math.exp(logs.mean())
         groups = len(next(iter(sens.values())))
@@ -201,20 +210,56 @@ class Calibrator:
             return cfg
 
         lo, hi = math.log(0.05), math.log(4.0)
-        best = None
+        best, points = None, []
         for i in range(9):
             mid = (lo + hi) / 2
             cfg = cfg_for(math.exp(mid))
             kl, bits = self.kl(cfg)
+            points.append((math.exp(mid), kl, bits))
             if progress:
                 progress(i + 1, 9)
             if kl <= target_kl:
-                best = (cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": math.exp(mid)})
+                best = (cfg, {"kl": kl, "payload_bits_per_element": bits,
+                              "global_step": math.exp(mid), "met": True})
                 lo = mid
             else:
                 hi = mid
         if best is None:
             cfg = cfg_for(math.exp(lo))
             kl, bits = self.kl(cfg)
-            best = (cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": math.exp(lo)})
+            best = (cfg, {"kl": kl, "payload_bits_per_element": bits,
+                          "global_step": math.exp(lo), "met": kl <= target_kl})
+        g = best[1]["global_step"]
+        best[0]["rate_curve"] = [[p / g, max(k, 1e-9), b] for p, k, b in sorted(points)]
         return best
+
+    def fast(self, base: dict, target_kl: float, progress=None,
+             factors=(0.5, 0.7, 1.0, 1.4, 2.0)) -> tuple[dict, dict]:
+        """``kvcodec calibrate --fast``: one global factor on ``base``'s steps (the
+        model-free default), measured at ``factors`` and picked on that rate curve to
+        meet ``target_kl``, then checked (and made finer, up to three times, where the
+        check misses). ``(config, info)`` as :meth:`allocate`; the config carries the
+        measured ``rate_curve`` (relative to its own steps) for ``--target-kl``."""
+        from ..core.rate import FACTOR_RANGE, factor_for_kl, scale_steps
+
+        base = dict(base, token_importance=self.token_importance)
+        total = len(factors) + 1
+        points = []
+        for i, f in enumerate(factors):
+            kl, bits = self.kl(scale_steps(base, f))
+            points.append([f, max(kl, 1e-9), bits])
+            if progress:
+                progress(i + 1, total)
+        f = factor_for_kl(points, target_kl)
+        for attempt in range(4):
+            kl, bits = self.kl(scale_steps(base, f))
+            points.append([f, max(kl, 1e-9), bits])
+            if kl <= target_kl or attempt == 3 or f <= FACTOR_RANGE[0]:
+                break
+            f = max(FACTOR_RANGE[0], f * 0.85)
+        if progress:
+            progress(total, total)
+        cfg = scale_steps(base, f)
+        cfg["rate_curve"] = [[p / f, k, b] for p, k, b in sorted(points)]
+        return cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": f,
+                     "met": kl <= target_kl, "fast": True}

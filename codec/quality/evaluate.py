@@ -97,21 +97,9 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
 
 def sweep_configs(cfg: dict, factors=(0.5, 0.7, 1.0, 1.4, 2.0)) -> list:
     """Variants of a config for an R-D curve: steps scaled (uniform) or bins (absmax)."""
-    import copy
+    from ..core.rate import scale_steps
 
-    out = []
-    for f in factors:
-        c = copy.deepcopy(cfg)
-        for kind in ("key", "value"):
-            for rule in c[kind]:
-                q = rule["quantizer"]
-                if "step" in q:
-                    q["step"] = round(q["step"] * f, 4)
-                elif "bins" in q:
-                    q["bins"] = int(min(256, max(4, round(q["bins"] / f))))
-        c["name"] = f"{cfg.get('name', 'custom')}x{f:g}"
-        out.append(c)
-    return out
+    return [scale_steps(cfg, f, f"{cfg.get('name', 'custom')}x{f:g}") for f in factors]
 
 
 def plot(rows: list, path) -> None:

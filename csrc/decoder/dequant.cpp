@@ -22,6 +22,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
+      const float* a = spec.add ? spec.add + (size_t)k * d : nullptr;
       float* o = spec.out + (size_t)k * spec.head_stride + at;
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {
@@ -32,6 +33,8 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         *bad_row = t;
         return;
       }
+      if (a)
+        for (int i = 0; i < d; ++i) x[i] = x[i] + a[i];
       if (!spec.cos) {
         for (int i = 0; i < d; ++i) o[i] = x[i];
         continue;

@@ -10,7 +10,9 @@ namespace kvc {
 
 struct DequantSpec {
   const float* grid;     // [256]: step of each per-token step code (codec.quant.STEP_GRID)
-  const float* mult;     // [channels]: per-channel step multiplier (head_scale)
+  const float* mult;     // [channels]: per-channel step multiplier (head_scale, fitted scale)
+  const float* add;      // [channels] or null: per-channel offset added after the step
+                         // (the fitted mean of a centered stream), before RoPE
   int half_range;        // R: symbol s means (s - R) * step
   int heads, head_dim;   // channels = heads * head_dim
   const float* cos;      // [rows, head_dim] or null: re-apply rotate_half RoPE
@@ -21,7 +23,7 @@ struct DequantSpec {
 };
 
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
-// PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])), then
+// PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])) (+ add[c] if given), then
 // x * cos + rotate_half(x) * sin, each product rounded separately (no FMA contraction).
 // `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
 // `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data

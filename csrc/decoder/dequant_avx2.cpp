@@ -28,6 +28,7 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
+      const float* a = spec.add ? spec.add + (size_t)k * d : nullptr;
       float* o = spec.out + (size_t)k * spec.head_stride + at;
       __m256i bad = _mm256_setzero_si256();
       for (int i = 0; i < d; i += 8) {
@@ -41,6 +42,9 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
         *bad_row = t;
         return true;
       }
+      if (a)
+        for (int i = 0; i < d; i += 8)
+          _mm256_store_ps(x + i, _mm256_add_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(a + i)));
       if (!spec.cos) {
         for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_load_ps(x + i));
         continue;

@@ -1,0 +1,113 @@
+"""Rate control: a KL target picks the steps from a measured rate curve; `kvcodec
+calibrate --fast` measures one; a calibration that misses its target says so."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec.core.config import load_config
+from kvcodec.core.rate import FACTOR_RANGE, factor_for_kl, for_target_kl, scale_steps
+from kvcodec.errors import ConfigError
+from kvcodec_cli.main import main
+
+CURVE = [[0.5, 0.002, 3.5], [1.0, 0.006, 2.6], [2.0, 0.02, 1.9]]
+
+
+def test_the_factor_interpolates_log_kl_against_log_factor():
+    assert factor_for_kl(CURVE, 0.006) == pytest.approx(1.0)
+    assert factor_for_kl(CURVE, 0.002) == pytest.approx(0.5)
+    # Halfway in log KL between two points is halfway in log factor.
+    mid = (0.006 * 0.02) ** 0.5
+    assert factor_for_kl(CURVE, mid) == pytest.approx(2 ** 0.5)
+    # Past the ends: along the end segments, within the allowed range.
+    assert factor_for_kl(CURVE, 0.001) < 0.5
+    assert factor_for_kl(CURVE, 1e-12) == FACTOR_RANGE[0]
+    assert factor_for_kl(CURVE, 50.0) == FACTOR_RANGE[1]
+    # A noisy curve (KL dipping as the factor grows) is read as monotone.
+    noisy = [[0.5, 0.003, 3.5], [1.0, 0.002, 2.6], [2.0, 0.02, 1.9]]
+    assert 1.0 <= factor_for_kl(noisy, 0.005) <= 2.0
+
+
+@pytest.mark.parametrize("bad", [None, [], [[1, 0.1, 2]], [[1, 0, 2], [2, 0.1, 1]],
+                                 [[1, 0.1], [2, 0.2]], [["1", 0.1, 2], [2, 0.2, 1]]])
+def test_bad_curves_and_targets_are_config_errors(bad):
+    cfg = dict(load_config("default"), rate_curve=bad)
+    with pytest.raises(ConfigError):
+        for_target_kl(cfg, 0.01)
+    with pytest.raises(ConfigError, match="target_kl"):
+        factor_for_kl(CURVE, -1)
+
+
+def test_a_target_scales_every_step_once():
+    base = dict(load_config("default"), rate_curve=CURVE)
+    got = load_config(base, target_kl=0.02)
+    f = got["rate_factor"]
+    assert f == pytest.approx(2.0)
+    for kind in ("key", "value"):
+        assert got[kind][0]["quantizer"]["step"] == pytest.approx(
+            base[kind][0]["quantizer"]["step"] * f, rel=1e-5)
+    # The result names its target, and its curve is relative to its own steps: loading it
+    # again does not scale again.
+    again = load_config(got)
+    assert again[kind][0]["quantizer"]["step"] == got[kind][0]["quantizer"]["step"]
+    assert factor_for_kl(again["rate_curve"], 0.02) == pytest.approx(1.0)
+    # A config's own "target_kl" field applies the same way.
+    field = load_config(dict(base, target_kl=0.02))
+    assert field["key"][0]["quantizer"]["step"] == got["key"][0]["quantizer"]["step"]
+    # absmax quantizers scale their bins instead.
+    cg = scale_steps(load_config("cachegen"), 2.0)
+    assert cg["key"][0]["quantizer"]["bins"] < load_config("cachegen")["key"][0]["quantizer"]["bins"]
+
+
+def test_a_target_without_a_curve_says_how_to_get_one(kv_600):
+    with pytest.raises(ConfigError, match="calibrate --fast"):
+        kvcodec.encode(kv_600, config=load_config("default"), target_kl=0.01)
+
+
+def test_calibrate_fast_then_encode_to_a_target(tmp_path, monkeypatch, texts, kv_600):
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "configs"))
+    src = tmp_path / "t.txt"
+    src.write_text(texts["gpl3"])
+    r = CliRunner().invoke(main, ["calibrate", "--fast", "--text", str(src), "--target-kl",
+                                  "0.03", "--prefill", "320", "--continuation", "48"])
+    assert r.exit_code == 0, r.output
+    made = list((tmp_path / "configs").glob("*.json"))
+    assert len(made) == 1
+    cfg = json.loads(made[0].read_text())
+    assert cfg["calibration"]["fast"] and cfg["calibration"]["met"]
+    assert cfg["calibration"]["kl"] <= 0.03
+    assert len(cfg["rate_curve"]) >= 6
+    # encode picks it up as the model's default; a tighter target costs more bits.
+    sizes = {t: len(kvcodec.encode(kv_600, config="default", target_kl=t))
+             for t in (0.003, 0.03)}
+    assert sizes[0.003] > sizes[0.03]
+    with kvcodec.open(kvcodec.encode(kv_600, config="default", target_kl=0.003)) as f:
+        assert f.config["target_kl"] == 0.003 and f.config["rate_factor"] < 1
+    out = tmp_path / "x.kvc"
+    r = CliRunner().invoke(main, ["encode", str(src), "-o", str(out), "--max-tokens", "300",
+                                  "--target-kl", "0.01"])
+    assert r.exit_code == 0, r.output
+    with kvcodec.open(out) as f:
+        assert f.config["target_kl"] == 0.01
+
+
+def test_a_calibration_that_misses_its_target_writes_nothing_and_fails(tmp_path, texts):
+    src = tmp_path / "t.txt"
+    src.write_text(texts["gpl3"])
+    out = tmp_path / "cal.json"
+    r = CliRunner().invoke(main, ["calibrate", "--fast", "--text", str(src), "--target-kl",
+                                  "1e-9", "--prefill", "320", "--continuation", "48",
+                                  "-o", str(out)])
+    assert r.exit_code != 0
+    assert "missed its target" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--target-kl", "0"], ["--max-tokens", "0"],
+                                  ["--chunk-tokens", "0"], ["--threads", "-1"]])
+def test_encode_refuses_bad_numbers_before_any_work(tmp_path, args):
+    src = tmp_path / "t.txt"
+    src.write_text("hello")
+    r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "x.kvc"), *args])
+    assert r.exit_code == 2 and "Invalid value" in r.output
