@@ -1,6 +1,8 @@
 """``kvcodec precompute``: the corpus job (kvcodec.jobs), in this process or on Ray."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from kvcodec.errors import KVCodecError
@@ -58,6 +60,10 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
     from kvcodec.jobs import JobSpec, precompute as run
 
     check_chat(chat, system)
+    if report_path and not Path(report_path).resolve().parent.is_dir():
+        # Refused now, not after the job: the summary would have nowhere to go.
+        raise click.BadParameter(f"its folder {Path(report_path).parent} does not exist",
+                                 param_hint="--report")
     spec = JobSpec(configs=configs, independent=independent, evict=evict,
                    max_tokens=max_tokens, batch_tokens=batch_tokens, chat=chat, system=system,
                    salt=salt)

@@ -44,7 +44,7 @@ from .common import Status, chat_options, check_chat, model_option, salt_option
 @click.option("--budget", type=float, default=None,
               help="With --bandwidth: seconds allowed for loading the document.")
 @click.option("--prompt", required=True, help="Text that follows the cached document.")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
 @click.option("--compare", is_flag=True,
               help="Also prefill the document from its tokens and report agreement "
                    "(with --blend: and the KL of the answer's next-token distributions).")

@@ -246,6 +246,11 @@ def test_cli_precompute_reports_and_refuses_bad_input(jsonl, tmp_path):
     res = runner.invoke(main, ["precompute", str(jsonl), "--store", str(tmp_path / "s"),
                                "--runner", "local", "--num-workers", "3"])
     assert res.exit_code == 1 and "--runner ray" in res.stderr
+    # A report with nowhere to go is refused before the job, not after it.
+    res = runner.invoke(main, ["precompute", str(jsonl), "--store", str(tmp_path / "s"),
+                               "--report", str(tmp_path / "no" / "such" / "r.json")])
+    assert res.exit_code == 2 and "--report" in res.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_parquet_corpus_and_s3_store(lm, corpus_docs, s3_endpoint, tmp_path):

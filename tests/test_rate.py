@@ -111,3 +111,8 @@ def test_encode_refuses_bad_numbers_before_any_work(tmp_path, args):
     src.write_text("hello")
     r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "x.kvc"), *args])
     assert r.exit_code == 2 and "Invalid value" in r.output
+
+
+def test_generate_refuses_a_negative_token_count(tmp_path):
+    r = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--max-new-tokens", "-1"])
+    assert r.exit_code == 2 and "Invalid value" in r.output

@@ -1,0 +1,76 @@
+"""What centering keys costs the decoder: the same 2,048 tokens of the embedded model's KV
+coded with the model-free default (keys centered, format v5) and with the same steps
+uncentered (v3), each decoded whole into preallocated float32 buffers (the fused native
+path: rANS, dequantize (+ the channel means), RoPE), per CPU decode path.
+
+    python benchmarks/bench_center.py --json
+
+Prints one JSON line per path: ``{"path", "tokens", "centered_ms", "uncentered_ms",
+"ratio", "centered_bits", "uncentered_bits"}`` (the fastest of ``--repeats`` runs, 2
+threads).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import kvcodec  # noqa: E402
+from kvcodec.core.tables import native  # noqa: E402
+
+
+def best_ms(f, buffers, repeats: int, threads: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f.decode_into(buffers, threads=threads)
+        times.append(time.perf_counter() - t)
+    return 1000 * min(times)
+
+
+def main():
+    from conftest import real_texts
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = kvcodec.load_model()
+    kv = kvcodec.capture_kv(lm, "\n".join(real_texts().values()), max_tokens=args.tokens)
+    centered = kvcodec.load_config("default")
+    plain = copy.deepcopy(centered)
+    plain["key"][0]["quantizer"].pop("center")
+    files = {name: kvcodec.encode(kv, config=cfg) for name, cfg in
+             (("centered", centered), ("uncentered", plain))}
+    nat = native()
+    for path in ("scalar", "avx2", "avx512"):
+        if not nat.set_simd_path(path):
+            continue
+        row = {"path": path, "tokens": kv.num_tokens}
+        for name, data in files.items():
+            with kvcodec.open(data) as f:
+                buffers = {l: (torch.empty(1, kv.num_kv_heads, kv.num_tokens, kv.head_dim),
+                               torch.empty(1, kv.num_kv_heads, kv.num_tokens, kv.head_dim))
+                           for l in range(kv.num_layers)}
+                f.decode_into(buffers, threads=args.threads)  # tables built, pages touched
+                row[f"{name}_ms"] = round(best_ms(f, buffers, args.repeats, args.threads), 2)
+            row[f"{name}_bits"] = round(len(data) * 8 / kv.numel(), 4)
+        row["ratio"] = round(row["centered_ms"] / row["uncentered_ms"], 3)
+        print(json.dumps(row) if args.json else
+              f"{path:7s} centered {row['centered_ms']:7.2f} ms  uncentered "
+              f"{row['uncentered_ms']:7.2f} ms  ratio {row['ratio']}")
+    nat.set_simd_path("auto")
+
+
+if __name__ == "__main__":
+    main()
