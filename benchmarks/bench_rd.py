@@ -56,6 +56,8 @@ def main():
                     help="smollm2-135m (default), a name in benchmarks/real_models.py, a .gguf "
                          "file or a model directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="only the configs (no fp16/int8/KIVI/CacheGen rows)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -77,7 +79,8 @@ def main():
     texts = heldout_texts()
     for tname, text in texts.items():
         ids = kvcodec.models.text_ids(lm.tokenizer, text)
-        for row in evaluate.evaluate(lm, ids, configs, args.prefill, args.continuation):
+        for row in evaluate.evaluate(lm, ids, configs, args.prefill, args.continuation,
+                                     baselines=() if args.no_baselines else True):
             per[row["name"]].append(row)
             print(f"{tname:16s} {row['name']:18s} {row['bits_per_element']:7.3f} "
                   f"KL {row['kl']:.5f} top1 {row['top1_agreement']:.3f} "

@@ -224,8 +224,11 @@ def test_only_kept_tokens_are_coded():
 
 
 def test_dense_files_stay_version_3(cache):
-    data = kvcodec.encode(dense(), config="default", model=THETA, chunk_tokens=CHUNK)
+    """Dense files are version 3 (5 where the config centers a stream: the default)."""
+    data = kvcodec.encode(dense(), config="cachegen", model=THETA, chunk_tokens=CHUNK)
     assert int.from_bytes(data[8:12], "little") == 3
+    data = kvcodec.encode(dense(), config="default", model=THETA, chunk_tokens=CHUNK)
+    assert int.from_bytes(data[8:12], "little") == 5
     with kvcodec.open(data) as f:
         assert not f.evicted and "evicted" not in f.header and "kept" not in f.source.sections
         assert f.summary()["kept_fraction"] == 1.0
@@ -239,9 +242,11 @@ def split(data):
     return json.loads(data[24:24 + hlen])
 
 
-def rebuild(data, replace: dict, header=None, version: int = 4) -> bytes:
-    """``data`` re-serialized with sections replaced (valid checksums, lying contents)."""
+def rebuild(data, replace: dict, header=None, version: int | None = None) -> bytes:
+    """``data`` re-serialized with sections replaced (valid checksums, lying contents), as
+    format ``version`` (default: the original's)."""
     head = split(data)
+    version = version or int.from_bytes(data[8:12], "little")
     with kvcodec.open(data) as f:
         sections = [(e["name"], replace.get(e["name"], f.source.read_section(e["name"])),
                      e["crc32"] is not None) for e in head["sections"]

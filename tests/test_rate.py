@@ -55,6 +55,11 @@ def test_a_target_scales_every_step_once():
     # A config's own "target_kl" field applies the same way.
     field = load_config(dict(base, target_kl=0.02))
     assert field["key"][0]["quantizer"]["step"] == got["key"][0]["quantizer"]["step"]
+    # A margin (held-out text runs above the calibration texts) aims below the target.
+    assert load_config(dict(base, rate_margin=0.5), target_kl=0.012)["rate_factor"] == \
+        pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="rate_margin"):
+        load_config(dict(base, rate_margin=2), target_kl=0.01)
     # absmax quantizers scale their bins instead.
     cg = scale_steps(load_config("cachegen"), 2.0)
     assert cg["key"][0]["quantizer"]["bins"] < load_config("cachegen")["key"][0]["quantizer"]["bins"]
@@ -76,7 +81,8 @@ def test_calibrate_fast_then_encode_to_a_target(tmp_path, monkeypatch, texts, kv
     assert len(made) == 1
     cfg = json.loads(made[0].read_text())
     assert cfg["calibration"]["fast"] and cfg["calibration"]["met"]
-    assert cfg["calibration"]["kl"] <= 0.03
+    assert cfg["calibration"]["kl"] <= cfg["calibration"]["aimed_kl"] < 0.03
+    assert 0 < cfg["rate_margin"] < 1
     assert len(cfg["rate_curve"]) >= 6
     # encode picks it up as the model's default; a tighter target costs more bits.
     sizes = {t: len(kvcodec.encode(kv_600, config="default", target_kl=t))

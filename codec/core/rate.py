@@ -6,8 +6,10 @@ measured rate curve::
     "rate_curve": [[factor, kl, bits_per_element], ...]
 
 the mean continuation KL and payload bits the config gave on the calibration texts with
-every step multiplied by ``factor`` (1.0: the config as written). :func:`for_target_kl`
-picks the factor for a KL target by interpolating ``log KL`` against ``log factor``
+every step multiplied by ``factor`` (1.0: the config as written), and optionally
+``"rate_margin"`` (default 1): how much lower than the target the calibration texts' KL
+must be, because held-out text runs higher. :func:`for_target_kl` picks the factor for
+``target * rate_margin`` by interpolating ``log KL`` against ``log factor``
 between the measured points (extrapolating along the end segments, within
 :data:`FACTOR_RANGE`) and returns the config with its steps scaled. A config may also
 name its own ``"target_kl"``, which :func:`kvcodec.load_config` applies the same way.
@@ -81,7 +83,10 @@ def for_target_kl(cfg: dict, target_kl: float) -> dict:
             f"config {cfg.get('name', '?')!r} has no rate curve, so a KL target cannot pick "
             "its steps: run `kvcodec calibrate --fast --model ...` (about a minute per 1B "
             "parameters) to measure one for the model, or give steps instead")
-    f = factor_for_kl(curve, target_kl)
+    margin = cfg.get("rate_margin", 1.0)
+    if not isinstance(margin, (int, float)) or not 0 < margin <= 1:
+        raise ConfigError(f"rate_margin must be a number in (0, 1], got {margin!r:.40}")
+    f = factor_for_kl(curve, target_kl * margin)
     out = scale_steps(cfg, f)
     out["rate_curve"] = [[p[0] / f, p[1], p[2]] for p in check_rate_curve(curve)]
     out["target_kl"] = float(target_kl)
