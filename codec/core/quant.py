@@ -200,11 +200,6 @@ class Uniform(Quantizer):
         """``mean`` per channel, float16, of ``x [T, C]``."""
         return {"mean": _half(x.mean(dim=0)).half().numpy()}
 
-    def channel_mult(self, params: dict | None, channels: int) -> torch.Tensor:
-        """Per-channel step multipliers ``[C]`` (``head_scale``'s; every stream's
-        parameters are passed, for quantizers that fit multipliers of their own)."""
-        return self.head_mult(channels)
-
     def head_mult(self, channels: int) -> torch.Tensor:
         """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""
         if self.head_scale is None:
@@ -249,7 +244,7 @@ class Uniform(Quantizer):
         code = torch.round(8 * log) + 128
         code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
         code = code.to(torch.uint8)
-        mult = torch.stack([q.channel_mult(p, c) for q, p in zip(qs, params)])
+        mult = torch.stack([q.head_mult(c) for q in qs])
         sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
                                        [q.r for q in qs], threads)
         return [(sym[i], None) for i in range(n)]
@@ -257,8 +252,8 @@ class Uniform(Quantizer):
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
             step = torch.from_numpy(STEP_GRID)[symbols[:, -1].long()][:, None]
-            x = (symbols[:, :-1].float() - self.r) * (step * self.channel_mult(
-                params, symbols.shape[1] - 1))
+            x = (symbols[:, :-1].float() - self.r) * (step * self.head_mult(
+                symbols.shape[1] - 1))
             if self.center:
                 x = x + torch.from_numpy(params["mean"]).float()
             return x

@@ -51,7 +51,7 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
         if not fused:
             t.symbols = np.empty((len(pos), m.coded_columns(q)), dtype=np.uint8)
         p = params[(l, k, head)]
-        mult = np.ascontiguousarray(q.channel_mult(p, d).numpy()) if fused else None
+        mult = np.ascontiguousarray(q.head_mult(d).numpy()) if fused else None
         add = (np.ascontiguousarray(p["mean"], dtype=np.float32)
                if fused and q.center else None)
         jobs, sides, r0 = [], [], 0

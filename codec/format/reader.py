@@ -88,7 +88,7 @@ class KVCFile:
         with untrusted(source.name):
             self.meta = FileHeader(source)
         self.sections = SectionSource(self.meta, source)
-        self._mults = {}     # quantizer -> its per-channel step multipliers (NumPy)
+        self._mults = {}     # (quantizer, params) -> step multipliers, channel means (NumPy)
         self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
 
     @property
@@ -171,7 +171,7 @@ class KVCFile:
         got = self._mults.get(key)
         if got is None:
             got = self._mults[key] = (
-                np.ascontiguousarray(q.channel_mult(params, h * d).numpy()),
+                np.ascontiguousarray(q.head_mult(h * d).numpy()),
                 np.ascontiguousarray(params["mean"], dtype=np.float32) if q.center else None)
         return Dequant(STEP_GRID, got[0], q.r, h, out, cos, sin, scratch=not in_place,
                        add=got[1])
