@@ -115,8 +115,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, pre
     with Status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
-    minutes = (2.0 * 7 * cal.pass_seconds if fast
-               else cal.estimate_seconds(per_head=not per_layer)) / 60
+    minutes = cal.estimate_seconds(per_head=not per_layer, fast=fast) / 60
     click.echo(f"calibrating {lm.fingerprint['architecture']} ({cal.num_layers} layers, "
                f"{cal.kv_heads} KV heads) on {len(cal.cases)} text(s): about "
                f"{minutes:.1f} min on this machine", err=True)

@@ -41,7 +41,7 @@ MAGIC = b"\x89KVC\r\n\x1a\n"
 # v4: the header may say ``"evicted": true`` (per-head kept tokens, a ``kept`` section,
 # streams per head; see :mod:`kvcodec.format.kept`). Dense caches are still written as
 # v3, so that older readers open them.
-# v5: a quantizer may say ``"center": true`` (per-file channel means and head scales,
+# v5: a quantizer may say ``"center": true`` (per-file channel means,
 # :class:`kvcodec.core.quant.Uniform`); only files that use it are written as v5, so an
 # older reader refuses them instead of decoding them without their means.
 FORMAT_VERSION = 5

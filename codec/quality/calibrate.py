@@ -153,16 +153,12 @@ class Calibrator:
         self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
         self.channels = kv.num_kv_heads * kv.head_dim
 
-    @property
-    def pass_seconds(self) -> float:
-        """One scoring pass over every text, as measured while prefilling."""
-        return self._pass_s
-
-    def estimate_seconds(self, per_head: bool = True) -> float:
-        """Time :meth:`sensitivities` and :meth:`allocate` will take: one scoring pass
-        over the texts (measured on this machine while prefilling) per probe, plus the
-        quantization each pass simulates (about as long again)."""
-        probes = 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
+    def estimate_seconds(self, per_head: bool = True, fast: bool = False) -> float:
+        """Time :meth:`sensitivities` and :meth:`allocate` (or, ``fast``, :meth:`fast`:
+        five factors and about two checks) will take: one scoring pass over the texts
+        (measured on this machine while prefilling) per probe, plus the quantization
+        each pass simulates (about as long again)."""
+        probes = 7 if fast else 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
         return 2.0 * probes * self._pass_s
 
     def kl(self, cfg: dict, only=None) -> tuple[float, float]:
