@@ -97,9 +97,9 @@ def test_quarantine_moves_only_the_bytes_that_failed(filled, monkeypatch):
     paths[1].write_bytes(bytes(damaged))
     real_open = chunks_mod.kvc.open
 
-    def racing_open(source):
+    def racing_open(source, **kw):
         try:
-            return real_open(source)
+            return real_open(source, **kw)
         except CorruptError:
             atomic_write(paths[1], good)  # the writer, between the read and the move
             raise

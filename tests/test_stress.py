@@ -89,6 +89,16 @@ def test_writers_readers_and_a_damager_share_a_store(tmp_path, lm, kv_600, monke
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temp or held file
 
 
+def _tables_in(root: Path):
+    """A resolver of the shared tables a store directory holds (entries name them)."""
+    from kvcodec.format.shared import SharedTables
+
+    def get(digest):
+        (path,) = root.glob(f"tables/*/{digest}.kvt")
+        return SharedTables.from_bytes(path.read_bytes(), 1 << 20)
+    return get
+
+
 def test_a_job_killed_at_random_points_resumes_to_the_whole_store(tmp_path, texts):
     """``kvcodec precompute`` killed with SIGKILL three times, at random moments of its
     run (loading, prefilling, writing), then run to the end: the store equals an
@@ -115,7 +125,7 @@ def test_a_job_killed_at_random_points_resumes_to_the_whole_store(tmp_path, text
         for path in out.rglob("*.kvc"):  # whatever is visible is whole
             with open(path, "rb") as f:
                 from kvcodec import open as kvc_open
-                kvc_open(f.read()).decode()
+                kvc_open(f.read(), tables=_tables_in(out)).decode()
     done = subprocess.run(cmd + [str(out)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr

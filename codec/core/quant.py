@@ -174,6 +174,7 @@ class Uniform(Quantizer):
                 isinstance(h, (int, float)) and 0 < h <= 64 for h in heads)):
             raise ConfigError(f"'head_scale' must be a list of positive multipliers, got {heads!r}")
         self.head_scale = heads
+        self._mults = {}  # channels -> head_mult_array
         self.center = spec.get("center", False)
         if self.center not in (True, False) or (self.center and self.scale != "token"):
             raise ConfigError(f"'center' must be true or false, and true only with scale "
@@ -199,6 +200,15 @@ class Uniform(Quantizer):
     def _fit_centered(self, x: torch.Tensor) -> dict:
         """``mean`` per channel, float16, of ``x [T, C]``."""
         return {"mean": _half(x.mean(dim=0)).half().numpy()}
+
+    def head_mult_array(self, channels: int) -> np.ndarray:
+        """:meth:`head_mult` as a float32 NumPy array, built once per width (the reader
+        asks for it per stream of every file; read-only)."""
+        got = self._mults.get(channels)
+        if got is None:
+            got = self._mults[channels] = np.ascontiguousarray(self.head_mult(channels).numpy())
+            got.flags.writeable = False
+        return got
 
     def head_mult(self, channels: int) -> torch.Tensor:
         """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""

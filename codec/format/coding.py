@@ -9,7 +9,7 @@ import torch
 
 from ..core import tables
 from ..core.kvcache import KVCache
-from ..core.quant import fit_stream
+from ..core.quant import MAX_ALPHABET, fit_stream
 from ..core.streams import KINDS, step_multipliers, stream_input
 from ..core.transforms import rope_tables
 from ..errors import ConfigError, ShapeError
@@ -43,6 +43,8 @@ class StreamCoder:
     sinks: list = field(default_factory=list)
     # Per stream, what its tables are built from: (symbols, table alphabet, groups).
     pending: list = field(default_factory=list)
+    # Whether the file's streams were coded with shared tables (dense()).
+    shared: bool = False
 
     def tables_section(self) -> bytes:
         """The packed level tables of every stream (:func:`tables.pack_levels` of all
@@ -164,14 +166,33 @@ class StreamCoder:
                                                     divisor, self.threads)
         return torch.from_numpy(out), finite
 
-    def dense(self, kv: KVCache) -> list:
+    def levels(self, kv: KVCache) -> list:
+        """The level tables (uint8 ``[rows, table alphabet]``) a dense cache's streams
+        would be coded with, in file order (what shared tables are built from)."""
+        n = kv.num_tokens
+        self._dense_streams(kv, [n - t for t in kv.layer_tokens])
+        alphabets = [alphabet for _, alphabet, _ in self.pending]
+        self._build_tables()
+        rows = [len(s) // 2 for s in self.spans]
+        lall = tables.unpack_levels(self.tables_section(), sum(rows), MAX_ALPHABET)
+        cuts = np.cumsum([0] + rows)
+        return [np.ascontiguousarray(lall[a:b, :alphabet])
+                for a, b, alphabet in zip(cuts[:-1], cuts[1:], alphabets)]
+
+    def dense(self, kv: KVCache, shared=None) -> list:
         """Payload items ``(side bytes, blob)`` of a dense cache, chunk by chunk, one per
-        (layer, kind) stream in each: the layer's tokens ``[T_l, kv_heads * head_dim]``."""
+        (layer, kind) stream in each: the layer's tokens ``[T_l, kv_heads * head_dim]``.
+        ``shared`` (:class:`~kvcodec.format.shared.SharedTables`) codes every stream
+        with those tables instead of the cache's own where they fit it."""
         n, chunk = kv.num_tokens, self.chunk
         spans = kv.layer_tokens
         starts = [n - t for t in spans]  # each layer holds the last spans[l] positions
         streams = self._dense_streams(kv, starts)
         freqs = self._build_tables()
+        if shared is not None and shared.fits(freqs, [spans[s // len(KINDS)]
+                                                      for s in range(len(freqs))]):
+            self.spans, self.codes, freqs = list(shared.spans), list(shared.codes), shared.freqs
+            self.shared = True
         jobs, sides, first_chunk = [], [], []
         for s, ((symbols, side), f) in enumerate(zip(streams, freqs)):
             layer = s // len(KINDS)

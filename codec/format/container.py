@@ -44,10 +44,14 @@ MAGIC = b"\x89KVC\r\n\x1a\n"
 # v5: a quantizer may say ``"center": true`` (per-file channel means,
 # :class:`kvcodec.core.quant.Uniform`); only files that use it are written as v5, so an
 # older reader refuses them instead of decoding them without their means.
-FORMAT_VERSION = 5
+# v6: the header may say ``"shared_tables": "<digest>"``: the file's streams are coded
+# with probability tables kept once by its store (:mod:`kvcodec.format.shared`), not in
+# its tables section; only store entries coded that way are written as v6.
+FORMAT_VERSION = 6
+CENTERED_VERSION = 5
 EVICTED_VERSION = 4
 DENSE_VERSION = 3
-READABLE_VERSIONS = (2, 3, 4, 5)
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64

@@ -18,6 +18,7 @@ from . import container
 from .coding import StreamCoder
 from .container import atomic_write, crc32
 from .kept import head_spec, pack_kept
+from .shared import SharedTables
 from .spec import (INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, check_kept_geometry,
                    coder_info)
 
@@ -97,7 +98,7 @@ class Encoder:
         return got
 
     def encode(self, kv, path=None, *, token_ids=None, position_offset: int | None = None,
-               importance=None, anchor=None) -> bytes:
+               importance=None, anchor=None, tables=None) -> bytes:
         """Compress a KV cache into .kvc bytes (and write them to ``path``, crash-safely:
         temp file + fsync + rename).
 
@@ -122,6 +123,12 @@ class Encoder:
             Configs with ``token_importance`` give attended tokens finer steps; without
             importance every token gets the config's step. The decoder needs nothing: the
             steps are coded in the payload.
+        tables : SharedTables, optional
+            Probability tables shared with other files (:meth:`shared_tables`): used
+            instead of the cache's own where they fit it (a dense cache; see
+            :mod:`kvcodec.format.shared`). A file coded with them (format version 6)
+            records their digest instead of holding tables: its readers must be given
+            them (``kvcodec.open(..., tables=)``), which is what a store does.
         """
         kv = as_kvcache(kv)
         model = self.fingerprint if self.fingerprint is not None else kv.model
@@ -144,6 +151,55 @@ class Encoder:
         spans = [n] * n_layers if kv.evicted else kv.layer_tokens
         if min(spans) == 0:
             raise ShapeError(f"layer {spans.index(0)} holds no tokens; a file needs every layer")
+        coder, xform, cfg = self._coder(kv, model, position_offset, importance)
+        index, payload = _payload(coder.evicted(kv) if kv.evicted else coder.dense(kv, tables))
+        header = {
+            "format": "kvc",
+            "created_by": f"kvcodec {_version.__version__}",
+            "model": model,
+            "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
+            "layer_tokens": spans,
+            "dtype": str(kv.dtype).replace("torch.", ""),
+            "chunk_tokens": self.chunk_tokens,
+            "has_token_ids": token_ids is not None,
+            "key_transform": xform,
+            "position_offset": int(position_offset),
+            "anchor": anchor,
+            "sink_tokens": coder.n_sink,
+            "coder": coder_info(),
+        }
+        ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
+            raise ShapeError("token ids must be in [0, 2**32)")
+        tables_section = b"" if coder.shared else _zstd(coder.tables_section())
+        sections = [
+            ("config", self._config_section(cfg), True),
+            ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
+            ("index", index, True),
+            ("params", _zstd(b"".join(coder.params)), True),
+            ("tables", tables_section, True),
+            ("sinks", b"".join(coder.sinks), True),
+            ("payload", payload, False),
+        ]
+        version = container.DENSE_VERSION
+        if kv.evicted:  # version 4: only evicted files need it
+            header["evicted"] = True
+            sections.insert(2, ("kept", _zstd(pack_kept(kv.kept, n)), True))
+            version = container.EVICTED_VERSION
+        if _centered(cfg):  # version 5: only files with centered streams need it
+            version = container.CENTERED_VERSION
+        if coder.shared:  # version 6: coded with a store's tables, which it does not hold
+            header["shared_tables"] = tables.digest
+            version = container.FORMAT_VERSION
+        data = container.build(header, sections, version)
+        if path is not None:
+            atomic_write(path, data)
+        return data
+
+
+    def _coder(self, kv: KVCache, model, position_offset: int, importance) -> tuple:
+        """``(StreamCoder, key transform, config as the file records it)`` for ``kv``."""
+        n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
         specs = self._layer_specs(n_layers)
         xform, cfg = applied_key_transform(self.config, model, n_layers, position_offset, n)
         n_sink = min(cfg.get("sink_tokens", 0), n)
@@ -158,45 +214,20 @@ class Encoder:
             quant = self._dense_quantizers(n_layers, kv.dtype)
         coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_tokens,
                             n_sink, importance, position_offset, self.threads)
-        index, payload = _payload(coder.evicted(kv) if kv.evicted else coder.dense(kv))
-        header = {
-            "format": "kvc",
-            "created_by": f"kvcodec {_version.__version__}",
-            "model": model,
-            "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
-            "layer_tokens": spans,
-            "dtype": str(kv.dtype).replace("torch.", ""),
-            "chunk_tokens": self.chunk_tokens,
-            "has_token_ids": token_ids is not None,
-            "key_transform": xform,
-            "position_offset": int(position_offset),
-            "anchor": anchor,
-            "sink_tokens": n_sink,
-            "coder": coder_info(),
-        }
-        ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
-            raise ShapeError("token ids must be in [0, 2**32)")
-        sections = [
-            ("config", self._config_section(cfg), True),
-            ("tokens", _zstd(ids.astype("<u4").tobytes()), True),
-            ("index", index, True),
-            ("params", _zstd(b"".join(coder.params)), True),
-            ("tables", _zstd(coder.tables_section()), True),
-            ("sinks", b"".join(coder.sinks), True),
-            ("payload", payload, False),
-        ]
-        version = container.DENSE_VERSION
-        if kv.evicted:  # version 4: only evicted files need it
-            header["evicted"] = True
-            sections.insert(2, ("kept", _zstd(pack_kept(kv.kept, n)), True))
-            version = container.EVICTED_VERSION
-        if _centered(cfg):  # version 5: only files with centered streams need it
-            version = container.FORMAT_VERSION
-        data = container.build(header, sections, version)
-        if path is not None:
-            atomic_write(path, data)
-        return data
+        return coder, xform, cfg
+
+    def shared_tables(self, kv, position_offset: int = 0) -> SharedTables:
+        """Probability tables for many files of this encoder's model and config, measured
+        on the dense cache ``kv`` (a whole document: the more tokens, the better they fit
+        other text) and widened (:mod:`kvcodec.format.shared`); pass them to
+        :meth:`encode` as ``tables``."""
+        kv = as_kvcache(kv)
+        if kv.evicted:
+            raise ShapeError("shared tables are measured on a dense cache")
+        check_geometry(kv.num_layers, kv.num_tokens, kv.num_kv_heads * kv.head_dim)
+        model = self.fingerprint if self.fingerprint is not None else kv.model
+        coder, _, _ = self._coder(kv, model, position_offset, None)
+        return SharedTables.from_levels(coder.levels(kv))
 
 
 def _centered(cfg: dict) -> bool:

@@ -7,68 +7,27 @@ geometry questions (chunk ranges, token spans) that decode planning asks.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import torch
-import zstandard
 
 from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
 from ..core.quant import make_quantizer
 from ..core.streams import KINDS
 from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
+from .bounded import ZSTD_FLOOR, ZSTD_RATIO, read_zstd, unzstd
 from .container import Reader
 from .kept import head_spec, kept_bytes, kept_counts, unpack_kept
 from .spec import (DTYPES, INDEX_ENTRY, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES,
                    MAX_LAYERS, MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
 
 
-def unzstd(data: bytes, limit: int, what: str) -> bytes:
-    """The contents of the zstd frame ``data``, at most ``limit`` bytes: decompressed as
-    a stream, so a frame that declares (or expands to) more never makes this allocate
-    more than ``limit`` plus one step. CorruptError (naming ``what``) past the limit or
-    on a damaged frame (its checksum is checked at its end)."""
-    out = bytearray()
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
-            while True:
-                block = r.read(min(1 << 20, limit + 1 - len(out)))
-                if not block:
-                    break
-                out += block
-                if len(out) > limit:
-                    raise CorruptError(f"{what} holds more than the {limit} bytes it may")
-    except zstandard.ZstdError as exc:
-        raise CorruptError(f"{what} does not decompress: {exc}") from None
-    return bytes(out)
+# Parsed config sections: (section bytes, layers, dtype) -> (config, specs, built).
+_PARSED: dict = {}
 
-
-# What a section's zstd frame may expand to beyond a floor, per compressed byte. The
-# files kvcodec writes stay far below it (tables of a lossless file ~90x; a kept bitmap,
-# ~750x for a streaming policy, is bounded by the index instead); a crafted frame of
-# zeros expands ~30000x. With it, what a file can make a reader allocate is proportional
-# to the file's size.
-ZSTD_FLOOR = 8 << 20
-ZSTD_RATIO = 1024
-
-
-def read_zstd(reader: Reader, section: str, expected: int, exact: bool = True,
-              budget: int | None = None) -> bytes:
-    """A zstd section's contents: exactly ``expected`` bytes, or at most that many with
-    ``exact=False``. Never more than ``budget`` bytes are allocated, whatever the frame
-    declares (default: :data:`ZSTD_FLOOR` + :data:`ZSTD_RATIO` x its compressed size); a
-    section that must hold more than its budget is refused before it is decompressed."""
-    what = f"{reader.name}: section {section!r}"
-    data = reader.read_section(section)
-    if budget is None:
-        budget = ZSTD_FLOOR + ZSTD_RATIO * len(data)
-    if exact and expected > budget:
-        raise CorruptError(f"{what} must hold {expected} bytes, more than its {len(data)} "
-                           "compressed bytes can")
-    out = unzstd(data, max(min(expected, budget), 0), what)
-    if exact and len(out) != expected:
-        raise CorruptError(f"{what} holds {len(out)} bytes, expected {expected}")
-    return out
+SHARED_DIGEST = re.compile(r"[0-9a-f]{40}")
 
 
 class FileHeader:
@@ -101,8 +60,8 @@ class FileHeader:
         dropped). None for a cache computed in place.
     streams : list of tuple
         The payload's streams in file order: ``(layer, kind)``, or ``(layer, kind, head)``
-        in an evicted file; ``quant[stream]`` is its quantizer and ``stream_channels``
-        its width.
+        in an evicted file; ``quant[stream]`` is its quantizer, ``stream_index[stream]``
+        its place and ``stream_channels`` its width.
     ropes : list
         Per layer, the :class:`~kvcodec.core.transforms.Rope` its keys were coded without
         (None where keys are coded as the cache held them).
@@ -110,6 +69,9 @@ class FileHeader:
         Per layer, the first position it holds.
     kept : numpy.ndarray or None
         An evicted file's kept bitmap ``[layers, heads, positions]`` (bool).
+    shared_tables : str or None
+        The digest of the shared probability tables a store entry was coded with (format
+        v6, :mod:`kvcodec.format.shared`), which its store keeps; None: the file's own.
     """
 
     def __init__(self, reader: Reader):
@@ -136,10 +98,6 @@ class FileHeader:
         has_ids = h.get("has_token_ids")
         if not isinstance(has_ids, bool):
             raise CorruptError(f"{name}: has_token_ids must be true or false")
-        try:
-            cfg = json.loads(read_zstd(self._r, "config", MAX_CONFIG_BYTES, exact=False))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
         raw = read_zstd(self._r, "tokens", 4 * self.num_tokens if has_ids else 0)
         self.token_ids = (np.frombuffer(raw, dtype="<u4").astype(np.int64).tolist()
                           if has_ids else None)
@@ -149,12 +107,8 @@ class FileHeader:
         coder = h.get("coder")
         if coder != coder_info():
             raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
-        try:
-            self.config = load_config(cfg, copy_dict=False)  # parsed from this header
-            specs = resolve_layers(self.config, self.num_layers)
-        except ConfigError as exc:
-            raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
         self.evicted = self._evicted(h.get("evicted"), reader.version)
+        self.config, specs, self._parsed = self._parse_config()
         self._set_streams(specs)
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
@@ -169,10 +123,47 @@ class FileHeader:
         self.layer_tokens = self._layer_tokens(h.get("layer_tokens"), reader.version)
         # First position of each layer's span.
         self.starts = [self.num_tokens - t for t in self.layer_tokens]
+        self.shared_tables = self._shared_tables(h.get("shared_tables"))
         self.kept = None
         if self.evicted:
             self.kept = self._load_kept()
             self._kept_counts = kept_counts(self.kept)
+
+    def _shared_tables(self, digest) -> str | None:
+        if digest is None:
+            return None
+        if (self._r.version < 6 or self.evicted or not isinstance(digest, str)
+                or not SHARED_DIGEST.fullmatch(digest)):
+            raise CorruptError(f"{self._r.name}: header field 'shared_tables' = "
+                               f"{digest!r:.50} is invalid (a digest in a dense format v6 "
+                               "file, or absent)")
+        return digest
+
+    def _parse_config(self) -> tuple:
+        """``(config, specs per layer, cache)``, parsed from the config section, or
+        shared with an earlier file of the same section bytes and geometry (a store's
+        entries all have one): the config is checked once, and ``cache`` keeps what is
+        built from it (the dense streams' quantizers)."""
+        raw = self._r.read_section("config")
+        key = (raw, self.num_layers, self.dtype)
+        got = _PARSED.get(key)
+        if got is not None:
+            return got
+        name = self._r.name
+        try:
+            cfg = json.loads(unzstd(raw, min(MAX_CONFIG_BYTES, ZSTD_FLOOR + ZSTD_RATIO * len(raw)),
+                                    f"{name}: section 'config'"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
+        try:
+            config = load_config(cfg, copy_dict=False)  # parsed from this header
+            specs = resolve_layers(config, self.num_layers)
+        except ConfigError as exc:
+            raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None
+        if len(_PARSED) >= 32:
+            _PARSED.clear()
+        got = _PARSED[key] = (config, specs, {})
+        return got
 
     def _evicted(self, flag, version: int) -> bool:
         if flag is None:
@@ -195,12 +186,16 @@ class FileHeader:
         if not self.evicted:
             self.stream_channels = self.channels
             self.streams = [(l, k) for l in layers for k in KINDS]
-            self.quant = {s: make_quantizer(specs[s[1]][s[0]], self.dtype)
-                           for s in self.streams}
+            self.stream_index = {st: i for i, st in enumerate(self.streams)}
+            self.quant = self._parsed.get("dense")
+            if self.quant is None:
+                self.quant = self._parsed["dense"] = {
+                    s: make_quantizer(specs[s[1]][s[0]], self.dtype) for s in self.streams}
             self._check_centered()
             return
         self.stream_channels = d
         self.streams = [(l, k, h) for l in layers for k in KINDS for h in range(heads)]
+        self.stream_index = {st: i for i, st in enumerate(self.streams)}
         self.quant = {}
         built = {}  # heads of equal specs share one quantizer
         try:

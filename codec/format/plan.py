@@ -123,15 +123,33 @@ class DecodePlan:
         return self
 
 
+def run(plan: DecodePlan, threads: int = 0) -> list:
+    """Decode ``plan``'s jobs natively (one call, all threads, the GIL released), without
+    finishing them. Returns per target the first error of its jobs (None where all
+    decoded): a caller that decodes several files in one plan finishes those before
+    the first damaged one (:func:`finish`) and reports that one."""
+    # Jobs that share tables (one stream of many store entries coded with shared tables)
+    # run one after another, so that the decoder interleaves blobs of one table set,
+    # which stays in cache, as it does for the chunks of one file's stream.
+    first = {}
+    for j in plan.jobs:
+        first.setdefault(id(j.tables), len(first))
+    order = sorted(range(len(plan.jobs)), key=lambda i: first[id(plan.jobs[i].tables)])
+    errors = tables.native().decode_many([plan.jobs[i].native() for i in order],
+                                         plan.chunk_tokens, threads)
+    out = [None] * len(plan.targets)
+    for err, t in zip(errors, (plan.owner[i] for i in order)):
+        if err is not None and out[t] is None:
+            out[t] = err
+    return out
+
+
 def execute(plan: DecodePlan, threads: int = 0) -> None:
-    """Decode ``plan``'s jobs natively (all threads, the GIL released), then
-    :func:`finish` its targets. The first damaged blob raises :class:`CorruptError`
-    naming its stream."""
-    errors = tables.native().decode_many([j.native() for j in plan.jobs], plan.chunk_tokens,
-                                         threads)
-    for err, t in zip(errors, plan.owner):
+    """Decode ``plan``'s jobs (:func:`run`), then :func:`finish` its targets. The first
+    damaged blob raises :class:`CorruptError` naming its stream."""
+    for err, t in zip(run(plan, threads), plan.targets):
         if err is not None:
-            raise CorruptError(f"{plan.targets[t].name}: {err}")
+            raise CorruptError(f"{t.name}: {err}")
     finish(plan.targets)
 
 
@@ -152,11 +170,13 @@ def finish(targets: list) -> None:
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
             # Values in place, rotated where they are keys: only the sink rows remain.
-            if n_sink and t.rope is not None:
-                key = (t.rope, t.base + t.first, n_sink, h)
-                sink_keys.setdefault(key, []).append((t.dst, t.sinks))
-            elif n_sink:
-                t.dst[:, :, :n_sink] = unflatten(t.sinks.clone(), h, d)
+            if n_sink:
+                rows_np = t.sinks.numpy().reshape(n_sink, h, d).transpose(1, 0, 2)
+                if t.rope is not None:
+                    key = (t.rope, t.base + t.first, n_sink, h)
+                    sink_keys.setdefault(key, []).append((t, rows_np))
+                else:
+                    _put_rows(t, rows_np)
             continue
         if t.fused:  # dequantized natively, not rotated (evicted rows) or turned after
             x = flatten(t.dst)
@@ -179,7 +199,18 @@ def finish(targets: list) -> None:
             y = shift(y, *t.turn)
         t.dst.copy_(y)
     for (r, pos, n_sink, h), pairs in sink_keys.items():
-        d = pairs[0][0].shape[3]
-        st = rope(torch.stack([unflatten(s, h, d)[0] for _, s in pairs], 1), r, pos)
-        for i, (dst, _) in enumerate(pairs):
-            dst[:, :, :n_sink] = st[:, i]
+        st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
+        for i, (t, _) in enumerate(pairs):
+            _put_rows(t, st[:, i])
+
+
+def _put_rows(t: Target, rows: np.ndarray) -> None:
+    """Set the first rows of a fused target's destination to ``rows`` (``[heads, n,
+    head_dim]``): in the NumPy array the decoder wrote (a decode sets these few rows
+    for each of hundreds of targets, and a NumPy assignment costs a fraction of
+    torch's), or through torch where it wrote a scratch array."""
+    deq, n = t.fused[0][0], rows.shape[1]
+    if not deq.scratch and deq.out.shape[1] >= n:
+        deq.out[:, :n] = rows
+    else:
+        t.dst[0, :, :n] = torch.from_numpy(np.ascontiguousarray(rows)).to(t.dst.dtype)

@@ -28,13 +28,16 @@ def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVC
         return f.decode(dtype=dtype, threads=threads)
 
 
-def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
+def open(source, *, tables=None) -> "KVCFile":  # noqa: A001 - mirrors builtins.open
     """Open a .kvc file lazily for random access by chunk and layer.
 
     ``source`` is a path, bytes, a seekable binary file object, or any readable stream
     (a socket file, a pipe, a rate-limited reader): with a stream, the header is parsed
     as soon as it arrives and chunks decode while later bytes are still in flight
-    (see :meth:`KVCFile.iter_chunks`).
+    (see :meth:`KVCFile.iter_chunks`). ``tables``: for a store entry coded with its
+    store's shared tables (format v6), a callable from their digest to the
+    :class:`~kvcodec.format.shared.SharedTables` (:meth:`ChunkStore.open_entry` passes
+    the store's).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -43,18 +46,18 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
         except OSError as exc:
             raise AccessError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
         try:
-            return KVCFile(Reader(f, str(path)))
+            return KVCFile(Reader(f, str(path)), tables)
         except BaseException:
             f.close()
             raise
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return KVCFile(Reader(source))
+        return KVCFile(Reader(source), tables)
     if hasattr(source, "read"):
         name = str(getattr(source, "name", "<stream>"))
         seekable = getattr(source, "seekable", None)
         if hasattr(source, "seek") and (seekable is None or seekable()):
-            return KVCFile(Reader(source, name))
-        return KVCFile(Reader(StreamBuffer(source), name))
+            return KVCFile(Reader(source, name), tables)
+        return KVCFile(Reader(StreamBuffer(source), name), tables)
     raise KVCodecError(f"cannot open a {type(source).__name__}; give a path, bytes or a "
                        "readable (seekable or streaming) file object")
 
@@ -63,7 +66,7 @@ def open(source) -> "KVCFile":  # noqa: A001 - mirrors builtins.open on purpose
 _FIELDS = ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens",
            "num_chunks", "channels", "dtype", "token_ids", "model", "config",
            "layer_tokens", "evicted", "position_offset", "anchor", "key_transform",
-           "sink_tokens", "size_bytes", "name")
+           "sink_tokens", "size_bytes", "name", "shared_tables")
 
 
 class KVCFile:
@@ -83,12 +86,12 @@ class KVCFile:
     # mtime, or ETag): :meth:`kvcodec.store.ChunkStore.quarantine` moves only those.
     identity = None
 
-    def __init__(self, source: Reader):
+    def __init__(self, source: Reader, tables=None):
         self.source = source
         with untrusted(source.name):
             self.meta = FileHeader(source)
-        self.sections = SectionSource(self.meta, source)
-        self._mults = {}     # (quantizer, params) -> step multipliers, channel means (NumPy)
+        self.sections = SectionSource(self.meta, source, tables)
+        self._means = {}     # id(params) -> channel means (NumPy) of a centered stream
         self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
 
     @property
@@ -149,32 +152,32 @@ class KVCFile:
                               f"and cannot be moved to another position: {exc}") from None
         return m.position_offset, (ropes, position_offset - m.position_offset)
 
-    def _dequant(self, q, layer_rope, pos: int, dst: torch.Tensor,
-                 params: dict | None = None) -> Dequant | None:
+    def _dequant(self, q, layer_rope, pos: int, shape: tuple, params: dict | None = None,
+                 out: np.ndarray | None = None) -> Dequant | None:
         """The fused-path spec for per-token-step uniform streams (the shipped default)
-        decoding into ``dst`` (rows from position ``pos``), or None where there is no
-        fused path (other quantizers, partial rotary dims). It writes straight into
-        ``dst`` when that is a float32 CPU view with contiguous tokens; otherwise into a
-        scratch array that :func:`~kvcodec.format.plan.finish` casts into ``dst``."""
-        h, d = dst.shape[1], dst.shape[3]
+        decoding rows of ``shape`` (``[1, heads, rows, head_dim]``, from position
+        ``pos``), or None where there is no fused path (other quantizers, partial rotary
+        dims). It writes into ``out`` (``[heads, rows, head_dim]``, a NumPy view of the
+        destination, :func:`_in_place`) where given; otherwise into a scratch array that
+        :func:`~kvcodec.format.plan.finish` casts into the destination."""
+        h, rows, d = shape[1], shape[2], shape[3]
         if not (isinstance(q, Uniform) and q.scale == "token") or (
                 layer_rope is not None and layer_rope.rotary_dim != d):
             return None
-        rows = dst.shape[2]
-        in_place = (dst.dtype == torch.float32 and dst.device.type == "cpu"
-                    and dst.stride(3) == 1 and dst.stride(2) == d)
-        out = dst[0].numpy() if in_place else np.empty((h, rows, d), dtype=np.float32)
+        in_place = out is not None
+        if not in_place:
+            out = np.empty((h, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
             cos, sin = self._rope_arrays(pos, rows, layer_rope)
-        key = (q, id(params))  # the file's quantizers and parameters live as long as it does
-        got = self._mults.get(key)
-        if got is None:
-            got = self._mults[key] = (
-                np.ascontiguousarray(q.head_mult(h * d).numpy()),
-                np.ascontiguousarray(params["mean"], dtype=np.float32) if q.center else None)
-        return Dequant(STEP_GRID, got[0], q.r, h, out, cos, sin, scratch=not in_place,
-                       add=got[1])
+        mean = None
+        if q.center:
+            key = id(params)  # the file's parameters live as long as it does
+            mean = self._means.get(key)
+            if mean is None:
+                mean = self._means[key] = np.ascontiguousarray(params["mean"], dtype=np.float32)
+        return Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, out, cos, sin,
+                       scratch=not in_place, add=mean)
 
     def _rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
@@ -225,16 +228,17 @@ class KVCFile:
             first, rows = m.layer_span(l, chunks)
             shape = (1, m.num_kv_heads, rows, m.head_dim)
             for k, target in zip(KINDS, pair):
-                if tuple(target.shape) != shape or target.dtype not in DTYPES.values():
+                if tuple(target.shape) != shape or target.dtype not in _FLOATS:
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
                                      f"{tuple(target.shape)}; need a float {shape}")
                 if rows:
-                    streams.append((l, k, target, first, m.streams.index((l, k))))
+                    streams.append((l, k, target, first, m.stream_index[(l, k)]))
         pieces = {l: self._pieces(l, chunks) for l in dst}
         if items is None:
             items = sec.read_items([(c, s) for l, _, _, _, s in streams
                                     for prange, _, _ in pieces[l] for c in prange])
         plan = DecodePlan(m.chunk_tokens)
+        sinks = sec.sinks() if m.sink_tokens else None
         for l, k, target, first, s in streams:
             q = m.quant[(l, k)]
             coded = m.coded_columns(q)
@@ -243,23 +247,29 @@ class KVCFile:
                        rope=rope_here, base=base, first=first)
             if turn is not None and k == "key" and turn[0][l] is not None:
                 t.turn = (turn[0][l], turn[1])
-            n_sink = max(0, min(m.sink_tokens, first + target.shape[2]) - first)
+            rows = target.shape[2]
+            n_sink = max(0, min(m.sink_tokens, first + rows) - first)
             if n_sink:
                 at = first - m.starts[l]
-                t.sinks = sec.sinks()[s, at:at + n_sink]
+                t.sinks = sinks[s, at:at + n_sink]
+            arr = _in_place(target)
             jobs, sides = [], []
             for prange, r0, n in pieces[l]:
                 got = [items[(c, s)] for c in prange]
                 sides += [side for side, _ in got]
-                view = target[:, :, r0:r0 + n]
-                deq = self._dequant(q, rope_here, base + first + r0, view, params[(l, k)])
+                whole = r0 == 0 and n == rows
+                shape = target.shape if whole else (1, target.shape[1], n, target.shape[3])
+                deq = self._dequant(q, rope_here, base + first + r0, shape, params[(l, k)],
+                                    None if arr is None else arr[:, r0:r0 + n])
                 if deq is None and t.symbols is None:
-                    t.symbols = np.empty((target.shape[2], coded), dtype=np.uint8)
+                    t.symbols = np.empty((rows, coded), dtype=np.uint8)
                 # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.
                 out = (n, coded) if deq is not None else t.symbols[r0:r0 + n]
                 jobs.append(Job([blob for _, blob in got], dtab[(l, k)], out, deq))
                 if deq is not None:
-                    t.fused.append((deq, view))
+                    # The destination view matters only where the decoder wrote a scratch.
+                    t.fused.append((deq, None if arr is not None else
+                                    target if whole else target[:, :, r0:r0 + n]))
                     t.rotated = deq.cos is not None
             t.side = b"".join(sides)
             plan.add(t, jobs)
@@ -368,6 +378,18 @@ class KVCFile:
         return KVCache([layers[l][0] for l in range(m.num_layers)],
                        [layers[l][1] for l in range(m.num_layers)], ids, m.model,
                        length=n, anchor=m.anchor)
+
+
+_FLOATS = frozenset(DTYPES.values())
+
+
+def _in_place(dst: torch.Tensor) -> np.ndarray | None:
+    """``dst[0]`` as a NumPy array the native decoder can write (a float32 CPU view
+    whose tokens are contiguous rows), or None."""
+    if dst.dtype != torch.float32 or dst.device.type != "cpu" or dst.requires_grad:
+        return None
+    a = dst.numpy()[0]
+    return a if a.strides[2] == 4 and a.strides[1] == 4 * a.shape[2] else None
 
 
 def _field(name):

@@ -3,17 +3,90 @@ quantizer parameters and probability tables, the fp16 sink rows, and payload ite
 (each verified against its CRC as it is read)."""
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
 from ..core import tables
 from ..core.quant import MAX_ALPHABET
 from ..core.streams import KINDS
-from ..errors import CorruptError
+from ..errors import CorruptError, FormatError
 from .container import Reader, crc32
-from .header import FileHeader, read_zstd
+from .bounded import read_zstd
+from .header import FileHeader
 from .kept import chunk_rows
 from .spec import INDEX_ENTRY
+
+
+class TableCache:
+    """Built tables shared by files whose table sections are byte-identical (the entries
+    of a store coded with its shared tables, :mod:`kvcodec.format.shared`): frequencies
+    and native decode tables are built once per distinct section, not once per file.
+    Keyed by a digest of the section's bytes and the layout they are read with (rows and
+    alphabet per stream); least recently used out first beyond ``max_bytes`` of
+    frequencies (the decode tables built from them take about as much again)."""
+
+    def __init__(self, max_bytes: int = 128 << 20):
+        self.max_bytes = max_bytes
+        self._sets: OrderedDict = OrderedDict()  # key -> _Built
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(raw: bytes, layout: tuple) -> tuple:
+        return hashlib.blake2b(raw, digest_size=20).digest(), layout
+
+    def get(self, key):
+        with self._lock:
+            got = self._sets.get(key)
+            if got is None:
+                self.misses += 1
+                return None
+            self._sets.move_to_end(key)
+            self.hits += 1
+            return got
+
+    def put(self, key, built: "_Built") -> "_Built":
+        with self._lock:
+            if key in self._sets:
+                return self._sets[key]
+            self._sets[key] = built
+            self._bytes += built.nbytes
+            while self._bytes > self.max_bytes and len(self._sets) > 1:
+                _, old = self._sets.popitem(last=False)
+                self._bytes -= old.nbytes
+            return built
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sets.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+
+class _Built:
+    """One table section's levels and frequencies per stream (file order), and its
+    native decode tables once a decode asks for them."""
+
+    def __init__(self, levels: list, freqs: list):
+        self.levels, self.freqs = levels, freqs
+        self.nbytes = sum(f.nbytes for f in freqs)
+        self.dtables = None
+        self.lock = threading.Lock()
+
+    def decode_tables(self) -> list:
+        with self.lock:
+            if self.dtables is None:
+                self.dtables = tables.native().build_decode_tables(self.freqs)
+            return self.dtables
+
+
+#: The process's cache of built tables (:class:`TableCache`).
+TABLES = TableCache()
 
 
 class SectionSource:
@@ -23,14 +96,17 @@ class SectionSource:
     # Needed items closer than this in the payload are read together, with what lies between.
     READ_GAP = 1 << 18
 
-    def __init__(self, meta: FileHeader, source: Reader):
+    def __init__(self, meta: FileHeader, source: Reader, shared=None):
         self.meta, self.source = meta, source
+        # digest -> SharedTables, for a file coded with its store's tables (format v6).
+        self.shared = shared
         self._sinks = None
         self._index = None
         self._items = None
         self._params = None
         self._levels = None
         self._freqs = None
+        self._built = None
         self._dtables = None
         self.chunk_rows = None  # evicted files: rows each (layer, head) keeps per chunk
 
@@ -120,7 +196,48 @@ class SectionSource:
         lrows = [m.coded_columns(m.quant[s]) for s in m.streams]
         praw = read_zstd(self.source, "params", sum(psizes))
         # Packed tables: 2 span bytes per row plus at most one code per symbol.
-        lraw = read_zstd(self.source, "tables", sum(lrows) * (2 + MAX_ALPHABET), exact=False)
+        alphabets = tuple(m.quant[s].table_alphabet for s in m.streams)
+        if m.shared_tables is not None:
+            built = self._shared_tables(tuple(zip(lrows, alphabets)))
+        else:
+            lraw = read_zstd(self.source, "tables", sum(lrows) * (2 + MAX_ALPHABET),
+                             exact=False)
+            key = TABLES.key(lraw, (tuple(lrows), alphabets))
+            built = TABLES.get(key)  # these very bytes, read this way, were checked before
+            if built is None:
+                built = TABLES.put(key, self._build(lraw, lrows, alphabets))
+        params, po = {}, 0
+        for s, ps in zip(m.streams, psizes):
+            arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
+            params[s] = {name: arr[j].astype(np.float16)
+                         for j, name in enumerate(m.quant[s].param_names)}
+            po += ps
+        self._params, self._built = params, built
+        self._levels = dict(zip(m.streams, built.levels))
+        self._freqs = dict(zip(m.streams, built.freqs))
+
+    def _shared_tables(self, layout: tuple) -> _Built:
+        """The tables of a file coded with shared ones (format v6), from ``shared``."""
+        m = self.meta
+        if self.shared is None:
+            raise FormatError(f"{m.name} is a store entry coded with its store's shared "
+                              f"tables ({m.shared_tables[:12]}...), which it does not hold; "
+                              "read it through its store (ChunkStore.open_entry)")
+        key = (m.shared_tables, layout)
+        built = TABLES.get(key)
+        if built is not None:
+            return built
+        got = self.shared(m.shared_tables)
+        if got.digest != m.shared_tables or got.layout != layout:
+            raise CorruptError(f"{m.name}: its store's shared tables {m.shared_tables[:12]}"
+                               "... do not fit its streams")
+        return TABLES.put(key, _Built(got.levels, got.freqs))
+
+    def _build(self, lraw: bytes, lrows: list, alphabets: tuple) -> _Built:
+        """Levels and frequencies of the packed tables ``lraw`` (``lrows`` rows per
+        stream, each over its stream's alphabet), checked: every row valid, no symbol
+        past its stream's alphabet."""
+        m = self.meta
         try:
             lall = tables.unpack_levels(lraw, sum(lrows), MAX_ALPHABET)
         except ValueError as exc:
@@ -128,27 +245,21 @@ class SectionSource:
         # Each row's highest present symbol, from its packed span (unpack_levels has
         # checked that every row has present ends and levels in range).
         last = np.frombuffer(lraw, dtype=np.uint8, count=2 * sum(lrows))[1::2]
-        params, levels, po, lo = {}, {}, 0, 0
-        for i, (s, ps, ls) in enumerate(zip(m.streams, psizes, lrows)):
-            q = m.quant[s]
-            arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
-            params[s] = {name: arr[j].astype(np.float16) for j, name in enumerate(q.param_names)}
-            if ls and int(last[lo:lo + ls].max()) >= q.table_alphabet:
+        levels, lo = [], 0
+        for i, (ls, alphabet) in enumerate(zip(lrows, alphabets)):
+            if ls and int(last[lo:lo + ls].max()) >= alphabet:
                 raise CorruptError(f"{m.name}: a table of {m.stream_name(i)} has symbols "
                                    "outside its quantizer's alphabet")
-            levels[s] = np.ascontiguousarray(lall[lo:lo + ls, :q.table_alphabet])
-            po += ps
+            levels.append(np.ascontiguousarray(lall[lo:lo + ls, :alphabet]))
             lo += ls
-        self._params, self._levels = params, levels
-        # Tables are built once per file, not per decoded chunk.
-        self._freqs = dict(zip(levels, tables.native().normalize_many(list(levels.values()))))
+        # Built once per distinct table section, not per decoded chunk (nor per file).
+        return _Built(levels, tables.native().normalize_many(levels))
 
     def decode_tables(self) -> dict:
         """Native decode tables of every stream, built once per file (in parallel)."""
         if self._dtables is None:
-            freqs = self.frequencies()
-            built = tables.native().build_decode_tables([freqs[s] for s in self.meta.streams])
-            self._dtables = dict(zip(self.meta.streams, built))
+            self._load_tables()
+            self._dtables = dict(zip(self.meta.streams, self._built.decode_tables()))
         return self._dtables
 
     def read_item(self, chunk: int, stream: int):

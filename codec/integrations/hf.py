@@ -193,11 +193,15 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
     return reserved_cache(model, bufs, spans, f.num_tokens)
 
 
-def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int = DEFAULT_RESERVE):
+def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int = DEFAULT_RESERVE,
+                     partial: bool = False):
     """The longest prefix of ``token_ids`` that ``store`` (a
     :class:`~kvcodec.store.ChunkStore` of this model) holds, decoded straight into a
     ``DynamicCache`` for ``model`` with room for the rest of ``token_ids`` plus
-    ``reserve`` tokens (the uncached suffix and the answer are appended in place).
+    ``reserve`` tokens (the uncached suffix and the answer are appended in place). Its
+    entries are fetched and decoded as one plan (:meth:`ChunkStore.fill`). ``partial``:
+    a last, partial chunk counts too where the store holds exactly it (``put`` of the
+    same tokens stored it: the same document sent again).
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
     check_fingerprint(store.fingerprint, model_fingerprint(model.config))
@@ -205,7 +209,7 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])
-    n = store.fill(bufs, ids, store.lookup(ids), threads)
+    n = store.fill(bufs, ids, store.lookup(ids, partial=partial), threads)
     return reserved_cache(model, bufs, n, n), n
 
 

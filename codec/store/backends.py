@@ -112,6 +112,8 @@ def _is_temp(rel: str) -> bool:
 class LocalBackend:
     """A local directory (created if missing); locations are :class:`Path` objects."""
 
+    remote = False  # reads wait on a disk, not a network
+
     def __init__(self, root):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -231,6 +233,8 @@ class _Guarded:
 
 class FsspecBackend:
     """A folder of an fsspec filesystem; locations are URLs (``root + "/" + rel``)."""
+
+    remote = True  # reads wait on a network: fetched in parallel
 
     def __init__(self, fs, path: str, url: str):
         self.fs = _Guarded(fs, url.rstrip("/"))

@@ -23,8 +23,10 @@ folders. Writes are atomic: on a local disk a temp file, fsync and rename; on an
 store a single PUT, which the store makes visible whole; on other filesystems (sftp,
 hdfs) a temp name and a rename. So concurrent writers of the same chunk race harmlessly
 (same bytes) and readers never see a partial entry. Locations are :class:`Path` objects
-for a local store and URLs otherwise. Each chunk carries its own probability tables:
-about 5% over a long file's size, the price of independent chunks.
+for a local store and URLs otherwise. Entries are coded with the store's shared
+probability tables where they fit (:mod:`.shared`: measured on the first document
+stored), so that they carry no tables and a reader builds them once, not per entry;
+an entry they do not fit carries its own.
 
 A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
 than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
@@ -41,18 +43,20 @@ from __future__ import annotations
 
 import io
 import logging
-from pathlib import PurePosixPath
 
 import torch
 
 from .. import format as kvc
 from ..core.config import load_config
-from ..core.kvcache import KVCache, token_views
+from ..core.kvcache import KVCache
 from ..errors import (ConfigError, CorruptError, FormatError, KVCodecError,
                       ModelMismatchError, ShapeError, VersionError)
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
 from .backends import STALE_TEMP_S, open_backend
+from .batch import fetch_all, fill
+from .objects import StoreObjects
+from .shared import StoreTables
 
 log = logging.getLogger("kvcodec")
 
@@ -65,7 +69,7 @@ def is_damage(exc: BaseException) -> bool:
     return isinstance(exc, FormatError) and not isinstance(exc, VersionError)
 
 
-class ChunkStore:
+class ChunkStore(StoreObjects):
     """A store of chunks (a directory or fsspec URL): keys, atomic puts, lookups and
     checked reads, which every consumer shares (transformers loading in
     :func:`kvcodec.integrations.hf.cache_from_store`, the vLLM connector, precompute jobs).
@@ -108,6 +112,7 @@ class ChunkStore:
         self._base = keying.base_seed(fingerprint, self.config)
         self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
+        self._tables = StoreTables()  # shared with the salted views (with_salt)
 
     def with_salt(self, salt: str | None) -> "ChunkStore":
         """This store as the tenant ``salt`` sees it: the same place, model, config and
@@ -208,18 +213,21 @@ class ChunkStore:
                 "the store keeps every layer's tokens chunk by chunk, but this cache's "
                 "sliding-window layers hold only their last tokens; encode it into one "
                 ".kvc file instead")
-        written, base = 0, len(anchor or ())
+        written, base, tables = 0, len(anchor or ()), None
         for i, key in enumerate(self.keys(kv.token_ids, anchor)):
             rel = keying.entry_name(key)
             if self._backend.exists(rel):
                 continue
+            if tables is None:
+                tables = self._tables.current(self, kv) or False
             t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
-            self._write(rel, kv.slice(t0, t1), anchor, base + t0)
+            self._write(rel, kv.slice(t0, t1), anchor, base + t0, tables or None)
             written += 1
         return written
 
-    def _write(self, rel: str, kv: KVCache, anchor, position_offset) -> None:
-        data = self.encoder.encode(kv, anchor=anchor, position_offset=position_offset)
+    def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:
+        data = self.encoder.encode(kv, anchor=anchor, position_offset=position_offset,
+                                   tables=tables)
         self._backend.write(rel, data)
         self.written_chunks += 1
         self.written_bytes += len(data)
@@ -243,16 +251,20 @@ class ChunkStore:
     def lookup(self, token_ids, *, partial: bool = False) -> list:
         """Locations of the longest cached prefix of whole chunks of ``token_ids``; with
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
-        (``put`` of the same sequence stores it: the same prompt sent again)."""
-        found = []
+        (``put`` of the same sequence stores it: the same prompt sent again). On an
+        object store the entries are looked up in parallel."""
         ids = list(token_ids)
-        for i, key in enumerate(self.keys(ids)):
-            full = (i + 1) * self.chunk_tokens <= len(ids)
-            rel = keying.entry_name(key)
-            if not (full or partial) or not self._present(rel):
+        rels = [keying.entry_name(key) for i, key in enumerate(self.keys(ids))
+                if partial or (i + 1) * self.chunk_tokens <= len(ids)]
+        # An object store answers each HEAD over the network: ask 16 at a time.
+        wave, n = (16 if self.remote else 1), 0
+        while n < len(rels):
+            part = rels[n:n + wave]
+            got = fetch_all(lambda i: self._present(part[i]), len(part), self.remote, wave)
+            n += got.index(False) if False in got else len(part)
+            if False in got:
                 break
-            found.append(self._backend.location(rel))
-        return found
+        return [self._backend.location(r) for r in rels[:n]]
 
     def _present(self, rel: str) -> bool:
         """Whether entry ``rel`` exists; a store that cannot say (no network, a
@@ -293,7 +305,7 @@ class ChunkStore:
             data, identity = self._backend.fetch(rel, self.entry_limit(len(ids)))
             source = io.BytesIO(data)
             source.name = str(loc)
-            f = kvc.open(source)
+            f = kvc.open(source, tables=self.shared_tables)
             f.identity = identity
         except FileNotFoundError:
             raise
@@ -366,15 +378,11 @@ class ChunkStore:
 
     def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
         """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)
-        into per-layer ``(keys, values)`` buffers until one is damaged; returns the number
-        of tokens filled."""
-        n = 0
-        for loc in locs:
-            t1 = n + self.chunk_tokens
-            if not self.read_chunk(loc, token_ids[n:t1], n, token_views(bufs, n, t1), threads):
-                break
-            n = t1
-        return n
+        into per-layer ``(keys, values)`` buffers, up to the first that is missing or
+        damaged; returns the number of tokens filled. The entries are fetched (in
+        parallel from an object store) and decoded as one plan, in one native call
+        (:func:`.batch.fill`)."""
+        return fill(self, bufs, token_ids, locs, threads)
 
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
         """Decode the longest cached prefix of ``token_ids`` as a :class:`KVCache`
@@ -394,27 +402,3 @@ class ChunkStore:
             return None
         return KVCache([k[:, :, :n] for k, _ in bufs], [v[:, :, :n] for _, v in bufs], ids[:n],
                        self.fingerprint)
-
-    # Other objects (a job's manifest) share the root; entries own the two-hex folders.
-
-    @staticmethod
-    def _object(rel: str) -> str:
-        p = PurePosixPath(rel)
-        if p.is_absolute() or ".." in p.parts or not p.parts or keying.ENTRY_NAME.fullmatch(rel):
-            raise ConfigError(f"{rel!r} is not a store object name (a relative path outside "
-                              "the entries' folders)")
-        return p.as_posix()
-
-    def write_object(self, rel: str, data: bytes) -> None:
-        """Write the object ``rel`` (``"manifest/job/x.json"``) atomically."""
-        self._backend.write(self._object(rel), data)
-
-    def read_object(self, rel: str) -> bytes | None:
-        """The bytes of the object ``rel``, or None if it is absent."""
-        try:
-            return self._backend.read(self._object(rel))
-        except FileNotFoundError:
-            return None
-
-    def exists_object(self, rel: str) -> bool:
-        return self._backend.exists(self._object(rel))

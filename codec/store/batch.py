@@ -1,0 +1,113 @@
+"""Many entries decoded as one plan: the store's prefix loads (:meth:`ChunkStore.fill`)
+and the vLLM worker's steps (every entry of every request in one native call per layer
+group) go through :func:`decode_entries`.
+
+Entries are planned in order into one :class:`~kvcodec.format.plan.DecodePlan` per
+chunk size (one, in practice) and decoded in one native call; then each is finished in
+order. Each entry belongs to a ``group`` (a request's prefix): the first entry of a
+group that cannot be planned, decoded or finished is reported to the store
+(:meth:`ChunkStore.quarantine`: moved aside if the failure proves damage) and the
+group's later entries are not used, while entries before it, and other groups, land.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..core.kvcache import token_views
+from ..errors import CorruptError, KVCodecError
+from ..format.plan import finish, run
+
+
+@dataclass
+class Entry:
+    """One entry to decode: its open file, location (for reports), destinations
+    (``{layer: (keys, values)}`` as :meth:`KVCFile.decode_into` takes them) and group."""
+
+    file: object
+    loc: object
+    dst: dict
+    group: object = None
+
+
+def decode_entries(store, entries: list, threads: int = 0) -> list:
+    """Decode ``entries`` (a list of :class:`Entry`, each group's in token order) into
+    their destinations; returns per entry whether it landed (it and every earlier entry
+    of its group decoded). Failures are reported to ``store``, not raised."""
+    failed = {}   # group -> index of its first failed entry
+    plans = {}    # chunk_tokens -> DecodePlan
+    placed = []   # (entry index, plan, first target, end target)
+    for i, e in enumerate(entries):
+        if e.group in failed:
+            continue
+        try:
+            p = e.file.plan(e.dst)
+        except (KVCodecError, OSError) as exc:
+            _report(store, e, exc, failed, i)
+            continue
+        plan = plans.setdefault(p.chunk_tokens, p)
+        start = len(plan.targets) if plan is not p else 0
+        if plan is not p:
+            plan.extend(p)
+        placed.append((i, plan, start, len(plan.targets)))
+    errors = {id(p): run(p, threads) for p in plans.values()}
+    ok = [False] * len(entries)
+    for i, plan, start, end in placed:
+        e = entries[i]
+        if failed.get(e.group, i + 1) < i:
+            continue
+        err = next((x for x in errors[id(plan)][start:end] if x is not None), None)
+        try:
+            if err is not None:
+                t = plan.targets[start + errors[id(plan)][start:end].index(err)]
+                raise CorruptError(f"{t.name}: {err}")
+            finish(plan.targets[start:end])
+        except (KVCodecError, OSError) as exc:
+            _report(store, e, exc, failed, i)
+            continue
+        ok[i] = True
+    # An entry landed if it decoded and no earlier entry of its group failed.
+    return [x and failed.get(e.group, i + 1) > i for i, (x, e) in enumerate(zip(ok, entries))]
+
+
+def _report(store, e: Entry, exc: BaseException, failed: dict, i: int) -> None:
+    store.quarantine(e.loc, exc, e.file.identity)
+    failed[e.group] = min(i, failed.get(e.group, i))
+
+
+def fetch_all(fetch, n: int, parallel: bool, workers: int = 8) -> list:
+    """``[fetch(0), ..., fetch(n - 1)]``, in parallel threads when ``parallel`` (an
+    object store: each fetch waits on the network)."""
+    if not parallel or n < 2:
+        return [fetch(i) for i in range(n)]
+    with ThreadPoolExecutor(max_workers=min(workers, n),
+                            thread_name_prefix="kvcodec-fetch") as pool:
+        return list(pool.map(fetch, range(n)))
+
+
+def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
+    """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (in parallel from an object
+    store), checked, and decoded into ``bufs`` as one plan."""
+    chunk, n = store.chunk_tokens, len(token_ids)
+    spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
+
+    def fetch(i):
+        t0, t1 = spans[i]
+        try:
+            return store.open_entry(locs[i], token_ids[t0:t1], t0)
+        except (KVCodecError, OSError):
+            return None  # reported by open_entry
+    files = fetch_all(fetch, len(locs), store.remote)
+    entries = []
+    for i, f in enumerate(files):
+        if f is None:
+            break
+        entries.append(Entry(f, locs[i], token_views(bufs, *spans[i])))
+    try:
+        ok = decode_entries(store, entries, threads)
+    finally:
+        for f in files:
+            if f is not None:
+                f.close()
+    landed = ok.index(False) if False in ok else len(ok)
+    return spans[landed - 1][1] if landed else 0

@@ -1,0 +1,214 @@
+"""Shared probability tables (format v6) and many entries decoded as one plan: entries
+coded with their store's tables decode bit for bit like entries with their own, carry
+no tables, and a prefix of them decodes in one native call; damaged or missing tables
+are damage of the entries that use them, environment errors are not; a damaged entry in
+the middle of a plan lets the earlier ones land and stops its own group only."""
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import kvcodec
+from kvcodec.core.kvcache import token_views
+from kvcodec.errors import CorruptError, FormatError
+from kvcodec.format import Encoder, container
+from kvcodec.format.sections import TABLES
+from kvcodec.format.shared import SharedTables
+from kvcodec.store import ChunkStore
+from kvcodec.store.batch import Entry, decode_entries
+
+from test_hostile import rebuild
+
+
+@pytest.fixture
+def filled(tmp_path, lm, kv_1536):
+    store = ChunkStore(tmp_path / "store", lm.fingerprint, "default")
+    store.put(kv_1536)
+    return store, kv_1536.token_ids, store.lookup(kv_1536.token_ids)
+
+
+def _tables_objects(store):
+    return sorted(p for p in (store.root / "tables").rglob("*") if p.is_file())
+
+
+def test_entries_use_the_store_tables_and_decode_bit_for_bit(lm, kv_1536):
+    enc = Encoder("default", lm.fingerprint)
+    shared = enc.shared_tables(kv_1536)
+    for t0 in (0, 512, 1280):
+        part = kv_1536.slice(t0, t0 + 256)
+        own = enc.encode(part, position_offset=t0)
+        mine = enc.encode(part, position_offset=t0, tables=shared)
+        assert container.PREAMBLE.unpack_from(mine)[1] == 6 and len(mine) < len(own)
+        with kvcodec.open(mine, tables={shared.digest: shared}.__getitem__) as f:
+            assert f.shared_tables == shared.digest
+            assert f.sections.read_item(0, 0)  # the payload is there; the tables are not
+            got = f.decode()
+        ref = kvcodec.decode(own)
+        for a, b in zip(got.keys + got.values, ref.keys + ref.values):
+            assert torch.equal(a, b)
+    # Without its store, an entry says where its tables are (one clear error).
+    with kvcodec.open(mine) as f, pytest.raises(FormatError, match="through its store"):
+        f.decode()
+
+
+def test_the_serialized_tables_are_checked(lm, kv_600):
+    shared = Encoder("default", lm.fingerprint).shared_tables(kv_600)
+    again = SharedTables.from_bytes(shared.data, 10 ** 6)
+    assert again.digest == shared.digest and again.layout == shared.layout
+    assert all(np.array_equal(a, b) for a, b in zip(again.freqs, shared.freqs))
+    bad = bytearray(shared.data)
+    bad[len(bad) // 2] ^= 1
+    with pytest.raises(CorruptError, match="checksum"):
+        SharedTables.from_bytes(bytes(bad), 10 ** 6)
+    with pytest.raises(CorruptError, match="out of bounds"):  # more rows than allowed
+        SharedTables.from_bytes(shared.data, 10)
+    with pytest.raises(CorruptError):
+        SharedTables.from_bytes(b"KVCTAB1\n" + struct.pack("<I", 1 << 30) + b"x" * 8, 10 ** 6)
+
+
+def test_a_header_claiming_shared_tables_outside_v6_is_refused(lm, kv_600):
+    enc = Encoder("default", lm.fingerprint)
+    shared = enc.shared_tables(kv_600)
+    data = enc.encode(kv_600.slice(0, 256), tables=shared)
+    with pytest.raises(CorruptError, match="shared_tables"):
+        kvcodec.open(rebuild(data, version=5))
+    with pytest.raises(CorruptError, match="shared_tables"):
+        kvcodec.open(rebuild(data, header_update={"shared_tables": "../x"}))
+
+
+def test_a_prefix_of_shared_entries_loads_as_one_plan(filled, lm):
+    store, ids, locs = filled
+    assert len(locs) == 6 and len(_tables_objects(store)) == 2  # tables + current
+    for loc in locs:
+        with kvcodec.open(loc.read_bytes(), tables=store.shared_tables) as f:
+            assert f.shared_tables is not None
+    TABLES.clear()
+    kv = store.load_prefix(ids)
+    assert kv.num_tokens == 1536 and TABLES.misses == 1  # built once for six entries
+    # Bit for bit what decoding each entry on its own gives.
+    for i, loc in enumerate(locs):
+        with store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256) as f:
+            one = f.decode()
+        for l in (0, 17, 29):
+            assert torch.equal(kv.keys[l][:, :, i * 256:(i + 1) * 256], one.keys[l])
+            assert torch.equal(kv.values[l][:, :, i * 256:(i + 1) * 256], one.values[l])
+
+
+def _entry_failing_in_the_decoder(data: bytes) -> bytes:
+    """``data`` with one blob scrambled and its checksum fixed: only the rANS decoder
+    can tell."""
+    with kvcodec.open(data) as f:
+        payload = bytearray(f.source.read_section("payload"))
+        idx = f.sections.index().copy()
+        n = len(f.meta.streams)
+    i = n * 0 + 9  # chunk 0, a stream in the middle
+    start = int(idx["off"][i]) + int(idx["side"][i])
+    end = start + int(idx["blob"][i])
+    payload[start + 16:end - 16] = bytes(np.random.default_rng(0).integers(
+        0, 256, end - start - 32, dtype=np.uint8))
+    item = payload[int(idx["off"][i]):end]
+    idx["crc"][i] = container.crc32(bytes(item))
+    return rebuild(data, replace={"payload": bytes(payload), "index": idx.tobytes()})
+
+
+@pytest.mark.parametrize("where", ["checksum", "decoder"])
+def test_a_damaged_entry_in_the_middle_of_a_plan(filled, lm, kv_1536, caplog, where):
+    store, ids, locs = filled
+    data = locs[2].read_bytes()
+    if where == "checksum":
+        bad = bytearray(data)
+        bad[len(bad) - 1000] ^= 0x40
+        bad = bytes(bad)
+    else:
+        bad = _entry_failing_in_the_decoder(data)
+    locs[2].write_bytes(bad)
+    fp = lm.fingerprint
+    shape = (1, fp["num_kv_heads"], 1536, fp["head_dim"])
+    # Two requests' prefixes in one plan: the damage stops only its own.
+    bufs = [[(torch.zeros(shape), torch.zeros(shape)) for _ in range(fp["num_layers"])]
+            for _ in range(2)]
+    files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+             for i, loc in enumerate(locs)]
+    other = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+             for i, loc in enumerate(locs[:2])]
+    entries = ([Entry(f, locs[i], token_views(bufs[0], i * 256, (i + 1) * 256), "a")
+                for i, f in enumerate(files)]
+               + [Entry(f, locs[i], token_views(bufs[1], i * 256, (i + 1) * 256), "b")
+                  for i, f in enumerate(other)])
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        ok = decode_entries(store, entries, threads=2)
+    assert ok == [True, True, False, False, False, False, True, True]
+    assert "moved it to" in caplog.text and not locs[2].exists()
+    assert locs[2].with_name(locs[2].name + ".bad").read_bytes() == bad
+    ref = store.load_prefix(ids)
+    assert ref.num_tokens == 512
+    for l in (0, 29):
+        assert torch.equal(bufs[0][l][0][:, :, :512], ref.keys[l])
+        assert torch.equal(bufs[1][l][1][:, :, :512], ref.values[l])
+    for f in files + other:
+        f.close()
+    assert store.put(kv_1536) == 1  # written again; those after it were not damaged
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_or_missing_tables_are_damage_of_their_entries(filled, lm, kv_1536, damage,
+                                                               caplog):
+    store, ids, locs = filled
+    digest = store.read_object(f"tables/{store.seed_hex[:40]}/current").decode()
+    obj = store.root / "tables" / store.seed_hex[:40] / f"{digest}.kvt"
+    if damage == "flip":
+        data = bytearray(obj.read_bytes())
+        data[100] ^= 1
+        obj.write_bytes(bytes(data))
+    else:
+        obj.unlink()
+    TABLES.clear()
+    fresh = ChunkStore(store.root, lm.fingerprint, "default")  # a reader with no tables cached
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        assert fresh.load_prefix(ids) is None
+    assert not locs[0].exists() and locs[0].with_name(locs[0].name + ".bad").exists()
+    if damage == "flip":
+        assert not obj.exists() and obj.with_name(obj.name + ".bad").exists()
+    # The next put builds the tables again (from the same text: the same bytes) and
+    # writes the entry again; it loads.
+    assert fresh.put(kv_1536) >= 1
+    assert obj.exists() and fresh.read_object(
+        f"tables/{store.seed_hex[:40]}/current").decode() == digest
+    assert fresh.load_prefix(ids[:256]).num_tokens == 256
+
+
+def test_an_environment_error_on_the_tables_is_a_miss_not_damage(filled, lm, monkeypatch):
+    store, ids, locs = filled
+    TABLES.clear()
+    fresh = ChunkStore(store.root, lm.fingerprint, "default")
+    real = fresh.read_object
+
+    def failing(rel):
+        if rel.startswith("tables/"):
+            raise OSError(24, "Too many open files")
+        return real(rel)
+    monkeypatch.setattr(fresh, "read_object", failing)
+    assert fresh.load_prefix(ids) is None
+    assert all(loc.exists() for loc in locs)  # nothing moved
+    monkeypatch.setattr(fresh, "read_object", real)
+    assert fresh.load_prefix(ids).num_tokens == 1536
+
+
+def test_entries_the_tables_do_not_fit_carry_their_own(tmp_path, lm, kv_600):
+    store = ChunkStore(tmp_path / "s", lm.fingerprint, "default")
+    store.put(kv_600)
+    def spiky(x):  # one channel per head swinging far past what real K/V do
+        y = torch.zeros_like(x)
+        y[:, :, :, 0] = 100.0 * (torch.arange(x.shape[2]) % 2 * 2 - 1)
+        return y
+    noise = kvcodec.KVCache([spiky(k) for k in kv_600.keys], [spiky(v) for v in kv_600.values],
+                            [t + 1 for t in kv_600.token_ids], kv_600.model)
+    assert store.put(noise) == 3
+    versions = set()
+    for loc in store.lookup(noise.token_ids, partial=True):
+        with kvcodec.open(loc.read_bytes(), tables=store.shared_tables) as f:
+            versions.add((f.source.version, f.shared_tables is None))
+    assert all(v < 6 and own for v, own in versions)  # own tables: v3 (or v5, centered)
+    got = store.load_prefix(noise.token_ids)
+    assert got.num_tokens == 512
