@@ -13,6 +13,7 @@ import torch
 
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
+from ...store.batch import Entry, decode_entries
 from .paged_layout import PagedLayout, slot_ids
 from .scheduler import Load
 
@@ -31,8 +32,9 @@ def check_dense(cache) -> None:
 
 def layer_groups(layers: list) -> list:
     """Layers in decode order: the first alone (its attention can start soon), the next
-    three, then the rest in one native call per entry. Each call costs ~1 ms of setup
-    per entry; on a 2-core machine finer groups lose more to that than they gain."""
+    three, then the rest: one native call per group for all entries of the step. Each
+    call costs some setup per entry; on a 2-core machine finer groups lose more to that
+    than they gain."""
     return [g for g in (layers[:1], layers[1:4], layers[4:]) if g]
 
 
@@ -152,8 +154,7 @@ class ConnectorWorker:
         layers = sorted(self._caches)
         try:
             for group in layer_groups(layers):
-                for load, files in jobs:
-                    self._load_group(group, load, files)
+                self._load_group(group, jobs)
                 for layer in group:
                     self._events[layer].set()
         except BaseException as exc:  # never leave attention waiting, nor a wrong cache
@@ -168,33 +169,58 @@ class ConnectorWorker:
                     if f is not None:
                         f.close()
 
-    def _load_group(self, group: list, load: Load, files: list) -> None:
-        """Decode layers ``group`` of every entry of ``load`` and write them into its
-        blocks; a damaged entry stops the load there (it and later ones are recomputed)."""
-        for i, (f, t0, path) in enumerate(files):
+    def _load_group(self, group: list, jobs: list) -> None:
+        """Decode layers ``group`` of every entry of every load of this step as one plan
+        (one native call: :func:`~kvcodec.store.batch.decode_entries`) into one buffer
+        per layer, and write each layer into vLLM's blocks with one call of its op. A
+        damaged entry stops its load there (it and later ones are recomputed); the
+        other loads are not affected."""
+        fp = self.fingerprint
+        placed = []  # (load, files, entry index, first buffer row, rows used)
+        total = 0
+        for load, files in jobs:
+            for i, (f, t0, _) in enumerate(files):
+                if f is None:
+                    break
+                placed.append((load, files, i, total))
+                total += f.num_tokens
+        if not placed:
+            return
+        shape = (1, fp["num_kv_heads"], total, fp["head_dim"])
+        bufs = {l: (torch.empty(shape), torch.empty(shape)) for l in group}
+        entries = [Entry(files[i][0], files[i][2],
+                         {l: (k[:, :, at:at + files[i][0].num_tokens],
+                              v[:, :, at:at + files[i][0].num_tokens])
+                          for l, (k, v) in bufs.items()}, load.req_id)
+                   for load, files, i, at in placed]
+        ok = decode_entries(self.store, entries, self.threads)
+        rows, slots = [], []
+        for (load, files, i, at), good in zip(placed, ok):
+            f, t0, _ = files[i]
             if f is None:
-                continue
-            shape = (1, f.num_kv_heads, f.num_tokens, f.head_dim)
-            dst = {l: (torch.empty(shape), torch.empty(shape)) for l in group}
-            try:
-                f.decode_into(dst, threads=self.threads)
-            except (KVCodecError, OSError) as exc:
-                self.store.quarantine(path, exc, f.identity)
-                for j in range(i, len(files)):  # this entry and the ones after it
+                continue  # an earlier entry of this load failed
+            if not good:  # reported by decode_entries: this one and later ones recompute
+                for j in range(i, len(files)):
                     if files[j][0] is not None:
                         files[j][0].close()
                     files[j] = (None,) + files[j][1:]
                 self._fail(load, t0)
-                return
+                continue
             lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
-            rows = slice(lo - t0, hi - t0)
-            where = slot_ids(load.block_ids, lo, hi, self.block)
-            for l, (k, v) in dst.items():
-                self._layout.write(self._caches[l], k[0, :, rows].transpose(0, 1),
-                                   v[0, :, rows].transpose(0, 1), where)
+            rows.append(torch.arange(at + lo - t0, at + hi - t0))
+            slots.append(slot_ids(load.block_ids, lo, hi, self.block))
             if group[0] == min(self._caches):
                 self.tokens_loaded += hi - lo
                 self.bytes_read += f.size_bytes
+        if not rows:
+            return
+        rows, slots = torch.cat(rows), torch.cat(slots)
+        whole = len(rows) == total and bool(torch.equal(rows, torch.arange(total)))
+        for l, (k, v) in bufs.items():
+            k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
+            if not whole:
+                k, v = k[rows], v[rows]
+            self._layout.write(self._caches[l], k, v, slots)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ev = self._events.get(self._names.get(layer_name))
