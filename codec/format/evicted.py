@@ -46,7 +46,7 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
             t.turn = (turn[0][l], turn[1])
         n_sink = int(np.count_nonzero(pos < m.sink_tokens))
         if n_sink:  # the first rows (positions ascend); the sinks section is by position
-            t.sinks = sec.sinks()[s, torch.from_numpy(pos[:n_sink])]
+            t.sinks = sec.sinks().numpy()[s, pos[:n_sink]]
         fused = isinstance(q, Uniform) and q.scale == "token"
         if not fused:
             t.symbols = np.empty((len(pos), m.coded_columns(q)), dtype=np.uint8)

@@ -77,7 +77,7 @@ class Target:
     rows of an evicted stream). Where the native decoder dequantized them (``fused``:
     ``[(Dequant, destination view)]``) only the rest is done here; else ``symbols`` and
     ``side`` are dequantized with ``quant`` and ``params``. The first ``sinks.shape[0]``
-    rows are attention sinks, kept in fp16 (``sinks``: float32 ``[n, channels]``).
+    rows are attention sinks, kept in fp16 (``sinks``: a float32 NumPy ``[n, channels]``).
     ``rope`` rotates keys at their positions (unless ``rotated``: done natively);
     ``turn`` is ``(rope, delta)`` for keys coded after RoPE and placed elsewhere.
     """
@@ -90,7 +90,7 @@ class Target:
     side: bytes = b""
     fused: list = field(default_factory=list)
     rotated: bool = False
-    sinks: torch.Tensor | None = None
+    sinks: np.ndarray | None = None
     rope: object = None
     base: int = 0
     first: int = 0
@@ -171,7 +171,7 @@ def finish(targets: list) -> None:
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
             # Values in place, rotated where they are keys: only the sink rows remain.
             if n_sink:
-                rows_np = t.sinks.numpy().reshape(n_sink, h, d).transpose(1, 0, 2)
+                rows_np = t.sinks.reshape(n_sink, h, d).transpose(1, 0, 2)
                 if t.rope is not None:
                     key = (t.rope, t.base + t.first, n_sink, h)
                     sink_keys.setdefault(key, []).append((t, rows_np))
@@ -190,7 +190,7 @@ def finish(targets: list) -> None:
                     if q.side_per_token else None)
             x = q.dequantize(torch.from_numpy(sym), t.params, side)
         if n_sink:
-            x[:n_sink] = t.sinks
+            x[:n_sink] = torch.from_numpy(t.sinks)
         y = unflatten(x, h, d)
         if t.rope is not None and not (t.fused and t.rotated):
             pos = t.positions + t.base if t.positions is not None else t.base + t.first

@@ -238,7 +238,7 @@ class KVCFile:
             items = sec.read_items([(c, s) for l, _, _, _, s in streams
                                     for prange, _, _ in pieces[l] for c in prange])
         plan = DecodePlan(m.chunk_tokens)
-        sinks = sec.sinks() if m.sink_tokens else None
+        sinks = sec.sinks().numpy() if m.sink_tokens else None
         for l, k, target, first, s in streams:
             q = m.quant[(l, k)]
             coded = m.coded_columns(q)

@@ -87,6 +87,8 @@ class _Built:
 
 #: The process's cache of built tables (:class:`TableCache`).
 TABLES = TableCache()
+# Index layouts (rows and coded columns of every item) -> each item's largest blob.
+_LIMITS: dict = {}
 
 
 class SectionSource:
@@ -151,12 +153,19 @@ class SectionSource:
         if bad.size:
             raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} side "
                                "information has the wrong size")
-        # Coded sizes are bounded by rows and columns, of which few pairs occur.
+        # Coded sizes are bounded by rows and columns, of which few pairs occur (and the
+        # same in every entry of a store: the bounds are kept per layout).
         cols = np.tile([m.coded_columns(q) for q in quant], m.num_chunks)
-        pairs, inverse = np.unique(np.stack([rows, cols]), axis=1, return_inverse=True)
-        nat = tables.native()
-        limit = np.array([nat.max_encoded_size(int(r), int(c)) if r else 0
-                          for r, c in pairs.T], dtype=np.int64)[inverse.ravel()]
+        key = (rows.tobytes(), cols.tobytes())
+        limit = _LIMITS.get(key)
+        if limit is None:
+            pairs, inverse = np.unique(np.stack([rows, cols]), axis=1, return_inverse=True)
+            nat = tables.native()
+            limit = np.array([nat.max_encoded_size(int(r), int(c)) if r else 0
+                              for r, c in pairs.T], dtype=np.int64)[inverse.ravel()]
+            if len(_LIMITS) >= 64:
+                _LIMITS.clear()
+            _LIMITS[key] = limit
         bad = np.flatnonzero(idx["blob"] > limit)
         if bad.size:
             raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} blob is "
