@@ -212,3 +212,26 @@ def test_entries_the_tables_do_not_fit_carry_their_own(tmp_path, lm, kv_600):
     assert all(v < 6 and own for v, own in versions)  # own tables: v3 (or v5, centered)
     got = store.load_prefix(noise.token_ids)
     assert got.num_tokens == 512
+
+
+def test_put_from_token_never_reads_what_lies_before(tmp_path, lm, kv_600):
+    """What the vLLM worker saves: only the chunks from the first one the store lacks,
+    the K/V before it being placeholders (here NaN) that nothing reads."""
+    store = ChunkStore(tmp_path / "s", lm.fingerprint, "default")
+    ref = ChunkStore(tmp_path / "r", lm.fingerprint, "default")
+    ref.put(kv_600)
+    holed = kvcodec.KVCache([k.clone() for k in kv_600.keys], [v.clone() for v in kv_600.values],
+                            kv_600.token_ids, kv_600.model, importance=kv_600.importance)
+    for t in holed.keys + holed.values:
+        t[:, :, :256] = float("nan")
+    assert store.put(holed, from_token=256) == 2  # the second chunk and the partial third
+    ids = kv_600.token_ids
+    assert store.cached_tokens(ids, partial=True) == 0  # the first chunk is not there
+    with pytest.raises(kvcodec.errors.ShapeError):
+        store.put(holed, from_token=100)
+    for i in (1, 2):
+        t0, t1 = 256 * i, min(600, 256 * (i + 1))
+        loc, rloc = store.path(store.keys(ids)[i]), ref.path(ref.keys(ids)[i])
+        with store.open_entry(loc, ids[t0:t1], t0) as f, ref.open_entry(rloc, ids[t0:t1], t0) as g:
+            a, b = f.decode(), g.decode()
+        assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))

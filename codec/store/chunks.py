@@ -166,12 +166,17 @@ class ChunkStore(StoreObjects):
         their writes are single PUTs. Returns how many were removed."""
         return self._backend.sweep(older_than)
 
-    def put(self, kv: KVCache) -> int:
-        """Store every chunk of ``kv`` not yet present; returns how many were written."""
+    def put(self, kv: KVCache, *, from_token: int = 0) -> int:
+        """Store every chunk of ``kv`` not yet present; returns how many were written.
+        ``from_token``: only chunks that start at or after it (a multiple of
+        ``chunk_tokens``); ``kv``'s K/V before it are never read (placeholders are fine:
+        the vLLM worker copies only what the store lacks)."""
         if kv.anchor:
             raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
                                "prefix; store it with put_document")
-        return self._put(kv, None)
+        if from_token % self.chunk_tokens or not 0 <= from_token:
+            raise ShapeError(f"from_token must be a multiple of {self.chunk_tokens}")
+        return self._put(kv, None, from_token)
 
     def put_document(self, kv: KVCache) -> int:
         """Store a position-independent document (a cache captured behind an anchor,
@@ -202,7 +207,7 @@ class ChunkStore(StoreObjects):
         if kv.model is not None:
             check_fingerprint(kv.model, self.fingerprint)
 
-    def _put(self, kv: KVCache, anchor) -> int:
+    def _put(self, kv: KVCache, anchor, from_token: int = 0) -> int:
         if kv.evicted:
             raise ShapeError("this cache is evicted (each head keeps its own tokens), so it "
                              "has no dense chunks to store; store it whole with "
@@ -216,11 +221,12 @@ class ChunkStore(StoreObjects):
         written, base, tables = 0, len(anchor or ()), None
         for i, key in enumerate(self.keys(kv.token_ids, anchor)):
             rel = keying.entry_name(key)
-            if self._backend.exists(rel):
+            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
+            if t0 < from_token or self._backend.exists(rel):
                 continue
             if tables is None:
-                tables = self._tables.current(self, kv) or False
-            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
+                tables = self._tables.current(self, kv.slice(from_token, kv.num_tokens),
+                                              base + from_token) or False
             self._write(rel, kv.slice(t0, t1), anchor, base + t0, tables or None)
             written += 1
         return written

@@ -38,10 +38,10 @@ class StoreTables:
     def folder(store) -> str:
         return f"tables/{store.seed_hex[:40]}"
 
-    def current(self, store, kv) -> SharedTables | None:
+    def current(self, store, kv, position_offset: int = 0) -> SharedTables | None:
         """The tables new entries of ``store`` are coded with: read once, or built from
-        ``kv`` (the document being stored) and written; None when the store cannot be
-        read or written now."""
+        ``kv`` (the document being stored, its first token at ``position_offset``) and
+        written; None when the store cannot be read or written now."""
         folder = self.folder(store)
         got = self._current.get(folder)
         if got is not None:
@@ -49,12 +49,13 @@ class StoreTables:
         with self._lock:
             got = self._current.get(folder)
             if got is None:
-                got = self._load_current(store, folder, kv)
+                got = self._load_current(store, folder, kv, position_offset)
                 if got is not None:
                     self._current[folder] = got
         return got
 
-    def _load_current(self, store, folder: str, kv) -> SharedTables | None:
+    def _load_current(self, store, folder: str, kv,
+                      position_offset: int) -> SharedTables | None:
         try:
             name = store.read_object(f"{folder}/current")
             if name is not None:
@@ -66,7 +67,7 @@ class StoreTables:
             log.warning("kvcodec store: cannot read its shared tables (%s); coding with "
                         "own tables", exc)
             return None
-        tables = store.encoder.shared_tables(kv, position_offset=len(kv.anchor or ()))
+        tables = store.encoder.shared_tables(kv, position_offset=position_offset)
         try:
             store.write_object(f"{folder}/{tables.digest}.kvt", tables.data)
             store.write_object(f"{folder}/current", tables.digest.encode())

@@ -244,22 +244,33 @@ class ConnectorWorker:
                 log.info("kvcodec vLLM: not saving %s, whose load failed", save.req_id)
                 continue
             n = len(save.token_ids)
+            store = self.store.with_salt(save.salt)
+            # Only the chunks from the first one the store lacks are copied and coded
+            # (a new question after a cached document: its last chunk).
+            t0 = store.cached_tokens(save.token_ids)
+            t0 -= t0 % self.chunk
             # The K/V copy this save holds until it is encoded ([blocks, heads, block,
             # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
-            size = n * sum(c[0, :, 0].numel() * c.element_size() for c in self._caches.values())
+            size = (n - t0) * sum(c[0, :, 0].numel() * c.element_size()
+                                  for c in self._caches.values())
             if not self._reserve_save(size):
                 self.saves_skipped += 1
                 log.info("kvcodec vLLM: not saving %s: %d MiB of saves already queued",
                          save.req_id, self._pending_save_bytes >> 20)
                 continue
-            where = slot_ids(save.block_ids, 0, n, self.block)
+            where = slot_ids(save.block_ids, t0, n, self.block)
             keys, values = [], []
             for layer in sorted(self._caches):
                 k, v = self._layout.read(self._caches[layer], where)  # copies, [T, H, D]
-                keys.append(k.transpose(0, 1).unsqueeze(0))
-                values.append(v.transpose(0, 1).unsqueeze(0))
+                # Tokens before t0 are placeholders that put(from_token=t0) never reads.
+                kf = k.new_empty((1, k.shape[1], n, k.shape[2]))
+                vf = v.new_empty((1, v.shape[1], n, v.shape[2]))
+                kf[0, :, t0:] = k.transpose(0, 1)
+                vf[0, :, t0:] = v.transpose(0, 1)
+                keys.append(kf)
+                values.append(vf)
             kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
-            self._encoder.submit(self._put, self.store.with_salt(save.salt), kv, size)
+            self._encoder.submit(self._put, store, kv, size, t0)
 
     def _reserve_save(self, size: int) -> bool:
         with self._pending_lock:
@@ -269,9 +280,9 @@ class ConnectorWorker:
             self._pending_save_bytes += size
             return True
 
-    def _put(self, store, kv: KVCache, size: int) -> None:
+    def _put(self, store, kv: KVCache, size: int, from_token: int = 0) -> None:
         try:
-            store.put(kv)
+            store.put(kv, from_token=from_token)
         except Exception as exc:  # a failed save is a future cache miss, not an error
             log.warning("kvcodec vLLM save failed: %s", exc)
         finally:
