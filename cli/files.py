@@ -131,7 +131,9 @@ def inspect(source, as_json):
         ("dtype", info["dtype"]),
         ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
                  f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),
-    ] + [(f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
+    ] + ([("tables", f"its store's shared tables {info['shared_tables']} (not counted above)")]
+         if info["shared_tables"] else []) + [
+        (f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
     rows = [(printable(k), printable(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

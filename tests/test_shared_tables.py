@@ -235,3 +235,17 @@ def test_put_from_token_never_reads_what_lies_before(tmp_path, lm, kv_600):
         with store.open_entry(loc, ids[t0:t1], t0) as f, ref.open_entry(rloc, ids[t0:t1], t0) as g:
             a, b = f.decode(), g.decode()
         assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+
+def test_the_cli_on_an_entry_coded_with_shared_tables(filled, tmp_path):
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    store, _, locs = filled
+    digest = store.read_object(f"tables/{store.seed_hex[:40]}/current").decode()
+    r = CliRunner().invoke(main, ["inspect", str(locs[0])])
+    assert r.exit_code == 0 and "format v6" in r.output and digest in r.output
+    r = CliRunner().invoke(main, ["decode", str(locs[0]), "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 1 and "through its store" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1

@@ -363,6 +363,7 @@ class FileHeader:
             "bits_per_element": self.bits_per_element(),
             "compression_vs_fp16": self.numel() * 2 / self.size_bytes,
             "sections": sections,
+            "shared_tables": self.shared_tables,
             "header_bytes": self._r.data_start,
         }
 
