@@ -384,8 +384,7 @@ _FLOATS = frozenset(DTYPES.values())
 
 
 def _in_place(dst: torch.Tensor) -> np.ndarray | None:
-    """``dst[0]`` as a NumPy array the native decoder can write (a float32 CPU view
-    whose tokens are contiguous rows), or None."""
+    """``dst[0]`` as NumPy for the native decoder (float32 CPU, rows contiguous), or None."""
     if dst.dtype != torch.float32 or dst.device.type != "cpu" or dst.requires_grad:
         return None
     a = dst.numpy()[0]

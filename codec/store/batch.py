@@ -85,16 +85,19 @@ def fetch_all(fetch, n: int, parallel: bool, workers: int = 8) -> list:
         return list(pool.map(fetch, range(n)))
 
 
-def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
+def fill(store, bufs, token_ids, locs, threads: int = 0, dsts=None, first: int = 0) -> int:
     """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (in parallel from an object
-    store), checked, and decoded into ``bufs`` as one plan."""
+    store), checked, and decoded into ``bufs`` as one plan (or into ``dsts``, one
+    ``{layer: (keys, values)}`` per entry); returns the end of what landed. ``first``:
+    the token the first entry starts at (``token_ids`` are those from it: what
+    :meth:`ChunkStore.read_chunk` reads)."""
     chunk, n = store.chunk_tokens, len(token_ids)
     spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
 
     def fetch(i):
         t0, t1 = spans[i]
         try:
-            return store.open_entry(locs[i], token_ids[t0:t1], t0)
+            return store.open_entry(locs[i], token_ids[t0:t1], first + t0)
         except (KVCodecError, OSError):
             return None  # reported by open_entry
     files = fetch_all(fetch, len(locs), store.remote)
@@ -102,7 +105,7 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
     for i, f in enumerate(files):
         if f is None:
             break
-        entries.append(Entry(f, locs[i], token_views(bufs, *spans[i])))
+        entries.append(Entry(f, locs[i], dsts[i] if dsts else token_views(bufs, *spans[i])))
     try:
         ok = decode_entries(store, entries, threads)
     finally:
@@ -110,4 +113,4 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
             if f is not None:
                 f.close()
     landed = ok.index(False) if False in ok else len(ok)
-    return spans[landed - 1][1] if landed else 0
+    return first + (spans[landed - 1][1] if landed else 0)

@@ -370,17 +370,7 @@ class ChunkStore(StoreObjects):
 
         Returns False if it could not be read: absent, damaged or not that chunk (moved
         aside), or unreadable for the environment (left in place); see :meth:`quarantine`."""
-        try:
-            f = self.open_entry(loc, token_ids, t0)
-        except (KVCodecError, OSError):
-            return False  # reported by open_entry
-        with f:
-            try:
-                f.decode_into(dst, threads=threads)
-            except (KVCodecError, OSError) as exc:
-                self.quarantine(loc, exc, f.identity)
-                return False
-        return True
+        return fill(self, None, token_ids, [loc], threads, dsts=[dst], first=t0) > t0
 
     def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
         """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)
