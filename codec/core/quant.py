@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-MAX_ALPHABET = 256
+from .tables import MAX_ALPHABET
 # Per-token steps live on this grid: code k in [1, 255] means 2**((k - 128) / 8), code 0
 # an all-zero token. Shipped as float32 data so that every decoder reads identical values.
 STEP_GRID = (2.0 ** ((np.arange(256) - 128) / 8.0)).astype(np.float32)

@@ -15,6 +15,8 @@ import numpy as np
 
 from ..errors import BackendError
 
+# Symbols a table covers at most (a quantizer's alphabet: ``kvcodec.core.quant``).
+MAX_ALPHABET = 256
 MAX_LEVEL = 63
 LEVELS_PER_OCTAVE = 4
 
@@ -106,3 +108,27 @@ def unpack_levels(data: bytes, rows: int, alphabet: int) -> np.ndarray:
     valid packing of ``rows`` tables over ``alphabet`` symbols. Every row it returns has
     its span's ends present and levels in ``[0, MAX_LEVEL]``."""
     return native().unpack_levels(data, rows, alphabet)
+
+
+class AlphabetError(ValueError):
+    """A stream's table has a symbol past its alphabet (``stream``: the stream's index)."""
+
+    def __init__(self, stream: int):
+        super().__init__(f"stream {stream} has symbols outside its alphabet")
+        self.stream = stream
+
+
+def split_levels(data: bytes, layout) -> list:
+    """Per stream, the levels (uint8 ``[rows, alphabet]``) of packed tables ``data``
+    (:func:`pack_levels` of every stream's rows, in order) laid out as ``layout``
+    (``(rows, alphabet)`` per stream). ValueError where ``data`` is not a valid packing;
+    :class:`AlphabetError` where a stream's table has a symbol past its alphabet."""
+    lall = unpack_levels(data, sum(r for r, _ in layout), MAX_ALPHABET)
+    out, at = [], 0
+    for i, (rows, alphabet) in enumerate(layout):
+        lv = lall[at:at + rows]
+        if lv[:, alphabet:].any():
+            raise AlphabetError(i)
+        out.append(np.ascontiguousarray(lv[:, :alphabet]))
+        at += rows
+    return out

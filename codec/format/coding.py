@@ -9,7 +9,7 @@ import torch
 
 from ..core import tables
 from ..core.kvcache import KVCache
-from ..core.quant import MAX_ALPHABET, fit_stream
+from ..core.quant import fit_stream
 from ..core.streams import KINDS, step_multipliers, stream_input
 from ..core.transforms import rope_tables
 from ..errors import ConfigError, ShapeError
@@ -174,10 +174,7 @@ class StreamCoder:
         alphabets = [alphabet for _, alphabet, _ in self.pending]
         self._build_tables()
         rows = [len(s) // 2 for s in self.spans]
-        lall = tables.unpack_levels(self.tables_section(), sum(rows), MAX_ALPHABET)
-        cuts = np.cumsum([0] + rows)
-        return [np.ascontiguousarray(lall[a:b, :alphabet])
-                for a, b, alphabet in zip(cuts[:-1], cuts[1:], alphabets)]
+        return tables.split_levels(self.tables_section(), list(zip(rows, alphabets)))
 
     def dense(self, kv: KVCache, shared=None) -> list:
         """Payload items ``(side bytes, blob)`` of a dense cache, chunk by chunk, one per

@@ -7,7 +7,6 @@ geometry questions (chunk ranges, token spans) that decode planning asks.
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from ..core.transforms import layer_ropes
 from ..errors import ConfigError, CorruptError, FormatError, ShapeError
 from .bounded import ZSTD_FLOOR, ZSTD_RATIO, read_zstd, unzstd
 from .container import Reader
+from .shared import DIGEST
 from .kept import head_spec, kept_bytes, kept_counts, unpack_kept
 from .spec import (DTYPES, INDEX_ENTRY, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES,
                    MAX_LAYERS, MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
@@ -26,9 +26,6 @@ from .spec import (DTYPES, INDEX_ENTRY, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CON
 
 # Parsed config sections: (section bytes, layers, dtype) -> (config, specs, built).
 _PARSED: dict = {}
-
-SHARED_DIGEST = re.compile(r"[0-9a-f]{40}")
-
 
 class FileHeader:
     """The checked header of a .kvc file: every field validated on construction, before
@@ -133,7 +130,7 @@ class FileHeader:
         if digest is None:
             return None
         if (self._r.version < 6 or self.evicted or not isinstance(digest, str)
-                or not SHARED_DIGEST.fullmatch(digest)):
+                or not DIGEST.fullmatch(digest)):
             raise CorruptError(f"{self._r.name}: header field 'shared_tables' = "
                                f"{digest!r:.50} is invalid (a digest in a dense format v6 "
                                "file, or absent)")

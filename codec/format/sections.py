@@ -248,19 +248,12 @@ class SectionSource:
         past its stream's alphabet."""
         m = self.meta
         try:
-            lall = tables.unpack_levels(lraw, sum(lrows), MAX_ALPHABET)
+            levels = tables.split_levels(lraw, list(zip(lrows, alphabets)))
+        except tables.AlphabetError as exc:
+            raise CorruptError(f"{m.name}: a table of {m.stream_name(exc.stream)} has "
+                               "symbols outside its quantizer's alphabet") from None
         except ValueError as exc:
             raise CorruptError(f"{m.name}: invalid probability tables: {exc}") from None
-        # Each row's highest present symbol, from its packed span (unpack_levels has
-        # checked that every row has present ends and levels in range).
-        last = np.frombuffer(lraw, dtype=np.uint8, count=2 * sum(lrows))[1::2]
-        levels, lo = [], 0
-        for i, (ls, alphabet) in enumerate(zip(lrows, alphabets)):
-            if ls and int(last[lo:lo + ls].max()) >= alphabet:
-                raise CorruptError(f"{m.name}: a table of {m.stream_name(i)} has symbols "
-                                   "outside its quantizer's alphabet")
-            levels.append(np.ascontiguousarray(lall[lo:lo + ls, :alphabet]))
-            lo += ls
         # Built once per distinct table section, not per decoded chunk (nor per file).
         return _Built(levels, tables.native().normalize_many(levels))
 

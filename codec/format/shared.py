@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -32,8 +33,8 @@ import numpy as np
 from ..core import tables
 from ..core.quant import MAX_ALPHABET
 from ..errors import CorruptError
+from .bounded import unzstd, zstd
 from .container import crc32
-from .bounded import unzstd
 
 MAGIC = b"KVCTAB1\n"
 #: How much larger (estimated) an entry may be with the shared tables than with its own:
@@ -46,6 +47,10 @@ TABLE_BITS = 3
 WIDEN = 0.5
 # A serialized layout is small: at most this many bytes of JSON.
 _MAX_LAYOUT = 1 << 20
+
+
+#: What a :func:`digest` looks like (checked wherever one is read from outside).
+DIGEST = re.compile(r"[0-9a-f]{40}")
 
 
 def digest(data: bytes) -> str:
@@ -127,12 +132,9 @@ class SharedTables:
         return extra - own_tables <= MAX_OVERHEAD * (payload + own_tables)
 
     def to_bytes(self) -> bytes:
-        import zstandard
-
         layout = json.dumps({"layout": [list(x) for x in self.layout]}).encode()
         body = (MAGIC + struct.pack("<I", len(layout)) + layout
-                + zstandard.ZstdCompressor(level=12, write_checksum=True).compress(
-                    b"".join(self.spans) + b"".join(self.codes)))
+                + zstd(b"".join(self.spans) + b"".join(self.codes)))
         return body + struct.pack("<I", crc32(body))
 
     @classmethod
@@ -160,14 +162,7 @@ class SharedTables:
             raise CorruptError(f"{name}: layout out of bounds")
         raw = unzstd(data[head + n:-4], rows * (2 + MAX_ALPHABET), name)
         try:
-            lall = tables.unpack_levels(raw, rows, MAX_ALPHABET)
-        except ValueError as exc:
+            levels = tables.split_levels(raw, layout)
+        except ValueError as exc:  # an invalid packing, or a symbol past an alphabet
             raise CorruptError(f"{name}: invalid tables: {exc}") from None
-        levels, at = [], 0
-        for r, alphabet in layout:
-            lv = lall[at:at + r]
-            if lv[:, alphabet:].any():
-                raise CorruptError(f"{name}: symbols outside a stream's alphabet")
-            levels.append(np.ascontiguousarray(lv[:, :alphabet]))
-            at += r
         return cls._exact(levels, data)

@@ -56,11 +56,11 @@ def decode_entries(store, entries: list, threads: int = 0) -> list:
         e = entries[i]
         if failed.get(e.group, i + 1) < i:
             continue
-        err = next((x for x in errors[id(plan)][start:end] if x is not None), None)
+        errs = errors[id(plan)]
+        bad = next((j for j in range(start, end) if errs[j] is not None), None)
         try:
-            if err is not None:
-                t = plan.targets[start + errors[id(plan)][start:end].index(err)]
-                raise CorruptError(f"{t.name}: {err}")
+            if bad is not None:
+                raise CorruptError(f"{plan.targets[bad].name}: {errs[bad]}")
             finish(plan.targets[start:end])
         except (KVCodecError, OSError) as exc:
             _report(store, e, exc, failed, i)
@@ -85,19 +85,33 @@ def fetch_all(fetch, n: int, parallel: bool, workers: int = 8) -> list:
         return list(pool.map(fetch, range(n)))
 
 
-def fill(store, bufs, token_ids, locs, threads: int = 0, dsts=None, first: int = 0) -> int:
+def leading(present, names: list, parallel: bool, wave: int = 16) -> int:
+    """How many of ``names`` from the first are ``present`` (a predicate): one at a time,
+    or ``wave`` at a time in parallel threads (an object store answers each HEAD over
+    the network)."""
+    if not parallel:
+        wave = 1
+    n = 0
+    while n < len(names):
+        part = names[n:n + wave]
+        got = fetch_all(lambda i: present(part[i]), len(part), parallel, wave)
+        if False in got:
+            return n + got.index(False)
+        n += len(part)
+    return n
+
+
+def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
     """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (in parallel from an object
-    store), checked, and decoded into ``bufs`` as one plan (or into ``dsts``, one
-    ``{layer: (keys, values)}`` per entry); returns the end of what landed. ``first``:
-    the token the first entry starts at (``token_ids`` are those from it: what
-    :meth:`ChunkStore.read_chunk` reads)."""
+    store), checked, and decoded into ``bufs`` as one plan; returns the end of what
+    landed."""
     chunk, n = store.chunk_tokens, len(token_ids)
     spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
 
     def fetch(i):
         t0, t1 = spans[i]
         try:
-            return store.open_entry(locs[i], token_ids[t0:t1], first + t0)
+            return store.open_entry(locs[i], token_ids[t0:t1], t0)
         except (KVCodecError, OSError):
             return None  # reported by open_entry
     files = fetch_all(fetch, len(locs), store.remote)
@@ -105,7 +119,7 @@ def fill(store, bufs, token_ids, locs, threads: int = 0, dsts=None, first: int =
     for i, f in enumerate(files):
         if f is None:
             break
-        entries.append(Entry(f, locs[i], dsts[i] if dsts else token_views(bufs, *spans[i])))
+        entries.append(Entry(f, locs[i], token_views(bufs, *spans[i])))
     try:
         ok = decode_entries(store, entries, threads)
     finally:
@@ -113,4 +127,4 @@ def fill(store, bufs, token_ids, locs, threads: int = 0, dsts=None, first: int =
             if f is not None:
                 f.close()
     landed = ok.index(False) if False in ok else len(ok)
-    return first + (spans[landed - 1][1] if landed else 0)
+    return spans[landed - 1][1] if landed else 0

@@ -49,12 +49,12 @@ import torch
 from .. import format as kvc
 from ..core.config import load_config
 from ..core.kvcache import KVCache
-from ..errors import (ConfigError, CorruptError, FormatError, KVCodecError,
+from ..errors import (CorruptError, FormatError, KVCodecError,
                       ModelMismatchError, ShapeError, VersionError)
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
 from .backends import STALE_TEMP_S, open_backend
-from .batch import fetch_all, fill
+from .batch import Entry, decode_entries, fill, leading
 from .objects import StoreObjects
 from .shared import StoreTables
 
@@ -262,14 +262,7 @@ class ChunkStore(StoreObjects):
         ids = list(token_ids)
         rels = [keying.entry_name(key) for i, key in enumerate(self.keys(ids))
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
-        # An object store answers each HEAD over the network: ask 16 at a time.
-        wave, n = (16 if self.remote else 1), 0
-        while n < len(rels):
-            part = rels[n:n + wave]
-            got = fetch_all(lambda i: self._present(part[i]), len(part), self.remote, wave)
-            n += got.index(False) if False in got else len(part)
-            if False in got:
-                break
+        n = leading(self._present, rels, self.remote)
         return [self._backend.location(r) for r in rels[:n]]
 
     def _present(self, rel: str) -> bool:
@@ -370,7 +363,12 @@ class ChunkStore(StoreObjects):
 
         Returns False if it could not be read: absent, damaged or not that chunk (moved
         aside), or unreadable for the environment (left in place); see :meth:`quarantine`."""
-        return fill(self, None, token_ids, [loc], threads, dsts=[dst], first=t0) > t0
+        try:
+            f = self.open_entry(loc, token_ids, t0)
+        except (KVCodecError, OSError):
+            return False  # reported by open_entry
+        with f:
+            return decode_entries(self, [Entry(f, loc, dst)], threads)[0]
 
     def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
         """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)

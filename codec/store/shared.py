@@ -20,7 +20,7 @@ import logging
 import threading
 
 from ..errors import CorruptError
-from ..format.shared import SharedTables, digest
+from ..format.shared import DIGEST, SharedTables, digest
 
 log = logging.getLogger("kvcodec")
 
@@ -85,7 +85,7 @@ class StoreTables:
         got = self._by_digest.get(name)
         if got is not None:
             return got
-        if len(name) != 40 or any(c not in "0123456789abcdef" for c in name):
+        if not DIGEST.fullmatch(name):
             raise CorruptError(f"shared tables {name[:50]!r} is not a digest")
         rel = f"{self.folder(store)}/{name}.kvt"
         fp = store.fingerprint

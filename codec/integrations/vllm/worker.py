@@ -176,7 +176,7 @@ class ConnectorWorker:
         damaged entry stops its load there (it and later ones are recomputed); the
         other loads are not affected."""
         fp = self.fingerprint
-        placed = []  # (load, files, entry index, first buffer row, rows used)
+        placed = []  # (load, files, entry index, its first row in the buffers)
         total = 0
         for load, files in jobs:
             for i, (f, t0, _) in enumerate(files):
@@ -247,8 +247,7 @@ class ConnectorWorker:
             store = self.store.with_salt(save.salt)
             # Only the chunks from the first one the store lacks are copied and coded
             # (a new question after a cached document: its last chunk).
-            t0 = store.cached_tokens(save.token_ids)
-            t0 -= t0 % self.chunk
+            t0 = store.cached_tokens(save.token_ids)  # whole chunks: a multiple of chunk
             # The K/V copy this save holds until it is encoded ([blocks, heads, block,
             # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
             size = (n - t0) * sum(c[0, :, 0].numel() * c.element_size()
