@@ -1,6 +1,7 @@
 """Helpers the command modules share: progress on stderr and argument parsing."""
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -103,3 +104,37 @@ class Status:
     def __exit__(self, *exc):
         return False
 
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class ByteSize(click.ParamType):
+    """A byte count: ``1000000``, ``500M``, ``20G`` (K/M/G/T: powers of 1024, as ``du -h``
+    prints them; an optional ``B``/``iB`` is accepted)."""
+
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.I)
+        if not m or float(m[1]) * _BYTE_UNITS[m[2].upper()] < 1:
+            self.fail(f"{value!r} is not a size (bytes, or a number with K, M, G or T)",
+                      param, ctx)
+        return int(float(m[1]) * _BYTE_UNITS[m[2].upper()])
+
+
+class Duration(click.ParamType):
+    """Seconds: ``3600``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not m or float(m[1]) <= 0:
+            self.fail(f"{value!r} is not a duration (e.g. 90s, 30m, 12h, 7d)", param, ctx)
+        return float(m[1]) * _SECONDS[m[2]]

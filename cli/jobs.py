@@ -7,7 +7,8 @@ import click
 
 from kvcodec.errors import KVCodecError
 
-from .common import chat_options, check_chat, model_option, printable, salt_option
+from .common import (ByteSize, Duration, chat_options, check_chat, model_option, printable,
+                     salt_option)
 
 
 @click.command()
@@ -42,14 +43,20 @@ from .common import chat_options, check_chat, model_option, printable, salt_opti
 @click.option("--address", default=None,
               help="With --runner ray: an existing cluster (default: a local Ray).")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write the summary as JSON here.")
+              help="Also write the summary as JSON here, with the store's metrics "
+                   "(kvcodec_* names) under \"metrics\" (local runner).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr.")
+@click.option("--max-bytes", default=None, type=ByteSize(),
+              help="Cap the store at this size (500M, 20G): least recently used entries "
+                   "are evicted as the job writes.")
+@click.option("--ttl", default=None, type=Duration(),
+              help="Also evict entries not used for this long (12h, 7d).")
 @chat_options
 @salt_option
 def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, independent,
                evict, batch_tokens, runner, num_workers, address, report_path, progress,
-               chat, system, salt):
+               max_bytes, ttl, chat, system, salt):
     """Batch job: prefill every document of INPUTS once and store its KV chunks.
 
     INPUTS are text files, directories, globs, JSONL or Parquet files (local paths or
@@ -66,7 +73,7 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
                                  param_hint="--report")
     spec = JobSpec(configs=configs, independent=independent, evict=evict,
                    max_tokens=max_tokens, batch_tokens=batch_tokens, chat=chat, system=system,
-                   salt=salt)
+                   salt=salt, max_bytes=max_bytes, ttl=ttl)
     summary = run(list(inputs), store, model=model, spec=spec, runner=runner,
                   num_workers=num_workers, address=address, text_field=text_field,
                   id_field=id_field, progress=progress)

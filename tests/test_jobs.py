@@ -427,3 +427,46 @@ def test_cli_precompute_summary_escapes_ids_from_the_corpus(lm, tmp_path):
     assert res.exit_code == 0, res.output
     assert "\x1b" not in res.output and "\r" not in res.output
     assert "skipped: x\\x1b[2J\\rfake: line 1: empty text" in res.output
+
+
+def test_precompute_under_a_capacity(lm, corpus_docs, tmp_path):
+    """A job into a store capped below what it writes: the store ends under the cap, the
+    job's manifest stays whole, and the report counts evictions; a cap that is not a
+    size is refused before any work."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    docs = corpus_docs[:4]
+    free = precompute_store(tmp_path / "free", lm, docs)
+    total = sum(p.stat().st_size for p in (tmp_path / "free").rglob("*") if p.is_file())
+    cap = total // 2
+    spec = JobSpec(max_bytes=cap)
+    s = precompute([str(d) for d in _text_files(tmp_path, docs)], tmp_path / "capped", model=lm,
+                   spec=spec, progress=False)
+    assert s.done == free.done == len(docs)
+    used = sum(p.stat().st_size for p in (tmp_path / "capped").rglob("*") if p.is_file())
+    assert used <= cap
+    assert len(list((tmp_path / "capped" / "manifest").rglob("*.json"))) == len(docs)
+    assert s.metrics["kvcodec_evictions_total"] > 0
+    res = CliRunner().invoke(main, ["precompute", str(tmp_path / "x.txt"), "--store",
+                                    str(tmp_path / "t"), "--max-bytes", "lots"])
+    assert res.exit_code == 2 and "--max-bytes" in res.output
+    with pytest.raises(ConfigError, match="max_bytes"):
+        JobSpec(max_bytes=0)
+
+
+def _text_files(tmp_path, docs):
+    folder = tmp_path / "docs"
+    folder.mkdir(exist_ok=True)
+    out = []
+    for d in docs:
+        p = folder / f"{d['id']}.txt"
+        p.write_text(d["text"])
+        out.append(p)
+    return out
+
+
+def precompute_store(root, lm, docs):
+    return precompute([str(p) for p in _text_files(root.parent, docs)], root, model=lm,
+                      progress=False)

@@ -10,7 +10,7 @@ from kvcodec import evict
 from kvcodec.errors import BackendError, ConfigError, KVCodecError, ShapeError
 from kvcodec.core.kvcache import KVCache
 from kvcodec.store import ChunkStore
-from kvcodec.store.backends import FsspecBackend
+from kvcodec.store.remote import FsspecBackend
 
 CONFIG = "default"
 

@@ -67,7 +67,8 @@ class Engine:
     def __init__(self, lm, spec: JobSpec, store, *, storage_options=None, threads: int = 1):
         self.lm, self.spec = lm, spec
         self.stores = [ChunkStore(store, lm.fingerprint, c, storage_options=storage_options,
-                                  salt=spec.salt) for c in spec.configs]
+                                  salt=spec.salt, max_bytes=spec.max_bytes, ttl=spec.ttl)
+                       for c in spec.configs]
         for s in self.stores:
             s.threads = threads
         chunk = math.lcm(*(s.chunk_tokens for s in self.stores))

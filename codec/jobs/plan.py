@@ -60,6 +60,9 @@ class JobSpec:
     salt : str or None
         The tenant's salt (vLLM's ``cache_salt``), part of every entry's key
         (:class:`~kvcodec.store.ChunkStore`): only requests of that salt hit them.
+    max_bytes, ttl : int or None, float or None
+        The store's capacity and age limit while the job writes (least recently used
+        entries evicted, :mod:`kvcodec.store.capacity`); not part of the job's identity.
     """
 
     configs: tuple = ("default",)
@@ -70,6 +73,8 @@ class JobSpec:
     chat: bool = False
     system: str | None = None
     salt: str | None = field(default=None, repr=False)  # a secret: kept out of reprs
+    max_bytes: int | None = None
+    ttl: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "configs", tuple(self.configs) or ("default",))
@@ -85,6 +90,9 @@ class JobSpec:
         if self.chat and self.independent:
             raise ConfigError("a position-independent document is placed inside a prompt: "
                               "it cannot carry a chat template (choose --chat or --independent)")
+        from ..store.capacity import Policy
+
+        Policy(self.max_bytes, self.ttl)  # checked before any work
         for name, v in (("max_tokens", self.max_tokens), ("batch_tokens", self.batch_tokens)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")

@@ -34,7 +34,9 @@ class Summary:
     """Totals over a job. ``codec_share`` is the time spent encoding and writing
     entries (on the encoder thread, overlapped with the next prefill) over the job's
     wall time; ``ratio_vs_fp16`` compares the new entries' bytes with the same elements
-    in fp16."""
+    in fp16. ``metrics``: the job's stores' :meth:`StoreMetrics.snapshot` summed
+    (:func:`kvcodec.store.metrics.merge`; the ``kvcodec_*`` names), for the in-process
+    runner; None on Ray, whose stores live in the actors."""
 
     documents: int = 0
     done: int = 0
@@ -51,6 +53,7 @@ class Summary:
     prefill_s: float = 0.0
     codec_s: float = 0.0
     problems: list = field(default_factory=list)  # [{"id", "status", "reason"}]
+    metrics: dict | None = None
 
     def add(self, r: DocResult) -> None:
         self.documents += 1

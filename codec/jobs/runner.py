@@ -7,6 +7,7 @@ import time
 
 from ..errors import ConfigError
 from ..store.backends import open_backend
+from ..store.metrics import merge
 from .corpus import Corpus
 from .plan import JobSpec
 from .report import Summary
@@ -42,7 +43,8 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
         Coder threads per entry in the local runner (the encoder runs beside the prefill).
 
     Documents already finished are skipped without a prefill, so running the same
-    command again after an interruption finishes the job. Returns the :class:`Summary`.
+    command again after an interruption finishes the job. Returns the :class:`Summary`
+    (with the stores' metrics in the local runner: ``summary.metrics``).
     """
     spec = spec or JobSpec()
     if runner not in RUNNERS:
@@ -78,6 +80,7 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
             engine = Engine(lm, spec, store, storage_options=storage_options, threads=threads)
             start = time.perf_counter()
             engine.run(iter(corpus), emit)
+            summary.metrics = merge(s.metrics.snapshot() for s in engine.stores)
         else:
             from ..models.loading import LoadedModel
             from .ray_runner import run_ray

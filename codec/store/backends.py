@@ -25,18 +25,16 @@ errors a filesystem library raises of its own types, e.g. botocore's): the envir
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import time
 import uuid
 from pathlib import Path
 
-from ..errors import AccessError, BackendError, ConfigError, CorruptError, KVCodecError
+from ..errors import AccessError, BackendError, ConfigError, CorruptError
 from ..format.container import atomic_write
+from .naming import STALE_TEMP_S, first_line, is_temp, temp_name
+from .remote import FsspecBackend
 
-# fsspec protocols whose writes are single atomic PUTs (no rename, no folders).
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl",
-                           "oci", "oss", "memory"})
 # The pip requirement that brings each protocol's fsspec implementation.
 EXTRAS = {"s3": "kvcodec-toolkit[s3]", "s3a": "kvcodec-toolkit[s3]", "gs": "gcsfs",
           "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
@@ -55,15 +53,10 @@ def filesystem(url: str, storage_options: dict | None = None, what: str = "store
     except ImportError as exc:
         need = EXTRAS.get(protocol)
         hint = f"; pip install {need}" if need else ""
-        raise BackendError(f"{what} {url}: {_first_line(exc)}{hint}") from None
+        raise BackendError(f"{what} {url}: {first_line(exc)}{hint}") from None
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{what} {url}: {_first_line(exc)}; give a local path or a URL "
+        raise ConfigError(f"{what} {url}: {first_line(exc)}; give a local path or a URL "
                           "fsspec knows (s3://, gs://, memory://, ...)") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def open_backend(root, storage_options: dict | None = None):
@@ -82,31 +75,6 @@ def open_backend(root, storage_options: dict | None = None):
 
 def _file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _object_identity(info: dict) -> tuple:
-    """What tells one version of an object from another: the ETag (S3, Azure) or
-    generation (GCS) where the store gives one, else the modification time; and size."""
-    tag = next((info[k] for k in ("ETag", "etag", "generation", "version_id", "VersionId",
-                                  "mtime", "LastModified", "last_modified", "created")
-                if info.get(k) is not None), None)
-    return (str(tag), int(info.get("size") or 0))
-
-
-def _temp_name(name: str) -> str:
-    return f".{name}.{uuid.uuid4().hex}.tmp"
-
-
-# Temp files older than this were left by writers killed mid-write (a live write holds
-# its temp for milliseconds); sweep() removes them.
-STALE_TEMP_S = 600.0
-
-
-def _is_temp(rel: str) -> bool:
-    """A writer's temp file, or a file a quarantining reader holds for a moment (its
-    ``.hold``, left behind only if that reader was killed then)."""
-    name = rel.rsplit("/", 1)[-1]
-    return name.startswith(".") and name.endswith((".tmp", ".hold"))
 
 
 class LocalBackend:
@@ -187,8 +155,58 @@ class LocalBackend:
         for folder, _, names in os.walk(self.location(prefix)):
             for name in names:
                 rel = Path(folder, name).relative_to(self.root).as_posix()
-                if not _is_temp(rel):
+                if not is_temp(rel):
                     yield rel
+
+    def scan(self, prefix: str = ""):
+        """``(rel, size, mtime)`` of every object under ``prefix`` (temp files skipped;
+        objects that vanish while listed are skipped too)."""
+        for folder, _, names in os.walk(self.location(prefix)):
+            for name in names:
+                path = Path(folder, name)
+                rel = path.relative_to(self.root).as_posix()
+                if is_temp(rel):
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield rel, st.st_size, st.st_mtime
+
+    def prefetch(self, rel: str) -> None:
+        """Ask the kernel to start reading ``rel`` now (``POSIX_FADV_WILLNEED``), so a
+        later read finds it in memory: a reader that checks while the disk reads ahead.
+        A hint only: nothing is raised."""
+        try:
+            fd = os.open(self.location(rel), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(fd)
+
+    def read_head(self, rel: str, n: int) -> bytes:
+        """The first ``n`` bytes of ``rel`` (fewer if it is shorter)."""
+        with open(self.location(rel), "rb") as f:
+            return f.read(n)
+
+    def remove(self, rel: str, size: int | None = None, mtime: float | None = None) -> bool:
+        """Delete ``rel`` if it is still the object listed with ``size`` and ``mtime``
+        (any, if None): a writer's newer object under the name stays. Returns whether it
+        was removed. A reader that has the file open keeps reading it (POSIX unlink)."""
+        path = self.location(rel)
+        try:
+            st = path.stat()
+            if (size is not None and st.st_size != size) or (
+                    mtime is not None and st.st_mtime != mtime):
+                return False
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def sweep(self, older_than: float = STALE_TEMP_S) -> int:
         """Remove temp files older than ``older_than`` seconds: what writers killed
@@ -198,142 +216,10 @@ class LocalBackend:
             for name in names:
                 path = Path(folder, name)
                 try:
-                    if _is_temp(name) and path.stat().st_mtime < cutoff:
+                    if is_temp(name) and path.stat().st_mtime < cutoff:
                         path.unlink()
                         removed += 1
                 except OSError:
                     pass  # another sweeper, or the writer renamed it
         return removed
 
-
-class _Guarded:
-    """An fsspec filesystem whose calls raise OSError for the filesystem's own errors
-    (botocore's NoCredentialsError...), so that an unreachable store is one clear error
-    that stops a job, like any store that cannot be written."""
-
-    def __init__(self, fs, url: str):
-        self._fs, self._url = fs, url
-
-    def __getattr__(self, name):
-        attr = getattr(self._fs, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args, **kwargs):
-            try:
-                return attr(*args, **kwargs)
-            except (OSError, KVCodecError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - the filesystem's own error types
-                raise AccessError(errno.EIO, f"store {self._url}: {type(exc).__name__}: "
-                                  f"{_first_line(exc)}") from exc
-        return call
-
-
-class FsspecBackend:
-    """A folder of an fsspec filesystem; locations are URLs (``root + "/" + rel``)."""
-
-    remote = True  # reads wait on a network: fetched in parallel
-
-    def __init__(self, fs, path: str, url: str):
-        self.fs = _Guarded(fs, url.rstrip("/"))
-        self.path, self.root = path.rstrip("/"), url.rstrip("/")
-        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-        self.object_store = bool(protocols & OBJECT_STORES)
-
-    def location(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def rel(self, loc) -> str:
-        loc = str(loc)
-        if not loc.startswith(self.root + "/"):
-            raise ConfigError(f"{loc} is not in the store {self.root}")
-        return loc[len(self.root) + 1:]
-
-    def _full(self, rel: str) -> str:
-        return f"{self.path}/{rel}"
-
-    def exists(self, rel: str) -> bool:
-        # Not ``fs.isfile``, which answers False on any error (bad credentials, no network).
-        try:
-            return self._info(rel)["type"] == "file"
-        except FileNotFoundError:
-            return False
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self._full(rel)))
-
-    def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._full(rel))
-
-    def _info(self, rel: str) -> dict:
-        return self.fs.info(self._full(rel))
-
-    def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
-        """The bytes of ``rel`` (CorruptError if over ``limit``, checked before they are
-        fetched) and their identity (ETag or generation, and size)."""
-        info = self._info(rel)
-        size = int(info.get("size") or 0)
-        if size > limit:
-            raise CorruptError(f"{self.location(rel)}: {size} bytes, more than the {limit} "
-                               "an entry of its tokens can need")
-        data = self.fs.cat_file(self._full(rel))
-        if len(data) != size:  # replaced between the two requests
-            raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
-        return data, _object_identity(info)
-
-    def write(self, rel: str, data: bytes) -> None:
-        full = self._full(rel)
-        if self.object_store:
-            self.fs.pipe_file(full, data)
-            return
-        folder, name = full.rsplit("/", 1)
-        self.fs.makedirs(folder, exist_ok=True)
-        tmp = f"{folder}/{_temp_name(name)}"
-        self.fs.pipe_file(tmp, data)
-        try:
-            self.fs.mv(tmp, full)
-        except OSError:
-            # Some servers (SFTP) refuse to rename over an existing name: a concurrent
-            # writer of the same key put it there first.
-            self.fs.rm_file(tmp)
-            if not self.fs.isfile(full):
-                raise
-
-    def quarantine(self, rel: str, identity=None) -> str | None:
-        """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores) if it
-        still is the object of ``identity`` (any, if None); returns the new location, or
-        None if nothing was moved (gone, or replaced since it was read).
-
-        fsspec has no conditional delete, so a writer that replaces the object between
-        this check and the delete (milliseconds) loses its write; the next ``put`` of
-        that text writes it again."""
-        try:
-            if identity is not None and _object_identity(self._info(rel)) != tuple(identity):
-                return None
-            self.fs.mv(self._full(rel), self._full(rel + ".bad"))
-        except Exception:  # gone (another reader moved it), or the store failed
-            return None
-        finally:
-            self.fs.invalidate_cache()
-        return self.location(rel + ".bad")
-
-    def list(self, prefix: str = ""):
-        """Relative keys of every object under the folder ``prefix``, temp files skipped.
-        Listings are not cached, so a later :meth:`exists` asks the store again (another
-        process may have written since)."""
-        start = f"{self.path}/{prefix}".rstrip("/")
-        try:
-            found = self.fs.find(start)
-        finally:
-            self.fs.invalidate_cache()
-        for full in found:
-            if full.startswith(self.path + "/") and not _is_temp(full):
-                yield full[len(self.path) + 1:]
-
-    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
-        """Nothing swept: an object store writes with one PUT and leaves no temp; the
-        temp names other remote filesystems rename into place are left, since listing a
-        remote tree at every job start costs more than a rare leftover does."""
-        return 0

@@ -8,9 +8,12 @@ order. Each entry belongs to a ``group`` (a request's prefix): the first entry o
 group that cannot be planned, decoded or finished is reported to the store
 (:meth:`ChunkStore.quarantine`: moved aside if the failure proves damage) and the
 group's later entries are not used, while entries before it, and other groups, land.
+The plan, its run and the finishing are timed into ``store.metrics`` (stage
+``decode``).
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ def decode_entries(store, entries: list, threads: int = 0) -> list:
     """Decode ``entries`` (a list of :class:`Entry`, each group's in token order) into
     their destinations; returns per entry whether it landed (it and every earlier entry
     of its group decoded). Failures are reported to ``store``, not raised."""
+    started = time.perf_counter()
     failed = {}   # group -> index of its first failed entry
     plans = {}    # chunk_tokens -> DecodePlan
     placed = []   # (entry index, plan, first target, end target)
@@ -66,6 +70,8 @@ def decode_entries(store, entries: list, threads: int = 0) -> list:
             _report(store, e, exc, failed, i)
             continue
         ok[i] = True
+    if entries:
+        store.metrics.staged("decode", time.perf_counter() - started)
     # An entry landed if it decoded and no earlier entry of its group failed.
     return [x and failed.get(e.group, i + 1) > i for i, (x, e) in enumerate(zip(ok, entries))]
 

@@ -43,33 +43,28 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import torch
 
 from .. import format as kvc
 from ..core.config import load_config
 from ..core.kvcache import KVCache
-from ..errors import (CorruptError, FormatError, KVCodecError,
-                      ModelMismatchError, ShapeError, VersionError)
+from ..errors import KVCodecError, ShapeError
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
 from .backends import STALE_TEMP_S, open_backend
 from .batch import Entry, decode_entries, fill, leading
+from .capacity import StoreCapacity
+from .checks import check_entry, is_damage
+from .metrics import StoreMetrics
 from .objects import StoreObjects
 from .shared import StoreTables
 
 log = logging.getLogger("kvcodec")
 
 
-def is_damage(exc: BaseException) -> bool:
-    """Whether ``exc``, raised reading an entry, proves its bytes wrong: a checksum, the
-    container's structure, another model's or other tokens' entry (:class:`FormatError`,
-    of which :class:`CorruptError`), but not a newer format version, nor anything of the
-    environment (``OSError``, a missing backend)."""
-    return isinstance(exc, FormatError) and not isinstance(exc, VersionError)
-
-
-class ChunkStore(StoreObjects):
+class ChunkStore(StoreObjects, StoreCapacity):
     """A store of chunks (a directory or fsspec URL): keys, atomic puts, lookups and
     checked reads, which every consumer shares (transformers loading in
     :func:`kvcodec.integrations.hf.cache_from_store`, the vLLM connector, precompute jobs).
@@ -88,6 +83,9 @@ class ChunkStore(StoreObjects):
     salt : str, optional
         A tenant's secret (vLLM's ``cache_salt``), part of every key: stores of different
         salts share no entry. None (the default) gives the unsalted keys.
+    max_bytes, ttl : optional
+        Capacity (bytes) and age limit (seconds without a read) of the store, kept by
+        least-recently-used eviction after puts (:mod:`.capacity`); None: unbounded.
 
     Attributes
     ----------
@@ -98,10 +96,13 @@ class ChunkStore(StoreObjects):
     written_chunks, written_bytes, written_numel : int
         Entries written by this object, their bytes, and the elements of the caches they
         hold (:meth:`KVCache.numel`: for an evicted cache, of the cache before eviction).
+    metrics : StoreMetrics
+        What this object's users did: lookups, hits, loads, failures, writes, evictions.
     """
 
     def __init__(self, root, fingerprint: dict, config="default", storage_options=None,
-                 salt: str | None = None):
+                 salt: str | None = None, max_bytes: int | None = None,
+                 ttl: float | None = None):
         self._backend = open_backend(root, storage_options)
         self.root = self._backend.root
         self.fingerprint = fingerprint
@@ -113,6 +114,8 @@ class ChunkStore(StoreObjects):
         self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
         self._tables = StoreTables()  # shared with the salted views (with_salt)
+        self.metrics = StoreMetrics()
+        self._init_capacity(max_bytes, ttl)
 
     def with_salt(self, salt: str | None) -> "ChunkStore":
         """This store as the tenant ``salt`` sees it: the same place, model, config and
@@ -232,12 +235,15 @@ class ChunkStore(StoreObjects):
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:
+        t = time.perf_counter()
         data = self.encoder.encode(kv, anchor=anchor, position_offset=position_offset,
                                    tables=tables)
         self._backend.write(rel, data)
+        self.metrics.written(len(data), time.perf_counter() - t)
         self.written_chunks += 1
         self.written_bytes += len(data)
         self.written_numel += kv.numel()
+        self._wrote(len(data))
 
     def document(self, token_ids, anchor) -> list | None:
         """Locations of every chunk of the document ``token_ids`` stored by
@@ -263,6 +269,7 @@ class ChunkStore(StoreObjects):
         rels = [keying.entry_name(key) for i, key in enumerate(self.keys(ids))
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
         n = leading(self._present, rels, self.remote)
+        self.metrics.lookup(len(ids), min(len(ids), n * self.chunk_tokens))
         return [self._backend.location(r) for r in rels[:n]]
 
     def _present(self, rel: str) -> bool:
@@ -299,7 +306,7 @@ class ChunkStore(StoreObjects):
         this name included), ``OSError`` for the environment."""
         rel = self._backend.rel(loc)
         ids = [int(t) for t in token_ids]
-        identity = None
+        identity, t = None, time.perf_counter()
         try:
             data, identity = self._backend.fetch(rel, self.entry_limit(len(ids)))
             source = io.BytesIO(data)
@@ -307,34 +314,20 @@ class ChunkStore(StoreObjects):
             f = kvc.open(source, tables=self.shared_tables)
             f.identity = identity
         except FileNotFoundError:
+            self.metrics.failed("missing")
             raise
         except Exception as exc:
             self.quarantine(loc, exc, identity)
             raise
         try:
-            self._check_entry(f, loc, ids, t0, anchor)
+            check_entry(f, loc, ids, t0, anchor, self.fingerprint)
+            self.metrics.opened(len(data), time.perf_counter() - t)
+            self._read(rel)
             return f
         except BaseException as exc:
             f.close()
             self.quarantine(loc, exc, identity)
             raise
-
-    def _check_entry(self, f, loc, ids: list, t0: int, anchor) -> None:
-        try:
-            check_fingerprint(f.model, self.fingerprint)
-        except ModelMismatchError as exc:
-            raise CorruptError(f"{loc} holds another model's entry: {exc}") from None
-        fp = self.fingerprint
-        if (f.num_layers, f.num_kv_heads, f.head_dim) != (
-                fp["num_layers"], fp["num_kv_heads"], fp["head_dim"]):
-            raise CorruptError(f"{loc} holds {f.num_layers} layers x {f.num_kv_heads} KV "
-                               f"heads x head_dim {f.head_dim}, not the {fp['num_layers']} x "
-                               f"{fp['num_kv_heads']} x {fp['head_dim']} its key's model has")
-        anchor = None if anchor is None else [int(t) for t in anchor]
-        if (f.num_tokens != len(ids) or f.position_offset != len(anchor or ()) + t0
-                or f.anchor != anchor
-                or (f.token_ids is not None and f.token_ids != ids)):
-            raise CorruptError(f"{loc} holds other tokens than its key says")
 
     def quarantine(self, loc, exc: BaseException, identity=None) -> bool:
         """Report a failed read of the entry at ``loc``. If ``exc`` proves the bytes
@@ -344,6 +337,7 @@ class ChunkStore(StoreObjects):
         failure (the environment's) leaves the entry and is logged. Returns whether the
         entry was moved."""
         name = str(loc).rsplit("/", 1)[-1]
+        self.metrics.failed("damaged" if is_damage(exc) else "environment")
         if not is_damage(exc):
             log.warning("kvcodec store: cannot read %s (%s: %s); left in place", name,
                         type(exc).__name__, exc)

@@ -46,8 +46,10 @@ class StoreObjects:
             log.warning("kvcodec store: %s is damaged; moved it aside", rel)
 
     def write_object(self, rel: str, data: bytes) -> None:
-        """Write the object ``rel`` (``"manifest/job/x.json"``) atomically."""
+        """Write the object ``rel`` (``"manifest/job/x.json"``) atomically (its bytes
+        count toward the store's capacity)."""
         self._backend.write(self._object(rel), data)
+        self._wrote(len(data))
 
     def read_object(self, rel: str) -> bytes | None:
         """The bytes of the object ``rel``, or None if it is absent."""

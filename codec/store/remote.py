@@ -1,0 +1,198 @@
+"""The fsspec backend of a store (``s3://``, ``gs://``, ``memory://``, sftp, ...): see
+:mod:`.backends` for what every backend guarantees."""
+from __future__ import annotations
+
+import errno
+import functools
+
+from ..errors import AccessError, ConfigError, CorruptError, KVCodecError
+from .naming import OBJECT_STORES, STALE_TEMP_S, first_line, is_temp, temp_name
+
+
+def _object_identity(info: dict) -> tuple:
+    """What tells one version of an object from another: the ETag (S3, Azure) or
+    generation (GCS) where the store gives one, else the modification time; and size."""
+    tag = next((info[k] for k in ("ETag", "etag", "generation", "version_id", "VersionId",
+                                  "mtime", "LastModified", "last_modified", "created")
+                if info.get(k) is not None), None)
+    return (str(tag), int(info.get("size") or 0))
+
+
+def _mtime(info: dict) -> float:
+    """An object's modification time (seconds since the epoch) from its fsspec info."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return 0.0
+
+
+class _Guarded:
+    """An fsspec filesystem whose calls raise OSError for the filesystem's own errors
+    (botocore's NoCredentialsError...), so that an unreachable store is one clear error
+    that stops a job, like any store that cannot be written."""
+
+    def __init__(self, fs, url: str):
+        self._fs, self._url = fs, url
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except (OSError, KVCodecError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the filesystem's own error types
+                raise AccessError(errno.EIO, f"store {self._url}: {type(exc).__name__}: "
+                                  f"{first_line(exc)}") from exc
+        return call
+
+
+class FsspecBackend:
+    """A folder of an fsspec filesystem; locations are URLs (``root + "/" + rel``)."""
+
+    remote = True  # reads wait on a network: fetched in parallel
+
+    def __init__(self, fs, path: str, url: str):
+        self.fs = _Guarded(fs, url.rstrip("/"))
+        self.path, self.root = path.rstrip("/"), url.rstrip("/")
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        self.object_store = bool(protocols & OBJECT_STORES)
+
+    def location(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def rel(self, loc) -> str:
+        loc = str(loc)
+        if not loc.startswith(self.root + "/"):
+            raise ConfigError(f"{loc} is not in the store {self.root}")
+        return loc[len(self.root) + 1:]
+
+    def _full(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        # Not ``fs.isfile``, which answers False on any error (bad credentials, no network).
+        try:
+            return self._info(rel)["type"] == "file"
+        except FileNotFoundError:
+            return False
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self._full(rel)))
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._full(rel))
+
+    def _info(self, rel: str) -> dict:
+        return self.fs.info(self._full(rel))
+
+    def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
+        """The bytes of ``rel`` (CorruptError if over ``limit``, checked before they are
+        fetched) and their identity (ETag or generation, and size)."""
+        info = self._info(rel)
+        size = int(info.get("size") or 0)
+        if size > limit:
+            raise CorruptError(f"{self.location(rel)}: {size} bytes, more than the {limit} "
+                               "an entry of its tokens can need")
+        data = self.fs.cat_file(self._full(rel))
+        if len(data) != size:  # replaced between the two requests
+            raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
+        return data, _object_identity(info)
+
+    def write(self, rel: str, data: bytes) -> None:
+        full = self._full(rel)
+        if self.object_store:
+            self.fs.pipe_file(full, data)
+            return
+        folder, name = full.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/{temp_name(name)}"
+        self.fs.pipe_file(tmp, data)
+        try:
+            self.fs.mv(tmp, full)
+        except OSError:
+            # Some servers (SFTP) refuse to rename over an existing name: a concurrent
+            # writer of the same key put it there first.
+            self.fs.rm_file(tmp)
+            if not self.fs.isfile(full):
+                raise
+
+    def quarantine(self, rel: str, identity=None) -> str | None:
+        """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores) if it
+        still is the object of ``identity`` (any, if None); returns the new location, or
+        None if nothing was moved (gone, or replaced since it was read).
+
+        fsspec has no conditional delete, so a writer that replaces the object between
+        this check and the delete (milliseconds) loses its write; the next ``put`` of
+        that text writes it again."""
+        try:
+            if identity is not None and _object_identity(self._info(rel)) != tuple(identity):
+                return None
+            self.fs.mv(self._full(rel), self._full(rel + ".bad"))
+        except Exception:  # gone (another reader moved it), or the store failed
+            return None
+        finally:
+            self.fs.invalidate_cache()
+        return self.location(rel + ".bad")
+
+    def list(self, prefix: str = ""):
+        """Relative keys of every object under the folder ``prefix``, temp files skipped.
+        Listings are not cached, so a later :meth:`exists` asks the store again (another
+        process may have written since)."""
+        start = f"{self.path}/{prefix}".rstrip("/")
+        try:
+            found = self.fs.find(start)
+        finally:
+            self.fs.invalidate_cache()
+        for full in found:
+            if full.startswith(self.path + "/") and not is_temp(full):
+                yield full[len(self.path) + 1:]
+
+    def scan(self, prefix: str = ""):
+        """``(rel, size, mtime)`` of every object under ``prefix`` (temp names skipped):
+        one listing with details (S3: pages of 1,000 objects)."""
+        start = f"{self.path}/{prefix}".rstrip("/")
+        try:
+            found = self.fs.find(start, detail=True)
+        finally:
+            self.fs.invalidate_cache()
+        for full, info in found.items():
+            if full.startswith(self.path + "/") and not is_temp(full):
+                yield full[len(self.path) + 1:], int(info.get("size") or 0), _mtime(info)
+
+    def read_head(self, rel: str, n: int) -> bytes:
+        """The first ``n`` bytes of ``rel`` (one ranged GET)."""
+        return self.fs.cat_file(self._full(rel), start=0, end=n)
+
+    def remove(self, rel: str, size: int | None = None, mtime: float | None = None) -> bool:
+        """Delete ``rel``; if ``size`` is given, only while it still has that size (an
+        object store has no conditional delete: a writer's same-sized replacement in the
+        milliseconds between may go, which costs a miss). Returns whether it was removed;
+        a reader that loses the race gets a miss, not an error."""
+        full = self._full(rel)
+        try:
+            if size is not None and int(self._info(rel).get("size") or 0) != size:
+                return False
+            self.fs.rm_file(full)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            self.fs.invalidate_cache()
+
+    def sweep(self, older_than: float = STALE_TEMP_S) -> int:
+        """Nothing swept: an object store writes with one PUT and leaves no temp; the
+        temp names other remote filesystems rename into place are left, since listing a
+        remote tree at every job start costs more than a rare leftover does."""
+        return 0
