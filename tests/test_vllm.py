@@ -22,8 +22,11 @@ def _engine(store, config, model=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     from vllm import LLM  # installed by `make test` (the [vllm] extra)
 
+    # Stats logged (as `vllm serve` does), so that the connector's metrics reach vLLM's
+    # Prometheus metrics in this process.
     return LLM(model=str(model or resolve_model_path(None)), dtype="float32", max_model_len=1024,
                enforce_eager=True, max_num_seqs=2, enable_prefix_caching=False,
+               disable_log_stats=False,
                kv_transfer_config={
                    "kv_connector": "KVCodecConnector",
                    "kv_connector_module_path": "kvcodec.integrations.vllm",
@@ -35,6 +38,21 @@ def _connector():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group()
+
+
+def _vllm_metrics(prefix="vllm:kvcodec_") -> dict:
+    """vLLM's Prometheus samples in this process whose names start with ``prefix``,
+    summed over labels other than ``stage`` and ``cause`` (what /metrics would show)."""
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for family in REGISTRY.collect():
+        for s in family.samples:
+            if s.name.startswith(prefix):
+                key = s.name + "".join(f":{s.labels[k]}" for k in ("stage", "cause", "le")
+                                       if k in s.labels)
+                out[key] = out.get(key, 0) + s.value
+    return out
 
 
 def _ask(llm, ids, salt=None):
@@ -70,6 +88,7 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
 
     llm, store = lossless
     _, ids = _prompt(lm, texts["gpl3"], 600)
+    start = _vllm_metrics()
     first = _ask(llm, ids)
     conn = _connector()
     conn.flush()  # the background encode has finished
@@ -84,6 +103,29 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
     assert conn.tokens_loaded - before[0] == 512
     assert conn.bytes_read - before[1] == sum(p.stat().st_size for p in chunks.lookup(ids))
     assert second == first  # lossless: the same greedy answer
+    # The store's metrics reached vLLM's Prometheus metrics through the connector stats:
+    # the scheduler side's lookups (one per request; the second hit every token), the
+    # worker side's reads, stages and saves (written after the first request's steps,
+    # reported with the second's).
+    got = {k: v - start.get(k, 0) for k, v in _vllm_metrics().items()}
+    entries = chunks.lookup(ids, partial=True)
+    assert got["vllm:kvcodec_lookups_total"] == 2
+    assert got["vllm:kvcodec_lookup_tokens_total"] == 2 * len(ids)
+    assert got["vllm:kvcodec_hit_tokens_total"] == len(ids)
+    assert got["vllm:kvcodec_entries_read_total"] == 2
+    assert got["vllm:kvcodec_bytes_read_total"] == conn.bytes_read - before[1]
+    assert got["vllm:kvcodec_entries_written_total"] == 3
+    assert got["vllm:kvcodec_bytes_written_total"] == sum(p.stat().st_size for p in entries)
+    assert got["vllm:kvcodec_saves_queued_total"] == got["vllm:kvcodec_saves_written_total"] == 1
+    assert got.get("vllm:kvcodec_saves_dropped_total", 0) == 0
+    assert got["vllm:kvcodec_load_seconds_count:open"] == 2
+    assert got["vllm:kvcodec_load_seconds_count:decode"] == 3  # one plan per layer group
+    assert got["vllm:kvcodec_load_seconds_count:write"] == 3
+    assert got["vllm:kvcodec_encode_seconds_count"] == 3
+    assert got["vllm:kvcodec_load_seconds_bucket:write:+Inf"] == 3
+    assert sum(got.get(f"vllm:kvcodec_load_failures_total:{c}", 0)
+               for c in ("damaged", "missing", "environment", "timeout")) == 0
+    assert _vllm_metrics("vllm:external_prefix_cache_hits")  # vLLM's own count
 
 
 def test_a_damaged_entry_is_recomputed(lm, texts, lossless):

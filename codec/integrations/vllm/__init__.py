@@ -17,8 +17,9 @@ saves loads with :func:`kvcodec.integrations.hf.cache_from_store` in transformer
 
 The package is split by role, as vLLM's own offloading connector is: ``connector`` (the
 class vLLM loads, a facade), ``scheduler`` (prefix lookups, per-step load and save
-metadata), ``worker`` (decoding into and reading from the paged cache, saving) and
-``paged_layout`` (vLLM's CPU block layout, through its own cache-writing op).
+metadata), ``worker`` (decoding into and reading from the paged cache, saving),
+``paged_layout`` (vLLM's CPU block layout, through its own cache-writing op) and
+``metrics`` (the store's metrics in vLLM's ``/metrics``, or on ``metrics_port``).
 
 - **Scheduler side** (:class:`ConnectorScheduler`): the longest prefix of whole chunks
   in the store, cut to a whole number of blocks that leaves at least one prompt token

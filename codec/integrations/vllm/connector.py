@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from ...errors import ConfigError
 from ...models.fingerprint import fingerprint_dir
 from ...store import ChunkStore
+from .metrics import KVCodecPromMetrics, KVCodecStats, export_on_port
 from .scheduler import ConnectorScheduler
 from .worker import ConnectorWorker
 
@@ -24,8 +25,20 @@ class KVCodecConnector(KVConnectorBase_V1):
     ``threads`` (decoder threads, default all cores), ``save`` (default true),
     ``load_timeout_s`` (how long a step waits for the store's entries before vLLM
     recomputes the rest, default 5), ``max_pending_save_mb`` (K/V copies queued for
-    encoding at most, default 1024). A request's ``cache_salt`` is part of its keys:
-    tenants of different salts share no entry."""
+    encoding at most, default 1024), ``max_bytes`` and ``ttl_s`` (the store's capacity
+    and entries' lifetime, :class:`~kvcodec.store.ChunkStore`'s ``max_bytes`` and
+    ``ttl``; default none), ``metrics_port`` (also serve the store's ``kvcodec_*``
+    metrics at ``http://0.0.0.0:PORT/metrics`` from the worker's process; default
+    none). A request's ``cache_salt`` is part of its keys: tenants of different salts
+    share no entry.
+
+    Metrics: both sides report their store's metrics through vLLM's connector stats
+    (:meth:`get_kv_connector_stats`), which vLLM's ``/metrics`` exports as
+    ``vllm:kvcodec_*`` (:mod:`.metrics`) while it logs stats (``vllm serve``'s
+    default): the scheduler side's lookups and hit tokens, the worker side's reads,
+    load latencies (open, decode, write into the paged cache), failures by cause
+    (``timeout``: not delivered within ``load_timeout_s``), saves queued, written and
+    dropped, and encodes."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -42,8 +55,14 @@ class KVCodecConnector(KVConnectorBase_V1):
             raise ConfigError("KVCodecConnector works on unquantized paged caches; drop "
                               f"kv_cache_dtype={vllm_config.cache_config.cache_dtype}")
         fp = fingerprint_dir(model_dir)
+        max_bytes = extra.get_from_extra_config("max_bytes", None)
+        ttl = extra.get_from_extra_config("ttl_s", None)
         store = ChunkStore(root, fp, extra.get_from_extra_config("config", "default"),
-                           extra.get_from_extra_config("storage_options", None))
+                           extra.get_from_extra_config("storage_options", None),
+                           max_bytes=None if max_bytes is None else int(float(max_bytes)),
+                           ttl=None if ttl is None else float(ttl))
+        self.store = store
+        store.metrics.interval()  # from now on it keeps latencies for vLLM's stats
         block = int(vllm_config.cache_config.block_size)
         if store.chunk_tokens % block:
             raise ConfigError(f"the store's chunks of {store.chunk_tokens} tokens are not a "
@@ -58,6 +77,9 @@ class KVCodecConnector(KVConnectorBase_V1):
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,
                 float(extra.get_from_extra_config("load_timeout_s", 5.0)),
                 int(float(extra.get_from_extra_config("max_pending_save_mb", 1024)) * (1 << 20)))
+        port = extra.get_from_extra_config("metrics_port", None)
+        if port is not None:
+            export_on_port(store, int(port), serve=self.worker is not None)
 
     # -- scheduler side ---------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
@@ -95,6 +117,22 @@ class KVCodecConnector(KVConnectorBase_V1):
     def shutdown(self):
         if self.worker is not None:
             self.worker.shutdown()
+
+    # -- metrics (both sides; vLLM collects them after every step) -----------------------
+    def get_kv_connector_stats(self) -> KVCodecStats | None:
+        """What this side's store did since the last call (None: nothing)."""
+        data = self.store.metrics.interval()
+        return KVCodecStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict | None = None) -> KVCodecStats:
+        return KVCodecStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
+                           per_engine_labelvalues) -> KVCodecPromMetrics:
+        return KVCodecPromMetrics(vllm_config, metric_types, labelnames,
+                                  per_engine_labelvalues)
 
     # Counters and save barrier of the worker side (tests, benchmarks).
     @property

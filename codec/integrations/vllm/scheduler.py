@@ -103,7 +103,10 @@ class ConnectorScheduler:
         if not self.save or req_id in self._saved or done < len(ids) or not ids:
             return
         self._saved.add(req_id)
-        if self._store(req_id).cached_tokens(ids, partial=True) < len(ids):
+        store = self._store(req_id)
+        with store.metrics.bookkeeping():  # the request's lookup was counted already
+            cached = store.cached_tokens(ids, partial=True)
+        if cached < len(ids):
             n_blocks = -(-len(ids) // self.block)
             meta.saves.append(Save(req_id, list(ids), list(self._blocks[req_id][:n_blocks]),
                                    self._salts.get(req_id)))

@@ -48,7 +48,10 @@ class ConnectorWorker:
 
     Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
     ``tokens_loaded`` (tokens written into vLLM's cache), ``blocks_failed`` (blocks
-    reported for recomputation), ``saves_skipped`` (saves the bound turned away).
+    reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
+    store's metrics (``store.metrics``) also get the time to write into the paged
+    cache (stage ``write``), loads not delivered in time (cause ``timeout``) and the
+    saves queued, written and dropped.
     """
 
     def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool,
@@ -121,6 +124,7 @@ class ConnectorWorker:
                 files.append(fut.result(timeout=max(0.0, deadline - time.monotonic())) + (t,))
                 continue
             except FutureTimeout:
+                self.store.metrics.failed("timeout")
                 log.warning("kvcodec vLLM: the store did not deliver %s's entry at token %d "
                             "within %.1f s; recomputing from there", load.req_id, t,
                             self.load_timeout_s)
@@ -214,6 +218,7 @@ class ConnectorWorker:
                 self.bytes_read += f.size_bytes
         if not rows:
             return
+        started = time.perf_counter()
         rows, slots = torch.cat(rows), torch.cat(slots)
         whole = len(rows) == total and bool(torch.equal(rows, torch.arange(total)))
         for l, (k, v) in bufs.items():
@@ -221,6 +226,7 @@ class ConnectorWorker:
             if not whole:
                 k, v = k[rows], v[rows]
             self._layout.write(self._caches[l], k, v, slots)
+        self.store.metrics.staged("write", time.perf_counter() - started)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ev = self._events.get(self._names.get(layer_name))
@@ -242,18 +248,21 @@ class ConnectorWorker:
                 # request's data), and this step's forward attended to them: vLLM
                 # recomputes them, and nothing of this step may reach the store.
                 log.info("kvcodec vLLM: not saving %s, whose load failed", save.req_id)
+                self.store.metrics.saved("dropped")
                 continue
             n = len(save.token_ids)
             store = self.store.with_salt(save.salt)
             # Only the chunks from the first one the store lacks are copied and coded
             # (a new question after a cached document: its last chunk).
-            t0 = store.cached_tokens(save.token_ids)  # whole chunks: a multiple of chunk
+            with store.metrics.bookkeeping():  # not a request's lookup: not counted
+                t0 = store.cached_tokens(save.token_ids)  # whole chunks: a multiple of chunk
             # The K/V copy this save holds until it is encoded ([blocks, heads, block,
             # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
             size = (n - t0) * sum(c[0, :, 0].numel() * c.element_size()
                                   for c in self._caches.values())
             if not self._reserve_save(size):
                 self.saves_skipped += 1
+                self.store.metrics.saved("dropped")
                 log.info("kvcodec vLLM: not saving %s: %d MiB of saves already queued",
                          save.req_id, self._pending_save_bytes >> 20)
                 continue
@@ -269,6 +278,7 @@ class ConnectorWorker:
                 keys.append(kf)
                 values.append(vf)
             kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
+            self.store.metrics.saved("queued")
             self._encoder.submit(self._put, store, kv, size, t0)
 
     def _reserve_save(self, size: int) -> bool:
@@ -282,7 +292,9 @@ class ConnectorWorker:
     def _put(self, store, kv: KVCache, size: int, from_token: int = 0) -> None:
         try:
             store.put(kv, from_token=from_token)
+            store.metrics.saved("written")
         except Exception as exc:  # a failed save is a future cache miss, not an error
+            store.metrics.saved("dropped")
             log.warning("kvcodec vLLM save failed: %s", exc)
         finally:
             with self._pending_lock:
