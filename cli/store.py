@@ -179,14 +179,36 @@ def gc(store, as_json, storage_options, bad_older_than, max_bytes, ttl, dry_run)
 @store.command()
 @_common
 @_filters
+@click.option("--doc", "docs", multiple=True,
+              help="A document's id in a `kvcodec precompute` corpus (repeat it): its "
+                   "entries and its manifest record go, so a rerun stores it again.")
 @click.option("--all", "everything", is_flag=True, help="Every entry (no filter needed).")
 @click.option("--dry-run", is_flag=True, help="Say what would go; remove nothing.")
-def rm(store, as_json, storage_options, model, config, kind, older_than, everything, dry_run):
-    """Remove the entries that match every filter given (--all for every entry)."""
-    if not everything and all(v is None for v in (model, config, kind, older_than)):
-        raise click.UsageError("give a filter (--model, --config, --kind, --older-than) "
-                               "or --all")
+def rm(store, as_json, storage_options, model, config, kind, older_than, docs, everything,
+       dry_run):
+    """Remove the entries that match every filter given (--all for every entry), or the
+    documents --doc."""
+    filters = (model, config, kind, older_than)
+    if docs and (everything or any(v is not None for v in filters)):
+        raise click.UsageError("--doc removes whole documents: give it without other filters")
+    if not docs and not everything and all(v is None for v in filters):
+        raise click.UsageError("give a filter (--model, --config, --kind, --older-than), "
+                               "--doc or --all")
     admin = _admin(store, storage_options)
+    if docs:
+        r = admin.rm_documents(docs, dry_run)
+        if as_json:
+            click.echo(json.dumps(r))
+            return
+        click.echo(f"{printable(r['store'])}: {'would remove' if dry_run else 'removed'} "
+                   f"{r['removed']} entries ({_size(r['bytes'])}) of {r['documents']} "
+                   "documents")
+        if r["not_found"]:
+            click.echo("  not in any manifest: " + printable(", ".join(r["not_found"])))
+        if r["unlisted"]:
+            click.echo(f"  {r['unlisted']} records predate entry lists: remove those "
+                       "entries with --model/--config/--older-than")
+        return
     r = admin.rm(admin.select(admin.entries(), model, config, kind, older_than), dry_run)
     if as_json:
         click.echo(json.dumps(r))

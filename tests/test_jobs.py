@@ -470,3 +470,30 @@ def _text_files(tmp_path, docs):
 def precompute_store(root, lm, docs):
     return precompute([str(p) for p in _text_files(root.parent, docs)], root, model=lm,
                       progress=False)
+
+
+def test_store_rm_doc_removes_a_document_and_a_rerun_restores_it(lm, corpus_docs, tmp_path):
+    """`kvcodec store rm --doc ID`: the entries the job's manifest lists for that document
+    go with its record, the other documents stay, and the job run again stores it again."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    docs = corpus_docs[:3]
+    files = [str(p) for p in _text_files(tmp_path, docs)]
+    store = tmp_path / "s"
+    first = precompute(files, store, model=lm, progress=False)
+    before = {p.relative_to(store).as_posix() for p in store.rglob("*.kvc")}
+    victim = files[1]  # a text file's id is its path as given
+    r = CliRunner().invoke(main, ["store", "rm", str(store), "--doc", victim, "--doc", "nope",
+                                  "--json"])
+    report = json.loads(r.output)
+    assert r.exit_code == 0 and report["documents"] == 1 and report["not_found"] == ["nope"]
+    after = {p.relative_to(store).as_posix() for p in store.rglob("*.kvc")}
+    assert 0 < report["removed"] == len(before - after) and after < before
+    again = precompute(files, store, model=lm, progress=False)
+    assert again.already_stored == 2 and again.chunks_new == report["removed"]
+    assert {p.relative_to(store).as_posix() for p in store.rglob("*.kvc")} == before
+    assert first.done == 3
+    res = CliRunner().invoke(main, ["store", "rm", str(store), "--doc", victim, "--all"])
+    assert res.exit_code == 2

@@ -34,6 +34,7 @@ from ..models.batch import capture_batch
 from ..models.capture import default_anchor
 from ..models.tokens import chat_text, document_ids, special_prefix
 from ..store import ChunkStore
+from ..store.keys import entry_name
 from .corpus import Skipped
 from .manifest import Manifest
 from .plan import LOOKAHEAD, JobSpec, batches, windows
@@ -49,6 +50,7 @@ class _Doc:
     text: str
     left: int  # windows not yet stored
     failed: list = field(default_factory=list)
+    entries: list = field(default_factory=list)  # its entries' names, for the manifest
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Engine:
         state = _Doc(result, doc.text, 0)
         todo = []
         for part in parts:
+            state.entries.extend(self._entry_names(part))
             stored = self._stored_chunks(part)
             if stored is None:
                 todo.append(_Window(state, part))
@@ -172,6 +175,17 @@ class Engine:
             result.status = "stored"
             self._finish(state, emit)
         return todo
+
+    def _entry_names(self, ids) -> list:
+        """Where the entries of the window ``ids`` live in the store, for every config
+        (``kvcodec store rm --doc`` removes a document by them)."""
+        out = []
+        for s in self.stores:
+            if self._policy is not None:
+                out.append(entry_name(s.evicted_key(ids, self.spec.evict)))
+            else:
+                out.extend(entry_name(k) for k in s.keys(ids, self.anchor))
+        return out
 
     def _stored_chunks(self, ids) -> int | None:
         """How many entries hold ``ids`` if every store has all of them, else None."""
@@ -285,7 +299,8 @@ class Engine:
             r.status, r.reason = "failed", doc.failed[0]
         else:
             self.manifest.put(doc.text, {"id": r.id, "tokens": r.tokens, "windows": r.windows,
-                                         "chunks": r.chunks_new + r.chunks_skipped})
+                                         "chunks": r.chunks_new + r.chunks_skipped,
+                                         "entries": doc.entries})
         self._emit(emit, r)
 
     def _emit(self, emit, result: DocResult) -> None:

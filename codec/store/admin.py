@@ -22,11 +22,13 @@ from ..format.bounded import unzstd
 from ..format.container import DATA_ALIGN, PREAMBLE, crc32
 from ..format.spec import MAX_CONFIG_BYTES
 from . import access, capacity
+from . import keys as keying
 from .backends import open_backend
 from .verify import Verifier, head
 
 READ_AHEAD = 16  # files a local verify asks the disk for ahead of its checks
-HEAD = 64 << 10  # bytes read for a header at first (headers of entries are ~5-20 KB)
+HEAD = 64 << 10
+MAX_RECORD_BYTES = 16 << 20  # a manifest record larger than this is not one  # bytes read for a header at first (headers of entries are ~5-20 KB)
 
 
 @dataclass
@@ -254,6 +256,41 @@ class StoreAdmin:
         if policy.active:
             report["eviction"] = capacity.evict(self.backend, policy, None, dry_run).to_dict()
         return report
+
+    def rm_documents(self, ids, dry_run: bool = False) -> dict:
+        """Remove the documents ``ids`` (their ids in a ``kvcodec precompute`` corpus):
+        every entry their manifest records list, and the records, so that a rerun of the
+        job stores them again. Records written before they listed their entries are
+        counted (``unlisted``) and left."""
+        ids = {str(i) for i in ids}
+        found, unlisted, removed, nbytes = set(), 0, 0, 0
+        sizes = {rel: size for rel, size, _ in self.backend.scan()}
+        for rel in [r for r in sizes if r.startswith("manifest/") and r.endswith(".json")]:
+            if sizes[rel] > MAX_RECORD_BYTES:
+                continue
+            try:
+                record = json.loads(self.backend.read(rel))
+            except (ValueError, FileNotFoundError):
+                continue
+            if not isinstance(record, dict) or str(record.get("id")) not in ids:
+                continue
+            found.add(str(record.get("id")))
+            names = record.get("entries")
+            if not isinstance(names, list):
+                unlisted += 1
+                continue
+            for name in names:
+                if not (isinstance(name, str) and keying.ENTRY_NAME.fullmatch(name)
+                        and name in sizes):
+                    continue
+                if dry_run or self.backend.remove(name, sizes[name]):
+                    removed += 1
+                    nbytes += sizes.pop(name)
+            if not dry_run:
+                self.backend.remove(rel)
+        return {"store": str(self.root), "dry_run": dry_run, "documents": len(found),
+                "not_found": sorted(ids - found), "unlisted": unlisted,
+                "removed": removed, "bytes": nbytes}
 
     def rm(self, infos: list, dry_run: bool = False) -> dict:
         """Remove the entries ``infos`` (from :meth:`select`)."""
