@@ -172,8 +172,10 @@ def gc(store, as_json, storage_options, bad_older_than, max_bytes, ttl, dry_run)
                f"{r['bad_removed']} .bad files ({_size(r['bad_bytes'])})")
     if "eviction" in r:
         e = r["eviction"]
+        age = e["removed_age_s"]
+        unused = (f", unused for {age['min']:.0f}-{age['max']:.0f} s" if age else "")
         click.echo(f"  eviction: {verb} {e['removed']} entries ({_size(e['removed_bytes'])}, "
-                   f"{e['expired']} past the TTL); {_size(e['bytes_after'])} left")
+                   f"{e['expired']} past the TTL{unused}); {_size(e['bytes_after'])} left")
 
 
 @store.command()

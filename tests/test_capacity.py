@@ -171,6 +171,8 @@ def test_ttl_and_bad_files(tmp_path, lm, small):
     timed.access.record(rels[0])
     report = timed.evict()
     assert report.expired == 3 and set(report.removed) == set(rels[1:4])
+    ages = report.to_dict()["removed_age_s"]
+    assert 3590 < ages["min"] <= ages["max"] < 3700  # unused for an hour
     assert _entries(timed) == {rels[0], rels[4], rels[5]}
     assert (tmp_path / (rels[5] + ".bad")).exists()  # under no cap: left for gc
 

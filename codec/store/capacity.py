@@ -77,11 +77,15 @@ class Report:
     removed: list = field(default_factory=list)
     removed_bytes: int = 0
     expired: int = 0
+    ages: list = field(default_factory=list)  # seconds since each removed entry's last use
 
     def to_dict(self) -> dict:
+        ages = sorted(self.ages)
         return {"bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "removed": len(self.removed), "removed_bytes": self.removed_bytes,
-                "expired": self.expired}
+                "expired": self.expired,
+                "removed_age_s": {"min": round(ages[0], 1), "median": round(
+                    ages[len(ages) // 2], 1), "max": round(ages[-1], 1)} if ages else None}
 
 
 def inventory(backend, times: dict | None = None) -> tuple[list, int]:
@@ -126,12 +130,15 @@ def evict(backend, policy: Policy, log_: "access.AccessLog | None" = None,
         log_.flush()
     times, journals = access.read_all(backend)
     items, total = inventory(backend, times)
-    chosen, expired = choose(items, total, policy, time.time() if now is None else now)
+    now = time.time() if now is None else now
+    chosen, expired = choose(items, total, policy, now)
     report = Report(bytes_before=total, expired=expired)
     for i in chosen:
         if dry_run or backend.remove(i.rel, i.size, None if backend.remote else i.mtime):
             report.removed.append(i.rel)
             report.removed_bytes += i.size
+            if not i.bad:
+                report.ages.append(max(0.0, now - i.last))
     report.bytes_after = total - report.removed_bytes
     if not dry_run and (report.removed or len(journals) > 8):
         gone = set(report.removed)
@@ -140,8 +147,9 @@ def evict(backend, policy: Policy, log_: "access.AccessLog | None" = None,
         except OSError as exc:
             log.warning("kvcodec store: cannot compact its access journals (%s)", exc)
     if report.removed and not dry_run:
-        log.info("kvcodec store: evicted %d entries (%d bytes); %d bytes left",
-                 len(report.removed), report.removed_bytes, report.bytes_after)
+        log.info("kvcodec store: evicted %d entries (%d bytes, unused for %.0f s or "
+                 "more); %d bytes left", len(report.removed), report.removed_bytes,
+                 min(report.ages, default=0.0), report.bytes_after)
     return report
 
 
