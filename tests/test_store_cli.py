@@ -122,13 +122,14 @@ def test_gc_and_rm(store_dir):
 
 
 def test_one_line_errors(tmp_path):
-    for args in (["stats", "nope://x"], ["gc", tmp_path, "--max-bytes", "lots"],
+    for args in (["stats", "nope://x"], ["gc", tmp_path / "missing", "--max-bytes", "1K"], ["gc", tmp_path, "--max-bytes", "lots"],
                  ["ls", tmp_path, "--older-than", "soon"],
                  ["stats", tmp_path, "--storage-options", "[1]"]):
         r = _run(*args)
         assert r.exit_code != 0
         assert "Traceback" not in r.output
         assert len([ln for ln in r.output.splitlines() if ln.startswith(("error", "Error"))]) == 1
+    assert not (tmp_path / "missing").exists()
 
 
 def test_store_commands_on_s3(s3_endpoint, lm, kv_600):

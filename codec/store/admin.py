@@ -14,10 +14,11 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from ..errors import CorruptError, KVCodecError
+from ..errors import ConfigError, CorruptError, KVCodecError
 from ..format.bounded import unzstd
 from ..format.container import DATA_ALIGN, PREAMBLE, crc32
 from ..format.spec import MAX_CONFIG_BYTES
@@ -71,6 +72,8 @@ class StoreAdmin:
     """A store (directory or fsspec URL) opened for operations; no model needed."""
 
     def __init__(self, root, storage_options=None, threads: int = 8):
+        if not (isinstance(root, str) and "://" in root) and not Path(root).is_dir():
+            raise ConfigError(f"store {root}: no such directory")
         self.backend = open_backend(root, storage_options)
         self.root = self.backend.root
         self.threads = threads
