@@ -25,10 +25,9 @@ from ..format.spec import MAX_CONFIG_BYTES
 from . import access, capacity
 from . import keys as keying
 from .backends import open_backend
-from .verify import Verifier, head
+from .verify import HEAD, Verifier, head
 
 READ_AHEAD = 16  # files a local verify asks the disk for ahead of its checks
-HEAD = 64 << 10
 MAX_RECORD_BYTES = 16 << 20  # a manifest record larger than this is not one  # bytes read for a header at first (headers of entries are ~5-20 KB)
 
 
@@ -217,10 +216,12 @@ class StoreAdmin:
             if prefetch and k + READ_AHEAD < len(items):
                 prefetch(items[k + READ_AHEAD].rel)
             try:
-                return items[k], checker.check(items[k].rel), None
+                return items[k], checker.check(items[k].rel, items[k].size), None
+            except FileNotFoundError:
+                return items[k], "gone", None  # removed since the listing (evicted)
             except OSError as exc:
                 return items[k], None, f"{type(exc).__name__}: {exc}"
-        damaged, unreadable, unverified, moved, nbytes = [], [], 0, 0, 0
+        damaged, unreadable, unverified, moved, nbytes, gone = [], [], 0, 0, 0, 0
         local = None if self.backend.remote else (os.cpu_count() or 2)
         for item, problem, env in self._map(one, range(len(items)), progress, local):
             nbytes += item.size
@@ -228,13 +229,16 @@ class StoreAdmin:
                 unreadable.append({"name": item.rel, "error": env})
             elif problem == "unverified":
                 unverified += 1
+            elif problem == "gone":
+                gone += 1
             elif problem is not None:
                 damaged.append({"name": item.rel, "error": problem})
                 if quarantine and self.backend.quarantine(item.rel) is not None:
                     moved += 1
         secs = time.perf_counter() - t0
         return {"store": str(self.root), "entries": len(items), "bytes": nbytes,
-                "ok": len(items) - len(damaged) - len(unreadable), "damaged": damaged,
+                "ok": len(items) - len(damaged) - len(unreadable) - gone, "gone": gone,
+                "damaged": damaged,
                 "unreadable": unreadable, "quarantined": moved,
                 "keys_unverified": unverified, "seconds": round(secs, 3),
                 "mb_per_s": round(nbytes / 1e6 / secs, 1) if secs > 0 else None}

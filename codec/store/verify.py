@@ -11,7 +11,10 @@ loaded and moves a bad one aside then.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
+import os
 
 import numpy as np
 
@@ -20,9 +23,12 @@ from ..format.bounded import unzstd
 from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, READABLE_VERSIONS,
                                 SECTION_ALIGN, crc32)
 from ..format.shared import DIGEST, SharedTables, digest
-from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES
+from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES, MAX_TOKENS
 from . import keys as keying
 
+HEAD = 64 << 10  # bytes read for a header at first (entries' headers are ~5-20 KB)
+MAX_REMOTE_BYTES = 2 << 30  # what verify fetches of one remote entry at most
+LOCAL_READ_BYTES = 64 << 20  # local entries up to this are read whole, larger ones mapped
 INDEX = np.dtype([("off", "<u8"), ("side", "<u4"), ("blob", "<u4"), ("crc", "<u4")])
 assert INDEX.itemsize == INDEX_ENTRY.size
 
@@ -83,18 +89,44 @@ class Verifier:
             got = self._tables[d] = SharedTables.from_bytes(data, rows, rel)
         return got
 
-    def check(self, rel: str) -> str | None:
+    def check(self, rel: str, size: int | None = None) -> str | None:
         """None if entry ``rel`` is intact, ``"unverified"`` if only its key could not
         be checked (unknown salt), else what is wrong. OSError if the store cannot be
         read now."""
-        data, _ = self.backend.fetch(rel, 1 << 34)
         try:
-            self._check(memoryview(data), rel)
+            if self.backend.remote:
+                if size is not None and size > MAX_REMOTE_BYTES:
+                    raise OSError(f"{rel}: {size} bytes, more than the "
+                                  f"{MAX_REMOTE_BYTES >> 20} MiB verify fetches from a remote "
+                                  "store; verify a local copy")
+                data, _ = self.backend.fetch(rel, min(self._limit(rel), MAX_REMOTE_BYTES))
+                self._check(memoryview(data), rel)
+            else:  # read whole (one syscall) up to 64 MiB; mapped beyond, in bounded memory
+                with _local(self.backend.location(rel)) as mv:
+                    self._check(mv, rel)
         except CorruptError as exc:
             return f"{type(exc).__name__}: {exc}"
         except KeyMismatch as exc:
             return str(exc) if self.salts is not None else "unverified"
         return None
+
+    def _limit(self, rel: str) -> int:
+        """The most bytes entry ``rel`` can take, from its header's geometry (as
+        :meth:`ChunkStore.entry_limit`: 8 bytes per element and 16 MiB), so that a crafted
+        file is refused before it is read whole."""
+        data = self.backend.read_head(rel, HEAD)
+        got = head(data, rel)
+        if isinstance(got, int):
+            data = self.backend.read_head(rel, got)
+            got = head(data, rel)
+        if isinstance(got, int):
+            raise TruncatedError(f"{rel}: {len(data)} bytes, shorter than its header")
+        h = got[1]
+        dims = [h.get(k) for k in ("num_layers", "num_kv_heads", "head_dim", "num_tokens")]
+        if not all(isinstance(v, int) and 0 < v <= MAX_TOKENS for v in dims):
+            raise CorruptError(f"{rel}: header has no valid geometry")
+        layers, heads, dim, n = dims
+        return 8 * 2 * layers * heads * dim * n + (16 << 20)
 
     def _check(self, mv: memoryview, rel: str) -> None:
         got = head(mv, rel)
@@ -116,8 +148,8 @@ class Verifier:
             except (KeyError, TypeError):
                 raise CorruptError(f"{rel}: its header's model has no geometry") from None
         n = h.get("num_tokens")
-        if not isinstance(n, int) or n < 1:
-            raise CorruptError(f"{rel}: header has no token count")
+        if not isinstance(n, int) or not 0 < n <= MAX_TOKENS:
+            raise CorruptError(f"{rel}: header has no valid token count")
         ids = None
         if h.get("has_token_ids") and "tokens" in sections:
             off, length, _ = sections["tokens"]
@@ -159,7 +191,7 @@ class Verifier:
         poff, plen, _ = sections["payload"]
         if ilen % INDEX.itemsize:
             raise CorruptError(f"{rel}: index has {ilen} bytes, not whole records")
-        idx = np.frombuffer(mv[start + ioff:start + ioff + ilen], INDEX)
+        idx = np.frombuffer(bytes(mv[start + ioff:start + ioff + ilen]), INDEX)
         if not len(idx):
             return
         ends = idx["off"] + idx["side"].astype(np.uint64) + idx["blob"]
@@ -197,3 +229,24 @@ class Verifier:
 class KeyMismatch(Exception):
     """A first chunk's key matches none of the salts tried."""
 
+
+
+@contextlib.contextmanager
+def _local(path):
+    """The bytes of the file at ``path`` as a memoryview: read whole when it is at most
+    :data:`LOCAL_READ_BYTES` (faster than faulting a mapping in page by page), else a
+    read-only mapping (any size, in bounded memory)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= LOCAL_READ_BYTES:
+            yield memoryview(f.read(size + 1))
+            return
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            m.madvise(mmap.MADV_SEQUENTIAL)
+            yield memoryview(m)
+        finally:
+            try:
+                m.close()
+            except BufferError:  # a view is still alive: unmapped when it goes
+                pass
