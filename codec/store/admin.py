@@ -14,18 +14,16 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..errors import ConfigError, CorruptError, KVCodecError
-from ..format.bounded import unzstd
-from ..format.container import DATA_ALIGN, PREAMBLE, crc32
-from ..format.spec import MAX_CONFIG_BYTES
+from ..format.container import crc32
 from . import access, capacity
 from . import keys as keying
 from .backends import open_backend
-from .verify import HEAD, Verifier, head
+from .verify import HEAD, Verifier, head, read_config
 
 READ_AHEAD = 16  # files a local verify asks the disk for ahead of its checks
 MAX_RECORD_BYTES = 16 << 20  # a manifest record larger than this is not one  # bytes read for a header at first (headers of entries are ~5-20 KB)
@@ -97,36 +95,35 @@ class StoreAdmin:
                 raise CorruptError(f"{item.rel}: truncated header")
             info.version = got[0]
             describe(got[1], info)
-            info.config = self._config_name(item.rel, data, got[1])
+            info.config = self._config_name(item.rel, data, got[1], got[2])
             return info
         except (KVCodecError, OSError) as exc:
             info.error = f"{type(exc).__name__}: {exc}"
             return info
 
-    def _config_name(self, rel: str, data: bytes, header: dict) -> str:
-        """The name in an entry's config section (read with the header when it follows
-        it closely; entries of one config share the section, parsed once)."""
+    def _config_name(self, rel: str, data: bytes, header: dict, start: int) -> str:
+        """The name in an entry's config section (``start``: where its data begins; read
+        with the header when it follows it closely; entries of one config share the
+        section, parsed once)."""
         sec = next((s for s in header.get("sections") or () if isinstance(s, dict)
                     and s.get("name") == "config"), None)
-        hlen = PREAMBLE.unpack(data[:PREAMBLE.size])[2]
         try:
-            start = -(-(PREAMBLE.size + hlen) // DATA_ALIGN) * DATA_ALIGN + int(sec["offset"])
-            end = start + int(sec["length"])
+            begin = start + int(sec["offset"])
+            end = begin + int(sec["length"])
         except (TypeError, KeyError, ValueError):
             return "?"
         if end > len(data):
             if end > HEAD * 16:
                 return "?"
             data = self.backend.read_head(rel, end)
-        raw = data[start:end]
+        raw = bytes(data[begin:end])
         if crc32(raw) != sec.get("crc32"):
             return "?"
         name = self._configs.get(raw)
         if name is None:
             try:
-                cfg = json.loads(unzstd(raw, MAX_CONFIG_BYTES, f"{rel}: section 'config'"))
-                name = str(cfg.get("name", "?")) if isinstance(cfg, dict) else "?"
-            except (KVCodecError, ValueError):
+                name = str(read_config(raw, rel).get("name", "?"))
+            except KVCodecError:
                 name = "?"
             self._configs[raw] = name
         return name

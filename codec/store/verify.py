@@ -59,6 +59,18 @@ def head(data, name: str) -> tuple[int, dict, int] | int:
     return version, header, start
 
 
+def read_config(raw: bytes, rel: str) -> dict:
+    """The codec config an entry's ``config`` section holds (CorruptError if it is not
+    one)."""
+    try:
+        cfg = json.loads(unzstd(raw, MAX_CONFIG_BYTES, f"{rel}: section 'config'"))
+    except (ValueError, RecursionError):
+        raise CorruptError(f"{rel}: config section is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise CorruptError(f"{rel}: config section is not a JSON object")
+    return cfg
+
+
 class Verifier:
     """Checks entries of one store; keeps what entries share (shared tables by digest,
     configs by their section's bytes, key seeds) across them."""
@@ -210,11 +222,7 @@ class Verifier:
         predecessor's key, which they do not hold)."""
         cfg = self._configs.get(config_raw)
         if cfg is None:
-            try:
-                cfg = json.loads(unzstd(config_raw, MAX_CONFIG_BYTES, f"{rel}: config"))
-            except ValueError:
-                raise CorruptError(f"{rel}: config section is not valid JSON") from None
-            self._configs[config_raw] = cfg
+            cfg = self._configs[config_raw] = read_config(config_raw, rel)
         ident = (config_raw, json.dumps(fp, sort_keys=True))
         seed = self._seeds.get(ident)
         if seed is None:
