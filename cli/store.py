@@ -143,6 +143,9 @@ def verify(store, as_json, storage_options, quarantine, salts, unsalted, quiet):
         for d in r["unreadable"]:
             click.echo(f"  unreadable now (left in place): {printable(d['name'])}: "
                        f"{printable(d['error'])}")
+        if r["newer_version"]:
+            click.echo(f"  {r['newer_version']} entries of a newer format (left in place; "
+                       "a newer kvcodec reads them)")
         if r["quarantined"]:
             click.echo(f"  moved {r['quarantined']} damaged entries aside")
     if r["damaged"] or r["unreadable"]:

@@ -200,6 +200,22 @@ def test_verify_refuses_crafted_files(store_dir):
     assert all(d["error"].split(":")[0].endswith("Error") for d in report["damaged"])
 
 
+def test_verify_leaves_newer_format_entries(store_dir):
+    """An entry of a format newer than this kvcodec reads is not damage (the store's
+    rule): reported, never moved aside, even with --quarantine."""
+    import struct
+
+    root, store = store_dir
+    newer = sorted(store.entries())[0]
+    data = bytearray(newer.read_bytes())
+    struct.pack_into("<I", data, 8, 99)  # the version field, after the 8-byte magic
+    newer.write_bytes(bytes(data))
+    r = _run("verify", root, "--json", "--quarantine")
+    report = json.loads(r.output)
+    assert r.exit_code == 0 and report["newer_version"] == 1 and not report["damaged"]
+    assert report["ok"] == 3 and newer.exists()
+
+
 def test_verify_maps_large_entries(store_dir, monkeypatch):
     """Entries over the read-whole size are checked through a mapping: same verdicts."""
     from kvcodec.store import verify

@@ -188,6 +188,36 @@ class StreamBuffer:
             close()
 
 
+def preamble(raw: bytes, name: str) -> tuple[int, int, int]:
+    """``(version, header length, header CRC)`` of a file's first ``PREAMBLE.size``
+    bytes: FormatError for another kind of file, VersionError for a format this kvcodec
+    does not read, CorruptError for a header over the cap."""
+    magic, version, hlen, hcrc, _ = PREAMBLE.unpack(bytes(raw))
+    if magic != MAGIC:
+        raise FormatError(f"{name} is not a .kvc file (bad magic)")
+    if version not in READABLE_VERSIONS:
+        raise VersionError(
+            f"{name} has .kvc format version {version}; this kvcodec reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade kvcodec to read newer files)")
+    if hlen > MAX_HEADER_BYTES:
+        raise CorruptError(f"{name}: header claims {hlen} bytes, over the "
+                           f"{MAX_HEADER_BYTES}-byte cap")
+    return version, hlen, hcrc
+
+
+def parse_header(hbytes, hcrc: int, name: str) -> dict:
+    """The header JSON object of ``hbytes``, checked against its CRC (CorruptError)."""
+    if crc32(hbytes) != hcrc:
+        raise CorruptError(f"{name}: header checksum mismatch; the file is damaged")
+    try:
+        header = json.loads(bytes(hbytes))
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's
+        raise CorruptError(f"{name}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptError(f"{name}: header is not a JSON object")
+    return header
+
+
 class Reader:
     """Random-access reader of a .kvc file held in bytes, a seekable file object, or a
     :class:`StreamBuffer`.
@@ -244,26 +274,9 @@ class Reader:
                 raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
             raise TruncatedError(f"{self.name}: only {self.size} bytes; the file is empty or "
                                  "truncated")
-        magic, version, hlen, hcrc, _ = PREAMBLE.unpack(self._read_at(0, PREAMBLE.size))
-        if magic != MAGIC:
-            raise FormatError(f"{self.name} is not a .kvc file (bad magic)")
-        if version not in READABLE_VERSIONS:
-            raise VersionError(
-                f"{self.name} has .kvc format version {version}; this kvcodec reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade kvcodec to read newer files)")
+        version, hlen, hcrc = preamble(self._read_at(0, PREAMBLE.size), self.name)
         self.version = version
-        if hlen > MAX_HEADER_BYTES:
-            raise CorruptError(f"{self.name}: header claims {hlen} bytes, over the "
-                               f"{MAX_HEADER_BYTES}-byte cap")
-        hbytes = self._read_at(PREAMBLE.size, hlen)
-        if crc32(hbytes) != hcrc:
-            raise CorruptError(f"{self.name}: header checksum mismatch; the file is damaged")
-        try:
-            header = json.loads(hbytes)
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's
-            raise CorruptError(f"{self.name}: header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise CorruptError(f"{self.name}: header is not a JSON object")
+        header = parse_header(self._read_at(PREAMBLE.size, hlen), hcrc, self.name)
         self.data_start = _align(PREAMBLE.size + hlen, DATA_ALIGN)
         return header
 

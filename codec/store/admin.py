@@ -218,7 +218,7 @@ class StoreAdmin:
                 return items[k], "gone", None  # removed since the listing (evicted)
             except OSError as exc:
                 return items[k], None, f"{type(exc).__name__}: {exc}"
-        damaged, unreadable, unverified, moved, nbytes, gone = [], [], 0, 0, 0, 0
+        damaged, unreadable, unverified, moved, nbytes, gone, newer = [], [], 0, 0, 0, 0, 0
         local = None if self.backend.remote else (os.cpu_count() or 2)
         for item, problem, env in self._map(one, range(len(items)), progress, local):
             nbytes += item.size
@@ -228,13 +228,16 @@ class StoreAdmin:
                 unverified += 1
             elif problem == "gone":
                 gone += 1
+            elif problem == "newer":
+                newer += 1  # left in place: not damage (a newer kvcodec reads it)
             elif problem is not None:
                 damaged.append({"name": item.rel, "error": problem})
                 if quarantine and self.backend.quarantine(item.rel) is not None:
                     moved += 1
         secs = time.perf_counter() - t0
         return {"store": str(self.root), "entries": len(items), "bytes": nbytes,
-                "ok": len(items) - len(damaged) - len(unreadable) - gone, "gone": gone,
+                "ok": len(items) - len(damaged) - len(unreadable) - gone - newer,
+                "gone": gone, "newer_version": newer,
                 "damaged": damaged,
                 "unreadable": unreadable, "quarantined": moved,
                 "keys_unverified": unverified, "seconds": round(secs, 3),

@@ -18,10 +18,10 @@ import os
 
 import numpy as np
 
-from ..errors import CorruptError, TruncatedError
+from ..errors import CorruptError, FormatError, TruncatedError, VersionError
 from ..format.bounded import unzstd
-from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, READABLE_VERSIONS,
-                                SECTION_ALIGN, crc32)
+from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc32,
+                                parse_header, preamble)
 from ..format.shared import DIGEST, SharedTables, digest
 from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES, MAX_TOKENS
 from . import keys as keying
@@ -35,26 +35,18 @@ assert INDEX.itemsize == INDEX_ENTRY.size
 
 def head(data, name: str) -> tuple[int, dict, int] | int:
     """``(version, header, data start)`` of a .kvc file's first bytes, or how many bytes
-    are needed when ``data`` is too short. CorruptError when they are not a readable
-    .kvc header."""
+    are needed when ``data`` is too short; the container's own checks
+    (:func:`~kvcodec.format.container.preamble`, :func:`~kvcodec.format.container.parse_header`):
+    FormatError when they are not a readable .kvc header, VersionError for a newer
+    format."""
     if len(data) < PREAMBLE.size:
+        if len(data) and not MAGIC.startswith(bytes(data[:8])):
+            raise FormatError(f"{name} is not a .kvc file (bad magic)")
         return PREAMBLE.size
-    magic, version, hlen, hcrc, _ = PREAMBLE.unpack(bytes(data[:PREAMBLE.size]))
-    if magic != MAGIC:
-        raise CorruptError(f"{name} is not a .kvc file (bad magic)")
-    if version not in READABLE_VERSIONS:
-        raise CorruptError(f"{name} has format version {version}, not one this kvcodec reads")
+    version, hlen, hcrc = preamble(data[:PREAMBLE.size], name)
     if len(data) < PREAMBLE.size + hlen:
         return PREAMBLE.size + hlen
-    raw = data[PREAMBLE.size:PREAMBLE.size + hlen]
-    if crc32(raw) != hcrc:
-        raise CorruptError(f"{name}: header checksum mismatch; the file is damaged")
-    try:
-        header = json.loads(bytes(raw))
-    except (ValueError, RecursionError):
-        raise CorruptError(f"{name}: header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise CorruptError(f"{name}: header is not a JSON object")
+    header = parse_header(data[PREAMBLE.size:PREAMBLE.size + hlen], hcrc, name)
     start = -(-(PREAMBLE.size + hlen) // DATA_ALIGN) * DATA_ALIGN
     return version, header, start
 
@@ -103,7 +95,8 @@ class Verifier:
 
     def check(self, rel: str, size: int | None = None) -> str | None:
         """None if entry ``rel`` is intact, ``"unverified"`` if only its key could not
-        be checked (unknown salt), else what is wrong. OSError if the store cannot be
+        be checked (unknown salt), ``"newer"`` if its format is newer than this kvcodec
+        reads (left alone, as every store reader does), else what is wrong. OSError if the store cannot be
         read now."""
         try:
             if self.backend.remote:
@@ -116,7 +109,9 @@ class Verifier:
             else:  # read whole (one syscall) up to 64 MiB; mapped beyond, in bounded memory
                 with _local(self.backend.location(rel)) as mv:
                     self._check(mv, rel)
-        except CorruptError as exc:
+        except VersionError:
+            return "newer"  # not damage: a newer kvcodec reads it (the store's rule)
+        except FormatError as exc:
             return f"{type(exc).__name__}: {exc}"
         except KeyMismatch as exc:
             return str(exc) if self.salts is not None else "unverified"
