@@ -75,9 +75,10 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
               help="Allocation exponent: steps ~ sensitivity^-alpha.")
 @click.option("--per-layer", is_flag=True, help="One step per layer and K/V (default: per KV head).")
 @click.option("--fast", is_flag=True,
-              help="One global step factor on the model-free default, measured on two "
-                   "texts (a minute or two per 1B parameters on 2 cores) instead of a "
-                   "step per layer, K/V and head (tens of minutes).")
+              help="The model-free default with a step per layer and K/V (one probe "
+                   "each, on one text) and one global factor measured on two texts (a "
+                   "few minutes per 1B parameters on 2 cores) instead of a step per "
+                   "layer, K/V and head (tens of minutes).")
 @click.option("--prefill", type=int, default=None,
               help="Tokens prefilled per text [default: 1536; 1024 with --fast].")
 @click.option("--continuation", type=int, default=None,
@@ -138,7 +139,8 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, pre
         cfg["description"] = (
             f"kvcodec calibrate --fast on {len(cal.cases)} text(s) for mean KL <= "
             f"{target_kl} ({prefill} tokens prefilled, {continuation} scored): the "
-            f"model-free default with every step x{info['global_step']:.3f}.")
+            f"model-free default with a step per layer and K/V from each one's measured "
+            f"sensitivity (one text), then every step x{info['global_step']:.3f}.")
     else:
         desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL "
                 f"<= {target_kl} ({prefill} tokens prefilled, {continuation} scored); "

@@ -3,12 +3,14 @@ calibrate --fast` measures one; a calibration that misses its target says so."""
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import kvcodec
 from kvcodec.core.config import load_config
 from kvcodec.core.rate import FACTOR_RANGE, factor_for_kl, for_target_kl, scale_steps
 from kvcodec.errors import ConfigError
+from kvcodec.quality.calibrate import CLIP_MARGIN
 from kvcodec_cli.main import main
 
 CURVE = [[0.5, 0.002, 3.5], [1.0, 0.006, 2.6], [2.0, 0.02, 1.9]]
@@ -81,6 +83,8 @@ def test_calibrate_fast_then_encode_to_a_target(tmp_path, monkeypatch, texts, kv
     assert len(made) == 1
     cfg = json.loads(made[0].read_text())
     assert cfg["calibration"]["fast"] and cfg["calibration"]["met"]
+    assert cfg["calibration"]["per_layer"]
+    assert len(cfg["key"]) == len(cfg["value"]) == kv_600.num_layers
     assert cfg["calibration"]["kl"] <= cfg["calibration"]["aimed_kl"] < 0.03
     assert 0 < cfg["rate_margin"] < 1
     assert len(cfg["rate_curve"]) >= 6
@@ -122,3 +126,59 @@ def test_encode_refuses_bad_numbers_before_any_work(tmp_path, args):
 def test_generate_refuses_a_negative_token_count(tmp_path):
     r = CliRunner().invoke(main, ["generate", "--prompt", "hi", "--max-new-tokens", "-1"])
     assert r.exit_code == 2 and "Invalid value" in r.output
+
+
+@pytest.fixture(scope="module")
+def small_calibrator(lm, texts):
+    from kvcodec.quality.calibrate import DEFAULT_TOKEN_IMPORTANCE, Calibrator
+
+    ids = [kvcodec.models.text_ids(lm.tokenizer, texts[k])[:400]
+           for k in ("gpl3", "python_license")]
+    return Calibrator(lm, ids, 320, 48, DEFAULT_TOKEN_IMPORTANCE)
+
+
+def test_fast_sets_a_step_per_layer_from_its_sensitivity(small_calibrator):
+    cal = small_calibrator
+    base = dict(load_config("default"), token_importance=cal.token_importance)
+    sens = cal.layer_sensitivities(base)
+    assert set(sens) == {(k, l) for k in ("key", "value") for l in range(cal.num_layers)}
+    assert all(s > 0 for s in sens.values())
+    cfg = cal.layer_config(base, sens, lowest=0.5)
+    steps = {(k, r["layers"][0]): r["quantizer"]["step"] for k in ("key", "value")
+             for r in cfg[k]}
+    assert [r["layers"] for r in cfg["key"]] == [[l, l + 1] for l in range(cal.num_layers)]
+    # More KL per element, a finer step (relative to the kind's base step), except where
+    # the floor that keeps the layer's peak channel unclipped holds it.
+    peaks = cal.peak_ratios(base)
+    r = (base["key"][0]["quantizer"]["bins"] - 1) // 2
+    floor = {k: CLIP_MARGIN * peaks[k] / (r * base["token_importance"]["min"] * 0.5) for k in sens}
+    assert all(steps[k] >= floor[k] * (1 - 1e-4) for k in sens)
+    free = [k for k in sens if steps[k] > floor[k] * 1.001]
+    rel = {k: steps[k] / base[k[0]][0]["quantizer"]["step"] for k in free}
+    order = sorted(free, key=lambda k: sens[k])
+    assert all(rel[a] >= rel[b] * (1 - 1e-3) for a, b in zip(order, order[1:]))
+    assert len({round(v, 3) for v in rel.values()}) > 3
+
+
+def test_the_per_layer_floor_means_no_clipping_at_the_finest_factor(small_calibrator):
+    from kvcodec.core.config import resolve_layers
+    from kvcodec.core.quant import fit_stream, make_quantizer
+    from kvcodec.core.streams import stream_input
+    from kvcodec.core.transforms import applied_key_transform, layer_ropes
+
+    cal = small_calibrator
+    base = dict(load_config("default"), token_importance=cal.token_importance)
+    # Pretend one layer's keys are 1e6x as sensitive as anything else: it wants a step far
+    # below what its range (255 symbols) can hold, and gets the floor instead.
+    sens = {(k, l): 1.0 for k in ("key", "value") for l in range(cal.num_layers)}
+    sens[("key", 3)] = 1e6
+    cfg = scale_steps(cal.layer_config(base, sens, lowest=0.5), 0.5)
+    kv = cal.cases[0][0]
+    xform, c = applied_key_transform(cfg, kv.model, kv.num_layers, 0, kv.num_tokens)
+    rope = layer_ropes(xform, kv.num_layers, kv.head_dim)[3]
+    q = make_quantizer(resolve_layers(cfg, kv.num_layers)["key"][3], kv.dtype)
+    x = stream_input(kv.keys[3], "key", rope)[1:]
+    sym, _ = q.quantize(x, fit_stream(q, x, 0), torch.full((len(x),), 0.5))
+    coded = sym[:, :-1]
+    assert coded.min() > 0 and coded.max() < 2 * q.r  # nothing at the clamps
+    assert cfg["key"][3]["quantizer"]["step"] < cfg["key"][4]["quantizer"]["step"]

@@ -107,6 +107,10 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
 # steps; the fast path now measures a license and a source file, and aims at 0.7x.
 FAST_MARGIN = 0.7
 
+# layer_config keeps steps this far above clipping: a per-token step is rounded to a
+# grid of 2^(1/8) ratios (up to 2^(1/16), 4.4%, finer than asked) and the mean is fp16.
+CLIP_MARGIN = 1.1
+
 # Measured on held-out text (3 texts, 1536 + 256 tokens): ~7% fewer bits at equal KL
 # than equal per-token steps; beta 0.3 and a [0.25, 3] clamp were worse.
 DEFAULT_TOKEN_IMPORTANCE = {"beta": 0.2, "min": 0.5, "max": 1.5}
@@ -158,13 +162,17 @@ class Calibrator:
         five factors and about two checks) will take: one scoring pass over the texts
         (measured on this machine while prefilling) per probe, plus the quantization
         each pass simulates (about as long again)."""
-        probes = 7 if fast else 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
+        if fast:  # per-layer probes on one text, then about seven on every text
+            probes = 2 * self.num_layers / len(self.cases) + 7
+        else:
+            probes = 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
         return 2.0 * probes * self._pass_s
 
-    def kl(self, cfg: dict, only=None) -> tuple[float, float]:
-        """Mean KL and mean payload bits per element over the calibration texts."""
+    def kl(self, cfg: dict, only=None, cases=None) -> tuple[float, float]:
+        """Mean KL and mean payload bits per element over the calibration texts (or
+        ``cases``, some of them)."""
         kls, bits = [], []
-        for kv, cont, ref in self.cases:
+        for kv, cont, ref in self.cases if cases is None else cases:
             dec, b = simulate(kv, cfg, only, with_bits=True)
             kls.append(compare_logits(ref, continuation_logits(self.lm, dec, cont))["kl"])
             bits.append(b / kv.numel())
@@ -235,11 +243,79 @@ class Calibrator:
         best[0]["rate_curve"] = [[p / g, max(k, 1e-9), b] for p, k, b in sorted(points)]
         return best
 
+    def layer_sensitivities(self, base: dict, progress=None, done: int = 0,
+                            total: int | None = None) -> dict:
+        """KL per coded element when only one layer's keys or values are coded with
+        ``base``'s steps, on the first calibration text: ``{(kind, layer): kl / elements}``
+        (a sliding-window layer holds fewer elements than a full-attention one)."""
+        kv = self.cases[0][0]
+        sens = {}
+        for kind in KINDS:
+            for layer in range(self.num_layers):
+                kl = self.kl(base, only=(layer, kind), cases=self.cases[:1])[0]
+                n = kv.layer_tokens[layer] * self.channels
+                sens[(kind, layer)] = max(kl, 1e-9) / n
+                done += 1
+                if progress:
+                    progress(done, total or 2 * self.num_layers)
+        return sens
+
+    def peak_ratios(self, base: dict) -> dict:
+        """Per (kind, layer), the largest ``|x| / rms(x)`` of a token's channels over the
+        calibration texts, as ``base``'s per-token quantizers see them (keys before RoPE,
+        centered where the quantizer centers): a step below ``peak / (range * smallest
+        importance multiplier)`` would clip."""
+        specs = {kind: resolve_layers(base, self.num_layers)[kind] for kind in KINDS}
+        peaks = {}
+        for kv, _, _ in self.cases:
+            xform, cfg = applied_key_transform(base, kv.model, kv.num_layers, 0,
+                                               kv.num_tokens)
+            ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
+            for layer in range(kv.num_layers):
+                s0 = kv.num_tokens - kv.layer_tokens[layer]
+                skip = min(cfg.get("sink_tokens", 0), kv.layer_tokens[layer])
+                for kind, t in zip(KINDS, (kv.keys[layer], kv.values[layer])):
+                    x = stream_input(t, kind, ropes[layer] if kind == "key" else None, s0)
+                    x = x[skip:]
+                    if specs[kind][layer].get("center"):
+                        x = x - x.mean(dim=0)
+                    rms = x.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-30)
+                    p = float((x.abs() / rms).max()) if len(x) else 0.0
+                    peaks[(kind, layer)] = max(peaks.get((kind, layer), 0.0), p)
+        return peaks
+
+    def layer_config(self, base: dict, sens: dict, alpha: float = 0.35,
+                     lowest: float = 0.5) -> dict:
+        """``base`` (one per-token-step rule per kind) with a step per layer and K/V:
+        ``step * (s / geomean(s)) ** -alpha`` of the per-element sensitivities ``s``
+        (clipped to x1/4..x4), and never so fine that a factor of ``lowest`` on it
+        would clip the layer's peak channel (:meth:`peak_ratios`)."""
+        import copy
+
+        specs = resolve_layers(base, self.num_layers)
+        peaks = self.peak_ratios(base)
+        gm = math.exp(np.mean(np.log(list(sens.values()))))
+        imp = (base.get("token_importance") or {}).get("min", 1.0)
+        cfg = copy.deepcopy(base)
+        for kind in KINDS:
+            rules = []
+            for layer in range(self.num_layers):
+                q = dict(specs[kind][layer])
+                m = float(np.clip((sens[(kind, layer)] / gm) ** -alpha, 0.25, 4.0))
+                r = (q["bins"] - 1) // 2
+                floor = CLIP_MARGIN * peaks[(kind, layer)] / (r * imp * lowest)
+                q["step"] = round(max(q["step"] * m, floor), 5)
+                rules.append({"layers": [layer, layer + 1], "quantizer": q})
+            cfg[kind] = rules
+        validate_config(cfg)
+        return cfg
+
     def fast(self, base: dict, target_kl: float, progress=None,
              factors=(0.5, 0.7, 1.0, 1.4, 2.0),
-             margin: float = FAST_MARGIN) -> tuple[dict, dict]:
-        """``kvcodec calibrate --fast``: one global factor on ``base``'s steps (the
-        model-free default), measured at ``factors`` and picked on that rate curve to
+             margin: float = FAST_MARGIN, per_layer: bool = True) -> tuple[dict, dict]:
+        """``kvcodec calibrate --fast``: ``base``'s steps (the model-free default), first
+        set per layer and K/V by :meth:`layer_sensitivities` (``per_layer``), then one
+        global factor measured at ``factors`` and picked on that rate curve to
         meet ``target_kl * margin`` on the calibration texts, then checked (and made
         finer, up to three times, where the check misses). ``(config, info)`` as
         :meth:`allocate`; the config carries the measured ``rate_curve`` (relative to
@@ -248,13 +324,17 @@ class Calibrator:
 
         target_kl = target_kl * margin
         base = dict(base, token_importance=self.token_importance)
-        total = len(factors) + 1
+        probes = 2 * self.num_layers if per_layer else 0
+        total = probes + len(factors) + 1
+        if per_layer:
+            sens = self.layer_sensitivities(base, progress, 0, total)
+            base = self.layer_config(base, sens, lowest=min(factors))
         points = []
         for i, f in enumerate(factors):
             kl, bits = self.kl(scale_steps(base, f))
             points.append([f, max(kl, 1e-9), bits])
             if progress:
-                progress(i + 1, total)
+                progress(probes + i + 1, total)
         f = factor_for_kl(points, target_kl)
         for attempt in range(4):
             kl, bits = self.kl(scale_steps(base, f))
@@ -268,4 +348,5 @@ class Calibrator:
         cfg["rate_curve"] = [[p / f, k, b] for p, k, b in sorted(points)]
         cfg["rate_margin"] = margin
         return cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": f,
-                     "met": kl <= target_kl, "fast": True, "aimed_kl": target_kl}
+                     "met": kl <= target_kl, "fast": True, "aimed_kl": target_kl,
+                     "per_layer": per_layer}
