@@ -15,6 +15,7 @@ spent best where every stream has the same marginal KL per bit, i.e. ``s_i ~ w_i
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -265,7 +266,7 @@ class Calibrator:
         calibration texts, as ``base``'s per-token quantizers see them (keys before RoPE,
         centered where the quantizer centers): a step below ``peak / (range * smallest
         importance multiplier)`` would clip."""
-        specs = {kind: resolve_layers(base, self.num_layers)[kind] for kind in KINDS}
+        specs = resolve_layers(base, self.num_layers)
         peaks = {}
         for kv, _, _ in self.cases:
             xform, cfg = applied_key_transform(base, kv.model, kv.num_layers, 0,
@@ -273,7 +274,8 @@ class Calibrator:
             ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
             for layer in range(kv.num_layers):
                 s0 = kv.num_tokens - kv.layer_tokens[layer]
-                skip = min(cfg.get("sink_tokens", 0), kv.layer_tokens[layer])
+                # the sink rows stay fp16, as in simulate (none in a window past them)
+                skip = min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
                 for kind, t in zip(KINDS, (kv.keys[layer], kv.values[layer])):
                     x = stream_input(t, kind, ropes[layer] if kind == "key" else None, s0)
                     x = x[skip:]
@@ -290,8 +292,6 @@ class Calibrator:
         ``step * (s / geomean(s)) ** -alpha`` of the per-element sensitivities ``s``
         (clipped to x1/4..x4), and never so fine that a factor of ``lowest`` on it
         would clip the layer's peak channel (:meth:`peak_ratios`)."""
-        import copy
-
         specs = resolve_layers(base, self.num_layers)
         peaks = self.peak_ratios(base)
         gm = math.exp(np.mean(np.log(list(sens.values()))))
