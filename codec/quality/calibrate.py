@@ -33,6 +33,13 @@ from ..models.capture import capture_kv
 from .evaluate import compare_logits, continuation_logits
 
 
+def _span(kv: KVCache, cfg: dict, layer: int) -> tuple[int, int]:
+    """``(first position, attention-sink rows)`` of one layer: a sliding-window layer
+    holds the last tokens, and none of the sinks once its window has passed them."""
+    s0 = kv.num_tokens - kv.layer_tokens[layer]
+    return s0, min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
+
+
 def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
     """Quantize and dequantize ``kv`` as the codec would (no entropy coding).
 
@@ -48,8 +55,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
     keys, values = list(kv.keys), list(kv.values)
     bits = 0.0
     for layer in range(kv.num_layers):
-        s0 = n - kv.layer_tokens[layer]  # a sliding-window layer holds the last tokens
-        n_sink = min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
+        s0, n_sink = _span(kv, cfg, layer)
         imp = None if kv.importance is None else kv.importance[:, s0:]
         for kind, dst in zip(KINDS, (keys, values)):
             if only is not None and tuple(only[:2]) != (layer, kind):
@@ -273,9 +279,7 @@ class Calibrator:
                                                kv.num_tokens)
             ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
             for layer in range(kv.num_layers):
-                s0 = kv.num_tokens - kv.layer_tokens[layer]
-                # the sink rows stay fp16, as in simulate (none in a window past them)
-                skip = min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
+                s0, skip = _span(kv, cfg, layer)  # the sink rows stay fp16
                 for kind, t in zip(KINDS, (kv.keys[layer], kv.values[layer])):
                     x = stream_input(t, kind, ropes[layer] if kind == "key" else None, s0)
                     x = x[skip:]
