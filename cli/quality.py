@@ -79,14 +79,17 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
                    "each, on one text) and one global factor measured on two texts (a "
                    "few minutes per 1B parameters on 2 cores) instead of a step per "
                    "layer, K/V and head (tens of minutes).")
+@click.option("--query-weights/--no-query-weights", default=True, show_default=True,
+              help="Key steps per channel from the energy of the queries that read "
+                   "them (one extra prefill).")
 @click.option("--prefill", type=int, default=None,
               help="Tokens prefilled per text [default: 1536; 1024 with --fast].")
 @click.option("--continuation", type=int, default=None,
               help="Tokens scored per text [default: 256; 128 with --fast].")
 @click.option("--token-importance/--no-token-importance", default=True, show_default=True,
               help="Scale per-token steps by the attention each token receives.")
-def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, prefill,
-              continuation, token_importance):
+def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, query_weights,
+              prefill, continuation, token_importance):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
     The config is keyed to the model's fingerprint (weights included): written to the
@@ -134,21 +137,32 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, pre
 
         base = load_config("default")  # the model-free default, not a calibration
         cfg, info = with_bar("measuring the rate curve",
-                             lambda p: cal.fast(base, target_kl, p))
+                             lambda p: cal.fast(base, target_kl, p,
+                                                query_weighted=query_weights))
         cfg["name"] = name
         cfg["description"] = (
             f"kvcodec calibrate --fast on {len(cal.cases)} text(s) for mean KL <= "
             f"{target_kl} ({prefill} tokens prefilled, {continuation} scored): the "
             f"model-free default with a step per layer and K/V from each one's measured "
-            f"sensitivity (one text), then every step x{info['global_step']:.3f}.")
+            f"sensitivity (one text), "
+            + ("key steps per channel from the energy of the queries that read them, "
+               if query_weights else "") + f"then every step x{info['global_step']:.3f}.")
     else:
         desc = (f"Calibrated by kvcodec calibrate on {len(cal.cases)} text(s) for mean KL "
                 f"<= {target_kl} ({prefill} tokens prefilled, {continuation} scored); "
                 f"steps ~ sensitivity^-{alpha}, keys centered and coded before RoPE, 1 sink "
                 "token in fp16" + (", per-token steps scaled by attention importance."
                                    if token_importance else "."))
+        scale = None
+        if query_weights:
+            with Status("measuring query energy"):
+                scale = cal.key_channel_scales({"key_transform": {"type": "rope_strip",
+                                                                  "optional": True}})
+            desc = desc[:-1] + "; key steps per channel from the energy of the queries."
         cfg, info = with_bar("searching the global step",
-                             lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc))
+                             lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc,
+                                                    channel_scale=scale))
+        info["query_weighted"] = scale is not None
     if not info["met"]:
         from kvcodec.errors import CalibrationError
         aimed = info.get("aimed_kl", target_kl)

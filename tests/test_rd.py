@@ -1,6 +1,7 @@
 """Rate-distortion tooling: eval table, baselines, calibration, on the real model."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -88,6 +89,21 @@ def test_build_config_never_clips():
     assert q["bins"] >= 2 * 192 ** 0.5 / 0.2 and len(q["head_scale"]) == 3
 
 
+def test_build_config_spreads_key_steps_over_channels():
+    """With per-channel key multipliers (calibrate's query weights) a key rule carries
+    one multiplier per channel (its head's times the channel's), its range covers the
+    finest channel, and value rules keep one per head."""
+    steps = {(k, l): [0.2, 0.4, 0.8] for k in ("key", "value") for l in range(2)}
+    scale = {l: [0.5 if c % 64 == 0 else 1.0 for c in range(192)] for l in range(2)}
+    cfg = build_config("x", steps, 2, 3, 192, channel_scale=scale)
+    key, value = cfg["key"][0]["quantizer"], cfg["value"][0]["quantizer"]
+    assert len(key["head_scale"]) == 192 and len(value["head_scale"]) == 3
+    mult = np.asarray(key["head_scale"]) * key["step"]
+    assert np.allclose(mult[[0, 64, 128]], [0.1, 0.2, 0.4], rtol=1e-3)
+    assert np.allclose(mult[[1, 65, 129]], [0.2, 0.4, 0.8], rtol=1e-3)
+    assert key["bins"] >= 2 * 192 ** 0.5 / 0.1 or key["bins"] == 255
+
+
 def test_eval_and_calibrate_cli(tmp_path, texts):
     src = tmp_path / "t.txt"
     src.write_text(texts["gpl3"])
@@ -103,3 +119,5 @@ def test_eval_and_calibrate_cli(tmp_path, texts):
     assert r.exit_code == 0, r.output
     cfg = kvcodec.load_config(out)
     assert cfg["name"] == "cal" and cfg["calibration"]["kl"] <= 0.05
+    assert cfg["calibration"]["query_weighted"]  # keys: a step multiplier per channel
+    assert all(len(r["quantizer"]["head_scale"]) == 192 for r in cfg["key"])

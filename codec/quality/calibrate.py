@@ -86,8 +86,11 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
 
 def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channels: int,
                  description: str = "", sink_tokens: int = 1,
-                 token_importance: dict | None = None) -> dict:
-    """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``."""
+                 token_importance: dict | None = None,
+                 channel_scale: dict | None = None) -> dict:
+    """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``;
+    ``channel_scale`` (``{layer: [channels]}``, :meth:`Calibrator.key_channel_scales`)
+    multiplies each key channel's step within its head's."""
     cfg = {"name": name, "description": description, "chunk_tokens": 256,
            "sink_tokens": sink_tokens,
            "key_transform": {"type": "rope_strip", "optional": True},
@@ -97,11 +100,17 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
         for layer in range(num_layers):
             hs = [float(v) for v in steps[(kind, layer)]]
             base = math.exp(np.mean(np.log(hs)))
+            mult = np.repeat(np.asarray(hs) / base, channels // len(hs))
+            if kind == "key" and channel_scale is not None:
+                mult = mult * np.asarray(channel_scale[layer], dtype=np.float64)
             # Never clip: |x| / rms <= sqrt(C), so the range needs sqrt(C) / smallest step.
-            bins = int(min(MAX_ALPHABET - 1, 2 * math.ceil(math.sqrt(channels) / min(hs)) + 1))
+            finest = base * float(mult.min())
+            bins = int(min(MAX_ALPHABET - 1, 2 * math.ceil(math.sqrt(channels) / finest) + 1))
             q = {"type": "uniform", "scale": "token", "center": True, "step": round(base, 5),
                  "bins": bins}
-            if kv_heads > 1 and max(hs) / min(hs) > 1.001:
+            if kind == "key" and channel_scale is not None:
+                q["head_scale"] = [round(float(m), 4) for m in mult]
+            elif kv_heads > 1 and max(hs) / min(hs) > 1.001:
                 q["head_scale"] = [round(h / base, 4) for h in hs]
             cfg[kind].append({"layers": [layer, layer + 1], "quantizer": q})
     validate_config(cfg)
@@ -169,8 +178,8 @@ class Calibrator:
         five factors and about two checks) will take: one scoring pass over the texts
         (measured on this machine while prefilling) per probe, plus the quantization
         each pass simulates (about as long again)."""
-        if fast:  # per-layer probes on one text, then about seven on every text
-            probes = 2 * self.num_layers / len(self.cases) + 7
+        if fast:  # per-layer probes and a query prefill on one text, ~7 on every text
+            probes = (2 * self.num_layers + 1) / len(self.cases) + 7
         else:
             probes = 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
         return 2.0 * probes * self._pass_s
@@ -206,8 +215,10 @@ class Calibrator:
         return sens
 
     def allocate(self, sens: dict, target_kl: float, alpha: float = 0.35, progress=None,
-                 name: str = "calibrated", description: str = "") -> tuple[dict, dict]:
-        """Binary-search the global step so the calibration KL meets ``target_kl``.
+                 name: str = "calibrated", description: str = "",
+                 channel_scale: dict | None = None) -> tuple[dict, dict]:
+        """Binary-search the global step so the calibration KL meets ``target_kl``
+        (key steps per channel by ``channel_scale``, see :func:`build_config`).
 
         ``(config, info)``; ``info["met"]`` is False when even the finest step searched
         misses the target (the config is then the finest one, for the caller to refuse)."""
@@ -220,7 +231,8 @@ class Calibrator:
                      for key, v in sens.items()}
             cfg = build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
                                self.channels, description,
-                               token_importance=self.token_importance)
+                               token_importance=self.token_importance,
+                               channel_scale=channel_scale)
             if self.rope_theta and (self.rope_type or "default") == "default":
                 # recorded, so caches without a fingerprint still encode
                 cfg["key_transform"]["theta"] = float(self.rope_theta)
@@ -268,10 +280,10 @@ class Calibrator:
         return sens
 
     def peak_ratios(self, base: dict) -> dict:
-        """Per (kind, layer), the largest ``|x| / rms(x)`` of a token's channels over the
-        calibration texts, as ``base``'s per-token quantizers see them (keys before RoPE,
-        centered where the quantizer centers): a step below ``peak / (range * smallest
-        importance multiplier)`` would clip."""
+        """Per (kind, layer), each channel's largest ``|x| / rms(x)`` (float64 ``[C]``) over
+        the calibration texts' tokens, as ``base``'s per-token quantizers see them (keys
+        before RoPE, centered where the quantizer centers): a channel whose step is below
+        ``peak / (range * smallest importance multiplier)`` would clip."""
         specs = resolve_layers(base, self.num_layers)
         peaks = {}
         for kv, _, _ in self.cases:
@@ -282,20 +294,37 @@ class Calibrator:
                 s0, skip = _span(kv, cfg, layer)  # the sink rows stay fp16
                 for kind, t in zip(KINDS, (kv.keys[layer], kv.values[layer])):
                     x = stream_input(t, kind, ropes[layer] if kind == "key" else None, s0)
-                    x = x[skip:]
+                    x = x[skip:].double()
                     if specs[kind][layer].get("center"):
                         x = x - x.mean(dim=0)
                     rms = x.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-30)
-                    p = float((x.abs() / rms).max()) if len(x) else 0.0
-                    peaks[(kind, layer)] = max(peaks.get((kind, layer), 0.0), p)
+                    p = ((x.abs() / rms).amax(dim=0) if len(x) else torch.zeros(x.shape[1]))
+                    got = peaks.get((kind, layer))
+                    peaks[(kind, layer)] = p.numpy() if got is None else np.maximum(got, p.numpy())
         return peaks
 
+    def key_channel_scales(self, base: dict) -> dict:
+        """``{layer: per-channel key step multipliers}`` from the queries of a prefill of
+        the first calibration text (:mod:`kvcodec.quality.query`), paired over the rotary
+        dims where ``base`` codes keys before RoPE."""
+        from .query import key_channel_scale, query_energy
+
+        kv = self.cases[0][0]
+        energy = query_energy(self.lm, kv.token_ids[:kv.num_tokens])
+        xform, _ = applied_key_transform(base, kv.model, kv.num_layers, 0, kv.num_tokens)
+        ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
+        return {layer: key_channel_scale(energy[layer], self.kv_heads,
+                                         None if r is None else r.rotary_dim)
+                for layer, r in enumerate(ropes)}
+
     def layer_config(self, base: dict, sens: dict, alpha: float = 0.35,
-                     lowest: float = 0.5) -> dict:
+                     lowest: float = 0.5, channel_scale: dict | None = None) -> dict:
         """``base`` (one per-token-step rule per kind) with a step per layer and K/V:
         ``step * (s / geomean(s)) ** -alpha`` of the per-element sensitivities ``s``
         (clipped to x1/4..x4), and never so fine that a factor of ``lowest`` on it
-        would clip the layer's peak channel (:meth:`peak_ratios`)."""
+        would clip one of the layer's channels (:meth:`peak_ratios`). ``channel_scale``
+        (``{layer: [C]}``, :meth:`key_channel_scales`) becomes the key rules' per-channel
+        step multipliers (``head_scale`` of one entry per channel)."""
         specs = resolve_layers(base, self.num_layers)
         peaks = self.peak_ratios(base)
         gm = math.exp(np.mean(np.log(list(sens.values()))))
@@ -305,9 +334,14 @@ class Calibrator:
             rules = []
             for layer in range(self.num_layers):
                 q = dict(specs[kind][layer])
+                mult = make_quantizer(q).head_mult(self.channels).double().numpy()
+                if kind == "key" and channel_scale is not None:
+                    mult = mult * np.asarray(channel_scale[layer], dtype=np.float64)
+                    q["head_scale"] = [round(float(v), 4) for v in mult]
                 m = float(np.clip((sens[(kind, layer)] / gm) ** -alpha, 0.25, 4.0))
                 r = (q["bins"] - 1) // 2
-                floor = CLIP_MARGIN * peaks[(kind, layer)] / (r * imp * lowest)
+                peak = float(np.max(peaks[(kind, layer)] / mult))
+                floor = CLIP_MARGIN * peak / (r * imp * lowest)
                 q["step"] = round(max(q["step"] * m, floor), 5)
                 rules.append({"layers": [layer, layer + 1], "quantizer": q})
             cfg[kind] = rules
@@ -316,12 +350,16 @@ class Calibrator:
 
     def fast(self, base: dict, target_kl: float, progress=None,
              factors=(0.5, 0.7, 1.0, 1.4, 2.0),
-             margin: float = FAST_MARGIN, per_layer: bool = True) -> tuple[dict, dict]:
+             margin: float = FAST_MARGIN, per_layer: bool = True,
+             query_weighted: bool = True) -> tuple[dict, dict]:
         """``kvcodec calibrate --fast``: ``base``'s steps (the model-free default), first
-        set per layer and K/V by :meth:`layer_sensitivities` (``per_layer``), then one
+        set per layer and K/V by :meth:`layer_sensitivities` (``per_layer``), keys' steps
+        per channel by the queries that read them (``query_weighted``,
+        :meth:`key_channel_scales`), then one
         global factor measured at ``factors`` and picked on that rate curve to
         meet ``target_kl * margin`` on the calibration texts, then checked (and made
-        finer, up to three times, where the check misses). ``(config, info)`` as
+        finer, up to three times, where the check misses: first to where the curve with
+        the miss on it puts the target, at least 3%, 7%, 15% finer). ``(config, info)`` as
         :meth:`allocate`; the config carries the measured ``rate_curve`` (relative to
         its own steps) and the ``rate_margin`` for ``--target-kl``."""
         from ..core.rate import FACTOR_RANGE, factor_for_kl, scale_steps
@@ -332,7 +370,8 @@ class Calibrator:
         total = probes + len(factors) + 1
         if per_layer:
             sens = self.layer_sensitivities(base, progress, 0, total)
-            base = self.layer_config(base, sens, lowest=min(factors))
+            scale = self.key_channel_scales(base) if query_weighted else None
+            base = self.layer_config(base, sens, lowest=min(factors), channel_scale=scale)
         points = []
         for i, f in enumerate(factors):
             kl, bits = self.kl(scale_steps(base, f))
@@ -345,7 +384,11 @@ class Calibrator:
             points.append([f, max(kl, 1e-9), bits])
             if kl <= target_kl or attempt == 3 or f <= FACTOR_RANGE[0]:
                 break
-            f = max(FACTOR_RANGE[0], f * 0.85)
+            # Re-read the curve with this miss on it: a near miss moves the factor a
+            # little (at least 3%, 7%, 15% finer on the first, second, third miss), not
+            # by a fixed 15% that lands far below the target where KL is noisy.
+            f = max(FACTOR_RANGE[0], min(factor_for_kl(points, target_kl),
+                                         f * (0.97, 0.93, 0.85)[attempt]))
         if progress:
             progress(total, total)
         cfg = scale_steps(base, f)
@@ -353,4 +396,4 @@ class Calibrator:
         cfg["rate_margin"] = margin
         return cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": f,
                      "met": kl <= target_kl, "fast": True, "aimed_kl": target_kl,
-                     "per_layer": per_layer}
+                     "per_layer": per_layer, "query_weighted": per_layer and query_weighted}
