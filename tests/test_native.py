@@ -332,6 +332,34 @@ def test_simd_decoder_every_partial_group_width(path):
         np.testing.assert_array_equal(out, sym)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_buckets_of_many_symbols_decode_on_every_path(path):
+    """Widened tables (a store's shared tables: one-slot symbols beside each tail's most
+    frequent symbol) make buckets of several symbols whose slots mostly belong to one of
+    them, not to the first: every symbol of such a bucket decodes, on every path, with
+    the one-slot ones too (walked to from the most frequent symbol, backwards and on)."""
+    from kvcodec.format.shared import widen
+
+    rng = np.random.default_rng(11)
+    rows, channels = 400, 37
+    centre = rng.integers(40, 200, channels)
+    sym = np.clip(centre + np.rint(rng.normal(0, 1.5, (rows, channels))), 0, 255)
+    levels = widen(tables.levels_from_counts(tables.channel_counts(sym.astype(np.uint8), 256)))
+    freqs = nat.normalize_freqs(levels)
+    # Every present symbol once per channel (rows 0..): the one-slot tails included.
+    for c in range(channels):
+        present = np.flatnonzero(freqs[c])
+        sym[:len(present), c] = present
+    sym = sym.astype(np.uint8)
+    multi = [(freqs[c] == 1).sum() for c in range(channels)]
+    assert min(multi) >= 4  # one-slot symbols on both sides of every channel
+    blobs = nat.encode(sym, freqs, 64)
+    out = np.zeros_like(sym)
+    assert _decode_with(path, [(blobs, freqs, out)], 64) == [None]
+    np.testing.assert_array_equal(out, sym)
+    np.testing.assert_array_equal(ref_decode(blobs[0], 64, channels, freqs), sym[:64])
+
+
 def test_tables_built_in_recycled_memory_decode_exactly():
     """Decode tables come from a pool of freed ones (no page faults on reuse): tables of
     other shapes and spans, built after the first ones are dropped, decode exactly."""

@@ -69,18 +69,28 @@ KVC_AVX2 inline __m256i index8(__m256i x, __m256i e, const uint32_t* grange) {
   const __m256i offset = _mm256_and_si256(x, _mm256_set1_epi32(DecodeTables::SPAN - 1));
   __m256i r = _mm256_add_epi32(_mm256_and_si256(e, _mm256_set1_epi32((int)DecodeTables::R_MASK)),
                                _mm256_cmpgt_epi32(_mm256_srli_epi32(e, 24), offset));
-  // `multi` buckets step on while the slot lies at or past the next cum (rare).
+  // `multi` buckets (rare): X within [lo, hi), else a walk back or on (multi_index).
   if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(e)) != 0, 0)) {
     const int* rt = reinterpret_cast<const int*>(grange);
-    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i one = _mm256_set1_epi32(1), six = _mm256_set1_epi32(63);
     const __m256i multi = _mm256_srai_epi32(e, 31);
-    for (;;) {
-      const __m256i nc = _mm256_srli_epi32(
-          _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, _mm256_add_epi32(r, one),
-                                      multi, 4), 16);
-      const __m256i past = _mm256_andnot_si256(_mm256_cmpgt_epi32(nc, slot), multi);
-      if (_mm256_testz_si256(past, past)) break;
-      r = _mm256_sub_epi32(r, past);  // +1 where past (all-ones = -1)
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::LO_SHIFT), six);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::HI_SHIFT), six);
+    __m256i back = _mm256_and_si256(multi, _mm256_cmpgt_epi32(lo, offset));
+    __m256i on = _mm256_andnot_si256(_mm256_cmpgt_epi32(hi, offset), multi);
+    const __m256i x = _mm256_and_si256(e, _mm256_set1_epi32((int)DecodeTables::X_MASK));
+    r = _mm256_blendv_epi8(r, _mm256_add_epi32(x, back), multi);  // X - 1 where back
+    __m256i go = _mm256_or_si256(back, on);
+    while (!_mm256_testz_si256(go, go)) {
+      // back lanes read their own cum, on lanes the next one: one gather for both.
+      const __m256i c = _mm256_srli_epi32(
+          _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt,
+                                      _mm256_sub_epi32(r, on), go, 4), 16);
+      const __m256i above = _mm256_cmpgt_epi32(c, slot);
+      on = _mm256_andnot_si256(above, on);   // still at or past the next cum
+      back = _mm256_and_si256(above, back);  // still before this cum
+      r = _mm256_add_epi32(_mm256_sub_epi32(r, on), back);
+      go = _mm256_or_si256(back, on);
     }
   }
   return r;

@@ -53,18 +53,26 @@ KVC_AVX512 inline __m512i index16(__m512i x, __m512i e, const uint32_t* grange) 
   const __m512i r1 = _mm512_and_si512(e, _mm512_set1_epi32((int)DecodeTables::R_MASK));
   const __mmask16 before = _mm512_cmpgt_epi32_mask(_mm512_srli_epi32(e, 24), offset);
   __m512i r = _mm512_mask_sub_epi32(r1, before, r1, _mm512_set1_epi32(1));
-  // `multi` buckets step on while the slot lies at or past the next cum (rare).
+  // `multi` buckets (rare): X within [lo, hi), else a walk back or on (multi_index).
   const __mmask16 multi = _mm512_cmplt_epi32_mask(e, _mm512_setzero_si512());
   if (__builtin_expect(multi != 0, 0)) {
-    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i one = _mm512_set1_epi32(1), six = _mm512_set1_epi32(63);
     const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32((int)PROB_MASK));
-    for (;;) {
-      const __m512i nc = _mm512_srli_epi32(
-          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), multi, _mm512_add_epi32(r, one),
-                                      grange, 4), 16);
-      const __mmask16 past = _mm512_mask_cmpge_epu32_mask(multi, slot, nc);
-      if (!past) break;
-      r = _mm512_mask_add_epi32(r, past, r, one);
+    const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::LO_SHIFT), six);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::HI_SHIFT), six);
+    __mmask16 back = _mm512_mask_cmpgt_epi32_mask(multi, lo, offset);
+    __mmask16 on = _mm512_mask_cmpge_epi32_mask(multi, offset, hi);
+    r = _mm512_mask_and_epi32(r, multi, e, _mm512_set1_epi32((int)DecodeTables::X_MASK));
+    r = _mm512_mask_sub_epi32(r, back, r, one);
+    while (back | on) {
+      // back lanes read their own cum, on lanes the next one: one gather for both.
+      const __m512i c = _mm512_srli_epi32(
+          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), back | on,
+                                      _mm512_mask_add_epi32(r, on, r, one), grange, 4), 16);
+      on = _mm512_mask_cmple_epu32_mask(on, c, slot);
+      back = _mm512_mask_cmpgt_epu32_mask(back, c, slot);
+      r = _mm512_mask_add_epi32(r, on, r, one);
+      r = _mm512_mask_sub_epi32(r, back, r, one);
     }
   }
   return r;

@@ -114,6 +114,28 @@ static uint32_t fill_range_row(const uint16_t* f, int width, uint32_t* range) {
 #endif
 }
 
+// The entry of a multi bucket from slot `start` whose first slot symbol s holds (see
+// DecodeTables): X is the symbol holding most of its slots, `row` the group's range
+// index of symbol 0.
+static uint32_t multi_entry(const uint32_t* range, int s, int width, uint32_t start,
+                            uint32_t row) {
+  constexpr uint32_t SPAN = DecodeTables::SPAN;
+  uint32_t best = 0, lo = 0, hi = 0;
+  int x = s;
+  for (int t = s; t < width && (range[t] >> 16) < start + SPAN; ++t) {
+    const uint32_t c0 = range[t] >> 16, c1 = c0 + (range[t] & 0xffff);
+    const uint32_t a = std::max(c0, start), e = std::min(c1, start + SPAN);
+    if (e > a && e - a > best) {
+      best = e - a;
+      x = t;
+      lo = a - start;
+      hi = e - start;
+    }
+  }
+  return (row + x) | lo << DecodeTables::LO_SHIFT | hi << DecodeTables::HI_SHIFT |
+         DecodeTables::MULTI;
+}
+
 void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTables* out) {
   constexpr int B = DecodeTables::BUCKETS, SHIFT = DecodeTables::SHIFT;
   // The span any channel uses, from the OR of all rows (a vectorizable pass; scanning
@@ -172,11 +194,13 @@ void build_tables(const uint16_t* freqs, int channels, int alphabet, DecodeTable
         const uint32_t start = b << SHIFT, last = start + SPAN - 1;
         // s + 1 holds [next, its end); with freq 0 its end is next itself.
         const bool multi = s + 2 <= width && (range[s + 2] >> 16) <= last;
-        bucket[b] = (r1 + s) | (next - start) << 24 | (multi ? DecodeTables::MULTI : 0u);
+        bucket[b] = multi ? multi_entry(range, s, width, start, r1 - 1)
+                          : (r1 + s) | (next - start) << 24;
       }
       filled = end;
     }
-    std::fill(bucket + filled, bucket + B, (r1 + first) | SPAN << 24 | DecodeTables::MULTI);
+    // Buckets past the total: X = the first present symbol, every slot steps on from it.
+    std::fill(bucket + filled, bucket + B, (r1 - 1 + first) | DecodeTables::MULTI);
   }
 }
 

@@ -49,10 +49,18 @@ class Words {
 //     of 16 (lane * stride + symbol less base), of s0 + 1, where s0 holds the bucket's
 //     first slot; s0 + 1 starts at slot `split` of the bucket (SPAN: not in it); multi is
 //     set when s0 + 1 does not hold every slot of the bucket from there on.
-// A slot's range index is r1 - 1, or r1 if the slot lies at or past the split; in a
-// `multi` bucket it is r1 - 1 stepped forward while the slot lies at or past the next
-// symbol's cum (multi reads as a split past every slot). Indexing the range table
-// directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
+//   A `multi` bucket (three or more symbols start in it) reads differently:
+//     x | lo << 16 | hi << 22 | 1 << 31, where x is the range index of X, the symbol
+//     holding most of the bucket's slots, which holds its slots [lo, hi) (hi = SPAN:
+//     to the end). A slot in [lo, hi) is X's, with no further lookup; one before lo
+//     steps back from X - 1 while the slot lies before that symbol's cum, one at or past
+//     hi steps on from X while it lies at or past the next symbol's cum. Widened
+//     tables (a store's shared tables) put a few one-slot symbols beside the most
+//     frequent symbol of a tail: stepping from the bucket's first symbol cost most
+//     SIMD steps a gather per one-slot symbol, because some lane lands there.
+// A slot's range index is r1 - 1, or r1 if the slot lies at or past the split (multi
+// buckets: see above; the multi bit makes the split read past every slot). Indexing
+// the range table directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
 // shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per stream.
 struct DecodeTables {
   static constexpr int BUCKET_BITS = 7;
@@ -61,7 +69,10 @@ struct DecodeTables {
   static constexpr int SPAN = 1 << SHIFT;         // slots per bucket
   static constexpr uint32_t MULTI = 1u << 31;
   static constexpr uint32_t R_MASK = (1u << 24) - 1;
+  static constexpr uint32_t X_MASK = (1u << 16) - 1;  // multi: X's range index
+  static constexpr int LO_SHIFT = 16, HI_SHIFT = 22;  // multi: X's slots [lo, hi)
   static_assert(SPAN < 64, "split (0..SPAN) must fit 6 bits");
+  static_assert(16 * 257 < (1 << 16), "a range index within a group fits X_MASK");
   int base = 0;                  // the first symbol covered
   int stride = 0;                // symbols covered + 1
   Words bucket;  // [channels][BUCKETS]

@@ -16,6 +16,22 @@ static inline uint32_t load_u32(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+// The range index of `slot` in a multi bucket (DecodeTables): X within [lo, hi), else
+// stepped back from X - 1 or on from X (the first present symbol's cum 0 and the
+// sentinel bound both walks).
+static inline uint32_t multi_index(uint32_t e, uint32_t slot, const uint32_t* grange) {
+  const uint32_t offset = slot & (DecodeTables::SPAN - 1);
+  const uint32_t lo = (e >> DecodeTables::LO_SHIFT) & 63, hi = (e >> DecodeTables::HI_SHIFT) & 63;
+  uint32_t r = e & DecodeTables::X_MASK;
+  if (offset < lo) {
+    --r;
+    while (slot < (grange[r] >> 16)) --r;
+  } else if (offset >= hi) {
+    while (slot >= (grange[r + 1] >> 16)) ++r;
+  }
+  return r;
+}
+
 // Decodes the `n` lanes of group `first / LANES` of one row into row[first ..), then
 // refills them in lane order from `words`; false if the word stream runs out.
 static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeTables& tables,
@@ -30,11 +46,9 @@ static inline bool scalar_group(uint32_t* state, int n, int first, const DecodeT
     uint32_t x = state[j];
     const uint32_t slot = x & PROB_MASK;
     const uint32_t e = gbucket[(size_t)j * DecodeTables::BUCKETS + (slot >> DecodeTables::SHIFT)];
-    // r1 - 1 before the split, r1 from it on; a `multi` entry reads as a split past
-    // every slot, and steps on from r1 - 1 (the sentinel stops it at the last symbol).
+    // r1 - 1 before the split, r1 from it on; a `multi` entry: multi_index.
     uint32_t r = (e & DecodeTables::R_MASK) - ((slot & (DecodeTables::SPAN - 1)) < (e >> 24));
-    if (e & DecodeTables::MULTI)
-      while (slot >= (grange[r + 1] >> 16)) ++r;
+    if (e & DecodeTables::MULTI) r = multi_index(e, slot, grange);
     const uint32_t v = grange[r];
     dec_advance(&x, v & 0xffff, v >> 16);
     row[first + j] = (uint8_t)(r - (uint32_t)(j * stride - tables.base));
