@@ -119,7 +119,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", nargs="*", default=POLICIES)
     ap.add_argument("--presses", nargs="*", default=PRESSES,
-                    help="kvpress presses (none: skip kvpress)")
+                    help="kvpress presses (`--presses` alone or `--presses none`: skip kvpress)")
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.5, 0.25, 0.1])
     ap.add_argument("--codecs", nargs="*", default=["default"])
     ap.add_argument("--prefill", type=int, default=1536)
@@ -130,6 +130,8 @@ def main():
                          "file or a model directory (kvpress runs on the embedded model only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.presses == ["none"]:
+        args.presses = []
     torch.set_num_threads(2)
     lm = kvcodec.load_model(resolve(args.model))
     if resolve(args.model) is not None and args.presses:
