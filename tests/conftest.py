@@ -87,6 +87,29 @@ def default_kvc(kv_600):
 
 
 @pytest.fixture(scope="session")
+def decode_on_every_cpu_path():
+    """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2,
+    AVX-512), checked to give the same bits; returns the decodes, scalar first."""
+    from kvcodec.core.tables import native
+
+    def run(data):
+        nat = native()
+        paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
+        outs = []
+        try:
+            for p in paths:
+                nat.set_simd_path(p)
+                outs.append(kvcodec.decode(data))
+        finally:
+            nat.set_simd_path("auto")
+        for other in outs[1:]:
+            for a, b in zip(outs[0].keys + outs[0].values, other.keys + other.values):
+                assert torch.equal(a, b)
+        return outs
+    return run
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API: moto_server on 127.0.0.1 (a free port), bucket "kvtest", dummy
     credentials in the environment while it runs."""

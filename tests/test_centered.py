@@ -128,21 +128,7 @@ def test_format_v3_and_v4_files_still_decode_exactly():
         assert torch.equal(got.kept[layer], want[f"kept{layer}"])
 
 
-def test_centered_decode_is_the_same_on_every_cpu_path(kv_600):
+def test_centered_decode_is_the_same_on_every_cpu_path(kv_600, decode_on_every_cpu_path):
     """The fused native dequantizer (scalar, AVX2) and the PyTorch formula give the same
     bits for centered streams, RoPE re-applied or not."""
-    from kvcodec.core.tables import native
-
-    nat = native()
-    data = kvcodec.encode(kv_600, config=load_config("default"))
-    paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
-    outs = []
-    try:
-        for p in paths:
-            nat.set_simd_path(p)
-            outs.append(kvcodec.decode(data))
-    finally:
-        nat.set_simd_path("auto")
-    for other in outs[1:]:
-        for a, b in zip(outs[0].keys + outs[0].values, other.keys + other.values):
-            assert torch.equal(a, b)
+    decode_on_every_cpu_path(kvcodec.encode(kv_600, config=load_config("default")))

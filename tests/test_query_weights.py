@@ -61,29 +61,16 @@ def test_query_energy_is_what_the_models_queries_carry(lm, texts):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_per_channel_key_steps_decode_alike_on_every_cpu_path(kv_600):
+def test_per_channel_key_steps_decode_alike_on_every_cpu_path(kv_600,
+                                                            decode_on_every_cpu_path):
     """A config whose key rule carries one step multiplier per channel (what
     calibrate --fast writes) decodes to the same bits on the scalar and SIMD paths, and
     a coarse channel carries more error than a fine one."""
-    from kvcodec.core.tables import native
-
     channels = kv_600.num_kv_heads * kv_600.head_dim
     mult = [4.0 if c % 2 else 0.25 for c in range(channels)]
     cfg = load_config("default")
     cfg["key"][0]["quantizer"]["head_scale"] = mult
-    data = kvcodec.encode(kv_600, config=cfg)
-    nat = native()
-    paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
-    outs = []
-    try:
-        for p in paths:
-            nat.set_simd_path(p)
-            outs.append(kvcodec.decode(data))
-    finally:
-        nat.set_simd_path("auto")
-    for other in outs[1:]:
-        for a, b in zip(outs[0].keys + outs[0].values, other.keys + other.values):
-            assert torch.equal(a, b)
+    outs = decode_on_every_cpu_path(kvcodec.encode(kv_600, config=cfg))
     # Odd channels coarse, even ones fine: a rotary pair (i, i + D/2) shares a parity, so
     # re-applying RoPE keeps the two kinds apart.
     err = (outs[0].keys[3].float() - kv_600.keys[3].float())[0, :, 1:].abs().mean(dim=(0, 1))
