@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <memory>
 #include <string>
@@ -207,12 +208,13 @@ float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_
   return static_cast<float*>(a.mutable_data());
 }
 
-// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin[, add [C]]) ->
-// spec. The caller holds `d` (which holds the arrays) until the decode has run.
+// (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin[, add [C][,
+// add_rows]]) -> spec; with add_rows > 0, add is [ceil(rows / add_rows), C]. The caller
+// holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
-  if (d.size() != 7 && d.size() != 8) {
+  if (d.size() < 7 || d.size() > 9) {
     throw py::value_error(
-        "dequant: expected (grid, mult, half_range, heads, out, cos, sin[, add])");
+        "dequant: expected (grid, mult, half_range, heads, out, cos, sin[, add[, add_rows]])");
   }
   kvc::DequantSpec spec{};
   spec.half_range = d[2].cast<int>();
@@ -226,8 +228,14 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   spec.head_dim = (channels - 1) / spec.heads;
   spec.grid = float_data(d[0], "dequant grid", 256);
   spec.mult = float_data(d[1], "dequant mult", (size_t)channels - 1);
-  if (d.size() == 8 && !d[7].is_none())
-    spec.add = float_data(d[7], "dequant add", (size_t)channels - 1);
+  if (d.size() == 9) {
+    spec.add_rows = d[8].cast<int>();
+    if (spec.add_rows < 0) throw py::value_error("dequant: add_rows must be >= 0");
+  }
+  if (d.size() >= 8 && !d[7].is_none()) {
+    const size_t blocks = spec.add_rows ? ((size_t)rows + spec.add_rows - 1) / spec.add_rows : 1;
+    spec.add = float_data(d[7], "dequant add", std::max<size_t>(blocks, 1) * (channels - 1));
+  }
   spec.out = strided_out(d[4], spec.heads, rows, spec.head_dim, &spec.head_stride);
   if (!d[5].is_none()) {
     if (spec.head_dim % 2) throw py::value_error("dequant: RoPE needs an even head_dim");

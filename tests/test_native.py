@@ -441,6 +441,33 @@ def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim, cen
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_fused_dequant_with_one_offset_row_per_block_of_rows(head_dim):
+    """``add_rows``: entries decoded as one stream, each centered on its own means, add
+    offset row ``i`` to rows ``[i * add_rows, (i + 1) * add_rows)``: the same bits as
+    decoding each block with its own row, on every path; a wrong size is refused."""
+    rng = np.random.default_rng(3)
+    rows, heads, chunk = 300, 2, 128
+    c = heads * head_dim
+    adds = rng.normal(0, 50, (3, c)).astype(np.float32)
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    blobs = nat.encode(sym, freqs, chunk)
+    for path in PATHS:
+        out = np.zeros((heads, rows, head_dim), np.float32)
+        assert _decode_with(path, [(blobs, freqs, sym.shape, deq(out) + (adds, chunk))],
+                            chunk) == [None]
+        for i in range(3):
+            one = np.zeros((heads, rows, head_dim), np.float32)
+            assert _decode_with(path, [(blobs, freqs, sym.shape, deq(one) + (adds[i],))],
+                                chunk) == [None]
+            block = slice(i * chunk, (i + 1) * chunk)
+            assert np.array_equal(out[:, block].view(np.uint32), one[:, block].view(np.uint32))
+    for bad in ((adds[:2], chunk), (adds, -1), (adds[0], chunk)):
+        with pytest.raises(ValueError, match="add"):
+            nat.decode_many([(blobs, freqs, sym.shape,
+                              deq(np.zeros((heads, rows, head_dim), np.float32)) + bad)], chunk)
+
+
 def test_fused_dequant_reports_symbols_outside_the_quantizer_range():
     rng = np.random.default_rng(5)
     sym, freqs, deq = _fused_case(rng, 40, 3, 64)

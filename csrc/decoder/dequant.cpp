@@ -19,10 +19,13 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
     const uint8_t* row = symbols + (size_t)t * stride;
     const size_t at = (size_t)(row0 + t) * d;  // this row in out's heads and in cos/sin
     const float step = spec.grid[row[c]];
+    const float* add_row = spec.add && spec.add_rows
+                               ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
+                               : spec.add;
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
-      const float* a = spec.add ? spec.add + (size_t)k * d : nullptr;
+      const float* a = add_row ? add_row + (size_t)k * d : nullptr;
       float* o = spec.out + (size_t)k * spec.head_stride + at;
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {

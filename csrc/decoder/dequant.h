@@ -12,7 +12,10 @@ struct DequantSpec {
   const float* grid;     // [256]: step of each per-token step code (codec.quant.STEP_GRID)
   const float* mult;     // [channels]: per-channel step multiplier (head_scale, fitted scale)
   const float* add;      // [channels] or null: per-channel offset added after the step
-                         // (the fitted mean of a centered stream), before RoPE
+                         // (the fitted mean of a centered stream), before RoPE; with
+                         // add_rows, one such row per add_rows rows (files decoded as one
+                         // stream, each centered on its own mean)
+  int add_rows;          // 0: one row of offsets for every row
   int half_range;        // R: symbol s means (s - R) * step
   int heads, head_dim;   // channels = heads * head_dim
   const float* cos;      // [rows, head_dim] or null: re-apply rotate_half RoPE

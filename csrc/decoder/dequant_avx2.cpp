@@ -25,10 +25,13 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
     const uint8_t* row = symbols + (size_t)t * stride;
     const size_t at = (size_t)(row0 + t) * d;
     const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
+    const float* add_row = spec.add && spec.add_rows
+                               ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
+                               : spec.add;
     for (int k = 0; k < h; ++k) {
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
-      const float* a = spec.add ? spec.add + (size_t)k * d : nullptr;
+      const float* a = add_row ? add_row + (size_t)k * d : nullptr;
       float* o = spec.out + (size_t)k * spec.head_stride + at;
       __m256i bad = _mm256_setzero_si256();
       for (int i = 0; i < d; i += 8) {
