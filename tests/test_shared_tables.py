@@ -249,3 +249,53 @@ def test_the_cli_on_an_entry_coded_with_shared_tables(filled, tmp_path):
     r = CliRunner().invoke(main, ["decode", str(locs[0]), "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 1 and "through its store" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config", ["default", "model-free"])
+def test_a_prefix_decodes_as_one_file_bit_for_bit(tmp_path, lm, kv_1536, monkeypatch, config):
+    """Consecutive entries with one set of shared tables are planned as one file (a job
+    and a target per stream, :mod:`kvcodec.format.stacked`): the same bits as decoding
+    each entry alone, with each entry's own centering offsets (the model-free default
+    centers keys) and its own fp16 first row, rotated at its position."""
+    import kvcodec.store.batch as batch
+
+    cfg = kvcodec.load_config("default") if config == "model-free" else "default"
+    store = ChunkStore(tmp_path / "store", lm.fingerprint, cfg)
+    store.put(kv_1536)
+    ids, locs = kv_1536.token_ids, store.lookup(kv_1536.token_ids)
+    stacked, real = [], batch.plan_stack
+    monkeypatch.setattr(batch, "plan_stack", lambda *a: stacked.append(real(*a)) or stacked[-1])
+    kv = store.load_prefix(ids)
+    assert kv.num_tokens == 1536 and len(stacked) == 1 and stacked[0] is not None
+    assert len(stacked[0].targets) == 2 * kv.num_layers  # not one per entry and stream
+    with store.open_entry(locs[1], ids[256:512], 256) as f:
+        centered = f.meta.quant[(0, "key")].center
+    assert centered == (config == "model-free")
+    for i, loc in enumerate(locs):
+        with store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256) as f:
+            one = f.decode()
+        for l in range(kv.num_layers):
+            assert torch.equal(kv.keys[l][:, :, i * 256:(i + 1) * 256], one.keys[l])
+            assert torch.equal(kv.values[l][:, :, i * 256:(i + 1) * 256], one.values[l])
+
+
+@pytest.mark.parametrize("where", ["checksum", "decoder"])
+def test_a_damaged_entry_in_a_stacked_prefix(filled, caplog, where):
+    """The stacked decode of a prefix fails on a damaged entry; the entries are then
+    decoded one by one, so those before it land and it alone is moved aside."""
+    store, ids, locs = filled
+    data = locs[3].read_bytes()
+    if where == "checksum":
+        bad = bytearray(data)
+        bad[len(bad) - 1000] ^= 0x40
+        bad = bytes(bad)
+    else:
+        bad = _entry_failing_in_the_decoder(data)
+    locs[3].write_bytes(bad)
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        kv = store.load_prefix(ids)
+    assert kv.num_tokens == 768 and not locs[3].exists() and "moved it to" in caplog.text
+    for i in range(3):
+        with store.open_entry(locs[i], ids[i * 256:(i + 1) * 256], i * 256) as f:
+            one = f.decode()
+        assert torch.equal(kv.keys[0][:, :, i * 256:(i + 1) * 256], one.keys[0])

@@ -94,12 +94,21 @@ def rope(keys: torch.Tensor, r, offset: int | torch.Tensor = 0,
     else:
         cos, sin = _rope_tables(int(offset), int(t), r)
     x = keys.float()
-    xr = x[..., :rd]
     if inverse:
+        xr = x[..., :rd]
         out = (xr * cos - _rotate_half(xr) * sin) / (r.scaling * r.scaling)
-    else:
-        out = xr * cos + _rotate_half(xr) * sin
-    return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
+        return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
+    return rotate(x, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """float32 ``x [..., T, D]`` rotated by cos/sin ``[T, rotary_dim]`` (from
+    :func:`rope_tables`: scaling included) as :func:`rope` rotates, the channels past the
+    rotary dims passed through."""
+    rd = cos.shape[-1]
+    xr = x[..., :rd]
+    out = xr * cos + _rotate_half(xr) * sin
+    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
 
 
 def shift(keys: torch.Tensor, r: Rope, delta: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..core import tables
 from ..core.streams import flatten, unflatten
-from ..core.transforms import rope, shift
+from ..core.transforms import rope, rotate, shift
 from ..errors import CorruptError
 
 
@@ -35,7 +35,8 @@ class Dequant:
     go (``out``: ``[heads, rows, head_dim]``, a view of the destination or a ``scratch``
     array copied there afterwards), cos/sin of the rows' positions for keys (None:
     not rotated natively), and ``add``, the per-channel offset a centered stream adds
-    back before RoPE (None: none)."""
+    back before RoPE (None: none; with ``add_rows``, ``[blocks, channels]``: one row of
+    offsets per ``add_rows`` rows, for entries decoded as one stream, :mod:`.stacked`)."""
 
     grid: np.ndarray
     mult: np.ndarray
@@ -46,10 +47,12 @@ class Dequant:
     sin: np.ndarray | None = None
     scratch: bool = False
     add: np.ndarray | None = None
+    add_rows: int = 0
 
     def native(self) -> tuple:
-        return (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
+        args = (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
                 self.sin, self.add)
+        return args + (self.add_rows,) if self.add_rows else args
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class Target:
     rows are attention sinks, kept in fp16 (``sinks``: a float32 NumPy ``[n, channels]``).
     ``rope`` rotates keys at their positions (unless ``rotated``: done natively);
     ``turn`` is ``(rope, delta)`` for keys coded after RoPE and placed elsewhere.
+    ``sink_every`` (entries decoded as one stream, :mod:`.stacked`): ``sinks`` holds the
+    sink rows of each block of that many rows, in order, not only the first block's.
     """
 
     name: str
@@ -96,6 +101,7 @@ class Target:
     first: int = 0
     positions: torch.Tensor | None = None
     turn: tuple | None = None
+    sink_every: int = 0
 
 
 @dataclass
@@ -167,6 +173,9 @@ def finish(targets: list) -> None:
         for deq, view in t.fused:
             if deq.scratch:
                 view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
+        if t.sink_every:
+            _put_block_sinks(t)
+            continue
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
             # Values in place, rotated where they are keys: only the sink rows remain.
@@ -202,6 +211,20 @@ def finish(targets: list) -> None:
         st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
         for i, (t, _) in enumerate(pairs):
             _put_rows(t, st[:, i])
+
+
+def _put_block_sinks(t: Target) -> None:
+    """A stacked target's sink rows (``t.sinks``: the first rows of each block of
+    ``t.sink_every`` rows), rotated at their positions where keys are, written over what
+    the native decoder put there."""
+    deq = t.fused[0][0]
+    blocks = -(-t.dst.shape[2] // t.sink_every)
+    n, (h, d) = t.sinks.shape[0] // blocks, t.dst.shape[1:4:2]
+    at = (np.arange(blocks)[:, None] * t.sink_every + np.arange(n)).ravel()
+    rows = torch.from_numpy(np.ascontiguousarray(t.sinks.reshape(-1, h, d).transpose(1, 0, 2)))
+    if t.rope is not None:  # the positions' cos/sin, as the decoder rotated the rest
+        rows = rotate(rows, torch.from_numpy(deq.cos[at]), torch.from_numpy(deq.sin[at]))
+    deq.out[:, at] = rows.numpy()
 
 
 def _put_rows(t: Target, rows: np.ndarray) -> None:

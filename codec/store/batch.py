@@ -10,6 +10,10 @@ group that cannot be planned, decoded or finished is reported to the store
 group's later entries are not used, while entries before it, and other groups, land.
 The plan, its run and the finishing are timed into ``store.metrics`` (stage
 ``decode``).
+
+A store prefix (:func:`fill`) first tries its entries as one file
+(:mod:`kvcodec.format.stacked`: a job and a target per stream, not per entry and
+stream), and decodes them as above where they do not stack or that decode fails.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from ..core.kvcache import token_views
 from ..errors import CorruptError, KVCodecError
 from ..format.plan import finish, run
+from ..format.stacked import plan_stack
 
 
 @dataclass
@@ -121,16 +126,33 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
         except (KVCodecError, OSError):
             return None  # reported by open_entry
     files = fetch_all(fetch, len(locs), store.remote)
-    entries = []
-    for i, f in enumerate(files):
-        if f is None:
-            break
-        entries.append(Entry(f, locs[i], token_views(bufs, *spans[i])))
+    n = files.index(None) if None in files else len(files)
     try:
-        ok = decode_entries(store, entries, threads)
+        if _decode_stacked(store, files[:n], bufs, spans[:n], threads):
+            landed = n
+        else:
+            entries = [Entry(f, locs[i], token_views(bufs, *spans[i]))
+                       for i, f in enumerate(files[:n])]
+            ok = decode_entries(store, entries, threads)
+            landed = ok.index(False) if False in ok else len(ok)
     finally:
         for f in files:
             if f is not None:
                 f.close()
-    landed = ok.index(False) if False in ok else len(ok)
     return spans[landed - 1][1] if landed else 0
+
+
+def _decode_stacked(store, files: list, bufs, spans: list, threads: int) -> bool:
+    """Decode consecutive entries as one file (:func:`~kvcodec.format.stacked.plan_stack`);
+    False where they do not stack or anything fails, for the caller to decode them one
+    by one (which says which entry is damaged, and keeps the ones before it)."""
+    started = time.perf_counter()
+    try:
+        plan = plan_stack(files, bufs, spans)
+        if plan is None or any(e is not None for e in run(plan, threads)):
+            return False
+        finish(plan.targets)
+    except (KVCodecError, OSError):
+        return False
+    store.metrics.staged("decode", time.perf_counter() - started)
+    return True

@@ -1,0 +1,102 @@
+"""Consecutive store entries planned as one file: a job and a target per stream.
+
+A store keeps a document as one-chunk entries, each a .kvc file of its own. Planned one
+by one (:meth:`KVCFile.plan`), a prefix of N entries is N x (layers x 2) targets and
+jobs, and building them in Python cost more than the native decode itself saves over one
+file. Entries that are consecutive chunks of one document, coded with one config and
+one set of shared tables, and decoded into one buffer per layer (:func:`plan_stack`)
+are instead planned the way one file's chunks are: per stream, one job whose blobs are
+the entries' (in order), one target over all their rows. What differs per entry is
+carried per chunk: the centering offsets (the native dequantizer takes one row of them
+per ``chunk_tokens`` rows) and the fp16 attention-sink rows each entry starts with
+(:attr:`~kvcodec.format.plan.Target.sink_every`).
+
+Anything else (evicted or streamed files, another chunk layout, windows shorter than
+the entries, own tables, destinations that are not float32 rows of one buffer) is not
+stacked: :func:`plan_stack` returns None and the caller plans the entries one by one,
+as it does when the stacked decode reports an error (to say which entry is damaged).
+Every payload item is read and checksummed here as :meth:`KVCFile.plan` does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.quant import STEP_GRID, Uniform
+from ..core.streams import KINDS
+from .container import untrusted
+from .plan import DecodePlan, Dequant, Job, Target
+from .reader import _in_place
+
+
+def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
+    """One plan decoding ``files`` (open entries, token spans ``spans`` of ``bufs``: per
+    layer ``(keys, values)`` ``[1, heads, capacity, head_dim]``) as one file, or None
+    where they do not stack (see the module docstring). Raises what
+    :meth:`KVCFile.plan` raises for a damaged entry."""
+    if len(files) < 2 or not _stackable(files, spans):
+        return None
+    f0, m0 = files[0], files[0].meta
+    t0, t1 = spans[0][0], spans[-1][1]
+    base = m0.position_offset
+    streams = []
+    for l, pair in enumerate(bufs):
+        for k, buf in zip(KINDS, pair):
+            q = m0.quant[(l, k)]
+            rope = m0.ropes[l] if k == "key" else None
+            arr = _in_place(buf[:, :, t0:t1])
+            if (arr is None or not (isinstance(q, Uniform) and q.scale == "token")
+                    or (rope is not None and rope.rotary_dim != m0.head_dim)):
+                return None
+            streams.append((l, k, q, rope, arr, m0.stream_index[(l, k)]))
+    items, params, sinks = [], [], []
+    for f in files:
+        with untrusted(f.meta.name):
+            sec = f.sections
+            items.append(sec.read_items([(0, s) for *_, s in streams]))
+            params.append(sec.params())
+            sinks.append(sec.sinks().numpy() if m0.sink_tokens else None)
+    tables = [f.sections.decode_tables() for f in files]
+    plan = DecodePlan(m0.chunk_tokens)
+    rows, n_sink = t1 - t0, m0.sink_tokens
+    for l, k, q, rope, arr, s in streams:
+        dtab = tables[0][(l, k)]
+        if any(t[(l, k)] is not dtab for t in tables):
+            return None  # not one set of shared tables
+        add = None
+        if q.center:
+            add = np.stack([np.asarray(p[(l, k)]["mean"], dtype=np.float32) for p in params])
+        cos = sin = None
+        if rope is not None:
+            cos, sin = f0._rope_arrays(base, rows, rope)
+        h, d = arr.shape[0], arr.shape[2]
+        deq = Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, arr, cos, sin, add=add,
+                      add_rows=m0.chunk_tokens if add is not None else 0)
+        t = Target(f"{m0.name} .. {files[-1].meta.name}: layer {l} {k}s",
+                   bufs[l][KINDS.index(k)][:, :, t0:t1], q, params[0][(l, k)], rope=rope,
+                   base=base, rotated=rope is not None)
+        t.fused.append((deq, None))
+        if n_sink:
+            t.sinks = np.concatenate([x[s, :n_sink] for x in sinks])
+            t.sink_every = m0.chunk_tokens
+        blobs = [got[(0, s)][1] for got in items]
+        plan.add(t, [Job(blobs, dtab, (rows, m0.coded_columns(q)), deq)])
+    return plan
+
+
+def _stackable(files: list, spans: list) -> bool:
+    """Whether ``files`` are consecutive one-chunk entries of one document (every layer
+    covering all their tokens), coded alike with one set of shared tables."""
+    m0 = files[0].meta
+    for i, (f, (a, b)) in enumerate(zip(files, spans)):
+        m = f.meta
+        if (m.evicted or f.streaming or m.shared_tables is None or m.num_chunks != 1
+                or m.num_tokens != b - a or any(m.starts)
+                or (i + 1 < len(files) and m.num_tokens != m0.chunk_tokens)
+                or m.position_offset != m0.position_offset + (a - spans[0][0])
+                or (i and spans[i - 1][1] != a)):
+            return False
+        if i and (m.config != m0.config or m.shared_tables != m0.shared_tables
+                  or m.key_transform != m0.key_transform or m.sink_tokens != m0.sink_tokens
+                  or m.streams != m0.streams or m.chunk_tokens != m0.chunk_tokens):
+            return False
+    return True
