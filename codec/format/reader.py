@@ -158,7 +158,7 @@ class KVCFile:
         decoding rows of ``shape`` (``[1, heads, rows, head_dim]``, from position
         ``pos``), or None where there is no fused path (other quantizers, partial rotary
         dims). It writes into ``out`` (``[heads, rows, head_dim]``, a NumPy view of the
-        destination, :func:`_in_place`) where given; otherwise into a scratch array that
+        destination, :func:`in_place`) where given; otherwise into a scratch array that
         :func:`~kvcodec.format.plan.finish` casts into the destination."""
         h, rows, d = shape[1], shape[2], shape[3]
         if not (isinstance(q, Uniform) and q.scale == "token") or (
@@ -169,7 +169,7 @@ class KVCFile:
             out = np.empty((h, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
-            cos, sin = self._rope_arrays(pos, rows, layer_rope)
+            cos, sin = self.rope_arrays(pos, rows, layer_rope)
         mean = None
         if q.center:
             key = id(params)  # the file's parameters live as long as it does
@@ -179,7 +179,7 @@ class KVCFile:
         return Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, out, cos, sin,
                        scratch=not in_place, add=mean)
 
-    def _rope_arrays(self, pos: int, rows: int, layer_rope):
+    def rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
         have the same RoPE (a chunk's decode asks once per layer)."""
         key = (pos, rows, layer_rope)
@@ -252,7 +252,7 @@ class KVCFile:
             if n_sink:
                 at = first - m.starts[l]
                 t.sinks = sinks[s, at:at + n_sink]
-            arr = _in_place(target)
+            arr = in_place(target)
             jobs, sides = [], []
             for prange, r0, n in pieces[l]:
                 got = [items[(c, s)] for c in prange]
@@ -383,7 +383,7 @@ class KVCFile:
 _FLOATS = frozenset(DTYPES.values())
 
 
-def _in_place(dst: torch.Tensor) -> np.ndarray | None:
+def in_place(dst: torch.Tensor) -> np.ndarray | None:
     """``dst[0]`` as NumPy for the native decoder (float32 CPU, rows contiguous), or None."""
     if dst.dtype != torch.float32 or dst.device.type != "cpu" or dst.requires_grad:
         return None

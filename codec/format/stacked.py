@@ -25,7 +25,7 @@ from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
 from .container import untrusted
 from .plan import DecodePlan, Dequant, Job, Target
-from .reader import _in_place
+from .reader import in_place
 
 
 def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
@@ -43,7 +43,7 @@ def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
         for k, buf in zip(KINDS, pair):
             q = m0.quant[(l, k)]
             rope = m0.ropes[l] if k == "key" else None
-            arr = _in_place(buf[:, :, t0:t1])
+            arr = in_place(buf[:, :, t0:t1])
             if (arr is None or not (isinstance(q, Uniform) and q.scale == "token")
                     or (rope is not None and rope.rotary_dim != m0.head_dim)):
                 return None
@@ -67,7 +67,7 @@ def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
             add = np.stack([np.asarray(p[(l, k)]["mean"], dtype=np.float32) for p in params])
         cos = sin = None
         if rope is not None:
-            cos, sin = f0._rope_arrays(base, rows, rope)
+            cos, sin = f0.rope_arrays(base, rows, rope)
         h, d = arr.shape[0], arr.shape[2]
         deq = Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, arr, cos, sin, add=add,
                       add_rows=m0.chunk_tokens if add is not None else 0)
