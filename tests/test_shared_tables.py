@@ -112,16 +112,20 @@ def _entry_failing_in_the_decoder(data: bytes) -> bytes:
     return rebuild(data, replace={"payload": bytes(payload), "index": idx.tobytes()})
 
 
+def _damaged(data: bytes, where: str) -> bytes:
+    """``data`` damaged where its checksum tells (``checksum``) or where only the rANS
+    decoder can (``decoder``)."""
+    if where == "decoder":
+        return _entry_failing_in_the_decoder(data)
+    bad = bytearray(data)
+    bad[len(bad) - 1000] ^= 0x40
+    return bytes(bad)
+
+
 @pytest.mark.parametrize("where", ["checksum", "decoder"])
 def test_a_damaged_entry_in_the_middle_of_a_plan(filled, lm, kv_1536, caplog, where):
     store, ids, locs = filled
-    data = locs[2].read_bytes()
-    if where == "checksum":
-        bad = bytearray(data)
-        bad[len(bad) - 1000] ^= 0x40
-        bad = bytes(bad)
-    else:
-        bad = _entry_failing_in_the_decoder(data)
+    bad = _damaged(locs[2].read_bytes(), where)
     locs[2].write_bytes(bad)
     fp = lm.fingerprint
     shape = (1, fp["num_kv_heads"], 1536, fp["head_dim"])
@@ -284,14 +288,7 @@ def test_a_damaged_entry_in_a_stacked_prefix(filled, caplog, where):
     """The stacked decode of a prefix fails on a damaged entry; the entries are then
     decoded one by one, so those before it land and it alone is moved aside."""
     store, ids, locs = filled
-    data = locs[3].read_bytes()
-    if where == "checksum":
-        bad = bytearray(data)
-        bad[len(bad) - 1000] ^= 0x40
-        bad = bytes(bad)
-    else:
-        bad = _entry_failing_in_the_decoder(data)
-    locs[3].write_bytes(bad)
+    locs[3].write_bytes(_damaged(locs[3].read_bytes(), where))
     with caplog.at_level("WARNING", logger="kvcodec"):
         kv = store.load_prefix(ids)
     assert kv.num_tokens == 768 and not locs[3].exists() and "moved it to" in caplog.text
