@@ -18,6 +18,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -101,12 +102,17 @@ def rope(keys: torch.Tensor, r, offset: int | torch.Tensor = 0,
     return rotate(x, cos, sin)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x, cos, sin):
     """float32 ``x [..., T, D]`` rotated by cos/sin ``[T, rotary_dim]`` (from
     :func:`rope_tables`: scaling included) as :func:`rope` rotates, the channels past the
-    rotary dims passed through."""
+    rotary dims passed through: torch tensors, or NumPy arrays (the same IEEE products and
+    sums, without torch's per-call cost on the few rows a decode restores)."""
     rd = cos.shape[-1]
     xr = x[..., :rd]
+    if isinstance(x, np.ndarray):
+        half = rd // 2
+        out = xr * cos + np.concatenate([-xr[..., half:], xr[..., :half]], -1) * sin
+        return out if rd == x.shape[-1] else np.concatenate([out, x[..., rd:]], -1)
     out = xr * cos + _rotate_half(xr) * sin
     return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
 

@@ -221,10 +221,10 @@ def _put_block_sinks(t: Target) -> None:
     blocks = -(-t.dst.shape[2] // t.sink_every)
     n, (h, d) = t.sinks.shape[0] // blocks, t.dst.shape[1:4:2]
     at = (np.arange(blocks)[:, None] * t.sink_every + np.arange(n)).ravel()
-    rows = torch.from_numpy(np.ascontiguousarray(t.sinks.reshape(-1, h, d).transpose(1, 0, 2)))
+    rows = t.sinks.reshape(-1, h, d).transpose(1, 0, 2)
     if t.rope is not None:  # the positions' cos/sin, as the decoder rotated the rest
-        rows = rotate(rows, torch.from_numpy(deq.cos[at]), torch.from_numpy(deq.sin[at]))
-    deq.out[:, at] = rows.numpy()
+        rows = rotate(rows, deq.cos[at], deq.sin[at])
+    deq.out[:, at] = rows
 
 
 def _put_rows(t: Target, rows: np.ndarray) -> None:
