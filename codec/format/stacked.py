@@ -43,11 +43,12 @@ def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
         for k, buf in zip(KINDS, pair):
             q = m0.quant[(l, k)]
             rope = m0.ropes[l] if k == "key" else None
-            arr = in_place(buf[:, :, t0:t1])
+            view = buf[:, :, t0:t1]
+            arr = in_place(view)
             if (arr is None or not (isinstance(q, Uniform) and q.scale == "token")
                     or (rope is not None and rope.rotary_dim != m0.head_dim)):
                 return None
-            streams.append((l, k, q, rope, arr, m0.stream_index[(l, k)]))
+            streams.append((l, k, q, rope, view, arr, m0.stream_index[(l, k)]))
     items, params, sinks = [], [], []
     for f in files:
         with untrusted(f.meta.name):
@@ -58,7 +59,7 @@ def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
     tables = [f.sections.decode_tables() for f in files]
     plan = DecodePlan(m0.chunk_tokens)
     rows, n_sink = t1 - t0, m0.sink_tokens
-    for l, k, q, rope, arr, s in streams:
+    for l, k, q, rope, view, arr, s in streams:
         dtab = tables[0][(l, k)]
         if any(t[(l, k)] is not dtab for t in tables):
             return None  # not one set of shared tables
@@ -71,9 +72,8 @@ def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
         h, d = arr.shape[0], arr.shape[2]
         deq = Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, arr, cos, sin, add=add,
                       add_rows=m0.chunk_tokens if add is not None else 0)
-        t = Target(f"{m0.name} .. {files[-1].meta.name}: layer {l} {k}s",
-                   bufs[l][KINDS.index(k)][:, :, t0:t1], q, params[0][(l, k)], rope=rope,
-                   base=base, rotated=rope is not None)
+        t = Target(f"{m0.name} .. {files[-1].meta.name}: layer {l} {k}s", view, q,
+                   params[0][(l, k)], rope=rope, base=base, rotated=rope is not None)
         t.fused.append((deq, None))
         if n_sink:
             t.sinks = np.concatenate([x[s, :n_sink] for x in sinks])

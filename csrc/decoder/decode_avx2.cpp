@@ -72,10 +72,10 @@ KVC_AVX2 inline __m256i index8(__m256i x, __m256i e, const uint32_t* grange) {
   // `multi` buckets (rare): X within [lo, hi), else a walk back or on (multi_index).
   if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(e)) != 0, 0)) {
     const int* rt = reinterpret_cast<const int*>(grange);
-    const __m256i one = _mm256_set1_epi32(1), six = _mm256_set1_epi32(63);
+    const __m256i one = _mm256_set1_epi32(1), mask6 = _mm256_set1_epi32(63);
     const __m256i multi = _mm256_srai_epi32(e, 31);
-    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::LO_SHIFT), six);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::HI_SHIFT), six);
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::LO_SHIFT), mask6);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(e, DecodeTables::HI_SHIFT), mask6);
     __m256i back = _mm256_and_si256(multi, _mm256_cmpgt_epi32(lo, offset));
     __m256i on = _mm256_andnot_si256(_mm256_cmpgt_epi32(hi, offset), multi);
     const __m256i x = _mm256_and_si256(e, _mm256_set1_epi32((int)DecodeTables::X_MASK));

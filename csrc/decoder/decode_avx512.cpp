@@ -56,10 +56,10 @@ KVC_AVX512 inline __m512i index16(__m512i x, __m512i e, const uint32_t* grange) 
   // `multi` buckets (rare): X within [lo, hi), else a walk back or on (multi_index).
   const __mmask16 multi = _mm512_cmplt_epi32_mask(e, _mm512_setzero_si512());
   if (__builtin_expect(multi != 0, 0)) {
-    const __m512i one = _mm512_set1_epi32(1), six = _mm512_set1_epi32(63);
+    const __m512i one = _mm512_set1_epi32(1), mask6 = _mm512_set1_epi32(63);
     const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32((int)PROB_MASK));
-    const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::LO_SHIFT), six);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::HI_SHIFT), six);
+    const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::LO_SHIFT), mask6);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(e, DecodeTables::HI_SHIFT), mask6);
     __mmask16 back = _mm512_mask_cmpgt_epi32_mask(multi, lo, offset);
     __mmask16 on = _mm512_mask_cmpge_epi32_mask(multi, offset, hi);
     r = _mm512_mask_and_epi32(r, multi, e, _mm512_set1_epi32((int)DecodeTables::X_MASK));

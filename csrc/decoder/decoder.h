@@ -60,8 +60,9 @@ class Words {
 //     SIMD steps a gather per one-slot symbol, because some lane lands there.
 // A slot's range index is r1 - 1, or r1 if the slot lies at or past the split (multi
 // buckets: see above; the multi bit makes the split read past every slot). Indexing
-// the range table directly saves the decoder an add per lookup. About 0.6 KiB per channel for the
-// shipped quantizers, whose 256-symbol alphabets use a span of 20-40 symbols per stream.
+// the range table directly saves the decoder an add per lookup. About 0.6 KiB per
+// channel for the shipped quantizers, whose 256-symbol alphabets use a span of 20-40
+// symbols per stream.
 struct DecodeTables {
   static constexpr int BUCKET_BITS = 7;
   static constexpr int BUCKETS = 1 << BUCKET_BITS;
