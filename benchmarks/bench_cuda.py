@@ -1,9 +1,15 @@
 """CUDA coder throughput: decode and encode GB/s of fp16-equivalent KV on the GPU, beside
 a device-to-device copy of the same fp16 bytes (fraction of memory bandwidth) and the CPU
-coder, in one run. Real KV from the embedded model, tiled to >= 64 MB of fp16.
+coder, in one run. Real KV from the embedded model (or ``--kv FILE``: a .kvc whose decode
+is the source KV, for a GPU machine without the model), tiled to >= 64 MB of fp16.
 
-``--json`` prints ``{"device", "fp16_bytes", "cases": [{"name", "seconds", "gb_per_s"}]}``.
-Exits with a message (status 2) where no GPU is available.
+``--config`` (repeatable) names the configs decoded. The layers are tiled, so the cache is
+no longer the embedded model's and ``default`` is the model-free default (keys centered);
+``uncentered`` is the same with keys not centered (the fused path without offsets).
+Kernel rows are the median of CUDA-event timings after a second of warm-up launches;
+whole calls and the CPU coder are the best host wall time. ``--json`` prints ``{"device",
+"fp16_bytes", "sm_clock_mhz_now_max", "cases": [{"name", "seconds", "gb_per_s",
+"bits_per_element"}]}``. Exits with a message (status 2) where no GPU is available.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from kvcodec.integrations import cuda
 
 
 def timed(fn, repeats: int, sync=True) -> float:
+    """Best host wall time of ``fn`` (synchronized before and after where ``sync``)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -34,52 +41,116 @@ def timed(fn, repeats: int, sync=True) -> float:
     return best
 
 
+def kernel_time(launch, repeats: int, warm_s: float = 1.0) -> float:
+    """Median device time of ``launch`` by CUDA events, after ``warm_s`` seconds of
+    launches (the card's clocks rise under load; a few ms of work measures the idle
+    clock)."""
+    t_end = time.perf_counter() + warm_s
+    while time.perf_counter() < t_end:
+        launch()
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        launch()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def sm_clock() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def source_kv(args):
+    if args.kv:
+        with open(args.kv, "rb") as fh:
+            return kvcodec.decode(fh.read()).slice(0, args.tokens)
+    lm = kvcodec.load_model()
+    text = open("/usr/share/common-licenses/GPL-3").read()
+    return kvcodec.capture_kv(lm, text, max_tokens=args.tokens)
+
+
+def config(name: str):
+    if name != "uncentered":
+        return name
+    from kvcodec.core.config import load_config
+
+    cfg = load_config("default")
+    cfg["key"][0]["quantizer"]["center"] = False
+    return cfg
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--min-mb", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kv", help="a .kvc file whose decode is the source KV")
+    ap.add_argument("--config", action="append", help="configs to decode (default: default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not cuda.available():
         print("bench_cuda: no CUDA device (or no CUDA build); nothing to measure", file=sys.stderr)
         sys.exit(2)
-    lm = kvcodec.load_model()
-    text = open("/usr/share/common-licenses/GPL-3").read()
-    kv = kvcodec.capture_kv(lm, text, max_tokens=args.tokens)
+    kv = source_kv(args)
     # Tile the layers until the fp16 cache is >= min-mb (same statistics, more data).
     reps = max(1, -(-args.min_mb * (1 << 20) // (kv.numel() * 2)))
-    big = kvcodec.KVCache(kv.keys * reps, kv.values * reps, None, None,
-                          None if kv.importance is None else kv.importance.repeat(reps, 1))
-    data = kvcodec.encode(big)
+    big = kvcodec.KVCache(kv.keys * reps, kv.values * reps, None, kv.model and {
+        **kv.model, "num_layers": kv.num_layers * reps, "rope": {
+            **kv.model["rope"], "layers": kv.model["rope"]["layers"] * reps}},
+        None if kv.importance is None else kv.importance.repeat(reps, 1))
     fp16_bytes = big.numel() * 2
-    f = kvcodec.open(data)
-    dev = cuda.DeviceFile(f)
-    out = dev.decode(dtype=torch.float16)
     src = torch.empty(fp16_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    cases = {
-        "gpu_decode_fused": timed(lambda: dev.decode(dtype=torch.float16, out=out), args.repeats),
-        "d2d_copy": timed(lambda: dst.copy_(src), args.repeats),
-        "cpu_decode": timed(lambda: f.decode(), 1, sync=False),
-    }
+    rows, f = [], None
+    for name in args.config or ["default"]:
+        data = kvcodec.encode(big, config=config(name))
+        f = kvcodec.open(data)
+        dev = cuda.DeviceFile(f)
+        out = dev.decode(dtype=torch.float16)
+        run = dev.prepare(dtype=torch.float16, out=out)
+        run_global = dev.prepare(dtype=torch.float16, out=out, kernel="global")
+        bits = len(data) * 8 / big.numel()
+        # gpu_decode: the whole call (plan in Python, payload upload, kernel, status check);
+        # gpu_decode_kernel: a prepared decode's launch alone (what a CUDA graph replays),
+        # tables in shared memory (the default) or read from global memory.
+        for case, fn, reps_, sync in [
+                ("gpu_decode", lambda: dev.decode(dtype=torch.float16, out=out), args.repeats, True),
+                ("gpu_decode_kernel", run.launch, 0, True),
+                ("gpu_decode_kernel_global", run_global.launch, 0, True),
+                ("cpu_decode", lambda: f.decode(), 1, False)]:
+            t = kernel_time(fn, 31) if "kernel" in case else timed(fn, reps_, sync)
+            rows.append({"name": f"{case}[{name}]", "seconds": t,
+                         "gb_per_s": fp16_bytes / t / 1e9, "bits_per_element": bits})
+    t = kernel_time(lambda: dst.copy_(src), 31)
+    rows.append({"name": "d2d_copy", "seconds": t, "gb_per_s": fp16_bytes / t / 1e9})
     # Encode: symbols of one stream tiled, GPU vs CPU coder.
-    layer = f._quant[(0, "value")]
+    layer = f.meta.quant[(0, "value")]
     sym, _ = layer.quantize(stream_input(kv.values[0], "value", None), {})
     freqs = tables.freqs_from_levels(tables.levels_from_counts(
         tables.channel_counts(sym, layer.table_alphabet)))
     import numpy as np
 
     sym_big = np.tile(sym, (max(1, fp16_bytes // (sym.size * 2)), 1))
-    cases["gpu_encode_symbols"] = timed(lambda: cuda.encode_symbols(sym_big, freqs, 256), 2)
-    cases["cpu_encode_symbols"] = timed(lambda: tables.native().encode(sym_big, freqs, 256), 1,
-                                        sync=False)
     enc_bytes = sym_big.size * 2  # fp16-equivalent bytes of those symbols
-    rows = [{"name": k, "seconds": v,
-             "gb_per_s": (enc_bytes if "encode" in k else fp16_bytes) / v / 1e9}
-            for k, v in cases.items()]
+    for case, fn, reps_, sync in [
+            ("gpu_encode_symbols", lambda: cuda.encode_symbols(sym_big, freqs, 256), 2, True),
+            ("cpu_encode_symbols", lambda: tables.native().encode(sym_big, freqs, 256), 1, False)]:
+        t = timed(fn, reps_, sync)
+        rows.append({"name": case, "seconds": t, "gb_per_s": enc_bytes / t / 1e9})
     out = {"device": torch.cuda.get_device_name(0), "fp16_bytes": fp16_bytes,
-           "bits_per_element": len(data) * 8 / big.numel(), "cases": rows}
+           "sm_clock_mhz_now_max": sm_clock(), "cpu_threads": torch.get_num_threads(),
+           "cases": rows}
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

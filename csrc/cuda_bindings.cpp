@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -48,9 +49,14 @@ void stage(const std::vector<Item>& host, uint64_t dev, uint64_t capacity, uint6
         "staging items");
 }
 
-// items: list of dicts with the DecodeItem fields (pointers as ints, 0 for null).
-void decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t status,
-            uint64_t stream) {
+// Bytes of the device buffer stage_decode fills for n items: the items, then the group
+// starts of the shared-memory decode (at most n + 1).
+uint64_t decode_buffer_bytes(uint64_t n) { return n * sizeof(DecodeItem) + 4 * (n + 1); }
+
+// items: list of dicts with the DecodeItem fields (pointers as ints, 0 for null), staged
+// into items_dev with their groups (runs of items sharing one stream's tables).
+// Returns (items, groups, largest channel count), what launch_decode takes.
+py::tuple stage_decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t stream) {
   std::vector<DecodeItem> host(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     py::dict d = items[i].cast<py::dict>();
@@ -70,6 +76,7 @@ void decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t stat
       it.half_range = d["half_range"].cast<int32_t>();
       it.grid = ptr<const float>(d["grid"]);
       it.mult = ptr<const float>(d["mult"]);
+      it.add = d.contains("add") ? ptr<const float>(d["add"]) : nullptr;
       it.cos = ptr<const float>(d["cos"]);
       it.sin = ptr<const float>(d["sin"]);
       it.stride_head = d["stride_head"].cast<int64_t>();
@@ -86,10 +93,40 @@ void decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t stat
     }
   }
   const int n = item_count(host.size());
+  std::vector<int32_t> groups{0};
+  int max_channels = 0;
+  for (int i = 0; i < n; ++i) {
+    max_channels = std::max(max_channels, host[i].channels);
+    if (i > 0 && (host[i].tables.range != host[i - 1].tables.range ||
+                  host[i].channels != host[i - 1].channels ||
+                  i - groups.back() == kvc::gpu::ITEMS_PER_GROUP))
+      groups.push_back(i);
+  }
+  if (n > 0) groups.push_back(n);
+  if (decode_buffer_bytes(host.size()) > capacity)
+    throw py::value_error("item buffer too small: need " +
+                          std::to_string(decode_buffer_bytes(host.size())));
   stage(host, items_dev, capacity, stream);
-  check(kvc::gpu::decode(reinterpret_cast<const DecodeItem*>(items_dev), n,
-                         reinterpret_cast<int32_t*>(status), reinterpret_cast<void*>(stream)),
-        "decode launch");
+  stage(groups, items_dev + host.size() * sizeof(DecodeItem), 4 * groups.size(), stream);
+  return py::make_tuple(n, (int)groups.size() - 1, max_channels);
+}
+
+// Launches the decode of n items staged at items_dev: no allocation, no host work, no
+// sync, so a CUDA graph can capture it. Each stream's tables go to shared memory where
+// they fit (`shared`, and the largest channel count allows it), else they are read from
+// global memory.
+void launch_decode(uint64_t items_dev, int n, int n_groups, int max_channels, uint64_t status,
+                   uint64_t stream, bool shared) {
+  const auto* items = reinterpret_cast<const DecodeItem*>(items_dev);
+  auto* st = reinterpret_cast<int32_t*>(status);
+  if (shared && n_groups > 0 && max_channels <= kvc::gpu::shared_decode_max_channels()) {
+    const auto* groups = reinterpret_cast<const int32_t*>(items_dev + n * sizeof(DecodeItem));
+    check(kvc::gpu::decode_shared(items, groups, n_groups, max_channels, st,
+                                  reinterpret_cast<void*>(stream)),
+          "decode launch");
+    return;
+  }
+  check(kvc::gpu::decode(items, n, st, reinterpret_cast<void*>(stream)), "decode launch");
 }
 
 void encode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t sizes,
@@ -137,8 +174,12 @@ PYBIND11_MODULE(_cuda, m) {
                                 reinterpret_cast<uint32_t*>(range),
                                 reinterpret_cast<void*>(stream)), "build_range");
   });
-  m.def("decode", &decode, py::arg("items"), py::arg("items_dev"), py::arg("capacity"),
-        py::arg("status"), py::arg("stream"));
+  m.attr("SHARED_DECODE_MAX_CHANNELS") = kvc::gpu::shared_decode_max_channels();
+  m.def("decode_buffer_bytes", &decode_buffer_bytes, py::arg("n"));
+  m.def("stage_decode", &stage_decode, py::arg("items"), py::arg("items_dev"),
+        py::arg("capacity"), py::arg("stream"));
+  m.def("launch_decode", &launch_decode, py::arg("items_dev"), py::arg("n"), py::arg("n_groups"),
+        py::arg("max_channels"), py::arg("status"), py::arg("stream"), py::arg("shared") = true);
   m.def("encode", &encode, py::arg("items"), py::arg("items_dev"), py::arg("capacity"),
         py::arg("sizes"), py::arg("status"), py::arg("stream"));
 }

@@ -1,5 +1,6 @@
 """The CUDA coder: same bytes as the CPU coder both ways, fused decode into HF and paged
 caches. Everything that needs a GPU skips cleanly without one."""
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def test_cuda_module_is_built_wherever_nvcc_exists():
         pytest.skip("no nvcc on PATH")
     nat = cuda.module()
     # The host staging copies these structs byte for byte into the kernels' arrays.
-    assert nat.DECODE_ITEM_BYTES == 152 and nat.ENCODE_ITEM_BYTES == 48
+    assert nat.DECODE_ITEM_BYTES == 160 and nat.ENCODE_ITEM_BYTES == 48
 
 
 def test_missing_gpu_is_a_clear_error(default_kvc):
@@ -34,18 +35,61 @@ def test_missing_gpu_is_a_clear_error(default_kvc):
 
 
 @needs_gpu
+@pytest.mark.parametrize("kernel", ["auto", "global"])
 @pytest.mark.parametrize("cfg", kvcodec.available_configs())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_decode_equals_cpu_decode(kv_600, cfg, dtype):
+def test_gpu_decode_equals_cpu_decode(kv_600, cfg, dtype, kernel):
+    """Tables in shared memory (auto) or global memory: the CPU decoder's tensors."""
     data = kvcodec.encode(kv_600, config=cfg)
     ref = kvcodec.decode(data, dtype=dtype)
     with kvcodec.open(data) as f:
-        out = cuda.DeviceFile(f).decode(dtype=dtype)
-        part = cuda.DeviceFile(f).decode(chunks=range(1, 3), dtype=dtype)
+        out = cuda.DeviceFile(f).decode(dtype=dtype, kernel=kernel)
+        part = cuda.DeviceFile(f).decode(chunks=range(1, 3), dtype=dtype, kernel=kernel)
     for l in range(30):
         assert torch.equal(out[l][0].cpu(), ref.keys[l])
         assert torch.equal(out[l][1].cpu(), ref.values[l])
         assert torch.equal(part[l][0].cpu(), ref.keys[l][:, :, 256:600])
+
+
+def _variant(name: str, channels: int) -> dict:
+    """The default config with one feature changed: keys not centered (the fused path
+    without offsets), one step multiplier per key channel (calibrate --fast's query
+    weights), or four sink tokens (a chunk range that starts inside and after them)."""
+    from kvcodec.core.config import load_config
+
+    cfg = load_config("default")
+    key = cfg["key"][0]["quantizer"]
+    if name == "lossless":
+        return "lossless"
+    if name == "uncentered":
+        key["center"] = False
+    elif name == "channel_steps":
+        key["head_scale"] = [4.0 if c % 3 else 0.5 for c in range(channels)]
+    else:
+        cfg["sink_tokens"] = 4
+    return cfg
+
+
+@needs_gpu
+@pytest.mark.parametrize("variant", ["uncentered", "channel_steps", "sinks", "lossless"])
+@pytest.mark.parametrize("source", [torch.float16, torch.float32])
+def test_gpu_decode_equals_cpu_decode_for_config_variants(kv_600, variant, source):
+    """Variants of the default, and lossless from fp16 and fp32 caches: fp32 has four byte
+    planes per channel, more columns than shared memory holds tables for (the global
+    tables take over)."""
+    kv = dataclasses.replace(kv_600, keys=[k.to(source) for k in kv_600.keys],
+                             values=[v.to(source) for v in kv_600.values])
+    cfg = _variant(variant, kv_600.num_kv_heads * kv_600.head_dim)
+    data = kvcodec.encode(kv, config=cfg)
+    ref = kvcodec.decode(data, dtype=torch.float32)
+    with kvcodec.open(data) as f:
+        out = cuda.DeviceFile(f).decode(dtype=torch.float32)
+        part = cuda.DeviceFile(f).decode(chunks=range(1, 3), dtype=torch.float32)
+    for l in range(30):
+        for kind in (0, 1):
+            want = (ref.keys, ref.values)[kind][l]
+            assert torch.equal(out[l][kind].cpu(), want), (variant, l, kind)
+            assert torch.equal(part[l][kind].cpu(), want[:, :, 256:600]), (variant, l, kind)
 
 
 @needs_gpu
@@ -75,30 +119,76 @@ def test_gpu_encode_equals_cpu_encode():
 
 
 @needs_gpu
-def test_damaged_blob_reports_status(kv_600):
-    data = bytearray(kvcodec.encode(kv_600))
-    with kvcodec.open(bytes(data)) as f:
+@pytest.mark.parametrize("kernel", ["auto", "global"])
+def test_damaged_blob_reports_status(kv_600, monkeypatch, kernel):
+    data = kvcodec.encode(kv_600)
+    with kvcodec.open(data) as f:
         dev = cuda.DeviceFile(f)
-        # A blob cut short (its checksum recomputed) must come back as a status.
-        e = f.sections.index()[5]
-        e["blob"] = int(e["blob"]) - 2
-        raw = f.source.read_range("payload", int(e["off"]), int(e["side"]) + int(e["blob"]))
-        e["crc"] = container.crc32(raw)
-        with pytest.raises(CorruptError, match="chunk"):
-            dev.decode()
+        # A blob cut short (its checksum recomputed) passes the reader's checks and must
+        # come back from the kernel as a status.
+        off, side, blob, crc = (list(x) for x in f.sections.item_lists())
+        blob[5] -= 2
+        crc[5] = container.crc32(f.source.read_range("payload", off[5], side[5] + blob[5]))
+        monkeypatch.setattr(f.sections, "item_lists", lambda: (off, side, blob, crc))
+        with pytest.raises(CorruptError, match="chunk 0"):
+            dev.decode(kernel=kernel)
+
+
+@needs_gpu
+def test_a_prepared_decode_replays_in_a_cuda_graph(kv_600):
+    """prepare() stages once; launch() is capturable (no allocation, host work or sync), and
+    a replay followed by finish() gives the same tensors as the CPU decode."""
+    data = kvcodec.encode(kv_600)
+    ref = kvcodec.decode(data, dtype=torch.float16)
+    with kvcodec.open(data) as f:
+        run = cuda.DeviceFile(f).prepare(dtype=torch.float16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run.launch()  # warm-up outside the capture, as CUDA graphs want
+        torch.cuda.current_stream().wait_stream(side)
+        out = run.finish()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run.launch()
+        for pair in out:
+            for t in pair:
+                t.zero_()
+        graph.replay()
+        out = run.finish()
+    for l in range(30):
+        assert torch.equal(out[l][0].cpu(), ref.keys[l])
+        assert torch.equal(out[l][1].cpu(), ref.values[l])
 
 
 @needs_gpu
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="no compute-sanitizer")
-def test_compute_sanitizer_memcheck(tmp_path):
+def test_compute_sanitizer_memcheck(tmp_path, kv_600):
+    """Every config, a chunk range, a paged destination and the encoder under memcheck (the
+    files are encoded here, so the checked process only decodes and needs no model)."""
+    names = []
+    for i, cfg in enumerate(kvcodec.available_configs() + [_variant("sinks", 192)]):
+        (tmp_path / f"{i}.kvc").write_bytes(kvcodec.encode(kv_600, config=cfg))
+        names.append(str(tmp_path / f"{i}.kvc"))
     script = tmp_path / "run.py"
     script.write_text(
-        "import kvcodec, torch\nfrom kvcodec.integrations import cuda\n"
-        "lm = kvcodec.load_model()\n"
-        "kv = kvcodec.capture_kv(lm, 'The quick brown fox jumps over the lazy dog. ' * 40)\n"
-        "data = kvcodec.encode(kv)\n"
-        "with kvcodec.open(data) as f:\n    cuda.DeviceFile(f).decode()\n"
+        "import sys, numpy as np, torch, kvcodec\n"
+        "from kvcodec.core import tables\nfrom kvcodec.integrations import cuda\n"
+        "for name in sys.argv[1:]:\n"
+        "    with kvcodec.open(name) as f:\n"
+        "        dev = cuda.DeviceFile(f)\n"
+        "        dev.decode()\n"
+        "        dev.decode(chunks=range(1, 3), dtype=torch.float32)\n"
+        "        n, h, d = f.meta.num_tokens, f.meta.num_kv_heads, f.meta.head_dim\n"
+        "        slots = torch.randperm(64 * 16, device='cuda')[:n].to(torch.int64)\n"
+        "        caches = [tuple(torch.zeros((64, 16, h, d), dtype=torch.bfloat16, device='cuda')\n"
+        "                        for _ in range(2)) for _ in range(f.meta.num_layers)]\n"
+        "        dev.decode(dtype=torch.bfloat16, out=caches, slots=slots, block_size=16)\n"
+        "sym = np.random.default_rng(0).integers(0, 200, size=(300, 193)).astype(np.uint8)\n"
+        "freqs = tables.freqs_from_levels(tables.levels_from_counts(\n"
+        "    tables.channel_counts(sym, 256)))\n"
+        "cuda.encode_symbols(sym, freqs, 256)\n"
         "torch.cuda.synchronize()\n")
     r = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
-                        sys.executable, str(script)], capture_output=True, text=True)
+                        sys.executable, str(script)] + names, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Same bitstream as the CPU coder (``csrc/common/rans.h``): a file encoded on either side
 decodes bit-exactly on the other. For per-token-step ``uniform`` streams (the shipped
-default) decoding is fused with dequantization and RoPE re-application and writes fp16,
+default; centered streams add their channel means in the same pass) decoding is fused with dequantization and RoPE re-application and writes fp16,
 bf16 or fp32 into a caller-given destination, either a ``[1, kv_heads, tokens,
 head_dim]`` tensor (HF) or a paged block cache addressed by a slot mapping (vLLM layout
 ``[num_blocks, block_size, kv_heads, head_dim]``). Other quantizers decode symbols on the
@@ -54,11 +54,22 @@ def _require(device) -> torch.device:
     if not available():
         raise BackendError("no CUDA device: the GPU coder needs a CUDA build of torch and a "
                            "visible GPU (use the CPU decoder instead)")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "cuda" is the current device: cuda:N,
+        dev = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+    return dev
 
 
 def _stream() -> int:
     return int(torch.cuda.current_stream().cuda_stream)
+
+
+def _fused(q) -> bool:
+    """Streams the kernel dequantizes itself: per-token-step ``uniform``, centered or not
+    (the shipped default); the others decode symbols on the GPU and dequantize in PyTorch."""
+    from ..core.quant import Uniform
+
+    return isinstance(q, Uniform) and q.scale == "token"
 
 
 def _check(status: torch.Tensor, names: list) -> None:
@@ -96,8 +107,18 @@ class DeviceFile:
         self._grid = None
 
     def decode(self, chunks=None, *, dtype=torch.float16, out=None, slots=None,
-               block_size: int = 0):
-        """Decode every layer over ``chunks`` on the GPU.
+               block_size: int = 0, kernel: str = "auto"):
+        """Decode every layer over ``chunks`` on the GPU: :meth:`prepare`, then the run's
+        ``launch()`` and ``finish()``. Arguments and result as :meth:`prepare`'s."""
+        run = self.prepare(chunks, dtype=dtype, out=out, slots=slots, block_size=block_size,
+                           kernel=kernel)
+        run.launch()
+        return run.finish()
+
+    def prepare(self, chunks=None, *, dtype=torch.float16, out=None, slots=None,
+                block_size: int = 0, kernel: str = "auto") -> "DecodeRun":
+        """Stage a decode of every layer over ``chunks``: payload uploaded, work items in
+        device memory. The returned :class:`DecodeRun` launches it any number of times.
 
         Parameters
         ----------
@@ -105,15 +126,24 @@ class DeviceFile:
             Destinations per layer. Without ``slots``: ``[1, kv_heads, tokens, head_dim]``
             (any strides). With ``slots`` (int64 ``[tokens]`` on the device): paged
             caches ``[num_blocks, block_size, kv_heads, head_dim]``.
+        kernel : "auto" or "global"
+            ``auto`` decodes each stream with its tables in shared memory (one block per
+            stream's chunks) where the channel count allows (``SHARED_DECODE_MAX_CHANNELS``:
+            every dense config but fp32 lossless), else from tables in global memory;
+            ``global`` always reads them from global memory. Same bytes either way.
 
         Returns
         -------
-        list of (key, value)
-            ``out`` (allocated contiguous when omitted).
+        DecodeRun
+            ``launch()`` runs the kernel on the current stream (no allocation, no sync, no
+            host work: safe to capture in a CUDA graph); ``finish()`` writes the sink rows
+            and the streams the kernel does not dequantize, checks every blob's status
+            (one sync; CorruptError names the first bad chunk) and returns ``out``
+            (allocated contiguous when omitted).
         """
-        from ..core.quant import STEP_GRID, Uniform
-        from ..core.streams import KINDS, unflatten
-        from ..core.transforms import rope, rope_tables
+        from ..core.quant import STEP_GRID
+        from ..core.streams import KINDS
+        from ..core.transforms import rope_tables
 
         f, dev, nat = self.f.meta, self.device, module()
         sec = self.f.sections
@@ -125,6 +155,8 @@ class DeviceFile:
         h, d = f.num_kv_heads, f.head_dim
         if dtype not in _DTYPES:
             raise ShapeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if kernel not in ("auto", "global"):
+            raise ShapeError(f"kernel must be 'auto' or 'global', got {kernel!r:.40}")
         if out is None:
             if slots is not None:
                 raise ShapeError("a paged decode needs its destination caches (out)")
@@ -164,10 +196,15 @@ class DeviceFile:
                 cols = f.coded_columns(q)
                 sym = torch.empty((n, cols), dtype=torch.uint8, device=dev)
                 symbols[(l, k)] = sym
-                fused = isinstance(q, Uniform) and q.scale == "token" and not q.center
-                mult = (q.head_mult(f.channels).to(dev) if fused else None)
-                if mult is not None:
+                fused = _fused(q)
+                mult = add = None
+                if fused:
+                    mult = q.head_mult(f.channels).to(dev)
                     keep.append(mult)
+                if fused and q.center:  # a centered stream's channel means, added on the GPU
+                    add = torch.from_numpy(np.ascontiguousarray(
+                        params[(l, k)]["mean"], dtype=np.float32)).to(dev)
+                    keep.append(add)
                 dst = out[l][ki]
                 for c in chunks:
                     r0 = c * f.chunk_tokens - t0
@@ -183,6 +220,7 @@ class DeviceFile:
                         rope_here = k == "key" and cos is not None
                         item.update(dtype=_DTYPES[dtype], heads=h, head_dim=d, half_range=q.r,
                                     grid=self._grid.data_ptr(), mult=mult.data_ptr(),
+                                    add=0 if add is None else add.data_ptr(),
                                     cos=cos[r0:].data_ptr() if rope_here else 0,
                                     sin=sin[r0:].data_ptr() if rope_here else 0,
                                     first_row=max(0, f.sink_tokens - (t0 + r0)))
@@ -198,37 +236,65 @@ class DeviceFile:
                     items.append(item)
                     names.append(f"{f.name}: chunk {c}, layer {l} {k}s")
         status = torch.zeros(len(items), dtype=torch.int32, device=dev)
-        buf = torch.empty(len(items) * nat.DECODE_ITEM_BYTES, dtype=torch.uint8, device=dev)
-        nat.decode(items, buf.data_ptr(), buf.numel(), status.data_ptr(), _stream())
-        # Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU.
+        buf = torch.empty(nat.decode_buffer_bytes(len(items)), dtype=torch.uint8, device=dev)
+        staged = nat.stage_decode(items, buf.data_ptr(), buf.numel(), _stream())
+        keep += [data, buf, status, self._grid, self._tables, tables, symbols]
+        shared = kernel == "auto"
+
+        def launch():
+            nat.launch_decode(buf.data_ptr(), *staged, status.data_ptr(), _stream(), shared)
+
+        def finish():
+            self._finish(out, symbols, sides, params, t0, n, dtype, slots, block_size)
+            _check(status, names)
+            return out
+
+        return DecodeRun(launch, finish, keep)
+
+    def _finish(self, out, symbols, sides, params, t0, n, dtype, slots, block_size):
+        """Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU."""
+        from ..core.streams import KINDS, unflatten
+        from ..core.transforms import rope
+
+        f, dev, sec = self.f.meta, self.device, self.f.sections
+        h, d = f.num_kv_heads, f.head_dim
         for l in range(f.num_layers):
             for ki, k in enumerate(KINDS):
                 q = f.quant[(l, k)]
-                fused = isinstance(q, Uniform) and q.scale == "token" and not q.center
+                fused = _fused(q)
                 n_sink = max(0, min(f.sink_tokens - t0, n))
                 if fused and not n_sink:
                     continue
+                # On the host, as the CPU decoder computes them (the RoPE tables live
+                # there); the finished rows go to the device once, in the output dtype.
                 if fused:
-                    x = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                    x = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
                     rows = slice(0, n_sink)
                 else:
                     side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
                             if q.side_per_token else None)
-                    x = q.dequantize(symbols[(l, k)].cpu(), params[(l, k)], side).to(dev)
+                    x = q.dequantize(symbols[(l, k)].cpu(), params[(l, k)], side)
                     if n_sink:
-                        x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink].to(dev)
+                        x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
                     rows = slice(0, n)
                 t = unflatten(x, h, d)
                 if k == "key" and f.ropes[l] is not None:
                     t = rope(t, f.ropes[l], f.position_offset + t0 + rows.start)
+                t = t.to(dtype).to(dev)
                 dst = out[l][ki]
                 if slots is None:
-                    dst[:, :, rows] = t.to(dtype)
+                    dst[:, :, rows] = t
                 else:
                     s = slots[rows]
-                    dst[s // block_size, s % block_size] = t[0].permute(1, 0, 2).to(dtype)
-        _check(status, names)
-        return out
+                    dst[s // block_size, s % block_size] = t[0].permute(1, 0, 2)
+
+
+class DecodeRun:
+    """A staged GPU decode (:meth:`DeviceFile.prepare`): ``launch()`` then ``finish()``.
+    It holds every device buffer the kernel reads or writes, so they live as long as it."""
+
+    def __init__(self, launch, finish, keep):
+        self.launch, self.finish, self._keep = launch, finish, keep
 
 
 def encode_symbols(symbols, freqs, chunk_tokens: int, device="cuda") -> list:

@@ -47,6 +47,8 @@ struct DecodeItem {
   int32_t half_range;            // R
   const float* grid;             // [256] per-token step codes (codec.quant.STEP_GRID)
   const float* mult;             // [channels - 1] per-channel step multipliers
+  const float* add;              // [channels - 1] or nullptr: per-channel offsets added
+                                 // after the step, before RoPE (a centered stream's means)
   const float* cos;              // [rows, head_dim] or nullptr (no RoPE)
   const float* sin;
   // Destination addressing, in elements: token t of head h, dim i goes to
@@ -66,6 +68,18 @@ int build_tables(const uint16_t* freqs, int channels, int alphabet, uint8_t* sym
 
 // Decodes items[0..n) (the array itself in device memory); status[i] per item.
 int decode(const DecodeItem* items, int n, int32_t* status, void* stream);
+
+// The same decode with each stream's tables in shared memory: groups[0..n_groups] (device
+// memory) splits the items into runs of at most ITEMS_PER_GROUP that share one stream's
+// tables and channel count (the chunks of one layer's keys or values), one block each;
+// max_channels (the largest channel count, at most shared_decode_max_channels()) sizes
+// the block's shared memory. Needs the range tables build_tables writes (past the
+// alphabet: cum = PROB_SCALE). Same symbols, statuses and outputs as decode.
+constexpr int ITEMS_PER_GROUP = 8;
+constexpr size_t SHARED_DECODE_BYTES = 227 * 1024;  // the most a block may have (sm_80, sm_90)
+int shared_decode_max_channels();
+int decode_shared(const DecodeItem* items, const int32_t* groups, int n_groups,
+                  int max_channels, int32_t* status, void* stream);
 
 // One blob to encode, by one half-warp: symbols [rows, channels] with
 // range tables freq | cum << 16 per (channel, symbol) [channels][256].
