@@ -296,3 +296,45 @@ def test_a_damaged_entry_in_a_stacked_prefix(filled, caplog, where):
         with store.open_entry(locs[i], ids[i * 256:(i + 1) * 256], i * 256) as f:
             one = f.decode()
         assert torch.equal(kv.keys[0][:, :, i * 256:(i + 1) * 256], one.keys[0])
+
+
+@pytest.mark.parametrize("where", [None, "checksum", "decoder"])
+def test_documents_of_a_step_decode_as_one_plan(filled, lm, where, caplog, monkeypatch):
+    """What the vLLM worker does each step: the entries of several requests, some layers
+    at a time, into one buffer at each request's rows (``decode_documents``). Each
+    document stacks; a damaged entry stops only its document, after the entries before
+    it landed, and is moved aside."""
+    import kvcodec.store.batch as batch
+    from kvcodec.store.batch import Document, decode_documents
+
+    stacked, real = [], batch.plan_stack
+    monkeypatch.setattr(batch, "plan_stack", lambda *a: stacked.append(real(*a)) or stacked[-1])
+    store, ids, locs = filled
+    if where:
+        locs[2].write_bytes(_damaged(locs[2].read_bytes(), where))
+    fp, layers = lm.fingerprint, [4, 5, 29]
+    shape = (1, fp["num_kv_heads"], 1536 + 512, fp["head_dim"])
+    bufs = {l: (torch.zeros(shape), torch.zeros(shape)) for l in layers}
+
+    def doc(n, at):
+        files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+                 for i, loc in enumerate(locs[:n])]
+        return Document(files, locs[:n], bufs, [(at + i * 256, at + (i + 1) * 256)
+                                                 for i in range(n)])
+    docs = [doc(2, 0), doc(6, 512)]  # a short request first, then the whole document
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        landed = decode_documents(store, docs, threads=2)
+    assert landed == ([2, 6] if where is None else [2, 2])
+    if where != "checksum":  # a checksum is checked while planning: that one is not stacked
+        assert len(stacked) == 2 and None not in stacked
+        assert len(stacked[1].targets) == 2 * len(layers)  # a target per stream, not entry
+    assert (where is None) == locs[2].exists()
+    for d, at in zip(docs, (0, 512)):
+        for i in range(landed[docs.index(d)]):
+            one = d.files[i].decode()
+            for l in layers:
+                rows = slice(at + i * 256, at + (i + 1) * 256)
+                assert torch.equal(bufs[l][0][:, :, rows], one.keys[l])
+                assert torch.equal(bufs[l][1][:, :, rows], one.values[l])
+        for f in d.files:
+            f.close()

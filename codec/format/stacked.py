@@ -30,16 +30,17 @@ from .reader import in_place
 
 def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
     """One plan decoding ``files`` (open entries, token spans ``spans`` of ``bufs``: per
-    layer ``(keys, values)`` ``[1, heads, capacity, head_dim]``) as one file, or None
-    where they do not stack (see the module docstring). Raises what
-    :meth:`KVCFile.plan` raises for a damaged entry."""
+    layer ``(keys, values)`` ``[1, heads, capacity, head_dim]``, a list over every layer
+    or a ``{layer: (keys, values)}`` dict of some) as one file, or None where they do not
+    stack (see the module docstring). Raises what :meth:`KVCFile.plan` raises for a
+    damaged entry."""
     if len(files) < 2 or not _stackable(files, spans):
         return None
     f0, m0 = files[0], files[0].meta
     t0, t1 = spans[0][0], spans[-1][1]
     base = m0.position_offset
     streams = []
-    for l, pair in enumerate(bufs):
+    for l, pair in (bufs.items() if isinstance(bufs, dict) else enumerate(bufs)):
         for k, buf in zip(KINDS, pair):
             q = m0.quant[(l, k)]
             rope = m0.ropes[l] if k == "key" else None

@@ -146,13 +146,69 @@ def _decode_stacked(store, files: list, bufs, spans: list, threads: int) -> bool
     """Decode consecutive entries as one file (:func:`~kvcodec.format.stacked.plan_stack`);
     False where they do not stack or anything fails, for the caller to decode them one
     by one (which says which entry is damaged, and keeps the ones before it)."""
+    return decode_documents(store, [Document(files, [None] * len(files), bufs, spans)],
+                            threads, fallback=False) == [len(files)]
+
+
+@dataclass
+class Document:
+    """Consecutive entries of one document to decode: open files, their locations (for
+    reports), destinations ``{layer: (keys, values)}`` (or a list over all layers) of
+    ``[1, heads, capacity, head_dim]`` float32 buffers, and each entry's token span in
+    them."""
+
+    files: list
+    locs: list
+    bufs: object
+    spans: list
+
+
+def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True) -> list:
+    """Decode several documents' entries (the requests of a vLLM step, a store prefix)
+    with as few native calls as they allow: each document that stacks
+    (:func:`~kvcodec.format.stacked.plan_stack`) is one job per stream, and all of them
+    run as one plan. A document that does not stack, or whose stacked decode reports an
+    error, is decoded entry by entry (:func:`decode_entries`: the damaged entry is
+    reported to the store, the ones before it land) unless ``fallback`` is False.
+    Returns per document how many of its leading entries landed."""
     started = time.perf_counter()
-    try:
-        plan = plan_stack(files, bufs, spans)
-        if plan is None or any(e is not None for e in run(plan, threads)):
-            return False
-        finish(plan.targets)
-    except (KVCodecError, OSError):
-        return False
-    store.metrics.staged("decode", time.perf_counter() - started)
-    return True
+    landed = [0] * len(docs)
+    plans, rest = {}, []   # chunk_tokens -> (plan, [(doc, first target, end)])
+    for d, doc in enumerate(docs):
+        try:
+            p = plan_stack(doc.files, doc.bufs, doc.spans)
+        except (KVCodecError, OSError):
+            p = None
+        if p is None:
+            rest.append(d)
+            continue
+        plan, owned = plans.setdefault(p.chunk_tokens, (p, []))
+        start = len(plan.targets) if plan is not p else 0
+        if plan is not p:
+            plan.extend(p)
+        owned.append((d, start, len(plan.targets)))
+    for plan, owned in plans.values():
+        errors = run(plan, threads)
+        for d, a, b in owned:
+            try:
+                if any(e is not None for e in errors[a:b]):
+                    raise CorruptError("stacked decode failed")
+                finish(plan.targets[a:b])
+                landed[d] = len(docs[d].files)
+            except (KVCodecError, OSError):
+                rest.append(d)
+    if plans:
+        store.metrics.staged("decode", time.perf_counter() - started)
+    if rest and fallback:
+        entries = [Entry(f, doc.locs[i], _views(doc.bufs, *doc.spans[i]), d)
+                   for d in sorted(rest) for doc in (docs[d],) for i, f in enumerate(doc.files)]
+        ok = decode_entries(store, entries, threads)
+        for e, good in zip(entries, ok):
+            landed[e.group] += good  # a group's entries land as a leading run
+    return landed
+
+
+def _views(bufs, t0: int, t1: int) -> dict:
+    if isinstance(bufs, dict):
+        return {l: (k[:, :, t0:t1], v[:, :, t0:t1]) for l, (k, v) in bufs.items()}
+    return token_views(bufs, t0, t1)

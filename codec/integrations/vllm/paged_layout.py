@@ -52,8 +52,10 @@ class PagedLayout:
         from vllm import _custom_ops as ops
 
         kc, vc = self._split(cache)
-        ops.cpu_attn_reshape_and_cache(k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
-                                       kc, vc, slots, self.isa)
+        fmt = torch.contiguous_format  # cast and lay out in one pass
+        ops.cpu_attn_reshape_and_cache(k.to(self.dtype, memory_format=fmt),
+                                       v.to(self.dtype, memory_format=fmt), kc, vc, slots,
+                                       self.isa)
 
     def read(self, cache: torch.Tensor, slots: torch.Tensor):
         """K and V ``[tokens, kv_heads, head_dim]`` of ``slots`` (copies)."""

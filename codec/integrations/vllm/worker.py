@@ -13,7 +13,7 @@ import torch
 
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
-from ...store.batch import Entry, decode_entries
+from ...store.batch import Document, decode_documents
 from .paged_layout import PagedLayout, slot_ids
 from .scheduler import Load
 
@@ -54,6 +54,8 @@ class ConnectorWorker:
     saves queued, written and dropped.
     """
 
+    BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most
+
     def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool,
                  load_timeout_s: float = 5.0, max_pending_save_bytes: int = 1 << 30):
         self.store, self.fingerprint = store, fingerprint
@@ -72,6 +74,7 @@ class ConnectorWorker:
         # load_timeout_s per step; a fetch stuck past it finishes in the background.
         self._fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcodec-fetch")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
+        self._pool: list = []  # decode buffers kept across steps (_buffers)
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
         self.bytes_read = 0
@@ -175,58 +178,79 @@ class ConnectorWorker:
 
     def _load_group(self, group: list, jobs: list) -> None:
         """Decode layers ``group`` of every entry of every load of this step as one plan
-        (one native call: :func:`~kvcodec.store.batch.decode_entries`) into one buffer
-        per layer, and write each layer into vLLM's blocks with one call of its op. A
-        damaged entry stops its load there (it and later ones are recomputed); the
-        other loads are not affected."""
-        fp = self.fingerprint
-        placed = []  # (load, files, entry index, its first row in the buffers)
+        (each load's entries stacked as one file where they allow it, in one native call:
+        :func:`~kvcodec.store.batch.decode_documents`) into one buffer per layer, and
+        write each layer into vLLM's blocks with one call of its op. A damaged entry
+        stops its load there (it and later ones are recomputed); the other loads are not
+        affected."""
+        placed = []  # (load, files, entries in use, their first row in the buffers)
         total = 0
         for load, files in jobs:
-            for i, (f, t0, _) in enumerate(files):
-                if f is None:
-                    break
-                placed.append((load, files, i, total))
-                total += f.num_tokens
+            n = next((i for i, (f, _, _) in enumerate(files) if f is None), len(files))
+            if n:
+                placed.append((load, files, n, total))
+                total += sum(files[i][0].num_tokens for i in range(n))
         if not placed:
             return
-        shape = (1, fp["num_kv_heads"], total, fp["head_dim"])
-        bufs = {l: (torch.empty(shape), torch.empty(shape)) for l in group}
-        entries = [Entry(files[i][0], files[i][2],
-                         {l: (k[:, :, at:at + files[i][0].num_tokens],
-                              v[:, :, at:at + files[i][0].num_tokens])
-                          for l, (k, v) in bufs.items()}, load.req_id)
-                   for load, files, i, at in placed]
-        ok = decode_entries(self.store, entries, self.threads)
+        bufs = self._buffers(group, total)
+        docs = []
+        for load, files, n, at in placed:
+            spans, row = [], at
+            for f, _, _ in files[:n]:
+                spans.append((row, row + f.num_tokens))
+                row += f.num_tokens
+            docs.append(Document([f for f, _, _ in files[:n]], [p for _, _, p in files[:n]],
+                                 bufs, spans))
+        landed = decode_documents(self.store, docs, self.threads)
         rows, slots = [], []
-        for (load, files, i, at), good in zip(placed, ok):
-            f, t0, _ = files[i]
-            if f is None:
-                continue  # an earlier entry of this load failed
-            if not good:  # reported by decode_entries: this one and later ones recompute
-                for j in range(i, len(files)):
+        for (load, files, n, at), doc, good in zip(placed, docs, landed):
+            if good < n:  # reported by decode_documents: this one and later ones recompute
+                for j in range(good, len(files)):
                     if files[j][0] is not None:
                         files[j][0].close()
                     files[j] = (None,) + files[j][1:]
-                self._fail(load, t0)
-                continue
-            lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
-            rows.append(torch.arange(at + lo - t0, at + hi - t0))
-            slots.append(slot_ids(load.block_ids, lo, hi, self.block))
-            if group[0] == min(self._caches):
-                self.tokens_loaded += hi - lo
-                self.bytes_read += f.size_bytes
+                self._fail(load, files[good][1])
+            for i in range(good):
+                f, t0, _ = files[i]
+                lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
+                a = doc.spans[i][0]
+                rows.append(torch.arange(a + lo - t0, a + hi - t0))
+                slots.append(slot_ids(load.block_ids, lo, hi, self.block))
+                if group[0] == min(self._caches):
+                    self.tokens_loaded += hi - lo
+                    self.bytes_read += f.size_bytes
         if not rows:
             return
         started = time.perf_counter()
         rows, slots = torch.cat(rows), torch.cat(slots)
-        whole = len(rows) == total and bool(torch.equal(rows, torch.arange(total)))
+        # One run of rows (one request, its last entry partly used) is a slice, not a
+        # gather: a copy of every layer less.
+        r0 = int(rows[0])
+        run = bool(torch.equal(rows, torch.arange(r0, r0 + len(rows))))
         for l, (k, v) in bufs.items():
             k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
-            if not whole:
-                k, v = k[rows], v[rows]
+            k, v = (k[r0:r0 + len(rows)], v[r0:r0 + len(rows)]) if run else (k[rows], v[rows])
             self._layout.write(self._caches[l], k, v, slots)
         self.store.metrics.staged("write", time.perf_counter() - started)
+
+    def _buffers(self, group: list, total: int) -> dict:
+        """float32 ``(keys, values)`` ``[1, heads, total, head_dim]`` per layer of
+        ``group``: views of buffers kept across steps (fresh pages cost a page fault each,
+        more than the decode's writes to them) while they stay under ``BUFFER_BYTES``,
+        else new ones. Groups are decoded and written one after another, so they share
+        the buffers."""
+        fp = self.fingerprint
+        h, d = fp["num_kv_heads"], fp["head_dim"]
+        need = len(group) * 2
+        have = self._pool[0].shape[2] if self._pool else 0
+        count, cap = max(need, len(self._pool)), max(total, have)
+        if count * h * cap * d * 4 > self.BUFFER_BYTES:
+            return {l: (torch.empty((1, h, total, d)), torch.empty((1, h, total, d)))
+                    for l in group}
+        if count > len(self._pool) or cap > have:
+            self._pool = [torch.empty((1, h, cap, d)) for _ in range(count)]
+        return {l: (self._pool[2 * i][:, :, :total], self._pool[2 * i + 1][:, :, :total])
+                for i, l in enumerate(group)}
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ev = self._events.get(self._names.get(layer_name))
