@@ -1,7 +1,8 @@
 """Time to first token in vLLM (CPU build) for a ~2,000-token document + question on the
 embedded model, with a warm store: vLLM's own prefill (no connector), vLLM's
 ExampleConnector (raw per-layer safetensors files of the paged K/V), and the kvcodec
-connector in `lossless` and `default` modes.
+connector in `lossless` and `default` modes, and `default` once more with its store on S3
+(moto on 127.0.0.1) behind a real 1 Gbit/s link (``throttle.py``: a rate-limited relay).
 
 Each case runs in its own process with its own engine (prefix caching off, so only the
 connector can skip work); the request is sent once to fill the store, then timed.
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
-CASES = ("prefill", "example", "kvcodec", "kvcodec-default", "kvcodec-default-512")
+CASES = ("prefill", "example", "kvcodec", "kvcodec-default", "kvcodec-default-512",
+         "kvcodec-default-1g")
 REQUIRED = CASES[:4]
 
 
@@ -37,6 +39,8 @@ def _config(name: str):
     entries, so half the per-entry table building, for coarser prefix reuse)."""
     if name == "kvcodec":
         return "lossless"
+    if name.endswith("-1g"):
+        return "default"
     if name.endswith("-512"):
         import kvcodec
 
@@ -63,6 +67,9 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
     doc = lm.tokenizer(real_texts()["gpl3"], add_special_tokens=False)["input_ids"][:tokens]
     ids = doc + lm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     store = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{name}-"))
+    root, options = str(store), None
+    if name.endswith("-1g"):  # the store on S3 (moto) behind a real 1 Gbit/s link
+        root, options = "s3://bench/store", {"client_kwargs": {"endpoint_url": _s3_link()}}
     kv = None
     if name == "example":
         kv = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
@@ -72,8 +79,8 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
               "kv_connector_module_path": "kvcodec.integrations.vllm",
               "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
               "kv_connector_extra_config": {
-                  "store": str(store),
-                  "config": _config(name)}}
+                  "store": root, "config": _config(name),
+                  **({"storage_options": options} if options else {})}}
     llm = LLM(model=str(resolve_model_path(None)), dtype=dtype, max_model_len=4096,
               enforce_eager=True, max_num_seqs=max(1, concurrent),
               enable_prefix_caching=False, kv_transfer_config=kv)
@@ -94,7 +101,12 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
 
         conn = get_kv_transfer_group()
         conn.flush()  # the background encode is done
-    stored = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    if options:
+        import fsspec
+
+        stored = fsspec.filesystem("s3", **options).du(root.removeprefix("s3://"))
+    else:
+        stored = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
     best, out, read = None, None, 0
     for _ in range(rounds):
         before = conn.bytes_read if conn else 0
@@ -106,6 +118,40 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
             "bytes_read": read, "tokens_computed": len(ids) - cached,
             "prompt_tokens": len(ids), "torch_threads": __import__("torch").get_num_threads(),
             **threading}
+
+
+def _s3_link(gbps: float = 1.0) -> str:
+    """moto_server on 127.0.0.1 with a bucket, behind ``throttle.py`` at ``gbps``: the
+    endpoint URL of the link (both processes end with this one)."""
+    import atexit
+    import socket
+    import urllib.request
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    s3, link = port(), port()
+    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                 ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ[k] = v
+    procs = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(s3)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([sys.executable, str(Path(__file__).with_name("throttle.py")),
+                               "--listen", str(link), "--to", f"127.0.0.1:{s3}", "--gbps",
+                               str(gbps)])]
+    atexit.register(lambda: [p.kill() for p in procs])
+    url = f"http://127.0.0.1:{link}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": url}).mkdir("bench")
+    return url
 
 
 def _concurrent(llm, params, lm, text, tokens, n, rounds, name, threading) -> dict:
@@ -181,7 +227,10 @@ def main():
     if not set(REQUIRED) <= set(by):
         print(json.dumps({"cases": cases}))
         return
-    link = lambda c: c["ttft_s"] + c["bytes_read"] * 8 / 1e9  # noqa: E731 - 1 Gbit/s
+    # 1 Gbit/s, modelled: each case's TTFT plus its bytes' transfer time; the -1g case
+    # went through a real throttled socket already.
+    link = lambda c: c["ttft_s"] + (0 if c["name"].endswith("-1g")  # noqa: E731
+                                    else c["bytes_read"] * 8 / 1e9)
     summary = {
         "dtype": dtype, "dtype_why": why,
         "example_over_kvcodec_default":
@@ -193,6 +242,9 @@ def main():
         "ttft_at_1gbps": {n: round(link(c), 4) for n, c in by.items()},
         "at_1gbps_example_over_kvcodec_default":
             round(link(by["example"]) / link(by["kvcodec-default"]), 2),
+        **({"at_1gbps_example_over_kvcodec_default_real_link":
+            round(link(by["example"]) / by["kvcodec-default-1g"]["ttft_s"], 2)}
+           if "kvcodec-default-1g" in by else {}),
     }
     out = {"cases": cases, **summary}
     if args.json:
