@@ -343,4 +343,4 @@ def test_cuda_decode_refuses_a_negative_first_row():
                 mult=0, cos=0, sin=0, stride_head=8, stride_token=2, stride_dim=1,
                 first_row=-1)
     with pytest.raises(ValueError, match="first_row"):
-        cuda.decode([item], 0, 1 << 20, 0, 0)
+        cuda.stage_decode([item], 0, 1 << 20, 0)

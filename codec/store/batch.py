@@ -1,19 +1,19 @@
 """Many entries decoded as one plan: the store's prefix loads (:meth:`ChunkStore.fill`)
-and the vLLM worker's steps (every entry of every request in one native call per layer
-group) go through :func:`decode_entries`.
+and the vLLM worker's steps (every request's entries in one native call per layer group)
+go through :func:`decode_documents`.
 
-Entries are planned in order into one :class:`~kvcodec.format.plan.DecodePlan` per
-chunk size (one, in practice) and decoded in one native call; then each is finished in
-order. Each entry belongs to a ``group`` (a request's prefix): the first entry of a
-group that cannot be planned, decoded or finished is reported to the store
-(:meth:`ChunkStore.quarantine`: moved aside if the failure proves damage) and the
-group's later entries are not used, while entries before it, and other groups, land.
-The plan, its run and the finishing are timed into ``store.metrics`` (stage
+A document (a request's or prefix's run of consecutive entries) whose entries stack is
+planned as one file (:mod:`kvcodec.format.stacked`: a job and a target per stream, not
+per entry and stream), and every stacked document of a call runs in one native call.
+The others, and any whose stacked decode reports an error, go through
+:func:`decode_entries`: entries planned in order into one
+:class:`~kvcodec.format.plan.DecodePlan` per chunk size (one, in practice), decoded in
+one native call, then finished in order. Each entry belongs to a ``group`` (a
+document): the first entry of a group that cannot be planned, decoded or finished is
+reported to the store (:meth:`ChunkStore.quarantine`: moved aside if the failure proves
+damage) and the group's later entries are not used, while entries before it, and other
+groups, land. Plans, runs and finishing are timed into ``store.metrics`` (stage
 ``decode``).
-
-A store prefix (:func:`fill`) first tries its entries as one file
-(:mod:`kvcodec.format.stacked`: a job and a target per stream, not per entry and
-stream), and decodes them as above where they do not stack or that decode fails.
 """
 from __future__ import annotations
 
@@ -128,26 +128,13 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
     files = fetch_all(fetch, len(locs), store.remote)
     n = files.index(None) if None in files else len(files)
     try:
-        if _decode_stacked(store, files[:n], bufs, spans[:n], threads):
-            landed = n
-        else:
-            entries = [Entry(f, locs[i], token_views(bufs, *spans[i]))
-                       for i, f in enumerate(files[:n])]
-            ok = decode_entries(store, entries, threads)
-            landed = ok.index(False) if False in ok else len(ok)
+        landed = decode_documents(store, [Document(files[:n], locs[:n], bufs, spans[:n])],
+                                  threads)[0] if n else 0
     finally:
         for f in files:
             if f is not None:
                 f.close()
     return spans[landed - 1][1] if landed else 0
-
-
-def _decode_stacked(store, files: list, bufs, spans: list, threads: int) -> bool:
-    """Decode consecutive entries as one file (:func:`~kvcodec.format.stacked.plan_stack`);
-    False where they do not stack or anything fails, for the caller to decode them one
-    by one (which says which entry is damaged, and keeps the ones before it)."""
-    return decode_documents(store, [Document(files, [None] * len(files), bufs, spans)],
-                            threads, fallback=False) == [len(files)]
 
 
 @dataclass
