@@ -33,14 +33,16 @@ class Link:
 
 
 async def _pipe(reader, writer, link: Link) -> None:
+    """Bytes from ``reader`` to ``writer`` at the link's rate; the end of the stream is
+    passed on as a half-close, so the other direction keeps flowing."""
     try:
         while data := await reader.read(CHUNK):
             await link.send(len(data))
             writer.write(data)
             await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
     except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
         writer.close()
 
 
@@ -54,6 +56,8 @@ async def serve(listen: int, host: str, port: int, rate: float) -> None:
             client_w.close()
             return
         await asyncio.gather(_pipe(client_r, server_w, up), _pipe(server_r, client_w, down))
+        client_w.close()
+        server_w.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen)
     async with server:
