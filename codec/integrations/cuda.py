@@ -2,9 +2,10 @@
 
 Same bitstream as the CPU coder (``csrc/common/rans.h``): a file encoded on either side
 decodes bit-exactly on the other. For per-token-step ``uniform`` streams (the shipped
-default; centered streams add their channel means in the same pass) decoding is fused with dequantization and RoPE re-application and writes fp16,
-bf16 or fp32 into a caller-given destination, either a ``[1, kv_heads, tokens,
-head_dim]`` tensor (HF) or a paged block cache addressed by a slot mapping (vLLM layout
+default; centered streams add their channel means in the same pass) decoding is fused
+with dequantization and RoPE re-application and writes fp16, bf16 or fp32 into a
+caller-given destination, either a ``[1, kv_heads, tokens, head_dim]`` tensor (HF) or
+a paged block cache addressed by a slot mapping (vLLM layout
 ``[num_blocks, block_size, kv_heads, head_dim]``). Other quantizers decode symbols on the
 GPU and are dequantized by the PyTorch path on the host (lossless, ``cachegen``: not a
 fast path yet). Everything runs on the current CUDA

@@ -187,8 +187,8 @@ def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True)
     if plans:
         store.metrics.staged("decode", time.perf_counter() - started)
     if rest and fallback:
-        entries = [Entry(f, doc.locs[i], _views(doc.bufs, *doc.spans[i]), d)
-                   for d in sorted(rest) for doc in (docs[d],) for i, f in enumerate(doc.files)]
+        entries = [Entry(f, docs[d].locs[i], _views(docs[d].bufs, *docs[d].spans[i]), d)
+                   for d in sorted(rest) for i, f in enumerate(docs[d].files)]
         ok = decode_entries(store, entries, threads)
         for e, good in zip(entries, ok):
             landed[e.group] += good  # a group's entries land as a leading run
