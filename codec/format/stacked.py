@@ -23,22 +23,31 @@ import numpy as np
 
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
+from ..core.transforms import check_positions
 from .container import untrusted
 from .plan import DecodePlan, Dequant, Job, Target
 from .reader import in_place
 
 
-def plan_stack(files: list, bufs, spans: list) -> DecodePlan | None:
+def plan_stack(files: list, bufs, spans: list,
+               position_offset: int | None = None) -> DecodePlan | None:
     """One plan decoding ``files`` (open entries, token spans ``spans`` of ``bufs``: per
     layer ``(keys, values)`` ``[1, heads, capacity, head_dim]``, a list over every layer
     or a ``{layer: (keys, values)}`` dict of some) as one file, or None where they do not
-    stack (see the module docstring). Raises what :meth:`KVCFile.plan` raises for a
-    damaged entry."""
+    stack (see the module docstring). ``position_offset``: the first entry's first token
+    placed there instead of where it was coded (a document blended at another offset,
+    :meth:`KVCFile.decode_into`'s); only entries coded pre-RoPE move here (others are
+    not stacked). Raises what :meth:`KVCFile.plan` raises for a damaged entry."""
     if len(files) < 2 or not _stackable(files, spans):
         return None
     f0, m0 = files[0], files[0].meta
     t0, t1 = spans[0][0], spans[-1][1]
     base = m0.position_offset
+    if position_offset is not None and position_offset != base:
+        if m0.key_transform is None:
+            return None  # keys coded after RoPE: turned per entry by its plan
+        check_positions(m0.key_transform, position_offset, t1 - t0)
+        base = position_offset
     streams = []
     for l, pair in (bufs.items() if isinstance(bufs, dict) else enumerate(bufs)):
         for k, buf in zip(KINDS, pair):

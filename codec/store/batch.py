@@ -30,12 +30,15 @@ from ..format.stacked import plan_stack
 @dataclass
 class Entry:
     """One entry to decode: its open file, location (for reports), destinations
-    (``{layer: (keys, values)}`` as :meth:`KVCFile.decode_into` takes them) and group."""
+    (``{layer: (keys, values)}`` as :meth:`KVCFile.decode_into` takes them), group, and
+    the position of its first token (None: where it was coded; a document's entry
+    blended elsewhere: :meth:`KVCFile.decode_into`'s ``position_offset``)."""
 
     file: object
     loc: object
     dst: dict
     group: object = None
+    position_offset: int | None = None
 
 
 def decode_entries(store, entries: list, threads: int = 0) -> list:
@@ -50,7 +53,7 @@ def decode_entries(store, entries: list, threads: int = 0) -> list:
         if e.group in failed:
             continue
         try:
-            p = e.file.plan(e.dst)
+            p = e.file.plan(e.dst, position_offset=e.position_offset)
         except (KVCodecError, OSError) as exc:
             _report(store, e, exc, failed, i)
             continue
@@ -141,13 +144,21 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
 class Document:
     """Consecutive entries of one document to decode: open files, their locations (for
     reports), destinations ``{layer: (keys, values)}`` (or a list over all layers) of
-    ``[1, heads, capacity, head_dim]`` float32 buffers, and each entry's token span in
-    them."""
+    ``[1, heads, capacity, head_dim]`` float32 buffers, each entry's token span in
+    them, and the position of the first entry's first token (None: where it was coded;
+    a document blended at another offset: its keys are rotated there)."""
 
     files: list
     locs: list
     bufs: object
     spans: list
+    position_offset: int | None = None
+
+    def offset_of(self, i: int) -> int | None:
+        """Where entry ``i``'s first token goes (None: where it was coded)."""
+        if self.position_offset is None:
+            return None
+        return self.position_offset + self.spans[i][0] - self.spans[0][0]
 
 
 def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True) -> list:
@@ -163,7 +174,7 @@ def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True)
     plans, rest = {}, []   # chunk_tokens -> (plan, [(doc, first target, end)])
     for d, doc in enumerate(docs):
         try:
-            p = plan_stack(doc.files, doc.bufs, doc.spans)
+            p = plan_stack(doc.files, doc.bufs, doc.spans, doc.position_offset)
         except (KVCodecError, OSError):
             p = None
         if p is None:
@@ -187,7 +198,8 @@ def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True)
     if plans:
         store.metrics.staged("decode", time.perf_counter() - started)
     if rest and fallback:
-        entries = [Entry(f, docs[d].locs[i], _views(docs[d].bufs, *docs[d].spans[i]), d)
+        entries = [Entry(f, docs[d].locs[i], _views(docs[d].bufs, *docs[d].spans[i]), d,
+                         docs[d].offset_of(i))
                    for d in sorted(rest) for i, f in enumerate(docs[d].files)]
         ok = decode_entries(store, entries, threads)
         for e, good in zip(entries, ok):

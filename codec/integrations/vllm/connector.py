@@ -3,6 +3,7 @@
 and forwards vLLM's calls to it."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,16 @@ from .scheduler import ConnectorScheduler
 from .worker import ConnectorWorker
 
 
+@functools.cache
+def model_anchor(model_dir: Path) -> list:
+    """The default anchor of the served model's tokenizer (blends that name none)."""
+    from transformers import AutoTokenizer
+
+    from ...models.capture import default_anchor
+
+    return default_anchor(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 class KVCodecConnector(KVConnectorBase_V1):
     """See :mod:`kvcodec.integrations.vllm`. ``kv_connector_extra_config`` keys: ``store``
     (the store directory or fsspec URL, required), ``storage_options`` (for a URL's
@@ -30,7 +41,8 @@ class KVCodecConnector(KVConnectorBase_V1):
     ``ttl``; default none), ``metrics_port`` (also serve the store's ``kvcodec_*``
     metrics at ``http://0.0.0.0:PORT/metrics`` from the worker's process; default
     none). A request's ``cache_salt`` is part of its keys: tenants of different salts
-    share no entry.
+    share no entry. Blended requests (RAG documents cached independently, reused at any
+    position) name their segments in ``kv_transfer_params``: :mod:`.blending`.
 
     Metrics: both sides report their store's metrics through vLLM's connector stats
     (:meth:`get_kv_connector_stats`), which vLLM's ``/metrics`` exports as
@@ -71,7 +83,9 @@ class KVCodecConnector(KVConnectorBase_V1):
         save = bool(extra.get_from_extra_config("save", True))
         self.scheduler = self.worker = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = ConnectorScheduler(store, block, save)
+            self.scheduler = ConnectorScheduler(
+                store, block, save, bool(vllm_config.cache_config.enable_prefix_caching),
+                lambda: model_anchor(model_dir))
         else:
             self.worker = ConnectorWorker(
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,

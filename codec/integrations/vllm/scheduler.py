@@ -2,9 +2,16 @@
 step asks the worker to load and to save (:class:`KVCodecConnectorMetadata`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from ...errors import ConfigError
+from . import blending
+from .blending import Segment
+
+log = logging.getLogger("kvcodec")
 
 
 @dataclass
@@ -15,6 +22,11 @@ class Load:
     start: int             # first token to load (what vLLM had computed already)
     end: int               # one past the last token to load
     salt: str | None = None  # the request's cache_salt: its tenant's keys
+    segments: list | None = None  # a blended request's runs of entries (blending.Segment)
+
+    def runs(self) -> list:
+        """The runs of entries to read: a blend's segments, or the prompt's prefix."""
+        return self.segments or [Segment(0, self.token_ids)]
 
 
 @dataclass
@@ -34,16 +46,22 @@ class KVCodecConnectorMetadata(KVConnectorMetadata):
 class ConnectorScheduler:
     """Prefix lookups in ``store`` (a :class:`~kvcodec.store.ChunkStore`) for vLLM's
     scheduler, and the per-step loads and saves for the workers. ``block``: vLLM's block
-    size (a divisor of the store's chunk size); ``save``: store what vLLM computes."""
+    size (a divisor of the store's chunk size); ``save``: store what vLLM computes;
+    ``prefix_caching``: whether vLLM's own prefix cache is on (blended requests then
+    need a blend salt); ``anchor``: a callable giving the served model's default anchor
+    for blends that name none (:mod:`.blending`)."""
 
-    def __init__(self, store, block: int, save: bool):
+    def __init__(self, store, block: int, save: bool, prefix_caching: bool = False,
+                 anchor=None):
         self.store, self.block, self.save = store, block, save
+        self.prefix_caching, self._anchor = prefix_caching, anchor
         self.chunk = store.chunk_tokens
-        self._pending: dict[str, tuple] = {}     # req_id -> (start, end) to load
+        self._pending: dict[str, tuple] = {}     # req_id -> (start, end, segments) to load
         self._blocks: dict[str, list] = {}       # req_id -> block ids so far
         self._prompts: dict[str, list] = {}      # req_id -> prompt token ids
         self._saved: set = set()
         self._salts: dict[str, str] = {}         # req_id -> its cache_salt, if any
+        self._blends: dict[str, tuple] = {}      # req_id -> (Blend, head to save or 0)
 
     def _store(self, req_id: str):
         """The store as the request's tenant sees it (its ``cache_salt`` in every key)."""
@@ -54,13 +72,54 @@ class ConnectorScheduler:
         salt = getattr(request, "cache_salt", None)
         if salt is not None:
             self._salts[request.request_id] = salt
+        blend = self._blend_of(request, ids)
+        if blend is not None:
+            return self._match_blend(request.request_id, ids, blend, num_computed_tokens)
         cached = self._store(request.request_id).cached_tokens(ids, partial=True)
         # vLLM computes at least one prompt token itself, and loads whole blocks.
         end = min(cached, (len(ids) - 1) // self.block * self.block)
         if end <= num_computed_tokens:
             return 0, False
-        self._pending[request.request_id] = (num_computed_tokens, end)
+        self._pending[request.request_id] = (num_computed_tokens, end, None)
         return end - num_computed_tokens, False
+
+    def _blend_of(self, request, ids: list):
+        """The blend the request asks for (:mod:`.blending`), or None: none asked, or one
+        that cannot be served (logged; the request is then a plain prompt)."""
+        try:
+            blend = blending.parse(getattr(request, "kv_transfer_params", None), len(ids))
+        except ConfigError as exc:
+            log.warning("kvcodec vLLM: request %s asks for a blend: %s; served as a plain "
+                        "prompt", request.request_id, exc)
+            self.store.metrics.blend_refused()
+            return None
+        if blend is None:
+            return None
+        salt = getattr(request, "cache_salt", None) or ""
+        if self.prefix_caching and not salt.startswith(blending.SALT_PREFIX):
+            log.warning("kvcodec vLLM: request %s asks for a blend without a blend salt "
+                        "while vLLM's prefix caching is on (its blended K/V would serve "
+                        "plain requests of the same tokens); served as a plain prompt: "
+                        "build blended requests with kvcodec's request_for",
+                        request.request_id)
+            self.store.metrics.blend_refused()
+            return None
+        return blend
+
+    def _match_blend(self, req_id: str, ids: list, blend, num_computed_tokens: int):
+        store = self.store.with_salt(blend.tenant)
+        anchor = blend.anchor if blend.anchor is not None else self._anchor()
+        with store.metrics.bookkeeping():  # counted once, below, as the request's lookup
+            p = blending.plan(store, ids, blend, anchor)
+        store.metrics.lookup(len(ids), p.end)
+        store.metrics.blended(p.documents, p.computed)
+        # Where the store lacks the text before the first document, the request is
+        # prefilled; that prefix (exact, vLLM's own) is saved for the next one.
+        self._blends[req_id] = (blend, 0 if p.head_cached else p.head)
+        if p.end <= num_computed_tokens:
+            return 0, False
+        self._pending[req_id] = (num_computed_tokens, p.end, p.segments)
+        return p.end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         if num_external_tokens == 0:
@@ -72,13 +131,15 @@ class ConnectorScheduler:
             self._blocks[new.req_id] = list(new.block_ids[0])
             self._prompts[new.req_id] = list(new.prompt_token_ids or [])
             if new.req_id in self._pending:
-                start, end = self._pending.pop(new.req_id)
+                start, end, segments = self._pending.pop(new.req_id)
                 # The entries' keys cover whole chunks (or the prompt's partial last
                 # one), past `end` for a cut last entry.
                 whole = -(-end // self.chunk) * self.chunk
+                blend = self._blends.get(new.req_id)
                 meta.loads.append(Load(new.req_id, self._prompts[new.req_id][:whole],
                                        list(self._blocks[new.req_id]), start, end,
-                                       self._salts.get(new.req_id)))
+                                       blend[0].tenant if blend else
+                                       self._salts.get(new.req_id), segments))
             done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
             self._maybe_save(meta, new.req_id, done)
         cached = scheduler_output.scheduled_cached_reqs
@@ -98,21 +159,29 @@ class ConnectorScheduler:
     def _maybe_save(self, meta, req_id: str, done: int) -> None:
         """Once a prompt's prefill completes this step, save its chunks that the store
         lacks, the partial last one included (the same prompt sent again loads all but
-        its last block); the worker reads them from the blocks after the forward."""
+        its last block); the worker reads them from the blocks after the forward. A
+        blended request saves nothing but, where the store lacked it, the text before
+        its first document (computed as a prefill computes it)."""
         ids = self._prompts.get(req_id) or []
         if not self.save or req_id in self._saved or done < len(ids) or not ids:
             return
         self._saved.add(req_id)
-        store = self._store(req_id)
+        salt = self._salts.get(req_id)
+        if req_id in self._blends:
+            blend, head = self._blends[req_id]
+            ids, salt = ids[:head], blend.tenant
+            if not ids:
+                return
+        store = self.store.with_salt(salt)
         with store.metrics.bookkeeping():  # the request's lookup was counted already
             cached = store.cached_tokens(ids, partial=True)
         if cached < len(ids):
             n_blocks = -(-len(ids) // self.block)
             meta.saves.append(Save(req_id, list(ids), list(self._blocks[req_id][:n_blocks]),
-                                   self._salts.get(req_id)))
+                                   salt))
 
     def request_finished(self, request, block_ids):
-        for d in (self._blocks, self._prompts, self._pending, self._salts):
+        for d in (self._blocks, self._prompts, self._pending, self._salts, self._blends):
             d.pop(request.request_id, None)
         self._saved.discard(request.request_id)
         return False, None

@@ -118,39 +118,54 @@ class ConnectorWorker:
         self._loader.start()
 
     def _open(self, load: Load):
-        """Fetch and check every entry a load needs; the first that is missing, damaged,
+        """Fetch and check every entry a load needs (a blend's: each run of entries, a
+        document's re-rotated to its offset); the first that is missing, damaged,
         evicted, unreadable or not there within ``load_timeout_s`` (and everything after
         it) is reported for recomputation instead."""
         store = self.store.with_salt(load.salt)
-        keys = store.keys(load.token_ids)
-        starts = [c * self.chunk for c in range(load.start // self.chunk, len(keys))]
-        futures = [self._fetcher.submit(self._open_entry, store, store.path(keys[t // self.chunk]),
-                                        load.token_ids[t:t + self.chunk], t) for t in starts]
+        wanted = []  # (run, its keys, its token where the entry starts, prompt position)
+        for run in load.runs():
+            keys = store.keys(run.token_ids, run.anchor)
+            for c in range(len(keys)):
+                t = c * self.chunk
+                a, b = run.offset + t, run.offset + min(len(run.token_ids), t + self.chunk)
+                if b > load.start and a < load.end:
+                    wanted.append((run, keys, t, a))
+        futures = [self._fetcher.submit(self._open_entry, store,
+                                        store.path(keys[t // self.chunk]),
+                                        run.token_ids[t:t + self.chunk], t, run.anchor)
+                   for run, keys, t, _ in wanted]
         deadline = time.monotonic() + self.load_timeout_s
         files = []
-        for t, fut in zip(starts, futures):
+        for (run, _, _, a), fut in zip(wanted, futures):
             try:
-                files.append(fut.result(timeout=max(0.0, deadline - time.monotonic())) + (t,))
+                f, path = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                files.append((f, a, path, run))
                 continue
             except FutureTimeout:
                 self.store.metrics.failed("timeout")
                 log.warning("kvcodec vLLM: the store did not deliver %s's entry at token %d "
-                            "within %.1f s; recomputing from there", load.req_id, t,
+                            "within %.1f s; recomputing from there", load.req_id, a,
                             self.load_timeout_s)
             except (KVCodecError, OSError):
                 pass  # absent, or reported (moved aside or logged) by open_entry
-            self._fail(load, t)
+            self._fail(load, a)
             break
         for fut in futures[len(files):]:  # not used: never leave an entry open
             if not fut.cancel():
                 fut.add_done_callback(_close_result)
-        return (load, [(f, t, path) for f, path, t in files]) if files else None
+        return (load, files) if files else None
 
     @staticmethod
-    def _open_entry(store, path, token_ids, t: int):
-        f = store.open_entry(path, token_ids, t)
+    def _open_entry(store, path, token_ids, t: int, anchor=None):
+        f = store.open_entry(path, token_ids, t, anchor)
         try:
             check_dense(f)
+            if anchor is not None and f.layer_tokens != [f.num_tokens] * f.num_layers:
+                log.warning("kvcodec vLLM: document entry %s keeps a sliding window in "
+                            "some layers; a blend needs every token: computed instead",
+                            path)
+                raise FormatError(f"{path}: a sliding-window document cannot be blended")
         except BaseException:
             f.close()
             raise
@@ -178,49 +193,58 @@ class ConnectorWorker:
             for ev in self._events.values():
                 ev.set()
             for _, files in jobs:
-                for f, _, _ in files:
+                for f, *_ in files:
                     if f is not None:
                         f.close()
 
     def _load_group(self, group: list, jobs: list) -> None:
         """Decode layers ``group`` of every entry of every load of this step as one plan
-        (each load's entries stacked as one file where they allow it, in one native call:
+        (each run of a load's entries stacked as one file where they allow it, a
+        blended document's keys rotated to its offset, all in one native call:
         :func:`~kvcodec.store.batch.decode_documents`) into one buffer per layer, and
         write each layer into vLLM's blocks with one call of its op. A damaged entry
         stops its load there (it and later ones are recomputed); the other loads are not
         affected."""
-        placed = []  # (load, files, entries in use, their first row in the buffers)
-        total = 0
+        docs, owners = [], []  # owners: (load, files, first, end) per document
         for load, files in jobs:
-            n = next((i for i, (f, _, _) in enumerate(files) if f is None), len(files))
-            if n:
-                placed.append((load, files, n, total))
-                total += sum(files[i][0].num_tokens for i in range(n))
-        if not placed:
+            n = next((i for i, e in enumerate(files) if e[0] is None), len(files))
+            i = 0
+            while i < n:
+                j = i + 1
+                while j < n and files[j][3] is files[i][3]:
+                    j += 1
+                owners.append((load, files, i, j))
+                i = j
+        if not owners:
             return
+        total = sum(files[i][0].num_tokens for _, files, a, b in owners for i in range(a, b))
         bufs = self._buffers(group, total)
-        docs = []
-        for load, files, n, at in placed:
-            spans, row = [], at
-            for f, _, _ in files[:n]:
+        row = 0
+        for load, files, a, b in owners:
+            spans = []
+            for f, _, _, _ in files[a:b]:
                 spans.append((row, row + f.num_tokens))
                 row += f.num_tokens
-            docs.append(Document([f for f, _, _ in files[:n]], [p for _, _, p in files[:n]],
-                                 bufs, spans))
+            run = files[a][3]
+            docs.append(Document([e[0] for e in files[a:b]], [e[2] for e in files[a:b]],
+                                 bufs, spans, files[a][1] if run.anchor is not None else None))
         landed = decode_documents(self.store, docs, self.threads)
-        rows, slots = [], []
-        for (load, files, n, at), doc, good in zip(placed, docs, landed):
-            if good < n:  # reported by decode_documents: this one and later ones recompute
-                for j in range(good, len(files)):
+        rows, slots, stopped = [], [], set()
+        for (load, files, a, b), doc, good in zip(owners, docs, landed):
+            if id(load) in stopped:
+                continue
+            if good < b - a:  # reported by decode_documents: this one and later recompute
+                for j in range(a + good, len(files)):
                     if files[j][0] is not None:
                         files[j][0].close()
                     files[j] = (None,) + files[j][1:]
-                self._fail(load, files[good][1])
+                self._fail(load, files[a + good][1])
+                stopped.add(id(load))
             for i in range(good):
-                f, t0, _ = files[i]
+                f, t0 = files[a + i][:2]
                 lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
-                a = doc.spans[i][0]
-                rows.append(torch.arange(a + lo - t0, a + hi - t0))
+                r = doc.spans[i][0]
+                rows.append(torch.arange(r + lo - t0, r + hi - t0))
                 slots.append(slot_ids(load.block_ids, lo, hi, self.block))
                 if group[0] == min(self._caches):
                     self.tokens_loaded += hi - lo

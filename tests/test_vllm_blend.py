@@ -1,0 +1,318 @@
+"""Blended requests in a real vLLM engine (CPU build, fp32, the embedded model): RAG
+documents cached independently and reused at any position (:mod:`kvcodec.integrations.
+vllm.blending`), checked against transformers' :func:`kvcodec.blend.blend` with
+``selector="none"`` on the same segments, and the store's and vLLM's prefix cache's
+hygiene around them. The engine has vLLM's prefix caching on, as served."""
+import os
+import uuid
+
+import pytest
+import torch
+
+import kvcodec
+from kvcodec.blend import Cached, Text, blend, generate
+from kvcodec.errors import ConfigError
+from kvcodec.integrations.vllm import blending
+from kvcodec.models import default_anchor, text_ids
+from kvcodec.store import ChunkStore
+
+HEAD = "You are a helpful assistant. Answer with the documents below.\n\n"
+QUESTION = "\n\nQuestion: Which of these documents is about licensing?\nAnswer:"
+NEW = 16
+
+
+def _ids(lm, text):
+    return text_ids(lm.tokenizer, text, first=False)
+
+
+def _docs(lm, texts, names, tokens=180):
+    """Documents of ``tokens`` tokens, the later ones starting with their separator (a
+    blend cannot compute text between two documents in vLLM: it lives in the entry)."""
+    sep = _ids(lm, "\n\n")
+    return [(sep if i else []) + _ids(lm, texts[n])[:tokens] for i, n in enumerate(names)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, lm):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    from kvcodec.models.loading import resolve_model_path
+
+    root = tmp_path_factory.mktemp("vllm-blend")
+    llm = LLM(model=str(resolve_model_path(None)), dtype="float32", max_model_len=1024,
+              enforce_eager=True, max_num_seqs=2, enable_prefix_caching=True,
+              max_logprobs=-1, disable_log_stats=False,  # stats: the connector's metrics
+              kv_transfer_config={
+                  "kv_connector": "KVCodecConnector",
+                  "kv_connector_module_path": "kvcodec.integrations.vllm",
+                  "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                  "kv_connector_extra_config": {"store": str(root), "config": "lossless"}})
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    yield llm, ChunkStore(root, lm.fingerprint, "lossless"), get_kv_transfer_group()
+    del llm
+
+
+def _store_docs(lm, store, docs, head=None):
+    anchor = default_anchor(lm.tokenizer)
+    with torch.no_grad():
+        for d in docs:
+            store.put_document(kvcodec.capture_kv(lm, token_ids=d, anchor=anchor))
+        if head is not None:  # the text before the documents: the prompt's own prefix
+            store.put(kvcodec.capture_kv(lm, token_ids=head))
+
+
+def _segments(store, head, docs, question):
+    return [Text(token_ids=head)] + [Cached(store=store, token_ids=d) for d in docs] + [
+        Text(token_ids=question)]
+
+
+def _ask(llm, prompt, params=None, n=NEW, logprobs=None):
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": params} if params is not None else None
+    sp = SamplingParams(max_tokens=n, temperature=0, logprobs=logprobs, extra_args=extra)
+    return llm.generate([prompt] if isinstance(prompt, dict) else prompt, sp, use_tqdm=False)
+
+
+def _first_logprobs(out, vocab: int) -> torch.Tensor:
+    v = torch.full((vocab,), -float("inf"))
+    for token, lp in out.outputs[0].logprobs[0].items():
+        v[token] = lp.logprob
+    return v
+
+
+def _metrics() -> dict:
+    """vLLM's Prometheus counters ``vllm:kvcodec_*`` in this process (both connector
+    sides' store metrics reach them; the scheduler side's only there), by short name."""
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for family in REGISTRY.collect():
+        for s in family.samples:
+            if s.name.startswith("vllm:kvcodec_") and s.name.endswith("_total"):
+                name = s.name.removeprefix("vllm:kvcodec_").removesuffix("_total")
+                if "cause" in s.labels:
+                    name += ":" + s.labels["cause"]
+                out[name] = out.get(name, 0) + s.value
+    return out
+
+
+def _counts(conn):
+    return conn.worker.tokens_loaded, conn.blocks_failed, _metrics()
+
+
+def _moved(before, after, name):
+    return after[2].get(name, 0) - before[2].get(name, 0)
+
+
+def test_full_reuse_equals_transformers_blend_none(lm, texts, engine):
+    """Three documents cached behind the anchor, blended after a system line in two
+    orders: vLLM loads the system line's prefix entry and each document re-rotated to
+    its offset, computes the question, and its first-token distribution and greedy
+    answer are transformers' blend with no recompute (lossless store: the same K/V)."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, QUESTION)
+    docs = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"])
+    _store_docs(lm, store, docs, head)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        segs = _segments(store, head, [docs[i] for i in order], question)
+        ref = blend(lm, segs, recompute=0, selector="none")
+        answer, _ = generate(lm, segs, max_new_tokens=NEW, recompute=0, selector="none")
+        prompt, params = blending.request_for(lm.tokenizer, segs)
+        assert prompt["prompt_token_ids"] == ref.token_ids
+        before = _counts(conn)
+        out = _ask(llm, prompt, params, n=1, logprobs=-1)[0]  # the whole distribution
+        after = _counts(conn)
+        assert after[0] - before[0] == len(ref.token_ids) - len(question)  # all but the question
+        assert _moved(before, after, "blend_requests") == 1
+        assert _moved(before, after, "blend_documents") == 3
+        p = torch.log_softmax(ref.logits.view(-1).float(), -1)
+        q = _first_logprobs(out, p.numel())
+        kl = float((p.exp() * (p - q)).sum())
+        print(f"order {order}: first-token KL(transformers blend || vLLM blend) {kl:.2e}")
+        assert kl < 1e-4
+        # The answer (its blocks now in vLLM's prefix cache, under the blend's salt).
+        assert list(_ask(llm, prompt, params)[0].outputs[0].token_ids) == list(answer)
+
+
+def test_blends_save_nothing_and_plain_requests_stay_prefills(lm, texts, engine):
+    """Blended K/V never reach the store, nor vLLM's prefix cache under a plain
+    request's hashes: the same tokens sent plainly afterwards get the prefill's answer.
+    A blend without a blend salt (prefix caching is on) is refused and served plainly."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Who may copy it?\nAnswer:")
+    docs = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"], 150)
+    _store_docs(lm, store, docs, head)
+    segs = _segments(store, head, docs, question)
+    prompt, params = blending.request_for(lm.tokenizer, segs)
+    ids = prompt["prompt_token_ids"]
+    reference = _ask(llm, {"prompt_token_ids": ids, "cache_salt": uuid.uuid4().hex})
+    conn.flush()
+    entries = set(store.root.rglob("*.kvc"))
+    before = _counts(conn)
+    blended = _ask(llm, prompt, params)
+    conn.flush()
+    assert _counts(conn)[0] > before[0]
+    assert set(store.root.rglob("*.kvc")) == entries  # nothing saved
+    plain = _ask(llm, {"prompt_token_ids": ids})
+    assert blended[0].outputs[0].token_ids != reference[0].outputs[0].token_ids  # blends differ
+    assert plain[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
+    before = _counts(conn)
+    unsalted = _ask(llm, {"prompt_token_ids": ids}, params)
+    after = _counts(conn)
+    assert _moved(before, after, "blend_refused") == 1 and after[0] == before[0]
+    assert unsalted[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
+
+
+def test_a_missing_system_prefix_is_prefilled_once_then_blended(lm, texts, engine):
+    llm, store, conn = engine
+    head = _ids(lm, "You answer in one short sentence, quoting the documents.\n\n")
+    docs = _docs(lm, texts, ["python_license", "gpl3"], 160)
+    _store_docs(lm, store, docs)  # the system line is not stored
+    first = _segments(store, head, docs, _ids(lm, "\n\nQuestion: Name one.\nAnswer:"))
+    before = _counts(conn)
+    _ask(llm, *blending.request_for(lm.tokenizer, first))
+    conn.flush()
+    assert _counts(conn)[0] == before[0]  # prefilled
+    assert store.cached_tokens(head, partial=True) == len(head)  # its system line saved
+    second = _segments(store, head, docs, _ids(lm, "\n\nQuestion: Which is longer?\nAnswer:"))
+    before = _counts(conn)
+    _ask(llm, *blending.request_for(lm.tokenizer, second))
+    assert _counts(conn)[0] - before[0] == len(head) + sum(map(len, docs))
+
+
+def test_a_missing_document_is_computed_from_there(lm, texts, engine):
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, QUESTION)
+    docs = _docs(lm, texts, ["argparse_doc", "gpl3", "python_license"], 170)
+    docs[1] = docs[1][:-3] + _ids(lm, " (unstored)")  # never stored
+    _store_docs(lm, store, [docs[0], docs[2]], head)
+    before = _counts(conn)
+    out = _ask(llm, *blending.request_for(lm.tokenizer, _segments(store, head, docs, question)))
+    after = _counts(conn)
+    assert after[0] - before[0] == len(head) + len(docs[0])
+    assert _moved(before, after, "blend_documents") == 1
+    assert _moved(before, after, "blend_computed") == 2
+    assert len(out[0].outputs[0].token_ids) > 0
+
+
+def test_a_damaged_document_is_computed_and_counted(lm, texts, engine):
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Summarise.\nAnswer:")
+    docs = _docs(lm, texts, ["gpl3", "python_license"], 140)
+    _store_docs(lm, store, docs, head)
+    (entry,) = store.document(docs[1], default_anchor(lm.tokenizer))
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    segs = _segments(store, head, docs, question)
+    before = _counts(conn)
+    out = _ask(llm, *blending.request_for(lm.tokenizer, segs))
+    after = _counts(conn)
+    assert after[1] > before[1]  # its blocks reported: vLLM computed them
+    assert _moved(before, after, "load_failures:damaged") == 1
+    assert entry.with_name(entry.name + ".bad").exists() and not entry.exists()
+    assert len(out[0].outputs[0].token_ids) > 0
+
+
+def test_two_blended_requests_in_one_batch_equal_each_alone(lm, texts, engine):
+    llm, store, conn = engine
+    head = _ids(lm, HEAD)
+    docs = _docs(lm, texts, ["argparse_doc", "gpl3", "python_license"], 120)
+    _store_docs(lm, store, docs, head)
+    prompts = []
+    for order, q in (([0, 1, 2], QUESTION), ([2, 1, 0], "\n\nQuestion: Quote one line.\nA:")):
+        segs = _segments(store, head, [docs[i] for i in order], _ids(lm, q))
+        prompts.append(blending.request_for(lm.tokenizer, segs))
+    alone = [list(_ask(llm, p, params)[0].outputs[0].token_ids) for p, params in prompts]
+    from vllm import SamplingParams
+
+    # Fresh salts: vLLM's prefix cache has the blocks of the requests alone.
+    batch = [dict(p, cache_salt=p["cache_salt"] + "-batch") for p, _ in prompts]
+    sps = [SamplingParams(max_tokens=NEW, temperature=0,
+                          extra_args={"kv_transfer_params": params}) for _, params in prompts]
+    before = _counts(conn)
+    outs = llm.generate(batch, sps, use_tqdm=False)
+    assert _counts(conn)[0] - before[0] == sum(len(p["prompt_token_ids"]) for p in batch) - sum(
+        len(_ids(lm, q)) for q in (QUESTION, "\n\nQuestion: Quote one line.\nA:"))
+    assert [list(o.outputs[0].token_ids) for o in outs] == alone
+
+
+# -- without an engine ------------------------------------------------------------------
+
+def test_request_for_tokenizes_as_transformers_blend(lm, bos_lm, texts, tmp_path):
+    """The same segments give the same token ids in vLLM's request and in transformers'
+    blend (BOS first on a tokenizer that adds one), and the blend salt follows the
+    layout."""
+    for model in (lm, bos_lm):
+        store = ChunkStore(tmp_path / str(id(model)), model.fingerprint, "lossless")
+        docs = _docs(model, texts, ["gpl3", "argparse_doc"], 40)
+        _store_docs(model, store, docs)
+        segs = [Text(HEAD)] + [Cached(store=store, token_ids=d) for d in docs] + [
+            Text(QUESTION)]
+        prompt, params = blending.request_for(model.tokenizer, segs)
+        assert prompt["prompt_token_ids"] == blend(model, segs, recompute=0,
+                                                   selector="none").token_ids
+        spec = blending.parse(params, len(prompt["prompt_token_ids"]))
+        kinds = [k for k, _, _ in spec.spans]
+        assert kinds == (["text"] if model is bos_lm else []) + [
+            "text", "document", "document", "text"]
+        assert prompt["cache_salt"].startswith(blending.SALT_PREFIX)
+        other, _ = blending.request_for(model.tokenizer, [segs[0], segs[2], segs[1], segs[3]])
+        assert other["cache_salt"] != prompt["cache_salt"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"segments": "all"}, "must be an object"),
+    ({"segments": [["text", 3], ["picture", 2]]}, "segment 1"),
+    ({"segments": [["text", 0], ["document", 5]]}, "segment 0"),
+    ({"segments": [["text", 2], ["document", 2]]}, "cover 4 tokens; the prompt has 5"),
+    ({"segments": [["text", 5]], "anchor": "x"}, "anchor"),
+    ({"segments": [["text", 5]], "tenant": 3}, "tenant"),
+])
+def test_a_malformed_blend_is_a_clear_error(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        blending.parse({blending.PARAM: spec}, 5)
+    assert blending.parse({"other": 1}, 5) is None and blending.parse(None, 5) is None
+
+
+def _spec(*parts):
+    spans, at = [], 0
+    for kind, ids in parts:
+        spans.append((kind, at, at + len(ids)))
+        at += len(ids)
+    return blending.Blend(spans), [t for _, ids in parts for t in ids]
+
+
+def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
+    """The system line (a stored prefix), then documents in order up to the first text
+    segment after one or the first the store lacks; never the prompt's last token."""
+    store = ChunkStore(tmp_path, lm.fingerprint, "lossless")
+    anchor = default_anchor(lm.tokenizer)
+    head = _ids(lm, HEAD)
+    a, b, c = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"], 30)
+    _store_docs(lm, store, [a, c], head)
+    spec, ids = _spec(("text", head), ("document", a), ("document", c), ("text", [5, 6]))
+    p = blending.plan(store, ids, spec, anchor)
+    assert (p.end, p.documents, p.computed, p.head_cached) == (len(ids) - 2, 2, 0, True)
+    assert [s.offset for s in p.segments] == [0, len(head), len(head) + len(a)]
+    assert p.segments[0].anchor is None and p.segments[1].anchor == anchor
+    assert p.segments[2].token_ids == c
+    spec, ids = _spec(("text", head), ("document", a), ("document", c))
+    assert blending.plan(store, ids, spec, anchor).end == len(ids) - 1  # vLLM's last token
+    spec, ids = _spec(("text", head), ("document", a), ("text", [7]), ("document", c),
+                      ("text", [5]))
+    assert blending.plan(store, ids, spec, anchor).end == len(head) + len(a)  # text inside
+    spec, ids = _spec(("text", head), ("document", b), ("document", c), ("text", [5]))
+    p = blending.plan(store, ids, spec, anchor)  # b is not stored: stop before it
+    assert (p.end, p.documents, p.computed) == (len(head), 0, 2)
+    spec, ids = _spec(("text", [9] + head[1:]), ("document", a), ("text", [5]))
+    p = blending.plan(store, ids, spec, anchor)  # another system line: prefilled
+    assert (p.end, p.head_cached, p.computed, p.head) == (0, False, 1, len(head))
+    spec, ids = _spec(("document", a), ("document", c), ("text", [5]))
+    p = blending.plan(store, ids, spec, anchor)  # no system line: documents from 0
+    assert (p.end, p.documents, [s.offset for s in p.segments]) == (len(ids) - 1, 2,
+                                                                     [0, len(a)])
