@@ -9,13 +9,19 @@ system line as the prompt's own prefix (``ChunkStore.put``). Per prompt, in one 
 (prefix caching off, so each request pays its own work):
 
 * ``prefill``: the prompt sent plainly (the connector finds nothing: vLLM computes it);
-* ``blend``: the same tokens as a blended request
-  (:func:`kvcodec.integrations.vllm.blending.request_for`): the system line and every
-  document loaded from the store, the question computed.
+* each mode (``--modes``, ``selector:recompute``) as a blended request of the same
+  tokens (:func:`kvcodec.integrations.vllm.blending.request_for`): ``none`` (full
+  reuse: the system line and every document loaded, the question computed) and
+  selective recompute (``hkvd:0.15``, ``boundary:0.15``: documents preloaded for the
+  layers after the check layer, every token computed, 15% of the cached ones kept
+  fresh after it).
 
-Reported: median time to first token of each and their ratio; the first-token KL of
-vLLM's blend against transformers' ``blend(selector="none")`` on the same segments
-(mean, max) and against vLLM's prefill; how many 32-token greedy answers equal
+Reported per mode: median time to first token and its ratio to prefill's; the
+first-token KL against transformers' ``blend`` with the same selector and budget on the
+same segments (mean, max) and against vLLM's prefill (for full reuse also against
+transformers' blend with the system line decoded from the store, as vLLM loads it,
+where transformers' computes it); the smallest overlap of the
+recomputed positions with transformers'; how many 32-token greedy answers equal
 transformers' blend's. The engine runs in float32, as transformers' reference does, so
 the comparison measures the blend and not a dtype (``--dtype bfloat16`` for speed on a
 CPU with AVX-512 BF16; the parity figures then mix in bf16 rounding).
@@ -38,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ANSWER = 32
 
 
-def run(n_prompts: int, seed: int, config: str, dtype: str) -> dict:
+def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from bench_blend import prompts
@@ -70,9 +76,22 @@ def run(n_prompts: int, seed: int, config: str, dtype: str) -> dict:
                     stored.add(tuple(d))
             segs = ([Text(token_ids=head)] + [Cached(store=store, token_ids=d) for d in docs]
                     + [Text(p["question"])])
-            ref = blend(lm, segs, recompute=0, selector="none")
-            answer, _ = generate(lm, segs, max_new_tokens=ANSWER, recompute=0, selector="none")
-            cases.append((segs, ref.logits.view(-1).float(), list(answer)))
+            refs = {}
+            for sel, ratio in modes:
+                ref = blend(lm, segs, recompute=ratio, selector=sel)
+                answer, _ = generate(lm, segs, max_new_tokens=ANSWER, recompute=ratio,
+                                     selector=sel)
+                refs[sel] = (ref.logits.view(-1).float(), list(answer), ref.selected)
+            # Full reuse loads the system line from the store (vLLM computes nothing
+            # before the question): transformers' blend with that same stored head.
+            (loc,) = store.lookup(head, partial=True)
+            with kvcodec.open(loc) as f:
+                stored_head = [Cached(source=f.decode(), token_ids=head)]
+            ref = blend(lm, stored_head + segs[1:], recompute=0, selector="none")
+            answer, _ = generate(lm, stored_head + segs[1:], max_new_tokens=ANSWER,
+                                 recompute=0, selector="none")
+            refs["none-stored-head"] = (ref.logits.view(-1).float(), list(answer), None)
+            cases.append((segs, refs))
 
     from vllm import LLM, SamplingParams
     from vllm.distributed.kv_transfer import get_kv_transfer_group
@@ -107,38 +126,61 @@ def run(n_prompts: int, seed: int, config: str, dtype: str) -> dict:
     warm, warm_params = request_for(tok, cases[0][0])
     ask(warm, warm_params)  # warms the engine and the decoder
     ask({"prompt_token_ids": warm["prompt_token_ids"]})
-    rows = []
-    for segs, ref_logits, answer in cases:
-        prompt, params = request_for(tok, segs)
-        ids = prompt["prompt_token_ids"]
-        t_prefill, pre = ask({"prompt_token_ids": ids})
-        loaded = conn.worker.tokens_loaded
-        read = conn.bytes_read
-        t_blend, got = ask(prompt, params)
-        loaded, read = conn.worker.tokens_loaded - loaded, conn.bytes_read - read
-        vocab = ref_logits.numel()
-        q = first(got, vocab)
-        _, full = ask(prompt, params, n=ANSWER, logprobs=None)
-        rows.append({"tokens": len(ids), "loaded": loaded, "bytes_read": read,
-                     "prefill_s": t_prefill, "blend_s": t_blend,
-                     "kl_vs_hf_blend": kl(torch.log_softmax(ref_logits, -1), q),
-                     "kl_vs_prefill": kl(first(pre, vocab), q),
-                     "answer_equal": list(full.outputs[0].token_ids) == answer})
-    med = statistics.median
-    kls = [r["kl_vs_hf_blend"] for r in rows]
-    return {"bench": "bench_vllm_blend", "probe": "qa", "prompts": len(rows), "dtype": dtype,
-            "config": config, "prefix_caching": False,
-            "prompt_tokens_mean": round(statistics.mean(r["tokens"] for r in rows), 1),
-            "loaded_tokens_mean": round(statistics.mean(r["loaded"] for r in rows), 1),
-            "bytes_read_mean": round(statistics.mean(r["bytes_read"] for r in rows)),
-            "prefill_ttft_s": round(med(r["prefill_s"] for r in rows), 4),
-            "blend_ttft_s": round(med(r["blend_s"] for r in rows), 4),
-            "speedup": round(med(r["prefill_s"] for r in rows) / med(r["blend_s"] for r in rows), 2),
-            "kl_vs_hf_blend_mean": round(statistics.mean(kls), 7),
-            "kl_vs_hf_blend_max": round(max(kls), 7),
-            "kl_vs_prefill_mean": round(statistics.mean(r["kl_vs_prefill"] for r in rows), 5),
-            "answers_equal_hf_blend": sum(r["answer_equal"] for r in rows),
-            "torch_threads": torch.get_num_threads(), **threading}
+    rows = {sel: [] for sel, _ in modes}
+    prefill_s, tokens = [], []
+    for segs, refs in cases:
+        ids = request_for(tok, segs)[0]["prompt_token_ids"]
+        t, pre = ask({"prompt_token_ids": ids})
+        prefill_s.append(t)
+        tokens.append(len(ids))
+        vocab = len(pre.outputs[0].logprobs[0])
+        pre = first(pre, vocab)
+        for sel, ratio in modes:
+            ref_logits, answer, ref_selected = refs[sel]
+            prompt, params = request_for(tok, segs, recompute=ratio, selector=sel)
+            loaded, read = conn.worker.tokens_loaded, conn.bytes_read
+            t, got = ask(prompt, params)
+            loaded, read = conn.worker.tokens_loaded - loaded, conn.bytes_read - read
+            q = first(got, vocab)
+            _, full = ask(prompt, params, n=ANSWER, logprobs=None)
+            picked = (set(list(conn.worker.selections.values())[-1].tolist()) if ratio
+                      else set())
+            row = {"ttft_s": t, "loaded": loaded, "bytes_read": read}
+            if sel == "none":
+                head_logits, head_answer, _ = refs["none-stored-head"]
+                row["kl_vs_hf_stored_head"] = kl(torch.log_softmax(head_logits, -1), q)
+                row["equal_hf_stored_head"] = list(full.outputs[0].token_ids) == head_answer
+            rows[sel].append(dict(row, **{
+                "kl_vs_hf_blend": kl(torch.log_softmax(ref_logits, -1), q),
+                "kl_vs_prefill": kl(pre, q),
+                "overlap": (len(picked & set(ref_selected.tolist())) / len(ref_selected)
+                            if ratio else 1.0),
+                "answer_equal": list(full.outputs[0].token_ids) == answer}))
+    med, mean = statistics.median, statistics.mean
+    out = {"bench": "bench_vllm_blend", "probe": "qa", "prompts": len(cases), "dtype": dtype,
+           "config": config, "prefix_caching": False,
+           "prompt_tokens_mean": round(mean(tokens), 1),
+           "prefill_ttft_s": round(med(prefill_s), 4), "modes": []}
+    for sel, ratio in modes:
+        r = rows[sel]
+        kls = [x["kl_vs_hf_blend"] for x in r]
+        out["modes"].append({
+            "selector": sel, "recompute": ratio,
+            "ttft_s": round(med(x["ttft_s"] for x in r), 4),
+            "speedup_vs_prefill": round(med(prefill_s) / med(x["ttft_s"] for x in r), 2),
+            "loaded_tokens_mean": round(mean(x["loaded"] for x in r), 1),
+            "bytes_read_mean": round(mean(x["bytes_read"] for x in r)),
+            "kl_vs_hf_blend_mean": round(mean(kls), 7), "kl_vs_hf_blend_max": round(max(kls), 7),
+            "kl_vs_prefill_mean": round(mean(x["kl_vs_prefill"] for x in r), 5),
+            "selection_overlap_min": round(min(x["overlap"] for x in r), 3),
+            "answers_equal_hf_blend": sum(x["answer_equal"] for x in r)})
+        if sel == "none":
+            out["modes"][-1].update(
+                kl_vs_hf_stored_head_mean=round(mean(x["kl_vs_hf_stored_head"] for x in r), 7),
+                kl_vs_hf_stored_head_max=round(max(x["kl_vs_hf_stored_head"] for x in r), 7),
+                answers_equal_hf_stored_head=sum(x["equal_hf_stored_head"] for x in r))
+    out.update(torch_threads=torch.get_num_threads(), **threading)
+    return out
 
 
 def main():
@@ -147,9 +189,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default="default", help="the store's codec config")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--modes", nargs="+", default=["none", "hkvd:0.15", "boundary:0.15"],
+                    help="selector:recompute pairs (none: full reuse)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    out = run(args.prompts, args.seed, args.config, args.dtype)
+    modes = [(m.split(":")[0], float(m.split(":")[1]) if ":" in m else 0.0) for m in args.modes]
+    out = run(args.prompts, args.seed, args.config, args.dtype, modes)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 
 

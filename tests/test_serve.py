@@ -188,6 +188,7 @@ def test_a_precomputed_document_is_a_hit_over_http(lm, texts, tmp_path):
             time.sleep(0.5)
         assert _metric(metrics, "vllm:external_prefix_cache_queries_total") == prompt_tokens
         assert hits == cached and hits >= 0.8 * prompt_tokens, (hits, prompt_tokens)
+        _blend_over_http(lm, texts, tmp_path, store, base)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -197,3 +198,37 @@ def test_a_precomputed_document_is_a_hit_over_http(lm, texts, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _blend_over_http(lm, texts, tmp_path, store, base):
+    """Two documents precomputed position-independently, asked about in the other order
+    in one completion body (token ids, the blend salt, kv_transfer_params): both are
+    loaded from the store (the server's own counters say so)."""
+    from kvcodec.blend import Cached, Text
+    from kvcodec.integrations.vllm.blending import request_for
+    from kvcodec.models.loading import model_name
+
+    docs = [texts["python_license"][:900], "\n\n" + texts["argparse_doc"][:900]]
+    for i, d in enumerate(docs):
+        (tmp_path / f"ind{i}.txt").write_text(d)
+    r = CliRunner().invoke(main, ["precompute", "--store", str(store), "--independent",
+                                  "--no-progress", str(tmp_path / "ind0.txt"),
+                                  str(tmp_path / "ind1.txt")])
+    assert r.exit_code == 0, r.output
+    prompt, params = request_for(lm.tokenizer, [Cached(text=docs[1]), Cached(text=docs[0]),
+                                                Text(QUESTION)])
+    before = _metric(_get(base + "/metrics"), "vllm:kvcodec_blend_documents_total")
+    body = json.dumps({"model": model_name(None), "prompt": prompt["prompt_token_ids"],
+                       "cache_salt": prompt["cache_salt"], "kv_transfer_params": params,
+                       "max_tokens": 8, "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert json.load(resp)["choices"][0]["text"].strip()
+    deadline = time.monotonic() + 15
+    while True:
+        got = _metric(_get(base + "/metrics"), "vllm:kvcodec_blend_documents_total") - before
+        if got or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == 2

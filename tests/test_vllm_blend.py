@@ -241,6 +241,92 @@ def test_two_blended_requests_in_one_batch_equal_each_alone(lm, texts, engine):
     assert [list(o.outputs[0].token_ids) for o in outs] == alone
 
 
+def _kl(p, q):
+    return float((p.exp() * (p - q)).sum())
+
+
+def _hf_prefill(lm, ids):
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
+    return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+
+def test_selective_recompute_is_transformers_blend_on_vllm_kernels(lm, texts, engine):
+    """15% recomputed after the check layer: vLLM (every token computed, cached K/V kept
+    in the later layers through slot -1) picks the same tokens as transformers' blend
+    (boundary: the same positions; hkvd: from the fresh K/V vLLM wrote, >= 90% the same)
+    and gives its first-token distribution; it differs from a prefill as much as
+    transformers' blend does (the kept K/V are really used)."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Which text is code?\nAnswer:")
+    docs = _docs(lm, texts, ["argparse_doc", "python_license", "gpl3"], 200)
+    _store_docs(lm, store, docs, head)
+    segs = _segments(store, head, docs, question)
+    ids = blending.request_for(lm.tokenizer, segs)[0]["prompt_token_ids"]
+    hf_prefill = _hf_prefill(lm, ids)
+    vllm_prefill = _first_logprobs(_ask(llm, {"prompt_token_ids": ids,
+                                              "cache_salt": uuid.uuid4().hex}, n=1,
+                                        logprobs=-1)[0], hf_prefill.numel())
+    for selector in ("boundary", "hkvd"):
+        ref = blend(lm, segs, recompute=0.15, selector=selector)
+        p = torch.log_softmax(ref.logits.view(-1).float(), -1)
+        before = conn.worker.tokens_preloaded
+        out = _ask(llm, *blending.request_for(lm.tokenizer, segs, recompute=0.15,
+                                              selector=selector), n=1, logprobs=-1)[0]
+        assert conn.worker.tokens_preloaded - before == sum(map(len, docs))
+        got = list(conn.worker.selections.values())[-1]
+        overlap = len(set(got.tolist()) & set(ref.selected.tolist())) / len(ref.selected)
+        q = _first_logprobs(out, p.numel())
+        kl, moved, hf_moved = _kl(p, q), _kl(vllm_prefill, q), _kl(hf_prefill, p)
+        print(f"{selector}: {len(got)} recomputed, overlap with transformers {overlap:.3f}, "
+              f"KL vs transformers blend {kl:.2e}, vs prefill {moved:.4f} (transformers "
+              f"{hf_moved:.4f})")
+        assert overlap == 1.0 if selector == "boundary" else overlap >= 0.9
+        assert len(got) == len(ref.selected)
+        assert kl < 1e-4
+        assert moved > 1e-3 and abs(moved - hf_moved) < 0.1 * hf_moved
+
+
+def test_recompute_all_is_a_prefill(lm, texts, engine):
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Name the licenses.\nAnswer:")
+    docs = _docs(lm, texts, ["gpl3", "python_license"], 200)
+    _store_docs(lm, store, docs, head)
+    segs = _segments(store, head, docs, question)
+    prompt, params = blending.request_for(lm.tokenizer, segs, recompute=1.0, selector="all")
+    prefill = _ask(llm, {"prompt_token_ids": prompt["prompt_token_ids"],
+                         "cache_salt": uuid.uuid4().hex})
+    before = conn.worker.tokens_preloaded
+    assert _ask(llm, prompt, params)[0].outputs[0].token_ids == prefill[0].outputs[0].token_ids
+    assert conn.worker.tokens_preloaded > before
+
+
+def test_a_damaged_document_is_computed_in_a_selective_blend(lm, texts, engine):
+    """A damaged last document: vLLM computes it like text (never kept), as
+    transformers' blend does with the entry it then finds moved aside."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: What is permitted?\nAnswer:")
+    docs = _docs(lm, texts, ["python_license", "argparse_doc"], 190)
+    _store_docs(lm, store, docs, head)
+    (entry,) = store.document(docs[1], default_anchor(lm.tokenizer))
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    segs = _segments(store, head, docs, question)
+    before = _counts(conn)
+    out = _ask(llm, *blending.request_for(lm.tokenizer, segs, recompute=0.15,
+                                          selector="boundary"), n=1, logprobs=-1)[0]
+    after = _counts(conn)
+    assert _moved(before, after, "load_failures:damaged") == 1 and after[1] == before[1]
+    got = list(conn.worker.selections.values())[-1]
+    start = len(head) + len(docs[0])
+    assert not entry.exists() and int(got.max()) < start  # the second one: not cached
+    ref = blend(lm, segs, recompute=0.15, selector="boundary")  # finds it moved aside
+    assert ref.report.segments[2].fallback and torch.equal(got, ref.selected)
+    p = torch.log_softmax(ref.logits.view(-1).float(), -1)
+    assert _kl(p, _first_logprobs(out, p.numel())) < 1e-4
+
+
 # -- without an engine ------------------------------------------------------------------
 
 def test_request_for_tokenizes_as_transformers_blend(lm, bos_lm, texts, tmp_path):
@@ -272,6 +358,9 @@ def test_request_for_tokenizes_as_transformers_blend(lm, bos_lm, texts, tmp_path
     ({"segments": [["text", 2], ["document", 2]]}, "cover 4 tokens; the prompt has 5"),
     ({"segments": [["text", 5]], "anchor": "x"}, "anchor"),
     ({"segments": [["text", 5]], "tenant": 3}, "tenant"),
+    ({"segments": [["text", 5]], "recompute": 1.5}, "recompute"),
+    ({"segments": [["text", 5]], "selector": "query"}, "query needs"),
+    ({"segments": [["text", 5]], "check_layer": -1}, "check_layer"),
 ])
 def test_a_malformed_blend_is_a_clear_error(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -316,3 +405,10 @@ def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
     p = blending.plan(store, ids, spec, anchor)  # no system line: documents from 0
     assert (p.end, p.documents, [s.offset for s in p.segments]) == (len(ids) - 1, 2,
                                                                      [0, len(a)])
+    # Selective recompute: nothing claimed, every stored document preloaded, also after
+    # one the store lacks.
+    spec, ids = _spec(("text", head), ("document", b), ("document", c), ("text", [5]))
+    spec.recompute = 0.15
+    p = blending.plan(store, ids, spec, anchor)
+    assert (p.end, p.segments, p.documents, p.computed) == (0, [], 1, 1)
+    assert [(s.offset, s.token_ids) for s in p.preload] == [(len(head) + len(b), c)]

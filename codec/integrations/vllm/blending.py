@@ -28,6 +28,12 @@ claimed enters vLLM's own prefix cache, so with prefix caching on a blended requ
 must carry a ``cache_salt`` starting with :data:`SALT_PREFIX` (:func:`request_for`
 makes one from the segment layout): a plain request of the same tokens never meets
 blended K/V. Blended requests are never saved to the store.
+
+With ``"recompute"`` > 0 (and ``"selector"``, ``"check_layer"``, ``"seed"`` as
+:func:`kvcodec.blend.blend` takes them) the request is the quality path instead:
+nothing is claimed, vLLM computes every token, and the stored documents' K/V are kept
+in the layers after the check layer for the tokens the selector does not pick
+(:mod:`.recompute`).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from ...errors import ConfigError
 PARAM = "kvcodec_blend"            # the key in kv_transfer_params
 SALT_PREFIX = "kvcodec-blend:"     # cache_salt of blended requests (prefix caching on)
 KINDS = ("text", "document")
+SELECTORS = ("hkvd", "boundary", "random", "none", "all")  # what vLLM lets us measure
 
 
 @dataclass
@@ -55,11 +62,17 @@ class Segment:
 
 @dataclass
 class Blend:
-    """A request's blend as asked (:func:`parse`): segments as ``(kind, start, end)``."""
+    """A request's blend as asked (:func:`parse`): segments as ``(kind, start, end)``;
+    with ``recompute`` > 0, selective recompute (:mod:`.recompute`) by ``selector``
+    from ``check_layer`` (None: :func:`kvcodec.blend.blend`'s default)."""
 
     spans: list
     anchor: list | None = None
     tenant: str | None = None
+    recompute: float = 0.0
+    selector: str = "hkvd"
+    check_layer: int | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -67,10 +80,13 @@ class BlendPlan:
     """What the scheduler claims for a blended request: ``end`` (tokens from 0 loaded),
     ``segments`` to load, ``head`` (tokens before the first document; 0: none),
     ``head_cached`` (whether the store holds them), ``documents`` claimed and
-    ``computed`` (documents vLLM computes instead: missing, or after the question)."""
+    ``computed`` (documents vLLM computes instead: missing, or after the question);
+    with selective recompute, the documents to preload (``preload``; nothing is
+    claimed)."""
 
     end: int = 0
     segments: list = field(default_factory=list)
+    preload: list = field(default_factory=list)
     head: int = 0
     head_cached: bool = True
     documents: int = 0
@@ -103,18 +119,41 @@ def parse(params, n_tokens: int) -> Blend | None:
     tenant = spec.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
         raise ConfigError(f"blend tenant must be a string, got {tenant!r:.60}")
-    return Blend(spans, anchor, tenant)
+    ratio = spec.get("recompute", 0.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ConfigError(f"blend recompute must be a fraction in [0, 1], got {ratio!r:.60}")
+    selector = spec.get("selector", "hkvd")
+    if selector not in SELECTORS:
+        raise ConfigError(f"blend selector {selector!r:.40} is not one of {SELECTORS} "
+                          "(query needs the question's attention, which vLLM does not expose)")
+    check = spec.get("check_layer")
+    seed = spec.get("seed", 0)
+    for name, v in (("check_layer", check), ("seed", seed)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"blend {name} must be a non-negative integer, got {v!r:.40}")
+    return Blend(spans, anchor, tenant, float(ratio), selector, check, seed)
 
 
 def plan(store, ids: list, blend: Blend, anchor: list) -> BlendPlan:
     """What can be claimed of prompt ``ids`` (see the module docstring): ``store`` is
-    the tenant's view of the store. The last prompt token is always left to vLLM."""
+    the tenant's view of the store. The last prompt token is always left to vLLM. With
+    selective recompute (:func:`selective`) nothing is claimed (vLLM computes every
+    token, the text before the documents as :func:`kvcodec.blend.blend` computes text
+    segments) and every stored document is preloaded."""
     out = BlendPlan()
     docs = [i for i, (kind, _, _) in enumerate(blend.spans) if kind == "document"]
     if not docs:
         return out
     first = docs[0]
     out.head = blend.spans[first][1]
+    if selective(blend):  # vLLM computes every token, the text before documents too
+        for i in docs:
+            _, a, b = blend.spans[i]
+            if store.document(ids[a:b], anchor) is not None:
+                out.preload.append(Segment(a, ids[a:b], list(anchor)))
+        out.documents = len(out.preload)
+        out.computed = len(docs) - out.documents
+        return out
     if out.head:
         out.head_cached = store.cached_tokens(ids[:out.head], partial=True) == out.head
         if not out.head_cached:
@@ -133,15 +172,23 @@ def plan(store, ids: list, blend: Blend, anchor: list) -> BlendPlan:
     return out
 
 
-def salt_for(layout: list, tenant: str | None = None, anchor=None) -> str:
+def selective(blend: Blend) -> bool:
+    """Whether the blend recomputes some cached tokens (else: full reuse)."""
+    return blend.selector != "none" and (blend.recompute > 0 or blend.selector == "all")
+
+
+def salt_for(layout: list, tenant: str | None = None, anchor=None, mode=None) -> str:
     """The ``cache_salt`` of a blended request: :data:`SALT_PREFIX`, the tenant and a
-    hash of the segment layout and anchor (the same tokens blended from other segments
-    are other K/V, so they share no block in vLLM's prefix cache)."""
-    digest = hashlib.sha256(json.dumps([tenant, layout, anchor]).encode()).hexdigest()[:32]
+    hash of the segment layout, anchor and recompute settings (the same tokens blended
+    otherwise are other K/V, so they share no block in vLLM's prefix cache)."""
+    key = [tenant, layout, anchor] + ([mode] if mode is not None else [])
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
     return f"{SALT_PREFIX}{tenant or ''}:{digest}"
 
 
-def request_for(tokenizer, segments, *, tenant: str | None = None, anchor=None) -> tuple:
+def request_for(tokenizer, segments, *, tenant: str | None = None, anchor=None,
+                recompute: float = 0.0, selector: str = "hkvd", check_layer=None,
+                seed: int = 0) -> tuple:
     """``(prompt, kv_transfer_params)`` for a blended vLLM request: ``prompt`` a dict
     ``{"prompt_token_ids": [...], "cache_salt": ...}`` (vLLM's ``TokensPrompt``; over
     HTTP, send its token ids as ``prompt`` and its ``cache_salt``), the parameters for
@@ -152,7 +199,9 @@ def request_for(tokenizer, segments, *, tenant: str | None = None, anchor=None) 
     (or a ``str``) is text, :class:`~kvcodec.blend.Cached` with ``text`` or
     ``token_ids`` a document of the server's store; tokenized as ``blend`` does (pieces
     without special tokens, the tokenizer's BOS first where it adds one), so the same
-    segments give the same tokens in transformers and in vLLM."""
+    segments give the same tokens in transformers and in vLLM. ``recompute``,
+    ``selector``, ``check_layer`` and ``seed`` as :func:`kvcodec.blend.blend` takes them
+    (selective recompute, :mod:`.recompute`; 0: full reuse)."""
     from ...blend.segments import Cached, Text
     from ...models.capture import default_anchor
     from ...models.tokens import special_prefix, text_ids
@@ -177,6 +226,10 @@ def request_for(tokenizer, segments, *, tenant: str | None = None, anchor=None) 
         layout.insert(0, ["text", len(prefix)])
         ids = prefix + ids
     anchor = [int(t) for t in (anchor if anchor is not None else default_anchor(tokenizer))]
-    params = {PARAM: {"segments": layout, "anchor": anchor, "tenant": tenant}}
-    prompt = {"prompt_token_ids": ids, "cache_salt": salt_for(layout, tenant, anchor)}
+    params = {PARAM: {"segments": layout, "anchor": anchor, "tenant": tenant,
+                      "recompute": recompute, "selector": selector,
+                      "check_layer": check_layer, "seed": seed}}
+    blend = parse(params, len(ids))  # a mistake is raised here, not in the server's log
+    mode = [recompute, selector, check_layer, seed] if selective(blend) else None
+    prompt = {"prompt_token_ids": ids, "cache_salt": salt_for(layout, tenant, anchor, mode)}
     return prompt, params

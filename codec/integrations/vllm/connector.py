@@ -119,7 +119,9 @@ class KVCodecConnector(KVConnectorBase_V1):
         self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return  # whole requests are saved in wait_for_save, after every layer has run
+        # Whole requests are saved in wait_for_save, after every layer has run; here a
+        # selective blend's check layer picks the tokens to recompute.
+        self.worker.save_kv_layer(layer_name)
 
     def wait_for_save(self):
         self.worker.wait_for_save(self._get_connector_metadata()

@@ -1,5 +1,6 @@
 """vLLM's CPU paged cache as kvcodec writes and reads it: through vLLM's own
-cache-writing op, and back through the inverse of that op, learned from the op itself."""
+cache-writing op, and back through the inverse of that op, learned from the op itself;
+and the float32 buffers entries are decoded into on their way there."""
 from __future__ import annotations
 
 import logging
@@ -113,6 +114,30 @@ class PagedLayout:
         if not self.can_read:
             log.warning("kvcodec: reading vLLM's paged cache (%s) back failed its self-test; "
                         "saving to the store is off", self.isa)
+
+
+class BufferPool:
+    """float32 ``(keys, values)`` ``[1, heads, tokens, head_dim]`` per layer, kept across
+    steps (fresh pages cost a page fault each, more than the decode's writes to them)
+    while they stay under ``max_bytes``; past it, new ones each time."""
+
+    def __init__(self, heads: int, head_dim: int, max_bytes: int):
+        self.heads, self.head_dim, self.max_bytes = heads, head_dim, max_bytes
+        self._kept: list = []
+
+    def views(self, layers: list, tokens: int) -> dict:
+        """``{layer: (keys, values)}`` for ``layers`` with room for ``tokens``. Layer
+        groups are decoded and written one after another, so they share the buffers."""
+        h, d = self.heads, self.head_dim
+        have = self._kept[0].shape[2] if self._kept else 0
+        count, cap = max(len(layers) * 2, len(self._kept)), max(tokens, have)
+        if count * h * cap * d * 4 > self.max_bytes:
+            return {l: (torch.empty((1, h, tokens, d)), torch.empty((1, h, tokens, d)))
+                    for l in layers}
+        if count > len(self._kept) or cap > have:
+            self._kept = [torch.empty((1, h, cap, d)) for _ in range(count)]
+        return {l: (self._kept[2 * i][:, :, :tokens], self._kept[2 * i + 1][:, :, :tokens])
+                for i, l in enumerate(layers)}
 
 
 def default_isa(dtype, block: int, head_dim: int) -> str:

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from ...errors import ConfigError
+from ...blend.api import CHECK_LAYER
 from . import blending
 from .blending import Segment
+from .recompute import Recompute
 
 log = logging.getLogger("kvcodec")
 
@@ -23,6 +25,7 @@ class Load:
     end: int               # one past the last token to load
     salt: str | None = None  # the request's cache_salt: its tenant's keys
     segments: list | None = None  # a blended request's runs of entries (blending.Segment)
+    recompute: Recompute | None = None  # documents preloaded for selective recompute
 
     def runs(self) -> list:
         """The runs of entries to read: a blend's segments, or the prompt's prefix."""
@@ -95,6 +98,15 @@ class ConnectorScheduler:
             return None
         if blend is None:
             return None
+        n_layers = int(self.store.fingerprint["num_layers"])
+        if blend.check_layer is None:
+            blend.check_layer = max(0, min(CHECK_LAYER, n_layers - 2))
+        if blending.selective(blend) and not blend.check_layer < n_layers - 1:
+            log.warning("kvcodec vLLM: request %s: check_layer %d is not before the last "
+                        "layer (%d layers); served as a plain prompt", request.request_id,
+                        blend.check_layer, n_layers)
+            self.store.metrics.blend_refused()
+            return None
         salt = getattr(request, "cache_salt", None) or ""
         if self.prefix_caching and not salt.startswith(blending.SALT_PREFIX):
             log.warning("kvcodec vLLM: request %s asks for a blend without a blend salt "
@@ -115,7 +127,7 @@ class ConnectorScheduler:
         store.metrics.blended(p.documents, p.computed)
         # Where the store lacks the text before the first document, the request is
         # prefilled; that prefix (exact, vLLM's own) is saved for the next one.
-        self._blends[req_id] = (blend, 0 if p.head_cached else p.head)
+        self._blends[req_id] = (blend, 0 if p.head_cached else p.head, p.preload)
         if p.end <= num_computed_tokens:
             return 0, False
         self._pending[req_id] = (num_computed_tokens, p.end, p.segments)
@@ -141,6 +153,7 @@ class ConnectorScheduler:
                                        blend[0].tenant if blend else
                                        self._salts.get(new.req_id), segments))
             done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+            self._maybe_recompute(meta, new.req_id, new.num_computed_tokens, done)
             self._maybe_save(meta, new.req_id, done)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -154,7 +167,30 @@ class ConnectorScheduler:
                 self._blocks[req_id] += list(new_blocks[0])
             done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id]
             self._maybe_save(meta, req_id, done)
+        if any(load.recompute is not None for load in meta.loads):
+            # Preloads feed this step's forward: vLLM starts them before it (as its
+            # HiSparse connector asks), not after, as it does for steps that load nothing.
+            scheduler_output.has_sync_kv_loads = True
         return meta
+
+    def _maybe_recompute(self, meta, req_id: str, start: int, done: int) -> None:
+        """A selective blend's documents, preloaded for the layers after the check layer
+        (:mod:`.recompute`), when this step computes the rest of its prompt at once; a
+        prompt vLLM splits over steps (chunked prefill) is computed as a prefill."""
+        blend, _, preload = self._blends.get(req_id) or (None, 0, [])
+        ids = self._prompts[req_id]
+        if not preload:
+            return
+        if done < len(ids):
+            log.warning("kvcodec vLLM: %s is prefilled over several steps; its blend's "
+                        "selective recompute needs one: computed as a prefill", req_id)
+            self.store.metrics.blend_refused()
+            return
+        spans = [(s.offset, s.offset + len(s.token_ids)) for s in preload]
+        rc = Recompute(blend.recompute, blend.selector, blend.check_layer, blend.seed,
+                       len(ids), spans)
+        meta.loads.append(Load(req_id, ids, list(self._blocks[req_id]), start, len(ids),
+                               blend.tenant, preload, rc))
 
     def _maybe_save(self, meta, req_id: str, done: int) -> None:
         """Once a prompt's prefill completes this step, save its chunks that the store
@@ -168,7 +204,7 @@ class ConnectorScheduler:
         self._saved.add(req_id)
         salt = self._salts.get(req_id)
         if req_id in self._blends:
-            blend, head = self._blends[req_id]
+            blend, head, _ = self._blends[req_id]
             ids, salt = ids[:head], blend.tenant
             if not ids:
                 return

@@ -14,7 +14,8 @@ import torch
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import Document, decode_documents
-from .paged_layout import PagedLayout, slot_ids
+from .paged_layout import BufferPool, PagedLayout, slot_ids
+from .recompute import check
 from .scheduler import Load
 
 log = logging.getLogger("kvcodec")
@@ -60,7 +61,7 @@ class ConnectorWorker:
     saves queued, written and dropped.
     """
 
-    BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most
+    BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most (BufferPool)
 
     def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool,
                  load_timeout_s: float = 5.0, max_pending_save_bytes: int = 1 << 30):
@@ -80,11 +81,16 @@ class ConnectorWorker:
         # load_timeout_s per step; a fetch stuck past it finishes in the background.
         self._fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcodec-fetch")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
-        self._pool: list = []  # decode buffers kept across steps (_buffers)
+        fp = fingerprint
+        self._pool = BufferPool(fp["num_kv_heads"], fp["head_dim"], self.BUFFER_BYTES)
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
         self.bytes_read = 0
         self.tokens_loaded = 0
+        self.tokens_preloaded = 0  # selective blends' documents, for the later layers
+        self.selections: dict = {}  # req_id -> recomputed cached positions (the last 64)
+        self._recomputes: list = []  # this step's selective blends
+        self._forward_context = None
         self.blocks_failed = 0
         self.saves_skipped = 0
 
@@ -104,10 +110,13 @@ class ConnectorWorker:
                 fp["num_layers"], fp["num_kv_heads"], 2 * fp["head_dim"]):
             raise ConfigError(f"vLLM's caches ({len(self._caches)} layers, "
                               f"{tuple(first.shape)}) do not fit the model fingerprint")
-        self._layout = PagedLayout(first, self.block, self.save)
+        # Reading back: for saves, and for a selective blend's check (hkvd).
+        self._layout = PagedLayout(first, self.block, True)
 
     def start_load_kv(self, meta, forward_context) -> None:
         self._failed_requests = set()
+        self._recomputes = [l for l in meta.loads if l.recompute is not None]
+        self._forward_context = forward_context
         if not meta.loads:
             return
         self._layout.bind_isa(forward_context, self._names)
@@ -172,6 +181,10 @@ class ConnectorWorker:
         return f, path
 
     def _fail(self, load: Load, t: int) -> None:
+        if load.recompute is not None:  # vLLM computes these tokens anyway: no report
+            rc = load.recompute
+            rc.failed_from = t if rc.failed_from is None else min(t, rc.failed_from)
+            return
         self._failed_requests.add(load.req_id)
         first = max(t, load.start) // self.block
         last = (load.end + self.block - 1) // self.block
@@ -207,6 +220,8 @@ class ConnectorWorker:
         affected."""
         docs, owners = [], []  # owners: (load, files, first, end) per document
         for load, files in jobs:
+            if load.recompute is not None and max(group) < load.recompute.check_layer:
+                continue  # layers vLLM computes for every token
             n = next((i for i, e in enumerate(files) if e[0] is None), len(files))
             i = 0
             while i < n:
@@ -218,7 +233,7 @@ class ConnectorWorker:
         if not owners:
             return
         total = sum(files[i][0].num_tokens for _, files, a, b in owners for i in range(a, b))
-        bufs = self._buffers(group, total)
+        bufs = self._pool.views(group, total)
         row = 0
         for load, files, a, b in owners:
             spans = []
@@ -229,7 +244,7 @@ class ConnectorWorker:
             docs.append(Document([e[0] for e in files[a:b]], [e[2] for e in files[a:b]],
                                  bufs, spans, files[a][1] if run.anchor is not None else None))
         landed = decode_documents(self.store, docs, self.threads)
-        rows, slots, stopped = [], [], set()
+        runs, stopped = {}, set()  # first layer written -> (rows, slots)
         for (load, files, a, b), doc, good in zip(owners, docs, landed):
             if id(load) in stopped:
                 continue
@@ -240,47 +255,58 @@ class ConnectorWorker:
                     files[j] = (None,) + files[j][1:]
                 self._fail(load, files[a + good][1])
                 stopped.add(id(load))
+            rc = load.recompute
+            rows, slots = runs.setdefault(0 if rc is None else rc.check_layer + 1, ([], []))
             for i in range(good):
                 f, t0 = files[a + i][:2]
                 lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
                 r = doc.spans[i][0]
                 rows.append(torch.arange(r + lo - t0, r + hi - t0))
                 slots.append(slot_ids(load.block_ids, lo, hi, self.block))
-                if group[0] == min(self._caches):
+                if rc is not None and rc.check_layer in bufs:  # the check's cached side
+                    k, v = bufs[rc.check_layer]
+                    rc.cached.append((torch.arange(lo, hi),
+                                      k[0, :, rows[-1]].transpose(0, 1).clone(),
+                                      v[0, :, rows[-1]].transpose(0, 1).clone()))
+                    self.tokens_preloaded += hi - lo
+                    self.bytes_read += f.size_bytes
+                elif rc is None and group[0] == min(self._caches):
                     self.tokens_loaded += hi - lo
                     self.bytes_read += f.size_bytes
-        if not rows:
+        runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
+        if not runs:
             return
         started = time.perf_counter()
-        rows, slots = torch.cat(rows), torch.cat(slots)
-        # One run of rows (one request, its last entry partly used) is a slice, not a
-        # gather: a copy of every layer less.
-        r0 = int(rows[0])
-        run = bool(torch.equal(rows, torch.arange(r0, r0 + len(rows))))
         for l, (k, v) in bufs.items():
+            here = [runs[first] for first in sorted(runs) if l >= first]
+            if not here:
+                continue
+            rows = torch.cat([r for r, _ in here]) if len(here) > 1 else here[0][0]
+            slots = torch.cat([s for _, s in here]) if len(here) > 1 else here[0][1]
+            # One run of rows (one request, its last entry partly used) is a slice, not
+            # a gather: a copy of every layer less.
+            r0 = int(rows[0])
+            run = bool(torch.equal(rows, torch.arange(r0, r0 + len(rows))))
             k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
             k, v = (k[r0:r0 + len(rows)], v[r0:r0 + len(rows)]) if run else (k[rows], v[rows])
             self._layout.write(self._caches[l], k, v, slots)
         self.store.metrics.staged("write", time.perf_counter() - started)
 
-    def _buffers(self, group: list, total: int) -> dict:
-        """float32 ``(keys, values)`` ``[1, heads, total, head_dim]`` per layer of
-        ``group``: views of buffers kept across steps (fresh pages cost a page fault each,
-        more than the decode's writes to them) while they stay under ``BUFFER_BYTES``,
-        else new ones. Groups are decoded and written one after another, so they share
-        the buffers."""
-        fp = self.fingerprint
-        h, d = fp["num_kv_heads"], fp["head_dim"]
-        need = len(group) * 2
-        have = self._pool[0].shape[2] if self._pool else 0
-        count, cap = max(need, len(self._pool)), max(total, have)
-        if count * h * cap * d * 4 > self.BUFFER_BYTES:
-            return {l: (torch.empty((1, h, total, d)), torch.empty((1, h, total, d)))
-                    for l in group}
-        if count > len(self._pool) or cap > have:
-            self._pool = [torch.empty((1, h, cap, d)) for _ in range(count)]
-        return {l: (self._pool[2 * i][:, :, :total], self._pool[2 * i + 1][:, :, :total])
-                for i, l in enumerate(group)}
+    def save_kv_layer(self, layer_name: str) -> None:
+        """After a layer's attention: at a selective blend's check layer, choose the
+        cached tokens whose K/V stay and keep them from being overwritten in the later
+        layers (:func:`.recompute.check`)."""
+        layer = self._names.get(layer_name)
+        todo = [l for l in self._recomputes if l.recompute.check_layer == layer]
+        if not todo:
+            return
+        self._join_loader()  # every preload written, every failure known
+        for load in todo:
+            self.selections[load.req_id] = check(load, self._caches[layer], self._layout,
+                                                 self._names, self.block, self._forward_context)
+            while len(self.selections) > 64:  # the latest only (tests, benchmarks)
+                del self.selections[next(iter(self.selections))]
+        self._recomputes = [l for l in self._recomputes if l not in todo]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ev = self._events.get(self._names.get(layer_name))
