@@ -18,7 +18,8 @@ system line as the prompt's own prefix (``ChunkStore.put``). Per prompt, in one 
 
 Reported per mode: median time to first token and its ratio to prefill's; the
 first-token KL against transformers' ``blend`` with the same selector and budget on the
-same segments (mean, max) and against vLLM's prefill (for full reuse also against
+same segments (mean, max) and against vLLM's prefill, beside transformers' blend against
+transformers' prefill on the same measure (for full reuse also against
 transformers' blend with the system line decoded from the store, as vLLM loads it,
 where transformers' computes it); the smallest overlap of the
 recomputed positions with transformers'; how many 32-token greedy answers equal
@@ -91,6 +92,10 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             answer, _ = generate(lm, stored_head + segs[1:], max_new_tokens=ANSWER,
                                  recompute=0, selector="none")
             refs["none-stored-head"] = (ref.logits.view(-1).float(), list(answer), None)
+            # Transformers' own blend-vs-prefill gap on the same measure, for scale.
+            ids = ref.token_ids
+            pre = lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+            refs["prefill"] = torch.log_softmax(pre.float(), -1)
             cases.append((segs, refs))
 
     from vllm import LLM, SamplingParams
@@ -150,6 +155,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
                 head_logits, head_answer, _ = refs["none-stored-head"]
                 row["kl_vs_hf_stored_head"] = kl(torch.log_softmax(head_logits, -1), q)
                 row["equal_hf_stored_head"] = list(full.outputs[0].token_ids) == head_answer
+            row["hf_kl_vs_prefill"] = kl(refs["prefill"], torch.log_softmax(ref_logits, -1))
             rows[sel].append(dict(row, **{
                 "kl_vs_hf_blend": kl(torch.log_softmax(ref_logits, -1), q),
                 "kl_vs_prefill": kl(pre, q),
@@ -172,6 +178,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             "bytes_read_mean": round(mean(x["bytes_read"] for x in r)),
             "kl_vs_hf_blend_mean": round(mean(kls), 7), "kl_vs_hf_blend_max": round(max(kls), 7),
             "kl_vs_prefill_mean": round(mean(x["kl_vs_prefill"] for x in r), 5),
+            "hf_kl_vs_prefill_mean": round(mean(x["hf_kl_vs_prefill"] for x in r), 5),
             "selection_overlap_min": round(min(x["overlap"] for x in r), 3),
             "answers_equal_hf_blend": sum(x["answer_equal"] for x in r)})
         if sel == "none":

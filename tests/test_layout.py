@@ -13,9 +13,10 @@ import kvcodec
 
 PACKAGE = Path(__file__).resolve().parent.parent / "codec"
 # Rank of each top-level part of kvcodec; a module may import only lower ranks (and its
-# own sub-package). format and models are siblings: neither may import the other.
+# own sub-package). format and models are siblings: neither may import the other. blend
+# (an algorithm over decoded caches) sits below integrations, whose vLLM connector blends.
 RANK = {"errors": 0, "_version": 0, "_native": 0, "_cuda": 0, "core": 1, "format": 2,
-        "models": 2, "store": 3, "integrations": 4, "quality": 6, "blend": 6, "evict": 6,
+        "models": 2, "store": 3, "blend": 3.5, "integrations": 4, "quality": 6, "evict": 6,
         "jobs": 7}
 
 

@@ -199,15 +199,21 @@ def test_a_missing_document_is_computed_from_there(lm, texts, engine):
     assert len(out[0].outputs[0].token_ids) > 0
 
 
+def _damage(lm, store, doc):
+    """Flip a payload byte of the one-entry document ``doc``; its entry's path."""
+    (entry,) = store.document(doc, default_anchor(lm.tokenizer))
+    data = bytearray(entry.read_bytes())
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    return entry
+
+
 def test_a_damaged_document_is_computed_and_counted(lm, texts, engine):
     llm, store, conn = engine
     head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Summarise.\nAnswer:")
     docs = _docs(lm, texts, ["gpl3", "python_license"], 140)
     _store_docs(lm, store, docs, head)
-    (entry,) = store.document(docs[1], default_anchor(lm.tokenizer))
-    data = bytearray(entry.read_bytes())
-    data[-100] ^= 0xFF
-    entry.write_bytes(bytes(data))
+    entry = _damage(lm, store, docs[1])
     segs = _segments(store, head, docs, question)
     before = _counts(conn)
     out = _ask(llm, *blending.request_for(lm.tokenizer, segs))
@@ -308,10 +314,7 @@ def test_a_damaged_document_is_computed_in_a_selective_blend(lm, texts, engine):
     head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: What is permitted?\nAnswer:")
     docs = _docs(lm, texts, ["python_license", "argparse_doc"], 190)
     _store_docs(lm, store, docs, head)
-    (entry,) = store.document(docs[1], default_anchor(lm.tokenizer))
-    data = bytearray(entry.read_bytes())
-    data[-100] ^= 0xFF
-    entry.write_bytes(bytes(data))
+    entry = _damage(lm, store, docs[1])
     segs = _segments(store, head, docs, question)
     before = _counts(conn)
     out = _ask(llm, *blending.request_for(lm.tokenizer, segs, recompute=0.15,

@@ -11,7 +11,8 @@ EuroSys 2025, with an exact per-token causal mask and pluggable selectors).
 Documents are cached position-independently behind a fixed anchor
 (``capture_kv(lm, text, anchor=default_anchor(lm.tokenizer))``, ``kvcodec encode
 --independent``, ``kvcodec precompute --independent``). Built on the decoded tensors;
-sits on top of the layers below (may import every one of them, but not ``quality``).
+below ``integrations`` (whose vLLM connector blends with its selectors; may import every
+layer below it).
 """
 from ..errors import BlendError
 from .api import (CHECK_LAYER, RECOMPUTE, BlendReport, BlendResult, blend, compare_with_prefill,

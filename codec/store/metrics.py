@@ -37,13 +37,10 @@ DOCS = {
     "kvcodec_saves_written_total": "vLLM saves written to the store.",
     "kvcodec_saves_dropped_total": "vLLM saves never written (queue full, load failed, "
                                    "write error).",
-    "kvcodec_blend_requests_total": "Blended vLLM requests planned (documents at any "
-                                    "position).",
-    "kvcodec_blend_documents_total": "Documents of blended requests claimed from the store.",
-    "kvcodec_blend_computed_total": "Documents of blended requests computed instead "
-                                    "(not stored, or after the question).",
-    "kvcodec_blend_refused_total": "Blends asked for and not served (malformed, or no blend "
-                                   "salt with vLLM's prefix caching on): plain prompts.",
+    "kvcodec_blend_requests_total": "Blended vLLM requests planned.",
+    "kvcodec_blend_documents_total": "Documents of blended requests loaded from the store.",
+    "kvcodec_blend_computed_total": "Documents of blended requests computed instead.",
+    "kvcodec_blend_refused_total": "Blends asked for and served as plain prompts.",
     "kvcodec_load_failures_total": "Entry loads that failed, by cause.",
     "kvcodec_load_seconds": "Load latency by stage: open (fetch and check an entry), "
                             "decode (one plan of entries), write (into a model's cache).",
@@ -97,9 +94,8 @@ class StoreMetrics:
     ``kvcodec_entries_written_total``, ``kvcodec_bytes_written_total``,
     ``kvcodec_encode_seconds``, ``kvcodec_saves_queued_total``,
     ``kvcodec_saves_written_total``, ``kvcodec_saves_dropped_total`` (the vLLM
-    connector's saves), ``kvcodec_blend_requests_total``,
-    ``kvcodec_blend_documents_total``, ``kvcodec_blend_computed_total``,
-    ``kvcodec_blend_refused_total`` (its blended requests), ``kvcodec_evictions_total``, ``kvcodec_evicted_bytes_total``,
+    connector's saves), ``kvcodec_blend_{requests,documents,computed,refused}_total``
+    (its blended requests), ``kvcodec_evictions_total``, ``kvcodec_evicted_bytes_total``,
     ``kvcodec_store_bytes`` (a gauge: what the store held when last measured; -1 if
     never)."""
 
@@ -175,17 +171,13 @@ class StoreMetrics:
         with self._lock:
             self.counts[f"saves_{outcome}"] += 1
 
-    def blended(self, documents: int, computed: int) -> None:
-        """A blended request planned: ``documents`` claimed, ``computed`` not."""
+    def blended(self, documents: int = 0, computed: int = 0, refused: bool = False) -> None:
+        """A blended vLLM request planned (``documents`` from the store, ``computed``
+        not), or ``refused`` (malformed, or no blend salt with prefix caching on)."""
         with self._lock:
-            self.counts["blend_requests"] += 1
+            self.counts["blend_refused" if refused else "blend_requests"] += 1
             self.counts["blend_documents"] += int(documents)
             self.counts["blend_computed"] += int(computed)
-
-    def blend_refused(self) -> None:
-        """A blend asked for and served as a plain prompt instead."""
-        with self._lock:
-            self.counts["blend_refused"] += 1
 
     def evicted(self, entries: int, nbytes: int) -> None:
         with self._lock:

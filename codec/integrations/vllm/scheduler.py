@@ -94,7 +94,7 @@ class ConnectorScheduler:
         except ConfigError as exc:
             log.warning("kvcodec vLLM: request %s asks for a blend: %s; served as a plain "
                         "prompt", request.request_id, exc)
-            self.store.metrics.blend_refused()
+            self.store.metrics.blended(refused=True)
             return None
         if blend is None:
             return None
@@ -105,7 +105,7 @@ class ConnectorScheduler:
             log.warning("kvcodec vLLM: request %s: check_layer %d is not before the last "
                         "layer (%d layers); served as a plain prompt", request.request_id,
                         blend.check_layer, n_layers)
-            self.store.metrics.blend_refused()
+            self.store.metrics.blended(refused=True)
             return None
         salt = getattr(request, "cache_salt", None) or ""
         if self.prefix_caching and not salt.startswith(blending.SALT_PREFIX):
@@ -114,7 +114,7 @@ class ConnectorScheduler:
                         "plain requests of the same tokens); served as a plain prompt: "
                         "build blended requests with kvcodec's request_for",
                         request.request_id)
-            self.store.metrics.blend_refused()
+            self.store.metrics.blended(refused=True)
             return None
         return blend
 
@@ -184,7 +184,7 @@ class ConnectorScheduler:
         if done < len(ids):
             log.warning("kvcodec vLLM: %s is prefilled over several steps; its blend's "
                         "selective recompute needs one: computed as a prefill", req_id)
-            self.store.metrics.blend_refused()
+            self.store.metrics.blended(refused=True)
             return
         spans = [(s.offset, s.offset + len(s.token_ids)) for s in preload]
         rc = Recompute(blend.recompute, blend.selector, blend.check_layer, blend.seed,
