@@ -36,7 +36,7 @@ def main():
 # the library.
 for _command in (files.encode, files.decode, files.inspect, files.info, quality.demo,
                  quality.eval_cmd, quality.calibrate, serving.generate, jobs.precompute,
-                 serving.model_path, serve.serve, store_commands.store):
+                 serving.model_path, serve.serve, serve.blend_request, store_commands.store):
     main.add_command(_command)
 
 

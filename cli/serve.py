@@ -160,3 +160,55 @@ def _threads_line(threads, had_reserve) -> str:
     else:
         why = f"vLLM's default reserve for its scheduler ({RESERVED} to change it)"
     return f"threads: {cores} cores, {why}; {bind}"
+
+
+@click.command("blend-request")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--system", default=None, help="Text before the documents (computed, or "
+              "loaded from the store as the prompt's own prefix).")
+@click.option("--doc", "docs", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="A document stored with `kvcodec precompute --independent`, in prompt "
+                   "order (repeat; put separators inside the files).")
+@click.option("--prompt", required=True, help="The question after the documents.")
+@click.option("--recompute", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of the documents' tokens recomputed after the check layer (0: "
+                   "full reuse).")
+@click.option("--selector", default="hkvd", show_default=True,
+              help="hkvd, boundary, random, none or all.")
+@click.option("--tenant", default=None, help="The salt the documents were stored under.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+def blend_request(model, system, docs, prompt, recompute, selector, tenant, max_tokens):
+    """Print the JSON body of an OpenAI completion that blends stored documents at any
+    position (`kvcodec serve`, or `vllm serve` with the kvcodec connector): the prompt's
+    token ids, its blend cache_salt and kv_transfer_params.
+
+    \b
+    kvcodec precompute --independent --store kvstore/ a.txt b.txt
+    kvcodec blend-request --doc b.txt --doc a.txt --prompt "Question: ...\\nAnswer:" |
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d @-
+    """
+    import codecs
+
+    from transformers import AutoTokenizer
+
+    from kvcodec.blend import Cached, Text
+    from kvcodec.integrations.vllm.blending import request_for
+    from kvcodec.models.loading import model_name, resolve_model_path
+
+    texts = []
+    for path in docs:  # read as `kvcodec precompute` reads a text file
+        data = Path(path).read_bytes()
+        data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise click.UsageError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(model)))
+    segments = ([Text(system)] if system else []) + [Cached(text=t) for t in texts] + [
+        Text(prompt)]
+    request, params = request_for(tokenizer, segments, tenant=tenant, recompute=recompute,
+                                  selector=selector)
+    click.echo(json.dumps({"model": model_name(model), "prompt": request["prompt_token_ids"],
+                           "cache_salt": request["cache_salt"], "kv_transfer_params": params,
+                           "max_tokens": max_tokens}))

@@ -202,8 +202,9 @@ def test_a_precomputed_document_is_a_hit_over_http(lm, texts, tmp_path):
 
 def _blend_over_http(lm, texts, tmp_path, store, base):
     """Two documents precomputed position-independently, asked about in the other order
-    in one completion body (token ids, the blend salt, kv_transfer_params): both are
-    loaded from the store (the server's own counters say so)."""
+    in one completion body (token ids, the blend salt, kv_transfer_params) that
+    `kvcodec blend-request` printed: both are loaded from the store (the server's own
+    counters say so)."""
     from kvcodec.blend import Cached, Text
     from kvcodec.integrations.vllm.blending import request_for
     from kvcodec.models.loading import model_name
@@ -215,12 +216,18 @@ def _blend_over_http(lm, texts, tmp_path, store, base):
                                   "--no-progress", str(tmp_path / "ind0.txt"),
                                   str(tmp_path / "ind1.txt")])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["blend-request", "--doc", str(tmp_path / "ind1.txt"),
+                                  "--doc", str(tmp_path / "ind0.txt"), "--prompt", QUESTION,
+                                  "--max-tokens", "8"])
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.output)
     prompt, params = request_for(lm.tokenizer, [Cached(text=docs[1]), Cached(text=docs[0]),
                                                 Text(QUESTION)])
+    assert (body["prompt"], body["cache_salt"], body["kv_transfer_params"]) == (
+        prompt["prompt_token_ids"], prompt["cache_salt"], params)
+    assert body["model"] == model_name(None)
     before = _metric(_get(base + "/metrics"), "vllm:kvcodec_blend_documents_total")
-    body = json.dumps({"model": model_name(None), "prompt": prompt["prompt_token_ids"],
-                       "cache_salt": prompt["cache_salt"], "kv_transfer_params": params,
-                       "max_tokens": 8, "temperature": 0}).encode()
+    body = json.dumps(dict(body, temperature=0)).encode()
     req = urllib.request.Request(base + "/v1/completions", body,
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:

@@ -415,3 +415,14 @@ def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
     p = blending.plan(store, ids, spec, anchor)
     assert (p.end, p.segments, p.documents, p.computed) == (0, [], 1, 1)
     assert [(s.offset, s.token_ids) for s in p.preload] == [(len(head) + len(b), c)]
+
+
+def test_a_wrong_blend_request_is_one_line():
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    r = CliRunner().invoke(main, ["blend-request", "--doc", __file__, "--prompt", "Q?",
+                                  "--selector", "query"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert r.output.startswith("error: blend selector 'query'")
