@@ -71,6 +71,11 @@ class BlendResult:
     selected: torch.Tensor
 
 
+def default_check_layer(n_layers: int) -> int:
+    """``CHECK_LAYER``, or the last but one layer on shallower models."""
+    return max(0, min(CHECK_LAYER, n_layers - 2))
+
+
 def blend(lm, segments, *, recompute: float = RECOMPUTE, selector="hkvd",
           check_layer: int | None = None, filter_layer=False, candidates: float = CANDIDATES,
           anchor=None, seed: int = 0) -> BlendResult:
@@ -113,7 +118,7 @@ def blend(lm, segments, *, recompute: float = RECOMPUTE, selector="hkvd",
     cfg = lm.config.get_text_config(decoder=True)
     n_layers = int(cfg.num_hidden_layers)
     if check_layer is None:
-        check_layer = max(0, min(CHECK_LAYER, n_layers - 2))
+        check_layer = default_check_layer(n_layers)
     if not 0 <= check_layer < n_layers - 1:
         raise ConfigError(f"check_layer must be in [0, {n_layers - 2}], got {check_layer}")
     flt = _filter_layer(filter_layer, check_layer, n_layers)
@@ -212,7 +217,7 @@ def _blend(lm, parts, sel, ratio, check_layer, flt, candidates, seed, n_layers, 
             after = layer
             ctx = Context(pool, spans, seed=seed)
             if saved is not None:
-                ctx.deviation = _deviation(saved[0], keys[layer], saved[1], values[layer])
+                ctx.deviation = deviation(saved[0], keys[layer], saved[1], values[layer])
             if attn is not None:
                 ctx.attention = attn.mean(0).sum(0)
             pool = _checked(sel.select(ctx, size), pool, size, sel.name)
@@ -263,13 +268,17 @@ def _query_rows(parts, n: int):
     return torch.arange(n - w, n), f"the last {w} tokens (the prompt ends with a cached segment)"
 
 
-def _deviation(old_k, new_k, old_v, new_v) -> torch.Tensor:
-    """Per token: squared K and V change over heads and channels, each relative to the
-    mean squared norm of the layer's cached keys / values."""
+def deviation(old_k, new_k, old_v, new_v, tokens: int | None = None) -> torch.Tensor:
+    """Per token of ``[1, heads, rows, head_dim]`` caches (``hkvd``'s measure): squared K
+    and V change over heads and channels, each relative to the mean squared norm of the
+    layer's cached keys / values over ``tokens`` tokens (default: the rows; more when
+    the rows are only the cached ones of a longer prompt, whose others count as zeros,
+    as the vLLM connector has them)."""
     def part(old, new):
         err = (new.float() - old.float()).pow(2).sum(dim=(0, 1, 3))
-        scale = old.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp_min(1e-12)
-        return err / scale
+        norms = old.float().pow(2).sum(dim=(0, 1, 3))
+        scale = norms.mean() if tokens is None else norms.sum() / tokens
+        return err / scale.clamp_min(1e-12)
     return part(old_k, new_k) + part(old_v, new_v)
 
 

@@ -161,14 +161,14 @@ class Document:
         return self.position_offset + self.spans[i][0] - self.spans[0][0]
 
 
-def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True) -> list:
+def decode_documents(store, docs: list, threads: int = 0) -> list:
     """Decode several documents' entries (the requests of a vLLM step, a store prefix)
     with as few native calls as they allow: each document that stacks
     (:func:`~kvcodec.format.stacked.plan_stack`) is one job per stream, and all of them
     run as one plan. A document that does not stack, or whose stacked decode reports an
     error, is decoded entry by entry (:func:`decode_entries`: the damaged entry is
-    reported to the store, the ones before it land) unless ``fallback`` is False.
-    Returns per document how many of its leading entries landed."""
+    reported to the store, the ones before it land). Returns per document how many of
+    its leading entries landed."""
     started = time.perf_counter()
     landed = [0] * len(docs)
     plans, rest = {}, []   # chunk_tokens -> (plan, [(doc, first target, end)])
@@ -197,7 +197,7 @@ def decode_documents(store, docs: list, threads: int = 0, fallback: bool = True)
                 rest.append(d)
     if plans:
         store.metrics.staged("decode", time.perf_counter() - started)
-    if rest and fallback:
+    if rest:
         entries = [Entry(f, docs[d].locs[i], _views(docs[d].bufs, *docs[d].spans[i]), d,
                          docs[d].offset_of(i))
                    for d in sorted(rest) for i, f in enumerate(docs[d].files)]

@@ -1,8 +1,8 @@
 """Selective recompute of blended documents with vLLM's own kernels, no patch of vLLM:
 the quality path of a blended request (``recompute`` > 0 in :mod:`.blending`).
 
-vLLM computes every token of the prompt, as a prefill does (the connector claims none). Before
-the forward pass, the worker writes each stored document's K/V, re-rotated to its
+vLLM computes every token of the prompt, as a prefill does (the connector claims
+none). Before the forward pass, the worker writes each stored document's K/V, re-rotated to its
 offset, into the request's blocks for the layers after the check layer; layers up to it
 are left to vLLM, which computes fresh K/V there for every token. After the check
 layer's attention (the connector's ``save_kv_layer``, before the next layer writes
@@ -18,13 +18,12 @@ replaced), so it buys quality, not time.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-import logging
-
-from ...blend.api import SINK_TOKENS
+from ...blend.api import SINK_TOKENS, deviation
 from ...blend.selectors import Context, get_selector
 from .paged_layout import slot_ids
 
@@ -78,10 +77,10 @@ def choose(rc: Recompute, fresh=None) -> torch.Tensor:
     k = min(len(pos), max(1, int(round(ratio * len(pos)))))
     spans = [(a, b) for a, b in rc.spans if bool(((pos >= a) & (pos < b)).any())]
     ctx = Context(pos, spans, seed=rc.seed)
-    if "deviation" in sel.needs:
+    if "deviation" in sel.needs:  # rows [tokens, heads, head_dim] as [1, heads, tokens, ...]
+        rows = [x.transpose(0, 1).unsqueeze(0) for x in (old_k, fresh[0], old_v, fresh[1])]
         ctx.deviation = torch.zeros(rc.n_tokens)
-        ctx.deviation[pos] = (_part(old_k, fresh[0], rc.n_tokens)
-                              + _part(old_v, fresh[1], rc.n_tokens))
+        ctx.deviation[pos] = deviation(*rows, tokens=rc.n_tokens)
     picked = torch.as_tensor(sel.select(ctx, k), dtype=torch.long).view(-1)
     recompute = torch.zeros(rc.n_tokens, dtype=torch.bool)
     recompute[picked] = True
@@ -89,15 +88,6 @@ def choose(rc: Recompute, fresh=None) -> torch.Tensor:
     recompute[rc.n_tokens - 1] = True
     rc.selected = pos[recompute[pos]]
     return pos[~recompute[pos]]
-
-
-def _part(old: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`kvcodec.blend.api`'s deviation of keys or values: squared change per
-    token over heads and channels, relative to the mean squared norm of the cached rows
-    over the prompt's ``n`` tokens (positions not cached count as zeros there)."""
-    err = (new.float() - old.float()).pow(2).sum(dim=(1, 2))
-    scale = (old.float().pow(2).sum() / n).clamp_min(1e-12)
-    return err / scale
 
 
 def keep_slots(forward_context, names: dict, check_layer: int, slots: torch.Tensor) -> None:

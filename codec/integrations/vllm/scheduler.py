@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from ...blend.api import default_check_layer
 from ...errors import ConfigError
-from ...blend.api import CHECK_LAYER
 from . import blending
 from .blending import Segment
 from .recompute import Recompute
@@ -64,7 +64,7 @@ class ConnectorScheduler:
         self._prompts: dict[str, list] = {}      # req_id -> prompt token ids
         self._saved: set = set()
         self._salts: dict[str, str] = {}         # req_id -> its cache_salt, if any
-        self._blends: dict[str, tuple] = {}      # req_id -> (Blend, head to save or 0)
+        self._blends: dict[str, tuple] = {}      # req_id -> (Blend, head to save, preload)
 
     def _store(self, req_id: str):
         """The store as the request's tenant sees it (its ``cache_salt`` in every key)."""
@@ -100,7 +100,7 @@ class ConnectorScheduler:
             return None
         n_layers = int(self.store.fingerprint["num_layers"])
         if blend.check_layer is None:
-            blend.check_layer = max(0, min(CHECK_LAYER, n_layers - 2))
+            blend.check_layer = default_check_layer(n_layers)
         if blending.selective(blend) and not blend.check_layer < n_layers - 1:
             log.warning("kvcodec vLLM: request %s: check_layer %d is not before the last "
                         "layer (%d layers); served as a plain prompt", request.request_id,
@@ -178,9 +178,9 @@ class ConnectorScheduler:
         (:mod:`.recompute`), when this step computes the rest of its prompt at once; a
         prompt vLLM splits over steps (chunked prefill) is computed as a prefill."""
         blend, _, preload = self._blends.get(req_id) or (None, 0, [])
-        ids = self._prompts[req_id]
         if not preload:
             return
+        ids = self._prompts[req_id]
         if done < len(ids):
             log.warning("kvcodec vLLM: %s is prefilled over several steps; its blend's "
                         "selective recompute needs one: computed as a prefill", req_id)

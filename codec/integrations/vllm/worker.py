@@ -81,8 +81,8 @@ class ConnectorWorker:
         # load_timeout_s per step; a fetch stuck past it finishes in the background.
         self._fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcodec-fetch")
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
-        fp = fingerprint
-        self._pool = BufferPool(fp["num_kv_heads"], fp["head_dim"], self.BUFFER_BYTES)
+        self._pool = BufferPool(fingerprint["num_kv_heads"], fingerprint["head_dim"],
+                                self.BUFFER_BYTES)
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
         self.bytes_read = 0
@@ -110,8 +110,7 @@ class ConnectorWorker:
                 fp["num_layers"], fp["num_kv_heads"], 2 * fp["head_dim"]):
             raise ConfigError(f"vLLM's caches ({len(self._caches)} layers, "
                               f"{tuple(first.shape)}) do not fit the model fingerprint")
-        # Reading back: for saves, and for a selective blend's check (hkvd).
-        self._layout = PagedLayout(first, self.block, True)
+        self._layout = PagedLayout(first, self.block, True)  # reads: saves, hkvd checks
 
     def start_load_kv(self, meta, forward_context) -> None:
         self._failed_requests = set()
@@ -277,16 +276,17 @@ class ConnectorWorker:
         if not runs:
             return
         started = time.perf_counter()
+        written = {}  # the runs a layer writes -> (rows, slots, first row, one slice)
         for l, (k, v) in bufs.items():
-            here = [runs[first] for first in sorted(runs) if l >= first]
+            here = tuple(first for first in sorted(runs) if l >= first)
             if not here:
                 continue
-            rows = torch.cat([r for r, _ in here]) if len(here) > 1 else here[0][0]
-            slots = torch.cat([s for _, s in here]) if len(here) > 1 else here[0][1]
-            # One run of rows (one request, its last entry partly used) is a slice, not
-            # a gather: a copy of every layer less.
-            r0 = int(rows[0])
-            run = bool(torch.equal(rows, torch.arange(r0, r0 + len(rows))))
+            if here not in written:  # one run of rows is a slice, not a gather (a copy less)
+                rows = torch.cat([runs[f][0] for f in here])
+                r0 = int(rows[0])
+                written[here] = (rows, torch.cat([runs[f][1] for f in here]), r0,
+                                 bool(torch.equal(rows, torch.arange(r0, r0 + len(rows)))))
+            rows, slots, r0, run = written[here]
             k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
             k, v = (k[r0:r0 + len(rows)], v[r0:r0 + len(rows)]) if run else (k[rows], v[rows])
             self._layout.write(self._caches[l], k, v, slots)
