@@ -9,7 +9,9 @@ no longer the embedded model's and ``default`` is the model-free default (keys c
 Kernel rows are the median of CUDA-event timings after a second of warm-up launches;
 whole calls and the CPU coder are the best host wall time. ``--json`` prints ``{"device",
 "fp16_bytes", "sm_clock_mhz_now_max", "cases": [{"name", "seconds", "gb_per_s",
-"bits_per_element"}]}``. Exits with a message (status 2) where no GPU is available.
+"bits_per_element"}]}``. ``gpu_entries_*`` rows decode the same tokens split into
+``--entries`` files, one launch per entry vs one for all (``prepare_many``). Exits with a
+message (status 2) where no GPU is available.
 """
 from __future__ import annotations
 
@@ -90,6 +92,46 @@ def config(name: str):
     return cfg
 
 
+def entries(big, args, fp16_bytes) -> list:
+    """The same tokens as ``--entries`` store-sized files (the default config), decoded
+    into one paged cache: each entry its own launch (and call) vs all in one
+    ``prepare_many`` launch (and call)."""
+    n = big.num_tokens
+    size = -(-n // args.entries)
+    datas = [kvcodec.encode(big.slice(a, min(n, a + size))) for a in range(0, n, size)]
+    files = [kvcodec.open(data) for data in datas]
+    devs = [cuda.DeviceFile(f) for f in files]
+    h, d, block = big.num_kv_heads, big.head_dim, 16
+    slots = torch.randperm(-(-n // block) * block, device="cuda")[:n].to(torch.int64)
+    paged = [tuple(torch.empty((-(-n // block), block, h, d), dtype=torch.float16,
+                               device="cuda") for _ in range(2)) for _ in range(big.num_layers)]
+    parts = [cuda.Part(dev, out=paged, slots=slots[a:a + dev.f.meta.num_tokens].contiguous(),
+                       block_size=block) for dev, a in zip(devs, range(0, n, size))]
+    bits = sum(map(len, datas)) * 8 / big.numel()
+    one = cuda.prepare_many(parts)
+    each = [cuda.prepare_many([p]) for p in parts]
+
+    def call_one():
+        run = cuda.prepare_many(parts)
+        run.launch()
+        run.finish()
+
+    def call_each():
+        for p in parts:
+            run = cuda.prepare_many([p])
+            run.launch()
+            run.finish()
+
+    out = []
+    for case, fn in [("kernel_one_launch", one.launch),
+                     ("kernel_launch_per_entry", lambda: [r.launch() for r in each]),
+                     ("call_one", call_one), ("call_per_entry", call_each)]:
+        t = kernel_time(fn, 31) if "kernel" in case else timed(fn, args.repeats)
+        out.append({"name": f"gpu_entries_{case}[{len(files)}x{size}]", "seconds": t,
+                    "gb_per_s": fp16_bytes / t / 1e9, "bits_per_element": bits})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -97,6 +139,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv", help="a .kvc file whose decode is the source KV")
     ap.add_argument("--config", action="append", help="configs to decode (default: default)")
+    ap.add_argument("--entries", type=int, default=8, help="store-sized files for the "
+                    "one-launch case (the same tokens split evenly)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not cuda.available():
@@ -132,6 +176,7 @@ def main():
             t = kernel_time(fn, 31) if "kernel" in case else timed(fn, reps_, sync)
             rows.append({"name": f"{case}[{name}]", "seconds": t,
                          "gb_per_s": fp16_bytes / t / 1e9, "bits_per_element": bits})
+    rows += entries(big, args, fp16_bytes)
     t = kernel_time(lambda: dst.copy_(src), 31)
     rows.append({"name": "d2d_copy", "seconds": t, "gb_per_s": fp16_bytes / t / 1e9})
     # Encode: symbols of one stream tiled, GPU vs CPU coder.

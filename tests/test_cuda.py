@@ -124,14 +124,64 @@ def test_damaged_blob_reports_status(kv_600, monkeypatch, kernel):
     data = kvcodec.encode(kv_600)
     with kvcodec.open(data) as f:
         dev = cuda.DeviceFile(f)
-        # A blob cut short (its checksum recomputed) passes the reader's checks and must
-        # come back from the kernel as a status.
-        off, side, blob, crc = (list(x) for x in f.sections.item_lists())
-        blob[5] -= 2
-        crc[5] = container.crc32(f.source.read_range("payload", off[5], side[5] + blob[5]))
-        monkeypatch.setattr(f.sections, "item_lists", lambda: (off, side, blob, crc))
+        _damage(f, 5, monkeypatch)
         with pytest.raises(CorruptError, match="chunk 0"):
             dev.decode(kernel=kernel)
+
+
+def _damage(f, item: int, monkeypatch) -> None:
+    """Cut one blob short, its checksum recomputed: it passes the reader's checks and must
+    come back from the kernel as a status."""
+    off, side, blob, crc = (list(x) for x in f.sections.item_lists())
+    blob[item] -= 2
+    crc[item] = container.crc32(f.source.read_range("payload", off[item], side[item] + blob[item]))
+    monkeypatch.setattr(f.sections, "item_lists", lambda: (off, side, blob, crc))
+
+
+@needs_gpu
+def test_many_files_decode_in_one_launch(kv_600):
+    """prepare_many: three entries (two configs, one of them not fused) into one paged
+    cache and one contiguous destination, in one launch: each part equals its file's CPU
+    decode bit for bit."""
+    spans = [(0, 256, "default"), (256, 512, "lossless"), (512, 600, "default")]
+    datas = [kvcodec.encode(kv_600.slice(a, b), config=c) for a, b, c in spans]
+    refs = [kvcodec.decode(d, dtype=torch.bfloat16) for d in datas]
+    block = 16
+    slots = torch.randperm(64 * block, device="cuda")[:600].to(torch.int64)
+    paged = [tuple(torch.zeros((64, block, 3, 64), dtype=torch.bfloat16, device="cuda")
+                   for _ in range(2)) for _ in range(30)]
+    files = [kvcodec.open(d) for d in datas]
+    parts = [cuda.Part(cuda.DeviceFile(f), out=paged, slots=slots[a:b].contiguous(),
+                       block_size=block) for f, (a, b, _) in zip(files, spans)]
+    parts.append(cuda.Part(cuda.DeviceFile(files[1]), chunks=range(0, 1)))
+    run = cuda.prepare_many(parts, dtype=torch.bfloat16)
+    run.launch()
+    outs = run.finish()
+    assert outs[0] is paged and outs[2] is paged
+    for l in (0, 7, 29):
+        for kind in (0, 1):
+            got = paged[l][kind][slots // block, slots % block].permute(1, 0, 2).unsqueeze(0)
+            want = torch.cat([(r.keys, r.values)[kind][l] for r in refs], dim=2)
+            assert torch.equal(got.cpu(), want), (l, kind)
+            assert torch.equal(outs[3][l][kind].cpu(), (refs[1].keys, refs[1].values)[kind][l])
+
+
+@needs_gpu
+def test_a_damaged_entry_in_a_launch_is_reported_and_the_others_land(kv_600, monkeypatch):
+    datas = [kvcodec.encode(kv_600.slice(a, a + 200)) for a in (0, 200, 400)]
+    refs = [kvcodec.decode(d, dtype=torch.float16) for d in datas]
+    files = [kvcodec.open(d) for d in datas]
+    _damage(files[1], 7, monkeypatch)
+    run = cuda.prepare_many([cuda.Part(cuda.DeviceFile(f)) for f in files])
+    run.launch()
+    outs, errors = run.finish(errors=True)
+    assert errors[0] is None and errors[2] is None and outs[1] is None
+    assert isinstance(errors[1], CorruptError) and "chunk 0" in str(errors[1])
+    for i in (0, 2):
+        assert all(torch.equal(outs[i][l][0].cpu(), refs[i].keys[l]) for l in range(30))
+    run.launch()
+    with pytest.raises(CorruptError, match="chunk 0"):
+        run.finish()
 
 
 @needs_gpu
@@ -184,6 +234,9 @@ def test_compute_sanitizer_memcheck(tmp_path, kv_600):
         "        caches = [tuple(torch.zeros((64, 16, h, d), dtype=torch.bfloat16, device='cuda')\n"
         "                        for _ in range(2)) for _ in range(f.meta.num_layers)]\n"
         "        dev.decode(dtype=torch.bfloat16, out=caches, slots=slots, block_size=16)\n"
+        "files = [kvcodec.open(name) for name in sys.argv[1:]]\n"
+        "run = cuda.prepare_many([cuda.Part(cuda.DeviceFile(f)) for f in files])\n"
+        "run.launch()\nrun.finish()\n"
         "sym = np.random.default_rng(0).integers(0, 200, size=(300, 193)).astype(np.uint8)\n"
         "freqs = tables.freqs_from_levels(tables.levels_from_counts(\n"
         "    tables.channel_counts(sym, 256)))\n"

@@ -23,4 +23,15 @@ echo "tests done at $(( $(date +%s) - $(cat $OUT/t0) )) s"
 for mb in ${BENCH_MB:-64 256}; do nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw --format=csv,noheader;
   timeout 150 python3 benchmarks/bench_cuda.py --kv devrun/kv2048h.kvc --min-mb $mb --config default --config uncentered --json 2>&1 | tee -a $OUT/bench.jsonl | tail -3
 done
+# Hardware counters of one shared-tables decode launch (Firecracker machines only; gVisor
+# refuses the profiler): achieved occupancy, issue-slot and memory throughput.
+if [ -n "${NCU:-1}" ] && which ncu >/dev/null; then
+  timeout 120 ncu --clock-control none -k regex:decode_shared_kernel --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python3 -c "import kvcodec; from kvcodec.integrations import cuda
+kv = kvcodec.decode(open('devrun/kv2048h.kvc', 'rb').read())
+run = cuda.DeviceFile(kvcodec.open(kvcodec.encode(kv))).prepare()
+for _ in range(5): run.launch()
+run.finish()" > $OUT/ncu.txt 2>&1; echo "ncu rc=$?"; grep -E "Duration|Throughput|Occupancy|Registers|Stall|Warp Cycles|Issued" $OUT/ncu.txt | head -40
+fi
 echo "all done at $(( $(date +%s) - $(cat $OUT/t0) )) s"

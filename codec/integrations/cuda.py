@@ -13,6 +13,9 @@ stream; a kernel never raises, it reports a status per blob, checked after the l
 """
 from __future__ import annotations
 
+from collections import namedtuple
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -74,10 +77,8 @@ def _fused(q) -> bool:
 
 
 def _check(status: torch.Tensor, names: list) -> None:
-    bad = torch.nonzero(status).flatten().tolist()  # the one sync, after all launches
-    if bad:
-        i = bad[0]
-        raise CorruptError(f"{names[i]}: {STATUS.get(int(status[i]), 'error')}")
+    if bad := torch.nonzero(status).flatten().tolist():  # the one sync, after all launches
+        raise CorruptError(f"{names[bad[0]]}: {STATUS.get(int(status[bad[0]]), 'error')}")
 
 
 class DeviceFile:
@@ -128,10 +129,9 @@ class DeviceFile:
             (any strides). With ``slots`` (int64 ``[tokens]`` on the device): paged
             caches ``[num_blocks, block_size, kv_heads, head_dim]``.
         kernel : "auto" or "global"
-            ``auto`` decodes each stream with its tables in shared memory (one block per
-            stream's chunks) where the channel count allows (``SHARED_DECODE_MAX_CHANNELS``:
-            every dense config but fp32 lossless), else from tables in global memory;
-            ``global`` always reads them from global memory. Same bytes either way.
+            ``auto``: each stream's tables in shared memory (one block per stream's chunks)
+            where the channel count allows (every dense config but fp32 lossless), else
+            in global memory; ``global``: always global. Same bytes either way.
 
         Returns
         -------
@@ -142,22 +142,28 @@ class DeviceFile:
             (one sync; CorruptError names the first bad chunk) and returns ``out``
             (allocated contiguous when omitted).
         """
+        run = prepare_many([Part(self, chunks, out, slots, block_size)], dtype=dtype,
+                           kernel=kernel)
+        finish = run.finish
+        run.finish = lambda: finish()[0]
+        return run
+
+    def _stage(self, part: "Part", dtype) -> "_Staged":
+        """One file's work items (blob pointers relative to its payload bytes until every
+        part's bytes are on the device), their names, device buffers and finishing step."""
         from ..core.quant import STEP_GRID
         from ..core.streams import KINDS
         from ..core.transforms import rope_tables
 
-        f, dev, nat = self.f.meta, self.device, module()
+        f, dev = self.f.meta, self.device
         sec = self.f.sections
         params = sec.params()
-        chunks = f.chunk_range(chunks)
+        chunks = f.chunk_range(part.chunks)
         t0 = chunks[0] * f.chunk_tokens
         t1 = min(f.num_tokens, (chunks[-1] + 1) * f.chunk_tokens)
         n = t1 - t0
         h, d = f.num_kv_heads, f.head_dim
-        if dtype not in _DTYPES:
-            raise ShapeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-        if kernel not in ("auto", "global"):
-            raise ShapeError(f"kernel must be 'auto' or 'global', got {kernel!r:.40}")
+        out, slots, block_size = part.out, part.slots, part.block_size
         if out is None:
             if slots is not None:
                 raise ShapeError("a paged decode needs its destination caches (out)")
@@ -170,9 +176,9 @@ class DeviceFile:
             raise ShapeError(f"slots must be int64 [{n}] on {dev} with block_size >= 1")
         if self._grid is None:
             self._grid = torch.from_numpy(STEP_GRID).to(dev)
-        # Blobs of the chunk range, one upload (the only host-to-device copy of payload);
-        # side bytes stay on the host for the quantizers that need them.
-        names, spans, keep, items = [], [], [], []
+        # Blobs of the chunk range (one upload with the other parts', the only copy of
+        # payload to the device); side bytes stay on the host for the quantizers that need them.
+        spans, keep, items, names = [], [], [], []
         blobs, sides, offset = [], {}, 0
         for l in range(f.num_layers):
             for k in KINDS:
@@ -185,7 +191,6 @@ class DeviceFile:
                     blobs.append(blob)
                     offset += len(blob)
                 sides[(l, k)] = b"".join(parts)
-        data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8).to(dev, non_blocking=True)
         tables = {}  # cos/sin on the device per distinct RoPE (per layer type)
         for r in set(f.ropes) - {None}:
             tables[r] = tuple(t.to(dev) for t in rope_tables(f.position_offset + t0, n, r))
@@ -212,7 +217,7 @@ class DeviceFile:
                     rows = min(f.chunk_tokens, n - r0)
                     off, size = spans[i]
                     i += 1
-                    item = {"blob": data.data_ptr() + off, "size": size, "rows": rows,
+                    item = {"blob": off, "size": size, "rows": rows,
                             "channels": cols, "symbol_table": self._tables[(l, k)][1].data_ptr(),
                             "range_table": self._tables[(l, k)][2].data_ptr(),
                             "symbols": sym.data_ptr() + r0 * cols}
@@ -236,21 +241,13 @@ class DeviceFile:
                                         slots=slots.data_ptr() + 8 * r0)
                     items.append(item)
                     names.append(f"{f.name}: chunk {c}, layer {l} {k}s")
-        status = torch.zeros(len(items), dtype=torch.int32, device=dev)
-        buf = torch.empty(nat.decode_buffer_bytes(len(items)), dtype=torch.uint8, device=dev)
-        staged = nat.stage_decode(items, buf.data_ptr(), buf.numel(), _stream())
-        keep += [data, buf, status, self._grid, self._tables, tables, symbols]
-        shared = kernel == "auto"
-
-        def launch():
-            nat.launch_decode(buf.data_ptr(), *staged, status.data_ptr(), _stream(), shared)
+        keep += [self._grid, self._tables, tables, symbols]
 
         def finish():
             self._finish(out, symbols, sides, params, t0, n, dtype, slots, block_size)
-            _check(status, names)
             return out
 
-        return DecodeRun(launch, finish, keep)
+        return _Staged(b"".join(blobs), items, names, keep, finish)
 
     def _finish(self, out, symbols, sides, params, t0, n, dtype, slots, block_size):
         """Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU."""
@@ -291,11 +288,84 @@ class DeviceFile:
 
 
 class DecodeRun:
-    """A staged GPU decode (:meth:`DeviceFile.prepare`): ``launch()`` then ``finish()``.
-    It holds every device buffer the kernel reads or writes, so they live as long as it."""
+    """A staged GPU decode (:meth:`DeviceFile.prepare`, :func:`prepare_many`): ``launch()``
+    then ``finish()``. It holds every device buffer the kernel uses, so they live as long."""
 
     def __init__(self, launch, finish, keep):
         self.launch, self.finish, self._keep = launch, finish, keep
+
+
+@dataclass
+class Part:
+    """One file's share of a :func:`prepare_many` decode: chunks and destinations as
+    :meth:`DeviceFile.prepare` takes them."""
+
+    file: DeviceFile
+    chunks: object = None
+    out: list | None = None
+    slots: torch.Tensor | None = None
+    block_size: int = 0
+
+
+_Staged = namedtuple("_Staged", "payload items names keep finish")  # one file's part
+
+
+def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeRun:
+    """Stage the decode of several files (store entries, a step's requests) as one launch:
+    their payloads in one upload, their work items in one kernel (the format's
+    parallelism is per blob, so a launch over many entries also fills more of the GPU
+    than each entry's own). Each :class:`Part` is what :meth:`DeviceFile.prepare` takes;
+    all parts share ``dtype`` and ``kernel``.
+
+    ``finish(errors=False)`` completes every part and returns their ``out`` in order,
+    raising CorruptError for the first damaged blob; ``finish(errors=True)`` returns
+    ``(outs, errors)`` instead, ``errors[i]`` the CorruptError of part ``i`` or None, so a
+    caller can keep the parts that decoded and recompute the others."""
+    parts = list(parts)
+    if not parts:
+        raise ShapeError("prepare_many needs at least one part")
+    if dtype not in _DTYPES:
+        raise ShapeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    if kernel not in ("auto", "global"):
+        raise ShapeError(f"kernel must be 'auto' or 'global', got {kernel!r:.40}")
+    if len({p.file.device for p in parts}) != 1:
+        raise ShapeError("one launch runs on one device; the parts' files are on several")
+    dev, nat = parts[0].file.device, module()
+    staged = [p.file._stage(p, dtype) for p in parts]
+    data = torch.frombuffer(bytearray(b"".join(s.payload for s in staged)),
+                            dtype=torch.uint8).to(dev, non_blocking=True)
+    items, names, owner, base = [], [], [], data.data_ptr()
+    for i, s in enumerate(staged):
+        for item in s.items:
+            item["blob"] += base
+        base += len(s.payload)
+        items += s.items
+        names += s.names
+        owner += [i] * len(s.items)
+    status = torch.zeros(len(items), dtype=torch.int32, device=dev)
+    buf = torch.empty(nat.decode_buffer_bytes(len(items)), dtype=torch.uint8, device=dev)
+    plan = nat.stage_decode(items, buf.data_ptr(), buf.numel(), _stream())
+    shared = kernel == "auto"
+
+    def launch():
+        nat.launch_decode(buf.data_ptr(), *plan, status.data_ptr(), _stream(), shared)
+
+    def finish(errors: bool = False):
+        bad = torch.nonzero(status).flatten().tolist()  # the one sync, after all launches
+        failed = [None] * len(staged)
+        for i in bad:
+            if failed[owner[i]] is None:
+                failed[owner[i]] = CorruptError(
+                    f"{names[i]}: {STATUS.get(int(status[i]), 'error')}")
+        outs = [None if failed[i] else s.finish() for i, s in enumerate(staged)]
+        if errors:
+            return outs, failed
+        first = next((e for e in failed if e is not None), None)
+        if first is not None:
+            raise first
+        return outs
+
+    return DecodeRun(launch, finish, [data, buf, status] + [s.keep for s in staged])
 
 
 def encode_symbols(symbols, freqs, chunk_tokens: int, device="cuda") -> list:
