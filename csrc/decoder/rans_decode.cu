@@ -74,6 +74,7 @@ __global__ void build_tables_kernel(const uint16_t* freqs, int alphabet, uint8_t
 __device__ void dequant_rows(const DecodeItem& it, int lane, unsigned mask, int32_t* bad) {
   const int c = it.channels - 1, d = it.head_dim, half = d / 2;
   const int top = 2 * it.half_range;
+  const int h0 = lane / d, i0 = lane % d;  // then stepped by 16 channels, no division
   int flag = 0;
   for (int t = it.first_row; t < it.rows; ++t) {
     const uint8_t* row = it.symbols + (size_t)t * it.channels;
@@ -81,10 +82,18 @@ __device__ void dequant_rows(const DecodeItem& it, int lane, unsigned mask, int3
     int64_t where = (int64_t)t * it.stride_token;
     if (it.slots) {
       const int64_t s = it.slots[t];
-      where = (s / it.block_size) * it.stride_block + (s % it.block_size) * it.stride_token;
+      int64_t blk, off;
+      if (s >= 0 && s <= 0x7fffffff) {  // 32-bit division where the slot allows it
+        blk = (uint32_t)s / (uint32_t)it.block_size;
+        off = s - blk * it.block_size;
+      } else {
+        blk = s / it.block_size;
+        off = s % it.block_size;
+      }
+      where = blk * it.stride_block + off * it.stride_token;
     }
+    int h = h0, i = i0;
     for (int idx = lane; idx < c; idx += 16) {
-      const int h = idx / d, i = idx % d;
       const uint32_t s = row[idx];
       flag |= (int)s > top;
       float v = dequant(s, it.half_range, step, it.mult[idx], it.add, idx);
@@ -96,6 +105,7 @@ __device__ void dequant_rows(const DecodeItem& it, int lane, unsigned mask, int3
         v = __fadd_rn(a, b);
       }
       store(it.dst, it.dtype, h * it.stride_head + i * it.stride_dim + where, v);
+      for (i += 16; i >= d; i -= d) ++h;
     }
   }
   if (__any_sync(mask, flag) && lane == 0) *bad = SYMBOL_RANGE;
@@ -128,6 +138,15 @@ __device__ void decode_item(const DecodeItem& it, int id, int lane, unsigned shi
   const uint32_t n_words = (it.size - STATE_BYTES) / 2;
   const int groups = (it.channels + LANES - 1) / LANES;
   uint32_t pos = 0;
+  // The next 32 words of the stream live in registers, lane k holding words base + k
+  // (w0) and base + 16 + k (w1); a refilling lane takes its word by shuffle, and the
+  // window's next half is loaded as soon as the first is used up, ~16 words before any
+  // lane needs it: no global load on the decode's dependency chain.
+  uint32_t base = 0;
+  const auto word_at = [&](uint32_t k) -> uint32_t {
+    return k < n_words ? (uint32_t)(words[2 * k] | (words[2 * k + 1] << 8)) : 0u;
+  };
+  uint32_t w0 = word_at(lane), w1 = word_at(16 + lane);
   for (int t = 0; t < it.rows; ++t) {
     uint8_t* row = it.symbols + (size_t)t * it.channels;
     for (int g = 0; g < groups; ++g) {
@@ -142,13 +161,19 @@ __device__ void decode_item(const DecodeItem& it, int id, int lane, unsigned shi
       }
       const unsigned ball = (__ballot_sync(mask, need) >> shift) & 0xffffu;
       const uint32_t idx = pos + __popc(ball & ((1u << lane) - 1u));
-      if (need && idx < n_words) {
-        x = dec_refill(x, (uint16_t)(words[2 * idx] | (words[2 * idx + 1] << 8)));
-      }
+      const uint32_t k = idx - base;  // < 32: pos < base + 16 and at most 16 are taken
+      const uint32_t lo = __shfl_sync(mask, w0, (int)(k & 15u), 16);
+      const uint32_t hi = __shfl_sync(mask, w1, (int)(k & 15u), 16);
+      if (need && idx < n_words) x = dec_refill(x, (uint16_t)(k < 16 ? lo : hi));
       pos += __popc(ball);
       if (pos > n_words) {  // uniform: every lane saw the same ballot
         if (lane == 0) status[id] = TRUNCATED;
         return;
+      }
+      if (pos >= base + 16) {  // uniform; at most one half used up per step
+        base += 16;
+        w0 = w1;
+        w1 = word_at(base + 16 + lane);
       }
     }
   }
