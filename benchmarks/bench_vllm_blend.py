@@ -5,7 +5,9 @@ documents of ~512 tokens in shuffled order, a question (~2,100 tokens).
 Each document is stored once behind the model's anchor (``ChunkStore.put_document``:
 what ``kvcodec precompute --independent`` does), each later one with its ``"\\n\\n"``
 separator inside it (vLLM cannot compute text between two loaded documents), and the
-system line as the prompt's own prefix (``ChunkStore.put``). Per prompt, in one engine
+system line as the prompt's own prefix, lossless (``ChunkStore.exact().put``: where the
+connector keeps a blend's head; a first blended request would save it there). Per
+prompt, in one engine
 (prefix caching off, so each request pays its own work):
 
 * ``prefill``: the prompt sent plainly (the connector finds nothing: vLLM computes it);
@@ -19,9 +21,7 @@ system line as the prompt's own prefix (``ChunkStore.put``). Per prompt, in one 
 Reported per mode: median time to first token and its ratio to prefill's; the
 first-token KL against transformers' ``blend`` with the same selector and budget on the
 same segments (mean, max) and against vLLM's prefill, beside transformers' blend against
-transformers' prefill on the same measure (for full reuse also against
-transformers' blend with the system line decoded from the store, as vLLM loads it,
-where transformers' computes it); the smallest overlap of the
+transformers' prefill on the same measure; the smallest overlap of the
 recomputed positions with transformers'; how many 32-token greedy answers equal
 transformers' blend's. The engine runs in float32, as transformers' reference does, so
 the comparison measures the blend and not a dtype (``--dtype bfloat16`` for speed on a
@@ -73,7 +73,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             for d in docs + [head]:
                 if tuple(d) not in stored:
                     kv = kvcodec.capture_kv(lm, token_ids=d, anchor=None if d is head else anchor)
-                    store.put(kv) if d is head else store.put_document(kv)
+                    store.exact().put(kv) if d is head else store.put_document(kv)
                     stored.add(tuple(d))
             segs = ([Text(token_ids=head)] + [Cached(store=store, token_ids=d) for d in docs]
                     + [Text(p["question"])])
@@ -83,15 +83,6 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
                 answer, _ = generate(lm, segs, max_new_tokens=ANSWER, recompute=ratio,
                                      selector=sel)
                 refs[sel] = (ref.logits.view(-1).float(), list(answer), ref.selected)
-            # Full reuse loads the system line from the store (vLLM computes nothing
-            # before the question): transformers' blend with that same stored head.
-            (loc,) = store.lookup(head, partial=True)
-            with kvcodec.open(loc) as f:
-                stored_head = [Cached(source=f.decode(), token_ids=head)]
-            ref = blend(lm, stored_head + segs[1:], recompute=0, selector="none")
-            answer, _ = generate(lm, stored_head + segs[1:], max_new_tokens=ANSWER,
-                                 recompute=0, selector="none")
-            refs["none-stored-head"] = (ref.logits.view(-1).float(), list(answer), None)
             # Transformers' own blend-vs-prefill gap on the same measure, for scale.
             ids = ref.token_ids
             pre = lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
@@ -151,10 +142,6 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             picked = (set(list(conn.worker.selections.values())[-1].tolist()) if ratio
                       else set())
             row = {"ttft_s": t, "loaded": loaded, "bytes_read": read}
-            if sel == "none":
-                head_logits, head_answer, _ = refs["none-stored-head"]
-                row["kl_vs_hf_stored_head"] = kl(torch.log_softmax(head_logits, -1), q)
-                row["equal_hf_stored_head"] = list(full.outputs[0].token_ids) == head_answer
             row["hf_kl_vs_prefill"] = kl(refs["prefill"], torch.log_softmax(ref_logits, -1))
             rows[sel].append(dict(row, **{
                 "kl_vs_hf_blend": kl(torch.log_softmax(ref_logits, -1), q),
@@ -181,11 +168,6 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             "hf_kl_vs_prefill_mean": round(mean(x["hf_kl_vs_prefill"] for x in r), 5),
             "selection_overlap_min": round(min(x["overlap"] for x in r), 3),
             "answers_equal_hf_blend": sum(x["answer_equal"] for x in r)})
-        if sel == "none":
-            out["modes"][-1].update(
-                kl_vs_hf_stored_head_mean=round(mean(x["kl_vs_hf_stored_head"] for x in r), 7),
-                kl_vs_hf_stored_head_max=round(max(x["kl_vs_hf_stored_head"] for x in r), 7),
-                answers_equal_hf_stored_head=sum(x["equal_hf_stored_head"] for x in r))
     out.update(torch_threads=torch.get_num_threads(), **threading)
     return out
 

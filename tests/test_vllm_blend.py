@@ -48,10 +48,10 @@ def engine(tmp_path_factory, lm):
                   "kv_connector": "KVCodecConnector",
                   "kv_connector_module_path": "kvcodec.integrations.vllm",
                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                  "kv_connector_extra_config": {"store": str(root), "config": "lossless"}})
+                  "kv_connector_extra_config": {"store": str(root), "config": "default"}})
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    yield llm, ChunkStore(root, lm.fingerprint, "lossless"), get_kv_transfer_group()
+    yield llm, ChunkStore(root, lm.fingerprint, "default"), get_kv_transfer_group()
     del llm
 
 
@@ -60,8 +60,8 @@ def _store_docs(lm, store, docs, head=None):
     with torch.no_grad():
         for d in docs:
             store.put_document(kvcodec.capture_kv(lm, token_ids=d, anchor=anchor))
-        if head is not None:  # the text before the documents: the prompt's own prefix
-            store.put(kvcodec.capture_kv(lm, token_ids=head))
+        if head is not None:  # the text before the documents, kept lossless for blends
+            store.exact().put(kvcodec.capture_kv(lm, token_ids=head))
 
 
 def _segments(store, head, docs, question):
@@ -112,7 +112,9 @@ def test_full_reuse_equals_transformers_blend_none(lm, texts, engine):
     """Three documents cached behind the anchor, blended after a system line in two
     orders: vLLM loads the system line's prefix entry and each document re-rotated to
     its offset, computes the question, and its first-token distribution and greedy
-    answer are transformers' blend with no recompute (lossless store: the same K/V)."""
+    answer are transformers' blend with no recompute: the documents are the same lossy
+    entries on both sides, and the system line, computed by transformers, is loaded
+    exact (the store's lossless view) by vLLM."""
     llm, store, conn = engine
     head, question = _ids(lm, HEAD), _ids(lm, QUESTION)
     docs = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"])
@@ -177,7 +179,9 @@ def test_a_missing_system_prefix_is_prefilled_once_then_blended(lm, texts, engin
     _ask(llm, *blending.request_for(lm.tokenizer, first))
     conn.flush()
     assert _counts(conn)[0] == before[0]  # prefilled
-    assert store.cached_tokens(head, partial=True) == len(head)  # its system line saved
+    # Its system line saved exact (vLLM's prefill K/V, lossless), not as a lossy prefix.
+    assert store.exact().cached_tokens(head, partial=True) == len(head)
+    assert store.cached_tokens(head, partial=True) == 0
     second = _segments(store, head, docs, _ids(lm, "\n\nQuestion: Which is longer?\nAnswer:"))
     before = _counts(conn)
     _ask(llm, *blending.request_for(lm.tokenizer, second))
@@ -380,9 +384,10 @@ def _spec(*parts):
 
 
 def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
-    """The system line (a stored prefix), then documents in order up to the first text
-    segment after one or the first the store lacks; never the prompt's last token."""
-    store = ChunkStore(tmp_path, lm.fingerprint, "lossless")
+    """The system line (a prefix stored exact), then documents in order up to the first
+    text segment after one or the first the store lacks; never the prompt's last token.
+    A system line stored only as a lossy prefix does not serve as a blend's head."""
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
     anchor = default_anchor(lm.tokenizer)
     head = _ids(lm, HEAD)
     a, b, c = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"], 30)
@@ -392,6 +397,7 @@ def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
     assert (p.end, p.documents, p.computed, p.head_cached) == (len(ids) - 2, 2, 0, True)
     assert [s.offset for s in p.segments] == [0, len(head), len(head) + len(a)]
     assert p.segments[0].anchor is None and p.segments[1].anchor == anchor
+    assert [s.exact for s in p.segments] == [True, False, False]
     assert p.segments[2].token_ids == c
     spec, ids = _spec(("text", head), ("document", a), ("document", c))
     assert blending.plan(store, ids, spec, anchor).end == len(ids) - 1  # vLLM's last token
@@ -404,6 +410,11 @@ def test_plan_claims_through_the_last_stored_document(lm, texts, tmp_path):
     spec, ids = _spec(("text", [9] + head[1:]), ("document", a), ("text", [5]))
     p = blending.plan(store, ids, spec, anchor)  # another system line: prefilled
     assert (p.end, p.head_cached, p.computed, p.head) == (0, False, 1, len(head))
+    lossy = _ids(lm, "You are terse.\n\n")
+    with torch.no_grad():
+        store.put(kvcodec.capture_kv(lm, token_ids=lossy))
+    spec, ids = _spec(("text", lossy), ("document", a), ("text", [5]))
+    assert blending.plan(store, ids, spec, anchor).head_cached is False
     spec, ids = _spec(("document", a), ("document", c), ("text", [5]))
     p = blending.plan(store, ids, spec, anchor)  # no system line: documents from 0
     assert (p.end, p.documents, [s.offset for s in p.segments]) == (len(ids) - 1, 2,

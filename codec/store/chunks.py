@@ -11,10 +11,8 @@ captured behind a fixed anchor (``capture_kv(..., anchor=...)``) is position-ind
 so its chunks are keyed by the document's own tokens (a chain seeded with the anchor,
 not with a prompt prefix) and reused wherever the document appears in a prompt.
 
-An evicted cache (:mod:`kvcodec.evict`: each head keeps its own tokens) has no dense
-chunks to cut, so it is stored whole, as one entry keyed by its tokens, its anchor and
-the eviction spec (:meth:`ChunkStore.put_evicted`), so different policies and ratios
-never share an entry.
+An evicted cache (:mod:`kvcodec.evict`) is stored whole, one entry keyed by its tokens,
+anchor and eviction spec (:meth:`ChunkStore.put_evicted`).
 
 The store is a local directory or any fsspec URL (``s3://bucket/prefix``, ``gs://...``,
 ``memory://...``; :mod:`.backends`). Entry ``key`` lives at ``key[:2]/key[2:].kvc``
@@ -24,9 +22,7 @@ store a single PUT, which the store makes visible whole; on other filesystems (s
 hdfs) a temp name and a rename. So concurrent writers of the same chunk race harmlessly
 (same bytes) and readers never see a partial entry. Locations are :class:`Path` objects
 for a local store and URLs otherwise. Entries are coded with the store's shared
-probability tables where they fit (:mod:`.shared`: measured on the first document
-stored), so that they carry no tables and a reader builds them once, not per entry;
-an entry they do not fit carries its own.
+probability tables where they fit (:mod:`.shared`), so a reader builds them once.
 
 A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
 than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
@@ -36,8 +32,8 @@ environment (a permission, too many open files, an I/O or network error) or a ne
 format version leaves it where it is, with a warning, and the read is a miss. And only
 the bytes that failed move: an entry a writer has put in their place since stays.
 
-``salt`` separates tenants: two stores with different salts share no key, so one
-tenant's prompts can neither hit nor time another's entries (vLLM's ``cache_salt``).
+``salt`` separates tenants (vLLM's ``cache_salt``): stores of different salts share no
+key, so a tenant's prompts can neither hit nor time another's entries.
 """
 from __future__ import annotations
 
@@ -114,17 +110,33 @@ class ChunkStore(StoreObjects, StoreCapacity):
         self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
         self._tables = StoreTables()  # shared with the salted views (with_salt)
+        self._encoders: dict = {}     # other configs' encoders (exact), shared likewise
         self.metrics = StoreMetrics()
         self._init_capacity(max_bytes, ttl)
 
     def with_salt(self, salt: str | None) -> "ChunkStore":
         """This store as the tenant ``salt`` sees it: the same place, model, config and
         encoder, other keys."""
-        if salt == self.salt:
+        return self if salt == self.salt else self._view(salt, self.encoder)
+
+    def exact(self) -> "ChunkStore":
+        """This store's lossless view: the same place, model and salt, entries coded with
+        the ``lossless`` config under keys of their own (the vLLM connector keeps the text
+        before a blend's documents there: the attention sinks every blend loads)."""
+        if self.config.get("name") == "lossless":
             return self
+        enc = self._encoders.get("lossless")  # built once per store, shared by its views
+        if enc is None:
+            enc = self._encoders.setdefault("lossless", kvc.Encoder(
+                load_config("lossless", model=self.fingerprint), self.fingerprint))
+        return self._view(self.salt, enc)
+
+    def _view(self, salt, encoder) -> "ChunkStore":
         other = object.__new__(ChunkStore)
         other.__dict__.update(self.__dict__)
-        other.salt, other._seed = salt, keying.salted(self._base, salt)
+        other.salt, other.encoder, other.config = salt, encoder, encoder.config
+        other._base = keying.base_seed(self.fingerprint, encoder.config)
+        other._seed = keying.salted(other._base, salt)
         return other
 
     @property
@@ -283,13 +295,11 @@ class ChunkStore(StoreObjects, StoreCapacity):
 
     def cached_tokens(self, token_ids, *, partial: bool = False) -> int:
         """How many leading tokens of ``token_ids`` :meth:`lookup` finds."""
-        paths = self.lookup(token_ids, partial=partial)
-        return min(len(token_ids), len(paths) * self.chunk_tokens)
+        return min(len(token_ids), len(self.lookup(token_ids, partial=partial)) * self.chunk_tokens)
 
     def entry_limit(self, n_tokens: int) -> int:
         """The most bytes an entry of ``n_tokens`` tokens can take (8 per element, twice
-        what lossless fp32 needs, and 16 MiB of header and tables): a larger object is
-        not an entry, and is refused before it is fetched."""
+        lossless fp32, and 16 MiB of header and tables): larger is refused unfetched."""
         fp = self.fingerprint
         per_token = 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"]
         return 8 * per_token * max(1, n_tokens) + (16 << 20)
@@ -367,15 +377,13 @@ class ChunkStore(StoreObjects, StoreCapacity):
     def fill(self, bufs, token_ids, locs, threads: int = 0) -> int:
         """Decode the entries ``locs`` (consecutive chunks of ``token_ids`` from token 0)
         into per-layer ``(keys, values)`` buffers, up to the first that is missing or
-        damaged; returns the number of tokens filled. The entries are fetched (in
-        parallel from an object store) and decoded as one plan, in one native call
-        (:func:`.batch.fill`)."""
+        damaged; returns the number of tokens filled. Fetched (in parallel from an
+        object store) and decoded as one plan in one native call (:func:`.batch.fill`)."""
         return fill(self, bufs, token_ids, locs, threads)
 
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
-        """Decode the longest cached prefix of ``token_ids`` as a :class:`KVCache`
-        (tensors only; :meth:`load_cache` fills a model's cache), or None if nothing is
-        cached or its first chunk is damaged."""
+        """The longest cached prefix of ``token_ids`` decoded as a :class:`KVCache`
+        (tensors only), or None if nothing is cached or its first chunk is damaged."""
         ids = [int(t) for t in token_ids]
         locs = self.lookup(ids)
         if not locs:

@@ -19,9 +19,10 @@ ids exactly. ``document``: tokens stored as a position-independent document behi
 
 vLLM computes one contiguous suffix of a prompt after the tokens a connector claims, so
 the scheduler side (:func:`plan`) claims the text before the first document (the
-prompt's own prefix: loaded from the store's prefix entries like any prefix; where the
-store lacks it, the request is prefilled and that prefix saved, so that the next one
-blends), then each document in order, decoded re-rotated to its offset, and stops at
+prompt's own prefix, loaded from lossless prefix entries, :meth:`ChunkStore.exact`:
+every blend of a system prompt loads it, and its first tokens are the attention sinks;
+where the store lacks it, the request is prefilled and that prefix saved, so that the
+next one blends), then each document in order, decoded re-rotated to its offset, and stops at
 the first text segment after a document (the question) or at the first document the
 store lacks: vLLM computes the rest, as a prefill would given what was loaded. What is
 claimed enters vLLM's own prefix cache, so with prefix caching on a blended request
@@ -53,11 +54,13 @@ SELECTORS = ("hkvd", "boundary", "random", "none", "all")  # what vLLM lets us m
 class Segment:
     """A run of store entries a load reads: ``token_ids`` (a document's, or the prompt's
     prefix through its last whole or partial chunk) placed from position ``offset``;
-    ``anchor``: the document's (None: the prompt's own prefix, decoded where coded)."""
+    ``anchor``: the document's (None: the prompt's own prefix, decoded where coded);
+    ``exact``: read from the store's lossless view (a blend's head)."""
 
     offset: int
     token_ids: list
     anchor: list | None = None
+    exact: bool = False
 
 
 @dataclass
@@ -154,12 +157,12 @@ def plan(store, ids: list, blend: Blend, anchor: list) -> BlendPlan:
         out.documents = len(out.preload)
         out.computed = len(docs) - out.documents
         return out
-    if out.head:
-        out.head_cached = store.cached_tokens(ids[:out.head], partial=True) == out.head
+    if out.head:  # kept exact: every blend loads it, and it holds the attention sinks
+        out.head_cached = store.exact().cached_tokens(ids[:out.head], partial=True) == out.head
         if not out.head_cached:
             out.computed = len(docs)
             return out
-        out.segments.append(Segment(0, ids[:out.head]))
+        out.segments.append(Segment(0, ids[:out.head], exact=True))
     out.end = out.head
     for i, (kind, a, b) in enumerate(blend.spans[first:], first):
         if kind == "text" or store.document(ids[a:b], anchor) is None:

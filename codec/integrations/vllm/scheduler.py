@@ -38,6 +38,7 @@ class Save:
     token_ids: list        # the whole prompt
     block_ids: list
     salt: str | None = None
+    exact: bool = False    # to the store's lossless view (a blend's head)
 
 
 @dataclass
@@ -202,19 +203,20 @@ class ConnectorScheduler:
         if not self.save or req_id in self._saved or done < len(ids) or not ids:
             return
         self._saved.add(req_id)
-        salt = self._salts.get(req_id)
-        if req_id in self._blends:
+        salt, exact = self._salts.get(req_id), req_id in self._blends
+        if exact:  # a blend's head, kept lossless (blending.plan)
             blend, head, _ = self._blends[req_id]
             ids, salt = ids[:head], blend.tenant
             if not ids:
                 return
         store = self.store.with_salt(salt)
+        store = store.exact() if exact else store
         with store.metrics.bookkeeping():  # the request's lookup was counted already
             cached = store.cached_tokens(ids, partial=True)
         if cached < len(ids):
             n_blocks = -(-len(ids) // self.block)
             meta.saves.append(Save(req_id, list(ids), list(self._blocks[req_id][:n_blocks]),
-                                   salt))
+                                   salt, exact))
 
     def request_finished(self, request, block_ids):
         for d in (self._blocks, self._prompts, self._pending, self._salts, self._blends):

@@ -56,10 +56,8 @@ class ConnectorWorker:
     Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
     ``tokens_loaded`` (tokens written into vLLM's cache), ``blocks_failed`` (blocks
     reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
-    store's metrics (``store.metrics``) also get the time to write into the paged
-    cache (stage ``write``), loads not delivered in time (cause ``timeout``) and the
-    saves queued, written and dropped.
-    """
+    store's metrics also get the paged writes' time (stage ``write``), loads not
+    delivered in time (cause ``timeout``) and the saves queued, written and dropped."""
 
     BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most (BufferPool)
 
@@ -131,21 +129,21 @@ class ConnectorWorker:
         evicted, unreadable or not there within ``load_timeout_s`` (and everything after
         it) is reported for recomputation instead."""
         store = self.store.with_salt(load.salt)
-        wanted = []  # (run, its keys, its token where the entry starts, prompt position)
+        wanted = []  # (its store view, run, keys, token where the entry starts, position)
         for run in load.runs():
-            keys = store.keys(run.token_ids, run.anchor)
+            view = store.exact() if run.exact else store
+            keys = view.keys(run.token_ids, run.anchor)
             for c in range(len(keys)):
                 t = c * self.chunk
                 a, b = run.offset + t, run.offset + min(len(run.token_ids), t + self.chunk)
                 if b > load.start and a < load.end:
-                    wanted.append((run, keys, t, a))
-        futures = [self._fetcher.submit(self._open_entry, store,
-                                        store.path(keys[t // self.chunk]),
+                    wanted.append((view, run, keys, t, a))
+        futures = [self._fetcher.submit(self._open_entry, view, view.path(keys[t // self.chunk]),
                                         run.token_ids[t:t + self.chunk], t, run.anchor)
-                   for run, keys, t, _ in wanted]
+                   for view, run, keys, t, _ in wanted]
         deadline = time.monotonic() + self.load_timeout_s
         files = []
-        for (run, _, _, a), fut in zip(wanted, futures):
+        for (_, run, _, _, a), fut in zip(wanted, futures):
             try:
                 f, path = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 files.append((f, a, path, run))
@@ -332,6 +330,7 @@ class ConnectorWorker:
                 continue
             n = len(save.token_ids)
             store = self.store.with_salt(save.salt)
+            store = store.exact() if save.exact else store
             # Only the chunks from the first one the store lacks are copied and coded
             # (a new question after a cached document: its last chunk).
             with store.metrics.bookkeeping():  # not a request's lookup: not counted
