@@ -5,7 +5,11 @@ connector in `lossless` and `default` modes, and `default` once more with its st
 (moto on 127.0.0.1) behind a real 1 Gbit/s link (``throttle.py``: a rate-limited relay).
 
 Each case runs in its own process with its own engine (prefix caching off, so only the
-connector can skip work); the request is sent once to fill the store, then timed.
+connector can skip work); the request is sent once to fill the store, then timed (best
+of ``--rounds``). A process's times vary by tens of percent from one process to the
+next on a small shared machine (which cores, what runs beside it), more than within
+one, so each case runs in ``--processes`` processes (3), interleaved with the other
+cases, and the median process is reported, beside every process's time.
 
 The engine runs in the dtype that is fast on this CPU (``--dtype auto``: bfloat16 with
 AVX-512 BF16 or AMX, else float32; :func:`kvcodec.integrations.vllm.cpu.fast_dtype`),
@@ -200,6 +204,8 @@ def main():
     ap.add_argument("--cases", nargs="*", choices=CASES, default=list(CASES))
     ap.add_argument("--dtype", default="auto", help="auto: the fast one for this CPU")
     ap.add_argument("--concurrent", type=int, default=0, help="N requests at once")
+    ap.add_argument("--processes", type=int, default=3, help="engine processes per case "
+                    "(each its best of --rounds; the median process is reported)")
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in a child
     args = ap.parse_args()
     from kvcodec.integrations.vllm.cpu import fast_dtype
@@ -209,17 +215,23 @@ def main():
         print("CASE " + json.dumps(run_case(args.case, args.tokens, args.rounds, dtype,
                                             args.concurrent)))
         return
+    runs = {name: [] for name in args.cases}
+    for _ in range(args.processes):  # interleaved, so drifts of the machine hit every case
+        for name in args.cases:
+            out = subprocess.run([sys.executable, __file__, "--case", name, "--tokens",
+                                  str(args.tokens), "--rounds", str(args.rounds), "--dtype",
+                                  dtype, "--concurrent", str(args.concurrent)],
+                                 capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith("CASE ")]
+            if out.returncode or not line:
+                sys.exit(f"case {name} failed:\n{out.stderr[-3000:]}")
+            runs[name].append(json.loads(line[0][5:]))
+            print(f"{name}: {runs[name][-1]}", file=sys.stderr, flush=True)
+    key = "wall_s" if args.concurrent else "ttft_s"
     cases = []
-    for name in args.cases:
-        out = subprocess.run([sys.executable, __file__, "--case", name, "--tokens",
-                              str(args.tokens), "--rounds", str(args.rounds), "--dtype", dtype,
-                              "--concurrent", str(args.concurrent)],
-                             capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("CASE ")]
-        if out.returncode or not line:
-            sys.exit(f"case {name} failed:\n{out.stderr[-3000:]}")
-        cases.append(json.loads(line[0][5:]))
-        print(f"{name}: {cases[-1]}", file=sys.stderr, flush=True)
+    for name, rs in runs.items():  # the process of median time, with every process's time
+        rs = sorted(rs, key=lambda r: r[key])
+        cases.append(dict(rs[(len(rs) - 1) // 2], **{key + "_processes": [r[key] for r in rs]}))
     by = {c["name"]: c for c in cases}
     if args.concurrent:
         print(json.dumps({"dtype": dtype, "dtype_why": why, "cases": cases}))
