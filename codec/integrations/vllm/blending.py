@@ -22,9 +22,9 @@ the scheduler side (:func:`plan`) claims the text before the first document (the
 prompt's own prefix, loaded from lossless prefix entries, :meth:`ChunkStore.exact`:
 every blend of a system prompt loads it, and its first tokens are the attention sinks;
 where the store lacks it, the request is prefilled and that prefix saved, so that the
-next one blends), then each document in order, decoded re-rotated to its offset, and stops at
-the first text segment after a document (the question) or at the first document the
-store lacks: vLLM computes the rest, as a prefill would given what was loaded. What is
+next one blends), then each document in order, decoded re-rotated to its offset, and
+stops at the first text segment after a document (the question) or at the first
+document the store lacks: vLLM computes the rest, as a prefill would given what was loaded. What is
 claimed enters vLLM's own prefix cache, so with prefix caching on a blended request
 must carry a ``cache_salt`` starting with :data:`SALT_PREFIX` (:func:`request_for`
 makes one from the segment layout): a plain request of the same tokens never meets
