@@ -10,12 +10,15 @@ Kernel rows are the median of CUDA-event timings after a second of warm-up launc
 whole calls and the CPU coder are the best host wall time. ``--json`` prints ``{"device",
 "fp16_bytes", "sm_clock_mhz_now_max", "cases": [{"name", "seconds", "gb_per_s",
 "bits_per_element"}]}``. ``gpu_entries_*`` rows decode the same tokens split into
-``--entries`` files, one launch per entry vs one for all (``prepare_many``). Exits with a
+``--entries`` files, one launch per entry vs one for all (``prepare_many``);
+``*_store_*`` rows the same tokens as a ChunkStore's entries (shared tables), on the GPU
+(one launch; the whole ``cuda_store.fill``) and the CPU (``store.fill``). Exits with a
 message (status 2) where no GPU is available.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -132,6 +135,45 @@ def entries(big, args, fp16_bytes) -> list:
     return out
 
 
+def store_rows(big, args, fp16_bytes) -> list:
+    """The same tokens put in a ChunkStore (256-token entries coded with the store's
+    shared tables, so one set of device tables serves them all): one launch over the
+    entries, the whole ``cuda_store.fill`` call (open, stage, launch, finish) into fp16
+    buffers on the GPU, and the CPU's ``store.fill`` into float32 buffers."""
+    import tempfile
+
+    from kvcodec.integrations import cuda_store
+    from kvcodec.store import ChunkStore
+
+    store = ChunkStore(tempfile.mkdtemp(prefix="bench-cuda-store-"), big.model)
+    store.put(big)
+    ids = big.token_ids
+    locs = store.lookup(ids, partial=True)
+    h, d, n = big.num_kv_heads, big.head_dim, big.num_tokens
+    bits = sum(loc.stat().st_size for loc in locs) * 8 / big.numel()
+    gpu = [tuple(torch.empty((1, h, n, d), dtype=torch.float16, device="cuda")
+                 for _ in range(2)) for _ in range(big.num_layers)]
+    cpu = [tuple(torch.empty((1, h, n, d)) for _ in range(2)) for _ in range(big.num_layers)]
+    chunk = store.chunk_tokens
+    files = [store.open_entry(loc, ids[i * chunk:(i + 1) * chunk], i * chunk)
+             for i, loc in enumerate(locs)]
+    run = cuda.prepare_many([cuda.Part(cuda.DeviceFile(f), out=[
+        (k[:, :, i * chunk:i * chunk + f.meta.num_tokens],
+         v[:, :, i * chunk:i * chunk + f.meta.num_tokens]) for k, v in gpu])
+        for i, f in enumerate(files)])
+    out = []
+    for case, fn in [("gpu_store_kernel_one_launch", run.launch),
+                     ("gpu_store_fill_call", lambda: cuda_store.fill(store, gpu, ids, locs)),
+                     ("cpu_store_fill_call", lambda: store.fill(cpu, ids, locs))]:
+        t = kernel_time(fn, 31) if "kernel" in case else timed(fn, args.repeats,
+                                                                 case.startswith("gpu"))
+        out.append({"name": f"{case}[{len(locs)}x{chunk}]", "seconds": t,
+                    "gb_per_s": fp16_bytes / t / 1e9, "bits_per_element": bits})
+    for f in files:
+        f.close()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -177,6 +219,7 @@ def main():
             rows.append({"name": f"{case}[{name}]", "seconds": t,
                          "gb_per_s": fp16_bytes / t / 1e9, "bits_per_element": bits})
     rows += entries(big, args, fp16_bytes)
+    rows += store_rows(dataclasses.replace(big, token_ids=kv.token_ids), args, fp16_bytes)
     t = kernel_time(lambda: dst.copy_(src), 31)
     rows.append({"name": "d2d_copy", "seconds": t, "gb_per_s": fp16_bytes / t / 1e9})
     # Encode: symbols of one stream tiled, GPU vs CPU coder.

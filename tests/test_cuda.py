@@ -185,6 +185,43 @@ def test_a_damaged_entry_in_a_launch_is_reported_and_the_others_land(kv_600, mon
 
 
 @needs_gpu
+def test_a_store_prefix_decodes_in_one_launch(kv_600, tmp_path, monkeypatch):
+    """cuda_store.fill: a store's entries (coded with its shared tables, one set of device
+    tables for all) into fp16 buffers on the GPU, equal to the CPU fill cast to fp16; a
+    damaged middle entry ends the prefix before it and is moved aside."""
+    from kvcodec.integrations import cuda_store
+    from kvcodec.store import ChunkStore
+
+    store = ChunkStore(tmp_path, kv_600.model)
+    store.put(kv_600)
+    ids = kv_600.token_ids
+    locs = store.lookup(ids, partial=True)
+    assert len(locs) == 3
+    ref = [(torch.empty(1, 3, 600, 64), torch.empty(1, 3, 600, 64)) for _ in range(30)]
+    assert store.fill(ref, ids, locs) == 600
+    bufs = [tuple(torch.zeros(1, 3, 700, 64, dtype=torch.float16, device="cuda")
+                  for _ in range(2)) for _ in range(30)]
+    assert cuda_store.fill(store, bufs, ids, locs) == 600
+    for l in range(30):
+        for kind in (0, 1):
+            assert torch.equal(bufs[l][kind][:, :, :600].cpu(), ref[l][kind].half()), (l, kind)
+    with kvcodec.open(locs[0].read_bytes(), tables=store.shared_tables) as a, \
+            kvcodec.open(locs[1].read_bytes(), tables=store.shared_tables) as b:
+        assert a.meta.shared_tables is not None
+        assert cuda.DeviceFile(a)._tables is cuda.DeviceFile(b)._tables
+    real = store.open_entry
+
+    def open_entry(loc, token_ids, t0, anchor=None):
+        f = real(loc, token_ids, t0, anchor)
+        if t0 == 256:
+            _damage(f, 3, monkeypatch)
+        return f
+    monkeypatch.setattr(store, "open_entry", open_entry)
+    assert cuda_store.fill(store, bufs, ids, locs) == 256
+    assert not locs[1].exists() and locs[0].exists()
+
+
+@needs_gpu
 def test_a_prepared_decode_replays_in_a_cuda_graph(kv_600):
     """prepare() stages once; launch() is capturable (no allocation, host work or sync), and
     a replay followed by finish() gives the same tensors as the CPU decode."""

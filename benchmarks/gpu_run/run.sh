@@ -3,7 +3,8 @@
 # build with its nvcc and python3, run tests/test_cuda.py (memcheck included) and
 # bench_cuda.py on the KV that prepare.py wrote here. Carry devrun and .whl:
 #   run(command="bash benchmarks/gpu_run/run.sh", carry=["devrun", ".whl"])
-# TEST_S (test time limit), PYTEST_K (a -k filter) and BENCH_MB (sizes) tune it.
+# TEST_S (test time limit), PYTEST_K (a -k filter), BENCH_MB (sizes) and NCU=0 (no
+# Nsight Compute section) tune it.
 export PYTHONUNBUFFERED=1 PATH=$PATH:/usr/local/cuda/bin
 R=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 9
@@ -25,7 +26,7 @@ for mb in ${BENCH_MB:-64 256}; do nvidia-smi --query-gpu=clocks.sm,clocks.max.sm
 done
 # Hardware counters of one shared-tables decode launch (Firecracker machines only; gVisor
 # refuses the profiler): achieved occupancy, issue-slot and memory throughput.
-if [ -n "${NCU:-1}" ] && which ncu >/dev/null; then
+if [ "${NCU:-1}" != 0 ] && which ncu >/dev/null; then
   timeout 120 ncu --clock-control none -k regex:decode_shared_kernel --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 -c "import kvcodec; from kvcodec.integrations import cuda

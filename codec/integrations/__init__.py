@@ -4,7 +4,7 @@ Face transformers caches (eager, layer-wise, reserved buffers; a store's cached 
 recomputation per chunk within a TTFT budget; ``ragged`` loads evicted caches, where
 each KV head keeps its own tokens, with a per-head attention mask
 (``ragged.ragged_cache``); ``cuda`` decodes on the GPU into contiguous or paged
-destinations; ``vllm`` is a V1 KV connector serving a store into vLLM's paged cache
+destinations, ``cuda_store`` a store's prefix there in one launch; ``vllm`` is a V1 KV connector serving a store into vLLM's paged cache
 (prefixes, and RAG documents blended at any position).
 
 Submodules are imported on demand (each pulls in a heavy framework). May import

@@ -1,19 +1,16 @@
 """The CUDA coder: decode .kvc streams on the GPU straight into cache tensors.
 
-Same bitstream as the CPU coder (``csrc/common/rans.h``): a file encoded on either side
-decodes bit-exactly on the other. For per-token-step ``uniform`` streams (the shipped
-default; centered streams add their channel means in the same pass) decoding is fused
-with dequantization and RoPE re-application and writes fp16, bf16 or fp32 into a
-caller-given destination, either a ``[1, kv_heads, tokens, head_dim]`` tensor (HF) or
-a paged block cache addressed by a slot mapping (vLLM layout
-``[num_blocks, block_size, kv_heads, head_dim]``). Other quantizers decode symbols on the
-GPU and are dequantized by the PyTorch path on the host (lossless, ``cachegen``: not a
-fast path yet). Everything runs on the current CUDA
-stream; a kernel never raises, it reports a status per blob, checked after the launch.
+Same bitstream as the CPU coder (``csrc/common/rans.h``). For per-token-step ``uniform``
+streams (the shipped default, centered or not) decoding is fused with dequantization and
+RoPE re-application and writes fp16, bf16 or fp32 into a ``[1, kv_heads, tokens,
+head_dim]`` tensor (HF) or a paged cache ``[num_blocks, block_size, kv_heads, head_dim]``
+through a slot mapping (vLLM); other quantizers decode symbols on the GPU and dequantize
+in PyTorch. Everything runs on the current CUDA stream; a kernel never raises, it
+reports a status per blob, checked after the launch.
 """
 from __future__ import annotations
 
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +18,11 @@ import torch
 
 from ..errors import BackendError, CorruptError, ShapeError
 
-STATUS = {1: "blob shorter than its lane states or odd word bytes",
-          2: "invalid initial lane state", 3: "truncated word stream",
-          4: "corrupt blob (final lane state mismatch)",
-          5: "corrupt blob (unread words at the end)",
-          6: "a symbol outside the quantizer's range; the header does not match the data",
-          7: "a symbol has zero frequency in its table", 8: "output capacity too small",
-          9: "unsupported geometry"}
+STATUS = {1: "blob shorter than its lane states or odd word bytes", 2: "invalid initial lane "
+          "state", 3: "truncated word stream", 4: "corrupt blob (final lane state mismatch)",
+          5: "corrupt blob (unread words at the end)", 6: "a symbol outside the quantizer's "
+          "range; the header does not match the data", 7: "a symbol has zero frequency in "
+          "its table", 8: "output capacity too small", 9: "unsupported geometry"}
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
@@ -81,6 +76,32 @@ def _check(status: torch.Tensor, names: list) -> None:
         raise CorruptError(f"{names[bad[0]]}: {STATUS.get(int(status[bad[0]]), 'error')}")
 
 
+_SHARED: OrderedDict = OrderedDict()  # (device, digest) -> a store's shared tables there
+SHARED_KEPT = 16  # shared table sets kept on the devices, least recently used dropped
+
+
+def _device_tables(f, device) -> dict:
+    """Per stream ``(freqs, symbol table, range table)`` on ``device``: once per store's
+    shared tables (their entries' streams then decode together in :func:`prepare_many`)."""
+    key = (str(device), f.meta.shared_tables)
+    if key[1] is not None and key in _SHARED:
+        _SHARED.move_to_end(key)
+        return _SHARED[key]
+    out, nat = {}, module()
+    for stream, freqs in f.sections.frequencies().items():
+        fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(device)
+        c, a = fr.shape
+        sym = torch.empty((c, 4096), dtype=torch.uint8, device=device)
+        rng = torch.empty((c, 256), dtype=torch.int32, device=device)
+        nat.build_tables(fr.data_ptr(), c, a, sym.data_ptr(), rng.data_ptr(), _stream())
+        out[stream] = (fr, sym, rng)
+    if key[1] is not None:
+        _SHARED[key] = out
+        while len(_SHARED) > SHARED_KEPT:
+            _SHARED.popitem(last=False)
+    return out
+
+
 class DeviceFile:
     """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
 
@@ -96,16 +117,8 @@ class DeviceFile:
                                "dims are not decoded on the GPU yet; decode on the CPU")
         self.f = f
         self.device = _require(device)
-        nat = module()
         f.sections.index()
-        self._tables = {}
-        for key, freqs in f.sections.frequencies().items():
-            fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(self.device)
-            c, a = fr.shape
-            sym = torch.empty((c, 4096), dtype=torch.uint8, device=self.device)
-            rng = torch.empty((c, 256), dtype=torch.int32, device=self.device)
-            nat.build_tables(fr.data_ptr(), c, a, sym.data_ptr(), rng.data_ptr(), _stream())
-            self._tables[key] = (fr, sym, rng)
+        self._tables = _device_tables(f, self.device)
         self._grid = None
 
     def decode(self, chunks=None, *, dtype=torch.float16, out=None, slots=None,
@@ -122,30 +135,19 @@ class DeviceFile:
         """Stage a decode of every layer over ``chunks``: payload uploaded, work items in
         device memory. The returned :class:`DecodeRun` launches it any number of times.
 
-        Parameters
-        ----------
-        out : list of (key, value) tensors, optional
-            Destinations per layer. Without ``slots``: ``[1, kv_heads, tokens, head_dim]``
-            (any strides). With ``slots`` (int64 ``[tokens]`` on the device): paged
-            caches ``[num_blocks, block_size, kv_heads, head_dim]``.
-        kernel : "auto" or "global"
-            ``auto``: each stream's tables in shared memory (one block per stream's chunks)
-            where the channel count allows (every dense config but fp32 lossless), else
-            in global memory; ``global``: always global. Same bytes either way.
-
-        Returns
-        -------
-        DecodeRun
-            ``launch()`` runs the kernel on the current stream (no allocation, no sync, no
-            host work: safe to capture in a CUDA graph); ``finish()`` writes the sink rows
-            and the streams the kernel does not dequantize, checks every blob's status
-            (one sync; CorruptError names the first bad chunk) and returns ``out``
-            (allocated contiguous when omitted).
+        ``out``: destinations per layer, ``[1, kv_heads, tokens, head_dim]`` (any
+        strides; allocated contiguous when omitted), or with ``slots`` (int64 ``[tokens]``
+        on the device) paged caches ``[num_blocks, block_size, kv_heads, head_dim]``.
+        ``kernel``: ``auto`` keeps each stream's tables in shared memory (one block per
+        stream's chunks) where the channel count allows (every dense config but fp32
+        lossless), ``global`` reads them from global memory; same bytes either way.
+        The run's ``launch()`` runs the kernel on the current stream (no allocation, sync
+        or host work: capturable in a CUDA graph); ``finish()`` writes the sink rows and
+        the streams the kernel does not dequantize, checks every blob's status (one sync;
+        CorruptError names the first bad chunk) and returns ``out``.
         """
-        run = prepare_many([Part(self, chunks, out, slots, block_size)], dtype=dtype,
-                           kernel=kernel)
-        finish = run.finish
-        run.finish = lambda: finish()[0]
+        run = prepare_many([Part(self, chunks, out, slots, block_size)], dtype=dtype, kernel=kernel)
+        run.finish = lambda finish=run.finish: finish()[0]
         return run
 
     def _stage(self, part: "Part", dtype) -> "_Staged":
@@ -311,16 +313,12 @@ _Staged = namedtuple("_Staged", "payload items names keep finish")  # one file's
 
 
 def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeRun:
-    """Stage the decode of several files (store entries, a step's requests) as one launch:
-    their payloads in one upload, their work items in one kernel (the format's
-    parallelism is per blob, so a launch over many entries also fills more of the GPU
-    than each entry's own). Each :class:`Part` is what :meth:`DeviceFile.prepare` takes;
-    all parts share ``dtype`` and ``kernel``.
-
-    ``finish(errors=False)`` completes every part and returns their ``out`` in order,
-    raising CorruptError for the first damaged blob; ``finish(errors=True)`` returns
-    ``(outs, errors)`` instead, ``errors[i]`` the CorruptError of part ``i`` or None, so a
-    caller can keep the parts that decoded and recompute the others."""
+    """Stage several files (store entries, a step's requests; each :class:`Part` as
+    :meth:`DeviceFile.prepare` takes it, one ``dtype`` and ``kernel``) as one payload
+    upload and one launch, which fills more of the GPU than each file's own.
+    ``finish()`` completes every part and returns their ``out`` in order (CorruptError
+    for the first damaged blob); ``finish(errors=True)`` returns ``(outs, errors)``,
+    ``errors[i]`` part ``i``'s CorruptError or None: keep the others, recompute it."""
     parts = list(parts)
     if not parts:
         raise ShapeError("prepare_many needs at least one part")
@@ -342,6 +340,9 @@ def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeR
         items += s.items
         names += s.names
         owner += [i] * len(s.items)
+    # Items of one table set side by side: entries with shared tables share a block's copy.
+    order = sorted(range(len(items)), key=lambda i: items[i]["range_table"])
+    items, names, owner = ([x[i] for i in order] for x in (items, names, owner))
     status = torch.zeros(len(items), dtype=torch.int32, device=dev)
     buf = torch.empty(nat.decode_buffer_bytes(len(items)), dtype=torch.uint8, device=dev)
     plan = nat.stage_decode(items, buf.data_ptr(), buf.numel(), _stream())
