@@ -14,8 +14,7 @@ to the model's device; making this call fast is staging's work (one upload of ev
 part's small arrays, one symbol buffer), not the kernel's."""
 from __future__ import annotations
 
-from ..errors import KVCodecError
-from ..store.batch import fetch_all
+from ..store.batch import open_prefix
 from . import cuda
 
 
@@ -25,17 +24,7 @@ def fill(store, bufs, token_ids, locs, kernel: str = "auto") -> int:
     ``[1, kv_heads, capacity, head_dim]`` on one GPU, up to the first entry that is
     missing or damaged (reported as the CPU path reports it: damage moves it aside);
     returns the number of tokens filled."""
-    chunk, n = store.chunk_tokens, len(token_ids)
-    spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
-
-    def fetch(i):
-        t0, t1 = spans[i]
-        try:
-            return store.open_entry(locs[i], token_ids[t0:t1], t0)
-        except (KVCodecError, OSError):
-            return None  # reported by open_entry
-    files = fetch_all(fetch, len(locs), store.remote)
-    n = files.index(None) if None in files else len(files)
+    files, spans, n = open_prefix(store, token_ids, locs)
     try:
         if not n:
             return 0

@@ -115,10 +115,11 @@ def leading(present, names: list, parallel: bool, wave: int = 16) -> int:
     return n
 
 
-def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
-    """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (in parallel from an object
-    store), checked, and decoded into ``bufs`` as one plan; returns the end of what
-    landed."""
+def open_prefix(store, token_ids, locs) -> tuple:
+    """The entries ``locs`` (consecutive chunks of ``token_ids`` from token 0) opened and
+    checked, in parallel from an object store: ``(files, spans, n)``, each entry's file
+    (None where it is missing or failed, reported by ``open_entry``) and token span, and
+    how many lead before the first that failed. The caller closes the files."""
     chunk, n = store.chunk_tokens, len(token_ids)
     spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
 
@@ -129,7 +130,13 @@ def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
         except (KVCodecError, OSError):
             return None  # reported by open_entry
     files = fetch_all(fetch, len(locs), store.remote)
-    n = files.index(None) if None in files else len(files)
+    return files, spans, files.index(None) if None in files else len(files)
+
+
+def fill(store, bufs, token_ids, locs, threads: int = 0) -> int:
+    """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (:func:`open_prefix`) and
+    decoded into ``bufs`` as one plan; returns the end of what landed."""
+    files, spans, n = open_prefix(store, token_ids, locs)
     try:
         landed = decode_documents(store, [Document(files[:n], locs[:n], bufs, spans[:n])],
                                   threads)[0] if n else 0
