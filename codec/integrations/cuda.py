@@ -18,11 +18,13 @@ import torch
 
 from ..errors import BackendError, CorruptError, ShapeError
 
-STATUS = {1: "blob shorter than its lane states or odd word bytes", 2: "invalid initial lane "
-          "state", 3: "truncated word stream", 4: "corrupt blob (final lane state mismatch)",
-          5: "corrupt blob (unread words at the end)", 6: "a symbol outside the quantizer's "
-          "range; the header does not match the data", 7: "a symbol has zero frequency in "
-          "its table", 8: "output capacity too small", 9: "unsupported geometry"}
+STATUS = {1: "blob shorter than its lane states or odd word bytes",
+          2: "invalid initial lane state", 3: "truncated word stream",
+          4: "corrupt blob (final lane state mismatch)",
+          5: "corrupt blob (unread words at the end)",
+          6: "a symbol outside the quantizer's range; the header does not match the data",
+          7: "a symbol has zero frequency in its table", 8: "output capacity too small",
+          9: "unsupported geometry"}
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
@@ -90,10 +92,9 @@ def _device_tables(f, device) -> dict:
     out, nat = {}, module()
     for stream, freqs in f.sections.frequencies().items():
         fr = torch.from_numpy(np.ascontiguousarray(freqs)).to(device)
-        c, a = fr.shape
-        sym = torch.empty((c, 4096), dtype=torch.uint8, device=device)
-        rng = torch.empty((c, 256), dtype=torch.int32, device=device)
-        nat.build_tables(fr.data_ptr(), c, a, sym.data_ptr(), rng.data_ptr(), _stream())
+        sym = torch.empty((fr.shape[0], 4096), dtype=torch.uint8, device=device)
+        rng = torch.empty((fr.shape[0], 256), dtype=torch.int32, device=device)
+        nat.build_tables(fr.data_ptr(), *fr.shape, sym.data_ptr(), rng.data_ptr(), _stream())
         out[stream] = (fr, sym, rng)
     if key[1] is not None:
         _SHARED[key] = out
@@ -299,8 +300,7 @@ class DecodeRun:
 
 @dataclass
 class Part:
-    """One file's share of a :func:`prepare_many` decode: chunks and destinations as
-    :meth:`DeviceFile.prepare` takes them."""
+    """One file's share of a :func:`prepare_many` decode, as :meth:`DeviceFile.prepare`."""
 
     file: DeviceFile
     chunks: object = None
