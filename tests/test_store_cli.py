@@ -94,6 +94,20 @@ def test_verify_checks_a_first_chunks_key(store_dir, kv_600):
     assert [d["name"] for d in report["damaged"]] == [store._backend.rel(wrong)]
 
 
+def test_verify_knows_a_stores_lossless_view(store_dir, kv_600):
+    """Entries of the store's exact view (a vLLM blend's system line: the lossless
+    config's keys beside the store's own) verify intact, keys included, and are listed
+    under their config; nothing is moved."""
+    root, store = store_dir
+    head = kv_600.slice(0, 20)
+    assert store.exact().put(head) == 1
+    report = json.loads(_run("verify", root, "--json", "--unsalted").output)
+    assert report["entries"] == 5 and report["ok"] == 5 and not report["damaged"]
+    assert report["keys_unverified"] == 0
+    assert "lossless" in _run("stats", root).output
+    assert store.exact().cached_tokens(head.token_ids, partial=True) == 20
+
+
 def test_gc_and_rm(store_dir):
     root, store = store_dir
     bad = root / "ab" / ("c" * 62 + ".kvc.bad")
