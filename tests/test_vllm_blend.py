@@ -212,13 +212,20 @@ def _damage(lm, store, doc):
     return entry
 
 
+def _damaged_blend(lm, texts, store, names, tokens, question):
+    """The system line and documents ``names`` stored, the last document's entry damaged:
+    ``(head, docs, that entry, the blend's segments)``."""
+    head = _ids(lm, HEAD)
+    docs = _docs(lm, texts, names, tokens)
+    _store_docs(lm, store, docs, head)
+    entry = _damage(lm, store, docs[-1])
+    return head, docs, entry, _segments(store, head, docs, _ids(lm, question))
+
+
 def test_a_damaged_document_is_computed_and_counted(lm, texts, engine):
     llm, store, conn = engine
-    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Summarise.\nAnswer:")
-    docs = _docs(lm, texts, ["gpl3", "python_license"], 140)
-    _store_docs(lm, store, docs, head)
-    entry = _damage(lm, store, docs[1])
-    segs = _segments(store, head, docs, question)
+    _, _, entry, segs = _damaged_blend(lm, texts, store, ["gpl3", "python_license"], 140,
+                                       "\n\nQuestion: Summarise.\nAnswer:")
     before = _counts(conn)
     out = _ask(llm, *blending.request_for(lm.tokenizer, segs))
     after = _counts(conn)
@@ -315,11 +322,9 @@ def test_a_damaged_document_is_computed_in_a_selective_blend(lm, texts, engine):
     """A damaged last document: vLLM computes it like text (never kept), as
     transformers' blend does with the entry it then finds moved aside."""
     llm, store, conn = engine
-    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: What is permitted?\nAnswer:")
-    docs = _docs(lm, texts, ["python_license", "argparse_doc"], 190)
-    _store_docs(lm, store, docs, head)
-    entry = _damage(lm, store, docs[1])
-    segs = _segments(store, head, docs, question)
+    head, docs, entry, segs = _damaged_blend(
+        lm, texts, store, ["python_license", "argparse_doc"], 190,
+        "\n\nQuestion: What is permitted?\nAnswer:")
     before = _counts(conn)
     out = _ask(llm, *blending.request_for(lm.tokenizer, segs, recompute=0.15,
                                           selector="boundary"), n=1, logprobs=-1)[0]
