@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstddef>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -53,44 +55,58 @@ void stage(const std::vector<Item>& host, uint64_t dev, uint64_t capacity, uint6
 // starts of the shared-memory decode (at most n + 1).
 uint64_t decode_buffer_bytes(uint64_t n) { return n * sizeof(DecodeItem) + 4 * (n + 1); }
 
-// items: list of dicts with the DecodeItem fields (pointers as ints, 0 for null), staged
-// into items_dev with their groups (runs of items sharing one stream's tables).
+// The DecodeItem fields as {name: (byte offset, NumPy format)}: the host builds its item
+// records as a NumPy structured array in exactly this layout (kvcodec.integrations.cuda_stage).
+py::dict decode_item_fields() {
+  py::dict f;
+#define KVC_FIELD(name, member, fmt) f[name] = py::make_tuple(offsetof(DecodeItem, member), fmt)
+  KVC_FIELD("blob", blob, "u8");
+  KVC_FIELD("size", size, "u4");
+  KVC_FIELD("rows", rows, "i4");
+  KVC_FIELD("channels", channels, "i4");
+  KVC_FIELD("symbol_table", tables.symbol, "u8");
+  KVC_FIELD("range_table", tables.range, "u8");
+  KVC_FIELD("symbols", symbols, "u8");
+  KVC_FIELD("dst", dst, "u8");
+  KVC_FIELD("dtype", dtype, "i4");
+  KVC_FIELD("heads", heads, "i4");
+  KVC_FIELD("head_dim", head_dim, "i4");
+  KVC_FIELD("half_range", half_range, "i4");
+  KVC_FIELD("grid", grid, "u8");
+  KVC_FIELD("mult", mult, "u8");
+  KVC_FIELD("add", add, "u8");
+  KVC_FIELD("cos", cos, "u8");
+  KVC_FIELD("sin", sin, "u8");
+  KVC_FIELD("stride_head", stride_head, "i8");
+  KVC_FIELD("stride_token", stride_token, "i8");
+  KVC_FIELD("stride_dim", stride_dim, "i8");
+  KVC_FIELD("stride_block", stride_block, "i8");
+  KVC_FIELD("slots", slots, "u8");
+  KVC_FIELD("block_size", block_size, "i4");
+  KVC_FIELD("first_row", first_row, "i4");
+  KVC_FIELD("sink", sink, "u8");
+#undef KVC_FIELD
+  return f;
+}
+
+// items: DecodeItem records (a contiguous buffer of DECODE_ITEM_BYTES-sized records in
+// the layout DECODE_ITEM_FIELDS gives; pointers as integers, 0 for null), checked and
+// staged into items_dev with their groups (runs of items sharing one stream's tables).
 // Returns (items, groups, largest channel count), what launch_decode takes.
-py::tuple stage_decode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t stream) {
-  std::vector<DecodeItem> host(items.size());
-  for (size_t i = 0; i < items.size(); ++i) {
-    py::dict d = items[i].cast<py::dict>();
-    DecodeItem& it = host[i];
-    it.blob = ptr<const uint8_t>(d["blob"]);
-    it.size = d["size"].cast<uint32_t>();
-    it.rows = d["rows"].cast<int32_t>();
-    it.channels = d["channels"].cast<int32_t>();
-    it.tables.symbol = ptr<const uint8_t>(d["symbol_table"]);
-    it.tables.range = ptr<const uint32_t>(d["range_table"]);
-    it.symbols = ptr<uint8_t>(d["symbols"]);
-    it.dst = d.contains("dst") ? ptr<void>(d["dst"]) : nullptr;
-    if (it.dst) {
-      it.dtype = d["dtype"].cast<int32_t>();
-      it.heads = d["heads"].cast<int32_t>();
-      it.head_dim = d["head_dim"].cast<int32_t>();
-      it.half_range = d["half_range"].cast<int32_t>();
-      it.grid = ptr<const float>(d["grid"]);
-      it.mult = ptr<const float>(d["mult"]);
-      it.add = d.contains("add") ? ptr<const float>(d["add"]) : nullptr;
-      it.cos = ptr<const float>(d["cos"]);
-      it.sin = ptr<const float>(d["sin"]);
-      it.stride_head = d["stride_head"].cast<int64_t>();
-      it.stride_token = d["stride_token"].cast<int64_t>();
-      it.stride_dim = d["stride_dim"].cast<int64_t>();
-      it.stride_block = d.contains("stride_block") ? d["stride_block"].cast<int64_t>() : 0;
-      it.slots = d.contains("slots") ? ptr<const int64_t>(d["slots"]) : nullptr;
-      it.block_size = d.contains("block_size") ? d["block_size"].cast<int32_t>() : 1;
-      it.first_row = d.contains("first_row") ? d["first_row"].cast<int32_t>() : 0;
-      if (it.slots && it.block_size < 1) throw py::value_error("block_size must be >= 1");
-      // The kernel dequantizes rows [first_row, rows): a negative one would read symbols
-      // and write values before the buffers' starts.
-      if (it.first_row < 0) throw py::value_error("first_row must be >= 0");
-    }
+py::tuple stage_decode(py::buffer items, uint64_t items_dev, uint64_t capacity, uint64_t stream) {
+  const py::buffer_info info = items.request();
+  if (info.ndim != 1 || info.itemsize != (py::ssize_t)sizeof(DecodeItem) ||
+      (info.shape[0] > 1 && info.strides[0] != info.itemsize))
+    throw py::value_error("items: a contiguous 1-d array of " +
+                          std::to_string(sizeof(DecodeItem)) + "-byte DecodeItem records");
+  std::vector<DecodeItem> host((size_t)info.shape[0]);
+  if (!host.empty()) std::memcpy(host.data(), info.ptr, host.size() * sizeof(DecodeItem));
+  for (const DecodeItem& it : host) {
+    if (!it.dst) continue;
+    if (it.slots && it.block_size < 1) throw py::value_error("block_size must be >= 1");
+    // The kernel dequantizes rows [first_row, rows): a negative one would read symbols
+    // and write values before the buffers' starts.
+    if (it.first_row < 0) throw py::value_error("first_row must be >= 0");
   }
   const int n = item_count(host.size());
   std::vector<int32_t> groups{0};
@@ -156,6 +172,7 @@ void encode(py::list items, uint64_t items_dev, uint64_t capacity, uint64_t size
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "kvcodec CUDA coder: bitstream v1 on the GPU (device pointers as integers)";
   m.attr("DECODE_ITEM_BYTES") = sizeof(DecodeItem);
+  m.attr("DECODE_ITEM_FIELDS") = decode_item_fields();
   m.attr("ENCODE_ITEM_BYTES") = sizeof(EncodeItem);
   m.def("device_count", [] {
     int n = 0;

@@ -22,8 +22,12 @@ def test_cuda_module_is_built_wherever_nvcc_exists():
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
     nat = cuda.module()
-    # The host staging copies these structs byte for byte into the kernels' arrays.
-    assert nat.DECODE_ITEM_BYTES == 160 and nat.ENCODE_ITEM_BYTES == 48
+    # The host staging copies these structs byte for byte into the kernels' arrays: the
+    # decode records are built in the layout the module reports, every field inside.
+    assert nat.DECODE_ITEM_BYTES == 168 and nat.ENCODE_ITEM_BYTES == 48
+    fields = nat.DECODE_ITEM_FIELDS
+    assert {"blob", "symbols", "dst", "sink", "first_row", "slots"} <= set(fields)
+    assert all(0 <= off and off + int(fmt[1]) <= 168 for off, fmt in fields.values())
 
 
 def test_missing_gpu_is_a_clear_error(default_kvc):
@@ -208,7 +212,7 @@ def test_a_store_prefix_decodes_in_one_launch(kv_600, tmp_path, monkeypatch):
     with kvcodec.open(locs[0].read_bytes(), tables=store.shared_tables) as a, \
             kvcodec.open(locs[1].read_bytes(), tables=store.shared_tables) as b:
         assert a.meta.shared_tables is not None
-        assert cuda.DeviceFile(a)._tables is cuda.DeviceFile(b)._tables
+        assert cuda.DeviceFile(a).tables is cuda.DeviceFile(b).tables
     real = store.open_entry
 
     def open_entry(loc, token_ids, t0, anchor=None):

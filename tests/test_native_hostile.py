@@ -338,9 +338,15 @@ def test_cuda_decode_refuses_a_negative_first_row():
     and wrote values before the buffers. Before the fix it was staged and launched (with
     no GPU: RuntimeError from the copy instead of this ValueError)."""
     cuda = pytest.importorskip("kvcodec._cuda")
+    from kvcodec.integrations.cuda_stage import item_dtype
+
     item = dict(blob=0, size=64, rows=4, channels=3, symbol_table=0, range_table=0,
                 symbols=0, dst=1, dtype=2, heads=1, head_dim=2, half_range=7, grid=0,
                 mult=0, cos=0, sin=0, stride_head=8, stride_token=2, stride_dim=1,
                 first_row=-1)
+    dt = item_dtype(tuple(cuda.DECODE_ITEM_FIELDS.items()), cuda.DECODE_ITEM_BYTES)
+    records = np.array([tuple(item.get(name, 0) for name in dt.names)], dtype=dt)
     with pytest.raises(ValueError, match="first_row"):
-        cuda.stage_decode([item], 0, 1 << 20, 0)
+        cuda.stage_decode(records, 0, 1 << 20, 0)
+    with pytest.raises(ValueError, match="DecodeItem records"):  # not records of its layout
+        cuda.stage_decode(np.zeros(3, dtype=np.int64), 0, 1 << 20, 0)

@@ -287,15 +287,36 @@ class SectionSource:
             start = off[at[i]]
             for p in at[i:j]:
                 o = off[p] - start
-                item = buf[o:o + side[p] + blob[p]]
-                if crc32(item) != crc[p]:
-                    raise CorruptError(f"{self.meta.name}: checksum mismatch in chunk "
-                                       f"{p // n_streams}, "
-                                       f"{self.meta.stream_name(p % n_streams)}; the file is "
-                                       "damaged")
+                item = self._checked(buf, o, p)
                 out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
             i = j
         return out
+
+    def read_span(self, chunks) -> tuple:
+        """Every item of the consecutive ``chunks`` in one read, checksums verified:
+        ``(data, items)`` with ``items[(chunk, stream)] = (side bytes, blob start, blob
+        size)``, the blob at ``data[start:start + size]``: one buffer to hand on whole
+        (the GPU decoder uploads it as it is)."""
+        n_streams = len(self.meta.streams)
+        first, last = chunks[0] * n_streams, (chunks[-1] + 1) * n_streams - 1
+        data = self.read_run(first, last)
+        off, side, blob, _ = self.item_lists()
+        buf, items = memoryview(data), {}
+        for p in range(first, last + 1):
+            o = off[p] - off[first]
+            item = self._checked(buf, o, p)
+            items[divmod(p, n_streams)] = (bytes(item[:side[p]]), o + side[p], blob[p])
+        return data, items
+
+    def _checked(self, buf: memoryview, o: int, p: int) -> memoryview:
+        """Item ``p`` at ``buf[o:]``, its checksum verified (CorruptError naming it)."""
+        off, side, blob, crc = self.item_lists()
+        item = buf[o:o + side[p] + blob[p]]
+        if len(item) != side[p] + blob[p] or crc32(item) != crc[p]:
+            n_streams = len(self.meta.streams)
+            raise CorruptError(f"{self.meta.name}: checksum mismatch in chunk {p // n_streams}, "
+                               f"{self.meta.stream_name(p % n_streams)}; the file is damaged")
+        return item
 
     def read_run(self, first: int, last: int) -> bytes:
         """The payload bytes from item ``first`` to the end of item ``last`` (one read,

@@ -10,13 +10,14 @@ reports a status per blob, checked after the launch.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import BackendError, CorruptError, ShapeError
+from . import cuda_stage
 
 STATUS = {1: "blob shorter than its lane states or odd word bytes",
           2: "invalid initial lane state", 3: "truncated word stream",
@@ -25,7 +26,6 @@ STATUS = {1: "blob shorter than its lane states or odd word bytes",
           6: "a symbol outside the quantizer's range; the header does not match the data",
           7: "a symbol has zero frequency in its table", 8: "output capacity too small",
           9: "unsupported geometry"}
-_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def module():
@@ -65,14 +65,6 @@ def _stream() -> int:
     return int(torch.cuda.current_stream().cuda_stream)
 
 
-def _fused(q) -> bool:
-    """Streams the kernel dequantizes itself: per-token-step ``uniform``, centered or not
-    (the shipped default); the others decode symbols on the GPU and dequantize in PyTorch."""
-    from ..core.quant import Uniform
-
-    return isinstance(q, Uniform) and q.scale == "token"
-
-
 def _check(status: torch.Tensor, names: list) -> None:
     if bad := torch.nonzero(status).flatten().tolist():  # the one sync, after all launches
         raise CorruptError(f"{names[bad[0]]}: {STATUS.get(int(status[bad[0]]), 'error')}")
@@ -103,6 +95,19 @@ def _device_tables(f, device) -> dict:
     return out
 
 
+_GRIDS: dict = {}  # device -> the step grid there
+
+
+def _grid(device) -> torch.Tensor:
+    """``STEP_GRID`` on ``device``, uploaded once per process."""
+    from ..core.quant import STEP_GRID
+
+    key = str(device)
+    if key not in _GRIDS:
+        _GRIDS[key] = torch.from_numpy(STEP_GRID).to(device)
+    return _GRIDS[key]
+
+
 class DeviceFile:
     """A .kvc file's tables on a GPU, ready to decode chunk ranges many times."""
 
@@ -119,8 +124,7 @@ class DeviceFile:
         self.f = f
         self.device = _require(device)
         f.sections.index()
-        self._tables = _device_tables(f, self.device)
-        self._grid = None
+        self.tables = _device_tables(f, self.device)
 
     def decode(self, chunks=None, *, dtype=torch.float16, out=None, slots=None,
                block_size: int = 0, kernel: str = "auto"):
@@ -143,151 +147,40 @@ class DeviceFile:
         stream's chunks) where the channel count allows (every dense config but fp32
         lossless), ``global`` reads them from global memory; same bytes either way.
         The run's ``launch()`` runs the kernel on the current stream (no allocation, sync
-        or host work: capturable in a CUDA graph); ``finish()`` writes the sink rows and
-        the streams the kernel does not dequantize, checks every blob's status (one sync;
+        or host work: capturable in a CUDA graph; it writes the sink rows too);
+        ``finish()`` writes the streams the kernel does not dequantize, checks every
+        blob's status (one sync;
         CorruptError names the first bad chunk) and returns ``out``.
         """
         run = prepare_many([Part(self, chunks, out, slots, block_size)], dtype=dtype, kernel=kernel)
         run.finish = lambda finish=run.finish: finish()[0]
         return run
 
-    def _stage(self, part: "Part", dtype) -> "_Staged":
-        """One file's work items (blob pointers relative to its payload bytes until every
-        part's bytes are on the device), their names, device buffers and finishing step."""
-        from ..core.quant import STEP_GRID
-        from ..core.streams import KINDS
-        from ..core.transforms import rope_tables
-
-        f, dev = self.f.meta, self.device
-        sec = self.f.sections
-        params = sec.params()
-        chunks = f.chunk_range(part.chunks)
-        t0 = chunks[0] * f.chunk_tokens
-        t1 = min(f.num_tokens, (chunks[-1] + 1) * f.chunk_tokens)
-        n = t1 - t0
-        h, d = f.num_kv_heads, f.head_dim
-        out, slots, block_size = part.out, part.slots, part.block_size
-        if out is None:
-            if slots is not None:
-                raise ShapeError("a paged decode needs its destination caches (out)")
-            out = [tuple(torch.empty((1, h, n, d), dtype=dtype, device=dev) for _ in KINDS)
-                   for _ in range(f.num_layers)]
-        if len(out) != f.num_layers:
-            raise ShapeError(f"out has {len(out)} layers; the file has {f.num_layers}")
-        if slots is not None and (slots.shape != (n,) or slots.dtype != torch.int64
-                                  or slots.device != dev or block_size < 1):
-            raise ShapeError(f"slots must be int64 [{n}] on {dev} with block_size >= 1")
-        if self._grid is None:
-            self._grid = torch.from_numpy(STEP_GRID).to(dev)
-        # Blobs of the chunk range (one upload with the other parts', the only copy of
-        # payload to the device); side bytes stay on the host for the quantizers that need them.
-        spans, keep, items, names = [], [], [], []
-        blobs, sides, offset = [], {}, 0
-        for l in range(f.num_layers):
-            for k in KINDS:
-                s = f.streams.index((l, k))
-                parts = []
-                for c in chunks:
-                    side, blob = sec.read_item(c, s)
-                    parts.append(side)
-                    spans.append((offset, len(blob)))
-                    blobs.append(blob)
-                    offset += len(blob)
-                sides[(l, k)] = b"".join(parts)
-        tables = {}  # cos/sin on the device per distinct RoPE (per layer type)
-        for r in set(f.ropes) - {None}:
-            tables[r] = tuple(t.to(dev) for t in rope_tables(f.position_offset + t0, n, r))
-        i = 0
-        symbols = {}
-        for l in range(f.num_layers):
-            for ki, k in enumerate(KINDS):
-                q = f.quant[(l, k)]
-                cols = f.coded_columns(q)
-                sym = torch.empty((n, cols), dtype=torch.uint8, device=dev)
-                symbols[(l, k)] = sym
-                fused = _fused(q)
-                mult = add = None
-                if fused:
-                    mult = q.head_mult(f.channels).to(dev)
-                    keep.append(mult)
-                if fused and q.center:  # a centered stream's channel means, added on the GPU
-                    add = torch.from_numpy(np.ascontiguousarray(
-                        params[(l, k)]["mean"], dtype=np.float32)).to(dev)
-                    keep.append(add)
-                dst = out[l][ki]
-                for c in chunks:
-                    r0 = c * f.chunk_tokens - t0
-                    rows = min(f.chunk_tokens, n - r0)
-                    off, size = spans[i]
-                    i += 1
-                    item = {"blob": off, "size": size, "rows": rows,
-                            "channels": cols, "symbol_table": self._tables[(l, k)][1].data_ptr(),
-                            "range_table": self._tables[(l, k)][2].data_ptr(),
-                            "symbols": sym.data_ptr() + r0 * cols}
-                    if fused:
-                        cos, sin = tables.get(f.ropes[l], (None, None))
-                        rope_here = k == "key" and cos is not None
-                        item.update(dtype=_DTYPES[dtype], heads=h, head_dim=d, half_range=q.r,
-                                    grid=self._grid.data_ptr(), mult=mult.data_ptr(),
-                                    add=0 if add is None else add.data_ptr(),
-                                    cos=cos[r0:].data_ptr() if rope_here else 0,
-                                    sin=sin[r0:].data_ptr() if rope_here else 0,
-                                    first_row=max(0, f.sink_tokens - (t0 + r0)))
-                        if slots is None:
-                            item.update(dst=dst.data_ptr() + r0 * dst.stride(2) * dst.element_size(),
-                                        stride_head=dst.stride(1), stride_token=dst.stride(2),
-                                        stride_dim=dst.stride(3))
-                        else:
-                            item.update(dst=dst.data_ptr(), stride_head=dst.stride(2),
-                                        stride_token=dst.stride(1), stride_dim=dst.stride(3),
-                                        stride_block=dst.stride(0), block_size=block_size,
-                                        slots=slots.data_ptr() + 8 * r0)
-                    items.append(item)
-                    names.append(f"{f.name}: chunk {c}, layer {l} {k}s")
-        keep += [self._grid, self._tables, tables, symbols]
-
-        def finish():
-            self._finish(out, symbols, sides, params, t0, n, dtype, slots, block_size)
-            return out
-
-        return _Staged(b"".join(blobs), items, names, keep, finish)
-
-    def _finish(self, out, symbols, sides, params, t0, n, dtype, slots, block_size):
-        """Sinks and non-fused quantizers: PyTorch on the device, same formulas as the CPU."""
+    def finish_unfused(self, out, symbols, sides, params, t0, n, dtype, slots, block_size):
+        """The streams the kernel does not dequantize (``symbols``: theirs on the device):
+        PyTorch, the CPU decoder's formulas, sink rows included."""
         from ..core.streams import KINDS, unflatten
         from ..core.transforms import rope
 
         f, dev, sec = self.f.meta, self.device, self.f.sections
         h, d = f.num_kv_heads, f.head_dim
-        for l in range(f.num_layers):
-            for ki, k in enumerate(KINDS):
-                q = f.quant[(l, k)]
-                fused = _fused(q)
-                n_sink = max(0, min(f.sink_tokens - t0, n))
-                if fused and not n_sink:
-                    continue
-                # On the host, as the CPU decoder computes them (the RoPE tables live
-                # there); the finished rows go to the device once, in the output dtype.
-                if fused:
-                    x = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
-                    rows = slice(0, n_sink)
-                else:
-                    side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
-                            if q.side_per_token else None)
-                    x = q.dequantize(symbols[(l, k)].cpu(), params[(l, k)], side)
-                    if n_sink:
-                        x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
-                    rows = slice(0, n)
-                t = unflatten(x, h, d)
-                if k == "key" and f.ropes[l] is not None:
-                    t = rope(t, f.ropes[l], f.position_offset + t0 + rows.start)
-                t = t.to(dtype).to(dev)
-                dst = out[l][ki]
-                if slots is None:
-                    dst[:, :, rows] = t
-                else:
-                    s = slots[rows]
-                    dst[s // block_size, s % block_size] = t[0].permute(1, 0, 2)
+        n_sink = max(0, min(f.sink_tokens - t0, n))
+        for (l, k), sym in symbols.items():
+            q = f.quant[(l, k)]
+            side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
+                    if q.side_per_token else None)
+            x = q.dequantize(sym.cpu(), params[(l, k)], side)
+            if n_sink:
+                x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
+            t = unflatten(x, h, d)
+            if k == "key" and f.ropes[l] is not None:
+                t = rope(t, f.ropes[l], f.position_offset + t0)
+            t = t.to(dtype).to(dev)
+            dst = out[l][KINDS.index(k)]
+            if slots is None:
+                dst[:, :, :n] = t
+            else:
+                dst[slots // block_size, slots % block_size] = t[0].permute(1, 0, 2)
 
 
 class DecodeRun:
@@ -309,9 +202,6 @@ class Part:
     block_size: int = 0
 
 
-_Staged = namedtuple("_Staged", "payload items names keep finish")  # one file's part
-
-
 def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeRun:
     """Stage several files (store entries, a step's requests; each :class:`Part` as
     :meth:`DeviceFile.prepare` takes it, one ``dtype`` and ``kernel``) as one payload
@@ -322,30 +212,32 @@ def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeR
     parts = list(parts)
     if not parts:
         raise ShapeError("prepare_many needs at least one part")
-    if dtype not in _DTYPES:
+    if dtype not in cuda_stage.DTYPES:
         raise ShapeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     if kernel not in ("auto", "global"):
         raise ShapeError(f"kernel must be 'auto' or 'global', got {kernel!r:.40}")
     if len({p.file.device for p in parts}) != 1:
         raise ShapeError("one launch runs on one device; the parts' files are on several")
     dev, nat = parts[0].file.device, module()
-    staged = [p.file._stage(p, dtype) for p in parts]
-    data = torch.frombuffer(bytearray(b"".join(s.payload for s in staged)),
-                            dtype=torch.uint8).to(dev, non_blocking=True)
-    items, names, owner, base = [], [], [], data.data_ptr()
-    for i, s in enumerate(staged):
-        for item in s.items:
-            item["blob"] += base
-        base += len(s.payload)
-        items += s.items
-        names += s.names
-        owner += [i] * len(s.items)
+    dt = cuda_stage.item_dtype(tuple(nat.DECODE_ITEM_FIELDS.items()), nat.DECODE_ITEM_BYTES)
+    ar, grid = cuda_stage.Arenas(), _grid(dev)
+    staged = [cuda_stage.stage(p.file, p, dtype, ar, grid, dt) for p in parts]
+    ar.upload(dev)  # the one copy of payload and parameters to the device
+    # Copied into one array of the records' own dtype (np.concatenate would promote it
+    # to a packed one, without the struct's padding, on NumPy >= 1.23).
+    records, at = np.empty(sum(len(s.records) for s in staged), dtype=dt), 0
+    for s in staged:
+        records[at:at + len(s.records)] = s.records
+        at += len(s.records)
+    ar.rebase(records)
+    owner = np.repeat(np.arange(len(staged)), [len(s.records) for s in staged])
+    local = np.concatenate([np.arange(len(s.records)) for s in staged])
     # Items of one table set side by side: entries with shared tables share a block's copy.
-    order = sorted(range(len(items)), key=lambda i: items[i]["range_table"])
-    items, names, owner = ([x[i] for i in order] for x in (items, names, owner))
-    status = torch.zeros(len(items), dtype=torch.int32, device=dev)
-    buf = torch.empty(nat.decode_buffer_bytes(len(items)), dtype=torch.uint8, device=dev)
-    plan = nat.stage_decode(items, buf.data_ptr(), buf.numel(), _stream())
+    order = np.argsort(records["range_table"], kind="stable")
+    records, owner, local = records[order], owner[order].tolist(), local[order].tolist()
+    status = torch.zeros(len(records), dtype=torch.int32, device=dev)
+    buf = torch.empty(nat.decode_buffer_bytes(len(records)), dtype=torch.uint8, device=dev)
+    plan = nat.stage_decode(records, buf.data_ptr(), buf.numel(), _stream())
     shared = kernel == "auto"
 
     def launch():
@@ -356,8 +248,8 @@ def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeR
         failed = [None] * len(staged)
         for i in bad:
             if failed[owner[i]] is None:
-                failed[owner[i]] = CorruptError(
-                    f"{names[i]}: {STATUS.get(int(status[i]), 'error')}")
+                failed[owner[i]] = CorruptError(f"{staged[owner[i]].name(local[i])}: "
+                                                f"{STATUS.get(int(status[i]), 'error')}")
         outs = [None if failed[i] else s.finish() for i, s in enumerate(staged)]
         if errors:
             return outs, failed
@@ -366,7 +258,7 @@ def prepare_many(parts, *, dtype=torch.float16, kernel: str = "auto") -> DecodeR
             raise first
         return outs
 
-    return DecodeRun(launch, finish, [data, buf, status] + [s.keep for s in staged])
+    return DecodeRun(launch, finish, [ar.device, buf, status] + [s.keep for s in staged])
 
 
 def encode_symbols(symbols, freqs, chunk_tokens: int, device="cuda") -> list:

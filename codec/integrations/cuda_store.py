@@ -6,12 +6,12 @@ tables (built once per process and device), so the launch decodes each stream of
 entries together, as it decodes the chunks of one file.
 
 Measured on an H200 (``bench_cuda.py``, 2,048 tokens as 8 entries, 94 MB of fp16): the
-launch takes 3.5 ms (one file's: 3.0 ms; entries with tables of their own: 8.7 ms), but
-the whole call 244 ms against the CPU's ``store.fill`` 54 ms on 16 cores: staging is
-per stream and entry in Python, with a small upload each (step multipliers, offsets).
-So :func:`kvcodec.integrations.hf.cache_from_store` still decodes on the CPU and copies
-to the model's device; making this call fast is staging's work (one upload of every
-part's small arrays, one symbol buffer), not the kernel's."""
+launch takes 3.5-4.2 ms (one file's: 3.0-3.2 ms; entries with tables of their own: 8.7
+ms), the whole call 42 ms against the CPU's ``store.fill`` 39 ms on 16 cores in the
+same run (244 ms before staging went columnar, :mod:`.cuda_stage`). The rest is host
+Python (opening and checking entries, building records), at parity with the CPU rather
+than ahead, so :func:`kvcodec.integrations.hf.cache_from_store` still decodes on the CPU
+and copies to the model's device."""
 from __future__ import annotations
 
 from ..store.batch import open_prefix

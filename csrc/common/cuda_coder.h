@@ -59,7 +59,10 @@ struct DecodeItem {
   int64_t stride_head, stride_token, stride_dim, stride_block;
   const int64_t* slots;
   int32_t block_size;
-  int32_t first_row;     // rows below this are left untouched (sink tokens)
+  int32_t first_row;     // rows below this are the sink tokens: written from `sink`, or
+                         // left untouched when it is nullptr
+  const float* sink;     // [first_row, channels - 1] or nullptr: the rows' final values
+                         // (RoPE applied), as the CPU decoder restores them
 };
 
 // Builds StreamTables from freqs [channels][alphabet] (uint16, rows summing to 4096).

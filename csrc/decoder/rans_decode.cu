@@ -71,27 +71,40 @@ __global__ void build_tables_kernel(const uint16_t* freqs, int alphabet, uint8_t
   }
 }
 
+// Element offset of token t's row in the destination (slot-mapped in a paged cache).
+__device__ inline int64_t row_offset(const DecodeItem& it, int t) {
+  if (!it.slots) return (int64_t)t * it.stride_token;
+  const int64_t s = it.slots[t];
+  int64_t blk, off;
+  if (s >= 0 && s <= 0x7fffffff) {  // 32-bit division where the slot allows it
+    blk = (uint32_t)s / (uint32_t)it.block_size;
+    off = s - blk * it.block_size;
+  } else {
+    blk = s / it.block_size;
+    off = s % it.block_size;
+  }
+  return blk * it.stride_block + off * it.stride_token;
+}
+
 __device__ void dequant_rows(const DecodeItem& it, int lane, unsigned mask, int32_t* bad) {
   const int c = it.channels - 1, d = it.head_dim, half = d / 2;
   const int top = 2 * it.half_range;
   const int h0 = lane / d, i0 = lane % d;  // then stepped by 16 channels, no division
+  const int sink_rows = it.sink ? min(it.first_row, it.rows) : 0;
+  for (int t = 0; t < sink_rows; ++t) {  // the file's exact rows, RoPE already applied
+    const int64_t where = row_offset(it, t);
+    int h = h0, i = i0;
+    for (int idx = lane; idx < c; idx += 16) {
+      store(it.dst, it.dtype, h * it.stride_head + i * it.stride_dim + where,
+            it.sink[(size_t)t * c + idx]);
+      for (i += 16; i >= d; i -= d) ++h;
+    }
+  }
   int flag = 0;
   for (int t = it.first_row; t < it.rows; ++t) {
     const uint8_t* row = it.symbols + (size_t)t * it.channels;
     const float step = it.grid[row[c]];
-    int64_t where = (int64_t)t * it.stride_token;
-    if (it.slots) {
-      const int64_t s = it.slots[t];
-      int64_t blk, off;
-      if (s >= 0 && s <= 0x7fffffff) {  // 32-bit division where the slot allows it
-        blk = (uint32_t)s / (uint32_t)it.block_size;
-        off = s - blk * it.block_size;
-      } else {
-        blk = s / it.block_size;
-        off = s % it.block_size;
-      }
-      where = blk * it.stride_block + off * it.stride_token;
-    }
+    const int64_t where = row_offset(it, t);
     int h = h0, i = i0;
     for (int idx = lane; idx < c; idx += 16) {
       const uint32_t s = row[idx];
