@@ -287,7 +287,7 @@ class SectionSource:
             start = off[at[i]]
             for p in at[i:j]:
                 o = off[p] - start
-                item = self._checked(buf, o, p)
+                item = self._checked(buf, o, p, side, blob, crc)
                 out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
             i = j
         return out
@@ -300,17 +300,17 @@ class SectionSource:
         n_streams = len(self.meta.streams)
         first, last = chunks[0] * n_streams, (chunks[-1] + 1) * n_streams - 1
         data = self.read_run(first, last)
-        off, side, blob, _ = self.item_lists()
+        off, side, blob, crc = self.item_lists()
         buf, items = memoryview(data), {}
         for p in range(first, last + 1):
             o = off[p] - off[first]
-            item = self._checked(buf, o, p)
+            item = self._checked(buf, o, p, side, blob, crc)
             items[divmod(p, n_streams)] = (bytes(item[:side[p]]), o + side[p], blob[p])
         return data, items
 
-    def _checked(self, buf: memoryview, o: int, p: int) -> memoryview:
-        """Item ``p`` at ``buf[o:]``, its checksum verified (CorruptError naming it)."""
-        off, side, blob, crc = self.item_lists()
+    def _checked(self, buf: memoryview, o: int, p: int, side, blob, crc) -> memoryview:
+        """Item ``p`` at ``buf[o:]``, its checksum verified (CorruptError naming it);
+        ``side``, ``blob``, ``crc``: :meth:`item_lists`'."""
         item = buf[o:o + side[p] + blob[p]]
         if len(item) != side[p] + blob[p] or crc32(item) != crc[p]:
             n_streams = len(self.meta.streams)
