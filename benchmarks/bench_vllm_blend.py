@@ -15,8 +15,10 @@ prompt, in one engine
   tokens (:func:`kvcodec.integrations.vllm.blending.request_for`): ``none`` (full
   reuse: the system line and every document loaded, the question computed) and
   selective recompute (``hkvd:0.15``, ``boundary:0.15``: documents preloaded for the
-  layers after the check layer, every token computed, 15% of the cached ones kept
-  fresh after it).
+  layers after the check layer, 15% of the cached tokens recomputed after it, and
+  after it only the rows that matter computed: the connector's ``blend_rows_only``;
+  ``hkvd:0.15:every`` computes every row after the check layer, the path it is
+  checked against).
 
 Reported per mode: median time to first token and its ratio to prefill's; the
 first-token KL against transformers' ``blend`` with the same selector and budget on the
@@ -78,7 +80,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             segs = ([Text(token_ids=head)] + [Cached(store=store, token_ids=d) for d in docs]
                     + [Text(p["question"])])
             refs = {}
-            for sel, ratio in modes:
+            for sel, ratio in dict.fromkeys((m[1], m[2]) for m in modes):
                 ref = blend(lm, segs, recompute=ratio, selector=sel)
                 answer, _ = generate(lm, segs, max_new_tokens=ANSWER, recompute=ratio,
                                      selector=sel)
@@ -100,7 +102,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
                   "kv_connector_module_path": "kvcodec.integrations.vllm",
                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                   "kv_connector_extra_config": {"store": root, "config": config,
-                                                "save": False}})
+                                                "save": False, "blend_rows_only": True}})
     conn = get_kv_transfer_group()
 
     def ask(prompt, params=None, n=1, logprobs=-1):
@@ -122,7 +124,7 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
     warm, warm_params = request_for(tok, cases[0][0])
     ask(warm, warm_params)  # warms the engine and the decoder
     ask({"prompt_token_ids": warm["prompt_token_ids"]})
-    rows = {sel: [] for sel, _ in modes}
+    rows = {name: [] for name, *_ in modes}
     prefill_s, tokens = [], []
     for segs, refs in cases:
         ids = request_for(tok, segs)[0]["prompt_token_ids"]
@@ -131,19 +133,24 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
         tokens.append(len(ids))
         vocab = len(pre.outputs[0].logprobs[0])
         pre = first(pre, vocab)
-        for sel, ratio in modes:
+        for name, sel, ratio, every in modes:
             ref_logits, answer, ref_selected = refs[sel]
             prompt, params = request_for(tok, segs, recompute=ratio, selector=sel)
             loaded, read = conn.worker.tokens_loaded, conn.bytes_read
-            t, got = ask(prompt, params)
-            loaded, read = conn.worker.tokens_loaded - loaded, conn.bytes_read - read
+            sub = conn.worker.subset
+            conn.worker.subset = None if every else sub  # every row after the check layer
+            try:
+                t, got = ask(prompt, params)
+                loaded, read = conn.worker.tokens_loaded - loaded, conn.bytes_read - read
+                _, full = ask(prompt, params, n=ANSWER, logprobs=None)
+            finally:
+                conn.worker.subset = sub
             q = first(got, vocab)
-            _, full = ask(prompt, params, n=ANSWER, logprobs=None)
             picked = (set(list(conn.worker.selections.values())[-1].tolist()) if ratio
                       else set())
             row = {"ttft_s": t, "loaded": loaded, "bytes_read": read}
             row["hf_kl_vs_prefill"] = kl(refs["prefill"], torch.log_softmax(ref_logits, -1))
-            rows[sel].append(dict(row, **{
+            rows[name].append(dict(row, **{
                 "kl_vs_hf_blend": kl(torch.log_softmax(ref_logits, -1), q),
                 "kl_vs_prefill": kl(pre, q),
                 "overlap": (len(picked & set(ref_selected.tolist())) / len(ref_selected)
@@ -154,11 +161,12 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
            "config": config, "prefix_caching": False,
            "prompt_tokens_mean": round(mean(tokens), 1),
            "prefill_ttft_s": round(med(prefill_s), 4), "modes": []}
-    for sel, ratio in modes:
-        r = rows[sel]
+    for name, sel, ratio, every in modes:
+        r = rows[name]
         kls = [x["kl_vs_hf_blend"] for x in r]
         out["modes"].append({
             "selector": sel, "recompute": ratio,
+            "rows": "every" if every or not ratio else "recomputed only",
             "ttft_s": round(med(x["ttft_s"] for x in r), 4),
             "speedup_vs_prefill": round(med(prefill_s) / med(x["ttft_s"] for x in r), 2),
             "loaded_tokens_mean": round(mean(x["loaded"] for x in r), 1),
@@ -168,6 +176,9 @@ def run(n_prompts: int, seed: int, config: str, dtype: str, modes) -> dict:
             "hf_kl_vs_prefill_mean": round(mean(x["hf_kl_vs_prefill"] for x in r), 5),
             "selection_overlap_min": round(min(x["overlap"] for x in r), 3),
             "answers_equal_hf_blend": sum(x["answer_equal"] for x in r)})
+    sub = conn.worker.subset  # selective recompute that ran only its rows (or why not)
+    out.update(rows_only_steps=sub.steps if sub else 0,
+               rows_only_unusable=sub.unusable if sub else "not an eager model")
     out.update(torch_threads=torch.get_num_threads(), **threading)
     return out
 
@@ -178,11 +189,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default="default", help="the store's codec config")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--modes", nargs="+", default=["none", "hkvd:0.15", "boundary:0.15"],
-                    help="selector:recompute pairs (none: full reuse)")
+    ap.add_argument("--modes", nargs="+",
+                    default=["none", "hkvd:0.15", "hkvd:0.15:every", "boundary:0.15"],
+                    help="selector:recompute pairs (none: full reuse); ':every' computes "
+                    "every row after the check layer (blend_rows_only off for that mode)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    modes = [(m.split(":")[0], float(m.split(":")[1]) if ":" in m else 0.0) for m in args.modes]
+    modes = [(m, m.split(":")[0], float(m.split(":")[1]) if ":" in m else 0.0,
+              m.endswith(":every")) for m in args.modes]
     out = run(args.prompts, args.seed, args.config, args.dtype, modes)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
 

@@ -39,8 +39,12 @@ RESERVED = "VLLM_CPU_NUM_OF_RESERVED_CPU"
               help="Entries unused for this long are removed (3600, 12h, 7d).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the connector's Prometheus metrics on this port too.")
+@click.option("--blend-rows-only", is_flag=True,
+              help="Selective blends (recompute > 0) run only the recomputed, uncached and "
+                   "last tokens after the check layer (faster; tested on Llama-family "
+                   "models); adds --enforce-eager.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(store, model, config, max_bytes, ttl, metrics_port, vllm_args):
+def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, vllm_args):
     """Start vLLM's OpenAI-compatible server (vllm serve) with the kvcodec connector on
     STORE: prompts that start with a stored document load its chunks instead of
     prefilling them, and new prompts' chunks are stored.
@@ -100,6 +104,10 @@ def serve(store, model, config, max_bytes, ttl, metrics_port, vllm_args):
     for key, value in (("max_bytes", max_bytes), ("ttl_s", ttl), ("metrics_port", metrics_port)):
         if value is not None:
             extra[key] = value
+    if blend_rows_only:  # the rows-only path needs the model to run eagerly
+        extra["blend_rows_only"] = True
+        if _given(args, "--enforce-eager") is None:
+            args.append("--enforce-eager")
     transfer = {"kv_connector": "KVCodecConnector",
                 "kv_connector_module_path": "kvcodec.integrations.vllm",
                 "kv_role": "kv_both", "kv_load_failure_policy": "recompute",

@@ -104,6 +104,14 @@ def test_the_command_it_runs(tmp_path, no_exec):
     shown = [l for l in r.stderr.splitlines() if l.startswith("$ vllm serve ")]
     assert len(shown) == 1 and model in shown[0]
 
+    no_exec.clear()  # selective blends on their rows only: the option and an eager model
+    r = CliRunner().invoke(main, ["serve", "--store", str(store), "--blend-rows-only"])
+    assert r.exit_code == 0, r.output
+    argv = no_exec[0][0]
+    cfg = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert cfg["kv_connector_extra_config"]["blend_rows_only"] is True
+    assert argv.count("--enforce-eager") == 1
+
     no_exec.clear()  # the user's dtype is theirs
     r = CliRunner().invoke(main, ["serve", "--store", str(store), "--dtype=bfloat16"])
     assert r.exit_code == 0, r.output

@@ -48,7 +48,8 @@ def engine(tmp_path_factory, lm):
                   "kv_connector": "KVCodecConnector",
                   "kv_connector_module_path": "kvcodec.integrations.vllm",
                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                  "kv_connector_extra_config": {"store": str(root), "config": "default"}})
+                  "kv_connector_extra_config": {"store": str(root), "config": "default",
+                                                "blend_rows_only": True}})
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     yield llm, ChunkStore(root, lm.fingerprint, "default"), get_kv_transfer_group()
@@ -269,11 +270,12 @@ def _hf_prefill(lm, ids):
 
 
 def test_selective_recompute_is_transformers_blend_on_vllm_kernels(lm, texts, engine):
-    """15% recomputed after the check layer: vLLM (every token computed, cached K/V kept
-    in the later layers through slot -1) picks the same tokens as transformers' blend
-    (boundary: the same positions; hkvd: from the fresh K/V vLLM wrote, >= 90% the same)
-    and gives its first-token distribution; it differs from a prefill as much as
-    transformers' blend does (the kept K/V are really used)."""
+    """15% recomputed after the check layer: vLLM (every token computed up to it, then
+    only the recomputed, uncached and last tokens' rows: :mod:`.subset`; cached K/V kept
+    in the later layers) picks the same tokens as transformers' blend (boundary: the same
+    positions; hkvd: from the fresh K/V vLLM wrote, >= 90% the same) and gives its
+    first-token distribution; it differs from a prefill as much as transformers' blend
+    does (the kept K/V are really used)."""
     llm, store, conn = engine
     head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Which text is code?\nAnswer:")
     docs = _docs(lm, texts, ["argparse_doc", "python_license", "gpl3"], 200)
@@ -287,10 +289,11 @@ def test_selective_recompute_is_transformers_blend_on_vllm_kernels(lm, texts, en
     for selector in ("boundary", "hkvd"):
         ref = blend(lm, segs, recompute=0.15, selector=selector)
         p = torch.log_softmax(ref.logits.view(-1).float(), -1)
-        before = conn.worker.tokens_preloaded
+        before, steps = conn.worker.tokens_preloaded, conn.worker.subset.steps
         out = _ask(llm, *blending.request_for(lm.tokenizer, segs, recompute=0.15,
                                               selector=selector), n=1, logprobs=-1)[0]
         assert conn.worker.tokens_preloaded - before == sum(map(len, docs))
+        assert conn.worker.subset.steps == steps + 1, conn.worker.subset.unusable  # rows only
         got = list(conn.worker.selections.values())[-1]
         overlap = len(set(got.tolist()) & set(ref.selected.tolist())) / len(ref.selected)
         q = _first_logprobs(out, p.numel())
@@ -302,6 +305,62 @@ def test_selective_recompute_is_transformers_blend_on_vllm_kernels(lm, texts, en
         assert len(got) == len(ref.selected)
         assert kl < 1e-4
         assert moved > 1e-3 and abs(moved - hf_moved) < 0.1 * hf_moved
+
+
+def test_rows_only_gives_the_logits_of_every_row_computed(lm, texts, engine):
+    """``blend_rows_only`` checked against the path that computes every row after the
+    check layer (the same engine with it switched off): the same selection, and
+    first-token log-probabilities within 1e-4 over the whole vocabulary."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: Which text is a license?\nA:")
+    docs = _docs(lm, texts, ["gpl3", "argparse_doc", "python_license"], 180)
+    _store_docs(lm, store, docs, head)
+    segs = _segments(store, head, docs, question)
+    prompt, params = blending.request_for(lm.tokenizer, segs, recompute=0.15, selector="hkvd")
+    got, steps = {}, conn.worker.subset.steps
+    for name, salt in (("rows", "-rows"), ("every", "-every")):
+        sub = conn.worker.subset
+        if name == "every":
+            conn.worker.subset = None
+        try:
+            out = _ask(llm, dict(prompt, cache_salt=prompt["cache_salt"] + salt), params,
+                       n=1, logprobs=-1)[0]
+        finally:
+            conn.worker.subset = sub
+        got[name] = (_first_logprobs(out, lm.model.config.vocab_size),
+                     list(conn.worker.selections.values())[-1])
+    assert conn.worker.subset.steps == steps + 1
+    assert torch.equal(got["rows"][1], got["every"][1])
+    a, b = got["rows"][0], got["every"][0]
+    assert torch.equal(a.isfinite(), b.isfinite())
+    assert float((a - b)[a.isfinite()].abs().max()) < 1e-4
+
+
+def test_selective_blends_in_one_batch_compute_every_row_and_equal_each_alone(
+        lm, texts, engine):
+    """Two selective blends in one step: the rows-only path (one request per step) stands
+    aside, every token is computed as before, and each answer is the one it gets alone
+    (rows only)."""
+    llm, store, conn = engine
+    head = _ids(lm, HEAD)
+    docs = _docs(lm, texts, ["python_license", "argparse_doc", "gpl3"], 150)
+    _store_docs(lm, store, docs, head)
+    prompts = []
+    for order, q in (([0, 1, 2], QUESTION), ([2, 0, 1], "\n\nQuestion: Quote one line.\nA:")):
+        segs = _segments(store, head, [docs[i] for i in order], _ids(lm, q))
+        prompts.append(blending.request_for(lm.tokenizer, segs, recompute=0.15,
+                                            selector="boundary"))
+    steps = conn.worker.subset.steps
+    alone = [list(_ask(llm, p, params)[0].outputs[0].token_ids) for p, params in prompts]
+    assert conn.worker.subset.steps == steps + 2
+    from vllm import SamplingParams
+
+    batch = [dict(p, cache_salt=p["cache_salt"] + "-batch") for p, _ in prompts]
+    sps = [SamplingParams(max_tokens=NEW, temperature=0,
+                          extra_args={"kv_transfer_params": params}) for _, params in prompts]
+    outs = llm.generate(batch, sps, use_tqdm=False)
+    assert conn.worker.subset.steps == steps + 2  # both in one step: every row computed
+    assert [list(o.outputs[0].token_ids) for o in outs] == alone
 
 
 def test_recompute_all_is_a_prefill(lm, texts, engine):

@@ -4,6 +4,7 @@ and forwards vLLM's calls to it."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ from ...models.fingerprint import fingerprint_dir
 from ...store import ChunkStore
 from .metrics import KVCodecPromMetrics, KVCodecStats, export_on_port
 from .scheduler import ConnectorScheduler
+from .subset import SubsetForward
 from .worker import ConnectorWorker
+
+log = logging.getLogger("kvcodec")
 
 
 @functools.cache
@@ -34,6 +38,8 @@ class KVCodecConnector(KVConnectorBase_V1):
     (the store directory or fsspec URL, required), ``storage_options`` (for a URL's
     filesystem), ``config`` (codec config for new chunks, default ``default``),
     ``threads`` (decoder threads, default all cores), ``save`` (default true),
+    ``blend_rows_only`` (selective blends run only the recomputed rows after the check
+    layer, :mod:`.subset`: eager engines, tested architectures; default false),
     ``load_timeout_s`` (how long a step waits for the store's entries before vLLM
     recomputes the rest, default 5), ``max_pending_save_mb`` (K/V copies queued for
     encoding at most, default 1024), ``max_bytes`` and ``ttl_s`` (the store's capacity
@@ -91,6 +97,12 @@ class KVCodecConnector(KVConnectorBase_V1):
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,
                 float(extra.get_from_extra_config("load_timeout_s", 5.0)),
                 int(float(extra.get_from_extra_config("max_pending_save_mb", 1024)) * (1 << 20)))
+            if extra.get_from_extra_config("blend_rows_only", False):  # selective blends
+                if vllm_config.model_config.enforce_eager:
+                    self.worker.subset = SubsetForward(self.worker)
+                else:
+                    log.warning("kvcodec vLLM: blend_rows_only needs enforce_eager (a "
+                                "compiled model would not see it); every row is computed")
         port = extra.get_from_extra_config("metrics_port", None)
         if port is not None:
             export_on_port(store, int(port), serve=self.worker is not None)

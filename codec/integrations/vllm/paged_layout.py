@@ -16,6 +16,20 @@ def slot_ids(block_ids: list, lo: int, hi: int, block: int) -> torch.Tensor:
     return torch.tensor(block_ids, dtype=torch.int64)[pos // block] * block + pos % block
 
 
+def layer_groups(layers: list) -> list:
+    """Layers in decode order, in groups doubling in size: the first alone (its attention
+    can start soon), then 1, 2, 4, 8, ... layers: one native call per group for all
+    entries of the step. Doubling keeps the decode ahead of the forward pass, which waits
+    on each layer, with few calls (six for 30 layers); on this 2-core VM it measured
+    TTFT 0.235-0.252 s against 0.265-0.269 s for three groups (1, 3, the rest)."""
+    groups, at, size = [], 0, 1
+    while at < len(layers):
+        groups.append(layers[at:at + size])
+        at += size
+        size = size * 2 if at > 1 else 1
+    return groups
+
+
 class PagedLayout:
     """Writes K/V into vLLM's CPU paged cache through its own op, and reads them back
     through the inverse of that op, learned from the op itself: each element's position

@@ -13,8 +13,10 @@ it does not pick are set to -1 in ``forward_context.slot_mapping`` for the later
 vLLM's cache-writing op skips them, so their cached K/V stay, while every other token's
 fresh K/V are written. Each query keeps its true position and sees every position up to
 its own through vLLM's attention: the exact mask of :func:`kvcodec.blend.blend`, the same
-selection. It computes every token (the documents' queries run too; only their K/V are
-replaced), so it buys quality, not time.
+selection. Computing every token (the documents' queries run too; only their K/V are
+replaced) buys quality, not time; where the model runs eagerly and the step holds this
+request alone, :mod:`.subset` then runs only the rows that matter through the later
+layers (the recomputed, the never-cached and the last token), which buys the time too.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class Recompute:
     cached: list = field(default_factory=list)
     failed_from: int | None = None
     selected: torch.Tensor | None = None
+    kept: torch.Tensor | None = None  # the cached positions whose cached K/V stay
 
     def landed(self):
         """Positions (increasing), keys and values ``[tokens, heads, head_dim]`` of the
@@ -86,8 +89,8 @@ def choose(rc: Recompute, fresh=None) -> torch.Tensor:
     recompute[picked] = True
     recompute[:SINK_TOKENS] = True
     recompute[rc.n_tokens - 1] = True
-    rc.selected = pos[recompute[pos]]
-    return pos[~recompute[pos]]
+    rc.selected, rc.kept = pos[recompute[pos]], pos[~recompute[pos]]
+    return rc.kept
 
 
 def keep_slots(forward_context, names: dict, check_layer: int, slots: torch.Tensor) -> None:

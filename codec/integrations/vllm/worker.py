@@ -14,7 +14,7 @@ import torch
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import Document, decode_documents
-from .paged_layout import BufferPool, PagedLayout, slot_ids
+from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
 from .recompute import check
 from .scheduler import Load
 
@@ -29,20 +29,6 @@ def check_dense(cache) -> None:
     if getattr(cache, "evicted", False):
         raise FormatError("evicted caches (per-head token subsets) cannot be loaded into "
                           "vLLM's paged cache yet")
-
-
-def layer_groups(layers: list) -> list:
-    """Layers in decode order, in groups doubling in size: the first alone (its attention
-    can start soon), then 1, 2, 4, 8, ... layers: one native call per group for all
-    entries of the step. Doubling keeps the decode ahead of the forward pass, which waits
-    on each layer, with few calls (six for 30 layers); on this 2-core VM it measured
-    TTFT 0.235-0.252 s against 0.265-0.269 s for three groups (1, 3, the rest)."""
-    groups, at, size = [], 0, 1
-    while at < len(layers):
-        groups.append(layers[at:at + size])
-        at += size
-        size = size * 2 if at > 1 else 1
-    return groups
 
 
 class ConnectorWorker:
@@ -68,9 +54,9 @@ class ConnectorWorker:
         self.threads, self.save = threads, save
         self.load_timeout_s = float(load_timeout_s)
         self.max_pending_save_bytes = int(max_pending_save_bytes)
-        self._caches: dict[int, torch.Tensor] = {}
-        self._names: dict[str, int] = {}
-        self._layout: PagedLayout | None = None
+        self.caches: dict[int, torch.Tensor] = {}
+        self.layer_names: dict[str, int] = {}
+        self.layout: PagedLayout | None = None
         self._events: dict[int, threading.Event] = {}
         self._loader: threading.Thread | None = None
         self._failed_blocks: set = set()
@@ -87,7 +73,8 @@ class ConnectorWorker:
         self.tokens_loaded = 0
         self.tokens_preloaded = 0  # selective blends' documents, for the later layers
         self.selections: dict = {}  # req_id -> recomputed cached positions (the last 64)
-        self._recomputes: list = []  # this step's selective blends
+        self.recomputes: list = []  # this step's selective blends
+        self.subset = None  # a SubsetForward where the model runs eagerly (the connector's)
         self._forward_context = None
         self.blocks_failed = 0
         self.saves_skipped = 0
@@ -97,28 +84,32 @@ class ConnectorWorker:
             m = _LAYER.search(name)
             if m is None:
                 raise ConfigError(f"cannot tell the layer index of vLLM layer {name!r}")
-            self._names[name] = int(m.group(1))
-            self._caches[int(m.group(1))] = cache
-        first = next(iter(self._caches.values()))
+            self.layer_names[name] = int(m.group(1))
+            self.caches[int(m.group(1))] = cache
+        first = next(iter(self.caches.values()))
         if first.dim() != 4:
             raise ConfigError(f"paged cache of shape {tuple(first.shape)}: KVCodecConnector "
                               "handles vLLM's CPU layout [blocks, kv_heads, block, 2*head_size]")
         fp = self.fingerprint
-        if (len(self._caches), first.shape[1], first.shape[3]) != (
+        if (len(self.caches), first.shape[1], first.shape[3]) != (
                 fp["num_layers"], fp["num_kv_heads"], 2 * fp["head_dim"]):
-            raise ConfigError(f"vLLM's caches ({len(self._caches)} layers, "
+            raise ConfigError(f"vLLM's caches ({len(self.caches)} layers, "
                               f"{tuple(first.shape)}) do not fit the model fingerprint")
-        self._layout = PagedLayout(first, self.block, True)  # reads: saves, hkvd checks
+        self.layout = PagedLayout(first, self.block, True)  # reads: saves, hkvd checks
 
     def start_load_kv(self, meta, forward_context) -> None:
         self._failed_requests = set()
-        self._recomputes = [l for l in meta.loads if l.recompute is not None]
+        self.recomputes = [l for l in meta.loads if l.recompute is not None]
         self._forward_context = forward_context
+        if self.subset is not None:  # rows only after a selective blend's check layer
+            self.subset.end()
+            if self.recomputes:
+                self.subset.prepare(forward_context)
         if not meta.loads:
             return
-        self._layout.bind_isa(forward_context, self._names)
+        self.layout.bind_isa(forward_context, self.layer_names)
         jobs = [job for load in meta.loads if (job := self._open(load)) is not None]
-        self._events = {l: threading.Event() for l in self._caches}
+        self._events = {l: threading.Event() for l in self.caches}
         self._loader = threading.Thread(target=self._load_layers, args=(jobs,),
                                         name="kvcodec-load", daemon=True)
         self._loader.start()
@@ -189,7 +180,7 @@ class ConnectorWorker:
         self.blocks_failed += max(0, last - first)
 
     def _load_layers(self, jobs) -> None:
-        layers = sorted(self._caches)
+        layers = sorted(self.caches)
         try:
             for group in layer_groups(layers):
                 self._load_group(group, jobs)
@@ -267,7 +258,7 @@ class ConnectorWorker:
                                       v[0, :, rows[-1]].transpose(0, 1).clone()))
                     self.tokens_preloaded += hi - lo
                     self.bytes_read += f.size_bytes
-                elif rc is None and group[0] == min(self._caches):
+                elif rc is None and group[0] == min(self.caches):
                     self.tokens_loaded += hi - lo
                     self.bytes_read += f.size_bytes
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
@@ -287,27 +278,30 @@ class ConnectorWorker:
             rows, slots, r0, run = written[here]
             k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
             k, v = (k[r0:r0 + len(rows)], v[r0:r0 + len(rows)]) if run else (k[rows], v[rows])
-            self._layout.write(self._caches[l], k, v, slots)
+            self.layout.write(self.caches[l], k, v, slots)
         self.store.metrics.staged("write", time.perf_counter() - started)
 
     def save_kv_layer(self, layer_name: str) -> None:
         """After a layer's attention: at a selective blend's check layer, choose the
         cached tokens whose K/V stay and keep them from being overwritten in the later
         layers (:func:`.recompute.check`)."""
-        layer = self._names.get(layer_name)
-        todo = [l for l in self._recomputes if l.recompute.check_layer == layer]
+        layer = self.layer_names.get(layer_name)
+        todo = [l for l in self.recomputes if l.recompute.check_layer == layer]
         if not todo:
             return
         self._join_loader()  # every preload written, every failure known
         for load in todo:
-            self.selections[load.req_id] = check(load, self._caches[layer], self._layout,
-                                                 self._names, self.block, self._forward_context)
+            self.selections[load.req_id] = check(load, self.caches[layer], self.layout,
+                                                 self.layer_names, self.block,
+                                                 self._forward_context)
+            if self.subset is not None:
+                self.subset.activate(load, self._forward_context)
             while len(self.selections) > 64:  # the latest only (tests, benchmarks)
                 del self.selections[next(iter(self.selections))]
-        self._recomputes = [l for l in self._recomputes if l not in todo]
+        self.recomputes = [l for l in self.recomputes if l not in todo]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        ev = self._events.get(self._names.get(layer_name))
+        ev = self._events.get(self.layer_names.get(layer_name))
         if ev is not None:
             ev.wait()
 
@@ -318,7 +312,9 @@ class ConnectorWorker:
 
     def wait_for_save(self, meta) -> None:
         self._join_loader()
-        if meta is None or not meta.saves or not self._layout.can_read:
+        if self.subset is not None:
+            self.subset.end()
+        if meta is None or not meta.saves or not self.layout.can_read:
             return
         for save in meta.saves:
             if save.req_id in self._failed_requests:
@@ -338,7 +334,7 @@ class ConnectorWorker:
             # The K/V copy this save holds until it is encoded ([blocks, heads, block,
             # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
             size = (n - t0) * sum(c[0, :, 0].numel() * c.element_size()
-                                  for c in self._caches.values())
+                                  for c in self.caches.values())
             if not self._reserve_save(size):
                 self.saves_skipped += 1
                 self.store.metrics.saved("dropped")
@@ -347,8 +343,8 @@ class ConnectorWorker:
                 continue
             where = slot_ids(save.block_ids, t0, n, self.block)
             keys, values = [], []
-            for layer in sorted(self._caches):
-                k, v = self._layout.read(self._caches[layer], where)  # copies, [T, H, D]
+            for layer in sorted(self.caches):
+                k, v = self.layout.read(self.caches[layer], where)  # copies, [T, H, D]
                 # Tokens before t0 are placeholders that put(from_token=t0) never reads.
                 kf = k.new_empty((1, k.shape[1], n, k.shape[2]))
                 vf = v.new_empty((1, v.shape[1], n, v.shape[2]))
