@@ -42,6 +42,7 @@ from .paged_layout import slot_ids
 log = logging.getLogger("kvcodec")
 
 ATTENTION_BYTES = 64 << 20  # attention weights of one block of rows, at most
+ROW_BLOCK = 32  # rows per attention block (fewer keys for the earlier blocks)
 #: Decoder layer classes the rows-only path is checked on (against every row computed, in
 #: a real engine: tests/test_vllm_blend.py); others compute every row.
 TESTED = {"LlamaDecoderLayer"}
@@ -201,11 +202,18 @@ class SubsetForward:
         k, v = w.layout.read(cache, s.all_slots)  # [tokens, kv_heads, head_dim]
         q = query.view(-1, heads, d).transpose(0, 1)[None]
         k, v = (x.to(q.dtype).transpose(0, 1)[None] for x in (k, v))
-        # Rows in blocks whose attention weights stay within ATTENTION_BYTES.
-        rows = max(1, ATTENTION_BYTES // (heads * k.shape[2] * 4))
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, r:r + rows], k, v, attn_mask=s.mask[r:r + rows], scale=attn.impl.scale,
-            enable_gqa=heads != kv_heads) for r in range(0, q.shape[2], rows)], dim=2)
+        # Rows (in position order) in blocks, each over the keys up to its last row's
+        # position (the rest are masked for all of them), its attention weights within
+        # ATTENTION_BYTES.
+        rows = max(1, min(ROW_BLOCK, ATTENTION_BYTES // (heads * k.shape[2] * 4)))
+        outs = []
+        for r in range(0, q.shape[2], rows):
+            end = int(s.positions[min(r + rows, q.shape[2]) - 1]) + 1
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, r:r + rows], k[:, :, :end], v[:, :, :end],
+                attn_mask=s.mask[r:r + rows, :end], scale=attn.impl.scale,
+                enable_gqa=heads != kv_heads))
+        out = torch.cat(outs, dim=2)
         return out[0].transpose(0, 1).reshape(-1, heads * d).to(output_dtype or query.dtype)
 
 
