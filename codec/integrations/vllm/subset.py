@@ -51,9 +51,9 @@ TESTED = {"LlamaDecoderLayer"}
 @dataclass
 class Step:
     """The active step: rows of the step's tokens to compute after ``check`` (indices
-    into its hidden states), their positions and slots, every position's slot, the
-    causal mask of the rows over the request's positions, and the hidden states and
-    residuals of the step kept at the first subset layer (the rows go back there)."""
+    into its hidden states), their positions (increasing) and slots, every position's
+    slot, and the hidden states and residuals of the step kept at the first subset
+    layer (the rows go back there)."""
 
     check: int
     last: int
@@ -61,7 +61,6 @@ class Step:
     positions: torch.Tensor
     row_slots: torch.Tensor
     all_slots: torch.Tensor
-    mask: torch.Tensor
     full: tuple | None = None
 
 
@@ -151,8 +150,7 @@ class SubsetForward:
         positions = positions[~keep[load.start:]]
         all_slots = slot_ids(load.block_ids, 0, rc.n_tokens, block)
         self.step = Step(rc.check_layer, max(self.layers), positions - load.start, positions,
-                         all_slots[positions], all_slots,
-                         torch.arange(rc.n_tokens)[None, :] <= positions[:, None])
+                         all_slots[positions], all_slots)
         self.steps += 1
         return True
 
@@ -208,10 +206,11 @@ class SubsetForward:
         rows = max(1, min(ROW_BLOCK, ATTENTION_BYTES // (heads * k.shape[2] * 4)))
         outs = []
         for r in range(0, q.shape[2], rows):
-            end = int(s.positions[min(r + rows, q.shape[2]) - 1]) + 1
+            at = s.positions[r:r + rows]
+            end = int(at[-1]) + 1
             outs.append(torch.nn.functional.scaled_dot_product_attention(
                 q[:, :, r:r + rows], k[:, :, :end], v[:, :, :end],
-                attn_mask=s.mask[r:r + rows, :end], scale=attn.impl.scale,
+                attn_mask=torch.arange(end)[None, :] <= at[:, None], scale=attn.impl.scale,
                 enable_gqa=heads != kv_heads))
         out = torch.cat(outs, dim=2)
         return out[0].transpose(0, 1).reshape(-1, heads * d).to(output_dtype or query.dtype)
