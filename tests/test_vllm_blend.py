@@ -18,6 +18,7 @@ from kvcodec.store import ChunkStore
 
 HEAD = "You are a helpful assistant. Answer with the documents below.\n\n"
 QUESTION = "\n\nQuestion: Which of these documents is about licensing?\nAnswer:"
+SECOND_QUESTION = "\n\nQuestion: Quote one line.\nA:"
 NEW = 16
 
 
@@ -238,25 +239,36 @@ def test_a_damaged_document_is_computed_and_counted(lm, texts, engine):
 
 def test_two_blended_requests_in_one_batch_equal_each_alone(lm, texts, engine):
     llm, store, conn = engine
-    head = _ids(lm, HEAD)
-    docs = _docs(lm, texts, ["argparse_doc", "gpl3", "python_license"], 120)
-    _store_docs(lm, store, docs, head)
-    prompts = []
-    for order, q in (([0, 1, 2], QUESTION), ([2, 1, 0], "\n\nQuestion: Quote one line.\nA:")):
-        segs = _segments(store, head, [docs[i] for i in order], _ids(lm, q))
-        prompts.append(blending.request_for(lm.tokenizer, segs))
+    prompts = _two_blends(lm, texts, store, ["argparse_doc", "gpl3", "python_license"], 120,
+                          ([0, 1, 2], [2, 1, 0]))
     alone = [list(_ask(llm, p, params)[0].outputs[0].token_ids) for p, params in prompts]
+    before = _counts(conn)
+    batch, outs = _in_one_batch(llm, prompts)
+    assert _counts(conn)[0] - before[0] == sum(len(p["prompt_token_ids"]) for p in batch) - sum(
+        len(_ids(lm, q)) for q in (QUESTION, SECOND_QUESTION))
+    assert [list(o.outputs[0].token_ids) for o in outs] == alone
+
+
+def _two_blends(lm, texts, store, names, tokens, orders, **kw) -> list:
+    """Two blended requests of the same stored documents in ``orders``, each with its own
+    question: ``[(prompt, params)] * 2``; ``kw`` as ``request_for`` takes it."""
+    head = _ids(lm, HEAD)
+    docs = _docs(lm, texts, names, tokens)
+    _store_docs(lm, store, docs, head)
+    return [blending.request_for(lm.tokenizer, _segments(
+        store, head, [docs[i] for i in order], _ids(lm, q)), **kw)
+        for order, q in zip(orders, (QUESTION, SECOND_QUESTION))]
+
+
+def _in_one_batch(llm, prompts):
+    """``prompts`` sent in one ``generate`` (fresh salts: vLLM's prefix cache has the
+    blocks of the requests sent alone): the prompts sent and the outputs."""
     from vllm import SamplingParams
 
-    # Fresh salts: vLLM's prefix cache has the blocks of the requests alone.
     batch = [dict(p, cache_salt=p["cache_salt"] + "-batch") for p, _ in prompts]
     sps = [SamplingParams(max_tokens=NEW, temperature=0,
                           extra_args={"kv_transfer_params": params}) for _, params in prompts]
-    before = _counts(conn)
-    outs = llm.generate(batch, sps, use_tqdm=False)
-    assert _counts(conn)[0] - before[0] == sum(len(p["prompt_token_ids"]) for p in batch) - sum(
-        len(_ids(lm, q)) for q in (QUESTION, "\n\nQuestion: Quote one line.\nA:"))
-    assert [list(o.outputs[0].token_ids) for o in outs] == alone
+    return batch, llm.generate(batch, sps, use_tqdm=False)
 
 
 def _kl(p, q):
@@ -342,23 +354,12 @@ def test_selective_blends_in_one_batch_compute_every_row_and_equal_each_alone(
     aside, every token is computed as before, and each answer is the one it gets alone
     (rows only)."""
     llm, store, conn = engine
-    head = _ids(lm, HEAD)
-    docs = _docs(lm, texts, ["python_license", "argparse_doc", "gpl3"], 150)
-    _store_docs(lm, store, docs, head)
-    prompts = []
-    for order, q in (([0, 1, 2], QUESTION), ([2, 0, 1], "\n\nQuestion: Quote one line.\nA:")):
-        segs = _segments(store, head, [docs[i] for i in order], _ids(lm, q))
-        prompts.append(blending.request_for(lm.tokenizer, segs, recompute=0.15,
-                                            selector="boundary"))
+    prompts = _two_blends(lm, texts, store, ["python_license", "argparse_doc", "gpl3"], 150,
+                          ([0, 1, 2], [2, 0, 1]), recompute=0.15, selector="boundary")
     steps = conn.worker.subset.steps
     alone = [list(_ask(llm, p, params)[0].outputs[0].token_ids) for p, params in prompts]
     assert conn.worker.subset.steps == steps + 2
-    from vllm import SamplingParams
-
-    batch = [dict(p, cache_salt=p["cache_salt"] + "-batch") for p, _ in prompts]
-    sps = [SamplingParams(max_tokens=NEW, temperature=0,
-                          extra_args={"kv_transfer_params": params}) for _, params in prompts]
-    outs = llm.generate(batch, sps, use_tqdm=False)
+    _, outs = _in_one_batch(llm, prompts)
     assert conn.worker.subset.steps == steps + 2  # both in one step: every row computed
     assert [list(o.outputs[0].token_ids) for o in outs] == alone
 
