@@ -41,8 +41,8 @@ RESERVED = "VLLM_CPU_NUM_OF_RESERVED_CPU"
               help="Serve the connector's Prometheus metrics on this port too.")
 @click.option("--blend-rows-only", is_flag=True,
               help="Selective blends (recompute > 0) run only the recomputed, uncached and "
-                   "last tokens after the check layer (faster; tested on Llama-family "
-                   "models); adds --enforce-eager.")
+                   "last tokens after the check layer (faster; Llama, Mistral, Qwen2 and "
+                   "Qwen3 layers); adds --enforce-eager.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, vllm_args):
     """Start vLLM's OpenAI-compatible server (vllm serve) with the kvcodec connector on

@@ -43,9 +43,11 @@ log = logging.getLogger("kvcodec")
 
 ATTENTION_BYTES = 64 << 20  # attention weights of one block of rows, at most
 ROW_BLOCK = 32  # rows per attention block (fewer keys for the earlier blocks)
-#: Decoder layer classes the rows-only path is checked on (against every row computed, in
-#: a real engine: tests/test_vllm_blend.py); others compute every row.
-TESTED = {"LlamaDecoderLayer"}
+#: Decoder layer classes the rows-only path is checked on, against every row computed in a
+#: real engine (tests/test_vllm_blend.py: the embedded Llama-family model, also against
+#: transformers; tests/test_vllm_rows_only.py: tiny Qwen2, Qwen3 and Mistral models);
+#: others compute every row.
+TESTED = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 
 
 @dataclass
