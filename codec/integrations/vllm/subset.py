@@ -73,7 +73,7 @@ class SubsetForward:
     def __init__(self, worker):
         self.worker = worker
         self.names: dict = {}  # layer index -> vLLM layer name
-        self.layers: dict | None = None  # layer index -> (decoder layer, attention module)
+        self.layers: dict | None = None  # layer index -> its attention module, once found
         self.step: Step | None = None
         self.unusable: str | None = None  # why the model's loop cannot be taken over
         self._hook = None
