@@ -49,7 +49,7 @@ def _tiny_model_dir(arch: str, root) -> str:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_rows_only_gives_every_rows_logits(arch, tmp_path):
+def test_rows_only_gives_every_rows_logits(arch, tmp_path, texts):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -62,7 +62,7 @@ def test_rows_only_gives_every_rows_logits(arch, tmp_path):
     lm = kvcodec.load_model(path)
     tok = lm.tokenizer
     store = ChunkStore(tmp_path / "kv", lm.fingerprint, "default")
-    ids = text_ids(tok, open("/usr/share/common-licenses/GPL-3").read(), first=False)
+    ids = text_ids(tok, texts["gpl3"], first=False)
     docs = [ids[i * 300:(i + 1) * 300] for i in range(3)]
     head = text_ids(tok, "You are a helpful assistant.\n\n", first=False)
     with torch.no_grad():
