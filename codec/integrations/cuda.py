@@ -149,8 +149,8 @@ class DeviceFile:
         The run's ``launch()`` runs the kernel on the current stream (no allocation, sync
         or host work: capturable in a CUDA graph; it writes the sink rows too);
         ``finish()`` writes the streams the kernel does not dequantize, checks every
-        blob's status (one sync;
-        CorruptError names the first bad chunk) and returns ``out``.
+        blob's status (one sync; CorruptError names the first bad chunk) and returns
+        ``out``.
         """
         run = prepare_many([Part(self, chunks, out, slots, block_size)], dtype=dtype, kernel=kernel)
         run.finish = lambda finish=run.finish: finish()[0]

@@ -150,7 +150,7 @@ def stage(dfile, part, dtype, ar: Arenas, grid: torch.Tensor, dt: np.dtype) -> S
     rec["range_table"] = per_stream([dfile.tables[lk][2].data_ptr() for lk in lks])
     rec["symbols"] = per_stream(sym_at) + per_chunk(r0) * per_stream(cols)
     if fz.any():  # the streams the kernel dequantizes: where their rows go, and how
-        fused_at = _fused_fields(dfile, part, out, dtype, ar, grid, lks, fz, t0, r0, n)
+        fused_at = _fused_fields(dfile, part, out, dtype, ar, grid, lks, fz, pos, t0, r0, n)
         live = per_stream(fz)
         for name, col in fused_at.items():
             rec[name] = np.where(live, col, 0)
@@ -171,7 +171,7 @@ def stage(dfile, part, dtype, ar: Arenas, grid: torch.Tensor, dt: np.dtype) -> S
     return Staged(rec, name, [grid, dfile.tables, out, slots], finish)
 
 
-def _fused_fields(dfile, part, out, dtype, ar, grid, lks, fz, t0, r0, n) -> dict:
+def _fused_fields(dfile, part, out, dtype, ar, grid, lks, fz, pos, t0, r0, n) -> dict:
     """The fused streams' record columns (per item; rows of unfused streams are dropped
     by the caller): dequantization parameters, RoPE and sink rows, destinations."""
     from ..core.streams import KINDS
@@ -201,7 +201,8 @@ def _fused_fields(dfile, part, out, dtype, ar, grid, lks, fz, t0, r0, n) -> dict
         base = per_stream([0 if r is None else r[j] for r in keys_rope])
         col[name] = np.where(base != 0, base + per_chunk(r0) * d * 4, 0)
     col["first_row"] = per_chunk(np.maximum(0, f.sink_tokens - (t0 + r0)))
-    sinks = _sinks(f, sec, ar, t0, n, start, rope_tables, rotate)
+    sinks = _sinks(f, sec, ar, [lk for lk, z in zip(lks, fz) if z], pos, t0, n, start,
+                   rope_tables, rotate)
     base = per_stream([sinks.get(lk, 0) for lk in lks])
     col["sink"] = np.where((base != 0) & (col["first_row"] > 0),
                            base + per_chunk(r0) * h * d * 4, 0)
@@ -227,20 +228,20 @@ def _expanders(streams: int, chunks: int) -> tuple:
     return (lambda a: np.repeat(np.asarray(a), chunks)), (lambda a: np.tile(a, streams))
 
 
-def _sinks(f, sec, ar: Arenas, t0: int, n: int, start: int, rope_tables, rotate) -> dict:
-    """The sink rows of the span's fused streams as the CPU decoder restores them (fp16
-    rows, keys turned by their layer's RoPE), float32 in ``ar.floats``: per stream the
-    relative address of its ``[n_sink, channels]`` rows."""
+def _sinks(f, sec, ar: Arenas, fused_lks: list, pos: dict, t0: int, n: int, start: int,
+           rope_tables, rotate) -> dict:
+    """The sink rows of the span's fused streams ``fused_lks`` (``pos``: stream -> its
+    index) as the CPU decoder restores them (fp16 rows, keys turned by their layer's
+    RoPE), float32 in ``ar.floats``: per stream the relative address of its ``[n_sink,
+    channels]`` rows."""
     n_sink = max(0, min(f.sink_tokens - t0, n))
     if not n_sink:
         return {}
     h, d = f.num_kv_heads, f.head_dim
     groups = {}  # streams by the RoPE their rows need (None: values, unrotated keys)
-    for (l, k), q in f.quant.items():
-        if fused(q):
-            groups.setdefault(f.ropes[l] if k == "key" else None, []).append((l, k))
-    rows, pos = sec.sinks().numpy(), {s: i for i, s in enumerate(f.streams)}
-    out = {}
+    for l, k in fused_lks:
+        groups.setdefault(f.ropes[l] if k == "key" else None, []).append((l, k))
+    rows, out = sec.sinks().numpy(), {}
     for r, lks in groups.items():
         x = rows[[pos[lk] for lk in lks], t0:t0 + n_sink]  # [streams, n_sink, channels]
         if r is not None:
