@@ -73,8 +73,8 @@ class ConnectorWorker:
         self.tokens_loaded = 0
         self.tokens_preloaded = 0  # selective blends' documents, for the later layers
         self.selections: dict = {}  # req_id -> recomputed cached positions (the last 64)
-        self.recomputes: list = []  # this step's selective blends
-        self.subset = None  # a SubsetForward where the model runs eagerly (the connector's)
+        self._recomputes: list = []  # this step's selective blends
+        self.subset = None  # SubsetForward (blend_rows_only, eager engine): the connector sets it
         self._forward_context = None
         self.blocks_failed = 0
         self.saves_skipped = 0
@@ -99,11 +99,11 @@ class ConnectorWorker:
 
     def start_load_kv(self, meta, forward_context) -> None:
         self._failed_requests = set()
-        self.recomputes = [l for l in meta.loads if l.recompute is not None]
+        self._recomputes = [l for l in meta.loads if l.recompute is not None]
         self._forward_context = forward_context
         if self.subset is not None:  # rows only after a selective blend's check layer
             self.subset.end()
-            if self.recomputes:
+            if self._recomputes:
                 self.subset.prepare(forward_context)
         if not meta.loads:
             return
@@ -286,7 +286,7 @@ class ConnectorWorker:
         cached tokens whose K/V stay and keep them from being overwritten in the later
         layers (:func:`.recompute.check`)."""
         layer = self.layer_names.get(layer_name)
-        todo = [l for l in self.recomputes if l.recompute.check_layer == layer]
+        todo = [l for l in self._recomputes if l.recompute.check_layer == layer]
         if not todo:
             return
         self._join_loader()  # every preload written, every failure known
@@ -298,7 +298,7 @@ class ConnectorWorker:
                 self.subset.activate(load, self._forward_context)
             while len(self.selections) > 64:  # the latest only (tests, benchmarks)
                 del self.selections[next(iter(self.selections))]
-        self.recomputes = [l for l in self.recomputes if l not in todo]
+        self._recomputes = [l for l in self._recomputes if l not in todo]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         ev = self._events.get(self.layer_names.get(layer_name))
