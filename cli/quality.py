@@ -88,8 +88,12 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
               help="Tokens scored per text [default: 256; 128 with --fast].")
 @click.option("--token-importance/--no-token-importance", default=True, show_default=True,
               help="Scale per-token steps by the attention each token receives.")
+@click.option("--from", "source", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Refine this model's earlier calibration instead: keep its steps, add "
+                   "key steps per channel from the queries (unless --no-query-weights) "
+                   "and measure its rate curve (a few minutes; no sensitivity pass).")
 def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, query_weights,
-              prefill, continuation, token_importance):
+              prefill, continuation, token_importance, source):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
     The config is keyed to the model's fingerprint (weights included): written to the
@@ -105,6 +109,9 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
 
     if target_kl <= 0:
         raise click.BadParameter("must be positive", param_hint="--target-kl")
+    if source and (fast or per_layer):
+        raise click.BadParameter("refines a calibration as it is: not with --fast or "
+                                 "--per-layer", param_hint="--from")
     prefill = prefill or (1024 if fast else 1536)
     continuation = continuation or (128 if fast else 256)
     if prefill < 16 or continuation < 2:
@@ -119,10 +126,14 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
     with Status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)
-    minutes = cal.estimate_seconds(per_head=not per_layer, fast=fast) / 60
+    minutes = cal.estimate_seconds(per_head=not per_layer, fast=fast,
+                                 refine=bool(source)) / 60
     click.echo(f"calibrating {lm.fingerprint['architecture']} ({cal.num_layers} layers, "
                f"{cal.kv_heads} KV heads) on {len(cal.cases)} text(s): about "
                f"{minutes:.1f} min on this machine", err=True)
+    if source:
+        return _refine(cal, lm, key, model, Path(source), output, name, query_weights,
+                       paths)
     if not fast:
         sens = with_bar("measuring sensitivities",
                         lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
@@ -178,6 +189,40 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
     fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     cfg["calibration"] = {"target_kl": target_kl, "texts": [p.name for p in paths],
                           "model": fp, **info}
+    atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
+    click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
+               f"~{info['payload_bits_per_element']:.3f} bits/element payload")
+
+
+def _refine(cal, lm, key, model, source, output, name, query_weights, paths):
+    """``kvcodec calibrate --from``: the calibration at ``source`` kept at its steps, with
+    query weights and a measured rate curve, written as :func:`calibrate` writes."""
+    from kvcodec.core.config import load_config, user_config_dir
+    from kvcodec.errors import ConfigError
+    from kvcodec.format.container import atomic_write
+
+    old = load_config(str(source))
+    if old.get("model_key") not in (None, key):
+        raise ConfigError(f"{source} was calibrated for another model (key "
+                          f"{old['model_key']}, this one {key})")
+    cfg, info = with_bar("measuring the rate curve",
+                         lambda p: cal.refine(old, query_weights, p))
+    if output is None:
+        output = user_config_dir() / f"{kvcodec.models.model_name(model)}-{key}.json"
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    cfg["name"] = name or old.get("name") or Path(output).stem
+    if query_weights:
+        cfg["description"] = (old.get("description", "").rstrip(".") + "; then key steps "
+                              "per channel from the energy of the queries that read them "
+                              "(kvcodec calibrate --from).")
+    fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
+    src = {k: v for k, v in (old.get("calibration") or {}).items() if k != "model"}
+    cfg = {"name": cfg.pop("name"), "model_key": key,
+           "model_name": old.get("model_name") or kvcodec.models.model_name(model),
+           **{k: v for k, v in cfg.items() if k not in ("model_key", "model_name",
+                                                       "calibration")},
+           "calibration": {**src, "model": fp,
+                           "refined": {**info, "texts": [p.name for p in paths]}}}
     atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
     click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")

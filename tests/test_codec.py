@@ -5,7 +5,7 @@ import torch
 import kvcodec
 from kvcodec.core import tables
 from kvcodec.core.streams import KINDS, flatten, step_multipliers
-from kvcodec.quality.calibrate import simulate
+from kvcodec.quality.simulate import simulate
 from kvcodec.core.config import load_config, resolve_layers
 from kvcodec.core.quant import make_quantizer
 from kvcodec.core.transforms import key_transform, layer_ropes, rope

@@ -10,7 +10,7 @@ import kvcodec
 from kvcodec.core.config import load_config
 from kvcodec.core.rate import FACTOR_RANGE, factor_for_kl, for_target_kl, scale_steps
 from kvcodec.errors import ConfigError
-from kvcodec.quality.calibrate import CLIP_MARGIN
+from kvcodec.quality.allocation import CLIP_MARGIN
 from kvcodec_cli.main import main
 
 CURVE = [[0.5, 0.002, 3.5], [1.0, 0.006, 2.6], [2.0, 0.02, 1.9]]
@@ -105,6 +105,62 @@ def test_calibrate_fast_then_encode_to_a_target(tmp_path, monkeypatch, texts, kv
         assert f.config["target_kl"] == 0.01
 
 
+def test_a_finer_uniform_quantizer_keeps_its_range():
+    """Rate control to finer steps grows bins with them (up to 255): a range cut with
+    the step would clip what it covered (the shipped calibration's curve measured KL
+    0.028 at x0.5 against 0.0036 at x0.7 before)."""
+    q = {"type": "uniform", "scale": "token", "step": 0.6, "bins": 55}
+    cfg = {"key": [{"layers": [0, None], "quantizer": q}],
+           "value": [{"layers": [0, None], "quantizer": dict(q, bins=201)}]}
+    half = scale_steps(cfg, 0.5)
+    assert half["key"][0]["quantizer"]["bins"] == 109  # R 27 -> 54: the same range
+    assert half["value"][0]["quantizer"]["bins"] == 255  # capped
+    assert scale_steps(cfg, 2.0)["key"][0]["quantizer"]["bins"] == 55  # coarser: as it was
+
+
+def test_calibrate_from_refines_the_shipped_calibration(tmp_path, monkeypatch, texts, kv_600):
+    """--from keeps a calibration's steps, adds key steps per channel from the queries
+    (clear of clipping) and its rate curve, so --target-kl works with it."""
+    from kvcodec.core.config import calibrated_config_path
+
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "configs"))
+    shipped = calibrated_config_path(kv_600.model)
+    old = json.loads(shipped.read_text())
+    src = tmp_path / "t.txt"
+    src.write_text(texts["gpl3"])
+    args = ["calibrate", "--from", str(shipped), "--text", str(src), "--prefill", "320",
+            "--continuation", "48"]
+    r = CliRunner().invoke(main, args + ["--no-query-weights"])
+    assert r.exit_code == 0, r.output
+    made = list((tmp_path / "configs").glob("*.json"))
+    cfg = json.loads(made[0].read_text())
+    assert cfg["model_key"] == old["model_key"] and cfg["name"] == "default"
+    # Without query weights the steps stay (the range may grow), one rule per layer.
+    assert [r["quantizer"]["step"] for r in cfg["key"]] == \
+        [r["quantizer"]["step"] for r in old["key"]]
+    assert cfg["calibration"]["target_kl"] == old["calibration"]["target_kl"]
+    assert cfg["calibration"]["refined"]["texts"] == ["t.txt"]
+    curve = cfg["rate_curve"]
+    assert [p[0] for p in curve] == [0.5, 0.7, 1.0, 1.4, 2.0]
+    assert all(a[2] > b[2] for a, b in zip(curve, curve[1:]))  # coarser, fewer bits
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(made[0].read_text())
+    channels = kv_600.num_kv_heads * kv_600.head_dim
+    assert all(len(r["quantizer"]["head_scale"]) == channels for r in cfg["key"])
+    assert "queries" in cfg["description"] and cfg["calibration"]["refined"]["query_weighted"]
+    sizes = {t: len(kvcodec.encode(kv_600, config="default", target_kl=t))
+             for t in (0.002, 0.02)}
+    assert sizes[0.002] > sizes[0.02]
+    # Another model's calibration, or --from with --fast, is refused in one line.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(old, model_key="0" * 16)))
+    r = CliRunner().invoke(main, ["calibrate", "--from", str(other), "--text", str(src)])
+    assert r.exit_code == 1 and "another model" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, args + ["--fast"])
+    assert r.exit_code == 2 and "--from" in r.output
+
+
 def test_a_calibration_that_misses_its_target_writes_nothing_and_fails(tmp_path, texts):
     src = tmp_path / "t.txt"
     src.write_text(texts["gpl3"])
@@ -164,12 +220,27 @@ def test_fast_sets_a_step_per_layer_from_its_sensitivity(small_calibrator):
     assert len({round(v, 3) for v in rel.values()}) > 3
 
 
-def test_the_per_layer_floor_means_no_clipping_at_the_finest_factor(small_calibrator):
+def unclipped_keys(cal, cfg: dict, layer: int):
+    """Quantize the first calibration text's keys of ``layer`` with ``cfg`` at the
+    smallest token-importance multiplier (0.5) and check that nothing lands on the
+    clamps; the layer's quantizer."""
     from kvcodec.core.config import resolve_layers
     from kvcodec.core.quant import fit_stream, make_quantizer
     from kvcodec.core.streams import stream_input
     from kvcodec.core.transforms import applied_key_transform, layer_ropes
 
+    kv = cal.cases[0][0]
+    xform, _ = applied_key_transform(cfg, kv.model, kv.num_layers, 0, kv.num_tokens)
+    rope = layer_ropes(xform, kv.num_layers, kv.head_dim)[layer]
+    q = make_quantizer(resolve_layers(cfg, kv.num_layers)["key"][layer], kv.dtype)
+    x = stream_input(kv.keys[layer], "key", rope)[1:]
+    sym, _ = q.quantize(x, fit_stream(q, x, 0), torch.full((len(x),), 0.5))
+    coded = sym[:, :-1]
+    assert coded.min() > 0 and coded.max() < 2 * q.r  # nothing at the clamps
+    return q
+
+
+def test_the_per_layer_floor_means_no_clipping_at_the_finest_factor(small_calibrator):
     cal = small_calibrator
     base = dict(load_config("default"), token_importance=cal.token_importance)
     # Pretend one layer's keys are 1e6x as sensitive as anything else: it wants a step far
@@ -181,16 +252,36 @@ def test_the_per_layer_floor_means_no_clipping_at_the_finest_factor(small_calibr
     scale = {l: [1.0] * cal.channels for l in range(cal.num_layers)}
     scale[3][peak] = 0.25
     cfg = scale_steps(cal.layer_config(base, sens, lowest=0.5, channel_scale=scale), 0.5)
-    kv = cal.cases[0][0]
-    xform, c = applied_key_transform(cfg, kv.model, kv.num_layers, 0, kv.num_tokens)
-    rope = layer_ropes(xform, kv.num_layers, kv.head_dim)[3]
-    q = make_quantizer(resolve_layers(cfg, kv.num_layers)["key"][3], kv.dtype)
-    x = stream_input(kv.keys[3], "key", rope)[1:]
-    sym, _ = q.quantize(x, fit_stream(q, x, 0), torch.full((len(x),), 0.5))
-    coded = sym[:, :-1]
-    assert coded.min() > 0 and coded.max() < 2 * q.r  # nothing at the clamps
+    unclipped_keys(cal, cfg, 3)
     # The sensitive layer's finest channel still gets a finer step than the next layer.
     assert cfg["key"][3]["quantizer"]["step"] * 0.25 < cfg["key"][4]["quantizer"]["step"]
+
+
+def test_full_calibration_keeps_every_step_it_searches_unclipped(small_calibrator):
+    """Full calibration with per-channel key multipliers: a very sensitive head wants a
+    step that its 255 symbols cannot span, and its peak channel the finest multiplier
+    on top. Every step the search meets stays above the clipping floor (before, the
+    embedded model's own calibration clipped its way to KL 0.26 and missed)."""
+    cal = small_calibrator
+    sens = {(k, l): [1.0] * cal.kv_heads for k in ("key", "value") for l in range(cal.num_layers)}
+    sens[("key", 3)] = [1e6] + [1.0] * (cal.kv_heads - 1)
+    peaks = cal.peak_ratios({"key_transform": {"type": "rope_strip", "optional": True},
+                             "key": [{"layers": [0, None], "quantizer": {
+                                 "type": "uniform", "scale": "token", "center": True,
+                                 "step": 1.0, "bins": 255}}],
+                             "value": [{"layers": [0, None], "quantizer": {
+                                 "type": "uniform", "scale": "token", "step": 1.0,
+                                 "bins": 255}}]})
+    peak = int(peaks[("key", 3)][:cal.channels // cal.kv_heads].argmax())  # in head 0
+    scale = {l: [1.0] * cal.channels for l in range(cal.num_layers)}
+    scale[3][peak] = 0.25
+    cfg, info = cal.allocate(sens, target_kl=0.02, channel_scale=scale)
+    assert info["met"]
+    q = unclipped_keys(cal, cfg, 3)
+    # The sensitive head is still coded finer than the others.
+    mult = q.head_mult(cal.channels)
+    d = cal.channels // cal.kv_heads
+    assert float(mult[:d].median()) < float(mult[d:].median())
 
 
 def test_a_near_miss_moves_the_fast_factor_a_little(monkeypatch):

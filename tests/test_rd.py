@@ -8,7 +8,9 @@ from click.testing import CliRunner
 
 import kvcodec
 from kvcodec.quality import baselines, evaluate
-from kvcodec.quality.calibrate import Calibrator, build_config, simulate
+from kvcodec.quality.allocation import build_config
+from kvcodec.quality.calibrate import Calibrator
+from kvcodec.quality.simulate import simulate
 from kvcodec.core.transforms import rope
 from kvcodec_cli.main import main
 

@@ -23,98 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import tables
 from ..core.config import resolve_layers, validate_config
-from ..core.kvcache import KVCache
-from ..core.quant import MAX_ALPHABET, fit_stream, make_quantizer
-from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
-from ..core.transforms import applied_key_transform, layer_ropes, rope
+from ..core.quant import make_quantizer
+from ..core.streams import KINDS, stream_input
+from ..core.transforms import applied_key_transform, layer_ropes
 from ..models.capture import capture_kv
+from .allocation import build_config, clip_floor, floor_steps
 from .evaluate import compare_logits, continuation_logits
-
-
-def _span(kv: KVCache, cfg: dict, layer: int) -> tuple[int, int]:
-    """``(first position, attention-sink rows)`` of one layer: a sliding-window layer
-    holds the last tokens, and none of the sinks once its window has passed them."""
-    s0 = kv.num_tokens - kv.layer_tokens[layer]
-    return s0, min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
-
-
-def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
-    """Quantize and dequantize ``kv`` as the codec would (no entropy coding).
-
-    ``only`` = (layer, kind) or (layer, kind, head) limits the loss to one stream or one
-    KV head of it. With ``with_bits``, also
-    returns the empirical entropy of every coded symbol (a close estimate of the
-    payload; the .kvc file adds ~2% of side information).
-    """
-    specs = resolve_layers(cfg, kv.num_layers)
-    n = kv.num_tokens
-    xform, cfg = applied_key_transform(cfg, kv.model, kv.num_layers, 0, n)
-    ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
-    keys, values = list(kv.keys), list(kv.values)
-    bits = 0.0
-    for layer in range(kv.num_layers):
-        s0, n_sink = _span(kv, cfg, layer)
-        imp = None if kv.importance is None else kv.importance[:, s0:]
-        for kind, dst in zip(KINDS, (keys, values)):
-            if only is not None and tuple(only[:2]) != (layer, kind):
-                continue
-            rope_here = ropes[layer] if kind == "key" else None
-            x = stream_input(dst[layer], kind, rope_here, s0)
-            q = make_quantizer(specs[kind][layer], kv.dtype)
-            params = fit_stream(q, x, n_sink)
-            sym, side = q.quantize(x, params, step_multipliers(cfg, imp, layer, n_sink))
-            y = q.dequantize(torch.from_numpy(sym), params, side)
-            y[:n_sink] = x[:n_sink].half().float()
-            if only is not None and len(only) == 3:  # keep the other heads exact
-                d = kv.head_dim
-                keep = torch.ones(x.shape[1], dtype=torch.bool)
-                keep[only[2] * d:(only[2] + 1) * d] = False
-                y[:, keep] = x[:, keep]
-            if with_bits:
-                bits += tables.entropy_bits(stream_counts(q, sym, x.shape[1]))
-                bits += 0 if side is None else side.size * 16
-                bits += n_sink * x.shape[1] * 16
-            out = unflatten(y, kv.num_kv_heads, kv.head_dim)
-            if rope_here is not None:
-                out = rope(out, rope_here, s0)
-            dst[layer] = out.to(kv.dtype)
-    result = KVCache(keys, values, kv.token_ids, kv.model, length=n)
-    return (result, bits) if with_bits else result
-
-
-def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channels: int,
-                 description: str = "", sink_tokens: int = 1,
-                 token_importance: dict | None = None,
-                 channel_scale: dict | None = None) -> dict:
-    """A config with one rule per layer from ``steps[(kind, layer)] = [step per head]``;
-    ``channel_scale`` (``{layer: [channels]}``, :meth:`Calibrator.key_channel_scales`)
-    multiplies each key channel's step within its head's."""
-    cfg = {"name": name, "description": description, "chunk_tokens": 256,
-           "sink_tokens": sink_tokens,
-           "key_transform": {"type": "rope_strip", "optional": True},
-           **({"token_importance": dict(token_importance)} if token_importance else {}),
-           "key": [], "value": []}
-    for kind in KINDS:
-        for layer in range(num_layers):
-            hs = [float(v) for v in steps[(kind, layer)]]
-            base = math.exp(np.mean(np.log(hs)))
-            mult = np.repeat(np.asarray(hs) / base, channels // len(hs))
-            if kind == "key" and channel_scale is not None:
-                mult = mult * np.asarray(channel_scale[layer], dtype=np.float64)
-            # Never clip: |x| / rms <= sqrt(C), so the range needs sqrt(C) / smallest step.
-            finest = base * float(mult.min())
-            bins = int(min(MAX_ALPHABET - 1, 2 * math.ceil(math.sqrt(channels) / finest) + 1))
-            q = {"type": "uniform", "scale": "token", "center": True, "step": round(base, 5),
-                 "bins": bins}
-            if kind == "key" and channel_scale is not None:
-                q["head_scale"] = [round(float(m), 4) for m in mult]
-            elif kv_heads > 1 and max(hs) / min(hs) > 1.001:
-                q["head_scale"] = [round(h / base, 4) for h in hs]
-            cfg[kind].append({"layers": [layer, layer + 1], "quantizer": q})
-    validate_config(cfg)
-    return cfg
+from .simulate import layer_span, simulate
 
 
 # calibrate --fast aims this much below its target on its calibration texts: on the
@@ -122,10 +38,6 @@ def build_config(name: str, steps: dict, num_layers: int, kv_heads: int, channel
 # (Gemma 3 270M) and 2.5x (Qwen2.5-Coder-1.5B) the KL of one license text at the same
 # steps; the fast path now measures a license and a source file, and aims at 0.7x.
 FAST_MARGIN = 0.7
-
-# layer_config keeps steps this far above clipping: a per-token step is rounded to a
-# grid of 2^(1/8) ratios (up to 2^(1/16), 4.4%, finer than asked) and the mean is fp16.
-CLIP_MARGIN = 1.1
 
 # Measured on held-out text (3 texts, 1536 + 256 tokens): ~7% fewer bits at equal KL
 # than equal per-token steps; beta 0.3 and a [0.25, 3] clamp were worse.
@@ -173,12 +85,15 @@ class Calibrator:
         self.num_layers, self.kv_heads = kv.num_layers, kv.num_kv_heads
         self.channels = kv.num_kv_heads * kv.head_dim
 
-    def estimate_seconds(self, per_head: bool = True, fast: bool = False) -> float:
+    def estimate_seconds(self, per_head: bool = True, fast: bool = False,
+                         refine: bool = False) -> float:
         """Time :meth:`sensitivities` and :meth:`allocate` (or, ``fast``, :meth:`fast`:
         five factors and about two checks) will take: one scoring pass over the texts
         (measured on this machine while prefilling) per probe, plus the quantization
         each pass simulates (about as long again)."""
-        if fast:  # per-layer probes and a query prefill on one text, ~7 on every text
+        if refine:  # five factors and a query prefill
+            probes = 6
+        elif fast:  # per-layer probes and a query prefill on one text, ~7 on every text
             probes = (2 * self.num_layers + 1) / len(self.cases) + 7
         else:
             probes = 2 * self.num_layers * (self.kv_heads if per_head else 1) + 9
@@ -226,7 +141,7 @@ class Calibrator:
         gm = math.exp(logs.mean())
         groups = len(next(iter(sens.values())))
 
-        def cfg_for(g):
+        def cfg_for(g, peaks=None):
             steps = {key: [float(np.clip(g * (w / gm) ** -alpha, 0.02, 16.0)) for w in v]
                      for key, v in sens.items()}
             cfg = build_config(name, steps, self.num_layers, groups if groups > 1 else 1,
@@ -236,13 +151,19 @@ class Calibrator:
             if self.rope_theta and (self.rope_type or "default") == "default":
                 # recorded, so caches without a fingerprint still encode
                 cfg["key_transform"]["theta"] = float(self.rope_theta)
+            if peaks is not None:
+                floor_steps(cfg, peaks, self.channels)
             return cfg
+
+        # The steps that per-channel key multipliers make finest can clip the channels
+        # of largest |x| / rms: every step searched keeps above that (as --fast does).
+        peaks = self.peak_ratios(cfg_for(1.0))
 
         lo, hi = math.log(0.05), math.log(4.0)
         best, points = None, []
         for i in range(9):
             mid = (lo + hi) / 2
-            cfg = cfg_for(math.exp(mid))
+            cfg = cfg_for(math.exp(mid), peaks)
             kl, bits = self.kl(cfg)
             points.append((math.exp(mid), kl, bits))
             if progress:
@@ -254,13 +175,47 @@ class Calibrator:
             else:
                 hi = mid
         if best is None:
-            cfg = cfg_for(math.exp(lo))
+            cfg = cfg_for(math.exp(lo), peaks)
             kl, bits = self.kl(cfg)
             best = (cfg, {"kl": kl, "payload_bits_per_element": bits,
                           "global_step": math.exp(lo), "met": kl <= target_kl})
         g = best[1]["global_step"]
         best[0]["rate_curve"] = [[p / g, max(k, 1e-9), b] for p, k, b in sorted(points)]
         return best
+
+    def refine(self, cfg: dict, query_weighted: bool = True, progress=None,
+               factors=(0.5, 0.7, 1.0, 1.4, 2.0)) -> tuple[dict, dict]:
+        """``kvcodec calibrate --from``: a calibration made before (``cfg``) kept at its
+        steps, with key steps per channel from the queries (``query_weighted``,
+        :meth:`key_channel_scales`, kept clear of clipping) and the rate curve measured
+        at ``factors`` on the calibration texts, for ``--target-kl``. One rule per layer
+        and kind comes out; ``(config, info)`` as :meth:`allocate`, at factor 1."""
+        from ..core.rate import scale_steps
+
+        specs = resolve_layers(cfg, self.num_layers)
+        cfg = copy.deepcopy(cfg)
+        for kind in KINDS:
+            cfg[kind] = [{"layers": [l, l + 1], "quantizer": dict(specs[kind][l])}
+                         for l in range(self.num_layers)]
+        if query_weighted:
+            scale = self.key_channel_scales(cfg)
+            for l, rule in enumerate(cfg["key"]):
+                q = rule["quantizer"]
+                mult = make_quantizer(q).head_mult(self.channels).double().numpy()
+                mult = mult * np.asarray(scale[l], dtype=np.float64)
+                q["head_scale"] = [round(float(m), 4) for m in mult]
+        floor_steps(cfg, self.peak_ratios(cfg), self.channels, lowest=min(factors))
+        validate_config(cfg)
+        points = []
+        for i, f in enumerate(factors):
+            kl, bits = self.kl(scale_steps(cfg, f))
+            points.append([f, max(kl, 1e-9), bits])
+            if progress:
+                progress(i + 1, len(factors))
+        kl, bits = self.kl(cfg) if 1.0 not in factors else points[factors.index(1.0)][1:]
+        cfg["rate_curve"] = sorted(points)
+        return cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": 1.0,
+                     "met": True, "refined": True, "query_weighted": query_weighted}
 
     def layer_sensitivities(self, base: dict, progress=None, done: int = 0,
                             total: int | None = None) -> dict:
@@ -291,7 +246,7 @@ class Calibrator:
                                                kv.num_tokens)
             ropes = layer_ropes(xform, kv.num_layers, kv.head_dim)
             for layer in range(kv.num_layers):
-                s0, skip = _span(kv, cfg, layer)  # the sink rows stay fp16
+                s0, skip = layer_span(kv, cfg, layer)  # the sink rows stay fp16
                 for kind, t in zip(KINDS, (kv.keys[layer], kv.values[layer])):
                     x = stream_input(t, kind, ropes[layer] if kind == "key" else None, s0)
                     x = x[skip:].double()
@@ -339,9 +294,7 @@ class Calibrator:
                     mult = mult * np.asarray(channel_scale[layer], dtype=np.float64)
                     q["head_scale"] = [round(float(v), 4) for v in mult]
                 m = float(np.clip((sens[(kind, layer)] / gm) ** -alpha, 0.25, 4.0))
-                r = (q["bins"] - 1) // 2
-                peak = float(np.max(peaks[(kind, layer)] / mult))
-                floor = CLIP_MARGIN * peak / (r * imp * lowest)
+                floor = clip_floor(q, peaks[(kind, layer)], mult, imp * lowest)
                 q["step"] = round(max(q["step"] * m, floor), 5)
                 rules.append({"layers": [layer, layer + 1], "quantizer": q})
             cfg[kind] = rules
