@@ -238,3 +238,27 @@ def test_blend_refuses_an_evicted_segment(lm, texts):
         blend(lm, [Text("Hello"), Cached(ev, name="doc")])
     with pytest.raises(BlendError, match="evicted"):
         blend(lm, [Text("Hello"), Cached(kvcodec.encode(ev, config="lossless"), name="doc")])
+
+
+def test_attention_policies_hand_the_encoder_each_kept_tokens_score():
+    """An attention-based eviction records, per layer and head, the score that kept each
+    token (aligned with ``kept``; a protected token gets its head's largest finite
+    score; 0 in unused slots); other policies record none."""
+    from kvcodec.core.kvcache import KEPT_IMPORTANCE
+    from kvcodec.evict.base import stats_from_cache
+
+    kv = _random_kv(n=200)
+    st = stats_from_cache(kv)
+    ev = evict.evict(kv, "snapkv", 0.25, st)
+    scores = get_policy("snapkv").score(st)
+    got = ev.extra[KEPT_IMPORTANCE]
+    assert [tuple(g.shape) for g in got] == [tuple(k.shape) for k in ev.kept]
+    for s, pos, imp in zip(scores, ev.kept, got):
+        for h in range(pos.shape[0]):
+            finite = s[h][torch.isfinite(s[h])]
+            for slot, p in enumerate(pos[h].tolist()):
+                want = 0.0 if p < 0 else float(s[h, p]) if torch.isfinite(s[h, p]) \
+                    else float(finite.max())
+                assert float(imp[h, slot]) == pytest.approx(want, rel=1e-6)
+    assert torch.isinf(scores[0]).any()  # the sinks and window were protected
+    assert KEPT_IMPORTANCE not in evict.evict(kv, "knorm", 0.25, st).extra

@@ -2,6 +2,7 @@
 exactly, only kept tokens are coded, keys are re-rotated at their true positions, chunk
 ranges decode their token spans, damaged files fail with typed errors, and the dense
 paths (vLLM, the GPU decoder, the chunk store) refuse evicted caches."""
+import dataclasses
 import json
 
 import numpy as np
@@ -406,3 +407,37 @@ def test_real_kv_codes_as_well_as_dense(kv_600):
                 err += float((held(out, l, h, kind)[1] - orig).float().pow(2).sum())
                 base += float((full[h, pos] - orig).float().pow(2).sum())
         assert err < 1.1 * base, (kind, err / base)
+
+
+def test_per_head_kept_importance_sizes_each_kept_tokens_step(kv_600):
+    """An evicted cache's per-head importance (``extra[KEPT_IMPORTANCE]``, what an
+    attention-based eviction records) sets each kept token's step within its head:
+    the head's low-scored tokens decode coarser than its high-scored ones, and a layout
+    that does not match ``kept`` is refused."""
+    from kvcodec.core.kvcache import KEPT_IMPORTANCE
+    from kvcodec.errors import ShapeError
+
+    counts = [[200] * kv_600.num_kv_heads for _ in range(kv_600.num_layers)]
+    kv = evict(kv_600, counts)
+    # Per head: the first half of its kept tokens scored 100x the second half.
+    imp = []
+    for pos in kv.kept:
+        s = torch.ones(pos.shape)
+        s[:, :pos.shape[1] // 2] = 100.0
+        imp.append(torch.where(pos >= 0, s, torch.zeros(())))
+    kv.extra[KEPT_IMPORTANCE] = imp
+    data = kvcodec.encode(kv)
+    plain = kvcodec.encode(dataclasses.replace(kv, extra={}))
+    assert data != plain
+    out = kvcodec.decode(data)
+    hi = lo = 0.0
+    for l in range(1, kv.num_layers):
+        for h in range(kv.num_kv_heads):
+            pos, orig = held(kv, l, h, "value")
+            err = (held(out, l, h, "value")[1] - orig).float().pow(2).sum(dim=-1)
+            hi += float(err[:100].sum())
+            lo += float(err[100:].sum())
+    assert hi < 0.5 * lo, (hi, lo)
+    kv.extra[KEPT_IMPORTANCE] = imp[:-1]
+    with pytest.raises(ShapeError, match=KEPT_IMPORTANCE):
+        kvcodec.encode(kv)

@@ -8,6 +8,14 @@ import torch
 from ..errors import ShapeError
 
 
+#: ``KVCache.extra`` key of an evicted cache's per-head token importance: per layer,
+#: float32 ``[kv_heads, slots_l]`` aligned with ``kept`` (0 in unused slots), the
+#: attention score that chose each kept token (:func:`kvcodec.evict.evict`). The encoder
+#: sizes each kept token's step by it, per head, in configs with ``token_importance``:
+#: the attention that kept a token also says how much its error costs.
+KEPT_IMPORTANCE = "kept_importance"
+
+
 @dataclass
 class KVCache:
     """Per-layer keys and values of one sequence, as a model's cache holds them.
@@ -44,7 +52,8 @@ class KVCache:
         sit at positions ``len(anchor) ..``. Kept by :meth:`slice`, by a file and by what
         decodes it.
     extra : dict
-        Anything else a producer attaches (``head_importance`` from a capture).
+        Anything else a producer attaches (``head_importance`` from a capture;
+        :data:`KEPT_IMPORTANCE` from an attention-based eviction).
     """
 
     keys: list

@@ -2,7 +2,9 @@
 into an evicted :class:`~kvcodec.core.kvcache.KVCache`; what every front door ends in."""
 from __future__ import annotations
 
-from ..core.kvcache import KVCache
+import torch
+
+from ..core.kvcache import KEPT_IMPORTANCE, KVCache
 from ..errors import ConfigError
 from .base import Stats, check_ratio, gather, stats_from_cache, top_positions
 from .policies import POLICIES, get_policy
@@ -23,7 +25,31 @@ def evict(kv: KVCache, policy, ratio: float, stats: Stats | None = None) -> KVCa
     scores = policy.score(st)
     budgets = policy.budgets(st, scores, ratio)
     kept = [top_positions(s, b, p) for s, b, p in zip(scores, budgets, st.positions)]
-    return gather(kv, kept)
+    out = gather(kv, kept)
+    if policy.needs & ATTENTION_STATS:
+        out.extra[KEPT_IMPORTANCE] = kept_scores(scores, kept, st.positions)
+    return out
+
+
+# Statistics that make a policy's scores attention paid to each token.
+ATTENTION_STATS = frozenset({"window", "observed", "replay"})
+
+
+def kept_scores(scores: list, kept: list, positions: list) -> list:
+    """The policy's ``scores`` (``[H, T_l]`` per layer) of the ``kept`` positions
+    (``[H, slots]``, ``-1`` unused), as ``KVCache.extra[KEPT_IMPORTANCE]`` holds them; a token the
+    policy protected (score ``inf``: sinks, recent tokens) gets its head's largest
+    finite score."""
+    out = []
+    for s, pos, held in zip(scores, kept, positions):
+        s = s.double()
+        finite = torch.where(torch.isfinite(s), s, torch.tensor(-torch.inf, dtype=s.dtype))
+        top = finite.amax(dim=1, keepdim=True).clamp_min(0)
+        s = torch.where(torch.isfinite(s), s, top.expand_as(s))
+        slot = (pos - int(held[0]) if len(held) else pos).clamp(min=0)
+        got = s.gather(1, slot) if s.shape[1] else torch.zeros(pos.shape, dtype=s.dtype)
+        out.append(torch.where(pos >= 0, got, 0).float())
+    return out
 
 
 def _check_needs(policy, st: Stats) -> None:

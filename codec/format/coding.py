@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..core import tables
-from ..core.kvcache import KVCache
+from ..core.kvcache import KEPT_IMPORTANCE, KVCache
 from ..core.quant import fit_stream
 from ..core.streams import KINDS, step_multipliers, stream_input
 from ..core.transforms import rope_tables
@@ -219,6 +219,7 @@ class StreamCoder:
         h, chunk = kv.num_kv_heads, self.chunk
         n_chunks = (kv.num_tokens + chunk - 1) // chunk
         streams = []  # (symbols, row bounds per chunk, side)
+        per_head = _kept_importance(kv)
         for layer, kept in enumerate(kv.kept):
             for kind, src in zip(KINDS, (kv.keys, kv.values)):
                 for head in range(h):
@@ -228,6 +229,8 @@ class StreamCoder:
                     x = stream_input(src[layer][:, head:head + 1, :len(pos)], kind, rope_here,
                                      self.offset + pos)
                     imp = None if self.importance is None else self.importance[:, pos]
+                    if per_head is not None:  # [layers, rows]: only this layer's row is read
+                        imp = per_head[layer][head, :len(pos)].expand(kv.num_layers, -1)
                     symbols, side = self._stream(
                         q, x, layer, f"head {head} {kind}s of layer {layer}", imp,
                         pos[pos < self.n_sink].numpy())
@@ -242,6 +245,19 @@ class StreamCoder:
             per_stream.append([(_side_bytes(side, slice(a, b)), next(coded)[0] if b > a else b"")
                                for a, b in zip(bounds[:-1], bounds[1:])])
         return [items[c] for c in range(n_chunks) for items in per_stream]
+
+
+def _kept_importance(kv: KVCache):
+    """The evicted cache's per-head importance (``extra[KEPT_IMPORTANCE]``), checked
+    against its ``kept`` layout, or None."""
+    got = kv.extra.get(KEPT_IMPORTANCE)
+    if got is None:
+        return None
+    if len(got) != kv.num_layers or any(
+            tuple(torch.as_tensor(g).shape) != tuple(k.shape) for g, k in zip(got, kv.kept)):
+        raise ShapeError(f"extra[{KEPT_IMPORTANCE!r}] must hold one [kv_heads, slots] tensor "
+                         "per layer, shaped as the cache's kept positions")
+    return [torch.as_tensor(g, dtype=torch.float32) for g in got]
 
 
 def _layer_batches(starts: list, n: int, channels: int) -> list:
