@@ -441,3 +441,21 @@ def test_per_head_kept_importance_sizes_each_kept_tokens_step(kv_600):
     kv.extra[KEPT_IMPORTANCE] = imp[:-1]
     with pytest.raises(ShapeError, match=KEPT_IMPORTANCE):
         kvcodec.encode(kv)
+
+
+def test_an_evicted_files_chunks_span_more_positions_as_it_keeps_fewer():
+    """At a quarter of the tokens kept, the default chunk spans 4x the positions, so
+    each head's job still codes ~256 rows: the same values decode (chunking moves no
+    step), in fewer bytes (fewer lane states and index entries). An explicit
+    chunk_tokens is kept as given."""
+    kv = evict(dense(n=1024), [[256] * H for _ in range(L)])
+    wide = kvcodec.encode(kv, config="default")
+    narrow = kvcodec.encode(kv, config="default", chunk_tokens=256)
+    with kvcodec.open(wide) as f, kvcodec.open(narrow) as g:
+        assert f.header["chunk_tokens"] == 1024 and g.header["chunk_tokens"] == 256
+    assert len(wide) < len(narrow)
+    a, b = kvcodec.decode(wide), kvcodec.decode(narrow)
+    assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+    dense_file = kvcodec.encode(dense(n=1024), config="default")
+    with kvcodec.open(dense_file) as f:
+        assert f.header["chunk_tokens"] == 256  # dense caches: the config's

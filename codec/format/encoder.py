@@ -4,6 +4,7 @@ the one-shot form."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -38,7 +39,9 @@ class Encoder:
         its calibrated config). None: the config is resolved without a model and each
         file records its cache's own ``kv.model``.
     chunk_tokens : int, optional
-        Tokens per independently decodable chunk (default: the config's, else 256).
+        Tokens per independently decodable chunk (default: the config's, else 256; an
+        evicted cache's default chunk spans as many more positions as it keeps fewer
+        tokens, :meth:`chunk_for`).
     threads : int
         Coder threads; 0 = all cores (an attribute: change it between calls).
     target_kl : float, optional
@@ -59,6 +62,7 @@ class Encoder:
         self.config = load_config(config, copy_dict=False, model=fingerprint,
                                   target_kl=target_kl)
         self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
+        self._chunk_given = chunk_tokens is not None
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
             raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
                               f"{self.chunk_tokens}")
@@ -79,6 +83,19 @@ class Encoder:
             self._quantizers[key] = {(l, k): make_quantizer(specs[k][l], dtype)
                                      for k in specs for l in range(n_layers)}
         return self._quantizers[key]
+
+    def chunk_for(self, kv: KVCache) -> int:
+        """The chunk (in positions) a file of ``kv`` is coded in: the encoder's, except
+        for an evicted cache without an explicit ``chunk_tokens``, whose chunk is the
+        encoder's times the power of two nearest to 1 / (fraction of tokens kept), so
+        each head's rANS job still holds about ``chunk_tokens`` rows. Every job ends with
+        its lanes' states (64 bytes): at 25% kept, chunks of 256 positions cost 4% of a
+        file's bits in those and their index entries."""
+        if not kv.evicted or self._chunk_given:
+            return self.chunk_tokens
+        kept = kv.stored_numel() / max(1, kv.numel())
+        mult = 2 ** max(0, round(math.log2(1 / max(kept, 1e-9))))
+        return min(MAX_CHUNK_TOKENS, self.chunk_tokens * mult)
 
     def _config_section(self, cfg: dict) -> bytes:
         raw = json.dumps(cfg, separators=(",", ":")).encode()
@@ -152,7 +169,7 @@ class Encoder:
             "num_layers": n_layers, "num_kv_heads": h, "head_dim": d, "num_tokens": n,
             "layer_tokens": spans,
             "dtype": str(kv.dtype).replace("torch.", ""),
-            "chunk_tokens": self.chunk_tokens,
+            "chunk_tokens": coder.chunk,
             "has_token_ids": token_ids is not None,
             "key_transform": xform,
             "position_offset": int(position_offset),
@@ -204,7 +221,7 @@ class Encoder:
                 return make_quantizer(head_spec(specs[kind][layer], head, h, d), _dtype)
         else:
             quant = self._dense_quantizers(n_layers, kv.dtype)
-        coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_tokens,
+        coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_for(kv),
                             n_sink, importance, position_offset, self.threads)
         return coder, xform, cfg
 
