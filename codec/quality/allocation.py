@@ -10,19 +10,24 @@ from ..core.config import validate_config
 from ..core.quant import MAX_ALPHABET, make_quantizer
 from ..core.streams import KINDS
 
-# layer_config keeps steps this far above clipping: a per-token step is rounded to a
-# grid of 2^(1/8) ratios (up to 2^(1/16), 4.4%, finer than asked) and the mean is fp16.
+# Steps stay this far above clipping: a per-token step is rounded to a grid of 2^(1/8)
+# ratios (up to 2^(1/16), 4.4%, finer than asked) and the mean is fp16.
 CLIP_MARGIN = 1.1
 
 
+def reach(peak: np.ndarray, mult: np.ndarray, lowest: float) -> float:
+    """How far (in units of a rule's step) its range must reach so that no channel
+    clips: ``peak`` is each channel's largest ``|x| / rms``
+    (:meth:`~kvcodec.quality.calibrate.Calibrator.peak_ratios`), ``mult`` its step
+    multipliers, ``lowest`` the smallest factor the step may meet (token importance's
+    ``min``, a rate factor), with :data:`CLIP_MARGIN` to spare."""
+    return CLIP_MARGIN * float(np.max(peak / mult)) / lowest
+
 
 def clip_floor(q: dict, peak: np.ndarray, mult: np.ndarray, lowest: float) -> float:
-    """The smallest step of quantizer spec ``q`` (per-channel multipliers ``mult``) at
-    which no channel clips: ``peak`` is each channel's largest ``|x| / rms``
-    (:meth:`Calibrator.peak_ratios`), and ``lowest`` the smallest factor the step may
-    meet (token importance's ``min``, a rate factor), kept :data:`CLIP_MARGIN` apart."""
-    r = (q["bins"] - 1) // 2
-    return CLIP_MARGIN * float(np.max(peak / mult)) / (r * lowest)
+    """The smallest step of quantizer spec ``q`` at which no channel clips
+    (:func:`reach` over its ``(bins - 1) / 2`` symbols each side)."""
+    return reach(peak, mult, lowest) / ((q["bins"] - 1) // 2)
 
 
 def floor_steps(cfg: dict, peaks: dict, channels: int, lowest: float = 1.0) -> None:
@@ -39,8 +44,8 @@ def floor_steps(cfg: dict, peaks: dict, channels: int, lowest: float = 1.0) -> N
             peak = peaks[(kind, rule["layers"][0])]
             groups = len(q.get("head_scale") or [1.0])
             mult = make_quantizer(q).head_mult(channels).double().numpy()
-            reach = math.ceil(CLIP_MARGIN * float(np.max(peak / mult)) / (q["step"] * imp))
-            q["bins"] = int(min(MAX_ALPHABET - 1, max(q["bins"], 2 * reach + 1)))
+            symbols = math.ceil(reach(peak, mult, imp) / q["step"])
+            q["bins"] = int(min(MAX_ALPHABET - 1, max(q["bins"], 2 * symbols + 1)))
             need = np.array([clip_floor(q, p, m, imp) / q["step"] for p, m in zip(
                 peak.reshape(groups, -1), mult.reshape(groups, -1))])
             if "head_scale" not in q:

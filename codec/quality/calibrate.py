@@ -88,7 +88,7 @@ class Calibrator:
     def estimate_seconds(self, per_head: bool = True, fast: bool = False,
                          refine: bool = False) -> float:
         """Time :meth:`sensitivities` and :meth:`allocate` (or, ``fast``, :meth:`fast`:
-        five factors and about two checks) will take: one scoring pass over the texts
+        five factors and about two checks; ``refine``, :meth:`refine`) will take: one scoring pass over the texts
         (measured on this machine while prefilling) per probe, plus the quantization
         each pass simulates (about as long again)."""
         if refine:  # five factors and a query prefill
@@ -133,7 +133,8 @@ class Calibrator:
                  name: str = "calibrated", description: str = "",
                  channel_scale: dict | None = None) -> tuple[dict, dict]:
         """Binary-search the global step so the calibration KL meets ``target_kl``
-        (key steps per channel by ``channel_scale``, see :func:`build_config`).
+        (key steps per channel by ``channel_scale``, see :func:`build_config`; every
+        step tried kept clear of clipping, :func:`floor_steps`).
 
         ``(config, info)``; ``info["met"]`` is False when even the finest step searched
         misses the target (the config is then the finest one, for the caller to refuse)."""
