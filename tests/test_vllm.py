@@ -15,6 +15,7 @@ from kvcodec.models.loading import resolve_model_path
 
 QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
 MAX_NEW = 24
+SCORED = 64  # tokens the lossy check teacher-forces (test_lossy_default_agreement)
 
 
 def _engine(store, config, model=None):
@@ -328,8 +329,11 @@ def test_lossy_default_agreement(lm, texts, tmp_path):
     request is served from the store. Free-running greedy agreement with the first
     answer is reported; it collapses after the first flipped token, and vLLM computes no
     prompt logprobs for loaded tokens, so the quality check is teacher-forced, in
-    transformers, on the entries vLLM saved: top-1 agreement and KL over the first
-    answer against the uncompressed prefix."""
+    transformers, on the entries vLLM saved: top-1 agreement and KL against the
+    uncompressed prefix over the first answer, continued greedily (uncompressed) to
+    SCORED tokens: over 24 tokens one flipped token moves top-1 by 0.04, and configs
+    that are better on average (14 of 18 such answers, mean KL -11%) fell either side
+    of the bar on this one prompt."""
     import json
 
     import torch
@@ -359,19 +363,23 @@ print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
     assert out.returncode == 0 and line, out.stderr[-3000:]
     r = json.loads(line[0][len("RESULT "):])
     assert r["loaded"] == 512 and len(r["second"]) == MAX_NEW
-    full = r["ids"] + r["first"]
     store = ChunkStore(tmp_path, lm.fingerprint, "default")
     with torch.no_grad():
+        more = lm.model.generate(torch.tensor([r["ids"] + r["first"]]), do_sample=False,
+                                 max_new_tokens=SCORED - MAX_NEW)[0, len(r["ids"]) + MAX_NEW:]
+        answer = r["first"] + more.tolist()
+        full = r["ids"] + answer
         ref = lm.model(input_ids=torch.tensor([full])).logits[0, len(r["ids"]) - 1:-1]
         cache, n, last = prefill_with_store(lm, store, r["ids"])
         assert n == 512
-        rest = lm.model(input_ids=torch.tensor([r["first"][:-1]]), past_key_values=cache).logits[0]
+        rest = lm.model(input_ids=torch.tensor([answer[:-1]]), past_key_values=cache).logits[0]
     got = torch.cat([last[None], rest])
-    row = compare_logits(ref, got, r["first"])
+    assert len(got) == SCORED
+    row = compare_logits(ref, got, answer)
     free = _agreement(r["second"], r["first"])
     print(f"default config in vLLM: loaded 512 tokens; free-running greedy agreement "
-          f"{free:.2f} over {MAX_NEW} tokens; teacher-forced (HF on vLLM's entries) top-1 "
-          f"{row['top1_agreement']:.2f}, KL {row['kl']:.4f}")
+          f"{free:.2f} over {MAX_NEW} tokens; teacher-forced over {SCORED} (HF on vLLM's "
+          f"entries) top-1 {row['top1_agreement']:.2f}, KL {row['kl']:.4f}")
     assert row["top1_agreement"] >= 0.8 and row["kl"] < 0.1
 
 
