@@ -210,17 +210,16 @@ def _refine(cal, lm, key, model, source, output, name, query_weights, paths):
     if output is None:
         output = user_config_dir() / f"{kvcodec.models.model_name(model)}-{key}.json"
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-    cfg["name"] = name or old.get("name") or Path(output).stem
     if query_weights:
         cfg["description"] = (old.get("description", "").rstrip(".") + "; then key steps "
                               "per channel from the energy of the queries that read them "
                               "(kvcodec calibrate --from).")
     fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     src = {k: v for k, v in (old.get("calibration") or {}).items() if k != "model"}
-    cfg = {"name": cfg.pop("name"), "model_key": key,
-           "model_name": old.get("model_name") or kvcodec.models.model_name(model),
-           **{k: v for k, v in cfg.items() if k not in ("model_key", "model_name",
-                                                       "calibration")},
+    rest = {k: v for k, v in cfg.items()
+            if k not in ("name", "model_key", "model_name", "calibration")}
+    cfg = {"name": name or old.get("name") or Path(output).stem, "model_key": key,
+           "model_name": old.get("model_name") or kvcodec.models.model_name(model), **rest,
            "calibration": {**src, "model": fp,
                            "refined": {**info, "texts": [p.name for p in paths]}}}
     atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())

@@ -37,9 +37,9 @@ ATTENTION_STATS = frozenset({"window", "observed", "replay"})
 
 def kept_scores(scores: list, kept: list, positions: list) -> list:
     """The policy's ``scores`` (``[H, T_l]`` per layer) of the ``kept`` positions
-    (``[H, slots]``, ``-1`` unused), as ``KVCache.extra[KEPT_IMPORTANCE]`` holds them; a token the
-    policy protected (score ``inf``: sinks, recent tokens) gets its head's largest
-    finite score."""
+    (``[H, slots]``, ``-1`` unused), as ``KVCache.extra[KEPT_IMPORTANCE]`` holds them;
+    a token the policy protected (score ``inf``: sinks, recent tokens) gets its head's
+    largest finite score."""
     out = []
     for s, pos, held in zip(scores, kept, positions):
         s = s.double()

@@ -88,9 +88,9 @@ class Calibrator:
     def estimate_seconds(self, per_head: bool = True, fast: bool = False,
                          refine: bool = False) -> float:
         """Time :meth:`sensitivities` and :meth:`allocate` (or, ``fast``, :meth:`fast`:
-        five factors and about two checks; ``refine``, :meth:`refine`) will take: one scoring pass over the texts
-        (measured on this machine while prefilling) per probe, plus the quantization
-        each pass simulates (about as long again)."""
+        five factors and about two checks; ``refine``, :meth:`refine`) will take: one
+        scoring pass over the texts (measured on this machine while prefilling) per
+        probe, plus the quantization each pass simulates (about as long again)."""
         if refine:  # five factors and a query prefill
             probes = 6
         elif fast:  # per-layer probes and a query prefill on one text, ~7 on every text
