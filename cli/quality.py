@@ -88,12 +88,16 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
               help="Tokens scored per text [default: 256; 128 with --fast].")
 @click.option("--token-importance/--no-token-importance", default=True, show_default=True,
               help="Scale per-token steps by the attention each token receives.")
+@click.option("--rate-margin", type=float, default=None,
+              help="Aim the calibration texts' KL this much below --target-kl, and record "
+                   "it for encode --target-kl: held-out text runs above the calibration "
+                   "texts [default: 0.7 with --fast, else 1].")
 @click.option("--from", "source", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Refine this model's earlier calibration instead: keep its steps, add "
                    "key steps per channel from the queries (unless --no-query-weights) "
                    "and measure its rate curve (a few minutes; no sensitivity pass).")
 def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, query_weights,
-              prefill, continuation, token_importance, source):
+              prefill, continuation, token_importance, rate_margin, source):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
     The config is keyed to the model's fingerprint (weights included): written to the
@@ -109,6 +113,8 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
 
     if target_kl <= 0:
         raise click.BadParameter("must be positive", param_hint="--target-kl")
+    if rate_margin is not None and not 0 < rate_margin <= 1:
+        raise click.BadParameter("must be in (0, 1]", param_hint="--rate-margin")
     if source and (fast or per_layer):
         raise click.BadParameter("refines a calibration as it is: not with --fast or "
                                  "--per-layer", param_hint="--from")
@@ -133,7 +139,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
                f"{minutes:.1f} min on this machine", err=True)
     if source:
         return _refine(cal, lm, key, model, Path(source), output, name, query_weights,
-                       paths)
+                       paths, rate_margin)
     if not fast:
         sens = with_bar("measuring sensitivities",
                         lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
@@ -149,7 +155,9 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
         base = load_config("default")  # the model-free default, not a calibration
         cfg, info = with_bar("measuring the rate curve",
                              lambda p: cal.fast(base, target_kl, p,
-                                                query_weighted=query_weights))
+                                                query_weighted=query_weights,
+                                                **({} if rate_margin is None
+                                                   else {"margin": rate_margin})))
         cfg["name"] = name
         cfg["description"] = (
             f"kvcodec calibrate --fast on {len(cal.cases)} text(s) for mean KL <= "
@@ -170,10 +178,13 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
                 scale = cal.key_channel_scales({"key_transform": {"type": "rope_strip",
                                                                   "optional": True}})
             desc = desc[:-1] + "; key steps per channel from the energy of the queries."
+        margin = 1.0 if rate_margin is None else rate_margin
         cfg, info = with_bar("searching the global step",
-                             lambda p: cal.allocate(sens, target_kl, alpha, p, name, desc,
-                                                    channel_scale=scale))
+                             lambda p: cal.allocate(sens, target_kl * margin, alpha, p, name,
+                                                    desc, channel_scale=scale))
         info["query_weighted"] = scale is not None
+        if margin != 1:
+            cfg["rate_margin"], info["aimed_kl"] = margin, target_kl * margin
     if not info["met"]:
         from kvcodec.errors import CalibrationError
         aimed = info.get("aimed_kl", target_kl)
@@ -194,7 +205,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")
 
 
-def _refine(cal, lm, key, model, source, output, name, query_weights, paths):
+def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rate_margin):
     """``kvcodec calibrate --from``: the calibration at ``source`` kept at its steps, with
     query weights and a measured rate curve, written as :func:`calibrate` writes."""
     from kvcodec.core.config import load_config, user_config_dir
@@ -207,13 +218,15 @@ def _refine(cal, lm, key, model, source, output, name, query_weights, paths):
                           f"{old['model_key']}, this one {key})")
     cfg, info = with_bar("measuring the rate curve",
                          lambda p: cal.refine(old, query_weights, p))
+    if rate_margin is not None:
+        cfg["rate_margin"] = rate_margin
     if output is None:
         output = user_config_dir() / f"{kvcodec.models.model_name(model)}-{key}.json"
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-    if query_weights:
-        cfg["description"] = (old.get("description", "").rstrip(".") + "; then key steps "
-                              "per channel from the energy of the queries that read them "
-                              "(kvcodec calibrate --from).")
+    said = "(kvcodec calibrate --from)"
+    if query_weights and said not in cfg.get("description", ""):
+        cfg["description"] = (cfg.get("description", "").rstrip(".") + "; then key steps "
+                              f"per channel from the energy of the queries that read them {said}.")
     fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     src = {k: v for k, v in (old.get("calibration") or {}).items() if k != "model"}
     rest = {k: v for k, v in cfg.items()

@@ -152,6 +152,15 @@ def test_calibrate_from_refines_the_shipped_calibration(tmp_path, monkeypatch, t
     sizes = {t: len(kvcodec.encode(kv_600, config="default", target_kl=t))
              for t in (0.002, 0.02)}
     assert sizes[0.002] > sizes[0.02]
+    assert cfg.get("rate_margin") == old.get("rate_margin")  # the source's, carried
+    assert cfg["description"].count("calibrate --from") == 1  # not repeated by a re-run
+    # --rate-margin: recorded, and --target-kl then aims that much lower on the curve.
+    r = CliRunner().invoke(main, args + ["--rate-margin", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(made[0].read_text())["rate_margin"] == 0.25
+    assert len(kvcodec.encode(kv_600, config="default", target_kl=0.02)) > sizes[0.02]
+    r = CliRunner().invoke(main, args + ["--rate-margin", "1.5"])
+    assert r.exit_code == 2 and "--rate-margin" in r.output
     # Another model's calibration, or --from with --fast, is refused in one line.
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(old, model_key="0" * 16)))
