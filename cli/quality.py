@@ -106,9 +106,8 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
     the rate curve it measured, so `kvcodec encode --target-kl` can ask for a quality.
     A calibration that cannot meet its target writes nothing and exits non-zero.
     """
-    from kvcodec.core.config import model_key, user_config_dir
-    from kvcodec.format.container import atomic_write
-    from kvcodec.quality.calibrate import (DEFAULT_TOKEN_IMPORTANCE, Calibrator,
+    from kvcodec.core.config import model_key
+    from kvcodec.quality.calibrate import (DEFAULT_TOKEN_IMPORTANCE, FAST_MARGIN, Calibrator,
                                            default_calibration_texts)
 
     if target_kl <= 0:
@@ -144,20 +143,17 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
         sens = with_bar("measuring sensitivities",
                         lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
     if output is None:
-        stem = kvcodec.models.model_name(model)
-        output = user_config_dir() / f"{stem}-{key}.json"
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        output = _default_output(model, key)
         name = name or "default"
     name = name or Path(output).stem
     if fast:
         from kvcodec.core.config import load_config
 
         base = load_config("default")  # the model-free default, not a calibration
+        margin = FAST_MARGIN if rate_margin is None else rate_margin
         cfg, info = with_bar("measuring the rate curve",
-                             lambda p: cal.fast(base, target_kl, p,
-                                                query_weighted=query_weights,
-                                                **({} if rate_margin is None
-                                                   else {"margin": rate_margin})))
+                             lambda p: cal.fast(base, target_kl, p, margin=margin,
+                                                query_weighted=query_weights))
         cfg["name"] = name
         cfg["description"] = (
             f"kvcodec calibrate --fast on {len(cal.cases)} text(s) for mean KL <= "
@@ -197,9 +193,29 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
             "Use the model-free default, or a higher --target-kl")
     cfg = {"name": cfg.pop("name"), "model_key": key,
            "model_name": kvcodec.models.model_name(model), **cfg}
-    fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     cfg["calibration"] = {"target_kl": target_kl, "texts": [p.name for p in paths],
-                          "model": fp, **info}
+                          "model": _recorded(lm), **info}
+    _write(output, cfg, info)
+
+
+def _default_output(model, key: str) -> Path:
+    """Where a calibration of ``model`` goes without ``-o``: the user config directory,
+    under its name and key, where ``encode`` finds it."""
+    from kvcodec.core.config import user_config_dir
+
+    output = user_config_dir() / f"{kvcodec.models.model_name(model)}-{key}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _recorded(lm) -> dict:
+    """The model's fingerprint as a calibration records it (without the RoPE tables)."""
+    return {k: v for k, v in lm.fingerprint.items() if k != "rope"}
+
+
+def _write(output, cfg: dict, info: dict) -> None:
+    from kvcodec.format.container import atomic_write
+
     atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
     click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")
@@ -208,9 +224,8 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
 def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rate_margin):
     """``kvcodec calibrate --from``: the calibration at ``source`` kept at its steps, with
     query weights and a measured rate curve, written as :func:`calibrate` writes."""
-    from kvcodec.core.config import load_config, user_config_dir
+    from kvcodec.core.config import load_config
     from kvcodec.errors import ConfigError
-    from kvcodec.format.container import atomic_write
 
     old = load_config(str(source))
     if old.get("model_key") not in (None, key):
@@ -221,20 +236,16 @@ def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rat
     if rate_margin is not None:
         cfg["rate_margin"] = rate_margin
     if output is None:
-        output = user_config_dir() / f"{kvcodec.models.model_name(model)}-{key}.json"
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        output = _default_output(model, key)
     said = "(kvcodec calibrate --from)"
     if query_weights and said not in cfg.get("description", ""):
         cfg["description"] = (cfg.get("description", "").rstrip(".") + "; then key steps "
                               f"per channel from the energy of the queries that read them {said}.")
-    fp = {k: v for k, v in lm.fingerprint.items() if k != "rope"}
     src = {k: v for k, v in (old.get("calibration") or {}).items() if k != "model"}
     rest = {k: v for k, v in cfg.items()
             if k not in ("name", "model_key", "model_name", "calibration")}
     cfg = {"name": name or old.get("name") or Path(output).stem, "model_key": key,
            "model_name": old.get("model_name") or kvcodec.models.model_name(model), **rest,
-           "calibration": {**src, "model": fp,
+           "calibration": {**src, "model": _recorded(lm),
                            "refined": {**info, "texts": [p.name for p in paths]}}}
-    atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
-    click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
-               f"~{info['payload_bits_per_element']:.3f} bits/element payload")
+    _write(output, cfg, info)

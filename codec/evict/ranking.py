@@ -43,9 +43,9 @@ def kept_scores(scores: list, kept: list, positions: list) -> list:
     out = []
     for s, pos, held in zip(scores, kept, positions):
         s = s.double()
-        finite = torch.where(torch.isfinite(s), s, torch.tensor(-torch.inf, dtype=s.dtype))
-        top = finite.amax(dim=1, keepdim=True).clamp_min(0)
-        s = torch.where(torch.isfinite(s), s, top.expand_as(s))
+        ok = torch.isfinite(s)
+        top = torch.where(ok, s, -torch.inf).amax(dim=1, keepdim=True).clamp_min(0)
+        s = torch.where(ok, s, top.expand_as(s))
         slot = (pos - int(held[0]) if len(held) else pos).clamp(min=0)
         got = s.gather(1, slot) if s.shape[1] else torch.zeros(pos.shape, dtype=s.dtype)
         out.append(torch.where(pos >= 0, got, 0).float())

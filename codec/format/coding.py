@@ -253,11 +253,11 @@ def _kept_importance(kv: KVCache):
     got = kv.extra.get(KEPT_IMPORTANCE)
     if got is None:
         return None
-    if len(got) != kv.num_layers or any(
-            tuple(torch.as_tensor(g).shape) != tuple(k.shape) for g, k in zip(got, kv.kept)):
+    got = [torch.as_tensor(g, dtype=torch.float32) for g in got]
+    if len(got) != kv.num_layers or any(g.shape != k.shape for g, k in zip(got, kv.kept)):
         raise ShapeError(f"extra[{KEPT_IMPORTANCE!r}] must hold one [kv_heads, slots] tensor "
                          "per layer, shaped as the cache's kept positions")
-    return [torch.as_tensor(g, dtype=torch.float32) for g in got]
+    return got
 
 
 def _layer_batches(starts: list, n: int, channels: int) -> list:

@@ -30,6 +30,17 @@ def clip_floor(q: dict, peak: np.ndarray, mult: np.ndarray, lowest: float) -> fl
     return reach(peak, mult, lowest) / ((q["bins"] - 1) // 2)
 
 
+def channel_mult(q: dict, channels: int, scale=None) -> np.ndarray:
+    """Quantizer spec ``q``'s step multipliers per channel (float64 ``[channels]``),
+    times ``scale`` (per channel) where given, which ``q`` then records as its
+    ``head_scale``, one entry per channel."""
+    mult = make_quantizer(q).head_mult(channels).double().numpy()
+    if scale is not None:
+        mult = mult * np.asarray(scale, dtype=np.float64)
+        q["head_scale"] = [round(float(v), 4) for v in mult]
+    return mult
+
+
 def floor_steps(cfg: dict, peaks: dict, channels: int, lowest: float = 1.0) -> None:
     """Keep every rule of ``cfg`` (one per layer) from clipping under token importance's
     smallest multiplier times ``lowest`` (the smallest rate factor it will meet): first

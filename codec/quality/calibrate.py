@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from ..core.config import resolve_layers, validate_config
-from ..core.quant import make_quantizer
 from ..core.streams import KINDS, stream_input
 from ..core.transforms import applied_key_transform, layer_ropes
 from ..models.capture import capture_kv
-from .allocation import build_config, clip_floor, floor_steps
+from .allocation import build_config, channel_mult, clip_floor, floor_steps
 from .evaluate import compare_logits, continuation_logits
 from .simulate import layer_span, simulate
 
@@ -184,6 +183,20 @@ class Calibrator:
         best[0]["rate_curve"] = [[p / g, max(k, 1e-9), b] for p, k, b in sorted(points)]
         return best
 
+    def rate_points(self, cfg: dict, factors, progress=None, done: int = 0,
+                    total: int | None = None) -> list:
+        """``[factor, KL, bits]`` of ``cfg`` with every step times each of ``factors``
+        (:meth:`kl`; KL floored at 1e-9 for a log-log curve)."""
+        from ..core.rate import scale_steps
+
+        points = []
+        for i, f in enumerate(factors):
+            kl, bits = self.kl(scale_steps(cfg, f))
+            points.append([f, max(kl, 1e-9), bits])
+            if progress:
+                progress(done + i + 1, total or len(factors))
+        return points
+
     def refine(self, cfg: dict, query_weighted: bool = True, progress=None,
                factors=(0.5, 0.7, 1.0, 1.4, 2.0)) -> tuple[dict, dict]:
         """``kvcodec calibrate --from``: a calibration made before (``cfg``) kept at its
@@ -191,8 +204,6 @@ class Calibrator:
         :meth:`key_channel_scales`, kept clear of clipping) and the rate curve measured
         at ``factors`` on the calibration texts, for ``--target-kl``. One rule per layer
         and kind comes out; ``(config, info)`` as :meth:`allocate`, at factor 1."""
-        from ..core.rate import scale_steps
-
         specs = resolve_layers(cfg, self.num_layers)
         cfg = copy.deepcopy(cfg)
         for kind in KINDS:
@@ -201,18 +212,10 @@ class Calibrator:
         if query_weighted:
             scale = self.key_channel_scales(cfg)
             for l, rule in enumerate(cfg["key"]):
-                q = rule["quantizer"]
-                mult = make_quantizer(q).head_mult(self.channels).double().numpy()
-                mult = mult * np.asarray(scale[l], dtype=np.float64)
-                q["head_scale"] = [round(float(m), 4) for m in mult]
+                channel_mult(rule["quantizer"], self.channels, scale[l])
         floor_steps(cfg, self.peak_ratios(cfg), self.channels, lowest=min(factors))
         validate_config(cfg)
-        points = []
-        for i, f in enumerate(factors):
-            kl, bits = self.kl(scale_steps(cfg, f))
-            points.append([f, max(kl, 1e-9), bits])
-            if progress:
-                progress(i + 1, len(factors))
+        points = self.rate_points(cfg, factors, progress)
         kl, bits = self.kl(cfg) if 1.0 not in factors else points[factors.index(1.0)][1:]
         cfg["rate_curve"] = sorted(points)
         return cfg, {"kl": kl, "payload_bits_per_element": bits, "global_step": 1.0,
@@ -290,10 +293,8 @@ class Calibrator:
             rules = []
             for layer in range(self.num_layers):
                 q = dict(specs[kind][layer])
-                mult = make_quantizer(q).head_mult(self.channels).double().numpy()
-                if kind == "key" and channel_scale is not None:
-                    mult = mult * np.asarray(channel_scale[layer], dtype=np.float64)
-                    q["head_scale"] = [round(float(v), 4) for v in mult]
+                mult = channel_mult(q, self.channels, None if kind == "value"
+                                    or channel_scale is None else channel_scale[layer])
                 m = float(np.clip((sens[(kind, layer)] / gm) ** -alpha, 0.25, 4.0))
                 floor = clip_floor(q, peaks[(kind, layer)], mult, imp * lowest)
                 q["step"] = round(max(q["step"] * m, floor), 5)
@@ -326,12 +327,7 @@ class Calibrator:
             sens = self.layer_sensitivities(base, progress, 0, total)
             scale = self.key_channel_scales(base) if query_weighted else None
             base = self.layer_config(base, sens, lowest=min(factors), channel_scale=scale)
-        points = []
-        for i, f in enumerate(factors):
-            kl, bits = self.kl(scale_steps(base, f))
-            points.append([f, max(kl, 1e-9), bits])
-            if progress:
-                progress(probes + i + 1, total)
+        points = self.rate_points(base, factors, progress, probes, total)
         f = factor_for_kl(points, target_kl)
         for attempt in range(4):
             kl, bits = self.kl(scale_steps(base, f))
