@@ -51,6 +51,24 @@ def test_eval_table_on_the_model(lm, ids):
     assert by["default"]["kl"] < by["cachegen"]["kl"]
     for r in rows:
         assert 0 <= r["top1_agreement"] <= 1 and r["kl"] >= 0
+        assert r["delta_ppl_se_pct"] >= 0
+    assert by["default"]["delta_ppl_se_pct"] > 0
+
+
+def test_perplexity_change_comes_with_its_standard_error():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(300, 50, generator=g)
+    test = ref + 0.3 * torch.randn(300, 50, generator=g)
+    targets = torch.randint(0, 50, (300,), generator=g).tolist()
+    row = evaluate.compare_logits(ref, test, targets)
+    d = (ref.log_softmax(-1) - test.log_softmax(-1)).double()[torch.arange(300), targets]
+    ratio = float(torch.exp(d.mean()))
+    assert row["delta_ppl_pct"] == pytest.approx(100 * (ratio - 1), rel=1e-5)
+    se = 100 * ratio * float(d.std()) / 300 ** 0.5
+    assert row["delta_ppl_se_pct"] == pytest.approx(se, rel=1e-5) and se > 0.5
+    # No change has no error; one token has no spread to read it from.
+    assert evaluate.compare_logits(ref, ref.clone(), targets)["delta_ppl_se_pct"] == 0
+    assert evaluate.compare_logits(ref[:1], test[:1], targets[:1])["delta_ppl_se_pct"] is None
 
 
 def test_baselines_against_plain_formulas(kv_600):

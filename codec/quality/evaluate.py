@@ -56,7 +56,8 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
     Returns
     -------
     list of dict
-        ``{"name", "bits_per_element", "kl", "top1_agreement", "delta_ppl_pct", "exact"}``
+        ``{"name", "bits_per_element", "kl", "top1_agreement", "delta_ppl_pct",
+        "delta_ppl_se_pct", "exact"}``
         per scheme; ``bits_per_element`` is all-in (whole .kvc file for configs); ``exact``:
         the continuation's logits are identical to the uncompressed cache's.
     """
@@ -80,6 +81,7 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
         row = compare_logits(ref, got, cont[1:])
         return {"name": name, "bits_per_element": bits / n, "kl": row["kl"],
                 "top1_agreement": row["top1_agreement"], "delta_ppl_pct": row["delta_ppl_pct"],
+                "delta_ppl_se_pct": row["delta_ppl_se_pct"],
                 "exact": bool(torch.equal(ref, got))}
 
     rows = []
