@@ -149,6 +149,10 @@ def test_sections_that_lie(small_kvc):
     for bad in ({"key": "x"}, bins, ["not", "an", "object"]):
         with pytest.raises(KVCodecError):
             decode_all(rebuild(small_kvc, config=bad))
+    # Writers apply a model-dependent field (config.for_model): a file still carrying one
+    # was not written by an encoder, and its steps would be ambiguous.
+    with pytest.raises(CorruptError, match="full_attention_key_scale is not applied"):
+        decode_all(rebuild(small_kvc, config=dict(cfg, full_attention_key_scale=0.5)))
     for tokens in (np.asarray(ids[:-1], "<u4").tobytes(), b"\1\2\3", b""):
         with pytest.raises(CorruptError, match="tokens"):
             decode_all(rebuild(small_kvc, tokens=tokens))

@@ -164,6 +164,35 @@ def test_sliding_window_layers_keep_their_span_and_kind():
             assert torch.equal(a, b)
 
 
+def test_full_attention_keys_of_a_mixed_model_get_finer_steps():
+    """The model-free default's full_attention_key_scale: written out per layer in the
+    file (readers need nothing new), only where a model mixes layer kinds."""
+    from kvcodec.core.config import for_model, load_config, resolve_layers
+
+    lm = _loaded(TINY["gemma2"]())  # sliding, full, sliding, full
+    kv = kvcodec.capture_kv(lm, token_ids=token_ids(PROMPT, seed=5)[0].tolist())
+    base = load_config("default")
+    step = resolve_layers(base, 4)["key"][0]["step"]
+    data = kvcodec.encode(kv, config="default", chunk_tokens=64)
+    with kvcodec.open(data) as f:
+        cfg = f.config
+    assert "full_attention_key_scale" not in cfg
+    keys = [q["step"] for q in resolve_layers(cfg, 4)["key"]]
+    assert keys == [step, step * base["full_attention_key_scale"]] * 2
+    assert resolve_layers(cfg, 4)["value"] == resolve_layers(base, 4)["value"]
+    # What the file records is what the encoder codes with: the same bytes as the
+    # explicit config given directly.
+    assert data == kvcodec.encode(kv, config=for_model(base, lm.fingerprint, 4),
+                                  chunk_tokens=64)
+    # Layers that all attend alike keep the default's steps; only the field goes.
+    for types in (None, ["full_attention"] * 4, ["sliding_attention"] * 4):
+        plain = for_model(base, dict(lm.fingerprint, layer_types=types), 4)
+        assert "full_attention_key_scale" not in plain
+        assert resolve_layers(plain, 4) == resolve_layers(base, 4)
+    with pytest.raises(ConfigError, match="full_attention_key_scale"):
+        load_config(dict(base, full_attention_key_scale=0))
+
+
 def test_store_refuses_sliding_window_caches(tmp_path):
     lm = _loaded(TINY["gemma2"]())
     kv = kvcodec.capture_kv(lm, token_ids=token_ids(PROMPT, seed=3)[0].tolist())

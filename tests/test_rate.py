@@ -318,3 +318,4 @@ def test_a_near_miss_moves_the_fast_factor_a_little(monkeypatch):
     assert info["met"] and len(checks) == 2
     assert 0.9 * checks[0] <= checks[1] <= 0.97 * checks[0] * (1 + 1e-4)
     assert info["kl"] > 0.01 * 0.85  # near the target, not 28% under it
+    assert "full_attention_key_scale" not in cfg  # dropped from the base, not carried

@@ -18,7 +18,8 @@ also stored in float16 and restored exactly on decode; StreamingLLM, Xiao et al.
 models whose RoPE cannot be undone exactly) and ``token_importance`` (``{"beta", "min", "max"}``: when
 the cache carries attention importance, per-token steps are scaled by
 ``clamp((imp / geomean(imp)) ** -beta, min, max)``; see
-:func:`kvcodec.core.quant.token_step_multipliers`).
+:func:`kvcodec.core.quant.token_step_multipliers`) and ``full_attention_key_scale``
+(see :func:`for_model`).
 
 ``key``/``value`` are lists of rules; a rule covers layers ``[start, end)`` (``end``
 null = through the last layer; negative numbers count from the end). The first rule
@@ -46,6 +47,10 @@ CONFIG_DIR = _TREE / "configs" if (_TREE / "setup.py").is_file() else _PACKAGE /
 _PACKAGED = _PACKAGE / "configs"
 DEFAULT_CHUNK_TOKENS = 256
 MAX_CHUNK_TOKENS = 1 << 16
+#: The config field :func:`for_model` applies (and a file never records).
+FULL_ATTENTION_KEY_SCALE = "full_attention_key_scale"
+# Layer types that attend to a window of recent tokens only (transformers' names).
+_LOCAL_LAYERS = ("sliding_attention", "chunked_attention")
 
 
 def config_dirs() -> list[Path]:
@@ -153,6 +158,11 @@ def validate_config(cfg: dict) -> None:
                           f"'optional': true to skip it where the RoPE cannot be undone), "
                           f"got {xform!r}")
     validate_token_importance(cfg.get("token_importance"))
+    scale = cfg.get(FULL_ATTENTION_KEY_SCALE)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not 1 / 64 <= scale <= 64):
+        raise ConfigError(f"{FULL_ATTENTION_KEY_SCALE} must be a number in [1/64, 64], "
+                          f"got {scale!r:.40}")
     if cfg.get("rate_curve") is not None:
         check_rate_curve(cfg["rate_curve"])
     lossless = any(isinstance(r, dict) and isinstance(r.get("quantizer"), dict)
@@ -198,4 +208,48 @@ def resolve_layers(cfg: dict, num_layers: int) -> dict[str, list[dict]]:
                     f"config {cfg.get('name', '?')!r} has no {kind} rule for layer {layer} "
                     f"of a {num_layers}-layer model")
         out[kind] = specs
+    return out
+
+
+def full_attention_layers(model: dict | None, num_layers: int) -> list[int]:
+    """The full-attention layers of a model that mixes them with sliding-window (or
+    chunked) layers, from its fingerprint's ``layer_types`` (Gemma 2/3, Cohere 2,
+    gpt-oss, ...); empty for a model whose layers all attend alike."""
+    types = (model or {}).get("layer_types")
+    if not isinstance(types, list) or len(types) != num_layers:
+        return []
+    if not any(t in _LOCAL_LAYERS for t in types):
+        return []
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+def for_model(cfg: dict, model: dict | None, num_layers: int) -> dict:
+    """``cfg`` as it applies to ``model``'s caches: what a file records.
+
+    ``full_attention_key_scale`` (the model-free default's 0.5) multiplies the key steps
+    of a mixed model's full-attention layers (:func:`full_attention_layers`): every
+    later query reads their keys, while a sliding-window layer's keys leave its window,
+    and they alone hold the far context. On Gemma 3 270M, whose 3 full-attention layers
+    hold 37% of a 1,536-token file's elements, 0.5 cut held-out KL by ~30% at equal bits.
+    The field is replaced by explicit per-layer key rules; ``cfg`` itself is returned
+    where the field is absent, and a copy without it where no layer matches.
+    """
+    if cfg.get(FULL_ATTENTION_KEY_SCALE) is None:
+        return cfg
+    out = {k: v for k, v in cfg.items() if k != FULL_ATTENTION_KEY_SCALE}
+    full = set(full_attention_layers(model, num_layers))
+    if not full:
+        return out
+    scale = float(cfg[FULL_ATTENTION_KEY_SCALE])
+    rules = []
+    for layer, spec in enumerate(resolve_layers(cfg, num_layers)["key"]):
+        spec = copy.deepcopy(spec)
+        if layer in full and "step" in spec:
+            spec["step"] = round(spec["step"] * scale, 6)
+        if rules and rules[-1]["quantizer"] == spec:
+            rules[-1]["layers"][1] = layer + 1
+        else:
+            rules.append({"layers": [layer, layer + 1], "quantizer": spec})
+    rules[-1]["layers"][1] = None
+    out["key"] = rules
     return out

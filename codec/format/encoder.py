@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .. import _version
-from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
+from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, load_config,
+                           resolve_layers)
 from ..core.kvcache import KVCache
 from ..core.quant import make_quantizer
 from ..core.transforms import applied_key_transform, layer_ropes
@@ -67,22 +68,25 @@ class Encoder:
             raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
                               f"{self.chunk_tokens}")
         self.threads = threads
-        self._specs = {}            # layers -> per-kind quantizer specs per layer
-        self._quantizers = {}       # (layers, dtype) -> {(layer, kind): Quantizer}
+        # Keyed by (layers, the model's full-attention layers that for_model may scale).
+        self._applied = {}          # -> (the config as files of such a model record it,
+                                    #     its per-kind quantizer specs per layer)
+        self._quantizers = {}       # (that key, dtype) -> {(layer, kind): Quantizer}
         self._config_sections = {}  # the JSON a file records -> its zstd section
 
-    def _layer_specs(self, n_layers: int) -> dict:
-        if n_layers not in self._specs:
-            self._specs[n_layers] = resolve_layers(self.config, n_layers)
-        return self._specs[n_layers]
+    def _for_model(self, model, n_layers: int) -> tuple:
+        """``(key, config as applied to model's caches, its specs per layer)``."""
+        key = (n_layers, tuple(full_attention_layers(model, n_layers)))
+        if key not in self._applied:
+            cfg = for_model(self.config, model, n_layers)
+            self._applied[key] = (cfg, resolve_layers(cfg, n_layers))
+        return (key, *self._applied[key])
 
-    def _dense_quantizers(self, n_layers: int, dtype) -> dict:
-        key = (n_layers, dtype)
-        if key not in self._quantizers:
-            specs = self._layer_specs(n_layers)
-            self._quantizers[key] = {(l, k): make_quantizer(specs[k][l], dtype)
-                                     for k in specs for l in range(n_layers)}
-        return self._quantizers[key]
+    def _dense_quantizers(self, key: tuple, specs: dict, dtype) -> dict:
+        if (key, dtype) not in self._quantizers:
+            self._quantizers[key, dtype] = {(l, k): make_quantizer(specs[k][l], dtype)
+                                            for k in specs for l in range(key[0])}
+        return self._quantizers[key, dtype]
 
     def chunk_for(self, kv: KVCache) -> int:
         """The chunk (in positions) a file of ``kv`` is coded in: the encoder's, except
@@ -209,8 +213,8 @@ class Encoder:
     def _coder(self, kv: KVCache, model, position_offset: int, importance) -> tuple:
         """``(StreamCoder, key transform, config as the file records it)`` for ``kv``."""
         n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
-        specs = self._layer_specs(n_layers)
-        xform, cfg = applied_key_transform(self.config, model, n_layers, position_offset, n)
+        key, cfg, specs = self._for_model(model, n_layers)
+        xform, cfg = applied_key_transform(cfg, model, n_layers, position_offset, n)
         n_sink = min(cfg.get("sink_tokens", 0), n)
         importance = kv.importance if importance is None else torch.as_tensor(importance)
         if importance is not None and tuple(importance.shape) != (n_layers, n):
@@ -220,7 +224,7 @@ class Encoder:
             def quant(layer, kind, head, _dtype=kv.dtype):
                 return make_quantizer(head_spec(specs[kind][layer], head, h, d), _dtype)
         else:
-            quant = self._dense_quantizers(n_layers, kv.dtype)
+            quant = self._dense_quantizers(key, specs, kv.dtype)
         coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_for(kv),
                             n_sink, importance, position_offset, self.threads)
         return coder, xform, cfg

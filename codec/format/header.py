@@ -11,7 +11,8 @@ import json
 import numpy as np
 import torch
 
-from ..core.config import MAX_CHUNK_TOKENS, load_config, resolve_layers
+from ..core.config import (FULL_ATTENTION_KEY_SCALE, MAX_CHUNK_TOKENS, load_config,
+                           resolve_layers)
 from ..core.quant import make_quantizer
 from ..core.streams import KINDS
 from ..core.transforms import layer_ropes
@@ -154,6 +155,8 @@ class FileHeader:
             raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
         try:
             config = load_config(cfg, copy_dict=False)  # parsed from this header
+            if FULL_ATTENTION_KEY_SCALE in config:  # writers apply it (config.for_model)
+                raise ConfigError(f"{FULL_ATTENTION_KEY_SCALE} is not applied")
             specs = resolve_layers(config, self.num_layers)
         except ConfigError as exc:
             raise CorruptError(f"{name}: invalid codec config in header: {exc}") from None

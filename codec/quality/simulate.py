@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core import tables
-from ..core.config import resolve_layers
+from ..core.config import for_model, resolve_layers
 from ..core.kvcache import KVCache
 from ..core.quant import fit_stream, make_quantizer
 from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
@@ -27,6 +27,7 @@ def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):
     returns the empirical entropy of every coded symbol (a close estimate of the
     payload; the .kvc file adds ~2% of side information).
     """
+    cfg = for_model(cfg, kv.model, kv.num_layers)
     specs = resolve_layers(cfg, kv.num_layers)
     n = kv.num_tokens
     xform, cfg = applied_key_transform(cfg, kv.model, kv.num_layers, 0, n)
