@@ -84,14 +84,14 @@ def main():
             per[row["name"]].append(row)
             print(f"{tname:16s} {row['name']:18s} {row['bits_per_element']:7.3f} "
                   f"KL {row['kl']:.5f} top1 {row['top1_agreement']:.3f} "
-                  f"dPPL {row['delta_ppl_pct']:+.2f}% +-{row['delta_ppl_se_pct']:.2f}",
+                  f"dPPL {row['delta_ppl_pct']:+.2f}% +-{row['delta_ppl_se_pct'] or 0:.2f}",
                   file=sys.stderr, flush=True)
     # The texts are independent samples: the mean's standard error from theirs.
     results = [{"name": name, **{k: float(np.mean([r[k] for r in rows]))
                                  for k in ("bits_per_element", "kl", "top1_agreement",
                                            "delta_ppl_pct")},
-                "delta_ppl_se_pct": float(np.sqrt(sum(r["delta_ppl_se_pct"] ** 2
-                                                      for r in rows)) / len(rows)),
+                "delta_ppl_se_pct": None if any(r["delta_ppl_se_pct"] is None for r in rows)
+                else float(np.sqrt(sum(r["delta_ppl_se_pct"] ** 2 for r in rows)) / len(rows)),
                 "exact": all(r["exact"] for r in rows)}
                for name, rows in per.items()]
     if args.plot:
@@ -105,7 +105,7 @@ def main():
         for r in results:
             print(f"{r['name']:18s} {r['bits_per_element']:7.3f} bits  KL {r['kl']:.5f}  "
                   f"top1 {r['top1_agreement']:.3f}  dPPL {r['delta_ppl_pct']:+.2f}% "
-                  f"+-{r['delta_ppl_se_pct']:.2f}"
+                  f"+-{r['delta_ppl_se_pct'] or 0:.2f}"
                   + ("  exact" if r["exact"] else ""))
 
 

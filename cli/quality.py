@@ -56,9 +56,10 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
     click.echo(f"{'name':18s} {'bits/elem':>9s} {'KL':>9s} {'top1':>7s} {'dPPL%':>8s} "
                f"{'+-SE':>5s}")
     for r in rows:
+        se = r["delta_ppl_se_pct"]  # None with one scored token
         click.echo(f"{r['name']:18s} {r['bits_per_element']:9.3f} {r['kl']:9.5f} "
                    f"{r['top1_agreement']:7.3f} {r['delta_ppl_pct']:8.2f} "
-                   f"{r['delta_ppl_se_pct']:5.2f}")
+                   + ("    -" if se is None else f"{se:5.2f}"))
 
 
 @click.command()

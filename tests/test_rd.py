@@ -132,6 +132,12 @@ def test_eval_and_calibrate_cli(tmp_path, texts):
     assert r.exit_code == 0, r.output
     names = [row["name"] for row in json.loads(r.output)["results"]]
     assert names[:5] == ["fp16", "int8", "kivi4", "kivi2", "cachegen"] and "default" in names
+    # Nothing to score is a one-line error (it was a traceback), and so is one position.
+    for cont in ("0", "1"):
+        r = CliRunner().invoke(main, ["eval", "--text", str(src), "--prefill", "384",
+                                      "--continuation", cont, "--no-baselines"])
+        assert r.exit_code != 0 and "continuation of at least 2" in r.output
+        assert "Traceback" not in r.output
     out = tmp_path / "cal.json"
     r = CliRunner().invoke(main, ["calibrate", "--text", str(src), "--target-kl", "0.05",
                                   "--per-layer", "--prefill", "384", "--continuation", "48",

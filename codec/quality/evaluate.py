@@ -68,6 +68,9 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
     from . import baselines as base
 
     token_ids = list(token_ids)
+    if prefill < 1 or continuation < 2:
+        raise ShapeError(f"eval needs a prefill of at least 1 token and a continuation of "
+                         f"at least 2, got {prefill} and {continuation}")
     if len(token_ids) < prefill + 2:
         raise ShapeError(f"the text has {len(token_ids)} tokens; eval needs more than "
                          f"prefill ({prefill}) + 2")
