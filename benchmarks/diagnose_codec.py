@@ -98,12 +98,14 @@ def main():
            "text": args.text, "prefill": args.prefill, "continuation": args.continuation,
            "bits_per_element": round(len(data) * 8 / kv.numel(), 4),
            "kl": round(whole["kl"], 5), "top1_agreement": round(whole["top1_agreement"], 4),
-           "delta_ppl_pct": round(whole["delta_ppl_pct"], 2), "layers": rows}
+           "delta_ppl_pct": round(whole["delta_ppl_pct"], 2),
+           "delta_ppl_se_pct": round(whole["delta_ppl_se_pct"] or 0, 2), "layers": rows}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{out['model']} {out['config']}: {out['bits_per_element']} bits/element, KL "
-              f"{out['kl']}, top-1 {out['top1_agreement']}, dPPL {out['delta_ppl_pct']}%")
+              f"{out['kl']}, top-1 {out['top1_agreement']}, dPPL {out['delta_ppl_pct']}% "
+              f"+-{out['delta_ppl_se_pct']}")
         worst = sorted((r for r in rows if "kl_alone" in r), key=lambda r: -r["kl_alone"])[:10]
         for r in worst:
             print(f"  layer {r['layer']:2d} {r['kind']:5s} KL alone {r['kl_alone']:.5f}  "
