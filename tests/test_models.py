@@ -6,6 +6,7 @@ the embedded model (test_rd, test_codec).
 """
 import copy
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -191,6 +192,29 @@ def test_full_attention_keys_of_a_mixed_model_get_finer_steps():
         assert resolve_layers(plain, 4) == resolve_layers(base, 4)
     with pytest.raises(ConfigError, match="full_attention_key_scale"):
         load_config(dict(base, full_attention_key_scale=0))
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma2"])
+def test_a_model_free_store_verifies_its_own_keys(tmp_path, name):
+    """A store keys its entries by its encoder's config, and `store verify --unsalted`
+    recomputes a first entry's key from the config the entry records: with the default's
+    full_attention_key_scale applied per file only, the two differed and verify called
+    every first entry damaged (and --quarantine would have moved it aside)."""
+    from kvcodec.core.config import load_config
+    from kvcodec.store import keys as keying
+    from kvcodec_cli.main import main
+
+    lm = _loaded(TINY[name]())
+    kv = kvcodec.capture_kv(lm, token_ids=token_ids(60, seed=6)[0].tolist())  # < window
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    assert store.put(kv) == 1
+    r = CliRunner().invoke(main, ["store", "verify", str(tmp_path), "--json", "--unsalted"])
+    report = json.loads(r.output)
+    assert r.exit_code == 0 and report["ok"] == 1 and not report["damaged"], r.output
+    if name == "llama3":  # its layers attend alike: keyed as before the rule existed
+        old = {k: v for k, v in load_config("default").items()
+               if k != "full_attention_key_scale"}
+        assert store._base == keying.base_seed(lm.fingerprint, old)
 
 
 def test_store_refuses_sliding_window_caches(tmp_path):

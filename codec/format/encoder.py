@@ -50,8 +50,9 @@ class Encoder:
         curve its calibration measured for the model (:mod:`kvcodec.core.rate`;
         ``kvcodec calibrate --fast`` makes one in about a minute).
 
-    What depends only on these is done here, once: the config is loaded and checked, and
-    per layer count and dtype the quantizers are built; the compressed config section is
+    What depends only on these is done here, once: the config is loaded, checked and
+    applied to the model (:func:`~kvcodec.core.config.for_model`), and per layer count
+    and dtype the quantizers are built; the compressed config section is
     kept per distinct config a file records. A dict config is used as given, not copied:
     leave it unchanged while the encoder is in use.
     """
@@ -62,6 +63,10 @@ class Encoder:
         self.fingerprint = fingerprint
         self.config = load_config(config, copy_dict=False, model=fingerprint,
                                   target_kl=target_kl)
+        if isinstance((fingerprint or {}).get("num_layers"), int):
+            # As the model's files record it: a store keys its entries by this config,
+            # and `store verify` recomputes those keys from the config a file records.
+            self.config = for_model(self.config, fingerprint, fingerprint["num_layers"])
         self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
         self._chunk_given = chunk_tokens is not None
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
