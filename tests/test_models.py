@@ -194,20 +194,27 @@ def test_full_attention_keys_of_a_mixed_model_get_finer_steps():
         load_config(dict(base, full_attention_key_scale=0))
 
 
-@pytest.mark.parametrize("name", ["llama3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "gemma2", "interleaved"])
 def test_a_model_free_store_verifies_its_own_keys(tmp_path, name):
     """A store keys its entries by its encoder's config, and `store verify --unsalted`
-    recomputes a first entry's key from the config the entry records: with the default's
-    full_attention_key_scale applied per file only, the two differed and verify called
-    every first entry damaged (and --quarantine would have moved it aside)."""
+    recomputes a first entry's key from the config the entry records: where the config
+    was applied per file only (the default's full_attention_key_scale; its optional key
+    transform dropped for a RoPE that cannot be undone), the two differed and verify
+    called every first entry damaged (and --quarantine would have moved it aside)."""
     from kvcodec.core.config import load_config
     from kvcodec.store import keys as keying
     from kvcodec_cli.main import main
 
-    lm = _loaded(TINY[name]())
+    lm = _loaded(TINY["llama3" if name == "interleaved" else name]())
     kv = kvcodec.capture_kv(lm, token_ids=token_ids(60, seed=6)[0].tolist())  # < window
-    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    fp = lm.fingerprint
+    if name == "interleaved":  # as a GPT-J-style model's fingerprint says (Cohere, GLM)
+        fp = dict(fp, rope=dict(fp["rope"], style="interleaved"))
+        kv = kvcodec.KVCache(kv.keys, kv.values, kv.token_ids, fp)
+    store = ChunkStore(tmp_path, fp, "default")
     assert store.put(kv) == 1
+    if name == "interleaved":
+        assert store.config["key_transform"] is None
     r = CliRunner().invoke(main, ["store", "verify", str(tmp_path), "--json", "--unsalted"])
     report = json.loads(r.output)
     assert r.exit_code == 0 and report["ok"] == 1 and not report["damaged"], r.output

@@ -66,7 +66,12 @@ class Encoder:
         if isinstance((fingerprint or {}).get("num_layers"), int):
             # As the model's files record it: a store keys its entries by this config,
             # and `store verify` recomputes those keys from the config a file records.
-            self.config = for_model(self.config, fingerprint, fingerprint["num_layers"])
+            n = fingerprint["num_layers"]
+            self.config = for_model(self.config, fingerprint, n)
+            try:  # an optional key transform the model's RoPE rules out (not positions)
+                self.config = applied_key_transform(self.config, fingerprint, n, 0, 0)[1]
+            except ConfigError:
+                pass  # not optional: encode() says why
         self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
         self._chunk_given = chunk_tokens is not None
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
