@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import kvcodec  # noqa: E402
+from kvcodec.models.compare import ppl_change_text  # noqa: E402
 from kvcodec.quality import evaluate  # noqa: E402
 
 from real_models import resolve  # noqa: E402
@@ -84,7 +85,7 @@ def main():
             per[row["name"]].append(row)
             print(f"{tname:16s} {row['name']:18s} {row['bits_per_element']:7.3f} "
                   f"KL {row['kl']:.5f} top1 {row['top1_agreement']:.3f} "
-                  f"dPPL {row['delta_ppl_pct']:+.2f}% +-{row['delta_ppl_se_pct'] or 0:.2f}",
+                  f"dPPL {ppl_change_text(row['delta_ppl_pct'], row['delta_ppl_se_pct'])}",
                   file=sys.stderr, flush=True)
     # The texts are independent samples: the mean's standard error from theirs.
     results = [{"name": name, **{k: float(np.mean([r[k] for r in rows]))
@@ -104,8 +105,8 @@ def main():
     else:
         for r in results:
             print(f"{r['name']:18s} {r['bits_per_element']:7.3f} bits  KL {r['kl']:.5f}  "
-                  f"top1 {r['top1_agreement']:.3f}  dPPL {r['delta_ppl_pct']:+.2f}% "
-                  f"+-{r['delta_ppl_se_pct'] or 0:.2f}"
+                  f"top1 {r['top1_agreement']:.3f}  "
+                  f"dPPL {ppl_change_text(r['delta_ppl_pct'], r['delta_ppl_se_pct'])}"
                   + ("  exact" if r["exact"] else ""))
 
 

@@ -25,6 +25,7 @@ import kvcodec  # noqa: E402
 from bench_rd import heldout_texts  # noqa: E402
 from kvcodec.core.kvcache import KVCache  # noqa: E402
 from kvcodec.core.transforms import model_ropes, rope  # noqa: E402
+from kvcodec.models.compare import ppl_change_text  # noqa: E402
 from kvcodec.quality.evaluate import compare_logits, continuation_logits  # noqa: E402
 from real_models import resolve  # noqa: E402
 
@@ -94,18 +95,19 @@ def main():
                     ref, continuation_logits(lm, mixed(kv, dec, layer, kind), cont))["kl"], 6)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    se = whole["delta_ppl_se_pct"]
     out = {"model": args.model or "smollm2-135m", "config": cfg.get("name"),
            "text": args.text, "prefill": args.prefill, "continuation": args.continuation,
            "bits_per_element": round(len(data) * 8 / kv.numel(), 4),
            "kl": round(whole["kl"], 5), "top1_agreement": round(whole["top1_agreement"], 4),
            "delta_ppl_pct": round(whole["delta_ppl_pct"], 2),
-           "delta_ppl_se_pct": round(whole["delta_ppl_se_pct"] or 0, 2), "layers": rows}
+           "delta_ppl_se_pct": None if se is None else round(se, 2), "layers": rows}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{out['model']} {out['config']}: {out['bits_per_element']} bits/element, KL "
-              f"{out['kl']}, top-1 {out['top1_agreement']}, dPPL {out['delta_ppl_pct']}% "
-              f"+-{out['delta_ppl_se_pct']}")
+              f"{out['kl']}, top-1 {out['top1_agreement']}, "
+              f"dPPL {ppl_change_text(out['delta_ppl_pct'], out['delta_ppl_se_pct'])}")
         worst = sorted((r for r in rows if "kl_alone" in r), key=lambda r: -r["kl_alone"])[:10]
         for r in worst:
             print(f"  layer {r['layer']:2d} {r['kind']:5s} KL alone {r['kl_alone']:.5f}  "

@@ -69,6 +69,9 @@ def test_perplexity_change_comes_with_its_standard_error():
     # No change has no error; one token has no spread to read it from.
     assert evaluate.compare_logits(ref, ref.clone(), targets)["delta_ppl_se_pct"] == 0
     assert evaluate.compare_logits(ref[:1], test[:1], targets[:1])["delta_ppl_se_pct"] is None
+    from kvcodec.models.compare import ppl_change_text
+    assert ppl_change_text(0.5234, 0.2) == "+0.52% +-0.20"
+    assert ppl_change_text(-1.0, None) == "-1.00% +-?"  # printed as such, not as 0
 
 
 def test_baselines_against_plain_formulas(kv_600):

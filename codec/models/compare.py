@@ -40,6 +40,12 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor, targets=None) -> dict:
     return out
 
 
+def ppl_change_text(pct: float, se) -> str:
+    """``delta_ppl_pct`` and its standard error as the tools print them: ``+0.52% +-0.23``
+    (``+-?`` where one scored token leaves no error to read)."""
+    return f"{pct:+.2f}% +-" + ("?" if se is None else f"{se:.2f}")
+
+
 @torch.no_grad()
 def greedy(model, cache, logits: torch.Tensor, n: int, eos=None) -> tuple:
     """Greedy continuation from ``cache`` (extended in place), whose next-token logits are
