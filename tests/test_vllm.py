@@ -152,6 +152,58 @@ def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
     assert list(store.rglob("*.kvc.bad"))  # moved aside
 
 
+def _ask_together(llm, prompts):
+    """Several prompts submitted at once (scheduled in the same step, max_num_seqs=2)."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_requests_of_a_step_sharing_a_document_decode_it_once(lm, texts, lossless, damaged):
+    """Two requests in one step over the same cached document (different questions):
+    the document's entries are decoded once and written into both requests' blocks, each
+    request's own last entry (document end and its question) separately, with the
+    answers each gets alone; a damaged shared entry stops both loads there."""
+    from kvcodec.store import ChunkStore
+
+    llm, store = lossless
+    doc = lm.tokenizer(texts["argparse_doc"][20000 + 4000 * damaged:],
+                       add_special_tokens=False)["input_ids"][:700]
+    asks = [doc + lm.tokenizer(q, add_special_tokens=False)["input_ids"]
+            for q in (QUESTION, "\n\nQuestion: Which names does it define?\nAnswer:")]
+    alone = [_ask(llm, ids) for ids in asks]  # each stores its chunks, then answers alone
+    conn = _connector()
+    conn.flush()
+    assert [_ask(llm, ids) for ids in asks] == alone  # loaded alone: lossless
+    if damaged:
+        entry = ChunkStore(store, lm.fingerprint, "lossless").lookup(doc)[1]
+        data = bytearray(entry.read_bytes())
+        data[-100] ^= 0xFF
+        entry.write_bytes(bytes(data))
+    chunks = ChunkStore(store, lm.fingerprint, "lossless")
+    entries = {p for ids in asks for p in chunks.lookup(ids, partial=True)[:3]}
+    assert len(entries) == 4  # two shared, one of each request's own
+    size = sum(p.stat().st_size for p in entries)
+    before = (conn.tokens_loaded, conn.tokens_shared, conn.blocks_failed, conn.bytes_read)
+    together = _ask_together(llm, asks)
+    assert together == alone
+    loaded, shared, failed = (conn.tokens_loaded - before[0], conn.tokens_shared - before[1],
+                              conn.blocks_failed - before[2])
+    assert conn.bytes_read - before[3] == size  # each entry read once
+    # 640 tokens each (vLLM computes from the last whole block): the two shared chunks
+    # decoded once, then each its own partial chunk (tokens 512-640); counted at the
+    # first layer group, before the damage (in a late layer's bytes) shows.
+    assert (loaded, shared) == (1280, 512)
+    if damaged:  # both loads stop at the damaged second chunk: 3 blocks each recomputed
+        assert failed == 6
+        assert entry.with_name(entry.name + ".bad").exists()  # moved aside
+    else:
+        assert failed == 0
+
+
 def test_a_failed_load_is_not_saved_back(lm, texts, lossless):
     """A cached document, a damaged chunk in its middle and an uncached question: the
     load fails there, vLLM recomputes, and what the step's forward saw in the failed

@@ -172,6 +172,10 @@ class KVCodecConnector(KVConnectorBase_V1):
         return self.worker.tokens_loaded
 
     @property
+    def tokens_shared(self) -> int:
+        return self.worker.tokens_shared
+
+    @property
     def blocks_failed(self) -> int:
         return self.worker.blocks_failed
 

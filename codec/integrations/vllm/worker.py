@@ -13,10 +13,11 @@ import torch
 
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
-from ...store.batch import Document, decode_documents
+from ...store.batch import decode_documents
 from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
 from .recompute import check
 from .scheduler import Load
+from .step_plan import plan_group
 
 log = logging.getLogger("kvcodec")
 
@@ -40,7 +41,9 @@ class ConnectorWorker:
     it is skipped: a future miss, not a stall; one save always goes).
 
     Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
-    ``tokens_loaded`` (tokens written into vLLM's cache), ``blocks_failed`` (blocks
+    ``tokens_loaded`` (tokens written into vLLM's cache), ``tokens_shared`` (of those,
+    tokens of entries another load of the same step read and decoded: each entry is
+    read and decoded once per step), ``blocks_failed`` (blocks
     reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
     store's metrics also get the paged writes' time (stage ``write``), loads not
     delivered in time (cause ``timeout``) and the saves queued, written and dropped."""
@@ -72,6 +75,7 @@ class ConnectorWorker:
         self.bytes_read = 0
         self.tokens_loaded = 0
         self.tokens_preloaded = 0  # selective blends' documents, for the later layers
+        self.tokens_shared = 0  # of tokens_loaded: decoded once for several loads of a step
         self.selections: dict = {}  # req_id -> recomputed cached positions (the last 64)
         self._recomputes: list = []  # this step's selective blends
         self.subset = None  # SubsetForward (blend_rows_only, eager engine): the connector sets it
@@ -108,19 +112,26 @@ class ConnectorWorker:
         if not meta.loads:
             return
         self.layout.bind_isa(forward_context, self.layer_names)
-        jobs = [job for load in meta.loads if (job := self._open(load)) is not None]
+        opening, deadline = {}, time.monotonic() + self.load_timeout_s  # fetches, shared
+        wanted = [self._submit(load, opening) for load in meta.loads]
+        used = set()  # the fetches some load keeps
+        jobs = [job for load, w in zip(meta.loads, wanted)
+                if (job := self._collect(load, w, deadline, used)) is not None]
+        for fut in opening.values():  # not used: never leave an entry open
+            if id(fut) not in used and not fut.cancel():
+                fut.add_done_callback(_close_result)
         self._events = {l: threading.Event() for l in self.caches}
         self._loader = threading.Thread(target=self._load_layers, args=(jobs,),
                                         name="kvcodec-load", daemon=True)
         self._loader.start()
 
-    def _open(self, load: Load):
-        """Fetch and check every entry a load needs (a blend's: each run of entries, a
-        document's re-rotated to its offset); the first that is missing, damaged,
-        evicted, unreadable or not there within ``load_timeout_s`` (and everything after
-        it) is reported for recomputation instead."""
+    def _submit(self, load: Load, opening: dict) -> list:
+        """Start fetching and checking every entry a load needs (a blend's: each run of
+        entries, a document's re-rotated to its offset). ``opening``: the step's fetches
+        by entry (and position, for a blended document): an entry two loads of the step
+        need is fetched once. Returns ``(run, position, fetch)`` per entry."""
         store = self.store.with_salt(load.salt)
-        wanted = []  # (its store view, run, keys, token where the entry starts, position)
+        wanted = []
         for run in load.runs():
             view = store.exact() if run.exact else store
             keys = view.keys(run.token_ids, run.anchor)
@@ -128,16 +139,25 @@ class ConnectorWorker:
                 t = c * self.chunk
                 a, b = run.offset + t, run.offset + min(len(run.token_ids), t + self.chunk)
                 if b > load.start and a < load.end:
-                    wanted.append((view, run, keys, t, a))
-        futures = [self._fetcher.submit(self._open_entry, view, view.path(keys[t // self.chunk]),
-                                        run.token_ids[t:t + self.chunk], t, run.anchor)
-                   for view, run, keys, t, _ in wanted]
-        deadline = time.monotonic() + self.load_timeout_s
+                    path = view.path(keys[c])
+                    key = (str(path), a if run.anchor is not None else None)
+                    if key not in opening:
+                        opening[key] = self._fetcher.submit(
+                            self._open_entry, view, path, run.token_ids[t:t + self.chunk],
+                            t, run.anchor)
+                    wanted.append((run, a, opening[key]))
+        return wanted
+
+    def _collect(self, load: Load, wanted: list, deadline: float, used: set):
+        """The entries of ``wanted`` as they arrive; the first that is missing, damaged,
+        evicted, unreadable or not there by ``deadline`` (and everything after it) is
+        reported for recomputation instead."""
         files = []
-        for (_, run, _, _, a), fut in zip(wanted, futures):
+        for run, a, fut in wanted:
             try:
                 f, path = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 files.append((f, a, path, run))
+                used.add(id(fut))
                 continue
             except FutureTimeout:
                 self.store.metrics.failed("timeout")
@@ -148,9 +168,6 @@ class ConnectorWorker:
                 pass  # absent, or reported (moved aside or logged) by open_entry
             self._fail(load, a)
             break
-        for fut in futures[len(files):]:  # not used: never leave an entry open
-            if not fut.cancel():
-                fut.add_done_callback(_close_result)
         return (load, files) if files else None
 
     @staticmethod
@@ -203,37 +220,17 @@ class ConnectorWorker:
         (each run of a load's entries stacked as one file where they allow it, a
         blended document's keys rotated to its offset, all in one native call:
         :func:`~kvcodec.store.batch.decode_documents`) into one buffer per layer, and
-        write each layer into vLLM's blocks with one call of its op. A damaged entry
-        stops its load there (it and later ones are recomputed); the other loads are not
-        affected."""
-        docs, owners = [], []  # owners: (load, files, first, end) per document
-        for load, files in jobs:
-            if load.recompute is not None and max(group) < load.recompute.check_layer:
-                continue  # layers vLLM computes for every token
-            n = next((i for i, e in enumerate(files) if e[0] is None), len(files))
-            i = 0
-            while i < n:
-                j = i + 1
-                while j < n and files[j][3] is files[i][3]:
-                    j += 1
-                owners.append((load, files, i, j))
-                i = j
+        write each layer into vLLM's blocks with one call of its op. Loads of the step
+        that share a document decode it once (:func:`.step_plan.plan_group`). A damaged
+        entry stops its load there (it and later ones are recomputed); the other loads
+        are not affected."""
+        owners, docs, where, bufs = plan_group(jobs, group, self._pool)
         if not owners:
             return
-        total = sum(files[i][0].num_tokens for _, files, a, b in owners for i in range(a, b))
-        bufs = self._pool.views(group, total)
-        row = 0
-        for load, files, a, b in owners:
-            spans = []
-            for f, _, _, _ in files[a:b]:
-                spans.append((row, row + f.num_tokens))
-                row += f.num_tokens
-            run = files[a][3]
-            docs.append(Document([e[0] for e in files[a:b]], [e[2] for e in files[a:b]],
-                                 bufs, spans, files[a][1] if run.anchor is not None else None))
         landed = decode_documents(self.store, docs, self.threads)
-        runs, stopped = {}, set()  # first layer written -> (rows, slots)
-        for (load, files, a, b), doc, good in zip(owners, docs, landed):
+        runs, stopped, claimed = {}, set(), set()  # first layer -> (rows, slots)
+        for (load, files, a, b), at in zip(owners, where):  # at: (document, entry)s
+            good = next((i for i, (d, j) in enumerate(at) if landed[d] <= j), b - a)
             if id(load) in stopped:
                 continue
             if good < b - a:  # reported by decode_documents: this one and later recompute
@@ -248,7 +245,9 @@ class ConnectorWorker:
             for i in range(good):
                 f, t0 = files[a + i][:2]
                 lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
-                r = doc.spans[i][0]
+                fresh = at[i] not in claimed  # else another load's: read, decoded once
+                claimed.add(at[i])
+                r = docs[at[i][0]].spans[at[i][1]][0]
                 rows.append(torch.arange(r + lo - t0, r + hi - t0))
                 slots.append(slot_ids(load.block_ids, lo, hi, self.block))
                 if rc is not None and rc.check_layer in bufs:  # the check's cached side
@@ -257,27 +256,33 @@ class ConnectorWorker:
                                       k[0, :, rows[-1]].transpose(0, 1).clone(),
                                       v[0, :, rows[-1]].transpose(0, 1).clone()))
                     self.tokens_preloaded += hi - lo
-                    self.bytes_read += f.size_bytes
+                    self.bytes_read += f.size_bytes * fresh
                 elif rc is None and group[0] == min(self.caches):
                     self.tokens_loaded += hi - lo
-                    self.bytes_read += f.size_bytes
+                    self.bytes_read += f.size_bytes * fresh
+                    self.tokens_shared += (hi - lo) * (not fresh)
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
         if not runs:
             return
         started = time.perf_counter()
-        written = {}  # the runs a layer writes -> (rows, slots, first row, one slice)
+        written = {}  # the runs a layer writes -> (rows from lo, slots, lo, hi, one slice)
         for l, (k, v) in bufs.items():
             here = tuple(first for first in sorted(runs) if l >= first)
             if not here:
                 continue
             if here not in written:  # one run of rows is a slice, not a gather (a copy less)
                 rows = torch.cat([runs[f][0] for f in here])
-                r0 = int(rows[0])
-                written[here] = (rows, torch.cat([runs[f][1] for f in here]), r0,
-                                 bool(torch.equal(rows, torch.arange(r0, r0 + len(rows)))))
-            rows, slots, r0, run = written[here]
-            k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [tokens, heads, head_dim]
-            k, v = (k[r0:r0 + len(rows)], v[r0:r0 + len(rows)]) if run else (k[rows], v[rows])
+                lo, hi = int(rows.min()), int(rows.max()) + 1
+                written[here] = (rows - lo, torch.cat([runs[f][1] for f in here]), lo, hi,
+                                 bool(torch.equal(rows, torch.arange(lo, hi))))
+            rows, slots, lo, hi, run = written[here]
+            k, v = k[0].transpose(0, 1)[lo:hi], v[0].transpose(0, 1)[lo:hi]  # [T, H, D]
+            if not run:  # rows repeat (shared entries) or skip: cast once, then gather
+                if k.dtype != self.layout.dtype:
+                    fmt = torch.contiguous_format
+                    k = k.to(self.layout.dtype, memory_format=fmt)
+                    v = v.to(self.layout.dtype, memory_format=fmt)
+                k, v = k[rows], v[rows]
             self.layout.write(self.caches[l], k, v, slots)
         self.store.metrics.staged("write", time.perf_counter() - started)
 
