@@ -224,6 +224,21 @@ def test_a_model_free_store_verifies_its_own_keys(tmp_path, name):
         assert store._base == keying.base_seed(lm.fingerprint, old)
 
 
+def test_batch_capture_soft_caps_attention_logits_as_the_model_does():
+    """Gemma 2 soft-caps its attention logits, which SDPA skips: the corpus job's batch
+    capture ran every row through SDPA, so every layer after the first held other K/V
+    than the model makes (0.04 off in layer 1's keys, 0.1 in the logits)."""
+    from kvcodec.models.batch import capture_batch
+
+    lm = _loaded(TINY["gemma2"]())
+    assert lm.model.config.attn_logit_softcapping
+    ids = token_ids(60, seed=7)[0].tolist()  # inside the window: every layer keeps all
+    own = kvcodec.capture_kv(lm, token_ids=ids)
+    got = capture_batch(lm, [ids, ids[:40]])[0]
+    for a, b in zip(got.keys + got.values, own.keys + own.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_store_refuses_sliding_window_caches(tmp_path):
     lm = _loaded(TINY["gemma2"]())
     kv = kvcodec.capture_kv(lm, token_ids=token_ids(PROMPT, seed=3)[0].tolist())

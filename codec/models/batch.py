@@ -116,7 +116,8 @@ def _row_mask(q_pos: torch.Tensor, n: int, window, dtype) -> torch.Tensor:
 
 def batch_attention(module, query, key, value, attention_mask, **kwargs):
     """Every row's own causal attention over its own tokens (transformers' sdpa function
-    on the unpadded row), plus the attention weights of its last queries."""
+    on the unpadded row; the model's eager function where it soft-caps attention logits,
+    which SDPA would skip), plus the attention weights of its last queries."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch = getattr(_state, "batch", None)
@@ -126,13 +127,18 @@ def batch_attention(module, query, key, value, attention_mask, **kwargs):
     kwargs.pop("position_ids", None)
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
     layer = getattr(module, "layer_idx", 0)
+    softcap = kwargs.get("softcap")  # Gemma 2's logit soft-capping, which SDPA skips
     eager = (eager_attention_function(module, "capture documents one at a time")
-             if batch.window else None)
+             if batch.window or softcap else None)
     for b, n in enumerate(batch.lengths):
         q, k, v = query[b:b + 1, :, :n], key[b:b + 1, :, :n], value[b:b + 1, :, :n]
         mask = _row_mask(torch.arange(n), n, window, query.dtype) if window else None
-        row, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None,
-                                        **kwargs)
+        if softcap:  # the model's own eager function, which soft-caps
+            row, _ = eager(module, q, k, v, _row_mask(torch.arange(n), n, window, query.dtype),
+                           **{**kwargs, "dropout": 0.0})
+        else:
+            row, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None,
+                                            **kwargs)
         out[b, :n] = row[0]
         w = min(batch.window, n)
         if w:
