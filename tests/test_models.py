@@ -239,12 +239,44 @@ def test_batch_capture_soft_caps_attention_logits_as_the_model_does():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_store_refuses_sliding_window_caches(tmp_path):
-    lm = _loaded(TINY["gemma2"]())
-    kv = kvcodec.capture_kv(lm, token_ids=token_ids(PROMPT, seed=3)[0].tolist())
-    store = ChunkStore(tmp_path, lm.fingerprint)
-    with pytest.raises(kvcodec.KVCodecError, match="sliding-window"):
-        store.put(kv)
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_a_store_serves_sliding_window_models(tmp_path, name):
+    """A store's chunks hold every layer's tokens, sliding-window layers too
+    (capture_kv(every_token=True), and the corpus job's batch capture); a load keeps
+    each window's last tokens, as the model's own cache does, and the continuation's
+    logits are the model's own. The windowed capture (what one file of the prompt
+    needs) is refused with a message that says what to do."""
+    from kvcodec.core.config import load_config
+    from kvcodec.models.batch import capture_batch
+
+    lm = _loaded(TINY[name]())
+    window = lm.model.config.sliding_window
+    ids = token_ids(PROMPT + CONT, seed=3)[0].tolist()
+    config = dict(load_config("lossless"), chunk_tokens=64, name="lossless-64")
+    with pytest.raises(kvcodec.KVCodecError, match="every_token=True"):
+        ChunkStore(tmp_path / "w", lm.fingerprint, config).put(
+            kvcodec.capture_kv(lm, token_ids=ids[:PROMPT]))
+    with torch.no_grad():
+        ref = lm.model(input_ids=torch.tensor([ids])).logits[0]
+    for how in ("capture_kv", "capture_batch"):
+        kv = (kvcodec.capture_kv(lm, token_ids=ids[:PROMPT], every_token=True)
+              if how == "capture_kv" else capture_batch(lm, [ids[:PROMPT]])[0])
+        assert kv.uniform and kv.num_tokens == PROMPT
+        store = ChunkStore(tmp_path / how, lm.fingerprint, config)
+        assert store.put(kv) == -(-PROMPT // 64)
+        cache, n = hf.cache_from_store(lm.model, store, ids[:PROMPT])
+        assert n == PROMPT // 64 * 64
+        for layer in cache.layers:
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                assert layer.keys.shape[2] == window - 1 and layer.cumulative_length == n
+                # its own copy of the window, not a view that keeps all n tokens alive
+                assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+            else:
+                assert layer.keys.shape[2] >= n
+        with torch.no_grad():
+            got = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache,
+                           use_cache=True).logits[0]
+        torch.testing.assert_close(got, ref[n:], atol=2e-4, rtol=1e-4)
 
 
 def test_a_fine_tune_is_refused():

@@ -111,7 +111,9 @@ def cache_buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype
 
 def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) -> None:
     """Make layer ``i`` hold the first ``length`` tokens of its buffers: the last
-    ``length`` of a sequence of ``seq_len`` (fewer for a sliding-window span)."""
+    ``length`` of a sequence of ``seq_len`` (fewer for a sliding-window span). A
+    sliding-window layer given more than its window (a store's chunks hold every
+    token) keeps the last ``window - 1``, as the model's own cache does."""
     layer = cache.layers[i]
     if type(layer) is DynamicLayer:  # the model's own layer kinds stay as they are
         if length != seq_len:
@@ -120,7 +122,9 @@ def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) 
                 "but it is a full-attention layer of this model")
         cache.layers[i] = ReservedLayer(kb, vb, length)
         return
-    layer.update(kb[:, :, :length], vb[:, :, :length])
+    window = getattr(layer, "sliding_window", None)
+    first = max(0, length - window + 1) if getattr(layer, "is_sliding", False) else 0
+    layer.update(kb[:, :, first:length], vb[:, :, first:length])  # a copy of the window
     if hasattr(layer, "cumulative_length"):  # a sliding window: positions it has seen
         layer.cumulative_length = seq_len
 

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, KVCodecError
+from ..errors import KVCodecError
 from ..models.batch import capture_batch
 from ..models.capture import default_anchor
 from ..models.tokens import chat_text, document_ids, special_prefix
@@ -90,11 +90,6 @@ class Engine:
 
             name, ratio = parse(spec.evict)
             self._policy = (name, ratio, bool(get_policy(name).needs & {"observed", "replay"}))
-        if spec.mode == "prefix" and _sliding(lm):
-            raise ConfigError(
-                f"{lm.config.model_type} has sliding-window layers, which the store cannot "
-                "hold as prompt prefixes; store its windows with --independent (for "
-                "blending) or encode documents to .kvc files")
         self._lock = threading.Lock()
 
     # -- the calling thread ------------------------------------------------------------
@@ -317,9 +312,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text if isinstance(exc, KVCodecError) else f"{type(exc).__name__}: {text}"
 
-
-def _sliding(lm) -> bool:
-    from transformers import DynamicCache
-
-    return any(getattr(layer, "is_sliding", False)
-               for layer in DynamicCache(config=lm.config).layers)

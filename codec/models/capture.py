@@ -27,7 +27,8 @@ def default_anchor(tokenizer) -> list:
 def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
                max_tokens: int | None = None, prefill_chunk: int = 512,
                progress=None, importance_window: int = IMPORTANCE_WINDOW,
-               anchor=None, chat: bool = False, system: str | None = None) -> KVCache:
+               anchor=None, chat: bool = False, system: str | None = None,
+               every_token: bool = False) -> KVCache:
     """Run the model on ``text`` (or ``token_ids``) and return its KV cache.
 
     ``text`` is tokenized as the start of a prompt (:mod:`kvcodec.models.tokens`: BOS
@@ -53,6 +54,12 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     ``len(anchor) ..``, and ``kv.anchor`` records the anchor (the file keeps
     it, so a chunk made behind another anchor is refused). Such a chunk's text never
     carries a BOS: the anchor stands where it would.
+
+    With ``every_token``, sliding-window layers keep every token too (the model's masks
+    still window their attention), as a :class:`~kvcodec.store.ChunkStore` needs: its
+    chunks serve prompts of any length, and a load keeps each window's last tokens.
+    Without it they keep their last ``window - 1``, the cache the model itself makes
+    (what one ``.kvc`` file of this prompt needs).
 
     Returns
     -------
@@ -83,7 +90,8 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
 
     doc_ids, token_ids = token_ids, (anchor or []) + token_ids
     # An anchored chunk is placed anywhere later, so every layer keeps every token.
-    cache = DynamicCache(config=lm.config) if anchor is None else DynamicCache()
+    whole = every_token or anchor is not None
+    cache = DynamicCache() if whole else DynamicCache(config=lm.config)
     n = len(token_ids)
     window = min(max(0, int(importance_window)), n)
     for start in range(0, n - window, prefill_chunk):

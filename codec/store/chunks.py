@@ -231,8 +231,8 @@ class ChunkStore(StoreObjects, StoreCapacity):
         if not kv.uniform:
             raise KVCodecError(
                 "the store keeps every layer's tokens chunk by chunk, but this cache's "
-                "sliding-window layers hold only their last tokens; encode it into one "
-                ".kvc file instead")
+                "sliding-window layers hold only their last tokens; capture it with "
+                "capture_kv(..., every_token=True) (or encode it into one .kvc file)")
         written, base, tables = 0, len(anchor or ()), None
         for i, key in enumerate(self.keys(kv.token_ids, anchor)):
             rel = keying.entry_name(key)
