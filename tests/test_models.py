@@ -240,14 +240,26 @@ def test_batch_capture_soft_caps_attention_logits_as_the_model_does():
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3"])
-def test_a_store_serves_sliding_window_models(tmp_path, name):
+def test_a_store_serves_sliding_window_models(tmp_path, name, monkeypatch):
     """A store's chunks hold every layer's tokens, sliding-window layers too
     (capture_kv(every_token=True), and the corpus job's batch capture); a load keeps
-    each window's last tokens, as the model's own cache does, and the continuation's
-    logits are the model's own. The windowed capture (what one file of the prompt
-    needs) is refused with a message that says what to do."""
+    each window's last tokens, as the model's own cache does, decodes a sliding layer
+    only from the entry its window starts in, and the continuation's logits are the
+    model's own, also where a damaged last entry moves the windows earlier. The
+    windowed capture (what one file of the prompt needs) is refused with a message
+    that says what to do."""
     from kvcodec.core.config import load_config
     from kvcodec.models.batch import capture_batch
+    from kvcodec.store import batch as batch_mod
+
+    decoded = []  # per document decoded: (first token, layers)
+    real = batch_mod.decode_documents
+
+    def spy(store, docs, threads=0):
+        decoded.extend((d.spans[0][0], sorted(d.bufs)) for d in docs)
+        return real(store, docs, threads)
+
+    monkeypatch.setattr(batch_mod, "decode_documents", spy)
 
     lm = _loaded(TINY[name]())
     window = lm.model.config.sliding_window
@@ -277,6 +289,19 @@ def test_a_store_serves_sliding_window_models(tmp_path, name):
             got = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache,
                            use_cache=True).logits[0]
         torch.testing.assert_close(got, ref[n:], atol=2e-4, rtol=1e-4)
+        full = [l for l, t in enumerate(lm.model.config.layer_types) if t == "full_attention"]
+        # windows of 63 tokens end at 256: they start in the entry of tokens 192-255
+        assert decoded[-2:] == [(0, full), (192, list(range(len(cache.layers))))]
+    entry = store.lookup(ids[:PROMPT])[-1]  # damaged: the prefix ends at 192, and so do
+    data = bytearray(entry.read_bytes())   # the windows (decoded again from there)
+    data[-100] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    cache, n = hf.cache_from_store(lm.model, store, ids[:PROMPT])
+    assert n == 192 and decoded[-1] == (128, list(range(len(cache.layers))))
+    with torch.no_grad():
+        got = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache,
+                       use_cache=True).logits[0]
+    torch.testing.assert_close(got, ref[n:], atol=2e-4, rtol=1e-4)
 
 
 def test_a_fine_tune_is_refused():

@@ -23,6 +23,7 @@ from ..core.kvcache import KVCache
 from ..errors import KVCodecError, ModelMismatchError, ShapeError
 from ..models.attention import check_geometry, model_device, model_dtype
 from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
+from ..store.batch import fill
 from .ragged import ragged_cache
 
 DEFAULT_RESERVE = 256
@@ -213,7 +214,11 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])
-    n = store.fill(bufs, ids, store.lookup(ids, partial=partial), threads)
+    cache = DynamicCache(config=model.config)  # its layer kinds: which slide, how far
+    windows = [getattr(l, "sliding_window", None) if getattr(l, "is_sliding", False) else None
+               for l in cache.layers]
+    n = fill(store, bufs, ids, store.lookup(ids, partial=partial), threads,
+             windows if any(windows) and len(windows) == len(bufs) else None)
     return reserved_cache(model, bufs, n, n), n
 
 
