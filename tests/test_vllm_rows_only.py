@@ -5,11 +5,11 @@ and Mistral models (plumbing and exactness, not quality), served by a real CPU e
 Rows only must pick the same tokens as the path that computes every row after the check
 layer and give the same first-token log-probabilities within 1e-4."""
 import os
-import shutil
 
 import pytest
 import torch
 import transformers
+from tiny_models import with_embedded_tokenizer
 
 import kvcodec
 from kvcodec.blend import Cached, Text
@@ -30,8 +30,6 @@ ARCHS = {
 def _tiny_model_dir(arch: str, root) -> str:
     """A 4-layer random model of ``arch`` saved with the embedded model's tokenizer (its
     vocabulary, so that prompts and anchors tokenize as they do for the real model)."""
-    from kvcodec.models.loading import resolve_model_path
-
     config_cls, model_cls, extra = ARCHS[arch]
     cfg = config_cls(vocab_size=49152, hidden_size=256, intermediate_size=512,
                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -39,13 +37,7 @@ def _tiny_model_dir(arch: str, root) -> str:
                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **extra)
     torch.manual_seed(0)
-    path = root / arch
-    model_cls(cfg).float().eval().save_pretrained(path)
-    src = resolve_model_path(None)
-    for name in os.listdir(src):
-        if "token" in name or name in ("vocab.json", "merges.txt"):
-            shutil.copy(src / name, path / name)
-    return str(path)
+    return with_embedded_tokenizer(model_cls(cfg).float().eval(), root / arch)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -191,3 +191,20 @@ def attention_peak(model: torch.nn.Module, n: int = 300, seed: int = 0) -> list[
     ids = token_ids(n, model.config.vocab_size, seed)
     atts = model(ids, output_attentions=True).attentions
     return [float(a[0, :, -50:].max(-1).values.mean()) for a in atts]
+
+
+def with_embedded_tokenizer(model, path) -> str:
+    """Save ``model`` to ``path`` with the embedded model's tokenizer files (its
+    vocabulary of 49,152: give the model that ``vocab_size``), as a model directory a
+    vLLM engine can serve. Returns the path as a string."""
+    import os
+    import shutil
+
+    from kvcodec.models.loading import resolve_model_path
+
+    model.save_pretrained(path)
+    src = resolve_model_path(None)
+    for name in os.listdir(src):
+        if "token" in name or name in ("vocab.json", "merges.txt"):
+            shutil.copy(src / name, path / name)
+    return str(path)
