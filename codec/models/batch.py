@@ -9,9 +9,26 @@ Why not transformers' padded batch
     a batch (a resumed or scaled-out job batches differently), so :func:`capture_batch`
     switches the model to an attention function (``kvcodec_batch``) that runs every
     row's *own* causal attention over its own length: the projections and MLPs see a
-    padded ``[B, T, D]`` batch (their per-token rows do not depend on the other rows),
-    attention never crosses a row or reaches a pad. The padding is wasted compute;
-    batches of similar lengths (the job sorts them) keep it small.
+    padded ``[B, T, D]`` batch (run in fixed-shape blocks, below, so that their per-token
+    rows do not depend on the other rows), attention never crosses a row or reaches a
+    pad. The padding is wasted compute; batches of similar lengths (the job sorts them)
+    keep it small.
+
+Why the projections run in blocks of ``ROW_BLOCK`` tokens
+    A token's row of ``x @ W.T`` is not the same whatever the other rows: the BLAS picks
+    its kernel and its threads' split of the work from the GEMM's shape, and some splits
+    change the order of the sum over the inner dimension. Seen with MKL's SGEMM, 2
+    threads, AVX-512: ``[M, 1536] @ [1536, 576]`` (SmolLM2's ``down_proj``) rounds a row
+    differently for 64 <= M <= 192 (the inner dimension split between the threads) than
+    for M >= 200; M < 16 takes another kernel and M = 1 a GEMV, with any thread count.
+    A batch's ``[B * T, D]`` and a lone row's ``[n, D]`` then differ from the first
+    layer on. So inside :func:`capture_batch` every ``linear`` of the decoder
+    (:class:`_FixedShapeLinear`) is computed ``ROW_BLOCK`` tokens at a time, the last
+    block zero-padded: every GEMM has the same shape, so the BLAS takes the same kernel
+    and split for each, and a token's row comes out the same in any batch (it depends on
+    neither its place in a block nor the other rows; checked with MKL for blocks of 16 to
+    512). The padding costs at most ``ROW_BLOCK - 1`` tokens a pass, the smaller GEMMs
+    ~5-10% of a batch's time (CPU, 2 threads).
 
 Importance in the same pass
     :func:`kvcodec.capture_kv` reruns the last ``importance_window`` tokens with eager
@@ -25,6 +42,8 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
@@ -34,6 +53,7 @@ from .loading import LoadedModel
 
 IMPLEMENTATION = "kvcodec_batch"
 _state = threading.local()  # the batch being run in this thread (lengths, importance)
+ROW_BLOCK = 256  # tokens per projection GEMM in a batch capture (see the module's doc)
 
 
 class _Batch:
@@ -78,7 +98,8 @@ def capture_batch(lm: LoadedModel, sequences, *, anchor=None,
     model = lm.model
     _state.batch = batch
     try:
-        with attention_implementation(model, IMPLEMENTATION, "capture documents one at a time"):
+        with attention_implementation(model, IMPLEMENTATION, "capture documents one at a time"), \
+                _FixedShapeLinear(_output_weight(model)):
             model(input_ids=ids, position_ids=positions, past_key_values=cache,
                   use_cache=True, logits_to_keep=1)
     finally:
@@ -95,6 +116,52 @@ def capture_batch(lm: LoadedModel, sequences, *, anchor=None,
         kv.anchor = anchor
         out.append(kv)
     return out
+
+
+def _output_weight(model):
+    """The LM head's weight: its logits are not kept, so it runs as it is."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return getattr(head, "weight", None)
+
+
+class _FixedShapeLinear(TorchFunctionMode):
+    """Inside the block, ``F.linear`` (every ``nn.Linear``) runs :func:`fixed_shape_linear`,
+    except with ``skip`` (the LM head's weight). Thread-local, as torch's mode stack is."""
+
+    def __init__(self, skip=None):
+        super().__init__()
+        self.skip = skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is not self.skip:
+                return fixed_shape_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def fixed_shape_linear(input, weight, bias=None, block: int = ROW_BLOCK):
+    """``F.linear(input, weight, bias)`` computed ``block`` rows (tokens) at a time, the
+    last block zero-padded: every GEMM has the shape ``[block, in] @ [in, out]``, so each
+    row's result depends on neither the number of rows nor where the row sits."""
+    k = input.shape[-1]
+    m = input.numel() // k if k else 0
+    if m == 0:
+        return F.linear(input, weight, bias)
+    flat = input.reshape(m, k)
+    full = m - m % block
+    out = flat.new_empty(full + (block if full < m else 0), weight.shape[0])
+    wt = weight.t()
+    for i in range(0, out.shape[0], block):  # the GEMM F.linear runs, into `out`: no copy
+        rows = flat[i:i + block]
+        if i == full:
+            rows = torch.cat([rows, rows.new_zeros(block - rows.shape[0], k)])
+        if bias is None:
+            torch.mm(rows, wt, out=out[i:i + block])
+        else:
+            torch.addmm(bias, rows, wt, out=out[i:i + block])
+    return out[:m].reshape(*input.shape[:-1], weight.shape[0])
 
 
 def _pad_id(lm) -> int:
