@@ -75,7 +75,11 @@ def test_anchored_capture_drops_the_anchor_and_records_it(lm, texts):
     kv = kvcodec.capture_kv(lm, texts["gpl3"][:600], anchor=anchor)
     full = kvcodec.capture_kv(lm, token_ids=anchor + kv.token_ids, importance_window=0)
     assert kv.anchor == anchor and kv.num_tokens == full.num_tokens - len(anchor)
-    torch.testing.assert_close(kv.keys[5], full.keys[5][:, :, len(anchor):])
+    # The same keys up to GEMM rounding: the anchored capture prefills in other shapes
+    # (the anchor, then the text), and MKL's SGEMM splits the sum over its 2 threads by
+    # the row count (2.4e-5 seen); rows misaligned by the anchor would be off by O(1).
+    torch.testing.assert_close(kv.keys[5], full.keys[5][:, :, len(anchor):], atol=1e-4,
+                               rtol=1e-4)
     with kvcodec.open(kvcodec.encode(kv)) as f:
         assert f.anchor == anchor and f.position_offset == len(anchor)
 
