@@ -33,25 +33,23 @@ def plan_group(jobs: list, group: list, pool):
         return owners, [], [], {}
     planned, seen, where = [], {}, [None] * len(owners)
 
-    def plan(run: list, keys: list) -> list:
-        seen.update((key, (len(planned), j)) for j, key in enumerate(keys))
-        planned.append(run)
-        return [(len(planned) - 1, j) for j in range(len(run))]
+    def plan(new: list) -> list:  # new: (entry, key) of a run of entries not seen yet
+        seen.update((key, (len(planned), j)) for j, (_, key) in enumerate(new))
+        planned.append([e for e, _ in new])
+        return [(len(planned) - 1, j) for j in range(len(new))]
 
     for o, (_, files, a, b) in enumerate(owners):
         anchored = files[a][3].anchor is not None  # rotated to where it lands
-        keys = [(str(e[2]), e[1] if anchored else None) for e in files[a:b]]
         where[o], new = [], []
-        for e, key in zip(files[a:b], keys):
+        for e in files[a:b]:
+            key = (str(e[2]), e[1] if anchored else None)
             if key in seen:
-                if new:
-                    where[o] += plan([x for x, _ in new], [k for _, k in new])
-                    new = []
+                where[o] += plan(new) if new else []
+                new = []
                 where[o].append(seen[key])
             else:
                 new.append((e, key))
-        if new:
-            where[o] += plan([x for x, _ in new], [k for _, k in new])
+        where[o] += plan(new) if new else []
     bufs = pool.views(group, sum(e[0].num_tokens for run in planned for e in run))
     docs, row = [], 0
     for run in planned:
