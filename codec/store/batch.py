@@ -171,8 +171,8 @@ def _decode_prefix(store, files, locs, bufs, spans, windows, threads) -> int:
             runs.append((i, i + 1, need))
     for a, b, need in runs:
         if need:
-            docs.append(Document(files[a:b], locs[a:b], {l: bufs[l] for l in need},
-                                 spans[a:b]))
+            docs.append(Document(files[a:b], locs[a:b], bufs if len(need) == len(bufs)
+                                 else {l: bufs[l] for l in need}, spans[a:b]))
     landed = iter(decode_documents(store, docs, threads))
     total = 0
     for a, b, need in runs:  # a run no layer needs lands undecoded
