@@ -199,10 +199,11 @@ def batch_attention(module, query, key, value, attention_mask, **kwargs):
              if batch.window or softcap else None)
     for b, n in enumerate(batch.lengths):
         q, k, v = query[b:b + 1, :, :n], key[b:b + 1, :, :n], value[b:b + 1, :, :n]
-        mask = _row_mask(torch.arange(n), n, window, query.dtype) if window else None
+        # eager needs a mask (causal, windowed where the layer slides); SDPA only a window
+        mask = (_row_mask(torch.arange(n), n, window, query.dtype) if window or softcap
+                else None)
         if softcap:  # the model's own eager function, which soft-caps
-            row, _ = eager(module, q, k, v, _row_mask(torch.arange(n), n, window, query.dtype),
-                           **{**kwargs, "dropout": 0.0})
+            row, _ = eager(module, q, k, v, mask, **{**kwargs, "dropout": 0.0})
         else:
             row, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None,
                                             **kwargs)
