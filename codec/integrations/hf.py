@@ -110,6 +110,11 @@ def cache_buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype
              torch.empty((1, heads, t, head_dim), dtype=dtype, device=device)) for t in tokens]
 
 
+def _window(layer):
+    """A cache layer's sliding window, or None for a full-attention layer."""
+    return getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+
+
 def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) -> None:
     """Make layer ``i`` hold the first ``length`` tokens of its buffers: the last
     ``length`` of a sequence of ``seq_len`` (fewer for a sliding-window span). A
@@ -123,8 +128,8 @@ def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) 
                 "but it is a full-attention layer of this model")
         cache.layers[i] = ReservedLayer(kb, vb, length)
         return
-    window = getattr(layer, "sliding_window", None)
-    first = max(0, length - window + 1) if getattr(layer, "is_sliding", False) else 0
+    window = _window(layer)
+    first = max(0, length - window + 1) if window else 0
     layer.update(kb[:, :, first:length], vb[:, :, first:length])  # a copy of the window
     if hasattr(layer, "cumulative_length"):  # a sliding window: positions it has seen
         layer.cumulative_length = seq_len
@@ -214,9 +219,7 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])
-    cache = DynamicCache(config=model.config)  # its layer kinds: which slide, how far
-    windows = [getattr(l, "sliding_window", None) if getattr(l, "is_sliding", False) else None
-               for l in cache.layers]
+    windows = [_window(l) for l in DynamicCache(config=model.config).layers]
     n = fill(store, bufs, ids, store.lookup(ids, partial=partial), threads,
              windows if any(windows) and len(windows) == len(bufs) else None)
     return reserved_cache(model, bufs, n, n), n
