@@ -36,9 +36,12 @@ from .common import (Status, capture, chat_options, check_chat, model_option, pa
               help="Keep only RATIO of each head's tokens, ranked by POLICY "
                    f"({', '.join(sorted(kvcodec.evict.POLICIES))}; wrap with +window), "
                    "scored during the capture, e.g. snapkv:0.25.")
+@click.option("--embed-codebook", is_flag=True,
+              help="For configs coded in KLT bases (calibrate --klt): put their codebook "
+                   "into the file, so that it decodes where the codebook is not installed.")
 @chat_options
 def encode(source, output, config, model, max_tokens, chunk_tokens, threads, target_kl,
-           independent, evict_spec, chat, system):
+           independent, evict_spec, embed_codebook, chat, system):
     """Encode SOURCE into a .kvc file.
 
     SOURCE is a text file (run through the model to capture its KV cache) or a
@@ -76,7 +79,8 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
             kv = capture(lm, text, max_tokens, label, independent, chat, system)
     with Status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens,
-                              threads=threads, target_kl=target_kl)
+                              threads=threads, target_kl=target_kl,
+                              embed_codebook=embed_codebook)
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
     click.echo(f"wrote {output}: {len(data):,} bytes, "

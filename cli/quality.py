@@ -99,8 +99,16 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
               help="Refine this model's earlier calibration instead: keep its steps, add "
                    "key steps per channel from the queries (unless --no-query-weights) "
                    "and measure its rate curve (a few minutes; no sensitivity pass).")
+@click.option("--klt", is_flag=True,
+              help="Code every stream in per-head KLT bases fitted on the calibration texts "
+                   "(format v7): a codebook written beside the config (--codebook-dir), "
+                   "the rate curve measured again.")
+@click.option("--codebook-dir", default=None, type=click.Path(file_okay=False),
+              help="Where --klt writes the codebook [default: codebooks/ in the user config "
+                   "directory, where readers look].")
 def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, query_weights,
-              prefill, continuation, token_importance, rate_margin, source):
+              prefill, continuation, token_importance, rate_margin, source, klt,
+              codebook_dir):
     """Choose per-layer, per-K/V, per-head steps that meet --target-kl in the fewest bits.
 
     The config is keyed to the model's fingerprint (weights included): written to the
@@ -139,9 +147,10 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
     click.echo(f"calibrating {lm.fingerprint['architecture']} ({cal.num_layers} layers, "
                f"{cal.kv_heads} KV heads) on {len(cal.cases)} text(s): about "
                f"{minutes:.1f} min on this machine", err=True)
+    klt = (codebook_dir,) if klt else None
     if source:
         return _refine(cal, lm, key, model, Path(source), output, name, query_weights,
-                       paths, rate_margin)
+                       paths, rate_margin, klt)
     if not fast:
         sens = with_bar("measuring sensitivities",
                         lambda p: cal.sensitivities(per_head=not per_layer, progress=p))
@@ -194,11 +203,39 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
             f"(--target-kl {target_kl}{why}) even at the finest step searched "
             f"(~{info['payload_bits_per_element']:.2f} bits/element); no config written. "
             "Use the model-free default, or a higher --target-kl")
+    if klt:
+        cfg, info = _klt(cal, cfg, info, klt[0], target_kl)
     cfg = {"name": cfg.pop("name"), "model_key": key,
            "model_name": kvcodec.models.model_name(model), **cfg}
     cfg["calibration"] = {"target_kl": target_kl, "texts": [p.name for p in paths],
                           "model": _recorded(lm), **info}
     _write(output, cfg, info)
+
+
+def _klt(cal, cfg: dict, info: dict, folder, target_kl=None) -> tuple:
+    """``--klt``: ``cfg`` coded in bases fitted on the calibration caches (the codebook
+    saved in ``folder``), its rate curve measured again; with ``target_kl`` (a
+    calibration that searched for one) the config records it, so that its steps land on
+    the target along the new curve."""
+    from kvcodec.core import codebook
+    from kvcodec.quality.transform import calibration_caches, klt_config
+
+    with Status("fitting per-head KLT bases"):
+        out, book = klt_config(cfg, calibration_caches(cal),
+                               note=f"kvcodec calibrate --klt for {cfg.get('name', '?')}")
+    path = codebook.save(book, folder)
+    factors = (0.5, 0.7, 1.0, 1.4, 2.0)
+    points = with_bar("measuring the klt rate curve", lambda p: cal.rate_points(out, factors, p))
+    out["rate_curve"] = sorted(points)
+    if target_kl is not None:
+        out["target_kl"] = target_kl
+    out["description"] = (out.get("description", "").rstrip(".") + "; then every stream coded "
+                          f"in per-head KLT bases (codebook {book.digest[:16]}, kvcodec "
+                          "calibrate --klt).")
+    click.echo(f"wrote codebook {path}", err=True)
+    kl, bits = points[factors.index(1.0)][1:]
+    return out, {**info, "kl": kl, "payload_bits_per_element": bits, "klt": True,
+                 "codebook": book.digest}
 
 
 def _default_output(model, key: str) -> Path:
@@ -224,7 +261,8 @@ def _write(output, cfg: dict, info: dict) -> None:
                f"~{info['payload_bits_per_element']:.3f} bits/element payload")
 
 
-def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rate_margin):
+def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rate_margin,
+            klt=None):
     """``kvcodec calibrate --from``: the calibration at ``source`` kept at its steps, with
     query weights and a measured rate curve, written as :func:`calibrate` writes."""
     from kvcodec.core.config import load_config
@@ -236,6 +274,8 @@ def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rat
                           f"{old['model_key']}, this one {key})")
     cfg, info = with_bar("measuring the rate curve",
                          lambda p: cal.refine(old, query_weights, p))
+    if klt:
+        cfg, info = _klt(cal, cfg, info, klt[0])
     if rate_margin is not None:
         cfg["rate_margin"] = rate_margin
     if output is None:

@@ -35,6 +35,10 @@ class ConfigError(KVCodecError):
     """A codec configuration is invalid."""
 
 
+class CodebookError(ConfigError):
+    """A config or file names a codebook (:mod:`kvcodec.core.codebook`) that is not here."""
+
+
 class CalibrationError(ConfigError):
     """A calibration could not meet its quality target (no config was written)."""
 

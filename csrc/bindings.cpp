@@ -212,9 +212,9 @@ float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_
 // add_rows]]) -> spec; with add_rows > 0, add is [ceil(rows / add_rows), C]. The caller
 // holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
-  if (d.size() < 7 || d.size() > 9) {
-    throw py::value_error(
-        "dequant: expected (grid, mult, half_range, heads, out, cos, sin[, add[, add_rows]])");
+  if (d.size() < 7 || d.size() > 10) {
+    throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin[, "
+                          "add[, add_rows[, basis]]])");
   }
   kvc::DequantSpec spec{};
   spec.half_range = d[2].cast<int>();
@@ -228,13 +228,17 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
   spec.head_dim = (channels - 1) / spec.heads;
   spec.grid = float_data(d[0], "dequant grid", 256);
   spec.mult = float_data(d[1], "dequant mult", (size_t)channels - 1);
-  if (d.size() == 9) {
+  if (d.size() >= 9) {
     spec.add_rows = d[8].cast<int>();
     if (spec.add_rows < 0) throw py::value_error("dequant: add_rows must be >= 0");
   }
   if (d.size() >= 8 && !d[7].is_none()) {
     const size_t blocks = spec.add_rows ? ((size_t)rows + spec.add_rows - 1) / spec.add_rows : 1;
     spec.add = float_data(d[7], "dequant add", std::max<size_t>(blocks, 1) * (channels - 1));
+  }
+  if (d.size() == 10 && !d[9].is_none()) {
+    spec.basis = float_data(d[9], "dequant basis",
+                            (size_t)spec.heads * spec.head_dim * spec.head_dim);
   }
   spec.out = strided_out(d[4], spec.heads, rows, spec.head_dim, &spec.head_stride);
   if (!d[5].is_none()) {
@@ -711,4 +715,20 @@ PYBIND11_MODULE(_native, m) {
       "Absmax quantizer over layers: x float32 [N, T, C], inv float32 [N, T] (M / scale "
       "as PyTorch rounds it), M per layer -> uint8 round(x * inv + M) clamped to [0, 2M].");
   m.def("max_encoded_size", &max_encoded_size, py::arg("tokens"), py::arg("channels"));
+  m.def(
+      "dequant_symbols",
+      [](const py::object& sym_obj, const py::tuple& d) {
+        py::array sym = checked(sym_obj, "symbols", 'u', 1, 2);
+        const int rows = (int)sym.shape(0), channels = (int)sym.shape(1);
+        kvc::DequantSpec spec = check_dequant(d, rows, channels);
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = kvc::dequant_token(static_cast<const uint8_t*>(sym.data()), rows, spec);
+        }
+        return err;
+      },
+      py::arg("symbols"), py::arg("dequant"),
+      "Dequantize per-token-step symbols uint8 [rows, C + 1] (C-contiguous) with a dequant "
+      "tuple as decode_many takes it; returns '' or the error message.");
 }

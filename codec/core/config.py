@@ -31,40 +31,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from .paths import CONFIG_DIR, config_dirs, user_config_dir  # noqa: F401 (API)
 from .quant import make_quantizer, validate_token_importance
 from .rate import check_rate_curve, for_target_kl
 
-# The repository's configs/ (editable installs: the package is the source tree's codec/,
-# beside setup.py) and the copy inside the package (wheels). A folder named configs that
-# merely sits beside an installed package in site-packages is not ours.
-_PACKAGE = Path(__file__).resolve().parent.parent
-_TREE = _PACKAGE.parent
-CONFIG_DIR = _TREE / "configs" if (_TREE / "setup.py").is_file() else _PACKAGE / "configs"
-_PACKAGED = _PACKAGE / "configs"
 DEFAULT_CHUNK_TOKENS = 256
 MAX_CHUNK_TOKENS = 1 << 16
 #: The config field :func:`for_model` applies (and a file never records).
 FULL_ATTENTION_KEY_SCALE = "full_attention_key_scale"
 # Layer types that attend to a window of recent tokens only (transformers' names).
 _LOCAL_LAYERS = ("sliding_attention", "chunked_attention")
-
-
-def config_dirs() -> list[Path]:
-    return [d for d in dict.fromkeys((CONFIG_DIR, _PACKAGED)) if d.is_dir()]
-
-
-def user_config_dir() -> Path:
-    """Where ``kvcodec calibrate`` puts configs keyed to a model, which ``encode`` then
-    picks up for ``config="default"``: ``$KVCODEC_CONFIG_DIR``, else the ``configs``
-    folder of ``$KVCODEC_CACHE`` (default ``~/.cache/kvcodec/configs``)."""
-    if os.environ.get("KVCODEC_CONFIG_DIR"):
-        return Path(os.environ["KVCODEC_CONFIG_DIR"])
-    cache = os.environ.get("KVCODEC_CACHE") or Path.home() / ".cache" / "kvcodec"
-    return Path(cache) / "configs"
 
 
 # What identifies a model's weights for a calibration (see kvcodec.models.fingerprint).
@@ -81,20 +60,29 @@ def model_key(fingerprint: dict | None) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibrated_config_path(fingerprint: dict | None) -> Path | None:
-    """The calibrated config for this model: shipped (``configs/calibrated/``) or made by
-    ``kvcodec calibrate`` (:func:`user_config_dir`); the user's win."""
+def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> Path | None:
+    """The calibrated config of this model named ``name``: shipped
+    (``configs/calibrated/``) or made by ``kvcodec calibrate`` (:func:`user_config_dir`);
+    the user's win. ``"default"`` falls back to any of the folder's configs of the model
+    (calibrations written under another name)."""
     key = model_key(fingerprint)
     if key is None:
         return None
     dirs = [user_config_dir()] + [d / "calibrated" for d in config_dirs()]
     for d in dirs:
+        other = None
         for path in sorted(d.glob("*.json")) if d.is_dir() else ():
             try:
-                if json.loads(path.read_text()).get("model_key") == key:
-                    return path
+                cfg = json.loads(path.read_text())
+                if cfg.get("model_key") != key:
+                    continue
             except (OSError, ValueError, AttributeError):
                 continue  # not a config of ours; load_config reports it if asked by name
+            if cfg.get("name") == name:
+                return path
+            other = other or path
+        if other is not None and name == "default":
+            return other
     return None
 
 
@@ -110,8 +98,9 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
     """A validated config from a name (``"default"``, ``"cachegen"``), a path, or a dict
     (copied unless ``copy_dict`` is False, for a dict the caller just parsed).
 
-    ``"default"`` with a ``model`` fingerprint is that model's calibrated config where one
-    exists (:func:`calibrated_config_path`); otherwise the model-free default, whose
+    A name with a ``model`` fingerprint is that model's calibrated config of that name
+    where one exists (:func:`calibrated_config_path`; the embedded model ships
+    ``"default"`` and ``"klt"``). ``"default"`` otherwise is the model-free default, whose
     per-token steps follow each token's own magnitude, so it suits any model.
     ``target_kl`` (or the config's own ``"target_kl"`` field) scales its steps along its
     measured rate curve (:mod:`kvcodec.core.rate`).
@@ -121,7 +110,8 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
     else:
         spec = str(spec)
         path = Path(spec)
-        calibrated = calibrated_config_path(model) if spec == "default" else None
+        calibrated = calibrated_config_path(model, spec) if model and not path.is_file() \
+            else None
         if calibrated is not None:
             path = calibrated
         elif not path.is_file():

@@ -70,6 +70,9 @@ class Quantizer:
     side_per_token: int = 0
     extra_channels: int = 0
     alphabet: int = 0
+    #: True for quantizers that code a transform of the channels (``klt``), whose
+    #: decoders need its inverse (``dequant_basis``).
+    transformed: bool = False
 
     def coded_columns(self, channels: int) -> int:
         """Symbol columns per token for ``channels`` channels."""
@@ -209,6 +212,14 @@ class Uniform(Quantizer):
             got.flags.writeable = False
         return got
 
+    def dequant_mult(self, channels: int) -> np.ndarray:
+        """The native dequantizer's per-column step multipliers (read-only)."""
+        return self.head_mult_array(channels)
+
+    def dequant_basis(self, channels: int):
+        """The native dequantizer's inverse transform (``klt``), or None."""
+        return None
+
     def head_mult(self, channels: int) -> torch.Tensor:
         """Per-channel step multipliers ``[C]`` from ``head_scale`` (1 without it)."""
         if self.head_scale is None:
@@ -240,8 +251,18 @@ class Uniform(Quantizer):
         # single layer's quantize does: PyTorch vectorizes all but a tail of each call, and
         # its vector and scalar log2 may differ in the last bit, so batching them would
         # move the tail. Everything else is elementwise and exactly rounded: batched.
-        n, c = len(qs), x.shape[2]
-        if qs[0].center:
+        x, code = Uniform.token_codes(qs, x, params, step_mults)
+        mult = torch.stack([q.head_mult(x.shape[2]) for q in qs])
+        sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
+                                       [q.r for q in qs], threads)
+        return [(sym[i], None) for i in range(len(qs))]
+
+    @staticmethod
+    def token_codes(qs, x, params, step_mults, center=None):
+        """``(x centered where the quantizers center (or ``center`` says), per-token step
+        codes uint8 [L, T])`` of ``x [L, T, C]`` (see :meth:`quantize_layers`)."""
+        n = len(qs)
+        if qs[0].center if center is None else center:
             x = x - torch.stack([torch.from_numpy(p["mean"]).float() for p in params])[:, None]
         sq = x.pow(2)
         rms = torch.stack([sq[i].mean(dim=1) for i in range(n)]).sqrt()
@@ -252,11 +273,7 @@ class Uniform(Quantizer):
         log = torch.stack([torch.log2(target[i]) for i in range(n)])
         code = torch.round(8 * log) + 128
         code = torch.where(target > 0, code.clamp(1, 255), torch.zeros_like(code))
-        code = code.to(torch.uint8)
-        mult = torch.stack([q.head_mult(c) for q in qs])
-        sym = _native().quantize_token(_f32(x), code.numpy(), STEP_GRID, _f32(mult),
-                                       [q.r for q in qs], threads)
-        return [(sym[i], None) for i in range(n)]
+        return x, code.to(torch.uint8)
 
     def dequantize(self, symbols, params, side):
         if self.scale == "token":
@@ -358,6 +375,12 @@ def token_step_multipliers(importance: torch.Tensor, spec: dict, skip: int = 0) 
 
 
 _TYPES = {"absmax_token": AbsmaxToken, "uniform": Uniform, "lossless": Lossless}
+
+
+def register_quantizer(name: str, cls) -> None:
+    """Make ``cls(spec)`` the quantizer of type ``name`` (:mod:`.klt` registers itself
+    when :mod:`kvcodec.core` is imported)."""
+    _TYPES[name] = cls
 
 
 def make_quantizer(spec: dict, dtype: torch.dtype = torch.float16) -> Quantizer:

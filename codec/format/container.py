@@ -47,11 +47,13 @@ MAGIC = b"\x89KVC\r\n\x1a\n"
 # v6: the header may say ``"shared_tables": "<digest>"``: the file's streams are coded
 # with probability tables kept once by its store (:mod:`kvcodec.format.shared`), not in
 # its tables section; only store entries coded that way are written as v6.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
+TRANSFORM_VERSION = 7
+SHARED_VERSION = 6
 CENTERED_VERSION = 5
 EVICTED_VERSION = 4
 DENSE_VERSION = 3
-READABLE_VERSIONS = (2, 3, 4, 5, 6)
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)
 PREAMBLE = struct.Struct("<8sIIII")
 MAX_HEADER_BYTES = 64 << 20
 DATA_ALIGN = 64

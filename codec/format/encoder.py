@@ -12,6 +12,7 @@ import torch
 from .. import _version
 from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, load_config,
                            resolve_layers)
+from ..core import codebook
 from ..core.kvcache import KVCache
 from ..core.quant import make_quantizer
 from ..core.transforms import applied_key_transform, layer_ropes
@@ -49,6 +50,11 @@ class Encoder:
         Ask for a quality instead of steps: the config's steps are scaled along the rate
         curve its calibration measured for the model (:mod:`kvcodec.core.rate`;
         ``kvcodec calibrate --fast`` makes one in about a minute).
+    embed_codebook : bool
+        For configs with ``klt`` streams (format version 7): put the codebook they name
+        into every file (``codebook`` section), so that the file decodes anywhere. By
+        default a file names it and readers find it (:func:`kvcodec.core.codebook.get`):
+        a codebook is ~1.5 MB for a 135M model, as much as a 700-token file.
 
     What depends only on these is done here, once: the config is loaded, checked and
     applied to the model (:func:`~kvcodec.core.config.for_model`), and per layer count
@@ -59,8 +65,9 @@ class Encoder:
 
     def __init__(self, config="default", fingerprint: dict | None = None, *,
                  chunk_tokens: int | None = None, threads: int = 0,
-                 target_kl: float | None = None):
+                 target_kl: float | None = None, embed_codebook: bool = False):
         self.fingerprint = fingerprint
+        self.embed_codebook = bool(embed_codebook)
         self.config = load_config(config, copy_dict=False, model=fingerprint,
                                   target_kl=target_kl)
         if isinstance((fingerprint or {}).get("num_layers"), int):
@@ -213,7 +220,15 @@ class Encoder:
             version = container.CENTERED_VERSION
         if coder.shared:  # version 6: coded with a store's tables, which it does not hold
             header["shared_tables"] = tables.digest
-            version = container.FORMAT_VERSION
+            version = container.SHARED_VERSION
+        books = codebooks(cfg)
+        if books:  # version 7: klt streams, whose bases a codebook holds
+            version = container.TRANSFORM_VERSION
+            if len(books) > 1:
+                raise ConfigError(f"a config's klt streams must share one codebook; this one "
+                                  f"names {len(books)}")
+            if self.embed_codebook:
+                sections.insert(-1, ("codebook", codebook.get(books[0]).to_bytes(), True))
         data = container.build(header, sections, version)
         if path is not None:
             atomic_write(path, data)
@@ -253,6 +268,13 @@ class Encoder:
         return SharedTables.from_levels(coder.levels(kv))
 
 
+def codebooks(cfg: dict) -> list:
+    """The codebook digests a config's quantizers name (``klt`` streams), in order."""
+    names = [rule["quantizer"]["basis"]["codebook"] for kind in ("key", "value")
+             for rule in cfg.get(kind, ()) if rule["quantizer"].get("type") == "klt"]
+    return list(dict.fromkeys(names))
+
+
 def _centered(cfg: dict) -> bool:
     return any(rule["quantizer"].get("center") for kind in ("key", "value")
                for rule in cfg.get(kind, ()))
@@ -261,9 +283,10 @@ def _centered(cfg: dict) -> bool:
 def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
            threads: int = 0, token_ids=None, model: dict | None = None,
            position_offset: int | None = None, importance=None, anchor=None,
-           target_kl: float | None = None) -> bytes:
+           target_kl: float | None = None, embed_codebook: bool = False) -> bytes:
     """Compress a KV cache into .kvc bytes: :class:`Encoder` ``(config, model or
-    kv.model, chunk_tokens=..., threads=..., target_kl=...).encode(kv, path, ...)``.
+    kv.model, chunk_tokens=..., threads=..., target_kl=..., embed_codebook=...).encode(kv,
+    path, ...)``.
     Code many caches with one :class:`Encoder` instead.
 
     Returns
@@ -273,7 +296,8 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
     """
     kv = as_kvcache(kv)
     return Encoder(config, kv.model if model is None else model, chunk_tokens=chunk_tokens,
-                   threads=threads, target_kl=target_kl).encode(kv, path, token_ids=token_ids,
+                   threads=threads, target_kl=target_kl,
+                   embed_codebook=embed_codebook).encode(kv, path, token_ids=token_ids,
                                            position_offset=position_offset,
                                            importance=importance, anchor=anchor)
 

@@ -51,7 +51,7 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
         if not fused:
             t.symbols = np.empty((len(pos), m.coded_columns(q)), dtype=np.uint8)
         p = params[(l, k, head)]
-        mult = np.ascontiguousarray(q.head_mult(d).numpy()) if fused else None
+        mult = q.dequant_mult(d) if fused else None
         add = (np.ascontiguousarray(p["mean"], dtype=np.float32)
                if fused and q.center else None)
         jobs, sides, r0 = [], [], 0
@@ -66,7 +66,7 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
                 deq = Dequant(STEP_GRID, mult, q.r, 1,
                               view[0].numpy() if in_place else
                               np.empty((1, rows_here, d), dtype=np.float32),
-                              scratch=not in_place, add=add)
+                              scratch=not in_place, add=add, basis=q.dequant_basis(d))
                 jobs.append(Job([blob], dtab[(l, k, head)], (rows_here, m.coded_columns(q)),
                                 deq))
                 t.fused.append((deq, view))

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import torch
 
+from ..core import codebook
 from ..core.config import (FULL_ATTENTION_KEY_SCALE, MAX_CHUNK_TOKENS, load_config,
                            resolve_layers)
 from ..core.quant import make_quantizer
@@ -108,6 +109,7 @@ class FileHeader:
         self.evicted = self._evicted(h.get("evicted"), reader.version)
         self.config, specs, self._parsed = self._parse_config()
         self._set_streams(specs)
+        self.codebook = self._codebook()
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
         self.anchor = self._anchor(h.get("anchor"))
@@ -119,13 +121,34 @@ class FileHeader:
         if (self.key_transform is None) != (self.config.get("key_transform") is None):
             raise CorruptError(f"{name}: key_transform does not match the codec config")
         self.layer_tokens = self._layer_tokens(h.get("layer_tokens"), reader.version)
-        # First position of each layer's span.
-        self.starts = [self.num_tokens - t for t in self.layer_tokens]
+        self.starts = [self.num_tokens - t for t in self.layer_tokens]  # each span's first
         self.shared_tables = self._shared_tables(h.get("shared_tables"))
         self.kept = None
         if self.evicted:
             self.kept = self._load_kept()
             self._kept_counts = kept_counts(self.kept)
+
+    def _codebook(self) -> str | None:
+        """The codebook digest of the ``klt`` streams (v7), found now (one the file
+        embeds first): a missing one is a CodebookError at open, not at decode."""
+        klt = {id(q): q for q in self.quant.values() if q.transformed}.values()
+        books = {q.codebook for q in klt}
+        if not books:
+            return None
+        name = self._r.name
+        if self._r.version < 7 or len(books) > 1:
+            raise CorruptError(f"{name}: klt streams need a format v7 file naming one "
+                               f"codebook (version {self._r.version}, {len(books)} codebooks)")
+        digest = books.pop()
+        if "codebook" in self._r.sections:
+            if self._r.section_bounds("codebook")[1] > codebook.MAX_BYTES:
+                raise CorruptError(f"{name}: codebook section larger than a codebook")
+            codebook.register_bytes(self._r.read_section("codebook"), digest,
+                                    f"{name}: section 'codebook'")
+        codebook.get(digest)  # here, even where quantizers built before keep its bases
+        for q in klt:
+            q.matrices(self.stream_channels)
+        return digest
 
     def _shared_tables(self, digest) -> str | None:
         if digest is None:
@@ -351,20 +374,17 @@ class FileHeader:
                                if self.config.get("model_key") else None),
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim, "num_tokens": self.num_tokens,
-            "layer_tokens": self.layer_tokens,
-            "evicted": self.evicted,
+            "layer_tokens": self.layer_tokens, "evicted": self.evicted,
             "kept_fraction": float(self.kept_counts().sum()) / (
                 self.num_layers * self.num_kv_heads * self.num_tokens),
             "position_offset": self.position_offset,
             "anchor_tokens": None if self.anchor is None else len(self.anchor),
             "chunk_tokens": self.chunk_tokens, "num_chunks": self.num_chunks,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "elements": self.numel(),
+            "dtype": str(self.dtype).replace("torch.", ""), "elements": self.numel(),
             "bits_per_element": self.bits_per_element(),
             "compression_vs_fp16": self.numel() * 2 / self.size_bytes,
-            "sections": sections,
-            "shared_tables": self.shared_tables,
-            "header_bytes": self._r.data_start,
+            "sections": sections, "shared_tables": self.shared_tables,
+            "codebook": self.codebook, "header_bytes": self._r.data_start,
         }
 
 

@@ -75,7 +75,9 @@ def head_spec(spec: dict, head: int, heads: int, head_dim: int) -> dict:
     over a layer's ``heads * head_dim`` channels, see :class:`~kvcodec.core.quant.Uniform`)
     cut to that head's channels, one value where they are alike (the calibrated configs'
     one per KV head). The multipliers are float32 either way, so they equal the dense
-    layout's bit for bit."""
+    layout's bit for bit. A ``klt`` stream's basis names the head it takes."""
+    if spec.get("type") == "klt":  # its head's basis
+        spec = dict(spec, basis=dict(spec.get("basis") or {}, head=head))
     scale = spec.get("head_scale")
     if scale is None:
         return spec

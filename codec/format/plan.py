@@ -36,7 +36,9 @@ class Dequant:
     array copied there afterwards), cos/sin of the rows' positions for keys (None:
     not rotated natively), and ``add``, the per-channel offset a centered stream adds
     back before RoPE (None: none; with ``add_rows``, ``[blocks, channels]``: one row of
-    offsets per ``add_rows`` rows, for entries decoded as one stream, :mod:`.stacked`)."""
+    offsets per ``add_rows`` rows, for entries decoded as one stream, :mod:`.stacked`),
+    and ``basis``, a ``klt`` stream's inverse transform (``[heads, head_dim, head_dim]``,
+    :mod:`kvcodec.core.klt`; None for channel-coded streams)."""
 
     grid: np.ndarray
     mult: np.ndarray
@@ -48,10 +50,13 @@ class Dequant:
     scratch: bool = False
     add: np.ndarray | None = None
     add_rows: int = 0
+    basis: np.ndarray | None = None
 
     def native(self) -> tuple:
         args = (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
                 self.sin, self.add)
+        if self.basis is not None:
+            return args + (self.add_rows, self.basis)
         return args + (self.add_rows,) if self.add_rows else args
 
 

@@ -176,8 +176,8 @@ class KVCFile:
             mean = self._means.get(key)
             if mean is None:
                 mean = self._means[key] = np.ascontiguousarray(params["mean"], dtype=np.float32)
-        return Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, out, cos, sin,
-                       scratch=not in_place, add=mean)
+        return Dequant(STEP_GRID, q.dequant_mult(h * d), q.r, h, out, cos, sin,
+                       scratch=not in_place, add=mean, basis=q.dequant_basis(h * d))
 
     def rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that

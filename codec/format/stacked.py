@@ -80,8 +80,9 @@ def plan_stack(files: list, bufs, spans: list,
         if rope is not None:
             cos, sin = f0.rope_arrays(base, rows, rope)
         h, d = arr.shape[0], arr.shape[2]
-        deq = Dequant(STEP_GRID, q.head_mult_array(h * d), q.r, h, arr, cos, sin, add=add,
-                      add_rows=m0.chunk_tokens if add is not None else 0)
+        deq = Dequant(STEP_GRID, q.dequant_mult(h * d), q.r, h, arr, cos, sin, add=add,
+                      add_rows=m0.chunk_tokens if add is not None else 0,
+                      basis=q.dequant_basis(h * d))
         t = Target(f"{m0.name} .. {files[-1].meta.name}: layer {l} {k}s", view, q,
                    params[0][(l, k)], rope=rope, base=base, rotated=rope is not None)
         t.fused.append((deq, None))

@@ -31,7 +31,7 @@ Staged = namedtuple("Staged", "records name keep finish")  # one file's part; na
 def fused(q) -> bool:
     """Streams the kernel dequantizes itself: per-token-step ``uniform``, centered or not
     (the shipped default); the others decode symbols on the GPU and dequantize in PyTorch."""
-    return isinstance(q, Uniform) and q.scale == "token"
+    return isinstance(q, Uniform) and q.scale == "token" and not q.transformed
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,10 +9,8 @@ prefix of whole chunks and prefills only the rest.
 Documents are stored a second way, for blending (:mod:`kvcodec.blend`): a document
 captured behind a fixed anchor (``capture_kv(..., anchor=...)``) is position-independent,
 so its chunks are keyed by the document's own tokens (a chain seeded with the anchor,
-not with a prompt prefix) and reused wherever the document appears in a prompt.
-
-An evicted cache (:mod:`kvcodec.evict`) is stored whole, one entry keyed by its tokens,
-anchor and eviction spec (:meth:`ChunkStore.put_evicted`).
+not with a prompt prefix) and reused wherever the document appears in a prompt. An
+evicted cache (:mod:`kvcodec.evict`) is stored whole (:meth:`ChunkStore.put_evicted`).
 
 The store is a local directory or any fsspec URL (``s3://bucket/prefix``, ``gs://...``,
 ``memory://...``; :mod:`.backends`). Entry ``key`` lives at ``key[:2]/key[2:].kvc``
@@ -22,7 +20,8 @@ store a single PUT, which the store makes visible whole; on other filesystems (s
 hdfs) a temp name and a rename. So concurrent writers of the same chunk race harmlessly
 (same bytes) and readers never see a partial entry. Locations are :class:`Path` objects
 for a local store and URLs otherwise. Entries are coded with the store's shared
-probability tables where they fit (:mod:`.shared`), so a reader builds them once.
+probability tables where they fit (:mod:`.shared`), so a reader builds them once; a
+config's codebook (``klt`` streams) is kept beside them (:meth:`keep_codebooks`).
 
 A store is a cache, so a damaged entry (bad checksum, truncated, or holding other tokens
 than its name says) is never an error for a reader: it is moved aside to ``*.kvc.bad``
@@ -74,27 +73,25 @@ class ChunkStore(StoreObjects, StoreCapacity):
     config : str or dict
         Codec config used for new chunks (part of every key).
     storage_options : dict, optional
-        Options for a URL's filesystem (``{"client_kwargs": {"endpoint_url": ...}}``),
-        on top of fsspec's config and the environment.
+        Options for a URL's filesystem, on top of fsspec's config and the environment.
     salt : str, optional
         A tenant's secret (vLLM's ``cache_salt``), part of every key: stores of different
         salts share no entry. None (the default) gives the unsalted keys.
     max_bytes, ttl : optional
-        Capacity (bytes) and age limit (seconds without a read) of the store, kept by
-        least-recently-used eviction after puts (:mod:`.capacity`); None: unbounded.
+        Capacity (bytes) and age limit (seconds unread), kept by least-recently-used
+        eviction after puts (:mod:`.capacity`); None: unbounded.
 
     Attributes
     ----------
     encoder : kvcodec.format.Encoder
         Codes new entries (configured once for this store's model and config).
     threads : int
-        Coder threads for new entries (0 = all cores): the encoder's.
+        Coder threads for new entries (0 = all cores; the encoder's).
     written_chunks, written_bytes, written_numel : int
-        Entries written by this object, their bytes, and the elements of the caches they
-        hold (:meth:`KVCache.numel`: for an evicted cache, of the cache before eviction).
+        Entries written by this object, their bytes, and their caches' elements
+        (:meth:`KVCache.numel`; an evicted cache's before eviction).
     metrics : StoreMetrics
-        What this object's users did: lookups, hits, loads, failures, writes, evictions.
-    """
+        What this object's users did: lookups, hits, loads, failures, writes, evictions."""
 
     def __init__(self, root, fingerprint: dict, config="default", storage_options=None,
                  salt: str | None = None, max_bytes: int | None = None,
@@ -110,6 +107,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
         self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
         self._tables = StoreTables()  # shared with the salted views (with_salt)
+        self._books_kept: set = set()  # codebooks this object has seen in the store
         self._encoders: dict = {}     # other configs' encoders (exact), shared likewise
         self.metrics = StoreMetrics()
         self._init_capacity(max_bytes, ttl)
@@ -248,6 +246,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:
         t = time.perf_counter()
+        self.keep_codebooks()
         data = self.encoder.encode(kv, anchor=anchor, position_offset=position_offset,
                                    tables=tables)
         self._backend.write(rel, data)
@@ -318,6 +317,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
         ids = [int(t) for t in token_ids]
         identity, t = None, time.perf_counter()
         try:
+            self.load_codebooks()  # CodebookError: not here, and not the entry's damage
             data, identity = self._backend.fetch(rel, self.entry_limit(len(ids)))
             source = io.BytesIO(data)
             source.name = str(loc)

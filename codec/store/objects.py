@@ -1,13 +1,15 @@
 """What a store holds besides entries: named objects (a job's manifest, the shared
-tables), written atomically like entries, in folders of their own (entries own the
-two-hex folders), and where a :class:`~kvcodec.store.ChunkStore` keeps its shared
-tables."""
+tables, the codebook of a ``klt`` config), written atomically like entries, in folders
+of their own (entries own the two-hex folders), and where a
+:class:`~kvcodec.store.ChunkStore` keeps its shared tables and codebooks."""
 from __future__ import annotations
 
 import logging
 from pathlib import PurePosixPath
 
-from ..errors import ConfigError
+from ..core import codebook
+from ..errors import CodebookError, ConfigError, CorruptError
+from ..format.encoder import codebooks
 from . import keys as keying
 
 log = logging.getLogger("kvcodec")
@@ -60,3 +62,41 @@ class StoreObjects:
 
     def exists_object(self, rel: str) -> bool:
         return self._backend.exists(self._object(rel))
+
+    def keep_codebooks(self) -> None:
+        """Put the codebook the store's config names (``klt`` streams) into the store,
+        once (``codebooks/<digest>.kvcb``), so that readers elsewhere find it; a store
+        that cannot be written now only logs it (the entry's own readers may have it)."""
+        for name in codebooks(self.config):
+            if name in self._books_kept:
+                continue
+            rel = f"codebooks/{name}{codebook.SUFFIX}"
+            try:
+                if not self.exists_object(rel):
+                    self.write_object(rel, codebook.get(name).to_bytes())
+                self._books_kept.add(name)
+            except OSError as exc:
+                log.warning("kvcodec store: cannot write its codebook %s (%s)", rel, exc)
+
+    def load_codebooks(self) -> None:
+        """Make the codebook the store's config names available to this process: from
+        here (:func:`kvcodec.core.codebook.get`), else from the store. Neither: a
+        :class:`CodebookError` (the entries are not damaged: they stay); a damaged one
+        in the store is moved aside (the next ``put`` writes it again)."""
+        for name in codebooks(self.config):
+            try:
+                codebook.get(name)
+                continue
+            except CodebookError:
+                pass
+            rel = f"codebooks/{name}{codebook.SUFFIX}"
+            data = self.read_object(rel)
+            if data is None:
+                raise CodebookError(f"codebook {name[:16]}..., which this store's config "
+                                    f"names, is neither here nor in the store ({rel})")
+            try:
+                codebook.register_bytes(data, name, rel)
+            except CorruptError as exc:
+                self.quarantine_object(rel)
+                self._books_kept.discard(name)
+                raise CodebookError(f"the store's codebook is damaged: {exc}") from None

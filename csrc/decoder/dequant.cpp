@@ -13,7 +13,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
-  std::vector<float> x(d);
+  std::vector<float> x(d), acc(spec.basis ? d : 0);
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
@@ -35,6 +35,17 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
       if (bad) {
         *bad_row = t;
         return;
+      }
+      if (spec.basis) {
+        const float* b = spec.basis + (size_t)k * d * d;
+        for (int i = 0; i < d; ++i) acc[i] = 0.0f;
+        for (int j = 0; j < d; ++j) {
+          const float xj = x[j];
+          if (xj == 0.0f) continue;
+          const float* row = b + (size_t)j * d;
+          for (int i = 0; i < d; ++i) acc[i] = acc[i] + xj * row[i];
+        }
+        for (int i = 0; i < d; ++i) x[i] = acc[i];
       }
       if (a)
         for (int i = 0; i < d; ++i) x[i] = x[i] + a[i];

@@ -23,11 +23,17 @@ struct DequantSpec {
   float* out;            // [heads, rows, head_dim]; tokens and channels contiguous
   size_t head_stride;    // floats from one head to the next in `out` (>= rows * head_dim),
                          // so a decode can land in a slice of a larger cache buffer
+  const float* basis;    // [heads, head_dim, head_dim] or null: a klt stream's inverse
+                         // transform; row j of head k is component j's contribution to the
+                         // head's channels, applied before `add` and RoPE
 };
 
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
 // PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])) (+ add[c] if given), then
 // x * cos + rotate_half(x) * sin, each product rounded separately (no FMA contraction).
+// With `basis`, x is first replaced by y = sum_j x[j] * basis[k][j] (j ascending from +0,
+// zero terms skipped, which leaves every sum bit for bit what the full sum gives), in
+// one implementation for every CPU path.
 // `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
 // `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data
 // inconsistent with the header). Runs the AVX2 variant (dequant_avx2.cpp, bit-identical:
@@ -41,5 +47,9 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
                           int* bad_row);
 bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
                         int* bad_row);
+
+// The inverse transform of one head (basis.cpp), AVX2 or AVX-512: out = sum_j x[j] *
+// basis[j], as the scalar variant sums it (head_dim % 16 == 0; x and out: head_dim floats).
+void basis_simd(const float* x, const float* basis, int head_dim, float* out, bool avx512);
 
 }  // namespace kvc

@@ -4,6 +4,10 @@
 // function attribute only, like decode_avx2.cpp.
 #include "decoder/dequant.h"
 
+#include <string.h>
+
+#include "decoder/decoder.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define KVC_AVX2 __attribute__((target("avx2")))
@@ -19,7 +23,9 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   const __m256i r = _mm256_set1_epi32(spec.half_range);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   alignas(32) float x[256];  // one head's values (head_dim <= 256 here; else scalar)
+  alignas(32) float y[256];  // and, for a klt stream, their inverse transform
   if (d > 256) return false;
+  const bool wide = strcmp(simd_path(), "avx512") == 0;
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
@@ -44,6 +50,10 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
       if (!_mm256_testz_si256(bad, bad)) {
         *bad_row = t;
         return true;
+      }
+      if (spec.basis) {
+        basis_simd(x, spec.basis + (size_t)k * d * d, d, y, wide);
+        for (int i = 0; i < d; i += 8) _mm256_store_ps(x + i, _mm256_load_ps(y + i));
       }
       if (a)
         for (int i = 0; i < d; i += 8)

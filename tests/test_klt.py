@@ -1,0 +1,210 @@
+"""klt streams (format v7): each KV head coded in the eigenbasis of its vectors, the bases
+in a shared, content-addressed codebook that files name (or embed) and stores keep."""
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec.core import codebook
+from kvcodec.core.config import load_config
+from kvcodec.core.quant import fit_stream, make_quantizer
+from kvcodec.errors import CodebookError, CorruptError
+from kvcodec.format import container
+from kvcodec.quality.simulate import simulate
+from kvcodec.quality.transform import klt_config
+from kvcodec.store import ChunkStore
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    """A user config directory holding nothing yet (codebooks land in it)."""
+    root = tmp_path_factory.mktemp("configs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVCODEC_CONFIG_DIR", str(root))
+    yield root
+    mp.undo()
+    codebook.clear()
+
+
+@pytest.fixture(scope="module")
+def klt(books, lm, texts, kv_600):
+    """The embedded model's shipped calibration coded in bases fitted on another text."""
+    base = load_config("default", model=kv_600.model)
+    cal = kvcodec.capture_kv(lm, texts["gpl3"], max_tokens=512)
+    cfg, book = klt_config(base, [cal])
+    codebook.save(book)
+    return base, cfg, book
+
+
+def test_a_codebook_is_checked_bytes_named_by_their_hash(books):
+    rng = np.random.default_rng(0)
+    book = codebook.Codebook(rng.standard_normal((3, 2, 8, 8)), note="test")
+    data = book.to_bytes()
+    again = codebook.Codebook.from_bytes(data)
+    assert again.digest == book.digest and np.array_equal(again.bases, book.bases)
+    assert book.basis(2).shape == (2, 8, 8) and book.bases.dtype == np.float32
+    damaged = bytearray(data)
+    damaged[-10] ^= 1
+    for bad, why in [(bytes(damaged), "checksum"), (data[:-1], "bytes"),
+                     (b"X" + data[1:], "magic"), (data[:20], "fit")]:
+        with pytest.raises(CorruptError, match=why):
+            codebook.Codebook.from_bytes(bad)
+    # A header claiming a huge codebook is refused before anything is allocated.
+    head = json.dumps({"version": 1, "count": 4000, "heads": 256, "head_dim": 1024}).encode()
+    huge = codebook.MAGIC + struct.pack("<II", len(head), zlib.crc32(head)) + head + b"\0" * 8
+    with pytest.raises(CorruptError, match="expected|bytes"):
+        codebook.Codebook.from_bytes(huge)
+    with pytest.raises(CorruptError, match="not finite"):
+        codebook.Codebook(np.full((1, 1, 2, 2), np.inf))
+    with pytest.raises(CorruptError, match="do not hash"):
+        codebook.register_bytes(data, "0" * 64)
+    with pytest.raises(CodebookError, match="is not here"):
+        codebook.get("0" * 64)
+    with pytest.raises(CorruptError, match="not a codebook name"):
+        codebook.get("../etc")
+    path = codebook.save(book)
+    assert path.parent == books / "codebooks" and path.read_bytes() == data
+    codebook.clear()
+    assert codebook.get(book.digest).digest == book.digest  # found in the folder
+
+
+def test_the_transform_inverts_to_float32_rounding(klt, kv_600):
+    _, cfg, _ = klt
+    spec = cfg["key"][5]["quantizer"]
+    q = make_quantizer(spec)
+    x = kv_600.keys[5][0].permute(1, 0, 2).reshape(600, -1).float()
+    mean = torch.from_numpy(fit_stream(q, x, 1)["mean"]).float()
+    fwd, inv = q.matrices(x.shape[1])
+    h, d = fwd.shape[:2]
+    xc = (x - mean).reshape(-1, h, d).transpose(0, 1)
+    back = torch.bmm(torch.bmm(xc, torch.tensor(fwd)), torch.tensor(inv))
+    back = back.transpose(0, 1).reshape(x.shape) + mean
+    assert torch.allclose(back, x, rtol=1e-4, atol=1e-4 * float(x.abs().max()))
+
+
+def test_a_klt_file_decodes_alike_on_every_path(klt, kv_600, decode_on_every_cpu_path):
+    base, cfg, book = klt
+    data = kvcodec.encode(kv_600, config=cfg)
+    with kvcodec.open(data) as f:
+        s = f.meta.summary()
+        assert s["format_version"] == container.TRANSFORM_VERSION == 7
+        assert s["codebook"] == book.digest and "codebook" not in s["sections"]
+        part = f.decode(chunks=1)
+    outs = decode_on_every_cpu_path(data)  # bit-identical on scalar, AVX2, AVX-512
+    ref = simulate(kv_600, cfg)  # the Python path: quantizer.dequantize
+    for a, b in zip(outs[0].keys + outs[0].values, ref.keys + ref.values):
+        assert torch.equal(a, b)
+    for a, b in zip(part.keys + part.values, outs[0].keys + outs[0].values):
+        assert torch.equal(a, b[:, :, 256:512])  # one chunk alone, the same bits
+    # The same steps in the bases take fewer bits than in the channels (about 10% on
+    # real text); the error stays of the same order.
+    plain = kvcodec.encode(kv_600, config=base)
+    assert len(data) < 0.95 * len(plain)
+    err = [float((a - b).pow(2).mean() / b.pow(2).mean())
+           for dec in (outs[0], kvcodec.decode(plain)) for a, b in zip(dec.keys, kv_600.keys)]
+    n = len(kv_600.keys)
+    assert np.mean(err[:n]) < 3 * np.mean(err[n:])
+
+
+def test_a_missing_codebook_is_a_clear_error(klt, kv_600, tmp_path, monkeypatch):
+    from kvcodec_cli.main import main
+
+    _, cfg, book = klt
+    named = tmp_path / "named.kvc"
+    kvcodec.encode(kv_600, named, config=cfg)
+    embedded = kvcodec.encode(kv_600, config=cfg, embed_codebook=True)
+    assert len(embedded) > named.stat().st_size + len(book.to_bytes()) - 1000
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "elsewhere"))
+    codebook.clear()
+    with pytest.raises(CodebookError, match=book.digest[:16]):
+        kvcodec.open(named)
+    r = CliRunner().invoke(main, ["inspect", str(named)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "codebook" in r.output and len(r.output.strip().splitlines()) == 1
+    with kvcodec.open(embedded) as f:  # carries its codebook
+        assert f.meta.summary()["sections"]["codebook"] > 0
+        for a, b in zip(f.decode().keys, kvcodec.decode(named).keys):
+            assert torch.equal(a, b)
+    codebook.register(book)
+    monkeypatch.setattr(container, "TRANSFORM_VERSION", 6)
+    v6 = kvcodec.encode(kv_600, config=cfg, embed_codebook=True)
+    with pytest.raises(CorruptError, match="format v7"):  # klt streams in a v6 container
+        kvcodec.open(v6)
+
+
+def test_an_evicted_cache_codes_each_heads_basis(klt, kv_600, decode_on_every_cpu_path):
+    _, cfg, _ = klt
+    kv = kvcodec.evict.evict(kv_600, "knorm", 0.5)
+    data = kvcodec.encode(kv, config=cfg)
+    out = decode_on_every_cpu_path(data)[0]
+    for layer in (0, 17):
+        for h in range(kv.num_kv_heads):
+            pos = kv.kept[layer][h]
+            n = int((pos >= 0).sum())
+            a, b = out.keys[layer][0, h, :n], kv.keys[layer][0, h, :n]
+            assert torch.equal(out.kept[layer][h, :n], pos[:n])
+            assert float((a - b).pow(2).mean() / b.pow(2).mean()) < 0.05
+
+
+def test_a_store_keeps_the_codebook_its_entries_name(klt, kv_600, tmp_path, monkeypatch):
+    _, cfg, book = klt
+    store = ChunkStore(tmp_path / "s", kv_600.model, config=cfg)
+    assert store.put(kv_600) == 3
+    rel = f"codebooks/{book.digest}.kvcb"
+    assert store.read_object(rel) == book.to_bytes()
+    want = [kvcodec.decode(kvcodec.encode(kv_600.slice(0, 256), config=cfg))]
+    # Elsewhere (no codebook installed), the store's copy serves.
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "elsewhere"))
+    codebook.clear()
+    reader = ChunkStore(tmp_path / "s", kv_600.model, config=cfg)
+    ids = kv_600.token_ids[:256]
+    loc = reader.path(reader.keys(ids)[0])
+    buf = {l: (torch.empty(1, 3, 256, 64), torch.empty(1, 3, 256, 64)) for l in range(30)}
+    assert reader.read_chunk(loc, ids, 0, buf)
+    for l in (0, 29):
+        assert torch.equal(buf[l][0], want[0].keys[l])
+    # Gone from everywhere: an error of the environment (a miss), and the entries stay.
+    codebook.clear()
+    (tmp_path / "s" / rel).unlink()
+    fresh = ChunkStore(tmp_path / "s", kv_600.model, config=cfg)
+    with pytest.raises(CodebookError, match="neither here nor in the store"):
+        fresh.open_entry(loc, ids, 0)
+    assert not fresh.read_chunk(loc, ids, 0, buf)
+    assert not list((tmp_path / "s").rglob("*.bad")) and loc.exists()
+    failures = fresh.metrics.snapshot()["kvcodec_load_failures_total"]
+    assert failures.get("environment") == 2 and not failures.get("damaged")
+
+
+def test_calibrate_klt_writes_a_codebook_and_its_rate_curve(tmp_path, monkeypatch, texts,
+                                                            kv_600):
+    """``kvcodec calibrate --from ... --klt``: the calibration's steps in bases fitted on
+    its texts, the codebook beside the config, the curve measured again (so --target-kl
+    works), and ``encode`` of the model picks it up as ``default``."""
+    from kvcodec.core.config import calibrated_config_path
+    from kvcodec_cli.main import main
+
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "configs"))
+    codebook.clear()
+    src = tmp_path / "t.txt"
+    src.write_text(texts["gpl3"])
+    r = CliRunner().invoke(main, ["calibrate", "--from", str(calibrated_config_path(
+        kv_600.model)), "--text", str(src), "--prefill", "320", "--continuation", "48",
+        "--no-query-weights", "--klt"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(next((tmp_path / "configs").glob("*.json")).read_text())
+    digest = cfg["calibration"]["refined"]["codebook"]
+    assert (tmp_path / "configs" / "codebooks" / f"{digest}.kvcb").is_file()
+    assert {r["quantizer"]["type"] for r in cfg["key"] + cfg["value"]} == {"klt"}
+    assert {r["quantizer"]["rms"] for r in cfg["key"]} == {"raw"}  # the steps it chose
+    curve = cfg["rate_curve"]
+    assert [p[0] for p in curve] == [0.5, 0.7, 1.0, 1.4, 2.0]
+    assert all(a[2] > b[2] for a, b in zip(curve, curve[1:]))
+    fine, coarse = (kvcodec.encode(kv_600, config="default", target_kl=t) for t in (0.002, 0.02))
+    assert len(fine) > len(coarse)
+    with kvcodec.open(coarse) as f:
+        assert f.meta.summary()["codebook"] == digest
