@@ -11,6 +11,7 @@ tokens, chunks of 4-16), so one execution of a harness takes about a millisecond
 native dequantization and rotation; per-channel uniform; CacheGen's absmax), lossless,
 float32 / float16 / bfloat16, sliding-window layers (spans that start inside a chunk),
 anchored (position-independent) chunks, evicted caches (format v4, lossy and lossless),
+klt streams with their codebook embedded (format v7, dense and evicted),
 partial-rotary keys (the non-fused path), no model and no token ids, and the format v2
 file in tests/data (the oldest version the reader accepts). Model fingerprints come from
 transformers configs built in code (``fingerprint(config)``), as the tests' tiny models
@@ -167,6 +168,15 @@ def kvc_seeds() -> dict:
     enc("evicted-cachegen", _evict(dense, [[20, 2], [5, 5]], seed=2), config="cachegen")
     enc("evicted-anchored", _evict(_cache(1, 2, 8, 12, 18, model=fp["llama2h"], anchor=anchor),
                                    [[4, 12]]))
+    # klt streams (format v7), each file carrying its codebook: mutations reach the
+    # codebook's parser and the native inverse basis.
+    from kvcodec.quality.transform import klt_config
+
+    klt, _ = klt_config(kvcodec.load_config("default"), [dense])
+    enc("dense-klt", _cache(2, 2, 8, 20, 19, model=fp["llama2h"], importance=True), config=klt,
+        embed_codebook=True)
+    enc("evicted-klt", _evict(dense, [[6, 3], [2, 14]], seed=3), config=klt,
+        embed_codebook=True)
     v2 = ROOT / "tests" / "data" / "format-v2.kvc"
     if v2.is_file():
         out["format-v2"] = v2.read_bytes()

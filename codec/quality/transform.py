@@ -17,7 +17,7 @@ import copy
 import numpy as np
 import torch
 
-from ..core.codebook import Codebook
+from ..core.codebook import Codebook, register
 from ..core.config import for_model, resolve_layers, validate_config
 from ..core.kvcache import KVCache
 from ..core.quant import make_quantizer
@@ -72,8 +72,8 @@ def fit_bases(caches: list, cfg: dict) -> np.ndarray:
 def klt_config(cfg: dict, caches: list, note: str = "") -> tuple[dict, Codebook]:
     """``(config, codebook)``: ``cfg`` (per-token-step ``uniform`` streams, as the
     calibrated and model-free configs have) with every stream coded in bases fitted on
-    ``caches``, one rule per layer and kind. The codebook is not saved here
-    (:func:`kvcodec.core.codebook.save`)."""
+    ``caches``, one rule per layer and kind. The codebook is registered in this process,
+    not saved (:func:`kvcodec.core.codebook.save` makes it last)."""
     kv0 = caches[0] if caches else None
     if kv0 is None:
         raise ShapeError("fitting bases needs at least one cache")
@@ -85,7 +85,7 @@ def klt_config(cfg: dict, caches: list, note: str = "") -> tuple[dict, Codebook]
             if spec.get("type") != "uniform" or spec.get("scale") != "token":
                 raise ConfigError(f"klt needs per-token-step uniform streams; layer {layer} "
                                   f"{kind}s are {spec.get('type')!r} ({spec.get('scale')!r})")
-    book = Codebook(fit_bases(caches, cfg), note=note)
+    book = register(Codebook(fit_bases(caches, cfg), note=note))
     out = copy.deepcopy(cfg)
     for kind in KINDS:
         rules = []

@@ -1,6 +1,9 @@
 #include "decoder/dequant.h"
 
+#include <math.h>
 #include <string.h>
+
+#include <cmath>
 
 #include <vector>
 
@@ -13,7 +16,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
-  std::vector<float> x(d), acc(spec.basis ? d : 0);
+  std::vector<float> x(d), acc(spec.basis ? 2 * d : 0);
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
@@ -36,16 +39,21 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         *bad_row = t;
         return;
       }
-      if (spec.basis) {
+      if (spec.basis && d % 8 == 0 && basis_simd_ok()) {  // the same sums, 8 at a time
+        basis_simd(x.data(), spec.basis + (size_t)k * d * d, d, acc.data(), false);
+        for (int i = 0; i < d; ++i) x[i] = acc[i];
+      } else if (spec.basis) {  // the order every path sums in: see dequant.h
         const float* b = spec.basis + (size_t)k * d * d;
-        for (int i = 0; i < d; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < 2 * d; ++i) acc[i] = 0.0f;
+        int n = 0;
         for (int j = 0; j < d; ++j) {
           const float xj = x[j];
           if (xj == 0.0f) continue;
+          float* sum = acc.data() + (n++ & 1) * d;
           const float* row = b + (size_t)j * d;
-          for (int i = 0; i < d; ++i) acc[i] = acc[i] + xj * row[i];
+          for (int i = 0; i < d; ++i) sum[i] = std::fmaf(xj, row[i], sum[i]);
         }
-        for (int i = 0; i < d; ++i) x[i] = acc[i];
+        for (int i = 0; i < d; ++i) x[i] = acc[i] + acc[d + i];
       }
       if (a)
         for (int i = 0; i < d; ++i) x[i] = x[i] + a[i];

@@ -31,9 +31,11 @@ struct DequantSpec {
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
 // PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])) (+ add[c] if given), then
 // x * cos + rotate_half(x) * sin, each product rounded separately (no FMA contraction).
-// With `basis`, x is first replaced by y = sum_j x[j] * basis[k][j] (j ascending from +0,
-// zero terms skipped, which leaves every sum bit for bit what the full sum gives), in
-// one implementation for every CPU path.
+// With `basis`, x is first replaced by y = sum_j x[j] * basis[k][j] over the nonzero x[j]
+// in ascending j, alternately into two sums from +0 (the 1st, 3rd, ... term into one, the
+// 2nd, 4th, ... into the other), each term a fused multiply-add (correctly rounded, so
+// std::fmaf, the AVX2/AVX-512 FMA instructions and CUDA's __fmaf_rn agree), then the two
+// sums added: every path sums in this order, so all are bit-identical.
 // `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
 // `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data
 // inconsistent with the header). Runs the AVX2 variant (dequant_avx2.cpp, bit-identical:
@@ -48,8 +50,10 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
 bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
                         int* bad_row);
 
-// The inverse transform of one head (basis.cpp), AVX2 or AVX-512: out = sum_j x[j] *
+// The inverse transform of one head (basis.cpp), AVX2+FMA or AVX-512: out = sum_j x[j] *
 // basis[j], as the scalar variant sums it (head_dim % 16 == 0; x and out: head_dim floats).
+// basis_simd_ok: whether this CPU has the FMA instructions it needs (else the scalar path).
 void basis_simd(const float* x, const float* basis, int head_dim, float* out, bool avx512);
+bool basis_simd_ok();
 
 }  // namespace kvc

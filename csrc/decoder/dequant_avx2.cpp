@@ -24,7 +24,7 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   const __m256 sign = _mm256_set1_ps(-0.0f);
   alignas(32) float x[256];  // one head's values (head_dim <= 256 here; else scalar)
   alignas(32) float y[256];  // and, for a klt stream, their inverse transform
-  if (d > 256) return false;
+  if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
   const bool wide = strcmp(simd_path(), "avx512") == 0;
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
