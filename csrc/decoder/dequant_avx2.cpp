@@ -14,69 +14,98 @@
 
 namespace kvc {
 
-KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec,
-                                 int row0, int* bad_row) {
-  const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
-  if (d % 16) return false;
-  const size_t stride = (size_t)c + 1;
+namespace {
+
+// One head of one row: dequantize (and, for a klt stream, the inverse basis), add the
+// means, rotate, store. False where a symbol is out of range.
+KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
+                              int row0, float* x, float* y, bool wide) {
+  const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
+  const uint8_t* row = symbols + (size_t)t * (c + 1);
+  const size_t at = (size_t)(row0 + t) * d;
   const __m256i top = _mm256_set1_epi32(2 * spec.half_range);
   const __m256i r = _mm256_set1_epi32(spec.half_range);
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
+  const float* add_row = spec.add && spec.add_rows
+                             ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
+                             : spec.add;
+  const uint8_t* s = row + (size_t)k * d;
+  const float* m = spec.mult + (size_t)k * d;
+  const float* a = add_row ? add_row + (size_t)k * d : nullptr;
+  float* o = spec.out + (size_t)k * spec.head_stride + at;
+  __m256i bad = _mm256_setzero_si256();
+  for (int i = 0; i < d; i += 8) {
+    const __m256i v =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
+    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
+    _mm256_store_ps(x + i, _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i))));
+  }
+  if (!_mm256_testz_si256(bad, bad)) return false;
+  if (spec.basis) {
+    basis_simd(x, spec.basis + (size_t)k * d * d, d, y, wide);
+    for (int i = 0; i < d; i += 8) _mm256_store_ps(x + i, _mm256_load_ps(y + i));
+  }
+  if (a)
+    for (int i = 0; i < d; i += 8)
+      _mm256_store_ps(x + i, _mm256_add_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(a + i)));
+  if (!spec.cos) {
+    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_load_ps(x + i));
+    return true;
+  }
+  const float* cs = spec.cos + at;
+  const float* sn = spec.sin + at;
+  for (int i = 0; i < half; i += 8) {  // x * cos + (-x[i + half]) * sin
+    const __m256 p = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
+    const __m256 q = _mm256_mul_ps(_mm256_xor_ps(_mm256_load_ps(x + i + half), sign),
+                                   _mm256_loadu_ps(sn + i));
+    _mm256_storeu_ps(o + i, _mm256_add_ps(p, q));
+  }
+  for (int i = half; i < d; i += 8) {  // x * cos + x[i - half] * sin
+    const __m256 p = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
+    const __m256 q = _mm256_mul_ps(_mm256_load_ps(x + i - half), _mm256_loadu_ps(sn + i));
+    _mm256_storeu_ps(o + i, _mm256_add_ps(p, q));
+  }
+  return true;
+}
+
+}  // namespace
+
+KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec,
+                                 int row0, int* bad_row) {
+  const int h = spec.heads, d = spec.head_dim;
+  if (d % 16) return false;
   alignas(32) float x[256];  // one head's values (head_dim <= 256 here; else scalar)
   alignas(32) float y[256];  // and, for a klt stream, their inverse transform
   if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
   const bool wide = strcmp(simd_path(), "avx512") == 0;
   *bad_row = -1;
-  for (int t = 0; t < rows; ++t) {
-    const uint8_t* row = symbols + (size_t)t * stride;
-    const size_t at = (size_t)(row0 + t) * d;
-    const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
-    const float* add_row = spec.add && spec.add_rows
-                               ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
-                               : spec.add;
-    for (int k = 0; k < h; ++k) {
-      const uint8_t* s = row + (size_t)k * d;
-      const float* m = spec.mult + (size_t)k * d;
-      const float* a = add_row ? add_row + (size_t)k * d : nullptr;
-      float* o = spec.out + (size_t)k * spec.head_stride + at;
-      __m256i bad = _mm256_setzero_si256();
-      for (int i = 0; i < d; i += 8) {
-        const __m256i v =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
-        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
-        _mm256_store_ps(x + i, _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i))));
-      }
-      if (!_mm256_testz_si256(bad, bad)) {
-        *bad_row = t;
+  if (!spec.basis) {
+    for (int t = 0; t < rows; ++t)
+      for (int k = 0; k < h; ++k)
+        if (!head_row(symbols, t, k, spec, row0, x, y, wide)) {
+          *bad_row = t;
+          return true;
+        }
+    return true;
+  }
+  // A klt stream goes head by head, so that the head's basis (head_dim^2 floats: 16 KB
+  // at 64) stays in the L1 cache over the rows; row by row, the heads' bases took
+  // turns in it and every term was read from L2. The first bad row is then looked for
+  // in row order, as the other paths report it.
+  for (int k = 0; k < h; ++k)
+    for (int t = 0; t < rows; ++t)
+      if (!head_row(symbols, t, k, spec, row0, x, y, wide)) {
+        const size_t stride = (size_t)h * d + 1;
+        for (int u = 0; u < rows && *bad_row < 0; ++u)
+          for (int i = 0; i < h * d; ++i)
+            if (symbols[(size_t)u * stride + i] > 2 * spec.half_range) {
+              *bad_row = u;
+              break;
+            }
         return true;
       }
-      if (spec.basis) {
-        basis_simd(x, spec.basis + (size_t)k * d * d, d, y, wide);
-        for (int i = 0; i < d; i += 8) _mm256_store_ps(x + i, _mm256_load_ps(y + i));
-      }
-      if (a)
-        for (int i = 0; i < d; i += 8)
-          _mm256_store_ps(x + i, _mm256_add_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(a + i)));
-      if (!spec.cos) {
-        for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_load_ps(x + i));
-        continue;
-      }
-      const float* cs = spec.cos + at;
-      const float* sn = spec.sin + at;
-      for (int i = 0; i < half; i += 8) {  // x * cos + (-x[i + half]) * sin
-        const __m256 a = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
-        const __m256 b = _mm256_mul_ps(_mm256_xor_ps(_mm256_load_ps(x + i + half), sign),
-                                       _mm256_loadu_ps(sn + i));
-        _mm256_storeu_ps(o + i, _mm256_add_ps(a, b));
-      }
-      for (int i = half; i < d; i += 8) {  // x * cos + x[i - half] * sin
-        const __m256 a = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
-        const __m256 b = _mm256_mul_ps(_mm256_load_ps(x + i - half), _mm256_loadu_ps(sn + i));
-        _mm256_storeu_ps(o + i, _mm256_add_ps(a, b));
-      }
-    }
-  }
   return true;
 }
 
