@@ -37,18 +37,25 @@ def best_ms(f, buffers, repeats: int, threads: int) -> float:
     return 1000 * min(times)
 
 
-def main():
+def setup(doc: str, repeats: int = 25):
+    """``(args, model, kv)`` of a decode benchmark: ``--tokens`` of the embedded model's
+    KV over the three held-out texts, ``--repeats``, ``--threads``, ``--json``."""
     from conftest import real_texts
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = kvcodec.load_model()
     kv = kvcodec.capture_kv(lm, "\n".join(real_texts().values()), max_tokens=args.tokens)
+    return args, lm, kv
+
+
+def main():
+    args, _, kv = setup(__doc__)
     centered = kvcodec.load_config("default")
     plain = copy.deepcopy(centered)
     plain["key"][0]["quantizer"].pop("center")

@@ -14,7 +14,6 @@ round by round, so a slow minute of a shared machine touches all of them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,24 +22,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kvcodec  # noqa: E402
+from bench_center import setup  # noqa: E402
 from kvcodec.core.rate import scale_steps  # noqa: E402
 from kvcodec.core.tables import native  # noqa: E402
 
 
 def main():
-    from conftest import real_texts
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    lm = kvcodec.load_model()
-    kv = kvcodec.capture_kv(lm, "\n".join(real_texts().values()), max_tokens=args.tokens)
+    args, lm, kv = setup(__doc__, repeats=15)
     fp = lm.fingerprint
     klt = kvcodec.load_config("klt", model=fp)
     configs = {"default": kvcodec.load_config("default", model=fp), "klt": klt,

@@ -208,3 +208,31 @@ def test_calibrate_klt_writes_a_codebook_and_its_rate_curve(tmp_path, monkeypatc
     assert len(fine) > len(coarse)
     with kvcodec.open(coarse) as f:
         assert f.meta.summary()["codebook"] == digest
+
+
+def test_a_crafted_codebook_decodes_or_fails_cleanly(klt, kv_600):
+    """A codebook whose bases are singular (all zeros here) parses; a file naming it
+    decodes (every component times zero: the channel means), and coding with it is a
+    clear error, not numpy's."""
+    from kvcodec.format.bounded import zstd
+
+    _, cfg, book = klt
+    zero = codebook.register(codebook.Codebook(np.zeros(book.bases.shape)))
+    bad = json.loads(json.dumps(cfg).replace(book.digest, zero.digest))
+    with pytest.raises(CodebookError, match="cannot be inverted"):
+        kvcodec.encode(kv_600, config=bad)
+    good = kvcodec.encode(kv_600, config=cfg)
+    r = container.Reader(good)
+    names = [t["name"] for t in r.header["sections"]]
+    recorded = json.loads(json.dumps(kvcodec.open(good).meta.config))
+    recorded = json.loads(json.dumps(recorded).replace(book.digest, zero.digest))
+    sections = [(n, zstd(json.dumps(recorded).encode()) if n == "config" else
+                 r.read_section(n), n != "payload") for n in names]
+    header = {k: v for k, v in r.header.items() if k not in ("sections", "data_length")}
+    crafted = container.build(header, sections, r.version)
+    out = kvcodec.decode(crafted)
+    with kvcodec.open(crafted) as f:
+        params = f.sections.params()
+    mean = torch.from_numpy(np.asarray(params[(3, "value")]["mean"], dtype=np.float32))
+    got = out.values[3][0].permute(1, 0, 2).reshape(600, -1)
+    assert torch.equal(got[1:], mean.expand(599, -1))  # the sink row is stored exactly

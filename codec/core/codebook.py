@@ -206,6 +206,8 @@ def get(digest: str) -> Codebook:
     for d in dirs:
         path = d / f"{digest}{SUFFIX}"
         try:
+            if path.stat().st_size > MAX_BYTES:
+                raise CorruptError(f"{path}: larger than a codebook may be")
             data = path.read_bytes()
         except FileNotFoundError:
             continue

@@ -30,12 +30,18 @@ from .tables import native
 
 
 class KLT(Uniform):
+    """A ``klt`` stream's quantizer (see the module docstring)."""
+
+    transformed = True
+    quantize_layers = staticmethod(Quantizer.quantize_layers)  # one layer at a time
+
     def __init__(self, spec: dict):
         if spec.get("scale", "token") != "token" or spec.get("center", True) is not True:
             raise ConfigError("a klt quantizer has per-token steps and centered streams "
                               "('scale': 'token', 'center': true, or neither field)")
         super().__init__({**spec, "type": "uniform", "scale": "token", "center": True})
         basis = spec.get("basis")
+
         def small(v, hi):
             return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < hi
 
@@ -52,10 +58,7 @@ class KLT(Uniform):
         self.codebook = basis["codebook"]
         self.index = basis["index"]
         self.head = basis.get("head")  # one KV head's stream (evicted caches), or all
-        self._mats = {}  # channels -> (forward, inverse)
-
-    transformed = True
-    quantize_layers = staticmethod(Quantizer.quantize_layers)  # one layer at a time
+        self._mats = {}  # (what, channels) -> read-only float32 arrays
 
     def batch_key(self):
         return None
@@ -68,13 +71,31 @@ class KLT(Uniform):
         return got
 
     def dequant_basis(self, channels: int) -> np.ndarray:
-        return self.matrices(channels)[1]
+        return self.inverse(channels)
 
     def matrices(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
         """``(forward, inverse)``, float32 ``[heads, d, d]``: ``y = (x - mean) F`` per
-        head, and the decoder's ``x = y M + mean``, ``M = U^T diag(m)`` (read-only).
-        ``F`` is ``M``'s inverse computed in float64, so an unquantized ``y`` comes back
-        to ``x`` up to float32 rounding although the stored basis is float16."""
+        head (the encoder's), and ``x = y M + mean``, ``M = U^T diag(m)`` (the
+        decoder's). ``F`` is ``M``'s inverse computed in float64, so an unquantized ``y``
+        comes back to ``x`` up to float32 rounding although the stored basis is float16;
+        a basis that has none (a crafted codebook) is a CodebookError for the encoder
+        only: decoding needs ``M`` alone."""
+        inv = self.inverse(channels)
+        fwd = self._mats.get(("forward", channels))
+        if fwd is None:
+            try:
+                fwd = np.linalg.inv(inv.astype(np.float64))
+            except np.linalg.LinAlgError:
+                fwd = None
+            if fwd is None or not np.isfinite(fwd).all():
+                raise CodebookError(f"codebook {self.codebook[:16]}: basis {self.index} "
+                                    "cannot be inverted, so nothing can be coded with it")
+            fwd = self._mats[("forward", channels)] = fwd.astype(np.float32)
+            fwd.flags.writeable = False
+        return fwd, inv
+
+    def inverse(self, channels: int) -> np.ndarray:
+        """The decoder's ``M`` (see :meth:`matrices`), float32 ``[heads, d, d]``."""
         got = self._mats.get(channels)
         if got is None:
             book = codebook.get(self.codebook)
@@ -90,10 +111,9 @@ class KLT(Uniform):
                     f"codebook {self.codebook[:16]} holds bases of {heads} heads x "
                     f"{book.head_dim}; this stream has {channels} channels (another model?)")
             m = self.head_mult_array(channels).reshape(heads, 1, book.head_dim)
-            inv = np.ascontiguousarray(np.transpose(u, (0, 2, 1)) * m, dtype=np.float32)
-            fwd = np.linalg.inv(inv.astype(np.float64)).astype(np.float32)
-            inv.flags.writeable = False
-            got = self._mats[channels] = (fwd, inv)
+            got = np.ascontiguousarray(np.transpose(u, (0, 2, 1)) * m, dtype=np.float32)
+            got.flags.writeable = False
+            self._mats[channels] = got
         return got
 
     def quantize(self, x, params, step_mult=None):
@@ -102,7 +122,7 @@ class KLT(Uniform):
         xc = x[None] - torch.from_numpy(params["mean"]).float()
         fwd, _ = self.matrices(x.shape[1])
         h, d = fwd.shape[0], fwd.shape[1]
-        y = torch.bmm(xc[0].reshape(-1, h, d).transpose(0, 1), torch.from_numpy(fwd))
+        y = torch.bmm(xc[0].reshape(-1, h, d).transpose(0, 1), torch.tensor(fwd))
         y = y.transpose(0, 1).reshape(x.shape)
         code = self.unclipped(code[0], y.abs().amax(dim=1))[None]
         y = np.ascontiguousarray(y[None].numpy(), dtype=np.float32)
@@ -133,7 +153,7 @@ class KLT(Uniform):
         """Through the native dequantizer (the same operations, in the same order, as
         every decode path: one implementation)."""
         c = symbols.shape[1] - 1
-        _, inv = self.matrices(c)
+        inv = self.inverse(c)
         h, d = inv.shape[0], inv.shape[1]
         sym = np.ascontiguousarray(symbols.numpy(), dtype=np.uint8)
         out = np.empty((h, sym.shape[0], d), dtype=np.float32)

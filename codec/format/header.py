@@ -147,7 +147,7 @@ class FileHeader:
                                     f"{name}: section 'codebook'")
         codebook.get(digest)  # here, even where quantizers built before keep its bases
         for q in klt:
-            q.matrices(self.stream_channels)
+            q.inverse(self.stream_channels)
         return digest
 
     def _shared_tables(self, digest) -> str | None:
