@@ -136,7 +136,9 @@ def inspect(source, as_json):
         ("size", f"{info['bits_per_element']:.3f} bits/element all-in, "
                  f"{info['compression_vs_fp16']:.2f}x smaller than fp16"),
     ] + ([("tables", f"its store's shared tables {info['shared_tables']} (not counted above)")]
-         if info["shared_tables"] else []) + [
+         if info["shared_tables"] else []) + ([("codebook", f"{info['codebook']} (" + (
+             "in the file)" if "codebook" in info["sections"] else "named; not counted above)"))]
+        if info["codebook"] else []) + [
         (f"  {name}", f"{size:,} bytes") for name, size in info["sections"].items()]
     rows = [(printable(k), printable(v)) for k, v in rows]
     width = max(len(k) for k, _ in rows)
