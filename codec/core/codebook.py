@@ -9,9 +9,9 @@ names it (``"basis": {"codebook": digest, "index": i}``) and a file records the 
 
 Where a reader finds one (:func:`get`): the in-process cache (bounded), the codebooks a
 file embeds (registered when it is opened), then ``codebooks/`` in the user config
-directory (``kvcodec calibrate`` writes there) and in the shipped configs, then the
-sources added with :func:`add_source` (a store's objects). A codebook that is nowhere is
-a :class:`~kvcodec.errors.CodebookError`; bytes that do not hash to the name asked for,
+directory (``kvcodec calibrate`` writes there) and in the shipped configs; a store
+loads its own into the cache (:meth:`kvcodec.store.ChunkStore.load_codebooks`). A
+codebook that is nowhere is a :class:`~kvcodec.errors.CodebookError`; bytes that do not hash to the name asked for,
 or that do not parse, a :class:`~kvcodec.errors.CorruptError`.
 
 Serialized form: ``MAGIC``, little-endian u32 header length, u32 CRC-32 of the header,
@@ -146,7 +146,6 @@ class Codebook:
 
 _lock = threading.Lock()
 _cache: OrderedDict = OrderedDict()
-_sources: list = []
 
 
 def register(book: Codebook) -> Codebook:
@@ -179,17 +178,10 @@ def search_dirs() -> list[Path]:
     return [user_config_dir() / "codebooks"] + [d / "codebooks" for d in config_dirs()]
 
 
-def add_source(fn) -> None:
-    """Add ``fn(digest) -> bytes | None``, asked after the folders (a store's objects)."""
+def loaded(digest: str) -> Codebook | None:
+    """The codebook ``digest`` if this process holds it (no folder is looked in)."""
     with _lock:
-        if fn not in _sources:
-            _sources.append(fn)
-
-
-def remove_source(fn) -> None:
-    with _lock:
-        if fn in _sources:
-            _sources.remove(fn)
+        return _cache.get(digest)
 
 
 def get(digest: str) -> Codebook:
@@ -201,7 +193,6 @@ def get(digest: str) -> Codebook:
         if book is not None:
             _cache.move_to_end(digest)
             return book
-        sources = list(_sources)
     dirs = search_dirs()
     for d in dirs:
         path = d / f"{digest}{SUFFIX}"
@@ -214,15 +205,10 @@ def get(digest: str) -> Codebook:
         except OSError as exc:
             raise CodebookError(f"cannot read codebook {path}: {exc}") from None
         return register_bytes(data, digest, str(path))
-    for fn in sources:
-        data = fn(digest)
-        if data is not None:
-            return register_bytes(data, digest, f"codebook {digest[:16]}")
     raise CodebookError(
-        f"codebook {digest[:16]}... is not here (looked in {', '.join(map(str, dirs))}"
-        f"{' and ' + str(len(sources)) + ' store(s)' if sources else ''}): copy its "
-        f"{SUFFIX} file into one of those folders, or encode with embed_codebook=True "
-        "(--embed-codebook) for files that carry it")
+        f"codebook {digest[:16]}... is not here (looked in {', '.join(map(str, dirs))}): "
+        f"copy its {SUFFIX} file into one of those folders, or encode with "
+        "embed_codebook=True (--embed-codebook) for files that carry it")
 
 
 def save(book: Codebook, folder=None) -> Path:

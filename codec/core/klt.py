@@ -127,7 +127,7 @@ class KLT(Uniform):
         code = self.unclipped(code[0], y.abs().amax(dim=1))[None]
         y = np.ascontiguousarray(y[None].numpy(), dtype=np.float32)
         sym = native().quantize_token(y, code.numpy(), STEP_GRID,
-                                       np.ones((1, x.shape[1]), np.float32), [self.r], 0)
+                                       self.dequant_mult(x.shape[1])[None], [self.r], 0)
         return sym[0], None
 
     def unclipped(self, code: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:

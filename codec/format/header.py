@@ -130,7 +130,7 @@ class FileHeader:
 
     def _codebook(self) -> str | None:
         """The codebook digest of the ``klt`` streams (v7), found now (one the file
-        embeds first): a missing one is a CodebookError at open, not at decode."""
+        embeds, unless held already): a missing one is a CodebookError at open."""
         klt = {id(q): q for q in self.quant.values() if q.transformed}.values()
         books = {q.codebook for q in klt}
         if not books:
@@ -140,7 +140,7 @@ class FileHeader:
             raise CorruptError(f"{name}: klt streams need a format v7 file naming one "
                                f"codebook (version {self._r.version}, {len(books)} codebooks)")
         digest = books.pop()
-        if "codebook" in self._r.sections:
+        if "codebook" in self._r.sections and codebook.loaded(digest) is None:
             if self._r.section_bounds("codebook")[1] > codebook.MAX_BYTES:
                 raise CorruptError(f"{name}: codebook section larger than a codebook")
             codebook.register_bytes(self._r.read_section("codebook"), digest,

@@ -1,6 +1,5 @@
 #include "decoder/dequant.h"
 
-#include <math.h>
 #include <string.h>
 
 #include <cmath>
