@@ -188,24 +188,41 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
   return static_cast<const float*>(a.data());
 }
 
-// A writable float32 [heads, rows, head_dim] array whose rows and channels are contiguous;
-// the head stride may be larger (a token slice of a preallocated cache buffer).
-float* strided_out(const py::object& o, int heads, int rows, int head_dim, size_t* head_stride) {
+// A writable [heads, rows, head_dim] array, float32 or uint16 (bfloat16 bits), its
+// channels contiguous; heads and rows any distance apart that keeps them from
+// overlapping ([heads, rows, head_dim] slices of a longer cache, or [rows, heads,
+// head_dim] transposed), into spec's out / out_bf16, head_stride and row_stride.
+void strided_out(const py::object& o, int rows, kvc::DequantSpec* spec) {
   py::array a = output_array(o, "dequant out");
-  const py::ssize_t f = 4;
-  if (a.dtype().kind() != 'f' || a.itemsize() != 4 || a.ndim() != 3 || a.shape(0) != heads ||
-      a.shape(1) != rows || a.shape(2) != head_dim) {
-    throw py::value_error("dequant out: expected float32 [" + std::to_string(heads) + ", " +
-                          std::to_string(rows) + ", " + std::to_string(head_dim) + "]");
+  const int heads = spec->heads, d = spec->head_dim;
+  const bool bf16 = a.dtype().kind() == 'u' && a.itemsize() == 2;
+  const py::ssize_t f = a.itemsize();
+  if (!(bf16 || (a.dtype().kind() == 'f' && f == 4)) || a.ndim() != 3 ||
+      a.shape(0) != heads || a.shape(1) != rows || a.shape(2) != d) {
+    throw py::value_error("dequant out: expected float32 or uint16 (bfloat16) [" +
+                          std::to_string(heads) + ", " + std::to_string(rows) + ", " +
+                          std::to_string(d) + "]");
   }
-  if (a.strides(2) != f || a.strides(1) != f * head_dim || a.strides(0) % f ||
-      (heads > 1 && a.strides(0) < f * head_dim * rows)) {
-    throw py::value_error("dequant out: tokens and channels must be contiguous and heads "
+  const py::ssize_t hs = a.strides(0), rs = a.strides(1);
+  // Heads apart by at least a head's rows, or rows apart by at least a row's heads.
+  const bool apart =
+      (heads == 1 || hs >= (rows > 1 ? (rows - 1) * rs : 0) + f * d) &&
+      (rows == 1 || rs >= f * d);
+  const bool across = (rows == 1 || rs >= (heads - 1) * hs + f * d) &&
+                      (heads == 1 || hs >= f * d);
+  if (a.strides(2) != f || hs < 0 || rs < 0 || hs % f || rs % f || !(apart || across)) {
+    throw py::value_error("dequant out: channels must be contiguous and heads and rows "
                           "must not overlap");
   }
   if (!a.writeable()) throw py::value_error("dequant out: must be writable");
-  *head_stride = (size_t)(a.strides(0) / f);
-  return static_cast<float*>(a.mutable_data());
+  spec->head_stride = (size_t)(hs / f);
+  spec->row_stride = (size_t)(rs / f);
+  if (rows == 1) spec->row_stride = (size_t)d;
+  if (bf16) {
+    spec->out_bf16 = static_cast<uint16_t*>(a.mutable_data());
+  } else {
+    spec->out = static_cast<float*>(a.mutable_data());
+  }
 }
 
 // (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin[, add [C][,
@@ -240,7 +257,7 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
     spec.basis = float_data(d[9], "dequant basis",
                             (size_t)spec.heads * spec.head_dim * spec.head_dim);
   }
-  spec.out = strided_out(d[4], spec.heads, rows, spec.head_dim, &spec.head_stride);
+  strided_out(d[4], rows, &spec);
   if (!d[5].is_none()) {
     if (spec.head_dim % 2) throw py::value_error("dequant: RoPE needs an even head_dim");
     spec.cos = float_data(d[5], "dequant cos", (size_t)rows * spec.head_dim);

@@ -1,6 +1,7 @@
 """The native coder against a pure-Python reference of the bitstream (csrc/common/rans.h)."""
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -439,6 +440,60 @@ def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim, cen
     rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
     np.testing.assert_allclose(ref, (x * cos[:, None] + rot * sin[:, None]).transpose(1, 0, 2),
                                rtol=1e-5, atol=1e-5)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits as PyTorch casts (round to nearest even)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the scalar path on every CPU
+def test_fused_dequant_writes_bfloat16_and_rows_heads_apart(head_dim, rotate):
+    """The decoder writes float32 or bfloat16 (uint16 bits, rounded as PyTorch casts,
+    ties to even included), into [heads, rows, head_dim] or [rows, heads, head_dim]
+    (vLLM's order): the same values as float32 [heads, rows, head_dim], on every path."""
+    rng = np.random.default_rng(head_dim)
+    rows, heads, chunk = 300, 3, 128
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    grid, mult, r, h, _, cos, sin = deq(None)
+    if not rotate:  # steps whose values are exact bfloat16 ties (1 + k/256, k odd)
+        grid = np.float32(1) + np.arange(256, dtype=np.float32) / 256
+        mult = np.ones_like(mult)
+        cos = sin = None
+    blobs = nat.encode(sym, freqs, chunk)
+    for path in PATHS:
+        outs = {"ref": np.zeros((heads, rows, head_dim), np.float32),
+                "bf16": np.zeros((heads, rows, head_dim), np.uint16),
+                "rows f32": np.zeros((rows, heads, head_dim), np.float32).transpose(1, 0, 2),
+                "rows bf16": np.zeros((rows, heads, head_dim), np.uint16).transpose(1, 0, 2)}
+        for out in outs.values():
+            assert _decode_with(path, [(blobs, freqs, sym.shape,
+                                        (grid, mult, r, h, out, cos, sin))], chunk) == [None]
+        ref = outs["ref"]
+        assert np.array_equal(outs["rows f32"].view(np.uint32), ref.view(np.uint32)), path
+        for name in ("bf16", "rows bf16"):
+            assert np.array_equal(outs[name], _bf16_bits(ref)), (path, name)
+        if not rotate:  # ties were there to round, and went to the even neighbour
+            ties = (ref.view(np.uint32) & 0x1FFFF) == 0x8000
+            assert ties.any() and not (outs["bf16"][ties] & 1).any()
+
+
+def test_fused_dequant_refuses_outputs_it_cannot_write():
+    rng = np.random.default_rng(1)
+    rows, heads, d, chunk = 40, 2, 16, 64
+    sym, freqs, deq = _fused_case(rng, rows, heads, d)
+    blobs = nat.encode(sym, freqs, chunk)
+    base = np.zeros(rows * heads * d * 2, np.float32)
+    bad = {
+        "float32 or uint16": np.zeros((heads, rows, d), np.float16),
+        "overlap": np.lib.stride_tricks.as_strided(base, (heads, rows, d), (4 * d, 4 * d, 4)),
+        "contiguous": np.zeros((heads, rows, 2 * d), np.float32)[:, :, ::2],
+    }
+    for why, out in bad.items():
+        with pytest.raises(ValueError, match=why):
+            nat.decode_many([(blobs, freqs, sym.shape, deq(out))], chunk)
 
 
 @pytest.mark.parametrize("head_dim", [64, 24])

@@ -31,10 +31,10 @@ from ..errors import CorruptError
 class Dequant:
     """The native dequantizer's arguments for one job of a per-token-step ``uniform``
     stream (the shipped default): the step grid, per-channel step multipliers, the
-    quantizer's half range, the heads the channels split into, where the float32 values
-    go (``out``: ``[heads, rows, head_dim]``, a view of the destination or a ``scratch``
-    array copied there afterwards), cos/sin of the rows' positions for keys (None:
-    not rotated natively), and ``add``, the per-channel offset a centered stream adds
+    quantizer's half range, the heads the channels split into, where the values go
+    (``out``: ``[heads, rows, head_dim]``, a view of the destination, float32 or
+    bfloat16 bits as uint16, or a float32 ``scratch`` array copied there afterwards),
+    cos/sin of the rows' positions for keys (None: not rotated natively), and ``add``, the per-channel offset a centered stream adds
     back before RoPE (None: none; with ``add_rows``, ``[blocks, channels]``: one row of
     offsets per ``add_rows`` rows, for entries decoded as one stream, :mod:`.stacked`),
     and ``basis``, a ``klt`` stream's inverse transform (``[heads, head_dim, head_dim]``,
@@ -229,7 +229,16 @@ def _put_block_sinks(t: Target) -> None:
     rows = t.sinks.reshape(-1, h, d).transpose(1, 0, 2)
     if t.rope is not None:  # the positions' cos/sin, as the decoder rotated the rest
         rows = rotate(rows, deq.cos[at], deq.sin[at])
-    deq.out[:, at] = rows
+    _assign(deq.out, (slice(None), at), rows)
+
+
+def _assign(out: np.ndarray, index, rows: np.ndarray) -> None:
+    """``out[index] = rows`` in a decoder's output: float32, or uint16 bfloat16 bits
+    (``rows`` rounded as PyTorch casts, as the decoder rounded the others)."""
+    if out.dtype == np.uint16:
+        rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        rows = rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    out[index] = rows
 
 
 def _put_rows(t: Target, rows: np.ndarray) -> None:
@@ -239,6 +248,21 @@ def _put_rows(t: Target, rows: np.ndarray) -> None:
     torch's), or through torch where it wrote a scratch array."""
     deq, n = t.fused[0][0], rows.shape[1]
     if not deq.scratch and deq.out.shape[1] >= n:
-        deq.out[:, :n] = rows
+        _assign(deq.out, (slice(None), slice(0, n)), rows)
     else:
         t.dst[0, :, :n] = torch.from_numpy(np.ascontiguousarray(rows)).to(t.dst.dtype)
+
+
+def in_place(dst: torch.Tensor) -> np.ndarray | None:
+    """``dst[0]`` as NumPy for the native decoder to write into, or None (then it
+    decodes into a scratch array, cast and copied after): a CPU float32 or bfloat16
+    tensor (bfloat16 as its uint16 bits: the decoder rounds as PyTorch casts) whose
+    channels are contiguous, heads and rows any non-overlapping strides (the native
+    call checks them), such as a ``[rows, heads, head_dim]`` buffer seen as ``[1, heads,
+    rows, head_dim]``."""
+    if dst.dtype not in (torch.float32, torch.bfloat16) or dst.device.type != "cpu" or \
+            dst.requires_grad or dst.stride(3) != 1 or min(dst.stride()) < 0:
+        return None
+    if dst.dtype == torch.float32:
+        return dst.numpy()[0]
+    return dst.view(torch.int16).numpy()[0].view(np.uint16)

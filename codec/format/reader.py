@@ -16,7 +16,7 @@ from ..errors import AccessError, ConfigError, FormatError, KVCodecError, ShapeE
 from .container import Reader, StreamBuffer, untrusted
 from .evicted import plan_evicted
 from .header import FileHeader
-from .plan import DecodePlan, Dequant, Job, Target, execute
+from .plan import DecodePlan, Dequant, Job, Target, execute, in_place
 from .sections import SectionSource
 from .spec import DTYPES, head_rows
 from .streaming import ChunkStreamer
@@ -158,8 +158,8 @@ class KVCFile:
         decoding rows of ``shape`` (``[1, heads, rows, head_dim]``, from position
         ``pos``), or None where there is no fused path (other quantizers, partial rotary
         dims). It writes into ``out`` (``[heads, rows, head_dim]``, a NumPy view of the
-        destination, :func:`in_place`) where given; otherwise into a scratch array that
-        :func:`~kvcodec.format.plan.finish` casts into the destination."""
+        destination, :func:`~.plan.in_place`) where given; otherwise into a scratch
+        array that :func:`~kvcodec.format.plan.finish` casts into the destination."""
         h, rows, d = shape[1], shape[2], shape[3]
         if not (isinstance(q, Uniform) and q.scale == "token") or (
                 layer_rope is not None and layer_rope.rotary_dim != d):
@@ -286,8 +286,9 @@ class KVCFile:
             ``{layer: (keys, values)}``, each a float tensor ``[1, kv_heads, tokens,
             head_dim]`` where tokens covers ``chunks``. Views of larger buffers are fine
             (e.g. ``buf[:, :, :n]`` of a cache preallocated with room for a prompt); with
-            float32 targets whose tokens are contiguous the native decoder writes into
-            them directly, other dtypes are cast into place.
+            float32 or bfloat16 targets whose channels are contiguous the native decoder
+            writes into them directly (:func:`~.plan.in_place`), other dtypes are cast
+            into place.
         position_offset : int, optional
             Place the cache's first token at this position instead of where it was
             computed: keys come out rotated for their new positions (what
@@ -381,14 +382,6 @@ class KVCFile:
 
 
 _FLOATS = frozenset(DTYPES.values())
-
-
-def in_place(dst: torch.Tensor) -> np.ndarray | None:
-    """``dst[0]`` as NumPy for the native decoder (float32 CPU, rows contiguous), or None."""
-    if dst.dtype != torch.float32 or dst.device.type != "cpu" or dst.requires_grad:
-        return None
-    a = dst.numpy()[0]
-    return a if a.strides[2] == 4 and a.strides[1] == 4 * a.shape[2] else None
 
 
 def _field(name):

@@ -25,8 +25,7 @@ from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
 from ..core.transforms import check_positions
 from .container import untrusted
-from .plan import DecodePlan, Dequant, Job, Target
-from .reader import in_place
+from .plan import DecodePlan, Dequant, Job, Target, in_place
 
 
 def plan_stack(files: list, bufs, spans: list,

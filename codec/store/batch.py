@@ -187,9 +187,10 @@ def _decode_prefix(store, files, locs, bufs, spans, windows, threads) -> int:
 class Document:
     """Consecutive entries of one document to decode: open files, their locations (for
     reports), destinations ``{layer: (keys, values)}`` (or a list over all layers) of
-    ``[1, heads, capacity, head_dim]`` float32 buffers, each entry's token span in
-    them, and the position of the first entry's first token (None: where it was coded;
-    a document blended at another offset: its keys are rotated there)."""
+    ``[1, heads, capacity, head_dim]`` buffers (float32 or bfloat16 are decoded into in
+    place, any strides with contiguous channels), each entry's token span in them, and
+    the position of the first entry's first token (None: where it was coded; a document
+    blended at another offset: its keys are rotated there)."""
 
     files: list
     locs: list

@@ -15,7 +15,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
-  std::vector<float> x(d), acc(spec.basis ? 2 * d : 0);
+  std::vector<float> x(d), acc(spec.basis ? 2 * d : 0), res(spec.out ? 0 : d);
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
@@ -28,7 +28,8 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
       const float* a = add_row ? add_row + (size_t)k * d : nullptr;
-      float* o = spec.out + (size_t)k * spec.head_stride + at;
+      const size_t off = out_offset(spec, k, row0 + t);
+      float* o = spec.out ? spec.out + off : res.data();  // bf16: rounded from res below
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {
         bad |= (uint8_t)(s[i] > top);
@@ -58,18 +59,20 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         for (int i = 0; i < d; ++i) x[i] = x[i] + a[i];
       if (!spec.cos) {
         for (int i = 0; i < d; ++i) o[i] = x[i];
-        continue;
+      } else {
+        const float* cs = spec.cos + at;
+        const float* sn = spec.sin + at;
+        for (int i = 0; i < half; ++i) {
+          const float a = x[i] * cs[i], b = -x[i + half] * sn[i];
+          o[i] = a + b;
+        }
+        for (int i = half; i < d; ++i) {
+          const float a = x[i] * cs[i], b = x[i - half] * sn[i];
+          o[i] = a + b;
+        }
       }
-      const float* cs = spec.cos + at;
-      const float* sn = spec.sin + at;
-      for (int i = 0; i < half; ++i) {
-        const float a = x[i] * cs[i], b = -x[i + half] * sn[i];
-        o[i] = a + b;
-      }
-      for (int i = half; i < d; ++i) {
-        const float a = x[i] * cs[i], b = x[i - half] * sn[i];
-        o[i] = a + b;
-      }
+      if (!spec.out)
+        for (int i = 0; i < d; ++i) spec.out_bf16[off + i] = to_bf16(o[i]);
     }
   }
 }

@@ -20,9 +20,13 @@ struct DequantSpec {
   int heads, head_dim;   // channels = heads * head_dim
   const float* cos;      // [rows, head_dim] or null: re-apply rotate_half RoPE
   const float* sin;
-  float* out;            // [heads, rows, head_dim]; tokens and channels contiguous
-  size_t head_stride;    // floats from one head to the next in `out` (>= rows * head_dim),
-                         // so a decode can land in a slice of a larger cache buffer
+  float* out;            // [heads, rows, head_dim] float32, channels contiguous; or null
+  uint16_t* out_bf16;    // with out null: the same as bfloat16, each value rounded to
+                         // nearest even as PyTorch casts float32 (NaN: 0x7FC0)
+  size_t head_stride;    // elements from one head to the next in the output, and
+  size_t row_stride;     // from one row to the next (0: head_dim), so a decode can land
+                         // in a slice of a larger cache buffer, [heads, rows, head_dim]
+                         // or [rows, heads, head_dim] (vLLM's order)
   const float* basis;    // [heads, head_dim, head_dim] or null: a klt stream's inverse
                          // transform; row j of head k is component j's contribution to the
                          // head's channels, applied before `add` and RoPE
@@ -36,6 +40,7 @@ struct DequantSpec {
 // 2nd, 4th, ... into the other), each term a fused multiply-add (correctly rounded, so
 // std::fmaf, the AVX2/AVX-512 FMA instructions and CUDA's __fmaf_rn agree), then the two
 // sums added: every path sums in this order, so all are bit-identical.
+// With `out_bf16` the float32 result of all that is rounded to bfloat16 as it is stored.
 // `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
 // `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data
 // inconsistent with the header). Runs the AVX2 variant (dequant_avx2.cpp, bit-identical:
@@ -55,5 +60,19 @@ bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spe
 // basis_simd_ok: whether this CPU has the FMA instructions it needs (else the scalar path).
 void basis_simd(const float* x, const float* basis, int head_dim, float* out, bool avx512);
 bool basis_simd_ok();
+
+// float32 -> bfloat16 bits, round to nearest even, NaN -> 0x7FC0: PyTorch's cast.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Where row `row` of head `k` of the output starts, in elements.
+inline size_t out_offset(const DequantSpec& spec, int k, int row) {
+  return (size_t)k * spec.head_stride +
+         (size_t)row * (spec.row_stride ? spec.row_stride : (size_t)spec.head_dim);
+}
 
 }  // namespace kvc

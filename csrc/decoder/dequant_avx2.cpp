@@ -18,8 +18,29 @@ namespace {
 
 // One head of one row: dequantize (and, for a klt stream, the inverse basis), add the
 // means, rotate, store. False where a symbol is out of range.
+// Eight float32 -> bfloat16 as to_bf16 rounds them (dequant.h).
+KVC_AVX2 inline __m256i bf16_bits(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+}
+
+// One head's row of float32 (aligned, head_dim % 16 == 0) stored as bfloat16.
+KVC_AVX2 inline void store_bf16(const float* x, int d, uint16_t* o) {
+  for (int i = 0; i < d; i += 16) {
+    const __m256i p = _mm256_packus_epi32(bf16_bits(_mm256_load_ps(x + i)),
+                                          bf16_bits(_mm256_load_ps(x + i + 8)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), _mm256_permute4x64_epi64(p, 0xd8));
+  }
+}
+
+// Where `wide`: the AVX-512 basis kernel. `res`: head_dim aligned floats, where a
+// bfloat16 output's values are made before they are rounded into it.
 KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
-                              int row0, float* x, float* y, bool wide) {
+                              int row0, float* x, float* y, float* res, bool wide) {
   const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
   const uint8_t* row = symbols + (size_t)t * (c + 1);
   const size_t at = (size_t)(row0 + t) * d;
@@ -33,7 +54,8 @@ KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const Dequan
   const uint8_t* s = row + (size_t)k * d;
   const float* m = spec.mult + (size_t)k * d;
   const float* a = add_row ? add_row + (size_t)k * d : nullptr;
-  float* o = spec.out + (size_t)k * spec.head_stride + at;
+  const size_t off = out_offset(spec, k, row0 + t);
+  float* o = spec.out ? spec.out + off : res;
   __m256i bad = _mm256_setzero_si256();
   for (int i = 0; i < d; i += 8) {
     const __m256i v =
@@ -51,6 +73,10 @@ KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const Dequan
     for (int i = 0; i < d; i += 8)
       _mm256_store_ps(x + i, _mm256_add_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(a + i)));
   if (!spec.cos) {
+    if (!spec.out) {
+      store_bf16(x, d, spec.out_bf16 + off);
+      return true;
+    }
     for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_load_ps(x + i));
     return true;
   }
@@ -67,6 +93,7 @@ KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const Dequan
     const __m256 q = _mm256_mul_ps(_mm256_load_ps(x + i - half), _mm256_loadu_ps(sn + i));
     _mm256_storeu_ps(o + i, _mm256_add_ps(p, q));
   }
+  if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
   return true;
 }
 
@@ -78,13 +105,14 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   if (d % 16) return false;
   alignas(32) float x[256];  // one head's values (head_dim <= 256 here; else scalar)
   alignas(32) float y[256];  // and, for a klt stream, their inverse transform
+  alignas(32) float res[256];  // a bfloat16 output's row before it is rounded
   if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
   const bool wide = strcmp(simd_path(), "avx512") == 0;
   *bad_row = -1;
   if (!spec.basis) {
     for (int t = 0; t < rows; ++t)
       for (int k = 0; k < h; ++k)
-        if (!head_row(symbols, t, k, spec, row0, x, y, wide)) {
+        if (!head_row(symbols, t, k, spec, row0, x, y, res, wide)) {
           *bad_row = t;
           return true;
         }
@@ -96,7 +124,7 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   // in row order, as the other paths report it.
   for (int k = 0; k < h; ++k)
     for (int t = 0; t < rows; ++t)
-      if (!head_row(symbols, t, k, spec, row0, x, y, wide)) {
+      if (!head_row(symbols, t, k, spec, row0, x, y, res, wide)) {
         const size_t stride = (size_t)h * d + 1;
         for (int u = 0; u < rows && *bad_row < 0; ++u)
           for (int i = 0; i < h * d; ++i)

@@ -1,6 +1,6 @@
 """vLLM's CPU paged cache as kvcodec writes and reads it: through vLLM's own
 cache-writing op, and back through the inverse of that op, learned from the op itself;
-and the float32 buffers entries are decoded into on their way there."""
+and the buffers entries are decoded into on their way there."""
 from __future__ import annotations
 
 import logging
@@ -131,27 +131,39 @@ class PagedLayout:
 
 
 class BufferPool:
-    """float32 ``(keys, values)`` ``[1, heads, tokens, head_dim]`` per layer, kept across
-    steps (fresh pages cost a page fault each, more than the decode's writes to them)
-    while they stay under ``max_bytes``; past it, new ones each time."""
+    """``(keys, values)`` per layer, ``[1, heads, tokens, head_dim]`` views of ``[tokens,
+    heads, head_dim]`` buffers (the order vLLM's cache-writing op reads, so a layer is
+    written without a transposing copy), in ``dtype``: the cache's where the decoder
+    writes it (float32, bfloat16: no cast after), else float32. Kept across steps (fresh
+    pages cost a page fault each, more than the decode's writes to them) while they stay
+    under ``max_bytes``; past it, new ones each time."""
 
     def __init__(self, heads: int, head_dim: int, max_bytes: int):
         self.heads, self.head_dim, self.max_bytes = heads, head_dim, max_bytes
+        self.dtype = torch.float32
         self._kept: list = []
+
+    def decode_to(self, cache_dtype) -> None:
+        """Decode into ``cache_dtype`` where the decoder can write it."""
+        dtype = cache_dtype if cache_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if dtype != self.dtype:
+            self.dtype, self._kept = dtype, []
 
     def views(self, layers: list, tokens: int) -> dict:
         """``{layer: (keys, values)}`` for ``layers`` with room for ``tokens``. Layer
         groups are decoded and written one after another, so they share the buffers."""
         h, d = self.heads, self.head_dim
-        have = self._kept[0].shape[2] if self._kept else 0
+        have = self._kept[0].shape[0] if self._kept else 0
         count, cap = max(len(layers) * 2, len(self._kept)), max(tokens, have)
-        if count * h * cap * d * 4 > self.max_bytes:
-            return {l: (torch.empty((1, h, tokens, d)), torch.empty((1, h, tokens, d)))
-                    for l in layers}
-        if count > len(self._kept) or cap > have:
-            self._kept = [torch.empty((1, h, cap, d)) for _ in range(count)]
-        return {l: (self._kept[2 * i][:, :, :tokens], self._kept[2 * i + 1][:, :, :tokens])
-                for i, l in enumerate(layers)}
+        size = torch.empty((), dtype=self.dtype).element_size()
+        if count * h * cap * d * size > self.max_bytes:
+            bufs = [torch.empty((tokens, h, d), dtype=self.dtype) for _ in range(2 * len(layers))]
+        else:
+            if count > len(self._kept) or cap > have:
+                self._kept = [torch.empty((cap, h, d), dtype=self.dtype) for _ in range(count)]
+            bufs = self._kept
+        seen = [b[:tokens].permute(1, 0, 2).unsqueeze(0) for b in bufs[:2 * len(layers)]]
+        return {l: (seen[2 * i], seen[2 * i + 1]) for i, l in enumerate(layers)}
 
 
 def default_isa(dtype, block: int, head_dim: int) -> str:

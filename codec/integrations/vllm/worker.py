@@ -100,6 +100,7 @@ class ConnectorWorker:
             raise ConfigError(f"vLLM's caches ({len(self.caches)} layers, "
                               f"{tuple(first.shape)}) do not fit the model fingerprint")
         self.layout = PagedLayout(first, self.block, True)  # reads: saves, hkvd checks
+        self._pool.decode_to(self.layout.dtype)
 
     def start_load_kv(self, meta, forward_context) -> None:
         self._failed_requests = set()
@@ -253,8 +254,8 @@ class ConnectorWorker:
                 if rc is not None and rc.check_layer in bufs:  # the check's cached side
                     k, v = bufs[rc.check_layer]
                     rc.cached.append((torch.arange(lo, hi),
-                                      k[0, :, rows[-1]].transpose(0, 1).clone(),
-                                      v[0, :, rows[-1]].transpose(0, 1).clone()))
+                                      k[0, :, rows[-1]].transpose(0, 1).float(),
+                                      v[0, :, rows[-1]].transpose(0, 1).float()))
                     self.tokens_preloaded += hi - lo
                     self.bytes_read += f.size_bytes * fresh
                 elif rc is None and group[0] == min(self.caches):
@@ -276,13 +277,11 @@ class ConnectorWorker:
                 written[here] = (rows - lo, torch.cat([runs[f][1] for f in here]), lo, hi,
                                  bool(torch.equal(rows, torch.arange(lo, hi))))
             rows, slots, lo, hi, run = written[here]
-            k, v = k[0].transpose(0, 1)[lo:hi], v[0].transpose(0, 1)[lo:hi]  # [T, H, D]
+            # [T, H, D] slices of the pool's buffers: in the cache's dtype where the
+            # decoder wrote it, so the op casts nothing
+            k, v = k[0].transpose(0, 1)[lo:hi], v[0].transpose(0, 1)[lo:hi]
             if not run:  # rows repeat (shared entries) or skip: cast once, then gather
-                if k.dtype != self.layout.dtype:
-                    fmt = torch.contiguous_format
-                    k = k.to(self.layout.dtype, memory_format=fmt)
-                    v = v.to(self.layout.dtype, memory_format=fmt)
-                k, v = k[rows], v[rows]
+                k, v = k.to(self.layout.dtype)[rows], v.to(self.layout.dtype)[rows]
             self.layout.write(self.caches[l], k, v, slots)
         self.store.metrics.staged("write", time.perf_counter() - started)
 
