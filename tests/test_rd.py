@@ -150,3 +150,47 @@ def test_eval_and_calibrate_cli(tmp_path, texts):
     assert cfg["name"] == "cal" and cfg["calibration"]["kl"] <= 0.05
     assert cfg["calibration"]["query_weighted"]  # keys: a step multiplier per channel
     assert all(len(r["quantizer"]["head_scale"]) == 192 for r in cfg["key"])
+
+
+def test_kvtc_allocation_is_the_optimum_of_its_error_model():
+    """Greedy bits (kvtc.allocate) against every allocation of a small budget: the least
+    sum(variance * 4**-bits) with at most MAX_BITS per component and the budget in all."""
+    import itertools
+
+    from kvcodec.quality import kvtc
+
+    var = torch.tensor([9.0, 4.0, 1.0, 0.3])
+    for budget in (0, 3, 7, 12):
+        got = kvtc.allocate(var, budget)
+        assert got.sum() <= budget and got.max(initial=0) <= kvtc.MAX_BITS
+        cost = lambda b: float((var * torch.tensor(4.0) ** -torch.tensor(b)).sum())  # noqa: E731
+        best = min(cost(b) for b in itertools.product(range(kvtc.MAX_BITS + 1), repeat=4)
+                   if sum(b) <= budget)
+        assert cost(list(got)) == pytest.approx(best)
+        assert list(got) == sorted(got, reverse=True)  # more variance, never fewer bits
+
+
+def test_kvtc_baseline_reconstructs_and_counts_its_bits(lm, texts, kv_600):
+    from kvcodec.quality import kvtc
+
+    cal = kvcodec.capture_kv(lm, texts["gpl3"], max_tokens=700)
+    bases = kvtc.fit([cal])
+    n, numel = kv_600.num_tokens, kv_600.numel()
+    # Everything in the window: fp16, 16 bits per element.
+    whole, bits = kvtc.compress(kv_600, bases, 2.0, window=n)
+    assert bits == numel * 16
+    assert all(torch.equal(a, b.half().float()) for a, b in
+               zip(whole.keys + whole.values, kv_600.keys + kv_600.values))
+    errs, sizes = [], []
+    for budget in (0.1, 0.3, 0.9):  # 0.9 bits of 5,760 features: under 8 bits x the rank
+        rec, bits = kvtc.compress(kv_600, bases, budget, window=128)
+        sizes.append(bits / numel)
+        for a, b in zip(rec.keys + rec.values, kv_600.keys + kv_600.values):
+            assert torch.equal(a[:, :, :4], b[:, :, :4].half().float())  # sinks
+            assert torch.equal(a[:, :, -128:], b[:, :, -128:].half().float())  # window
+        errs.append(sum(float((a - b).pow(2).sum()) for a, b in
+                        zip(rec.keys + rec.values, kv_600.keys + kv_600.values)))
+    assert sizes[0] < sizes[1] < sizes[2] and errs[0] > errs[1] > errs[2]
+    # Keys come back rotated where they were: the error is a small part of their energy.
+    energy = sum(float(b.pow(2).sum()) for b in kv_600.keys + kv_600.values)
+    assert errs[2] < 0.1 * energy  # 7% here; keys turned 4 positions off: 17%

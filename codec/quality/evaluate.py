@@ -47,11 +47,13 @@ def answer_agreement(lm: LoadedModel, ref_kv: KVCache, test_kv: KVCache, prompt_
 
 
 def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 1536,
-             continuation: int = 256, baselines=True, threads: int = 0) -> list:
+             continuation: int = 256, baselines=True, threads: int = 0,
+             extra: dict | None = None) -> list:
     """Bits against model quality for codec configs and reference schemes.
 
     Prefill the first ``prefill`` tokens, compress and decompress their KV, then score
     the next ``continuation`` tokens with the original and the decoded cache.
+    ``extra``: more schemes, ``{name: fn(kv) -> (decoded KVCache, bits)}``.
 
     Returns
     -------
@@ -89,7 +91,7 @@ def evaluate(lm: LoadedModel, token_ids, configs=("default",), prefill: int = 15
 
     rows = []
     schemes = base.SCHEMES if baselines is True else {k: base.SCHEMES[k] for k in (baselines or ())}
-    for name, fn in schemes.items():
+    for name, fn in {**schemes, **(extra or {})}.items():
         decoded, bits = fn(kv)
         rows.append(score(name, decoded, bits))
     for cfg in configs:
