@@ -57,10 +57,13 @@ def test_files_decode_into_bfloat16_and_rows_first_buffers(kv_600, config, monke
     assert scratch and not any(scratch)  # every fused stream written in place
 
 
-def test_store_entries_decode_into_bfloat16_rows_first_as_one_plan(tmp_path, lm, kv_600):
+@pytest.mark.parametrize("config", ["default", KLT])
+def test_store_entries_decode_into_bfloat16_rows_first_as_one_plan(tmp_path, lm, kv_600,
+                                                                   config):
     """The stacked plan of a store prefix (sink rows of every entry, centered means per
-    entry) lands in bfloat16 [tokens, heads, head_dim] buffers as a float32 fill cast."""
-    store = ChunkStore(tmp_path / "s", lm.fingerprint, config="default")
+    entry, a klt store's bases) lands in bfloat16 [tokens, heads, head_dim] buffers (the
+    vLLM worker's) as a float32 fill cast."""
+    store = ChunkStore(tmp_path / "s", lm.fingerprint, config=config)
     store.put(kv_600)
     ids = kv_600.token_ids
     locs = store.lookup(ids)
