@@ -34,10 +34,10 @@ class Dequant:
     quantizer's half range, the heads the channels split into, where the values go
     (``out``: ``[heads, rows, head_dim]``, a view of the destination, float32 or
     bfloat16 bits as uint16, or a float32 ``scratch`` array copied there afterwards),
-    cos/sin of the rows' positions for keys (None: not rotated natively), and ``add``, the per-channel offset a centered stream adds
-    back before RoPE (None: none; with ``add_rows``, ``[blocks, channels]``: one row of
-    offsets per ``add_rows`` rows, for entries decoded as one stream, :mod:`.stacked`),
-    and ``basis``, a ``klt`` stream's inverse transform (``[heads, head_dim, head_dim]``,
+    cos/sin of the rows' positions for keys (None: not rotated natively), and ``add``,
+    the per-channel offset a centered stream adds back before RoPE (None: none; with
+    ``add_rows``, ``[blocks, channels]``: one row of offsets per ``add_rows`` rows, for
+    entries decoded as one stream, :mod:`.stacked`), and ``basis``, a ``klt`` stream's inverse transform (``[heads, head_dim, head_dim]``,
     :mod:`kvcodec.core.klt`; None for channel-coded streams)."""
 
     grid: np.ndarray
