@@ -37,8 +37,9 @@ class Dequant:
     cos/sin of the rows' positions for keys (None: not rotated natively), and ``add``,
     the per-channel offset a centered stream adds back before RoPE (None: none; with
     ``add_rows``, ``[blocks, channels]``: one row of offsets per ``add_rows`` rows, for
-    entries decoded as one stream, :mod:`.stacked`), and ``basis``, a ``klt`` stream's inverse transform (``[heads, head_dim, head_dim]``,
-    :mod:`kvcodec.core.klt`; None for channel-coded streams)."""
+    entries decoded as one stream, :mod:`.stacked`), and ``basis``, a ``klt`` stream's
+    inverse transform (``[heads, head_dim, head_dim]``, :mod:`kvcodec.core.klt`; None for
+    channel-coded streams)."""
 
     grid: np.ndarray
     mult: np.ndarray
