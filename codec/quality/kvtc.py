@@ -51,11 +51,10 @@ CLIPS = (0.0, 0.001, 0.01, 0.03)
 
 @dataclass
 class Bases:
-    """Per kind (``"key"``, ``"value"``), per block of ``layers`` consecutive layers (all
-    of them: the paper's joint PCA): the mean ``[p]``, the principal directions ``[p,
-    rank]`` (largest variance first) and their variances ``[rank]``."""
+    """Per kind (``"key"``, ``"value"``), a list over blocks of consecutive layers (one
+    block of all of them: the paper's joint PCA): the mean ``[p]``, the principal
+    directions ``[p, rank]`` (largest variance first) and their variances ``[rank]``."""
 
-    layers: int
     mean: dict
     vectors: dict
     variance: dict
@@ -84,8 +83,9 @@ def fit(caches: list, sinks: int = 4, layers: int | None = None) -> Bases:
     n_layers = caches[0].num_layers
     step = n_layers if layers is None else int(layers)
     mean, vectors, variance = {}, {}, {}
+    ropes = [_ropes(kv) for kv in caches]
     for kind in KINDS:
-        x = torch.cat([_features(kv, kind, _ropes(kv))[sinks:] for kv in caches]).double()
+        x = torch.cat([_features(kv, kind, r)[sinks:] for kv, r in zip(caches, ropes)]).double()
         width = x.shape[1] // n_layers * step
         mean[kind], vectors[kind], variance[kind] = [], [], []
         for c in range(0, x.shape[1], width):
@@ -95,7 +95,7 @@ def fit(caches: list, sinks: int = 4, layers: int | None = None) -> Bases:
             mean[kind].append(m.float())
             vectors[kind].append(vh.T.float())
             variance[kind].append((s ** 2 / max(1, x.shape[0] - 1)).float())
-    return Bases(step, mean, vectors, variance)
+    return Bases(mean, vectors, variance)
 
 
 def allocate(variance: torch.Tensor, budget: int) -> np.ndarray:

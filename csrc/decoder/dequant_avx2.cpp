@@ -16,8 +16,6 @@ namespace kvc {
 
 namespace {
 
-// One head of one row: dequantize (and, for a klt stream, the inverse basis), add the
-// means, rotate, store. False where a symbol is out of range.
 // Eight float32 -> bfloat16 as to_bf16 rounds them (dequant.h).
 KVC_AVX2 inline __m256i bf16_bits(__m256 f) {
   const __m256i u = _mm256_castps_si256(f);
@@ -37,8 +35,10 @@ KVC_AVX2 inline void store_bf16(const float* x, int d, uint16_t* o) {
   }
 }
 
-// Where `wide`: the AVX-512 basis kernel. `res`: head_dim aligned floats, where a
-// bfloat16 output's values are made before they are rounded into it.
+// One head of one row: dequantize (and, for a klt stream, the inverse basis), add the
+// means, rotate, store. False where a symbol is out of range. `wide`: the AVX-512 basis
+// kernel. `res`: head_dim aligned floats, where a bfloat16 output's values are made
+// before they are rounded into it.
 KVC_AVX2 inline bool head_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
                               int row0, float* x, float* y, float* res, bool wide) {
   const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
