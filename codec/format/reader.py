@@ -91,7 +91,7 @@ class KVCFile:
         with untrusted(source.name):
             self.meta = FileHeader(source)
         self.sections = SectionSource(self.meta, source, tables)
-        self._means = {}     # id(params) -> channel means (NumPy) of a centered stream
+        self._streams = {}   # (layer, kind) -> what its plans share (_stream)
         self._ropes_np = {}  # (position, rows, rope) -> NumPy cos/sin
 
     @property
@@ -152,32 +152,44 @@ class KVCFile:
                               f"and cannot be moved to another position: {exc}") from None
         return m.position_offset, (ropes, position_offset - m.position_offset)
 
-    def _dequant(self, q, layer_rope, pos: int, shape: tuple, params: dict | None = None,
-                 out: np.ndarray | None = None) -> Dequant | None:
-        """The fused-path spec for per-token-step uniform streams (the shipped default)
-        decoding rows of ``shape`` (``[1, heads, rows, head_dim]``, from position
-        ``pos``), or None where there is no fused path (other quantizers, partial rotary
-        dims). It writes into ``out`` (``[heads, rows, head_dim]``, a NumPy view of the
-        destination, :func:`~.plan.in_place`) where given; otherwise into a scratch
-        array that :func:`~kvcodec.format.plan.finish` casts into the destination."""
-        h, rows, d = shape[1], shape[2], shape[3]
-        if not (isinstance(q, Uniform) and q.scale == "token") or (
-                layer_rope is not None and layer_rope.rotary_dim != d):
-            return None
-        in_place = out is not None
-        if not in_place:
+    def _stream(self, l: int, k: str) -> tuple:
+        """What every plan of stream ``(l, k)`` shares, worked out once per file: its
+        index, quantizer, coded columns, RoPE (keys), name, decode tables, parameters,
+        and the fused path's constants (:meth:`_dequant`), None where there is no fused
+        path (other quantizers than per-token-step uniform, partial rotary dims)."""
+        got = self._streams.get((l, k))
+        if got is None:
+            m, sec = self.meta, self.sections
+            q, params = m.quant[(l, k)], sec.params()[(l, k)]
+            rope_here = m.ropes[l] if k == "key" else None
+            hd, fused = m.num_kv_heads * m.head_dim, None
+            if isinstance(q, Uniform) and q.scale == "token" and (
+                    rope_here is None or rope_here.rotary_dim == m.head_dim):
+                mean = (np.ascontiguousarray(params["mean"], dtype=np.float32)
+                        if q.center else None)
+                fused = (q.dequant_mult(hd), q.r, mean, q.dequant_basis(hd))
+            got = self._streams[(l, k)] = (
+                m.stream_index[(l, k)], q, m.coded_columns(q), rope_here,
+                f"{m.name}: layer {l} {k}s", sec.decode_tables()[(l, k)], params, fused)
+        return got
+
+    def _dequant(self, fused: tuple, layer_rope, pos: int, rows: int,
+                 out: np.ndarray | None) -> Dequant:
+        """The fused-path spec (``fused``: a stream's constants, :meth:`_stream`) for
+        ``rows`` rows from position ``pos``. It writes into ``out`` (``[heads, rows,
+        head_dim]``, a NumPy view of the destination, :func:`~.plan.in_place`) where
+        given; otherwise into a scratch array that :func:`~kvcodec.format.plan.finish`
+        casts into the destination."""
+        h, d = self.meta.num_kv_heads, self.meta.head_dim
+        scratch = out is None
+        if scratch:
             out = np.empty((h, rows, d), dtype=np.float32)
         cos = sin = None
         if layer_rope is not None:
             cos, sin = self.rope_arrays(pos, rows, layer_rope)
-        mean = None
-        if q.center:
-            key = id(params)  # the file's parameters live as long as it does
-            mean = self._means.get(key)
-            if mean is None:
-                mean = self._means[key] = np.ascontiguousarray(params["mean"], dtype=np.float32)
-        return Dequant(STEP_GRID, q.dequant_mult(h * d), q.r, h, out, cos, sin,
-                       scratch=not in_place, add=mean, basis=q.dequant_basis(h * d))
+        mult, r, mean, basis = fused
+        return Dequant(STEP_GRID, mult, r, h, out, cos, sin, scratch=scratch, add=mean,
+                       basis=basis)
 
     def rope_arrays(self, pos: int, rows: int, layer_rope):
         """cos/sin of positions ``pos ..`` as NumPy arrays, shared by the layers that
@@ -222,55 +234,50 @@ class KVCFile:
         chunks = m.chunk_range(chunks)
         m.check_layers(dst.keys())
         base, turn = self.placement(position_offset)
-        dtab, params = sec.decode_tables(), sec.params()
-        streams = []
+        todo = []
         for l, pair in dst.items():
             first, rows = m.layer_span(l, chunks)
             shape = (1, m.num_kv_heads, rows, m.head_dim)
             for k, target in zip(KINDS, pair):
-                if tuple(target.shape) != shape or target.dtype not in _FLOATS:
+                if target.shape != shape or target.dtype not in _FLOATS:
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
                                      f"{tuple(target.shape)}; need a float {shape}")
                 if rows:
-                    streams.append((l, k, target, first, m.stream_index[(l, k)]))
+                    todo.append((l, k, target, first, rows, self._stream(l, k)))
         pieces = {l: self._pieces(l, chunks) for l in dst}
         if items is None:
-            items = sec.read_items([(c, s) for l, _, _, _, s in streams
+            items = sec.read_items([(c, info[0]) for l, _, _, _, _, info in todo
                                     for prange, _, _ in pieces[l] for c in prange])
         plan = DecodePlan(m.chunk_tokens)
         sinks = sec.sinks().numpy() if m.sink_tokens else None
-        for l, k, target, first, s in streams:
-            q = m.quant[(l, k)]
-            coded = m.coded_columns(q)
-            rope_here = m.ropes[l] if k == "key" else None
-            t = Target(f"{m.name}: layer {l} {k}s", target, q, params[(l, k)],
-                       rope=rope_here, base=base, first=first)
+        for l, k, target, first, rows, (s, q, coded, rope_here, name, tab, params,
+                                        fused) in todo:
+            t = Target(name, target, q, params, rope=rope_here, base=base, first=first)
             if turn is not None and k == "key" and turn[0][l] is not None:
                 t.turn = (turn[0][l], turn[1])
-            rows = target.shape[2]
             n_sink = max(0, min(m.sink_tokens, first + rows) - first)
             if n_sink:
                 at = first - m.starts[l]
                 t.sinks = sinks[s, at:at + n_sink]
-            arr = in_place(target)
+            arr = None if fused is None else in_place(target)
             jobs, sides = [], []
             for prange, r0, n in pieces[l]:
                 got = [items[(c, s)] for c in prange]
                 sides += [side for side, _ in got]
-                whole = r0 == 0 and n == rows
-                shape = target.shape if whole else (1, target.shape[1], n, target.shape[3])
-                deq = self._dequant(q, rope_here, base + first + r0, shape, params[(l, k)],
-                                    None if arr is None else arr[:, r0:r0 + n])
-                if deq is None and t.symbols is None:
-                    t.symbols = np.empty((rows, coded), dtype=np.uint8)
+                blobs = [blob for _, blob in got]
+                if fused is None:  # symbols, dequantized by finish()
+                    if t.symbols is None:
+                        t.symbols = np.empty((rows, coded), dtype=np.uint8)
+                    jobs.append(Job(blobs, tab, t.symbols[r0:r0 + n]))
+                    continue
                 # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.
-                out = (n, coded) if deq is not None else t.symbols[r0:r0 + n]
-                jobs.append(Job([blob for _, blob in got], dtab[(l, k)], out, deq))
-                if deq is not None:
-                    # The destination view matters only where the decoder wrote a scratch.
-                    t.fused.append((deq, None if arr is not None else
-                                    target if whole else target[:, :, r0:r0 + n]))
-                    t.rotated = deq.cos is not None
+                deq = self._dequant(fused, rope_here, base + first + r0, n,
+                                    None if arr is None else arr[:, r0:r0 + n])
+                jobs.append(Job(blobs, tab, (n, coded), deq))
+                # The destination view matters only where the decoder wrote a scratch.
+                t.fused.append((deq, None if arr is not None else target
+                                if n == rows else target[:, :, r0:r0 + n]))
+                t.rotated = deq.cos is not None
             t.side = b"".join(sides)
             plan.add(t, jobs)
         return plan
