@@ -400,6 +400,22 @@ def test_rope_from_theta_matches_legacy_tables():
     assert torch.equal(sin, torch.cat([ang, ang], -1).sin().float())
 
 
+@pytest.mark.parametrize("offset,length", [(0, 2000), (250, 20), (255, 1), (256, 256),
+                                           (7, 1000), (3000, 600), (0, 0)])
+def test_rope_tables_of_any_span_equal_the_direct_computation(offset, length):
+    """Tables are built from per-block pieces shared by every span (the spans a stream
+    decodes in vary): the same float32 values as computing the span itself, contiguous,
+    with a scaled (YaRN-style) rope too."""
+    for r in (Rope.from_theta(10000.0, 64), Rope(Rope.from_theta(5e5, 128).inv_freq, 1.2)):
+        cos, sin = rope_tables(offset, length, r)
+        inv = torch.tensor(r.inv_freq, dtype=torch.float64)
+        ang = torch.outer(torch.arange(offset, offset + length, dtype=torch.float64), inv)
+        emb = torch.cat([ang, ang], -1)
+        assert cos.shape == (length, r.rotary_dim) and cos.is_contiguous() and sin.is_contiguous()
+        assert torch.equal(cos, (emb.cos() * r.scaling).float())
+        assert torch.equal(sin, (emb.sin() * r.scaling).float())
+
+
 def test_calibrate_any_model_directory_then_encode_picks_it_up(tmp_path, monkeypatch, lm):
     """`kvcodec calibrate --model DIR` writes a config keyed to that model, which
     `encode(config="default")` then uses for it (and only for it)."""

@@ -48,11 +48,32 @@ class Rope:
         return 2 * len(self.inv_freq)
 
 
+# cos/sin are computed in blocks of this many positions, each once per process (per
+# rope): a table of any span is its blocks' rows, so the spans a stream decodes in
+# (whatever arrived, a run of chunks or part of one) cost no new float64 cos/sin.
+ROPE_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=128)
+def _rope_block(block: int, r: Rope):
+    at = block * ROPE_BLOCK
+    return _cos_sin(torch.arange(at, at + ROPE_BLOCK, dtype=torch.float64), r)
+
+
 @functools.lru_cache(maxsize=64)
 def _rope_tables(offset: int, length: int, r: Rope):
-    """cos/sin ``[length, rotary_dim]`` (scaled), computed in float64 once per (span,
-    rope): every layer of a chunk shares them, so a decode builds them once per kind."""
-    return _cos_sin(torch.arange(offset, offset + length, dtype=torch.float64), r)
+    """cos/sin ``[length, rotary_dim]`` (scaled), computed in float64 (in blocks,
+    :func:`_rope_block`) once per (span, rope): every layer of a chunk shares them, so a
+    decode builds them once per kind."""
+    if length <= 0 or offset < 0:
+        return _cos_sin(torch.arange(offset, offset + length, dtype=torch.float64), r)
+    first, last = offset // ROPE_BLOCK, (offset + length - 1) // ROPE_BLOCK
+    parts = [_rope_block(b, r) for b in range(first, last + 1)]
+    at = offset - first * ROPE_BLOCK
+    if len(parts) == 1:
+        c, s = parts[0]
+        return c[at:at + length], s[at:at + length]
+    return tuple(torch.cat([p[i] for p in parts])[at:at + length].contiguous() for i in (0, 1))
 
 
 def _cos_sin(positions: torch.Tensor, r: Rope):
