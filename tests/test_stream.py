@@ -6,6 +6,7 @@ import torch
 
 import kvcodec
 from kvcodec.format.stream import RateLimitedReader
+from kvcodec.format.streaming import ChunkStreamer
 
 
 class Pipe:
@@ -57,6 +58,22 @@ def test_iter_chunks_over_bytes_already_there(doc):
     spans = [s for s in f.iter_chunks(out=got)]
     assert spans == [(0, 0, 256), (1, 256, 512), (2, 512, 600)]
     assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values, full.keys + full.values))
+
+
+def test_a_slow_stream_decodes_the_last_chunk_in_parts_as_its_layers_arrive(doc):
+    """Where the decoder keeps up with the link, a decode takes the layers of a chunk
+    that have arrived, so what is left after the last byte is the last layers' decode,
+    not the whole last chunk's; the cache is the file's."""
+    full = kvcodec.decode(doc)
+    f = kvcodec.open(RateLimitedReader(Pipe(doc), bits_per_s=len(doc) * 8 / 0.6))
+    out = f.empty_cache()
+    streamer = ChunkStreamer(f, range(f.num_chunks), out, threads=0)
+    assert [c for c, _, _ in streamer] == [0, 1, 2]
+    n, last = len(f.meta.streams), f.num_chunks - 1
+    parts = [(s0, s1) for d in streamer.decodes for c, s0, s1 in d if c == last]
+    assert len(parts) > 1 and parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # in order, no gaps
+    assert all(torch.equal(a, b) for a, b in zip(out.keys + out.values, full.keys + full.values))
 
 
 def test_truncated_stream_fails_at_the_missing_chunk(doc):

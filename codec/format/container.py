@@ -333,6 +333,11 @@ class Reader:
             have = self._f.fill_to(min(upto, have + step))
         return have >= upto or self._f.eof
 
+    def buffered(self) -> int:
+        """How many of the file's first bytes can be read without waiting: what a stream
+        has delivered so far; a file's whole size."""
+        return len(self._f.buf) if self._stream else self.size
+
     def section_offset(self, name: str) -> int:
         """File offset of section ``name``'s first byte."""
         return self.data_start + self.section_bounds(name)[0]
