@@ -182,8 +182,11 @@ class SectionSource:
             self.chunk_rows = chunk_rows(m.kept, m.num_tokens, m.chunk_tokens)
             per_layer = np.repeat(self.chunk_rows, len(KINDS), axis=0)  # [layers * kinds, ...]
             return per_layer.reshape(len(m.streams), m.num_chunks).T
-        return np.array([[m.layer_span(l, range(c, c + 1))[1] for l, _ in m.streams]
-                         for c in range(m.num_chunks)], dtype=np.int64)
+        # FileHeader.layer_span of each chunk, for every stream at once.
+        t0 = np.arange(m.num_chunks, dtype=np.int64)[:, None] * m.chunk_tokens
+        t1 = np.minimum(t0 + m.chunk_tokens, m.num_tokens)
+        starts = np.array([m.starts[l] for l, _ in m.streams], dtype=np.int64)
+        return np.maximum(0, t1 - np.maximum(t0, starts))
 
     def params(self) -> dict:
         """Per stream, its quantizer's per-file parameters (float16 ``[channels]`` each)."""

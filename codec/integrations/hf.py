@@ -135,11 +135,12 @@ def _fill_layer(cache: DynamicCache, i: int, kb, vb, length: int, seq_len: int) 
         layer.cumulative_length = seq_len
 
 
-def reserved_cache(model, bufs, lengths, seq_len: int) -> DynamicCache:
+def reserved_cache(model, bufs, lengths, seq_len: int, cache=None) -> DynamicCache:
     """A cache of the model's own layer kinds over ``bufs`` (:func:`cache_buffers`);
     ``lengths`` is one count or per-layer counts of the tokens each holds, the last
-    ``lengths`` of a sequence of ``seq_len``."""
-    cache = DynamicCache(config=model.config)
+    ``lengths`` of a sequence of ``seq_len``. ``cache``: the empty
+    ``DynamicCache(config=model.config)`` to fill, where the caller made one."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
     lengths = [lengths] * len(bufs) if isinstance(lengths, int) else lengths
     for i, ((kb, vb), n) in enumerate(zip(bufs, lengths)):
         _fill_layer(cache, i, kb, vb, n, seq_len)
@@ -219,10 +220,11 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])
-    windows = [_window(l) for l in DynamicCache(config=model.config).layers]
+    cache = DynamicCache(config=model.config)
+    windows = [_window(l) for l in cache.layers]
     n = fill(store, bufs, ids, store.lookup(ids, partial=partial), threads,
              windows if any(windows) and len(windows) == len(bufs) else None)
-    return reserved_cache(model, bufs, n, n), n
+    return reserved_cache(model, bufs, n, n, cache), n
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 
 ENTRY_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}\.kvc")
 
@@ -22,7 +23,13 @@ def entry_name(key: str) -> str:
 
 
 def ids_bytes(ids) -> bytes:
-    return b"".join(int(t).to_bytes(4, "little") for t in ids)
+    """Token ids as little-endian u32 (one struct call; an id out of range raises the
+    ``OverflowError`` of ``int.to_bytes``, as it always has)."""
+    ids = list(ids)
+    try:
+        return struct.pack(f"<{len(ids)}I", *ids)
+    except struct.error:
+        return b"".join(int(t).to_bytes(4, "little") for t in ids)
 
 
 def base_seed(fingerprint: dict, config: dict) -> bytes:
