@@ -147,6 +147,12 @@ def test_sliding_window_layers_keep_their_span_and_kind():
         streamed = f.empty_cache()
         for _ in f.iter_chunks(out=streamed):
             pass
+        # The rows the index bounds each item by are what its layer holds in its chunk:
+        # none before a window's span, 19 where it starts (256 - 237), 12 in the last.
+        rows = f.sections._item_rows()
+        assert rows.tolist() == [[f.meta.layer_span(l, range(c, c + 1))[1]
+                                  for l, _ in f.meta.streams] for c in range(f.num_chunks)]
+        assert {0, 12, 19, 32} <= set(rows.ravel().tolist())
         # A range before the windows' span decodes to empty sliding layers.
         head = f.decode(chunks=0)
         assert head.layer_tokens == [0 if n < PROMPT else 32 for n in kv.layer_tokens]
