@@ -162,3 +162,25 @@ def test_generate_from_store_cli(tmp_path, texts):
         assert r.exit_code != 0 and needle in r.output, r.output
     r = CliRunner().invoke(main, ["generate", "--prompt", "x"])
     assert r.exit_code != 0 and "exactly one of" in r.output
+
+
+def test_chunk_keys_follow_the_documented_chain():
+    """Keys are the module docstring's chain, byte for byte (a store written by an
+    earlier kvcodec stays readable): ``h_i = sha256(h_{i-1} || len || ids as u32)``,
+    the last chunk partial, and ids out of u32 range refused."""
+    import hashlib
+
+    from kvcodec.store.keys import chain
+
+    seed, ids = hashlib.sha256(b"seed").digest(), [0, 1, 2 ** 32 - 1, 70000, 5]
+    h, want = seed, []
+    for part in ([0, 1], [2 ** 32 - 1, 70000], [5]):
+        h = hashlib.sha256(h + len(part).to_bytes(4, "little") + b"".join(
+            t.to_bytes(4, "little") for t in part)).digest()
+        want.append(h.hex())
+    assert chain(seed, ids, 2) == want
+    assert chain(seed, torch.tensor(ids[:2]), 2) == want[:1]
+    with pytest.raises(OverflowError):
+        chain(seed, [1, -1], 2)
+    with pytest.raises(OverflowError):
+        chain(seed, [2 ** 32], 2)
