@@ -106,12 +106,13 @@ class ChunkStreamer:
         chunks: the one still arriving goes in the next decode, whole, as a chunk
         decodes fastest. Caught up, the part of a chunk that arrived, once it is at
         least ``least`` streams: the decode after the last byte is then of a few layers."""
-        n = self.n_streams
-        if arrived[-1][2] < n and len(arrived) > 1:
-            return arrived[:-1], arrived[-1:]
-        if arrived[-1][2] == n or sum(a[2] - a[1] for a in arrived) >= self.least:
-            return arrived, []
-        return [], arrived
+        _, s0, s1, _ = arrived[-1]
+        if s1 < self.n_streams:  # the last entry is the chunk still arriving
+            if len(arrived) > 1:
+                return arrived[:-1], arrived[-1:]
+            if s1 - s0 < self.least:
+                return [], arrived
+        return arrived, []
 
     def _start(self, pool, arrived: list):
         """Plan what ``arrived`` holds, whole chunks next to each other as one run, and
