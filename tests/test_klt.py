@@ -239,3 +239,26 @@ def test_a_crafted_codebook_decodes_or_fails_cleanly(klt, kv_600):
     mean = torch.from_numpy(np.asarray(params[(3, "value")]["mean"], dtype=np.float32))
     got = out.values[3][0].permute(1, 0, 2).reshape(600, -1)
     assert torch.equal(got[1:], mean.expand(599, -1))  # the sink row is stored exactly
+
+
+def test_a_codebook_save_that_fails_leaves_no_file(tmp_path, monkeypatch):
+    """A full disk while a codebook is written: an OSError, and neither a partial
+    codebook nor its temp file in the folder (before: the temp file stayed)."""
+    import errno
+
+    from kvcodec.core import paths
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    book = codebook.Codebook(np.eye(8)[None, None].repeat(2, 0))
+    monkeypatch.setattr(paths.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        codebook.save(book, tmp_path / "books")
+    assert list((tmp_path / "books").iterdir()) == []
+    monkeypatch.undo()
+    path = codebook.save(book, tmp_path / "books")
+    assert list((tmp_path / "books").iterdir()) == [path]
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert path.stat().st_mode == plain.stat().st_mode  # as open() makes a file, not 0600

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import threading
 import zlib
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CodebookError, CorruptError
-from .paths import config_dirs, user_config_dir
+from .paths import atomic_write, config_dirs, user_config_dir
 
 MAGIC = b"KVCBOOK1"
 SUFFIX = ".kvcb"
@@ -218,11 +217,6 @@ def save(book: Codebook, folder=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{book.digest}{SUFFIX}"
     if not path.exists():
-        tmp = folder / f".{book.digest}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(book.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, book.to_bytes())
     register(book)
     return path

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
-import tempfile
 import zlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import zstandard
 
+from ..core.paths import atomic_write  # noqa: F401 (API: every writer's)
 from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
@@ -107,59 +105,6 @@ def build(header: dict, sections: list[tuple[str, bytes, bool]],
         out.write(data)
     out.write(b"\0" * (_align(out.tell(), SECTION_ALIGN) - out.tell()))
     return out.getvalue()
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (``os.umask`` sets it, and another
-    thread creating a file meanwhile would get the wrong mode)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` crash-safely: temp file in the same directory, fsync, rename.
-
-    The file gets the mode a plain ``open(path, "w")`` would give it (0666 less the
-    umask), not ``mkstemp``'s 0600: a store filled by one user (a batch job) is read by
-    another (the server). An OSError names ``path``, not the temp file."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:  # a missing folder, no permission: named by the temp file
-        exc.filename = str(path)
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.filename == tmp:
-            exc.filename = str(path)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 class StreamBuffer:
