@@ -62,12 +62,28 @@ def kvtc_schemes(lm, budgets, prefill: int) -> dict:
             for w in (128, 0) for b in budgets}
 
 
+def first_fit_config(lm, prefill: int) -> dict:
+    """What ``Encoder("klt")`` fits on its first cache for a model with no ``klt``
+    config (:func:`kvcodec.core.fit.first_fit`): bases of one ``prefill``-token cache of
+    the first calibration text (none of the held-out ones) under the model-free default's
+    steps; no model run beyond that prefill."""
+    from kvcodec.core.fit import first_fit
+    from kvcodec.quality.calibrate import default_calibration_texts
+
+    text = default_calibration_texts()[0].read_text(errors="replace")
+    kv = kvcodec.capture_kv(lm, token_ids=kvcodec.models.text_ids(lm.tokenizer, text)[:prefill])
+    cfg, _ = first_fit(kv, kvcodec.load_config("default"))
+    return dict(cfg, name="klt-first")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="*",
                     default=["default", "model-free", "cachegen", "lossless"],
                     help="config names; 'model-free' is the default any uncalibrated model "
-                         "gets ('default' is the embedded model's calibrated config)")
+                         "gets ('default' is the embedded model's calibrated config); "
+                         "'klt-first' the klt an encoder fits on its first cache where "
+                         "no klt config exists (fitted on a calibration text here)")
     ap.add_argument("--sweep", nargs="*", type=float, default=[0.6, 0.8, 1.25, 1.6])
     ap.add_argument("--prefill", type=int, default=1536)
     ap.add_argument("--continuation", type=int, default=256)
@@ -89,6 +105,8 @@ def main():
     def config(name):
         if name == "model-free":
             return dict(kvcodec.load_config("default"), name="model-free")
+        if name == "klt-first":
+            return first_fit_config(lm, args.prefill)
         return kvcodec.load_config(name, model=lm.fingerprint)
 
     names = list(args.configs)

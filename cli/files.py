@@ -17,7 +17,8 @@ from .common import (Status, capture, chat_options, check_chat, model_option, pa
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The .kvc file to write.")
 @click.option("--config", default="default", show_default=True,
-              help=f"Config name ({', '.join(kvcodec.available_configs())}) or JSON path.")
+              help=f"Config name ({', '.join(kvcodec.available_configs())}, or klt: "
+                   "the model's, fitted on this cache where it has none) or JSON path.")
 @model_option
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Use only the first N tokens of the text.")
@@ -47,6 +48,7 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
     SOURCE is a text file (run through the model to capture its KV cache) or a
     .safetensors file of K/V tensors as written by `kvcodec decode`.
     """
+    from kvcodec.format import Encoder
     from kvcodec.format import io as kvio
 
     check_chat(chat, system)
@@ -77,10 +79,14 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
                                          system=system))
         else:
             kv = capture(lm, text, max_tokens, label, independent, chat, system)
+    enc = Encoder(config, kv.model, chunk_tokens=chunk_tokens, threads=threads,
+                  target_kl=target_kl, embed_codebook=embed_codebook)
     with Status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
-        data = kvcodec.encode(kv, output, config=config, chunk_tokens=chunk_tokens,
-                              threads=threads, target_kl=target_kl,
-                              embed_codebook=embed_codebook)
+        data = enc.encode(kv, output)
+    if enc.fitted is not None or (enc.embed_codebook and not embed_codebook):
+        click.echo(f"no klt config for this model yet: fitted one on these {kv.num_tokens} "
+                   "tokens, " + (f"kept as {enc.fitted} for later encodes" if enc.fitted
+                                 else "not kept (see the warning); the file carries it"))
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
     click.echo(f"wrote {output}: {len(data):,} bytes, "

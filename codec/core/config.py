@@ -64,11 +64,13 @@ def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> P
     """The calibrated config of this model named ``name``: shipped
     (``configs/calibrated/``) or made by ``kvcodec calibrate`` (:func:`user_config_dir`);
     the user's win. ``"default"`` falls back to any of the folder's configs of the model
-    (calibrations written under another name)."""
+    (calibrations written under another name). A first-encode fit
+    (:mod:`kvcodec.core.fit`) is found by its name only, after every calibration of it."""
     key = model_key(fingerprint)
     if key is None:
         return None
     dirs = [user_config_dir()] + [d / "calibrated" for d in config_dirs()]
+    fitted = None
     for d in dirs:
         other = None
         for path in sorted(d.glob("*.json")) if d.is_dir() else ():
@@ -78,12 +80,15 @@ def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> P
                     continue
             except (OSError, ValueError, AttributeError):
                 continue  # not a config of ours; load_config reports it if asked by name
-            if cfg.get("name") == name:
+            if cfg.get("fitted"):
+                fitted = fitted or (path if cfg.get("name") == name else None)
+            elif cfg.get("name") == name:
                 return path
-            other = other or path
+            else:
+                other = other or path
         if other is not None and name == "default":
             return other
-    return None
+    return fitted
 
 
 def available_configs() -> list[str]:
@@ -120,8 +125,11 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
                     path = d / f"{spec}.json"
                     break
             else:
-                raise ConfigError(
-                    f"no config {spec!r}: give a JSON file or one of {available_configs()}")
+                hint = ("; klt configs are per model: kvcodec calibrate --klt measures "
+                        "one, and an encoder given the model fits one on its first "
+                        "cache") if spec == "klt" else ""
+                raise ConfigError(f"no config {spec!r}: give a JSON file or one of "
+                                  f"{available_configs()}{hint}")
         try:
             cfg = json.loads(path.read_text())
         except (OSError, ValueError) as exc:

@@ -55,3 +55,10 @@ def step_multipliers(cfg: dict, importance, layer: int, n_sink: int):
     if spec is None or importance is None:
         return None
     return token_step_multipliers(importance[layer], spec, skip=n_sink)
+
+
+def layer_span(kv, cfg: dict, layer: int) -> tuple[int, int]:
+    """``(first position, attention-sink rows)`` of one layer: a sliding-window layer
+    holds the last tokens, and none of the sinks once its window has passed them."""
+    s0 = kv.num_tokens - kv.layer_tokens[layer]
+    return s0, min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])

@@ -3,8 +3,11 @@
 the one-shot form."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import threading
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from .. import _version
 from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, load_config,
                            resolve_layers)
 from ..core import codebook
+from ..core.fit import first_fit, save_fitted, wants_first_fit
 from ..core.kvcache import KVCache
 from ..core.quant import make_quantizer
 from ..core.transforms import applied_key_transform, layer_ropes
@@ -26,6 +30,8 @@ from .shared import SharedTables
 from .spec import (INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, check_kept_geometry,
                    coder_info)
 
+log = logging.getLogger("kvcodec")
+
 
 class Encoder:
     """A codec config resolved once, to code many caches.
@@ -36,6 +42,11 @@ class Encoder:
         Codec config name (``"default"``, ``"cachegen"``), JSON path, or dict.
         ``"default"`` is the model's calibrated config where one exists for
         ``fingerprint``, else the model-free default (see :func:`kvcodec.load_config`).
+        ``"klt"`` for a model with no ``klt`` config yet: the first cache of at least
+        :data:`~kvcodec.core.fit.FIRST_FIT_TOKENS` tokens (dense, at position 0) has
+        bases fitted on it under ``"default"``'s steps, kept in the user config
+        directory (:attr:`fitted`) for every later cache and process; the caches before
+        it are coded with ``"default"``.
     fingerprint : dict, optional
         The model whose caches this encoder codes (recorded in every file, and what picks
         its calibrated config). None: the config is resolved without a model and each
@@ -66,10 +77,28 @@ class Encoder:
     def __init__(self, config="default", fingerprint: dict | None = None, *,
                  chunk_tokens: int | None = None, threads: int = 0,
                  target_kl: float | None = None, embed_codebook: bool = False):
+        self.threads = threads
         self.fingerprint = fingerprint
         self.embed_codebook = bool(embed_codebook)
-        self.config = load_config(config, copy_dict=False, model=fingerprint,
-                                  target_kl=target_kl)
+        #: Where a first-encode fit was kept (its config file); None before one, or
+        #: where it could not be written (then the files carry its codebook).
+        self.fitted = None
+        self._fit_base = self._fit_book = None
+        self._fit_lock = threading.Lock()
+        self._chunk_arg = chunk_tokens
+        if wants_first_fit(config, fingerprint):
+            if target_kl is not None:
+                raise ConfigError("a klt config fitted on the first cache has no rate curve "
+                                  "for --target-kl: kvcodec calibrate --klt measures one")
+            self._fit_base = load_config("default", model=fingerprint)
+            self._configure(dict(self._fit_base))
+        else:
+            self._configure(load_config(config, copy_dict=False, model=fingerprint,
+                                        target_kl=target_kl))
+
+    def _configure(self, config: dict) -> None:
+        """Resolve ``config`` for the encoder's model, once (see the class docstring)."""
+        self.config, fingerprint, chunk_tokens = config, self.fingerprint, self._chunk_arg
         if isinstance((fingerprint or {}).get("num_layers"), int):
             # As the model's files record it: a store keys its entries by this config,
             # and `store verify` recomputes those keys from the config a file records.
@@ -84,7 +113,6 @@ class Encoder:
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
             raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
                               f"{self.chunk_tokens}")
-        self.threads = threads
         # Keyed by (layers, the model's full-attention layers that for_model may scale).
         self._applied = {}          # -> (the config as files of such a model record it,
                                     #     its per-kind quantizer specs per layer)
@@ -181,8 +209,15 @@ class Encoder:
         spans = [n] * n_layers if kv.evicted else kv.layer_tokens
         if min(spans) == 0:
             raise ShapeError(f"layer {spans.index(0)} holds no tokens; a file needs every layer")
-        coder, xform, cfg = self._coder(kv, model, position_offset, importance)
-        index, payload = _payload(coder.evicted(kv) if kv.evicted else coder.dense(kv, tables))
+        pending = self._fit_base is not None  # a first-encode fit: one cache at a time
+        with self._fit_lock if pending else contextlib.nullcontext():
+            if pending and self._fit_base is not None and not position_offset:
+                self._first_fit(kv, model)
+            if self._fit_book is not None:
+                codebook.register(self._fit_book)  # this process's copy stays at hand
+            coder, xform, cfg = self._coder(kv, model, position_offset, importance)
+            index, payload = _payload(coder.evicted(kv) if kv.evicted
+                                      else coder.dense(kv, tables))
         header = {
             "format": "kvc",
             "created_by": f"kvcodec {_version.__version__}",
@@ -234,6 +269,19 @@ class Encoder:
             atomic_write(path, data)
         return data
 
+    def _first_fit(self, kv: KVCache, model) -> None:
+        got = first_fit(kv, self._fit_base, model)
+        if got is None:
+            return  # too short or evicted: coded with the base config, the fit waits
+        cfg, self._fit_book = got
+        try:
+            self.fitted = save_fitted(cfg, self._fit_book)
+        except OSError as exc:  # kept in this process only: files carry the codebook
+            log.warning("kvcodec: cannot keep the klt fit (%s); files embed its codebook",
+                        exc)
+            self.embed_codebook = True
+        self._configure(cfg)
+        self._fit_base = None
 
     def _coder(self, kv: KVCache, model, position_offset: int, importance) -> tuple:
         """``(StreamCoder, key transform, config as the file records it)`` for ``kv``."""

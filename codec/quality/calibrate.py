@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from ..core.config import for_model, resolve_layers, validate_config
-from ..core.streams import KINDS, stream_input
+from ..core.streams import KINDS, layer_span, stream_input
 from ..core.transforms import applied_key_transform, layer_ropes
 from ..models.capture import capture_kv
 from .allocation import build_config, channel_mult, clip_floor, floor_steps
 from .evaluate import compare_logits, continuation_logits
-from .simulate import layer_span, simulate
+from .simulate import simulate
 
 
 # calibrate --fast aims this much below its target on its calibration texts: on the

@@ -8,15 +8,9 @@ from ..core import tables
 from ..core.config import for_model, resolve_layers
 from ..core.kvcache import KVCache
 from ..core.quant import fit_stream, make_quantizer
-from ..core.streams import KINDS, step_multipliers, stream_counts, stream_input, unflatten
+from ..core.streams import (KINDS, layer_span, step_multipliers, stream_counts, stream_input,
+                            unflatten)
 from ..core.transforms import applied_key_transform, layer_ropes, rope
-
-
-def layer_span(kv: KVCache, cfg: dict, layer: int) -> tuple[int, int]:
-    """``(first position, attention-sink rows)`` of one layer: a sliding-window layer
-    holds the last tokens, and none of the sinks once its window has passed them."""
-    s0 = kv.num_tokens - kv.layer_tokens[layer]
-    return s0, min(max(0, cfg.get("sink_tokens", 0) - s0), kv.layer_tokens[layer])
 
 
 def simulate(kv: KVCache, cfg: dict, only=None, with_bits: bool = False):

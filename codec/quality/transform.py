@@ -1,105 +1,10 @@
-"""Fitting ``klt`` configs: a config's per-token-step streams recoded in each KV head's
-eigenbasis (:mod:`kvcodec.core.klt`), the bases fitted on calibration caches and kept in
-one :class:`~kvcodec.core.codebook.Codebook`.
-
-For every layer and kind, the vectors the quantizer would see (keys before RoPE, after
-the attention sinks), centered on their mean and divided by the config's per-channel
-step multipliers (the query weights), give a covariance per KV head (pooled over the
-calibration caches); its eigenvectors, by falling eigenvalue, are the basis. Every step
-of the config stays: ``klt_config`` changes what is coded, not how finely. A stream that
-the config did not center keeps sizing its tokens' steps by their raw RMS (``"rms":
-"raw"``), so each token keeps the step the calibration chose for it.
-"""
+"""Fitting ``klt`` configs on calibration caches: :mod:`kvcodec.core.fit` does the
+fitting (the encoder's first-encode fit uses it too); this module names what a
+:class:`~kvcodec.quality.calibrate.Calibrator` hands it."""
 from __future__ import annotations
 
-import copy
-
-import numpy as np
-import torch
-
-from ..core.codebook import Codebook, register
-from ..core.config import for_model, resolve_layers, validate_config
+from ..core.fit import basis_index, fit_bases, klt_config  # noqa: F401 (API)
 from ..core.kvcache import KVCache
-from ..core.quant import make_quantizer
-from ..core.streams import KINDS, stream_input
-from ..core.transforms import applied_key_transform, layer_ropes
-from ..errors import ConfigError, ShapeError
-from .simulate import layer_span
-
-
-def basis_index(layer: int, kind: str) -> int:
-    """Where a stream's basis sits in a codebook fitted by :func:`fit_bases`."""
-    return 2 * layer + KINDS.index(kind)
-
-
-def fit_bases(caches: list, cfg: dict) -> np.ndarray:
-    """Bases ``[2 * layers, heads, d, d]`` (float64 eigenvectors as columns, largest
-    variance first) of the streams of ``caches`` (:class:`KVCache` s of one model) as
-    ``cfg`` codes them."""
-    if not caches:
-        raise ShapeError("fitting bases needs at least one cache")
-    kv0 = caches[0]
-    n_layers, h, d = kv0.num_layers, kv0.num_kv_heads, kv0.head_dim
-    sums = {}
-    for kv in caches:
-        if (kv.num_layers, kv.num_kv_heads, kv.head_dim) != (n_layers, h, d):
-            raise ShapeError("the calibration caches are of different models")
-        c = for_model(cfg, kv.model, n_layers)
-        specs = resolve_layers(c, n_layers)
-        xform, c = applied_key_transform(c, kv.model, n_layers, 0, kv.num_tokens)
-        ropes = layer_ropes(xform, n_layers, d)
-        for layer in range(n_layers):
-            s0, n_sink = layer_span(kv, c, layer)
-            for kind in KINDS:
-                q = make_quantizer(specs[kind][layer], kv.dtype)
-                x = stream_input((kv.keys if kind == "key" else kv.values)[layer], kind,
-                                 ropes[layer] if kind == "key" else None, s0)
-                z = (x / q.head_mult(x.shape[1]))[n_sink:].double()
-                got = sums.setdefault(basis_index(layer, kind), [0, 0.0, 0.0])
-                got[0] += z.shape[0]
-                got[1] = got[1] + z.sum(0)
-                got[2] = got[2] + z.T @ z
-    out = np.zeros((2 * n_layers, h, d, d))
-    for i, (n, s, ss) in sums.items():
-        mean = s / n
-        cov = ss / n - torch.outer(mean, mean)
-        for head in range(h):
-            sl = slice(head * d, (head + 1) * d)
-            out[i, head] = torch.linalg.eigh(cov[sl, sl])[1].flip(1).numpy()
-    return out
-
-
-def klt_config(cfg: dict, caches: list, note: str = "") -> tuple[dict, Codebook]:
-    """``(config, codebook)``: ``cfg`` (per-token-step ``uniform`` streams, as the
-    calibrated and model-free configs have) with every stream coded in bases fitted on
-    ``caches``, one rule per layer and kind. The codebook is registered in this process,
-    not saved (:func:`kvcodec.core.codebook.save` makes it last)."""
-    kv0 = caches[0] if caches else None
-    if kv0 is None:
-        raise ShapeError("fitting bases needs at least one cache")
-    n_layers = kv0.num_layers
-    cfg = for_model(cfg, kv0.model, n_layers)
-    specs = resolve_layers(cfg, n_layers)
-    for kind in KINDS:
-        for layer, spec in enumerate(specs[kind]):
-            if spec.get("type") != "uniform" or spec.get("scale") != "token":
-                raise ConfigError(f"klt needs per-token-step uniform streams; layer {layer} "
-                                  f"{kind}s are {spec.get('type')!r} ({spec.get('scale')!r})")
-    book = register(Codebook(fit_bases(caches, cfg), note=note))
-    out = copy.deepcopy(cfg)
-    for kind in KINDS:
-        rules = []
-        for layer, spec in enumerate(specs[kind]):
-            q = {k: v for k, v in spec.items() if k not in ("type", "scale", "center")}
-            q = {"type": "klt", **q, "bins": 255,  # the widest range: unused costs nothing
-                 "rms": "centered" if spec.get("center") else "raw",
-                 "basis": {"codebook": book.digest, "index": basis_index(layer, kind)}}
-            rules.append({"layers": [layer, layer + 1], "quantizer": q})
-        rules[-1]["layers"][1] = None
-        out[kind] = rules
-    out.pop("rate_curve", None)  # measured for the channel code; measure it again
-    validate_config(out)
-    return out, book
 
 
 def calibration_caches(cal) -> list[KVCache]:

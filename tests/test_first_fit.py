@@ -1,0 +1,140 @@
+"""The first-encode fit: ``"klt"`` for a model with no klt config fits bases on the first
+long enough cache it encodes (no model run), keeps them for later caches and processes,
+and never leaves a file its reader cannot decode."""
+import dataclasses
+import json
+import logging
+
+import pytest
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec.core import codebook
+from kvcodec.core.config import calibrated_config_path, load_config
+from kvcodec.core.fit import FIRST_FIT, FIRST_FIT_TOKENS, first_fit
+from kvcodec.errors import ConfigError, ShapeError
+from kvcodec.format import Encoder, container, io as kvio
+from kvcodec.format.encoder import codebooks
+from kvcodec.store import ChunkStore
+
+
+@pytest.fixture
+def other(kv_600, tmp_path, monkeypatch):
+    """The embedded model's cache as another checkpoint of it (no config calibrated for
+    it, so ``"klt"`` is not shipped), with an empty user config directory."""
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "configs"))
+    codebook.clear()
+    yield dataclasses.replace(kv_600, model={**kv_600.model, "weights_hash": "f" * 64})
+    codebook.clear()
+
+
+def _config(data: bytes) -> dict:
+    with kvcodec.open(data) as f:
+        return f.meta.config
+
+
+def _relative_error(out, kv) -> float:
+    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(out.keys, kv.keys))
+    return num / sum(float(b.float().pow(2).sum()) for b in kv.keys)
+
+
+def test_klt_is_fitted_on_the_first_long_cache_and_kept_for_the_next(other, tmp_path):
+    fp = other.model
+    with pytest.raises(ConfigError, match="klt configs are per model"):
+        load_config("klt", model=fp)
+    enc = Encoder("klt", fp)
+    short = enc.encode(other.slice(0, FIRST_FIT_TOKENS - 1))  # too few rows to fit
+    assert enc.fitted is None and _config(short)["name"] == "default"
+    assert not (tmp_path / "configs").exists()
+
+    data = enc.encode(other)
+    cfg = _config(data)
+    assert enc.fitted == tmp_path / "configs" / f"klt-{cfg['model_key']}.json"
+    assert cfg["name"] == "klt" and cfg["fitted"] == FIRST_FIT and cfg["fit_tokens"] == 600
+    with kvcodec.open(data) as f:
+        assert f.meta.summary()["format_version"] == container.TRANSFORM_VERSION
+        assert "codebook" not in f.meta.summary()["sections"]  # named, kept in the folder
+    [digest] = codebooks(cfg)
+    assert (tmp_path / "configs" / "codebooks" / f"{digest}.kvcb").is_file()
+    default = kvcodec.encode(other, config="default")
+    out = kvcodec.decode(data)
+    assert len(data) < 0.95 * len(default)  # fewer bits in the bases of this very cache
+    assert _relative_error(out, other) <= 1.2 * _relative_error(kvcodec.decode(default), other)
+
+    # Later encoders (and processes) find the fit by name; "default" stays model-free.
+    codebook.clear()
+    again = Encoder("klt", fp)
+    assert again.fitted is None and again.config["fitted"] == FIRST_FIT
+    assert again.encode(other) == enc.encode(other)
+    assert "fitted" not in load_config("default", model=fp)
+    # A store of that config keeps the codebook its entries name.
+    store = ChunkStore(tmp_path / "s", fp, config="klt")
+    assert store.put(other) == 3
+    assert store.read_object(f"codebooks/{digest}.kvcb") == codebook.get(digest).to_bytes()
+    # A calibration of the model wins over the fit, wherever its file sorts.
+    calibrated = tmp_path / "configs" / "zz-calibrated.json"
+    calibrated.write_text(json.dumps({k: v for k, v in cfg.items() if k != "fitted"}))
+    assert calibrated_config_path(fp, "klt") == calibrated
+    assert calibrated_config_path(fp, "default") == calibrated  # any calibration of it
+
+
+def test_a_fit_that_cannot_be_kept_travels_in_its_files(other, tmp_path, monkeypatch,
+                                                        caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(blocked / "configs"))
+    enc = Encoder("klt", other.model)
+    with caplog.at_level(logging.WARNING, logger="kvcodec"):
+        data = enc.encode(other)
+    assert enc.fitted is None and enc.embed_codebook
+    assert "cannot keep the klt fit" in caplog.text
+    assert list(tmp_path.iterdir()) == [blocked]  # no partial file anywhere
+    codebook.clear()  # another process: the file carries what it needs
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "elsewhere"))
+    with kvcodec.open(data) as f:
+        assert f.meta.summary()["sections"]["codebook"] > 0
+        assert _relative_error(f.decode(), other) < 0.05
+
+
+def test_what_a_first_fit_does_not_take(other, kv_600):
+    base = load_config("default")
+    assert first_fit(other.slice(0, FIRST_FIT_TOKENS - 1), base) is None
+    assert first_fit(kvcodec.evict.evict(other, "knorm", 0.5), base) is None
+    assert first_fit(dataclasses.replace(other, model=None), base) is None
+    with pytest.raises(ConfigError, match="no rate curve"):
+        Encoder("klt", other.model, target_kl=0.01)
+    with pytest.raises(ConfigError, match="klt configs are per model"):
+        Encoder("klt")  # no model to fit for
+    # A calibration of the model wins: the embedded model's shipped klt, no fit.
+    assert Encoder("klt", kv_600.model).config.get("fitted") is None
+    bad = other.slice(0, 300)
+    bad.keys[4] = bad.keys[4].clone()
+    bad.keys[4][0, 1, 7, 3] = float("nan")
+    assert first_fit(bad, base) is None
+    with pytest.raises(ShapeError, match="keys of layer 4 contain NaN"):
+        Encoder("klt", other.model).encode(bad)  # the error any config gives, no fit
+    # An evicted first cache is coded with the base config, and the fit waits.
+    enc = Encoder("klt", other.model)
+    assert _config(enc.encode(kvcodec.evict.evict(other, "knorm", 0.5)))["name"] == "default"
+    assert enc.fitted is None
+
+
+def test_cli_encode_reports_the_fit(other, tmp_path):
+    from kvcodec_cli.main import main
+
+    src = tmp_path / "kv.safetensors"
+    kvio.save_safetensors(other, src)
+    r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "a.kvc"),
+                                  "--config", "klt"])
+    assert r.exit_code == 0, r.output
+    assert "fitted one on these 600 tokens, kept as" in r.output
+    r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "b.kvc"),
+                                  "--config", "klt"])
+    assert r.exit_code == 0 and "fitted" not in r.output
+    assert (tmp_path / "a.kvc").read_bytes() == (tmp_path / "b.kvc").read_bytes()
+    # Where the fit is not kept, a file that names it is a clear error; here it decodes.
+    codebook.clear()
+    r = CliRunner(env={"KVCODEC_CONFIG_DIR": str(tmp_path / "elsewhere")}).invoke(
+        main, ["decode", str(tmp_path / "a.kvc"), "-o", str(tmp_path / "a.safetensors")])
+    assert r.exit_code != 0 and "Traceback" not in r.output and "codebook" in r.output
+    assert kvcodec.decode(tmp_path / "a.kvc").num_tokens == 600  # from the kept folder
