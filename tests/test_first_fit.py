@@ -4,8 +4,10 @@ and never leaves a file its reader cannot decode."""
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import kvcodec
@@ -138,3 +140,71 @@ def test_cli_encode_reports_the_fit(other, tmp_path):
         main, ["decode", str(tmp_path / "a.kvc"), "-o", str(tmp_path / "a.safetensors")])
     assert r.exit_code != 0 and "Traceback" not in r.output and "codebook" in r.output
     assert kvcodec.decode(tmp_path / "a.kvc").num_tokens == 600  # from the kept folder
+
+
+def test_a_store_keeps_the_fit_so_every_machine_codes_and_keys_alike(other, kv_600,
+                                                                     tmp_path, monkeypatch):
+    fp, ids = other.model, other.token_ids
+    root = tmp_path / "s"
+    with pytest.raises(ConfigError, match="klt configs are per model"):
+        ChunkStore(root, fp, config="klt")  # no fit anywhere yet
+    Encoder("klt", fp).encode(other)  # machine A fits on its first cache
+    a = ChunkStore(root, fp, config="klt")
+    assert a.config["fitted"] == FIRST_FIT and a.put(other) == 3
+    [digest] = codebooks(a.config)
+    rel = f"configs/klt-{a.config['model_key']}.json"
+    assert codebooks(json.loads(a.read_object(rel))) == [digest]
+    want = kvcodec.decode(kvcodec.encode(other.slice(0, 256), config=a.config))
+
+    # Machine B has no fit of its own, machine C another one: both take the store's.
+    for machine, fit_on in (("b", None), ("c", other.slice(0, 300))):
+        monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / machine))
+        codebook.clear()
+        if fit_on is not None:
+            Encoder("klt", fp).encode(fit_on)
+            assert codebooks(load_config("klt", model=fp)) not in ([], [digest])
+        b = ChunkStore(root, fp, config="klt")
+        assert codebooks(b.config) == [digest] and b.keys(ids) == a.keys(ids)
+        got = b.load_prefix(ids)  # the store's codebook, loaded from the store
+        assert got.num_tokens == 512 and torch.equal(got.keys[7][:, :, :256], want.keys[7])
+
+    # A damaged kept fit is moved aside; this machine's own fit then serves, and is kept.
+    a.write_object(rel, b'{"name": "klt", "key": ')
+    c = ChunkStore(root, fp, config="klt")
+    name = rel.split("/")[1]
+    assert sorted(p.name for p in (root / "configs").iterdir()) == [name, f"{name}.bad"]
+    assert codebooks(c.config) not in ([], [digest])
+    assert codebooks(json.loads(c.read_object(rel))) == codebooks(c.config)
+    # A calibration wins over any fit: the embedded model's shipped klt, nothing kept.
+    shipped = ChunkStore(tmp_path / "t", kv_600.model, config="klt")
+    assert not shipped.config.get("fitted") and not (tmp_path / "t" / "configs").exists()
+
+
+def test_a_corpus_job_of_klt_uses_the_stores_fit_on_every_machine(other, lm, texts, tmp_path,
+                                                                 monkeypatch):
+    from kvcodec.jobs import JobSpec, precompute
+    from kvcodec.jobs import engine as engine_mod
+
+    monkeypatch.setattr(lm, "fingerprint", other.model)  # another checkpoint's caches
+    docs = []
+    for name, n in (("gpl3", 3000), ("python_license", 2000)):
+        docs.append(str(tmp_path / f"{name}.txt"))
+        Path(docs[-1]).write_text(texts[name][:n])
+    spec = JobSpec(configs=("klt",), batch_tokens=1024)
+    with pytest.raises(ConfigError, match="klt configs are per model"):
+        precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
+    Encoder("klt", other.model).encode(other)  # machine A's fit
+    s = precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
+    assert s.done == 2 and s.chunks_new > 0
+    store = ChunkStore(tmp_path / "s", other.model, config="klt")
+    assert store.config["fitted"] == FIRST_FIT and len(list(store.entries())) == s.chunks_new
+    # Machine B, no fit of its own: the same job finds its manifest and prefills nothing.
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "b"))
+    codebook.clear()
+
+    def no_prefill(*a, **k):
+        raise AssertionError("a stored document was prefilled again")
+
+    monkeypatch.setattr(engine_mod, "capture_batch", no_prefill)
+    again = precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
+    assert (again.already_stored, again.chunks_new) == (2, 0)

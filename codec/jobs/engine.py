@@ -82,7 +82,8 @@ class Engine:
         if spec.chat:
             chat_text(lm.tokenizer, "", spec.system)  # no template: refused before any work
         self.manifest = Manifest(self.stores[0],
-                                 spec.key(lm.fingerprint, self.window, self.prefix))
+                                 spec.key(lm.fingerprint, self.window, self.prefix,
+                                          self.stores[0].store_config))
         self._policy = None
         if spec.evict:
             from ..evict import parse

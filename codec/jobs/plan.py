@@ -112,10 +112,14 @@ class JobSpec:
                               f"{anchor_tokens}-token anchor")
         return room // chunk_tokens * chunk_tokens or room
 
-    def key(self, fingerprint: dict, window: int, prefix=()) -> str:
+    def key(self, fingerprint: dict, window: int, prefix=(), resolve=None) -> str:
         """The identity of what this job stores for a document: the manifest's namespace.
-        ``prefix``: the tokens every window starts with (the tokenizer's BOS)."""
-        configs = [load_config(c, model=fingerprint) for c in self.configs]
+        ``prefix``: the tokens every window starts with (the tokenizer's BOS);
+        ``resolve(config, fingerprint)``: how a config name becomes the config (default
+        :func:`load_config`; a store's jobs: :meth:`ChunkStore.store_config`, which
+        knows the ``klt`` fit it keeps)."""
+        resolve = resolve or (lambda c, fp: load_config(c, model=fp))
+        configs = [resolve(c, fingerprint) for c in self.configs]
         what = [fingerprint, configs, self.mode, self.evict, window]
         # Only where they change the stored tokens, so that older manifests stay valid.
         if prefix:

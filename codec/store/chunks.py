@@ -99,7 +99,8 @@ class ChunkStore(StoreObjects, StoreCapacity):
         self._backend = open_backend(root, storage_options)
         self.root = self._backend.root
         self.fingerprint = fingerprint
-        self.encoder = kvc.Encoder(load_config(config, model=fingerprint), fingerprint)
+        self._books_kept: set = set()  # codebooks this object has seen in the store
+        self.encoder = kvc.Encoder(self.store_config(config, fingerprint), fingerprint)
         self.config = self.encoder.config
         self.chunk_tokens = self.config.get("chunk_tokens", 256)
         self.salt = salt
@@ -107,7 +108,6 @@ class ChunkStore(StoreObjects, StoreCapacity):
         self._seed = keying.salted(self._base, salt)
         self.written_chunks = self.written_bytes = self.written_numel = 0
         self._tables = StoreTables()  # shared with the salted views (with_salt)
-        self._books_kept: set = set()  # codebooks this object has seen in the store
         self._encoders: dict = {}     # other configs' encoders (exact), shared likewise
         self.metrics = StoreMetrics()
         self._init_capacity(max_bytes, ttl)

@@ -1,15 +1,19 @@
 """What a store holds besides entries: named objects (a job's manifest, the shared
-tables, the codebook of a ``klt`` config), written atomically like entries, in folders
-of their own (entries own the two-hex folders), and where a
-:class:`~kvcodec.store.ChunkStore` keeps its shared tables and codebooks."""
+tables, the codebook of a ``klt`` config, a ``klt`` fitted on a first cache), written
+atomically like entries, in folders of their own (entries own the two-hex folders), and
+where a :class:`~kvcodec.store.ChunkStore` keeps its shared tables and codebooks."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import PurePosixPath
 
 from ..core import codebook
+from ..core.config import calibrated_config_path, load_config, model_key
 from ..errors import CodebookError, ConfigError, CorruptError
+from ..format.container import untrusted
 from ..format.encoder import codebooks
+from ..format.spec import MAX_CONFIG_BYTES
 from . import keys as keying
 
 log = logging.getLogger("kvcodec")
@@ -78,12 +82,12 @@ class StoreObjects:
             except OSError as exc:
                 log.warning("kvcodec store: cannot write its codebook %s (%s)", rel, exc)
 
-    def load_codebooks(self) -> None:
-        """Make the codebook the store's config names available to this process: from
-        here (:func:`kvcodec.core.codebook.get`), else from the store. Neither: a
-        :class:`CodebookError` (the entries are not damaged: they stay); a damaged one
-        in the store is moved aside (the next ``put`` writes it again)."""
-        for name in codebooks(self.config):
+    def load_codebooks(self, config: dict | None = None) -> None:
+        """Make the codebook the store's config (or ``config``) names available to this
+        process: from here (:func:`kvcodec.core.codebook.get`), else from the store.
+        Neither: a :class:`CodebookError` (the entries are not damaged: they stay); a
+        damaged one in the store is moved aside (the next ``put`` writes it again)."""
+        for name in codebooks(self.config if config is None else config):
             try:
                 codebook.get(name)
                 continue
@@ -100,3 +104,46 @@ class StoreObjects:
                 self.quarantine_object(rel)
                 self._books_kept.discard(name)
                 raise CodebookError(f"the store's codebook is damaged: {exc}") from None
+
+    def store_config(self, config, fingerprint: dict) -> dict:
+        """``load_config(config, model=fingerprint)``, except ``"klt"`` for a model that
+        no ``klt`` calibration exists for: the ``klt`` fitted on a first cache
+        (:mod:`kvcodec.core.fit`) that this store keeps (``configs/klt-<model
+        key>.json``), so that every machine sharing the store codes and keys alike; else
+        the one this machine keeps, then put into the store (with its codebook) for the
+        others; else a :class:`ConfigError`. A kept fit that is damaged is moved aside."""
+        key = model_key(fingerprint)
+        if not (isinstance(config, str) and config == "klt" and key):
+            return load_config(config, model=fingerprint)
+        path = calibrated_config_path(fingerprint, "klt")
+        local = load_config(path) if path is not None else None
+        if local is not None and not local.get("fitted"):
+            return local  # a calibration of the model wins over any fit
+        rel = f"configs/klt-{key}.json"
+        data = self.read_object(rel)
+        if data is not None:
+            try:
+                with untrusted(rel):
+                    if len(data) > MAX_CONFIG_BYTES:
+                        raise CorruptError(f"{rel}: {len(data)} bytes, too many for a config")
+                    cfg = load_config(json.loads(data), copy_dict=False)
+                    if cfg.get("model_key") != key or not cfg.get("fitted"):
+                        raise CorruptError(f"{rel}: not a klt fitted for model {key}")
+            except (CorruptError, ConfigError):
+                self.quarantine_object(rel)
+            else:
+                try:
+                    self.load_codebooks(cfg)
+                except CodebookError as exc:  # its entries' readers say so again
+                    log.warning("kvcodec store: %s", exc)
+                return cfg
+        if local is None:
+            return load_config("klt", model=fingerprint)  # the ConfigError that says how
+        try:
+            for name in codebooks(local):
+                self._backend.write(f"codebooks/{name}{codebook.SUFFIX}",
+                                    codebook.get(name).to_bytes())
+            self._backend.write(rel, json.dumps(local, indent=1).encode())
+        except OSError as exc:  # a cache: coded with it here all the same
+            log.warning("kvcodec store: cannot keep the klt fit %s (%s)", rel, exc)
+        return local
