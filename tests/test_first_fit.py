@@ -180,8 +180,8 @@ def test_a_store_keeps_the_fit_so_every_machine_codes_and_keys_alike(other, kv_6
     assert not shipped.config.get("fitted") and not (tmp_path / "t" / "configs").exists()
 
 
-def test_a_corpus_job_of_klt_uses_the_stores_fit_on_every_machine(other, lm, texts, tmp_path,
-                                                                 monkeypatch):
+def test_a_corpus_job_of_klt_fits_on_its_first_document_and_keeps_it_in_the_store(
+        other, lm, texts, tmp_path, monkeypatch):
     from kvcodec.jobs import JobSpec, precompute
     from kvcodec.jobs import engine as engine_mod
 
@@ -191,13 +191,15 @@ def test_a_corpus_job_of_klt_uses_the_stores_fit_on_every_machine(other, lm, tex
         docs.append(str(tmp_path / f"{name}.txt"))
         Path(docs[-1]).write_text(texts[name][:n])
     spec = JobSpec(configs=("klt",), batch_tokens=1024)
-    with pytest.raises(ConfigError, match="klt configs are per model"):
-        precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
-    Encoder("klt", other.model).encode(other)  # machine A's fit
+    # No klt anywhere: the job fits one on its first document, keeps it, and uses it.
     s = precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
+    fitted = load_config("klt", model=other.model)
+    assert fitted["fitted"] == FIRST_FIT and fitted["fit_tokens"] == len(
+        lm.tokenizer(texts["gpl3"][:3000])["input_ids"])
     assert s.done == 2 and s.chunks_new > 0
     store = ChunkStore(tmp_path / "s", other.model, config="klt")
-    assert store.config["fitted"] == FIRST_FIT and len(list(store.entries())) == s.chunks_new
+    assert codebooks(store.config) == codebooks(fitted)
+    assert len(list(store.entries())) == s.chunks_new
     # Machine B, no fit of its own: the same job finds its manifest and prefills nothing.
     monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "b"))
     codebook.clear()
@@ -208,3 +210,22 @@ def test_a_corpus_job_of_klt_uses_the_stores_fit_on_every_machine(other, lm, tex
     monkeypatch.setattr(engine_mod, "capture_batch", no_prefill)
     again = precompute(docs, tmp_path / "s", model=lm, progress=False, spec=spec)
     assert (again.already_stored, again.chunks_new) == (2, 0)
+
+
+def test_a_ray_job_of_klt_without_a_fit_is_refused_before_it_starts(other, tmp_path,
+                                                                    monkeypatch):
+    import sys
+
+    from kvcodec.jobs import JobSpec, precompute
+
+    module = sys.modules["kvcodec.models.fingerprint"]  # (a function of that name too)
+    monkeypatch.setattr(module, "fingerprint_dir", lambda path: other.model)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a document")
+    with pytest.raises(ConfigError, match="on Ray, fit it first"):
+        precompute([str(doc)], tmp_path / "s", runner="ray", progress=False,
+                   spec=JobSpec(configs=("klt",)))
+    Encoder("klt", other.model).encode(other)  # a fit now exists: nothing to refuse
+    from kvcodec.jobs.runner import _check_klt
+
+    _check_klt(None, tmp_path / "s", None)

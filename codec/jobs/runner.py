@@ -77,6 +77,8 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
             from .engine import Engine
 
             lm = model if isinstance(model, LoadedModel) else load_model(model)
+            if "klt" in spec.configs:
+                _fit_klt(lm, corpus, store, storage_options)
             engine = Engine(lm, spec, store, storage_options=storage_options, threads=threads)
             start = time.perf_counter()
             engine.run(iter(corpus), emit)
@@ -88,6 +90,8 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
             if isinstance(model, LoadedModel):
                 raise ConfigError("Ray workers load the model themselves: pass its directory "
                                   "(or None for the embedded model), not a loaded model")
+            if "klt" in spec.configs:  # the workers' stores need a fit that exists
+                _check_klt(model, store, storage_options)
 
             start = time.perf_counter()
             run_ray(corpus, store, spec, emit, model=model, num_workers=num_workers or 2,
@@ -104,3 +108,47 @@ def _bar(total):
 
     return tqdm(total=total, unit="doc", desc="precompute", file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
+
+
+def _fit_klt(lm, corpus, store, storage_options, tries: int = 8) -> None:
+    """``"klt"`` for a model that has no ``klt`` anywhere (no calibration, no fit kept on
+    this machine or in ``store``): fitted on the cache of the first of the job's first
+    ``tries`` documents long enough for it (:func:`kvcodec.core.fit.first_fit`), kept on
+    this machine, and so put into the store by the job's stores. Nothing to fit on
+    leaves the stores to say what is missing."""
+    from ..core.config import load_config
+    from ..core.fit import first_fit, save_fitted
+    from ..models import capture_kv
+    from ..store import ChunkStore
+    from .corpus import Document
+
+    try:
+        ChunkStore(store, lm.fingerprint, "klt", storage_options=storage_options)
+        return  # a calibration or a kept fit
+    except ConfigError:
+        pass
+    base = load_config("default", model=lm.fingerprint)
+    docs = (d for d in corpus if isinstance(d, Document))
+    for _, doc in zip(range(tries), docs):
+        got = first_fit(capture_kv(lm, doc.text, max_tokens=2048), base)
+        if got is not None:
+            try:
+                save_fitted(*got)
+            except OSError as exc:
+                raise ConfigError(f"cannot keep the klt fitted on {doc.id!r}: {exc}") from None
+            return
+
+
+def _check_klt(model, store, storage_options) -> None:
+    """Before a Ray job of ``"klt"``: a ConfigError now, not in every worker, where the
+    model has no ``klt`` anywhere (the local runner fits one; Ray workers do not)."""
+    from ..models.fingerprint import fingerprint_dir
+    from ..models.loading import resolve_model_path
+    from ..store import ChunkStore
+
+    fp = fingerprint_dir(resolve_model_path(model))
+    try:
+        ChunkStore(store, fp, "klt", storage_options=storage_options)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; on Ray, fit it first: kvcodec encode --config klt on one "
+                          "document, or this job with --runner local") from None
