@@ -45,12 +45,14 @@ def test_klt_is_fitted_on_the_first_long_cache_and_kept_for_the_next(other, tmp_
     with pytest.raises(ConfigError, match="klt configs are per model"):
         load_config("klt", model=fp)
     enc = Encoder("klt", fp)
+    assert enc.fit_pending
     short = enc.encode(other.slice(0, FIRST_FIT_TOKENS - 1))  # too few rows to fit
-    assert enc.fitted is None and _config(short)["name"] == "default"
+    assert enc.fitted is None and _config(short)["name"] == "default" and enc.fit_pending
     assert not (tmp_path / "configs").exists()
 
     data = enc.encode(other)
     cfg = _config(data)
+    assert not enc.fit_pending
     assert enc.fitted == tmp_path / "configs" / f"klt-{cfg['model_key']}.json"
     assert cfg["name"] == "klt" and cfg["fitted"] == FIRST_FIT and cfg["fit_tokens"] == 600
     with kvcodec.open(data) as f:
@@ -126,6 +128,12 @@ def test_cli_encode_reports_the_fit(other, tmp_path):
 
     src = tmp_path / "kv.safetensors"
     kvio.save_safetensors(other, src)
+    short = tmp_path / "short.safetensors"
+    kvio.save_safetensors(other.slice(0, 100), short)
+    r = CliRunner().invoke(main, ["encode", str(short), "-o", str(tmp_path / "s.kvc"),
+                                  "--config", "klt"])
+    assert r.exit_code == 0 and "these 100 tokens do not fit one" in r.output, r.output
+    assert _config((tmp_path / "s.kvc").read_bytes())["name"] == "default"
     r = CliRunner().invoke(main, ["encode", str(src), "-o", str(tmp_path / "a.kvc"),
                                   "--config", "klt"])
     assert r.exit_code == 0, r.output

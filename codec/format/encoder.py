@@ -269,6 +269,12 @@ class Encoder:
             atomic_write(path, data)
         return data
 
+    @property
+    def fit_pending(self) -> bool:
+        """Whether this ``"klt"`` encoder still waits for a cache to fit one on (its
+        files so far are coded with ``"default"``)."""
+        return self._fit_base is not None
+
     def _first_fit(self, kv: KVCache, model) -> None:
         got = first_fit(kv, self._fit_base, model)
         if got is None:
