@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import kvcodec
 from kvcodec.core import codebook
-from kvcodec.core.config import calibrated_config_path, load_config
+from kvcodec.core.config import calibrated_config_path, load_config, model_key
 from kvcodec.core.fit import FIRST_FIT, FIRST_FIT_TOKENS, first_fit
 from kvcodec.errors import ConfigError, ShapeError
 from kvcodec.format import Encoder, container, io as kvio
@@ -237,3 +237,16 @@ def test_a_ray_job_of_klt_without_a_fit_is_refused_before_it_starts(other, tmp_p
     from kvcodec.jobs.runner import _check_klt
 
     _check_klt(None, tmp_path / "s", None)
+
+
+@pytest.mark.parametrize("crafted", [b"[" * 100_000, b" " * (17 << 20), b"\xff\xfe",
+                                     b'{"name": "klt", "key": 3}', b"[]"])
+def test_a_crafted_kept_fit_is_moved_aside_not_raised(other, tmp_path, crafted):
+    """Whatever a store's configs/klt-*.json holds, opening the store reads it within
+    bounds and moves it aside; with no fit of its own, the clear ConfigError follows."""
+    store = ChunkStore(tmp_path / "s", other.model)  # (a default store: writes the object)
+    rel = f"configs/klt-{model_key(other.model)}.json"
+    store.write_object(rel, crafted)
+    with pytest.raises(ConfigError, match="klt configs are per model"):
+        ChunkStore(tmp_path / "s", other.model, config="klt")
+    assert not store.exists_object(rel) and list((tmp_path / "s" / "configs").glob("*.bad"))
