@@ -250,3 +250,18 @@ def test_a_crafted_kept_fit_is_moved_aside_not_raised(other, tmp_path, crafted):
     with pytest.raises(ConfigError, match="klt configs are per model"):
         ChunkStore(tmp_path / "s", other.model, config="klt")
     assert not store.exists_object(rel) and list((tmp_path / "s" / "configs").glob("*.bad"))
+
+
+def test_a_fit_kept_in_an_s3_store_serves_another_machine(other, s3_endpoint, tmp_path,
+                                                          monkeypatch):
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    url, fp = "s3://kvtest/first-fit", other.model
+    Encoder("klt", fp).encode(other)
+    a = ChunkStore(url, fp, config="klt", storage_options=options)
+    assert a.put(other) == 3
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "b"))
+    codebook.clear()
+    b = ChunkStore(url, fp, config="klt", storage_options=options)
+    assert codebooks(b.config) == codebooks(a.config) and b.keys(other.token_ids) == a.keys(
+        other.token_ids)
+    assert b.load_prefix(other.token_ids).num_tokens == 512

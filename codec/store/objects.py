@@ -120,12 +120,15 @@ class StoreObjects:
         if local is not None and not local.get("fitted"):
             return local  # a calibration of the model wins over any fit
         rel = f"configs/klt-{key}.json"
-        data = self.read_object(rel)
+        try:  # read within bounds: a larger object is damage, not read whole
+            data = self._backend.fetch(self._object(rel), MAX_CONFIG_BYTES)[0]
+        except FileNotFoundError:
+            data = None
+        except CorruptError:
+            data = b""  # over the bound: moved aside below
         if data is not None:
             try:
                 with untrusted(rel):
-                    if len(data) > MAX_CONFIG_BYTES:
-                        raise CorruptError(f"{rel}: {len(data)} bytes, too many for a config")
                     cfg = load_config(json.loads(data), copy_dict=False)
                     if cfg.get("model_key") != key or not cfg.get("fitted"):
                         raise CorruptError(f"{rel}: not a klt fitted for model {key}")
