@@ -36,9 +36,9 @@ from .quant import make_quantizer
 from .streams import KINDS, layer_span, stream_input
 from .transforms import applied_key_transform, layer_ropes
 
-#: Rows (tokens after the sinks) a first-encode fit needs in every stream: fewer leave
-#: the covariance of a 128-dim head without a full rank. A shorter cache is coded with
-#: the base config, and the fit waits for a longer one.
+#: Rows (tokens after the sinks) a first-encode fit needs: twice the common head dim of
+#: 128, below which a head's covariance is far from full rank. A shorter cache is coded
+#: with the base config, and the fit waits for a longer one.
 FIRST_FIT_TOKENS = 256
 #: The ``fitted`` field of a first-encode fit's config (calibrations have none).
 FIRST_FIT = "first encode, model-free"
