@@ -265,3 +265,30 @@ def test_a_fit_kept_in_an_s3_store_serves_another_machine(other, s3_endpoint, tm
     assert codebooks(b.config) == codebooks(a.config) and b.keys(other.token_ids) == a.keys(
         other.token_ids)
     assert b.load_prefix(other.token_ids).num_tokens == 512
+
+
+def test_two_machines_putting_their_fits_at_once_end_on_the_same(other, tmp_path,
+                                                                 monkeypatch):
+    """Machine A puts its fit into a store that has none, and machine B's lands right
+    after: A codes with B's (the store's), not with its own."""
+    from kvcodec.store import backends
+
+    fp = other.model
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "b"))
+    Encoder("klt", fp).encode(other.slice(0, 300))  # machine B's fit
+    theirs = load_config("klt", model=fp)
+    book_b = codebook.get(codebooks(theirs)[0])
+    monkeypatch.setenv("KVCODEC_CONFIG_DIR", str(tmp_path / "a"))
+    Encoder("klt", fp).encode(other)  # machine A's, another codebook
+    assert codebooks(load_config("klt", model=fp)) != codebooks(theirs)
+    write = backends.LocalBackend.write
+
+    def racing(self, rel, data):
+        write(self, rel, data)
+        if rel.startswith("configs/"):  # B's lands just after A's
+            write(self, f"codebooks/{book_b.digest}.kvcb", book_b.to_bytes())
+            write(self, rel, json.dumps(theirs).encode())
+
+    monkeypatch.setattr(backends.LocalBackend, "write", racing)
+    a = ChunkStore(tmp_path / "s", fp, config="klt")
+    assert codebooks(a.config) == codebooks(theirs)

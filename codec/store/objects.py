@@ -110,8 +110,10 @@ class StoreObjects:
         no ``klt`` calibration exists for: the ``klt`` fitted on a first cache
         (:mod:`kvcodec.core.fit`) that this store keeps (``configs/klt-<model
         key>.json``), so that every machine sharing the store codes and keys alike; else
-        the one this machine keeps, then put into the store (with its codebook) for the
-        others; else a :class:`ConfigError`. A kept fit that is damaged is moved aside."""
+        the one this machine keeps, put into the store (with its codebook) for the
+        others, and then whichever the store holds (another machine's, where two put
+        theirs at once); else a :class:`ConfigError`. A kept fit that is damaged is
+        moved aside."""
         key = model_key(fingerprint)
         if not (isinstance(config, str) and config == "klt" and key):
             return load_config(config, model=fingerprint)
@@ -120,26 +122,9 @@ class StoreObjects:
         if local is not None and not local.get("fitted"):
             return local  # a calibration of the model wins over any fit
         rel = f"configs/klt-{key}.json"
-        try:  # read within bounds: a larger object is damage, not read whole
-            data = self._backend.fetch(self._object(rel), MAX_CONFIG_BYTES)[0]
-        except FileNotFoundError:
-            data = None
-        except CorruptError:
-            data = b""  # over the bound: moved aside below
-        if data is not None:
-            try:
-                with untrusted(rel):
-                    cfg = load_config(json.loads(data), copy_dict=False)
-                    if cfg.get("model_key") != key or not cfg.get("fitted"):
-                        raise CorruptError(f"{rel}: not a klt fitted for model {key}")
-            except (CorruptError, ConfigError):
-                self.quarantine_object(rel)
-            else:
-                try:
-                    self.load_codebooks(cfg)
-                except CodebookError as exc:  # its entries' readers say so again
-                    log.warning("kvcodec store: %s", exc)
-                return cfg
+        kept = self._kept_fit(rel, key)
+        if kept is not None:
+            return kept
         if local is None:
             return load_config("klt", model=fingerprint)  # the ConfigError that says how
         try:
@@ -149,4 +134,28 @@ class StoreObjects:
             self._backend.write(rel, json.dumps(local, indent=1).encode())
         except OSError as exc:  # a cache: coded with it here all the same
             log.warning("kvcodec store: cannot keep the klt fit %s (%s)", rel, exc)
-        return local
+            return local
+        return self._kept_fit(rel, key) or local  # the last writer's, if not this one
+
+    def _kept_fit(self, rel: str, key: str) -> dict | None:
+        """The fit the store keeps as ``rel`` (its codebook loaded where the store has
+        it), or None where it has none; a damaged one is moved aside (None)."""
+        try:  # read within bounds: a larger object is damage, not read whole
+            data = self._backend.fetch(self._object(rel), MAX_CONFIG_BYTES)[0]
+        except FileNotFoundError:
+            return None
+        except CorruptError:
+            data = b""  # over the bound: moved aside below
+        try:
+            with untrusted(rel):
+                cfg = load_config(json.loads(data), copy_dict=False)
+                if cfg.get("model_key") != key or not cfg.get("fitted"):
+                    raise CorruptError(f"{rel}: not a klt fitted for model {key}")
+        except (CorruptError, ConfigError):
+            self.quarantine_object(rel)
+            return None
+        try:
+            self.load_codebooks(cfg)
+        except CodebookError as exc:  # its entries' readers say so again
+            log.warning("kvcodec store: %s", exc)
+        return cfg
