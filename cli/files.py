@@ -88,9 +88,11 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
                    "tokens, " + (f"kept as {enc.fitted} for later encodes" if enc.fitted
                                  else "not kept (see the warning); the file carries it"))
     elif enc.fit_pending:
+        from kvcodec.core.fit import FIRST_FIT_TOKENS
+
         click.echo(f"no klt config for this model yet, and these {kv.num_tokens} tokens do "
-                   "not fit one (a dense cache of 256 tokens or more after the sinks, at "
-                   "position 0): coded with default")
+                   f"not fit one (a dense cache of {FIRST_FIT_TOKENS} tokens or more after "
+                   "the sinks, at position 0): coded with default")
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
     click.echo(f"wrote {output}: {len(data):,} bytes, "
