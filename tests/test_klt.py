@@ -262,3 +262,62 @@ def test_a_codebook_save_that_fails_leaves_no_file(tmp_path, monkeypatch):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert path.stat().st_mode == plain.stat().st_mode  # as open() makes a file, not 0600
+
+
+def _fma32(a, b, c):
+    """float32 fused multiply-add, emulated: the product of two float32 is exact in
+    float64, and so are the sums of the case below (its values have few bits and close
+    exponents), so the result is rounded once, as a fused multiply-add rounds it."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+def _inverse_reference(x, basis):
+    """dequant.h's order: nonzero terms ascending, alternately into two sums, then added."""
+    sums = np.zeros((2, x.shape[0]), np.float32)
+    for n, j in enumerate(np.flatnonzero(x)):
+        sums[n & 1] = _fma32(x[j], basis[j], sums[n & 1])
+    return sums[0] + sums[1]
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 80, 128, 256])
+def test_the_inverse_basis_sums_in_the_documented_order_on_every_path(head_dim):
+    """Every CPU path's inverse transform, bit for bit against dequant.h's order, over
+    rows of every count of nonzero terms (none, one, odd, even, all), next to rows of
+    other counts (the AVX-512 kernel sums two rows in one loop and pads the shorter: its
+    pad terms must leave even a sum of -0 as it is), in head dims that fill the kernels'
+    register blocks whole and with a tail."""
+    from kvcodec import _native as nat
+
+    rng = np.random.default_rng(head_dim)
+    heads, r, d = 2, 7, head_dim
+    counts = [0, 1, 2, 3, d // 2, d - 1, d, 5, 1, d, 2, 0, 2, d - 1]
+    rows = len(counts) + 1
+    sym = np.full((rows, heads * d + 1), r, np.uint8)
+    for t, n in enumerate(counts):
+        for k in range(heads):
+            at = rng.choice(d, n, replace=False)
+            sym[t, k * d + at] = rng.integers(0, 2 * r + 1, n)
+            sym[t, k * d + at[sym[t, k * d + at] == r]] = r + 1  # nonzero, all of them
+    sym[:, -1] = 1
+    sym[2, -1] = sym[10, -1] = 2  # rows of two terms whose products underflow to -0
+    sym[2, :-1] = sym[10, :-1] = r
+    sym[2, [0, 1]] = sym[10, [0, 1]] = r + 1
+    grid = np.zeros(256, np.float32)
+    grid[1], grid[2] = 0.25, 1e-20
+    basis = (rng.integers(-(1 << 20), 1 << 20, (heads, d, d)) / (1 << 20)).astype(np.float32)
+    basis[0, :2] = -1e-30
+    x = (sym[:, :-1].astype(np.float32) - r) * grid[sym[:, -1]][:, None]
+    want = np.stack([[_inverse_reference(x[t, k * d:(k + 1) * d], basis[k])
+                      for t in range(rows)] for k in range(heads)])
+    assert np.signbit(want[0, 2]).all() and (want[0, 2] == 0).all()
+    for path in ("scalar", "avx2", "avx512"):
+        if not nat.set_simd_path(path):
+            continue
+        try:
+            out = np.full((heads, rows, d), np.nan, np.float32)
+            err = nat.dequant_symbols(sym, (grid, np.ones(heads * d, np.float32), r, heads,
+                                            out, None, None, None, 0, basis))
+        finally:
+            nat.set_simd_path("auto")
+        assert err == ""
+        assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), path

@@ -16,6 +16,15 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
   std::vector<float> x(d), acc(spec.basis ? 2 * d : 0), res(spec.out ? 0 : d);
+  // The AVX2 kernel's sums (the scalar loop's, 8 channels at a time) where the CPU has
+  // FMA: on each head's padded copy.
+  const bool simd = spec.basis && d % 16 == 0 && d <= 256 && basis_simd_ok();
+  const int cb = basis_block(d, false);
+  const size_t padded = (size_t)(d + 1) * d;
+  float* bases = simd ? basis_scratch(padded * h) : nullptr;
+  std::vector<int> offs(simd ? d : 0);
+  for (int k = 0; simd && k < h; ++k)
+    pad_basis(spec.basis + (size_t)k * d * d, d, cb, bases + k * padded);
   *bad_row = -1;
   for (int t = 0; t < rows; ++t) {
     const uint8_t* row = symbols + (size_t)t * stride;
@@ -39,8 +48,13 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         *bad_row = t;
         return;
       }
-      if (spec.basis && d % 8 == 0 && basis_simd_ok()) {  // the same sums, 8 at a time
-        basis_simd(x.data(), spec.basis + (size_t)k * d * d, d, acc.data(), false);
+      if (simd) {
+        const float* vals = acc.data() + d;
+        const int* off = offs.data();
+        const int n = (basis_terms(x.data(), d, cb, acc.data() + d, offs.data(), false) + 1)
+                      & ~1;
+        float* sums = acc.data();
+        basis_sums(&vals, &off, 1, n, bases + k * padded, d, cb, 0, d / cb, &sums, false);
         for (int i = 0; i < d; ++i) x[i] = acc[i];
       } else if (spec.basis) {  // the order every path sums in: see dequant.h
         const float* b = spec.basis + (size_t)k * d * d;

@@ -55,11 +55,27 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
 bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
                         int* bad_row);
 
-// The inverse transform of one head (basis.cpp), AVX2+FMA or AVX-512: out = sum_j x[j] *
-// basis[j], as the scalar variant sums it (head_dim % 16 == 0; x and out: head_dim floats).
-// basis_simd_ok: whether this CPU has the FMA instructions it needs (else the scalar path).
-void basis_simd(const float* x, const float* basis, int head_dim, float* out, bool avx512);
+// The inverse transform of one head (basis.cpp), AVX2+FMA or AVX-512, as the scalar
+// variant sums it (head_dim % 16 == 0, at most 256), in blocks of cb = basis_block(d)
+// channels. pad_basis copies the head's basis ([d, d]) into out ([d + 1, d] floats,
+// 64-byte aligned): block b is rows 0..d-1 of its channels [b * cb, (b + 1) * cb), cb
+// floats each, then a row of -0.0f. basis_terms lists x's nonzero terms (vals and off: d
+// slots each) and returns how many; every slot after them is a pad term. basis_sums
+// writes blocks [b0, b1) (out[i] + b * cb) of `rows` (1 or 2) rows from their terms, n of
+// each (even, at least each row's count: the rest are its pads). `avx512`: the AVX-512
+// variant (the same bits). basis_simd_ok: whether this CPU has the FMA instructions they
+// need (else the scalar path).
 bool basis_simd_ok();
+int basis_block(int d, bool avx512);
+void pad_basis(const float* basis, int d, int cb, float* out);
+int basis_terms(const float* x, int d, int cb, float* vals, int* off, bool avx512);
+void basis_sums(const float* const* vals, const int* const* off, int rows, int n,
+                const float* basis, int d, int cb, int b0, int b1, float* const* out,
+                bool avx512);
+
+// A thread's reused buffer of at least `floats` floats, 64-byte aligned (grown, never
+// shrunk: a klt decode asks for one per head and chunk).
+float* basis_scratch(size_t floats);
 
 // float32 -> bfloat16 bits, round to nearest even, NaN -> 0x7FC0: PyTorch's cast.
 inline uint16_t to_bf16(float f) {
