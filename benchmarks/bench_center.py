@@ -38,25 +38,29 @@ def best_ms(f, buffers, repeats: int, threads: int) -> float:
 
 
 def setup(doc: str, repeats: int = 25):
-    """``(args, model, kv)`` of a decode benchmark: ``--tokens`` of the embedded model's
-    KV over the three held-out texts, ``--repeats``, ``--threads``, ``--json``."""
+    """``(args, model, kv)`` of a decode benchmark: ``--tokens`` of the KV of ``--model``
+    (the embedded model, or one of ``real_models.py``) over the three held-out texts,
+    ``--repeats``, ``--threads``, ``--json``."""
     from conftest import real_texts
+    from real_models import resolve
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--model", default=None,
+                    help="smollm2-135m (default) or a name in benchmarks/real_models.py")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = kvcodec.load_model()
+    lm = kvcodec.load_model(resolve(args.model))
     kv = kvcodec.capture_kv(lm, "\n".join(real_texts().values()), max_tokens=args.tokens)
     return args, lm, kv
 
 
 def main():
     args, _, kv = setup(__doc__)
-    centered = kvcodec.load_config("default")
+    centered = kvcodec.load_config("default", model=kv.model)
     plain = copy.deepcopy(centered)
     plain["key"][0]["quantizer"].pop("center")
     from kvcodec.core.rate import scale_steps

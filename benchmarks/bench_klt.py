@@ -4,18 +4,24 @@ per-head KLT bases (``klt``: the same steps, format v7), and with ``klt`` at ste
 (``klt_equal_kl``: about the held-out KL of ``default`` at x1, 0.0071 against 0.0048,
 at 27% fewer bits), each decoded whole into preallocated float32 buffers (the fused
 native path: rANS, dequantize, the inverse basis, the means, RoPE), per CPU decode path.
+With ``--model`` (a name in ``real_models.py``): that model's KV, its model-free
+``default``, and its ``klt``: its calibration where it has one, else the first-encode
+fit on this very cache (kept in a temporary config directory); no ``klt_equal_kl``.
 
-    python benchmarks/bench_klt.py --json
+    python benchmarks/bench_klt.py --json [--model gemma3-270m]
 
-Prints one JSON line per path: ``{"path", "tokens", "<name>_ms", "<name>_bits", ...,
-"ratio", "ratio_equal_kl"}`` with the ratios ``klt`` / ``default`` and ``klt_equal_kl``
-/ ``default`` time (the fastest of ``--repeats`` runs, 2 threads). The paths alternate
-round by round, so a slow minute of a shared machine touches all of them.
+Prints one JSON line per path: ``{"path", "tokens", "head_dim", "<name>_ms",
+"<name>_bits", ..., "ratio", "ratio_equal_kl"}`` with the ratios ``klt`` / ``default``
+and ``klt_equal_kl`` / ``default`` time (the fastest of ``--repeats`` runs, 2 threads).
+The paths alternate round by round, so a slow minute of a shared machine touches all of
+them.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,19 +34,24 @@ import kvcodec  # noqa: E402
 from bench_center import setup  # noqa: E402
 from kvcodec.core.rate import scale_steps  # noqa: E402
 from kvcodec.core.tables import native  # noqa: E402
+from kvcodec.errors import ConfigError  # noqa: E402
+from kvcodec.format import Encoder  # noqa: E402
 
 
 def main():
     args, lm, kv = setup(__doc__, repeats=15)
     fp = lm.fingerprint
-    klt = kvcodec.load_config("klt", model=fp)
-    configs = {"default": kvcodec.load_config("default", model=fp), "klt": klt,
-               "klt_equal_kl": scale_steps(klt, 1.25)}
-    files = {name: kvcodec.encode(kv, config=cfg) for name, cfg in configs.items()}
+    files = {"default": kvcodec.encode(kv, config=kvcodec.load_config("default", model=fp))}
+    if args.model is None:
+        klt = kvcodec.load_config("klt", model=fp)
+        files["klt"] = kvcodec.encode(kv, config=klt)
+        files["klt_equal_kl"] = kvcodec.encode(kv, config=scale_steps(klt, 1.25))
+    else:
+        files["klt"] = klt_file(kv, fp)
     nat = native()
     paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
-    shape = (1, kv.num_kv_heads, kv.num_tokens, kv.head_dim)
-    buffers = {l: (torch.empty(shape), torch.empty(shape)) for l in range(kv.num_layers)}
+    buffers = {l: (torch.empty(kv.keys[l].shape), torch.empty(kv.values[l].shape))
+               for l in range(kv.num_layers)}  # sliding-window layers hold fewer tokens
     best = {(p, n): float("inf") for p in paths for n in files}
     opened = {n: kvcodec.open(data) for n, data in files.items()}
     try:
@@ -58,16 +69,40 @@ def main():
         for f in opened.values():
             f.close()
     for p in paths:
-        row = {"path": p, "tokens": kv.num_tokens}
+        row = {"path": p, "tokens": kv.num_tokens, "head_dim": kv.head_dim}
         for n, data in files.items():
             row[f"{n}_ms"] = round(1000 * best[p, n], 2)
             row[f"{n}_bits"] = round(len(data) * 8 / kv.numel(), 4)
         row["ratio"] = round(row["klt_ms"] / row["default_ms"], 3)
-        row["ratio_equal_kl"] = round(row["klt_equal_kl_ms"] / row["default_ms"], 3)
-        print(json.dumps(row) if args.json else
-              f"{p:7s} default {row['default_ms']:7.2f} ms, klt {row['klt_ms']:7.2f} ms "
-              f"(x{row['ratio']}), klt x1.25 {row['klt_equal_kl_ms']:7.2f} ms "
-              f"(x{row['ratio_equal_kl']})")
+        text = (f"{p:7s} default {row['default_ms']:7.2f} ms, klt {row['klt_ms']:7.2f} ms "
+                f"(x{row['ratio']})")
+        if "klt_equal_kl" in files:
+            row["ratio_equal_kl"] = round(row["klt_equal_kl_ms"] / row["default_ms"], 3)
+            text += f", klt x1.25 {row['klt_equal_kl_ms']:7.2f} ms (x{row['ratio_equal_kl']})"
+        print(json.dumps(row) if args.json else text)
+
+
+def klt_file(kv, fp) -> bytes:
+    """``kv`` coded with the model's klt calibration, or else with the fit its first encode
+    makes on ``kv`` itself (in a temporary config directory, so the user's is untouched)."""
+    try:
+        return kvcodec.encode(kv, config=kvcodec.load_config("klt", model=fp))
+    except ConfigError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        old = os.environ.get("KVCODEC_CONFIG_DIR")
+        os.environ["KVCODEC_CONFIG_DIR"] = tmp
+        try:
+            enc = Encoder("klt", fp)
+            data = enc.encode(kv)
+            if enc.fit_pending:
+                raise SystemExit("this cache is too short for a klt fit (--tokens)")
+            return data
+        finally:
+            if old is None:
+                os.environ.pop("KVCODEC_CONFIG_DIR")
+            else:
+                os.environ["KVCODEC_CONFIG_DIR"] = old
 
 
 if __name__ == "__main__":
