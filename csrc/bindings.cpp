@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/crc32.h"
 #include "common/jobs.h"
 #include "common/rans.h"
 #include "decoder/decoder.h"
@@ -649,6 +650,53 @@ uint64_t max_encoded_size(uint64_t tokens, uint64_t channels) {
   return kvc::max_encoded_size(tokens, channels);
 }
 
+// A contiguous buffer as the buffer protocol's simple request gives it (what zlib.crc32
+// takes: a strided view is a BufferError), released when done.
+class SimpleBuffer {
+ public:
+  explicit SimpleBuffer(const py::object& o) {
+    if (PyObject_GetBuffer(o.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+  }
+  SimpleBuffer(const SimpleBuffer&) = delete;
+  SimpleBuffer& operator=(const SimpleBuffer&) = delete;
+  ~SimpleBuffer() { PyBuffer_Release(&view_); }
+  const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+  size_t size() const { return (size_t)view_.len; }
+
+ private:
+  Py_buffer view_;
+};
+
+uint32_t crc32_of(const py::object& data, uint32_t crc) {
+  SimpleBuffer b(data);
+  if (b.size() < (1u << 16)) return kvc::crc32(crc, b.data(), b.size());
+  py::gil_scoped_release release;  // a payload: other threads (fetches) go on meanwhile
+  return kvc::crc32(crc, b.data(), b.size());
+}
+
+using U64s = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+using U32s = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>;
+
+// The first i whose bytes data[starts[i]:starts[i] + sizes[i]] are not all in `data` or
+// do not have the checksum crcs[i]; -1 where every item checks.
+py::ssize_t crc32_items(const py::object& data, const U64s& starts, const U64s& sizes,
+                        const U32s& crcs) {
+  const py::ssize_t n = starts.size();
+  if (starts.ndim() != 1 || sizes.ndim() != 1 || crcs.ndim() != 1 || sizes.size() != n ||
+      crcs.size() != n) {
+    throw py::value_error("crc32_items: starts, sizes and crcs must be 1-D, of one length");
+  }
+  SimpleBuffer b(data);
+  const uint64_t *s = starts.data(), *z = sizes.data();
+  const uint32_t* c = crcs.data();
+  py::gil_scoped_release release;
+  for (py::ssize_t i = 0; i < n; ++i) {
+    if (s[i] > b.size() || z[i] > b.size() - s[i] || kvc::crc32(0, b.data() + s[i], z[i]) != c[i])
+      return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -732,6 +780,13 @@ PYBIND11_MODULE(_native, m) {
       "Absmax quantizer over layers: x float32 [N, T, C], inv float32 [N, T] (M / scale "
       "as PyTorch rounds it), M per layer -> uint8 round(x * inv + M) clamped to [0, 2M].");
   m.def("max_encoded_size", &max_encoded_size, py::arg("tokens"), py::arg("channels"));
+  m.def("crc32", &crc32_of, py::arg("data"), py::arg("crc") = 0,
+        "zlib.crc32(data, crc): the same checksum, 16 bytes per step where the CPU has "
+        "carry-less multiplication (a contiguous buffer).");
+  m.def("crc32_items", &crc32_items, py::arg("data"), py::arg("starts"), py::arg("sizes"),
+        py::arg("crcs"),
+        "The index of the first item data[start:start + size] that is not whole in data "
+        "or whose crc32 is not crcs[i]; -1 where all check.");
   m.def(
       "dequant_symbols",
       [](const py::object& sym_obj, const py::tuple& d) {

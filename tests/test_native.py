@@ -585,3 +585,41 @@ def test_level_tables_pack_and_unpack():
     for message, data in bad.items():
         with pytest.raises(ValueError, match=message):
             tables.unpack_levels(data, 50, 256)
+
+
+def test_crc32_is_zlibs():
+    """The container's checksums (native, folded 16 bytes at a time where the CPU can)
+    equal zlib.crc32 for every length around the fold's steps, any start and any
+    initial value; a buffer that is not contiguous is refused as zlib refuses it."""
+    import zlib
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    lengths = list(range(0, 300)) + [1023, 1024, 1025, 65535, 65536, 65537, 1 << 20]
+    for n in lengths:
+        start = int(rng.integers(0, 17)) if n < len(data) - 16 else 0
+        view = memoryview(data)[start:start + n]
+        for crc in (0, int(rng.integers(0, 1 << 32))):
+            assert nat.crc32(view, crc) == zlib.crc32(view, crc), (n, start, crc)
+    assert nat.crc32(np.arange(12, dtype=np.int64)) == zlib.crc32(np.arange(12, dtype=np.int64))
+    with pytest.raises(BufferError):
+        nat.crc32(memoryview(data)[::2])
+
+
+def test_crc32_items_names_the_first_item_that_does_not_check():
+    import zlib
+
+    data = bytes(range(256)) * 40
+    starts = np.array([0, 100, 100, 5000], dtype=np.uint64)
+    sizes = np.array([100, 0, 4900, 5240], dtype=np.uint64)
+    crcs = np.array([zlib.crc32(data[s:s + z]) for s, z in zip(starts, sizes)], np.uint32)
+    assert nat.crc32_items(data, starts, sizes, crcs) == -1
+    flipped = bytearray(data)
+    flipped[5001] ^= 1
+    assert nat.crc32_items(bytes(flipped), starts, sizes, crcs) == 3
+    assert nat.crc32_items(data[:10239], starts, sizes, crcs) == 3  # not whole: short
+    huge = sizes.copy()
+    huge[2] = np.uint64(1 << 63)  # start + size would wrap around
+    assert nat.crc32_items(data, starts, huge, crcs) == 2
+    with pytest.raises(ValueError):
+        nat.crc32_items(data, starts, sizes[:3], crcs)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zlib
 from contextlib import contextmanager
 
 import zstandard
 
 from ..core.paths import atomic_write  # noqa: F401 (API: every writer's)
+from ..core.tables import native
 from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
 
 MAGIC = b"\x89KVC\r\n\x1a\n"
@@ -64,7 +64,9 @@ def _align(n: int, a: int) -> int:
 
 
 def crc32(data) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    """``zlib.crc32(data)``, by the native coder (several times faster: folded by
+    carry-less multiplication where the CPU has it)."""
+    return native().crc32(data)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from ..core import tables
 from ..core.quant import MAX_ALPHABET
 from ..core.streams import KINDS
 from ..errors import CorruptError, FormatError
-from .container import Reader, crc32
+from .container import Reader
 from .bounded import read_zstd
 from .header import FileHeader
 from .kept import chunk_rows
@@ -288,10 +288,11 @@ class SectionSource:
             got = (runs or {}).get((at[i], at[j - 1]))
             buf = memoryview(got if got is not None else self.read_run(at[i], at[j - 1]))
             start = off[at[i]]
+            self._check(buf, start, at[i:j])
             for p in at[i:j]:
                 o = off[p] - start
-                item = self._checked(buf, o, p, side, blob, crc)
-                out[divmod(p, n_streams)] = (bytes(item[:side[p]]), item[side[p]:])
+                out[divmod(p, n_streams)] = (bytes(buf[o:o + side[p]]),
+                                             buf[o + side[p]:o + side[p] + blob[p]])
             i = j
         return out
 
@@ -303,23 +304,27 @@ class SectionSource:
         n_streams = len(self.meta.streams)
         first, last = chunks[0] * n_streams, (chunks[-1] + 1) * n_streams - 1
         data = self.read_run(first, last)
-        off, side, blob, crc = self.item_lists()
-        buf, items = memoryview(data), {}
+        off, side, blob, _ = self.item_lists()
+        self._check(data, off[first], range(first, last + 1))
+        items = {}
         for p in range(first, last + 1):
             o = off[p] - off[first]
-            item = self._checked(buf, o, p, side, blob, crc)
-            items[divmod(p, n_streams)] = (bytes(item[:side[p]]), o + side[p], blob[p])
+            items[divmod(p, n_streams)] = (bytes(data[o:o + side[p]]), o + side[p], blob[p])
         return data, items
 
-    def _checked(self, buf: memoryview, o: int, p: int, side, blob, crc) -> memoryview:
-        """Item ``p`` at ``buf[o:]``, its checksum verified (CorruptError naming it);
-        ``side``, ``blob``, ``crc``: :meth:`item_lists`'."""
-        item = buf[o:o + side[p] + blob[p]]
-        if len(item) != side[p] + blob[p] or crc32(item) != crc[p]:
-            n_streams = len(self.meta.streams)
+    def _check(self, buf, start: int, items) -> None:
+        """Payload items ``items`` (ascending), read into ``buf`` from payload offset
+        ``start``: each there whole and with its checksum, in one native call (one
+        ``crc32`` per item from Python cost more than the checksums); a CorruptError
+        names the first that is not."""
+        idx = self.index()[np.asarray(items, dtype=np.int64)]
+        bad = tables.native().crc32_items(buf, idx["off"] - np.uint64(start),
+                                          idx["side"].astype(np.uint64) + idx["blob"],
+                                          idx["crc"])
+        if bad >= 0:
+            p, n_streams = items[bad], len(self.meta.streams)
             raise CorruptError(f"{self.meta.name}: checksum mismatch in chunk {p // n_streams}, "
                                f"{self.meta.stream_name(p % n_streams)}; the file is damaged")
-        return item
 
     def read_run(self, first: int, last: int) -> bytes:
         """The payload bytes from item ``first`` to the end of item ``last`` (one read,
