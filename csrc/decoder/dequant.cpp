@@ -49,12 +49,12 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         return;
       }
       if (simd) {
-        const float* vals = acc.data() + d;
-        const int* off = offs.data();
-        const int n = (basis_terms(x.data(), d, cb, acc.data() + d, offs.data(), false) + 1)
-                      & ~1;
+        float* vals = acc.data() + d;  // the terms, after the d sums
+        const int n = (basis_terms(x.data(), d, cb, vals, offs.data(), false) + 1) & ~1;
+        const float* v = vals;
+        const int* o = offs.data();
         float* sums = acc.data();
-        basis_sums(&vals, &off, 1, n, bases + k * padded, d, cb, 0, d / cb, &sums, false);
+        basis_sums(&v, &o, 1, n, bases + k * padded, d, cb, 0, d / cb, &sums, false);
         for (int i = 0; i < d; ++i) x[i] = acc[i];
       } else if (spec.basis) {  // the order every path sums in: see dequant.h
         const float* b = spec.basis + (size_t)k * d * d;
