@@ -65,12 +65,11 @@ namespace kvc {
 namespace {
 
 // The nonzero terms of x (d % 8 == 0): their values into vals and their rows' offsets in
-// a block (j * cb) into off, ascending; returns how many. Every slot from there up to d is
-// a pad term (value +0, offset d * cb: the block's row of -0). Eight values at a time: a
-// compare gives a mask, a table the lanes to keep, a permute moves them down, and the
-// lanes past the count become pads; each group's store starts where the last one's terms
-// end, so what it writes past its own terms is a pad, and the slots no store reaches
-// were pads first.
+// a block (j * cb) into off, ascending; returns how many, n. The slot after them (if n <
+// d) is a pad term (value +0, offset d * cb: the block's row of -0): AVX2 sums one row at
+// a time, n rounded up to even. Eight values at a time: a compare gives a mask, a table
+// the lanes to keep, a permute moves them down, and the lanes past the count become pads
+// (each group's store starts where the last one's terms end).
 KVC_AVX2 int terms_avx2(const float* x, int d, int cb, float* vals, int* off) {
   static const auto table = [] {
     struct T { uint8_t v[256][8]; } t{};
@@ -81,10 +80,6 @@ KVC_AVX2 int terms_avx2(const float* x, int d, int cb, float* vals, int* off) {
   }();
   const __m256 zero = _mm256_setzero_ps();
   const __m256i pad = _mm256_set1_epi32(d * cb), iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int i = 0; i < d; i += 8) {
-    _mm256_storeu_ps(vals + i, zero);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + i), pad);
-  }
   int n = 0;
   for (int g = 0; g < d; g += 8) {
     const __m256 xg = _mm256_loadu_ps(x + g);
@@ -100,11 +95,14 @@ KVC_AVX2 int terms_avx2(const float* x, int d, int cb, float* vals, int* off) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(off + n), _mm256_blendv_epi8(pad, rows, live));
     n += count;
   }
+  if (n < d) vals[n] = 0.0f, off[n] = d * cb;  // the last group's lanes were all terms
   return n;
 }
 
 // The same with AVX-512's compress (d % 16 == 0), stored whole (a compressing store is
-// slow, and later loads cannot take their values from it).
+// slow, and later loads cannot take their values from it). Here every slot from n up to
+// d is a pad (two rows are summed together, the shorter padded to the longer): they are
+// pads first, and each store writes pads past its own terms.
 KVC_AVX512 int terms_avx512(const float* x, int d, int cb, float* vals, int* off) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512i pad = _mm512_set1_epi32(d * cb);

@@ -59,12 +59,13 @@ bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spe
 // variant sums it (head_dim % 16 == 0, at most 256), in blocks of cb = basis_block(d)
 // channels. pad_basis copies the head's basis ([d, d]) into out ([d + 1, d] floats,
 // 64-byte aligned): block b is rows 0..d-1 of its channels [b * cb, (b + 1) * cb), cb
-// floats each, then a row of -0.0f. basis_terms lists x's nonzero terms (vals and off: d
-// slots each) and returns how many; every slot after them is a pad term. basis_sums
-// writes blocks [b0, b1) (out[i] + b * cb) of `rows` (1 or 2) rows from their terms, n of
-// each (even, at least each row's count: the rest are its pads). `avx512`: the AVX-512
-// variant (the same bits). basis_simd_ok: whether this CPU has the FMA instructions they
-// need (else the scalar path).
+// floats each, then a row of -0.0f. basis_terms lists x's nonzero terms (vals and off:
+// d slots each) and returns how many; the slot after them is a pad term (with `avx512`,
+// every slot up to d: its sums take two rows, the shorter padded). basis_sums writes
+// blocks [b0, b1) (out[i] + b * cb) of `rows` rows (1; 2 with `avx512`) from their
+// terms, n of each (even, at least each row's count: the rest are its pads). `avx512`:
+// the AVX-512 variant (the same bits). basis_simd_ok: whether this CPU has the FMA
+// instructions they need (else the scalar path).
 bool basis_simd_ok();
 int basis_block(int d, bool avx512);
 void pad_basis(const float* basis, int d, int cb, float* out);
