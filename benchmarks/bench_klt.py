@@ -6,7 +6,7 @@ at 27% fewer bits), each decoded whole into preallocated float32 buffers (the fu
 native path: rANS, dequantize, the inverse basis, the means, RoPE), per CPU decode path.
 With ``--model`` (a name in ``real_models.py``): that model's KV, its model-free
 ``default``, and its ``klt``: its calibration where it has one, else the first-encode
-fit on this very cache (kept in a temporary config directory); no ``klt_equal_kl``.
+fit on this very cache (held in this process, nothing written); no ``klt_equal_kl``.
 
     python benchmarks/bench_klt.py --json [--model gemma3-270m]
 
@@ -19,9 +19,7 @@ them.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kvcodec  # noqa: E402
 from bench_center import setup  # noqa: E402
+from kvcodec.core.fit import first_fit  # noqa: E402
 from kvcodec.core.rate import scale_steps  # noqa: E402
 from kvcodec.core.tables import native  # noqa: E402
 from kvcodec.errors import ConfigError  # noqa: E402
-from kvcodec.format import Encoder  # noqa: E402
 
 
 def main():
@@ -83,27 +81,18 @@ def main():
 
 
 def klt_file(kv, fp) -> bytes:
-    """``kv`` coded with the model's klt calibration, or else with the fit its first encode
-    makes on ``kv`` itself (in a temporary config directory, so the user's is untouched)."""
+    """``kv`` coded with the model's ``klt`` config where it has one (a calibration, or a
+    fit kept before), else with the fit a first encode makes on ``kv`` itself
+    (:func:`~kvcodec.core.fit.first_fit`: its codebook held in this process only, as
+    ``bench_rd.py``'s ``klt-first``; nothing is written)."""
     try:
         return kvcodec.encode(kv, config=kvcodec.load_config("klt", model=fp))
     except ConfigError:
         pass
-    with tempfile.TemporaryDirectory() as tmp:
-        old = os.environ.get("KVCODEC_CONFIG_DIR")
-        os.environ["KVCODEC_CONFIG_DIR"] = tmp
-        try:
-            enc = Encoder("klt", fp)
-            data = enc.encode(kv)
-            if enc.fit_pending:
-                raise SystemExit("this cache is too short for a klt fit (--tokens)")
-            return data
-        finally:
-            if old is None:
-                os.environ.pop("KVCODEC_CONFIG_DIR")
-            else:
-                os.environ["KVCODEC_CONFIG_DIR"] = old
-
+    got = first_fit(kv, kvcodec.load_config("default", model=fp))
+    if got is None:
+        raise SystemExit("this cache cannot give a klt fit (too short? --tokens)")
+    return kvcodec.encode(kv, config=got[0])
 
 if __name__ == "__main__":
     main()
