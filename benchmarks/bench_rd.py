@@ -66,7 +66,8 @@ def first_fit_config(lm, prefill: int) -> dict:
     """What ``Encoder("klt")`` fits on its first cache for a model with no ``klt``
     config (:func:`kvcodec.core.fit.first_fit`): bases of one ``prefill``-token cache of
     the first calibration text (none of the held-out ones) under the model-free default's
-    steps; no model run beyond that prefill."""
+    steps (keys x0.9, values x1.15: ``FIRST_FIT_STEPS``); no model run beyond that
+    prefill."""
     from kvcodec.core.fit import first_fit
     from kvcodec.quality.calibrate import default_calibration_texts
 

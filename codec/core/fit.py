@@ -13,7 +13,8 @@ config did not center keeps sizing its tokens' steps by their raw RMS (``"rms":
 Two callers: ``kvcodec calibrate --klt`` (bases of the calibration texts' caches, under
 the calibrated steps) and the first-encode fit (:func:`first_fit`: a model without a
 ``klt`` calibration gets bases of the first cache it encodes under the model-free
-default's steps, no model run, kept for the caches after it with :func:`save_fitted`).
+default's steps, keys finer and values coarser (:data:`FIRST_FIT_STEPS`), no model run,
+kept for the caches after it with :func:`save_fitted`).
 """
 from __future__ import annotations
 
@@ -139,10 +140,11 @@ def first_fit(kv: KVCache, base: dict, model: dict | None = None
               ) -> tuple[dict, Codebook] | None:
     """``(config, codebook)``: ``base`` (the model's per-token-step config: the
     model-free default where nothing is calibrated) coded in bases fitted on ``kv``
-    alone, named ``"klt"`` and keyed to ``model`` (default ``kv.model``); None where
-    ``kv`` cannot give them (an evicted cache, fewer than :data:`FIRST_FIT_TOKENS` rows
-    after the sinks, a model without a weights fingerprint, values that are not finite).
-    Only the cache is read: no model runs."""
+    alone, its steps scaled by :data:`FIRST_FIT_STEPS`, named ``"klt"`` and keyed to
+    ``model`` (default ``kv.model``); None where ``kv`` cannot give them (an evicted
+    cache, fewer than :data:`FIRST_FIT_TOKENS` rows after the sinks, a model without a
+    weights fingerprint, values that are not finite). Only the cache is read: no model
+    runs."""
     if model is not None and model is not kv.model:
         kv = dataclasses.replace(kv, model=model)  # the key transform as files record it
     key = model_key(kv.model)
