@@ -34,6 +34,7 @@ from .config import (calibrated_config_path, for_model, model_key, resolve_layer
 from .kvcache import KVCache
 from .paths import atomic_write, user_config_dir
 from .quant import make_quantizer
+from .rate import scale_steps
 from .streams import KINDS, layer_span, stream_input
 from .transforms import applied_key_transform, layer_ropes
 
@@ -153,16 +154,12 @@ def first_fit(kv: KVCache, base: dict, model: dict | None = None
             bool(torch.isfinite(t).all()) for t in (*kv.keys, *kv.values)):
         return None  # (not finite: the encode that follows says where)
     cfg, book = klt_config(base, [kv], note=f"kvcodec first-encode fit ({rows} rows)")
-    for kind, factor in FIRST_FIT_STEPS.items():
-        for rule in cfg[kind]:
-            q = rule["quantizer"]
-            q["step"] = float(min(64.0, round(q["step"] * factor, 6)))
+    cfg = scale_steps(cfg, FIRST_FIT_STEPS)
     cfg.update(name="klt", model_key=key, fitted=FIRST_FIT, fit_tokens=kv.num_tokens,
                description=f"{base.get('name', 'default')}'s steps (keys x"
                            f"{FIRST_FIT_STEPS['key']:g}, values x{FIRST_FIT_STEPS['value']:g}) "
                            f"in KV-head bases fitted on the first {kv.num_tokens}-token cache "
                            "encoded (no calibration: kvcodec calibrate --klt measures one)")
-    validate_config(cfg)
     return cfg, book
 
 

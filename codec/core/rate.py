@@ -28,22 +28,24 @@ MAX_UNIFORM_BINS = 255
 FACTOR_RANGE = (1 / 8, 8.0)
 
 
-def scale_steps(cfg: dict, factor: float, name: str | None = None) -> dict:
+def scale_steps(cfg: dict, factor, name: str | None = None) -> dict:
     """A copy of ``cfg`` with every quantizer's step multiplied by ``factor`` (absmax
-    quantizers: bins divided by it); lossless rules are unchanged. A uniform quantizer
-    made finer keeps its range: its bins grow as its step shrinks (up to 255), since a
-    range cut with the step would start clipping the values it covered."""
+    quantizers: bins divided by it), or by ``factor[kind]`` where it is a ``{"key":
+    ..., "value": ...}`` dict; lossless rules are unchanged. A uniform quantizer made
+    finer keeps its range: its bins grow as its step shrinks (up to 255), since a range
+    cut with the step would start clipping the values it covered."""
     out = copy.deepcopy(cfg)
-    for kind in ("key", "value"):
+    factors = factor if isinstance(factor, dict) else dict.fromkeys(("key", "value"), factor)
+    for kind, f in factors.items():
         for rule in out[kind]:
             q = rule["quantizer"]
             if "step" in q:
-                q["step"] = float(min(64.0, round(q["step"] * factor, 6)))
-                if factor < 1 and isinstance(q.get("bins"), int):
-                    r = math.ceil((q["bins"] - 1) // 2 / factor - 1e-9)
+                q["step"] = float(min(64.0, round(q["step"] * f, 6)))
+                if f < 1 and isinstance(q.get("bins"), int):
+                    r = math.ceil((q["bins"] - 1) // 2 / f - 1e-9)
                     q["bins"] = max(q["bins"], min(MAX_UNIFORM_BINS, 2 * r + 1))
             elif q.get("type") == "absmax_token":
-                q["bins"] = int(min(256, max(4, round(q["bins"] / factor))))
+                q["bins"] = int(min(256, max(4, round(q["bins"] / f))))
     if name is not None:
         out["name"] = name
     return out
