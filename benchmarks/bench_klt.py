@@ -39,13 +39,11 @@ from kvcodec.errors import ConfigError  # noqa: E402
 def main():
     args, lm, kv = setup(__doc__, repeats=15)
     fp = lm.fingerprint
-    files = {"default": kvcodec.encode(kv, config=kvcodec.load_config("default", model=fp))}
-    if args.model is None:
-        klt = kvcodec.load_config("klt", model=fp)
-        files["klt"] = kvcodec.encode(kv, config=klt)
+    klt = klt_config(kv, fp)
+    files = {"default": kvcodec.encode(kv, config=kvcodec.load_config("default", model=fp)),
+             "klt": kvcodec.encode(kv, config=klt)}
+    if args.model is None:  # the shipped klt's x1.25: about the held-out KL of default
         files["klt_equal_kl"] = kvcodec.encode(kv, config=scale_steps(klt, 1.25))
-    else:
-        files["klt"] = klt_file(kv, fp)
     nat = native()
     paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
     buffers = {l: (torch.empty(kv.keys[l].shape), torch.empty(kv.values[l].shape))
@@ -80,19 +78,19 @@ def main():
         print(json.dumps(row) if args.json else text)
 
 
-def klt_file(kv, fp) -> bytes:
-    """``kv`` coded with the model's ``klt`` config where it has one (a calibration, or a
-    fit kept before), else with the fit a first encode makes on ``kv`` itself
+def klt_config(kv, fp) -> dict:
+    """The model's ``klt`` config where it has one (shipped, a calibration, or a fit kept
+    before), else the fit a first encode makes on ``kv`` itself
     (:func:`~kvcodec.core.fit.first_fit`: its codebook held in this process only, as
     ``bench_rd.py``'s ``klt-first``; nothing is written)."""
     try:
-        return kvcodec.encode(kv, config=kvcodec.load_config("klt", model=fp))
+        return kvcodec.load_config("klt", model=fp)
     except ConfigError:
         pass
     got = first_fit(kv, kvcodec.load_config("default", model=fp))
     if got is None:
         raise SystemExit("this cache cannot give a klt fit (too short? --tokens)")
-    return kvcodec.encode(kv, config=got[0])
+    return got[0]
 
 if __name__ == "__main__":
     main()
