@@ -230,3 +230,39 @@ def test_fuzz_mutated_files(small_kvc, data):
         return
     assert kv.num_layers == 3 and kv.keys[0].shape == (1, 3, 70, 64)
     assert all(torch.isfinite(k).all() for k in kv.keys + kv.values)
+
+
+def test_a_file_held_in_bytes_is_read_in_place(small_kvc):
+    """Bytes are not copied into a file object: the payload is read as views of them,
+    which stay valid after the file closes, while reads through the closed file fail."""
+    data = bytes(small_kvc)
+    f = kvcodec.open(data, name="entry-7.kvc")
+    sec = f.sections
+    run = sec.read_run(0, len(f.meta.streams) - 1)
+    assert isinstance(run, memoryview) and run.obj is data
+    blobs = sec.chunk_blobs(0)
+    items = sec.read_items([(0, s) for s in range(len(f.meta.streams))])
+    assert [bytes(b) for b in blobs] == [bytes(items[0, s][1]) for s in range(len(blobs))]
+    assert all(b.obj is data for b in blobs)
+    expect = decode_all(data)
+    f.close()
+    assert bytes(blobs[-1]) == bytes(items[0, len(blobs) - 1][1])
+    with pytest.raises(ValueError, match="closed"):
+        f.source.read_section("config")
+    with kvcodec.open(bytearray(data)) as g:  # a mutable buffer is copied, as before
+        assert g.sections.read_run(0, 0).obj is not data
+        assert torch.equal(g.decode().keys[0], expect.keys[0])
+
+
+def test_chunk_blobs_name_the_damaged_item(small_kvc):
+    with kvcodec.open(small_kvc) as f:
+        streams = len(f.meta.streams)
+        off, side, blob, _ = f.sections.item_lists()
+        at = f.source.section_offset("payload") + off[2 * streams + 3] + side[2 * streams + 3]
+    data = bytearray(small_kvc)
+    data[at + blob[2 * streams + 3] // 2] ^= 0x10
+    with kvcodec.open(bytes(data), name="damaged.kvc") as f:
+        assert len(f.sections.chunk_blobs(1)) == streams  # other chunks still read
+        with pytest.raises(CorruptError, match=r"damaged.kvc: checksum mismatch in chunk 2, "
+                                               r"layer 1 values"):
+            f.sections.chunk_blobs(2)

@@ -180,12 +180,14 @@ class Reader:
     def __init__(self, source, name: str = "<bytes>"):
         self.name = name
         self._stream = isinstance(source, StreamBuffer)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            self._f = io.BytesIO(bytes(source))
-        else:
-            self._f = source
+        # Bytes are read in place: the payload as views of them (read_range's ``view``).
+        held = isinstance(source, (bytes, bytearray, memoryview))
+        self._mem = memoryview(bytes(source)) if held else None
+        self._f = None if self._mem is not None else source
         if self._stream:
             self.size = self._f.fill_to(PREAMBLE.size)
+        elif self._mem is not None:
+            self.size = len(self._mem)
         else:
             self._f.seek(0, io.SEEK_END)
             self.size = self._f.tell()
@@ -197,20 +199,28 @@ class Reader:
         return self._stream
 
     def close(self):
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+        else:  # reads fail from now on; views already handed out stay valid
+            self._mem = self._mem[:0]
 
-    def _read_at(self, offset: int, length: int) -> bytes:
+    def _read_at(self, offset: int, length: int, view: bool = False) -> bytes:
         if self._stream:
             have = self._f.fill_to(offset + length)
             if offset < 0 or length < 0 or have < offset + length:
                 raise TruncatedError(f"{self.name}: the stream ended at byte {have} but byte "
                                      f"{offset + length} is needed; it is truncated")
-            with memoryview(self._f.buf) as view:  # one copy (a slice would be two)
-                return bytes(view[offset:offset + length])
+            with memoryview(self._f.buf) as buf:  # one copy (a slice would be two)
+                return bytes(buf[offset:offset + length])
         if offset < 0 or length < 0 or offset + length > self.size:
             raise TruncatedError(
                 f"{self.name}: needs bytes {offset}..{offset + length} but the file has "
                 f"{self.size}; it is truncated")
+        if self._mem is not None:
+            got = self._mem[offset:offset + length]
+            if len(got) != length:
+                raise ValueError("I/O operation on closed file.")
+            return got if view else got.tobytes()
         self._f.seek(offset)
         data = self._f.read(length)
         if len(data) != length:
@@ -298,12 +308,13 @@ class Reader:
             raise CorruptError(f"{self.name}: checksum mismatch in section {name!r}; damaged file")
         return data
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset+length)`` of a section (caller verifies them)."""
+    def read_range(self, name: str, offset: int, length: int, view: bool = False) -> bytes:
+        """Bytes ``[offset, offset+length)`` of a section (caller verifies them); with
+        ``view``, a memoryview of them where the file is held in bytes (no copy)."""
         off, slen = self.section_bounds(name)
         if offset < 0 or length < 0 or offset + length > slen:
             raise CorruptError(f"{self.name}: range {offset}+{length} outside section {name!r}")
-        return self._read_at(self.data_start + off + offset, length)
+        return self._read_at(self.data_start + off + offset, length, view)
 
 
 def _is_int(v, lo: int, hi: int) -> bool:

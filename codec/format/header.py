@@ -107,7 +107,7 @@ class FileHeader:
         if coder != coder_info():
             raise FormatError(f"{name}: coded with {coder!r}, which this build does not decode")
         self.evicted = self._evicted(h.get("evicted"), reader.version)
-        self.config, specs, self._parsed = self._parse_config()
+        self.config, specs, self.shared_parse = self._parse_config()
         self._set_streams(specs)
         self.codebook = self._codebook()
         self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
@@ -210,9 +210,9 @@ class FileHeader:
             self.stream_channels = self.channels
             self.streams = [(l, k) for l in layers for k in KINDS]
             self.stream_index = {st: i for i, st in enumerate(self.streams)}
-            self.quant = self._parsed.get("dense")
+            self.quant = self.shared_parse.get("dense")
             if self.quant is None:
-                self.quant = self._parsed["dense"] = {
+                self.quant = self.shared_parse["dense"] = {
                     s: make_quantizer(specs[s[1]][s[0]], self.dtype) for s in self.streams}
             self._check_centered()
             return

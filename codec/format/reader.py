@@ -28,7 +28,7 @@ def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVC
         return f.decode(dtype=dtype, threads=threads)
 
 
-def open(source, *, tables=None) -> "KVCFile":  # noqa: A001 - mirrors builtins.open
+def open(source, *, tables=None, name: str = "<bytes>") -> "KVCFile":  # noqa: A001
     """Open a .kvc file lazily for random access by chunk and layer.
 
     ``source`` is a path, bytes, a seekable binary file object, or any readable stream
@@ -37,7 +37,7 @@ def open(source, *, tables=None) -> "KVCFile":  # noqa: A001 - mirrors builtins.
     (see :meth:`KVCFile.iter_chunks`). ``tables``: for a store entry coded with its
     store's shared tables (format v6), a callable from their digest to the
     :class:`~kvcodec.format.shared.SharedTables` (:meth:`ChunkStore.open_entry` passes
-    the store's).
+    the store's). ``name``: what messages call a file given as bytes (read in place).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -51,7 +51,7 @@ def open(source, *, tables=None) -> "KVCFile":  # noqa: A001 - mirrors builtins.
             f.close()
             raise
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return KVCFile(Reader(source), tables)
+        return KVCFile(Reader(source, name), tables)
     if hasattr(source, "read"):
         name = str(getattr(source, "name", "<stream>"))
         seekable = getattr(source, "seekable", None)

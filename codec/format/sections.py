@@ -204,11 +204,9 @@ class SectionSource:
             return
         m = self.meta
         c = m.stream_channels
-        psizes = [len(m.quant[s].param_names) * c * 2 for s in m.streams]
-        lrows = [m.coded_columns(m.quant[s]) for s in m.streams]
+        psizes, lrows, alphabets = self._layout()
         praw = read_zstd(self.source, "params", sum(psizes))
         # Packed tables: 2 span bytes per row plus at most one code per symbol.
-        alphabets = tuple(m.quant[s].table_alphabet for s in m.streams)
         if m.shared_tables is not None:
             built = self._shared_tables(tuple(zip(lrows, alphabets)))
         else:
@@ -218,15 +216,30 @@ class SectionSource:
             built = TABLES.get(key)  # these very bytes, read this way, were checked before
             if built is None:
                 built = TABLES.put(key, self._build(lraw, lrows, alphabets))
-        params, po = {}, 0
-        for s, ps in zip(m.streams, psizes):
-            arr = np.frombuffer(praw, dtype="<f2", count=ps // 2, offset=po).reshape(-1, c)
-            params[s] = {name: arr[j].astype(np.float16)
-                         for j, name in enumerate(m.quant[s].param_names)}
-            po += ps
+        rows = np.frombuffer(praw, dtype="<f2").astype(np.float16).reshape(-1, c)
+        params, at = {}, 0
+        for s in m.streams:
+            names = m.quant[s].param_names
+            params[s] = {name: rows[at + j] for j, name in enumerate(names)}
+            at += len(names)
         self._params, self._built = params, built
         self._levels = dict(zip(m.streams, built.levels))
         self._freqs = dict(zip(m.streams, built.freqs))
+
+    def _layout(self) -> tuple:
+        """Per stream: the bytes of its parameters, its table's rows, its alphabet; the
+        same for every file of one config and geometry (every entry of a store), so kept
+        with the quantizers its header shares with them, not built per file."""
+        m = self.meta
+        key = ("tables layout", m.stream_channels)
+        got = m.shared_parse.get(key) if not m.evicted else None
+        if got is None:
+            qs = [m.quant[s] for s in m.streams]
+            got = ([len(q.param_names) * m.stream_channels * 2 for q in qs],
+                   [m.coded_columns(q) for q in qs], tuple(q.table_alphabet for q in qs))
+            if not m.evicted:
+                m.shared_parse[key] = got
+        return got
 
     def _shared_tables(self, layout: tuple) -> _Built:
         """The tables of a file coded with shared ones (format v6), from ``shared``."""
@@ -312,12 +325,27 @@ class SectionSource:
             items[divmod(p, n_streams)] = (bytes(data[o:o + side[p]]), o + side[p], blob[p])
         return data, items
 
+    def chunk_blobs(self, chunk: int) -> list:
+        """Every stream's blob of ``chunk`` (memoryviews, in stream order), read in one
+        piece and checked as :meth:`read_items` checks them: what a stacked plan of
+        one-chunk entries takes from each, without the per-item work of a dict."""
+        n = len(self.meta.streams)
+        first = chunk * n
+        buf = memoryview(self.read_run(first, first + n - 1))
+        off, side, blob, _ = self.item_lists()
+        self._check(buf, off[first], range(first, first + n))
+        at = off[first]
+        return [buf[o + s - at:o + s + b - at]
+                for o, s, b in zip(off[first:first + n], side[first:first + n],
+                                   blob[first:first + n])]
+
     def _check(self, buf, start: int, items) -> None:
         """Payload items ``items`` (ascending), read into ``buf`` from payload offset
         ``start``: each there whole and with its checksum, in one native call (one
         ``crc32`` per item from Python cost more than the checksums); a CorruptError
         names the first that is not."""
-        idx = self.index()[np.asarray(items, dtype=np.int64)]
+        idx = (self.index()[items.start:items.stop] if isinstance(items, range)
+               else self.index()[np.asarray(items, dtype=np.int64)])
         bad = tables.native().crc32_items(buf, idx["off"] - np.uint64(start),
                                           idx["side"].astype(np.uint64) + idx["blob"],
                                           idx["crc"])
@@ -327,11 +355,12 @@ class SectionSource:
                                f"{self.meta.stream_name(p % n_streams)}; the file is damaged")
 
     def read_run(self, first: int, last: int) -> bytes:
-        """The payload bytes from item ``first`` to the end of item ``last`` (one read,
-        not yet verified: :meth:`read_items` checks them)."""
+        """The payload bytes from item ``first`` to the end of item ``last`` (one read, a
+        view where the file is held in bytes; not yet verified: :meth:`read_items` checks
+        them)."""
         off, side, blob, _ = self.item_lists()
         return self.source.read_range("payload", off[first],
-                                      off[last] + side[last] + blob[last] - off[first])
+                                      off[last] + side[last] + blob[last] - off[first], True)
 
     def item_lists(self) -> tuple:
         """The index as lists (per-item lookups in plain Python): offsets, side sizes,

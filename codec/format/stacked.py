@@ -62,7 +62,7 @@ def plan_stack(files: list, bufs, spans: list,
     for f in files:
         with untrusted(f.meta.name):
             sec = f.sections
-            items.append(sec.read_items([(0, s) for *_, s in streams]))
+            items.append(sec.chunk_blobs(0))
             params.append(sec.params())
             sinks.append(sec.sinks().numpy() if m0.sink_tokens else None)
     tables = [f.sections.decode_tables() for f in files]
@@ -88,7 +88,7 @@ def plan_stack(files: list, bufs, spans: list,
         if n_sink:
             t.sinks = np.concatenate([x[s, :n_sink] for x in sinks])
             t.sink_every = m0.chunk_tokens
-        blobs = [got[(0, s)][1] for got in items]
+        blobs = [got[s] for got in items]
         plan.add(t, [Job(blobs, dtab, (rows, m0.coded_columns(q)), deq)])
     return plan
 

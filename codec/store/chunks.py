@@ -36,7 +36,6 @@ key, so a tenant's prompts can neither hit nor time another's entries.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 
@@ -319,9 +318,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
         try:
             self.load_codebooks()  # CodebookError: not here, and not the entry's damage
             data, identity = self._backend.fetch(rel, self.entry_limit(len(ids)))
-            source = io.BytesIO(data)
-            source.name = str(loc)
-            f = kvc.open(source, tables=self.shared_tables)
+            f = kvc.open(data, tables=self.shared_tables, name=str(loc))
             f.identity = identity
         except FileNotFoundError:
             self.metrics.failed("missing")
