@@ -146,18 +146,35 @@ class SectionSource:
         if n_items and (idx["off"][0] != 0 or np.any(idx["off"][1:] != ends[:-1])
                         or int(ends[-1]) != payload_len):
             raise CorruptError(f"{m.name}: index entries do not tile the payload")
-        rows = self._item_rows().ravel()
-        quant = [m.quant[s] for s in m.streams]
-        side = rows * np.tile([2 * q.side_per_token for q in quant], m.num_chunks)
+        side, limit = self._item_bounds()
         bad = np.flatnonzero(idx["side"] != side)
         if bad.size:
             raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} side "
                                "information has the wrong size")
-        # Coded sizes are bounded by rows and columns, of which few pairs occur (and the
-        # same in every entry of a store: the bounds are kept per layout).
+        bad = np.flatnonzero(idx["blob"] > limit)
+        if bad.size:
+            raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} blob is "
+                               "larger than possible")
+        self._index = idx
+        return idx
+
+    def _item_bounds(self) -> tuple:
+        """Per payload item, its side information's size and its blob's largest: set by
+        the rows and columns it codes, of which few pairs occur; the same in every entry
+        of a store, so kept per layout (with the header's shared quantizers where the
+        file is dense: those of one config and geometry, which set everything but the
+        layer spans)."""
+        m = self.meta
+        key = ("item bounds", m.stream_channels, m.num_tokens, m.chunk_tokens, tuple(m.starts))
+        got = m.shared_parse.get(key) if not m.evicted else None
+        if got is not None:
+            return got
+        rows = self._item_rows().ravel()
+        quant = [m.quant[s] for s in m.streams]
+        side = rows * np.tile([2 * q.side_per_token for q in quant], m.num_chunks)
         cols = np.tile([m.coded_columns(q) for q in quant], m.num_chunks)
-        key = (rows.tobytes(), cols.tobytes())
-        limit = _LIMITS.get(key)
+        lkey = (rows.tobytes(), cols.tobytes())
+        limit = _LIMITS.get(lkey)
         if limit is None:
             pairs, inverse = np.unique(np.stack([rows, cols]), axis=1, return_inverse=True)
             nat = tables.native()
@@ -165,13 +182,13 @@ class SectionSource:
                               for r, c in pairs.T], dtype=np.int64)[inverse.ravel()]
             if len(_LIMITS) >= 64:
                 _LIMITS.clear()
-            _LIMITS[key] = limit
-        bad = np.flatnonzero(idx["blob"] > limit)
-        if bad.size:
-            raise CorruptError(f"{m.name}: chunk {bad[0] // len(m.streams)} blob is "
-                               "larger than possible")
-        self._index = idx
-        return idx
+            _LIMITS[lkey] = limit
+        if not m.evicted:
+            if len(m.shared_parse) >= 64:  # layouts of many document lengths
+                for k in [k for k in list(m.shared_parse) if k[0] == "item bounds"]:
+                    m.shared_parse.pop(k, None)  # list(): other threads may add keys
+            m.shared_parse[key] = (side, limit)
+        return side, limit
 
     def _item_rows(self) -> np.ndarray:
         """int64 ``[chunks, streams]``: the rows each payload item codes (called once the
