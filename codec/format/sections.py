@@ -110,6 +110,7 @@ class SectionSource:
         self._freqs = None
         self._built = None
         self._dtables = None
+        self._blobs = {}    # chunk -> its checked blobs (chunk_blobs)
         self.chunk_rows = None  # evicted files: rows each (layer, head) keeps per chunk
 
     def sinks(self) -> torch.Tensor:
@@ -345,7 +346,14 @@ class SectionSource:
     def chunk_blobs(self, chunk: int) -> list:
         """Every stream's blob of ``chunk`` (memoryviews, in stream order), read in one
         piece and checked as :meth:`read_items` checks them: what a stacked plan of
-        one-chunk entries takes from each, without the per-item work of a dict."""
+        one-chunk entries takes from each, without the per-item work of a dict. Kept:
+        the plans of a vLLM step's layer groups read and check an entry once."""
+        got = self._blobs.get(chunk)
+        if got is None:
+            got = self._blobs[chunk] = self._read_blobs(chunk)
+        return got
+
+    def _read_blobs(self, chunk: int) -> list:
         n = len(self.meta.streams)
         first = chunk * n
         buf = memoryview(self.read_run(first, first + n - 1))
