@@ -244,6 +244,7 @@ def test_a_file_held_in_bytes_is_read_in_place(small_kvc):
     items = sec.read_items([(0, s) for s in range(len(f.meta.streams))])
     assert [bytes(b) for b in blobs] == [bytes(items[0, s][1]) for s in range(len(blobs))]
     assert all(b.obj is data for b in blobs)
+    assert sec.chunk_blobs(0) is blobs  # read and checked once per file
     expect = decode_all(data)
     f.close()
     assert bytes(blobs[-1]) == bytes(items[0, len(blobs) - 1][1])
