@@ -171,6 +171,7 @@ def finish(targets: list) -> None:
     where they move. Keys whose other rows were rotated natively have their sink rows
     rotated together, one call per distinct RoPE and position."""
     sink_keys = {}  # (rope, position, rows) -> [(dst, sink rows)]
+    stacked = []    # targets of stacked entries: their blocks' sink rows, together
     for t in targets:
         rows = t.dst.shape[2]
         if not rows:
@@ -180,7 +181,7 @@ def finish(targets: list) -> None:
             if deq.scratch:
                 view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
         if t.sink_every:
-            _put_block_sinks(t)
+            stacked.append(t)
             continue
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
@@ -217,29 +218,47 @@ def finish(targets: list) -> None:
         st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
         for i, (t, _) in enumerate(pairs):
             _put_rows(t, st[:, i])
+    if stacked:
+        _put_block_sinks(stacked)
 
 
-def _put_block_sinks(t: Target) -> None:
-    """A stacked target's sink rows (``t.sinks``: the first rows of each block of
+def _put_block_sinks(targets: list) -> None:
+    """Stacked targets' sink rows (``t.sinks``: the first rows of each block of
     ``t.sink_every`` rows), rotated at their positions where keys are, written over what
-    the native decoder put there."""
-    deq = t.fused[0][0]
-    blocks = -(-t.dst.shape[2] // t.sink_every)
-    n, (h, d) = t.sinks.shape[0] // blocks, t.dst.shape[1:4:2]
-    at = (np.arange(blocks)[:, None] * t.sink_every + np.arange(n)).ravel()
-    rows = t.sinks.reshape(-1, h, d).transpose(1, 0, 2)
-    if t.rope is not None:  # the positions' cos/sin, as the decoder rotated the rest
-        rows = rotate(rows, deq.cos[at], deq.sin[at])
-    _assign(deq.out, (slice(None), at), rows)
+    the native decoder put there. Targets of one shape, output dtype and cos/sin (every
+    key or every value stream of a stacked plan) are rotated and cast together: the
+    same products, sums and roundings, in one NumPy call instead of one per target."""
+    groups = {}
+    for t in targets:
+        deq = t.fused[0][0]
+        cos = None if t.rope is None else deq.cos
+        key = (t.dst.shape[1:], t.sink_every, t.sinks.shape, deq.out.dtype, id(cos))
+        groups.setdefault(key, (cos, deq.sin, []))[2].append(t)
+    for cos, sin, ts in groups.values():
+        t0 = ts[0]
+        blocks = -(-t0.dst.shape[2] // t0.sink_every)
+        n, (h, d) = t0.sinks.shape[0] // blocks, t0.dst.shape[1:4:2]
+        at = (np.arange(blocks)[:, None] * t0.sink_every + np.arange(n)).ravel()
+        rows = np.stack([t.sinks for t in ts]).reshape(len(ts), -1, h, d).transpose(0, 2, 1, 3)
+        if cos is not None:  # the positions' cos/sin, as the decoder rotated the rest
+            rows = rotate(rows, cos[at], sin[at])
+        rows = _as_out(rows, t0.fused[0][0].out.dtype)
+        for t, r in zip(ts, rows):
+            t.fused[0][0].out[:, at] = r
+
+
+def _as_out(rows: np.ndarray, dtype) -> np.ndarray:
+    """``rows`` as a decoder's output holds them: float32, or uint16 bfloat16 bits
+    (rounded as PyTorch casts, as the decoder rounded the others)."""
+    if dtype == np.uint16:
+        rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        return rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return rows
 
 
 def _assign(out: np.ndarray, index, rows: np.ndarray) -> None:
-    """``out[index] = rows`` in a decoder's output: float32, or uint16 bfloat16 bits
-    (``rows`` rounded as PyTorch casts, as the decoder rounded the others)."""
-    if out.dtype == np.uint16:
-        rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-        rows = rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    out[index] = rows
+    """``out[index] = rows`` in a decoder's output (:func:`_as_out`)."""
+    out[index] = _as_out(rows, out.dtype)
 
 
 def _put_rows(t: Target, rows: np.ndarray) -> None:
