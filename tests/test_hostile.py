@@ -225,3 +225,48 @@ def test_inspect_of_a_config_without_a_name(small, tmp_path, value):
     assert r.exit_code == 0, r.exception
     config_row = next(line for line in r.output.splitlines() if line.startswith("config"))
     assert config_row.split()[1] == ("5" if value == 5 else "unnamed")
+
+
+@pytest.fixture(scope="module")
+def chunked():
+    """3 layers x 65 tokens in 16-token chunks: the last chunk holds 1 row."""
+    torch.manual_seed(1)
+    kv = [(torch.randn(1, 2, 65, 64), torch.randn(1, 2, 65, 64)) for _ in range(3)]
+    return kvcodec.encode(kv, config="default", chunk_tokens=16)
+
+
+INDEX = np.dtype([("off", "<u8"), ("side", "<u4"), ("blob", "<u4"), ("crc", "<u4")])
+
+
+def _crafted_index(data, edit) -> bytes:
+    with kvcodec.open(data) as f:
+        idx = np.frombuffer(f.source.read_section("index"), dtype=INDEX).copy()
+        streams = len(f.meta.streams)
+    edit(idx, streams)
+    return rebuild(data, replace={"index": idx.tobytes()})
+
+
+def _side(idx, streams):  # two bytes of a blob claimed as side information
+    idx[1]["side"] += 2
+    idx[1]["blob"] -= 2
+
+
+def _swallow(idx, streams):  # the 1-row chunk's first blob takes in the blob before it
+    i = 4 * streams
+    idx[i - 1]["blob"], idx[i]["blob"] = 0, idx[i]["blob"] + idx[i - 1]["blob"]
+    idx[i]["off"] = idx[i - 1]["off"] + idx[i - 1]["side"]
+
+
+@pytest.mark.parametrize("edit,match", [(_side, "side information has the wrong size"),
+                                        (_swallow, "chunk 4 blob is larger than possible")])
+def test_an_index_that_tiles_but_lies_is_refused_cold_or_warm(chunked, edit, match):
+    """An index that still tiles the payload but gives an item side information of the
+    wrong size, or a blob larger than its rows and columns allow, is refused, also after
+    a good file of the same layout was read (its bounds are then kept, not recomputed)."""
+    bad = _crafted_index(chunked, edit)
+    for _ in range(2):
+        with pytest.raises(CorruptError, match=match):
+            with kvcodec.open(bad) as f:
+                f.decode()
+        with kvcodec.open(chunked) as f:
+            assert f.decode().num_tokens == 65
