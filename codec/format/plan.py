@@ -231,9 +231,9 @@ def _put_block_sinks(targets: list) -> None:
     groups = {}
     for t in targets:
         deq = t.fused[0][0]
-        cos = None if t.rope is None else deq.cos
-        key = (t.dst.shape[1:], t.sink_every, t.sinks.shape, deq.out.dtype, id(cos))
-        groups.setdefault(key, (cos, deq.sin, []))[2].append(t)
+        cos, sin = (None, None) if t.rope is None else (deq.cos, deq.sin)
+        key = (t.dst.shape[1:], t.sink_every, t.sinks.shape, deq.out.dtype, id(cos), id(sin))
+        groups.setdefault(key, (cos, sin, []))[2].append(t)
     for cos, sin, ts in groups.values():
         t0 = ts[0]
         blocks = -(-t0.dst.shape[2] // t0.sink_every)
