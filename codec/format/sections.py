@@ -334,9 +334,8 @@ class SectionSource:
         (the GPU decoder uploads it as it is)."""
         n_streams = len(self.meta.streams)
         first, last = chunks[0] * n_streams, (chunks[-1] + 1) * n_streams - 1
-        data = self.read_run(first, last)
+        data = self._checked_run(first, last)
         off, side, blob, _ = self.item_lists()
-        self._check(data, off[first], range(first, last + 1))
         items = {}
         for p in range(first, last + 1):
             o = off[p] - off[first]
@@ -345,9 +344,8 @@ class SectionSource:
 
     def chunk_blobs(self, chunk: int) -> list:
         """Every stream's blob of ``chunk`` (memoryviews, in stream order), read in one
-        piece and checked as :meth:`read_items` checks them: what a stacked plan of
-        one-chunk entries takes from each, without the per-item work of a dict. Kept:
-        the plans of a vLLM step's layer groups read and check an entry once."""
+        piece and checked as :meth:`read_items` checks them, without its dict; kept, so
+        that the plans of a vLLM step's layer groups read and check an entry once."""
         got = self._blobs.get(chunk)
         if got is None:
             got = self._blobs[chunk] = self._read_blobs(chunk)
@@ -356,13 +354,18 @@ class SectionSource:
     def _read_blobs(self, chunk: int) -> list:
         n = len(self.meta.streams)
         first = chunk * n
-        buf = memoryview(self.read_run(first, first + n - 1))
+        buf = self._checked_run(first, first + n - 1)
         off, side, blob, _ = self.item_lists()
-        self._check(buf, off[first], range(first, first + n))
         at = off[first]
         return [buf[o + s - at:o + s + b - at]
                 for o, s, b in zip(off[first:first + n], side[first:first + n],
                                    blob[first:first + n])]
+
+    def _checked_run(self, first: int, last: int) -> memoryview:
+        """Payload items ``first`` to ``last`` in one read, every checksum verified."""
+        data = memoryview(self.read_run(first, last))
+        self._check(data, self.item_lists()[0][first], range(first, last + 1))
+        return data
 
     def _check(self, buf, start: int, items) -> None:
         """Payload items ``items`` (ascending), read into ``buf`` from payload offset
