@@ -183,7 +183,7 @@ class Reader:
         # Bytes are read in place: the payload as views of them (read_range's ``view``).
         held = isinstance(source, (bytes, bytearray, memoryview))
         self._mem = memoryview(bytes(source)) if held else None
-        self._f = None if self._mem is not None else source
+        self._f = None if held else source
         if self._stream:
             self.size = self._f.fill_to(PREAMBLE.size)
         elif self._mem is not None:

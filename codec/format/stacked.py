@@ -58,11 +58,11 @@ def plan_stack(files: list, bufs, spans: list,
                     or (rope is not None and rope.rotary_dim != m0.head_dim)):
                 return None
             streams.append((l, k, q, rope, view, arr, m0.stream_index[(l, k)]))
-    items, params, sinks = [], [], []
+    entry_blobs, params, sinks = [], [], []  # per entry: blobs (stream order), params, sinks
     for f in files:
         with untrusted(f.meta.name):
             sec = f.sections
-            items.append(sec.chunk_blobs(0))
+            entry_blobs.append(sec.chunk_blobs(0))
             params.append(sec.params())
             sinks.append(sec.sinks().numpy() if m0.sink_tokens else None)
     tables = [f.sections.decode_tables() for f in files]
@@ -88,7 +88,7 @@ def plan_stack(files: list, bufs, spans: list,
         if n_sink:
             t.sinks = np.concatenate([x[s, :n_sink] for x in sinks])
             t.sink_every = m0.chunk_tokens
-        blobs = [got[s] for got in items]
+        blobs = [got[s] for got in entry_blobs]
         plan.add(t, [Job(blobs, dtab, (rows, m0.coded_columns(q)), deq)])
     return plan
 
