@@ -267,3 +267,32 @@ def test_chunk_blobs_name_the_damaged_item(small_kvc):
         with pytest.raises(CorruptError, match=r"damaged.kvc: checksum mismatch in chunk 2, "
                                                r"layer 1 values"):
             f.sections.chunk_blobs(2)
+
+
+def test_a_thread_decompresses_every_section_with_one_context_and_survives_bad_frames():
+    """Sections are decompressed with one zstd context per thread (:mod:`.bounded`): a
+    damaged frame, a frame past its limit, or one cut short leaves it fit for the next
+    section, in this thread and in others, each getting the right bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvcodec.format.bounded import unzstd, zstd
+
+    good = [zstd(bytes([i]) * (1000 + i)) for i in range(4)]
+    bad = bytearray(good[0])
+    bad[len(bad) // 2] ^= 0xFF
+
+    def all_good():
+        return all(unzstd(g, 1 << 20, "s") == bytes([i]) * (1000 + i)
+                   for i, g in enumerate(good))
+    for frame, limit in ((bytes(bad), 1 << 20), (good[1], 100)):
+        with pytest.raises(CorruptError):
+            unzstd(frame, limit, "section")
+        assert all_good()
+    # A frame cut short gives what it holds (read_zstd's sizes refuse that), no more.
+    assert unzstd(good[2][:-6], 1 << 20, "section") != bytes([2]) * 1002
+    assert all_good()
+
+    def each(i):
+        return unzstd(good[i % 4], 1 << 20, "s") == bytes([i % 4]) * (1000 + i % 4)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(each, range(200)))

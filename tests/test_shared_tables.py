@@ -13,7 +13,7 @@ import kvcodec
 from kvcodec.core.kvcache import token_views
 from kvcodec.errors import CorruptError, FormatError
 from kvcodec.format import Encoder, container
-from kvcodec.format.sections import TABLES
+from kvcodec.format.table_cache import TABLES
 from kvcodec.format.shared import SharedTables
 from kvcodec.store import ChunkStore
 from kvcodec.store.batch import Entry, decode_entries
@@ -281,6 +281,36 @@ def test_a_prefix_decodes_as_one_file_bit_for_bit(tmp_path, lm, kv_1536, monkeyp
         for l in range(kv.num_layers):
             assert torch.equal(kv.keys[l][:, :, i * 256:(i + 1) * 256], one.keys[l])
             assert torch.equal(kv.values[l][:, :, i * 256:(i + 1) * 256], one.values[l])
+
+
+def test_a_stacked_plan_of_some_layers_takes_each_entrys_offsets_and_sinks(tmp_path, lm,
+                                                                          kv_1536):
+    """A vLLM step's layer group: a stacked plan of a few layers, in no particular order,
+    gathers for each of its streams every entry's centering offsets and fp16 first row
+    (for all entries at once, not entry by entry) and decodes the bits of each entry
+    decoded alone."""
+    from kvcodec.format.plan import execute
+    from kvcodec.format.stacked import plan_stack
+
+    store = ChunkStore(tmp_path / "store", lm.fingerprint, kvcodec.load_config("default"))
+    store.put(kv_1536)
+    ids, locs = kv_1536.token_ids, store.lookup(kv_1536.token_ids)
+    files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+             for i, loc in enumerate(locs)]
+    m, layers = files[0].meta, [29, 3, 17]
+    assert m.quant[(3, "key")].center and m.sink_tokens  # what is gathered is there
+    shape = (1, m.num_kv_heads, 1536, m.head_dim)
+    bufs = {l: (torch.zeros(shape), torch.zeros(shape)) for l in layers}
+    plan = plan_stack(files, bufs, [(i * 256, (i + 1) * 256) for i in range(len(files))])
+    assert plan is not None and len(plan.targets) == 2 * len(layers)
+    execute(plan, 2)
+    for i, f in enumerate(files):
+        one = f.decode()
+        for l in layers:
+            rows = slice(i * 256, (i + 1) * 256)
+            assert torch.equal(bufs[l][0][:, :, rows], one.keys[l])
+            assert torch.equal(bufs[l][1][:, :, rows], one.values[l])
+        f.close()
 
 
 @pytest.mark.parametrize("where", ["checksum", "decoder"])

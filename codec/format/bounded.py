@@ -3,6 +3,8 @@ decompression (what a crafted frame can make a reader allocate is capped, whatev
 frame declares)."""
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from ..errors import CorruptError
@@ -18,6 +20,18 @@ def zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(data)
 
 
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (making one costs more than a small section's
+    decompression; one is not to be shared between threads)."""
+    d = getattr(_LOCAL, "d", None)
+    if d is None:
+        d = _LOCAL.d = zstandard.ZstdDecompressor()
+    return d
+
+
 def unzstd(data: bytes, limit: int, what: str) -> bytes:
     """The contents of the zstd frame ``data``, at most ``limit`` bytes: decompressed as
     a stream, so a frame that declares (or expands to) more never makes this allocate
@@ -25,7 +39,7 @@ def unzstd(data: bytes, limit: int, what: str) -> bytes:
     on a damaged frame (its checksum is checked at its end)."""
     out = bytearray()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
+        with _decompressor().stream_reader(data, read_across_frames=False) as r:
             while True:
                 block = r.read(min(1 << 20, limit + 1 - len(out)))
                 if not block:

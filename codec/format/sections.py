@@ -3,10 +3,6 @@ quantizer parameters and probability tables, the fp16 sink rows, and payload ite
 (each verified against its CRC as it is read)."""
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
-
 import numpy as np
 import torch
 
@@ -19,74 +15,9 @@ from .bounded import read_zstd
 from .header import FileHeader
 from .kept import chunk_rows
 from .spec import INDEX_ENTRY
+from .table_cache import TABLES, _Built
 
 
-class TableCache:
-    """Built tables shared by files whose table sections are byte-identical (the entries
-    of a store coded with its shared tables, :mod:`kvcodec.format.shared`): frequencies
-    and native decode tables are built once per distinct section, not once per file.
-    Keyed by a digest of the section's bytes and the layout they are read with (rows and
-    alphabet per stream); least recently used out first beyond ``max_bytes`` of
-    frequencies (the decode tables built from them take about as much again)."""
-
-    def __init__(self, max_bytes: int = 128 << 20):
-        self.max_bytes = max_bytes
-        self._sets: OrderedDict = OrderedDict()  # key -> _Built
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    @staticmethod
-    def key(raw: bytes, layout: tuple) -> tuple:
-        return hashlib.blake2b(raw, digest_size=20).digest(), layout
-
-    def get(self, key):
-        with self._lock:
-            got = self._sets.get(key)
-            if got is None:
-                self.misses += 1
-                return None
-            self._sets.move_to_end(key)
-            self.hits += 1
-            return got
-
-    def put(self, key, built: "_Built") -> "_Built":
-        with self._lock:
-            if key in self._sets:
-                return self._sets[key]
-            self._sets[key] = built
-            self._bytes += built.nbytes
-            while self._bytes > self.max_bytes and len(self._sets) > 1:
-                _, old = self._sets.popitem(last=False)
-                self._bytes -= old.nbytes
-            return built
-
-    def clear(self) -> None:
-        with self._lock:
-            self._sets.clear()
-            self._bytes = 0
-            self.hits = self.misses = 0
-
-
-class _Built:
-    """One table section's levels and frequencies per stream (file order), and its
-    native decode tables once a decode asks for them."""
-
-    def __init__(self, levels: list, freqs: list):
-        self.levels, self.freqs = levels, freqs
-        self.nbytes = sum(f.nbytes for f in freqs)
-        self.dtables = None
-        self.lock = threading.Lock()
-
-    def decode_tables(self) -> list:
-        with self.lock:
-            if self.dtables is None:
-                self.dtables = tables.native().build_decode_tables(self.freqs)
-            return self.dtables
-
-
-#: The process's cache of built tables (:class:`TableCache`).
-TABLES = TableCache()
 # Index layouts (rows and coded columns of every item) -> each item's largest blob.
 _LIMITS: dict = {}
 
@@ -102,14 +33,9 @@ class SectionSource:
         self.meta, self.source = meta, source
         # digest -> SharedTables, for a file coded with its store's tables (format v6).
         self.shared = shared
-        self._sinks = None
-        self._index = None
-        self._items = None
-        self._params = None
-        self._levels = None
-        self._freqs = None
-        self._built = None
-        self._dtables = None
+        self._sinks = self._sink_rows = self._index = self._items = None
+        self._params = self._param_rows = self._levels = self._freqs = None
+        self._built = self._dtables = None
         self._blobs = {}    # chunk -> its checked blobs (chunk_blobs)
         self.chunk_rows = None  # evicted files: rows each (layer, head) keeps per chunk
 
@@ -118,15 +44,21 @@ class SectionSource:
         ``i`` of a stream is its layer's ``i``-th held token, in an evicted file position
         ``i`` (zero where that is not an attention sink, or not kept)."""
         if self._sinks is None:
+            self._sinks = torch.from_numpy(self.sink_rows().copy()).float()
+        return self._sinks
+
+    def sink_rows(self) -> np.ndarray:
+        """The sink rows as the file holds them: float16 ``[streams, sink_tokens,
+        stream channels]`` (read-only)."""
+        if self._sink_rows is None:
             m = self.meta
             raw = self.source.read_section("sinks")
             n = m.sink_tokens * m.stream_channels
             if len(raw) != 2 * n * len(m.streams):
                 raise CorruptError(f"{m.name}: sinks section has the wrong size")
-            arr = np.frombuffer(raw, dtype="<f2").reshape(len(m.streams), m.sink_tokens,
-                                                          m.stream_channels)
-            self._sinks = torch.from_numpy(arr.astype(np.float32))
-        return self._sinks
+            self._sink_rows = np.frombuffer(raw, dtype="<f2").reshape(
+                len(m.streams), m.sink_tokens, m.stream_channels)
+        return self._sink_rows
 
     def index(self) -> np.ndarray:
         """The chunk index, one record (``off``, ``side``, ``blob``, ``crc``) per payload
@@ -208,8 +140,20 @@ class SectionSource:
 
     def params(self) -> dict:
         """Per stream, its quantizer's per-file parameters (float16 ``[channels]`` each)."""
-        self._load_tables()
+        if self._params is None:
+            rows, params, at = self.param_rows(), {}, 0
+            for s in self.meta.streams:
+                names = self.meta.quant[s].param_names
+                params[s] = {name: rows[at + j] for j, name in enumerate(names)}
+                at += len(names)
+            self._params = params
         return self._params
+
+    def param_rows(self) -> np.ndarray:
+        """Every stream's parameters as rows of one float16 ``[rows, channels]`` array,
+        in stream order and, per stream, in its quantizer's ``param_names`` order."""
+        self._load_tables()
+        return self._param_rows
 
     def frequencies(self) -> dict:
         """Per stream, its probability tables as exact integer frequencies (what both the
@@ -234,13 +178,8 @@ class SectionSource:
             built = TABLES.get(key)  # these very bytes, read this way, were checked before
             if built is None:
                 built = TABLES.put(key, self._build(lraw, lrows, alphabets))
-        rows = np.frombuffer(praw, dtype="<f2").astype(np.float16).reshape(-1, c)
-        params, at = {}, 0
-        for s in m.streams:
-            names = m.quant[s].param_names
-            params[s] = {name: rows[at + j] for j, name in enumerate(names)}
-            at += len(names)
-        self._params, self._built = params, built
+        self._param_rows = np.frombuffer(praw, dtype="<f2").astype(np.float16).reshape(-1, c)
+        self._built = built
         self._levels = dict(zip(m.streams, built.levels))
         self._freqs = dict(zip(m.streams, built.freqs))
 

@@ -12,7 +12,7 @@ is in them, and the entry is at most :data:`MAX_OVERHEAD` larger than with table
 own, which it no longer carries). Such an entry is format version 6: its header records
 the tables' :func:`digest` instead of a tables section, and a reader needs its store to
 resolve it (``kvcodec.open(..., tables=)``; :meth:`kvcodec.store.ChunkStore.open_entry`
-does it). The reader's table cache (:class:`kvcodec.format.sections.TableCache`)
+does it). The reader's table cache (:class:`kvcodec.format.table_cache.TableCache`)
 builds the decode tables of a digest once for all its entries.
 
 The serialized form (a store object) is ``MAGIC``, a little-endian u32 length and a JSON
