@@ -15,7 +15,7 @@ from .bounded import read_zstd
 from .header import FileHeader
 from .kept import chunk_rows
 from .spec import INDEX_ENTRY
-from .table_cache import TABLES, _Built
+from .table_cache import TABLES, BuiltTables
 
 
 # Index layouts (rows and coded columns of every item) -> each item's largest blob.
@@ -198,7 +198,7 @@ class SectionSource:
                 m.shared_parse[key] = got
         return got
 
-    def _shared_tables(self, layout: tuple) -> _Built:
+    def _shared_tables(self, layout: tuple) -> BuiltTables:
         """The tables of a file coded with shared ones (format v6), from ``shared``."""
         m = self.meta
         if self.shared is None:
@@ -213,9 +213,9 @@ class SectionSource:
         if got.digest != m.shared_tables or got.layout != layout:
             raise CorruptError(f"{m.name}: its store's shared tables {m.shared_tables[:12]}"
                                "... do not fit its streams")
-        return TABLES.put(key, _Built(got.levels, got.freqs))
+        return TABLES.put(key, BuiltTables(got.levels, got.freqs))
 
-    def _build(self, lraw: bytes, lrows: list, alphabets: tuple) -> _Built:
+    def _build(self, lraw: bytes, lrows: list, alphabets: tuple) -> BuiltTables:
         """Levels and frequencies of the packed tables ``lraw`` (``lrows`` rows per
         stream, each over its stream's alphabet), checked: every row valid, no symbol
         past its stream's alphabet."""
@@ -228,7 +228,7 @@ class SectionSource:
         except ValueError as exc:
             raise CorruptError(f"{m.name}: invalid probability tables: {exc}") from None
         # Built once per distinct table section, not per decoded chunk (nor per file).
-        return _Built(levels, tables.native().normalize_many(levels))
+        return BuiltTables(levels, tables.native().normalize_many(levels))
 
     def decode_tables(self) -> dict:
         """Native decode tables of every stream, built once per file (in parallel)."""

@@ -19,7 +19,7 @@ class TableCache:
 
     def __init__(self, max_bytes: int = 128 << 20):
         self.max_bytes = max_bytes
-        self._sets: OrderedDict = OrderedDict()  # key -> _Built
+        self._sets: OrderedDict = OrderedDict()  # key -> BuiltTables
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -38,7 +38,7 @@ class TableCache:
             self.hits += 1
             return got
 
-    def put(self, key, built: "_Built") -> "_Built":
+    def put(self, key, built: "BuiltTables") -> "BuiltTables":
         with self._lock:
             if key in self._sets:
                 return self._sets[key]
@@ -56,7 +56,7 @@ class TableCache:
             self.hits = self.misses = 0
 
 
-class _Built:
+class BuiltTables:
     """One table section's levels and frequencies per stream (file order), and its
     native decode tables once a decode asks for them."""
 
