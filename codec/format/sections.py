@@ -141,19 +141,23 @@ class SectionSource:
     def params(self) -> dict:
         """Per stream, its quantizer's per-file parameters (float16 ``[channels]`` each)."""
         if self._params is None:
-            rows, params, at = self.param_rows(), {}, 0
-            for s in self.meta.streams:
-                names = self.meta.quant[s].param_names
-                params[s] = {name: rows[at + j] for j, name in enumerate(names)}
-                at += len(names)
-            self._params = params
+            m, rows = self.meta, self.param_rows()
+            self._params = {s: {name: rows[at + j]
+                                for j, name in enumerate(m.quant[s].param_names)}
+                            for s, at in zip(m.streams, self._layout()[3])}
         return self._params
 
     def param_rows(self) -> np.ndarray:
-        """Every stream's parameters as rows of one float16 ``[rows, channels]`` array,
-        in stream order and, per stream, in its quantizer's ``param_names`` order."""
+        """Every stream's parameters as rows of one float16 ``[rows, channels]`` array
+        (:meth:`param_row` says where each is)."""
         self._load_tables()
         return self._param_rows
+
+    def param_row(self, stream: tuple, name: str) -> int:
+        """The row of :meth:`param_rows` that holds ``stream``'s parameter ``name``."""
+        m = self.meta
+        return (self._layout()[3][m.stream_index[stream]]
+                + m.quant[stream].param_names.index(name))
 
     def frequencies(self) -> dict:
         """Per stream, its probability tables as exact integer frequencies (what both the
@@ -166,7 +170,7 @@ class SectionSource:
             return
         m = self.meta
         c = m.stream_channels
-        psizes, lrows, alphabets = self._layout()
+        psizes, lrows, alphabets, _ = self._layout()
         praw = read_zstd(self.source, "params", sum(psizes))
         # Packed tables: 2 span bytes per row plus at most one code per symbol.
         if m.shared_tables is not None:
@@ -184,16 +188,19 @@ class SectionSource:
         self._freqs = dict(zip(m.streams, built.freqs))
 
     def _layout(self) -> tuple:
-        """Per stream: the bytes of its parameters, its table's rows, its alphabet; the
-        same for every file of one config and geometry (every entry of a store), so kept
-        with the quantizers its header shares with them, not built per file."""
+        """Per stream: the bytes of its parameters, its table's rows, its alphabet, its
+        first row of parameters; the same for every file of one config and geometry
+        (every entry of a store), so kept with the quantizers its header shares with
+        them, not built per file."""
         m = self.meta
         key = ("tables layout", m.stream_channels)
         got = m.shared_parse.get(key) if not m.evicted else None
         if got is None:
             qs = [m.quant[s] for s in m.streams]
-            got = ([len(q.param_names) * m.stream_channels * 2 for q in qs],
-                   [m.coded_columns(q) for q in qs], tuple(q.table_alphabet for q in qs))
+            counts = [len(q.param_names) for q in qs]
+            got = ([n * m.stream_channels * 2 for n in counts],
+                   [m.coded_columns(q) for q in qs], tuple(q.table_alphabet for q in qs),
+                   np.cumsum([0] + counts[:-1]).tolist())
             if not m.evicted:
                 m.shared_parse[key] = got
         return got

@@ -70,7 +70,7 @@ def plan_stack(files: list, bufs, spans: list,
     # Per stream, its rows of every entry at once, float32 (one cast, not one per entry
     # and stream): the centering offsets [streams, entries, channels] and the sink rows
     # [streams, entries * sink_tokens, channels].
-    means = _mean_rows(m0, streams, params)
+    means = _mean_rows(f0, streams, params)
     if m0.sink_tokens:
         at = np.array([s for *_, s in streams], dtype=np.intp)
         sinks = _float32(np.stack([x[at] for x in sinks], axis=1))
@@ -100,17 +100,13 @@ def plan_stack(files: list, bufs, spans: list,
     return plan
 
 
-def _mean_rows(m0, streams: list, params: list):
+def _mean_rows(f0, streams: list, params: list):
     """float32 ``[streams, entries, channels]``: each stream's centering offsets
     (``mean``) in every entry, from the entries' parameter rows (None: no stream is
     centered)."""
-    first, at = {}, 0  # stream -> its first parameter row
-    for s in m0.streams:
-        first[s] = at
-        at += len(m0.quant[s].param_names)
     if not any(q.center for _, _, q, *_ in streams):
         return None
-    picks = np.array([first[(l, k)] + q.param_names.index("mean") if q.center else 0
+    picks = np.array([f0.sections.param_row((l, k), "mean") if q.center else 0
                       for l, k, q, *_ in streams], dtype=np.intp)
     return _float32(np.stack([p[picks] for p in params], axis=1))
 
