@@ -321,3 +321,38 @@ def test_the_inverse_basis_sums_in_the_documented_order_on_every_path(head_dim):
             nat.set_simd_path("auto")
         assert err == ""
         assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), path
+
+
+def test_a_klt_head_listed_straight_from_its_symbols_matches_every_path():
+    """AVX-512 lists a klt head's terms straight from its symbols, its values never stored
+    (``basis_load_terms``): the same bits as the other paths, with per-channel step
+    multipliers and mostly-zero rows, and a symbol past 2R reported as they report it."""
+    from kvcodec import _native as nat
+    from kvcodec.core.quant import STEP_GRID
+
+    rng = np.random.default_rng(3)
+    heads, r, d, rows = 3, 7, 64, 41
+    sym = rng.integers(0, 2 * r + 1, (rows, heads * d + 1)).astype(np.uint8)
+    sym[:, :-1][rng.random((rows, heads * d)) < 0.6] = r  # most components are zero
+    sym[:, -1] = rng.integers(100, 140, rows)
+    mult = rng.uniform(0.5, 2.0, heads * d).astype(np.float32)
+    basis = rng.normal(size=(heads, d, d)).astype(np.float32)
+    bad = sym.copy()
+    bad[17, d + 5] = 2 * r + 1
+    outs, errs = {}, {}
+    for path in ("scalar", "avx2", "avx512"):
+        if not nat.set_simd_path(path):
+            continue
+        try:
+            outs[path] = np.full((heads, rows, d), np.nan, np.float32)
+            assert nat.dequant_symbols(sym, (STEP_GRID, mult, r, heads, outs[path], None,
+                                             None, None, 0, basis)) == ""
+            errs[path] = nat.dequant_symbols(bad, (STEP_GRID, mult, r, heads,
+                                                   np.zeros((heads, rows, d), np.float32),
+                                                   None, None, None, 0, basis))
+        finally:
+            nat.set_simd_path("auto")
+    assert "17" in errs["scalar"]
+    for path in outs:
+        assert np.array_equal(outs[path].view(np.uint32), outs["scalar"].view(np.uint32)), path
+        assert errs[path] == errs["scalar"], path

@@ -70,6 +70,10 @@ bool basis_simd_ok();
 int basis_block(int d, bool avx512);
 void pad_basis(const float* basis, int d, int cb, float* out);
 int basis_terms(const float* x, int d, int cb, float* vals, int* off, bool avx512);
+// AVX-512 only: the terms of one head's symbols s (d of them, < 2r + 1) dequantized as
+// (s - r) * (step * mult[c]), listed as basis_terms lists them; -1 if a symbol is past 2r.
+int basis_load_terms(const uint8_t* s, const float* mult, float step, int r, int d, int cb,
+                     float* vals, int* off);
 void basis_sums(const float* const* vals, const int* const* off, int rows, int n,
                 const float* basis, int d, int cb, int b0, int b1, float* const* out,
                 bool avx512);

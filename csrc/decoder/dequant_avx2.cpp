@@ -125,6 +125,14 @@ KVC_AVX2 bool klt_rows(const uint8_t* symbols, int rows, const DequantSpec& spec
     for (int t0 = 0; t0 < rows; t0 += tile_rows) {
       const int m = rows - t0 < tile_rows ? rows - t0 : tile_rows;
       for (int i = 0; i < m; ++i) {
+        if (wide) {  // straight from the symbols (basis_load_terms)
+          const uint8_t* row = symbols + (size_t)(t0 + i) * (spec.heads * d + 1);
+          count[i] = basis_load_terms(row + (size_t)k * d, spec.mult + (size_t)k * d,
+                                      spec.grid[row[spec.heads * d]], spec.half_range, d, cb,
+                                      vals + i * d, off + i * d);
+          if (count[i] < 0) return false;
+          continue;
+        }
         if (!load_row(symbols, t0 + i, k, spec, y + i * d)) return false;
         count[i] = basis_terms(y + i * d, d, cb, vals + i * d, off + i * d, wide);
       }
