@@ -99,45 +99,23 @@ KVC_AVX2 int terms_avx2(const float* x, int d, int cb, float* vals, int* off) {
   return n;
 }
 
-// The same with AVX-512's compress (d % 16 == 0), stored whole (a compressing store is
-// slow, and later loads cannot take their values from it). Here every slot from n up to
-// d is a pad (two rows are summed together, the shorter padded to the longer): they are
-// pads first (pads16), and each group's store writes pads past its own terms (list16).
-KVC_AVX512 inline void pads16(int d, int cb, float* vals, int* off) {
+// One head's symbols s dequantized as dequant_avx2.cpp's load_row does them ((s - R) *
+// (step * mult), the same operations, sixteen lanes at a time) and listed with AVX-512's
+// compress, the values never stored: listing them right after load_row stored them, the
+// loads waited on those stores (a sixth of a klt decode's time, 1.08-1.12x faster
+// without). The lists are stored whole (a compressing store is slow, and later loads
+// cannot take their values from it). Here every slot from n up to d is a pad (two rows
+// are summed together, the shorter padded to the longer): they are pads first, and each
+// group's store writes pads past its own terms. -1 where a symbol is past 2R.
+KVC_AVX512 int load_terms_avx512(const uint8_t* s, const float* mult, float step, int r,
+                                 int d, int cb, float* vals, int* off) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512i pad = _mm512_set1_epi32(d * cb);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int i = 0; i < d; i += 16) {
     _mm512_storeu_ps(vals + i, zero);
     _mm512_storeu_si512(off + i, pad);
   }
-}
-
-// The nonzero lanes of xg, channels g .. g + 15, listed from slot n; returns the next slot.
-KVC_AVX512 inline int list16(__m512 xg, int g, int d, int cb, int n, float* vals, int* off) {
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __mmask16 m = _mm512_cmp_ps_mask(xg, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(g)),
-                                          _mm512_set1_epi32(cb));
-  _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(m, xg));
-  _mm512_storeu_si512(off + n, _mm512_mask_compress_epi32(_mm512_set1_epi32(d * cb), m, rows));
-  return n + __builtin_popcount((unsigned)m);
-}
-
-KVC_AVX512 int terms_avx512(const float* x, int d, int cb, float* vals, int* off) {
-  pads16(d, cb, vals, off);
-  int n = 0;
-  for (int g = 0; g < d; g += 16) n = list16(_mm512_loadu_ps(x + g), g, d, cb, n, vals, off);
-  return n;
-}
-
-// One head's symbols s dequantized as dequant_avx2.cpp's load_row does them ((s - R) *
-// (step * mult), the same operations, sixteen lanes at a time) and listed as terms_avx512
-// lists them, the values never stored: listing them right after load_row stored them,
-// the loads waited on those stores (a sixth of a klt decode's time, 1.08-1.12x faster
-// without). -1 where a symbol is past 2R.
-KVC_AVX512 int load_terms_avx512(const uint8_t* s, const float* mult, float step, int r,
-                                 int d, int cb, float* vals, int* off) {
-  pads16(d, cb, vals, off);
   const __m512i top = _mm512_set1_epi32(2 * r), half = _mm512_set1_epi32(r);
   const __m512 st = _mm512_set1_ps(step);
   __mmask16 bad = 0;
@@ -147,8 +125,13 @@ KVC_AVX512 int load_terms_avx512(const uint8_t* s, const float* mult, float step
         _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g)));
     bad |= _mm512_cmpgt_epi32_mask(v, top);
     const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, half));
-    n = list16(_mm512_mul_ps(q, _mm512_mul_ps(st, _mm512_loadu_ps(mult + g))), g, d, cb, n,
-               vals, off);
+    const __m512 xg = _mm512_mul_ps(q, _mm512_mul_ps(st, _mm512_loadu_ps(mult + g)));
+    const __mmask16 m = _mm512_cmp_ps_mask(xg, zero, _CMP_NEQ_UQ);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(g)),
+                                            _mm512_set1_epi32(cb));
+    _mm512_storeu_ps(vals + n, _mm512_maskz_compress_ps(m, xg));
+    _mm512_storeu_si512(off + n, _mm512_mask_compress_epi32(pad, m, rows));
+    n += __builtin_popcount((unsigned)m);
   }
   return bad ? -1 : n;
 }
@@ -238,8 +221,8 @@ bool basis_simd_ok() {
   return ok;
 }
 
-int basis_terms(const float* x, int d, int cb, float* vals, int* off, bool avx512) {
-  return avx512 ? terms_avx512(x, d, cb, vals, off) : terms_avx2(x, d, cb, vals, off);
+int basis_terms(const float* x, int d, int cb, float* vals, int* off) {
+  return terms_avx2(x, d, cb, vals, off);
 }
 
 int basis_load_terms(const uint8_t* s, const float* mult, float step, int r, int d, int cb,
@@ -263,7 +246,7 @@ void basis_sums(const float* const* vals, const int* const* off, int rows, int n
 
 namespace kvc {
 bool basis_simd_ok() { return false; }
-int basis_terms(const float*, int, int, float*, int*, bool) { return 0; }
+int basis_terms(const float*, int, int, float*, int*) { return 0; }
 int basis_load_terms(const uint8_t*, const float*, float, int, int, int, float*, int*) {
   return 0;
 }

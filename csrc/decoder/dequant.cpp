@@ -50,7 +50,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
       }
       if (simd) {
         float* vals = acc.data() + d;  // the terms, after the d sums
-        const int n = (basis_terms(x.data(), d, cb, vals, offs.data(), false) + 1) & ~1;
+        const int n = (basis_terms(x.data(), d, cb, vals, offs.data()) + 1) & ~1;
         const float* v = vals;
         const int* o = offs.data();
         float* sums = acc.data();

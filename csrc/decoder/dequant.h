@@ -60,8 +60,10 @@ bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spe
 // channels. pad_basis copies the head's basis ([d, d]) into out ([d + 1, d] floats,
 // 64-byte aligned): block b is rows 0..d-1 of its channels [b * cb, (b + 1) * cb), cb
 // floats each, then a row of -0.0f. basis_terms lists x's nonzero terms (vals and off:
-// d slots each) and returns how many; the slot after them is a pad term (with `avx512`,
-// every slot up to d: its sums take two rows, the shorter padded). basis_sums writes
+// d slots each) and returns how many; the slot after them is a pad term. basis_load_terms
+// lists them straight from a head's symbols s (d of them) dequantized as (s - r) * (step
+// * mult[c]), the values never stored; -1 if a symbol is past 2r; AVX-512 only, and
+// every slot up to d is a pad (its sums take two rows, the shorter padded). basis_sums writes
 // blocks [b0, b1) (out[i] + b * cb) of `rows` rows (1; 2 with `avx512`) from their
 // terms, n of each (even, at least each row's count: the rest are its pads). `avx512`:
 // the AVX-512 variant (the same bits). basis_simd_ok: whether this CPU has the FMA
@@ -69,9 +71,7 @@ bool dequant_token_avx2(const uint8_t* symbols, int rows, const DequantSpec& spe
 bool basis_simd_ok();
 int basis_block(int d, bool avx512);
 void pad_basis(const float* basis, int d, int cb, float* out);
-int basis_terms(const float* x, int d, int cb, float* vals, int* off, bool avx512);
-// AVX-512 only: the terms of one head's symbols s (d of them, < 2r + 1) dequantized as
-// (s - r) * (step * mult[c]), listed as basis_terms lists them; -1 if a symbol is past 2r.
+int basis_terms(const float* x, int d, int cb, float* vals, int* off);
 int basis_load_terms(const uint8_t* s, const float* mult, float step, int r, int d, int cb,
                      float* vals, int* off);
 void basis_sums(const float* const* vals, const int* const* off, int rows, int n,

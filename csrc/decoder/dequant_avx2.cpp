@@ -134,7 +134,7 @@ KVC_AVX2 bool klt_rows(const uint8_t* symbols, int rows, const DequantSpec& spec
           continue;
         }
         if (!load_row(symbols, t0 + i, k, spec, y + i * d)) return false;
-        count[i] = basis_terms(y + i * d, d, cb, vals + i * d, off + i * d, wide);
+        count[i] = basis_terms(y + i * d, d, cb, vals + i * d, off + i * d);
       }
       // Untiled, every block of a row (pair) at once; tiled, a block over all the rows.
       const int blocks = d / cb, per_call = tile_rows > step ? 1 : blocks;
