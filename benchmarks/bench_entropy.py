@@ -9,6 +9,10 @@ timed call, and its rows add ``decode_prebuilt_msym_s``, with the tables built f
 a file's decode does, once for all its chunks). The ``kvcodec`` row runs the decode path
 this CPU picks (``decode_path``: avx512, avx2 or scalar); ``kvcodec-scalar`` is the
 portable reference, and on an AVX-512 CPU ``kvcodec-avx2`` is the path of CPUs without it.
+AVX2 rows add ``gather``: the AVX2 path reads its tables with 256-bit gathers
+(``hardware``) or eight scalar loads (``loads``), whichever this kind of CPU runs faster;
+``kvcodec-avx2-<gather>`` runs the other way, and ``avx2_gather_<mine>_vs_<other>`` is
+the ratio of their prebuilt decode rates.
 """
 from __future__ import annotations
 
@@ -82,7 +86,8 @@ def bench_kvcodec(streams, chunk, repeats, paths):
 
     for _ in range(repeats):
         for path in paths:
-            assert nat.set_simd_path(path)
+            simd, _, gather = path.partition(":")  # "avx2:loads": the AVX2 path's gathers
+            assert nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
             try:
                 blobs = timed((path, "enc"), lambda: nat.encode_many(jobs, chunk, 1))
                 items = [(bl, f, o) for bl, (_, f, _), o in zip(blobs, streams, outs)]
@@ -94,6 +99,7 @@ def bench_kvcodec(streams, chunk, repeats, paths):
                     assert all(np.array_equal(o, s) for o, (s, _, _) in zip(outs, streams))
             finally:
                 nat.set_simd_path("auto")
+                nat.set_avx2_gather("auto")
     nbytes = sum(len(b) for bl in blobs for b in bl)
     return nbytes * 8, {p: (best[(p, "enc")], best[(p, "dec")], best[(p, "pre")]) for p in paths}
 
@@ -194,17 +200,24 @@ def main():
     nat = tables.native()
     path = nat.simd_path()
     # "scalar" is the portable reference decoder of the same bitstream; on an AVX-512
-    # CPU the AVX2 path (what CPUs without AVX-512 run) gets its own row too.
-    named = [("kvcodec", path)]
+    # CPU the AVX2 path (what CPUs without AVX-512 run) gets its own row too. The AVX2
+    # path reads its tables with hardware gathers or scalar loads, whichever this kind of
+    # CPU runs faster (avx2_gather): the other way gets a row, "kvcodec-avx2-<gather>".
+    gather = nat.avx2_gather()
+    other = {"loads": "hardware", "hardware": "loads"}[gather]
+    named = [("kvcodec", f"{path}:{gather}" if path == "avx2" else path)]
     if path == "avx512" and nat.set_simd_path("avx2"):
-        named.append(("kvcodec-avx2", "avx2"))
+        named.append(("kvcodec-avx2", f"avx2:{gather}"))
+    if nat.set_simd_path("avx2"):
+        named.append((f"kvcodec-avx2-{other}", f"avx2:{other}"))
     nat.set_simd_path("auto")
     named.append(("kvcodec-scalar", "scalar"))
     bits, times = bench_kvcodec(streams, args.chunk_tokens, args.repeats, [p for _, p in named])
     for name, p in named:
         te, td, tp = times[p]
-        rows.append(dict(row(name, bits, n, entropy, te, td), decode_path=p,
-                         decode_prebuilt_msym_s=n / tp / 1e6))
+        simd, _, g = p.partition(":")
+        rows.append(dict(row(name, bits, n, entropy, te, td), decode_path=simd,
+                         decode_prebuilt_msym_s=n / tp / 1e6, **({"gather": g} if g else {})))
     try:
         bits, te, td = bench_constriction(streams, args.repeats)
         rows.append(row("constriction", bits, n, entropy, te, td))
@@ -226,6 +239,10 @@ def main():
             avx2 = next((a for a in rows if a["name"] == "kvcodec-avx2"), None)
             if avx2:
                 out["avx2_decode_speedup_vs_scalar"] = avx2["decode_msym_s"] / r["decode_msym_s"]
+        elif r["name"].startswith("kvcodec-avx2-"):  # the AVX2 path's other gathers
+            mine = next(a for a in rows if a.get("gather") == gather)
+            out[f"avx2_gather_{gather}_vs_{other}"] = (mine["decode_prebuilt_msym_s"]
+                                                      / r["decode_prebuilt_msym_s"])
         elif r["name"] not in ("kvcodec", "kvcodec-avx2"):
             out[f"decode_speedup_vs_{r['name']}"] = kv["decode_msym_s"] / r["decode_msym_s"]
             out[f"encode_speedup_vs_{r['name']}"] = kv["encode_msym_s"] / r["encode_msym_s"]

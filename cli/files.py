@@ -177,8 +177,11 @@ def info(as_json):
     nat = tables.native()
     cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     # cpu_decode: the rANS decode path this CPU runs ("avx512", "avx2" or "scalar";
-    # KVCODEC_SIMD=avx2 or =scalar caps it).
-    report = {"cpu": True, "cpu_decode": nat.simd_path(), "cuda_compiled": cuda.compiled(),
+    # KVCODEC_SIMD=avx2 or =scalar caps it); cpu_gather: how the AVX2 path reads its
+    # tables ("hardware" gathers, or scalar "loads" where gathers are slow, as on Zen 1
+    # and 2; KVCODEC_AVX2_GATHER sets it).
+    report = {"cpu": True, "cpu_decode": nat.simd_path(), "cpu_gather": nat.avx2_gather(),
+              "cuda_compiled": cuda.compiled(),
               "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
               "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),
               "prob_bits": int(nat.PROB_BITS), "torch": torch.__version__,

@@ -704,10 +704,17 @@ PYBIND11_MODULE(_native, m) {
   m.attr("BITSTREAM_VERSION") = kvc::BITSTREAM_VERSION;
   m.attr("PROB_BITS") = kvc::PROB_BITS;
   m.def("simd_path", [] { return std::string(kvc::simd_path()); },
-        "The rANS decode path in use: 'avx2' or 'scalar'.");
+        "The rANS decode path in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("set_simd_path", [](const std::string& name) { return kvc::set_simd_path(name); },
         py::arg("name"),
-        "Choose the decode path: 'scalar', 'avx2' (False if the CPU lacks it) or 'auto'.");
+        "Choose the decode path: 'scalar', 'avx2', 'avx512' (False if the CPU lacks it) "
+        "or 'auto'.");
+  m.def("avx2_gather", [] { return std::string(kvc::avx2_gather()); },
+        "How the AVX2 decode path reads its tables: 'hardware' gathers or scalar 'loads'.");
+  m.def("set_avx2_gather", [](const std::string& name) { return kvc::set_avx2_gather(name); },
+        py::arg("name"),
+        "Choose how the AVX2 path reads its tables: 'hardware', 'loads' or 'auto' (the "
+        "CPU's kind); the same bits either way.");
   m.attr("LANES") = kvc::LANES;
   m.attr("MAX_LEVEL") = kvc::MAX_LEVEL;
   m.def("normalize_freqs", &normalize_freqs, py::arg("levels"),

@@ -88,20 +88,24 @@ def default_kvc(kv_600):
 
 @pytest.fixture(scope="session")
 def decode_on_every_cpu_path():
-    """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2,
-    AVX-512), checked to give the same bits; returns the decodes, scalar first."""
+    """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2 with
+    hardware gathers and with scalar loads, AVX-512), checked to give the same bits;
+    returns the decodes, scalar first."""
     from kvcodec.core.tables import native
 
     def run(data):
         nat = native()
-        paths = [p for p in ("scalar", "avx2", "avx512") if nat.set_simd_path(p)]
+        paths = [p for p in ("scalar", "avx2:hardware", "avx2:loads", "avx512")
+                 if nat.set_simd_path(p.partition(":")[0])]
         outs = []
         try:
             for p in paths:
-                nat.set_simd_path(p)
+                simd, _, gather = p.partition(":")
+                assert nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
                 outs.append(kvcodec.decode(data))
         finally:
             nat.set_simd_path("auto")
+            nat.set_avx2_gather("auto")
         for other in outs[1:]:
             for a, b in zip(outs[0].keys + outs[0].values, other.keys + other.values):
                 assert torch.equal(a, b)

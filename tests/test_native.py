@@ -1,4 +1,6 @@
 """The native coder against a pure-Python reference of the bitstream (csrc/common/rans.h)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -268,20 +270,30 @@ def test_narrow_spans_of_a_wide_alphabet(spans):
 
 # -- the SIMD decoders against the scalar one (the same bitstream, bit for bit) ---------
 
+def _use(path):
+    """Switch to a decode path: "scalar", "avx512", or the AVX2 path reading its tables
+    with hardware gathers or scalar loads ("avx2:hardware", "avx2:loads"); False if this
+    CPU lacks it."""
+    simd, _, gather = path.partition(":")
+    return nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+
+
 def _decode_with(path, items, chunk):
-    assert nat.set_simd_path(path)
+    assert _use(path)
     try:
         return nat.decode_many(items, chunk, 1)
     finally:
         nat.set_simd_path("auto")
+        nat.set_avx2_gather("auto")
 
 
-SIMD_PATHS = [p for p in ("avx2", "avx512") if nat.set_simd_path(p)]
+SIMD_PATHS = [p for p in ("avx2:hardware", "avx2:loads", "avx512") if _use(p)]
 nat.set_simd_path("auto")
+nat.set_avx2_gather("auto")
 PATHS = ["scalar"] + SIMD_PATHS
 
 
-@pytest.mark.parametrize("path", ["avx2", "avx512"])
+@pytest.mark.parametrize("path", ["avx2:hardware", "avx2:loads", "avx512"])
 @pytest.mark.parametrize("seed", range(6))
 def test_simd_decoder_equals_scalar(path, seed):
     """Random tables (wide and span-limited), channel counts with partial lane groups (of
@@ -318,7 +330,7 @@ def test_simd_decoder_equals_scalar(path, seed):
     np.testing.assert_array_equal(out, sym)
 
 
-@pytest.mark.parametrize("path", ["avx2", "avx512"])
+@pytest.mark.parametrize("path", ["avx2:hardware", "avx2:loads", "avx512"])
 def test_simd_decoder_every_partial_group_width(path):
     """Every width of the last lane group (0-15 lanes: scalar steps up to 4, a masked
     vector step above), 9 blobs of a stream so that groups of 8, 4 and 1 decode."""
@@ -379,11 +391,35 @@ def test_tables_built_in_recycled_memory_decode_exactly():
 
 
 def test_simd_path_switch():
-    assert nat.simd_path() == PATHS[-1]  # the best the CPU has
+    assert nat.simd_path() == PATHS[-1].partition(":")[0]  # the best the CPU has
     for path in PATHS:
-        assert nat.set_simd_path(path) and nat.simd_path() == path
+        simd, _, gather = path.partition(":")
+        assert _use(path) and nat.simd_path() == simd
+        assert nat.avx2_gather() == (gather or nat.avx2_gather())
     assert not nat.set_simd_path("neon")
-    assert nat.set_simd_path("auto")
+    assert not nat.set_avx2_gather("vector")
+    assert nat.set_simd_path("auto") and nat.set_avx2_gather("auto")
+
+
+def test_avx2_gather_follows_the_environment_and_the_cpu():
+    """KVCODEC_AVX2_GATHER picks how the AVX2 path reads its tables for a process; without
+    it, scalar loads on the CPUs whose gathers are slow (Zen 1 and 2), else gathers."""
+    import subprocess
+    import sys
+
+    code = "from kvcodec.core.tables import native; print(native().avx2_gather())"
+
+    def run(value):
+        env = {k: v for k, v in os.environ.items() if k != "KVCODEC_AVX2_GATHER"}
+        if value is not None:
+            env["KVCODEC_AVX2_GATHER"] = value
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert run("loads") == "loads" and run("hardware") == "hardware"
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    zen12 = "AuthenticAMD" in flags and "\ncpu family\t: 23\n" in flags
+    assert run(None) == run("bogus") == ("loads" if zen12 else "hardware")
 
 
 # -- decoding many blobs at once, fused dequantization, table unpacking -----------------

@@ -5,7 +5,8 @@
 // next k words over the lanes asking for one, as in ryg's SIMD rANS); a partial last
 // group runs the same step on its lanes only. One blob alone is one chain of dependent
 // gathers (the bitstream orders every step after the previous one's refills), so up to
-// four blobs of equal shape decode together and their steps overlap.
+// four blobs of equal shape decode together and their steps overlap. A gather is the
+// hardware's, or eight scalar loads where the hardware's is slow (gather8).
 // Bit-identical to the scalar decoder by construction: the same tables and arithmetic,
 // lane by lane. Compiled for AVX2 by function attribute only, so the rest of the library
 // stays portable; decode_blobs picks it at run time (CPU feature check).
@@ -48,19 +49,40 @@ struct RefillPerm {
 };
 const RefillPerm kPerm;
 
+// Eight 32-bit table entries by eight scalar loads: the indices come out as four 64-bit
+// pairs and the entries go back in by lane inserts. Where a 256-bit gather is slow (Zen 1
+// and Zen 2 split it into many micro-ops), this is faster; elsewhere the gather is.
+KVC_AVX2 inline __m128i four_loads(const int* base, uint64_t a, uint64_t b) {
+  __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
+  r = _mm_insert_epi32(r, base[a >> 32], 1);
+  r = _mm_insert_epi32(r, base[(uint32_t)b], 2);
+  return _mm_insert_epi32(r, base[b >> 32], 3);
+}
+
+template <bool LOADS>
+KVC_AVX2 inline __m256i gather8(const int* base, __m256i idx) {
+  if (!LOADS) return _mm256_i32gather_epi32(base, idx, 4);
+  const __m128i lo = _mm256_castsi256_si128(idx), hi = _mm256_extracti128_si256(idx, 1);
+  const __m128i r0 = four_loads(base, (uint64_t)_mm_cvtsi128_si64(lo),
+                                (uint64_t)_mm_extract_epi64(lo, 1));
+  const __m128i r1 = four_loads(base, (uint64_t)_mm_cvtsi128_si64(hi),
+                                (uint64_t)_mm_extract_epi64(hi, 1));
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(r0), r1, 1);
+}
+
 // A half-group step (8 lanes) in three phases, so that the decoder can issue one phase
 // for every state chain in flight before the next (their gathers then overlap):
 // lookup8 gathers each lane's bucket entry, index8 turns it into the lane's range index
 // within the group, advance8 gathers that range entry and advances the state. Lanes
 // outside `active` (all-ones = active) touch no memory and keep their state.
-template <bool MASKED>
+template <bool MASKED, bool LOADS = false>
 KVC_AVX2 inline __m256i lookup8(__m256i x, __m256i active, __m256i bucket_off,
                                 const uint32_t* gbucket) {
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
   const __m256i bidx = _mm256_add_epi32(bucket_off, _mm256_srli_epi32(slot, DecodeTables::SHIFT));
   const int* bt = reinterpret_cast<const int*>(gbucket);
   return MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), bt, bidx, active, 4)
-                : _mm256_i32gather_epi32(bt, bidx, 4);
+                : gather8<LOADS>(bt, bidx);
 }
 
 KVC_AVX2 inline __m256i index8(__m256i x, __m256i e, const uint32_t* grange) {
@@ -96,11 +118,11 @@ KVC_AVX2 inline __m256i index8(__m256i x, __m256i e, const uint32_t* grange) {
   return r;
 }
 
-template <bool MASKED>
+template <bool MASKED, bool LOADS = false>
 KVC_AVX2 inline __m256i advance8(__m256i x, __m256i r, __m256i active, const uint32_t* grange) {
   const int* rt = reinterpret_cast<const int*>(grange);
   const __m256i v = MASKED ? _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), rt, r, active, 4)
-                           : _mm256_i32gather_epi32(rt, r, 4);
+                           : gather8<LOADS>(rt, r);
   const __m256i freq = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
   const __m256i cum = _mm256_srli_epi32(v, 16);
   const __m256i slot = _mm256_and_si256(x, _mm256_set1_epi32((int)PROB_MASK));
@@ -150,7 +172,7 @@ KVC_AVX2 inline __m128i pack16(__m256i r0, __m256i r1, __m256i sub0, __m256i sub
 // one latency-bound chain of dependent gathers, by the bitstream's design). Returns
 // null, or an error that some blob has (the caller then decodes them one by one to say
 // which).
-template <int K>
+template <int K, bool LOADS>
 KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
   constexpr int C = 2 * K;
   const int rows = tasks[0].rows, channels = tasks[0].channels;
@@ -184,14 +206,14 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
       __m256i e[C], s[C];
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        e[c] = lookup8<false>(x[c], all, boff[c & 1],
+        e[c] = lookup8<false, LOADS>(x[c], all, boff[c & 1],
                               f[c / 2].bucket + first * DecodeTables::BUCKETS);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
         s[c] = index8(x[c], e[c], f[c / 2].range + first * f[c / 2].stride);
 #pragma GCC unroll 16
       for (int c = 0; c < C; ++c)
-        x[c] = advance8<false>(x[c], s[c], all, f[c / 2].range + first * f[c / 2].stride);
+        x[c] = advance8<false, LOADS>(x[c], s[c], all, f[c / 2].range + first * f[c / 2].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(f[k].out + row + first),
@@ -244,26 +266,35 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
   return nullptr;
 }
 
+template <bool LOADS>
 KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
   switch (k) {
-    case 4: return decode_together<4>(tasks);
-    case 3: return decode_together<3>(tasks);
-    case 2: return decode_together<2>(tasks);
-    default: return decode_together<1>(tasks);
+    case 4: return decode_together<4, LOADS>(tasks);
+    case 3: return decode_together<3, LOADS>(tasks);
+    case 2: return decode_together<2, LOADS>(tasks);
+    default: return decode_together<1, LOADS>(tasks);
   }
 }
 
 }  // namespace
 
-void decode_blobs_avx2(BlobTask* tasks, size_t n) {
-  decode_in_groups(tasks, n, AVX2_INTERLEAVE, MAX_TABLES_TOGETHER, decode_k);
+bool avx2_gathers_slow() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("znver1") || __builtin_cpu_is("znver2");
+}
+
+void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads) {
+  decode_in_groups(tasks, n, AVX2_INTERLEAVE, MAX_TABLES_TOGETHER,
+                   loads ? decode_k<true> : decode_k<false>);
 }
 
 #else  // not x86-64 GCC/Clang: the scalar path only
 
 bool avx2_available() { return false; }
 
-void decode_blobs_avx2(BlobTask* tasks, size_t n) {
+bool avx2_gathers_slow() { return false; }
+
+void decode_blobs_avx2(BlobTask* tasks, size_t n, bool) {
   for (size_t i = 0; i < n; ++i) tasks[i].error = "the AVX2 decoder is not built for this CPU";
 }
 

@@ -272,6 +272,41 @@ bool set_simd_path(const std::string& name) {
   return false;
 }
 
+// How the AVX2 path reads its tables; -1: not decided yet (KVCODEC_AVX2_GATHER, else
+// the CPU's kind).
+enum Gather { HARDWARE = 0, LOADS = 1 };
+static const char* const kGatherNames[] = {"hardware", "loads"};
+static std::atomic<int> g_gather{-1};
+
+static int gather_mode() {
+  int m = g_gather.load(std::memory_order_relaxed);
+  if (m < 0) {
+    m = avx2_gathers_slow() ? LOADS : HARDWARE;
+    if (const char* env = getenv("KVCODEC_AVX2_GATHER")) {
+      for (int g = HARDWARE; g <= LOADS; ++g)
+        if (strcmp(env, kGatherNames[g]) == 0) m = g;
+    }
+    g_gather.store(m, std::memory_order_relaxed);
+  }
+  return m;
+}
+
+const char* avx2_gather() { return kGatherNames[gather_mode()]; }
+
+bool set_avx2_gather(const std::string& name) {
+  if (name == "auto") {
+    g_gather.store(-1);
+    return true;
+  }
+  for (int g = HARDWARE; g <= LOADS; ++g) {
+    if (name == kGatherNames[g]) {
+      g_gather.store(g);
+      return true;
+    }
+  }
+  return false;
+}
+
 int decode_interleave() {
   switch (simd_mode()) {
     case AVX512: return AVX512_INTERLEAVE;
@@ -283,7 +318,7 @@ int decode_interleave() {
 void decode_blobs(BlobTask* tasks, size_t n) {
   switch (simd_mode()) {
     case AVX512: return decode_blobs_avx512(tasks, n);
-    case AVX2: return decode_blobs_avx2(tasks, n);
+    case AVX2: return decode_blobs_avx2(tasks, n, gather_mode() == LOADS);
     default:
       for (size_t i = 0; i < n; ++i) {
         BlobTask& t = tasks[i];

@@ -138,9 +138,12 @@ std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int c
 constexpr int AVX2_INTERLEAVE = 4;
 constexpr int AVX512_INTERLEAVE = 8;
 constexpr int MAX_TABLES_TOGETHER = 4;
-void decode_blobs_avx2(BlobTask* tasks, size_t n);
+// The AVX2 decoder reads its tables with 256-bit gathers, or (`loads`) with eight scalar
+// loads per gather: avx2_gathers_slow() says whether this CPU is one where that is faster.
+void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads);
 void decode_blobs_avx512(BlobTask* tasks, size_t n);
 bool avx2_available();
+bool avx2_gathers_slow();
 bool avx512_available();
 
 // Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
