@@ -98,6 +98,58 @@ KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
   if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
 }
 
+// One head of one row straight from its symbols to its output: load_row's and
+// finish_row's operations in the same order (the same bits), the values kept in
+// registers, a first-half lane and its partner half d/2 on together (RoPE pairs them).
+// load_row then finish_row stored the values, added the means into a second copy and
+// read both back: three stores of the row for one. False where a symbol is out of range
+// (the row's output is written all the same; the decode then fails).
+KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
+                                int row0, float* res) {
+  const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
+  const uint8_t* row = symbols + (size_t)t * (c + 1);
+  const __m256i top = _mm256_set1_epi32(2 * spec.half_range);
+  const __m256i r = _mm256_set1_epi32(spec.half_range);
+  const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
+  const uint8_t* s = row + (size_t)k * d;
+  const float* m = spec.mult + (size_t)k * d;
+  const float* add_row = spec.add && spec.add_rows
+                             ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
+                             : spec.add;
+  const float* a = add_row ? add_row + (size_t)k * d : nullptr;
+  const size_t off = out_offset(spec, k, row0 + t);
+  float* o = spec.out ? spec.out + off : res;
+  __m256i bad = _mm256_setzero_si256();
+  auto value = [&](int i) KVC_AVX2 {
+    const __m256i v =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
+    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
+    const __m256 x = _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i)));
+    return a ? _mm256_add_ps(x, _mm256_loadu_ps(a + i)) : x;
+  };
+  if (!spec.cos) {
+    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, value(i));
+  } else {
+    const size_t at = (size_t)(row0 + t) * d;
+    const float* cs = spec.cos + at;
+    const float* sn = spec.sin + at;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < half; i += 8) {
+      const __m256 lo = value(i), hi = value(i + half);
+      // x * cos + (-x[i + half]) * sin, and x[i + half] * cos + x[i] * sin
+      _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + i)),
+                                            _mm256_mul_ps(_mm256_xor_ps(hi, sign),
+                                                          _mm256_loadu_ps(sn + i))));
+      _mm256_storeu_ps(o + i + half,
+                       _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + i + half)),
+                                     _mm256_mul_ps(lo, _mm256_loadu_ps(sn + i + half))));
+    }
+  }
+  if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
+  return _mm256_testz_si256(bad, bad);
+}
+
 // A klt stream's rows: head by head, so that the head's basis stays in the caches over the
 // rows, a tile of rows at a time. Each row of the tile is dequantized and its terms
 // listed; then the basis's blocks (basis.cpp) sum the tile's rows, two at a time on
@@ -159,19 +211,17 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
                                  int row0, int* bad_row) {
   const int h = spec.heads, d = spec.head_dim;
   if (d % 16) return false;
-  alignas(32) float x[256];  // one head's values (head_dim <= 256 here; else scalar)
-  alignas(32) float res[256];  // a bfloat16 output's row before it is rounded
+  alignas(32) float res[256];  // a bfloat16 output's row before it is rounded (head_dim
+                               // <= 256 here; else scalar)
   if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
   *bad_row = -1;
   if (!spec.basis) {
     for (int t = 0; t < rows; ++t)
-      for (int k = 0; k < h; ++k) {
-        if (!load_row(symbols, t, k, spec, x)) {
+      for (int k = 0; k < h; ++k)
+        if (!direct_row(symbols, t, k, spec, row0, res)) {
           *bad_row = t;
           return true;
         }
-        finish_row(t, k, spec, row0, x, res);
-      }
     return true;
   }
   if (klt_rows(symbols, rows, spec, row0, strcmp(simd_path(), "avx512") == 0)) return true;
