@@ -35,26 +35,50 @@ KVC_AVX2 inline void store_bf16(const float* x, int d, uint16_t* o) {
   }
 }
 
-// One head of one row dequantized into x (head_dim aligned floats); false where a symbol
-// is out of range.
-KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
-                              float* x) {
-  const int d = spec.head_dim, c = spec.heads * d;
-  const uint8_t* row = symbols + (size_t)t * (c + 1);
-  const __m256i top = _mm256_set1_epi32(2 * spec.half_range);
-  const __m256i r = _mm256_set1_epi32(spec.half_range);
-  const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
-  const uint8_t* s = row + (size_t)k * d;
-  const float* m = spec.mult + (size_t)k * d;
-  __m256i bad = _mm256_setzero_si256();
-  for (int i = 0; i < d; i += 8) {
+// Head k of row t's symbols and how they dequantize, (s - R) * (step * mult), eight
+// channels at a time (at(i)); ok() is false once a symbol past 2R was met.
+struct HeadRow {
+  const uint8_t* s;
+  const float* m;
+  __m256 step;
+  __m256i top, r, bad;
+
+  KVC_AVX2 HeadRow(const uint8_t* symbols, int t, int k, const DequantSpec& spec) {
+    const int d = spec.head_dim, c = spec.heads * d;
+    const uint8_t* row = symbols + (size_t)t * (c + 1);
+    s = row + (size_t)k * d;
+    m = spec.mult + (size_t)k * d;
+    step = _mm256_set1_ps(spec.grid[row[c]]);
+    top = _mm256_set1_epi32(2 * spec.half_range);
+    r = _mm256_set1_epi32(spec.half_range);
+    bad = _mm256_setzero_si256();
+  }
+  KVC_AVX2 __m256 at(int i) {
     const __m256i v =
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
     bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
     const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
-    _mm256_store_ps(x + i, _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i))));
+    return _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i)));
   }
-  return _mm256_testz_si256(bad, bad);
+  KVC_AVX2 bool ok() const { return _mm256_testz_si256(bad, bad); }
+};
+
+// Head k's per-channel means for row t (a centered stream), or null.
+inline const float* head_means(int t, int k, const DequantSpec& spec, int row0) {
+  const int c = spec.heads * spec.head_dim;
+  const float* add_row = spec.add && spec.add_rows
+                             ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
+                             : spec.add;
+  return add_row ? add_row + (size_t)k * spec.head_dim : nullptr;
+}
+
+// One head of one row dequantized into x (head_dim aligned floats); false where a symbol
+// is out of range.
+KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
+                              float* x) {
+  HeadRow h(symbols, t, k, spec);
+  for (int i = 0; i < spec.head_dim; i += 8) _mm256_store_ps(x + i, h.at(i));
+  return h.ok();
 }
 
 // The rest of a head's row from its values x (aligned; overwritten): add the means,
@@ -62,13 +86,10 @@ KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const Dequan
 // before they are rounded into it.
 KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0, float* x,
                                 float* res) {
-  const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
+  const int d = spec.head_dim, half = d / 2;
   const size_t at = (size_t)(row0 + t) * d;
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  const float* add_row = spec.add && spec.add_rows
-                             ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
-                             : spec.add;
-  const float* a = add_row ? add_row + (size_t)k * d : nullptr;
+  const float* a = head_means(t, k, spec, row0);
   const size_t off = out_offset(spec, k, row0 + t);
   float* o = spec.out ? spec.out + off : res;
   if (a)
@@ -106,26 +127,13 @@ KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
 // (the row's output is written all the same; the decode then fails).
 KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
                                 int row0, float* res) {
-  const int d = spec.head_dim, c = spec.heads * d, half = d / 2;
-  const uint8_t* row = symbols + (size_t)t * (c + 1);
-  const __m256i top = _mm256_set1_epi32(2 * spec.half_range);
-  const __m256i r = _mm256_set1_epi32(spec.half_range);
-  const __m256 step = _mm256_set1_ps(spec.grid[row[c]]);
-  const uint8_t* s = row + (size_t)k * d;
-  const float* m = spec.mult + (size_t)k * d;
-  const float* add_row = spec.add && spec.add_rows
-                             ? spec.add + (size_t)((row0 + t) / spec.add_rows) * c
-                             : spec.add;
-  const float* a = add_row ? add_row + (size_t)k * d : nullptr;
+  const int d = spec.head_dim, half = d / 2;
+  HeadRow h(symbols, t, k, spec);
+  const float* a = head_means(t, k, spec, row0);
   const size_t off = out_offset(spec, k, row0 + t);
   float* o = spec.out ? spec.out + off : res;
-  __m256i bad = _mm256_setzero_si256();
   auto value = [&](int i) KVC_AVX2 {
-    const __m256i v =
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i)));
-    bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, top));
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, r));
-    const __m256 x = _mm256_mul_ps(q, _mm256_mul_ps(step, _mm256_loadu_ps(m + i)));
+    const __m256 x = h.at(i);
     return a ? _mm256_add_ps(x, _mm256_loadu_ps(a + i)) : x;
   };
   if (!spec.cos) {
@@ -147,7 +155,7 @@ KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const Dequ
     }
   }
   if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
-  return _mm256_testz_si256(bad, bad);
+  return h.ok();
 }
 
 // A klt stream's rows: head by head, so that the head's basis stays in the caches over the
