@@ -70,6 +70,8 @@ def bench_kvcodec(streams, chunk, repeats, paths):
     """Bits, then for each decode path ``(encode s, decode s, decode s with prebuilt
     tables)``. The paths are timed in alternating rounds, each keeping its best, so
     that a slow spell of a shared machine hits them alike."""
+    from conftest import use_cpu_path
+
     nat = tables.native()
     jobs = [(s, f) for s, f, _ in streams]
     outs = [np.empty_like(s) for s, _, _ in streams]
@@ -86,8 +88,7 @@ def bench_kvcodec(streams, chunk, repeats, paths):
 
     for _ in range(repeats):
         for path in paths:
-            simd, _, gather = path.partition(":")  # "avx2:loads": the AVX2 path's gathers
-            assert nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+            assert use_cpu_path(nat, path)  # "avx2:loads": the AVX2 path's table reads
             try:
                 blobs = timed((path, "enc"), lambda: nat.encode_many(jobs, chunk, 1))
                 items = [(bl, f, o) for bl, (_, f, _), o in zip(blobs, streams, outs)]
@@ -98,8 +99,7 @@ def bench_kvcodec(streams, chunk, repeats, paths):
                     assert all(e is None for e in errs)
                     assert all(np.array_equal(o, s) for o, (s, _, _) in zip(outs, streams))
             finally:
-                nat.set_simd_path("auto")
-                nat.set_avx2_gather("auto")
+                use_cpu_path(nat, "auto")
     nbytes = sum(len(b) for bl in blobs for b in bl)
     return nbytes * 8, {p: (best[(p, "enc")], best[(p, "dec")], best[(p, "pre")]) for p in paths}
 

@@ -86,6 +86,15 @@ def default_kvc(kv_600):
     return kvcodec.encode(kv_600, config="default")
 
 
+def use_cpu_path(nat, path: str) -> bool:
+    """Switch the native module ``nat`` to a CPU decode path: "scalar", "avx512", "avx2"
+    or the AVX2 path reading its tables with hardware gathers or scalar loads
+    ("avx2:hardware", "avx2:loads"); False if this CPU lacks it. ``"auto"``: back to
+    this CPU's own choice of both."""
+    simd, _, gather = path.partition(":")
+    return nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+
+
 @pytest.fixture(scope="session")
 def decode_on_every_cpu_path():
     """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2 with
@@ -96,16 +105,14 @@ def decode_on_every_cpu_path():
     def run(data):
         nat = native()
         paths = [p for p in ("scalar", "avx2:hardware", "avx2:loads", "avx512")
-                 if nat.set_simd_path(p.partition(":")[0])]
+                 if use_cpu_path(nat, p)]
         outs = []
         try:
             for p in paths:
-                simd, _, gather = p.partition(":")
-                assert nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+                assert use_cpu_path(nat, p)
                 outs.append(kvcodec.decode(data))
         finally:
-            nat.set_simd_path("auto")
-            nat.set_avx2_gather("auto")
+            use_cpu_path(nat, "auto")
         for other in outs[1:]:
             for a, b in zip(outs[0].keys + outs[0].values, other.keys + other.values):
                 assert torch.equal(a, b)

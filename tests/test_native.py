@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import use_cpu_path
 from kvcodec import _native as nat
 from kvcodec.core import tables
 
@@ -271,11 +272,7 @@ def test_narrow_spans_of_a_wide_alphabet(spans):
 # -- the SIMD decoders against the scalar one (the same bitstream, bit for bit) ---------
 
 def _use(path):
-    """Switch to a decode path: "scalar", "avx512", or the AVX2 path reading its tables
-    with hardware gathers or scalar loads ("avx2:hardware", "avx2:loads"); False if this
-    CPU lacks it."""
-    simd, _, gather = path.partition(":")
-    return nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+    return use_cpu_path(nat, path)
 
 
 def _decode_with(path, items, chunk):
@@ -283,13 +280,11 @@ def _decode_with(path, items, chunk):
     try:
         return nat.decode_many(items, chunk, 1)
     finally:
-        nat.set_simd_path("auto")
-        nat.set_avx2_gather("auto")
+        _use("auto")
 
 
 SIMD_PATHS = [p for p in ("avx2:hardware", "avx2:loads", "avx512") if _use(p)]
-nat.set_simd_path("auto")
-nat.set_avx2_gather("auto")
+_use("auto")
 PATHS = ["scalar"] + SIMD_PATHS
 
 
@@ -398,7 +393,7 @@ def test_simd_path_switch():
         assert nat.avx2_gather() == (gather or nat.avx2_gather())
     assert not nat.set_simd_path("neon")
     assert not nat.set_avx2_gather("vector")
-    assert nat.set_simd_path("auto") and nat.set_avx2_gather("auto")
+    assert _use("auto")
 
 
 def test_avx2_gather_follows_the_environment_and_the_cpu():
