@@ -225,6 +225,13 @@ std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int c
   return err ? err : std::string();
 }
 
+// The index of `name` among `n` names, or -1.
+static int name_index(const char* const* names, int n, const char* name) {
+  for (int i = 0; i < n; ++i)
+    if (strcmp(name, names[i]) == 0) return i;
+  return -1;
+}
+
 // The decode paths, slowest first; -1: not decided yet. KVCODEC_SIMD (scalar, avx2 or
 // avx512) caps the path for a process; otherwise the best the CPU has.
 enum Path { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
@@ -244,12 +251,9 @@ static int best_path(int cap) {
 static int simd_mode() {
   int m = g_simd.load(std::memory_order_relaxed);
   if (m < 0) {
-    int cap = AVX512;
-    if (const char* env = getenv("KVCODEC_SIMD")) {
-      for (int p = SCALAR; p <= AVX512; ++p)
-        if (strcmp(env, kPathNames[p]) == 0) cap = p;
-    }
-    m = best_path(cap);
+    const char* env = getenv("KVCODEC_SIMD");
+    const int cap = env ? name_index(kPathNames, AVX512 + 1, env) : -1;
+    m = best_path(cap < 0 ? AVX512 : cap);
     g_simd.store(m, std::memory_order_relaxed);
   }
   return m;
@@ -262,14 +266,10 @@ bool set_simd_path(const std::string& name) {
     g_simd.store(-1);
     return true;
   }
-  for (int p = SCALAR; p <= AVX512; ++p) {
-    if (name == kPathNames[p]) {
-      if (!path_available(p)) return false;
-      g_simd.store(p);
-      return true;
-    }
-  }
-  return false;
+  const int p = name_index(kPathNames, AVX512 + 1, name.c_str());
+  if (p < 0 || !path_available(p)) return false;
+  g_simd.store(p);
+  return true;
 }
 
 // How the AVX2 path reads its tables; -1: not decided yet (KVCODEC_AVX2_GATHER, else
@@ -281,11 +281,9 @@ static std::atomic<int> g_gather{-1};
 static int gather_mode() {
   int m = g_gather.load(std::memory_order_relaxed);
   if (m < 0) {
-    m = avx2_gathers_slow() ? LOADS : HARDWARE;
-    if (const char* env = getenv("KVCODEC_AVX2_GATHER")) {
-      for (int g = HARDWARE; g <= LOADS; ++g)
-        if (strcmp(env, kGatherNames[g]) == 0) m = g;
-    }
+    const char* env = getenv("KVCODEC_AVX2_GATHER");
+    m = env ? name_index(kGatherNames, LOADS + 1, env) : -1;
+    if (m < 0) m = avx2_gathers_slow() ? LOADS : HARDWARE;
     g_gather.store(m, std::memory_order_relaxed);
   }
   return m;
@@ -298,13 +296,10 @@ bool set_avx2_gather(const std::string& name) {
     g_gather.store(-1);
     return true;
   }
-  for (int g = HARDWARE; g <= LOADS; ++g) {
-    if (name == kGatherNames[g]) {
-      g_gather.store(g);
-      return true;
-    }
-  }
-  return false;
+  const int g = name_index(kGatherNames, LOADS + 1, name.c_str());
+  if (g < 0) return false;
+  g_gather.store(g);
+  return true;
 }
 
 int decode_interleave() {

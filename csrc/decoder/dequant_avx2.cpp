@@ -81,71 +81,31 @@ KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const Dequan
   return h.ok();
 }
 
-// The rest of a head's row from its values x (aligned; overwritten): add the means,
-// rotate, store. `res`: head_dim aligned floats, where a bfloat16 output's values are made
-// before they are rounded into it.
-KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0, float* x,
-                                float* res) {
+// The rest of head k's row t from its values (value(i): channels i .. i + 7): add the
+// means, rotate (a first-half lane with its partner half d/2 on: x * cos + (-x[i +
+// half]) * sin, and x[i + half] * cos + x[i] * sin), store. The values and the means
+// stay in registers. `res`: head_dim aligned floats, where a bfloat16 output's values are
+// made before they are rounded into it.
+template <class Values>
+KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, float* res,
+                              Values value) {
   const int d = spec.head_dim, half = d / 2;
-  const size_t at = (size_t)(row0 + t) * d;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   const float* a = head_means(t, k, spec, row0);
   const size_t off = out_offset(spec, k, row0 + t);
   float* o = spec.out ? spec.out + off : res;
-  if (a)
-    for (int i = 0; i < d; i += 8)
-      _mm256_store_ps(x + i, _mm256_add_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(a + i)));
-  if (!spec.cos) {
-    if (!spec.out) {
-      store_bf16(x, d, spec.out_bf16 + off);
-      return;
-    }
-    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_load_ps(x + i));
-    return;
-  }
-  const float* cs = spec.cos + at;
-  const float* sn = spec.sin + at;
-  for (int i = 0; i < half; i += 8) {  // x * cos + (-x[i + half]) * sin
-    const __m256 p = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
-    const __m256 q = _mm256_mul_ps(_mm256_xor_ps(_mm256_load_ps(x + i + half), sign),
-                                   _mm256_loadu_ps(sn + i));
-    _mm256_storeu_ps(o + i, _mm256_add_ps(p, q));
-  }
-  for (int i = half; i < d; i += 8) {  // x * cos + x[i - half] * sin
-    const __m256 p = _mm256_mul_ps(_mm256_load_ps(x + i), _mm256_loadu_ps(cs + i));
-    const __m256 q = _mm256_mul_ps(_mm256_load_ps(x + i - half), _mm256_loadu_ps(sn + i));
-    _mm256_storeu_ps(o + i, _mm256_add_ps(p, q));
-  }
-  if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
-}
-
-// One head of one row straight from its symbols to its output: load_row's and
-// finish_row's operations in the same order (the same bits), the values kept in
-// registers, a first-half lane and its partner half d/2 on together (RoPE pairs them).
-// load_row then finish_row stored the values, added the means into a second copy and
-// read both back: three stores of the row for one. False where a symbol is out of range
-// (the row's output is written all the same; the decode then fails).
-KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
-                                int row0, float* res) {
-  const int d = spec.head_dim, half = d / 2;
-  HeadRow h(symbols, t, k, spec);
-  const float* a = head_means(t, k, spec, row0);
-  const size_t off = out_offset(spec, k, row0 + t);
-  float* o = spec.out ? spec.out + off : res;
-  auto value = [&](int i) KVC_AVX2 {
-    const __m256 x = h.at(i);
+  auto meant = [&](int i) KVC_AVX2 {
+    const __m256 x = value(i);
     return a ? _mm256_add_ps(x, _mm256_loadu_ps(a + i)) : x;
   };
   if (!spec.cos) {
-    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, value(i));
+    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, meant(i));
   } else {
     const size_t at = (size_t)(row0 + t) * d;
     const float* cs = spec.cos + at;
     const float* sn = spec.sin + at;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int i = 0; i < half; i += 8) {
-      const __m256 lo = value(i), hi = value(i + half);
-      // x * cos + (-x[i + half]) * sin, and x[i + half] * cos + x[i] * sin
+      const __m256 lo = meant(i), hi = meant(i + half);
       _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + i)),
                                             _mm256_mul_ps(_mm256_xor_ps(hi, sign),
                                                           _mm256_loadu_ps(sn + i))));
@@ -155,6 +115,23 @@ KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const Dequ
     }
   }
   if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
+}
+
+// The rest of a head's row from its values x (aligned): emit_row.
+KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
+                                const float* x, float* res) {
+  emit_row(t, k, spec, row0, res, [x](int i) KVC_AVX2 { return _mm256_load_ps(x + i); });
+}
+
+// One head of one row straight from its symbols to its output: load_row's and
+// finish_row's operations in the same order (the same bits), the values never stored.
+// load_row then finish_row stored the values, added the means into a second copy and
+// read both back: three stores of the row for one. False where a symbol is out of range
+// (the row's output is written all the same; the decode then fails).
+KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
+                                int row0, float* res) {
+  HeadRow h(symbols, t, k, spec);
+  emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); });
   return h.ok();
 }
 
