@@ -280,7 +280,7 @@ def in_place(dst: torch.Tensor) -> np.ndarray | None:
     channels are contiguous, heads and rows any non-overlapping strides (the native
     call checks them), such as a ``[rows, heads, head_dim]`` buffer seen as ``[1, heads,
     rows, head_dim]``."""
-    if dst.dtype not in (torch.float32, torch.bfloat16) or dst.device.type != "cpu" or \
+    if dst.dtype not in (torch.float32, torch.bfloat16) or not dst.is_cpu or \
             dst.requires_grad or dst.stride(3) != 1:
         return None
     if dst.dtype == torch.float32:

@@ -234,52 +234,51 @@ class KVCFile:
         chunks = m.chunk_range(chunks)
         m.check_layers(dst.keys())
         base, turn = self.placement(position_offset)
-        todo = []
-        for l, pair in dst.items():
+        todo, h, d = [], m.num_kv_heads, m.head_dim
+        for l, pair in dst.items():  # per layer: its rows and how they split into jobs
             first, rows = m.layer_span(l, chunks)
-            shape = (1, m.num_kv_heads, rows, m.head_dim)
             for k, target in zip(KINDS, pair):
-                if target.shape != shape or target.dtype not in _FLOATS:
+                if target.shape != (1, h, rows, d) or target.dtype not in _FLOATS:
                     raise ShapeError(f"destination of layer {l} {k}s is {target.dtype} "
-                                     f"{tuple(target.shape)}; need a float {shape}")
-                if rows:
-                    todo.append((l, k, target, first, rows, self._stream(l, k)))
-        pieces = {l: self._pieces(l, chunks) for l in dst}
+                                     f"{tuple(target.shape)}; need a float {(1, h, rows, d)}")
+            if rows:
+                todo.append((l, pair, first, rows, self._pieces(l, chunks)))
         if items is None:
-            items = sec.read_items([(c, info[0]) for l, _, _, _, _, info in todo
-                                    for prange, _, _ in pieces[l] for c in prange])
+            items = sec.read_items([(c, self._stream(l, k)[0]) for l, _, _, _, pieces in todo
+                                    for k in KINDS for prange, _, _ in pieces for c in prange])
         plan = DecodePlan(m.chunk_tokens)
         sinks = sec.sinks().numpy() if m.sink_tokens else None
-        for l, k, target, first, rows, (s, q, coded, rope_here, name, tab, params,
-                                        fused) in todo:
-            t = Target(name, target, q, params, rope=rope_here, base=base, first=first)
-            if turn is not None and k == "key" and turn[0][l] is not None:
-                t.turn = (turn[0][l], turn[1])
+        for l, pair, first, rows, pieces in todo:
             n_sink = max(0, min(m.sink_tokens, first + rows) - first)
-            if n_sink:
-                at = first - m.starts[l]
-                t.sinks = sinks[s, at:at + n_sink]
-            arr = None if fused is None else in_place(target)
-            jobs, sides = [], []
-            for prange, r0, n in pieces[l]:
-                got = [items[(c, s)] for c in prange]
-                sides += [side for side, _ in got]
-                blobs = [blob for _, blob in got]
-                if fused is None:  # symbols, dequantized by finish()
-                    if t.symbols is None:
-                        t.symbols = np.empty((rows, coded), dtype=np.uint8)
-                    jobs.append(Job(blobs, tab, t.symbols[r0:r0 + n]))
-                    continue
-                # A fused job keeps no symbols: the decoder dequantizes each chunk as it goes.
-                deq = self._dequant(fused, rope_here, base + first + r0, n,
-                                    None if arr is None else arr[:, r0:r0 + n])
-                jobs.append(Job(blobs, tab, (n, coded), deq))
-                # The destination view matters only where the decoder wrote a scratch.
-                t.fused.append((deq, None if arr is not None else target
-                                if n == rows else target[:, :, r0:r0 + n]))
-                t.rotated = deq.cos is not None
-            t.side = b"".join(sides)
-            plan.add(t, jobs)
+            for k, target in zip(KINDS, pair):
+                s, q, coded, rope_here, name, tab, params, fused = self._stream(l, k)
+                t = Target(name, target, q, params, rope=rope_here, base=base, first=first)
+                if turn is not None and k == "key" and turn[0][l] is not None:
+                    t.turn = (turn[0][l], turn[1])
+                if n_sink:
+                    at = first - m.starts[l]
+                    t.sinks = sinks[s, at:at + n_sink]
+                arr = None if fused is None else in_place(target)
+                jobs, sides = [], []
+                for prange, r0, n in pieces:
+                    got = [items[(c, s)] for c in prange]
+                    sides += [side for side, _ in got]
+                    blobs = [blob for _, blob in got]
+                    if fused is None:  # symbols, dequantized by finish()
+                        if t.symbols is None:
+                            t.symbols = np.empty((rows, coded), dtype=np.uint8)
+                        jobs.append(Job(blobs, tab, t.symbols[r0:r0 + n]))
+                        continue
+                    # A fused job keeps no symbols: the decoder dequantizes each chunk as
+                    # it goes. The destination view matters only where it wrote a scratch.
+                    deq = self._dequant(fused, rope_here, base + first + r0, n,
+                                        None if arr is None else arr[:, r0:r0 + n])
+                    jobs.append(Job(blobs, tab, (n, coded), deq))
+                    t.fused.append((deq, None if arr is not None else target
+                                    if n == rows else target[:, :, r0:r0 + n]))
+                    t.rotated = deq.cos is not None
+                t.side = b"".join(sides)
+                plan.add(t, jobs)
         return plan
 
     # -- decoding ---------------------------------------------------------------------
