@@ -194,6 +194,12 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
     bufs = cache_buffers(model, f.num_layers, f.num_kv_heads, [t + reserve for t in spans],
                     f.head_dim)
     views = {l: (kb[:, :, :t], vb[:, :, :t]) for l, ((kb, vb), t) in enumerate(zip(bufs, spans))}
+    cache = DynamicCache(config=model.config)
+    # Where its layers only hold views of the buffers, a stream's cache is made while the
+    # first bytes are on their way, not after the last one (a window layer copies).
+    early = f.streaming and all(type(layer) is DynamicLayer for layer in cache.layers)
+    if early:
+        reserved_cache(model, bufs, spans, f.num_tokens, cache)
     if f.streaming:
         out = KVCache([k for k, _ in views.values()], [v for _, v in views.values()],
                       length=f.num_tokens)
@@ -201,7 +207,7 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
             pass
     else:
         f.decode_into(views, threads=threads)
-    return reserved_cache(model, bufs, spans, f.num_tokens)
+    return cache if early else reserved_cache(model, bufs, spans, f.num_tokens, cache)
 
 
 def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int = DEFAULT_RESERVE,
