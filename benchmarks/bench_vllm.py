@@ -118,10 +118,31 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
         read = (conn.bytes_read - before) if conn else (stored if name == "example" else 0)
         best = dt if best is None else min(best, dt)
     cached = int(getattr(out, "num_cached_tokens", 0) or 0)
-    return {"name": name, "ttft_s": round(best, 4), "bytes_stored": stored,
+    return {"name": name, "ttft_s": round(best, 4), "decode_ms_per_token": _decode_ms(llm),
+            "bytes_stored": stored,
             "bytes_read": read, "tokens_computed": len(ids) - cached,
             "prompt_tokens": len(ids), "torch_threads": __import__("torch").get_num_threads(),
             **threading}
+
+
+def _decode_ms(llm, n: int = 32) -> float:
+    """Milliseconds per generated token for a short prompt that no store holds, best of
+    3 (32 tokens less 1): the engine's own decode steps, after the case's loads and
+    saves. A connector should leave them alone; threads of its own that run torch
+    beside the model can slow every step (:func:`kvcodec.integrations.vllm.cpu.
+    torch_one_thread`)."""
+    from vllm import SamplingParams
+
+    ids = list(range(1000, 1040))
+
+    def run(k):
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": ids}],
+                     SamplingParams(max_tokens=k, temperature=0, ignore_eos=True),
+                     use_tqdm=False)
+        return time.perf_counter() - t
+    one = min(run(1) for _ in range(3))
+    return round(1000 * (min(run(n + 1) for _ in range(3)) - one) / n, 2)
 
 
 def _s3_link(gbps: float = 1.0) -> str:
@@ -251,6 +272,9 @@ def main():
             round(by["example"]["bytes_stored"] / by["kvcodec-default"]["bytes_stored"], 2),
         "ttft_prefill_over_kvcodec_default":
             round(by["prefill"]["ttft_s"] / by["kvcodec-default"]["ttft_s"], 2),
+        "decode_kvcodec_default_over_prefill": round(
+            by["kvcodec-default"]["decode_ms_per_token"]
+            / by["prefill"]["decode_ms_per_token"], 2),
         "ttft_at_1gbps": {n: round(link(c), 4) for n, c in by.items()},
         "at_1gbps_example_over_kvcodec_default":
             round(link(by["example"]) / link(by["kvcodec-default"]), 2),
@@ -264,7 +288,8 @@ def main():
     else:
         for c in cases:
             print(f"{c['name']:16s} TTFT {c['ttft_s']:.3f} s  stored {c['bytes_stored']:>11,}  "
-                  f"read {c['bytes_read']:>11,}  computed {c['tokens_computed']}")
+                  f"read {c['bytes_read']:>11,}  computed {c['tokens_computed']}  "
+                  f"decode {c['decode_ms_per_token']} ms/token")
         print(json.dumps(summary, indent=1))
 
 

@@ -132,6 +132,48 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
     assert _vllm_metrics("vllm:external_prefix_cache_hits")  # vLLM's own count
 
 
+def test_loads_before_or_beside_the_forward_pass_land_the_same(lm, texts, lossless):
+    """``overlap_loads``: on a CPU whose every core the model computes on, the connector
+    decodes in start_load_kv, before the forward pass (``auto``); beside it, the loader's
+    thread decodes layer by layer while attention waits for each. Both land the same
+    K/V. The connector's own threads (loader, fetches, saves) run torch on one thread:
+    an OpenMP team of theirs would outnumber the CPUs and slow every forward pass."""
+    import threading
+
+    import torch
+
+    from kvcodec.integrations.vllm.cpu import overlap_loads
+
+    llm, _ = lossless
+    _, ids = _prompt(lm, texts["gpl3"], 600)
+    first = _ask(llm, ids)
+    conn = _connector()
+    conn.flush()
+    worker = conn.worker
+    assert worker.overlap is overlap_loads("auto", "cpu")
+    threads = torch.get_num_threads()
+    seen, load_layers = [], worker._load_layers
+
+    def spy(jobs, beside=False):
+        load_layers(jobs, beside)
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+
+    worker._load_layers = spy
+    answers = {}
+    try:
+        for overlap in (False, True):
+            worker.overlap = overlap
+            answers[overlap] = _ask(llm, ids)
+    finally:
+        worker.overlap = overlap_loads("auto", "cpu")
+        del worker._load_layers
+    assert answers[False] == answers[True] == first  # lossless: the same greedy answer
+    assert seen == [(threading.current_thread().name, threads), ("kvcodec-load", 1)]
+    assert torch.get_num_threads() == threads
+    assert worker._encoder.submit(torch.get_num_threads).result() == 1
+    assert worker._fetcher.submit(torch.get_num_threads).result() == 1
+
+
 def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
     llm, store = lossless
     _, ids = _prompt(lm, texts["python_license"], 560)

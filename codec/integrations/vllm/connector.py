@@ -46,9 +46,12 @@ class KVCodecConnector(KVConnectorBase_V1):
     and entries' lifetime, :class:`~kvcodec.store.ChunkStore`'s ``max_bytes`` and
     ``ttl``; default none), ``metrics_port`` (also serve the store's ``kvcodec_*``
     metrics at ``http://0.0.0.0:PORT/metrics`` from the worker's process; default
-    none). A request's ``cache_salt`` is part of its keys: tenants of different salts
-    share no entry. Blended requests (RAG documents cached independently, reused at any
-    position) name their segments in ``kv_transfer_params``: :mod:`.blending`.
+    none), ``overlap_loads`` (true: decode beside the forward pass, layer by layer;
+    false: before it; ``auto``, the default: beside it unless the model computes on every
+    core of the CPU, :func:`.cpu.overlap_loads`). A request's ``cache_salt`` is part of
+    its keys: tenants of different salts share no entry. Blended requests (RAG documents
+    cached independently, reused at any position) name their segments in
+    ``kv_transfer_params``: :mod:`.blending`.
 
     Metrics: both sides report their store's metrics through vLLM's connector stats
     (:meth:`get_kv_connector_stats`), which vLLM's ``/metrics`` exports as
@@ -97,6 +100,7 @@ class KVCodecConnector(KVConnectorBase_V1):
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,
                 float(extra.get_from_extra_config("load_timeout_s", 5.0)),
                 int(float(extra.get_from_extra_config("max_pending_save_mb", 1024)) * (1 << 20)))
+            self.worker.overlap = extra.get_from_extra_config("overlap_loads", "auto")
             if extra.get_from_extra_config("blend_rows_only", False):  # selective blends
                 if vllm_config.model_config.enforce_eager:
                     self.worker.subset = SubsetForward(self.worker)

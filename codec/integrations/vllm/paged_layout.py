@@ -86,6 +86,18 @@ class PagedLayout:
         v = flat[base + v_idx[offs]].view(len(slots), self.heads, self.head_dim)
         return k, v
 
+    def read_from(self, caches: list, slots: torch.Tensor, n: int, t0: int):
+        """Per cache (layer), K and V ``[1, heads, n, head_dim]`` whose tokens from ``t0``
+        on are ``slots``' (copies); the tokens before ``t0`` are left unset (a save's
+        ``put(from_token=t0)`` never reads them)."""
+        keys, values = [], []
+        for cache in caches:
+            for got, out in zip(self.read(cache, slots), (keys, values)):  # [T, H, D]
+                full = got.new_empty((1, got.shape[1], n, got.shape[2]))
+                full[0, :, t0:] = got.transpose(0, 1)
+                out.append(full)
+        return keys, values
+
     def _learn(self) -> None:
         h, d, bs = self.heads, self.head_dim, self.block
         n = bs * h * d

@@ -14,6 +14,7 @@ import torch
 from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import decode_documents
+from .cpu import overlap_loads, torch_one_thread
 from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
 from .recompute import check
 from .scheduler import Load
@@ -46,7 +47,9 @@ class ConnectorWorker:
     read and decoded once per step), ``blocks_failed`` (blocks
     reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
     store's metrics also get the paged writes' time (stage ``write``), loads not
-    delivered in time (cause ``timeout``) and the saves queued, written and dropped."""
+    delivered in time (cause ``timeout``) and the saves queued, written and dropped.
+    ``overlap``: decode beside the forward pass, else before it (:func:`.cpu.overlap_loads`);
+    its own threads run torch single-threaded (:func:`.cpu.torch_one_thread`)."""
 
     BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most (BufferPool)
 
@@ -66,8 +69,9 @@ class ConnectorWorker:
         self._failed_requests: set = set()  # requests of this step whose load failed
         # Entries are fetched in parallel (a remote store's latency overlaps), bounded by
         # load_timeout_s per step; a fetch stuck past it finishes in the background.
-        self._fetcher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcodec-fetch")
-        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcodec-save")
+        self._fetcher = ThreadPoolExecutor(4, "kvcodec-fetch", initializer=torch_one_thread)
+        self._encoder = ThreadPoolExecutor(1, "kvcodec-save", initializer=torch_one_thread)
+        self.overlap: bool | str = "auto"  # the connector sets it; resolved with the caches
         self._pool = BufferPool(fingerprint["num_kv_heads"], fingerprint["head_dim"],
                                 self.BUFFER_BYTES)
         self._pending_save_bytes = 0
@@ -100,6 +104,7 @@ class ConnectorWorker:
             raise ConfigError(f"vLLM's caches ({len(self.caches)} layers, "
                               f"{tuple(first.shape)}) do not fit the model fingerprint")
         self.layout = PagedLayout(first, self.block, True)  # reads: saves, hkvd checks
+        self.overlap = overlap_loads(self.overlap, first.device)
         self._pool.decode_to(self.layout.dtype)
 
     def start_load_kv(self, meta, forward_context) -> None:
@@ -122,7 +127,9 @@ class ConnectorWorker:
             if id(fut) not in used and not fut.cancel():
                 fut.add_done_callback(_close_result)
         self._events = {l: threading.Event() for l in self.caches}
-        self._loader = threading.Thread(target=self._load_layers, args=(jobs,),
+        if not self.overlap:
+            return self._load_layers(jobs)
+        self._loader = threading.Thread(target=self._load_layers, args=(jobs, True),
                                         name="kvcodec-load", daemon=True)
         self._loader.start()
 
@@ -197,7 +204,9 @@ class ConnectorWorker:
         self._failed_blocks.update(load.block_ids[first:last])
         self.blocks_failed += max(0, last - first)
 
-    def _load_layers(self, jobs) -> None:
+    def _load_layers(self, jobs, beside: bool = False) -> None:
+        if beside:  # the loader's thread, beside the forward pass
+            torch_one_thread()
         layers = sorted(self.caches)
         try:
             for group in layer_groups(layers):
@@ -345,17 +354,9 @@ class ConnectorWorker:
                 log.info("kvcodec vLLM: not saving %s: %d MiB of saves already queued",
                          save.req_id, self._pending_save_bytes >> 20)
                 continue
-            where = slot_ids(save.block_ids, t0, n, self.block)
-            keys, values = [], []
-            for layer in sorted(self.caches):
-                k, v = self.layout.read(self.caches[layer], where)  # copies, [T, H, D]
-                # Tokens before t0 are placeholders that put(from_token=t0) never reads.
-                kf = k.new_empty((1, k.shape[1], n, k.shape[2]))
-                vf = v.new_empty((1, v.shape[1], n, v.shape[2]))
-                kf[0, :, t0:] = k.transpose(0, 1)
-                vf[0, :, t0:] = v.transpose(0, 1)
-                keys.append(kf)
-                values.append(vf)
+            keys, values = self.layout.read_from(
+                [self.caches[l] for l in sorted(self.caches)],
+                slot_ids(save.block_ids, t0, n, self.block), n, t0)
             kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
             self.store.metrics.saved("queued")
             self._encoder.submit(self._put, store, kv, size, t0)
