@@ -122,8 +122,9 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
     assert got["vllm:kvcodec_load_seconds_count:open"] == 2
     from kvcodec.integrations.vllm.worker import layer_groups
 
-    groups = len(layer_groups(list(range(30))))
-    assert got["vllm:kvcodec_load_seconds_count:decode"] == groups  # one plan per group
+    # one plan per group: doubling groups beside the forward pass, else one (600 tokens)
+    groups = len(layer_groups(list(range(30)), conn.worker.overlap, 1, 1 << 30))
+    assert got["vllm:kvcodec_load_seconds_count:decode"] == groups
     assert got["vllm:kvcodec_load_seconds_count:write"] == groups
     assert got["vllm:kvcodec_encode_seconds_count"] == 3
     assert got["vllm:kvcodec_load_seconds_bucket:write:+Inf"] == groups
@@ -237,8 +238,11 @@ def test_requests_of_a_step_sharing_a_document_decode_it_once(lm, texts, lossles
     assert conn.bytes_read - before[3] == size  # each entry read once
     # 640 tokens each (vLLM computes from the last whole block): the two shared chunks
     # decoded once, then each its own partial chunk (tokens 512-640); counted at the
-    # first layer group, before the damage (in a late layer's bytes) shows.
-    assert (loaded, shared) == (1280, 512)
+    # first layer group. Beside the forward pass that is layer 0 alone, before the
+    # damage (in a late layer's bytes) shows; before it, every layer: only the first
+    # chunk lands, once for both.
+    early = not damaged or conn.worker.overlap
+    assert (loaded, shared) == ((1280, 512) if early else (512, 256))
     if damaged:  # both loads stop at the damaged second chunk: 3 blocks each recomputed
         assert failed == 6
         assert entry.with_name(entry.name + ".bad").exists()  # moved aside
@@ -558,3 +562,21 @@ def test_layer_groups_double_after_the_first_layer():
         sizes = [len(g) for g in groups]
         assert sizes[:2] == [1, 1][:n] and all(b == 2 * a for a, b in zip(sizes[1:-1], sizes[2:-1]))
     assert [len(g) for g in layer_groups(list(range(30)))] == [1, 1, 2, 4, 8, 14]
+
+
+def test_loads_before_the_forward_pass_decode_in_as_few_groups_as_the_budget_holds():
+    """Before the forward pass (nothing waits on a layer), the layers are decoded in one
+    group where their buffers fit the budget, else in equal groups that each fit: a
+    group decoded after another's writes into vLLM's cache shared the cores with the
+    model's spinning OpenMP workers (no engine needed)."""
+    from kvcodec.integrations.vllm.worker import layer_groups
+
+    layers = list(range(30))
+    assert layer_groups(layers, False, 3 << 20, 256 << 20) == [layers]
+    for per_layer, budget in ((10 << 20, 256 << 20), (100, 1000), (7, 20), (5, 1)):
+        groups = layer_groups(layers, False, per_layer, budget)
+        assert [l for g in groups for l in g] == layers
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= max(sizes) // 2 + 1
+        assert max(sizes) * per_layer <= budget or max(sizes) == 1
+        assert len(groups) == -(-30 // max(1, budget // per_layer))

@@ -41,11 +41,11 @@ class ConnectorWorker:
     ``max_pending_save_bytes``: the K/V copies queued for encoding at most (a save past
     it is skipped: a future miss, not a stall; one save always goes).
 
-    Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read),
-    ``tokens_loaded`` (tokens written into vLLM's cache), ``tokens_shared`` (of those,
-    tokens of entries another load of the same step read and decoded: each entry is
-    read and decoded once per step), ``blocks_failed`` (blocks
-    reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
+    Counters, for tests, benchmarks and logs: ``bytes_read`` (entry bytes read, each
+    entry of a step once, landed or not), ``tokens_loaded`` (tokens written into vLLM's
+    cache), ``tokens_shared`` (of those, tokens of entries another load of the same step
+    read and decoded: each entry is read and decoded once per step), ``blocks_failed``
+    (blocks reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
     store's metrics also get the paged writes' time (stage ``write``), loads not
     delivered in time (cause ``timeout``) and the saves queued, written and dropped.
     ``overlap``: decode beside the forward pass, else before it (:func:`.cpu.overlap_loads`);
@@ -76,8 +76,7 @@ class ConnectorWorker:
                                 self.BUFFER_BYTES)
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
-        self.bytes_read = 0
-        self.tokens_loaded = 0
+        self.bytes_read = self.tokens_loaded = 0
         self.tokens_preloaded = 0  # selective blends' documents, for the later layers
         self.tokens_shared = 0  # of tokens_loaded: decoded once for several loads of a step
         self.selections: dict = {}  # req_id -> recomputed cached positions (the last 64)
@@ -123,6 +122,7 @@ class ConnectorWorker:
         used = set()  # the fetches some load keeps
         jobs = [job for load, w in zip(meta.loads, wanted)
                 if (job := self._collect(load, w, deadline, used)) is not None]
+        self.bytes_read += sum({id(f): f.size_bytes for _, fs in jobs for f, *_ in fs}.values())
         for fut in opening.values():  # not used: never leave an entry open
             if id(fut) not in used and not fut.cancel():
                 fut.add_done_callback(_close_result)
@@ -207,9 +207,10 @@ class ConnectorWorker:
     def _load_layers(self, jobs, beside: bool = False) -> None:
         if beside:  # the loader's thread, beside the forward pass
             torch_one_thread()
-        layers = sorted(self.caches)
+        tokens = sum(f.num_tokens for _, files in jobs for f, *_ in files)  # at most
         try:
-            for group in layer_groups(layers):
+            for group in layer_groups(sorted(self.caches), beside,
+                                      self._pool.layer_bytes(tokens), self.BUFFER_BYTES):
                 self._load_group(group, jobs)
                 for layer in group:
                     self._events[layer].set()
@@ -266,10 +267,8 @@ class ConnectorWorker:
                                       k[0, :, rows[-1]].transpose(0, 1).float(),
                                       v[0, :, rows[-1]].transpose(0, 1).float()))
                     self.tokens_preloaded += hi - lo
-                    self.bytes_read += f.size_bytes * fresh
                 elif rc is None and group[0] == min(self.caches):
                     self.tokens_loaded += hi - lo
-                    self.bytes_read += f.size_bytes * fresh
                     self.tokens_shared += (hi - lo) * (not fresh)
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
         if not runs:
