@@ -311,6 +311,22 @@ def test_a_store_serves_sliding_window_models(tmp_path, name, monkeypatch):
     torch.testing.assert_close(got, ref[n:], atol=2e-4, rtol=1e-4)
 
 
+def test_a_fingerprint_without_rope_checks_the_same(family):
+    """``rope=False`` (what the store's loader checks a model with) builds no rotary
+    module: every field but ``rope`` is the full fingerprint's, and it accepts and
+    refuses the caches the full one does."""
+    _, lm, kv, _ = family
+    full, light = fingerprint(lm.model.config), fingerprint(lm.model.config, rope=False)
+    assert full["rope"] is not None and light["rope"] is None
+    assert {k: v for k, v in full.items() if k != "rope"} == {
+        k: v for k, v in light.items() if k != "rope"}
+    from kvcodec.models.fingerprint import check_fingerprint
+
+    check_fingerprint(kv.model, light)
+    with pytest.raises(ModelMismatchError, match="num_layers"):
+        check_fingerprint(dict(kv.model, num_layers=kv.num_layers + 1), light)
+
+
 def test_a_fine_tune_is_refused():
     base = TINY["llama3"]()
     tuned = copy.deepcopy(base)

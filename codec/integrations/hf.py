@@ -221,7 +221,7 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     same tokens stored it: the same document sent again).
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
-    check_fingerprint(store.fingerprint, model_fingerprint(model.config))
+    check_fingerprint(store.fingerprint, model_fingerprint(model.config, rope=False))
     ids = [int(t) for t in token_ids]
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,

@@ -94,7 +94,7 @@ def fingerprint_dir(path) -> dict:
                        weights=path)
 
 
-def fingerprint(config, tokenizer=None, model=None, *, weights=None) -> dict:
+def fingerprint(config, tokenizer=None, model=None, *, weights=None, rope: bool = True) -> dict:
     """What must match for a cache to be valid in a model.
 
     Two models with the same fingerprint produce interchangeable KV caches: same
@@ -102,7 +102,8 @@ def fingerprint(config, tokenizer=None, model=None, *, weights=None) -> dict:
     ``model`` is given) the weights that shape K/V. ``rope`` records the model's own
     rotary frequencies per layer (:func:`kvcodec.models.rope.rope_spec`), which encoding
     with ``rope_strip`` needs. ``weights`` (a checkpoint directory) hashes the weights
-    there instead of ``model``'s.
+    there instead of ``model``'s. ``rope=False`` leaves ``rope`` None: what
+    :func:`check_fingerprint` compares, without building the model's rotary module.
     """
     cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -125,7 +126,7 @@ def fingerprint(config, tokenizer=None, model=None, *, weights=None) -> dict:
         "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "weights_hash": weights_hash(weights if weights is not None else model)
         if weights is not None or model is not None else None,
-        "rope": rope_spec(config, model),
+        "rope": rope_spec(config, model) if rope else None,
     }
 
 
