@@ -368,3 +368,29 @@ def test_documents_of_a_step_decode_as_one_plan(filled, lm, where, caplog, monke
                 assert torch.equal(bufs[l][1][:, :, rows], one.values[l])
         for f in d.files:
             f.close()
+
+
+def test_a_stacked_plans_float32_rows_start_no_openmp_team():
+    """The entries' centering offsets and sink rows become float32 in the calling thread,
+    in copies no larger than torch's grain size: one parallel copy started (or woke) the
+    process's OpenMP workers, which then spin beside the native decode that follows (a
+    store load of 8 entries on 2 cores ~3 ms slower). In a fresh process, where no
+    parallel region has run yet, converting 8 entries' rows of 60 streams leaves the
+    process's thread count as it was, and the values are torch's exact casts."""
+    import subprocess
+    import sys
+
+    code = """
+import os, numpy as np, torch
+torch.set_num_threads(2)
+from kvcodec.format.stacked import _float32
+a = np.random.default_rng(0).standard_normal((60, 8, 192)).astype(np.float16)
+before = len(os.listdir("/proc/self/task"))
+got = _float32(a)
+after = len(os.listdir("/proc/self/task"))
+assert np.array_equal(got, torch.from_numpy(a).float().numpy()) and got.dtype == np.float32
+print(before, after, len(os.listdir("/proc/self/task")))
+"""
+    out = [int(n) for n in subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                          text=True, check=True).stdout.split()]
+    assert out[0] == out[1] < out[2], out  # torch's own cast of them starts one
