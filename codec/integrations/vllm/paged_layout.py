@@ -32,7 +32,7 @@ def layer_groups(layers: list, beside: bool = True, layer_bytes: int = 0,
     step is large). The writes run vLLM's op on the model's OpenMP team, whose workers
     spin for a while after each op (libgomp's wait policy); a group decoded after
     another's writes shared the cores with them. On a 2-core Zen 3 (float32 engine,
-    1,920 tokens) the load took 98-124 ms in the six doubling groups, 59-63 ms in one,
+    1,920 tokens) the load took 98-124 ms in the six doubling groups, 59-73 ms in one,
     and the decode alone 45-60 ms against 29 ms."""
     if not beside:
         most = max(1, budget // layer_bytes) if budget and layer_bytes else len(layers)
