@@ -107,7 +107,7 @@ const char* simd_path();
 bool set_simd_path(const std::string& name);
 
 // How the AVX2 path reads its decode tables: "hardware" (256-bit gathers) or "loads"
-// (eight scalar loads each: faster where gathers are slow, as on Zen 1 and Zen 2, the
+// (eight scalar loads each: faster where gathers are slow, as on Zen 1, 2 and 3, the
 // default there); the same bits either way. KVCODEC_AVX2_GATHER=hardware or =loads sets
 // it for a process; set_avx2_gather takes either name or "auto" (false for another).
 const char* avx2_gather();
