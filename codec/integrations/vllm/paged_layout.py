@@ -188,8 +188,7 @@ class BufferPool:
         h, d = self.heads, self.head_dim
         have = self._kept[0].shape[0] if self._kept else 0
         count, cap = max(len(layers) * 2, len(self._kept)), max(tokens, have)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        if count * h * cap * d * size > self.max_bytes:
+        if count // 2 * self.layer_bytes(cap) > self.max_bytes:  # count: 2 per layer
             bufs = [torch.empty((tokens, h, d), dtype=self.dtype) for _ in range(2 * len(layers))]
         else:
             if count > len(self._kept) or cap > have:

@@ -210,7 +210,7 @@ class ConnectorWorker:
         tokens = sum(f.num_tokens for _, files in jobs for f, *_ in files)  # at most
         try:
             for group in layer_groups(sorted(self.caches), beside,
-                                      self._pool.layer_bytes(tokens), self.BUFFER_BYTES):
+                                      self._pool.layer_bytes(tokens), self._pool.max_bytes):
                 self._load_group(group, jobs)
                 for layer in group:
                     self._events[layer].set()
