@@ -193,7 +193,55 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
 // channels contiguous; heads and rows any distance apart that keeps them from
 // overlapping ([heads, rows, head_dim] slices of a longer cache, or [rows, heads,
 // head_dim] transposed), into spec's out / out_bf16, head_stride and row_stride.
+// Rows placed one by one (`row_at`): (flat, head_stride, chan_stride, row_at), a writable
+// 1-D float32 or uint16 (bfloat16) array and, per row, where its head 0 starts in it (in
+// elements; negative: not stored). Every element a kept row writes is checked to lie in
+// `flat`; rows that overlap are the caller's to avoid.
+void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
+  if (p.size() != 4) {
+    throw py::value_error("dequant out: expected an array or (flat, head_stride, "
+                          "chan_stride, row_at)");
+  }
+  py::array a = output_array(p[0], "dequant out");
+  const bool bf16 = a.dtype().kind() == 'u' && a.itemsize() == 2;
+  if (!(bf16 || (a.dtype().kind() == 'f' && a.itemsize() == 4)) || a.ndim() != 1 ||
+      a.strides(0) != a.itemsize() || !a.writeable()) {
+    throw py::value_error("dequant out: expected a writable contiguous 1-D float32 or "
+                          "uint16 (bfloat16) array");
+  }
+  const py::ssize_t hs = p[1].cast<py::ssize_t>(), cs = p[2].cast<py::ssize_t>();
+  if (hs < 0 || cs < 0 || hs > a.shape(0) || cs > a.shape(0)) {
+    throw py::value_error("dequant out: strides must be in [0, the output's size]");
+  }
+  py::array at = output_array(p[3], "dequant row_at");
+  if (at.dtype().kind() != 'i' || at.itemsize() != 8 || at.ndim() != 1 ||
+      at.shape(0) != rows || !(at.flags() & py::array::c_style)) {
+    throw py::value_error("dequant row_at: expected a C-contiguous int64 array of " +
+                          std::to_string(rows) + " rows");
+  }
+  const int64_t* r = static_cast<const int64_t*>(at.data());
+  const int64_t n = (int64_t)a.shape(0);
+  // A row's last element: head (heads - 1), channel (head_dim - 1).
+  const int64_t reach = (int64_t)(spec->heads - 1) * hs +
+                        (int64_t)(spec->head_dim - 1) * (cs > 1 ? cs : 1);
+  for (int i = 0; i < rows; ++i) {
+    if (r[i] >= 0 && (r[i] >= n || reach >= n - r[i])) {
+      throw py::value_error("dequant row_at: row " + std::to_string(i) +
+                            " would be written past the end of the output");
+    }
+  }
+  spec->head_stride = (size_t)hs;
+  spec->chan_stride = (size_t)cs;
+  spec->row_at = r;
+  if (bf16) {
+    spec->out_bf16 = static_cast<uint16_t*>(a.mutable_data());
+  } else {
+    spec->out = static_cast<float*>(a.mutable_data());
+  }
+}
+
 void strided_out(const py::object& o, int rows, kvc::DequantSpec* spec) {
+  if (py::isinstance<py::tuple>(o)) return placed_out(o.cast<py::tuple>(), rows, spec);
   py::array a = output_array(o, "dequant out");
   const int heads = spec->heads, d = spec->head_dim;
   const bool bf16 = a.dtype().kind() == 'u' && a.itemsize() == 2;
@@ -752,7 +800,9 @@ PYBIND11_MODULE(_native, m) {
         "per item. With dequant = (grid, mult, half_range, heads, out_f32, cos, sin[, add]), also "
         "writes the per-token-step uniform reconstruction [heads, rows, head_dim] (+ add per "
         "channel), RoPE "
-        "re-applied when cos/sin are given; out may then be (rows, channels) instead of "
+        "re-applied when cos/sin are given (out_f32 may also be (flat, head_stride, "
+        "chan_stride, row_at): each row placed at row_at[row] of a 1-D flat array, or not "
+        "stored where negative); out may then be (rows, channels) instead of "
         "an array, and the symbols are not kept (each chunk is dequantized from a scratch "
         "buffer as soon as it is decoded).");
   m.def("stream_tables", &stream_tables, py::arg("items"), py::arg("threads") = 0,

@@ -513,6 +513,66 @@ def test_fused_dequant_writes_bfloat16_and_rows_heads_apart(head_dim, rotate):
             assert ties.any() and not (outs["bf16"][ties] & 1).any()
 
 
+@pytest.mark.parametrize("klt", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the scalar path on every CPU
+def test_fused_dequant_places_rows_in_a_paged_cache(head_dim, klt):
+    """``(flat, head_stride, chan_stride, row_at)``: each row lands where ``row_at`` says
+    in a flat array (vLLM's CPU blocks: values ``[heads, block, head_dim]``, keys ``[heads,
+    head_dim, block]``, channels ``block`` apart), in any block order, rows with a
+    negative entry not stored: the same bits as the plain output there, float32 and
+    bfloat16, every path, and nothing written anywhere else."""
+    rng = np.random.default_rng(head_dim + klt)
+    rows, heads, chunk, bs = 300, 3, 128, 16
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    extra = (None, 0, rng.normal(size=(heads, head_dim, head_dim)).astype(np.float32)) \
+        if klt else ()
+    blobs = nat.encode(sym, freqs, chunk)
+    nb = -(-rows // bs) + 2
+    order = rng.permutation(nb)[:-(-rows // bs)]  # each block of rows somewhere
+    slot = order[np.arange(rows) // bs] * bs + np.arange(rows) % bs
+    block = heads * 2 * bs * head_dim  # [heads, 2 * block, head_dim] per block
+    skip = rng.random(rows) < 0.1
+    layouts = {"values": (2 * bs * head_dim, 1, bs * head_dim + (slot % bs) * head_dim),
+               "keys": (2 * bs * head_dim, bs, slot % bs)}
+    for path in PATHS:
+        ref = np.zeros((heads, rows, head_dim), np.float32)
+        assert _decode_with(path, [(blobs, freqs, sym.shape, deq(ref) + extra)],
+                            chunk) == [None]
+        for name, (hs, cs, inner) in layouts.items():
+            at = (slot // bs) * block + inner
+            at[skip] = -1
+            idx = (at[None, :, None] + np.arange(heads)[:, None, None] * hs
+                   + np.arange(head_dim)[None, None, :] * cs)[:, ~skip]
+            for dtype, want in ((np.float32, ref), (np.uint16, _bf16_bits(ref))):
+                flat = np.full(nb * block, 7, dtype)
+                assert _decode_with(path, [(blobs, freqs, sym.shape,
+                                            deq((flat, hs, cs, at)) + extra)], chunk) == [None]
+                assert np.array_equal(flat[idx], want[:, ~skip]), (path, name, dtype)
+                rest = np.ones(flat.shape, bool)
+                rest[idx.ravel()] = False
+                assert (flat[rest] == 7).all(), (path, name, dtype)
+
+
+def test_fused_dequant_refuses_placed_rows_past_the_end():
+    rng = np.random.default_rng(2)
+    rows, heads, d, chunk = 40, 2, 16, 64
+    sym, freqs, deq = _fused_case(rng, rows, heads, d)
+    blobs = nat.encode(sym, freqs, chunk)
+    flat = np.zeros(rows * heads * d, np.float32)
+    at = np.arange(rows, dtype=np.int64) * heads * d
+    last = at.copy()
+    last[-1] += 1  # its last head's last channel one past the end
+    bad = {"past the end": (flat, d, 1, last),
+           "int64": (flat, d, 1, at.astype(np.int32)),
+           "1-D": (flat.reshape(rows, -1), d, 1, at),
+           "strides": (flat, -1, 1, at),
+           "expected an array or": (flat, d, at)}
+    for why, out in bad.items():
+        with pytest.raises(ValueError, match=why):
+            nat.decode_many([(blobs, freqs, sym.shape, deq(out))], chunk)
+    assert nat.decode_many([(blobs, freqs, sym.shape, deq((flat, d, 1, at)))], chunk) == [None]
+
+
 def test_fused_dequant_refuses_outputs_it_cannot_write():
     rng = np.random.default_rng(1)
     rows, heads, d, chunk = 40, 2, 16, 64
@@ -559,15 +619,17 @@ def test_fused_dequant_with_one_offset_row_per_block_of_rows(head_dim):
 def test_fused_dequant_reports_symbols_outside_the_quantizer_range():
     rng = np.random.default_rng(5)
     sym, freqs, deq = _fused_case(rng, 40, 3, 64)
-    sym[17, 5] = 200  # > 2R
+    sym[17, 5 + 64] = sym[20, 5] = 200  # > 2R, in the second head first
     levels = tables.levels_from_counts(tables.channel_counts(sym, 256))
     freqs = nat.normalize_freqs(levels)
     blobs = nat.encode(sym, freqs, 16)
-    errs = {path: _decode_with(path, [(blobs, freqs, sym.shape,
-                                       deq(np.zeros((3, 40, 64), np.float32)))], 16)
-            for path in PATHS}
-    for err in errs.values():
-        assert err[0] is not None and "token 17" in err[0] and "outside the quantizer" in err[0]
+    placed = (np.zeros(40 * 3 * 64, np.float32), 64, 40, np.arange(40, dtype=np.int64))
+    for out in (np.zeros((3, 40, 64), np.float32), placed):  # placed: channels apart
+        errs = {path: _decode_with(path, [(blobs, freqs, sym.shape, deq(out))], 16)
+                for path in PATHS}
+        for err in errs.values():
+            assert err[0] is not None and "token 17" in err[0] and "outside the quantizer" \
+                in err[0]
 
 
 def test_many_one_blob_jobs_decode_together_and_fail_alone():

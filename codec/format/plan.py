@@ -39,7 +39,12 @@ class Dequant:
     ``add_rows``, ``[blocks, channels]``: one row of offsets per ``add_rows`` rows, for
     entries decoded as one stream, :mod:`.stacked`), and ``basis``, a ``klt`` stream's
     inverse transform (``[heads, head_dim, head_dim]``, :mod:`kvcodec.core.klt`; None for
-    channel-coded streams)."""
+    channel-coded streams). ``placed``: where the rows go instead of ``out`` (which
+    then only gives the shape and dtype): ``(flat, head_stride, chan_stride, row_at)``, a
+    1-D array of ``out``'s dtype, the elements between heads and between channels, and
+    per row where its head 0 starts in ``flat`` (negative: not stored), as the vLLM
+    worker decodes into the paged cache's blocks
+    (:mod:`kvcodec.integrations.vllm.placed`)."""
 
     grid: np.ndarray
     mult: np.ndarray
@@ -52,9 +57,11 @@ class Dequant:
     add: np.ndarray | None = None
     add_rows: int = 0
     basis: np.ndarray | None = None
+    placed: tuple | None = None
 
     def native(self) -> tuple:
-        args = (self.grid, self.mult, self.half_range, self.heads, self.out, self.cos,
+        out = self.out if self.placed is None else self.placed
+        args = (self.grid, self.mult, self.half_range, self.heads, out, self.cos,
                 self.sin, self.add)
         if self.basis is not None:
             return args + (self.add_rows, self.basis)
@@ -244,21 +251,34 @@ def _put_block_sinks(targets: list) -> None:
             rows = rotate(rows, cos[at], sin[at])
         rows = _as_out(rows, t0.fused[0][0].out.dtype)
         for t, r in zip(ts, rows):
-            t.fused[0][0].out[:, at] = r
+            _store(t.fused[0][0], at, r)
 
 
 def _as_out(rows: np.ndarray, dtype) -> np.ndarray:
     """``rows`` as a decoder's output holds them: float32, or uint16 bfloat16 bits
-    (rounded as PyTorch casts, as the decoder rounded the others)."""
-    if dtype == np.uint16:
+    (rounded as PyTorch casts, as the decoder rounded the others); as they are if they
+    already are."""
+    if dtype == np.uint16 and rows.dtype != np.uint16:
         rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         return rows.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return rows
 
 
-def _assign(out: np.ndarray, index, rows: np.ndarray) -> None:
-    """``out[index] = rows`` in a decoder's output (:func:`_as_out`)."""
-    out[index] = _as_out(rows, out.dtype)
+def _store(deq: Dequant, at, rows: np.ndarray) -> None:
+    """Rows ``at`` (an index of rows) of a decoder's output set to ``rows`` (``[heads, n,
+    head_dim]``, float32 or as the output holds them: :func:`_as_out`): in ``out``, or
+    where ``placed`` puts them."""
+    rows = _as_out(rows, deq.out.dtype)
+    if deq.placed is None:
+        deq.out[:, at] = rows
+        return
+    flat, hs, cs, row_at = deq.placed
+    start = row_at[np.arange(deq.out.shape[1])[at]]
+    keep = start >= 0
+    h, d = rows.shape[0], rows.shape[2]
+    where = (start[keep][None, :, None] + (np.arange(h) * hs)[:, None, None]
+             + np.arange(d) * max(cs, 1))
+    flat[where] = rows[:, keep]
 
 
 def _put_rows(t: Target, rows: np.ndarray) -> None:
@@ -268,7 +288,7 @@ def _put_rows(t: Target, rows: np.ndarray) -> None:
     torch's), or through torch where it wrote a scratch array."""
     deq, n = t.fused[0][0], rows.shape[1]
     if not deq.scratch and deq.out.shape[1] >= n:
-        _assign(deq.out, (slice(None), slice(0, n)), rows)
+        _store(deq, slice(0, n), rows)
     else:
         t.dst[0, :, :n] = torch.from_numpy(np.ascontiguousarray(rows)).to(t.dst.dtype)
 

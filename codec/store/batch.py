@@ -41,10 +41,11 @@ class Entry:
     position_offset: int | None = None
 
 
-def decode_entries(store, entries: list, threads: int = 0) -> list:
+def decode_entries(store, entries: list, threads: int = 0, place=None) -> list:
     """Decode ``entries`` (a list of :class:`Entry`, each group's in token order) into
     their destinations; returns per entry whether it landed (it and every earlier entry
-    of its group decoded). Failures are reported to ``store``, not raised."""
+    of its group decoded). Failures are reported to ``store``, not raised. ``place``:
+    called with each plan before it runs (:func:`decode_documents`)."""
     started = time.perf_counter()
     failed = {}   # group -> index of its first failed entry
     plans = {}    # chunk_tokens -> DecodePlan
@@ -62,6 +63,9 @@ def decode_entries(store, entries: list, threads: int = 0) -> list:
         if plan is not p:
             plan.extend(p)
         placed.append((i, plan, start, len(plan.targets)))
+    for p in plans.values():
+        if place is not None:
+            place(p)
     errors = {id(p): run(p, threads) for p in plans.values()}
     ok = [False] * len(entries)
     for i, plan, start, end in placed:
@@ -205,14 +209,16 @@ class Document:
         return self.position_offset + self.spans[i][0] - self.spans[0][0]
 
 
-def decode_documents(store, docs: list, threads: int = 0) -> list:
+def decode_documents(store, docs: list, threads: int = 0, place=None) -> list:
     """Decode several documents' entries (the requests of a vLLM step, a store prefix)
     with as few native calls as they allow: each document that stacks
     (:func:`~kvcodec.format.stacked.plan_stack`) is one job per stream, and all of them
     run as one plan. A document that does not stack, or whose stacked decode reports an
     error, is decoded entry by entry (:func:`decode_entries`: the damaged entry is
     reported to the store, the ones before it land). Returns per document how many of
-    its leading entries landed."""
+    its leading entries landed. ``place``: called with every plan before it runs (the
+    vLLM worker's :class:`~kvcodec.integrations.vllm.placed.Placement`, which may send
+    its rows elsewhere than the documents' buffers)."""
     started = time.perf_counter()
     landed = [0] * len(docs)
     plans, rest = {}, []   # chunk_tokens -> (plan, [(doc, first target, end)])
@@ -230,6 +236,8 @@ def decode_documents(store, docs: list, threads: int = 0) -> list:
             plan.extend(p)
         owned.append((d, start, len(plan.targets)))
     for plan, owned in plans.values():
+        if place is not None:
+            place(plan)
         errors = run(plan, threads)
         for d, a, b in owned:
             try:
@@ -245,7 +253,7 @@ def decode_documents(store, docs: list, threads: int = 0) -> list:
         entries = [Entry(f, docs[d].locs[i], _views(docs[d].bufs, *docs[d].spans[i]), d,
                          docs[d].offset_of(i))
                    for d in sorted(rest) for i, f in enumerate(docs[d].files)]
-        ok = decode_entries(store, entries, threads)
+        ok = decode_entries(store, entries, threads, place)
         for e, good in zip(entries, ok):
             landed[e.group] += good  # a group's entries land as a leading run
     return landed

@@ -15,7 +15,7 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   const int h = spec.heads, d = spec.head_dim, c = h * d, half = d / 2;
   const size_t stride = (size_t)c + 1;
   const uint8_t top = (uint8_t)(2 * spec.half_range);
-  std::vector<float> x(d), acc(spec.basis ? 2 * d : 0), res(spec.out ? 0 : d);
+  std::vector<float> x(d), acc(spec.basis ? 2 * d : 0), res(d);
   // The AVX2 kernel's sums (the scalar loop's, 8 channels at a time) where the CPU has
   // FMA: on each head's padded copy.
   const bool simd = spec.basis && d % 16 == 0 && d <= 256 && basis_simd_ok();
@@ -37,8 +37,10 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
       const uint8_t* s = row + (size_t)k * d;
       const float* m = spec.mult + (size_t)k * d;
       const float* a = add_row ? add_row + (size_t)k * d : nullptr;
-      const size_t off = out_offset(spec, k, row0 + t);
-      float* o = spec.out ? spec.out + off : res.data();  // bf16: rounded from res below
+      const bool keep = row_kept(spec, row0 + t), dense = keep && dense_out(spec);
+      const size_t off = keep ? out_offset(spec, k, row0 + t) : 0;
+      // bf16, spread or not stored: made in res (stored from it below)
+      float* o = spec.out && dense ? spec.out + off : res.data();
       uint8_t bad = 0;
       for (int i = 0; i < d; ++i) {
         bad |= (uint8_t)(s[i] > top);
@@ -85,8 +87,12 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
           o[i] = a + b;
         }
       }
-      if (!spec.out)
+      if (!keep) continue;
+      if (!dense) {
+        store_spread(o, spec, off);
+      } else if (!spec.out) {
         for (int i = 0; i < d; ++i) spec.out_bf16[off + i] = to_bf16(o[i]);
+      }
     }
   }
 }

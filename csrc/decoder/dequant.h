@@ -30,6 +30,11 @@ struct DequantSpec {
   const float* basis;    // [heads, head_dim, head_dim] or null: a klt stream's inverse
                          // transform; row j of head k is component j's contribution to the
                          // head's channels, applied before `add` and RoPE
+  const int64_t* row_at; // [rows] or null: where each row's head 0 starts in the output,
+                         // in elements, in place of row * row_stride (rows that land in
+                         // a paged cache's blocks); a negative entry: the row is not stored
+  size_t chan_stride;    // elements from one channel to the next (0 or 1: contiguous; a
+                         // paged cache that keeps keys [head_dim, block] per head)
 };
 
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
@@ -90,10 +95,31 @@ inline uint16_t to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-// Where row `row` of head `k` of the output starts, in elements.
+// Whether row `row` is stored (row_at: not negative).
+inline bool row_kept(const DequantSpec& spec, int row) {
+  return !spec.row_at || spec.row_at[row] >= 0;
+}
+
+// Where row `row` of head `k` of the output starts, in elements (a kept row).
 inline size_t out_offset(const DequantSpec& spec, int k, int row) {
+  if (spec.row_at) return (size_t)k * spec.head_stride + (size_t)spec.row_at[row];
   return (size_t)k * spec.head_stride +
          (size_t)row * (spec.row_stride ? spec.row_stride : (size_t)spec.head_dim);
+}
+
+// Whether a kept row's channels are written in place (contiguous), else from a row of
+// floats by store_spread.
+inline bool dense_out(const DequantSpec& spec) { return spec.chan_stride <= 1; }
+
+// A head's row of floats `x` stored at `off` with channels chan_stride apart (float32,
+// or bfloat16 rounded as to_bf16).
+inline void store_spread(const float* x, const DequantSpec& spec, size_t off) {
+  const size_t cs = spec.chan_stride;
+  if (spec.out) {
+    for (int i = 0; i < spec.head_dim; ++i) spec.out[off + (size_t)i * cs] = x[i];
+  } else {
+    for (int i = 0; i < spec.head_dim; ++i) spec.out_bf16[off + (size_t)i * cs] = to_bf16(x[i]);
+  }
 }
 
 }  // namespace kvc

@@ -86,13 +86,15 @@ KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const Dequan
 // half]) * sin, and x[i + half] * cos + x[i] * sin), store. The values and the means
 // stay in registers. `res`: head_dim aligned floats, where a bfloat16 output's values are
 // made before they are rounded into it.
+// `held`: made in res only, the caller stores it (spread_tile).
 template <class Values>
 KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, float* res,
-                              Values value) {
+                              Values value, bool held = false) {
   const int d = spec.head_dim, half = d / 2;
   const float* a = head_means(t, k, spec, row0);
-  const size_t off = out_offset(spec, k, row0 + t);
-  float* o = spec.out ? spec.out + off : res;
+  const bool keep = !held && row_kept(spec, row0 + t), dense = keep && dense_out(spec);
+  const size_t off = keep ? out_offset(spec, k, row0 + t) : 0;
+  float* o = spec.out && dense ? spec.out + off : res;  // else made in res, stored below
   auto meant = [&](int i) KVC_AVX2 {
     const __m256 x = value(i);
     return a ? _mm256_add_ps(x, _mm256_loadu_ps(a + i)) : x;
@@ -114,7 +116,12 @@ KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, f
                                      _mm256_mul_ps(lo, _mm256_loadu_ps(sn + i + half))));
     }
   }
-  if (!spec.out) store_bf16(res, d, spec.out_bf16 + off);
+  if (!keep) return;
+  if (!dense) {
+    store_spread(res, spec, off);
+  } else if (!spec.out) {
+    store_bf16(res, d, spec.out_bf16 + off);
+  }
 }
 
 // The rest of a head's row from its values x (aligned): emit_row.
@@ -133,6 +140,89 @@ KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const Dequ
   HeadRow h(symbols, t, k, spec);
   emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); });
   return h.ok();
+}
+
+// Eight rows of eight floats (a, lanes 0..7 each) transposed in place: a[j] becomes
+// lane j of every row.
+KVC_AVX2 inline void transpose8(__m256* a) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    a[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    a[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+constexpr int SPREAD = 8;  // rows of a tile whose channels are stored across them
+
+// Head k's rows t0 .. t0 + m - 1, made in `tile` (SPREAD rows of head_dim floats), stored
+// with channels chan_stride apart. Eight rows placed one after another (a paged cache
+// keeps a block's keys [head_dim, block]: channel i of consecutive tokens is contiguous)
+// go in eight-wide stores of a channel across the rows; other rows one value at a time.
+KVC_AVX2 void spread_tile(const float* tile, int m, int t0, int k, const DequantSpec& spec,
+                          int row0) {
+  const int r0 = row0 + t0, d = spec.head_dim;
+  bool run = m == SPREAD && spec.row_at && spec.row_at[r0] >= 0;
+  for (int i = 1; run && i < SPREAD; ++i) run = spec.row_at[r0 + i] == spec.row_at[r0] + i;
+  if (!run) {
+    for (int i = 0; i < m; ++i)
+      if (row_kept(spec, r0 + i)) store_spread(tile + i * d, spec, out_offset(spec, k, r0 + i));
+    return;
+  }
+  const size_t off = out_offset(spec, k, r0), cs = spec.chan_stride;
+  for (int c = 0; c < d; c += 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_load_ps(tile + i * d + c);
+    transpose8(a);  // a[j]: channel c + j of the eight rows
+    for (int j = 0; j < 8; ++j) {
+      const size_t at = off + (size_t)(c + j) * cs;
+      if (spec.out) {
+        _mm256_storeu_ps(spec.out + at, a[j]);
+      } else {
+        const __m256i b = bf16_bits(a[j]);
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0xd8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(spec.out_bf16 + at),
+                         _mm256_castsi256_si128(p));
+      }
+    }
+  }
+}
+
+// Rows whose channels are spread (dense_out false), SPREAD rows of a head at a time:
+// direct_row's operations, made in a tile and stored by spread_tile; the first bad row in
+// row order is set in *bad_row, and the decode stops there.
+KVC_AVX2 void spread_rows(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
+                          int* bad_row) {
+  alignas(32) float tile[SPREAD * 256];
+  for (int t0 = 0; t0 < rows; t0 += SPREAD) {
+    const int m = rows - t0 < SPREAD ? rows - t0 : SPREAD;
+    int bad = -1;  // the tile's first bad row over all heads: the first in row order
+    for (int k = 0; k < spec.heads; ++k) {
+      for (int i = 0; i < m; ++i) {
+        HeadRow h(symbols, t0 + i, k, spec);
+        emit_row(t0 + i, k, spec, row0, tile + i * spec.head_dim,
+                 [&h](int c) KVC_AVX2 { return h.at(c); }, true);
+        if (!h.ok()) {
+          bad = bad < 0 || t0 + i < bad ? t0 + i : bad;
+          break;
+        }
+      }
+      if (bad < 0) spread_tile(tile, m, t0, k, spec, row0);
+    }
+    if (bad >= 0) {
+      *bad_row = bad;
+      return;
+    }
+  }
 }
 
 // A klt stream's rows: head by head, so that the head's basis stays in the caches over the
@@ -200,6 +290,10 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
                                // <= 256 here; else scalar)
   if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
   *bad_row = -1;
+  if (!spec.basis && !dense_out(spec)) {
+    spread_rows(symbols, rows, spec, row0, bad_row);
+    return true;
+  }
   if (!spec.basis) {
     for (int t = 0; t < rows; ++t)
       for (int k = 0; k < h; ++k)

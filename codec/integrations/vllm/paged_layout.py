@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 log = logging.getLogger("kvcodec")
@@ -61,6 +62,7 @@ class PagedLayout:
         self.isa = default_isa(self.dtype, block, self.head_dim)
         self.can_read = False
         self._perm = None
+        self.spans = None  # per kind (head stride, channel stride, [block] row starts)
         if want_read:
             self._learn()
 
@@ -136,7 +138,7 @@ class PagedLayout:
                 if len(hit) != n or (order is not None and not torch.equal(hit, order)):
                     log.warning("kvcodec: vLLM's paged layout (%s) is not a permutation; "
                                 "saving to the store is off", self.isa)
-                    self._perm, self.can_read = None, False
+                    self._perm, self.can_read, self.spans = None, False, None
                     return
                 vals = flat[hit].to(torch.int64) - 1
                 order = hit
@@ -146,6 +148,7 @@ class PagedLayout:
             src[where] = order
             pos[which] = src.view(bs, h * d)
         self._perm = (pos["k"], pos["v"])
+        self.spans = _spans(self._perm, h, d)
         # The check: random values written by the op read back exactly.
         k = torch.randn((bs, h, d)).to(self.dtype)
         v = torch.randn((bs, h, d)).to(self.dtype)
@@ -154,8 +157,33 @@ class PagedLayout:
         rk, rv = self.read(scratch, slots)
         self.can_read = bool(torch.equal(rk, k) and torch.equal(rv, v))
         if not self.can_read:
+            self.spans = None
             log.warning("kvcodec: reading vLLM's paged cache (%s) back failed its self-test; "
                         "saving to the store is off", self.isa)
+
+
+    def starts(self, cache: torch.Tensor, slots: np.ndarray, kind: str) -> np.ndarray:
+        """Where each slot's keys or values (``kind``) start in ``cache`` seen flat (head
+        0, channel 0; int64), given :attr:`spans`."""
+        return (slots // self.block) * cache[0].numel() + self.spans[kind][2][slots % self.block]
+
+
+def _spans(perm: tuple, heads: int, head_dim: int) -> dict | None:
+    """Per kind, ``(head stride, channel stride, row starts [block])`` where a block's
+    element ``(token, head, channel)`` sits at ``start[token] + head * head stride +
+    channel * channel stride`` (vLLM's CPU layouts keep values ``[heads, block,
+    head_dim]`` and keys ``[heads, head_dim, block]``), or None where the learned
+    positions are not of that form (then nothing is decoded in place)."""
+    out = {}
+    for kind, idx in zip(("key", "value"), perm):
+        start = idx[:, 0]
+        hs = int(idx[0, head_dim] - idx[0, 0]) if heads > 1 else 0
+        cs = int(idx[0, 1] - idx[0, 0]) if head_dim > 1 else 1
+        form = (torch.arange(heads)[:, None] * hs + torch.arange(head_dim) * cs).reshape(-1)
+        if hs < 0 or cs < 1 or not torch.equal(start[:, None] + form, idx):
+            return None
+        out[kind] = (hs, cs, start.numpy().astype(np.int64))
+    return out
 
 
 class BufferPool:

@@ -16,6 +16,7 @@ from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import decode_documents
 from .cpu import overlap_loads, torch_one_thread
 from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
+from .placed import Placement, entry_rows, write_rows
 from .recompute import check
 from .scheduler import Load
 from .step_plan import plan_group
@@ -45,9 +46,10 @@ class ConnectorWorker:
     entry of a step once, landed or not), ``tokens_loaded`` (tokens written into vLLM's
     cache), ``tokens_shared`` (of those, tokens of entries another load of the same step
     read and decoded: each entry is read and decoded once per step), ``blocks_failed``
-    (blocks reported for recomputation), ``saves_skipped`` (saves the bound turned away). The
-    store's metrics also get the paged writes' time (stage ``write``), loads not
-    delivered in time (cause ``timeout``) and the saves queued, written and dropped.
+    (blocks reported for recomputation), ``saves_skipped`` (saves the bound turned away).
+    The store's metrics also get the time of writes through vLLM's op (stage ``write``:
+    rows not decoded in place, :mod:`.placed`), loads not delivered in time (cause
+    ``timeout``) and the saves queued, written and dropped.
     ``overlap``: decode beside the forward pass, else before it (:func:`.cpu.overlap_loads`);
     its own threads run torch single-threaded (:func:`.cpu.torch_one_thread`)."""
 
@@ -230,17 +232,22 @@ class ConnectorWorker:
         """Decode layers ``group`` of every entry of every load of this step as one plan
         (each run of a load's entries stacked as one file where they allow it, a
         blended document's keys rotated to its offset, all in one native call:
-        :func:`~kvcodec.store.batch.decode_documents`) into one buffer per layer, and
-        write each layer into vLLM's blocks with one call of its op. Loads of the step
-        that share a document decode it once (:func:`.step_plan.plan_group`). A damaged
-        entry stops its load there (it and later ones are recomputed); the other loads
-        are not affected."""
+        :func:`~kvcodec.store.batch.decode_documents`) straight into vLLM's blocks
+        (:class:`.placed.Placement`), or into one buffer per layer written with one call
+        of its op each. Loads of the step that share a document decode it once
+        (:func:`.step_plan.plan_group`). A damaged entry stops its load there (it and
+        later ones are recomputed); the other loads are not affected."""
         owners, docs, where, bufs = plan_group(jobs, group, self._pool)
         if not owners:
             return
-        landed = decode_documents(self.store, docs, self.threads)
+        spans = [[entry_rows(load, files[a + i], docs[d].spans[j], self.block)
+                  for i, (d, j) in enumerate(at)]
+                 for (load, files, a, _), at in zip(owners, where)]
+        place = None if any(o[0].recompute is not None for o in owners) else \
+            Placement.of(self.layout, {l: self.caches[l] for l in group}, bufs, spans)
+        landed = decode_documents(self.store, docs, self.threads, place)
         runs, stopped, claimed = {}, set(), set()  # first layer -> (rows, slots)
-        for (load, files, a, b), at in zip(owners, where):  # at: (document, entry)s
+        for (load, files, a, b), at, got in zip(owners, where, spans):  # at: (doc, entry)s
             good = next((i for i, (d, j) in enumerate(at) if landed[d] <= j), b - a)
             if id(load) in stopped:
                 continue
@@ -254,44 +261,22 @@ class ConnectorWorker:
             rc = load.recompute
             rows, slots = runs.setdefault(0 if rc is None else rc.check_layer + 1, ([], []))
             for i in range(good):
-                f, t0 = files[a + i][:2]
-                lo, hi = max(t0, load.start), min(t0 + f.num_tokens, load.end)
+                r, s, lo, hi = got[i]
                 fresh = at[i] not in claimed  # else another load's: read, decoded once
                 claimed.add(at[i])
-                r = docs[at[i][0]].spans[at[i][1]][0]
-                rows.append(torch.arange(r + lo - t0, r + hi - t0))
-                slots.append(slot_ids(load.block_ids, lo, hi, self.block))
+                rows.append(r)
+                slots.append(s)
                 if rc is not None and rc.check_layer in bufs:  # the check's cached side
                     k, v = bufs[rc.check_layer]
-                    rc.cached.append((torch.arange(lo, hi),
-                                      k[0, :, rows[-1]].transpose(0, 1).float(),
-                                      v[0, :, rows[-1]].transpose(0, 1).float()))
+                    rc.cached.append((torch.arange(lo, hi), k[0, :, r].transpose(0, 1).float(),
+                                      v[0, :, r].transpose(0, 1).float()))
                     self.tokens_preloaded += hi - lo
                 elif rc is None and group[0] == min(self.caches):
                     self.tokens_loaded += hi - lo
                     self.tokens_shared += (hi - lo) * (not fresh)
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
-        if not runs:
-            return
-        started = time.perf_counter()
-        written = {}  # the runs a layer writes -> (rows from lo, slots, lo, hi, one slice)
-        for l, (k, v) in bufs.items():
-            here = tuple(first for first in sorted(runs) if l >= first)
-            if not here:
-                continue
-            if here not in written:  # one run of rows is a slice, not a gather (a copy less)
-                rows = torch.cat([runs[f][0] for f in here])
-                lo, hi = int(rows.min()), int(rows.max()) + 1
-                written[here] = (rows - lo, torch.cat([runs[f][1] for f in here]), lo, hi,
-                                 bool(torch.equal(rows, torch.arange(lo, hi))))
-            rows, slots, lo, hi, run = written[here]
-            # [T, H, D] slices of the pool's buffers: in the cache's dtype where the
-            # decoder wrote it, so the op casts nothing
-            k, v = k[0].transpose(0, 1)[lo:hi], v[0].transpose(0, 1)[lo:hi]
-            if not run:  # rows repeat (shared entries) or skip: cast once, then gather
-                k, v = k.to(self.layout.dtype)[rows], v.to(self.layout.dtype)[rows]
-            self.layout.write(self.caches[l], k, v, slots)
-        self.store.metrics.staged("write", time.perf_counter() - started)
+        write_rows(self.layout, self.caches, bufs, runs, self.store.metrics,
+                   None if place is None else place.placed)
 
     def save_kv_layer(self, layer_name: str) -> None:
         """After a layer's attention: at a selective blend's check layer, choose the

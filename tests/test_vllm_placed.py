@@ -1,0 +1,106 @@
+"""The vLLM worker decoding a step straight into vLLM's paged blocks (:mod:`kvcodec.
+integrations.vllm.placed`), against the same step decoded into buffers and written
+with vLLM's own op: the same bits in every block, on caches vLLM's CPU backend lays out
+(its real cache-writing op, float32 and bfloat16; no engine: the worker is driven as
+vLLM drives it, register_kv_caches then start_load_kv)."""
+import pytest
+import torch
+
+from kvcodec.store import ChunkStore
+
+
+def _worker(store, lm, block, dtype, blocks):
+    from kvcodec.integrations.vllm.worker import ConnectorWorker
+
+    fp = lm.fingerprint
+    w = ConnectorWorker(store, fp, block, threads=0, save=False)
+    shape = (blocks, fp["num_kv_heads"], block, 2 * fp["head_dim"])
+    w.register_kv_caches({f"model.layers.{l}.self_attn.attn": torch.zeros(shape, dtype=dtype)
+                          for l in range(fp["num_layers"])})
+    w.overlap = False
+    return w
+
+
+def _step(w, loads):
+    from kvcodec.integrations.vllm.scheduler import KVCodecConnectorMetadata
+
+    w.start_load_kv(KVCodecConnectorMetadata(loads=loads), None)
+    failed = w.get_block_ids_with_load_errors()
+    w.shutdown()
+    return failed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dtype,
+                                                       monkeypatch):
+    """Two requests of a step (entries of different documents; one starts after the
+    blocks vLLM had computed, both end inside their last entry): placed, every loaded
+    token's K/V land as the buffered path lands them, bit for bit, nothing else in the
+    cache is written, and vLLM's op writes nothing."""
+    from kvcodec.integrations.vllm import paged_layout, placed
+    from kvcodec.integrations.vllm.scheduler import Load
+
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    other = ChunkStore(tmp_path / "b", lm.fingerprint, "default")
+    assert store.put(kv_600) == 3 and other.put(kv_600) == 3
+    ids = kv_600.token_ids
+    block, blocks = 16, 96
+    order = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)).tolist()
+
+    def loads():  # request b reads the same tokens under another salt: its own entries
+        return [Load("a", ids, order[:38], 32, 592),
+                Load("b", ids, order[40:75], 0, 560, salt="b")]
+
+    store_b = store.with_salt("b")
+    assert store_b.put(kv_600) == 3
+    got, writes = {}, {}
+    for mode in ("placed", "buffered"):
+        if mode == "buffered":
+            monkeypatch.setattr(placed.Placement, "of", classmethod(lambda *a: None))
+        w = _worker(store, lm, block, dtype, blocks)  # its layout learned (op calls)
+        calls = []
+        write = paged_layout.PagedLayout.write
+        monkeypatch.setattr(paged_layout.PagedLayout, "write",
+                            lambda self, *a: (calls.append(1), write(self, *a))[1])
+        assert _step(w, loads()) == set()
+        assert w.tokens_loaded == (592 - 32) + 560
+        got[mode], writes[mode] = [c.clone() for c in w.caches.values()], len(calls)
+        monkeypatch.undo()
+    assert writes == {"placed": 0, "buffered": lm.fingerprint["num_layers"]}
+    for a, b in zip(got["placed"], got["buffered"]):
+        assert torch.equal(a.view(torch.int16) if dtype == torch.bfloat16 else a.view(torch.int32),
+                           b.view(torch.int16) if dtype == torch.bfloat16 else b.view(torch.int32))
+    # The loaded slots hold values; every other block is untouched.
+    used = set(order[2:37]) | set(order[40:75])
+    rest = [b for b in range(blocks) if b not in used]
+    assert all(not c[rest].any() for c in got["placed"])
+    assert all(c[sorted(used)].abs().sum() > 0 for c in got["placed"])
+
+
+def test_a_damaged_entry_in_a_placed_step_is_reported_and_the_ones_before_land(
+        lm, kv_600, tmp_path, monkeypatch):
+    """A step whose second entry is damaged: its blocks and later ones are reported for
+    recomputation, the first entry's blocks land as the buffered path lands them (the
+    entries are decoded one by one after the stacked plan failed, placed too)."""
+    from kvcodec.integrations.vllm import placed
+    from kvcodec.integrations.vllm.scheduler import Load
+
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    ids, block, blocks = kv_600.token_ids, 16, 64
+    got = {}
+    for mode in ("placed", "buffered"):
+        if mode == "buffered":
+            monkeypatch.setattr(placed.Placement, "of", classmethod(lambda *a: None))
+        store.put(kv_600)  # again, after the damaged one was moved aside
+        entry = store.lookup(ids)[1]
+        data = bytearray(entry.read_bytes())
+        data[-40] ^= 0x55  # a payload byte
+        entry.write_bytes(bytes(data))
+        w = _worker(store, lm, block, torch.float32, blocks)
+        failed = _step(w, [Load("a", ids, list(range(37)), 0, 592)])
+        got[mode] = (failed, [c[:16].clone() for c in w.caches.values()], w.tokens_loaded)
+        monkeypatch.undo()
+    assert got["placed"][0] == got["buffered"][0] == set(range(16, 37))
+    assert got["placed"][2] == got["buffered"][2] == 256
+    assert all(torch.equal(a, b) for a, b in zip(got["placed"][1], got["buffered"][1]))
+    assert all(c.abs().sum() > 0 for c in got["placed"][1])
