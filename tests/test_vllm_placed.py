@@ -104,3 +104,38 @@ def test_a_damaged_entry_in_a_placed_step_is_reported_and_the_ones_before_land(
     assert got["placed"][2] == got["buffered"][2] == 256
     assert all(torch.equal(a, b) for a, b in zip(got["placed"][1], got["buffered"][1]))
     assert all(c.abs().sum() > 0 for c in got["placed"][1])
+
+
+def test_entries_that_requests_of_a_step_share_go_through_the_op_beside_placed_ones(
+        lm, kv_600, tmp_path, monkeypatch):
+    """Two requests of a step share a document (decoded once, its rows written into both
+    requests' blocks) and a third has its own: the shared rows stay in the buffers and
+    go through vLLM's op, the third's go straight into its blocks; every block holds
+    what the buffered path puts there, bit for bit."""
+    from kvcodec.integrations.vllm import paged_layout, placed
+    from kvcodec.integrations.vllm.scheduler import Load
+
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    assert store.put(kv_600) == 3 and store.with_salt("c").put(kv_600) == 3
+    ids, block, blocks = kv_600.token_ids, 16, 128
+    made, got, writes = [], {}, {}
+    of = placed.Placement.of
+    for mode in ("placed", "buffered"):
+        monkeypatch.setattr(placed.Placement, "of", classmethod(
+            lambda cls, *a: made.append(of(*a)) or made[-1] if mode == "placed" else None))
+        w = _worker(store, lm, block, torch.float32, blocks)
+        calls = []
+        write = paged_layout.PagedLayout.write
+        monkeypatch.setattr(paged_layout.PagedLayout, "write",
+                            lambda self, *a: (calls.append(1), write(self, *a))[1])
+        assert _step(w, [Load("a", ids, list(range(0, 37)), 0, 592),
+                         Load("b", ids, list(range(40, 77)), 0, 592),
+                         Load("c", ids, list(range(80, 117)), 0, 592, salt="c")]) == set()
+        assert (w.tokens_loaded, w.tokens_shared) == (3 * 592, 592)
+        got[mode], writes[mode] = [c.clone() for c in w.caches.values()], len(calls)
+        monkeypatch.undo()
+    assert writes == {"placed": lm.fingerprint["num_layers"],
+                      "buffered": lm.fingerprint["num_layers"]}
+    assert len(made) == 1 and made[0].placed.sum() == 600  # the third request's document
+    assert all(torch.equal(a, b) for a, b in zip(got["placed"], got["buffered"]))
+    assert all(c[:117].abs().sum() > 0 for c in got["placed"])

@@ -10,9 +10,10 @@ a :class:`Placement` points every row of the native decode at its slot instead
 rows it could not place are copied (:func:`write_rows`). On a 2-core Zen 3 (float32,
 1,920 tokens of SmolLM2) the copy took ~18 ms of a 59-73 ms load.
 
-A step is placed only where each decoded row goes to one slot: not where loads of the
-step share an entry (its rows go to several requests' blocks) nor where a selective
-blend reads the decoded rows back (:mod:`.recompute`).
+Rows go to the blocks where each goes to one slot and nothing reads them back: an entry
+that loads of the step share (its rows go to several requests' blocks) and the
+documents of a selective blend (its check reads them, :mod:`.recompute`) stay in the
+buffers and go through the op, beside the step's other rows placed.
 """
 from __future__ import annotations
 
@@ -48,23 +49,26 @@ def _flat(cache: torch.Tensor) -> np.ndarray | None:
 class Placement:
     """Called with each plan of a layer group's decode (``place`` of
     :func:`~kvcodec.store.batch.decode_documents`): points every target of the plan at
-    the slots its buffer rows are written to, or, where a target is not done wholly by
-    the native decoder (values finished in Python, keys turned after RoPE, a scratch
-    output), leaves the whole plan in the buffers. ``placed``: per buffer row, whether
-    it went straight to the cache (:func:`write_rows` skips those)."""
+    the slots its buffer rows are written to, except the rows of a target that is not
+    done wholly by the native decoder (values finished in Python, keys turned after
+    RoPE, a scratch output) or whose rows must stay in the buffers (``held``); those
+    rows stay there for every target that covers them. ``placed``: per buffer row,
+    whether it went straight to the cache (:func:`write_rows` skips those)."""
 
-    def __init__(self, layout, caches: dict, bufs: dict, rows: np.ndarray, slots: np.ndarray):
+    def __init__(self, layout, caches: dict, bufs: dict, rows: np.ndarray,
+                 slots: np.ndarray, held: np.ndarray):
         self.caches, self.spans = caches, layout.spans
         first = next(iter(caches.values()))
         cap = next(iter(bufs.values()))[0].shape[2]
         self.placed = np.zeros(cap, bool)
+        self._held = held
         self._row_at = {}
         for kind in KINDS:
             at = np.full(cap, -1, np.int64)
             at[rows] = layout.starts(first, slots, kind)
             self._row_at[kind] = at
         self._flat = {}
-        self._bufs = []  # (first byte, end, row bytes, layer, kind), by first byte
+        self._bufs = []  # (first byte, end, row bytes, (head, channel) bytes, layer, kind)
         for l, pair in bufs.items():
             for kind, v in zip(KINDS, pair):
                 size = v.element_size()
@@ -73,52 +77,66 @@ class Placement:
         self._bufs.sort()
 
     @classmethod
-    def of(cls, layout, caches: dict, bufs: dict, spans: list):
+    def of(cls, layout, caches: dict, bufs: dict, spans: list, hold: list):
         """A placement of a group whose loads write ``spans`` (per owner, per entry
-        :func:`entry_rows`), or None where the step cannot be placed (see the module
-        docstring; a layout not strided; a cache not contiguous float32 or bfloat16)."""
+        :func:`entry_rows`), holding in the buffers the rows of the owners ``hold`` says
+        (a selective blend reads them back) and rows written to several requests' blocks
+        (an entry the loads of the step share), or None where nothing can be placed (a
+        layout not strided; a cache not contiguous float32 or bfloat16)."""
         if layout.spans is None or any(_flat(c) is None for c in caches.values()):
             return None
-        rows = [r for entries in spans for r, *_ in entries]
-        if not rows:
+        got = [(r, s, h) for entries, h in zip(spans, hold) for r, s, *_ in entries]
+        if not got:
             return None
-        rows, slots = torch.cat(rows), torch.cat([s for e in spans for _, s, *_ in e])
-        if len(torch.unique(rows)) != len(rows):  # a row written to several requests
-            return None
-        return cls(layout, caches, bufs, rows.numpy(), slots.numpy())
+        rows = torch.cat([r for r, _, _ in got]).numpy()
+        cap = next(iter(bufs.values()))[0].shape[2]
+        held = np.bincount(rows, minlength=cap) > 1
+        for r, _, h in got:
+            held[r.numpy()] |= h
+        slots = torch.cat([s for _, s, _ in got]).numpy()
+        return cls(layout, caches, bufs, rows, slots, held)
 
-    def _find(self, deq):
-        """``(layer, kind, first row)`` of the buffer a dequantizer writes, or None."""
-        if deq.scratch or deq.placed is not None:
-            return None
-        p = deq.out.__array_interface__["data"][0]
-        i = bisect.bisect_right(self._bufs, (p, float("inf"))) - 1
+    def _find(self, ptr: int, strides: tuple):
+        """``(layer, kind, first row)`` of the buffer rows at ``ptr`` (head and channel
+        ``strides`` in bytes), or None where they are not a pool buffer's."""
+        i = bisect.bisect_right(self._bufs, (ptr, float("inf"))) - 1
         if i < 0:
             return None
-        start, end, row, strides, l, kind = self._bufs[i]
-        if p >= end or (p - start) % row or (deq.out.strides[0], deq.out.strides[2]) != strides:
+        start, end, row, have, l, kind = self._bufs[i]
+        if ptr >= end or (ptr - start) % row or strides != have:
             return None
-        return l, kind, (p - start) // row
+        return l, kind, (ptr - start) // row
+
+    def _out(self, deq):
+        if deq.scratch or deq.placed is not None:
+            return None
+        return self._find(deq.out.__array_interface__["data"][0],
+                          (deq.out.strides[0], deq.out.strides[2]))
 
     def __call__(self, plan) -> None:
-        found, ok = [], True
+        todo, kept = [], set()  # kept: target row ranges (first, rows) left in the buffers
         for t in plan.targets:
-            ok &= bool(t.fused) and t.turn is None and (t.rotated or t.rope is None)
-            for deq, _ in t.fused:
-                where = self._find(deq)
-                ok &= where is not None
-                found.append((deq, where))
-        for deq, where in found:
+            size = t.dst.element_size()
+            where = self._find(t.dst.data_ptr(), (t.dst.stride(1) * size, size))
             if where is None:
+                continue  # not the pool's (not a worker's plan)
+            span = (where[2], t.dst.shape[2])
+            outs = [(deq, self._out(deq)) for deq, _ in t.fused]
+            if (not t.fused or t.turn is not None or not (t.rotated or t.rope is None)
+                    or any(o is None for _, o in outs)
+                    or self._held[span[0]:span[0] + span[1]].any()):
+                kept.add(span)
+            todo.append((span, outs))
+        for (r0, n), outs in todo:
+            self.placed[r0:r0 + n] = (r0, n) not in kept  # a later plan of them decides
+            if (r0, n) in kept:
                 continue
-            l, kind, r0 = where
-            n = deq.out.shape[1]
-            self.placed[r0:r0 + n] = ok  # a later plan of the same rows decides
-            if ok:
+            for deq, (l, kind, first) in outs:
                 if l not in self._flat:
                     self._flat[l] = _flat(self.caches[l])
                 hs, cs, _ = self.spans[kind]
-                deq.placed = (self._flat[l], hs, cs, self._row_at[kind][r0:r0 + n])
+                rows = deq.out.shape[1]
+                deq.placed = (self._flat[l], hs, cs, self._row_at[kind][first:first + rows])
 
 
 def write_rows(layout, caches: dict, bufs: dict, runs: dict, metrics,

@@ -243,8 +243,8 @@ class ConnectorWorker:
         spans = [[entry_rows(load, files[a + i], docs[d].spans[j], self.block)
                   for i, (d, j) in enumerate(at)]
                  for (load, files, a, _), at in zip(owners, where)]
-        place = None if any(o[0].recompute is not None for o in owners) else \
-            Placement.of(self.layout, {l: self.caches[l] for l in group}, bufs, spans)
+        place = Placement.of(self.layout, {l: self.caches[l] for l in group}, bufs, spans,
+                             [o[0].recompute is not None for o in owners])
         landed = decode_documents(self.store, docs, self.threads, place)
         runs, stopped, claimed = {}, set(), set()  # first layer -> (rows, slots)
         for (load, files, a, b), at, got in zip(owners, where, spans):  # at: (doc, entry)s
