@@ -55,19 +55,18 @@ class Placement:
     rows stay there for every target that covers them. ``placed``: per buffer row,
     whether it went straight to the cache (:func:`write_rows` skips those)."""
 
-    def __init__(self, layout, caches: dict, bufs: dict, rows: np.ndarray,
+    def __init__(self, layout, caches: dict, flats: dict, bufs: dict, rows: np.ndarray,
                  slots: np.ndarray, held: np.ndarray):
-        self.caches, self.spans = caches, layout.spans
-        first = next(iter(caches.values()))
+        self.spans, self._flat = layout.spans, flats  # flats: per layer, _flat(cache)
         cap = next(iter(bufs.values()))[0].shape[2]
         self.placed = np.zeros(cap, bool)
         self._held = held
         self._row_at = {}
         for kind in KINDS:
             at = np.full(cap, -1, np.int64)
-            at[rows] = layout.starts(first, slots, kind)
+            at[rows] = layout.starts(next(iter(caches.values())), slots, kind)
             self._row_at[kind] = at
-        self._flat = {}
+        self._dtype = next(iter(flats.values())).dtype
         self._bufs = []  # (first byte, end, row bytes, (head, channel) bytes, layer, kind)
         for l, pair in bufs.items():
             for kind, v in zip(KINDS, pair):
@@ -83,7 +82,8 @@ class Placement:
         (a selective blend reads them back) and rows written to several requests' blocks
         (an entry the loads of the step share), or None where nothing can be placed (a
         layout not strided; a cache not contiguous float32 or bfloat16)."""
-        if layout.spans is None or any(_flat(c) is None for c in caches.values()):
+        flats = {l: _flat(c) for l, c in caches.items()}
+        if layout.spans is None or any(f is None for f in flats.values()):
             return None
         got = [(r, s, h) for entries, h in zip(spans, hold) for r, s, *_ in entries]
         if not got:
@@ -94,7 +94,7 @@ class Placement:
         for r, _, h in got:
             held[r.numpy()] |= h
         slots = torch.cat([s for _, s, _ in got]).numpy()
-        return cls(layout, caches, bufs, rows, slots, held)
+        return cls(layout, caches, flats, bufs, rows, slots, held)
 
     def _find(self, ptr: int, strides: tuple):
         """``(layer, kind, first row)`` of the buffer rows at ``ptr`` (head and channel
@@ -108,7 +108,7 @@ class Placement:
         return l, kind, (ptr - start) // row
 
     def _out(self, deq):
-        if deq.scratch or deq.placed is not None:
+        if deq.scratch or deq.placed is not None or deq.out.dtype != self._dtype:
             return None
         return self._find(deq.out.__array_interface__["data"][0],
                           (deq.out.strides[0], deq.out.strides[2]))
@@ -132,8 +132,6 @@ class Placement:
             if (r0, n) in kept:
                 continue
             for deq, (l, kind, first) in outs:
-                if l not in self._flat:
-                    self._flat[l] = _flat(self.caches[l])
                 hs, cs, _ = self.spans[kind]
                 rows = deq.out.shape[1]
                 deq.placed = (self._flat[l], hs, cs, self._row_at[kind][first:first + rows])
