@@ -9,7 +9,7 @@ import torch
 from kvcodec.store import ChunkStore
 
 
-def _worker(store, lm, block, dtype, blocks):
+def _worker(store, lm, block, dtype, blocks, overlap=False):
     from kvcodec.integrations.vllm.worker import ConnectorWorker
 
     fp = lm.fingerprint
@@ -17,7 +17,7 @@ def _worker(store, lm, block, dtype, blocks):
     shape = (blocks, fp["num_kv_heads"], block, 2 * fp["head_dim"])
     w.register_kv_caches({f"model.layers.{l}.self_attn.attn": torch.zeros(shape, dtype=dtype)
                           for l in range(fp["num_layers"])})
-    w.overlap = False
+    w.overlap = overlap  # beside the forward pass: the loader's thread, group by group
     return w
 
 
@@ -30,13 +30,15 @@ def _step(w, loads):
     return failed
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dtype,
+@pytest.mark.parametrize("dtype,overlap", [(torch.float32, False), (torch.bfloat16, False),
+                                           (torch.float32, True)])
+def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dtype, overlap,
                                                        monkeypatch):
     """Two requests of a step (entries of different documents; one starts after the
-    blocks vLLM had computed, both end inside their last entry): placed, every loaded
-    token's K/V land as the buffered path lands them, bit for bit, nothing else in the
-    cache is written, and vLLM's op writes nothing."""
+    blocks vLLM had computed, both end inside their last entry), loaded before the
+    forward pass or beside it (doubling layer groups): placed, every loaded token's K/V
+    land as the buffered path lands them, bit for bit, nothing else in the cache is
+    written, and vLLM's op writes nothing."""
     from kvcodec.integrations.vllm import paged_layout, placed
     from kvcodec.integrations.vllm.scheduler import Load
 
@@ -57,7 +59,7 @@ def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dty
     for mode in ("placed", "buffered"):
         if mode == "buffered":
             monkeypatch.setattr(placed.Placement, "of", classmethod(lambda *a: None))
-        w = _worker(store, lm, block, dtype, blocks)  # its layout learned (op calls)
+        w = _worker(store, lm, block, dtype, blocks, overlap)  # layout learned (op calls)
         calls = []
         write = paged_layout.PagedLayout.write
         monkeypatch.setattr(paged_layout.PagedLayout, "write",
