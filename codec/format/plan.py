@@ -273,7 +273,7 @@ def _store(deq: Dequant, at, rows: np.ndarray) -> None:
         deq.out[:, at] = rows
         return
     flat, hs, cs, row_at = deq.placed
-    start = row_at[np.arange(deq.out.shape[1])[at]]
+    start = row_at[at]  # one per row of out
     keep = start >= 0
     h, d = rows.shape[0], rows.shape[2]
     where = (start[keep][None, :, None] + (np.arange(h) * hs)[:, None, None]
