@@ -193,6 +193,16 @@ const float* float_data(const py::object& o, const char* name, size_t count) {
 // channels contiguous; heads and rows any distance apart that keeps them from
 // overlapping ([heads, rows, head_dim] slices of a longer cache, or [rows, heads,
 // head_dim] transposed), into spec's out / out_bf16, head_stride and row_stride.
+// The checked, writable array `a` as the dequantizer's output: uint16 bfloat16 bits
+// (`bf16`) or float32.
+void set_out(py::array& a, bool bf16, kvc::DequantSpec* spec) {
+  if (bf16) {
+    spec->out_bf16 = static_cast<uint16_t*>(a.mutable_data());
+  } else {
+    spec->out = static_cast<float*>(a.mutable_data());
+  }
+}
+
 // Rows placed one by one (`row_at`): (flat, head_stride, chan_stride, row_at), a writable
 // 1-D float32 or uint16 (bfloat16) array and, per row, where its head 0 starts in it (in
 // elements; negative: not stored). Every element a kept row writes is checked to lie in
@@ -233,11 +243,7 @@ void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
   spec->head_stride = (size_t)hs;
   spec->chan_stride = (size_t)cs;
   spec->row_at = r;
-  if (bf16) {
-    spec->out_bf16 = static_cast<uint16_t*>(a.mutable_data());
-  } else {
-    spec->out = static_cast<float*>(a.mutable_data());
-  }
+  set_out(a, bf16, spec);
 }
 
 void strided_out(const py::object& o, int rows, kvc::DequantSpec* spec) {
@@ -267,11 +273,7 @@ void strided_out(const py::object& o, int rows, kvc::DequantSpec* spec) {
   spec->head_stride = (size_t)(hs / f);
   spec->row_stride = (size_t)(rs / f);
   if (rows == 1) spec->row_stride = (size_t)d;
-  if (bf16) {
-    spec->out_bf16 = static_cast<uint16_t*>(a.mutable_data());
-  } else {
-    spec->out = static_cast<float*>(a.mutable_data());
-  }
+  set_out(a, bf16, spec);
 }
 
 // (grid [256], mult [C], R, heads, out [heads, rows, head_dim], cos, sin[, add [C][,

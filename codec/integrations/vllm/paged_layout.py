@@ -58,6 +58,7 @@ class PagedLayout:
         self.dtype = cache.dtype
         _, self.heads, _, two_d = cache.shape
         self.head_dim = two_d // 2
+        self.block_elems = cache[0].numel()  # a block of every layer's cache, flat
         self.block = block
         self.isa = default_isa(self.dtype, block, self.head_dim)
         self.can_read = False
@@ -161,11 +162,10 @@ class PagedLayout:
             log.warning("kvcodec: reading vLLM's paged cache (%s) back failed its self-test; "
                         "saving to the store is off", self.isa)
 
-
-    def starts(self, cache: torch.Tensor, slots: np.ndarray, kind: str) -> np.ndarray:
-        """Where each slot's keys or values (``kind``) start in ``cache`` seen flat (head
-        0, channel 0; int64), given :attr:`spans`."""
-        return (slots // self.block) * cache[0].numel() + self.spans[kind][2][slots % self.block]
+    def starts(self, slots: np.ndarray, kind: str) -> np.ndarray:
+        """Where each slot's keys or values (``kind``) start in a contiguous cache of
+        this layout seen flat (head 0, channel 0; int64), given :attr:`spans`."""
+        return (slots // self.block) * self.block_elems + self.spans[kind][2][slots % self.block]
 
 
 def _spans(perm: tuple, heads: int, head_dim: int) -> dict | None:

@@ -55,8 +55,8 @@ class Placement:
     rows stay there for every target that covers them. ``placed``: per buffer row,
     whether it went straight to the cache (:func:`write_rows` skips those)."""
 
-    def __init__(self, layout, caches: dict, flats: dict, bufs: dict, rows: np.ndarray,
-                 slots: np.ndarray, held: np.ndarray):
+    def __init__(self, layout, flats: dict, bufs: dict, rows: np.ndarray, slots: np.ndarray,
+                 held: np.ndarray):
         self.spans, self._flat = layout.spans, flats  # flats: per layer, _flat(cache)
         cap = next(iter(bufs.values()))[0].shape[2]
         self.placed = np.zeros(cap, bool)
@@ -64,7 +64,7 @@ class Placement:
         self._row_at = {}
         for kind in KINDS:
             at = np.full(cap, -1, np.int64)
-            at[rows] = layout.starts(next(iter(caches.values())), slots, kind)
+            at[rows] = layout.starts(slots, kind)
             self._row_at[kind] = at
         self._dtype = next(iter(flats.values())).dtype
         self._bufs = []  # (first byte, end, row bytes, (head, channel) bytes, layer, kind)
@@ -94,7 +94,7 @@ class Placement:
         for r, _, h in got:
             held[r.numpy()] |= h
         slots = torch.cat([s for _, s, _ in got]).numpy()
-        return cls(layout, caches, flats, bufs, rows, slots, held)
+        return cls(layout, flats, bufs, rows, slots, held)
 
     def _find(self, ptr: int, strides: tuple):
         """``(layer, kind, first row)`` of the buffer rows at ``ptr`` (head and channel
