@@ -311,7 +311,9 @@ def test_an_entry_of_another_geometry_is_refused(lm, texts, lossless):
     _, ids = _prompt(lm, texts["gpl3"][9000:], 300)
     chunks, paths = _saved(lm, llm, store, ids)
     reference = _ask(llm, ids)
-    with kvcodec.open(paths[0]) as f:
+    # Through the store: a store entry names the store's shared tables, which a file
+    # opened alone does not hold (run alone, this test has no other test's tables)
+    with chunks.open_entry(paths[0], ids[:chunks.chunk_tokens], 0) as f:
         kv = f.decode()
     fp = dict(lm.fingerprint, num_kv_heads=2 * lm.fingerprint["num_kv_heads"])
     wide = KVCache([torch.cat([k, k], 1) for k in kv.keys],
