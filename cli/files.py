@@ -1,7 +1,9 @@
 """Commands on .kvc files: encode, decode, inspect, and the build's backends (info)."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import click
@@ -52,6 +54,9 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
     from kvcodec.format import io as kvio
 
     check_chat(chat, system)
+    if not Path(output).resolve().parent.is_dir():  # as the write would, before a prefill
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), output)
+    enc = None
     if source.endswith(".safetensors"):
         if independent or chat:
             raise click.UsageError("--independent and --chat capture a text; they do not "
@@ -69,9 +74,10 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
         text = Path(source).read_text(encoding="utf-8", errors="replace")
         with Status("loading the model"):
             lm = kvcodec.load_model(model)
-        if target_kl is not None:  # before the prefill: a config without a curve fails now
-            config = kvcodec.load_config(config, model=lm.fingerprint, target_kl=target_kl)
-            target_kl = None
+        # The config resolved before the prefill: a bad name, file or --target-kl (a
+        # config without a rate curve) fails now, not after minutes of prefill.
+        enc = Encoder(config, lm.fingerprint, chunk_tokens=chunk_tokens, threads=threads,
+                      target_kl=target_kl, embed_codebook=embed_codebook)
         label = f"prefilling {Path(source).name}"
         if evict_spec:
             with kvcodec.evict.press(lm, *kvcodec.evict.parse(evict_spec)) as press:
@@ -79,8 +85,9 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
                                          system=system))
         else:
             kv = capture(lm, text, max_tokens, label, independent, chat, system)
-    enc = Encoder(config, kv.model, chunk_tokens=chunk_tokens, threads=threads,
-                  target_kl=target_kl, embed_codebook=embed_codebook)
+    if enc is None:
+        enc = Encoder(config, kv.model, chunk_tokens=chunk_tokens, threads=threads,
+                      target_kl=target_kl, embed_codebook=embed_codebook)
     with Status(f"encoding {kv.num_tokens} tokens x {kv.num_layers} layers"):
         data = enc.encode(kv, output)
     if enc.fitted is not None or (enc.embed_codebook and not embed_codebook):

@@ -97,6 +97,28 @@ def test_bad_files_give_one_clear_line(tmp_path, content, needle):
         assert r.output.startswith("error: ") and r.output.count("\n") == 1
 
 
+def test_encode_of_a_text_checks_config_and_output_before_the_prefill(tmp_path, monkeypatch):
+    import kvcodec_cli.files as files
+
+    def prefill(*args, **kwargs):
+        raise AssertionError("prefilled before the config and the output were checked")
+
+    monkeypatch.setattr(files, "capture", prefill)
+    src = tmp_path / "doc.txt"
+    src.write_text("A short document.")
+    for args, needle in (
+            (["-o", tmp_path / "a.kvc", "--config", "nonexistent"], "no config 'nonexistent'"),
+            (["-o", tmp_path / "a.kvc", "--config", tmp_path / "doc.txt"], "cannot read config"),
+            (["-o", tmp_path / "no" / "a.kvc"], "No such file or directory"),
+            (["-o", tmp_path / "a.kvc", "--config", "cachegen", "--target-kl", "0.01"],
+             "rate")):
+        r = CliRunner().invoke(main, ["encode", str(src)] + [str(a) for a in args])
+        assert r.exit_code == 1, (args, r.output)
+        assert needle in r.output and "Traceback" not in r.output, (args, r.output)
+        assert r.output.splitlines()[-1].startswith("error: ")  # after transformers' bar
+    assert not list(tmp_path.glob("*.kvc"))
+
+
 def test_bad_config_and_tensors(tmp_path, kv_file):
     r = CliRunner().invoke(main, ["encode", str(kv_file), "-o", str(tmp_path / "a.kvc"),
                                   "--config", "nonexistent"])
