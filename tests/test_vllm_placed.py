@@ -108,11 +108,16 @@ def test_a_damaged_entry_in_a_placed_step_is_reported_and_the_ones_before_land(
     assert all(c.abs().sum() > 0 for c in got["placed"][1])
 
 
-def test_entries_that_requests_of_a_step_share_go_through_the_op_beside_placed_ones(
-        lm, kv_600, tmp_path, monkeypatch):
-    """Two requests of a step share a document (decoded once, its rows written into both
-    requests' blocks) and a third has its own: the shared rows stay in the buffers and
-    go through vLLM's op, the third's go straight into its blocks; every block holds
+@pytest.mark.parametrize("end_b", [592, 590])
+def test_entries_that_requests_of_a_step_share_are_placed_once_and_copied(
+        lm, kv_600, tmp_path, monkeypatch, end_b):
+    """Two requests of a step share a document (decoded once) and a third has its own:
+    the shared entries are placed in the first request's blocks and copied block by
+    block into the second's, the third's go straight into its blocks, and vLLM's op
+    writes nothing. Where the second request's load ends inside a block (590: the
+    scheduler never asks for that, its loads end on a block), its last entry's rows are
+    not whole blocks, so the shared document (its entries decoded as one stacked file)
+    stays in the buffers and goes through the op for both requests. Every block holds
     what the buffered path puts there, bit for bit."""
     from kvcodec.integrations.vllm import paged_layout, placed
     from kvcodec.integrations.vllm.scheduler import Load
@@ -131,13 +136,45 @@ def test_entries_that_requests_of_a_step_share_go_through_the_op_beside_placed_o
         monkeypatch.setattr(paged_layout.PagedLayout, "write",
                             lambda self, *a: (calls.append(1), write(self, *a))[1])
         assert _step(w, [Load("a", ids, list(range(0, 37)), 0, 592),
-                         Load("b", ids, list(range(40, 77)), 0, 592),
+                         Load("b", ids, list(range(40, 77)), 0, end_b),
                          Load("c", ids, list(range(80, 117)), 0, 592, salt="c")]) == set()
-        assert (w.tokens_loaded, w.tokens_shared) == (3 * 592, 592)
+        assert (w.tokens_loaded, w.tokens_shared) == (2 * 592 + end_b, end_b)
         got[mode], writes[mode] = [c.clone() for c in w.caches.values()], len(calls)
         monkeypatch.undo()
-    assert writes == {"placed": lm.fingerprint["num_layers"],
-                      "buffered": lm.fingerprint["num_layers"]}
-    assert len(made) == 1 and made[0].placed.sum() == 600  # the third request's document
+    layers = lm.fingerprint["num_layers"]
+    assert writes == {"placed": 0 if end_b == 592 else layers, "buffered": layers}
+    # 600 rows per document decoded; at 590 the shared one's are not placed
+    assert len(made) == 1 and made[0].placed.sum() == (1200 if end_b == 592 else 600)
     assert all(torch.equal(a, b) for a, b in zip(got["placed"], got["buffered"]))
     assert all(c[:117].abs().sum() > 0 for c in got["placed"])
+    assert all(not c[117:].any() for c in got["placed"])
+
+
+def test_whole_blocks_and_their_copies():
+    """A later claim's slots are copied block by block only where they and the first
+    claim's are whole blocks at the same offsets; copies go in runs of consecutive
+    blocks, any order of blocks."""
+    import numpy as np
+
+    from kvcodec.integrations.vllm.placed import copy_blocks, whole_blocks
+
+    bs = 4
+    src = np.r_[np.arange(8, 12), np.arange(20, 24)]  # blocks 2 and 5
+    dst = np.r_[np.arange(36, 40), np.arange(0, 4)]  # blocks 9 and 0
+    assert whole_blocks(src, dst, bs)
+    assert not whole_blocks(src[:6], dst[:6], bs)  # not a multiple of the block
+    assert not whole_blocks(src + 1, dst + 1, bs)  # offsets 1.. (a block and the next)
+    assert not whole_blocks(src, np.r_[dst[:4], np.arange(40, 44)[::-1]], bs)
+    assert not whole_blocks(np.r_[src[:2], 30, 31, src[4:]], dst, bs)  # two blocks
+    cache = torch.arange(12 * 3, dtype=torch.float32).view(12, 3)
+    want = cache.clone()
+    want[9], want[0], want[10], want[1] = want[2], want[5], want[3], want[6]
+
+    class Metrics:
+        def staged(self, stage, seconds):
+            self.stage = stage
+
+    m = Metrics()
+    # blocks 3 -> 10 and 6 -> 1 come with 2 -> 9 and 5 -> 0: runs 2,3 -> 9,10 and 5,6 -> 0,1
+    copy_blocks({0: cache}, [(src, dst), (src + 4, dst + 4)], bs, m)
+    assert torch.equal(cache, want) and m.stage == "write"

@@ -16,7 +16,7 @@ from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import decode_documents
 from .cpu import overlap_loads, torch_one_thread
 from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
-from .placed import Placement, entry_rows, write_rows
+from .placed import Placement, copy_blocks, entry_rows, write_rows
 from .recompute import check
 from .scheduler import Load
 from .step_plan import plan_group
@@ -235,7 +235,8 @@ class ConnectorWorker:
         :func:`~kvcodec.store.batch.decode_documents`) straight into vLLM's blocks
         (:class:`.placed.Placement`), or into one buffer per layer written with one call
         of its op each. Loads of the step that share a document decode it once
-        (:func:`.step_plan.plan_group`). A damaged entry stops its load there (it and
+        (:func:`.step_plan.plan_group`), into the first one's blocks, whole blocks then
+        copied into the others' (:func:`.placed.copy_blocks`). A damaged entry stops its load there (it and
         later ones are recomputed); the other loads are not affected."""
         owners, docs, where, bufs = plan_group(jobs, group, self._pool)
         if not owners:
@@ -247,6 +248,7 @@ class ConnectorWorker:
                              [o[0].recompute is not None for o in owners])
         landed = decode_documents(self.store, docs, self.threads, place)
         runs, stopped, claimed = {}, set(), set()  # first layer -> (rows, slots)
+        copies = []  # a shared entry's blocks copied from its first claim's
         for (load, files, a, b), at, got in zip(owners, where, spans):  # at: (doc, entry)s
             good = next((i for i, (d, j) in enumerate(at) if landed[d] <= j), b - a)
             if id(load) in stopped:
@@ -266,6 +268,9 @@ class ConnectorWorker:
                 claimed.add(at[i])
                 rows.append(r)
                 slots.append(s)
+                pair = None if place is None else place.copies(r, s)
+                if pair is not None:
+                    copies.append(pair)
                 if rc is not None and rc.check_layer in bufs:  # the check's cached side
                     k, v = bufs[rc.check_layer]
                     rc.cached.append((torch.arange(lo, hi), k[0, :, r].transpose(0, 1).float(),
@@ -277,6 +282,8 @@ class ConnectorWorker:
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
         write_rows(self.layout, self.caches, bufs, runs, self.store.metrics,
                    None if place is None else place.placed)
+        copy_blocks({l: self.caches[l] for l in group}, copies, self.block,
+                    self.store.metrics)
 
     def save_kv_layer(self, layer_name: str) -> None:
         """After a layer's attention: at a selective blend's check layer, choose the
