@@ -253,7 +253,7 @@ KVC_AVX2 bool klt_rows(const uint8_t* symbols, int rows, const DequantSpec& spec
   const bool spreading = !dense_out(spec);
   int count[TILE];
   for (int k = 0; k < spec.heads; ++k) {
-    int held = 0;  // rows of head k made in `spread`, from row t0 - held on
+    int held = 0;  // rows of head k made in `spread`, not stored yet
     pad_basis(spec.basis + (size_t)k * d * d, d, cb, basis);
     for (int t0 = 0; t0 < rows; t0 += tile_rows) {
       const int m = rows - t0 < tile_rows ? rows - t0 : tile_rows;
