@@ -47,9 +47,10 @@ class ConnectorWorker:
     cache), ``tokens_shared`` (of those, tokens of entries another load of the same step
     read and decoded: each entry is read and decoded once per step), ``blocks_failed``
     (blocks reported for recomputation), ``saves_skipped`` (saves the bound turned away).
-    The store's metrics also get the time of writes through vLLM's op (stage ``write``:
-    rows not decoded in place, :mod:`.placed`), loads not delivered in time (cause
-    ``timeout``) and the saves queued, written and dropped.
+    The store's metrics also get the time of writes through vLLM's op and of shared
+    entries' block copies (stage ``write``: rows not decoded in place, :mod:`.placed`),
+    loads not delivered in time (cause ``timeout``) and the saves queued, written and
+    dropped.
     ``overlap``: decode beside the forward pass, else before it (:func:`.cpu.overlap_loads`);
     its own threads run torch single-threaded (:func:`.cpu.torch_one_thread`)."""
 
@@ -236,15 +237,17 @@ class ConnectorWorker:
         (:class:`.placed.Placement`), or into one buffer per layer written with one call
         of its op each. Loads of the step that share a document decode it once
         (:func:`.step_plan.plan_group`), into the first one's blocks, whole blocks then
-        copied into the others' (:func:`.placed.copy_blocks`). A damaged entry stops its load there (it and
-        later ones are recomputed); the other loads are not affected."""
+        copied into the others' (:func:`.placed.copy_blocks`). A damaged entry stops its
+        load there (it and later ones are recomputed); the other loads are not
+        affected."""
         owners, docs, where, bufs = plan_group(jobs, group, self._pool)
         if not owners:
             return
         spans = [[entry_rows(load, files[a + i], docs[d].spans[j], self.block)
                   for i, (d, j) in enumerate(at)]
                  for (load, files, a, _), at in zip(owners, where)]
-        place = Placement.of(self.layout, {l: self.caches[l] for l in group}, bufs, spans,
+        caches = {l: self.caches[l] for l in group}
+        place = Placement.of(self.layout, caches, bufs, spans,
                              [o[0].recompute is not None for o in owners])
         landed = decode_documents(self.store, docs, self.threads, place)
         runs, stopped, claimed = {}, set(), set()  # first layer -> (rows, slots)
@@ -282,8 +285,7 @@ class ConnectorWorker:
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
         write_rows(self.layout, self.caches, bufs, runs, self.store.metrics,
                    None if place is None else place.placed)
-        copy_blocks({l: self.caches[l] for l in group}, copies, self.block,
-                    self.store.metrics)
+        copy_blocks(caches, copies, self.block, self.store.metrics)
 
     def save_kv_layer(self, layer_name: str) -> None:
         """After a layer's attention: at a selective blend's check layer, choose the
