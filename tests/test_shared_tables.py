@@ -370,6 +370,46 @@ def test_documents_of_a_step_decode_as_one_plan(filled, lm, where, caplog, monke
             f.close()
 
 
+def test_a_requests_own_last_entry_stacks_alone(tmp_path, lm, kv_1536, monkeypatch):
+    """Two requests of a step over one document, different questions: the second's own
+    last entry (a partial chunk after the entries it shares) is one document of one
+    entry. It is planned stacked like the others (one native call for the step, its
+    sink rows set with one NumPy call per kind), at its rows of the buffer, and decodes
+    the bits of the entry decoded alone."""
+    import kvcodec.store.batch as batch
+    from kvcodec.store.batch import Document, decode_documents
+
+    store = ChunkStore(tmp_path / "store", lm.fingerprint, "default")
+    kv = kv_1536.slice(0, 1500)  # 5 whole chunks and a partial one of 220 tokens
+    store.put(kv)
+    ids, locs = kv.token_ids, store.lookup(kv.token_ids, partial=True)
+    assert len(locs) == 6
+    stacked, real = [], batch.plan_stack
+    monkeypatch.setattr(batch, "plan_stack", lambda *a: stacked.append(real(*a)) or stacked[-1])
+    runs, real_run = [], batch.run
+    monkeypatch.setattr(batch, "run", lambda p, t=0: runs.append(p) or real_run(p, t))
+    fp, layers = lm.fingerprint, [0, 7, 29]
+    shape = (1, fp["num_kv_heads"], 1500 + 220 + 5, fp["head_dim"])
+    bufs = {l: (torch.full(shape, 7.0), torch.full(shape, 7.0)) for l in layers}
+    files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+             for i, loc in enumerate(locs)]
+    docs = [Document(files, locs, bufs, [(i * 256, min(1500, (i + 1) * 256))
+                                         for i in range(6)]),
+            Document(files[5:], locs[5:], bufs, [(1505, 1725)])]  # after 5 spare rows
+    assert decode_documents(store, docs, threads=2) == [6, 1]
+    assert len(stacked) == 2 and None not in stacked and len(runs) == 1
+    assert len(stacked[1].targets) == 2 * len(layers)
+    one = files[5].decode()
+    assert one.num_tokens == 220
+    for l in layers:
+        for got, want in ((bufs[l][0], one.keys[l]), (bufs[l][1], one.values[l])):
+            assert torch.equal(got[:, :, 1505:1725], want)
+            assert torch.equal(got[:, :, 1280:1500], want)  # the first document's copy
+            assert (got[:, :, 1500:1505] == 7.0).all()  # rows between: not touched
+    for f in files:
+        f.close()
+
+
 def test_a_stacked_plans_float32_rows_start_no_openmp_team():
     """The entries' centering offsets and sink rows become float32 in the calling thread,
     in copies no larger than torch's grain size: one parallel copy started (or woke) the

@@ -11,6 +11,11 @@ carried per chunk: the centering offsets (the native dequantizer takes one row o
 per ``chunk_tokens`` rows) and the fp16 attention-sink rows each entry starts with
 (:attr:`~kvcodec.format.plan.Target.sink_every`).
 
+A single entry is planned this way too (a request's own last entry after entries it
+shares with another request of a vLLM step): its plan joins the step's others in one
+native call, and its sink rows are set by one NumPy call per kind of stream, not one per
+stream.
+
 Anything else (evicted or streamed files, another chunk layout, windows shorter than
 the entries, own tables, destinations that are not float32 rows of one buffer) is not
 stacked: :func:`plan_stack` returns None and the caller plans the entries one by one,
@@ -38,7 +43,7 @@ def plan_stack(files: list, bufs, spans: list,
     placed there instead of where it was coded (a document blended at another offset,
     :meth:`KVCFile.decode_into`'s); only entries coded pre-RoPE move here (others are
     not stacked). Raises what :meth:`KVCFile.plan` raises for a damaged entry."""
-    if len(files) < 2 or not _stackable(files, spans):
+    if not files or not _stackable(files, spans):
         return None
     f0, m0 = files[0], files[0].meta
     t0, t1 = spans[0][0], spans[-1][1]
