@@ -178,3 +178,30 @@ def test_whole_blocks_and_their_copies():
     # blocks 3 -> 10 and 6 -> 1 come with 2 -> 9 and 5 -> 0: runs 2,3 -> 9,10 and 5,6 -> 0,1
     copy_blocks({0: cache}, [(src, dst), (src + 4, dst + 4)], bs, m)
     assert torch.equal(cache, want) and m.stage == "write"
+
+
+def test_entries_a_step_shares_count_once_toward_its_decode_buffers(lm, kv_600, tmp_path,
+                                                                      monkeypatch):
+    """Before the forward pass the step's layers are split into as few groups as the
+    decode buffers' budget holds; an entry two requests share is decoded once, into one
+    buffer row, so it counts once: a budget that holds one document's rows for every
+    layer decodes two requests of that document in one group (it was two)."""
+    from kvcodec.integrations.vllm.scheduler import Load
+    from kvcodec.integrations.vllm.worker import ConnectorWorker
+
+    store = ChunkStore(tmp_path, lm.fingerprint, "default")
+    assert store.put(kv_600) == 3
+    layers = lm.fingerprint["num_layers"]
+    w = _worker(store, lm, 16, torch.float32, 96)
+    monkeypatch.setattr(w._pool, "max_bytes", w._pool.layer_bytes(600) * layers)
+    groups = []
+    load_group = ConnectorWorker._load_group
+    monkeypatch.setattr(ConnectorWorker, "_load_group",
+                        lambda self, g, jobs: (groups.append(g), load_group(self, g, jobs)))
+    ids = kv_600.token_ids
+    assert _step(w, [Load("a", ids, list(range(0, 37)), 0, 592),
+                     Load("b", ids, list(range(40, 77)), 0, 592)]) == set()
+    assert groups == [list(range(layers))]
+    assert (w.tokens_loaded, w.tokens_shared) == (2 * 592, 592)
+    assert all(torch.equal(c[:37], c[40:77]) and c[:37].abs().sum() > 0
+               for c in w.caches.values())

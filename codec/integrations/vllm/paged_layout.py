@@ -12,9 +12,12 @@ log = logging.getLogger("kvcodec")
 
 
 def slot_ids(block_ids: list, lo: int, hi: int, block: int) -> torch.Tensor:
-    """Slot numbers (block id * block size + offset) of tokens ``lo .. hi - 1``."""
-    pos = torch.arange(lo, hi)
-    return torch.tensor(block_ids, dtype=torch.int64)[pos // block] * block + pos % block
+    """Slot numbers (block id * block size + offset) of tokens ``lo .. hi - 1``, int64.
+    In NumPy: a step asks for them per entry of every load (hundreds with eight
+    requests), and on arrays this small each torch op costs several NumPy ones."""
+    pos = np.arange(lo, hi, dtype=np.int64)
+    return torch.from_numpy(np.asarray(block_ids, dtype=np.int64)[pos // block] * block
+                            + pos % block)
 
 
 def layer_groups(layers: list, beside: bool = True, layer_bytes: int = 0,

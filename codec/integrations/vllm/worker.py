@@ -210,7 +210,10 @@ class ConnectorWorker:
     def _load_layers(self, jobs, beside: bool = False) -> None:
         if beside:  # the loader's thread, beside the forward pass
             torch_one_thread()
-        tokens = sum(f.num_tokens for _, files in jobs for f, *_ in files)  # at most
+        # The buffers' rows: each entry once, however many loads of the step share it
+        # (:func:`.step_plan.plan_group`), at most (a load's entries of layers vLLM
+        # computes are not decoded).
+        tokens = sum({id(f): f.num_tokens for _, files in jobs for f, *_ in files}.values())
         try:
             for group in layer_groups(sorted(self.caches), beside,
                                       self._pool.layer_bytes(tokens), self._pool.max_bytes):
