@@ -424,6 +424,40 @@ def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):
     assert agreement >= 0.5
 
 
+def test_a_precomputed_documents_end_is_loaded_under_a_question(lm, texts, tmp_path,
+                                                                  lossless):
+    """A document precomputed alone ends with a partial chunk; a prompt of it and a
+    question continues it, so vLLM loads through the document's last whole block (its
+    first 640 tokens here), not only its whole chunks (512)."""
+    from click.testing import CliRunner
+
+    from kvcodec.store import ChunkStore
+    from kvcodec_cli.main import main
+
+    llm, store = lossless
+    tok = lm.tokenizer
+    # A text of 640 + 16..127 tokens: two whole 256-token chunks, then past a block.
+    size = lambda n: len(tok(texts["gpl3"][:n], add_special_tokens=False)["input_ids"])  # noqa
+    cut = next(n for n in range(2000, 6000, 40) if 656 <= size(n) < 768)
+    text = texts["gpl3"][:cut]
+    doc = tok(text, add_special_tokens=False)["input_ids"]
+    ids = doc + tok(QUESTION, add_special_tokens=False)["input_ids"]
+    conn = _connector()
+    conn.flush()
+    for p in store.rglob("*.kvc"):
+        p.unlink()  # only the precomputed document
+    (tmp_path / "doc.txt").write_text(text)
+    r = CliRunner().invoke(main, ["precompute", "--store", str(store), "--config", "lossless",
+                                  str(tmp_path / "doc.txt")])
+    assert r.exit_code == 0, r.output
+    chunks = ChunkStore(store, lm.fingerprint, "lossless")
+    assert chunks.cached_tokens(ids, partial=True) == len(doc)
+    assert chunks.cached_tokens(ids) == 512  # whole chunks only
+    before = conn.tokens_loaded
+    _ask(llm, ids)
+    assert conn.tokens_loaded - before == 640
+
+
 def test_lossy_default_agreement(lm, texts, tmp_path):
     """With the default config (in an engine of its own, in a subprocess): the second
     request is served from the store. Free-running greedy agreement with the first

@@ -218,7 +218,8 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     ``reserve`` tokens (the uncached suffix and the answer are appended in place). Its
     entries are fetched and decoded as one plan (:meth:`ChunkStore.fill`). ``partial``:
     a last, partial chunk counts too where the store holds exactly it (``put`` of the
-    same tokens stored it: the same document sent again).
+    same tokens stored it: the same document sent again), or a stored document's end
+    that ``token_ids`` continue (:mod:`kvcodec.store.tails`).
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
     check_fingerprint(store.fingerprint, model_fingerprint(model.config, rope=False))
@@ -242,7 +243,7 @@ def prefill_with_store(lm, store, token_ids, *, threads: int = 0):
     if not ids:
         raise KVCodecError("no tokens to prefill")
     # Keep at least one token to run, so the caller gets the next-token logits.
-    cache, n = cache_from_store(lm.model, store, ids[:-1], threads=threads)
+    cache, n = cache_from_store(lm.model, store, ids[:-1], threads=threads, partial=True)
     out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
     return cache, n, out.logits[0, -1]

@@ -196,7 +196,7 @@ class Engine:
             if self.anchor is not None:
                 if s.document(ids, self.anchor) is None:
                     return None
-            elif len(s.lookup(ids, partial=True)) < chunks:
+            elif s.lookup(ids, partial=True).tokens < len(ids):
                 return None
             n += chunks
         return n

@@ -25,6 +25,7 @@ from ..core.kvcache import token_views
 from ..errors import CorruptError, KVCodecError
 from ..format.plan import finish, run
 from ..format.stacked import plan_stack
+from .tails import covered
 
 
 @dataclass
@@ -123,8 +124,10 @@ def open_prefix(store, token_ids, locs) -> tuple:
     """The entries ``locs`` (consecutive chunks of ``token_ids`` from token 0) opened and
     checked, in parallel from an object store: ``(files, spans, n)``, each entry's file
     (None where it is missing or failed, reported by ``open_entry``) and token span, and
-    how many lead before the first that failed. The caller closes the files."""
-    chunk, n = store.chunk_tokens, len(token_ids)
+    how many lead before the first that failed. The caller closes the files. The last
+    entry may hold fewer tokens than a chunk (``locs.tokens``: a document's end under a
+    longer prompt, :mod:`.tails`)."""
+    chunk, n = store.chunk_tokens, covered(locs, token_ids, store.chunk_tokens)
     spans = [(i * chunk, min(n, (i + 1) * chunk)) for i in range(len(locs))]
 
     def fetch(i):

@@ -32,3 +32,10 @@ def check_entry(f, loc, ids: list, t0: int, anchor, fp: dict) -> None:
             or (f.token_ids is not None and f.token_ids != ids)):
         raise CorruptError(f"{loc} holds other tokens than its key says")
 
+
+def entry_limit(fingerprint: dict, n_tokens: int) -> int:
+    """The most bytes an entry of ``n_tokens`` tokens can take (8 per element, twice
+    lossless fp32, and 16 MiB of header and tables): larger is refused unfetched."""
+    per_token = 2 * fingerprint["num_layers"] * fingerprint["num_kv_heads"] * fingerprint[
+        "head_dim"]
+    return 8 * per_token * max(1, n_tokens) + (16 << 20)

@@ -47,10 +47,11 @@ from ..core.kvcache import KVCache
 from ..errors import KVCodecError, ShapeError
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
+from . import tails
 from .backends import STALE_TEMP_S, open_backend
 from .batch import Entry, decode_entries, fill, leading
 from .capacity import StoreCapacity
-from .checks import check_entry, is_damage
+from .checks import check_entry, entry_limit, is_damage
 from .metrics import StoreMetrics
 from .objects import StoreObjects
 from .shared import StoreTables
@@ -231,7 +232,8 @@ class ChunkStore(StoreObjects, StoreCapacity):
                 "sliding-window layers hold only their last tokens; capture it with "
                 "capture_kv(..., every_token=True) (or encode it into one .kvc file)")
         written, base, tables = 0, len(anchor or ()), None
-        for i, key in enumerate(self.keys(kv.token_ids, anchor)):
+        keys = self.keys(kv.token_ids, anchor)
+        for i, key in enumerate(keys):
             rel = keying.entry_name(key)
             t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
             if t0 < from_token or self._backend.exists(rel):
@@ -241,6 +243,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
                                               base + from_token) or False
             self._write(rel, kv.slice(t0, t1), anchor, base + t0, tables or None)
             written += 1
+        tails.mark_last(self, keys, kv.num_tokens, from_token, anchor)  # a partial last one
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:
@@ -270,17 +273,20 @@ class ChunkStore(StoreObjects, StoreCapacity):
         rel = keying.entry_name(self.evicted_key(token_ids, spec, anchor))
         return self._backend.location(rel) if self._present(rel) else None
 
-    def lookup(self, token_ids, *, partial: bool = False) -> list:
-        """Locations of the longest cached prefix of whole chunks of ``token_ids``; with
+    def lookup(self, token_ids, *, partial: bool = False) -> tails.Prefix:
+        """Locations of the longest cached prefix of whole chunks of ``token_ids`` (a
+        list; ``.tokens``: the tokens they hold), in parallel on an object store; with
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
-        (``put`` of the same sequence stores it: the same prompt sent again). On an
-        object store the entries are looked up in parallel."""
-        ids = list(token_ids)
-        rels = [keying.entry_name(key) for i, key in enumerate(self.keys(ids))
+        (``put`` of the same sequence stores it) or else the longest partial chunk stored
+        there that ``token_ids`` continue (a document's end, then a question: :mod:`.tails`)."""
+        keys = self.keys(ids := list(token_ids))
+        rels = [keying.entry_name(key) for i, key in enumerate(keys)
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
         n = leading(self._present, rels, self.remote)
-        self.metrics.lookup(len(ids), min(len(ids), n * self.chunk_tokens))
-        return [self._backend.location(r) for r in rels[:n]]
+        found = tails.prefix(self, ids, keys, [self._backend.location(r) for r in rels[:n]],
+                             partial)
+        self.metrics.lookup(len(ids), found.tokens)
+        return found
 
     def _present(self, rel: str) -> bool:
         """Whether entry ``rel`` exists; a store that cannot say (no network, a
@@ -293,14 +299,11 @@ class ChunkStore(StoreObjects, StoreCapacity):
 
     def cached_tokens(self, token_ids, *, partial: bool = False) -> int:
         """How many leading tokens of ``token_ids`` :meth:`lookup` finds."""
-        return min(len(token_ids), len(self.lookup(token_ids, partial=partial)) * self.chunk_tokens)
+        return self.lookup(token_ids, partial=partial).tokens
 
     def entry_limit(self, n_tokens: int) -> int:
-        """The most bytes an entry of ``n_tokens`` tokens can take (8 per element, twice
-        lossless fp32, and 16 MiB of header and tables): larger is refused unfetched."""
-        fp = self.fingerprint
-        per_token = 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"]
-        return 8 * per_token * max(1, n_tokens) + (16 << 20)
+        """The most bytes an entry of ``n_tokens`` tokens can take (:func:`.entry_limit`)."""
+        return entry_limit(self.fingerprint, n_tokens)
 
     def open_entry(self, loc, token_ids, t0: int, anchor=None) -> "kvc.KVCFile":
         """The entry at ``loc``, checked to be the chunk of ``token_ids`` starting at token

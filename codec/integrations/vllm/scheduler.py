@@ -19,7 +19,7 @@ log = logging.getLogger("kvcodec")
 @dataclass
 class Load:
     req_id: str
-    token_ids: list        # the prompt's tokens through the chunk that holds ``end - 1``
+    token_ids: list        # the prompt's tokens the store holds (their entries' keys)
     block_ids: list
     start: int             # first token to load (what vLLM had computed already)
     end: int               # one past the last token to load
@@ -60,7 +60,7 @@ class ConnectorScheduler:
         self.store, self.block, self.save = store, block, save
         self.prefix_caching, self._anchor = prefix_caching, anchor
         self.chunk = store.chunk_tokens
-        self._pending: dict[str, tuple] = {}     # req_id -> (start, end, segments) to load
+        self._pending: dict[str, tuple] = {}  # req_id -> (start, end, segments, tokens found)
         self._blocks: dict[str, list] = {}       # req_id -> block ids so far
         self._prompts: dict[str, list] = {}      # req_id -> prompt token ids
         self._saved: set = set()
@@ -84,7 +84,7 @@ class ConnectorScheduler:
         end = min(cached, (len(ids) - 1) // self.block * self.block)
         if end <= num_computed_tokens:
             return 0, False
-        self._pending[request.request_id] = (num_computed_tokens, end, None)
+        self._pending[request.request_id] = (num_computed_tokens, end, None, cached)
         return end - num_computed_tokens, False
 
     def _blend_of(self, request, ids: list):
@@ -131,7 +131,7 @@ class ConnectorScheduler:
         self._blends[req_id] = (blend, 0 if p.head_cached else p.head, p.preload)
         if p.end <= num_computed_tokens:
             return 0, False
-        self._pending[req_id] = (num_computed_tokens, p.end, p.segments)
+        self._pending[req_id] = (num_computed_tokens, p.end, p.segments, None)
         return p.end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
@@ -144,10 +144,11 @@ class ConnectorScheduler:
             self._blocks[new.req_id] = list(new.block_ids[0])
             self._prompts[new.req_id] = list(new.prompt_token_ids or [])
             if new.req_id in self._pending:
-                start, end, segments = self._pending.pop(new.req_id)
-                # The entries' keys cover whole chunks (or the prompt's partial last
-                # one), past `end` for a cut last entry.
-                whole = -(-end // self.chunk) * self.chunk
+                start, end, segments, cover = self._pending.pop(new.req_id)
+                # The entries' keys: of the tokens the lookup found (whole chunks, the
+                # prompt's partial last one, or a document's end it continues: their
+                # keys are of exactly those tokens), past `end` for a cut last entry.
+                whole = cover if cover is not None else -(-end // self.chunk) * self.chunk
                 blend = self._blends.get(new.req_id)
                 meta.loads.append(Load(new.req_id, self._prompts[new.req_id][:whole],
                                        list(self._blocks[new.req_id]), start, end,

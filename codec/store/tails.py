@@ -1,0 +1,113 @@
+"""A document's partial last chunk, found under a longer prompt (the document and a
+question): its end reused, not recomputed.
+
+A store keys chunk ``i`` of a sequence by the chained hash of its tokens, the last one
+too where it is partial (:mod:`.keys`). A document stored alone (``kvcodec precompute``,
+:meth:`~.chunks.ChunkStore.put`) ends with a partial chunk, its last 208 tokens say. A
+prompt of that document and a question holds, in that place, a chunk of those 208 tokens
+and the question's first ones, under another key, so the document's end was never
+reused: every such request computed up to ``chunk_tokens - 1`` tokens (half a chunk on
+average) that the store held.
+
+Beside a partial entry the store keeps a marker, an empty object
+``tails/<h_{i-1}>/<n>``: after the chunks whose chain ends at key ``h_{i-1}`` (the
+seed, for a first chunk) a partial chunk of ``n`` tokens is stored. A lookup whose whole
+chunks end at ``h_{i-1}`` with tokens left lists those markers (one listing: a folder
+on a disk, one LIST on an object store) and, for each length ``n`` shorter than what is
+left, longest first, looks for the key of its own next ``n`` tokens: that entry exists
+only where those tokens are the document's. A marker whose entry is gone (evicted,
+moved aside) is a miss; a listing that fails is a miss, logged.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import keys as keying
+
+log = logging.getLogger("kvcodec")
+
+FOLDER = "tails"
+
+
+class Prefix(list):
+    """Locations of a cached prefix's entries, in token order (a list, as lookups always
+    returned), and ``tokens``: how many leading tokens they hold (their last entry may
+    hold fewer than a chunk: a document's end)."""
+
+    def __init__(self, locs, tokens: int):
+        super().__init__(locs)
+        self.tokens = int(tokens)
+
+
+def covered(locs, token_ids, chunk: int) -> int:
+    """How many leading tokens of ``token_ids`` the entries ``locs`` hold: a
+    :class:`Prefix` says; a plain list of chunks holds whole chunks (the last one up to
+    the end of ``token_ids``)."""
+    if isinstance(locs, Prefix):
+        return min(len(token_ids), locs.tokens)
+    return min(len(token_ids), len(locs) * chunk)
+
+
+def marker(prev: str, n: int) -> str:
+    """The marker of a partial chunk of ``n`` tokens stored after chain key ``prev``."""
+    return f"{FOLDER}/{prev}/{int(n)}"
+
+
+def mark(backend, prev: str, n: int) -> None:
+    """Record a partial chunk of ``n`` tokens after ``prev``, unless recorded already. A
+    marker that cannot be written costs later prompts this reuse only: logged."""
+    rel = marker(prev, n)
+    try:
+        if not backend.exists(rel):
+            backend.write(rel, b"")
+    except OSError as exc:
+        log.warning("kvcodec store: cannot record the partial chunk %s (%s)", rel, exc)
+
+
+def mark_last(store, keys: list, tokens: int, from_token: int, anchor=None) -> None:
+    """After a ``put`` of ``tokens`` tokens (chunk keys ``keys``, from ``from_token``
+    on) stored: its last chunk's marker, where it is partial (not for a document behind
+    an anchor: blends look those up by their own tokens)."""
+    last, chunk = len(keys) - 1, store.chunk_tokens
+    if anchor is None and tokens % chunk and last * chunk >= from_token:
+        mark(store._backend, keys[last - 1] if last else store._seed.hex(),
+             tokens - last * chunk)
+
+
+def prefix(store, ids: list, keys: list, locs: list, partial: bool) -> Prefix:
+    """The :class:`Prefix` of ``ids`` whose entries ``locs`` a lookup found (``keys``:
+    every chunk's); with ``partial``, where they are whole chunks with tokens left
+    after them, the longest partial chunk stored there that ``ids`` continue joins
+    them (:func:`find`)."""
+    got = min(len(ids), len(locs) * store.chunk_tokens)
+    if partial and got < len(ids):
+        n = len(locs)
+        tail = find(store, ids, n, keys[n - 1] if n else store._seed.hex())
+        if tail is not None:
+            return Prefix(locs + [tail[0]], got + tail[1])
+    return Prefix(locs, got)
+
+
+def find(store, ids: list, chunks: int, prev: str):
+    """``(location, n)`` of the longest partial chunk stored after the ``chunks`` whole
+    chunks of ``ids`` (chain key ``prev``) that holds ``ids``' next ``n`` tokens, with
+    tokens of ``ids`` still after it; or None."""
+    at = chunks * store.chunk_tokens
+    most = min(len(ids) - at, store.chunk_tokens) - 1  # the exact one is looked up already
+    if most < 1:
+        return None
+    sizes = set()
+    try:
+        for rel in store._backend.list(f"{FOLDER}/{prev}"):
+            name = rel.rsplit("/", 1)[-1]
+            if len(name) <= 6 and name.isdecimal() and 0 < int(name) <= most:
+                sizes.add(int(name))
+    except Exception as exc:  # the store cannot say: a miss, as for an entry
+        log.warning("kvcodec store: cannot list %s/%s (%s); a miss", FOLDER, prev, exc)
+        return None
+    seed = bytes.fromhex(prev)
+    for n in sorted(sizes, reverse=True):
+        rel = keying.entry_name(keying.chain(seed, ids[at:at + n], n)[0])
+        if store._present(rel):
+            return store._backend.location(rel), n
+    return None
