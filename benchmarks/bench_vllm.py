@@ -180,25 +180,29 @@ def _s3_link(gbps: float = 1.0) -> str:
 
 
 def _concurrent(llm, params, lm, text, tokens, n, rounds, name, threading) -> dict:
-    """``n`` requests at once over four cached documents: per request, the time from
-    submission to its first (and only) token; the best of ``rounds`` rounds, and every
-    round's wall time (``wall_s_rounds``).
+    """``n`` requests at once over four cached documents, two or more per document,
+    each round with new questions: per request, the time from submission to its first
+    (and only) token; the best of ``rounds`` rounds, and every round's wall time
+    (``wall_s_rounds``).
 
-    The store holds the first four prompts (document and question); the other requests
-    ask new questions. In the first round kvcodec loads their documents' whole chunks
-    only (1,792 of 2,000 tokens: the chunk after them holds the document's end and the
-    question) and computes the rest, 223 tokens each instead of the 95 the example
-    computes (its files are matched by vLLM block, 1,920 tokens); their last chunks are
-    saved then, so later rounds load them. Saves are written between rounds."""
+    The four documents are sent alone first (the store, or the example's folder, holds
+    them). A request then is a document and a question never asked before: vLLM loads
+    through the document's last whole block (1,920 of its 2,000 tokens: kvcodec finds
+    the document's partial last chunk under the longer prompt, :mod:`kvcodec.store.
+    tails`; the example's files are named by the block-aligned prefix) and computes the
+    rest. kvcodec also saves each request's last chunk (the document's end and the
+    question), encoded in the background while the next round runs."""
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     docs = [ids[i * tokens:(i + 1) * tokens] for i in range(4)]
     if len(docs[-1]) < tokens:
         sys.exit(f"the text holds fewer than 4 x {tokens} tokens")
-    asks = [f"\n\nQuestion {i}: what does this part say?\nAnswer:" for i in range(n)]
-    prompts = [docs[i % 4] + lm.tokenizer(asks[i], add_special_tokens=False)["input_ids"]
-               for i in range(n)]
-    for p in prompts[:4]:  # fill the store (and warm the engine)
-        llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)
+
+    def prompts(r):
+        asks = [f"\n\nQuestion {r}.{i}: what does this part say?\nAnswer:" for i in range(n)]
+        return [docs[i % 4] + lm.tokenizer(a, add_special_tokens=False)["input_ids"]
+                for i, a in enumerate(asks)]
+    for d in docs:  # fill the store (and warm the engine)
+        llm.generate([{"prompt_token_ids": d}], params, use_tqdm=False)
     if name.startswith("kvcodec"):
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
@@ -206,10 +210,8 @@ def _concurrent(llm, params, lm, text, tokens, n, rounds, name, threading) -> di
     engine = llm.llm_engine
     best, walls = None, []
     for r in range(rounds):
-        if name.startswith("kvcodec"):  # the saves of the round before written, untimed
-            get_kv_transfer_group().flush()  # (the example writes its files in the step)
         t0 = time.perf_counter()
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts(r)):
             engine.add_request(f"r{r}-{i}", {"prompt_token_ids": p}, params)
         done = []
         while engine.has_unfinished_requests():
@@ -225,7 +227,7 @@ def _concurrent(llm, params, lm, text, tokens, n, rounds, name, threading) -> di
     return {"name": name, "concurrent": n, "wall_s": round(total, 4),
             "requests_per_s": round(n / total, 3), "ttft_p50_s": round(pct(0.5), 4),
             "ttft_p99_s": round(pct(0.99), 4), "wall_s_rounds": walls,
-            "prompt_tokens": len(prompts[0]),
+            "prompt_tokens": len(prompts(0)[0]),
             "torch_threads": __import__("torch").get_num_threads(), **threading}
 
 
