@@ -47,7 +47,6 @@ from ..core.kvcache import KVCache
 from ..errors import KVCodecError, ShapeError
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
-from . import tails
 from .backends import STALE_TEMP_S, open_backend
 from .batch import Entry, decode_entries, fill, leading
 from .capacity import StoreCapacity
@@ -55,11 +54,12 @@ from .checks import check_entry, entry_limit, is_damage
 from .metrics import StoreMetrics
 from .objects import StoreObjects
 from .shared import StoreTables
+from .tails import Prefix, StoreTails
 
 log = logging.getLogger("kvcodec")
 
 
-class ChunkStore(StoreObjects, StoreCapacity):
+class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
     """A store of chunks (a directory or fsspec URL): keys, atomic puts, lookups and
     checked reads, which every consumer shares (transformers loading in
     :func:`kvcodec.integrations.hf.cache_from_store`, the vLLM connector, precompute jobs).
@@ -243,7 +243,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
                                               base + from_token) or False
             self._write(rel, kv.slice(t0, t1), anchor, base + t0, tables or None)
             written += 1
-        tails.mark_last(self, keys, kv.num_tokens, from_token, anchor)  # a partial last one
+        self._mark_tail(keys, kv.num_tokens, from_token, anchor)  # a partial last one
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:
@@ -273,7 +273,7 @@ class ChunkStore(StoreObjects, StoreCapacity):
         rel = keying.entry_name(self.evicted_key(token_ids, spec, anchor))
         return self._backend.location(rel) if self._present(rel) else None
 
-    def lookup(self, token_ids, *, partial: bool = False) -> tails.Prefix:
+    def lookup(self, token_ids, *, partial: bool = False) -> Prefix:
         """Locations of the longest cached prefix of whole chunks of ``token_ids`` (a
         list; ``.tokens``: the tokens they hold), in parallel on an object store; with
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
@@ -283,8 +283,8 @@ class ChunkStore(StoreObjects, StoreCapacity):
         rels = [keying.entry_name(key) for i, key in enumerate(keys)
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
         n = leading(self._present, rels, self.remote)
-        found = tails.prefix(self, ids, keys, [self._backend.location(r) for r in rels[:n]],
-                             partial)
+        found = self._with_tail(ids, keys, [self._backend.location(r) for r in rels[:n]],
+                                partial)
         self.metrics.lookup(len(ids), found.tokens)
         return found
 

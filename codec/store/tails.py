@@ -53,61 +53,58 @@ def marker(prev: str, n: int) -> str:
     return f"{FOLDER}/{prev}/{int(n)}"
 
 
-def mark(backend, prev: str, n: int) -> None:
-    """Record a partial chunk of ``n`` tokens after ``prev``, unless recorded already. A
-    marker that cannot be written costs later prompts this reuse only: logged."""
-    rel = marker(prev, n)
-    try:
-        if not backend.exists(rel):
-            backend.write(rel, b"")
-    except OSError as exc:
-        log.warning("kvcodec store: cannot record the partial chunk %s (%s)", rel, exc)
+class StoreTails:
+    """The markers of a :class:`~.chunks.ChunkStore` (a mixin: its backend, chunk size,
+    seed and :meth:`_present`)."""
 
+    def _mark_tail(self, keys: list, tokens: int, from_token: int, anchor=None) -> None:
+        """After a ``put`` of ``tokens`` tokens (chunk keys ``keys``, from ``from_token``
+        on) stored: its last chunk's marker, where it is partial and not recorded yet
+        (not for a document behind an anchor: blends look those up by their own tokens).
+        A marker that cannot be written costs later prompts this reuse only: logged."""
+        last, chunk = len(keys) - 1, self.chunk_tokens
+        if anchor is not None or not tokens % chunk or last * chunk < from_token:
+            return
+        rel = marker(keys[last - 1] if last else self._seed.hex(), tokens - last * chunk)
+        try:
+            if not self._backend.exists(rel):
+                self._backend.write(rel, b"")
+        except OSError as exc:
+            log.warning("kvcodec store: cannot record the partial chunk %s (%s)", rel, exc)
 
-def mark_last(store, keys: list, tokens: int, from_token: int, anchor=None) -> None:
-    """After a ``put`` of ``tokens`` tokens (chunk keys ``keys``, from ``from_token``
-    on) stored: its last chunk's marker, where it is partial (not for a document behind
-    an anchor: blends look those up by their own tokens)."""
-    last, chunk = len(keys) - 1, store.chunk_tokens
-    if anchor is None and tokens % chunk and last * chunk >= from_token:
-        mark(store._backend, keys[last - 1] if last else store._seed.hex(),
-             tokens - last * chunk)
+    def _with_tail(self, ids: list, keys: list, locs: list, partial: bool) -> Prefix:
+        """The :class:`Prefix` of ``ids`` whose entries ``locs`` a lookup found (``keys``:
+        every chunk's); with ``partial``, where they are whole chunks with tokens left
+        after them, the longest partial chunk stored there that ``ids`` continue joins
+        them (:meth:`_find_tail`)."""
+        got = min(len(ids), len(locs) * self.chunk_tokens)
+        if partial and got < len(ids):
+            n = len(locs)
+            tail = self._find_tail(ids, n, keys[n - 1] if n else self._seed.hex())
+            if tail is not None:
+                return Prefix(locs + [tail[0]], got + tail[1])
+        return Prefix(locs, got)
 
-
-def prefix(store, ids: list, keys: list, locs: list, partial: bool) -> Prefix:
-    """The :class:`Prefix` of ``ids`` whose entries ``locs`` a lookup found (``keys``:
-    every chunk's); with ``partial``, where they are whole chunks with tokens left
-    after them, the longest partial chunk stored there that ``ids`` continue joins
-    them (:func:`find`)."""
-    got = min(len(ids), len(locs) * store.chunk_tokens)
-    if partial and got < len(ids):
-        n = len(locs)
-        tail = find(store, ids, n, keys[n - 1] if n else store._seed.hex())
-        if tail is not None:
-            return Prefix(locs + [tail[0]], got + tail[1])
-    return Prefix(locs, got)
-
-
-def find(store, ids: list, chunks: int, prev: str):
-    """``(location, n)`` of the longest partial chunk stored after the ``chunks`` whole
-    chunks of ``ids`` (chain key ``prev``) that holds ``ids``' next ``n`` tokens, with
-    tokens of ``ids`` still after it; or None."""
-    at = chunks * store.chunk_tokens
-    most = min(len(ids) - at, store.chunk_tokens) - 1  # the exact one is looked up already
-    if most < 1:
+    def _find_tail(self, ids: list, chunks: int, prev: str):
+        """``(location, n)`` of the longest partial chunk stored after the ``chunks``
+        whole chunks of ``ids`` (chain key ``prev``) that holds ``ids``' next ``n``
+        tokens, with tokens of ``ids`` still after it; or None."""
+        at = chunks * self.chunk_tokens
+        most = min(len(ids) - at, self.chunk_tokens) - 1  # the exact one: looked up already
+        if most < 1:
+            return None
+        sizes = set()
+        try:
+            for rel in self._backend.list(f"{FOLDER}/{prev}"):
+                name = rel.rsplit("/", 1)[-1]
+                if len(name) <= 6 and name.isdecimal() and 0 < int(name) <= most:
+                    sizes.add(int(name))
+        except Exception as exc:  # the store cannot say: a miss, as for an entry
+            log.warning("kvcodec store: cannot list %s/%s (%s); a miss", FOLDER, prev, exc)
+            return None
+        seed = bytes.fromhex(prev)
+        for n in sorted(sizes, reverse=True):
+            rel = keying.entry_name(keying.chain(seed, ids[at:at + n], n)[0])
+            if self._present(rel):
+                return self._backend.location(rel), n
         return None
-    sizes = set()
-    try:
-        for rel in store._backend.list(f"{FOLDER}/{prev}"):
-            name = rel.rsplit("/", 1)[-1]
-            if len(name) <= 6 and name.isdecimal() and 0 < int(name) <= most:
-                sizes.add(int(name))
-    except Exception as exc:  # the store cannot say: a miss, as for an entry
-        log.warning("kvcodec store: cannot list %s/%s (%s); a miss", FOLDER, prev, exc)
-        return None
-    seed = bytes.fromhex(prev)
-    for n in sorted(sizes, reverse=True):
-        rel = keying.entry_name(keying.chain(seed, ids[at:at + n], n)[0])
-        if store._present(rel):
-            return store._backend.location(rel), n
-    return None
