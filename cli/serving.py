@@ -33,7 +33,8 @@ from .common import Status, chat_options, check_chat, model_option, salt_option
               help="The cached document (.kvc).")
 @click.option("--store", "store_dir", callback=lambda ctx, param, v: _store_arg(v),
               help="Instead of --context: a store (directory or URL) made by `kvcodec precompute`; the longest "
-                   "cached prefix of --text is reused and the rest prefilled.")
+                   "cached prefix of --text (its partial last chunk too) is reused and the "
+                   "rest prefilled.")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False),
               help="With --store: the document the prompt follows.")
 @click.option("--config", "configs", multiple=True,
@@ -179,7 +180,7 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False
         raise KVCodecError(f"{text_file} has no tokens")
     stores = [ChunkStore(store_dir, lm.fingerprint, c, salt=salt) for c in configs]
     if bandwidth is None:
-        cache, n = hf.cache_from_store(lm.model, stores[0], doc_ids)
+        cache, n = hf.cache_from_store(lm.model, stores[0], doc_ids, partial=True)  # its end too
         return cache, doc_ids, doc_ids[n:], (f"{store_dir}: {n} of {len(doc_ids)} document "
                                              f"tokens cached, the rest prefilled")
     recompute_s, per_byte = adapt.measure_costs(lm, stores, doc_ids)
