@@ -36,6 +36,6 @@ def check_entry(f, loc, ids: list, t0: int, anchor, fp: dict) -> None:
 def entry_limit(fingerprint: dict, n_tokens: int) -> int:
     """The most bytes an entry of ``n_tokens`` tokens can take (8 per element, twice
     lossless fp32, and 16 MiB of header and tables): larger is refused unfetched."""
-    per_token = 2 * fingerprint["num_layers"] * fingerprint["num_kv_heads"] * fingerprint[
-        "head_dim"]
+    fp = fingerprint
+    per_token = 2 * fp["num_layers"] * fp["num_kv_heads"] * fp["head_dim"]
     return 8 * per_token * max(1, n_tokens) + (16 << 20)
