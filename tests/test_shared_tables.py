@@ -4,6 +4,7 @@ no tables, and a prefix of them decodes in one native call; damaged or missing t
 are damage of the entries that use them, environment errors are not; a damaged entry in
 the middle of a plan lets the earlier ones land and stops its own group only."""
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,6 +241,25 @@ def test_put_from_token_never_reads_what_lies_before(tmp_path, lm, kv_600):
             a, b = f.decode(), g.decode()
         assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
 
+
+
+def test_put_of_a_tail_after_a_prefix_writes_what_put_from_token_writes(tmp_path, lm, kv_600):
+    """What the vLLM worker saves since it copies only the tokens the store lacks: a
+    cache of the last tokens, keyed after ``prefix``, stores the same entries, byte for
+    byte, and the same partial chunk's marker, as ``put(from_token=...)`` of the whole."""
+    a = ChunkStore(tmp_path / "a", lm.fingerprint, "default")
+    b = ChunkStore(tmp_path / "b", lm.fingerprint, "default")
+    ids = kv_600.token_ids
+    tail = kv_600.slice(256, 600)  # the cache of tokens 256.. (their ids: ids[256:])
+    assert a.put(tail, prefix=ids[:256]) == 2
+    assert b.put(kv_600, from_token=256) == 2
+    files = lambda s: {p.relative_to(s.root): p.read_bytes()  # noqa: E731
+                       for p in Path(s.root).rglob("*") if p.is_file()}
+    assert files(a) == files(b) and len(files(a)) > 2  # entries, tables, the marker
+    assert a.cached_tokens(ids, partial=True) == 0  # the first chunk is not there
+    assert a.put(kv_600) == 1 and a.cached_tokens(ids, partial=True) == 600
+    with pytest.raises(kvcodec.errors.ShapeError):
+        a.put(tail, prefix=ids[:100])
 
 def test_the_cli_on_an_entry_coded_with_shared_tables(filled, tmp_path):
     from click.testing import CliRunner

@@ -113,8 +113,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         self._init_capacity(max_bytes, ttl)
 
     def with_salt(self, salt: str | None) -> "ChunkStore":
-        """This store as the tenant ``salt`` sees it: the same place, model, config and
-        encoder, other keys."""
+        """This store as tenant ``salt`` sees it: the same place, model and coder, other keys."""
         return self if salt == self.salt else self._view(salt, self.encoder)
 
     def exact(self) -> "ChunkStore":
@@ -179,22 +178,23 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         their writes are single PUTs. Returns how many were removed."""
         return self._backend.sweep(older_than)
 
-    def put(self, kv: KVCache, *, from_token: int = 0) -> int:
+    def put(self, kv: KVCache, *, from_token: int = 0, prefix=None) -> int:
         """Store every chunk of ``kv`` not yet present; returns how many were written.
-        ``from_token``: only chunks that start at or after it (a multiple of
-        ``chunk_tokens``); ``kv``'s K/V before it are never read (placeholders are fine:
-        the vLLM worker copies only what the store lacks)."""
+        ``from_token``: only chunks from it on (a multiple of ``chunk_tokens``); ``kv``'s
+        K/V before it are never read. ``prefix``: the token ids before ``kv``'s, where
+        ``kv`` holds only a sequence's last tokens (the vLLM worker copies only what the
+        store lacks; ``len(prefix)`` a multiple of ``chunk_tokens``)."""
         if kv.anchor:
             raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
                                "prefix; store it with put_document")
-        if from_token % self.chunk_tokens or not 0 <= from_token:
-            raise ShapeError(f"from_token must be a multiple of {self.chunk_tokens}")
-        return self._put(kv, None, from_token)
+        skip = len(prefix or ())
+        if from_token % self.chunk_tokens or skip % self.chunk_tokens or from_token < 0:
+            raise ShapeError(f"from_token, len(prefix): multiples of {self.chunk_tokens}")
+        return self._put(kv, None, max(from_token, skip), list(prefix or ()))
 
     def put_document(self, kv: KVCache) -> int:
         """Store a position-independent document (a cache captured behind an anchor,
-        which ``kv.anchor`` records) under keys of its own tokens; returns how many
-        chunks were written."""
+        ``kv.anchor``) under keys of its own tokens; returns how many chunks were written."""
         anchor = kv.anchor
         if not anchor:
             raise KVCodecError("put_document needs a cache captured behind an anchor "
@@ -220,7 +220,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         if kv.model is not None:
             check_fingerprint(kv.model, self.fingerprint)
 
-    def _put(self, kv: KVCache, anchor, from_token: int = 0) -> int:
+    def _put(self, kv: KVCache, anchor, from_token: int = 0, prefix=()) -> int:
         if kv.evicted:
             raise ShapeError("this cache is evicted (each head keeps its own tokens), so it "
                              "has no dense chunks to store; store it whole with "
@@ -231,19 +231,19 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
                 "the store keeps every layer's tokens chunk by chunk, but this cache's "
                 "sliding-window layers hold only their last tokens; capture it with "
                 "capture_kv(..., every_token=True) (or encode it into one .kvc file)")
-        written, base, tables = 0, len(anchor or ()), None
-        keys = self.keys(kv.token_ids, anchor)
+        written, base, tables, skip = 0, len(anchor or ()), None, len(prefix)
+        keys, end = self.keys([*prefix, *kv.token_ids], anchor), skip + kv.num_tokens
         for i, key in enumerate(keys):
             rel = keying.entry_name(key)
-            t0, t1 = i * self.chunk_tokens, min(kv.num_tokens, (i + 1) * self.chunk_tokens)
+            t0, t1 = i * self.chunk_tokens, min(end, (i + 1) * self.chunk_tokens)
             if t0 < from_token or self._backend.exists(rel):
                 continue
             if tables is None:
-                tables = self._tables.current(self, kv.slice(from_token, kv.num_tokens),
+                tables = self._tables.current(self, kv.slice(from_token - skip, end - skip),
                                               base + from_token) or False
-            self._write(rel, kv.slice(t0, t1), anchor, base + t0, tables or None)
+            self._write(rel, kv.slice(t0 - skip, t1 - skip), anchor, base + t0, tables or None)
             written += 1
-        self._mark_tail(keys, kv.num_tokens, from_token, anchor)  # a partial last one
+        self._mark_tail(keys, end, from_token, anchor)  # a partial last one
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:

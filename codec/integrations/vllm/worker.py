@@ -15,7 +15,7 @@ from ...core.kvcache import KVCache
 from ...errors import ConfigError, FormatError, KVCodecError
 from ...store.batch import decode_documents
 from .cpu import overlap_loads, torch_one_thread
-from .paged_layout import BufferPool, PagedLayout, layer_groups, slot_ids
+from .paged_layout import BufferPool, PagedLayout, SaveBuffers, layer_groups, slot_ids
 from .placed import Placement, copy_blocks, entry_rows, write_rows
 from .recompute import check
 from .scheduler import Load
@@ -55,6 +55,7 @@ class ConnectorWorker:
     its own threads run torch single-threaded (:func:`.cpu.torch_one_thread`)."""
 
     BUFFER_BYTES = 256 << 20  # decode buffers kept across steps, at most (BufferPool)
+    SAVE_BUFFER_BYTES = 128 << 20  # saves' copies kept for later saves (SaveBuffers)
 
     def __init__(self, store, fingerprint: dict, block: int, threads: int, save: bool,
                  load_timeout_s: float = 5.0, max_pending_save_bytes: int = 1 << 30):
@@ -77,6 +78,7 @@ class ConnectorWorker:
         self.overlap: bool | str = "auto"  # the connector sets it; resolved with the caches
         self._pool = BufferPool(fingerprint["num_kv_heads"], fingerprint["head_dim"],
                                 self.BUFFER_BYTES)
+        self._save_bufs = SaveBuffers(self.SAVE_BUFFER_BYTES, self.chunk)
         self._pending_save_bytes = 0
         self._pending_lock = threading.Lock()
         self.bytes_read = self.tokens_loaded = 0
@@ -340,22 +342,23 @@ class ConnectorWorker:
             # (a new question after a cached document: its last chunk).
             with store.metrics.bookkeeping():  # not a request's lookup: not counted
                 t0 = store.cached_tokens(save.token_ids)  # whole chunks: a multiple of chunk
-            # The K/V copy this save holds until it is encoded ([blocks, heads, block,
-            # 2 * head_size] per layer: a token's K and V are c[0, :, 0]).
-            size = (n - t0) * sum(c[0, :, 0].numel() * c.element_size()
-                                  for c in self.caches.values())
+            if t0 >= n:
+                continue
+            # The K/V copy this save holds until it is encoded (c[0, :, 0]: a token's).
+            size = (n - t0) * sum(c[0, :, 0].nbytes for c in self.caches.values())
             if not self._reserve_save(size):
                 self.saves_skipped += 1
                 self.store.metrics.saved("dropped")
                 log.info("kvcodec vLLM: not saving %s: %d MiB of saves already queued",
                          save.req_id, self._pending_save_bytes >> 20)
                 continue
+            buf = self._save_bufs.take(self.layout, len(self.caches), n - t0)
             keys, values = self.layout.read_from(
                 [self.caches[l] for l in sorted(self.caches)],
-                slot_ids(save.block_ids, t0, n, self.block), n, t0)
-            kv = KVCache(keys, values, list(save.token_ids), self.fingerprint)
+                slot_ids(save.block_ids, t0, n, self.block), buf)
+            kv = KVCache(keys, values, list(save.token_ids[t0:]), self.fingerprint)
             self.store.metrics.saved("queued")
-            self._encoder.submit(self._put, store, kv, size, t0)
+            self._encoder.submit(self._put, store, kv, size, list(save.token_ids[:t0]), buf)
 
     def _reserve_save(self, size: int) -> bool:
         with self._pending_lock:
@@ -365,14 +368,15 @@ class ConnectorWorker:
             self._pending_save_bytes += size
             return True
 
-    def _put(self, store, kv: KVCache, size: int, from_token: int = 0) -> None:
+    def _put(self, store, kv: KVCache, size: int, prefix: list, buf) -> None:
         try:
-            store.put(kv, from_token=from_token)
+            store.put(kv, prefix=prefix)  # kv: the tokens after prefix, the store lacks
             store.metrics.saved("written")
         except Exception as exc:  # a failed save is a future cache miss, not an error
             store.metrics.saved("dropped")
             log.warning("kvcodec vLLM save failed: %s", exc)
         finally:
+            self._save_bufs.give(buf)
             with self._pending_lock:
                 self._pending_save_bytes -= size
 
