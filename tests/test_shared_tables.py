@@ -454,3 +454,36 @@ print(before, after, len(os.listdir("/proc/self/task")))
     out = [int(n) for n in subprocess.run([sys.executable, "-c", code], capture_output=True,
                                           text=True, check=True).stdout.split()]
     assert out[0] == out[1] < out[2], out  # torch's own cast of them starts one
+
+
+def test_table_fit_sums_what_numpy_sums():
+    """The native sums behind SharedTables.fits (one pass over the mostly zero tables)
+    against the same sums in NumPy: entropy, cross-entropy less entropy, symbols used,
+    and a symbol absent from the shared tables."""
+    from kvcodec.core.tables import native
+
+    rng = np.random.default_rng(0)
+    own, shared, tokens = [], [], [256.0, 17.0, 1.0]
+    for rows in (5, 3, 1):
+        lv = np.zeros((rows, 256), dtype=np.uint8)
+        for r in range(rows):
+            lo = int(rng.integers(0, 240))
+            lv[r, lo:lo + int(rng.integers(1, 16))] = rng.integers(1, 8, size=1)[0]
+        wide = SharedTables.from_levels([lv]).freqs[0]
+        own.append(native().normalize_freqs(lv))
+        shared.append(wide)
+    present, extra, payload, used = native().table_fit(own, shared, tokens)
+    ref_extra = ref_payload = 0.0
+    for f, g, n in zip(own, shared, tokens):
+        u = f > 0
+        p = f[u] / 4096.0
+        ref_payload -= n * float(p @ np.log2(p))
+        ref_extra += n * float(p @ (np.log2(p) - np.log2(g[u] / 4096.0)))
+    assert present and used == sum(int((f > 0).sum()) for f in own)
+    assert extra == pytest.approx(ref_extra, rel=1e-12, abs=1e-9)
+    assert payload == pytest.approx(ref_payload, rel=1e-12)
+    gone = [g.copy() for g in shared]
+    gone[2][own[2] > 0] = 0  # the last stream's symbols absent from the shared tables
+    assert native().table_fit(own, gone, tokens)[0] is False
+    with pytest.raises(ValueError):
+        native().table_fit(own, shared[:2], tokens)

@@ -119,16 +119,11 @@ class SharedTables:
         carries its tables, about :data:`TABLE_BITS` per present symbol)."""
         if tuple(f.shape for f in freqs) != self.layout:
             return False
-        extra = payload = own_tables = 0.0
-        for own, shared, n in zip(freqs, self.freqs, tokens):
-            used = own > 0
-            if np.any(used & (shared == 0)):
-                return False
-            p = own[used].astype(np.float64) / (1 << 12)
-            lp = np.log2(p)
-            payload -= n * float(p @ lp)
-            extra += n * float(p @ (lp - np.log2(shared[used] / float(1 << 12))))
-            own_tables += TABLE_BITS * int(used.sum()) + 16 * own.shape[0]
+        present, extra, payload, used = tables.native().table_fit(
+            list(freqs), list(self.freqs), [float(n) for n in tokens])
+        if not present:
+            return False
+        own_tables = TABLE_BITS * used + 16 * sum(f.shape[0] for f in freqs)
         return extra - own_tables <= MAX_OVERHEAD * (payload + own_tables)
 
     def to_bytes(self) -> bytes:
