@@ -6,9 +6,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
-#include <climits>
 #include <memory>
 #include <string>
 #include <vector>

@@ -133,7 +133,7 @@ class PagedLayout:
                 b, o = divmod(int(s[j]), bs)
                 m = min(count - j, bs - o)
                 if not np.array_equal(s[j:j + m], np.arange(s[j], s[j] + m)):
-                    strided, m = None, 0  # slots not consecutive within a block
+                    strided = None  # slots not consecutive within a block: gathered
                     break
                 runs.append((b, o, o + m, j))
                 j += m
