@@ -187,10 +187,10 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         if kv.anchor:
             raise KVCodecError("this cache was captured behind an anchor, not as a prompt "
                                "prefix; store it with put_document")
-        skip = len(prefix or ())
-        if from_token % self.chunk_tokens or skip % self.chunk_tokens or from_token < 0:
+        prefix = list(prefix or ())
+        if from_token % self.chunk_tokens or len(prefix) % self.chunk_tokens or from_token < 0:
             raise ShapeError(f"from_token, len(prefix): multiples of {self.chunk_tokens}")
-        return self._put(kv, None, max(from_token, skip), list(prefix or ()))
+        return self._put(kv, None, max(from_token, len(prefix)), prefix)
 
     def put_document(self, kv: KVCache) -> int:
         """Store a position-independent document (a cache captured behind an anchor,

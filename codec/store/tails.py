@@ -77,7 +77,7 @@ class StoreTails:
         every chunk's); with ``partial``, where they are whole chunks with tokens left
         after them, the longest partial chunk stored there that ``ids`` continue joins
         them (:meth:`_find_tail`)."""
-        got = min(len(ids), len(locs) * self.chunk_tokens)
+        got = covered(locs, ids, self.chunk_tokens)  # whole chunks
         if partial and got < len(ids):
             n = len(locs)
             tail = self._find_tail(ids, n, keys[n - 1] if n else self._seed.hex())
