@@ -299,6 +299,14 @@ def test_a_store_serves_sliding_window_models(tmp_path, name, monkeypatch):
         full = [l for l, t in enumerate(lm.model.config.layer_types) if t == "full_attention"]
         # windows of 63 tokens end at 256: they start in the entry of tokens 192-255
         assert decoded[-2:] == [(0, full), (192, list(range(len(cache.layers))))]
+    # Fewer tokens than the entries hold (upto): the windows end there, not at the last
+    # entry's end (they would lack tokens 130-191 and hold later ones).
+    cache, n = hf.cache_from_store(lm.model, store, ids[:PROMPT], partial=True, upto=193)
+    assert n == 193 and decoded[-1] == (128, list(range(len(cache.layers))))
+    with torch.no_grad():
+        got = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache,
+                       use_cache=True).logits[0]
+    torch.testing.assert_close(got, ref[n:], atol=2e-4, rtol=1e-4)
     entry = store.lookup(ids[:PROMPT])[-1]  # damaged: the prefix ends at 192, and so do
     data = bytearray(entry.read_bytes())   # the windows (decoded again from there)
     data[-100] ^= 0xFF

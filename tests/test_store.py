@@ -28,6 +28,23 @@ def test_prefix_reuse_matches_full_prefill(tmp_path, lm, kv_600, doc_ids):
     torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-3)
 
 
+def test_a_prompt_sent_again_loads_all_but_its_last_token(tmp_path, lm, kv_600, doc_ids):
+    """The whole prompt is stored (its partial last chunk too): prefill_with_store loads
+    every token but the last from it, as vLLM does, and computes only that one (it used
+    to look up all but the last token, which keys no stored chunk past the whole ones:
+    88 tokens recomputed here)."""
+    store = ChunkStore(tmp_path, lm.fingerprint, config="lossless")
+    store.put(kv_600)
+    cache, cached, logits = prefill_with_store(lm, store, doc_ids)
+    assert cached == len(doc_ids) - 1 and cache.get_seq_length() == len(doc_ids)
+    with torch.no_grad():
+        ref = lm.model(input_ids=torch.tensor([doc_ids])).logits[0, -1]
+    torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-3)
+    # Asked for fewer tokens than the entries hold, a lookup takes only those.
+    _, n = cache_from_store(lm.model, store, doc_ids, partial=True, upto=300)
+    assert n == 300
+
+
 def test_different_prefix_or_model_misses(tmp_path, lm, kv_600, doc_ids):
     store = ChunkStore(tmp_path, lm.fingerprint)
     store.put(kv_600)

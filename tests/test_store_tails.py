@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvcodec.store import ChunkStore
-from kvcodec.store.tails import FOLDER
+from kvcodec.store.tails import FOLDER, RECENT_EXACT
 
 QUESTION = [198, 198, 19842, 42, 1780, 314, 451, 3893, 563, 30]  # any tokens after it
 
@@ -97,5 +97,25 @@ def test_prefill_with_store_reuses_a_documents_end(tmp_path, lm, doc):
 
     store = ChunkStore(tmp_path, lm.fingerprint, "default")
     store.put(doc)
-    _, cached, logits = prefill_with_store(lm, store, doc.token_ids + QUESTION)
-    assert cached == 700 and logits.shape[-1] > 0
+    ids = doc.token_ids + QUESTION
+    _, cached, logits = prefill_with_store(lm, store, ids, recent=1)
+    assert cached == 700 and logits.shape[-1] > 0  # the document's every token
+    # By default a lossy store's last 64 prompt tokens are computed (RECENT_EXACT), so
+    # the document's end (past whole chunks) is still loaded up to there.
+    _, cached, _ = prefill_with_store(lm, store, ids)
+    assert cached == len(ids) - RECENT_EXACT > 512
+
+
+def test_reuse_end_computes_a_lossy_stores_last_tokens():
+    """How much of a prompt a prefill takes from a store: all but the last token, and of
+    a lossy config all but the last RECENT_EXACT; never more than the store holds."""
+    from kvcodec import load_config
+    from kvcodec.store.tails import is_lossless, reuse_end
+
+    lossy, exact = load_config("default"), load_config("lossless")
+    assert is_lossless(exact) and not is_lossless(lossy)
+    assert reuse_end(exact, 1000, 1000) == 999
+    assert reuse_end(lossy, 1000, 1000) == 1000 - RECENT_EXACT
+    assert reuse_end(lossy, 500, 1000) == 500
+    assert reuse_end(lossy, 1000, 1000, recent=1) == reuse_end(lossy, 1000, 1000, 0) == 999
+    assert reuse_end(lossy, 40, 40) == 0

@@ -11,6 +11,7 @@ import pytest
 
 import kvcodec
 from kvcodec.models.loading import resolve_model_path
+from kvcodec.store.tails import RECENT_EXACT
 
 
 QUESTION = "\n\nQuestion: In one sentence, what is this document about?\nAnswer:"
@@ -100,9 +101,11 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
     assert len(chunks.lookup(ids, partial=True)) == 3
     before = (conn.tokens_loaded, conn.bytes_read)
     second = _ask(llm, ids)
-    # vLLM computes from the last whole block (128 tokens) before the last prompt token.
-    assert conn.tokens_loaded - before[0] == 512
-    assert conn.bytes_read - before[1] == sum(p.stat().st_size for p in chunks.lookup(ids))
+    # Every prompt token is loaded but the last, which vLLM computes itself (it used to
+    # compute from the last whole block: 105 tokens, 512 loaded), from all three entries.
+    assert conn.tokens_loaded - before[0] == len(ids) - 1
+    assert conn.bytes_read - before[1] == sum(p.stat().st_size
+                                              for p in chunks.lookup(ids, partial=True))
     assert second == first  # lossless: the same greedy answer
     # The store's metrics reached vLLM's Prometheus metrics through the connector stats:
     # the scheduler side's lookups (one per request; the second hit every token), the
@@ -113,13 +116,13 @@ def test_second_request_loads_what_the_first_saved(lm, texts, lossless):
     assert got["vllm:kvcodec_lookups_total"] == 2
     assert got["vllm:kvcodec_lookup_tokens_total"] == 2 * len(ids)
     assert got["vllm:kvcodec_hit_tokens_total"] == len(ids)
-    assert got["vllm:kvcodec_entries_read_total"] == 2
+    assert got["vllm:kvcodec_entries_read_total"] == 3
     assert got["vllm:kvcodec_bytes_read_total"] == conn.bytes_read - before[1]
     assert got["vllm:kvcodec_entries_written_total"] == 3
     assert got["vllm:kvcodec_bytes_written_total"] == sum(p.stat().st_size for p in entries)
     assert got["vllm:kvcodec_saves_queued_total"] == got["vllm:kvcodec_saves_written_total"] == 1
     assert got.get("vllm:kvcodec_saves_dropped_total", 0) == 0
-    assert got["vllm:kvcodec_load_seconds_count:open"] == 2
+    assert got["vllm:kvcodec_load_seconds_count:open"] == 3
     from kvcodec.integrations.vllm.worker import layer_groups
 
     # one plan per group: doubling groups beside the forward pass, else one (600 tokens)
@@ -191,7 +194,8 @@ def test_a_damaged_entry_is_recomputed(lm, texts, lossless):
     before = conn.blocks_failed
     second = _ask(llm, ids)
     assert second == first  # the request completed, with the prefill's output
-    assert conn.blocks_failed - before == 4  # reported: vLLM recomputed all 512 tokens
+    # Reported: vLLM recomputed every token the load was to bring, all but the last.
+    assert conn.blocks_failed - before == -(-(len(ids) - 1) // 128)
     assert list(store.rglob("*.kvc.bad"))  # moved aside
 
 
@@ -236,15 +240,14 @@ def test_requests_of_a_step_sharing_a_document_decode_it_once(lm, texts, lossles
     loaded, shared, failed = (conn.tokens_loaded - before[0], conn.tokens_shared - before[1],
                               conn.blocks_failed - before[2])
     assert conn.bytes_read - before[3] == size  # each entry read once
-    # 640 tokens each (vLLM computes from the last whole block): the two shared chunks
-    # decoded once, then each its own partial chunk (tokens 512-640); counted at the
-    # first layer group. Beside the forward pass that is layer 0 alone, before the
-    # damage (in a late layer's bytes) shows; before it, every layer: only the first
-    # chunk lands, once for both.
+    # Each prompt but its last token: the two shared chunks decoded once, then each its
+    # own partial chunk (tokens 512 on); counted at the first layer group. Beside the
+    # forward pass that is layer 0 alone, before the damage (in a late layer's bytes)
+    # shows; before it, every layer: only the first chunk lands, once for both.
     early = not damaged or conn.worker.overlap
-    assert (loaded, shared) == ((1280, 512) if early else (512, 256))
-    if damaged:  # both loads stop at the damaged second chunk: 3 blocks each recomputed
-        assert failed == 6
+    assert (loaded, shared) == ((sum(len(a) - 1 for a in asks), 512) if early else (512, 256))
+    if damaged:  # both loads stop at the damaged second chunk: blocks 2 on recomputed
+        assert failed == sum(-(-(len(a) - 1) // 128) - 2 for a in asks)
         assert entry.with_name(entry.name + ".bad").exists()  # moved aside
     else:
         assert failed == 0
@@ -427,8 +430,8 @@ def test_precomputed_store_is_served_by_vllm(lm, texts, tmp_path, lossless):
 def test_a_precomputed_documents_end_is_loaded_under_a_question(lm, texts, tmp_path,
                                                                   lossless):
     """A document precomputed alone ends with a partial chunk; a prompt of it and a
-    question continues it, so vLLM loads through the document's last whole block (its
-    first 640 tokens here), not only its whole chunks (512)."""
+    question continues it, so vLLM loads the whole document (656-767 tokens here), not
+    only its whole chunks (512), nor only through its last whole block (640)."""
     from click.testing import CliRunner
 
     from kvcodec.store import ChunkStore
@@ -455,7 +458,7 @@ def test_a_precomputed_documents_end_is_loaded_under_a_question(lm, texts, tmp_p
     assert chunks.cached_tokens(ids) == 512  # whole chunks only
     before = conn.tokens_loaded
     _ask(llm, ids)
-    assert conn.tokens_loaded - before == 640
+    assert conn.tokens_loaded - before == len(doc)
 
 
 def test_lossy_default_agreement(lm, texts, tmp_path):
@@ -496,7 +499,9 @@ print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and line, out.stderr[-3000:]
     r = json.loads(line[0][len("RESULT "):])
-    assert r["loaded"] == 512 and len(r["second"]) == MAX_NEW
+    # A lossy store: every prompt token but the last RECENT_EXACT, which vLLM computes
+    # (exact K/V right before the answer; reuse_end).
+    assert r["loaded"] == len(r["ids"]) - RECENT_EXACT and len(r["second"]) == MAX_NEW
     store = ChunkStore(tmp_path, lm.fingerprint, "default")
     with torch.no_grad():
         more = lm.model.generate(torch.tensor([r["ids"] + r["first"]]), do_sample=False,
@@ -505,13 +510,13 @@ print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
         full = r["ids"] + answer
         ref = lm.model(input_ids=torch.tensor([full])).logits[0, len(r["ids"]) - 1:-1]
         cache, n, last = prefill_with_store(lm, store, r["ids"])
-        assert n == 512
+        assert n == r["loaded"]  # as vLLM: all but the last RECENT_EXACT, from the store
         rest = lm.model(input_ids=torch.tensor([answer[:-1]]), past_key_values=cache).logits[0]
     got = torch.cat([last[None], rest])
     assert len(got) == SCORED
     row = compare_logits(ref, got, answer)
     free = _agreement(r["second"], r["first"])
-    print(f"default config in vLLM: loaded 512 tokens; free-running greedy agreement "
+    print(f"default config in vLLM: loaded {r['loaded']} tokens; free-running greedy agreement "
           f"{free:.2f} over {MAX_NEW} tokens; teacher-forced over {SCORED} (HF on vLLM's "
           f"entries) top-1 {row['top1_agreement']:.2f}, KL {row['kl']:.4f}")
     assert row["top1_agreement"] >= 0.8 and row["kl"] < 0.1
@@ -573,10 +578,10 @@ print("RESULT", json.dumps({{"loaded": text, "prompt": list(out.prompt_token_ids
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and line, out.stderr[-3000:]
     res = json.loads(line[0][len("RESULT "):])
-    assert res["prompt"][:512] == ids[:512]  # vLLM's ids: the BOS, then the document
-    assert res["loaded"] == 512
-    assert res["chat_prompt"][:512] == chat_ids[:512]  # vLLM's rendering of the template
-    assert res["chat_loaded"] == 512
+    assert res["prompt"][:len(ids)] == ids  # vLLM's ids: the BOS, then the document
+    assert res["loaded"] == len(ids)  # its partial last chunk too (its end, then the question)
+    assert res["chat_prompt"][:len(chat_ids)] == chat_ids  # vLLM's rendering of the template
+    assert res["chat_loaded"] == len(chat_ids)
 
 
 def test_fingerprint_of_the_vllm_model_dir_matches_transformers(lm):
@@ -616,3 +621,32 @@ def test_loads_before_the_forward_pass_decode_in_as_few_groups_as_the_budget_hol
         assert max(sizes) - min(sizes) <= max(sizes) // 2 + 1
         assert max(sizes) * per_layer <= budget or max(sizes) == 1
         assert len(groups) == -(-30 // max(1, budget // per_layer))
+
+
+def test_loads_end_before_the_last_tokens_vllm_computes(lm, texts, tmp_path):
+    """The scheduler side alone (the engine's tests above load through it): a prompt the
+    store holds whole is loaded up to its last token (lossless), up to its last
+    RECENT_EXACT (lossy) or ``recompute_last_tokens``, mid-block, or to the block before
+    with ``whole_blocks``; never past what the store holds nor below what vLLM has."""
+    from types import SimpleNamespace
+
+    from kvcodec.integrations.vllm.scheduler import ConnectorScheduler
+    from kvcodec.store import ChunkStore
+
+    _, ids = _prompt(lm, texts["gpl3"], 600)
+    kv = kvcodec.capture_kv(lm, token_ids=ids)
+    req = SimpleNamespace(request_id="r", prompt_token_ids=ids, cache_salt=None,
+                          kv_transfer_params=None)
+    for config, recent in (("lossless", 1), ("default", RECENT_EXACT)):
+        store = ChunkStore(tmp_path / config, lm.fingerprint, config)
+        store.put(kv)
+        n = len(ids)
+        for kw, end in (({}, n - recent), ({"recent": 10}, n - 10),
+                        ({"whole_blocks": True}, (n - recent) // 128 * 128)):
+            sched = ConnectorScheduler(store, 128, True, **kw)
+            assert sched.get_num_new_matched_tokens(req, 0) == (end, False)
+            assert sched.get_num_new_matched_tokens(req, 256) == (end - 256, False)
+            assert sched.get_num_new_matched_tokens(req, end) == (0, False)
+        short = SimpleNamespace(**dict(vars(req), prompt_token_ids=ids[:300]))
+        assert ConnectorScheduler(store, 128, True).get_num_new_matched_tokens(
+            short, 0) == (min(256, 300 - recent), False)  # its first chunk only

@@ -24,6 +24,7 @@ from ..errors import KVCodecError, ModelMismatchError, ShapeError
 from ..models.attention import check_geometry, model_device, model_dtype
 from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
 from ..store.batch import fill
+from ..store.tails import Prefix, reuse_end
 from .ragged import ragged_cache
 
 DEFAULT_RESERVE = 256
@@ -211,7 +212,7 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
 
 
 def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int = DEFAULT_RESERVE,
-                     partial: bool = False):
+                     partial: bool = False, upto: int | None = None):
     """The longest prefix of ``token_ids`` that ``store`` (a
     :class:`~kvcodec.store.ChunkStore` of this model) holds, decoded straight into a
     ``DynamicCache`` for ``model`` with room for the rest of ``token_ids`` plus
@@ -219,7 +220,10 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     entries are fetched and decoded as one plan (:meth:`ChunkStore.fill`). ``partial``:
     a last, partial chunk counts too where the store holds exactly it (``put`` of the
     same tokens stored it: the same document sent again), or a stored document's end
-    that ``token_ids`` continue (:mod:`kvcodec.store.tails`).
+    that ``token_ids`` continue (:mod:`kvcodec.store.tails`). ``upto``: at most that many
+    leading tokens are taken (the lookup still keys all of ``token_ids``, so a stored
+    partial chunk of exactly them is found: all but the last token of a prompt sent
+    again, as vLLM loads it).
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
     check_fingerprint(store.fingerprint, model_fingerprint(model.config, rope=False))
@@ -229,21 +233,28 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
                          fp["head_dim"])
     cache = DynamicCache(config=model.config)
     windows = [_window(l) for l in cache.layers]
-    n = fill(store, bufs, ids, store.lookup(ids, partial=partial), threads,
-             windows if any(windows) and len(windows) == len(bufs) else None)
+    locs = store.lookup(ids, partial=partial) if upto is None or upto > 0 else []
+    keep = len(locs) if upto is None else -(-upto // store.chunk_tokens)
+    if keep < len(locs):  # entries wholly past upto are not read (those before: whole)
+        locs = Prefix(locs[:keep], keep * store.chunk_tokens)
+    n = fill(store, bufs, ids, locs, threads,
+             windows if any(windows) and len(windows) == len(bufs) else None, upto)
     return reserved_cache(model, bufs, n, n, cache), n
 
 
 @torch.no_grad()
-def prefill_with_store(lm, store, token_ids, *, threads: int = 0):
+def prefill_with_store(lm, store, token_ids, *, threads: int = 0, recent: int | None = None):
     """A ``DynamicCache`` for ``token_ids``: the cached prefix from ``store``
-    (:func:`cache_from_store`), the rest prefilled by the model. Returns ``(cache,
-    cached_tokens, last_logits)``."""
+    (:func:`cache_from_store`), the rest prefilled by the model, the last token always,
+    and of a lossy store the last ``recent`` (default
+    :data:`~kvcodec.store.tails.RECENT_EXACT`: :func:`~kvcodec.store.tails.reuse_end`).
+    Returns ``(cache, cached_tokens, last_logits)``."""
     ids = [int(t) for t in token_ids]
     if not ids:
         raise KVCodecError("no tokens to prefill")
-    # Keep at least one token to run, so the caller gets the next-token logits.
-    cache, n = cache_from_store(lm.model, store, ids[:-1], threads=threads, partial=True)
+    # The lookup keys every token, so that the same prompt sent again is found whole.
+    cache, n = cache_from_store(lm.model, store, ids, threads=threads, partial=True,
+                                upto=reuse_end(store.config, len(ids), len(ids), recent))
     out = lm.model(input_ids=torch.tensor([ids[n:]]), past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
     return cache, n, out.logits[0, -1]

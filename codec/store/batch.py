@@ -140,34 +140,38 @@ def open_prefix(store, token_ids, locs) -> tuple:
     return files, spans, files.index(None) if None in files else len(files)
 
 
-def fill(store, bufs, token_ids, locs, threads: int = 0, windows=None) -> int:
+def fill(store, bufs, token_ids, locs, threads: int = 0, windows=None,
+         upto: int | None = None) -> int:
     """:meth:`ChunkStore.fill`: the entries ``locs`` fetched (:func:`open_prefix`) and
     decoded into ``bufs`` (a list over all layers) as one plan; returns the end of what
     landed. ``windows``: per layer its sliding window (None: full attention), where the
     caller keeps only a window's last ``window - 1`` tokens of the prefix: an entry
     wholly before that is not decoded for that layer (on Gemma 3's 15 of 18 sliding
-    layers, most of a long document's work)."""
+    layers, most of a long document's work). ``upto``: the caller uses at most that
+    many tokens (the last entry's later rows are decoded, unused: the windows end
+    there), and the end returned is at most ``upto``."""
     files, spans, n = open_prefix(store, token_ids, locs)
     try:
         landed = _decode_prefix(store, files[:n], locs[:n], bufs, spans[:n], windows,
-                                threads)
+                                threads, upto)
         if windows is not None and 0 < landed < n:  # a shorter prefix: earlier windows
             landed = _decode_prefix(store, files[:landed], locs[:landed], bufs,
-                                    spans[:landed], windows, threads)
+                                    spans[:landed], windows, threads, upto)
     finally:
         for f in files:
             if f is not None:
                 f.close()
-    return spans[landed - 1][1] if landed else 0
+    end = spans[landed - 1][1] if landed else 0
+    return end if upto is None else min(end, upto)
 
 
-def _decode_prefix(store, files, locs, bufs, spans, windows, threads) -> int:
+def _decode_prefix(store, files, locs, bufs, spans, windows, threads, upto=None) -> int:
     """How many leading entries of a prefix landed, each decoded for the layers that
-    need it (every layer without ``windows``): consecutive entries that need the same
-    layers are one document."""
+    need it (every layer without ``windows``, whose windows end at ``upto``, else at the
+    last entry's end): consecutive entries that need the same layers are one document."""
     if not files:
         return 0
-    end = spans[-1][1]
+    end = spans[-1][1] if upto is None else min(spans[-1][1], upto)
     first = [0 if not w else max(0, end - w + 1) for w in (windows or [None] * len(bufs))]
     docs, runs = [], []  # runs: (first entry, end, layers) per document
     for i, (_, t1) in enumerate(spans):

@@ -21,9 +21,10 @@ metadata), ``worker`` (decoding into and reading from the paged cache, saving),
 ``paged_layout`` (vLLM's CPU block layout, through its own cache-writing op) and
 ``metrics`` (the store's metrics in vLLM's ``/metrics``, or on ``metrics_port``).
 
-- **Scheduler side** (:class:`ConnectorScheduler`): the longest prefix of whole chunks
-  in the store, cut to a whole number of blocks that leaves at least one prompt token
-  for vLLM to compute.
+- **Scheduler side** (:class:`ConnectorScheduler`): the longest prefix of chunks in
+  the store (a document's partial last one too), cut to leave vLLM the prompt's last
+  token to compute, and of a lossy store its last 64 (:func:`kvcodec.store.tails.
+  reuse_end`), mid-block where it falls.
 - **Worker side** (:class:`ConnectorWorker`): ``start_load_kv`` checks the entries and
   starts a thread that decodes layer by layer, chunk by chunk, and writes each layer
   into the request's blocks through vLLM's own cache-writing op (so whatever block

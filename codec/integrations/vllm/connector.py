@@ -48,10 +48,13 @@ class KVCodecConnector(KVConnectorBase_V1):
     metrics at ``http://0.0.0.0:PORT/metrics`` from the worker's process; default
     none), ``overlap_loads`` (true: decode beside the forward pass, layer by layer;
     false: before it; ``auto``, the default: beside it unless the model computes on every
-    core of the CPU, :func:`.cpu.overlap_loads`). A request's ``cache_salt`` is part of
-    its keys: tenants of different salts share no entry. Blended requests (RAG documents
-    cached independently, reused at any position) name their segments in
-    ``kv_transfer_params``: :mod:`.blending`.
+    core of the CPU, :func:`.cpu.overlap_loads`), ``recompute_last_tokens`` (the last
+    prompt tokens vLLM computes even where the store holds them: default 64 for a lossy
+    config, 1 for ``lossless``; :func:`kvcodec.store.tails.reuse_end`), ``whole_blocks``
+    (true: loads end on a vLLM block boundary; default false: anywhere, mid-block). A
+    request's ``cache_salt`` is part of its keys: tenants of different salts share no
+    entry. Blended requests (RAG documents cached independently, reused at any position)
+    name their segments in ``kv_transfer_params``: :mod:`.blending`.
 
     Metrics: both sides report their store's metrics through vLLM's connector stats
     (:meth:`get_kv_connector_stats`), which vLLM's ``/metrics`` exports as
@@ -92,9 +95,11 @@ class KVCodecConnector(KVConnectorBase_V1):
         save = bool(extra.get_from_extra_config("save", True))
         self.scheduler = self.worker = None
         if role == KVConnectorRole.SCHEDULER:
+            recent = extra.get_from_extra_config("recompute_last_tokens", None)
             self.scheduler = ConnectorScheduler(
                 store, block, save, bool(vllm_config.cache_config.enable_prefix_caching),
-                lambda: model_anchor(model_dir))
+                lambda: model_anchor(model_dir), None if recent is None else int(recent),
+                bool(extra.get_from_extra_config("whole_blocks", False)))
         else:
             self.worker = ConnectorWorker(
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,

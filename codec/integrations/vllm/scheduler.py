@@ -9,6 +9,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from ...blend.api import default_check_layer
 from ...errors import ConfigError
+from ...store.tails import reuse_end
 from . import blending
 from .blending import Segment
 from .recompute import Recompute
@@ -53,11 +54,15 @@ class ConnectorScheduler:
     size (a divisor of the store's chunk size); ``save``: store what vLLM computes;
     ``prefix_caching``: whether vLLM's own prefix cache is on (blended requests then
     need a blend salt); ``anchor``: a callable giving the served model's default anchor
-    for blends that name none (:mod:`.blending`)."""
+    for blends that name none (:mod:`.blending`); ``recent``: the last prompt tokens
+    computed even where the store holds them (None: :func:`~kvcodec.store.tails.
+    reuse_end`'s default); ``whole_blocks``: loads end on a block boundary (as vLLM's
+    ExampleConnector's do)."""
 
     def __init__(self, store, block: int, save: bool, prefix_caching: bool = False,
-                 anchor=None):
+                 anchor=None, recent: int | None = None, whole_blocks: bool = False):
         self.store, self.block, self.save = store, block, save
+        self.recent, self.whole_blocks = recent, whole_blocks
         self.prefix_caching, self._anchor = prefix_caching, anchor
         self.chunk = store.chunk_tokens
         self._pending: dict[str, tuple] = {}  # req_id -> (start, end, segments, tokens found)
@@ -79,9 +84,13 @@ class ConnectorScheduler:
         blend = self._blend_of(request, ids)
         if blend is not None:
             return self._match_blend(request.request_id, ids, blend, num_computed_tokens)
-        cached = self._store(request.request_id).cached_tokens(ids, partial=True)
-        # vLLM computes at least one prompt token itself, and loads whole blocks.
-        end = min(cached, (len(ids) - 1) // self.block * self.block)
+        store = self._store(request.request_id)
+        cached = store.cached_tokens(ids, partial=True)
+        # vLLM computes at least one prompt token itself; of a lossy store, the last
+        # `recent` too (reuse_end); where the load ends, mid-block, vLLM's forward goes on.
+        end = reuse_end(store.config, cached, len(ids), self.recent)
+        if self.whole_blocks:
+            end = end // self.block * self.block
         if end <= num_computed_tokens:
             return 0, False
         self._pending[request.request_id] = (num_computed_tokens, end, None, cached)
