@@ -3,6 +3,7 @@
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the test can read
 the connector's counters; everything else is vLLM as a user runs it.
 """
+import gc
 import os
 import subprocess
 import sys
@@ -83,6 +84,11 @@ def lossless(tmp_path_factory):
     llm = _engine(store, "lossless")
     yield llm, store
     del llm
+    # Collected now: the engine's finalizer tears down vLLM's global distributed state
+    # (cleanup_dist_env_and_memory); run by a later collection, it could do that in the
+    # middle of the next engine's start ("tensor model parallel group is not
+    # initialized").
+    gc.collect()
 
 
 def test_second_request_loads_what_the_first_saved(lm, texts, lossless):

@@ -3,6 +3,7 @@ documents cached independently and reused at any position (:mod:`kvcodec.integra
 vllm.blending`), checked against transformers' :func:`kvcodec.blend.blend` with
 ``selector="none"`` on the same segments, and the store's and vLLM's prefix cache's
 hygiene around them. The engine has vLLM's prefix caching on, as served."""
+import gc
 import os
 import uuid
 
@@ -56,6 +57,11 @@ def engine(tmp_path_factory, lm):
 
     yield llm, ChunkStore(root, lm.fingerprint, "default"), get_kv_transfer_group()
     del llm
+    # Collected now: the engine's finalizer tears down vLLM's global distributed state
+    # (cleanup_dist_env_and_memory); run by a later collection, it could do that in the
+    # middle of the next engine's start ("tensor model parallel group is not
+    # initialized").
+    gc.collect()
 
 
 def _store_docs(lm, store, docs, head=None):

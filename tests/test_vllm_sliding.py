@@ -6,6 +6,7 @@ vLLM turns its hybrid KV cache manager off for a connector that does not declare
 support for it, so every layer's blocks keep every token: the connector loads and saves
 them as for any model, and the entries it saves are the ones transformers reads
 (``cache_from_store``: each window's last tokens)."""
+import gc
 import os
 
 import pytest
@@ -68,6 +69,7 @@ def test_a_sliding_window_model_is_served_and_its_entries_read_by_transformers(a
         assert second[0].outputs[0].token_ids == first[0].outputs[0].token_ids
     finally:
         del llm
+        gc.collect()  # the engine's teardown now, not in the next one's start
     # What vLLM saved, read by transformers: the continuation's logits are the model's.
     lm = kvcodec.load_model(path)
     cache, n = hf.cache_from_store(lm.model, ChunkStore(store, lm.fingerprint, "lossless"),
