@@ -43,8 +43,12 @@ RESERVED = "VLLM_CPU_NUM_OF_RESERVED_CPU"
               help="Selective blends (recompute > 0) run only the recomputed, uncached and "
                    "last tokens after the check layer (faster; Llama, Mistral, Qwen2 and "
                    "Qwen3 layers); adds --enforce-eager.")
+@click.option("--recompute-last-tokens", "recent", type=click.IntRange(min=1), default=None,
+              help="The last prompt tokens vLLM computes even where the store holds them "
+                   "[default: 64 for a lossy config, 1 for lossless].")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, vllm_args):
+def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, recent,
+          vllm_args):
     """Start vLLM's OpenAI-compatible server (vllm serve) with the kvcodec connector on
     STORE: prompts that start with a stored document load its chunks instead of
     prefilling them, and new prompts' chunks are stored.
@@ -101,7 +105,8 @@ def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, v
     from kvcodec.integrations.vllm.cpu import cpu_env, fast_dtype
 
     extra = {"store": store, "config": config}
-    for key, value in (("max_bytes", max_bytes), ("ttl_s", ttl), ("metrics_port", metrics_port)):
+    for key, value in (("max_bytes", max_bytes), ("ttl_s", ttl), ("metrics_port", metrics_port),
+                       ("recompute_last_tokens", recent)):
         if value is not None:
             extra[key] = value
     if blend_rows_only:  # the rows-only path needs the model to run eagerly

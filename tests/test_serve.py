@@ -120,6 +120,16 @@ def test_the_command_it_runs(tmp_path, no_exec):
     assert argv.count("--dtype") == 0 and "--dtype=bfloat16" in argv
     assert "kvcodec serve: dtype bfloat16 (yours)" in r.stderr
 
+    no_exec.clear()  # how many last prompt tokens vLLM computes itself
+    r = CliRunner().invoke(main, ["serve", "--store", str(store), "--recompute-last-tokens",
+                                  "128"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(no_exec[0][0][no_exec[0][0].index("--kv-transfer-config") + 1])
+    assert cfg["kv_connector_extra_config"]["recompute_last_tokens"] == 128
+    r = CliRunner().invoke(main, ["serve", "--store", str(store), "--recompute-last-tokens",
+                                  "0"])
+    assert r.exit_code == 2 and "--recompute-last-tokens" in r.output
+
 
 def _free_port() -> int:
     with socket.socket() as s:
