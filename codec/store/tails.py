@@ -41,9 +41,9 @@ RECENT_EXACT = 64
 
 def reuse_end(config: dict, cached: int, n: int, recent: int | None = None) -> int:
     """How many leading tokens of an ``n``-token prompt to take from a store that holds
-    ``cached`` of them (coded with ``config``): all but the last one (the prefill computes
-    at least one, for its logits), and of a lossy config all but the last ``recent``
-    (default :data:`RECENT_EXACT`)."""
+    ``cached`` of them (coded with ``config``): all but the last ``recent``, at least one
+    (the prefill computes it, for its logits); by default 1 for a lossless config and
+    :data:`RECENT_EXACT` for a lossy one."""
     if recent is None:
         recent = 1 if is_lossless(config) else RECENT_EXACT
     return max(0, min(cached, n - max(1, int(recent))))
