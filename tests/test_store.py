@@ -40,9 +40,14 @@ def test_a_prompt_sent_again_loads_all_but_its_last_token(tmp_path, lm, kv_600, 
     with torch.no_grad():
         ref = lm.model(input_ids=torch.tensor([doc_ids])).logits[0, -1]
     torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-3)
-    # Asked for fewer tokens than the entries hold, a lookup takes only those.
+    # Asked for fewer tokens than the entries hold, a lookup takes only those, and the
+    # entry wholly past them is not read (damaged, it would be moved aside).
+    last = store.lookup(doc_ids, partial=True)[-1]
+    data = bytearray(last.read_bytes())
+    data[-100] ^= 0xFF
+    last.write_bytes(bytes(data))
     _, n = cache_from_store(lm.model, store, doc_ids, partial=True, upto=300)
-    assert n == 300
+    assert n == 300 and last.exists()
 
 
 def test_different_prefix_or_model_misses(tmp_path, lm, kv_600, doc_ids):

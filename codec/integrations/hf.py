@@ -24,7 +24,7 @@ from ..errors import KVCodecError, ModelMismatchError, ShapeError
 from ..models.attention import check_geometry, model_device, model_dtype
 from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
 from ..store.batch import fill
-from ..store.tails import Prefix, reuse_end
+from ..store.tails import reuse_end
 from .ragged import ragged_cache
 
 DEFAULT_RESERVE = 256
@@ -234,9 +234,6 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
     cache = DynamicCache(config=model.config)
     windows = [_window(l) for l in cache.layers]
     locs = store.lookup(ids, partial=partial) if upto is None or upto > 0 else []
-    keep = len(locs) if upto is None else -(-upto // store.chunk_tokens)
-    if keep < len(locs):  # entries wholly past upto are not read (those before: whole)
-        locs = Prefix(locs[:keep], keep * store.chunk_tokens)
     n = fill(store, bufs, ids, locs, threads,
              windows if any(windows) and len(windows) == len(bufs) else None, upto)
     return reserved_cache(model, bufs, n, n, cache), n

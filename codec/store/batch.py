@@ -25,7 +25,7 @@ from ..core.kvcache import token_views
 from ..errors import CorruptError, KVCodecError
 from ..format.plan import finish, run
 from ..format.stacked import plan_stack
-from .tails import covered
+from .tails import Prefix, covered
 
 
 @dataclass
@@ -149,7 +149,12 @@ def fill(store, bufs, token_ids, locs, threads: int = 0, windows=None,
     wholly before that is not decoded for that layer (on Gemma 3's 15 of 18 sliding
     layers, most of a long document's work). ``upto``: the caller uses at most that
     many tokens (the last entry's later rows are decoded, unused: the windows end
-    there), and the end returned is at most ``upto``."""
+    there; entries wholly past it are not read), and the end returned is at most
+    ``upto``."""
+    chunk = store.chunk_tokens
+    keep = len(locs) if upto is None else -(-upto // chunk)
+    if keep < len(locs):  # the entries kept are whole chunks
+        locs = Prefix(locs[:keep], keep * chunk)
     files, spans, n = open_prefix(store, token_ids, locs)
     try:
         landed = _decode_prefix(store, files[:n], locs[:n], bufs, spans[:n], windows,
