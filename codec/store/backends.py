@@ -11,12 +11,13 @@ not at all.
   store's object with one PUT (``pipe_file``), which the store makes visible atomically
   (large objects go up as a multipart upload, which appears only when completed).
   Filesystems that are not object stores (sftp, hdfs, ...) get a temp name in the same
-  folder, then a rename (``mv``). Reads fetch the whole object: entries are small.
+  folder, then a rename (``mv``). Reads fetch the whole object (entries are small) in
+  one ranged GET, bounded by what an entry of its tokens can take.
 
 Temp names are ``.<name>.<random>.tmp`` on both; :meth:`list` skips them.
 
-Reads return the bytes with their *identity* (inode, size and mtime on a local disk; the
-ETag or generation and size on an object store), and :meth:`quarantine` moves an object
+Reads return the bytes with their *identity* (inode, size and mtime on a local disk;
+the CRC-32 and size of the bytes on fsspec), and :meth:`quarantine` moves an object
 aside only if it still is those bytes: a reader that found damage never moves aside the
 good entry a writer has put in its place since. Whatever a backend fails on that is not
 the object's absence is an ``OSError`` (:class:`~kvcodec.errors.AccessError` for the

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import errno
 import functools
+import zlib
 
 from ..errors import AccessError, ConfigError, CorruptError, KVCodecError
 from .naming import OBJECT_STORES, STALE_TEMP_S, first_line, is_temp, temp_name
 
 
-def _object_identity(info: dict) -> tuple:
-    """What tells one version of an object from another: the ETag (S3, Azure) or
-    generation (GCS) where the store gives one, else the modification time; and size."""
-    tag = next((info[k] for k in ("ETag", "etag", "generation", "version_id", "VersionId",
-                                  "mtime", "LastModified", "last_modified", "created")
-                if info.get(k) is not None), None)
-    return (str(tag), int(info.get("size") or 0))
+def _content_identity(data: bytes) -> tuple:
+    """What tells the bytes of one read of an object from another version's: their
+    CRC-32 and size (fetched in one GET, with no ETag; a damaged read's check reads
+    the object again)."""
+    return ("crc32", len(data), zlib.crc32(data))
 
 
 def _mtime(info: dict) -> float:
@@ -98,17 +97,32 @@ class FsspecBackend:
         return self.fs.info(self._full(rel))
 
     def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
-        """The bytes of ``rel`` (CorruptError if over ``limit``, checked before they are
-        fetched) and their identity (ETag or generation, and size)."""
-        info = self._info(rel)
-        size = int(info.get("size") or 0)
+        """The bytes of ``rel`` (CorruptError if over ``limit``) and their identity
+        (:func:`_content_identity`), in one ranged GET of at most ``limit + 1`` bytes:
+        one round trip, where asking the size first took two (a 2k-token prompt's 8
+        entries from moto behind a 1 Gbit/s relay: 66-77 ms against 128-145 ms). A
+        store that refuses the range (an empty object: S3 answers 416) is asked for the
+        size, then the bytes."""
+        try:
+            data = self.fs.cat_file(self._full(rel), start=0, end=limit + 1)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            data = self._sized_fetch(rel, limit)
+        if len(data) > limit:
+            raise CorruptError(f"{self.location(rel)}: more than the {limit} bytes an entry "
+                               "of its tokens can need")
+        return data, _content_identity(data)
+
+    def _sized_fetch(self, rel: str, limit: int) -> bytes:
+        size = int(self._info(rel).get("size") or 0)
         if size > limit:
             raise CorruptError(f"{self.location(rel)}: {size} bytes, more than the {limit} "
                                "an entry of its tokens can need")
         data = self.fs.cat_file(self._full(rel))
         if len(data) != size:  # replaced between the two requests
             raise AccessError(errno.EAGAIN, f"{self.location(rel)} changed while it was read")
-        return data, _object_identity(info)
+        return data
 
     def write(self, rel: str, data: bytes) -> None:
         full = self._full(rel)
@@ -130,15 +144,20 @@ class FsspecBackend:
 
     def quarantine(self, rel: str, identity=None) -> str | None:
         """Move ``rel`` to ``rel + ".bad"`` (a copy and a delete on object stores) if it
-        still is the object of ``identity`` (any, if None); returns the new location, or
-        None if nothing was moved (gone, or replaced since it was read).
+        still holds the bytes of ``identity`` (any, if None; read again to tell, which
+        only damage costs); returns the new location, or None if nothing was moved
+        (gone, or replaced since it was read).
 
         fsspec has no conditional delete, so a writer that replaces the object between
         this check and the delete (milliseconds) loses its write; the next ``put`` of
         that text writes it again."""
         try:
-            if identity is not None and _object_identity(self._info(rel)) != tuple(identity):
-                return None
+            if identity is not None:
+                size = int(tuple(identity)[1])
+                now = (self.fs.cat_file(self._full(rel), start=0, end=size + 1) if size
+                       else b"" if self.size(rel) == 0 else b"?")
+                if _content_identity(now) != tuple(identity):
+                    return None
             self.fs.mv(self._full(rel), self._full(rel + ".bad"))
         except Exception:  # gone (another reader moved it), or the store failed
             return None
