@@ -656,3 +656,39 @@ def test_loads_end_before_the_last_tokens_vllm_computes(lm, texts, tmp_path):
         short = SimpleNamespace(**dict(vars(req), prompt_token_ids=ids[:300]))
         assert ConnectorScheduler(store, 128, True).get_num_new_matched_tokens(
             short, 0) == (min(256, 300 - recent), False)  # its first chunk only
+
+
+def test_a_prompt_the_store_holds_whole_is_looked_up_once(lm, texts, tmp_path, monkeypatch):
+    """The prompt's lookup found all of it: the step that completes its prefill saves
+    nothing and asks the store nothing more (a second lookup was in the time to the
+    first token: a round trip per chunk on an object store). A prompt it lacks the end
+    of is looked up again there and saved."""
+    from types import SimpleNamespace
+
+    from kvcodec.integrations.vllm.scheduler import ConnectorScheduler
+    from kvcodec.store import ChunkStore
+
+    _, ids = _prompt(lm, texts["gpl3"], 600)
+    store = ChunkStore(tmp_path / "s", lm.fingerprint, "default")
+    store.put(kvcodec.capture_kv(lm, token_ids=ids))
+    lookups = []
+    real = ChunkStore.lookup
+    monkeypatch.setattr(ChunkStore, "lookup",
+                        lambda self, *a, **k: lookups.append(1) or real(self, *a, **k))
+    for prompt, saved in ((ids, 0), (ids + ids[:40], 1)):
+        lookups.clear()
+        sched = ConnectorScheduler(store, 128, True)
+        req = SimpleNamespace(request_id="r", prompt_token_ids=prompt, cache_salt=None,
+                              kv_transfer_params=None)
+        start, _ = sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, None, start)
+        blocks = list(range(-(-len(prompt) // 128)))
+        out = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id="r", block_ids=(blocks,),
+                                                prompt_token_ids=prompt,
+                                                num_computed_tokens=start)],
+            num_scheduled_tokens={"r": len(prompt) - start},
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[]))
+        meta = sched.build_connector_meta(out)
+        assert len(meta.loads) == 1 and len(meta.saves) == saved
+        assert len(lookups) == 1 + saved

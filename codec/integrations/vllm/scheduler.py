@@ -69,6 +69,7 @@ class ConnectorScheduler:
         self._blocks: dict[str, list] = {}       # req_id -> block ids so far
         self._prompts: dict[str, list] = {}      # req_id -> prompt token ids
         self._saved: set = set()
+        self._whole: set = set()  # requests whose whole prompt the store held
         self._salts: dict[str, str] = {}         # req_id -> its cache_salt, if any
         self._blends: dict[str, tuple] = {}      # req_id -> (Blend, head to save, preload)
 
@@ -154,6 +155,8 @@ class ConnectorScheduler:
             self._prompts[new.req_id] = list(new.prompt_token_ids or [])
             if new.req_id in self._pending:
                 start, end, segments, cover = self._pending.pop(new.req_id)
+                if cover is not None and cover >= len(self._prompts[new.req_id]):
+                    self._whole.add(new.req_id)  # nothing to save: see _maybe_save
                 # The entries' keys: of the tokens the lookup found (whole chunks, the
                 # prompt's partial last one, or a document's end it continues: their
                 # keys are of exactly those tokens), past `end` for a cut last entry.
@@ -214,6 +217,8 @@ class ConnectorScheduler:
             return
         self._saved.add(req_id)
         salt, exact = self._salts.get(req_id), req_id in self._blends
+        if req_id in self._whole and not exact:  # its lookup found all of it, the last
+            return  # partial chunk included: no second lookup in the first token's time
         if exact:  # a blend's head, kept lossless (blending.plan)
             blend, head, _ = self._blends[req_id]
             ids, salt = ids[:head], blend.tenant
@@ -232,4 +237,5 @@ class ConnectorScheduler:
         for d in (self._blocks, self._prompts, self._pending, self._salts, self._blends):
             d.pop(request.request_id, None)
         self._saved.discard(request.request_id)
+        self._whole.discard(request.request_id)
         return False, None
