@@ -41,3 +41,27 @@ def test_the_relay_forwards_every_byte_both_ways():
         server.close()
         return ok
     assert asyncio.run(main()) == [True, True, True]
+
+
+def test_a_late_wakeup_is_made_up_and_an_idle_link_gives_no_credit(monkeypatch):
+    """On a clock of its own, every sleep a millisecond late (the event loop's timers):
+    the link still moves its bytes at its rate (every late wakeup was lost: a stream
+    came at less than half the rate), and time it stood idle is no credit."""
+    clock = [0.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+
+    async def late(d):
+        clock[0] += d + 0.001
+
+    monkeypatch.setattr(throttle.asyncio, "sleep", late)
+    link = throttle.Link(1e8)  # 100 MB/s: a 50 KB chunk takes 0.5 ms
+
+    async def send(k):
+        for _ in range(k):
+            await link.send(50_000)
+    asyncio.run(send(100))
+    assert 0.050 <= clock[0] <= 0.050 + throttle.SLACK_S  # 50 ms of bytes
+    clock[0] += 0.010  # idle
+    start = clock[0]
+    asyncio.run(send(10))
+    assert clock[0] - start >= 0.005
