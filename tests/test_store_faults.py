@@ -128,16 +128,15 @@ def test_quarantine_by_identity_moves_the_damaged_bytes(filled):
     assert not store.quarantine(paths[0], CorruptError("crc"), f.identity)
 
 
-def _memory_store(lm, kv):
-    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
-    store = ChunkStore(url, lm.fingerprint, "default")
-    store.put(kv)
-    return store, url
-
-
-def _drop_memory(url):
+@pytest.fixture
+def remote(lm, kv_600):
+    """A memory:// store holding kv_600, and the first chunk's location."""
     import fsspec
 
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, "default")
+    store.put(kv_600)
+    yield store, store.lookup(kv_600.token_ids)
     fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
@@ -151,87 +150,69 @@ def _record(monkeypatch, fs, *methods):
     return calls
 
 
-def test_an_object_larger_than_its_tokens_need_is_read_no_further(lm, kv_600, monkeypatch):
-    store, url = _memory_store(lm, kv_600)
-    import fsspec
-
-    try:
-        loc = store.lookup(kv_600.token_ids)[0]
-        limit = store.entry_limit(256)
-        fsspec.filesystem("memory").pipe_file(loc.split("://", 1)[1], b"\0" * (10 * limit))
-        calls = _record(monkeypatch, store._backend.fs, "cat_file", "info")
-        with pytest.raises(CorruptError, match="more than"):
-            store.open_entry(loc, kv_600.token_ids[:256], 0)
-        reads = [k for n, _, k in calls if n == "cat_file"]
-        assert reads and all(k.get("end") == limit + 1 for k in reads), calls
-        assert store.exists(loc + ".bad")  # damage: moved aside
-    finally:
-        _drop_memory(url)
+def test_an_object_larger_than_its_tokens_need_is_read_no_further(remote, kv_600, monkeypatch):
+    store, locs = remote
+    loc, limit = locs[0], store.entry_limit(256)
+    store._backend.fs.pipe_file(loc.split("://", 1)[1], b"\0" * (10 * limit))
+    calls = _record(monkeypatch, store._backend.fs, "cat_file", "info")
+    with pytest.raises(CorruptError, match="more than"):
+        store.open_entry(loc, kv_600.token_ids[:256], 0)
+    reads = [k for n, _, k in calls if n == "cat_file"]
+    assert reads and all(k.get("end") == limit + 1 for k in reads), calls
+    assert store.exists(loc + ".bad")  # damage: moved aside
 
 
-def test_a_remote_entry_is_one_request(lm, kv_600, monkeypatch):
+def test_a_remote_entry_is_one_request(remote, kv_600, monkeypatch):
     """One ranged GET per entry: asking the size first cost a round trip per entry."""
-    store, url = _memory_store(lm, kv_600)
-    try:
-        loc = store.lookup(kv_600.token_ids)[0]
-        with store.open_entry(loc, kv_600.token_ids[:256], 0) as f:
-            want = f.decode()
-        calls = _record(monkeypatch, store._backend.fs, "cat_file", "info", "size")
-        with store.open_entry(loc, kv_600.token_ids[:256], 0) as f:
-            got = f.decode()
-        assert [n for n, _, _ in calls] == ["cat_file"]
-        assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values,
-                                                     want.keys + want.values))
-    finally:
-        _drop_memory(url)
+    store, locs = remote
+    with store.open_entry(locs[0], kv_600.token_ids[:256], 0) as f:
+        want = f.decode()
+    calls = _record(monkeypatch, store._backend.fs, "cat_file", "info", "size")
+    with store.open_entry(locs[0], kv_600.token_ids[:256], 0) as f:
+        got = f.decode()
+    assert [n for n, _, _ in calls] == ["cat_file"]
+    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values,
+                                                 want.keys + want.values))
 
 
-def test_a_store_that_refuses_the_range_is_asked_the_size(lm, kv_600, monkeypatch):
+def test_a_store_that_refuses_the_range_is_asked_the_size(remote, kv_600, monkeypatch):
     """S3 answers an empty object's range with 416: the size, then the bytes."""
-    store, url = _memory_store(lm, kv_600)
-    try:
-        loc = store.lookup(kv_600.token_ids)[0]
-        fs = store._backend.fs
-        real = fs.cat_file
+    store, locs = remote
+    loc, fs = locs[0], store._backend.fs
+    real = fs.cat_file
 
-        def refusing(path, start=None, end=None, **k):
-            if start is not None:
-                raise OSError(errno.EINVAL, "The requested range is not satisfiable")
-            return real(path, **k)
-        monkeypatch.setattr(fs, "cat_file", refusing)
-        with store.open_entry(loc, kv_600.token_ids[:256], 0) as f:
-            assert f.num_tokens == 256
-        fs.pipe_file(loc.split("://", 1)[1], b"")  # empty: damage, found and moved aside
-        with pytest.raises(KVCodecError):
-            store.open_entry(loc, kv_600.token_ids[:256], 0)
-        assert store.exists(loc + ".bad") and not store.exists(loc)
-    finally:
-        _drop_memory(url)
+    def refusing(path, start=None, end=None, **k):
+        if start is not None:
+            raise OSError(errno.EINVAL, "The requested range is not satisfiable")
+        return real(path, **k)
+    monkeypatch.setattr(fs, "cat_file", refusing)
+    with store.open_entry(loc, kv_600.token_ids[:256], 0) as f:
+        assert f.num_tokens == 256
+    fs.pipe_file(loc.split("://", 1)[1], b"")  # empty: damage, found and moved aside
+    with pytest.raises(KVCodecError):
+        store.open_entry(loc, kv_600.token_ids[:256], 0)
+    assert store.exists(loc + ".bad") and not store.exists(loc)
 
 
-def test_a_remote_quarantine_moves_only_the_bytes_that_failed(lm, kv_600):
+def test_a_remote_quarantine_moves_only_the_bytes_that_failed(remote, kv_600):
     """The identity of a GET's bytes is their CRC and size: an object a writer has
     replaced since the read stays; the same bytes move aside."""
-    store, url = _memory_store(lm, kv_600)
-    try:
-        loc = store.lookup(kv_600.token_ids)[1]
-        key = loc.split("://", 1)[1]
-        fs = store._backend.fs
-        good = fs.cat_file(key)
-        bad = bytearray(good)
-        bad[-100] ^= 0xFF
-        fs.pipe_file(key, bytes(bad))
-        f = store.open_entry(loc, kv_600.token_ids[256:512], 256)
-        with f, pytest.raises(CorruptError):
-            f.decode()
-        fs.pipe_file(key, good)  # a writer, between the read and the move
-        assert not store.quarantine(loc, CorruptError("crc"), f.identity)
-        assert fs.cat_file(key) == good and not store.exists(loc + ".bad")
-        fs.pipe_file(key, bytes(bad))  # the damaged bytes again: they move
-        assert store.quarantine(loc, CorruptError("crc"), f.identity)
-        assert not store.exists(loc) and fs.cat_file(key + ".bad") == bytes(bad)
-    finally:
-        _drop_memory(url)
+    store, locs = remote
+    loc, fs = locs[1], store._backend.fs
+    key = loc.split("://", 1)[1]
+    good = fs.cat_file(key)
+    bad = bytearray(good)
+    bad[-100] ^= 0xFF
+    fs.pipe_file(key, bytes(bad))
+    f = store.open_entry(loc, kv_600.token_ids[256:512], 256)
+    with f, pytest.raises(CorruptError):
+        f.decode()
+    fs.pipe_file(key, good)  # a writer, between the read and the move
+    assert not store.quarantine(loc, CorruptError("crc"), f.identity)
+    assert fs.cat_file(key) == good and not store.exists(loc + ".bad")
+    fs.pipe_file(key, bytes(bad))  # the damaged bytes again: they move
+    assert store.quarantine(loc, CorruptError("crc"), f.identity)
+    assert not store.exists(loc) and fs.cat_file(key + ".bad") == bytes(bad)
 
 
 def test_salts_separate_keys(tmp_path, lm, kv_600):
