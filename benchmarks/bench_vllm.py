@@ -3,7 +3,8 @@ embedded model, with a warm store: vLLM's own prefill (no connector), vLLM's
 ExampleConnector (raw per-layer safetensors files of the paged K/V), and the kvcodec
 connector in `lossless` and `default` modes, and `default` once more with its store on S3
 (moto on 127.0.0.1) behind a real 1 Gbit/s link (``throttle.py``: a rate-limited relay).
-kvcodec loads every prompt token but the last (vLLM computes one), mid-block; the
+kvcodec loads every prompt token but the last from a ``lossless`` store, and but the
+last 64 from a lossy one (``reuse_end``: vLLM computes those), mid-block; the
 ExampleConnector loads through the last whole block (1,920 of 2,017 tokens, 97
 computed). ``kvcodec-default-blocks`` loads what the example loads
 (the connector's ``whole_blocks``): the same work, so the decode against raw files.
