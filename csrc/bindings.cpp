@@ -205,14 +205,36 @@ void set_out(py::array& a, bool bf16, kvc::DequantSpec* spec) {
   }
 }
 
-// Rows placed one by one (`row_at`): (flat, head_stride, chan_stride, row_at), a writable
-// 1-D float32 or uint16 (bfloat16) array and, per row, where its head 0 starts in it (in
-// elements; negative: not stored). Every element a kept row writes is checked to lie in
-// `flat`; rows that overlap are the caller's to avoid.
+// Where each channel sits from its row's head start (chan_at: int64 [head_dim], each in
+// [0, n)), and the form the AVX2 dequantizer stores fast (chan_zip).
+void chan_table(const py::array& t, py::ssize_t n, kvc::DequantSpec* spec) {
+  const int d = spec->head_dim;
+  if (t.dtype().kind() != 'i' || t.itemsize() != 8 || t.ndim() != 1 || t.shape(0) != d ||
+      !(t.flags() & py::array::c_style)) {
+    throw py::value_error("dequant chan_at: expected a C-contiguous int64 array of " +
+                          std::to_string(d) + " channels");
+  }
+  const int64_t* c = static_cast<const int64_t*>(t.data());
+  bool pairs = d % 8 == 0, eights = d % 8 == 0;
+  for (int i = 0; i < d; ++i) {
+    if (c[i] < 0 || c[i] >= n) throw py::value_error("dequant chan_at: out of the output");
+    if (i % 2) pairs = pairs && c[i] == c[i - 1] + 1;
+    if (i % 8) eights = eights && c[i] == c[i - 1] + 2;
+  }
+  spec->chan_at = c;
+  spec->chan_zip = pairs ? kvc::ZIP_CHANNELS : eights ? kvc::ZIP_ROWS : 0;
+}
+
+// Rows placed one by one (`row_at`): (flat, head_stride, chan, row_at), a writable 1-D
+// float32 or uint16 (bfloat16) array and, per row, where its head 0 starts in it (in
+// elements; negative: not stored); `chan` the elements from one channel to the next, or
+// an int64 array of where each channel sits from its row's head start (chan_table).
+// Every element a kept row writes is checked to lie in `flat`; rows that overlap are the
+// caller's to avoid.
 void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
   if (p.size() != 4) {
     throw py::value_error("dequant out: expected an array or (flat, head_stride, "
-                          "chan_stride, row_at)");
+                          "chan, row_at)");
   }
   py::array a = output_array(p[0], "dequant out");
   const bool bf16 = a.dtype().kind() == 'u' && a.itemsize() == 2;
@@ -221,7 +243,16 @@ void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
     throw py::value_error("dequant out: expected a writable contiguous 1-D float32 or "
                           "uint16 (bfloat16) array");
   }
-  const py::ssize_t hs = p[1].cast<py::ssize_t>(), cs = p[2].cast<py::ssize_t>();
+  const py::ssize_t hs = p[1].cast<py::ssize_t>();
+  py::ssize_t cs = 0, last = 0;  // last: channel head_dim - 1's place from its row's head
+  if (py::isinstance<py::array>(p[2])) {
+    chan_table(p[2].cast<py::array>(), a.shape(0), spec);
+    for (int i = 0; i < spec->head_dim; ++i)
+      last = spec->chan_at[i] > last ? (py::ssize_t)spec->chan_at[i] : last;
+  } else {
+    cs = p[2].cast<py::ssize_t>();
+    last = (py::ssize_t)(spec->head_dim - 1) * (cs > 1 ? cs : 1);
+  }
   if (hs < 0 || cs < 0 || hs > a.shape(0) || cs > a.shape(0)) {
     throw py::value_error("dequant out: strides must be in [0, the output's size]");
   }
@@ -233,9 +264,8 @@ void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
   }
   const int64_t* r = static_cast<const int64_t*>(at.data());
   const int64_t n = (int64_t)a.shape(0);
-  // A row's last element: head (heads - 1), channel (head_dim - 1).
-  const int64_t reach = (int64_t)(spec->heads - 1) * hs +
-                        (int64_t)(spec->head_dim - 1) * (cs > 1 ? cs : 1);
+  // A row's last element: head (heads - 1), its farthest channel.
+  const int64_t reach = (int64_t)(spec->heads - 1) * hs + (int64_t)last;
   for (int i = 0; i < rows; ++i) {
     if (r[i] >= 0 && (r[i] >= n || reach >= n - r[i])) {
       throw py::value_error("dequant row_at: row " + std::to_string(i) +
@@ -863,8 +893,9 @@ PYBIND11_MODULE(_native, m) {
         "writes the per-token-step uniform reconstruction [heads, rows, head_dim] (+ add per "
         "channel), RoPE "
         "re-applied when cos/sin are given (out_f32 may also be (flat, head_stride, "
-        "chan_stride, row_at): each row placed at row_at[row] of a 1-D flat array, or not "
-        "stored where negative); out may then be (rows, channels) instead of "
+        "chan, row_at): each row placed at row_at[row] of a 1-D flat array, or not "
+        "stored where negative, chan a channel stride or an int64 array of each channel's "
+        "place from its row's head start); out may then be (rows, channels) instead of "
         "an array, and the symbols are not kept (each chunk is dequantized from a scratch "
         "buffer as soon as it is decoded).");
   m.def("stream_tables", &stream_tables, py::arg("items"), py::arg("threads") = 0,

@@ -516,11 +516,13 @@ def test_fused_dequant_writes_bfloat16_and_rows_heads_apart(head_dim, rotate):
 @pytest.mark.parametrize("klt", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: the scalar path on every CPU
 def test_fused_dequant_places_rows_in_a_paged_cache(head_dim, klt):
-    """``(flat, head_stride, chan_stride, row_at)``: each row lands where ``row_at`` says
-    in a flat array (vLLM's CPU blocks: values ``[heads, block, head_dim]``, keys ``[heads,
-    head_dim, block]``, channels ``block`` apart), in any block order, rows with a
-    negative entry not stored: the same bits as the plain output there, float32 and
-    bfloat16, every path, and nothing written anywhere else."""
+    """``(flat, head_stride, chan, row_at)``: each row lands where ``row_at`` says in a
+    flat array (vLLM's CPU blocks: values ``[heads, block, head_dim]``, keys ``[heads,
+    head_dim, block]``, channels ``block`` apart; its AMX blocks, ``chan`` a table of
+    each channel's place: keys ``[head_dim / 2, block, 2]``, values by sixteen channels
+    with two tokens interleaved), in any block order, rows with a negative entry not
+    stored: the same bits as the plain output there, float32 and bfloat16, every path,
+    and nothing written anywhere else."""
     rng = np.random.default_rng(head_dim + klt)
     rows, heads, chunk, bs = 300, 3, 128, 16
     sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
@@ -530,19 +532,24 @@ def test_fused_dequant_places_rows_in_a_paged_cache(head_dim, klt):
     nb = -(-rows // bs) + 2
     order = rng.permutation(nb)[:-(-rows // bs)]  # each block of rows somewhere
     slot = order[np.arange(rows) // bs] * bs + np.arange(rows) % bs
-    block = heads * 2 * bs * head_dim  # [heads, 2 * block, head_dim] per block
     skip = rng.random(rows) < 0.1
-    layouts = {"values": (2 * bs * head_dim, 1, bs * head_dim + (slot % bs) * head_dim),
-               "keys": (2 * bs * head_dim, bs, slot % bs)}
+    t, c, d16 = slot % bs, np.arange(head_dim), -(-head_dim // 16) * 16  # AMX: tiles of 16
+    layouts = {"values": (2 * bs * head_dim, 1, bs * head_dim + t * head_dim),
+               "keys": (2 * bs * head_dim, bs, t),
+               "amx keys": (2 * bs * d16, (c >> 1) * 2 * bs + (c & 1), 2 * t),
+               "amx values": (2 * bs * d16, (c >> 4) * 16 * bs + (c & 15) * 2,
+                              bs * d16 + (t >> 1) * 32 + (t & 1))}
     for path in PATHS:
         ref = np.zeros((heads, rows, head_dim), np.float32)
         assert _decode_with(path, [(blobs, freqs, sym.shape, deq(ref) + extra)],
                             chunk) == [None]
         for name, (hs, cs, inner) in layouts.items():
+            block = heads * hs  # [heads, 2 * block, head_dim] per block
             at = (slot // bs) * block + inner
             at[skip] = -1
+            chans = c * cs if np.isscalar(cs) else cs
             idx = (at[None, :, None] + np.arange(heads)[:, None, None] * hs
-                   + np.arange(head_dim)[None, None, :] * cs)[:, ~skip]
+                   + chans[None, None, :])[:, ~skip]
             for dtype, want in ((np.float32, ref), (np.uint16, _bf16_bits(ref))):
                 flat = np.full(nb * block, 7, dtype)
                 assert _decode_with(path, [(blobs, freqs, sym.shape,

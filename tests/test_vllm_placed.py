@@ -30,15 +30,17 @@ def _step(w, loads):
     return failed
 
 
-@pytest.mark.parametrize("dtype,overlap", [(torch.float32, False), (torch.bfloat16, False),
-                                           (torch.float32, True)])
+@pytest.mark.parametrize("dtype,overlap,block", [
+    (torch.float32, False, 16), (torch.bfloat16, False, 16), (torch.float32, True, 16),
+    (torch.bfloat16, False, 32)])  # bfloat16 in blocks of 32: the AMX layout on such CPUs
 def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dtype, overlap,
-                                                       monkeypatch):
+                                                       block, monkeypatch):
     """Two requests of a step (entries of different documents; one starts after the
     blocks vLLM had computed, both end inside their last entry), loaded before the
     forward pass or beside it (doubling layer groups): placed, every loaded token's K/V
     land as the buffered path lands them, bit for bit, nothing else in the cache is
-    written, and vLLM's op writes nothing."""
+    written, and vLLM's op writes nothing. In every layout vLLM's CPU backend picks
+    for the block size and dtype, AMX's paired bfloat16 included where the CPU has it."""
     from kvcodec.integrations.vllm import paged_layout, placed
     from kvcodec.integrations.vllm.scheduler import Load
 
@@ -46,12 +48,14 @@ def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dty
     other = ChunkStore(tmp_path / "b", lm.fingerprint, "default")
     assert store.put(kv_600) == 3 and other.put(kv_600) == 3
     ids = kv_600.token_ids
-    block, blocks = 16, 96
+    blocks = 96 * 16 // block
     order = torch.randperm(blocks, generator=torch.Generator().manual_seed(0)).tolist()
+    na, nb = 608 // block, -(-560 // block)  # each request's blocks
+    b0 = na + 2
 
     def loads():  # request b reads the same tokens under another salt: its own entries
-        return [Load("a", ids, order[:38], 32, 592),
-                Load("b", ids, order[40:75], 0, 560, salt="b")]
+        return [Load("a", ids, order[:na], 32, 592),
+                Load("b", ids, order[b0:b0 + nb], 0, 560, salt="b")]
 
     store_b = store.with_salt("b")
     assert store_b.put(kv_600) == 3
@@ -73,7 +77,7 @@ def test_a_step_decodes_straight_into_the_paged_blocks(lm, kv_600, tmp_path, dty
         assert torch.equal(a.view(torch.int16) if dtype == torch.bfloat16 else a.view(torch.int32),
                            b.view(torch.int16) if dtype == torch.bfloat16 else b.view(torch.int32))
     # The loaded slots hold values; every other block is untouched.
-    used = set(order[2:37]) | set(order[40:75])
+    used = set(order[32 // block:-(-592 // block)]) | set(order[b0:b0 + nb])
     rest = [b for b in range(blocks) if b not in used]
     assert all(not c[rest].any() for c in got["placed"])
     assert all(c[sorted(used)].abs().sum() > 0 for c in got["placed"])

@@ -40,9 +40,10 @@ class Dequant:
     entries decoded as one stream, :mod:`.stacked`), and ``basis``, a ``klt`` stream's
     inverse transform (``[heads, head_dim, head_dim]``, :mod:`kvcodec.core.klt`; None for
     channel-coded streams). ``placed``: where the rows go instead of ``out`` (which
-    then only gives the shape and dtype): ``(flat, head_stride, chan_stride, row_at)``, a
-    1-D array of ``out``'s dtype, the elements between heads and between channels, and
-    per row where its head 0 starts in ``flat`` (negative: not stored), as the vLLM
+    then only gives the shape and dtype): ``(flat, head_stride, chan, row_at)``, a 1-D
+    array of ``out``'s dtype, the elements between heads, between channels (or an int64
+    array of each channel's place from its row's head start), and per row where its
+    head 0 starts in ``flat`` (negative: not stored), as the vLLM
     worker decodes into the paged cache's blocks
     (:mod:`kvcodec.integrations.vllm.placed`)."""
 
@@ -276,8 +277,8 @@ def _store(deq: Dequant, at, rows: np.ndarray) -> None:
     start = row_at[at]  # one per row of out
     keep = start >= 0
     h, d = rows.shape[0], rows.shape[2]
-    where = (start[keep][None, :, None] + (np.arange(h) * hs)[:, None, None]
-             + np.arange(d) * max(cs, 1))
+    chans = cs if isinstance(cs, np.ndarray) else np.arange(d) * max(cs, 1)
+    where = start[keep][None, :, None] + (np.arange(h) * hs)[:, None, None] + chans
     flat[where] = rows[:, keep]
 
 

@@ -35,7 +35,16 @@ struct DequantSpec {
                          // a paged cache's blocks); a negative entry: the row is not stored
   size_t chan_stride;    // elements from one channel to the next (0 or 1: contiguous; a
                          // paged cache that keeps keys [head_dim, block] per head)
+  const int64_t* chan_at;  // [head_dim] or null: where each channel sits from its row's
+                           // head start, in place of chan_stride (a paged cache whose
+                           // bfloat16 pairs interleave: vLLM's AMX layouts)
+  int chan_zip;          // with chan_at, the form spread_tile stores fast: ZIP_CHANNELS
+                         // or ZIP_ROWS (0: neither, every value on its own)
 };
+
+// chan_at's forms: channels 2c and 2c + 1 adjacent (a token's pairs, tokens two apart:
+// AMX keys), or channels by eights two apart (two tokens' values interleaved: AMX values).
+constexpr int ZIP_CHANNELS = 1, ZIP_ROWS = 2;
 
 // `symbols` is [rows, channels + 1] (the last column is the step code). Matches the
 // PyTorch path bit for bit: ((s - R) * (grid[code] * mult[c])) (+ add[c] if given), then
@@ -109,13 +118,24 @@ inline size_t out_offset(const DequantSpec& spec, int k, int row) {
 
 // Whether a kept row's channels are written in place (contiguous), else from a row of
 // floats by store_spread.
-inline bool dense_out(const DequantSpec& spec) { return spec.chan_stride <= 1; }
+inline bool dense_out(const DequantSpec& spec) {
+  return !spec.chan_at && spec.chan_stride <= 1;
+}
 
-// A head's row of floats `x` stored at `off` with channels chan_stride apart (float32,
-// or bfloat16 rounded as to_bf16).
+// A head's row of floats `x` stored at `off` with channels chan_stride apart, or where
+// chan_at puts them (float32, or bfloat16 rounded as to_bf16).
 inline void store_spread(const float* x, const DequantSpec& spec, size_t off) {
   const size_t cs = spec.chan_stride;
-  if (spec.out) {
+  if (spec.chan_at) {
+    for (int i = 0; i < spec.head_dim; ++i) {
+      const size_t at = off + (size_t)spec.chan_at[i];
+      if (spec.out) {
+        spec.out[at] = x[i];
+      } else {
+        spec.out_bf16[at] = to_bf16(x[i]);
+      }
+    }
+  } else if (spec.out) {
     for (int i = 0; i < spec.head_dim; ++i) spec.out[off + (size_t)i * cs] = x[i];
   } else {
     for (int i = 0; i < spec.head_dim; ++i) spec.out_bf16[off + (size_t)i * cs] = to_bf16(x[i]);

@@ -164,16 +164,80 @@ KVC_AVX2 inline void transpose8(__m256* a) {
 
 constexpr int SPREAD = 8;  // rows of a tile whose channels are stored across them
 
+// Sixteen values (lo, then hi) stored in order at `at`, float32 or bfloat16.
+KVC_AVX2 inline void store16(__m256 lo, __m256 hi, const DequantSpec& spec, size_t at) {
+  if (spec.out) {
+    _mm256_storeu_ps(spec.out + at, lo);
+    _mm256_storeu_ps(spec.out + at + 8, hi);
+    return;
+  }
+  const __m256i p = _mm256_packus_epi32(bf16_bits(lo), bf16_bits(hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(spec.out_bf16 + at),
+                      _mm256_permute4x64_epi64(p, 0xd8));
+}
+
+// a0 b0 a1 b1 ... a7 b7, as (lo, hi).
+KVC_AVX2 inline void zip8(__m256 a, __m256 b, __m256* lo, __m256* hi) {
+  const __m256 l = _mm256_unpacklo_ps(a, b), h = _mm256_unpackhi_ps(a, b);
+  *lo = _mm256_permute2f128_ps(l, h, 0x20);
+  *hi = _mm256_permute2f128_ps(l, h, 0x31);
+}
+
+// Whether rows r .. r + n - 1 are all stored, each `gap` elements after the one before.
+inline bool rows_apart(const DequantSpec& spec, int r, int n, int gap) {
+  if (!spec.row_at || spec.row_at[r] < 0) return false;
+  for (int i = 1; i < n; ++i)
+    if (spec.row_at[r + i] != spec.row_at[r] + (int64_t)i * gap) return false;
+  return true;
+}
+
+// A tile's rows into a layout of interleaved pairs (chan_at, chan_zip: vLLM's AMX
+// layouts), sixteen values a store where the rows allow it (each value on its own took
+// as long as vLLM's op writing the buffers afterwards): ZIP_CHANNELS, eight rows two
+// apart, channels c and c + 1 of the rows zipped (the keys' [head_dim / 2, block, 2]);
+// ZIP_ROWS, each pair of adjacent rows zipped channel by channel (the values' pairs of
+// tokens). Other rows one value at a time.
+KVC_AVX2 void zip_tile(const float* tile, int m, int r0, int k, const DequantSpec& spec) {
+  const int d = spec.head_dim;
+  if (spec.chan_zip == ZIP_CHANNELS && m == SPREAD && rows_apart(spec, r0, SPREAD, 2)) {
+    const size_t off = out_offset(spec, k, r0);
+    for (int c = 0; c < d; c += 8) {
+      __m256 a[8], lo, hi;
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_load_ps(tile + i * d + c);
+      transpose8(a);  // a[j]: channel c + j of the eight rows
+      for (int j = 0; j < 8; j += 2) {
+        zip8(a[j], a[j + 1], &lo, &hi);
+        store16(lo, hi, spec, off + (size_t)spec.chan_at[c + j]);
+      }
+    }
+    return;
+  }
+  for (int i = 0; i < m; ++i) {
+    if (spec.chan_zip == ZIP_ROWS && i + 1 < m && rows_apart(spec, r0 + i, 2, 1)) {
+      const size_t off = out_offset(spec, k, r0 + i);
+      const float *x = tile + i * d, *y = x + d;
+      for (int c = 0; c < d; c += 8) {
+        __m256 lo, hi;
+        zip8(_mm256_load_ps(x + c), _mm256_load_ps(y + c), &lo, &hi);
+        store16(lo, hi, spec, off + (size_t)spec.chan_at[c]);
+      }
+      ++i;
+    } else if (row_kept(spec, r0 + i)) {
+      store_spread(tile + i * d, spec, out_offset(spec, k, r0 + i));
+    }
+  }
+}
+
 // Head k's rows t0 .. t0 + m - 1, made in `tile` (SPREAD rows of head_dim floats), stored
-// with channels chan_stride apart. Eight rows placed one after another (a paged cache
-// keeps a block's keys [head_dim, block]: channel i of consecutive tokens is contiguous)
-// go in eight-wide stores of a channel across the rows; other rows one value at a time.
+// with channels chan_stride apart, or where chan_at puts them (zip_tile). Eight rows
+// placed one after another (a paged cache keeps a block's keys [head_dim, block]:
+// channel i of consecutive tokens is contiguous) go in eight-wide stores of a channel
+// across the rows; other rows one value at a time.
 KVC_AVX2 void spread_tile(const float* tile, int m, int t0, int k, const DequantSpec& spec,
                           int row0) {
   const int r0 = row0 + t0, d = spec.head_dim;
-  bool run = m == SPREAD && spec.row_at && spec.row_at[r0] >= 0;
-  for (int i = 1; run && i < SPREAD; ++i) run = spec.row_at[r0 + i] == spec.row_at[r0] + i;
-  if (!run) {
+  if (spec.chan_at) return zip_tile(tile, m, r0, k, spec);
+  if (!(m == SPREAD && rows_apart(spec, r0, SPREAD, 1))) {
     for (int i = 0; i < m; ++i)
       if (row_kept(spec, r0 + i)) store_spread(tile + i * d, spec, out_offset(spec, k, r0 + i));
     return;

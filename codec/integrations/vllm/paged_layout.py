@@ -67,7 +67,7 @@ class PagedLayout:
         self.isa = default_isa(self.dtype, block, self.head_dim)
         self.can_read = False
         self._perm = None
-        self.spans = None  # per kind (head stride, channel stride, [block] row starts)
+        self.spans = None  # per kind (head stride, channels, [block] row starts)
         if want_read:
             self._learn()
 
@@ -164,6 +164,8 @@ class PagedLayout:
         out = []
         for kind in ("key", "value"):
             hs, cs, starts = self.spans[kind]
+            if not isinstance(cs, int):  # channels not evenly spaced (AMX): gathered
+                return None
             step = int(starts[1] - starts[0]) if len(starts) > 1 else 1
             if not np.array_equal(starts, starts[0] + step * np.arange(len(starts))):
                 return None
@@ -223,19 +225,25 @@ class PagedLayout:
 
 
 def _spans(perm: tuple, heads: int, head_dim: int) -> dict | None:
-    """Per kind, ``(head stride, channel stride, row starts [block])`` where a block's
-    element ``(token, head, channel)`` sits at ``start[token] + head * head stride +
-    channel * channel stride`` (vLLM's CPU layouts keep values ``[heads, block,
-    head_dim]`` and keys ``[heads, head_dim, block]``), or None where the learned
-    positions are not of that form (then nothing is decoded in place)."""
+    """Per kind, ``(head stride, channels, row starts [block])`` where a block's element
+    ``(token, head, channel)`` sits at ``start[token] + head * head stride + channel's
+    place``, ``channels`` being the elements from one channel to the next (vLLM's CPU
+    layouts keep values ``[heads, block, head_dim]`` and keys ``[heads, head_dim,
+    block]``) or, where the places are not evenly spaced, an int64 array of each
+    channel's place (its AMX layouts pair bfloat16 values: keys ``[head_dim / 2, block,
+    2]``, values two tokens interleaved); None where the learned positions are not of
+    that form (then nothing is decoded in place)."""
     out = {}
     for kind, idx in zip(("key", "value"), perm):
         start = idx[:, 0]
         hs = int(idx[0, head_dim] - idx[0, 0]) if heads > 1 else 0
-        cs = int(idx[0, 1] - idx[0, 0]) if head_dim > 1 else 1
-        form = (torch.arange(heads)[:, None] * hs + torch.arange(head_dim) * cs).reshape(-1)
-        if hs < 0 or cs < 1 or not torch.equal(start[:, None] + form, idx):
+        chans = idx[0, :head_dim] - idx[0, 0]
+        form = (torch.arange(heads)[:, None] * hs + chans).reshape(-1)
+        if hs < 0 or (chans < 0).any() or not torch.equal(start[:, None] + form, idx):
             return None
+        cs = int(chans[1]) if head_dim > 1 else 1
+        if not torch.equal(chans, torch.arange(head_dim) * cs) or cs < 1:
+            cs = chans.numpy().astype(np.int64)
         out[kind] = (hs, cs, start.numpy().astype(np.int64))
     return out
 

@@ -3,12 +3,16 @@
 Each layer group of a step is decoded as one plan into the pool's buffers (``[tokens,
 heads, head_dim]`` per layer and kind, :class:`.paged_layout.BufferPool`), and each
 layer's rows were then copied into the step's blocks by vLLM's cache-writing op. Where
-vLLM's layout is a strided one (its CPU backends keep a block's values ``[heads, block,
-head_dim]`` and its keys ``[heads, head_dim, block]``: :attr:`.PagedLayout.spans`),
-a :class:`Placement` points every row of the native decode at its slot instead
-(:attr:`~kvcodec.format.plan.Dequant.placed`): the decode writes the cache, and only
-rows it could not place are copied (:func:`write_rows`). On a 2-core Zen 3 (float32,
-1,920 tokens of SmolLM2) the copy took ~18 ms of a 59-73 ms load.
+each element of vLLM's layout sits at its token's place plus its head's and its
+channel's (:attr:`.PagedLayout.spans`: its CPU backends keep a block's values ``[heads,
+block, head_dim]`` and its keys ``[heads, head_dim, block]``; its AMX backend, bfloat16
+in blocks of 32 or more, pairs values: keys ``[head_dim / 2, block, 2]``, values by
+sixteen channels with two tokens interleaved), a :class:`Placement` points every row of
+the native decode at its slot instead (:attr:`~kvcodec.format.plan.Dequant.placed`):
+the decode writes the cache, and only rows it could not place are copied
+(:func:`write_rows`). On a 2-core Zen 3 (float32, 1,920 tokens of SmolLM2) the copy took
+~18 ms of a 59-73 ms load; on a 2-core Sapphire Rapids (bfloat16, AMX, 2,017 tokens)
+7-8 ms of ~35, placed the decode takes 2-3 ms longer and the copy is gone.
 
 An entry that loads of the step share (decoded once, its rows go to several requests'
 blocks) is placed in the blocks of its first claim, and each later claim's blocks are
