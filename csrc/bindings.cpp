@@ -312,9 +312,9 @@ void strided_out(const py::object& o, int rows, kvc::DequantSpec* spec) {
 // add_rows]]) -> spec; with add_rows > 0, add is [ceil(rows / add_rows), C]. The caller
 // holds `d` (which holds the arrays) until the decode has run.
 kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
-  if (d.size() < 7 || d.size() > 10) {
+  if (d.size() < 7 || (d.size() > 10 && d.size() != 13)) {
     throw py::value_error("dequant: expected (grid, mult, half_range, heads, out, cos, sin[, "
-                          "add[, add_rows[, basis]]])");
+                          "add[, add_rows[, basis[, sinks, sink_every, sink_rows]]]])");
   }
   kvc::DequantSpec spec{};
   spec.half_range = d[2].cast<int>();
@@ -336,9 +336,21 @@ kvc::DequantSpec check_dequant(const py::tuple& d, int rows, int channels) {
     const size_t blocks = spec.add_rows ? ((size_t)rows + spec.add_rows - 1) / spec.add_rows : 1;
     spec.add = float_data(d[7], "dequant add", std::max<size_t>(blocks, 1) * (channels - 1));
   }
-  if (d.size() == 10 && !d[9].is_none()) {
+  if (d.size() >= 10 && !d[9].is_none()) {
     spec.basis = float_data(d[9], "dequant basis",
                             (size_t)spec.heads * spec.head_dim * spec.head_dim);
+  }
+  if (d.size() == 13 && !d[10].is_none()) {  // sink rows: sink_rows of every sink_every
+    spec.sink_every = d[11].cast<int>();
+    spec.sink_rows = d[12].cast<int>();
+    if (spec.sink_every < 0 || spec.sink_rows < 0 ||
+        (spec.sink_every && spec.sink_rows > spec.sink_every)) {
+      throw py::value_error("dequant: sink_rows must be in [0, sink_every]");
+    }
+    const size_t blocks =
+        spec.sink_every ? ((size_t)rows + spec.sink_every - 1) / spec.sink_every : 1;
+    spec.sinks = float_data(d[10], "dequant sinks",
+                            std::max<size_t>(blocks, 1) * spec.sink_rows * (channels - 1));
   }
   strided_out(d[4], rows, &spec);
   if (!d[5].is_none()) {

@@ -560,6 +560,45 @@ def test_fused_dequant_places_rows_in_a_paged_cache(head_dim, klt):
                 assert (flat[rest] == 7).all(), (path, name, dtype)
 
 
+@pytest.mark.parametrize("klt", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the scalar path on every CPU
+def test_fused_dequant_writes_sink_rows(head_dim, klt):
+    """``(..., sinks, sink_every, sink_rows)``: the first ``sink_rows`` rows of every
+    ``sink_every`` (entries decoded as one stream) take their exact values, not their
+    symbols' (no basis, no channel offsets), rotated and stored as any row, in chunks
+    that start inside a block; the other rows as without sinks, bit for bit, on every
+    path, float32 and bfloat16."""
+    rng = np.random.default_rng(7 + klt)
+    rows, heads, chunk, every, n = 300, 3, 128, 100, 2
+    c, half = heads * head_dim, head_dim // 2
+    sym, freqs, deq = _fused_case(rng, rows, heads, head_dim)
+    grid, mult, r, h, _, cos, sin = deq(None)
+    add = rng.normal(0, 5, (3, c)).astype(np.float32)  # each block's offsets
+    basis = rng.normal(size=(heads, head_dim, head_dim)).astype(np.float32) if klt else None
+    sinks = rng.normal(0, 3, (3 * n, c)).astype(np.float32)
+    blobs = nat.encode(sym, freqs, chunk)
+    at = np.flatnonzero(np.arange(rows) % every < n)
+    x = sinks.reshape(3 * n, heads, head_dim).transpose(1, 0, 2)
+    cs, sn = cos[at], sin[at]
+    want = np.concatenate([x[..., :half] * cs[:, :half] + -x[..., half:] * sn[:, :half],
+                           x[..., half:] * cs[:, half:] + x[..., :half] * sn[:, half:]], -1)
+    args = (grid, mult, r, h)
+    for path in PATHS:
+        plain = np.zeros((heads, rows, head_dim), np.float32)
+        assert _decode_with(path, [(blobs, freqs, sym.shape,
+                                    args + (plain, cos, sin, add, every, basis))],
+                            chunk) == [None]
+        plain[:, at] = want
+        for dtype, exp in ((np.float32, plain), (np.uint16, _bf16_bits(plain))):
+            out = np.zeros((heads, rows, head_dim), dtype)
+            assert _decode_with(path, [(blobs, freqs, sym.shape, args + (
+                out, cos, sin, add, every, basis, sinks, every, n))], chunk) == [None]
+            assert np.array_equal(out.view(np.uint8), exp.view(np.uint8)), (path, dtype)
+    with pytest.raises(ValueError, match="sink"):
+        nat.decode_many([(blobs, freqs, sym.shape, args + (
+            plain, cos, sin, add, every, basis, sinks[:-1], every, n))], chunk)
+
+
 def test_fused_dequant_refuses_placed_rows_past_the_end():
     rng = np.random.default_rng(2)
     rows, heads, d, chunk = 40, 2, 16, 64

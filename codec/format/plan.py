@@ -45,7 +45,11 @@ class Dequant:
     array of each channel's place from its row's head start), and per row where its
     head 0 starts in ``flat`` (negative: not stored), as the vLLM
     worker decodes into the paged cache's blocks
-    (:mod:`kvcodec.integrations.vllm.placed`)."""
+    (:mod:`kvcodec.integrations.vllm.placed`). ``sinks``: attention-sink rows the
+    decoder writes in place of the first ``sink_rows`` rows of every ``sink_every``
+    rows (float32 ``[blocks * sink_rows, channels]``; 0: one block), rotated where keys
+    are and stored as any row (entries decoded as one stream, :mod:`.stacked`; None:
+    :func:`finish` restores them)."""
 
     grid: np.ndarray
     mult: np.ndarray
@@ -59,11 +63,17 @@ class Dequant:
     add_rows: int = 0
     basis: np.ndarray | None = None
     placed: tuple | None = None
+    sinks: np.ndarray | None = None
+    sink_every: int = 0
+    sink_rows: int = 0
 
     def native(self) -> tuple:
         out = self.out if self.placed is None else self.placed
         args = (self.grid, self.mult, self.half_range, self.heads, out, self.cos,
                 self.sin, self.add)
+        if self.sinks is not None:
+            return args + (self.add_rows, self.basis, self.sinks, self.sink_every,
+                           self.sink_rows)
         if self.basis is not None:
             return args + (self.add_rows, self.basis)
         return args + (self.add_rows,) if self.add_rows else args
@@ -188,13 +198,15 @@ def finish(targets: list) -> None:
         for deq, view in t.fused:
             if deq.scratch:
                 view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
-        if t.sink_every:
-            stacked.append(t)
+        if t.sink_every:  # entries as one stream: sinks by block, here or natively
+            if t.fused[0][0].sinks is None:
+                stacked.append(t)
             continue
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
-            # Values in place, rotated where they are keys: only the sink rows remain.
-            if n_sink:
+            # Values in place, rotated where they are keys: only the sink rows remain,
+            # where the decoder did not write them.
+            if n_sink and t.fused[0][0].sinks is None:
                 rows_np = t.sinks.reshape(n_sink, h, d).transpose(1, 0, 2)
                 if t.rope is not None:
                     key = (t.rope, t.base + t.first, n_sink, h)

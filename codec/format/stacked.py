@@ -98,8 +98,9 @@ def plan_stack(files: list, bufs, spans: list,
                    f0.sections.params()[(l, k)], rope=rope, base=base,
                    rotated=rope is not None)
         t.fused.append((deq, None))
-        if n_sink:
+        if n_sink:  # the decoder writes them, rotated where keys are
             t.sinks, t.sink_every = sinks[i], m0.chunk_tokens
+            deq.sinks, deq.sink_every, deq.sink_rows = sinks[i], m0.chunk_tokens, n_sink
         blobs = [got[s] for got in entry_blobs]
         plan.add(t, [Job(blobs, dtab, (rows, m0.coded_columns(q)), deq)])
     return plan

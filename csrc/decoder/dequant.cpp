@@ -26,7 +26,8 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
   for (int k = 0; simd && k < h; ++k)
     pad_basis(spec.basis + (size_t)k * d * d, d, cb, bases + k * padded);
   *bad_row = -1;
-  for (int t = 0; t < rows; ++t) {
+  SinkWalk sink(spec, row0);
+  for (int t = 0; t < rows; ++t, sink.next()) {
     const uint8_t* row = symbols + (size_t)t * stride;
     const size_t at = (size_t)(row0 + t) * d;  // this row in out's heads and in cos/sin
     const float step = spec.grid[row[c]];
@@ -71,8 +72,11 @@ void dequant_token_scalar(const uint8_t* symbols, int rows, const DequantSpec& s
         }
         for (int i = 0; i < d; ++i) x[i] = acc[i] + acc[d + i];
       }
-      if (a)
+      if (const float* kept = sink.at()) {  // a sink row: its exact values, no means
+        for (int i = 0; i < d; ++i) x[i] = kept[(size_t)k * d + i];
+      } else if (a) {
         for (int i = 0; i < d; ++i) x[i] = x[i] + a[i];
+      }
       if (!spec.cos) {
         for (int i = 0; i < d; ++i) o[i] = x[i];
       } else {

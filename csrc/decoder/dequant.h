@@ -40,6 +40,37 @@ struct DequantSpec {
                            // bfloat16 pairs interleave: vLLM's AMX layouts)
   int chan_zip;          // with chan_at, the form spread_tile stores fast: ZIP_CHANNELS
                          // or ZIP_ROWS (0: neither, every value on its own)
+  const float* sinks;    // or null: attention-sink rows kept exact ([blocks * sink_rows,
+                         // channels]), which replace the first sink_rows rows of every
+  int sink_every;        // block of sink_every rows (0: one block, all the rows), from
+  int sink_rows;         // symbols dequantized but not used: no basis, no `add`, then
+                         // RoPE and the store as any row (store entries decoded as one
+                         // stream each begin with theirs)
+};
+
+// The sink rows of `spec` met walking its rows in order from row r: at() is the current
+// row's sink values (all channels), or null where it is not a sink row.
+struct SinkWalk {
+  const float* base;
+  size_t stride, block;
+  int every, n, phase;
+
+  SinkWalk(const DequantSpec& spec, int r)
+      : base(spec.sink_rows > 0 ? spec.sinks : nullptr),
+        stride((size_t)spec.heads * spec.head_dim),
+        block(0), every(spec.sink_every), n(spec.sink_rows), phase(r) {
+    if (base && every > 0) {
+      block = (size_t)(r / every);
+      phase = r % every;
+    }
+  }
+  const float* at() const {
+    return base && phase < n ? base + (block * n + (size_t)phase) * stride : nullptr;
+  }
+  void next() {
+    if (!base) return;
+    if (++phase == every) phase = 0, ++block;
+  }
 };
 
 // chan_at's forms: channels 2c and 2c + 1 adjacent (a token's pairs, tokens two apart:
@@ -55,6 +86,8 @@ constexpr int ZIP_CHANNELS = 1, ZIP_ROWS = 2;
 // std::fmaf, the AVX2/AVX-512 FMA instructions and CUDA's __fmaf_rn agree), then the two
 // sums added: every path sums in this order, so all are bit-identical.
 // With `out_bf16` the float32 result of all that is rounded to bfloat16 as it is stored.
+// A sink row (`sinks`) takes its values from there instead of the sums (its symbols are
+// still checked) and adds no `add`.
 // `symbols` holds rows [row0, row0 + rows) of the stream, which land at those rows of
 // `out` and take those rows of cos/sin. Returns an error for a symbol above 2R (data
 // inconsistent with the header). Runs the AVX2 variant (dequant_avx2.cpp, bit-identical:

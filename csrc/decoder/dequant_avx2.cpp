@@ -86,12 +86,13 @@ KVC_AVX2 inline bool load_row(const uint8_t* symbols, int t, int k, const Dequan
 // half]) * sin, and x[i + half] * cos + x[i] * sin), store. The values and the means
 // stay in registers. `res`: head_dim aligned floats, where a bfloat16 output's values are
 // made before they are rounded into it.
-// `held`: made in res only, the caller stores it (spread_tile).
+// `held`: made in res only, the caller stores it (spread_tile). `sunk`: a sink row's
+// values (dequant.h), which take no means.
 template <class Values>
 KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, float* res,
-                              Values value, bool held = false) {
+                              Values value, bool held = false, bool sunk = false) {
   const int d = spec.head_dim, half = d / 2;
-  const float* a = head_means(t, k, spec, row0);
+  const float* a = sunk ? nullptr : head_means(t, k, spec, row0);
   const bool keep = !held && row_kept(spec, row0 + t), dense = keep && dense_out(spec);
   const size_t off = keep ? out_offset(spec, k, row0 + t) : 0;
   float* o = spec.out && dense ? spec.out + off : res;  // else made in res, stored below
@@ -126,8 +127,19 @@ KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, f
 
 // The rest of a head's row from its values x (aligned): emit_row.
 KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
-                                const float* x, float* res) {
-  emit_row(t, k, spec, row0, res, [x](int i) KVC_AVX2 { return _mm256_load_ps(x + i); });
+                                const float* x, float* res, bool sunk = false) {
+  emit_row(t, k, spec, row0, res, [x](int i) KVC_AVX2 { return _mm256_load_ps(x + i); },
+           false, sunk);
+}
+
+// Head k of a sink row's values (all channels: SinkWalk::at), its symbols checked by h.
+template <class Row>
+KVC_AVX2 inline void emit_sink(int t, int k, const DequantSpec& spec, int row0, float* res,
+                               Row& h, const float* sink, bool held) {
+  for (int i = 0; i < spec.head_dim; i += 8) h.at(i);
+  const float* x = sink + (size_t)k * spec.head_dim;
+  emit_row(t, k, spec, row0, res, [x](int i) KVC_AVX2 { return _mm256_loadu_ps(x + i); },
+           held, true);
 }
 
 // One head of one row straight from its symbols to its output: load_row's and
@@ -136,9 +148,13 @@ KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
 // read both back: three stores of the row for one. False where a symbol is out of range
 // (the row's output is written all the same; the decode then fails).
 KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
-                                int row0, float* res) {
+                                int row0, float* res, const float* sink) {
   HeadRow h(symbols, t, k, spec);
-  emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); });
+  if (sink) {
+    emit_sink(t, k, spec, row0, res, h, sink, false);
+  } else {
+    emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); });
+  }
   return h.ok();
 }
 
@@ -267,14 +283,21 @@ KVC_AVX2 void spread_tile(const float* tile, int m, int t0, int k, const Dequant
 KVC_AVX2 void spread_rows(const uint8_t* symbols, int rows, const DequantSpec& spec, int row0,
                           int* bad_row) {
   alignas(32) float tile[SPREAD * 256];
+  SinkWalk sinks(spec, row0);
   for (int t0 = 0; t0 < rows; t0 += SPREAD) {
     const int m = rows - t0 < SPREAD ? rows - t0 : SPREAD;
+    const float* sink[SPREAD];
+    for (int i = 0; i < m; ++i, sinks.next()) sink[i] = sinks.at();
     int bad = -1;  // the tile's first bad row over all heads: the first in row order
     for (int k = 0; k < spec.heads; ++k) {
       for (int i = 0; i < m; ++i) {
         HeadRow h(symbols, t0 + i, k, spec);
-        emit_row(t0 + i, k, spec, row0, tile + i * spec.head_dim,
-                 [&h](int c) KVC_AVX2 { return h.at(c); }, true);
+        if (sink[i]) {
+          emit_sink(t0 + i, k, spec, row0, tile + i * spec.head_dim, h, sink[i], true);
+        } else {
+          emit_row(t0 + i, k, spec, row0, tile + i * spec.head_dim,
+                   [&h](int c) KVC_AVX2 { return h.at(c); }, true);
+        }
         if (!h.ok()) {
           bad = bad < 0 || t0 + i < bad ? t0 + i : bad;
           break;
@@ -319,12 +342,15 @@ KVC_AVX2 bool klt_rows(const uint8_t* symbols, int rows, const DequantSpec& spec
   alignas(32) float spread[SPREAD * 256];  // finished rows of a spread output, by tiles
   const bool spreading = !dense_out(spec);
   int count[TILE];
+  const float* sink[TILE];
   for (int k = 0; k < spec.heads; ++k) {
     int held = 0;  // rows of head k made in `spread`, not stored yet
     pad_basis(spec.basis + (size_t)k * d * d, d, cb, basis);
+    SinkWalk sinks(spec, row0);
     for (int t0 = 0; t0 < rows; t0 += tile_rows) {
       const int m = rows - t0 < tile_rows ? rows - t0 : tile_rows;
-      for (int i = 0; i < m; ++i) {
+      for (int i = 0; i < m; ++i, sinks.next()) {
+        sink[i] = sinks.at();
         if (wide) {  // straight from the symbols (basis_load_terms)
           const uint8_t* row = symbols + (size_t)(t0 + i) * (spec.heads * d + 1);
           count[i] = basis_load_terms(row + (size_t)k * d, spec.mult + (size_t)k * d,
@@ -346,13 +372,17 @@ KVC_AVX2 bool klt_rows(const uint8_t* symbols, int rows, const DequantSpec& spec
           basis_sums(v, o, pair, (n + 1) & ~1, basis, d, cb, b, b + per_call, out, wide);
         }
       for (int i = 0; i < m; ++i) {
+        if (sink[i])  // a sink row: its exact values replace the sums
+          for (int c = 0; c < d; c += 8)
+            _mm256_store_ps(y + i * d + c, _mm256_loadu_ps(sink[i] + (size_t)k * d + c));
         if (!spreading) {
-          finish_row(t0 + i, k, spec, row0, y + i * d, res);
+          finish_row(t0 + i, k, spec, row0, y + i * d, res, sink[i] != nullptr);
           continue;
         }
         const float* x = y + i * d;
         emit_row(t0 + i, k, spec, row0, spread + held * d,
-                 [x](int c) KVC_AVX2 { return _mm256_load_ps(x + c); }, true);
+                 [x](int c) KVC_AVX2 { return _mm256_load_ps(x + c); }, true,
+                 sink[i] != nullptr);
         if (++held == SPREAD) {
           spread_tile(spread, SPREAD, t0 + i + 1 - SPREAD, k, spec, row0);
           held = 0;
@@ -379,9 +409,10 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
     return true;
   }
   if (!spec.basis) {
-    for (int t = 0; t < rows; ++t)
+    SinkWalk sinks(spec, row0);
+    for (int t = 0; t < rows; ++t, sinks.next())
       for (int k = 0; k < h; ++k)
-        if (!direct_row(symbols, t, k, spec, row0, res)) {
+        if (!direct_row(symbols, t, k, spec, row0, res, sinks.at())) {
           *bad_row = t;
           return true;
         }
