@@ -112,52 +112,58 @@ def test_a_damaged_entry_in_a_placed_step_is_reported_and_the_ones_before_land(
     assert all(c.abs().sum() > 0 for c in got["placed"][1])
 
 
-@pytest.mark.parametrize("end_b", [592, 590])
+@pytest.mark.parametrize("end_b,dtype,block", [(592, torch.float32, 16),
+                                               (590, torch.float32, 16),
+                                               (590, torch.bfloat16, 32)])
 def test_entries_that_requests_of_a_step_share_are_placed_once_and_copied(
-        lm, kv_600, tmp_path, monkeypatch, end_b):
+        lm, kv_600, tmp_path, monkeypatch, end_b, dtype, block):
     """Two requests of a step share a document (decoded once) and a third has its own:
-    the shared entries are placed in the first request's blocks and copied block by
-    block into the second's, the third's go straight into its blocks, and vLLM's op
-    writes nothing. Where the second request's load ends inside a block (590: the
-    scheduler never asks for that, its loads end on a block), its last entry's rows are
-    not whole blocks, so the shared document (its entries decoded as one stacked file)
-    stays in the buffers and goes through the op for both requests. Every block holds
-    what the buffered path puts there, bit for bit."""
+    the shared entries are placed in the first request's blocks and copied into the
+    second's, the third's go straight into its blocks, and vLLM's op writes nothing.
+    Where the second request's load ends inside a block (590: a document loaded whole),
+    its last block's rows are copied one by one, the others block by block. Every
+    block holds what the buffered path puts there, bit for bit, in float32 and in
+    bfloat16 (blocks of 32: AMX's paired layout on such CPUs)."""
     from kvcodec.integrations.vllm import paged_layout, placed
     from kvcodec.integrations.vllm.scheduler import Load
 
     store = ChunkStore(tmp_path, lm.fingerprint, "default")
     assert store.put(kv_600) == 3 and store.with_salt("c").put(kv_600) == 3
-    ids, block, blocks = kv_600.token_ids, 16, 128
+    ids, blocks = kv_600.token_ids, 128 * 16 // block
+    n = -(-592 // block)  # each request's blocks
     made, got, writes = [], {}, {}
     of = placed.Placement.of
     for mode in ("placed", "buffered"):
         monkeypatch.setattr(placed.Placement, "of", classmethod(
             lambda cls, *a: made.append(of(*a)) or made[-1] if mode == "placed" else None))
-        w = _worker(store, lm, block, torch.float32, blocks)
+        w = _worker(store, lm, block, dtype, blocks)
         calls = []
         write = paged_layout.PagedLayout.write
         monkeypatch.setattr(paged_layout.PagedLayout, "write",
                             lambda self, *a: (calls.append(1), write(self, *a))[1])
-        assert _step(w, [Load("a", ids, list(range(0, 37)), 0, 592),
-                         Load("b", ids, list(range(40, 77)), 0, end_b),
-                         Load("c", ids, list(range(80, 117)), 0, 592, salt="c")]) == set()
+        starts = [0, 40 * 16 // block, 80 * 16 // block]
+        assert _step(w, [Load("a", ids, list(range(starts[0], starts[0] + n)), 0, 592),
+                         Load("b", ids, list(range(starts[1], starts[1] + n)), 0, end_b),
+                         Load("c", ids, list(range(starts[2], starts[2] + n)), 0, 592,
+                              salt="c")]) == set()
         assert (w.tokens_loaded, w.tokens_shared) == (2 * 592 + end_b, end_b)
         got[mode], writes[mode] = [c.clone() for c in w.caches.values()], len(calls)
         monkeypatch.undo()
     layers = lm.fingerprint["num_layers"]
-    assert writes == {"placed": 0 if end_b == 592 else layers, "buffered": layers}
-    # 600 rows per document decoded; at 590 the shared one's are not placed
-    assert len(made) == 1 and made[0].placed.sum() == (1200 if end_b == 592 else 600)
-    assert all(torch.equal(a, b) for a, b in zip(got["placed"], got["buffered"]))
-    assert all(c[:117].abs().sum() > 0 for c in got["placed"])
-    assert all(not c[117:].any() for c in got["placed"])
+    assert writes == {"placed": 0, "buffered": layers}
+    assert len(made) == 1 and made[0].placed.sum() == 1200  # 600 rows per document
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert all(torch.equal(a.view(bits), b.view(bits))
+               for a, b in zip(got["placed"], got["buffered"]))
+    used = starts[2] + n
+    assert all(c[:used].abs().sum() > 0 for c in got["placed"])
+    assert all(not c[used:].any() for c in got["placed"])
 
 
 def test_whole_blocks_and_their_copies():
-    """A later claim's slots are copied block by block only where they and the first
-    claim's are whole blocks at the same offsets; copies go in runs of consecutive
-    blocks, any order of blocks."""
+    """A later claim's slots are copied block by block where they and the first claim's
+    are whole blocks at the same offsets (in runs of consecutive blocks, any order of
+    blocks); the others element by element, where the layout puts each."""
     import numpy as np
 
     from kvcodec.integrations.vllm.placed import copy_blocks, whole_blocks
@@ -165,14 +171,25 @@ def test_whole_blocks_and_their_copies():
     bs = 4
     src = np.r_[np.arange(8, 12), np.arange(20, 24)]  # blocks 2 and 5
     dst = np.r_[np.arange(36, 40), np.arange(0, 4)]  # blocks 9 and 0
-    assert whole_blocks(src, dst, bs)
-    assert not whole_blocks(src[:6], dst[:6], bs)  # not a multiple of the block
-    assert not whole_blocks(src + 1, dst + 1, bs)  # offsets 1.. (a block and the next)
-    assert not whole_blocks(src, np.r_[dst[:4], np.arange(40, 44)[::-1]], bs)
-    assert not whole_blocks(np.r_[src[:2], 30, 31, src[4:]], dst, bs)  # two blocks
-    cache = torch.arange(12 * 3, dtype=torch.float32).view(12, 3)
+    assert whole_blocks(src, dst, bs).all()
+    assert not whole_blocks(src[:6], dst[:6], bs)[4:].any()  # half a block: not whole
+    assert whole_blocks(src[:6], dst[:6], bs)[:4].all()
+    assert not whole_blocks(src + 1, dst + 1, bs).any()  # offsets 1.. (a block and the next)
+    assert whole_blocks(src, np.r_[dst[:4], np.arange(40, 44)[::-1]], bs).tolist() == \
+        [True] * 4 + [False] * 4  # the second block's slots in another order
+    assert not whole_blocks(np.r_[src[:2], 30, 31, src[4:]], dst, bs)[:4].any()
+
+    class Layout:  # one head of 2 channels, 4 slots a block: [keys | values] per block
+        block, heads, head_dim = bs, 1, 2
+        spans = {"key": (0, 1, None), "value": (0, np.array([0, 1]), None)}
+
+        def starts(self, slots, kind):
+            return (slots // bs) * 16 + (slots % bs) * 2 + (8 if kind == "value" else 0)
+
+    cache = torch.arange(12 * 16, dtype=torch.float32).view(12, 16)
     want = cache.clone()
     want[9], want[0], want[10], want[1] = want[2], want[5], want[3], want[6]
+    want[11, 2:4], want[11, 10:12] = want[7, 4:6], want[7, 12:14]  # slot 30 -> slot 45
 
     class Metrics:
         def staged(self, stage, seconds):
@@ -180,7 +197,7 @@ def test_whole_blocks_and_their_copies():
 
     m = Metrics()
     # blocks 3 -> 10 and 6 -> 1 come with 2 -> 9 and 5 -> 0: runs 2,3 -> 9,10 and 5,6 -> 0,1
-    copy_blocks({0: cache}, [(src, dst), (src + 4, dst + 4)], bs, m)
+    copy_blocks({0: cache}, [(src, dst), (np.r_[src + 4, 30], np.r_[dst + 4, 45])], Layout(), m)
     assert torch.equal(cache, want) and m.stage == "write"
 
 

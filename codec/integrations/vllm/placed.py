@@ -17,13 +17,16 @@ the decode writes the cache, and only rows it could not place are copied
 An entry that loads of the step share (decoded once, its rows go to several requests'
 blocks) is placed in the blocks of its first claim, and each later claim's blocks are
 copied whole from there (:func:`copy_blocks`), where its rows fill whole blocks as the
-first claim's do (an entry of whole blocks: the usual case, entries being a multiple of
-vLLM's block size); the rows of a later claim that does not (a load ending inside a
-block) stay in the buffers for every claim and go through the op, as do the documents
-of a selective blend (its check reads them, :mod:`.recompute`), beside the step's
-other rows placed. On a 2-core Zen 3 (float32), eight requests over four shared
-documents of 1,920 tokens spent 135 ms in vLLM's op and ~130 ms gathering the shared
-rows for it.
+first claim's do (entries being a multiple of vLLM's block size, all but the last
+block of a document loaded whole); the rest of its rows (a load ending inside a block)
+are copied element by element, their places in the cache computed once for all the
+layers. On a 2-core Zen 3 (float32), eight requests over four shared documents of
+1,920 tokens spent 135 ms in vLLM's op and ~130 ms gathering the shared rows for it;
+on a 2-core Sapphire Rapids (bfloat16, AMX), eight over four documents loaded whole
+(2,000 tokens, a load ending inside a block) sent each shared document through the op
+for both its requests: 137-248 ms of the step. The documents of a selective blend
+(its check reads them, :mod:`.recompute`) stay in the buffers and go through the op,
+beside the step's other rows placed.
 """
 from __future__ import annotations
 
@@ -89,10 +92,10 @@ class Placement:
     def of(cls, layout, caches: dict, bufs: dict, spans: list, hold: list):
         """A placement of a group whose loads write ``spans`` (per owner, per entry
         :func:`entry_rows`): each row at the slot of its first claim, holding in the
-        buffers the rows of the owners ``hold`` says (a selective blend reads them back)
-        and the rows of a later claim whose blocks cannot be copied whole from the first
-        claim's (:func:`whole_blocks`); or None where nothing can be placed (a layout not
-        strided; a cache not contiguous float32 or bfloat16)."""
+        buffers the rows of the owners ``hold`` says (a selective blend reads them back);
+        or None where nothing can be placed (a layout not strided; a cache not
+        contiguous float32 or bfloat16). A later claim's rows are copied from the first
+        claim's slots (:func:`copy_blocks`)."""
         flats = {l: _flat(c) for l, c in caches.items()}
         if layout.spans is None or any(f is None for f in flats.values()):
             return None
@@ -105,9 +108,6 @@ class Placement:
         for r, s, h in got:
             new = first[r] < 0
             first[r[new]] = s[new]
-            later = ~new
-            if later.any() and not whole_blocks(first[r[later]], s[later], layout.block):
-                held[r[later]] = True
             held[r] |= h
         return cls(layout, flats, bufs, first, held)
 
@@ -163,34 +163,61 @@ class Placement:
                 deq.placed = (self._flat[l], hs, cs, self._row_at[kind][first:first + rows])
 
 
-def whole_blocks(src: np.ndarray, dst: np.ndarray, block: int) -> bool:
-    """Whether slots ``dst`` are whole blocks, each a copy of a whole block of ``src``
-    (the same offsets, ``block`` slots of one block at a time)."""
-    if len(dst) % block:
-        return False
-    offs = np.arange(len(dst)) % block
-    return all((x % block == offs).all() and (x.reshape(-1, block) // block
-                                              == x[::block, None] // block).all()
-               for x in (src, dst))
+def whole_blocks(src: np.ndarray, dst: np.ndarray, block: int) -> np.ndarray:
+    """Per slot of ``dst`` (a later claim's, copied from ``src``), whether it lies in a
+    whole block of ``dst`` that is a copy of a whole block of ``src`` at the same
+    offsets (``block`` slots of one block each side), so that the block is copied whole
+    (:func:`copy_blocks`)."""
+    if not len(dst):
+        return np.zeros(0, bool)
+    blocks, at, count = np.unique(dst // block, return_inverse=True, return_counts=True)
+    lo = np.full(len(blocks), np.iinfo(np.int64).max)
+    hi = np.full(len(blocks), -1, np.int64)
+    np.minimum.at(lo, at, src // block)
+    np.maximum.at(hi, at, src // block)
+    moved = np.bincount(at, weights=(dst % block) != (src % block), minlength=len(blocks))
+    return ((count == block) & (lo == hi) & (moved == 0))[at]
 
 
-def copy_blocks(caches: dict, copies: list, block: int, metrics) -> None:
-    """Copy whole blocks of every cache in ``caches`` (a layer group's) as ``copies``
-    say (``(from, to)`` slots of whole blocks: :meth:`Placement.copies`), runs of
-    consecutive blocks in one copy each. Timed as stage ``write``."""
+def _positions(layout, slots: np.ndarray) -> torch.Tensor:
+    """Where every key and value element of ``slots`` sits in a contiguous cache of
+    ``layout`` seen flat (its :attr:`~.paged_layout.PagedLayout.spans`)."""
+    out = []
+    for kind in KINDS:
+        hs, cs, _ = layout.spans[kind]
+        chans = cs if isinstance(cs, np.ndarray) else np.arange(layout.head_dim) * cs
+        inner = ((np.arange(layout.heads) * hs)[:, None] + chans).reshape(-1)
+        out.append((layout.starts(slots, kind)[:, None] + inner).reshape(-1))
+    return torch.from_numpy(np.concatenate(out))
+
+
+def copy_blocks(caches: dict, copies: list, layout, metrics) -> None:
+    """Copy the slots ``copies`` say (``(from, to)`` slots: :meth:`Placement.copies`) in
+    every cache of ``caches`` (a layer group's): whole blocks (:func:`whole_blocks`) in
+    runs of consecutive blocks, one copy each; the other slots (a load that ends inside
+    a block: a document loaded whole) element by element, their positions computed
+    once for every layer. Timed as stage ``write``."""
     if not copies:
         return
     started = time.perf_counter()
-    src = np.concatenate([a[::block] for a, _ in copies]) // block
-    dst = np.concatenate([b[::block] for _, b in copies]) // block
-    order = np.argsort(dst)
-    src, dst = src[order], dst[order]
-    cut = np.flatnonzero((np.diff(dst) != 1) | (np.diff(src) != 1)) + 1
-    runs = [(int(src[a]), int(dst[a]), int(b - a))
-            for a, b in zip(np.r_[0, cut], np.r_[cut, len(dst)])]
+    block = layout.block
+    src = np.concatenate([a for a, _ in copies])
+    dst = np.concatenate([b for _, b in copies])
+    whole = whole_blocks(src, dst, block)
+    order = np.argsort(dst[whole])  # each block's slots in order: its first slot a block
+    a, b = src[whole][order][::block] // block, dst[whole][order][::block] // block
+    cut = np.flatnonzero((np.diff(b) != 1) | (np.diff(a) != 1)) + 1
+    runs = [(int(a[i]), int(b[i]), int(j - i))
+            for i, j in zip(np.r_[0, cut], np.r_[cut, len(b)]) if j > i]
+    rest = None
+    if not whole.all():
+        rest = (_positions(layout, src[~whole]), _positions(layout, dst[~whole]))
     for cache in caches.values():
-        for a, b, n in runs:
-            cache[b:b + n].copy_(cache[a:a + n])
+        for i, j, n in runs:
+            cache[j:j + n].copy_(cache[i:i + n])
+        if rest is not None:
+            flat = cache.view(-1)
+            flat[rest[1]] = flat[rest[0]]
     metrics.staged("write", time.perf_counter() - started)
 
 

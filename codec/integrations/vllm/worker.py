@@ -241,8 +241,8 @@ class ConnectorWorker:
         :func:`~kvcodec.store.batch.decode_documents`) straight into vLLM's blocks
         (:class:`.placed.Placement`), or into one buffer per layer written with one call
         of its op each. Loads of the step that share a document decode it once
-        (:func:`.step_plan.plan_group`), into the first one's blocks, whole blocks then
-        copied into the others' (:func:`.placed.copy_blocks`). A damaged entry stops its
+        (:func:`.step_plan.plan_group`), into the first one's blocks, then copied into
+        the others' (:func:`.placed.copy_blocks`). A damaged entry stops its
         load there (it and later ones are recomputed); the other loads are not
         affected."""
         owners, docs, where, bufs = plan_group(jobs, group, self._pool)
@@ -290,7 +290,7 @@ class ConnectorWorker:
         runs = {first: (torch.cat(r), torch.cat(s)) for first, (r, s) in runs.items() if r}
         write_rows(self.layout, self.caches, bufs, runs, self.store.metrics,
                    None if place is None else place.placed)
-        copy_blocks(caches, copies, self.block, self.store.metrics)
+        copy_blocks(caches, copies, self.layout, self.store.metrics)
 
     def save_kv_layer(self, layer_name: str) -> None:
         """After a layer's attention: at a selective blend's check layer, choose the
