@@ -11,7 +11,7 @@ sixteen channels with two tokens interleaved), a :class:`Placement` points every
 the native decode at its slot instead (:attr:`~kvcodec.format.plan.Dequant.placed`):
 the decode writes the cache, and only rows it could not place are copied
 (:func:`write_rows`). On a 2-core Zen 3 (float32, 1,920 tokens of SmolLM2) the copy took
-~18 ms of a 59-73 ms load; on a 2-core Sapphire Rapids (bfloat16, AMX, 2,017 tokens)
+~18 ms of a 59-73 ms load; on a 2-core Xeon with AMX (bfloat16, 2,017 tokens)
 7-8 ms of ~35, placed the decode takes 2-3 ms longer and the copy is gone.
 
 An entry that loads of the step share (decoded once, its rows go to several requests'
@@ -22,7 +22,7 @@ block of a document loaded whole); the rest of its rows (a load ending inside a 
 are copied element by element, their places in the cache computed once for all the
 layers. On a 2-core Zen 3 (float32), eight requests over four shared documents of
 1,920 tokens spent 135 ms in vLLM's op and ~130 ms gathering the shared rows for it;
-on a 2-core Sapphire Rapids (bfloat16, AMX), eight over four documents loaded whole
+on a 2-core Xeon with AMX (bfloat16), eight over four documents loaded whole
 (2,000 tokens, a load ending inside a block) sent each shared document through the op
 for both its requests: 137-248 ms of the step. The documents of a selective blend
 (its check reads them, :mod:`.recompute`) stay in the buffers and go through the op,
