@@ -154,6 +154,53 @@ def test_an_evicted_cache_codes_each_heads_basis(klt, kv_600, decode_on_every_cp
             assert float((a - b).pow(2).mean() / b.pow(2).mean()) < 0.05
 
 
+def test_a_klt_stores_entries_share_its_tables_and_decode_as_one_plan(klt, kv_600, tmp_path):
+    """Every entry of a klt store, the document's first included (its first tokens lie
+    far from the document's mean, and each entry is centered on its own: the store's
+    tables admit what each chunk codes), is coded with the store's shared tables, so
+    the prefix is one stacked plan (the decoder writing each entry's fp16 first row over
+    its sums): the bits of each entry decoded alone, on every CPU path, into float32 and
+    bfloat16."""
+    from conftest import use_cpu_path
+
+    from kvcodec.core.tables import native
+    from kvcodec.format.plan import execute
+    from kvcodec.format.stacked import plan_stack
+
+    _, cfg, _ = klt
+    store = ChunkStore(tmp_path / "s", kv_600.model, config=cfg)
+    assert store.put(kv_600) == 3
+    ids, locs = kv_600.token_ids, store.lookup(kv_600.token_ids, partial=True)
+    files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
+             for i, loc in enumerate(locs)]
+    spans = [(i * 256, i * 256 + f.num_tokens) for i, f in enumerate(files)]
+    assert len(files) == 3 and spans[-1][1] == 600 and files[0].meta.sink_tokens
+    assert all(f.meta.shared_tables is not None for f in files)
+    alone = [f.decode() for f in files]
+    nat, layers = native(), [0, 13, 29]
+    try:
+        for path in ("scalar", "avx2", "avx512"):
+            if not use_cpu_path(nat, path):
+                continue
+            for dtype in (torch.float32, torch.bfloat16):
+                shape = (1, 3, 600, 64)
+                bufs = {l: (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                        for l in layers}
+                plan = plan_stack(files, bufs, spans)
+                assert plan is not None and all(
+                    t.fused[0][0].sinks is not None for t in plan.targets)
+                execute(plan, 2)
+                for (a, b), one in zip(spans, alone):
+                    for l in layers:
+                        for got, want in ((bufs[l][0], one.keys[l]),
+                                          (bufs[l][1], one.values[l])):
+                            assert torch.equal(got[:, :, a:b], want.to(dtype)), (path, dtype)
+    finally:
+        use_cpu_path(nat, "auto")
+        for f in files:
+            f.close()
+
+
 def test_a_store_keeps_the_codebook_its_entries_name(klt, kv_600, tmp_path, monkeypatch):
     _, cfg, book = klt
     store = ChunkStore(tmp_path / "s", kv_600.model, config=cfg)

@@ -308,18 +308,30 @@ class Encoder:
                             n_sink, importance, position_offset, self.threads)
         return coder, xform, cfg
 
-    def shared_tables(self, kv, position_offset: int = 0) -> SharedTables:
+    def shared_tables(self, kv, position_offset: int = 0,
+                      chunk: int | None = None) -> SharedTables:
         """Probability tables for many files of this encoder's model and config, measured
         on the dense cache ``kv`` (a whole document: the more tokens, the better they fit
         other text) and widened (:mod:`kvcodec.format.shared`); pass them to
-        :meth:`encode` as ``tables``."""
+        :meth:`encode` as ``tables``. ``chunk``: the files will be ``kv``'s chunks of that
+        many tokens (a store's entries), so every symbol each chunk codes on its own is
+        present too: a file's streams are centered on its own means, and a ``klt``
+        stream's first chunk (the document's first tokens, far from its mean) coded
+        symbols the whole document's tables lacked, so that entry kept tables of its own
+        and its document could not be decoded as one plan."""
         kv = as_kvcache(kv)
         if kv.evicted:
             raise ShapeError("shared tables are measured on a dense cache")
         check_geometry(kv.num_layers, kv.num_tokens, kv.num_kv_heads * kv.head_dim)
         model = self.fingerprint if self.fingerprint is not None else kv.model
         coder, _, _ = self._coder(kv, model, position_offset, None)
-        return SharedTables.from_levels(coder.levels(kv))
+        levels = coder.levels(kv)
+        for t0 in range(0, kv.num_tokens, chunk) if chunk and chunk < kv.num_tokens else ():
+            part = kv.slice(t0, min(kv.num_tokens, t0 + chunk))
+            own = self._coder(part, model, position_offset + t0, None)[0].levels(part)
+            for lv, got in zip(levels, own):
+                lv[(lv == 0) & (got > 0)] = 1  # present, at the lowest level
+        return SharedTables.from_levels(levels)
 
 
 def codebooks(cfg: dict) -> list:

@@ -67,7 +67,8 @@ class StoreTables:
             log.warning("kvcodec store: cannot read its shared tables (%s); coding with "
                         "own tables", exc)
             return None
-        tables = store.encoder.shared_tables(kv, position_offset=position_offset)
+        tables = store.encoder.shared_tables(kv, position_offset=position_offset,
+                                             chunk=store.chunk_tokens)
         try:
             store.write_object(f"{folder}/{tables.digest}.kvt", tables.data)
             store.write_object(f"{folder}/current", tables.digest.encode())
