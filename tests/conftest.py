@@ -95,6 +95,41 @@ def use_cpu_path(nat, path: str) -> bool:
     return nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
 
 
+def stacks_alike_on_every_path(files: list, layers=(0, 13, 29)) -> None:
+    """``files`` (open consecutive entries of a store, from token 0) decoded as one
+    stacked plan (the decoder writing each entry's sink rows) on every CPU path, into
+    float32 and bfloat16: the bits of each entry decoded alone; then closed."""
+    from kvcodec.core.tables import native
+    from kvcodec.format.plan import execute
+    from kvcodec.format.stacked import plan_stack
+
+    spans = [(i * files[0].num_tokens, i * files[0].num_tokens + f.num_tokens)
+             for i, f in enumerate(files)]
+    alone = [f.decode() for f in files]
+    m, nat = files[0].meta, native()
+    try:
+        for path in ("scalar", "avx2", "avx512"):
+            if not use_cpu_path(nat, path):
+                continue
+            for dtype in (torch.float32, torch.bfloat16):
+                shape = (1, m.num_kv_heads, spans[-1][1], m.head_dim)
+                bufs = {l: (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                        for l in layers}
+                plan = plan_stack(files, bufs, spans)
+                assert plan is not None and all(
+                    t.fused[0][0].sinks is not None for t in plan.targets)
+                execute(plan, 2)
+                for (a, b), one in zip(spans, alone):
+                    for l in layers:
+                        for got, want in ((bufs[l][0], one.keys[l]),
+                                          (bufs[l][1], one.values[l])):
+                            assert torch.equal(got[:, :, a:b], want.to(dtype)), (path, dtype)
+    finally:
+        use_cpu_path(nat, "auto")
+        for f in files:
+            f.close()
+
+
 @pytest.fixture(scope="session")
 def decode_on_every_cpu_path():
     """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2 with

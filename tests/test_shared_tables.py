@@ -307,42 +307,17 @@ def test_a_stacked_prefix_decodes_alike_on_every_path(tmp_path, lm, kv_600):
     """Entries loaded as one stacked plan, the decoder writing each entry's fp16 first
     row (rotated at its position, without the entry's offsets), decode the bits of each
     entry decoded alone, on every CPU path, into float32 and into bfloat16."""
-    from conftest import use_cpu_path
-
-    from kvcodec.core.tables import native
-    from kvcodec.format.plan import execute
-    from kvcodec.format.stacked import plan_stack
+    from conftest import stacks_alike_on_every_path
 
     store = ChunkStore(tmp_path / "s", lm.fingerprint, kvcodec.load_config("default"))
     assert store.put(kv_600) == 3
     ids, locs = kv_600.token_ids, store.lookup(kv_600.token_ids, partial=True)
     files = [store.open_entry(loc, ids[i * 256:(i + 1) * 256], i * 256)
              for i, loc in enumerate(locs)]
-    spans = [(i * 256, i * 256 + f.num_tokens) for i, f in enumerate(files)]
-    assert files[0].meta.sink_tokens and len(files) == 3 and spans[-1][1] == 600
+    assert len(files) == 3 and sum(f.num_tokens for f in files) == 600
+    assert files[0].meta.sink_tokens
     assert files[0].meta.quant[(0, "key")].center  # offsets the sink rows must not take
-    alone = [f.decode() for f in files]
-    nat, layers = native(), [0, 13, 29]
-    try:
-        for path in ("scalar", "avx2", "avx512"):
-            if not use_cpu_path(nat, path):
-                continue
-            for dtype in (torch.float32, torch.bfloat16):
-                shape = (1, 3, 600, 64)
-                bufs = {l: (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                        for l in layers}
-                plan = plan_stack(files, bufs, spans)
-                assert plan is not None and all(
-                    t.fused[0][0].sinks is not None for t in plan.targets)
-                execute(plan, 2)
-                for (a, b), one in zip(spans, alone):
-                    for l in layers:
-                        for got, want in ((bufs[l][0], one.keys[l]), (bufs[l][1], one.values[l])):
-                            assert torch.equal(got[:, :, a:b], want.to(dtype)), (path, dtype)
-    finally:
-        use_cpu_path(nat, "auto")
-        for f in files:
-            f.close()
+    stacks_alike_on_every_path(files)
 
 
 def test_a_stacked_plan_of_some_layers_takes_each_entrys_offsets_and_sinks(tmp_path, lm,
