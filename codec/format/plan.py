@@ -23,7 +23,7 @@ import torch
 
 from ..core import tables
 from ..core.streams import flatten, unflatten
-from ..core.transforms import rope, rotate, shift
+from ..core.transforms import rope, shift
 from ..errors import CorruptError
 
 
@@ -47,7 +47,8 @@ class Dequant:
     worker decodes into the paged cache's blocks
     (:mod:`kvcodec.integrations.vllm.placed`). ``sinks``: attention-sink rows the
     decoder writes in place of the first ``sink_rows`` rows of every ``sink_every``
-    rows (float32 ``[blocks * sink_rows, channels]``; 0: one block), rotated where keys
+    rows (float32 ``[blocks * sink_rows, channels]``; ``sink_every`` 0: one block, and
+    ``sink_rows`` 0: every row of ``sinks``), rotated where keys
     are and stored as any row (entries decoded as one stream, :mod:`.stacked`; None:
     :func:`finish` restores them)."""
 
@@ -73,7 +74,7 @@ class Dequant:
                 self.sin, self.add)
         if self.sinks is not None:
             return args + (self.add_rows, self.basis, self.sinks, self.sink_every,
-                           self.sink_rows)
+                           self.sink_rows or len(self.sinks))
         if self.basis is not None:
             return args + (self.add_rows, self.basis)
         return args + (self.add_rows,) if self.add_rows else args
@@ -107,8 +108,8 @@ class Target:
     rows are attention sinks, kept in fp16 (``sinks``: a float32 NumPy ``[n, channels]``).
     ``rope`` rotates keys at their positions (unless ``rotated``: done natively);
     ``turn`` is ``(rope, delta)`` for keys coded after RoPE and placed elsewhere.
-    ``sink_every`` (entries decoded as one stream, :mod:`.stacked`): ``sinks`` holds the
-    sink rows of each block of that many rows, in order, not only the first block's.
+    (Entries decoded as one stream, :mod:`.stacked`, have their sink rows written by the
+    decoder: :attr:`Dequant.sinks`.)
     """
 
     name: str
@@ -125,7 +126,6 @@ class Target:
     first: int = 0
     positions: torch.Tensor | None = None
     turn: tuple | None = None
-    sink_every: int = 0
 
 
 @dataclass
@@ -189,7 +189,6 @@ def finish(targets: list) -> None:
     where they move. Keys whose other rows were rotated natively have their sink rows
     rotated together, one call per distinct RoPE and position."""
     sink_keys = {}  # (rope, position, rows) -> [(dst, sink rows)]
-    stacked = []    # targets of stacked entries: their blocks' sink rows, together
     for t in targets:
         rows = t.dst.shape[2]
         if not rows:
@@ -198,10 +197,6 @@ def finish(targets: list) -> None:
         for deq, view in t.fused:
             if deq.scratch:
                 view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
-        if t.sink_every:  # entries as one stream: sinks by block, here or natively
-            if t.fused[0][0].sinks is None:
-                stacked.append(t)
-            continue
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
             # Values in place, rotated where they are keys: only the sink rows remain,
@@ -238,33 +233,6 @@ def finish(targets: list) -> None:
         st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
         for i, (t, _) in enumerate(pairs):
             _put_rows(t, st[:, i])
-    if stacked:
-        _put_block_sinks(stacked)
-
-
-def _put_block_sinks(targets: list) -> None:
-    """Stacked targets' sink rows (``t.sinks``: the first rows of each block of
-    ``t.sink_every`` rows), rotated at their positions where keys are, written over what
-    the native decoder put there. Targets of one shape, output dtype and cos/sin (every
-    key or every value stream of a stacked plan) are rotated and cast together: the
-    same products, sums and roundings, in one NumPy call instead of one per target."""
-    groups = {}
-    for t in targets:
-        deq = t.fused[0][0]
-        cos, sin = (None, None) if t.rope is None else (deq.cos, deq.sin)
-        key = (t.dst.shape[1:], t.sink_every, t.sinks.shape, deq.out.dtype, id(cos), id(sin))
-        groups.setdefault(key, (cos, sin, []))[2].append(t)
-    for cos, sin, ts in groups.values():
-        t0 = ts[0]
-        blocks = -(-t0.dst.shape[2] // t0.sink_every)
-        n, (h, d) = t0.sinks.shape[0] // blocks, t0.dst.shape[1:4:2]
-        at = (np.arange(blocks)[:, None] * t0.sink_every + np.arange(n)).ravel()
-        rows = np.stack([t.sinks for t in ts]).reshape(len(ts), -1, h, d).transpose(0, 2, 1, 3)
-        if cos is not None:  # the positions' cos/sin, as the decoder rotated the rest
-            rows = rotate(rows, cos[at], sin[at])
-        rows = _as_out(rows, t0.fused[0][0].out.dtype)
-        for t, r in zip(ts, rows):
-            _store(t.fused[0][0], at, r)
 
 
 def _as_out(rows: np.ndarray, dtype) -> np.ndarray:

@@ -274,9 +274,7 @@ class KVCFile:
                     deq = self._dequant(fused, rope_here, base + first + r0, n,
                                         None if arr is None else arr[:, r0:r0 + n])
                     if t.sinks is not None and r0 == 0 and t.turn is None and n_sink <= n:
-                        # the decoder writes them, rotated where keys are
-                        deq.sinks = np.ascontiguousarray(t.sinks, dtype=np.float32)
-                        deq.sink_rows = n_sink
+                        deq.sinks = t.sinks  # the decoder writes them (rotated: keys)
                     jobs.append(Job(blobs, tab, (n, coded), deq))
                     t.fused.append((deq, None if arr is not None else target
                                     if n == rows else target[:, :, r0:r0 + n]))

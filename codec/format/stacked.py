@@ -8,13 +8,14 @@ one set of shared tables, and decoded into one buffer per layer (:func:`plan_sta
 are instead planned the way one file's chunks are: per stream, one job whose blobs are
 the entries' (in order), one target over all their rows. What differs per entry is
 carried per chunk: the centering offsets (the native dequantizer takes one row of them
-per ``chunk_tokens`` rows) and the fp16 attention-sink rows each entry starts with
-(:attr:`~kvcodec.format.plan.Target.sink_every`).
+per ``chunk_tokens`` rows) and the fp16 attention-sink rows each entry starts with,
+which the decoder writes in place of those rows' sums
+(:attr:`~kvcodec.format.plan.Dequant.sinks`: restoring them in NumPy afterwards, one
+target at a time, took 2.5-3 ms of a 2,000-token load inside vLLM).
 
 A single entry is planned this way too (a request's own last entry after entries it
 shares with another request of a vLLM step): its plan joins the step's others in one
-native call, and its sink rows are set by one NumPy call per kind of stream, not one per
-stream.
+native call.
 
 Anything else (evicted or streamed files, another chunk layout, windows shorter than
 the entries, own tables, destinations that are not float32 rows of one buffer) is not
@@ -99,7 +100,6 @@ def plan_stack(files: list, bufs, spans: list,
                    rotated=rope is not None)
         t.fused.append((deq, None))
         if n_sink:  # the decoder writes them, rotated where keys are
-            t.sinks, t.sink_every = sinks[i], m0.chunk_tokens
             deq.sinks, deq.sink_every, deq.sink_rows = sinks[i], m0.chunk_tokens, n_sink
         blobs = [got[s] for got in entry_blobs]
         plan.add(t, [Job(blobs, dtab, (rows, m0.coded_columns(q)), deq)])
