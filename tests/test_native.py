@@ -612,7 +612,12 @@ def test_fused_dequant_refuses_placed_rows_past_the_end():
            "int64": (flat, d, 1, at.astype(np.int32)),
            "1-D": (flat.reshape(rows, -1), d, 1, at),
            "strides": (flat, -1, 1, at),
-           "expected an array or": (flat, d, at)}
+           "expected an array or": (flat, d, at),
+           # a channel table: each place inside the output, one per channel, int64
+           "chan_at: out of the output": (flat, d, np.r_[-1, np.arange(1, d)], at),
+           "16 channels": (flat, d, np.arange(d - 1), at),
+           "chan_at: expected": (flat, d, np.arange(d, dtype=np.int32), at),
+           "written past the end": (flat, d, np.r_[np.arange(d - 1), len(flat) - 1], at)}
     for why, out in bad.items():
         with pytest.raises(ValueError, match=why):
             nat.decode_many([(blobs, freqs, sym.shape, deq(out))], chunk)
