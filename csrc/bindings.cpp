@@ -206,8 +206,9 @@ void set_out(py::array& a, bool bf16, kvc::DequantSpec* spec) {
 }
 
 // Where each channel sits from its row's head start (chan_at: int64 [head_dim], each in
-// [0, n)), and the form the AVX2 dequantizer stores fast (chan_zip).
-void chan_table(const py::array& t, py::ssize_t n, kvc::DequantSpec* spec) {
+// [0, n)), and the form the AVX2 dequantizer stores fast (chan_zip); returns the
+// farthest place.
+py::ssize_t chan_table(const py::array& t, py::ssize_t n, kvc::DequantSpec* spec) {
   const int d = spec->head_dim;
   if (t.dtype().kind() != 'i' || t.itemsize() != 8 || t.ndim() != 1 || t.shape(0) != d ||
       !(t.flags() & py::array::c_style)) {
@@ -216,13 +217,16 @@ void chan_table(const py::array& t, py::ssize_t n, kvc::DequantSpec* spec) {
   }
   const int64_t* c = static_cast<const int64_t*>(t.data());
   bool pairs = d % 8 == 0, eights = d % 8 == 0;
+  py::ssize_t last = 0;
   for (int i = 0; i < d; ++i) {
     if (c[i] < 0 || c[i] >= n) throw py::value_error("dequant chan_at: out of the output");
+    last = c[i] > last ? (py::ssize_t)c[i] : last;
     if (i % 2) pairs = pairs && c[i] == c[i - 1] + 1;
     if (i % 8) eights = eights && c[i] == c[i - 1] + 2;
   }
   spec->chan_at = c;
   spec->chan_zip = pairs ? kvc::ZIP_CHANNELS : eights ? kvc::ZIP_ROWS : 0;
+  return last;
 }
 
 // Rows placed one by one (`row_at`): (flat, head_stride, chan, row_at), a writable 1-D
@@ -246,9 +250,7 @@ void placed_out(const py::tuple& p, int rows, kvc::DequantSpec* spec) {
   const py::ssize_t hs = p[1].cast<py::ssize_t>();
   py::ssize_t cs = 0, last = 0;  // last: channel head_dim - 1's place from its row's head
   if (py::isinstance<py::array>(p[2])) {
-    chan_table(p[2].cast<py::array>(), a.shape(0), spec);
-    for (int i = 0; i < spec->head_dim; ++i)
-      last = spec->chan_at[i] > last ? (py::ssize_t)spec->chan_at[i] : last;
+    last = chan_table(p[2].cast<py::array>(), a.shape(0), spec);
   } else {
     cs = p[2].cast<py::ssize_t>();
     last = (py::ssize_t)(spec->head_dim - 1) * (cs > 1 ? cs : 1);

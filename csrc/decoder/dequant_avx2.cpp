@@ -132,10 +132,15 @@ KVC_AVX2 inline void finish_row(int t, int k, const DequantSpec& spec, int row0,
            false, sunk);
 }
 
-// Head k of a sink row's values (all channels: SinkWalk::at), its symbols checked by h.
+// Head k of a row from its symbols (h), or where `sink` is given (a sink row's values,
+// all channels: SinkWalk::at) from there, its symbols still checked by h: emit_row.
 template <class Row>
-KVC_AVX2 inline void emit_sink(int t, int k, const DequantSpec& spec, int row0, float* res,
+KVC_AVX2 inline void emit_head(int t, int k, const DequantSpec& spec, int row0, float* res,
                                Row& h, const float* sink, bool held) {
+  if (!sink) {
+    emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); }, held);
+    return;
+  }
   for (int i = 0; i < spec.head_dim; i += 8) h.at(i);
   const float* x = sink + (size_t)k * spec.head_dim;
   emit_row(t, k, spec, row0, res, [x](int i) KVC_AVX2 { return _mm256_loadu_ps(x + i); },
@@ -150,11 +155,7 @@ KVC_AVX2 inline void emit_sink(int t, int k, const DequantSpec& spec, int row0, 
 KVC_AVX2 inline bool direct_row(const uint8_t* symbols, int t, int k, const DequantSpec& spec,
                                 int row0, float* res, const float* sink) {
   HeadRow h(symbols, t, k, spec);
-  if (sink) {
-    emit_sink(t, k, spec, row0, res, h, sink, false);
-  } else {
-    emit_row(t, k, spec, row0, res, [&h](int i) KVC_AVX2 { return h.at(i); });
-  }
+  emit_head(t, k, spec, row0, res, h, sink, false);
   return h.ok();
 }
 
@@ -292,12 +293,7 @@ KVC_AVX2 void spread_rows(const uint8_t* symbols, int rows, const DequantSpec& s
     for (int k = 0; k < spec.heads; ++k) {
       for (int i = 0; i < m; ++i) {
         HeadRow h(symbols, t0 + i, k, spec);
-        if (sink[i]) {
-          emit_sink(t0 + i, k, spec, row0, tile + i * spec.head_dim, h, sink[i], true);
-        } else {
-          emit_row(t0 + i, k, spec, row0, tile + i * spec.head_dim,
-                   [&h](int c) KVC_AVX2 { return h.at(c); }, true);
-        }
+        emit_head(t0 + i, k, spec, row0, tile + i * spec.head_dim, h, sink[i], true);
         if (!h.ok()) {
           bad = bad < 0 || t0 + i < bad ? t0 + i : bad;
           break;
