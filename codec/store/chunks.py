@@ -233,6 +233,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
                 "capture_kv(..., every_token=True) (or encode it into one .kvc file)")
         written, base, tables, skip = 0, len(anchor or ()), None, len(prefix)
         keys, end = self.keys([*prefix, *kv.token_ids], anchor), skip + kv.num_tokens
+        self._mark_tail(keys, end, from_token, anchor)  # first: see _mark_tail
         for i, key in enumerate(keys):
             rel = keying.entry_name(key)
             t0, t1 = i * self.chunk_tokens, min(end, (i + 1) * self.chunk_tokens)
@@ -243,7 +244,6 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
                                               base + from_token) or False
             self._write(rel, kv.slice(t0 - skip, t1 - skip), anchor, base + t0, tables or None)
             written += 1
-        self._mark_tail(keys, end, from_token, anchor)  # a partial last one
         return written
 
     def _write(self, rel: str, kv: KVCache, anchor, position_offset, tables=None) -> None:

@@ -85,10 +85,13 @@ class StoreTails:
     seed and :meth:`_present`)."""
 
     def _mark_tail(self, keys: list, tokens: int, from_token: int, anchor=None) -> None:
-        """After a ``put`` of ``tokens`` tokens (chunk keys ``keys``, from ``from_token``
-        on) stored: its last chunk's marker, where it is partial and not recorded yet
-        (not for a document behind an anchor: blends look those up by their own tokens).
-        A marker that cannot be written costs later prompts this reuse only: logged."""
+        """For a ``put`` of ``tokens`` tokens (chunk keys ``keys``, from ``from_token``
+        on): its last chunk's marker, where it is partial and not recorded yet (not for a
+        document behind an anchor: blends look those up by their own tokens). Written
+        before the entries: a marker whose entry is missing is a miss, while entries
+        without their marker (a put killed after its last entry) looked stored to a
+        resumed job, which then never wrote it. A marker that cannot be written costs
+        later prompts this reuse only: logged."""
         last, chunk = len(keys) - 1, self.chunk_tokens
         if anchor is not None or not tokens % chunk or last * chunk < from_token:
             return
