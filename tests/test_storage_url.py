@@ -46,6 +46,78 @@ def test_memory_store_matches_the_local_store(local, lm, kv_600):
         fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
+def _fill(store, ids, locs):
+    fp = store.fingerprint
+    shape = (1, fp["num_kv_heads"], len(locs) * store.chunk_tokens, fp["head_dim"])
+    bufs = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(fp["num_layers"])]
+    return store.fill(bufs, ids, locs), bufs
+
+
+def test_a_lookup_that_holds_reads_is_the_loads_only_round_trip(local, lm, kv_600,
+                                                                 monkeypatch):
+    """``lookup(hold=t)``: an object store's entries from token ``t`` on are looked up
+    with GETs whose bytes the following load takes (one round trip per entry, not a HEAD
+    and a GET); earlier entries (vLLM computed them already) get a HEAD. The bytes are
+    taken once, and a write or removal through the store drops them."""
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, CONFIG)
+    calls = []
+    for name in ("exists", "_fetch"):
+        real = getattr(FsspecBackend, name)
+        monkeypatch.setattr(FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
+                            calls.append((_n, rel.rsplit("/", 1)[-1][:8])) or _r(self, rel, *a))
+    fs = fsspec.filesystem("memory")
+    try:
+        ids = kv_600.token_ids
+        store.put(kv_600)
+        rels = [store._backend.rel(loc) for loc in store.lookup(ids, partial=True)]
+        names = [r.rsplit("/", 1)[-1][:8] for r in rels]
+        calls.clear()
+        locs = store.lookup(ids, partial=True, hold=256)  # the first chunk is vLLM's
+        assert sorted(calls) == sorted([("exists", names[0])]
+                                       + [("_fetch", n) for n in names[1:]])
+        calls.clear()
+        assert store.lookup(ids, partial=True, hold=256) == locs and calls == [
+            ("exists", names[0])]  # held already: not fetched again
+        calls.clear()
+        n, bufs = _fill(store, ids, locs)
+        assert n == 600 and calls == [("_fetch", names[0])]  # the rest: held bytes
+        ref = local.load_prefix(ids)  # whole chunks: 512 tokens
+        assert all(torch.equal(k[:, :, :512], r) for (k, _), r in zip(bufs, ref.keys))
+        # Taken once: the next load fetches again; the bytes were the store's.
+        store.lookup(ids, partial=True, hold=0)
+        for rel in rels:  # gone behind the store's back: the held bytes still serve
+            fs.rm(f"{url.split('://')[1]}/{rel}")
+        assert _fill(store, ids, locs)[0] == 600
+        assert _fill(store, ids, locs)[0] == 0  # taken: nothing left to serve
+        # A write (a put) and a removal through the store drop what was held.
+        store.put(kv_600)
+        store.lookup(ids, partial=True, hold=0)
+        store._backend.write(rels[0], b"not an entry")
+        store._backend.remove(rels[1])
+        assert _fill(store, ids, locs)[0] == 0 and fs.exists(
+            f"{url.split('://')[1]}/{rels[0]}.bad")  # damage read, not the held bytes
+    finally:
+        fs.rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+def test_held_reads_are_bounded_and_expire(monkeypatch):
+    from kvcodec.store import held
+
+    h = held.HeldReads(max_bytes=10, ttl_s=5.0)
+    h.put("a", b"1234", "ia")
+    h.put("b", b"123456", "ib")
+    assert h.bytes == 10 and h.has("a") and h.has("b")
+    h.put("c", b"12", "ic")  # over the bound: the oldest goes
+    assert not h.has("a") and h.take("a") is None and h.bytes == 8
+    h.put("d", b"x" * 11, "id")  # larger than the bound: not held
+    assert not h.has("d") and h.bytes == 8
+    assert h.take("b") == (b"123456", "ib") and h.take("b") is None and h.bytes == 2
+    now = held.time.monotonic()
+    monkeypatch.setattr(held.time, "monotonic", lambda: now + 6)
+    assert not h.has("c") and h.take("c") is None and h.bytes == 0  # stale: not served
+
+
 # -- S3 on a real moto server ---------------------------------------------------------
 
 

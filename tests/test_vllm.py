@@ -692,3 +692,38 @@ def test_a_prompt_the_store_holds_whole_is_looked_up_once(lm, texts, tmp_path, m
         meta = sched.build_connector_meta(out)
         assert len(meta.loads) == 1 and len(meta.saves) == saved
         assert len(lookups) == 1 + saved
+
+
+def test_an_object_stores_entries_cost_one_request_each(lm, texts, monkeypatch):
+    """With one worker, in the scheduler's process (vLLM's ``uni`` executor), the
+    connector's lookup fetches the entries it finds and the worker's load takes those
+    bytes: a cached prompt's entries on an object store cost one GET each and no HEAD
+    (a HEAD from the lookup, then a GET from the load, were two round trips each)."""
+    import uuid
+
+    import fsspec
+    from kvcodec.store.remote import FsspecBackend
+
+    bucket = f"kvc-vllm-{uuid.uuid4().hex[:8]}"
+    llm = _engine(f"memory://{bucket}/store", "lossless")
+    try:
+        _, ids = _prompt(lm, texts["gpl3"], 600)
+        first = _ask(llm, ids)
+        conn = _connector()
+        conn.flush()
+        calls = []
+        for name in ("exists", "_fetch"):
+            real = getattr(FsspecBackend, name)
+            monkeypatch.setattr(
+                FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
+                calls.append((_n, rel)) or _r(self, rel, *a))
+        before = conn.tokens_loaded
+        assert _ask(llm, ids) == first
+        entries = [c for c in calls if c[1].endswith(".kvc")]
+        assert conn.tokens_loaded - before == len(ids) - 1
+        assert sorted(n for n, _ in entries) == ["_fetch"] * 3  # 600 + the question: 3
+        assert len({rel for _, rel in entries}) == 3
+    finally:
+        del llm
+        gc.collect()
+        fsspec.filesystem("memory").rm(bucket, recursive=True)

@@ -273,33 +273,42 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         rel = keying.entry_name(self.evicted_key(token_ids, spec, anchor))
         return self._backend.location(rel) if self._present(rel) else None
 
-    def lookup(self, token_ids, *, partial: bool = False) -> Prefix:
+    def lookup(self, token_ids, *, partial: bool = False, hold: int | None = None) -> Prefix:
         """Locations of the longest cached prefix of whole chunks of ``token_ids`` (a
         list; ``.tokens``: the tokens they hold), in parallel on an object store; with
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
         (``put`` of the same sequence stores it) or else the longest partial chunk stored
-        there that ``token_ids`` continue (a document's end, then a question: :mod:`.tails`)."""
+        there that ``token_ids`` continue (a document's end, then a question: :mod:`.tails`).
+        ``hold``: a load in this process follows, from that token on; an object store's
+        entries from there are looked up with GETs whose bytes it takes (:mod:`.held`),
+        not HEADs."""
         keys = self.keys(ids := list(token_ids))
         rels = [keying.entry_name(key) for i, key in enumerate(keys)
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
-        n = leading(self._present, rels, self.remote)
+        first = len(rels) if hold is None or not hasattr(self._backend, "hold") else (
+            hold // self.chunk_tokens)
+        n = leading(lambda i: self._present(rels[i], i >= first), range(len(rels)),
+                    self.remote)
         found = self._with_tail(ids, keys, [self._backend.location(r) for r in rels[:n]],
                                 partial)
         self.metrics.lookup(len(ids), found.tokens)
         return found
 
-    def _present(self, rel: str) -> bool:
-        """Whether entry ``rel`` exists; a store that cannot say (no network, a
-        permission) has it not, for this lookup: a cache miss, logged."""
+    def _present(self, rel: str, hold: bool = False) -> bool:
+        """Whether entry ``rel`` exists (``hold``: its bytes kept, :meth:`lookup`); a store
+        that cannot say (no network, a permission) has it not, for this lookup: a cache
+        miss, logged."""
         try:
+            if hold:
+                return self._backend.hold(rel, self.entry_limit(self.chunk_tokens))
             return self._backend.exists(rel)
         except OSError as exc:
             log.warning("kvcodec store: cannot look up %s (%s); a miss", rel, exc)
             return False
 
-    def cached_tokens(self, token_ids, *, partial: bool = False) -> int:
+    def cached_tokens(self, token_ids, *, partial: bool = False, hold: int | None = None) -> int:
         """How many leading tokens of ``token_ids`` :meth:`lookup` finds."""
-        return self.lookup(token_ids, partial=partial).tokens
+        return self.lookup(token_ids, partial=partial, hold=hold).tokens
 
     def entry_limit(self, n_tokens: int) -> int:
         """The most bytes an entry of ``n_tokens`` tokens can take (:func:`.entry_limit`)."""
@@ -385,7 +394,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         """The longest cached prefix of ``token_ids`` decoded as a :class:`KVCache`
         (tensors only), or None if nothing is cached or its first chunk is damaged."""
         ids = [int(t) for t in token_ids]
-        locs = self.lookup(ids)
+        locs = self.lookup(ids, hold=0)
         if not locs:
             return None
         fp = self.fingerprint

@@ -7,6 +7,7 @@ import functools
 import zlib
 
 from ..errors import AccessError, ConfigError, CorruptError, KVCodecError
+from .held import HELD
 from .naming import OBJECT_STORES, STALE_TEMP_S, first_line, is_temp, temp_name
 
 
@@ -98,20 +99,42 @@ class FsspecBackend:
 
     def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
         """The bytes of ``rel`` (CorruptError if over ``limit``) and their identity
-        (:func:`_content_identity`), in one ranged GET of at most ``limit + 1`` bytes:
-        one round trip, where asking the size first took two (a 2k-token prompt's 8
-        entries from moto behind a 1 Gbit/s relay: 66-77 ms against 128-145 ms). A
-        store that refuses the range (an empty object: S3 answers 416) is asked for the
-        size, then the bytes."""
+        (:func:`_content_identity`): those a lookup held (:meth:`hold`), else one ranged
+        GET of at most ``limit + 1`` bytes: one round trip, where asking the size first
+        took two (a 2k-token prompt's 8 entries from moto behind a 1 Gbit/s relay: 66-77
+        ms against 128-145 ms). A store that refuses the range (an empty object: S3
+        answers 416) is asked for the size, then the bytes."""
+        held = HELD.take((self.root, rel))
+        if held is not None:
+            data, identity = held
+        else:
+            data, identity = self._fetch(rel, limit)
+        if len(data) > limit:
+            raise CorruptError(f"{self.location(rel)}: more than the {limit} bytes an entry "
+                               "of its tokens can need")
+        return data, identity
+
+    def hold(self, rel: str, limit: int) -> bool:
+        """Whether ``rel`` exists, asked with a GET whose bytes (at most ``limit + 1``)
+        are kept for this process's next :meth:`fetch` of it (:mod:`.held`); an object
+        too large for an entry exists (that fetch reports it). Raises OSError where the
+        store cannot say."""
+        if HELD.has((self.root, rel)):
+            return True
+        try:
+            data, identity = self._fetch(rel, limit)
+        except FileNotFoundError:
+            return False
+        HELD.put((self.root, rel), data, identity)
+        return True
+
+    def _fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
         try:
             data = self.fs.cat_file(self._full(rel), start=0, end=limit + 1)
         except FileNotFoundError:
             raise
         except OSError:
             data = self._sized_fetch(rel, limit)
-        if len(data) > limit:
-            raise CorruptError(f"{self.location(rel)}: more than the {limit} bytes an entry "
-                               "of its tokens can need")
         return data, _content_identity(data)
 
     def _sized_fetch(self, rel: str, limit: int) -> bytes:
@@ -125,6 +148,7 @@ class FsspecBackend:
         return data
 
     def write(self, rel: str, data: bytes) -> None:
+        HELD.drop((self.root, rel))
         full = self._full(rel)
         if self.object_store:
             self.fs.pipe_file(full, data)
@@ -151,6 +175,7 @@ class FsspecBackend:
         fsspec has no conditional delete, so a writer that replaces the object between
         this check and the delete (milliseconds) loses its write; the next ``put`` of
         that text writes it again."""
+        HELD.drop((self.root, rel))
         try:
             if identity is not None:
                 size = int(tuple(identity)[1])
@@ -200,6 +225,7 @@ class FsspecBackend:
         object store has no conditional delete: a writer's same-sized replacement in the
         milliseconds between may go, which costs a miss). Returns whether it was removed;
         a reader that loses the race gets a miss, not an error."""
+        HELD.drop((self.root, rel))
         full = self._full(rel)
         try:
             if size is not None and int(self._info(rel).get("size") or 0) != size:

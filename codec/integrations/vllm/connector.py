@@ -96,10 +96,13 @@ class KVCodecConnector(KVConnectorBase_V1):
         self.scheduler = self.worker = None
         if role == KVConnectorRole.SCHEDULER:
             recent = extra.get_from_extra_config("recompute_last_tokens", None)
+            pc = vllm_config.parallel_config  # one worker, in the scheduler's process
+            beside = pc.world_size == 1 and pc.distributed_executor_backend in ("uni", None)
             self.scheduler = ConnectorScheduler(
                 store, block, save, bool(vllm_config.cache_config.enable_prefix_caching),
                 lambda: model_anchor(model_dir), None if recent is None else int(recent),
-                bool(extra.get_from_extra_config("whole_blocks", False)))
+                bool(extra.get_from_extra_config("whole_blocks", False)),
+                bool(extra.get_from_extra_config("hold_reads", beside)))
         else:
             self.worker = ConnectorWorker(
                 store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,

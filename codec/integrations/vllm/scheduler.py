@@ -57,11 +57,15 @@ class ConnectorScheduler:
     for blends that name none (:mod:`.blending`); ``recent``: the last prompt tokens
     computed even where the store holds them (None: :func:`~kvcodec.store.tails.
     reuse_end`'s default); ``whole_blocks``: loads end on a block boundary (as vLLM's
-    ExampleConnector's do)."""
+    ExampleConnector's do); ``hold_reads``: the worker runs in this process, so a
+    lookup fetches the entries it finds for the worker's load (:mod:`kvcodec.store.held`:
+    one round trip per entry on an object store, not two)."""
 
     def __init__(self, store, block: int, save: bool, prefix_caching: bool = False,
-                 anchor=None, recent: int | None = None, whole_blocks: bool = False):
+                 anchor=None, recent: int | None = None, whole_blocks: bool = False,
+                 hold_reads: bool = False):
         self.store, self.block, self.save = store, block, save
+        self.hold_reads = hold_reads
         self.recent, self.whole_blocks = recent, whole_blocks
         self.prefix_caching, self._anchor = prefix_caching, anchor
         self.chunk = store.chunk_tokens
@@ -86,7 +90,8 @@ class ConnectorScheduler:
         if blend is not None:
             return self._match_blend(request.request_id, ids, blend, num_computed_tokens)
         store = self._store(request.request_id)
-        cached = store.cached_tokens(ids, partial=True)
+        cached = store.cached_tokens(ids, partial=True,
+                                     hold=num_computed_tokens if self.hold_reads else None)
         # vLLM computes at least one prompt token itself; of a lossy store, the last
         # `recent` too (reuse_end); where the load ends, mid-block, vLLM's forward goes on.
         end = reuse_end(store.config, cached, len(ids), self.recent)
