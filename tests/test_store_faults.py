@@ -162,6 +162,26 @@ def test_an_object_larger_than_its_tokens_need_is_read_no_further(remote, kv_600
     assert store.exists(loc + ".bad")  # damage: moved aside
 
 
+def test_a_holding_lookup_finds_an_oversized_object_and_its_load_moves_it(remote, kv_600,
+                                                                          monkeypatch):
+    """A lookup that holds its GETs' bytes (``hold``) of an object larger than an entry
+    can be, on a store that refuses the range (its size asked, then refused): the entry
+    is there (not an error of the lookup), and the load finds the damage and moves it."""
+    store, locs = remote
+    loc, fs = locs[0], store._backend.fs
+    fs.pipe_file(loc.split("://", 1)[1], b"\0" * (10 * store.entry_limit(256)))
+    real = fs.cat_file
+
+    def refusing(path, start=None, end=None, **k):
+        if start is not None:
+            raise OSError(errno.EINVAL, "The requested range is not satisfiable")
+        return real(path, **k)
+    monkeypatch.setattr(fs, "cat_file", refusing)
+    assert store.lookup(kv_600.token_ids, hold=0) == locs
+    assert store.load_prefix(kv_600.token_ids) is None
+    assert store.exists(loc + ".bad") and not store.exists(loc)
+
+
 def test_a_remote_entry_is_one_request(remote, kv_600, monkeypatch):
     """One ranged GET per entry: asking the size first cost a round trip per entry."""
     store, locs = remote

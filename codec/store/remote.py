@@ -125,6 +125,8 @@ class FsspecBackend:
             data, identity = self._fetch(rel, limit)
         except FileNotFoundError:
             return False
+        except CorruptError:  # over the limit: there, and the fetch that opens it says so
+            return True
         HELD.put((self.root, rel), data, identity)
         return True
 
