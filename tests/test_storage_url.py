@@ -53,6 +53,17 @@ def _fill(store, ids, locs):
     return store.fill(bufs, ids, locs), bufs
 
 
+def _requests(monkeypatch) -> list:
+    """Every existence check (a HEAD) and read (a GET) of an fsspec store's entries:
+    ``(method, the entry's name's first 8 characters)``."""
+    calls = []
+    for name in ("exists", "_fetch"):
+        real = getattr(FsspecBackend, name)
+        monkeypatch.setattr(FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
+                            calls.append((_n, rel.rsplit("/", 1)[-1][:8])) or _r(self, rel, *a))
+    return calls
+
+
 def test_a_lookup_that_holds_reads_is_the_loads_only_round_trip(local, lm, kv_600,
                                                                  monkeypatch):
     """``lookup(hold=t)``: an object store's entries from token ``t`` on are looked up
@@ -61,11 +72,7 @@ def test_a_lookup_that_holds_reads_is_the_loads_only_round_trip(local, lm, kv_60
     taken once, and a write or removal through the store drops them."""
     url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
     store = ChunkStore(url, lm.fingerprint, CONFIG)
-    calls = []
-    for name in ("exists", "_fetch"):
-        real = getattr(FsspecBackend, name)
-        monkeypatch.setattr(FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
-                            calls.append((_n, rel.rsplit("/", 1)[-1][:8])) or _r(self, rel, *a))
+    calls = _requests(monkeypatch)
     fs = fsspec.filesystem("memory")
     try:
         ids = kv_600.token_ids
@@ -99,6 +106,25 @@ def test_a_lookup_that_holds_reads_is_the_loads_only_round_trip(local, lm, kv_60
             f"{url.split('://')[1]}/{rels[0]}.bad")  # damage read, not the held bytes
     finally:
         fs.rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+def test_transformers_loads_from_an_object_store_in_one_request_per_entry(lm, kv_600,
+                                                                          monkeypatch):
+    """``cache_from_store`` (and ``prefill_with_store``) looks up and loads in one
+    request per entry: the lookup's GETs are the load's reads."""
+    from kvcodec.integrations.hf import prefill_with_store
+
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, CONFIG)
+    try:
+        store.put(kv_600)
+        calls = _requests(monkeypatch)
+        _, n, _ = prefill_with_store(lm, store, kv_600.token_ids)
+        assert n == 600 - 64  # the last 64 computed (reuse_end)
+        assert sorted(m for m, _ in calls) == ["_fetch"] * 3
+        assert len({e for _, e in calls}) == 3
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
 def test_held_reads_are_bounded_and_expire(monkeypatch):

@@ -233,7 +233,8 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
                          fp["head_dim"])
     cache = DynamicCache(config=model.config)
     windows = [_window(l) for l in cache.layers]
-    locs = store.lookup(ids, partial=partial) if upto is None or upto > 0 else []
+    # The load follows: an object store's entries come with the lookup (store.held).
+    locs = store.lookup(ids, partial=partial, hold=0) if upto is None or upto > 0 else []
     n = fill(store, bufs, ids, locs, threads,
              windows if any(windows) and len(windows) == len(bufs) else None, upto)
     return reserved_cache(model, bufs, n, n, cache), n
