@@ -127,6 +127,25 @@ def test_transformers_loads_from_an_object_store_in_one_request_per_entry(lm, kv
         fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
+def test_a_lookup_holds_no_more_than_the_bound(lm, kv_600, monkeypatch):
+    """Where the held bytes' bound fits one more entry of the largest size it can have,
+    and no more, the lookup fetches one entry and asks the others with HEADs: it does
+    not push out what it held (each would be fetched twice)."""
+    from kvcodec.store.held import HELD
+
+    url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
+    store = ChunkStore(url, lm.fingerprint, CONFIG)
+    try:
+        store.put(kv_600)
+        monkeypatch.setattr(HELD, "max_bytes", HELD.bytes + store.entry_limit(256) + 1000)
+        calls = _requests(monkeypatch)
+        assert len(store.lookup(kv_600.token_ids, partial=True, hold=0)) == 3
+        assert sorted(m for m, _ in calls) == ["_fetch", "exists", "exists"]
+        assert _fill(store, kv_600.token_ids, store.lookup(kv_600.token_ids))[0] == 512
+    finally:
+        fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
 def test_held_reads_are_bounded_and_expire(monkeypatch):
     from kvcodec.store import held
 
@@ -142,6 +161,11 @@ def test_held_reads_are_bounded_and_expire(monkeypatch):
     now = held.time.monotonic()
     monkeypatch.setattr(held.time, "monotonic", lambda: now + 6)
     assert not h.has("c") and h.take("c") is None and h.bytes == 0  # stale: not served
+    assert h.reserve(8) and not h.reserve(3)  # reads in flight count against the bound
+    h.put("e", b"12", "ie")
+    assert not h.reserve(1)
+    h.release(8)
+    assert h.reserve(8)
 
 
 # -- S3 on a real moto server ---------------------------------------------------------

@@ -10,6 +10,8 @@ GET instead and keeps the bytes here, and the load takes them: one round trip. (
 
 What is held is bounded (``max_bytes``, oldest out first) and taken once; bytes older
 than ``ttl_s`` are not served (a request that waited in vLLM's queue fetches again).
+A lookup holds while an entry of the largest size it can have still fits (a longer
+prompt's later entries are asked with HEADs, as before, not fetched twice).
 A write, move or delete of the entry through this process drops its held copy.
 """
 from __future__ import annotations
@@ -26,13 +28,26 @@ class HeldReads:
         self.max_bytes, self.ttl_s = int(max_bytes), float(ttl_s)
         self._items: OrderedDict = OrderedDict()  # key -> (data, identity, time held)
         self._lock = threading.Lock()
-        self.bytes = 0
+        self.bytes = self._reserved = 0
 
     def has(self, key) -> bool:
         """Whether ``key``'s bytes are held and fresh."""
         with self._lock:
             got = self._items.get(key)
             return got is not None and time.monotonic() - got[2] <= self.ttl_s
+
+    def reserve(self, n: int) -> bool:
+        """Whether ``n`` more bytes fit under the bound beside those held and reserved;
+        if so they are reserved (for a read in flight) until :meth:`release`."""
+        with self._lock:
+            if self.bytes + self._reserved + n > self.max_bytes:
+                return False
+            self._reserved += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._reserved -= n
 
     def put(self, key, data: bytes, identity) -> None:
         if len(data) > self.max_bytes:
