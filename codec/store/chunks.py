@@ -279,14 +279,13 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         ``partial``, also a last, partial chunk stored for exactly the remaining tokens
         (``put`` of the same sequence stores it) or else the longest partial chunk stored
         there that ``token_ids`` continue (a document's end, then a question: :mod:`.tails`).
-        ``hold``: a load in this process follows, from that token on; an object store's
-        entries from there are looked up with GETs whose bytes it takes (:mod:`.held`),
-        not HEADs."""
+        ``hold``: a load in this process follows from that token on, so an object store's
+        entries from there are asked with GETs whose bytes it takes (:mod:`.held`)."""
         keys = self.keys(ids := list(token_ids))
         rels = [keying.entry_name(key) for i, key in enumerate(keys)
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
-        first = len(rels) if hold is None or not hasattr(self._backend, "hold") else (
-            hold // self.chunk_tokens)
+        held = hold is not None and hasattr(self._backend, "hold")
+        first = hold // self.chunk_tokens if held else len(rels)
         n = leading(lambda i: self._present(rels[i], i >= first), range(len(rels)),
                     self.remote)
         found = self._with_tail(ids, keys, [self._backend.location(r) for r in rels[:n]],
@@ -295,9 +294,8 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         return found
 
     def _present(self, rel: str, hold: bool = False) -> bool:
-        """Whether entry ``rel`` exists (``hold``: its bytes kept, :meth:`lookup`); a store
-        that cannot say (no network, a permission) has it not, for this lookup: a cache
-        miss, logged."""
+        """Whether entry ``rel`` exists (``hold``: its bytes kept, :meth:`lookup`); where
+        the store cannot say (no network, a permission), a cache miss, logged."""
         try:
             if hold:
                 return self._backend.hold(rel, self.entry_limit(self.chunk_tokens))
