@@ -162,6 +162,17 @@ def test_an_object_larger_than_its_tokens_need_is_read_no_further(remote, kv_600
     assert store.exists(loc + ".bad")  # damage: moved aside
 
 
+def _refuse_ranges(monkeypatch, fs) -> None:
+    """``fs`` answers every ranged read as S3 answers one of an empty object (416)."""
+    real = fs.cat_file
+
+    def refusing(path, start=None, end=None, **k):
+        if start is not None:
+            raise OSError(errno.EINVAL, "The requested range is not satisfiable")
+        return real(path, **k)
+    monkeypatch.setattr(fs, "cat_file", refusing)
+
+
 def test_a_holding_lookup_finds_an_oversized_object_and_its_load_moves_it(remote, kv_600,
                                                                           monkeypatch):
     """A lookup that holds its GETs' bytes (``hold``) of an object larger than an entry
@@ -170,13 +181,7 @@ def test_a_holding_lookup_finds_an_oversized_object_and_its_load_moves_it(remote
     store, locs = remote
     loc, fs = locs[0], store._backend.fs
     fs.pipe_file(loc.split("://", 1)[1], b"\0" * (10 * store.entry_limit(256)))
-    real = fs.cat_file
-
-    def refusing(path, start=None, end=None, **k):
-        if start is not None:
-            raise OSError(errno.EINVAL, "The requested range is not satisfiable")
-        return real(path, **k)
-    monkeypatch.setattr(fs, "cat_file", refusing)
+    _refuse_ranges(monkeypatch, fs)
     assert store.lookup(kv_600.token_ids, hold=0) == locs
     assert store.load_prefix(kv_600.token_ids) is None
     assert store.exists(loc + ".bad") and not store.exists(loc)
@@ -199,13 +204,7 @@ def test_a_store_that_refuses_the_range_is_asked_the_size(remote, kv_600, monkey
     """S3 answers an empty object's range with 416: the size, then the bytes."""
     store, locs = remote
     loc, fs = locs[0], store._backend.fs
-    real = fs.cat_file
-
-    def refusing(path, start=None, end=None, **k):
-        if start is not None:
-            raise OSError(errno.EINVAL, "The requested range is not satisfiable")
-        return real(path, **k)
-    monkeypatch.setattr(fs, "cat_file", refusing)
+    _refuse_ranges(monkeypatch, fs)
     with store.open_entry(loc, kv_600.token_ids[:256], 0) as f:
         assert f.num_tokens == 256
     fs.pipe_file(loc.split("://", 1)[1], b"")  # empty: damage, found and moved aside
