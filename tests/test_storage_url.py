@@ -128,20 +128,32 @@ def test_transformers_loads_from_an_object_store_in_one_request_per_entry(lm, kv
 
 
 def test_a_lookup_holds_no_more_than_the_bound(lm, kv_600, monkeypatch):
-    """Where the held bytes' bound fits one more entry of the largest size it can have,
-    and no more, the lookup fetches one entry and asks the others with HEADs: it does
-    not push out what it held (each would be fetched twice)."""
+    """Past the held bytes' bound a lookup asks with HEADs, as without holding (a long
+    prompt's later entries are fetched once, by the load), and what its reads in flight
+    bring past the bound is not kept; the load gets every entry either way."""
     from kvcodec.store.held import HELD
 
     url = f"memory://kvc-{uuid.uuid4().hex[:8]}/store"
     store = ChunkStore(url, lm.fingerprint, CONFIG)
     try:
         store.put(kv_600)
-        monkeypatch.setattr(HELD, "max_bytes", HELD.bytes + store.entry_limit(256) + 1000)
+        ids, fs = kv_600.token_ids, fsspec.filesystem("memory")
+        sizes = [fs.size(loc.split("://", 1)[1]) for loc in store.lookup(ids, partial=True)]
         calls = _requests(monkeypatch)
-        assert len(store.lookup(kv_600.token_ids, partial=True, hold=0)) == 3
-        assert sorted(m for m, _ in calls) == ["_fetch", "exists", "exists"]
-        assert _fill(store, kv_600.token_ids, store.lookup(kv_600.token_ids))[0] == 512
+        monkeypatch.setattr(HELD, "max_bytes", HELD.bytes)  # full
+        locs = store.lookup(ids, partial=True, hold=0)
+        assert sorted(m for m, _ in calls) == ["exists"] * 3
+        calls.clear()
+        assert _fill(store, ids, locs)[0] == 600 and [m for m, _ in calls] == ["_fetch"] * 3
+        calls.clear()
+        before = HELD.bytes
+        monkeypatch.setattr(HELD, "max_bytes", before + max(sizes))  # room for one entry
+        store.lookup(ids, partial=True, hold=0)
+        assert len(calls) == 3 and len({e for _, e in calls}) == 3  # one request each
+        held = [HELD.has((store.root, store._backend.rel(loc))) for loc in locs]
+        assert sum(held) == 1 and before < HELD.bytes <= HELD.max_bytes
+        calls.clear()
+        assert _fill(store, ids, locs)[0] == 600 and [m for m, _ in calls] == ["_fetch"] * 2
     finally:
         fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
@@ -150,22 +162,16 @@ def test_held_reads_are_bounded_and_expire(monkeypatch):
     from kvcodec.store import held
 
     h = held.HeldReads(max_bytes=10, ttl_s=5.0)
-    h.put("a", b"1234", "ia")
-    h.put("b", b"123456", "ib")
-    assert h.bytes == 10 and h.has("a") and h.has("b")
-    h.put("c", b"12", "ic")  # over the bound: the oldest goes
-    assert not h.has("a") and h.take("a") is None and h.bytes == 8
-    h.put("d", b"x" * 11, "id")  # larger than the bound: not held
-    assert not h.has("d") and h.bytes == 8
-    assert h.take("b") == (b"123456", "ib") and h.take("b") is None and h.bytes == 2
+    assert h.put("a", b"1234", "ia") and h.put("b", b"123456", "ib")
+    assert h.bytes == 10 and h.has("a") and h.has("b") and not h.room()
+    assert not h.put("c", b"12", "ic")  # over the bound: not held, nothing pushed out
+    assert not h.has("c") and h.has("a") and h.bytes == 10
+    assert h.take("b") == (b"123456", "ib") and h.take("b") is None and h.bytes == 4
+    assert h.room() and h.put("a", b"12", "ia2") and h.bytes == 2  # a new read replaces
     now = held.time.monotonic()
     monkeypatch.setattr(held.time, "monotonic", lambda: now + 6)
-    assert not h.has("c") and h.take("c") is None and h.bytes == 0  # stale: not served
-    assert h.reserve(8) and not h.reserve(3)  # reads in flight count against the bound
-    h.put("e", b"12", "ie")
-    assert not h.reserve(1)
-    h.release(8)
-    assert h.reserve(8)
+    assert not h.has("a") and h.take("a") is None and h.bytes == 0  # stale: dropped
+
 
 
 # -- S3 on a real moto server ---------------------------------------------------------

@@ -8,11 +8,13 @@ GET instead and keeps the bytes here, and the load takes them: one round trip. (
 2,017-token prompt's 8 entries from moto behind a 1 Gbit/s relay, 2 cores: HEADs
 34 ms, then GETs 68 ms.)
 
-What is held is bounded (``max_bytes``, oldest out first) and taken once; bytes older
-than ``ttl_s`` are not served (a request that waited in vLLM's queue fetches again).
-A lookup holds while an entry of the largest size it can have still fits (a longer
-prompt's later entries are asked with HEADs, as before, not fetched twice).
-A write, move or delete of the entry through this process drops its held copy.
+What is held is taken once, bounded and fresh. Bytes older than ``ttl_s`` are dropped
+(a request that waited in vLLM's queue fetches again). Past ``max_bytes`` nothing
+more is held: a lookup then asks with HEADs, as without holding (a prompt longer than
+the bound fetches its later entries once, in its load), and what its reads in flight
+bring past the bound is not kept (fetched again by the load; what is held stays, for
+the load it was read for). A write, move or delete of the entry through this process
+drops its held copy.
 """
 from __future__ import annotations
 
@@ -28,47 +30,49 @@ class HeldReads:
         self.max_bytes, self.ttl_s = int(max_bytes), float(ttl_s)
         self._items: OrderedDict = OrderedDict()  # key -> (data, identity, time held)
         self._lock = threading.Lock()
-        self.bytes = self._reserved = 0
+        self.bytes = 0
 
     def has(self, key) -> bool:
-        """Whether ``key``'s bytes are held and fresh."""
+        """Whether ``key``'s bytes are held (and fresh)."""
         with self._lock:
-            got = self._items.get(key)
-            return got is not None and time.monotonic() - got[2] <= self.ttl_s
+            self._expire()
+            return key in self._items
 
-    def reserve(self, n: int) -> bool:
-        """Whether ``n`` more bytes fit under the bound beside those held and reserved;
-        if so they are reserved (for a read in flight) until :meth:`release`."""
+    def room(self) -> bool:
+        """Whether more bytes may be held."""
         with self._lock:
-            if self.bytes + self._reserved + n > self.max_bytes:
-                return False
-            self._reserved += n
-            return True
+            self._expire()
+            return self.bytes < self.max_bytes
 
-    def release(self, n: int) -> None:
-        with self._lock:
-            self._reserved -= n
-
-    def put(self, key, data: bytes, identity) -> None:
-        if len(data) > self.max_bytes:
-            return
+    def put(self, key, data: bytes, identity) -> bool:
+        """Hold ``data`` for ``key`` if it fits under the bound; returns whether it does."""
         with self._lock:
             self._drop(key)
+            self._expire()
+            if self.bytes + len(data) > self.max_bytes:
+                return False
             self._items[key] = (data, identity, time.monotonic())
             self.bytes += len(data)
-            while self.bytes > self.max_bytes:
-                self._drop(next(iter(self._items)))
+            return True
 
     def take(self, key):
         """``(data, identity)`` held for ``key`` (no longer held), or None."""
         with self._lock:
+            self._expire()
             got = self._drop(key)
-        if got is None or time.monotonic() - got[2] > self.ttl_s:
-            return None
-        return got[0], got[1]
+        return None if got is None else got[:2]
 
     def drop(self, key) -> None:
         with self._lock:
+            self._drop(key)
+
+    def _expire(self) -> None:
+        """Drop what was held longer than ``ttl_s`` (the oldest come first)."""
+        now = time.monotonic()
+        while self._items:
+            key, (_, _, t) = next(iter(self._items.items()))
+            if now - t <= self.ttl_s:
+                return
             self._drop(key)
 
     def _drop(self, key):

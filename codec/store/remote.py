@@ -121,7 +121,7 @@ class FsspecBackend:
         store cannot say."""
         if HELD.has((self.root, rel)):
             return True
-        if not HELD.reserve(limit):  # held bytes would push out what the load takes
+        if not HELD.room():  # as many bytes held as may be: asked as without holding
             return self.exists(rel)
         try:
             data, identity = self._fetch(rel, limit)
@@ -129,8 +129,6 @@ class FsspecBackend:
             return False
         except CorruptError:  # over the limit: there, and the fetch that opens it says so
             return True
-        finally:
-            HELD.release(limit)
         HELD.put((self.root, rel), data, identity)
         return True
 
