@@ -694,36 +694,41 @@ def test_a_prompt_the_store_holds_whole_is_looked_up_once(lm, texts, tmp_path, m
         assert len(lookups) == 1 + saved
 
 
-def test_an_object_stores_entries_cost_one_request_each(lm, texts, monkeypatch):
+def test_an_object_stores_entries_cost_one_request_each():
     """With one worker, in the scheduler's process (vLLM's ``uni`` executor), the
     connector's lookup fetches the entries it finds and the worker's load takes those
-    bytes: a cached prompt's entries on an object store cost one GET each and no HEAD
-    (a HEAD from the lookup, then a GET from the load, were two round trips each)."""
-    import uuid
+    bytes: a cached prompt's entries on an object store (``memory://``, in an engine of
+    its own, in a subprocess) cost one GET each and no HEAD (a HEAD from the lookup,
+    then a GET from the load, were two round trips each)."""
+    import json
 
-    import fsspec
-    from kvcodec.store.remote import FsspecBackend
-
-    bucket = f"kvc-vllm-{uuid.uuid4().hex[:8]}"
-    llm = _engine(f"memory://{bucket}/store", "lossless")
-    try:
-        _, ids = _prompt(lm, texts["gpl3"], 600)
-        first = _ask(llm, ids)
-        conn = _connector()
-        conn.flush()
-        calls = []
-        for name in ("exists", "_fetch"):
-            real = getattr(FsspecBackend, name)
-            monkeypatch.setattr(
-                FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
-                calls.append((_n, rel)) or _r(self, rel, *a))
-        before = conn.tokens_loaded
-        assert _ask(llm, ids) == first
-        entries = [c for c in calls if c[1].endswith(".kvc")]
-        assert conn.tokens_loaded - before == len(ids) - 1
-        assert sorted(n for n, _ in entries) == ["_fetch"] * 3  # 600 + the question: 3
-        assert len({rel for _, rel in entries}) == 3
-    finally:
-        del llm
-        gc.collect()
-        fsspec.filesystem("memory").rm(bucket, recursive=True)
+    code = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import kvcodec, test_vllm as t
+from conftest import real_texts
+from kvcodec.store.remote import FsspecBackend
+lm = kvcodec.load_model()
+_, ids = t._prompt(lm, real_texts()["gpl3"], 600)
+llm = t._engine("memory://kvc-vllm/store", "lossless")
+first = t._ask(llm, ids)
+t._connector().flush()
+calls = []
+for name in ("exists", "_fetch"):
+    real = getattr(FsspecBackend, name)
+    setattr(FsspecBackend, name, lambda self, rel, *a, _r=real, _n=name:
+            calls.append((_n, rel)) or _r(self, rel, *a))
+before = t._connector().tokens_loaded
+second = t._ask(llm, ids)
+print("RESULT", json.dumps({{"loaded": t._connector().tokens_loaded - before,
+                            "n": len(ids), "same": first == second,
+                            "entries": [c for c in calls if c[1].endswith(".kvc")]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and line, out.stderr[-3000:]
+    r = json.loads(line[0][len("RESULT "):])
+    assert r["same"] and r["loaded"] == r["n"] - 1
+    assert sorted(m for m, _ in r["entries"]) == ["_fetch"] * 3  # 600 + the question: 3
+    assert len({rel for _, rel in r["entries"]}) == 3
