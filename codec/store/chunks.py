@@ -10,7 +10,8 @@ Documents are stored a second way, for blending (:mod:`kvcodec.blend`): a docume
 captured behind a fixed anchor (``capture_kv(..., anchor=...)``) is position-independent,
 so its chunks are keyed by the document's own tokens (a chain seeded with the anchor,
 not with a prompt prefix) and reused wherever the document appears in a prompt. An
-evicted cache (:mod:`kvcodec.evict`) is stored whole (:meth:`ChunkStore.put_evicted`).
+evicted cache (:mod:`kvcodec.evict`) is stored whole (:meth:`ChunkStore.put_evicted`,
+:mod:`.whole`).
 
 The store is a local directory or any fsspec URL (``s3://bucket/prefix``, ``gs://...``,
 ``memory://...``; :mod:`.backends`). Entry ``key`` lives at ``key[:2]/key[2:].kvc``
@@ -55,11 +56,12 @@ from .metrics import StoreMetrics
 from .objects import StoreObjects
 from .shared import StoreTables
 from .tails import Prefix, StoreTails
+from .whole import StoreEvicted
 
 log = logging.getLogger("kvcodec")
 
 
-class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
+class ChunkStore(StoreObjects, StoreCapacity, StoreTails, StoreEvicted):
     """A store of chunks (a directory or fsspec URL): keys, atomic puts, lookups and
     checked reads, which every consumer shares (transformers loading in
     :func:`kvcodec.integrations.hf.cache_from_store`, the vLLM connector, precompute jobs).
@@ -149,11 +151,6 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         ``anchor``, the keys of a position-independent document computed behind it."""
         return keying.chain(self._seed, token_ids, self.chunk_tokens, anchor)
 
-    def evicted_key(self, token_ids, spec: str, anchor=None) -> str:
-        """The key of the whole evicted cache of ``token_ids`` (behind ``anchor``, if
-        given) evicted by ``spec`` (``"snapkv:0.25"``)."""
-        return keying.evicted_key(self._seed, token_ids, spec, anchor)
-
     def path(self, key: str):
         """The location of entry ``key``: a :class:`Path` in a local store, else a URL."""
         return self._backend.location(keying.entry_name(key))
@@ -200,19 +197,6 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
             raise KVCodecError("put_document needs a cache captured behind an anchor "
                                "(capture_kv(..., anchor=...)); use put for prompt prefixes")
         return self._put(kv, [int(t) for t in anchor])
-
-    def put_evicted(self, kv: KVCache, spec: str) -> int:
-        """Store ``kv``, the cache evicted by ``spec`` (``"snapkv:0.25"``), whole as one
-        entry (keyed by :meth:`evicted_key` of its tokens and ``kv.anchor``);
-        returns 1 if written, 0 if it was already there. A dense cache is stored the same
-        way: a kept ratio of 1 evicts nothing."""
-        self._check(kv)
-        anchor = [int(t) for t in kv.anchor] if kv.anchor else None
-        rel = keying.entry_name(self.evicted_key(kv.token_ids, spec, anchor))
-        if self._backend.exists(rel):
-            return 0
-        self._write(rel, kv, anchor, None)
-        return 1
 
     def _check(self, kv: KVCache) -> None:
         if kv.token_ids is None:
@@ -265,13 +249,6 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails):
         if not rels or not all(self._present(r) for r in rels):
             return None
         return [self._backend.location(r) for r in rels]
-
-    def evicted(self, token_ids, spec: str, anchor=None):
-        """The location of the entry :meth:`put_evicted` stored for ``token_ids`` evicted
-        by ``spec`` (behind ``anchor``), or None. Read it with :meth:`open_entry` (``t0``
-        0) and decode it with ``KVCFile.decode``."""
-        rel = keying.entry_name(self.evicted_key(token_ids, spec, anchor))
-        return self._backend.location(rel) if self._present(rel) else None
 
     def lookup(self, token_ids, *, partial: bool = False, hold: int | None = None) -> Prefix:
         """Locations of the longest cached prefix of whole chunks of ``token_ids`` (a
