@@ -79,11 +79,10 @@ class KVCFile:
     verified (:class:`SectionSource`). :meth:`plan` turns a request (layers, chunks,
     destinations) into a :class:`~kvcodec.format.plan.DecodePlan`, which
     :func:`~kvcodec.format.plan.execute` runs; :meth:`decode_into`, :meth:`decode_layers`,
-    :meth:`decode` and :meth:`iter_chunks` do both.
-    """
+    :meth:`decode` and :meth:`iter_chunks` do both."""
 
-    # What its opener knows of which bytes these are (a store entry's inode, size and
-    # mtime, or ETag): :meth:`kvcodec.store.ChunkStore.quarantine` moves only those.
+    # What its opener knows of which bytes these are (a local entry's inode, size and
+    # mtime, a remote one's CRC-32 and size): ChunkStore.quarantine moves only those.
     identity = None
 
     def __init__(self, source: Reader, tables=None):
