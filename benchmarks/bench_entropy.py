@@ -9,10 +9,10 @@ timed call, and its rows add ``decode_prebuilt_msym_s``, with the tables built f
 a file's decode does, once for all its chunks). The ``kvcodec`` row runs the decode path
 this CPU picks (``decode_path``: avx512, avx2 or scalar); ``kvcodec-scalar`` is the
 portable reference, and on an AVX-512 CPU ``kvcodec-avx2`` is the path of CPUs without it.
-AVX2 rows add ``gather``: the AVX2 path reads its tables with 256-bit gathers
-(``hardware``) or eight scalar loads (``loads``), whichever this kind of CPU runs faster;
-``kvcodec-avx2-<gather>`` runs the other way, and ``avx2_gather_<mine>_vs_<other>`` is
-the ratio of their prebuilt decode rates.
+SIMD rows add ``gather``: a path reads its tables with the hardware's gathers
+(``hardware``) or scalar loads (``loads``), whichever it timed faster on this CPU at its
+first decode; ``kvcodec-<path>-<gather>`` runs the other way, and
+``<path>_gather_<mine>_vs_<other>`` is the ratio of their prebuilt decode rates.
 """
 from __future__ import annotations
 
@@ -200,16 +200,20 @@ def main():
     nat = tables.native()
     path = nat.simd_path()
     # "scalar" is the portable reference decoder of the same bitstream; on an AVX-512
-    # CPU the AVX2 path (what CPUs without AVX-512 run) gets its own row too. The AVX2
-    # path reads its tables with hardware gathers or scalar loads, whichever this kind of
-    # CPU runs faster (avx2_gather): the other way gets a row, "kvcodec-avx2-<gather>".
-    gather = nat.avx2_gather()
-    other = {"loads": "hardware", "hardware": "loads"}[gather]
-    named = [("kvcodec", f"{path}:{gather}" if path == "avx2" else path)]
-    if path == "avx512" and nat.set_simd_path("avx2"):
-        named.append(("kvcodec-avx2", f"avx2:{gather}"))
-    if nat.set_simd_path("avx2"):
-        named.append((f"kvcodec-avx2-{other}", f"avx2:{other}"))
+    # CPU the AVX2 path (what CPUs without AVX-512 run) gets its own row too. Each SIMD
+    # path reads its tables with hardware gathers or scalar loads, whichever it timed
+    # faster on this CPU (simd_gather): the other way gets a row,
+    # "kvcodec-<path>-<gather>".
+    other = {"loads": "hardware", "hardware": "loads"}
+    named, gathers = [], {}
+    for name, p in (("kvcodec", path), ("kvcodec-avx2", "avx2")):
+        if p in gathers or not nat.set_simd_path(p):
+            continue
+        if p == "scalar":  # a CPU without AVX2
+            named.append((name, p))
+            continue
+        gathers[p] = g = nat.simd_gather()
+        named += [(name, f"{p}:{g}"), (f"kvcodec-{p}-{other[g]}", f"{p}:{other[g]}")]
     nat.set_simd_path("auto")
     named.append(("kvcodec-scalar", "scalar"))
     bits, times = bench_kvcodec(streams, args.chunk_tokens, args.repeats, [p for _, p in named])
@@ -239,10 +243,12 @@ def main():
             avx2 = next((a for a in rows if a["name"] == "kvcodec-avx2"), None)
             if avx2:
                 out["avx2_decode_speedup_vs_scalar"] = avx2["decode_msym_s"] / r["decode_msym_s"]
-        elif r["name"].startswith("kvcodec-avx2-"):  # the AVX2 path's other gathers
-            mine = next(a for a in rows if a.get("gather") == gather)
-            out[f"avx2_gather_{gather}_vs_{other}"] = (mine["decode_prebuilt_msym_s"]
-                                                      / r["decode_prebuilt_msym_s"])
+        elif r["name"].startswith("kvcodec-") and r.get("gather"):  # a path's other way
+            simd, g = r["decode_path"], gathers[r["decode_path"]]
+            mine = next(a for a in rows if (a["decode_path"], a.get("gather")) == (simd, g))
+            if mine is not r:
+                out[f"{simd}_gather_{g}_vs_{other[g]}"] = (mine["decode_prebuilt_msym_s"]
+                                                          / r["decode_prebuilt_msym_s"])
         elif r["name"] not in ("kvcodec", "kvcodec-avx2"):
             out[f"decode_speedup_vs_{r['name']}"] = kv["decode_msym_s"] / r["decode_msym_s"]
             out[f"encode_speedup_vs_{r['name']}"] = kv["encode_msym_s"] / r["encode_msym_s"]

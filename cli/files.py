@@ -184,10 +184,14 @@ def info(as_json):
     nat = tables.native()
     cuda_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     # cpu_decode: the rANS decode path this CPU runs ("avx512", "avx2" or "scalar";
-    # KVCODEC_SIMD=avx2 or =scalar caps it); cpu_gather: how the AVX2 path reads its
-    # tables ("hardware" gathers, or scalar "loads" where gathers are slow, as on Zen 1
-    # and 2; KVCODEC_AVX2_GATHER sets it).
-    report = {"cpu": True, "cpu_decode": nat.simd_path(), "cpu_gather": nat.avx2_gather(),
+    # KVCODEC_SIMD=avx2 or =scalar caps it); cpu_gather: how it reads its tables
+    # ("hardware" gathers, or scalar "loads"), the faster of the two as timed on this
+    # CPU (cpu_gather_probe_ms: that path's decode of the same synthetic blobs each way)
+    # unless KVCODEC_GATHER sets it.
+    hardware_s, loads_s = nat.gather_probe()
+    report = {"cpu": True, "cpu_decode": nat.simd_path(), "cpu_gather": nat.simd_gather(),
+              "cpu_gather_probe_ms": {"hardware": round(hardware_s * 1e3, 3),
+                                      "loads": round(loads_s * 1e3, 3)},
               "cuda_compiled": cuda.compiled(),
               "cuda_device": cuda_device, "kvcodec": kvcodec.__version__,
               "bitstream": int(nat.BITSTREAM_VERSION), "lanes": int(nat.LANES),
@@ -197,5 +201,5 @@ def info(as_json):
         click.echo(json.dumps(report))
     else:
         for k, v in report.items():
-            click.echo(f"{k:14s} {v}")
+            click.echo(f"{k:20s} {v}")
 

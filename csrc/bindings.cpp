@@ -861,12 +861,19 @@ PYBIND11_MODULE(_native, m) {
         py::arg("name"),
         "Choose the decode path: 'scalar', 'avx2', 'avx512' (False if the CPU lacks it) "
         "or 'auto'.");
-  m.def("avx2_gather", [] { return std::string(kvc::avx2_gather()); },
-        "How the AVX2 decode path reads its tables: 'hardware' gathers or scalar 'loads'.");
-  m.def("set_avx2_gather", [](const std::string& name) { return kvc::set_avx2_gather(name); },
+  m.def("simd_gather", [] { return std::string(kvc::simd_gather()); },
+        "How the SIMD decode path in use reads its tables: 'hardware' gathers or scalar "
+        "'loads' (measured on its first decode, unless KVCODEC_GATHER sets it).");
+  m.def("set_simd_gather", [](const std::string& name) { return kvc::set_simd_gather(name); },
         py::arg("name"),
-        "Choose how the AVX2 path reads its tables: 'hardware', 'loads' or 'auto' (the "
-        "CPU's kind); the same bits either way.");
+        "Choose how the SIMD paths read their tables: 'hardware', 'loads' or 'auto' (the "
+        "environment's choice, else the faster as measured); the same bits either way.");
+  m.def("gather_probe", [] {
+          const kvc::GatherProbe p = kvc::gather_probe();
+          return py::make_tuple(p.hardware_s, p.loads_s);
+        },
+        "(hardware_s, loads_s): the decode path in use's measurement of both ways "
+        "(zeros on the scalar path).");
   m.attr("LANES") = kvc::LANES;
   m.attr("MAX_LEVEL") = kvc::MAX_LEVEL;
   m.def("normalize_freqs", &normalize_freqs, py::arg("levels"),

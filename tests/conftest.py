@@ -86,13 +86,17 @@ def default_kvc(kv_600):
     return kvcodec.encode(kv_600, config="default")
 
 
+# Every SIMD path with each way of reading its tables.
+SIMD_GATHER_PATHS = ("avx2:hardware", "avx2:loads", "avx512:hardware", "avx512:loads")
+
+
 def use_cpu_path(nat, path: str) -> bool:
-    """Switch the native module ``nat`` to a CPU decode path: "scalar", "avx512", "avx2"
-    or the AVX2 path reading its tables with hardware gathers or scalar loads
-    ("avx2:hardware", "avx2:loads"); False if this CPU lacks it. ``"auto"``: back to
-    this CPU's own choice of both."""
+    """Switch the native module ``nat`` to a CPU decode path: "scalar", "avx512", "avx2",
+    or a SIMD path reading its tables with hardware gathers or scalar loads
+    ("avx2:hardware", "avx512:loads", ...); False if this CPU lacks it. ``"auto"``: back
+    to this CPU's own choice of both."""
     simd, _, gather = path.partition(":")
-    return nat.set_simd_path(simd) and nat.set_avx2_gather(gather or "auto")
+    return nat.set_simd_path(simd) and nat.set_simd_gather(gather or "auto")
 
 
 def stacks_alike_on_every_path(files: list, layers=(0, 13, 29)) -> None:
@@ -132,15 +136,14 @@ def stacks_alike_on_every_path(files: list, layers=(0, 13, 29)) -> None:
 
 @pytest.fixture(scope="session")
 def decode_on_every_cpu_path():
-    """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2 with
-    hardware gathers and with scalar loads, AVX-512), checked to give the same bits;
-    returns the decodes, scalar first."""
+    """A function: ``data`` decoded on every CPU path this machine has (scalar, AVX2 and
+    AVX-512, each with hardware gathers and with scalar loads), checked to give the same
+    bits; returns the decodes, scalar first."""
     from kvcodec.core.tables import native
 
     def run(data):
         nat = native()
-        paths = [p for p in ("scalar", "avx2:hardware", "avx2:loads", "avx512")
-                 if use_cpu_path(nat, p)]
+        paths = [p for p in ("scalar", *SIMD_GATHER_PATHS) if use_cpu_path(nat, p)]
         outs = []
         try:
             for p in paths:

@@ -50,8 +50,8 @@ struct RefillPerm {
 const RefillPerm kPerm;
 
 // Eight 32-bit table entries by eight scalar loads: the indices come out as four 64-bit
-// pairs and the entries go back in by lane inserts. Where a 256-bit gather is slow (Zen 1
-// and Zen 2 split it into many micro-ops), this is faster; elsewhere the gather is.
+// pairs and the entries go back in by lane inserts. Faster where a 256-bit gather is slow
+// (decoder.cpp measures which).
 KVC_AVX2 inline __m128i four_loads(const int* base, uint64_t a, uint64_t b) {
   __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
   r = _mm_insert_epi32(r, base[a >> 32], 1);
@@ -278,13 +278,6 @@ KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
 
 }  // namespace
 
-// Zen 1 and 2 split a 256-bit gather into many micro-ops; on a Zen 3 EPYC the loads were
-// still 1.11-1.13x faster (bench_entropy, 4 runs: 627-660 against 581-597 Msym/s).
-bool avx2_gathers_slow() {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("znver1") || __builtin_cpu_is("znver2") || __builtin_cpu_is("znver3");
-}
-
 void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads) {
   decode_in_groups(tasks, n, AVX2_INTERLEAVE, MAX_TABLES_TOGETHER,
                    loads ? decode_k<true> : decode_k<false>);
@@ -293,8 +286,6 @@ void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads) {
 #else  // not x86-64 GCC/Clang: the scalar path only
 
 bool avx2_available() { return false; }
-
-bool avx2_gathers_slow() { return false; }
 
 void decode_blobs_avx2(BlobTask* tasks, size_t n, bool) {
   for (size_t i = 0; i < n; ++i) tasks[i].error = "the AVX2 decoder is not built for this CPU";

@@ -5,7 +5,8 @@
 // eight blobs of equal shape (and of at most four streams) decode together, each phase
 // of a step issued for all of them before the next, so that their gathers overlap. On
 // Zen 4 a 512-bit gather costs two 256-bit ones, but every other step takes half the
-// instructions of the AVX2 path's two halves, so twice the steps fit in flight.
+// instructions of the AVX2 path's two halves, so twice the steps fit in flight. A gather
+// is the hardware's, or sixteen scalar loads where this CPU runs those faster (gather16).
 // Bit-identical to the scalar decoder by construction: the same tables and arithmetic,
 // lane by lane; a partial last group of a few lanes runs the scalar step itself.
 // Compiled for AVX-512F by function attribute only; decode_blobs picks it at run time.
@@ -35,19 +36,50 @@ bool avx512_available() {
 
 namespace {
 
+// Sixteen 32-bit table entries of the lanes in `active` (others 0): the hardware's
+// gather, or (LOADS) sixteen scalar loads, four per 128-bit quarter, where the CPU's
+// gathers are slow (decoder.cpp measures which). An inactive lane's index is not
+// trusted: it reads entry 0.
+KVC_AVX512 inline __m128i four_loads16(const int* base, __m128i idx) {
+  const uint64_t a = (uint64_t)_mm_cvtsi128_si64(idx), b = (uint64_t)_mm_extract_epi64(idx, 1);
+  __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
+  r = _mm_insert_epi32(r, base[a >> 32], 1);
+  r = _mm_insert_epi32(r, base[(uint32_t)b], 2);
+  return _mm_insert_epi32(r, base[b >> 32], 3);
+}
+
+template <bool LOADS>
+KVC_AVX512 inline __m512i gather16(const uint32_t* table, __m512i idx, __mmask16 active) {
+  if (!LOADS) return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, idx, table, 4);
+  const int* base = reinterpret_cast<const int*>(table);
+  const bool all = active == 0xffff;
+  if (!all) idx = _mm512_maskz_mov_epi32(active, idx);
+  const __m256i lo = _mm512_castsi512_si256(idx), hi = _mm512_extracti64x4_epi64(idx, 1);
+  const __m256i r0 = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(four_loads16(base, _mm256_castsi256_si128(lo))),
+      four_loads16(base, _mm256_extracti128_si256(lo, 1)), 1);
+  const __m256i r1 = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(four_loads16(base, _mm256_castsi256_si128(hi))),
+      four_loads16(base, _mm256_extracti128_si256(hi, 1)), 1);
+  const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
+  return all ? r : _mm512_maskz_mov_epi32(active, r);
+}
+
 // One step of the lanes in `active` of a blob's state x (lanes outside keep their state
 // and touch no memory), in three phases issued across blobs by the caller:
 // lookup16 gathers the bucket entries,
+template <bool LOADS>
 KVC_AVX512 inline __m512i lookup16(__m512i x, __mmask16 active, __m512i bucket_off,
                                    const uint32_t* gbucket) {
   // (x >> shift) & (BUCKETS - 1) | bucket_off in one ternary-logic op.
   const __m512i bidx = _mm512_ternarylogic_epi32(
       _mm512_srli_epi32(x, DecodeTables::SHIFT), _mm512_set1_epi32(DecodeTables::BUCKETS - 1),
       bucket_off, 0xEA);
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, bidx, gbucket, 4);
+  return gather16<LOADS>(gbucket, bidx, active);
 }
 
 // index16 turns them into range indices within the group (as scalar_group does),
+template <bool LOADS>
 KVC_AVX512 inline __m512i index16(__m512i x, __m512i e, const uint32_t* grange) {
   const __m512i offset = _mm512_and_si512(x, _mm512_set1_epi32(DecodeTables::SPAN - 1));
   const __m512i r1 = _mm512_and_si512(e, _mm512_set1_epi32((int)DecodeTables::R_MASK));
@@ -67,8 +99,7 @@ KVC_AVX512 inline __m512i index16(__m512i x, __m512i e, const uint32_t* grange) 
     while (back | on) {
       // back lanes read their own cum, on lanes the next one: one gather for both.
       const __m512i c = _mm512_srli_epi32(
-          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), back | on,
-                                      _mm512_mask_add_epi32(r, on, r, one), grange, 4), 16);
+          gather16<LOADS>(grange, _mm512_mask_add_epi32(r, on, r, one), back | on), 16);
       on = _mm512_mask_cmple_epu32_mask(on, c, slot);
       back = _mm512_mask_cmpgt_epu32_mask(back, c, slot);
       r = _mm512_mask_add_epi32(r, on, r, one);
@@ -79,9 +110,10 @@ KVC_AVX512 inline __m512i index16(__m512i x, __m512i e, const uint32_t* grange) 
 }
 
 // and advance16 gathers the range entries and advances the states.
+template <bool LOADS>
 KVC_AVX512 inline __m512i advance16(__m512i x, __m512i r, __mmask16 active,
                                     const uint32_t* grange) {
-  const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, r, grange, 4);
+  const __m512i v = gather16<LOADS>(grange, r, active);
   const __m512i freq = _mm512_and_si512(v, _mm512_set1_epi32(0xffff));
   const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32((int)PROB_MASK));
   const __m512i y = _mm512_sub_epi32(
@@ -113,7 +145,7 @@ KVC_AVX512 inline bool refill16(__m512i* x, __mmask16 active, Flight* f) {
 
 // Decodes K blobs of the same rows and channels together. Returns null, or an error that
 // some blob has (the caller then decodes them one by one to say which).
-template <int K>
+template <int K, bool LOADS>
 KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
   const int rows = tasks[0].rows, channels = tasks[0].channels;
   const int full = channels / LANES, rest = channels - full * LANES;
@@ -138,12 +170,12 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
       __m512i e[K], r[K];
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k)
-        e[k] = lookup16(x[k], all, boff, f[k].bucket + first * DecodeTables::BUCKETS);
+        e[k] = lookup16<LOADS>(x[k], all, boff, f[k].bucket + first * DecodeTables::BUCKETS);
 #pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) r[k] = index16(x[k], e[k], f[k].range + first * f[k].stride);
+      for (int k = 0; k < K; ++k) r[k] = index16<LOADS>(x[k], e[k], f[k].range + first * f[k].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k)
-        x[k] = advance16(x[k], r[k], all, f[k].range + first * f[k].stride);
+        x[k] = advance16<LOADS>(x[k], r[k], all, f[k].range + first * f[k].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(f[k].out + row + first),
@@ -166,10 +198,10 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
                                                   (int)state[3])));
       } else {  // the same step on the group's lanes only
         const uint32_t* gr = f[k].range + (size_t)first * f[k].stride;
-        const __m512i r = index16(
-            x[k], lookup16(x[k], part, boff, f[k].bucket + (size_t)first * DecodeTables::BUCKETS),
+        const __m512i r = index16<LOADS>(
+            x[k], lookup16<LOADS>(x[k], part, boff, f[k].bucket + (size_t)first * DecodeTables::BUCKETS),
             gr);
-        x[k] = advance16(x[k], r, part, gr);
+        x[k] = advance16<LOADS>(x[k], r, part, gr);
         alignas(16) uint8_t bytes[16];
         _mm_store_si128(reinterpret_cast<__m128i*>(bytes),
                         _mm512_cvtepi32_epi8(_mm512_sub_epi32(r, sub[k])));
@@ -186,30 +218,32 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
   return nullptr;
 }
 
+template <bool LOADS>
 KVC_AVX512 const char* decode_k(const BlobTask* tasks, int k) {
   switch (k) {
-    case 8: return decode_together<8>(tasks);
-    case 7: return decode_together<7>(tasks);
-    case 6: return decode_together<6>(tasks);
-    case 5: return decode_together<5>(tasks);
-    case 4: return decode_together<4>(tasks);
-    case 3: return decode_together<3>(tasks);
-    case 2: return decode_together<2>(tasks);
-    default: return decode_together<1>(tasks);
+    case 8: return decode_together<8, LOADS>(tasks);
+    case 7: return decode_together<7, LOADS>(tasks);
+    case 6: return decode_together<6, LOADS>(tasks);
+    case 5: return decode_together<5, LOADS>(tasks);
+    case 4: return decode_together<4, LOADS>(tasks);
+    case 3: return decode_together<3, LOADS>(tasks);
+    case 2: return decode_together<2, LOADS>(tasks);
+    default: return decode_together<1, LOADS>(tasks);
   }
 }
 
 }  // namespace
 
-void decode_blobs_avx512(BlobTask* tasks, size_t n) {
-  decode_in_groups(tasks, n, AVX512_INTERLEAVE, MAX_TABLES_TOGETHER, decode_k);
+void decode_blobs_avx512(BlobTask* tasks, size_t n, bool loads) {
+  decode_in_groups(tasks, n, AVX512_INTERLEAVE, MAX_TABLES_TOGETHER,
+                   loads ? decode_k<true> : decode_k<false>);
 }
 
 #else  // not x86-64 GCC/Clang
 
 bool avx512_available() { return false; }
 
-void decode_blobs_avx512(BlobTask* tasks, size_t n) {
+void decode_blobs_avx512(BlobTask* tasks, size_t n, bool) {
   for (size_t i = 0; i < n; ++i) tasks[i].error = "the AVX-512 decoder is not built for this CPU";
 }
 

@@ -272,33 +272,59 @@ bool set_simd_path(const std::string& name) {
   return true;
 }
 
-// How the AVX2 path reads its tables; -1: not decided yet (KVCODEC_AVX2_GATHER, else
-// the CPU's kind).
+// How the SIMD paths read their tables. g_forced: -2 not read yet, -1 measured (no
+// KVCODEC_GATHER), else the mode named there or by set_simd_gather; g_measured: each
+// path's measured mode (-1 not yet), found by its first decode (gather_probe.cpp).
 enum Gather { HARDWARE = 0, LOADS = 1 };
 static const char* const kGatherNames[] = {"hardware", "loads"};
-static std::atomic<int> g_gather{-1};
+static std::atomic<int> g_forced{-2};
+static std::atomic<int> g_measured[AVX512 + 1] = {{-1}, {-1}, {-1}};
+static GatherProbe g_probe[AVX512 + 1];
+static std::mutex g_probe_lock;
 
-static int gather_mode() {
-  int m = g_gather.load(std::memory_order_relaxed);
+// Path `path`'s faster mode, measured by its first call.
+static int measured_mode(int path) {
+  int m = g_measured[path].load(std::memory_order_acquire);
   if (m < 0) {
-    const char* env = getenv("KVCODEC_AVX2_GATHER");
-    m = env ? name_index(kGatherNames, LOADS + 1, env) : -1;
-    if (m < 0) m = avx2_gathers_slow() ? LOADS : HARDWARE;
-    g_gather.store(m, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(g_probe_lock);
+    m = g_measured[path].load(std::memory_order_relaxed);
+    if (m < 0) {
+      g_probe[path] = probe_gather(path == AVX2 ? decode_blobs_avx2 : decode_blobs_avx512);
+      m = g_probe[path].loads_s < g_probe[path].hardware_s ? LOADS : HARDWARE;
+      g_measured[path].store(m, std::memory_order_release);
+    }
   }
   return m;
 }
 
-const char* avx2_gather() { return kGatherNames[gather_mode()]; }
+static int gather_mode(int path) {
+  int f = g_forced.load(std::memory_order_relaxed);
+  if (f == -2) {
+    const char* env = getenv("KVCODEC_GATHER");
+    f = env ? name_index(kGatherNames, LOADS + 1, env) : -1;
+    g_forced.store(f, std::memory_order_relaxed);
+  }
+  if (f >= 0) return f;
+  return path == SCALAR ? HARDWARE : measured_mode(path);
+}
 
-bool set_avx2_gather(const std::string& name) {
+const char* simd_gather() { return kGatherNames[gather_mode(simd_mode())]; }
+
+GatherProbe gather_probe() {
+  const int path = simd_mode();
+  if (path == SCALAR) return GatherProbe{};
+  measured_mode(path);
+  return g_probe[path];  // written once, before g_measured[path] (released)
+}
+
+bool set_simd_gather(const std::string& name) {
   if (name == "auto") {
-    g_gather.store(-1);
+    g_forced.store(-2);
     return true;
   }
   const int g = name_index(kGatherNames, LOADS + 1, name.c_str());
   if (g < 0) return false;
-  g_gather.store(g);
+  g_forced.store(g);
   return true;
 }
 
@@ -312,8 +338,8 @@ int decode_interleave() {
 
 void decode_blobs(BlobTask* tasks, size_t n) {
   switch (simd_mode()) {
-    case AVX512: return decode_blobs_avx512(tasks, n);
-    case AVX2: return decode_blobs_avx2(tasks, n, gather_mode() == LOADS);
+    case AVX512: return decode_blobs_avx512(tasks, n, gather_mode(AVX512) == LOADS);
+    case AVX2: return decode_blobs_avx2(tasks, n, gather_mode(AVX2) == LOADS);
     default:
       for (size_t i = 0; i < n; ++i) {
         BlobTask& t = tasks[i];

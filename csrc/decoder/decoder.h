@@ -106,12 +106,22 @@ void decode_blobs(BlobTask* tasks, size_t n);
 const char* simd_path();
 bool set_simd_path(const std::string& name);
 
-// How the AVX2 path reads its decode tables: "hardware" (256-bit gathers) or "loads"
-// (eight scalar loads each: faster where gathers are slow, as on Zen 1, 2 and 3, the
-// default there); the same bits either way. KVCODEC_AVX2_GATHER=hardware or =loads sets
-// it for a process; set_avx2_gather takes either name or "auto" (false for another).
-const char* avx2_gather();
-bool set_avx2_gather(const std::string& name);
+// How the SIMD paths read their decode tables: "hardware" (256- or 512-bit gathers) or
+// "loads" (scalar loads, four per 128 bits); the same bits either way. Which is faster
+// differs by CPU more than a list of CPU models can say (gather_probe.cpp), so each path
+// measures it on its first decode in a process and keeps the faster, unless
+// KVCODEC_GATHER=hardware or =loads in the environment, or set_simd_gather (either name,
+// or "auto": back to the environment's or the measured choice; false for another name),
+// sets it. simd_gather() is the mode of the path in use ("hardware" on the scalar one).
+const char* simd_gather();
+bool set_simd_gather(const std::string& name);
+
+// The measurement behind the path in use's choice (seconds to decode the same synthetic
+// blobs each way, the best of three rounds); zeros on the scalar path.
+struct GatherProbe {
+  double hardware_s = 0, loads_s = 0;
+};
+GatherProbe gather_probe();
 
 // How many blobs the path in use decodes together (1 on the scalar path).
 int decode_interleave();

@@ -138,13 +138,13 @@ std::string decode_blob_scalar(const uint8_t* blob, size_t size, int rows, int c
 constexpr int AVX2_INTERLEAVE = 4;
 constexpr int AVX512_INTERLEAVE = 8;
 constexpr int MAX_TABLES_TOGETHER = 4;
-// The AVX2 decoder reads its tables with 256-bit gathers, or (`loads`) with eight scalar
-// loads per gather: avx2_gathers_slow() says whether this CPU is one where that is faster.
+// Each reads its tables with the hardware's gathers, or (`loads`) with scalar loads;
+// probe_gather (gather_probe.cpp) times a decode (one of these) both ways.
 void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads);
-void decode_blobs_avx512(BlobTask* tasks, size_t n);
+void decode_blobs_avx512(BlobTask* tasks, size_t n, bool loads);
 bool avx2_available();
-bool avx2_gathers_slow();
 bool avx512_available();
+GatherProbe probe_gather(void (*decode)(BlobTask*, size_t, bool));
 
 // Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
 // equal shape that use at most max_tables distinct tables (those of up to 4 streams fit
