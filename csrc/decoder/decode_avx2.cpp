@@ -49,24 +49,13 @@ struct RefillPerm {
 };
 const RefillPerm kPerm;
 
-// Eight 32-bit table entries by eight scalar loads: the indices come out as four 64-bit
-// pairs and the entries go back in by lane inserts. Faster where a 256-bit gather is slow
-// (decoder.cpp measures which).
-KVC_AVX2 inline __m128i four_loads(const int* base, uint64_t a, uint64_t b) {
-  __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
-  r = _mm_insert_epi32(r, base[a >> 32], 1);
-  r = _mm_insert_epi32(r, base[(uint32_t)b], 2);
-  return _mm_insert_epi32(r, base[b >> 32], 3);
-}
-
+// Eight 32-bit table entries: the hardware's gather, or (LOADS) eight scalar loads
+// (four_loads), faster where a 256-bit gather is slow (decoder.cpp measures which).
 template <bool LOADS>
 KVC_AVX2 inline __m256i gather8(const int* base, __m256i idx) {
   if (!LOADS) return _mm256_i32gather_epi32(base, idx, 4);
-  const __m128i lo = _mm256_castsi256_si128(idx), hi = _mm256_extracti128_si256(idx, 1);
-  const __m128i r0 = four_loads(base, (uint64_t)_mm_cvtsi128_si64(lo),
-                                (uint64_t)_mm_extract_epi64(lo, 1));
-  const __m128i r1 = four_loads(base, (uint64_t)_mm_cvtsi128_si64(hi),
-                                (uint64_t)_mm_extract_epi64(hi, 1));
+  const __m128i r0 = four_loads(base, _mm256_castsi256_si128(idx));
+  const __m128i r1 = four_loads(base, _mm256_extracti128_si256(idx, 1));
   return _mm256_inserti128_si256(_mm256_castsi128_si256(r0), r1, 1);
 }
 

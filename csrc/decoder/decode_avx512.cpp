@@ -37,16 +37,9 @@ bool avx512_available() {
 namespace {
 
 // Sixteen 32-bit table entries of the lanes in `active` (others 0): the hardware's
-// gather, or (LOADS) sixteen scalar loads, four per 128-bit quarter, where the CPU's
-// gathers are slow (decoder.cpp measures which). An inactive lane's index is not
-// trusted: it reads entry 0.
-KVC_AVX512 inline __m128i four_loads16(const int* base, __m128i idx) {
-  const uint64_t a = (uint64_t)_mm_cvtsi128_si64(idx), b = (uint64_t)_mm_extract_epi64(idx, 1);
-  __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
-  r = _mm_insert_epi32(r, base[a >> 32], 1);
-  r = _mm_insert_epi32(r, base[(uint32_t)b], 2);
-  return _mm_insert_epi32(r, base[b >> 32], 3);
-}
+// gather, or (LOADS) sixteen scalar loads, four per 128-bit quarter (four_loads), where
+// the CPU's gathers are slow (decoder.cpp measures which). An inactive lane's index is
+// not trusted: it reads entry 0.
 
 template <bool LOADS>
 KVC_AVX512 inline __m512i gather16(const uint32_t* table, __m512i idx, __mmask16 active) {
@@ -56,11 +49,11 @@ KVC_AVX512 inline __m512i gather16(const uint32_t* table, __m512i idx, __mmask16
   if (!all) idx = _mm512_maskz_mov_epi32(active, idx);
   const __m256i lo = _mm512_castsi512_si256(idx), hi = _mm512_extracti64x4_epi64(idx, 1);
   const __m256i r0 = _mm256_inserti128_si256(
-      _mm256_castsi128_si256(four_loads16(base, _mm256_castsi256_si128(lo))),
-      four_loads16(base, _mm256_extracti128_si256(lo, 1)), 1);
+      _mm256_castsi128_si256(four_loads(base, _mm256_castsi256_si128(lo))),
+      four_loads(base, _mm256_extracti128_si256(lo, 1)), 1);
   const __m256i r1 = _mm256_inserti128_si256(
-      _mm256_castsi128_si256(four_loads16(base, _mm256_castsi256_si128(hi))),
-      four_loads16(base, _mm256_extracti128_si256(hi, 1)), 1);
+      _mm256_castsi128_si256(four_loads(base, _mm256_castsi256_si128(hi))),
+      four_loads(base, _mm256_extracti128_si256(hi, 1)), 1);
   const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);
   return all ? r : _mm512_maskz_mov_epi32(active, r);
 }

@@ -7,10 +7,28 @@
 #include "../common/rans.h"
 #include "decoder.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 namespace kvc {
 
 static_assert(DecodeTables::SHIFT == PROB_BITS - DecodeTables::BUCKET_BITS,
               "a bucket's slots: the probability scale over BUCKETS");
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Four 32-bit table entries at the four indices in idx by scalar loads: how both SIMD
+// paths read their tables where this CPU's gathers are slow (decoder.cpp measures which);
+// the indices come out as two 64-bit pairs and the entries go back in by lane inserts.
+__attribute__((target("sse4.1"))) static inline __m128i four_loads(const int* base,
+                                                                   __m128i idx) {
+  const uint64_t a = (uint64_t)_mm_cvtsi128_si64(idx), b = (uint64_t)_mm_extract_epi64(idx, 1);
+  __m128i r = _mm_cvtsi32_si128(base[(uint32_t)a]);
+  r = _mm_insert_epi32(r, base[a >> 32], 1);
+  r = _mm_insert_epi32(r, base[(uint32_t)b], 2);
+  return _mm_insert_epi32(r, base[b >> 32], 3);
+}
+#endif
 
 static inline uint32_t load_u32(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
