@@ -16,8 +16,9 @@ whole chunks and the last, partial one the same document's ``put`` stored), so t
 
 The SIMD path is the CPU's best unless ``KVCODEC_SIMD=avx2`` (or ``scalar``) caps it;
 ``simd`` in the output says which ran (``gather``: how it reads its tables, the faster
-way as timed on this CPU unless ``KVCODEC_GATHER`` picks it), ``dtype`` the model's: the embedded model loads in
-float32, the fast choice on every CPU (bf16 matmuls are very slow without AVX-512 BF16).
+way as timed on this CPU unless ``KVCODEC_GATHER`` picks it), ``dtype`` the model's: the
+embedded model loads in float32, the fast choice on every CPU (bf16 matmuls are very slow
+without AVX-512 BF16).
 """
 from __future__ import annotations
 

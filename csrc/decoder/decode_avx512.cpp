@@ -40,7 +40,6 @@ namespace {
 // gather, or (LOADS) sixteen scalar loads, four per 128-bit quarter (four_loads), where
 // the CPU's gathers are slow (decoder.cpp measures which). An inactive lane's index is
 // not trusted: it reads entry 0.
-
 template <bool LOADS>
 KVC_AVX512 inline __m512i gather16(const uint32_t* table, __m512i idx, __mmask16 active) {
   if (!LOADS) return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), active, idx, table, 4);
@@ -165,7 +164,8 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
       for (int k = 0; k < K; ++k)
         e[k] = lookup16<LOADS>(x[k], all, boff, f[k].bucket + first * DecodeTables::BUCKETS);
 #pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) r[k] = index16<LOADS>(x[k], e[k], f[k].range + first * f[k].stride);
+      for (int k = 0; k < K; ++k)
+        r[k] = index16<LOADS>(x[k], e[k], f[k].range + first * f[k].stride);
 #pragma GCC unroll 8
       for (int k = 0; k < K; ++k)
         x[k] = advance16<LOADS>(x[k], r[k], all, f[k].range + first * f[k].stride);
@@ -191,9 +191,9 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
                                                   (int)state[3])));
       } else {  // the same step on the group's lanes only
         const uint32_t* gr = f[k].range + (size_t)first * f[k].stride;
-        const __m512i r = index16<LOADS>(
-            x[k], lookup16<LOADS>(x[k], part, boff, f[k].bucket + (size_t)first * DecodeTables::BUCKETS),
-            gr);
+        const __m512i e =
+            lookup16<LOADS>(x[k], part, boff, f[k].bucket + (size_t)first * DecodeTables::BUCKETS);
+        const __m512i r = index16<LOADS>(x[k], e, gr);
         x[k] = advance16<LOADS>(x[k], r, part, gr);
         alignas(16) uint8_t bytes[16];
         _mm_store_si128(reinterpret_cast<__m128i*>(bytes),

@@ -2,10 +2,10 @@
 // or 512-bit gather is one instruction, but how fast it runs varies more between CPUs
 // than any other instruction the decoder uses. Zen 1 and 2 split it into many micro-ops,
 // and on a Zen 3 EPYC scalar loads were 1.11-1.13x faster; on a 2-core Intel Xeon VM
-// (AVX-512, no AMX) they were 2.2x faster on the AVX2 path and 1.27x on the AVX-512 one
-// (bench_entropy), though the CPU is no model a list would name. So a path's first
-// decode in a process decodes a small synthetic stream both ways (decoder.cpp keeps the
-// faster; a probe that fails reports zeros, and gathers are kept): ~1 ms, once.
+// (AVX-512, no AMX) they were 1.6-2.2x faster on the AVX2 path and 1.24-1.43x on the
+// AVX-512 one (bench_entropy), though the CPU is no model a list would name. So a path's
+// first decode in a process decodes a small synthetic stream both ways (decoder.cpp keeps
+// the faster; a probe that fails reports zeros, and gathers are kept): ~2 ms, once.
 #include <stdint.h>
 
 #include <algorithm>
