@@ -698,8 +698,8 @@ def test_fused_dequant_reports_symbols_outside_the_quantizer_range():
 
 def test_many_one_blob_jobs_decode_together_and_fail_alone():
     """A chunk of many streams (one blob each, different tables, as the streaming loader
-    decodes): the SIMD paths decode up to 4 (AVX2) or 8 (AVX-512) of equal shape at a
-    time; a damaged blob fails only its own job, with the error the scalar path gives."""
+    decodes): the SIMD paths decode up to 4 (AVX2) or 8 (AVX-512) of the same channels at
+    a time; a damaged blob fails only its own job, with the error the scalar path gives."""
     rng = np.random.default_rng(11)
     items, syms = [], []
     for j, channels in enumerate([193] * 10 + [48, 193, 48] + [193] * 6):
@@ -721,6 +721,44 @@ def test_many_one_blob_jobs_decode_together_and_fail_alone():
                 assert err is None
                 np.testing.assert_array_equal(out, sym)
     assert len(set(map(tuple, results.values()))) == 1
+
+
+@pytest.mark.parametrize("path", SIMD_GATHER_PATHS)
+def test_blobs_of_different_rows_decode_together(path):
+    """Streams whose last chunk is shorter than the others (1 to 9 chunks of 16 rows, the
+    last of 1 to 16), beside one-chunk streams of other lengths: a SIMD group takes blobs
+    of the same channels whatever their rows, all of them over the rows they share, then
+    the longer ones on. The scalar path's symbols; a damaged short blob (truncated, or a
+    flipped byte) fails its own stream only, with the scalar path's error."""
+    if path not in SIMD_PATHS:
+        pytest.skip(f"this CPU has no {path}")
+    rng = np.random.default_rng(23)
+    rows = [16 * int(rng.integers(0, 9)) + int(rng.integers(1, 17)) for _ in range(14)]
+    rows += [int(rng.integers(1, 17)) for _ in range(9)]
+    items, syms = [], []
+    for j, n in enumerate(rows):
+        sym, freqs = random_case(rng, n, 48 if j % 7 == 3 else 193, 256,
+                                 skew=float(rng.uniform(0.5, 2)))
+        blobs = nat.encode(sym, freqs, 16)
+        if j == 5:
+            blobs[-1] = blobs[-1][:-2]
+        if j == 16 and len(blobs[-1]) > 64:
+            flipped = bytearray(blobs[-1])
+            flipped[len(flipped) // 2] ^= 0x5A
+            blobs[-1] = bytes(flipped)
+        items.append((blobs, freqs))
+        syms.append(sym)
+    results = {}
+    for p in ("scalar", path):
+        outs = [np.zeros_like(s) for s in syms]
+        results[p] = _decode_with(p, [(b, f, o) for (b, f), o in zip(items, outs)], 16)
+        for j, (err, out, sym) in enumerate(zip(results[p], outs, syms)):
+            if j == 5:
+                assert err is not None and err.startswith(f"blob {len(items[j][0]) - 1}:")
+            elif err is None:
+                np.testing.assert_array_equal(out, sym)
+    assert results["scalar"] == results[path]
+    assert sum(e is None for e in results[path]) >= len(rows) - 2
 
 
 def test_level_tables_pack_and_unpack():

@@ -118,9 +118,11 @@ void build_decode_tables(const FreqTable* tables, size_t n, int threads,
 
 void decode_many(const DecodeJob* jobs, size_t n, int chunk_tokens, int threads,
                  std::string* errors) {
-  // Work items: runs of consecutive jobs, closed once they hold the SIMD decoder's
-  // interleave of blobs, so that one-chunk jobs still decode together; fewer (down to 4)
-  // where that would leave threads without an item.
+  // Work items: runs of consecutive jobs, closed once they hold a whole number of the
+  // SIMD decoder's groups (its interleave of blobs), or four groups and a part, so that
+  // one-chunk jobs still decode together and jobs of a few chunks each (three, as a
+  // stream loads) leave no group short; smaller groups (down to 4) where that would
+  // leave threads without an item.
   size_t total = 0;
   for (size_t j = 0; j < n; ++j) total += jobs[j].n_blobs;
   const size_t workers = (size_t)resolve_threads(threads, n);
@@ -128,7 +130,7 @@ void decode_many(const DecodeJob* jobs, size_t n, int chunk_tokens, int threads,
   while (group > 4 && total < group * workers) group /= 2;
   std::vector<size_t> starts;
   for (size_t j = 0, blobs = group; j < n; ++j) {
-    if (blobs >= group) {
+    if (blobs >= group && (blobs % group == 0 || blobs > 4 * group)) {
       starts.push_back(j);
       blobs = 0;
     }

@@ -5,7 +5,7 @@
 // next k words over the lanes asking for one, as in ryg's SIMD rANS); a partial last
 // group runs the same step on its lanes only. One blob alone is one chain of dependent
 // gathers (the bitstream orders every step after the previous one's refills), so up to
-// four blobs of equal shape decode together and their steps overlap. A gather is the
+// four blobs of the same channels decode together and their steps overlap. A gather is the
 // hardware's, or eight scalar loads where the hardware's is slow (gather8).
 // Bit-identical to the scalar decoder by construction: the same tables and arithmetic,
 // lane by lane. Compiled for AVX2 by function attribute only, so the rest of the library
@@ -155,16 +155,16 @@ KVC_AVX2 inline __m128i pack16(__m256i r0, __m256i r1, __m256i sub0, __m256i sub
   return _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
 }
 
-// Decodes K blobs of the same rows and channels together: chain c = 2k + h is half h of
-// blob k's lane states. The chains are independent, and each phase of a step is issued
-// for all 2K of them before the next phase, so their gathers overlap (one blob alone is
-// one latency-bound chain of dependent gathers, by the bitstream's design). Returns
-// null, or an error that some blob has (the caller then decodes them one by one to say
-// which).
+// Rows [t0, t1) of K blobs (of the same channels) in flight together: chain c = 2k + h
+// is half h of blob k's lane states (xs, kept by decode_group between runs of rows). The
+// chains are independent, and each phase of a step is issued for all 2K of them before
+// the next phase, so their gathers overlap (one blob alone is one latency-bound chain of
+// dependent gathers, by the bitstream's design). Returns null, or an error that some
+// blob has (the caller then decodes them one by one to say which).
 template <int K, bool LOADS>
-KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
+KVC_AVX2 const char* decode_rows(Flight* flights, __m256i* xs, const __m256i* subs, int t0,
+                                 int t1, int channels) {
   constexpr int C = 2 * K;
-  const int rows = tasks[0].rows, channels = tasks[0].channels;
   const int full = channels / LANES, rest = channels - full * LANES;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i all = _mm256_set1_epi32(-1);
@@ -175,20 +175,13 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
   __m256i act[2];
   act[0] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), lane);
   act[1] = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest - 8), lane);
+  // Local copies: what the loop updates stays in registers (the output stores, bytes,
+  // could alias the caller's arrays).
   Flight f[K];
   __m256i x[C], sub[C];  // sub: lane * stride - base, from a range index to the symbol
-  for (int k = 0; k < K; ++k) {
-    const BlobTask& t = tasks[k];
-    alignas(32) uint32_t state[LANES];
-    if (const char* err = load_states(t.data, t.size, channels, state)) return err;
-    x[2 * k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state));
-    x[2 * k + 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state + 8));
-    f[k] = Flight(t);
-    sub[2 * k] = _mm256_sub_epi32(_mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride)),
-                                  _mm256_set1_epi32(t.tables->base));
-    sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
-  }
-  for (int t = 0; t < rows; ++t) {
+  for (int k = 0; k < K; ++k) f[k] = flights[k];
+  for (int c = 0; c < C; ++c) x[c] = xs[c], sub[c] = subs[c];
+  for (int t = t0; t < t1; ++t) {
     const size_t row = (size_t)t * channels;
     for (int g = 0; g < full; ++g) {
       const size_t first = (size_t)g * LANES;
@@ -246,30 +239,63 @@ KVC_AVX2 const char* decode_together(const BlobTask* tasks) {
       }
     }
   }
-  for (int k = 0; k < K; ++k) {
-    alignas(32) uint32_t state[LANES];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(state), x[2 * k]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(state + 8), x[2 * k + 1]);
-    if (const char* err = final_check(state, channels, f[k].pos, f[k].n_words)) return err;
-  }
+  for (int k = 0; k < K; ++k) flights[k].pos = f[k].pos;
+  for (int c = 0; c < C; ++c) xs[c] = x[c];
   return nullptr;
 }
 
 template <bool LOADS>
-KVC_AVX2 const char* decode_k(const BlobTask* tasks, int k) {
+KVC_AVX2 const char* rows_k(int k, Flight* f, __m256i* x, const __m256i* sub, int t0, int t1,
+                            int channels) {
   switch (k) {
-    case 4: return decode_together<4, LOADS>(tasks);
-    case 3: return decode_together<3, LOADS>(tasks);
-    case 2: return decode_together<2, LOADS>(tasks);
-    default: return decode_together<1, LOADS>(tasks);
+    case 4: return decode_rows<4, LOADS>(f, x, sub, t0, t1, channels);
+    case 3: return decode_rows<3, LOADS>(f, x, sub, t0, t1, channels);
+    case 2: return decode_rows<2, LOADS>(f, x, sub, t0, t1, channels);
+    default: return decode_rows<1, LOADS>(f, x, sub, t0, t1, channels);
   }
+}
+
+// Up to AVX2_INTERLEAVE blobs of the same channels decoded together: all of them over
+// the rows every one has, then those with more rows on (decode_in_groups).
+template <bool LOADS>
+KVC_AVX2 const char* decode_group(const BlobTask* tasks, int n) {
+  const int channels = tasks[0].channels;
+  int order[AVX2_INTERLEAVE];
+  longest_first(tasks, n, order);
+  Flight f[AVX2_INTERLEAVE];
+  __m256i x[2 * AVX2_INTERLEAVE], sub[2 * AVX2_INTERLEAVE];
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int k = 0; k < n; ++k) {
+    const BlobTask& t = tasks[order[k]];
+    alignas(32) uint32_t state[LANES];
+    if (const char* err = load_states(t.data, t.size, channels, state)) return err;
+    x[2 * k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state));
+    x[2 * k + 1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(state + 8));
+    f[k] = Flight(t);
+    sub[2 * k] = _mm256_sub_epi32(_mm256_mullo_epi32(lane, _mm256_set1_epi32(f[k].stride)),
+                                  _mm256_set1_epi32(t.tables->base));
+    sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
+  }
+  for (int k = n, t0 = 0; k > 0;) {  // the blobs still going: the first k
+    const int t1 = tasks[order[k - 1]].rows;
+    if (const char* err = rows_k<LOADS>(k, f, x, sub, t0, t1, channels)) return err;
+    for (; k > 0 && tasks[order[k - 1]].rows == t1; --k) {
+      alignas(32) uint32_t state[LANES];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(state), x[2 * k - 2]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(state + 8), x[2 * k - 1]);
+      if (const char* err = final_check(state, channels, f[k - 1].pos, f[k - 1].n_words))
+        return err;
+    }
+    t0 = t1;
+  }
+  return nullptr;
 }
 
 }  // namespace
 
 void decode_blobs_avx2(BlobTask* tasks, size_t n, bool loads) {
   decode_in_groups(tasks, n, AVX2_INTERLEAVE, MAX_TABLES_TOGETHER,
-                   loads ? decode_k<true> : decode_k<false>);
+                   loads ? decode_group<true> : decode_group<false>);
 }
 
 #else  // not x86-64 GCC/Clang: the scalar path only

@@ -2,7 +2,7 @@
 // states are one 512-bit register, so a step is one bucket gather, one range gather and
 // one 16-lane refill (a compare into a mask, a popcount, and an expand of the next words
 // into the lanes asking for one, in lane order, as the bitstream orders them). Up to
-// eight blobs of equal shape (and of at most four streams) decode together, each phase
+// eight blobs of the same channels (and of at most four streams) decode together, each phase
 // of a step issued for all of them before the next, so that their gathers overlap. On
 // Zen 4 a 512-bit gather costs two 256-bit ones, but every other step takes half the
 // instructions of the AVX2 path's two halves, so twice the steps fit in flight. A gather
@@ -135,27 +135,22 @@ KVC_AVX512 inline bool refill16(__m512i* x, __mmask16 active, Flight* f) {
   return true;
 }
 
-// Decodes K blobs of the same rows and channels together. Returns null, or an error that
-// some blob has (the caller then decodes them one by one to say which).
+// Rows [t0, t1) of K blobs (of the same channels) in flight together, each blob's lane
+// states in xs (kept by decode_group between runs of rows). Returns null, or an error
+// that some blob has (the caller then decodes them one by one to say which).
 template <int K, bool LOADS>
-KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
-  const int rows = tasks[0].rows, channels = tasks[0].channels;
+KVC_AVX512 const char* decode_rows(Flight* flights, __m512i* xs, const __m512i* subs, int t0,
+                                   int t1, int channels) {
   const int full = channels / LANES, rest = channels - full * LANES;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i boff = _mm512_mullo_epi32(lane, _mm512_set1_epi32(DecodeTables::BUCKETS));
   const __mmask16 all = 0xffff, part = (__mmask16)((1u << rest) - 1);
+  // Local copies: what the loop updates stays in registers (the output stores, bytes,
+  // could alias the caller's arrays).
   Flight f[K];
   __m512i x[K], sub[K];  // sub: lane * stride - base, from a range index to the symbol
-  for (int k = 0; k < K; ++k) {
-    const BlobTask& t = tasks[k];
-    alignas(64) uint32_t state[LANES];
-    if (const char* err = load_states(t.data, t.size, channels, state)) return err;
-    x[k] = _mm512_load_si512(state);
-    f[k] = Flight(t);
-    sub[k] = _mm512_sub_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(f[k].stride)),
-                              _mm512_set1_epi32(t.tables->base));
-  }
-  for (int t = 0; t < rows; ++t) {
+  for (int k = 0; k < K; ++k) f[k] = flights[k], x[k] = xs[k], sub[k] = subs[k];
+  for (int t = t0; t < t1; ++t) {
     const size_t row = (size_t)t * channels;
     for (int g = 0; g < full; ++g) {
       const size_t first = (size_t)g * LANES;
@@ -203,33 +198,63 @@ KVC_AVX512 const char* decode_together(const BlobTask* tasks) {
       }
     }
   }
-  for (int k = 0; k < K; ++k) {
-    alignas(64) uint32_t state[LANES];
-    _mm512_store_si512(state, x[k]);
-    if (const char* err = final_check(state, channels, f[k].pos, f[k].n_words)) return err;
-  }
+  for (int k = 0; k < K; ++k) flights[k].pos = f[k].pos, xs[k] = x[k];
   return nullptr;
 }
 
 template <bool LOADS>
-KVC_AVX512 const char* decode_k(const BlobTask* tasks, int k) {
+KVC_AVX512 const char* rows_k(int k, Flight* f, __m512i* x, const __m512i* sub, int t0,
+                              int t1, int channels) {
   switch (k) {
-    case 8: return decode_together<8, LOADS>(tasks);
-    case 7: return decode_together<7, LOADS>(tasks);
-    case 6: return decode_together<6, LOADS>(tasks);
-    case 5: return decode_together<5, LOADS>(tasks);
-    case 4: return decode_together<4, LOADS>(tasks);
-    case 3: return decode_together<3, LOADS>(tasks);
-    case 2: return decode_together<2, LOADS>(tasks);
-    default: return decode_together<1, LOADS>(tasks);
+    case 8: return decode_rows<8, LOADS>(f, x, sub, t0, t1, channels);
+    case 7: return decode_rows<7, LOADS>(f, x, sub, t0, t1, channels);
+    case 6: return decode_rows<6, LOADS>(f, x, sub, t0, t1, channels);
+    case 5: return decode_rows<5, LOADS>(f, x, sub, t0, t1, channels);
+    case 4: return decode_rows<4, LOADS>(f, x, sub, t0, t1, channels);
+    case 3: return decode_rows<3, LOADS>(f, x, sub, t0, t1, channels);
+    case 2: return decode_rows<2, LOADS>(f, x, sub, t0, t1, channels);
+    default: return decode_rows<1, LOADS>(f, x, sub, t0, t1, channels);
   }
+}
+
+// Up to AVX512_INTERLEAVE blobs of the same channels decoded together: all of them over
+// the rows every one has, then those with more rows on (decode_in_groups).
+template <bool LOADS>
+KVC_AVX512 const char* decode_group(const BlobTask* tasks, int n) {
+  const int channels = tasks[0].channels;
+  int order[AVX512_INTERLEAVE];
+  longest_first(tasks, n, order);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  Flight f[AVX512_INTERLEAVE];
+  __m512i x[AVX512_INTERLEAVE], sub[AVX512_INTERLEAVE];
+  for (int k = 0; k < n; ++k) {
+    const BlobTask& t = tasks[order[k]];
+    alignas(64) uint32_t state[LANES];
+    if (const char* err = load_states(t.data, t.size, channels, state)) return err;
+    x[k] = _mm512_load_si512(state);
+    f[k] = Flight(t);
+    sub[k] = _mm512_sub_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(f[k].stride)),
+                              _mm512_set1_epi32(t.tables->base));
+  }
+  for (int k = n, t0 = 0; k > 0;) {  // the blobs still going: the first k
+    const int t1 = tasks[order[k - 1]].rows;
+    if (const char* err = rows_k<LOADS>(k, f, x, sub, t0, t1, channels)) return err;
+    for (; k > 0 && tasks[order[k - 1]].rows == t1; --k) {
+      alignas(64) uint32_t state[LANES];
+      _mm512_store_si512(state, x[k - 1]);
+      if (const char* err = final_check(state, channels, f[k - 1].pos, f[k - 1].n_words))
+        return err;
+    }
+    t0 = t1;
+  }
+  return nullptr;
 }
 
 }  // namespace
 
 void decode_blobs_avx512(BlobTask* tasks, size_t n, bool loads) {
   decode_in_groups(tasks, n, AVX512_INTERLEAVE, MAX_TABLES_TOGETHER,
-                   loads ? decode_k<true> : decode_k<false>);
+                   loads ? decode_group<true> : decode_group<false>);
 }
 
 #else  // not x86-64 GCC/Clang

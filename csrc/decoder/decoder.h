@@ -96,8 +96,8 @@ struct BlobTask {
 
 // Decodes every task. The SIMD paths (decode_avx512.cpp, decode_avx2.cpp; bit-identical)
 // run where the CPU has them and interleave up to decode_interleave() consecutive tasks
-// of equal shape, so that their independent lane states keep the gathers of one core
-// busy; else the scalar path.
+// of the same channels (their rows may differ), so that their independent lane states
+// keep the gathers of one core busy; else the scalar path.
 void decode_blobs(BlobTask* tasks, size_t n);
 
 // The decode path in use ("avx512", "avx2" or "scalar"), and a switch for tests and
