@@ -457,6 +457,8 @@ def _fused_case(rng, rows, heads, head_dim, half_range=7, add=None):
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 24])  # 24: not a multiple of 16, scalar only
 def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim, centered):
+    """Every path, symbols kept or not, into an output aligned for the AVX2 path's
+    streaming stores or one float off (its plain stores): the same bits."""
     rng = np.random.default_rng(head_dim)
     rows, heads, chunk = 300, 3, 128
     add = rng.normal(0, 50, heads * head_dim).astype(np.float32) if centered else None
@@ -464,13 +466,16 @@ def test_fused_dequant_same_on_both_paths_and_without_kept_symbols(head_dim, cen
     blobs = nat.encode(sym, freqs, chunk)
     got = {}
     for path in PATHS:
-        for keep in (True, False):
-            out = np.zeros((heads, rows, head_dim), np.float32)
+        for keep, shift in ((True, 0), (False, 0), (False, 1)):
+            base = np.zeros(heads * rows * head_dim + 16, np.float32)
+            at = (-base.ctypes.data // 4) % 8 + shift  # 32-byte aligned, plus shift floats
+            out = base[at:at + heads * rows * head_dim].reshape(heads, rows, head_dim)
+            assert (out.ctypes.data % 32 == 0) == (shift == 0)
             target = np.empty_like(sym) if keep else sym.shape
             assert _decode_with(path, [(blobs, freqs, target, deq(out))], chunk) == [None]
             if keep:
                 np.testing.assert_array_equal(target, sym)
-            got[path, keep] = out
+            got[path, keep, shift] = out
     ref = next(iter(got.values()))
     for out in got.values():
         assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))  # bit for bit

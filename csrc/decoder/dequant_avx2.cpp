@@ -96,12 +96,22 @@ KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, f
   const bool keep = !held && row_kept(spec, row0 + t), dense = keep && dense_out(spec);
   const size_t off = keep ? out_offset(spec, k, row0 + t) : 0;
   float* o = spec.out && dense ? spec.out + off : res;  // else made in res, stored below
+  // Straight to memory where it can (aligned): the caches would only hold what the
+  // next rows evict, and a store that misses first reads the line it writes.
+  const bool nt = o != res && !((uintptr_t)o & 31);
+  auto put = [&](float* at, __m256 v) KVC_AVX2 {
+    if (nt) {
+      _mm256_stream_ps(at, v);
+    } else {
+      _mm256_storeu_ps(at, v);
+    }
+  };
   auto meant = [&](int i) KVC_AVX2 {
     const __m256 x = value(i);
     return a ? _mm256_add_ps(x, _mm256_loadu_ps(a + i)) : x;
   };
   if (!spec.cos) {
-    for (int i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, meant(i));
+    for (int i = 0; i < d; i += 8) put(o + i, meant(i));
   } else {
     const size_t at = (size_t)(row0 + t) * d;
     const float* cs = spec.cos + at;
@@ -109,10 +119,9 @@ KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, f
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int i = 0; i < half; i += 8) {
       const __m256 lo = meant(i), hi = meant(i + half);
-      _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + i)),
-                                            _mm256_mul_ps(_mm256_xor_ps(hi, sign),
-                                                          _mm256_loadu_ps(sn + i))));
-      _mm256_storeu_ps(o + i + half,
+      put(o + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + i)),
+                               _mm256_mul_ps(_mm256_xor_ps(hi, sign), _mm256_loadu_ps(sn + i))));
+      put(o + i + half,
                        _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + i + half)),
                                      _mm256_mul_ps(lo, _mm256_loadu_ps(sn + i + half))));
     }
@@ -396,6 +405,11 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
                                  int row0, int* bad_row) {
   const int h = spec.heads, d = spec.head_dim;
   if (d % 16) return false;
+  // Rows stored straight to memory (emit_row) are ordered before whatever follows the
+  // decode (the caller's thread join), on every way out of here.
+  struct Fence {
+    ~Fence() { _mm_sfence(); }
+  } fence;
   alignas(32) float res[256];  // a bfloat16 output's row before it is rounded (head_dim
                                // <= 256 here; else scalar)
   if (d > 256 || (spec.basis && !basis_simd_ok())) return false;
@@ -406,11 +420,11 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   }
   if (!spec.basis) {
     SinkWalk sinks(spec, row0);
-    for (int t = 0; t < rows; ++t, sinks.next())
+    for (int t = 0; t < rows && *bad_row < 0; ++t, sinks.next())
       for (int k = 0; k < h; ++k)
         if (!direct_row(symbols, t, k, spec, row0, res, sinks.at())) {
           *bad_row = t;
-          return true;
+          break;
         }
     return true;
   }
