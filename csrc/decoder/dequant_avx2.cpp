@@ -121,9 +121,8 @@ KVC_AVX2 inline void emit_row(int t, int k, const DequantSpec& spec, int row0, f
       const __m256 lo = meant(i), hi = meant(i + half);
       put(o + i, _mm256_add_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + i)),
                                _mm256_mul_ps(_mm256_xor_ps(hi, sign), _mm256_loadu_ps(sn + i))));
-      put(o + i + half,
-                       _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + i + half)),
-                                     _mm256_mul_ps(lo, _mm256_loadu_ps(sn + i + half))));
+      put(o + i + half, _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + i + half)),
+                                      _mm256_mul_ps(lo, _mm256_loadu_ps(sn + i + half))));
     }
   }
   if (!keep) return;
@@ -420,11 +419,11 @@ KVC_AVX2 bool dequant_token_avx2(const uint8_t* symbols, int rows, const Dequant
   }
   if (!spec.basis) {
     SinkWalk sinks(spec, row0);
-    for (int t = 0; t < rows && *bad_row < 0; ++t, sinks.next())
+    for (int t = 0; t < rows; ++t, sinks.next())
       for (int k = 0; k < h; ++k)
         if (!direct_row(symbols, t, k, spec, row0, res, sinks.at())) {
           *bad_row = t;
-          break;
+          return true;
         }
     return true;
   }
