@@ -2,7 +2,8 @@
 embedded model, with a warm store: vLLM's own prefill (no connector), vLLM's
 ExampleConnector (raw per-layer safetensors files of the paged K/V), and the kvcodec
 connector in `lossless` and `default` modes, and `default` once more with its store on S3
-(moto on 127.0.0.1) behind a real 1 Gbit/s link (``throttle.py``: a rate-limited relay).
+(moto on 127.0.0.1, with keep-alive connections as S3 has: ``s3_server.py``) behind a
+real 1 Gbit/s link (``throttle.py``: a rate-limited relay).
 kvcodec loads every prompt token but the last from a ``lossless`` store, and but the
 last 64 from a lossy one (``reuse_end``: vLLM computes those), mid-block; the
 ExampleConnector loads through the last whole block (1,920 of 2,017 tokens, 97
@@ -59,7 +60,8 @@ def _config(name: str):
     return "default"
 
 
-def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 0) -> dict:
+def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 0,
+             s3_server: str = "keepalive") -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from kvcodec.integrations.vllm.cpu import cpu_env
@@ -78,7 +80,8 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
     store = Path(tempfile.mkdtemp(prefix=f"bench-vllm-{name}-"))
     root, options = str(store), None
     if name.endswith("-1g"):  # the store on S3 (moto) behind a real 1 Gbit/s link
-        root, options = "s3://bench/store", {"client_kwargs": {"endpoint_url": _s3_link()}}
+        url = _s3_link(server=s3_server)
+        root, options = "s3://bench/store", {"client_kwargs": {"endpoint_url": url}}
     kv = None
     if name == "example":
         kv = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
@@ -102,8 +105,8 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
         return time.perf_counter() - t, out
 
     if concurrent:
-        return _concurrent(llm, params, lm, "\n".join(real_texts().values()), tokens, concurrent, rounds,
-                           name, threading)
+        return _concurrent(llm, params, lm, "\n".join(real_texts().values()), tokens,
+                           concurrent, rounds, name, threading)
     ask()  # fills the store (and warms the engine)
     conn = None
     if name.startswith("kvcodec"):
@@ -128,7 +131,7 @@ def run_case(name: str, tokens: int, rounds: int, dtype: str, concurrent: int = 
             "bytes_stored": stored,
             "bytes_read": read, "tokens_computed": len(ids) - cached,
             "prompt_tokens": len(ids), "torch_threads": __import__("torch").get_num_threads(),
-            **threading}
+            **({"s3_server": s3_server} if name.endswith("-1g") else {}), **threading}
 
 
 def _decode_ms(llm, n: int = 32) -> float:
@@ -151,9 +154,11 @@ def _decode_ms(llm, n: int = 32) -> float:
     return round(1000 * (min(run(n + 1) for _ in range(3)) - one) / n, 2)
 
 
-def _s3_link(gbps: float = 1.0) -> str:
-    """moto_server on 127.0.0.1 with a bucket, behind ``throttle.py`` at ``gbps``: the
-    endpoint URL of the link (both processes end with this one)."""
+def _s3_link(gbps: float = 1.0, server: str = "keepalive") -> str:
+    """moto on 127.0.0.1 with a bucket (``s3_server.py``: ``server`` keepalive serves
+    connections as S3 does, moto's own closes each after one response), behind
+    ``throttle.py`` at ``gbps``: the endpoint URL of the link (both processes end with
+    this one)."""
     import atexit
     import socket
     import urllib.request
@@ -166,8 +171,9 @@ def _s3_link(gbps: float = 1.0) -> str:
     for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
                  ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ[k] = v
-    procs = [subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(s3)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("s3_server.py")),
+                               "--port", str(s3), "--server", server],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, str(Path(__file__).with_name("throttle.py")),
                                "--listen", str(link), "--to", f"127.0.0.1:{s3}", "--gbps",
                                str(gbps)])]
@@ -249,6 +255,9 @@ def main():
     ap.add_argument("--concurrent", type=int, default=0, help="N requests at once")
     ap.add_argument("--processes", type=int, default=3, help="engine processes per case "
                     "(each its best of --rounds; the median process is reported)")
+    ap.add_argument("--s3-server", choices=("keepalive", "moto"), default="keepalive",
+                    help="the -1g case's S3 (s3_server.py): keep-alive connections, as S3, "
+                    "or moto's own server, which closes each")
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in a child
     args = ap.parse_args()
     from kvcodec.integrations.vllm.cpu import fast_dtype
@@ -256,14 +265,15 @@ def main():
     dtype, why = fast_dtype() if args.dtype == "auto" else (args.dtype, "asked for")
     if args.case:
         print("CASE " + json.dumps(run_case(args.case, args.tokens, args.rounds, dtype,
-                                            args.concurrent)))
+                                            args.concurrent, args.s3_server)))
         return
     runs = {name: [] for name in args.cases}
     for _ in range(args.processes):  # interleaved, so drifts of the machine hit every case
         for name in args.cases:
             out = subprocess.run([sys.executable, __file__, "--case", name, "--tokens",
                                   str(args.tokens), "--rounds", str(args.rounds), "--dtype",
-                                  dtype, "--concurrent", str(args.concurrent)],
+                                  dtype, "--concurrent", str(args.concurrent),
+                                  "--s3-server", args.s3_server],
                                  capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("CASE ")]
             if out.returncode or not line:
