@@ -276,19 +276,17 @@ KVC_AVX2 const char* decode_group(const BlobTask* tasks, int n) {
                                   _mm256_set1_epi32(t.tables->base));
     sub[2 * k + 1] = _mm256_add_epi32(sub[2 * k], _mm256_set1_epi32(8 * f[k].stride));
   }
-  for (int k = n, t0 = 0; k > 0;) {  // the blobs still going: the first k
-    const int t1 = tasks[order[k - 1]].rows;
-    if (const char* err = rows_k<LOADS>(k, f, x, sub, t0, t1, channels)) return err;
-    for (; k > 0 && tasks[order[k - 1]].rows == t1; --k) {
-      alignas(32) uint32_t state[LANES];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(state), x[2 * k - 2]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(state + 8), x[2 * k - 1]);
-      if (const char* err = final_check(state, channels, f[k - 1].pos, f[k - 1].n_words))
-        return err;
-    }
-    t0 = t1;
-  }
-  return nullptr;
+  return by_row_runs(
+      tasks, order, n,
+      [&](int k, int t0, int t1) KVC_AVX2 {
+        return rows_k<LOADS>(k, f, x, sub, t0, t1, channels);
+      },
+      [&](int i) KVC_AVX2 {
+        alignas(32) uint32_t state[LANES];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(state), x[2 * i]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(state + 8), x[2 * i + 1]);
+        return final_check(state, channels, f[i].pos, f[i].n_words);
+      });
 }
 
 }  // namespace

@@ -236,18 +236,16 @@ KVC_AVX512 const char* decode_group(const BlobTask* tasks, int n) {
     sub[k] = _mm512_sub_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(f[k].stride)),
                               _mm512_set1_epi32(t.tables->base));
   }
-  for (int k = n, t0 = 0; k > 0;) {  // the blobs still going: the first k
-    const int t1 = tasks[order[k - 1]].rows;
-    if (const char* err = rows_k<LOADS>(k, f, x, sub, t0, t1, channels)) return err;
-    for (; k > 0 && tasks[order[k - 1]].rows == t1; --k) {
-      alignas(64) uint32_t state[LANES];
-      _mm512_store_si512(state, x[k - 1]);
-      if (const char* err = final_check(state, channels, f[k - 1].pos, f[k - 1].n_words))
-        return err;
-    }
-    t0 = t1;
-  }
-  return nullptr;
+  return by_row_runs(
+      tasks, order, n,
+      [&](int k, int t0, int t1) KVC_AVX512 {
+        return rows_k<LOADS>(k, f, x, sub, t0, t1, channels);
+      },
+      [&](int i) KVC_AVX512 {
+        alignas(64) uint32_t state[LANES];
+        _mm512_store_si512(state, x[i]);
+        return final_check(state, channels, f[i].pos, f[i].n_words);
+      });
 }
 
 }  // namespace

@@ -176,6 +176,22 @@ static inline void longest_first(const BlobTask* tasks, int n, int* order) {
   }
 }
 
+// A group of n tasks in the order longest_first gives: `rows(k, t0, t1)` steps the first
+// k of them (those still going) over rows [t0, t1), and `finish(i)` checks the i-th's end
+// once its rows are done; the first error either returns stops the group.
+template <class Rows, class Finish>
+static inline const char* by_row_runs(const BlobTask* tasks, const int* order, int n,
+                                      Rows&& rows, Finish&& finish) {
+  for (int k = n, t0 = 0; k > 0;) {
+    const int t1 = tasks[order[k - 1]].rows;
+    if (const char* err = rows(k, t0, t1)) return err;
+    for (; k > 0 && tasks[order[k - 1]].rows == t1; --k)
+      if (const char* err = finish(k - 1)) return err;
+    t0 = t1;
+  }
+  return nullptr;
+}
+
 // Runs `decode_k(tasks, k)` (null or an error) on runs of up to max_k consecutive tasks of
 // the same channels that use at most max_tables distinct tables (those of up to 4 streams fit
 // a core's L2 together; 8 blobs of 8 streams, as a chunk of a stream loads, did not),
