@@ -3,7 +3,7 @@
 transformers' GGUF loader trusts the header: a string or an array whose length runs past
 the end of the file is cut to what is there, and a file with no tensors, or with fewer
 blocks than its metadata says, becomes a model of the architecture's default size with
-random weights (a 61-byte file that names ``llama`` asked for a 7B-parameter float32
+random weights (a 69-byte file that names ``llama`` asked for a 7B-parameter float32
 model: ~27 GB allocated and initialized before any error). :func:`read_header` checks
 what the format bounds (ggml's ``docs/gguf.md``): version 2 or 3, every count and length
 within the file, known value and tensor types, at most 4 dimensions, each tensor's data
