@@ -109,6 +109,10 @@ CRAFTED = {
                                   "outside the file"),
     "bad_alignment": (_header(_LLAMA + [_kv_u32("general.alignment", 3)]), "general.alignment"),
     "no_tensors": (_header(_LLAMA), "lacks the tensors of token_embd.weight"),
+    "block_number_of_5000_digits": (
+        _header(_LLAMA, _tensor("token_embd.weight", (1,))
+                + _tensor("blk." + "9" * 5000 + ".attn_q.weight", (1,), offset=32), 2)
+        + bytes(4096), "lacks the tensors of blocks 0, 1"),
 }
 
 

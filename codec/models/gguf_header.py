@@ -30,6 +30,7 @@ _MAX_NESTING = 2      # an array of arrays at most (none of llama.cpp's keys nes
 _MAX_DIMS = 4         # GGML_MAX_DIMS
 _MAX_NAME = 1 << 16   # a key's or a tensor's name, bytes
 _ALIGNMENT = 32       # GGUF_DEFAULT_ALIGNMENT, unless general.alignment says otherwise
+_BLOCK = re.compile(r"blk\.(\d{1,9})\.")
 
 
 @dataclass
@@ -164,16 +165,19 @@ def check_model(head: Header, path: Path) -> None:
     blocks = head.metadata.get(f"{arch}.block_count")
     if not isinstance(blocks, int) or blocks < 1:
         raise BackendError(f"{path.name} gives no block count ({arch}.block_count)")
-    have = {int(m.group(1)) for m in map(re.compile(r"blk\.(\d+)\.").match, head.tensors)
-            if m}
-    # At most one block per tensor: a count past that is missing blocks, found without
-    # walking it (a crafted count of 620M made a list of 620M numbers).
+    # Block numbers of at most 9 digits (int() refuses a name's 5,000 digits with a
+    # ValueError), and at most one block per tensor: a count past that is missing blocks,
+    # found without walking it (a crafted count of 620M made a list of 620M numbers).
+    have = {int(m.group(1)) for m in map(_BLOCK.match, head.tensors) if m}
     missing = [i for i in range(min(blocks, len(head.tensors))) if i not in have]
     if blocks > len(head.tensors):
         missing.append(len(head.tensors))
-    if "token_embd.weight" not in head.tensors or missing:
-        what = "token_embd.weight" if "token_embd.weight" not in head.tensors else \
-            f"block{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}" + \
-            (" ..." if len(missing) > 5 else "")
-        raise BackendError(f"{path.name} lacks the tensors of {what} (of {blocks} blocks "
-                           f"and {len(head.tensors)} tensors): not a whole model")
+    if "token_embd.weight" not in head.tensors:
+        what = "token_embd.weight"
+    elif missing:
+        what = (f"block{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:5]))}"
+                + (" ..." if len(missing) > 5 else ""))
+    else:
+        return
+    raise BackendError(f"{path.name} lacks the tensors of {what} (of {blocks} blocks and "
+                       f"{len(head.tensors)} tensors): not a whole model")
