@@ -16,6 +16,7 @@ not kept).
 from __future__ import annotations
 
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class _Reader:
     def count(self, what: str, least: int) -> int:
         """A length or count whose items take at least ``least`` bytes each."""
         n = self.unpack("<Q", what)
-        if n > (self.size - self.pos) // max(least, 1):
+        if n > (self.size - self.pos) // least:
             self.fail(f"{what} {n} does not fit in the file")
         return n
 
@@ -98,8 +99,8 @@ def read_header(path: Path) -> Header:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise BackendError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+            if not os.fstat(f.fileno()).st_size:  # nothing to map; refused as not GGUF
+                return parse_header(b"", path)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return parse_header(buf, path)
     except OSError as exc:
