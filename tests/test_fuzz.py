@@ -52,6 +52,46 @@ def test_regression_folders_are_harnesses():
         assert d.name in HARNESSES, f"tests/data/fuzz/{d.name} is not a harness"
 
 
+# Run in a fresh process per harness: the first input's peak RSS growth, with the
+# harness imported as libFuzzer imports it. What the harness's code imports lazily on a
+# first call is charged to the first input's budget, and once made a CI run fail on a
+# seed (gguf: importing the gguf package, ~46-64 MiB of a 64 MiB budget).
+_FIRST_INPUT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import importlib
+module = importlib.import_module("fuzz_" + sys.argv[2])
+budget = module.TestOneInput.budget
+data = open(sys.argv[3], "rb").read()
+budget.start(len(data))
+try:
+    module.target(data, budget)
+except Exception:
+    pass
+print((budget._peak_and_now()[0] - budget.base) >> 20, budget.limits()[0] >> 20)
+"""
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seeds")
+    subprocess.run([sys.executable, str(FUZZ / "seeds.py"), "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("harness", HARNESSES)
+def test_first_input_is_charged_for_itself_not_for_imports(seeds, harness):
+    """The first seed's peak memory growth is at most half its budget: what a harness's
+    code imports lazily must be imported by the harness before inputs run."""
+    first = sorted((seeds / harness).iterdir())[0]
+    proc = subprocess.run([sys.executable, "-c", _FIRST_INPUT, str(FUZZ), harness, str(first)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    growth_mib, budget_mib = map(int, proc.stdout.split())
+    assert growth_mib <= budget_mib // 2, (harness, first.name, growth_mib, budget_mib)
+
+
 @pytest.fixture(scope="module")
 def fuzz_runs(tmp_path_factory):
     """One bounded libFuzzer run of every harness (fuzz/run.py, two at a time)."""
