@@ -42,7 +42,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 # Coverage-guided fuzzing (fuzz/, atheris): every harness for FUZZ_S seconds, two at a
-# time; crash files land in out/fuzz/artifacts/<harness>/. `make test` runs each for 30 s.
+# time; crash files land in out/fuzz/artifacts/<harness>/. `make test` runs each for 20 s.
 FUZZ_S ?= 60
 fuzz: build
 	$(PY) fuzz/run.py --seconds $(FUZZ_S) --out out/fuzz

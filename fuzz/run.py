@@ -2,12 +2,12 @@
 
     python fuzz/run.py --seconds 60 [--jobs 2] [--out out/fuzz] [HARNESS ...]
 
-It makes the seeds (``fuzz/seeds.py``, a few seconds) in ``<out>/seeds``, then runs
-each harness (default: all of reader, stream, store, corpus, gguf), ``fuzz/fuzz_<harness>.py``,
-under libFuzzer for ``--seconds`` with a working corpus in ``<out>/corpus/<harness>``
-(kept between runs, so coverage accumulates), the seeds and the regression files of
-``tests/data/fuzz/<harness>`` as further corpus directories, and crash files written to
-``<out>/artifacts/<harness>/``; ``--jobs`` harnesses run at a time. It prints one JSON
+It makes the seeds (``fuzz/seeds.py``, a few seconds) in ``<out>/seeds`` (or takes them
+from ``--seeds DIR``), then runs each harness (default: all of reader, stream, store,
+corpus, gguf), ``fuzz/fuzz_<harness>.py``, under libFuzzer for ``--seconds`` with a
+working corpus in ``<out>/corpus/<harness>`` (kept between runs, so coverage
+accumulates), the seeds and the regression files of ``tests/data/fuzz/<harness>`` as
+further corpus directories, and crash files written to ``<out>/artifacts/<harness>/``; ``--jobs`` harnesses run at a time. It prints one JSON
 line per harness (executions; executions per second of wall time, start-up included, and
 as libFuzzer counts them; new corpus units; peak RSS; crash files) and exits 1 if any
 harness failed or left a crash file.
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=60, help="fuzzing time per harness")
     p.add_argument("--jobs", type=int, default=2, help="harnesses run at a time")
     p.add_argument("--out", default=str(ROOT / "out" / "fuzz"))
+    p.add_argument("--seeds", help="seeds already made (fuzz/seeds.py --out DIR) to use "
+                                   "instead of making them in <out>/seeds")
     p.add_argument("--libfuzzer", action="append", default=[],
                    help="an extra libFuzzer flag (repeatable), e.g. -seed=1")
     args = p.parse_args(argv)
@@ -90,9 +92,12 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown harness {sorted(unknown)}; known: {', '.join(HARNESSES)}")
     out = Path(args.out).resolve()
-    seeds = out / "seeds"
     env = dict(os.environ)
-    make_seeds(seeds, env)
+    if args.seeds:
+        seeds = Path(args.seeds).resolve()
+    else:
+        seeds = out / "seeds"
+        make_seeds(seeds, env)
     failed = False
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
         futures = [pool.submit(run_one, h, args.seconds, out, seeds, env, args.libfuzzer)

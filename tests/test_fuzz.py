@@ -2,8 +2,8 @@
 nothing, and every regression file under tests/data/fuzz/<harness>/ (inputs that once
 crashed a harness) goes through its harness within its budget.
 
-KVCODEC_FUZZ_S sets the seconds per harness (default 30; 0 skips the fuzzing runs);
-harnesses run two at a time."""
+KVCODEC_FUZZ_S sets the seconds per harness (default 20: three rounds of two at a time,
+~1 minute of the default run; ``make fuzz`` runs longer; 0 skips the fuzzing runs)."""
 import importlib.util
 import json
 import os
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
 REGRESSIONS = Path(__file__).resolve().parent / "data" / "fuzz"
 HARNESSES = ("reader", "stream", "store", "corpus", "gguf")
-SECONDS = int(os.environ.get("KVCODEC_FUZZ_S", "30"))
+SECONDS = int(os.environ.get("KVCODEC_FUZZ_S", "20"))
 
 
 def _harness(name: str):
@@ -93,14 +93,15 @@ def test_first_input_is_charged_for_itself_not_for_imports(seeds, harness):
 
 
 @pytest.fixture(scope="module")
-def fuzz_runs(tmp_path_factory):
+def fuzz_runs(tmp_path_factory, seeds):
     """One bounded libFuzzer run of every harness (fuzz/run.py, two at a time)."""
     if SECONDS <= 0:
         pytest.skip("KVCODEC_FUZZ_S=0")
     pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
     out = tmp_path_factory.mktemp("fuzz")
     proc = subprocess.run([sys.executable, str(FUZZ / "run.py"), "--seconds", str(SECONDS),
-                           "--jobs", "2", "--out", str(out)], capture_output=True, text=True,
+                           "--jobs", "2", "--out", str(out), "--seeds", str(seeds)],
+                          capture_output=True, text=True,
                           timeout=4 * SECONDS + 600)
     results = {}
     for line in proc.stdout.splitlines():
