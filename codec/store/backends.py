@@ -151,28 +151,34 @@ class LocalBackend:
             pass
         return None
 
+    def _walk(self, prefix: str):
+        """``(folder, name, rel)`` of every file under ``prefix``, temp files skipped. The
+        relative key is cut from the walked path's string: a pathlib ``relative_to`` per
+        file cost ~20 us, most of a 20,000-entry scan."""
+        top = os.path.join(self.root, prefix)  # os.walk's folders all start with it
+        head = prefix.strip("/")
+        for folder, _, names in os.walk(top):
+            sub = folder[len(top):].lstrip(os.sep).replace(os.sep, "/")
+            base = f"{head}/{sub}" if head and sub else head or sub
+            for name in names:
+                rel = f"{base}/{name}" if base else name
+                if not is_temp(rel):
+                    yield folder, name, rel
+
     def list(self, prefix: str = ""):
         """Relative keys of every object under the folder ``prefix``, temp files skipped."""
-        for folder, _, names in os.walk(self.location(prefix)):
-            for name in names:
-                rel = Path(folder, name).relative_to(self.root).as_posix()
-                if not is_temp(rel):
-                    yield rel
+        for _, _, rel in self._walk(prefix):
+            yield rel
 
     def scan(self, prefix: str = ""):
         """``(rel, size, mtime)`` of every object under ``prefix`` (temp files skipped;
         objects that vanish while listed are skipped too)."""
-        for folder, _, names in os.walk(self.location(prefix)):
-            for name in names:
-                path = Path(folder, name)
-                rel = path.relative_to(self.root).as_posix()
-                if is_temp(rel):
-                    continue
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    continue
-                yield rel, st.st_size, st.st_mtime
+        for folder, name, rel in self._walk(prefix):
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            yield rel, st.st_size, st.st_mtime
 
     def prefetch(self, rel: str) -> None:
         """Ask the kernel to start reading ``rel`` now (``POSIX_FADV_WILLNEED``), so a
