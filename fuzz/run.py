@@ -7,10 +7,11 @@ from ``--seeds DIR``), then runs each harness (default: all of reader, stream, s
 corpus, gguf), ``fuzz/fuzz_<harness>.py``, under libFuzzer for ``--seconds`` with a
 working corpus in ``<out>/corpus/<harness>`` (kept between runs, so coverage
 accumulates), the seeds and the regression files of ``tests/data/fuzz/<harness>`` as
-further corpus directories, and crash files written to ``<out>/artifacts/<harness>/``; ``--jobs`` harnesses run at a time. It prints one JSON
-line per harness (executions; executions per second of wall time, start-up included, and
-as libFuzzer counts them; new corpus units; peak RSS; crash files) and exits 1 if any
-harness failed or left a crash file.
+further corpus directories, and crash files written to ``<out>/artifacts/<harness>/``;
+``--jobs`` harnesses run at a time. It prints one JSON line per harness (executions;
+executions per second of wall time, start-up included, and as libFuzzer counts them; new
+corpus units; peak RSS; crash files) and exits 1 if any harness failed or left a crash
+file.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ the CRC-32 and size of the bytes on fsspec), and :meth:`quarantine` moves an obj
 aside only if it still is those bytes: a reader that found damage never moves aside the
 good entry a writer has put in its place since. Whatever a backend fails on that is not
 the object's absence is an ``OSError`` (:class:`~kvcodec.errors.AccessError` for the
-errors a filesystem library raises of its own types, e.g. botocore's): the environment failed, not the bytes.
+errors a filesystem library raises of its own types, e.g. botocore's): the environment
+failed, not the bytes.
 """
 from __future__ import annotations
 
