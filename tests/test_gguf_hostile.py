@@ -19,16 +19,17 @@ from kvcodec_cli.main import main
 L, H, KV, D, F, V = 2, 64, 2, 16, 128, 260
 
 
-def _tiny_gguf(path, drop=()):
-    """A whole Llama of 2 blocks (hidden 64) with a byte-level tokenizer, minus ``drop``."""
+def _tiny_gguf(path, drop=(), hidden=H, ffn=F, heads=H // D):
+    """A whole Llama of 2 blocks (hidden 64) with a byte-level tokenizer, minus ``drop``;
+    ``hidden``, ``ffn`` and ``heads`` are what its metadata claims (its tensors stay)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_block_count(L)
     w.add_context_length(128)
-    w.add_embedding_length(H)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H // D)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
     w.add_head_count_kv(KV)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
@@ -167,6 +168,29 @@ def test_a_tiny_whole_gguf_loads_and_one_missing_weight_is_refused(tmp_path, mon
     assert read_header(path).metadata["llama.block_count"] == L  # a readable header
     with pytest.raises(BackendError, match=r"short.gguf lacks the tensors of block 1 \(of 2 "):
         kvcodec.load_model(str(path))
+
+
+@pytest.mark.parametrize("claim,error", [
+    # a header that reads well but claims sizes its tensors do not have: transformers
+    # took the config from the claim and the weights from the tensors and wrote both to
+    # its cached directory, which then failed to load (a 2^20 hidden size: a model of
+    # ~2^40 weights if trusted)
+    (dict(hidden=1 << 20), r"its tensors do not have the shapes its metadata gives: "
+                           r"lm_head\.weight \(260, 64\) \(metadata: \(260, 1048576\)\)"),
+    (dict(ffn=10 ** 8), r"its tensors do not have the shapes its metadata gives: model\."
+                        r"layers\.0\.mlp\.down_proj\.weight \(64, 128\) \(metadata: "),
+    # errors transformers raises of its own classes
+    (dict(heads=0), r"transformers could not convert claim\.gguf: ZeroDivisionError"),
+    (dict(heads=3), r"transformers could not convert claim\.gguf: .*not a multiple of the "
+                    r"number of attention heads \(3\)"),
+], ids=["hidden-2^20", "ffn-10^8", "heads-0", "heads-3"])
+def test_metadata_that_its_tensors_contradict_is_refused(tmp_path, monkeypatch, claim, error):
+    monkeypatch.setenv("KVCODEC_CACHE", str(tmp_path / "cache"))
+    path = _tiny_gguf(tmp_path / "claim.gguf", **claim)
+    with pytest.raises(BackendError, match=error):
+        kvcodec.load_model(str(path))
+    models = tmp_path / "cache" / "models"
+    assert not models.is_dir() or not list(models.iterdir())  # nothing cached to fail later
 
 
 def test_a_truncated_gguf_is_refused_and_the_cli_says_so_in_one_line(tmp_path, monkeypatch):

@@ -105,12 +105,16 @@ def convert_gguf(path, name: str | None = None) -> Path:
         model, info = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, NotImplementedError, RuntimeError, TypeError) as exc:
-        raise BackendError(f"transformers could not convert {path.name}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this file
+        # (a header that passed read_header can still be inconsistent: 0 heads raised
+        # ZeroDivisionError, 3 heads of a 64-wide model a validation error of its own class)
+        lines = str(exc).strip().splitlines()
+        raise BackendError(f"transformers could not convert {path.name}: "
+                           f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers filled them with random values
-        raise BackendError(f"{path.name} lacks weights of its model: {', '.join(missing[:4])}"
-                           + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        raise BackendError(f"{path.name} lacks weights of its model: {_some(missing)}")
+    _check_shapes(model, path)
     for flag in ("add_bos_token", "add_eos_token"):
         want = meta.get(f"tokenizer.ggml.{flag}")
         if want is not None and bool(getattr(tok, flag, False)) != bool(want):
@@ -133,6 +137,32 @@ def convert_gguf(path, name: str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _some(items: list) -> str:
+    return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+
+def _check_shapes(model, path: Path) -> None:
+    """Every weight has the shape the converted config gives it. transformers takes the
+    config from the GGUF's metadata and the weights from its tensors without comparing
+    them: a file claiming a hidden size of 2^20 over 64-wide tensors converted, and its
+    directory then failed to load (or, trusted, would build a model of the claimed size)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            want = {k: tuple(v.shape) for k, v in
+                    AutoModelForCausalLM.from_config(model.config).state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - a config transformers itself cannot build
+        raise BackendError(f"{path.name}: its metadata gives a model transformers cannot "
+                           f"build: {type(exc).__name__}: {exc}") from None
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [f"{k} {have[k]} (metadata: {want[k]})" for k in sorted(have.keys() & want.keys())
+           if have[k] != want[k]]
+    if bad:
+        raise BackendError(f"{path.name}: its tensors do not have the shapes its metadata "
+                           f"gives: {_some(bad)}")
 
 
 def resolve_model_path(name) -> Path:
