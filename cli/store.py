@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from kvcodec.core.paths import loads_json
 from kvcodec.errors import ConfigError
 
 from .common import ByteSize, Duration, printable
@@ -19,7 +20,7 @@ def _admin(store, storage_options):
     options = None
     if storage_options:
         try:
-            options = json.loads(storage_options)
+            options = loads_json(storage_options)
         except ValueError:
             raise ConfigError("--storage-options must be a JSON object") from None
         if not isinstance(options, dict):

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CodebookError, CorruptError
-from .paths import atomic_write, config_dirs, user_config_dir
+from .paths import atomic_write, config_dirs, loads_json, user_config_dir
 
 MAGIC = b"KVCBOOK1"
 SUFFIX = ".kvcb"
@@ -123,7 +123,7 @@ class Codebook:
         if zlib.crc32(head) != hcrc:
             raise CorruptError(f"{name}: header checksum mismatch")
         try:
-            h = json.loads(head)
+            h = loads_json(head)
             count, heads, d = (int(h[k]) for k in ("count", "heads", "head_dim"))
             if h.get("version") != 1 or not isinstance(h, dict):
                 raise ValueError(f"version {h.get('version')!r}")

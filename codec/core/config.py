@@ -34,7 +34,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from .paths import CONFIG_DIR, config_dirs, user_config_dir  # noqa: F401 (API)
+from .paths import CONFIG_DIR, config_dirs, loads_json, user_config_dir  # noqa: F401 (API)
 from .quant import make_quantizer, validate_token_importance
 from .rate import check_rate_curve, for_target_kl
 
@@ -75,7 +75,7 @@ def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> P
         other = None
         for path in sorted(d.glob("*.json")) if d.is_dir() else ():
             try:
-                cfg = json.loads(path.read_text())
+                cfg = loads_json(path.read_text())
                 if cfg.get("model_key") != key:
                     continue
             except (OSError, ValueError, AttributeError):
@@ -131,7 +131,7 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
                 raise ConfigError(f"no config {spec!r}: give a JSON file or one of "
                                   f"{available_configs()}{hint}")
         try:
-            cfg = json.loads(path.read_text())
+            cfg = loads_json(path.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
     validate_config(cfg)

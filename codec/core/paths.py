@@ -3,6 +3,7 @@
 (:func:`atomic_write`)."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -81,3 +82,14 @@ def atomic_write(path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def loads_json(data):
+    """``json.loads`` of text or bytes kvcodec may not have written (a config, a header
+    section, a store record): nesting too deep for Python's parser, whose RecursionError
+    comes at ~1,000 levels (2 KB of ``[``), is a ``ValueError`` like any other malformed
+    JSON, which is what callers catch."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None

@@ -11,6 +11,7 @@ import json
 from .container import atomic_write
 from ..errors import FormatError, ShapeError
 from ..core.kvcache import KVCache
+from ..core.paths import loads_json
 
 
 def save_safetensors(kv: KVCache, path) -> None:
@@ -52,8 +53,8 @@ def load_safetensors(path) -> KVCache:
     except SafetensorError as exc:
         raise FormatError(f"{path} is not a valid safetensors file: {exc}") from None
     try:
-        token_ids = json.loads(meta.get("token_ids", "null"))
-        model = json.loads(meta.get("model", "null"))
+        token_ids = loads_json(meta.get("token_ids", "null"))
+        model = loads_json(meta.get("model", "null"))
     except ValueError:
         raise FormatError(f"{path}: metadata is not valid JSON") from None
     return KVCache(keys, values, token_ids, model)

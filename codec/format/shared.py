@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core import tables
+from ..core.paths import loads_json
 from ..core.quant import MAX_ALPHABET
 from ..errors import CorruptError
 from .bounded import unzstd, zstd
@@ -148,7 +149,7 @@ class SharedTables:
         if n > min(_MAX_LAYOUT, len(data) - head - 4):
             raise CorruptError(f"{name}: layout length {n} out of bounds")
         try:
-            layout = tuple((int(r), int(a)) for r, a in json.loads(data[head:head + n])["layout"])
+            layout = tuple((int(r), int(a)) for r, a in loads_json(data[head:head + n])["layout"])
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptError(f"{name}: invalid layout ({exc})") from None
         rows = sum(r for r, _ in layout)

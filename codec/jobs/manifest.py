@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from ..core.paths import loads_json
 from ..errors import KVCodecError
 
 
@@ -37,7 +38,7 @@ class Manifest:
         if data is None:
             return None
         try:
-            record = json.loads(data)
+            record = loads_json(data)
         except ValueError:  # damaged: the document is simply not done
             return None
         return record if isinstance(record, dict) else None

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..core.paths import loads_json
 from ..errors import ConfigError, CorruptError, KVCodecError
 from ..format.container import crc32
 from . import access, capacity
@@ -276,7 +277,7 @@ class StoreAdmin:
             if sizes[rel] > MAX_RECORD_BYTES:
                 continue
             try:
-                record = json.loads(self.backend.read(rel))
+                record = loads_json(self.backend.read(rel))
             except (ValueError, FileNotFoundError):
                 continue
             if not isinstance(record, dict) or str(record.get("id")) not in ids:

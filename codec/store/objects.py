@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 
 from ..core import codebook
 from ..core.config import calibrated_config_path, load_config, model_key
+from ..core.paths import loads_json
 from ..errors import CodebookError, ConfigError, CorruptError
 from ..format.container import untrusted
 from ..format.encoder import codebooks
@@ -148,7 +149,7 @@ class StoreObjects:
             data = b""  # over the bound: moved aside below
         try:
             with untrusted(rel):
-                cfg = load_config(json.loads(data), copy_dict=False)
+                cfg = load_config(loads_json(data), copy_dict=False)
                 if cfg.get("model_key") != key or not cfg.get("fitted"):
                     raise CorruptError(f"{rel}: not a klt fitted for model {key}")
         except (CorruptError, ConfigError):
