@@ -65,6 +65,26 @@ def test_deeply_nested_json_is_refused(small):
     refused(rebuild(small, replace={"config": cfg}))
 
 
+def test_a_nan_among_the_sinks_is_refused_and_a_sink_past_fp16_stays_finite(small):
+    """The sinks section is raw float16 that decodes straight into the cache: a NaN there
+    (no encoder writes one; they refuse NaN input) is a crafted file, refused. And an
+    encoder clamps a sink to float16's range (a value of 1e6 became infinity, which
+    makes attention NaN)."""
+    with kvcodec.open(small) as f:
+        sinks = np.frombuffer(f.source.read_section("sinks"), "<f2").copy()
+    sinks[3] = np.nan
+    with pytest.raises(CorruptError, match="sinks section holds NaN"):
+        with kvcodec.open(rebuild(small, replace={"sinks": sinks.tobytes()})) as f:
+            f.decode()
+    torch.manual_seed(0)
+    kv = [(torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)) for _ in range(3)]
+    kv[1][1][0, 1, 0, 5] = 1e6  # a value of the sink token
+    with kvcodec.open(kvcodec.encode(kv, config="default")) as f:
+        out = f.decode()
+    assert all(torch.isfinite(t).all() for t in out.keys + out.values)
+    assert out.values[1][0, 1, 0, 5] == 65504.0
+
+
 @pytest.mark.parametrize("field,value", [
     ("layer_tokens", {"a": 1}), ("layer_tokens", [70, "70", 70]), ("anchor", "1,2"),
     ("anchor", [[1]]), ("key_transform", ["junk"]), ("key_transform", {"type": 5}),

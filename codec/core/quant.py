@@ -47,9 +47,15 @@ from .tables import MAX_ALPHABET
 STEP_GRID = (2.0 ** ((np.arange(256) - 128) / 8.0)).astype(np.float32)
 
 
+def to_fp16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float16, clamped to its finite range (a larger finite value would become
+    infinity)."""
+    return t.clamp(-65504.0, 65504.0).half()
+
+
 def _half(t: torch.Tensor) -> torch.Tensor:
     """Round to float16 and back, clamped to float16's finite range."""
-    return t.clamp(-65504.0, 65504.0).half().float()
+    return to_fp16(t).float()
 
 
 def _native():

@@ -9,7 +9,7 @@ import torch
 
 from ..core import tables
 from ..core.kvcache import KEPT_IMPORTANCE, KVCache
-from ..core.quant import fit_stream
+from ..core.quant import fit_stream, to_fp16
 from ..core.streams import KINDS, step_multipliers, stream_input
 from ..core.transforms import rope_tables
 from ..errors import ConfigError, ShapeError
@@ -79,7 +79,7 @@ class StreamCoder:
         if not torch.isfinite(x).all():
             raise ShapeError(f"{where} contain NaN or infinity")
         sink_rows = np.zeros((self.n_sink, x.shape[1]), dtype="<f2")
-        sink_rows[sinks] = x[:len(sinks)].half().numpy()
+        sink_rows[sinks] = to_fp16(x[:len(sinks)]).numpy()
         # A head that keeps no token still records parameters (of one zero row).
         params = fit_stream(q, x, len(sinks))
         symbols, side = q.quantize(
@@ -112,7 +112,7 @@ class StreamCoder:
                     bad = next(layer for layer in layers
                                if not torch.isfinite(src[layer]).all())
                     raise ShapeError(f"{kind}s of layer {bad} contain NaN or infinity")
-                sink = x[:, :n_snk].half().numpy()
+                sink = to_fp16(x[:, :n_snk]).numpy()
                 qk = [self.quant[layer, kind] for layer in layers]
                 params = [fit_stream(q, x[i], n_snk) for i, q in enumerate(qk)]
                 by_key = {}

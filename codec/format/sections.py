@@ -56,8 +56,11 @@ class SectionSource:
             n = m.sink_tokens * m.stream_channels
             if len(raw) != 2 * n * len(m.streams):
                 raise CorruptError(f"{m.name}: sinks section has the wrong size")
-            self._sink_rows = np.frombuffer(raw, dtype="<f2").reshape(
+            rows = np.frombuffer(raw, dtype="<f2").reshape(
                 len(m.streams), m.sink_tokens, m.stream_channels)
+            if np.isnan(rows).any():  # encoders refuse NaN input: only a crafted file
+                raise CorruptError(f"{m.name}: sinks section holds NaN")
+            self._sink_rows = rows
         return self._sink_rows
 
     def index(self) -> np.ndarray:
