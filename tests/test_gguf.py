@@ -67,3 +67,42 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     assert r.exit_code == 1 and "not a GGUF file" in r.output and "Traceback" not in r.output
     with pytest.raises(BackendError, match="neither the embedded default"):
         kvcodec.load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_a_conversion_parses_the_header_once_and_writes_what_transformers_does(tmp_path,
+                                                                                monkeypatch):
+    """transformers parses a GGUF's header for the config, the weights and the tokenizer
+    (~4 s each for the embedded model); convert_gguf has it parse once, and writes the
+    very files transformers' own three parses give."""
+    import filecmp
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvcodec.models.loading import convert_gguf
+    from test_gguf_hostile import _tiny_gguf
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    real, parses = gguf.GGUFReader, []
+
+    def counting(*args, **kwargs):
+        parses.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    monkeypatch.setenv("KVCODEC_CACHE", str(tmp_path / "cache"))
+    ours = convert_gguf(path)
+    assert len(parses) == 1, parses
+    assert gguf.GGUFReader is counting  # put back
+    plain = tmp_path / "plain"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # as convert_gguf does: the weights are plain float32
+    del model.config.quantization_config
+    model.save_pretrained(plain)
+    AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name).save_pretrained(plain)
+    assert len(parses) == 4  # transformers alone: three
+    names = sorted(p.name for p in plain.iterdir())
+    assert names == sorted(p.name for p in ours.iterdir())
+    assert filecmp.cmpfiles(ours, plain, names, shallow=False)[0] == names

