@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import zstandard
 
 from ..core.paths import atomic_write  # noqa: F401 (API: every writer's)
+from ..core.paths import loads_json
 from ..core.tables import native
 from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
 
@@ -159,8 +160,8 @@ def parse_header(hbytes, hcrc: int, name: str) -> dict:
     if crc32(hbytes) != hcrc:
         raise CorruptError(f"{name}: header checksum mismatch; the file is damaged")
     try:
-        header = json.loads(bytes(hbytes))
-    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's
+        header = loads_json(bytes(hbytes))
+    except ValueError:
         raise CorruptError(f"{name}: header is not valid JSON") from None
     if not isinstance(header, dict):
         raise CorruptError(f"{name}: header is not a JSON object")

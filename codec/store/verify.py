@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from ..core.paths import loads_json
 from ..errors import CorruptError, FormatError, TruncatedError, VersionError
 from ..format.bounded import unzstd
 from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc32,
@@ -55,8 +56,8 @@ def read_config(raw: bytes, rel: str) -> dict:
     """The codec config an entry's ``config`` section holds (CorruptError if it is not
     one)."""
     try:
-        cfg = json.loads(unzstd(raw, MAX_CONFIG_BYTES, f"{rel}: section 'config'"))
-    except (ValueError, RecursionError):
+        cfg = loads_json(unzstd(raw, MAX_CONFIG_BYTES, f"{rel}: section 'config'"))
+    except ValueError:
         raise CorruptError(f"{rel}: config section is not valid JSON") from None
     if not isinstance(cfg, dict):
         raise CorruptError(f"{rel}: config section is not a JSON object")
