@@ -11,10 +11,9 @@ import json
 import numpy as np
 import torch
 
-from ..core import codebook
+from ..core import codebook, paths
 from ..core.config import (FULL_ATTENTION_KEY_SCALE, MAX_CHUNK_TOKENS, load_config,
                            resolve_layers)
-from ..core.paths import loads_json
 from ..core.quant import make_quantizer
 from ..core.streams import KINDS
 from ..core.transforms import layer_ropes
@@ -173,7 +172,7 @@ class FileHeader:
             return got
         name = self._r.name
         try:
-            cfg = loads_json(unzstd(raw, min(MAX_CONFIG_BYTES, ZSTD_FLOOR + ZSTD_RATIO * len(raw)),
+            cfg = paths.loads_json(unzstd(raw, min(MAX_CONFIG_BYTES, ZSTD_FLOOR + ZSTD_RATIO * len(raw)),
                                     f"{name}: section 'config'"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
