@@ -29,8 +29,7 @@ from contextlib import contextmanager
 
 import zstandard
 
-from ..core.paths import atomic_write  # noqa: F401 (API: every writer's)
-from ..core.paths import loads_json
+from ..core.paths import atomic_write, loads_json  # noqa: F401 (atomic_write: every writer's)
 from ..core.tables import native
 from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
 

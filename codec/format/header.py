@@ -172,8 +172,8 @@ class FileHeader:
             return got
         name = self._r.name
         try:
-            cfg = paths.loads_json(unzstd(raw, min(MAX_CONFIG_BYTES, ZSTD_FLOOR + ZSTD_RATIO * len(raw)),
-                                    f"{name}: section 'config'"))
+            cfg = paths.loads_json(unzstd(raw, min(MAX_CONFIG_BYTES, ZSTD_FLOOR + ZSTD_RATIO
+                                                   * len(raw)), f"{name}: section 'config'"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptError(f"{name}: the config section is not JSON: {exc}") from None
         try:

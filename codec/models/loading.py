@@ -112,9 +112,8 @@ def convert_gguf(path, name: str | None = None) -> Path:
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this file
         # (a header that passed read_header can still be inconsistent: 0 heads raised
         # ZeroDivisionError, 3 heads of a 64-wide model a validation error of its own class)
-        lines = str(exc).strip().splitlines()
         raise BackendError(f"transformers could not convert {path.name}: "
-                           f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}") from None
+                           f"{_one_line(exc, last=True)}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:  # transformers filled them with random values
         raise BackendError(f"{path.name} lacks weights of its model: {_some(missing)}")
@@ -170,6 +169,14 @@ def _one_header_parse():
             gguf.GGUFReader = real
 
 
+def _one_line(exc: Exception, last: bool = False) -> str:
+    """``Type: message`` of what transformers raised, on one line: its message's first
+    line, or its ``last`` (a validation error's cause is its last line)."""
+    lines = str(exc).strip().splitlines()
+    line = lines[-1 if last else 0].strip() if lines else ""
+    return f"{type(exc).__name__}: {line}".rstrip(": ")
+
+
 def _some(items: list) -> str:
     return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
 
@@ -187,7 +194,7 @@ def _check_shapes(model, path: Path) -> None:
                     AutoModelForCausalLM.from_config(model.config).state_dict().items()}
     except Exception as exc:  # noqa: BLE001 - a config transformers itself cannot build
         raise BackendError(f"{path.name}: its metadata gives a model transformers cannot "
-                           f"build: {type(exc).__name__}: {exc}") from None
+                           f"build: {_one_line(exc)}") from None
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     bad = [f"{k} {have[k]} (metadata: {want[k]})" for k in sorted(have.keys() & want.keys())
            if have[k] != want[k]]
@@ -248,9 +255,7 @@ def load_model(name=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
-            lines = str(exc).strip().splitlines()
-            raise BackendError(f"cannot load a model from {path}: {type(exc).__name__}: "
-                               f"{lines[0] if lines else ''}".rstrip(": ")) from None
+            raise BackendError(f"cannot load a model from {path}: {_one_line(exc)}") from None
         model.eval()
         _LOADED[key] = LoadedModel(model, tok, fingerprint(model.config, tok, model))
     return _LOADED[key]
