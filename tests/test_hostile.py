@@ -290,3 +290,52 @@ def test_an_index_that_tiles_but_lies_is_refused_cold_or_warm(chunked, edit, mat
                 f.decode()
         with kvcodec.open(chunked) as f:
             assert f.decode().num_tokens == 65
+
+
+def _with_nan_side(data, item, at):
+    """``data`` with side value ``at`` of payload item ``item`` set to NaN, its checksum
+    made valid again."""
+    with kvcodec.open(data) as f:
+        idx = np.frombuffer(f.source.read_section("index"), dtype=INDEX).copy()
+        payload = bytearray(f.source.read_section("payload"))
+    o, s, b = (int(idx[item][k]) for k in ("off", "side", "blob"))
+    np.frombuffer(payload, "<f2", count=s // 2, offset=o)[at] = np.nan
+    idx[item]["crc"] = container.crc32(bytes(payload[o:o + s + b]))
+    return rebuild(data, replace={"payload": bytes(payload), "index": idx.tobytes()})
+
+
+def test_a_nan_in_side_information_or_a_lossless_value_is_refused(small, monkeypatch):
+    """A cachegen file's per-token scales (float16 side information) and a lossless
+    file's values are stored as they decode: a NaN there (no encoder writes one; they
+    refuse NaN input) is a crafted file, refused rather than decoded into the cache."""
+    torch.manual_seed(0)
+    kv = [(torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)) for _ in range(3)]
+    cachegen = kvcodec.encode(kv, config="cachegen")
+    with pytest.raises(CorruptError, match="decodes to NaN or infinity"):
+        with kvcodec.open(_with_nan_side(cachegen, item=1, at=5)) as f:
+            f.decode()
+    from kvcodec.core.quant import Lossless
+
+    write = Lossless.quantize_layers
+
+    def nan_planes(qs, x, params, step_mults, threads=0):
+        out = write(qs, x, params, step_mults, threads)
+        sym = out[0][0].copy()
+        sym[9, 32 + 3] = 0x7E  # the high byte of a value: a NaN, whatever its low byte
+        return [(sym, out[0][1])] + out[1:]
+
+    monkeypatch.setattr(Lossless, "quantize_layers", staticmethod(nan_planes))
+    half = [(k.half(), v.half()) for k, v in kv]  # two byte planes: the high one is plane 1
+    crafted = kvcodec.encode(half, config="lossless")
+    monkeypatch.undo()
+    with pytest.raises(CorruptError, match="decodes to NaN or infinity"):
+        with kvcodec.open(crafted) as f:
+            f.decode()
+    for data in (cachegen, kvcodec.encode(half, config="lossless")):  # as encoders write
+        with kvcodec.open(data) as f:
+            assert f.decode().num_tokens == 70
+    # bfloat16 values near its largest, whose sum overflows float32: finite, decoded.
+    big = [(k.bfloat16() * 1e37, v.bfloat16() * 1e37) for k, v in kv]
+    with kvcodec.open(kvcodec.encode(big, config="lossless")) as f:
+        out = f.decode()
+    assert torch.isinf(out.keys[0].float().sum()) and torch.equal(out.keys[0], big[0][0])

@@ -217,9 +217,7 @@ def finish(targets: list) -> None:
             if q.alphabet < q.table_alphabet and sym[:, :h * d].max(initial=0) >= q.alphabet:
                 raise CorruptError(f"{t.name} decode to symbols outside the quantizer's "
                                    "range; the header does not match the data")
-            side = (np.frombuffer(t.side, dtype="<f2").reshape(-1, q.side_per_token)
-                    if q.side_per_token else None)
-            x = q.dequantize(torch.from_numpy(sym), t.params, side)
+            x = dequantize_stored(q, torch.from_numpy(sym), t.params, t.side, t.name)
         if n_sink:
             x[:n_sink] = torch.from_numpy(t.sinks)
         y = unflatten(x, h, d)
@@ -233,6 +231,23 @@ def finish(targets: list) -> None:
         st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
         for i, (t, _) in enumerate(pairs):
             _put_rows(t, st[:, i])
+
+
+def dequantize_stored(q, symbols: torch.Tensor, params: dict, side: bytes,
+                      name: str) -> torch.Tensor:
+    """``q``'s dequantization of a stream the native decoder does not dequantize
+    (``side``: its side bytes, float16), refused where it yields NaN or infinity: a
+    cachegen scale or a lossless value is stored as it decodes, no encoder writes a
+    non-finite one (they refuse such input and clamp scales to float16's range), so only
+    a crafted file holds one, and it would poison every attention score of the cache."""
+    sides = (np.frombuffer(side, dtype="<f2").reshape(-1, q.side_per_token)
+             if q.side_per_token else None)
+    x = q.dequantize(symbols, params, sides)
+    # A float32 sum is 20x cheaper than a finite test of every value and finite wherever
+    # they are (unless they are so large that it overflows: then the test decides).
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        raise CorruptError(f"{name} decodes to NaN or infinity, which no encoder writes")
+    return x
 
 
 def _as_out(rows: np.ndarray, dtype) -> np.ndarray:

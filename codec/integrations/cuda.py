@@ -161,15 +161,15 @@ class DeviceFile:
         PyTorch, the CPU decoder's formulas, sink rows included."""
         from ..core.streams import KINDS, unflatten
         from ..core.transforms import rope
+        from ..format.plan import dequantize_stored
 
         f, dev, sec = self.f.meta, self.device, self.f.sections
         h, d = f.num_kv_heads, f.head_dim
         n_sink = max(0, min(f.sink_tokens - t0, n))
         for (l, k), sym in symbols.items():
             q = f.quant[(l, k)]
-            side = (np.frombuffer(sides[(l, k)], dtype="<f2").reshape(-1, q.side_per_token)
-                    if q.side_per_token else None)
-            x = q.dequantize(sym.cpu(), params[(l, k)], side)
+            x = dequantize_stored(q, sym.cpu(), params[(l, k)], sides[(l, k)],
+                                  f"{f.name}: layer {l} {k}s")
             if n_sink:
                 x[:n_sink] = sec.sinks()[f.streams.index((l, k)), t0:t0 + n_sink]
             t = unflatten(x, h, d)
