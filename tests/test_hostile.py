@@ -85,6 +85,22 @@ def test_a_nan_among_the_sinks_is_refused_and_a_sink_past_fp16_stays_finite(smal
     assert out.values[1][0, 1, 0, 5] == 65504.0
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_parameter_that_is_not_finite_is_refused(small, value):
+    """``default``'s per-channel means (float16, the params section) are added to every
+    decoded row: a NaN or infinity there (encoders clamp parameters to float16's range)
+    decoded to 69 non-finite keys of a layer; it is refused."""
+    with kvcodec.open(small) as f:
+        raw = zstandard.ZstdDecompressor().decompress(f.source.read_section("params"))
+    params = np.frombuffer(raw, "<f2").copy()
+    params[7] = value
+    crafted = rebuild(small, replace={"params": zstandard.ZstdCompressor().compress(
+        params.tobytes())})
+    with pytest.raises(CorruptError, match="params section holds NaN or infinity"):
+        with kvcodec.open(crafted) as f:
+            f.decode()
+
+
 @pytest.mark.parametrize("field,value", [
     ("layer_tokens", {"a": 1}), ("layer_tokens", [70, "70", 70]), ("anchor", "1,2"),
     ("anchor", [[1]]), ("key_transform", ["junk"]), ("key_transform", {"type": 5}),

@@ -185,7 +185,10 @@ class SectionSource:
             built = TABLES.get(key)  # these very bytes, read this way, were checked before
             if built is None:
                 built = TABLES.put(key, self._build(lraw, lrows, alphabets))
-        self._param_rows = np.frombuffer(praw, dtype="<f2").astype(np.float16).reshape(-1, c)
+        rows = np.frombuffer(praw, dtype="<f2").astype(np.float16).reshape(-1, c)
+        if not np.isfinite(rows).all():  # encoders clamp them to float16's range
+            raise CorruptError(f"{m.name}: params section holds NaN or infinity")
+        self._param_rows = rows
         self._built = built
         self._levels = dict(zip(m.streams, built.levels))
         self._freqs = dict(zip(m.streams, built.freqs))
