@@ -112,3 +112,35 @@ def test_a_cli_option_nested_too_deep_is_one_line(tmp_path):
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output[-2000:]
     assert r.output.startswith("error: --storage-options must be a JSON object")
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_fifo_or_a_huge_file_among_the_users_configs_is_passed_over(tmp_path):
+    """The same folder scan opened a FIFO named ``*.json`` (which blocks until a writer
+    comes: every ``default`` encode of a model hung) and read a huge file whole on every
+    encode. Both are passed over unread; the model's config after them is found."""
+    import os
+    import subprocess
+    import sys
+
+    from kvcodec.core.config import MAX_CONFIG_BYTES, model_key
+
+    fingerprint = {"architecture": "x", "weights_hash": "ab" * 32}
+    os.mkfifo(tmp_path / "a.json")
+    with open(tmp_path / "b.json", "wb") as fh:  # sparse: its size without the disk
+        fh.truncate(64 * MAX_CONFIG_BYTES)
+    good = dict(kvcodec.load_config("default"), model_key=model_key(fingerprint))
+    (tmp_path / "c.json").write_text(json.dumps(good))
+    code = f"""
+import resource
+from kvcodec.core.config import calibrated_config_path
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(calibrated_config_path({fingerprint!r}, "default"))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, KVCODEC_CONFIG_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, grew_mib = out.stdout.split()
+    assert path == str(tmp_path / "c.json") and int(grew_mib) < 64
+    with pytest.raises(ConfigError, match="larger than any config"):
+        kvcodec.load_config(str(tmp_path / "b.json"))

@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -39,6 +41,8 @@ from .quant import make_quantizer, validate_token_importance
 from .rate import check_rate_curve, for_target_kl
 
 DEFAULT_CHUNK_TOKENS = 256
+#: Larger than any config (a 30-layer calibration is ~100 KB; bases live in codebooks).
+MAX_CONFIG_BYTES = 16 << 20
 MAX_CHUNK_TOKENS = 1 << 16
 #: The config field :func:`for_model` applies (and a file never records).
 FULL_ATTENTION_KEY_SCALE = "full_attention_key_scale"
@@ -60,6 +64,22 @@ def model_key(fingerprint: dict | None) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_config_file(path) -> dict:
+    """The parsed JSON of the config file at ``path``. Anything but a regular file of at
+    most :data:`MAX_CONFIG_BYTES` is a ValueError, found before it is read: every
+    ``default`` encode of a model scans the user's config folder, where a FIFO named
+    ``*.json`` blocked its open forever and a huge file was read whole each time."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{st.st_size} bytes, larger than any config "
+                             f"({MAX_CONFIG_BYTES >> 20} MiB)")
+        return loads_json(fh.read(MAX_CONFIG_BYTES + 1).decode())
+
+
 def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> Path | None:
     """The calibrated config of this model named ``name``: shipped
     (``configs/calibrated/``) or made by ``kvcodec calibrate`` (:func:`user_config_dir`);
@@ -75,7 +95,7 @@ def calibrated_config_path(fingerprint: dict | None, name: str = "default") -> P
         other = None
         for path in sorted(d.glob("*.json")) if d.is_dir() else ():
             try:
-                cfg = loads_json(path.read_text())
+                cfg = read_config_file(path)
                 if cfg.get("model_key") != key:
                     continue
             except (OSError, ValueError, AttributeError):
@@ -131,7 +151,7 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
                 raise ConfigError(f"no config {spec!r}: give a JSON file or one of "
                                   f"{available_configs()}{hint}")
         try:
-            cfg = loads_json(path.read_text())
+            cfg = read_config_file(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
     validate_config(cfg)
