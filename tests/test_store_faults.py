@@ -336,3 +336,38 @@ def test_precompute_salt_writes_the_tenants_keys(tmp_path, lm, texts):
     assert run.exit_code == 0, run.output
     assert salted.with_salt(None).cached_tokens(ids) == n
     assert "tenant-a" not in run.output
+
+
+def test_a_fifo_in_place_of_an_entry_is_a_miss_that_stays(filled, caplog):
+    """A FIFO where an entry belongs blocked the reader's open until a writer came (a
+    vLLM worker's load hung for good). It is no entry (a miss, with a warning) and is
+    not proven damage (it stays where it is); the entries before it load."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    store, ids, paths = filled
+    os.replace(paths[1], str(paths[1]) + ".away")
+    os.mkfifo(paths[1])
+
+    def unblocked(call):
+        got = []
+        reader = threading.Thread(target=lambda: got.append(call()))
+        reader.start()
+        reader.join(60)
+        hung = reader.is_alive()
+        if hung:  # let it go: a writer that opens and closes gives it end of file
+            os.close(os.open(paths[1], os.O_WRONLY))
+            reader.join()
+        assert not hung, "the reader blocked on the FIFO"
+        return got[0]
+
+    with caplog.at_level("WARNING", logger="kvcodec"):
+        got = unblocked(lambda: store.load_prefix(ids))
+    assert got.num_tokens == 256  # the first entry; the FIFO's is a miss
+    assert "not a regular file" in caplog.text
+    verify = unblocked(lambda: CliRunner().invoke(main, ["store", "verify", str(store.root)]))
+    assert verify.exit_code != 0 and "not a regular file" in verify.output, verify.output
+    assert stat.S_ISFIFO(os.stat(paths[1]).st_mode) and not list(store.root.rglob("*.bad"))

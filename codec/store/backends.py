@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -79,6 +80,25 @@ def _file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _nonblocking(path, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)  # regular files ignore it
+
+
+def open_regular(path):
+    """``open(path, "rb")`` where ``path`` is a regular file; anything else (a FIFO,
+    whose open blocked until a writer came: a vLLM worker's load hung for good; a device,
+    a socket) is an AccessError, an environment's oddity, not proven damage."""
+    f = open(path, "rb", opener=_nonblocking)
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise AccessError(errno.EINVAL, f"{path} is not a regular file")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 class LocalBackend:
     """A local directory (created if missing); locations are :class:`Path` objects."""
 
@@ -101,13 +121,14 @@ class LocalBackend:
         return self.location(rel).stat().st_size
 
     def read(self, rel: str) -> bytes:
-        return self.location(rel).read_bytes()
+        with open_regular(self.location(rel)) as f:
+            return f.read()
 
     def fetch(self, rel: str, limit: int) -> tuple[bytes, tuple]:
         """The bytes of ``rel`` (CorruptError if over ``limit``) and their identity
         (inode, size, mtime). The file is closed on return: an entry holds no descriptor
         while it decodes."""
-        with open(self.location(rel), "rb") as f:
+        with open_regular(self.location(rel)) as f:
             st = os.fstat(f.fileno())
             if st.st_size > limit:
                 raise CorruptError(f"{self.location(rel)}: {st.st_size} bytes, more than "
@@ -186,7 +207,7 @@ class LocalBackend:
         later read finds it in memory: a reader that checks while the disk reads ahead.
         A hint only: nothing is raised."""
         try:
-            fd = os.open(self.location(rel), os.O_RDONLY)
+            fd = os.open(self.location(rel), os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return
         try:
@@ -198,7 +219,7 @@ class LocalBackend:
 
     def read_head(self, rel: str, n: int) -> bytes:
         """The first ``n`` bytes of ``rel`` (fewer if it is shorter)."""
-        with open(self.location(rel), "rb") as f:
+        with open_regular(self.location(rel)) as f:
             return f.read(n)
 
     def remove(self, rel: str, size: int | None = None, mtime: float | None = None) -> bool:

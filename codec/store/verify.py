@@ -26,6 +26,7 @@ from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc3
 from ..format.shared import DIGEST, SharedTables, digest
 from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES, MAX_TOKENS
 from . import keys as keying
+from .backends import open_regular
 
 HEAD = 64 << 10  # bytes read for a header at first (entries' headers are ~5-20 KB)
 MAX_REMOTE_BYTES = 2 << 30  # what verify fetches of one remote entry at most
@@ -240,7 +241,7 @@ def _local(path):
     """The bytes of the file at ``path`` as a memoryview: read whole when it is at most
     :data:`LOCAL_READ_BYTES` (faster than faulting a mapping in page by page), else a
     read-only mapping (any size, in bounded memory)."""
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:  # a FIFO blocked the open until a writer came
         size = os.fstat(f.fileno()).st_size
         if size <= LOCAL_READ_BYTES:
             yield memoryview(f.read(size + 1))
