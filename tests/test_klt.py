@@ -1,6 +1,7 @@
 """klt streams (format v7): each KV head coded in the eigenbasis of its vectors, the bases
 in a shared, content-addressed codebook that files name (or embed) and stores keep."""
 import json
+import os
 import struct
 import zlib
 
@@ -65,6 +66,12 @@ def test_a_codebook_is_checked_bytes_named_by_their_hash(books):
         codebook.register_bytes(data, "0" * 64)
     with pytest.raises(CodebookError, match="is not here"):
         codebook.get("0" * 64)
+    fifo = books / "codebooks" / f"{'1' * 64}{codebook.SUFFIX}"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)  # its open would block until a writer came
+    with pytest.raises(CodebookError, match="not a regular file"):
+        codebook.get("1" * 64)
+    fifo.unlink()
     with pytest.raises(CorruptError, match="not a codebook name"):
         codebook.get("../etc")
     path = codebook.save(book)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import struct
 import threading
 import zlib
@@ -196,7 +197,10 @@ def get(digest: str) -> Codebook:
     for d in dirs:
         path = d / f"{digest}{SUFFIX}"
         try:
-            if path.stat().st_size > MAX_BYTES:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO's open would block
+                raise CodebookError(f"cannot read codebook {path}: not a regular file")
+            if st.st_size > MAX_BYTES:
                 raise CorruptError(f"{path}: larger than a codebook may be")
             data = path.read_bytes()
         except FileNotFoundError:
