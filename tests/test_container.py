@@ -192,6 +192,22 @@ def test_wrong_shapes_are_refused(kv_600):
         kvcodec.encode("not a cache")
     with pytest.raises(ShapeError):
         kvcodec.KVCache([k], [v], token_ids=[1, 2, 3])
+    with pytest.raises(ShapeError, match="kv heads and channels"):  # an IndexError deep inside
+        kvcodec.encode([(k[:, :0], v[:, :0])])
+    with pytest.raises(ShapeError, match="kv heads and channels"):
+        kvcodec.encode([(k[..., :0], v[..., :0])])
+    n = k.shape[2]
+    # A string, a value past 64 bits: numpy's ValueError and OverflowError escaped; 1.5
+    # was cut to 1 without a word.
+    for ids in (["a"] * n, [2**70] * n, [1.5] * n, {"a": 1}, [[1]] * n, [True] * n):
+        with pytest.raises(ShapeError, match="token ids must be a list of integers"):
+            kvcodec.KVCache([k], [v], token_ids=ids)
+    with pytest.raises(ShapeError, match=r"in \[0, 2\*\*32\)"):
+        kvcodec.KVCache([k], [v], token_ids=[-1] * n)
+    for ids in (list(range(n)), tuple(range(n)), torch.arange(n), np.arange(n, dtype=np.uint32)):
+        assert kvcodec.KVCache([k], [v], token_ids=ids).num_tokens == n
+    with pytest.raises(ShapeError, match="fingerprint dict"):  # an AttributeError later
+        kvcodec.KVCache([k], [v], model=[1, 2])
 
 
 def test_bad_chunk_and_layer_requests(small_kvc):

@@ -87,6 +87,11 @@ def test_kv_safetensors_whose_metadata_is_nested_too_deep_are_refused(tmp_path, 
               metadata={"token_ids": DEEP.decode(), "model": "null"})
     with pytest.raises(FormatError, match="metadata is not valid JSON"):
         load_safetensors(path)
+    for model in ("[1, 2]", '"x"'):  # valid JSON, not an object: an AttributeError later
+        save_file({"layers.0.key": k.contiguous(), "layers.0.value": v.contiguous()},
+                  str(path), metadata={"model": model})
+        with pytest.raises(FormatError, match="metadata 'model' is not a JSON object"):
+            load_safetensors(path)
 
 
 def test_a_jobs_record_nested_too_deep_is_a_document_not_done(tmp_path, lm):

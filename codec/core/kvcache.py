@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import ShapeError
@@ -77,9 +78,11 @@ class KVCache:
             self.length = longest
         elif not isinstance(self.length, int) or self.length < longest:
             raise ShapeError(f"length {self.length!r} is shorter than a layer of {longest} tokens")
-        if self.token_ids is not None and len(self.token_ids) != self.num_tokens:
-            raise ShapeError(
-                f"{len(self.token_ids)} token ids for a cache of {self.num_tokens} tokens")
+        if self.token_ids is not None:
+            check_token_ids(self.token_ids, self.num_tokens)
+        if self.model is not None and not isinstance(self.model, dict):
+            raise ShapeError(f"model must be a fingerprint dict (kvcodec.models.fingerprint) "
+                             f"or None, got a {type(self.model).__name__}")
         if self.importance is not None:
             imp = self.importance
             if (not isinstance(imp, torch.Tensor)
@@ -236,6 +239,23 @@ def validate_kept(kept, keys, length: int) -> list:
     return out
 
 
+def check_token_ids(ids, n: int) -> None:
+    """``ids``: ``n`` integers in ``[0, 2**32)`` (a list, tuple or 1-D integer array),
+    else a ShapeError (a string, a float, a value past 64 bits were a ValueError or an
+    OverflowError of numpy's, and 1.5 was cut to 1 without a word)."""
+    try:
+        arr = np.asarray(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ShapeError(f"token ids must be a list of integers: {exc}") from None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        what = arr.dtype if arr.ndim == 1 else f"{arr.ndim}-D {type(ids).__name__}"
+        raise ShapeError(f"token ids must be a list of integers, got {what}")
+    if len(arr) != n:
+        raise ShapeError(f"{len(arr)} token ids for a cache of {n} tokens")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
+        raise ShapeError("token ids must be in [0, 2**32)")
+
+
 def validate_kv(keys, values) -> None:
     """Check per-layer K/V tensors: ``[1, kv_heads, tokens_l, head_dim]``, one float
     dtype, every layer the same heads and head_dim; a layer's keys and values hold the
@@ -268,5 +288,7 @@ def validate_kv(keys, values) -> None:
                              "differ in shape")
     if all(k.shape[2] == 0 for k in keys):
         raise ShapeError("the cache holds no tokens")
+    if ref[0][1] == 0 or ref[0][3] == 0:
+        raise ShapeError(f"{ref[1]} has shape {ref[0]}: a cache needs kv heads and channels")
     if ref[0][0] != 1:
         raise ShapeError(f"batch size {ref[0][0]}: a .kvc file holds one sequence; split the batch")

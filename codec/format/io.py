@@ -57,4 +57,6 @@ def load_safetensors(path) -> KVCache:
         model = loads_json(meta.get("model", "null"))
     except ValueError:
         raise FormatError(f"{path}: metadata is not valid JSON") from None
+    if model is not None and not isinstance(model, dict):
+        raise FormatError(f"{path}: metadata 'model' is not a JSON object")
     return KVCache(keys, values, token_ids, model)
