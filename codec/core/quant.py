@@ -340,7 +340,10 @@ class Lossless(Quantizer):
     def dequantize(self, symbols, params, side):
         t = symbols.shape[0]
         c = symbols.shape[1] // self.itemsize
-        raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).contiguous()
+        # A copy in canonical strides: contiguous() keeps a size-1 dimension's stride as
+        # it was (one channel: a token's bytes 1 apart), which view() refuses.
+        raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).clone(
+            memory_format=torch.contiguous_format)
         return raw.view(self.dtype).reshape(t, c).float()
 
 

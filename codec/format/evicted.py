@@ -13,6 +13,7 @@ import torch
 
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
+from ..errors import ShapeError
 from .kept import positions
 from .plan import DecodePlan, Dequant, Job, Target
 
@@ -31,6 +32,9 @@ def plan_evicted(f, chunks: range, dtype, base: int, turn) -> tuple:
     h, d = m.num_kv_heads, m.head_dim
     rows = sec.chunk_rows[:, :, chunks[0]:chunks[-1] + 1].sum(axis=2)
     slots = [int(r.max()) for r in rows]
+    if not any(slots):  # a cache holds at least one token
+        raise ShapeError(f"{m.name}: chunks {chunks[0]}..{chunks[-1]} hold no tokens: every "
+                         "head evicted all of theirs there")
     kept = [torch.full((h, s), -1, dtype=torch.int64) for s in slots]
     out = {k: [torch.zeros((1, h, s, d), dtype=dtype) for s in slots] for k in KINDS}
     plan = DecodePlan(m.chunk_tokens)

@@ -196,7 +196,7 @@ def finish(targets: list) -> None:
         h, d = t.dst.shape[1], t.dst.shape[3]
         for deq, view in t.fused:
             if deq.scratch:
-                view.copy_(torch.from_numpy(deq.out).unsqueeze(0))
+                view.copy_(fp16_safe(torch.from_numpy(deq.out), view.dtype).unsqueeze(0))
         n_sink = 0 if t.sinks is None else t.sinks.shape[0]
         if t.fused and (t.rotated or t.rope is None) and t.turn is None:
             # Values in place, rotated where they are keys: only the sink rows remain,
@@ -226,11 +226,18 @@ def finish(targets: list) -> None:
             y = rope(y, t.rope, pos)
         if t.turn is not None:
             y = shift(y, *t.turn)
-        t.dst.copy_(y)
+        t.dst.copy_(fp16_safe(y, t.dst.dtype))
     for (r, pos, n_sink, h), pairs in sink_keys.items():
         st = rope(torch.from_numpy(np.stack([x for _, x in pairs], 1)), r, pos).numpy()
         for i, (t, _) in enumerate(pairs):
             _put_rows(t, st[:, i])
+
+
+def fp16_safe(x: torch.Tensor, dtype) -> torch.Tensor:
+    """Float32 ``x``, clamped in place to float16's finite range where it goes to a
+    ``dtype`` of float16: a lossy value within half a step of 65504 rounded past it, to
+    infinity, which makes attention NaN."""
+    return x.clamp_(-65504.0, 65504.0) if dtype == torch.float16 else x
 
 
 def dequantize_stored(q, symbols: torch.Tensor, params: dict, side: bytes,

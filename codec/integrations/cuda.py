@@ -161,7 +161,7 @@ class DeviceFile:
         PyTorch, the CPU decoder's formulas, sink rows included."""
         from ..core.streams import KINDS, unflatten
         from ..core.transforms import rope
-        from ..format.plan import dequantize_stored
+        from ..format.plan import dequantize_stored, fp16_safe
 
         f, dev, sec = self.f.meta, self.device, self.f.sections
         h, d = f.num_kv_heads, f.head_dim
@@ -175,7 +175,7 @@ class DeviceFile:
             t = unflatten(x, h, d)
             if k == "key" and f.ropes[l] is not None:
                 t = rope(t, f.ropes[l], f.position_offset + t0)
-            t = t.to(dtype).to(dev)
+            t = fp16_safe(t, dtype).to(dtype).to(dev)
             dst = out[l][KINDS.index(k)]
             if slots is None:
                 dst[:, :, :n] = t
