@@ -64,9 +64,12 @@ def test_a_journal_that_cannot_be_written_keeps_its_notes(tmp_path, monkeypatch)
 
 
 def test_policy_is_checked():
-    for bad in ({"max_bytes": 0}, {"ttl": -1}, {"low_water": 1.5}):
+    # NaN ttl: no entry ever expired; "abc": a ValueError; infinity: an OverflowError.
+    for bad in ({"max_bytes": 0}, {"ttl": -1}, {"low_water": 1.5}, {"ttl": float("nan")},
+                {"max_bytes": "abc"}, {"max_bytes": float("inf")}, {"ttl": True}):
         with pytest.raises(ConfigError):
             capacity.Policy(**bad)
+    assert capacity.Policy(max_bytes="1e9").max_bytes == 10**9
 
 
 def test_capped_store_keeps_the_most_recently_used(tmp_path, lm, small):

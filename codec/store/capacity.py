@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ RESCAN_S = 60.0
 BAD_NAME = re.compile(keying.ENTRY_NAME.pattern + r"\.bad")
 
 
+def _positive(x) -> bool:
+    try:
+        return not isinstance(x, bool) and 0 < float(x) < math.inf  # False for NaN
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 @dataclass
 class Policy:
     """``max_bytes`` (None: no cap), ``ttl`` seconds (None: no age limit) and the
@@ -43,13 +51,13 @@ class Policy:
     low_water: float = 0.9
 
     def __post_init__(self):
-        if self.max_bytes is not None and int(self.max_bytes) <= 0:
-            raise ConfigError(f"max_bytes must be positive, got {self.max_bytes}")
-        if self.ttl is not None and float(self.ttl) <= 0:
-            raise ConfigError(f"ttl must be positive seconds, got {self.ttl}")
+        if self.max_bytes is not None and not _positive(self.max_bytes):
+            raise ConfigError(f"max_bytes must be positive, got {self.max_bytes!r:.40}")
+        if self.ttl is not None and not _positive(self.ttl):  # NaN: entries never expired
+            raise ConfigError(f"ttl must be positive seconds, got {self.ttl!r:.40}")
         if not 0 < self.low_water <= 1:
             raise ConfigError(f"low_water must be in (0, 1], got {self.low_water}")
-        self.max_bytes = None if self.max_bytes is None else int(self.max_bytes)
+        self.max_bytes = None if self.max_bytes is None else int(float(self.max_bytes))
 
     @property
     def active(self) -> bool:

@@ -17,6 +17,7 @@ from ...models.fingerprint import fingerprint_dir
 from ...store import ChunkStore
 from .metrics import KVCodecPromMetrics, KVCodecStats, export_on_port
 from .scheduler import ConnectorScheduler
+from .settings import flag, number
 from .subset import SubsetForward
 from .worker import ConnectorWorker
 
@@ -79,12 +80,11 @@ class KVCodecConnector(KVConnectorBase_V1):
             raise ConfigError("KVCodecConnector works on unquantized paged caches; drop "
                               f"kv_cache_dtype={vllm_config.cache_config.cache_dtype}")
         fp = fingerprint_dir(model_dir)
-        max_bytes = extra.get_from_extra_config("max_bytes", None)
-        ttl = extra.get_from_extra_config("ttl_s", None)
         store = ChunkStore(root, fp, extra.get_from_extra_config("config", "default"),
                            extra.get_from_extra_config("storage_options", None),
-                           max_bytes=None if max_bytes is None else int(float(max_bytes)),
-                           ttl=None if ttl is None else float(ttl))
+                           max_bytes=number(extra, "max_bytes", None, minimum=0, above=True,
+                                            integer=True),
+                           ttl=number(extra, "ttl_s", None, minimum=0, above=True))
         self.store = store
         store.metrics.interval()  # from now on it keeps latencies for vLLM's stats
         block = int(vllm_config.cache_config.block_size)
@@ -92,32 +92,33 @@ class KVCodecConnector(KVConnectorBase_V1):
             raise ConfigError(f"the store's chunks of {store.chunk_tokens} tokens are not a "
                               f"whole number of vLLM blocks of {block}; use a block size "
                               f"that divides {store.chunk_tokens}")
-        save = bool(extra.get_from_extra_config("save", True))
+        save = flag(extra, "save", True)
         self.scheduler = self.worker = None
         if role == KVConnectorRole.SCHEDULER:
-            recent = extra.get_from_extra_config("recompute_last_tokens", None)
+            recent = number(extra, "recompute_last_tokens", None, minimum=0, integer=True)
             pc = vllm_config.parallel_config  # one worker, in the scheduler's process
             beside = pc.world_size == 1 and pc.distributed_executor_backend in ("uni", None)
             self.scheduler = ConnectorScheduler(
                 store, block, save, bool(vllm_config.cache_config.enable_prefix_caching),
-                lambda: model_anchor(model_dir), None if recent is None else int(recent),
-                bool(extra.get_from_extra_config("whole_blocks", False)),
-                bool(extra.get_from_extra_config("hold_reads", beside)))
+                lambda: model_anchor(model_dir), recent, flag(extra, "whole_blocks", False),
+                flag(extra, "hold_reads", beside))
         else:
             self.worker = ConnectorWorker(
-                store, fp, block, int(extra.get_from_extra_config("threads", 0)), save,
-                float(extra.get_from_extra_config("load_timeout_s", 5.0)),
-                int(float(extra.get_from_extra_config("max_pending_save_mb", 1024)) * (1 << 20)))
-            self.worker.overlap = extra.get_from_extra_config("overlap_loads", "auto")
-            if extra.get_from_extra_config("blend_rows_only", False):  # selective blends
+                store, fp, block, number(extra, "threads", 0, minimum=0, integer=True), save,
+                number(extra, "load_timeout_s", 5.0, minimum=0),
+                int(number(extra, "max_pending_save_mb", 1024, minimum=0) * (1 << 20)))
+            overlap = extra.get_from_extra_config("overlap_loads", "auto")
+            self.worker.overlap = ("auto" if overlap in ("auto", None)
+                                   else flag(extra, "overlap_loads", True))
+            if flag(extra, "blend_rows_only", False):  # selective blends
                 if vllm_config.model_config.enforce_eager:
                     self.worker.subset = SubsetForward(self.worker)
                 else:
                     log.warning("kvcodec vLLM: blend_rows_only needs enforce_eager (a "
                                 "compiled model would not see it); every row is computed")
-        port = extra.get_from_extra_config("metrics_port", None)
+        port = number(extra, "metrics_port", None, minimum=0, maximum=65535, integer=True)
         if port is not None:
-            export_on_port(store, int(port), serve=self.worker is not None)
+            export_on_port(store, port, serve=self.worker is not None)
 
     # -- scheduler side ---------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
