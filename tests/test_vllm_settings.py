@@ -48,7 +48,7 @@ def test_numbers_written_as_strings_or_floats_are_numbers(value, want):
 @pytest.mark.parametrize("value", ["abc", "nan", math.nan, math.inf, "-inf", -1, 0, True,
                                    [5], {"a": 1}, 2.5])
 def test_a_number_out_of_its_range_is_a_config_error(value):
-    """``"abc"`` was a ValueError at engine start; NaN a timeout that never fires."""
+    """``"abc"`` was a ValueError at engine start; a NaN timeout timed every load out."""
     with pytest.raises(ConfigError, match="max_bytes must be an integer > 0"):
         number(_extra(max_bytes=value), "max_bytes", None, minimum=0, above=True,
                integer=True)

@@ -1,7 +1,8 @@
 """``kv_connector_extra_config`` values, checked: vLLM hands them over as the user wrote
 them (JSON, or strings from a command line), so a flag written ``"false"`` was true to
-``bool()``, and a number written ``"abc"`` or ``NaN`` was a ValueError at engine start or
-a timeout that never fired. Each is a :class:`~kvcodec.errors.ConfigError` naming the key."""
+``bool()``, a number written ``"abc"`` was a ValueError at engine start, and a
+``load_timeout_s`` of NaN timed every load out at once (``max(0, NaN)`` is 0). Each is a
+:class:`~kvcodec.errors.ConfigError` naming the key."""
 from __future__ import annotations
 
 import math
