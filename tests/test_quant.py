@@ -168,3 +168,26 @@ def test_bad_token_importance_specs(bad):
     cfg["token_importance"] = bad
     with pytest.raises(ConfigError, match="token_importance"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("field,value", [("sink_tokens", True), ("chunk_tokens", True)])
+def test_a_json_true_is_no_count(field, value):
+    """``"sink_tokens": true`` passed as the integer 1 and then failed in the encoder with
+    a TypeError (found by a property test mutating shipped configs)."""
+    with pytest.raises(ConfigError, match=field):
+        load_config(dict(load_config("default"), **{field: value}))
+    rules = [{"layers": [True, None], "quantizer": {"type": "absmax_token", "bins": 16}}]
+    with pytest.raises(ConfigError, match="layers"):
+        load_config({"key": rules, "value": rules})
+
+
+def test_a_null_full_attention_key_scale_writes_a_file_that_reads():
+    """A config's ``full_attention_key_scale: null`` went into the file's header, which
+    its reader refuses ("not applied"): the encoder wrote what it could not read."""
+    import kvcodec
+
+    torch.manual_seed(0)
+    kv = [(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)) for _ in range(3)]
+    cfg = dict(load_config("default"), full_attention_key_scale=None)
+    with kvcodec.open(kvcodec.encode(kv, config=cfg)) as f:
+        assert f.decode().num_tokens == 40

@@ -160,14 +160,18 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
     return cfg
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is no count
+
+
 def validate_config(cfg: dict) -> None:
     if not isinstance(cfg, dict):
         raise ConfigError("a config must be a JSON object")
     chunk = cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
-    if not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
+    if not _is_int(chunk) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk!r}")
     sinks = cfg.get("sink_tokens", 0)
-    if not isinstance(sinks, int) or not 0 <= sinks <= min(chunk, 64):
+    if not _is_int(sinks) or not 0 <= sinks <= min(chunk, 64):
         raise ConfigError(f"sink_tokens must be an integer in [0, min(chunk_tokens, 64)], got {sinks!r}")
     xform = cfg.get("key_transform")
     if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"
@@ -199,8 +203,8 @@ def validate_config(cfg: dict) -> None:
                 raise ConfigError(f"{where} must be an object with 'layers' and 'quantizer'")
             layers = rule.get("layers", [0, None])
             if (not isinstance(layers, list) or len(layers) != 2
-                    or not isinstance(layers[0], int)
-                    or not (layers[1] is None or isinstance(layers[1], int))):
+                    or not _is_int(layers[0])
+                    or not (layers[1] is None or _is_int(layers[1]))):
                 raise ConfigError(f"{where}.layers must be [start, end] with end an int or null")
             try:
                 make_quantizer(rule["quantizer"])
@@ -252,9 +256,9 @@ def for_model(cfg: dict, model: dict | None, num_layers: int) -> dict:
     The field is replaced by explicit per-layer key rules; ``cfg`` itself is returned
     where the field is absent, and a copy without it where no layer matches.
     """
-    if cfg.get(FULL_ATTENTION_KEY_SCALE) is None:
-        return cfg
     out = {k: v for k, v in cfg.items() if k != FULL_ATTENTION_KEY_SCALE}
+    if cfg.get(FULL_ATTENTION_KEY_SCALE) is None:  # null: a file records no such field
+        return out if FULL_ATTENTION_KEY_SCALE in cfg else cfg
     full = set(full_attention_layers(model, num_layers))
     if not full:
         return out
