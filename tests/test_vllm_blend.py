@@ -443,6 +443,8 @@ def test_request_for_tokenizes_as_transformers_blend(lm, bos_lm, texts, tmp_path
     ({"segments": [["text", 5]], "recompute": 1.5}, "recompute"),
     ({"segments": [["text", 5]], "selector": "query"}, "query needs"),
     ({"segments": [["text", 5]], "check_layer": -1}, "check_layer"),
+    ({"segments": [["text", 5]], "anchor": [1, 2**32]}, "anchor"),
+    ({"segments": [["text", 5]], "seed": 2**64}, "seed"),
 ])
 def test_a_malformed_blend_is_a_clear_error(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -512,3 +514,24 @@ def test_a_wrong_blend_request_is_one_line():
                                   "--selector", "query"])
     assert r.exit_code == 1 and r.output.count("\n") == 1
     assert r.output.startswith("error: blend selector 'query'")
+
+
+@pytest.mark.parametrize("field,value", [("anchor", [2**40])])
+def test_a_blend_request_out_of_range_is_served_plainly(lm, texts, engine, field, value):
+    """A client's ``kv_transfer_params`` reach the scheduler: an anchor id past 32 bits
+    (vLLM lets integers to 2**64 - 1 through; the store's key raised) is refused as a
+    malformed blend, and the request is served as a plain prompt by an engine that goes
+    on serving."""
+    llm, store, conn = engine
+    head, question = _ids(lm, HEAD), _ids(lm, "\n\nQuestion: What is it?\nAnswer:")
+    docs = _docs(lm, texts, ["python_license", "gpl3"], 140)
+    _store_docs(lm, store, docs, head)
+    segs = _segments(store, head, docs, question)
+    prompt, params = blending.request_for(lm.tokenizer, segs, recompute=0.1,
+                                          selector="random")
+    params[blending.PARAM][field] = value
+    before = _counts(conn)
+    out = _ask(llm, prompt, params, n=2)
+    assert _moved(before, _counts(conn), "blend_refused") == 1 and out[0].outputs[0].token_ids
+    again = _ask(llm, *blending.request_for(lm.tokenizer, segs), n=2)  # still serving
+    assert again[0].outputs[0].token_ids

@@ -117,7 +117,8 @@ def parse(params, n_tokens: int) -> Blend | None:
         raise ConfigError(f"the blend segments cover {at} tokens; the prompt has {n_tokens}")
     anchor = spec.get("anchor")
     if anchor is not None and (not isinstance(anchor, list) or not anchor or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in anchor)):
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32
+            for t in anchor)):  # the store's keys hold ids as u32: a larger one raised
         raise ConfigError(f"blend anchor must be a list of token ids, got {anchor!r:.60}")
     tenant = spec.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
@@ -132,7 +133,8 @@ def parse(params, n_tokens: int) -> Blend | None:
     check = spec.get("check_layer")
     seed = spec.get("seed", 0)
     for name, v in (("check_layer", check), ("seed", seed)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                              or not 0 <= v < 1 << 64):  # torch seeds take 64 bits
             raise ConfigError(f"blend {name} must be a non-negative integer, got {v!r:.40}")
     return Blend(spans, anchor, tenant, float(ratio), selector, check, seed)
 
