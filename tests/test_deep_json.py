@@ -103,6 +103,9 @@ def test_a_jobs_record_nested_too_deep_is_a_document_not_done(tmp_path, lm):
     m = Manifest(store, "0" * 32)
     m.put("text", {"id": "a", "entries": []})
     assert m.get("text") == {"id": "a", "entries": []}
+    for counts in ({"tokens": "x"}, {"windows": None}, {"chunks": -1}, {"tokens": True}):
+        m.put("text", {"id": "a", "entries": [], **counts})  # the report added "x" up
+        assert m.get("text") is None
     store.write_object(m._rel("text"), DEEP)
     assert m.get("text") is None  # done again, not a crash of the job
     report = StoreAdmin(tmp_path / "s").rm_documents(["a"])  # the record is skipped

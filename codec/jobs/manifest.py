@@ -41,7 +41,11 @@ class Manifest:
             record = loads_json(data)
         except ValueError:  # damaged: the document is simply not done
             return None
-        return record if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not all(  # counts the job's report adds up
+                type(record.get(k, 0)) is int and record.get(k, 0) >= 0
+                for k in ("tokens", "windows", "chunks")):
+            return None
+        return record
 
     def put(self, text: str, record: dict) -> None:
         self.store.write_object(self._rel(text), json.dumps(record, sort_keys=True).encode())
