@@ -338,12 +338,9 @@ class Lossless(Quantizer):
         return [(planes[i], None) for i in range(n)]
 
     def dequantize(self, symbols, params, side):
-        t = symbols.shape[0]
-        c = symbols.shape[1] // self.itemsize
-        # A copy in canonical strides: contiguous() keeps a size-1 dimension's stride as
-        # it was (one channel: a token's bytes 1 apart), which view() refuses.
-        raw = symbols.reshape(t, self.itemsize, c).permute(0, 2, 1).clone(
-            memory_format=torch.contiguous_format)
+        t, c = symbols.shape[0], symbols.shape[1] // self.itemsize
+        raw = torch.empty(t, c, self.itemsize, dtype=torch.uint8)  # canonical strides: view()
+        raw.copy_(symbols.reshape(t, self.itemsize, c).permute(0, 2, 1))  # refused 1 channel's
         return raw.view(self.dtype).reshape(t, c).float()
 
 
