@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import stat
+import os
 import struct
 import threading
 import zlib
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CodebookError, CorruptError
-from .paths import atomic_write, config_dirs, loads_json, user_config_dir
+from .paths import atomic_write, config_dirs, loads_json, open_regular, user_config_dir
 
 MAGIC = b"KVCBOOK1"
 SUFFIX = ".kvcb"
@@ -197,12 +197,11 @@ def get(digest: str) -> Codebook:
     for d in dirs:
         path = d / f"{digest}{SUFFIX}"
         try:
-            st = path.stat()
-            if not stat.S_ISREG(st.st_mode):  # a FIFO's open would block
-                raise CodebookError(f"cannot read codebook {path}: not a regular file")
-            if st.st_size > MAX_BYTES:
-                raise CorruptError(f"{path}: larger than a codebook may be")
-            data = path.read_bytes()
+            with open_regular(path) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > MAX_BYTES:
+                    raise CorruptError(f"{path}: larger than a codebook may be")
+                data = fh.read(size + 1)
         except FileNotFoundError:
             continue
         except OSError as exc:

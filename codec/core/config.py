@@ -32,11 +32,11 @@ import copy
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 from ..errors import ConfigError
 from .paths import CONFIG_DIR, config_dirs, loads_json, user_config_dir  # noqa: F401 (API)
+from .paths import open_regular
 from .quant import make_quantizer, validate_token_importance
 from .rate import check_rate_curve, for_target_kl
 
@@ -66,16 +66,13 @@ def model_key(fingerprint: dict | None) -> str | None:
 
 def read_config_file(path) -> dict:
     """The parsed JSON of the config file at ``path``. Anything but a regular file of at
-    most :data:`MAX_CONFIG_BYTES` is a ValueError, found before it is read: every
+    most :data:`MAX_CONFIG_BYTES` is an OSError or a ValueError, found before it is read: every
     ``default`` encode of a model scans the user's config folder, where a FIFO named
     ``*.json`` blocked its open forever and a huge file was read whole each time."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ValueError(f"{st.st_size} bytes, larger than any config "
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{size} bytes, larger than any config "
                              f"({MAX_CONFIG_BYTES >> 20} MiB)")
         return loads_json(fh.read(MAX_CONFIG_BYTES + 1).decode())
 

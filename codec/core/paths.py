@@ -3,8 +3,10 @@
 (:func:`atomic_write`)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -93,3 +95,22 @@ def loads_json(data):
         return json.loads(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply to parse") from None
+
+
+def _nonblocking(path, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)  # regular files ignore it
+
+
+def open_regular(path):
+    """``open(path, "rb")`` where ``path`` is a regular file, else an ``OSError``
+    (``EINVAL``) found before any read: opened non-blocking, since a FIFO's open blocks
+    until a writer comes (a FIFO named like a config, a codebook or a store entry hung
+    its reader for good); a device or a socket is no file of ours either."""
+    f = open(path, "rb", opener=_nonblocking)
+    try:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    except BaseException:
+        f.close()
+        raise
+    return f

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 import uuid
 from pathlib import Path
 
+from ..core.paths import open_regular
 from ..errors import AccessError, BackendError, ConfigError, CorruptError
 from ..format.container import atomic_write
 from .naming import STALE_TEMP_S, first_line, is_temp, temp_name
@@ -78,25 +78,6 @@ def open_backend(root, storage_options: dict | None = None):
 
 def _file_identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _nonblocking(path, flags: int) -> int:
-    return os.open(path, flags | os.O_NONBLOCK)  # regular files ignore it
-
-
-def open_regular(path):
-    """``open(path, "rb")`` where ``path`` is a regular file; anything else (a FIFO,
-    whose open blocked until a writer came: a vLLM worker's load hung for good; a device,
-    a socket) is an AccessError, an environment's oddity, not proven damage."""
-    f = open(path, "rb", opener=_nonblocking)
-    try:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AccessError(errno.EINVAL, f"{path} is not a regular file")
-    except BaseException:
-        f.close()
-        raise
-    return f
 
 
 class LocalBackend:

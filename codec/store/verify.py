@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from ..core.paths import loads_json
+from ..core.paths import loads_json, open_regular
 from ..errors import CorruptError, FormatError, TruncatedError, VersionError
 from ..format.bounded import unzstd
 from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc32,
@@ -26,7 +26,6 @@ from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc3
 from ..format.shared import DIGEST, SharedTables, digest
 from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES, MAX_TOKENS
 from . import keys as keying
-from .backends import open_regular
 
 HEAD = 64 << 10  # bytes read for a header at first (entries' headers are ~5-20 KB)
 MAX_REMOTE_BYTES = 2 << 30  # what verify fetches of one remote entry at most
