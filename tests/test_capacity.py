@@ -39,7 +39,7 @@ def test_journal_flush_merge_and_compaction(tmp_path):
     a1.record("ab/y.kvc", 20.0)
     a2.record("ab/x.kvc", 30.0)
     assert a1.flush() == 2 and a2.flush() == 1 and a1.flush() == 0
-    b.write("access/junk.log", b"no-time\nab/z.kvc nan\nab/w.kvc 5\n")
+    b.write("access/junk.log", b"no-time\nab/z.kvc nan\nab/w.kvc 5\nab/v.kvc inf\n")
     times, names = access.read_all(b)
     assert times == {"ab/x.kvc": 30.0, "ab/y.kvc": 20.0, "ab/w.kvc": 5.0}
     assert len(names) == 3

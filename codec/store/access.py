@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
 import time
@@ -44,7 +45,8 @@ def parse(data: bytes) -> dict:
             t = float(when)
         except ValueError:
             continue
-        if name and t == t and t > out.get(name, -1.0):  # t == t: not NaN
+        # NaN compares false; infinity would keep its entry from age and LRU for good
+        if name and math.isfinite(t) and t > out.get(name, -1.0):
             out[name] = t
     return out
 
