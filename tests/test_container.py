@@ -202,6 +202,8 @@ def test_wrong_shapes_are_refused(kv_600):
     for ids in (["a"] * n, [2**70] * n, [1.5] * n, {"a": 1}, [[1]] * n, [True] * n):
         with pytest.raises(ShapeError, match="token ids must be a list of integers"):
             kvcodec.KVCache([k], [v], token_ids=ids)
+        with pytest.raises(ShapeError, match="token ids must be a list of integers"):
+            kvcodec.encode([(k, v)], token_ids=ids)  # given to the encoder, not the cache
     with pytest.raises(ShapeError, match=r"in \[0, 2\*\*32\)"):
         kvcodec.KVCache([k], [v], token_ids=[-1] * n)
     for ids in (list(range(n)), tuple(range(n)), torch.arange(n), np.arange(n, dtype=np.uint32)):

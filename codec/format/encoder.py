@@ -17,7 +17,7 @@ from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, l
                            resolve_layers)
 from ..core import codebook
 from ..core.fit import first_fit, save_fitted, wants_first_fit
-from ..core.kvcache import KVCache
+from ..core.kvcache import KVCache, check_token_ids
 from ..core.quant import make_quantizer
 from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
@@ -202,8 +202,8 @@ class Encoder:
             position_offset = len(anchor) if anchor else 0
         n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
         check_geometry(n_layers, n, h * d)
-        if token_ids is not None and len(token_ids) != n:
-            raise ShapeError(f"{len(token_ids)} token ids for a cache of {n} tokens")
+        if token_ids is not kv.token_ids:  # the cache's were checked when it was made
+            check_token_ids(token_ids, n)
         if kv.evicted:
             check_kept_geometry(n_layers, h, n)
         spans = [n] * n_layers if kv.evicted else kv.layer_tokens
@@ -234,8 +234,6 @@ class Encoder:
             "coder": coder_info(),
         }
         ids = np.asarray([] if token_ids is None else token_ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= 1 << 32):
-            raise ShapeError("token ids must be in [0, 2**32)")
         tables_section = b"" if coder.shared else zstd(coder.tables_section())
         sections = [
             ("config", self._config_section(cfg), True),

@@ -18,8 +18,8 @@ was listed is not removed (same size and mtime checked on a local disk).
 from __future__ import annotations
 
 import logging
-import re
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
