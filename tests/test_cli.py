@@ -3,6 +3,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -224,3 +225,26 @@ def test_an_output_in_a_missing_folder_is_named_as_given(tmp_path, default_kvc):
     out = tmp_path / "missing" / "x.safetensors"
     r = CliRunner().invoke(main, ["decode", str(src), "-o", str(out)])
     assert r.exit_code == 1 and r.stderr == f"error: No such file or directory: {out}\n"
+
+
+def test_tensors_saved_from_any_cache_encode_and_a_contradicting_fingerprint_is_one_line(
+        tmp_path, kv_600):
+    """save_safetensors took what a KVCache accepts: token ids as a tensor or an array (a
+    TypeError in json), layers sharing memory (safetensors' RuntimeError). A fingerprint
+    contradicting the tensors was written into the file, and every load refused it."""
+    k, v = kv_600.keys[0][:, :, :40], kv_600.values[0][:, :, :40]
+    kv = kvcodec.KVCache([k, k], [v, v], token_ids=torch.arange(40), model=kv_600.model)
+    src = tmp_path / "shared.safetensors"
+    kvio.save_safetensors(kv, src)
+    back = kvio.load_safetensors(src)
+    assert back.token_ids == list(range(40)) and torch.equal(back.keys[1], k)
+    kvio.save_safetensors(kvcodec.KVCache([k], [v], token_ids=np.arange(40, dtype=np.uint32),
+                                          model={**kv_600.model, "num_layers": 1}), src)
+    out = tmp_path / "a.kvc"
+    r = run("encode", src, "-o", out, "--config", "lossless")
+    assert r.exit_code == 0, r.output
+    assert torch.equal(kvcodec.decode(out).keys[0], k)
+    kvio.save_safetensors(kv, src)  # 2 layers of tensors, a fingerprint of 30
+    r = run("encode", src, "-o", out, "--config", "lossless")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "num_layers: the tensors have 2, the fingerprint says 30" in r.output

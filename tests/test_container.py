@@ -210,6 +210,16 @@ def test_wrong_shapes_are_refused(kv_600):
         assert kvcodec.KVCache([k], [v], token_ids=ids).num_tokens == n
     with pytest.raises(ShapeError, match="fingerprint dict"):  # an AttributeError later
         kvcodec.KVCache([k], [v], model=[1, 2])
+    # A fingerprint stating another geometry than the tensors': the file was written,
+    # and every load into a model refused it.
+    fp = {"architecture": "LlamaForCausalLM", "num_layers": 1, "num_kv_heads": k.shape[1],
+          "head_dim": k.shape[3]}
+    for field, wrong in (("num_layers", 5), ("num_kv_heads", 7), ("head_dim", 3)):
+        with pytest.raises(ModelMismatchError, match=f"{field}: the tensors have"):
+            kvcodec.encode(kvcodec.KVCache([k], [v], model={**fp, field: wrong}))
+        with pytest.raises(ModelMismatchError, match="contradicts"):
+            kvcodec.format.Encoder("default", {**fp, field: wrong}).encode(kvcodec.KVCache([k], [v]))
+    assert kvcodec.decode(kvcodec.encode(kvcodec.KVCache([k], [v], model=fp))).model == fp
 
 
 def test_bad_chunk_and_layer_requests(small_kvc):

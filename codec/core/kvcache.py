@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import ShapeError
+from ..errors import ModelMismatchError, ShapeError
 
 
 #: ``KVCache.extra`` key of an evicted cache's per-head token importance: per layer,
@@ -79,7 +79,7 @@ class KVCache:
         elif not isinstance(self.length, int) or self.length < longest:
             raise ShapeError(f"length {self.length!r} is shorter than a layer of {longest} tokens")
         if self.token_ids is not None:
-            check_token_ids(self.token_ids, self.num_tokens)
+            self.token_ids = check_token_ids(self.token_ids, self.num_tokens)
         if self.model is not None and not isinstance(self.model, dict):
             raise ShapeError(f"model must be a fingerprint dict (kvcodec.models.fingerprint) "
                              f"or None, got a {type(self.model).__name__}")
@@ -239,8 +239,22 @@ def validate_kept(kept, keys, length: int) -> list:
     return out
 
 
-def check_token_ids(ids, n: int) -> None:
-    """``ids``: ``n`` integers in ``[0, 2**32)`` (a list, tuple or 1-D integer array),
+def check_model_geometry(model: dict | None, layers: int, kv_heads: int, head_dim: int) -> None:
+    """Raise ModelMismatchError where a cache's model fingerprint states a geometry its
+    tensors contradict (a file recording it was written, and every load refused it);
+    fields the fingerprint leaves out or does not state as integers are not compared."""
+    stated = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    diffs = [f"{k}: the tensors have {v}, the fingerprint says {model[k]}"
+             for k, v in stated.items() if isinstance((model or {}).get(k), int)
+             and not isinstance(model[k], bool) and model[k] != v]
+    if diffs:
+        raise ModelMismatchError("the model fingerprint contradicts the cache's tensors ("
+                                 + "; ".join(diffs) + ")")
+
+
+def check_token_ids(ids, n: int) -> list:
+    """``ids`` as a list of ``n`` Python ints in ``[0, 2**32)``, from a list, tuple or
+    1-D integer array (kept as an array, it broke the JSON a safetensors file records);
     else a ShapeError (a string, a float, a value past 64 bits were a ValueError or an
     OverflowError of numpy's, and 1.5 was cut to 1 without a word)."""
     try:
@@ -254,6 +268,7 @@ def check_token_ids(ids, n: int) -> None:
         raise ShapeError(f"{len(arr)} token ids for a cache of {n} tokens")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
         raise ShapeError("token ids must be in [0, 2**32)")
+    return arr.tolist()
 
 
 def validate_kv(keys, values) -> None:

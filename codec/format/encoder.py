@@ -17,7 +17,7 @@ from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, l
                            resolve_layers)
 from ..core import codebook
 from ..core.fit import first_fit, save_fitted, wants_first_fit
-from ..core.kvcache import KVCache, check_token_ids
+from ..core.kvcache import KVCache, check_model_geometry, check_token_ids
 from ..core.quant import make_quantizer
 from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
@@ -202,8 +202,9 @@ class Encoder:
             position_offset = len(anchor) if anchor else 0
         n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
         check_geometry(n_layers, n, h * d)
+        check_model_geometry(model, n_layers, h, d)
         if token_ids is not kv.token_ids:  # the cache's were checked when it was made
-            check_token_ids(token_ids, n)
+            token_ids = check_token_ids(token_ids, n)
         if kv.evicted:
             check_kept_geometry(n_layers, h, n)
         spans = [n] * n_layers if kv.evicted else kv.layer_tokens

@@ -23,10 +23,15 @@ def save_safetensors(kv: KVCache, path) -> None:
                          "safetensors form here; save it as .kvc (kvcodec.encode(kv, "
                          "config='lossless') is exact)")
 
-    tensors = {}
+    tensors, storages = {}, set()
     for i, (k, v) in enumerate(zip(kv.keys, kv.values)):
-        tensors[f"layers.{i}.key"] = k.contiguous()
-        tensors[f"layers.{i}.value"] = v.contiguous()
+        for name, t in ((f"layers.{i}.key", k), (f"layers.{i}.value", v)):
+            t = t.contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            # safetensors refuses tensors that share memory (a RuntimeError): layers
+            # that share one K/V, or keys and values cut from one tensor.
+            tensors[name] = t.clone() if ptr in storages else t
+            storages.add(ptr)
     meta = {"format": "kvcodec-kv", "token_ids": json.dumps(kv.token_ids),
             "model": json.dumps(kv.model)}
     atomic_write(path, save(tensors, metadata=meta))
