@@ -85,7 +85,11 @@ def parse_chunks(spec):
     try:
         if ":" in spec:
             a, b = spec.split(":", 1)
-            return slice(int(a) if a else None, int(b) if b else None)
+            a, b = int(a) if a else None, int(b) if b else None
+            if a is not None and b is not None and b <= a:
+                raise KVCodecError(f"--chunks A:B selects chunks A to B - 1, so A < B; "
+                                   f"got {spec!r}")
+            return slice(a, b)
         return int(spec)
     except ValueError:
         raise KVCodecError(f"--chunks must be N or A:B, got {spec!r}") from None

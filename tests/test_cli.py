@@ -48,6 +48,10 @@ def test_encode_decode_inspect_from_tensors(tmp_path, kv_file, kv_600):
     assert kv.token_ids == kv_600.token_ids[256:]
     full = kvcodec.decode(out)
     assert torch.equal(kv.keys[4], full.keys[4][:, :, 256:].half())
+    for spec, needle in (("3:1", "A < B"), ("7:9", "are not a range within 0..2"),
+                         ("x", "must be N or A:B")):  # 3:1 said "range(3, 3) is outside"
+        r = run("decode", out, "-o", dec, "--chunks", spec)
+        assert r.exit_code == 1 and needle in r.output and len(r.output.splitlines()) == 1
 
 
 def test_encode_from_text(tmp_path, texts):

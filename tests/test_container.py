@@ -227,6 +227,8 @@ def test_bad_chunk_and_layer_requests(small_kvc):
         for chunks in (5, -1, slice(4, 2), [0, 2]):
             with pytest.raises(ShapeError):
                 f.decode(chunks)
+        with pytest.raises(ShapeError, match=r"chunks slice\(4, 2, None\) are not a range"):
+            f.decode(slice(4, 2))  # said "chunk range range(2, 2) is outside 0..N"
         with pytest.raises(ShapeError):
             f.decode_layers([3])
 

@@ -329,6 +329,7 @@ class FileHeader:
     def chunk_range(self, chunks) -> range:
         if chunks is None:
             return range(self.num_chunks)
+        asked = chunks  # as given: an empty slice said "range(1, 1) is outside 0..0"
         if isinstance(chunks, int):
             chunks = range(chunks, chunks + 1)
         elif isinstance(chunks, slice):
@@ -339,7 +340,7 @@ class FileHeader:
                 raise ShapeError("chunks must be a contiguous, increasing range")
             chunks = range(chunks[0], chunks[-1] + 1)
         if len(chunks) == 0 or chunks.step != 1 or chunks[0] < 0 or chunks[-1] >= self.num_chunks:
-            raise ShapeError(f"chunk range {chunks} is outside 0..{self.num_chunks - 1}")
+            raise ShapeError(f"chunks {asked!r} are not a range within 0..{self.num_chunks - 1}")
         return chunks
 
     def span(self, chunks: range) -> tuple:
@@ -368,8 +369,7 @@ class FileHeader:
             "file_bytes": self.size_bytes,
             "format_version": self._r.version,
             "created_by": self._r.header.get("created_by"),
-            "model": self.model,
-            "config": self.config.get("name"),
+            "model": self.model, "config": self.config.get("name"),
             "calibrated_for": (self.config.get("model_name") or self.config.get("model_key")
                                if self.config.get("model_key") else None),
             "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
