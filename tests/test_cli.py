@@ -220,6 +220,8 @@ def test_a_model_folder_transformers_cannot_load_is_one_line(tmp_path):
         assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception
         assert r.stderr.startswith(f"error: cannot load a model from {folder}: ")
         assert r.stderr.count("\n") == 1
+    r = CliRunner().invoke(main, ["model-path", str(empty)])  # printed the folder, rc 0
+    assert r.exit_code == 1 and "holds no config.json" in r.stderr, r.output
 
 
 def test_an_output_in_a_missing_folder_is_named_as_given(tmp_path, default_kvc):

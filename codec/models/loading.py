@@ -215,6 +215,9 @@ def resolve_model_path(name) -> Path:
         raise BackendError(
             f"model {str(name)!r} is neither the embedded default ({DEFAULT_MODEL}), a local "
             "model directory nor a .gguf file; kvcodec never downloads weights")
+    if not (path / "config.json").is_file():  # `kvcodec model-path` printed any folder
+        raise BackendError(f"cannot load a model from {path}: it holds no config.json, so "
+                           "it is not a transformers model directory")
     return path
 
 
