@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 import kvcodec
+from kvcodec.core.paths import read_text
 
 from .common import (Status, capture, chat_options, check_chat, model_option, parse_chunks,
                      printable)
@@ -71,7 +72,7 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
         if independent and chat:
             raise click.UsageError("--independent and --chat do not combine: a document "
                                    "placed inside a prompt carries no chat template")
-        text = Path(source).read_text(encoding="utf-8", errors="replace")
+        text = read_text(source)
         with Status("loading the model"):
             lm = kvcodec.load_model(model)
         # The config resolved before the prefill: a bad name, file or --target-kl (a

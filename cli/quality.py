@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 import kvcodec
+from kvcodec.core.paths import read_text
 
 from .common import Status, model_option, with_bar
 
@@ -41,7 +42,7 @@ def eval_cmd(model, text_path, configs, prefill, continuation, sweep, no_baselin
     from kvcodec.quality import evaluate
 
     lm = kvcodec.load_model(model)
-    ids = kvcodec.models.text_ids(lm.tokenizer, Path(text_path).read_text(errors="replace"))
+    ids = kvcodec.models.text_ids(lm.tokenizer, read_text(text_path))
     configs = list(configs) or ["default", "cachegen"]
     if sweep:
         configs = configs + [c for name in configs
@@ -138,7 +139,7 @@ def calibrate(model, texts, target_kl, output, name, alpha, per_layer, fast, que
     paths = [Path(t) for t in texts] or default_calibration_texts()
     if fast and not texts:
         paths = paths[:2]  # a license and a source file
-    ids = [kvcodec.models.text_ids(lm.tokenizer, p.read_text(errors="replace")) for p in paths]
+    ids = [kvcodec.models.text_ids(lm.tokenizer, read_text(p)) for p in paths]
     with Status("prefilling calibration texts"):
         cal = Calibrator(lm, ids, prefill, continuation,
                          DEFAULT_TOKEN_IMPORTANCE if token_importance else None)

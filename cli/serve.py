@@ -206,12 +206,13 @@ def blend_request(model, system, docs, prompt, recompute, selector, tenant, max_
     from transformers import AutoTokenizer
 
     from kvcodec.blend import Cached, Text
+    from kvcodec.core.paths import read_document
     from kvcodec.integrations.vllm.blending import request_for
     from kvcodec.models.loading import model_name, resolve_model_path
 
     texts = []
     for path in docs:  # read as `kvcodec precompute` reads a text file
-        data = Path(path).read_bytes()
+        data = read_document(path)
         data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
         try:
             texts.append(data.decode("utf-8"))

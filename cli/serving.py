@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 import kvcodec
+from kvcodec.core.paths import read_text
 from kvcodec.errors import KVCodecError
 
 from .common import Status, chat_options, check_chat, model_option, salt_option
@@ -142,7 +143,7 @@ def _blend(files, model, docs, store_dir, system, recompute, selector, prompt,
         segs += [Cached(f, name=f) for f in files]
     else:
         store = ChunkStore(store_dir, lm.fingerprint, salt=salt)
-        segs += [Cached(store=store, text=Path(d).read_text(encoding="utf-8", errors="replace"),
+        segs += [Cached(store=store, text=read_text(d),
                         name=d) for d in docs]
     segs.append(Text(prompt))
     out, result = blend_generate(lm, segs, max_new_tokens=max_new_tokens, recompute=recompute,
@@ -174,7 +175,7 @@ def _from_store(lm, store_dir, text_file, configs, bandwidth, budget, chat=False
     from kvcodec.integrations import adapt, hf
     from kvcodec.store import ChunkStore
 
-    text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+    text = read_text(text_file)
     doc_ids = kvcodec.models.document_ids(lm.tokenizer, text, chat=chat, system=system)
     if not doc_ids:
         raise KVCodecError(f"{text_file} has no tokens")

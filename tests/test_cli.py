@@ -254,3 +254,24 @@ def test_tensors_saved_from_any_cache_encode_and_a_contradicting_fingerprint_is_
     r = run("encode", src, "-o", out, "--config", "lossless")
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "num_layers: the tensors have 2, the fingerprint says 30" in r.output
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_text_with_no_end_is_refused_after_64_mib(tmp_path):
+    """`kvcodec encode /dev/zero` read until memory ran out (a MemoryError traceback under
+    a memory limit); every text a command reads now stops at 64 MiB."""
+    from kvcodec.core.paths import MAX_TEXT_BYTES, read_text
+
+    (tmp_path / "s").mkdir()
+    for args in (["encode", "/dev/zero", "-o", tmp_path / "z.kvc"],
+                 ["generate", "--store", tmp_path / "s", "--text", "/dev/zero", "--prompt", "x"],
+                 ["blend-request", "--doc", "/dev/zero", "--prompt", "x"]):
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        assert r.stderr.splitlines()[-1] == ("error: /dev/zero is over 64 MiB of text, more "
+                                             "than a cache can hold (2**24 tokens); split it")
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(b"x" * MAX_TEXT_BYTES)
+    assert len(read_text(doc)) == MAX_TEXT_BYTES
+    doc.write_bytes("caf\u00e9 ".encode() + b"\xff")  # undecodable bytes replaced, as before
+    assert read_text(doc) == "caf\u00e9 \ufffd"

@@ -455,3 +455,32 @@ def test_damaged_parquet_is_skipped_and_io_failures_still_raise(tmp_path, monkey
     monkeypatch.setattr(LocalFileOpener, "readinto", fail, raising=False)
     with pytest.raises(OSError, match="Input/output"):
         list(Corpus(tmp_path / "bad.parquet"))
+
+
+def test_documents_over_the_text_cap_are_skipped_in_bounded_memory(tmp_path, parquet_dir,
+                                                                   monkeypatch):
+    """A text file, a JSONL line or a compressed Parquet file with no end in sight (a gzip
+    bomb, /dev/zero, a line with no newline) was read whole, until memory ran out."""
+    import kvcodec.jobs.corpus as corpus_mod
+    from kvcodec.core.paths import MAX_TEXT_BYTES
+
+    big = MAX_TEXT_BYTES + 1
+    (tmp_path / "bomb.txt.gz").write_bytes(gzip.compress(b"a" * big, compresslevel=1))
+    lines = [b'{"text": "first"}', b'{"text": "' + b"b" * big + b'"}', b'{"text": "after"}',
+             b'{"text": "' + b"c" * (MAX_TEXT_BYTES - 12) + b'"}', b'{"text": "last"}']
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines), compresslevel=1))
+    got = items(Corpus([tmp_path / "bomb.txt.gz", tmp_path / "rows.jsonl.gz"]))
+    assert got[0].reason == "text over 64 MiB (a cache holds at most 2**24 tokens)"
+    src = str(tmp_path / "rows.jsonl.gz")
+    assert got[1].text == "first" and got[3].text == "after" and got[5].text == "last"
+    assert got[2] == Skipped(f"{src}:2", src, "line 2: line over 64 MiB (a cache holds at most "
+                                              "2**24 tokens)")
+    assert len(got[4].text) == MAX_TEXT_BYTES - 12  # 64 MiB with its newline: kept
+    assert [d.id for d in got[3:]] == [f"{src}:3", f"{src}:4", f"{src}:5"]
+    if sys.platform.startswith("linux"):
+        assert items(Corpus(["/dev/zero"]))[0].reason.startswith("text over 64 MiB")
+    d, _ = parquet_dir
+    (tmp_path / "a.parquet.gz").write_bytes(gzip.compress((d / "a.parquet").read_bytes()))
+    monkeypatch.setattr(corpus_mod, "_PARQUET_INFLATE", 1000)
+    got = items(Corpus([tmp_path / "a.parquet.gz"]))
+    assert len(got) == 1 and got[0].reason.startswith("decompresses to over 0 GiB")

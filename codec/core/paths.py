@@ -10,6 +10,12 @@ import stat
 import tempfile
 from pathlib import Path
 
+from ..errors import ShapeError
+
+# A document's text: at ~4 bytes a token, the 2**24 tokens a cache can hold. Read past
+# this, /dev/zero or a pipe that never ends filled memory (a MemoryError traceback).
+MAX_TEXT_BYTES = 64 << 20
+
 # The repository's configs/ (editable installs: the package is the source tree's codec/,
 # beside setup.py) and the copy inside the package (wheels). A folder named configs that
 # merely sits beside an installed package in site-packages is not ours.
@@ -114,3 +120,24 @@ def open_regular(path):
         f.close()
         raise
     return f
+
+
+def text_over_limit(what, limit: int = MAX_TEXT_BYTES) -> ShapeError:
+    return ShapeError(f"{what} is over {limit >> 20} MiB of text, more than a cache can "
+                      "hold (2**24 tokens); split it")
+
+
+def read_document(path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of the text file at ``path``, reading at most ``limit`` of them: more is
+    a ShapeError (a pipe or a device reads as text too, so it need not be a regular
+    file)."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise text_over_limit(path, limit)
+    return data
+
+
+def read_text(path, limit: int = MAX_TEXT_BYTES) -> str:
+    """:func:`read_document` decoded as UTF-8, undecodable bytes replaced."""
+    return read_document(path, limit).decode("utf-8", errors="replace")

@@ -24,7 +24,8 @@ Iterating yields a ``Document`` for each usable text and a ``Skipped`` (with a o
 reason) for each unusable row or file, so a job can record what it left out; only input
 resolution, a missing pyarrow and failures to read a file (an ``OSError``, or a
 :class:`BackendError` for other errors of a remote filesystem) raise. Everything streams:
-no file is loaded whole except a text file, which is a single document anyway.
+no file is loaded whole except a text file, which is a single document anyway. A
+document (a text file, a JSONL line) over 64 MiB is skipped, read no further than that.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import fsspec.utils
 from fsspec.core import has_magic
 from fsspec.implementations.local import LocalFileSystem
 
+from ..core.paths import MAX_TEXT_BYTES
 from ..errors import BackendError, ConfigError, KVCodecError
 from ..store.backends import filesystem
 from .parquet import ParquetSource, SourceError, Unreadable, pylist, pyarrow_modules
@@ -48,6 +50,8 @@ from .streams import COMPRESSIONS, DAMAGED, ReadError, open_stream
 
 _BINARY_PROBE = 8192          # a NUL byte in this many leading bytes marks a binary file
 _PARQUET_BATCH_ROWS = 1024    # rows decoded at a time from a Parquet file
+_PARQUET_INFLATE = 1 << 30    # a compressed Parquet file is decompressed whole: at most this
+_TOO_LONG = object()          # a JSONL line over MAX_TEXT_BYTES
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
@@ -146,11 +150,13 @@ class Corpus:
         src = file.source
         try:
             with file.stream() as f:
-                data = f.read()
+                data = f.read(MAX_TEXT_BYTES + 1)
         except ReadError as exc:
             raise exc.reraise(src) from None
         except DAMAGED as exc:
             return Skipped(src, src, f"cannot decompress ({_one_line(exc)})")
+        if len(data) > MAX_TEXT_BYTES:  # /dev/zero, a gzip bomb: read until memory ran out
+            return Skipped(src, src, _over("text"))
         nul = data.find(b"\0", 0, _BINARY_PROBE)
         if nul >= 0:
             return Skipped(src, src, f"binary file (NUL byte at offset {nul})")
@@ -167,6 +173,8 @@ class Corpus:
         for n, line in _jsonl_lines(file):
             if n is None:  # the compressed stream broke off; `line` is the reason
                 yield Skipped(file.source, file.source, line)
+            elif line is _TOO_LONG:
+                yield Skipped(f"{file.source}:{n}", file.source, f"line {n}: {_over('line')}")
             else:
                 yield self._jsonl_record(file.source, n, line)
 
@@ -196,7 +204,11 @@ class Corpus:
         if file.compression:  # a Parquet reader seeks (the footer is last): decompressed
             try:              # whole, as no compressed stream can seek
                 with file.stream() as f:
-                    raw = io.BytesIO(f.read())
+                    raw = io.BytesIO(f.read(_PARQUET_INFLATE + 1))
+                if len(raw.getbuffer()) > _PARQUET_INFLATE:
+                    yield None, (f"decompresses to over {_PARQUET_INFLATE >> 30} GiB; store "
+                                 "it uncompressed (Parquet compresses its own pages)")
+                    return
             except ReadError as exc:
                 raise exc.reraise(file.source) from None
             except DAMAGED as exc:
@@ -341,13 +353,22 @@ def _jsonl_lines(file: _File):
     n = 0
     try:
         with file.stream() as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
+            while line := f.readline(MAX_TEXT_BYTES + 1):  # a line with no end filled memory
+                n += 1
+                if len(line) > MAX_TEXT_BYTES and not line.endswith(b"\n"):
+                    while not line.endswith(b"\n") and (line := f.readline(1 << 20)):
+                        pass  # the rest of the line, skipped in bounded pieces
+                    yield n, _TOO_LONG
+                elif line.strip():
                     yield n, line
     except ReadError as exc:
         raise exc.reraise(file.source) from None
     except DAMAGED as exc:
         yield None, f"cannot decompress after line {n} ({_one_line(exc)})"
+
+
+def _over(what: str) -> str:
+    return f"{what} over {MAX_TEXT_BYTES >> 20} MiB (a cache holds at most 2**24 tokens)"
 
 
 def _not_utf8(data: bytes, offset: int) -> str:

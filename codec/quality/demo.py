@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from .. import format as kvc
+from ..core.paths import read_text
 from ..models import capture_kv, load_model, prompt_ids
 from . import evaluate
 
@@ -29,7 +30,7 @@ def run_demo(text=None, max_tokens: int = 1024, out_dir="out", echo=print) -> di
     t = time.perf_counter()
     lm = load_model()
     echo(f"model: SmolLM2-135M-Instruct (embedded), loaded in {time.perf_counter() - t:.1f}s")
-    kv = capture_kv(lm, path.read_text(errors="replace"), max_tokens=max_tokens)
+    kv = capture_kv(lm, read_text(path), max_tokens=max_tokens)
     fp16_bytes = kv.numel() * 2
     echo(f"captured KV: {kv.num_layers} layers x {kv.num_kv_heads} heads x "
          f"{kv.num_tokens} tokens x {kv.head_dim} dims = {fp16_bytes:,} bytes in fp16")
