@@ -298,6 +298,39 @@ def test_bad_input_gets_clear_errors(lm, rag, tmp_path):
         blend(lm, [Text(rag["head"]), Cached(other)])
 
 
+def test_hostile_arguments_are_clear_errors(lm, rag):
+    """Each of these raised a TypeError, an IndexError from the embedding lookup, an
+    OverflowError or transformers' ValueError, or was taken silently (a str of segments
+    went by characters, token ids of 1.5 were cut to 1)."""
+    segs, f = _segs(rag), rag["files"][0]
+    for kw, needle in (({"check_layer": "1"}, "check_layer"),
+                       ({"check_layer": True}, "check_layer"), ({"candidates": "2"}, "candidates"),
+                       ({"candidates": float("inf")}, "finite"),
+                       ({"filter_layer": "3"}, "filter_layer"),
+                       ({"filter_layer": 2.5}, "filter_layer"), ({"seed": 2**64}, "seed"),
+                       ({"seed": -1}, "seed"), ({"seed": "x"}, "seed")):
+        with pytest.raises(ConfigError, match=needle):
+            blend(lm, segs, recompute=0.1, selector="random", **kw)
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    for segments, needle in (
+            ([Text(token_ids=[vocab])], rf"segment 0 \(text\): token id {vocab} is outside"),
+            ([Text(token_ids=[-5])], r"\[0, 2\*\*32\)"), ([Text(token_ids=[1.5])], "integers"),
+            ([Text(token_ids="abc")], "integers"), ([Cached(), "q"], "needs a source"),
+            ("hello", "must be a list"), ({"a": 1}, "must be a list")):
+        with pytest.raises(ShapeError, match=needle):
+            blend(lm, segments)
+    with pytest.raises(ShapeError, match=f"the anchor: token id {10**9} is outside"):
+        blend(lm, segs, anchor=[10**9])
+    dec = kvcodec.decode(f)  # a cache from raw tensors: its ids are checked nowhere else
+    raw = kvcodec.KVCache(dec.keys, dec.values, token_ids=[vocab] * dec.num_tokens)
+    with pytest.raises(ShapeError, match="outside the model's vocabulary"):
+        blend(lm, [Text(rag["head"]), Cached(raw)])
+    with pytest.raises(ShapeError, match="needs text"):
+        kvcodec.capture_kv(lm, rag["docs"][0])  # ids given as the text
+    with pytest.raises(ShapeError, match="outside the model's vocabulary"):
+        kvcodec.capture_kv(lm, token_ids=[vocab])
+
+
 def test_a_damaged_segment_is_recomputed_from_its_tokens(lm, rag):
     bad = bytearray(rag["files"][1])
     bad[-200] ^= 0xFF  # in the payload: the header still names the tokens

@@ -218,7 +218,8 @@ def test_wrong_shapes_are_refused(kv_600):
         with pytest.raises(ModelMismatchError, match=f"{field}: the tensors have"):
             kvcodec.encode(kvcodec.KVCache([k], [v], model={**fp, field: wrong}))
         with pytest.raises(ModelMismatchError, match="contradicts"):
-            kvcodec.format.Encoder("default", {**fp, field: wrong}).encode(kvcodec.KVCache([k], [v]))
+            enc = kvcodec.format.Encoder("default", {**fp, field: wrong})
+            enc.encode(kvcodec.KVCache([k], [v]))
     assert kvcodec.decode(kvcodec.encode(kvcodec.KVCache([k], [v], model=fp))).model == fp
 
 

@@ -10,6 +10,7 @@ from ..core.kvcache import KVCache
 from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
 from ..models.capture import default_anchor
 from ..models.compare import compare_logits, greedy
+from ..models.tokens import check_ids
 from . import engine
 from .segments import check_in_place, resolve
 from .selectors import Context, get_selector
@@ -119,17 +120,21 @@ def blend(lm, segments, *, recompute: float = RECOMPUTE, selector="hkvd",
     n_layers = int(cfg.num_hidden_layers)
     if check_layer is None:
         check_layer = default_check_layer(n_layers)
-    if not 0 <= check_layer < n_layers - 1:
-        raise ConfigError(f"check_layer must be in [0, {n_layers - 2}], got {check_layer}")
+    if not _is_int(check_layer) or not 0 <= check_layer < n_layers - 1:
+        raise ConfigError(f"check_layer must be in [0, {n_layers - 2}], got {check_layer!r}")
     flt = _filter_layer(filter_layer, check_layer, n_layers)
-    if not candidates >= 1:
-        raise ConfigError(f"candidates must be at least 1 (times the budget), got {candidates}")
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not (
+            1 <= candidates < float("inf")):
+        raise ConfigError(f"candidates must be a finite number >= 1 (times the budget), "
+                          f"got {candidates!r}")
+    if not _is_int(seed) or not 0 <= seed < 1 << 64:  # torch's manual_seed overflowed
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r:.40}")
     if anchor is None:
         if lm.tokenizer is None:
             raise ConfigError("this model has no tokenizer to take the default anchor from; "
                               "pass anchor=[token ids]")
         anchor = default_anchor(lm.tokenizer)
-    anchor = [int(t) for t in anchor]
+    anchor = check_ids(lm.model, anchor, "the anchor")
 
     parts = resolve(lm, segments, anchor)
     try:
@@ -249,12 +254,18 @@ def _filter_layer(filter_layer, check_layer: int, n_layers: int):
     """The layer where candidates are ranked again (None: a single stage)."""
     if filter_layer is None:
         filter_layer = n_layers // 4
+    if filter_layer is not False and not _is_int(filter_layer):
+        raise ConfigError(f"filter_layer must be a layer, None or False, got {filter_layer!r}")
     if filter_layer is False or filter_layer <= check_layer:
         return None
     if not check_layer < filter_layer < n_layers - 1:
         raise ConfigError(f"filter_layer must be in ({check_layer}, {n_layers - 1}), "
                           f"got {filter_layer}")
     return int(filter_layer)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _query_rows(parts, n: int):

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import format as kvc
-from ..core.kvcache import KVCache
+from ..core.kvcache import KVCache, check_token_ids
 from ..core.transforms import model_ropes, shift
 from ..errors import (BlendError, ConfigError, CorruptError, FormatError, KVCodecError,
                       ShapeError)
 from ..models.fingerprint import check_fingerprint
-from ..models.tokens import special_prefix, text_ids
+from ..models.tokens import check_ids, special_prefix, text_ids
 
 
 @dataclass
@@ -75,8 +75,9 @@ class _Part:
 
 
 def _ids(lm, text, token_ids) -> list | None:
-    if token_ids is not None:
-        return [int(t) for t in token_ids]
+    if token_ids is not None:  # a string was int()'s ValueError, 1.5 was cut to 1
+        return check_token_ids(token_ids, len(token_ids) if hasattr(token_ids, "__len__")
+                               else -1)  # the vocabulary: resolve() names the segment
     if text is not None:  # a piece inside the prompt: never a BOS of its own
         return text_ids(lm.tokenizer, text, first=False)
     return None
@@ -101,12 +102,17 @@ def resolve(lm, segments, anchor: list) -> list:
     begin with it (a text, or a position-independent document, which never carries one),
     a computed part holding it comes first.
     """
+    if isinstance(segments, (str, bytes, dict)):  # a str went by characters, a dict by keys
+        raise ShapeError(f"segments must be a list of Text, Cached or str, got a "
+                         f"{type(segments).__name__} (one text is [text])")
     if not segments:
         raise ShapeError("blend needs at least one segment")
     parts = []
     try:
         for i, seg in enumerate(segments):
             parts.append(_resolve_one(lm, seg, i, anchor))
+        for i, p in enumerate(parts):  # a raw-tensor cache's ids are checked nowhere else
+            check_ids(lm.model, p.ids, f"segment {i} ({p.report.source})")
     except BaseException:
         for p in parts:
             for f in p.owned:
@@ -157,6 +163,9 @@ def _resolve_cached(lm, seg: Cached, i: int, anchor: list) -> _Part:
         part.load = lambda dst, offset: _load_store(store, paths, given, anchor, dst, offset)
         return part
     src = seg.source
+    if src is None:
+        raise ShapeError(f"segment {i}: a Cached segment needs a source (a .kvc path, bytes, "
+                         "a KVCFile or a KVCache) or a store")
     if isinstance(src, KVCache):
         return _resolve_tensors(lm, src, given, name, anchor)
     try:

@@ -7,7 +7,7 @@ from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
 from .attention import eager
 from .loading import LoadedModel
-from .tokens import document_ids
+from .tokens import check_ids, document_ids
 
 # Queries at the end of a prompt whose attention ranks its tokens (see capture_kv).
 IMPORTANCE_WINDOW = 128
@@ -71,14 +71,15 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         raise ShapeError(f"{lm.config.model_type} caches multi-head latent attention (MLA) "
                          "latents, not per-head keys and values; kvcodec codes K/V caches only")
     if token_ids is None:
-        if text is None:
-            raise ShapeError("capture_kv needs text or token_ids")
+        if not isinstance(text, str):  # token ids given as the text: transformers' ValueError
+            raise ShapeError(f"capture_kv needs text (a str) or token_ids, got text of "
+                             f"{type(text).__name__}")
         token_ids = document_ids(lm.tokenizer, text, chat=chat, system=system,
                                  independent=anchor is not None)
-    token_ids = list(token_ids)[:max_tokens] if max_tokens else list(token_ids)
+    token_ids = check_ids(lm.model, list(token_ids)[:max_tokens] if max_tokens else token_ids)
     if not token_ids:
         raise ShapeError("no tokens to run the model on")
-    anchor = None if anchor is None else [int(t) for t in anchor]
+    anchor = None if anchor is None else check_ids(lm.model, anchor, "the anchor")
     if anchor is not None and not anchor:
         raise ShapeError("an anchor needs at least one token")
     a = len(anchor or ())

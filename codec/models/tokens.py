@@ -26,7 +26,8 @@ question, the end of the turn, the assistant's header).
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..core.kvcache import check_token_ids
+from ..errors import ConfigError, ShapeError
 
 # A private-use character no chat template writes: where the document ends in a render.
 _MARK = "\ue000kvcodec-cut\ue000"
@@ -110,3 +111,19 @@ def prompt_ids(tokenizer, question: str, *, chat: bool = False,
     ``chat``, the rest of the chat prompt that :func:`document_ids` started."""
     return text_ids(tokenizer, chat_suffix(tokenizer, question, system) if chat else question,
                     first=False)
+
+
+def check_ids(model, ids, what: str = "token ids") -> list:
+    """``ids`` (a list, tuple or 1-D integer array) as a list of ints ``model`` can embed:
+    integers in ``[0, 2**32)`` (:func:`~kvcodec.core.kvcache.check_token_ids`) below the
+    size of its embedding table; else a ShapeError (an id past the table was torch's
+    IndexError from inside the forward pass, a string int()'s ValueError)."""
+    ids = check_token_ids(ids, len(ids) if hasattr(ids, "__len__") else -1)
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError, NotImplementedError):
+        return ids  # no embedding table to read the size of
+    if ids and max(ids) >= vocab:
+        raise ShapeError(f"{what}: token id {max(ids)} is outside the model's vocabulary "
+                         f"of {vocab}")
+    return ids
