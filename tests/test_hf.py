@@ -133,6 +133,30 @@ def test_cache_from_kv_and_geometry_checks(lm, doc, kv_600):
         hf.load_cache(lm.model, kvcodec.encode(short, config="default"))
 
 
+def test_bad_reserve_threads_and_dtypes_are_clear_errors(lm, kv_600):
+    """A string reserve or thread count was a TypeError (pybind11's for threads), -1 a
+    buffer one token short, a reserve past memory torch's RuntimeError, a dtype given as
+    a string torch.empty's TypeError."""
+    data = kvcodec.encode(kv_600.slice(0, 40), config="lossless")
+    for reserve in ("5", -1, 1.5, True):
+        with pytest.raises(kvcodec.ShapeError, match="reserve must be an integer"):
+            hf.load_cache(lm.model, data, reserve=reserve)
+        with pytest.raises(kvcodec.ShapeError, match="reserve must be an integer"):
+            hf.cache_from_kv(lm.model, kv_600, reserve=reserve)
+    with pytest.raises(kvcodec.BackendError, match="cannot allocate the cache's"):
+        hf.load_cache(lm.model, data, reserve=10 ** 12)
+    for threads in ("2", 1.0, 2 ** 40 * 1.0, None):
+        with pytest.raises(kvcodec.ConfigError, match="threads must be an integer"):
+            hf.load_cache(lm.model, data, threads=threads)
+        with pytest.raises(kvcodec.ConfigError, match="threads must be an integer"):
+            kvcodec.encode(kv_600.slice(0, 40), threads=threads)
+    for dtype in ("float16", torch.int8, float):
+        with pytest.raises(kvcodec.ShapeError, match="dtype must be torch.float16"):
+            kvcodec.decode(data, dtype=dtype)
+    big = hf.load_cache(lm.model, data, threads=2 ** 40)  # a huge count: as many as there is work
+    assert big.get_seq_length() == 40
+
+
 def test_streamed_load_equals_file_load(lm, doc):
     from kvcodec.format.stream import RateLimitedReader
     import io

@@ -202,10 +202,25 @@ def test_chunk_keys_follow_the_documented_chain():
         want.append(h.hex())
     assert chain(seed, ids, 2) == want
     assert chain(seed, torch.tensor(ids[:2]), 2) == want[:1]
-    with pytest.raises(OverflowError):
-        chain(seed, [1, -1], 2)
-    with pytest.raises(OverflowError):
-        chain(seed, [2 ** 32], 2)
+    # Ids that are not u32 integers: int.to_bytes' OverflowError, int()'s ValueError, a
+    # TypeError for None, and 1.5 hashed as 1; now each a ShapeError.
+    for bad in ([1, -1], [2 ** 32], ["a"], [1.5], None):
+        with pytest.raises(kvcodec.ShapeError, match="token ids must be"):
+            chain(seed, bad, 2)
+        if bad is not None:  # no anchor
+            with pytest.raises(kvcodec.ShapeError, match="token ids must be"):
+                chain(seed, [1], 2, anchor=bad)
+
+
+def test_lookups_refuse_token_ids_that_are_not_u32_integers(tmp_path, lm, kv_600, doc_ids):
+    store = ChunkStore(tmp_path, lm.fingerprint, config="lossless")
+    store.put(kv_600.slice(0, 256))
+    for bad in ([-1] * 256, "abc", [1.5] * 256, None):
+        for call in (store.lookup, store.load_prefix,
+                     lambda ids: cache_from_store(lm.model, store, ids)):
+            with pytest.raises(kvcodec.ShapeError, match="token ids must be"):
+                call(bad)
+    assert len(store.lookup(torch.tensor(doc_ids[:300]))) == 1
 
 
 @pytest.mark.parametrize("root,prefix", [("s", ""), ("s", "chunks"), ("./s/", "chunks/0a/"),

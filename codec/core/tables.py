@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 
 # Symbols a table covers at most (a quantizer's alphabet: ``kvcodec.core.quant``).
 MAX_ALPHABET = 256
@@ -29,6 +29,15 @@ def native():
             f"the native coder is not built ({exc}); run `pip install -e .` in the kvcodec "
             "checkout (needs a C++17 compiler, cmake and ninja)") from None
     return _native
+
+
+def threads(n) -> int:
+    """A thread count for the native coder: an integer (0 or less: one per core; more
+    than 4,096 is 4,096), else a ConfigError (a string or a float was pybind11's
+    TypeError, 2**31 too)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ConfigError(f"threads must be an integer (0: one per core), got {n!r:.40}")
+    return max(0, min(n, 4096))
 
 
 def channel_counts(symbols: np.ndarray, alphabet: int) -> np.ndarray:

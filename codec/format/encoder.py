@@ -19,6 +19,7 @@ from ..core import codebook
 from ..core.fit import first_fit, save_fitted, wants_first_fit
 from ..core.kvcache import KVCache, check_model_geometry, check_token_ids
 from ..core.quant import make_quantizer
+from ..core.tables import threads as native_threads
 from ..core.transforms import applied_key_transform, layer_ropes
 from ..errors import ConfigError, ShapeError
 from . import container
@@ -304,7 +305,7 @@ class Encoder:
         else:
             quant = self._dense_quantizers(key, specs, kv.dtype)
         coder = StreamCoder(cfg, quant, layer_ropes(xform, n_layers, d), self.chunk_for(kv),
-                            n_sink, importance, position_offset, self.threads)
+                            n_sink, importance, position_offset, native_threads(self.threads))
         return coder, xform, cfg
 
     def shared_tables(self, kv, position_offset: int = 0,

@@ -24,7 +24,7 @@ import torch
 from ..core import tables
 from ..core.streams import flatten, unflatten
 from ..core.transforms import rope, shift
-from ..errors import CorruptError
+from ..errors import CorruptError, ShapeError
 
 
 @dataclass(slots=True)
@@ -153,6 +153,17 @@ class DecodePlan:
         return self
 
 
+def out_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    """The dtype to decode into: ``default`` for None, else one of the three float dtypes
+    (a string was torch.empty's TypeError)."""
+    if dtype is None:
+        return default
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ShapeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {dtype!r:.40}")
+    return dtype
+
+
 def run(plan: DecodePlan, threads: int = 0) -> list:
     """Decode ``plan``'s jobs natively (one call, all threads, the GIL released), without
     finishing them. Returns per target the first error of its jobs (None where all
@@ -166,7 +177,7 @@ def run(plan: DecodePlan, threads: int = 0) -> list:
         first.setdefault(id(j.tables), len(first))
     order = sorted(range(len(plan.jobs)), key=lambda i: first[id(plan.jobs[i].tables)])
     errors = tables.native().decode_many([plan.jobs[i].native() for i in order],
-                                         plan.chunk_tokens, threads)
+                                         plan.chunk_tokens, tables.threads(threads))
     out = [None] * len(plan.targets)
     for err, t in zip(errors, (plan.owner[i] for i in order)):
         if err is not None and out[t] is None:

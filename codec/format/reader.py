@@ -16,7 +16,7 @@ from ..errors import AccessError, ConfigError, FormatError, KVCodecError, ShapeE
 from .container import Reader, StreamBuffer, untrusted
 from .evicted import plan_evicted
 from .header import FileHeader
-from .plan import DecodePlan, Dequant, Job, Target, execute, in_place
+from .plan import DecodePlan, Dequant, Job, Target, execute, in_place, out_dtype
 from .sections import SectionSource
 from .spec import DTYPES, head_rows
 from .streaming import ChunkStreamer
@@ -309,7 +309,7 @@ class KVCFile:
         """``{layer: (keys, values)}`` of uninitialized tensors sized for ``chunks`` (all
         by default), as :meth:`decode_into` takes them."""
         chunks = self.meta.chunk_range(chunks)
-        dtype = dtype or self.meta.dtype
+        dtype = out_dtype(dtype, self.meta.dtype)
         out = {}
         for l in self.meta.check_layers(layers):
             shape = (1, self.meta.num_kv_heads, self.meta.layer_span(l, chunks)[1],
@@ -377,7 +377,7 @@ class KVCFile:
         ids = None if m.token_ids is None else m.token_ids[t0:t0 + n]
         if m.evicted:
             with untrusted(m.name):
-                plan, keys, values, kept = plan_evicted(self, chunks, dtype or m.dtype,
+                plan, keys, values, kept = plan_evicted(self, chunks, out_dtype(dtype, m.dtype),
                                                         *self.placement(position_offset))
             execute(plan, threads)
             return KVCache(keys, values, ids, m.model, length=n, kept=kept, anchor=m.anchor)

@@ -20,10 +20,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import format as kvc
 from ..core.kvcache import KVCache
-from ..errors import KVCodecError, ModelMismatchError, ShapeError
+from ..errors import BackendError, KVCodecError, ModelMismatchError, ShapeError
 from ..models.attention import check_geometry, model_device, model_dtype
 from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
 from ..store.batch import fill
+from ..store.keys import token_list
 from ..store.tails import reuse_end
 from .ragged import ragged_cache
 
@@ -107,8 +108,22 @@ def cache_buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype
     check_geometry(model, n_layers, heads, head_dim)
     tokens = [tokens] * n_layers if isinstance(tokens, int) else list(tokens)
     dtype, device = dtype or model_dtype(model), model_device(model)
-    return [(torch.empty((1, heads, t, head_dim), dtype=dtype, device=device),
-             torch.empty((1, heads, t, head_dim), dtype=dtype, device=device)) for t in tokens]
+    try:
+        return [(torch.empty((1, heads, t, head_dim), dtype=dtype, device=device),
+                 torch.empty((1, heads, t, head_dim), dtype=dtype, device=device))
+                for t in tokens]
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator: out of memory
+        need = 2 * sum(tokens) * heads * head_dim * torch.finfo(dtype).bits // 8
+        raise BackendError(f"cannot allocate the cache's {need:,} bytes on {device}: "
+                           f"{type(exc).__name__}, out of memory") from None
+
+
+def _reserve(reserve) -> int:
+    """``reserve``, the tokens a cache has room for after its own: an integer >= 0 (a
+    string was a TypeError, -1 a buffer one token short)."""
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+        raise ShapeError(f"reserve must be an integer >= 0 (tokens), got {reserve!r:.40}")
+    return reserve
 
 
 def _window(layer):
@@ -151,7 +166,7 @@ def reserved_cache(model, bufs, lengths, seq_len: int, cache=None) -> DynamicCac
 def cache_from_kv(model, kv, *, reserve: int = DEFAULT_RESERVE) -> DynamicCache:
     """Copy a :class:`kvcodec.KVCache` (e.g. an fp16 cache read from safetensors) into a
     ``DynamicCache`` of the model's dtype with room for ``reserve`` more tokens per layer."""
-    spans = kv.layer_tokens
+    spans, reserve = kv.layer_tokens, _reserve(reserve)
     bufs = cache_buffers(model, kv.num_layers, kv.num_kv_heads, [t + reserve for t in spans],
                     kv.head_dim)
     for (kb, vb), k, v, t in zip(bufs, kv.keys, kv.values, spans):
@@ -188,7 +203,7 @@ def load_cache(model, src, *, fingerprint: dict | None = None, threads: int = 0,
             check_fingerprint(src.model, fingerprint)
         return ragged_cache(src, model) if src.evicted else cache_from_kv(model, src,
                                                                            reserve=reserve)
-    f = _open_checked(model, src, fingerprint)
+    reserve, f = _reserve(reserve), _open_checked(model, src, fingerprint)
     if getattr(f, "evicted", False):
         return ragged_cache(f.decode(threads=threads), model)
     spans = f.layer_tokens
@@ -227,7 +242,7 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
     check_fingerprint(store.fingerprint, model_fingerprint(model.config, rope=False))
-    ids = [int(t) for t in token_ids]
+    ids, reserve = token_list(token_ids), _reserve(reserve)
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])
@@ -270,7 +285,7 @@ class LayerwiseCache:
     def open(model, src, *, fingerprint: dict | None = None, threads: int = 0,
              reserve: int = DEFAULT_RESERVE):
         f = _open_checked(model, src, fingerprint)
-        return _make_layerwise(model, f, threads, reserve)
+        return _make_layerwise(model, f, threads, _reserve(reserve))
 
 
 def _make_layerwise(model, f: kvc.KVCFile, threads: int, reserve: int):
