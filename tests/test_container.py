@@ -221,6 +221,9 @@ def test_wrong_shapes_are_refused(kv_600):
             enc = kvcodec.format.Encoder("default", {**fp, field: wrong})
             enc.encode(kvcodec.KVCache([k], [v]))
     assert kvcodec.decode(kvcodec.encode(kvcodec.KVCache([k], [v], model=fp))).model == fp
+    for chunk in (0, True, 1.5, "8", 2 ** 17):  # 0 took the config's, True 1, 1.5 was cut
+        with pytest.raises(kvcodec.ConfigError, match="chunk_tokens must be an integer"):
+            kvcodec.encode(kvcodec.KVCache([k], [v]), chunk_tokens=chunk)
 
 
 def test_bad_chunk_and_layer_requests(small_kvc):

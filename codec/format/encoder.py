@@ -109,11 +109,14 @@ class Encoder:
                 self.config = applied_key_transform(self.config, fingerprint, n, 0, 0)[1]
             except ConfigError:
                 pass  # not optional: encode() says why
-        self.chunk_tokens = int(chunk_tokens or self.config.get("chunk_tokens", 256))
         self._chunk_given = chunk_tokens is not None
-        if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
-            raise ConfigError(f"chunk_tokens must be in [1, {MAX_CHUNK_TOKENS}], got "
-                              f"{self.chunk_tokens}")
+        self.chunk_tokens = chunk_tokens if self._chunk_given else int(
+            self.config.get("chunk_tokens", 256))
+        # An integer: True was 1 and 1.5 was cut to 1, 0 took the config's own
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) \
+                or not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
+            raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], "
+                              f"got {self.chunk_tokens!r:.40}")
         # Keyed by (layers, the model's full-attention layers that for_model may scale).
         self._applied = {}          # -> (the config as files of such a model record it,
                                     #     its per-kind quantizer specs per layer)
