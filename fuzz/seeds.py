@@ -151,7 +151,7 @@ def kvc_seeds() -> dict:
     enc("dense-yarn", _cache(2, 1, 8, 12, 8, model=fp["qwen2-yarn"]))
     enc("lossless-f16", _cache(2, 1, 8, 12, 9, torch.float16, model=llama), config="lossless")
     enc("lossless-bf16", _cache(1, 2, 8, 12, 10, torch.bfloat16), config="lossless", chunk=4)
-    enc("lossless-f32", _cache(1, 1, 8, 8, 11, model=llama), config="lossless")
+    enc("lossless-f32", _cache(2, 1, 8, 8, 11, model=llama), config="lossless")
     # Sliding windows: layer 0 holds its last 13 of 20 tokens (a span that starts
     # inside a chunk), layer 1 all of them.
     enc("sliding-default", _cache(2, 1, 8, 20, 12, spans=[13, 20], model=gemma))
@@ -168,8 +168,8 @@ def kvc_seeds() -> dict:
     enc("evicted-lossless", _evict(dense, [[3, 7], [0, 12]], seed=1), config="lossless",
         chunk=4)
     enc("evicted-cachegen", _evict(dense, [[20, 2], [5, 5]], seed=2), config="cachegen")
-    enc("evicted-anchored", _evict(_cache(1, 2, 8, 12, 18, model=fp["llama2h"], anchor=anchor),
-                                   [[4, 12]]))
+    enc("evicted-anchored", _evict(_cache(2, 2, 8, 12, 18, model=fp["llama2h"], anchor=anchor),
+                                   [[4, 12], [7, 2]]))
     # klt streams (format v7), each file carrying its codebook: mutations reach the
     # codebook's parser and the native inverse basis.
     from kvcodec.quality.transform import klt_config

@@ -329,6 +329,10 @@ def test_hostile_arguments_are_clear_errors(lm, rag):
         kvcodec.capture_kv(lm, rag["docs"][0])  # ids given as the text
     with pytest.raises(ShapeError, match="outside the model's vocabulary"):
         kvcodec.capture_kv(lm, token_ids=[vocab])
+    for kw in ({"max_tokens": 1.5}, {"max_tokens": -1}, {"prefill_chunk": 0},
+               {"importance_window": "x"}):  # slicing's TypeError, range()'s ValueError
+        with pytest.raises(ShapeError, match="must be an integer"):
+            kvcodec.capture_kv(lm, "A short text.", **kw)
 
 
 def test_a_damaged_segment_is_recomputed_from_its_tokens(lm, rag):

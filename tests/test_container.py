@@ -227,6 +227,25 @@ def test_wrong_shapes_are_refused(kv_600):
 
 
 def test_bad_chunk_and_layer_requests(small_kvc):
+    import io
+
+    with kvcodec.open(small_kvc) as f:
+        # A float, a string or a numpy integer as chunks was a TypeError; numpy integers
+        # now work as Python's do, as layers too.
+        for chunks in (0.0, "0", [0.5], slice("a")):
+            with pytest.raises(ShapeError, match="chunks must be integers"):
+                f.decode(chunks)
+        assert torch.equal(f.decode(np.int64(1)).keys[0], f.decode(1).keys[0])
+        assert list(f.decode_layers([np.int64(2)])) == [2]
+        # A destination that is not {layer: (keys, values)} of tensors was a CorruptError,
+        # the file's damage, which a store answers by moving its entry aside.
+        for dst in ({0: (1, 2)}, [1, 2], {0: (torch.zeros(1),)}):
+            with pytest.raises(ShapeError, match="dst must be"):
+                f.decode_into(dst)
+            with pytest.raises(ShapeError, match="dst must be"):
+                f.plan(dst)
+    with pytest.raises(KVCodecError, match="open it with mode 'rb'"):  # a TypeError
+        kvcodec.open(io.StringIO("KVC"))
     with kvcodec.open(small_kvc) as f:
         for chunks in (5, -1, slice(4, 2), [0, 2]):
             with pytest.raises(ShapeError):

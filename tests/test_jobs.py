@@ -250,6 +250,30 @@ def test_spec_errors_are_clear():
         JobSpec(evict="snapkv")
     with pytest.raises(ConfigError, match="batch_tokens"):
         JobSpec(batch_tokens=0)
+    # A str of configs went letter by letter ('d', 'e', ...), None was a TypeError, and
+    # chat="no" was true: each now a ConfigError, a str one config.
+    assert JobSpec(configs="lossless").configs == ("lossless",)
+    for kw, needle in (({"configs": None}, "config names"), ({"configs": [3]}, "config names"),
+                       ({"chat": "no"}, "True or False"), ({"independent": 1}, "True or False"),
+                       ({"salt": 3}, "salt must be a str"),
+                       ({"chat": True, "system": 3}, "system must be a str")):
+        with pytest.raises(ConfigError, match=needle):
+            JobSpec(**kw)
+
+
+def test_precompute_refuses_bad_arguments_before_any_work(lm, jsonl, tmp_path):
+    """A store or model of the wrong type was Path()'s TypeError; threads="x" failed every
+    document (as its own failure) instead of the job."""
+    store = str(tmp_path / "s")
+    for kw, err, needle in (({"store": None}, ConfigError, "a store is a directory"),
+                            ({"store": 3}, ConfigError, "a store is a directory"),
+                            ({"model": 3}, kvcodec.errors.BackendError, "a model is a directory"),
+                            ({"threads": "x"}, ConfigError, "threads must be an integer"),
+                            ({"runner": "ray", "num_workers": 0}, ConfigError, "num_workers")):
+        args = {"store": store, "model": lm, "progress": False, **kw}
+        with pytest.raises(err, match=needle):
+            precompute([str(jsonl)], args.pop("store"), **args)
+    assert not list((tmp_path / "s").rglob("*.kvc"))  # nothing was stored
 
 
 def test_cli_precompute_reports_and_refuses_bad_input(jsonl, tmp_path):

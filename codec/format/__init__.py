@@ -9,7 +9,8 @@ Knows nothing of models or stores: a file carries a model's fingerprint as data.
 May import ``kvcodec.core`` and ``kvcodec.errors``.
 """
 from .container import atomic_write
-from .reader import KVCFile, decode, open  # noqa: A004
+from .opening import decode, open  # noqa: A004
+from .reader import KVCFile
 from .encoder import Encoder, encode
 from .spec import DTYPES
 

@@ -23,7 +23,8 @@ from .container import Reader
 from .shared import DIGEST
 from .kept import head_spec, kept_bytes, kept_counts, unpack_kept
 from .spec import (DTYPES, INDEX_ENTRY, MAX_ANCHOR_TOKENS, MAX_CHANNELS, MAX_CONFIG_BYTES,
-                   MAX_LAYERS, MAX_TOKENS, check_geometry, check_kept_geometry, coder_info)
+                   MAX_LAYERS, MAX_TOKENS, check_geometry, check_kept_geometry, chunk_range,
+                   coder_info)
 
 
 # Parsed config sections: (section bytes, layers, dtype) -> (config, specs, built).
@@ -327,21 +328,7 @@ class FileHeader:
 
     # -- geometry -------------------------------------------------------------------
     def chunk_range(self, chunks) -> range:
-        if chunks is None:
-            return range(self.num_chunks)
-        asked = chunks  # as given: an empty slice said "range(1, 1) is outside 0..0"
-        if isinstance(chunks, int):
-            chunks = range(chunks, chunks + 1)
-        elif isinstance(chunks, slice):
-            chunks = range(self.num_chunks)[chunks]
-        elif not isinstance(chunks, range):
-            chunks = list(chunks)
-            if not chunks or chunks != list(range(chunks[0], chunks[-1] + 1)):
-                raise ShapeError("chunks must be a contiguous, increasing range")
-            chunks = range(chunks[0], chunks[-1] + 1)
-        if len(chunks) == 0 or chunks.step != 1 or chunks[0] < 0 or chunks[-1] >= self.num_chunks:
-            raise ShapeError(f"chunks {asked!r} are not a range within 0..{self.num_chunks - 1}")
-        return chunks
+        return chunk_range(chunks, self.num_chunks)
 
     def span(self, chunks: range) -> tuple:
         """``(first token, token count)`` of a chunk range."""
@@ -357,10 +344,11 @@ class FileHeader:
 
     def check_layers(self, layers) -> list:
         layers = list(range(self.num_layers)) if layers is None else list(layers)
-        for l in layers:
-            if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < self.num_layers:
+        for l in layers:  # numpy's integers too (as indices); True is no layer
+            if isinstance(l, bool) or not hasattr(l, "__index__") \
+                    or not 0 <= l.__index__() < self.num_layers:
                 raise ShapeError(f"layer {l!r} is outside 0..{self.num_layers - 1}")
-        return layers
+        return [l.__index__() for l in layers]
 
     def summary(self) -> dict:
         """Sizes and geometry, for ``kvcodec inspect``."""

@@ -3,8 +3,6 @@ verified sections (``sections``) and decode plans (:mod:`.plan`), which it build
 caller buffers and runs natively."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -12,54 +10,14 @@ from ..core.kvcache import KVCache
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
 from ..core.transforms import check_positions, model_ropes, rope_tables
-from ..errors import AccessError, ConfigError, FormatError, KVCodecError, ShapeError
-from .container import Reader, StreamBuffer, untrusted
+from ..errors import ConfigError, FormatError, ShapeError
+from .container import Reader, untrusted
 from .evicted import plan_evicted
 from .header import FileHeader
 from .plan import DecodePlan, Dequant, Job, Target, execute, in_place, out_dtype
 from .sections import SectionSource
 from .spec import DTYPES, head_rows
 from .streaming import ChunkStreamer
-
-
-def decode(source, *, dtype: torch.dtype | None = None, threads: int = 0) -> KVCache:
-    """Decode a whole .kvc file (path, bytes or binary file object) into a :class:`KVCache`."""
-    with open(source) as f:
-        return f.decode(dtype=dtype, threads=threads)
-
-
-def open(source, *, tables=None, name: str = "<bytes>") -> "KVCFile":  # noqa: A001
-    """Open a .kvc file lazily for random access by chunk and layer.
-
-    ``source`` is a path, bytes, a seekable binary file object, or any readable stream
-    (a socket file, a pipe, a rate-limited reader): with a stream, the header is parsed
-    as soon as it arrives and chunks decode while later bytes are still in flight
-    (see :meth:`KVCFile.iter_chunks`). ``tables``: for a store entry coded with its
-    store's shared tables (format v6), a callable from their digest to the
-    :class:`~kvcodec.format.shared.SharedTables` (:meth:`ChunkStore.open_entry` passes
-    the store's). ``name``: what messages call a file given as bytes (read in place).
-    """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            f = path.open("rb")
-        except OSError as exc:
-            raise AccessError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-        try:
-            return KVCFile(Reader(f, str(path)), tables)
-        except BaseException:
-            f.close()
-            raise
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return KVCFile(Reader(source, name), tables)
-    if hasattr(source, "read"):
-        name = str(getattr(source, "name", "<stream>"))
-        seekable = getattr(source, "seekable", None)
-        if hasattr(source, "seek") and (seekable is None or seekable()):
-            return KVCFile(Reader(source, name), tables)
-        return KVCFile(Reader(StreamBuffer(source), name), tables)
-    raise KVCodecError(f"cannot open a {type(source).__name__}; give a path, bytes or a "
-                       "readable (seekable or streaming) file object")
 
 
 # Header fields a KVCFile answers directly (see FileHeader for what each is).
@@ -225,6 +183,14 @@ class KVCFile:
         stream and run of chunks, a target per stream. Plans of several files
         concatenate (:meth:`DecodePlan.extend`) and run as one native call."""
         self._dense_only("plan")
+        # The caller's request is checked outside untrusted(): a junk destination or chunk
+        # request was a CorruptError, the file's damage (a store moves such entries aside).
+        chunks = self.meta.chunk_range(chunks)
+        if not isinstance(dst, dict) or not all(
+                isinstance(p, (tuple, list)) and len(p) == 2
+                and all(isinstance(t, torch.Tensor) for t in p) for p in dst.values()):
+            raise ShapeError("dst must be {layer: (keys, values)} of tensors, got "
+                             f"{type(dst).__name__} {str(dst)[:60]}")
         with untrusted(self.meta.name):
             return self._plan(dst, chunks, position_offset, items)
 

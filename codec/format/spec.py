@@ -5,6 +5,7 @@ caches over them, so every file it writes can be read back.
 """
 from __future__ import annotations
 
+import operator
 import struct
 
 import torch
@@ -65,3 +66,28 @@ def head_rows(first: int, rows: int, chunk: int) -> int:
     multiples of ``chunk``, so a sliding window's span codes those rows as a job of their
     own, then whole chunks: the writer and the reader both split spans this way."""
     return min((-first) % chunk, rows)
+
+
+def chunk_range(chunks, num_chunks: int) -> range:
+    """The chunks a request names, as a non-empty range within ``0..num_chunks - 1``:
+    None (all), an integer (numpy's too), a slice, a range or a contiguous increasing
+    list of integers; anything else is a ShapeError (a string, a float or a numpy
+    integer was a TypeError, and an empty slice said "range(1, 1) is outside 0..0")."""
+    if chunks is None:
+        return range(num_chunks)
+    asked = chunks
+    try:
+        if isinstance(chunks, slice):
+            chunks = range(num_chunks)[chunks]
+        elif not isinstance(chunks, range):
+            chunks = [operator.index(c) for c in (
+                [chunks] if hasattr(chunks, "__index__") else chunks)]
+            if not chunks or chunks != list(range(chunks[0], chunks[-1] + 1)):
+                raise ShapeError("chunks must be a contiguous, increasing range")
+            chunks = range(chunks[0], chunks[-1] + 1)
+    except TypeError:
+        raise ShapeError(f"chunks must be integers, a slice or a range, got "
+                         f"{asked!r:.40}") from None
+    if len(chunks) == 0 or chunks.step != 1 or chunks[0] < 0 or chunks[-1] >= num_chunks:
+        raise ShapeError(f"chunks {asked!r:.60} are not a range within 0..{num_chunks - 1}")
+    return chunks

@@ -77,7 +77,19 @@ class JobSpec:
     ttl: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "configs", tuple(self.configs) or ("default",))
+        configs = (self.configs,) if isinstance(self.configs, str) else self.configs  # not
+        if not isinstance(configs, (tuple, list)) or not all(  # its letters, one by one
+                isinstance(c, str) and c for c in configs):
+            raise ConfigError(f"configs must be config names (a list of str), got "
+                              f"{self.configs!r:.60}")
+        object.__setattr__(self, "configs", tuple(configs) or ("default",))
+        for name in ("independent", "chat"):
+            if not isinstance(getattr(self, name), bool):  # "no" was true
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("system", "salt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a str or None, not a "
+                                  f"{type(getattr(self, name)).__name__}")
         if self.evict is not None and self.independent:
             raise ConfigError("an evicted window keeps only some tokens of each head, and "
                               "blending needs every token: choose --evict or --independent")

@@ -70,6 +70,10 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
     if getattr(lm.config.get_text_config(decoder=True), "kv_lora_rank", None):
         raise ShapeError(f"{lm.config.model_type} caches multi-head latent attention (MLA) "
                          "latents, not per-head keys and values; kvcodec codes K/V caches only")
+    for name, v, lo in (("max_tokens", max_tokens or 0, 0), ("prefill_chunk", prefill_chunk, 1),
+                        ("importance_window", importance_window, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:  # 1.5, "x": TypeErrors
+            raise ShapeError(f"{name} must be an integer >= {lo}, got {v!r:.40}")
     if token_ids is None:
         if not isinstance(text, str):  # token ids given as the text: transformers' ValueError
             raise ShapeError(f"capture_kv needs text (a str) or token_ids, got text of "

@@ -208,6 +208,9 @@ def resolve_model_path(name) -> Path:
     ``.gguf`` file (converted once, see :func:`convert_gguf`)."""
     if name in (None, "", DEFAULT_MODEL, "default"):
         return convert_gguf(_gguf_path(), DEFAULT_MODEL)
+    if not isinstance(name, (str, os.PathLike)):  # 3: Path()'s TypeError
+        raise BackendError(f"a model is a directory, a .gguf file or None, got "
+                           f"{type(name).__name__}")
     path = Path(name)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return convert_gguf(path)

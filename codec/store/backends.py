@@ -66,6 +66,8 @@ def open_backend(root, storage_options: dict | None = None):
     """The backend of ``root``: a local path or ``file://`` URL, or any other fsspec URL
     (``storage_options`` go to its filesystem, on top of fsspec's config and the
     environment, e.g. AWS credentials)."""
+    if not isinstance(root, (str, os.PathLike)):  # None or 3: Path()'s TypeError
+        raise ConfigError(f"a store is a directory or a URL, got {type(root).__name__}")
     if not isinstance(root, str) or "://" not in root:
         return LocalBackend(root)
     from fsspec.implementations.local import LocalFileSystem
