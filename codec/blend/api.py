@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.checks import is_int
 from ..core.kvcache import KVCache
 from ..errors import ConfigError, FormatError, KVCodecError, ShapeError
 from ..models.capture import default_anchor
@@ -120,14 +121,14 @@ def blend(lm, segments, *, recompute: float = RECOMPUTE, selector="hkvd",
     n_layers = int(cfg.num_hidden_layers)
     if check_layer is None:
         check_layer = default_check_layer(n_layers)
-    if not _is_int(check_layer) or not 0 <= check_layer < n_layers - 1:
+    if not is_int(check_layer) or not 0 <= check_layer < n_layers - 1:
         raise ConfigError(f"check_layer must be in [0, {n_layers - 2}], got {check_layer!r}")
     flt = _filter_layer(filter_layer, check_layer, n_layers)
     if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not (
             1 <= candidates < float("inf")):
         raise ConfigError(f"candidates must be a finite number >= 1 (times the budget), "
                           f"got {candidates!r}")
-    if not _is_int(seed) or not 0 <= seed < 1 << 64:  # torch's manual_seed overflowed
+    if not is_int(seed) or not 0 <= seed < 1 << 64:  # torch's manual_seed overflowed
         raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r:.40}")
     if anchor is None:
         if lm.tokenizer is None:
@@ -254,7 +255,7 @@ def _filter_layer(filter_layer, check_layer: int, n_layers: int):
     """The layer where candidates are ranked again (None: a single stage)."""
     if filter_layer is None:
         filter_layer = n_layers // 4
-    if filter_layer is not False and not _is_int(filter_layer):
+    if filter_layer is not False and not is_int(filter_layer):
         raise ConfigError(f"filter_layer must be a layer, None or False, got {filter_layer!r}")
     if filter_layer is False or filter_layer <= check_layer:
         return None
@@ -262,10 +263,6 @@ def _filter_layer(filter_layer, check_layer: int, n_layers: int):
         raise ConfigError(f"filter_layer must be in ({check_layer}, {n_layers - 1}), "
                           f"got {filter_layer}")
     return int(filter_layer)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _query_rows(parts, n: int):

@@ -76,8 +76,7 @@ class _Part:
 
 def _ids(lm, text, token_ids) -> list | None:
     if token_ids is not None:  # a string was int()'s ValueError, 1.5 was cut to 1
-        return check_token_ids(token_ids, len(token_ids) if hasattr(token_ids, "__len__")
-                               else -1)  # the vocabulary: resolve() names the segment
+        return check_token_ids(token_ids)  # the vocabulary: resolve() names the segment
     if text is not None:  # a piece inside the prompt: never a BOS of its own
         return text_ids(lm.tokenizer, text, first=False)
     return None

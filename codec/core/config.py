@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from .checks import is_int
 from .paths import CONFIG_DIR, config_dirs, loads_json, user_config_dir  # noqa: F401 (API)
 from .paths import open_regular
 from .quant import make_quantizer, validate_token_importance
@@ -157,18 +158,14 @@ def load_config(spec, *, copy_dict: bool = True, model: dict | None = None,
     return cfg
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is no count
-
-
 def validate_config(cfg: dict) -> None:
     if not isinstance(cfg, dict):
         raise ConfigError("a config must be a JSON object")
     chunk = cfg.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
-    if not _is_int(chunk) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
+    if not is_int(chunk) or not 1 <= chunk <= MAX_CHUNK_TOKENS:
         raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], got {chunk!r}")
     sinks = cfg.get("sink_tokens", 0)
-    if not _is_int(sinks) or not 0 <= sinks <= min(chunk, 64):
+    if not is_int(sinks) or not 0 <= sinks <= min(chunk, 64):
         raise ConfigError(f"sink_tokens must be an integer in [0, min(chunk_tokens, 64)], got {sinks!r}")
     xform = cfg.get("key_transform")
     if xform is not None and (not isinstance(xform, dict) or xform.get("type") != "rope_strip"
@@ -200,8 +197,8 @@ def validate_config(cfg: dict) -> None:
                 raise ConfigError(f"{where} must be an object with 'layers' and 'quantizer'")
             layers = rule.get("layers", [0, None])
             if (not isinstance(layers, list) or len(layers) != 2
-                    or not _is_int(layers[0])
-                    or not (layers[1] is None or _is_int(layers[1]))):
+                    or not is_int(layers[0])
+                    or not (layers[1] is None or is_int(layers[1]))):
                 raise ConfigError(f"{where}.layers must be [start, end] with end an int or null")
             try:
                 make_quantizer(rule["quantizer"])

@@ -252,9 +252,10 @@ def check_model_geometry(model: dict | None, layers: int, kv_heads: int, head_di
                                  + "; ".join(diffs) + ")")
 
 
-def check_token_ids(ids, n: int) -> list:
-    """``ids`` as a list of ``n`` Python ints in ``[0, 2**32)``, from a list, tuple or
-    1-D integer array (kept as an array, it broke the JSON a safetensors file records);
+def check_token_ids(ids, n: int | None = None) -> list:
+    """``ids`` as a list of ``n`` (any number for None) Python ints in ``[0, 2**32)``,
+    from a list, tuple or 1-D integer array (kept as an array, it broke the JSON a
+    safetensors file records);
     else a ShapeError (a string, a float, a value past 64 bits were a ValueError or an
     OverflowError of numpy's, and 1.5 was cut to 1 without a word)."""
     try:
@@ -264,7 +265,7 @@ def check_token_ids(ids, n: int) -> list:
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         what = arr.dtype if arr.ndim == 1 else f"{arr.ndim}-D {type(ids).__name__}"
         raise ShapeError(f"token ids must be a list of integers, got {what}")
-    if len(arr) != n:
+    if n is not None and len(arr) != n:
         raise ShapeError(f"{len(arr)} token ids for a cache of {n} tokens")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
         raise ShapeError("token ids must be in [0, 2**32)")

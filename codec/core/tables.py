@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError, ConfigError
+from .checks import is_int
 
 # Symbols a table covers at most (a quantizer's alphabet: ``kvcodec.core.quant``).
 MAX_ALPHABET = 256
@@ -35,7 +36,7 @@ def threads(n) -> int:
     """A thread count for the native coder: an integer (0 or less: one per core; more
     than 4,096 is 4,096), else a ConfigError (a string or a float was pybind11's
     TypeError, 2**31 too)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if not is_int(n):
         raise ConfigError(f"threads must be an integer (0: one per core), got {n!r:.40}")
     return max(0, min(n, 4096))
 

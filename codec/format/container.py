@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import zstandard
 
+from ..core.checks import is_int
 from ..core.paths import atomic_write, loads_json  # noqa: F401 (atomic_write: every writer's)
 from ..core.tables import native
 from ..errors import CorruptError, FormatError, KVCodecError, TruncatedError, VersionError
@@ -242,7 +243,7 @@ class Reader:
     def _check_sections(self) -> dict:
         table = self.header.get("sections")
         data_length = self.header.get("data_length")
-        if not isinstance(table, list) or not _is_int(data_length, 0, MAX_DATA_BYTES):
+        if not isinstance(table, list) or not is_int(data_length, 0, MAX_DATA_BYTES):
             raise CorruptError(f"{self.name}: header lacks a valid section table")
         sections, expect = {}, 0
         for entry in table:
@@ -250,9 +251,9 @@ class Reader:
                 raise CorruptError(f"{self.name}: malformed section entry")
             name, off, length = entry.get("name"), entry.get("offset"), entry.get("length")
             crc = entry.get("crc32")
-            if (not isinstance(name, str) or name in sections or not _is_int(off, 0, MAX_DATA_BYTES)
-                    or not _is_int(length, 0, MAX_DATA_BYTES)
-                    or not (crc is None or _is_int(crc, 0, 0xFFFFFFFF))):
+            if (not isinstance(name, str) or name in sections or not is_int(off, 0, MAX_DATA_BYTES)
+                    or not is_int(length, 0, MAX_DATA_BYTES)
+                    or not (crc is None or is_int(crc, 0, 0xFFFFFFFF))):
                 raise CorruptError(f"{self.name}: malformed section entry {entry!r:.200}")
             if off != expect:
                 raise CorruptError(
@@ -315,7 +316,3 @@ class Reader:
         if offset < 0 or length < 0 or offset + length > slen:
             raise CorruptError(f"{self.name}: range {offset}+{length} outside section {name!r}")
         return self._read_at(self.data_start + off + offset, length, view)
-
-
-def _is_int(v, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi

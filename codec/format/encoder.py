@@ -16,6 +16,7 @@ from .. import _version
 from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, load_config,
                            resolve_layers)
 from ..core import codebook
+from ..core.checks import is_int
 from ..core.fit import first_fit, save_fitted, wants_first_fit
 from ..core.kvcache import KVCache, check_model_geometry, check_token_ids
 from ..core.quant import make_quantizer
@@ -113,8 +114,7 @@ class Encoder:
         self.chunk_tokens = chunk_tokens if self._chunk_given else int(
             self.config.get("chunk_tokens", 256))
         # An integer: True was 1 and 1.5 was cut to 1, 0 took the config's own
-        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) \
-                or not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
+        if not is_int(self.chunk_tokens, 1, MAX_CHUNK_TOKENS):
             raise ConfigError(f"chunk_tokens must be an integer in [1, {MAX_CHUNK_TOKENS}], "
                               f"got {self.chunk_tokens!r:.40}")
         # Keyed by (layers, the model's full-attention layers that for_model may scale).

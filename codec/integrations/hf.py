@@ -19,12 +19,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .. import format as kvc
-from ..core.kvcache import KVCache
+from ..core.checks import is_int
+from ..core.kvcache import KVCache, check_token_ids
 from ..errors import BackendError, KVCodecError, ModelMismatchError, ShapeError
 from ..models.attention import check_geometry, model_device, model_dtype
 from ..models.fingerprint import check_fingerprint, fingerprint as model_fingerprint
 from ..store.batch import fill
-from ..store.keys import token_list
 from ..store.tails import reuse_end
 from .ragged import ragged_cache
 
@@ -121,7 +121,7 @@ def cache_buffers(model, n_layers: int, heads: int, tokens, head_dim: int, dtype
 def _reserve(reserve) -> int:
     """``reserve``, the tokens a cache has room for after its own: an integer >= 0 (a
     string was a TypeError, -1 a buffer one token short)."""
-    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+    if not is_int(reserve, 0):
         raise ShapeError(f"reserve must be an integer >= 0 (tokens), got {reserve!r:.40}")
     return reserve
 
@@ -242,7 +242,7 @@ def cache_from_store(model, store, token_ids, *, threads: int = 0, reserve: int 
 
     Returns ``(cache, cached_tokens)``; the cache is empty when nothing is cached."""
     check_fingerprint(store.fingerprint, model_fingerprint(model.config, rope=False))
-    ids, reserve = token_list(token_ids), _reserve(reserve)
+    ids, reserve = check_token_ids(token_ids), _reserve(reserve)
     fp = store.fingerprint
     bufs = cache_buffers(model, fp["num_layers"], fp["num_kv_heads"], len(ids) + reserve,
                          fp["head_dim"])

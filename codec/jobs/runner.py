@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..core.checks import is_int
 from ..core.tables import threads as native_threads
 from ..errors import ConfigError
 from ..store.backends import open_backend
@@ -52,8 +53,7 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
         raise ConfigError(f"unknown runner {runner!r}; choose {' or '.join(RUNNERS)}")
     if runner == "local" and (num_workers is not None or address is not None):
         raise ConfigError("--num-workers and --address go with --runner ray")
-    if num_workers is not None and (isinstance(num_workers, bool)
-                                    or not isinstance(num_workers, int) or num_workers < 1):
+    if num_workers is not None and not is_int(num_workers, 1):
         raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r:.40}")
     native_threads(threads)  # a bad count fails now, not as every document's failure
     corpus = Corpus(inputs, text_field=text_field, id_field=id_field,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import is_int
 from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
 from .attention import eager
@@ -72,7 +73,7 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
                          "latents, not per-head keys and values; kvcodec codes K/V caches only")
     for name, v, lo in (("max_tokens", max_tokens or 0, 0), ("prefill_chunk", prefill_chunk, 1),
                         ("importance_window", importance_window, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:  # 1.5, "x": TypeErrors
+        if not is_int(v, lo):  # 1.5 and "x" were TypeErrors
             raise ShapeError(f"{name} must be an integer >= {lo}, got {v!r:.40}")
     if token_ids is None:
         if not isinstance(text, str):  # token ids given as the text: transformers' ValueError

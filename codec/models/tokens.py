@@ -118,7 +118,7 @@ def check_ids(model, ids, what: str = "token ids") -> list:
     integers in ``[0, 2**32)`` (:func:`~kvcodec.core.kvcache.check_token_ids`) below the
     size of its embedding table; else a ShapeError (an id past the table was torch's
     IndexError from inside the forward pass, a string int()'s ValueError)."""
-    ids = check_token_ids(ids, len(ids) if hasattr(ids, "__len__") else -1)
+    ids = check_token_ids(ids)
     try:
         vocab = int(model.get_input_embeddings().num_embeddings)
     except (AttributeError, TypeError, NotImplementedError):

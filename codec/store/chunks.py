@@ -44,7 +44,7 @@ import torch
 
 from .. import format as kvc
 from ..core.config import load_config
-from ..core.kvcache import KVCache
+from ..core.kvcache import KVCache, check_token_ids
 from ..errors import KVCodecError, ShapeError
 from ..models.fingerprint import check_fingerprint
 from . import keys as keying
@@ -258,7 +258,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails, StoreEvicted):
         there that ``token_ids`` continue (a document's end, then a question: :mod:`.tails`).
         ``hold``: a load in this process follows from that token on, so an object store's
         entries from there are asked with GETs whose bytes it takes (:mod:`.held`)."""
-        keys = self.keys(ids := keying.token_list(token_ids))
+        keys = self.keys(ids := check_token_ids(token_ids))
         rels = [keying.entry_name(key) for i, key in enumerate(keys)
                 if partial or (i + 1) * self.chunk_tokens <= len(ids)]
         held = hold is not None and hasattr(self._backend, "hold")
@@ -300,7 +300,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails, StoreEvicted):
         :class:`CorruptError` for damage (another model's or other tokens' entry under
         this name included), ``OSError`` for the environment."""
         rel = self._backend.rel(loc)
-        ids = keying.token_list(token_ids)
+        ids = check_token_ids(token_ids)
         identity, t = None, time.perf_counter()
         try:
             self.load_codebooks()  # CodebookError: not here, and not the entry's damage
@@ -368,7 +368,7 @@ class ChunkStore(StoreObjects, StoreCapacity, StoreTails, StoreEvicted):
     def load_prefix(self, token_ids, dtype=None) -> KVCache | None:
         """The longest cached prefix of ``token_ids`` decoded as a :class:`KVCache`
         (tensors only), or None if nothing is cached or its first chunk is damaged."""
-        ids = keying.token_list(token_ids)
+        ids = check_token_ids(token_ids)
         locs = self.lookup(ids, hold=0)
         if not locs:
             return None

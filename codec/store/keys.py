@@ -24,12 +24,6 @@ def entry_name(key: str) -> str:
     return f"{key[:2]}/{key[2:]}.kvc"
 
 
-def token_list(token_ids) -> list:
-    """``token_ids`` as a list of ints in ``[0, 2**32)``, else a ShapeError (None, a
-    string, 1.5 and -1 were a TypeError, a ValueError, 1, and an OverflowError)."""
-    return check_token_ids(token_ids, len(token_ids) if hasattr(token_ids, "__len__") else -1)
-
-
 def ids_bytes(ids) -> bytes:
     """Token ids as little-endian u32 (one struct call); ids that are not integers in
     ``[0, 2**32)`` are a ShapeError (they were int.to_bytes' OverflowError, int()'s
@@ -63,7 +57,7 @@ def chain(seed: bytes, token_ids, chunk_tokens: int, anchor=None) -> list:
     out, h = [], seed
     if anchor is not None:
         h = hashlib.sha256(b"kvcodec-document-v1" + h + ids_bytes(anchor)).digest()
-    ids = token_list(token_ids)
+    ids = check_token_ids(token_ids)  # u32 integers, else a ShapeError (see ids_bytes)
     for start in range(0, len(ids), chunk_tokens):
         part = ids[start:start + chunk_tokens]
         h = hashlib.sha256(h + len(part).to_bytes(4, "little") + ids_bytes(part)).digest()
