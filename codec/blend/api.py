@@ -121,14 +121,14 @@ def blend(lm, segments, *, recompute: float = RECOMPUTE, selector="hkvd",
     n_layers = int(cfg.num_hidden_layers)
     if check_layer is None:
         check_layer = default_check_layer(n_layers)
-    if not is_int(check_layer) or not 0 <= check_layer < n_layers - 1:
+    if not is_int(check_layer, 0, n_layers - 2):
         raise ConfigError(f"check_layer must be in [0, {n_layers - 2}], got {check_layer!r}")
     flt = _filter_layer(filter_layer, check_layer, n_layers)
     if isinstance(candidates, bool) or not isinstance(candidates, (int, float)) or not (
             1 <= candidates < float("inf")):
         raise ConfigError(f"candidates must be a finite number >= 1 (times the budget), "
                           f"got {candidates!r}")
-    if not is_int(seed) or not 0 <= seed < 1 << 64:  # torch's manual_seed overflowed
+    if not is_int(seed, 0, (1 << 64) - 1):  # torch's manual_seed overflowed
         raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r:.40}")
     if anchor is None:
         if lm.tokenizer is None:

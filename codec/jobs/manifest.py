@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from ..core.checks import is_int
 from ..core.paths import loads_json
 from ..errors import KVCodecError
 
@@ -42,8 +43,7 @@ class Manifest:
         except ValueError:  # damaged: the document is simply not done
             return None
         if not isinstance(record, dict) or not all(  # counts the job's report adds up
-                type(record.get(k, 0)) is int and record.get(k, 0) >= 0
-                for k in ("tokens", "windows", "chunks")):
+                is_int(record.get(k, 0), 0) for k in ("tokens", "windows", "chunks")):
             return None
         return record
 

@@ -42,6 +42,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from ...core.checks import is_int
 from ...errors import ConfigError
 
 PARAM = "kvcodec_blend"            # the key in kv_transfer_params
@@ -108,7 +109,7 @@ def parse(params, n_tokens: int) -> Blend | None:
     spans, at = [], 0
     for i, seg in enumerate(spec["segments"]):
         if (not isinstance(seg, (list, tuple)) or len(seg) != 2 or seg[0] not in KINDS
-                or not isinstance(seg[1], int) or isinstance(seg[1], bool) or seg[1] < 1):
+                or not is_int(seg[1], 1)):
             raise ConfigError(f"blend segment {i} is {seg!r:.60}; need [kind, tokens] with "
                               f"kind one of {KINDS} and tokens a positive integer")
         spans.append((seg[0], at, at + seg[1]))
@@ -117,8 +118,7 @@ def parse(params, n_tokens: int) -> Blend | None:
         raise ConfigError(f"the blend segments cover {at} tokens; the prompt has {n_tokens}")
     anchor = spec.get("anchor")
     if anchor is not None and (not isinstance(anchor, list) or not anchor or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32
-            for t in anchor)):  # the store's keys hold ids as u32: a larger one raised
+            is_int(t, 0, (1 << 32) - 1) for t in anchor)):  # u32: the store's keys hold them
         raise ConfigError(f"blend anchor must be a list of token ids, got {anchor!r:.60}")
     tenant = spec.get("tenant")
     if tenant is not None and not isinstance(tenant, str):
@@ -133,8 +133,7 @@ def parse(params, n_tokens: int) -> Blend | None:
     check = spec.get("check_layer")
     seed = spec.get("seed", 0)
     for name, v in (("check_layer", check), ("seed", seed)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                              or not 0 <= v < 1 << 64):  # torch seeds take 64 bits
+        if v is not None and not is_int(v, 0, (1 << 64) - 1):  # torch seeds take 64 bits
             raise ConfigError(f"blend {name} must be a non-negative integer, got {v!r:.40}")
     return Blend(spans, anchor, tenant, float(ratio), selector, check, seed)
 
