@@ -7,7 +7,8 @@
   and removes.
 - The model's own eager attention function (:func:`eager_attention_function`), for
   attention functions of kvcodec's that must keep a model's scaling and soft-capping.
-- The K/V geometry of a model (:func:`kv_geometry`, :func:`check_geometry`) and the
+- The K/V geometry of a model (:func:`check_geometry`, by
+  :func:`kvcodec.models.support.kv_geometry`) and the
   dtype and device its caches take (:func:`model_dtype`, :func:`model_device`).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import BackendError, ModelMismatchError
+from .support import kv_geometry
 
 
 @contextmanager
@@ -78,14 +80,6 @@ def eager_attention_function(module, instead: str):
         raise BackendError(f"{type(module).__name__} defines no eager_attention_forward; "
                            f"{instead}")
     return fn
-
-
-def kv_geometry(config) -> tuple:
-    """``(layers, kv_heads, head_dim)`` of the K/V a model with ``config`` caches."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return (int(cfg.num_hidden_layers),
-            int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
-            int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads))
 
 
 def check_geometry(model, n_layers: int, heads: int, head_dim: int) -> None:

@@ -8,6 +8,7 @@ from ..core.kvcache import KVCache
 from ..errors import BackendError, ShapeError
 from .attention import eager
 from .loading import LoadedModel
+from .support import check_kv_model
 from .tokens import check_ids, document_ids
 
 # Queries at the end of a prompt whose attention ranks its tokens (see capture_kv).
@@ -68,9 +69,7 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         keys/values ``[1, kv_heads, tokens, head_dim]`` per layer, in the model's dtype,
         post-RoPE, with the token ids, the model's fingerprint and the importance.
     """
-    if getattr(lm.config.get_text_config(decoder=True), "kv_lora_rank", None):
-        raise ShapeError(f"{lm.config.model_type} caches multi-head latent attention (MLA) "
-                         "latents, not per-head keys and values; kvcodec codes K/V caches only")
+    check_kv_model(lm.config)
     for name, v, lo in (("max_tokens", max_tokens or 0, 0), ("prefill_chunk", prefill_chunk, 1),
                         ("importance_window", importance_window, 0)):
         if not is_int(v, lo):  # 1.5 and "x" were TypeErrors
@@ -89,7 +88,7 @@ def capture_kv(lm: LoadedModel, text: str | None = None, token_ids=None,
         raise ShapeError("an anchor needs at least one token")
     a = len(anchor or ())
     limit = getattr(lm.config, "max_position_embeddings", None)
-    if limit and a + len(token_ids) > limit:
+    if isinstance(limit, int) and limit > 0 and a + len(token_ids) > limit:  # XLNet: -1
         raise ShapeError(f"{a + len(token_ids)} tokens exceed the model's context of {limit}; "
                          "pass max_tokens")
     from transformers import DynamicCache
@@ -132,9 +131,19 @@ def _observe(lm: LoadedModel, ids, cache, n: int) -> torch.Tensor:
     if not out.attentions or out.attentions[0] is None:
         raise BackendError("the model returned no attention weights; it cannot supply "
                            "token importance (pass importance_window=0)")
-    kv_heads = cache.layers[0].keys.shape[1]
+    kv_heads = _held(cache, lm)[0].shape[1]
     rows = [a[0].float().mean(dim=1)[:, -n:] for a in out.attentions]  # [Hq, tokens]
     imp = torch.zeros(len(rows), kv_heads, n)
     for l, r in enumerate(rows):  # a sliding-window layer attends to its last len(r) tokens
         imp[l, :, n - r.shape[1]:] = r.reshape(kv_heads, -1, r.shape[1]).mean(1)
     return imp.mean(1), imp
+
+
+def _held(cache, lm: LoadedModel) -> list:
+    """The keys of every layer of ``cache`` after a forward pass; a model that filled
+    none (GPT-1 keeps no cache) is a ShapeError, not an AttributeError on None."""
+    keys = [getattr(layer, "keys", None) for layer in getattr(cache, "layers", ())]
+    if not keys or not all(isinstance(k, torch.Tensor) for k in keys):
+        raise ShapeError(f"{lm.config.model_type} kept no keys and values in the cache it "
+                         "was given; kvcodec codes models that cache per-head K/V")
+    return keys

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import BackendError, ModelMismatchError
 from .rope import rope_spec
+from .support import check_kv_model, kv_geometry, text_config
 
 # Parameters that shape a layer's keys and values (their projections, biases and norms,
 # the input norm before them), across the naming schemes of the common families.
@@ -105,8 +106,9 @@ def fingerprint(config, tokenizer=None, model=None, *, weights=None, rope: bool 
     there instead of ``model``'s. ``rope=False`` leaves ``rope`` None: what
     :func:`check_fingerprint` compares, without building the model's rotary module.
     """
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    check_kv_model(config)
+    cfg = text_config(config)
+    n_layers, n_kv_heads, head_dim = kv_geometry(cfg)
     theta, rope_type = _rope_summary(cfg)
     layer_types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
@@ -115,9 +117,9 @@ def fingerprint(config, tokenizer=None, model=None, *, weights=None, rope: bool 
     return {
         "architecture": (getattr(config, "architectures", None) or [cfg.model_type])[0],
         "model_type": cfg.model_type,
-        "num_layers": int(cfg.num_hidden_layers),
-        "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
-        "head_dim": int(head_dim),
+        "num_layers": n_layers,
+        "num_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
         "rope_theta": theta,
         "rope_type": rope_type,
         "sliding_window": int(window) if window else None,

