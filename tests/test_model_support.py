@@ -31,6 +31,7 @@ REFUSED = [
     ("qwen3_5_text", {}, "linear_attention layers"),          # Qwen3.5: Gated DeltaNet
     ("granitemoehybrid", {}, "linear_attention layers"),      # Granite 4.0
     ("jamba", {}, "mamba layers"),
+    ("lfm2", {"full_attn_idxs": [1, 3]}, "conv layers"),       # LFM2: short convolutions
     ("nemotron_h", {}, "linear_attention"),
     ("falcon_h1", {}, "hybrid layers"),
     ("recurrent_gemma", {}, "recurrent layers"),

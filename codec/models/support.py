@@ -11,8 +11,9 @@ model's config) or, for Falcon-7B's single KV head, in every encode:
   encoder's keys;
 - multi-head latent attention (DeepSeek V2/V3, MiniCPM3): a latent, not per-head K/V;
 - state-space and recurrent models (Mamba, RWKV, RecurrentGemma) and hybrids of them with
-  attention (Jamba, Bamba, Granite 4, Nemotron-H, Falcon-H1, Qwen3-Next, Qwen3.5): a
-  prefix's recurrent state is not in its K/V, so a K/V codec cannot restore it;
+  attention or convolutions (Jamba, Bamba, Granite 4, Nemotron-H, Falcon-H1, Qwen3-Next,
+  Qwen3.5, LFM2): a prefix's recurrent state is not in its K/V, so a K/V codec cannot
+  restore it;
 - layers of different geometry (Gemma 4's wider full-attention heads) and layers that
   share another layer's K/V (Gemma 3n): a cache whose layers are not one shape each.
 """
@@ -51,8 +52,13 @@ def kv_heads(cfg) -> int:
 def kv_geometry(config) -> tuple:
     """``(layers, kv_heads, head_dim)`` of the K/V a model with ``config`` caches."""
     cfg = text_config(config)
-    return (int(cfg.num_hidden_layers), kv_heads(cfg),
-            int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads))
+    try:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    except Exception as exc:  # noqa: BLE001 - e.g. a per-layer head_dim transformers guards
+        raise ShapeError(f"{getattr(cfg, 'model_type', '?')} has no one head_dim ("
+                         f"{type(exc).__name__}); kvcodec codes models whose every layer "
+                         "caches keys and values of one geometry") from None
+    return int(cfg.num_hidden_layers), kv_heads(cfg), int(head_dim)
 
 
 def check_kv_model(config) -> None:
@@ -80,8 +86,8 @@ def check_kv_model(config) -> None:
         b for b in (blocks or ()) if isinstance(b, str) and b != "attention"}
     other = sorted(str(k) for k in kinds - ATTENTION_KINDS)
     if other:
-        refuse(f"has {', '.join(other)} layers, whose recurrent state a K/V cache does "
-               "not hold")
+        refuse(f"has {', '.join(other)} layers, which cache no per-head keys and values "
+               "(a prefix's recurrent state is not in its K/V)")
     shared = getattr(cfg, "num_kv_shared_layers", None)
     if isinstance(shared, int) and shared > 0:
         refuse(f"lets {shared} of its {getattr(cfg, 'num_hidden_layers', '?')} layers reuse "
@@ -90,28 +96,14 @@ def check_kv_model(config) -> None:
 
 
 def _check_layers(cfg, refuse) -> None:
-    """Per-layer geometry (transformers' per_layer_config) and the cache layers
-    transformers makes for the config: one plain attention layer per model layer."""
-    try:
-        per_layer = list(cfg.per_layer_config)
-    except Exception:  # noqa: BLE001 - older configs have no per-layer view
-        per_layer = []
+    """Per-layer geometry, where the config varies it by layer (transformers'
+    heterogeneous configs: Gemma 4). Homogeneous configs skip it: a store load checks
+    its model on every call, and listing the per-layer configs costs ~0.15 ms."""
+    if not vars(cfg).get("_heterogeneity_spec"):
+        return
+    per_layer = list(cfg.per_layer_config)
     for field in ("head_dim", "num_key_value_heads"):
         seen = sorted({v for v in (getattr(c, field, None) for c in per_layer)
                        if v is not None})
         if len(seen) > 1:
             refuse(f"has layers of different {field} ({', '.join(map(str, seen))})")
-    try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-        layers = DynamicCache(config=cfg).layers
-    except Exception:  # noqa: BLE001 - a config transformers cannot lay out: no verdict
-        return
-    odd = sorted({type(l).__name__ for l in layers
-                  if type(l) not in (DynamicLayer, DynamicSlidingWindowLayer)})
-    if odd:
-        refuse(f"caches {', '.join(odd)} layers, not plain keys and values")
-    n = getattr(cfg, "num_hidden_layers", None)
-    if isinstance(n, int) and layers and len(layers) != n:
-        refuse(f"caches {len(layers)} layers for its {n} (layers share keys and values)")
