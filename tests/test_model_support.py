@@ -7,7 +7,7 @@ import transformers
 from click.testing import CliRunner
 
 import kvcodec
-from kvcodec.errors import ShapeError
+from kvcodec.errors import KVCodecError, ShapeError
 from kvcodec.integrations import hf
 from kvcodec.models import LoadedModel, fingerprint
 from kvcodec.models.support import check_kv_model, kv_geometry
@@ -121,3 +121,28 @@ def test_multi_query_models_round_trip(model_type, over, heads):
     got = model(input_ids=cont, past_key_values=hf.load_cache(model, data,
                                                               fingerprint=lm.fingerprint)).logits
     assert torch.equal(ref, got)
+
+
+def test_every_causal_lm_config_transformers_knows_is_coded_or_refused_clearly():
+    """The default config of every causal-LM architecture transformers has: its
+    fingerprint is made or refused with a KVCodecError, never a raw error (Mamba's an
+    AttributeError, Gemma 4's transformers' own guard, Cohere Compass's rotary module a
+    KeyError on its own default config). A guard for transformers upgrades."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    made, refused = [], []
+    for name in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            config = transformers.CONFIG_MAPPING[name]()
+        except Exception:  # noqa: BLE001 - transformers cannot make its own default
+            continue
+        try:
+            fp = fingerprint(config, None)
+        except KVCodecError:
+            refused.append(name)
+            continue
+        assert all(isinstance(fp[k], int) and fp[k] > 0
+                   for k in ("num_layers", "num_kv_heads", "head_dim")), (name, fp)
+        made.append(name)
+    assert {"llama", "qwen3", "gemma3_text", "falcon", "gpt2"} <= set(made)
+    assert {"mamba", "qwen3_5_text", "gemma4_text", "jamba"} <= set(refused)

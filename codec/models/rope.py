@@ -16,6 +16,8 @@ import importlib
 
 import torch
 
+from ..errors import BackendError
+
 # Families whose attention rotates interleaved channel pairs (GPT-J style) rather than
 # rotate_half; rope_strip refuses them (kvcodec.core.transforms.key_transform).
 _INTERLEAVED = {"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm",
@@ -49,8 +51,13 @@ def _rotary_module(config, model=None):
     cls = _rotary_class(config)
     if cls is None:
         return None
-    with torch.device("cpu"):
-        return cls(config)
+    try:
+        with torch.device("cpu"):
+            return cls(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' own module on this config
+        raise BackendError(f"{getattr(config, 'model_type', '?')}'s rotary embedding cannot "
+                           f"be built from its config ({type(exc).__name__}: {exc})"[:300]
+                           ) from None
 
 
 def _no_rope_layers(config, n_layers: int) -> set:
