@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import BackendError
 from ..models.attention import model_dtype, weights_of
+from ..models.support import text_config
 
 
 class _ScatterLayer(DynamicLayer):
@@ -72,7 +73,7 @@ class FusedCache(Cache):
 
 def layer_windows(config) -> list:
     """Per layer, the sliding window (keys a query sees, itself included) or None."""
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     n = int(cfg.num_hidden_layers)
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)

@@ -17,6 +17,7 @@ import importlib
 import torch
 
 from ..errors import BackendError
+from .support import text_config
 
 # Families whose attention rotates interleaved channel pairs (GPT-J style) rather than
 # rotate_half; rope_strip refuses them (kvcodec.core.transforms.key_transform).
@@ -83,7 +84,7 @@ def rope_spec(config, model=None) -> dict | None:
         the recorded ones, for RoPE types that change them with the sequence length
         (dynamic NTK beyond the context, longrope beyond its original context).
     """
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     module = _rotary_module(cfg, model)
     if module is None:
         return None
