@@ -205,3 +205,69 @@ def test_a_truncated_gguf_is_refused_and_the_cli_says_so_in_one_line(tmp_path, m
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.startswith("error: cut.gguf is not a readable GGUF file")
     assert len(r.output.strip().splitlines()) == 1
+
+
+def _refused_gguf(path, arch):
+    """A GGUF of a model kvcodec cannot code, whole as far as its header goes (the blocks
+    and the embedding have tensors), so only its config says it is refused."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(L)
+    w.add_context_length(128)
+    w.add_embedding_length(H)
+    w.add_vocab_size(V)
+    w.add_layer_norm_rms_eps(1e-5)
+    if arch == "mamba":
+        for key, value in (("conv_kernel", 4), ("state_size", 16), ("time_step_rank", 4),
+                           ("inner_size", 2 * H)):
+            w.add_uint32(f"mamba.ssm.{key}", value)
+    else:  # gemma4: full-attention heads of key_length, sliding ones of the default 256
+        w.add_feed_forward_length(F)
+        w.add_head_count(H // D)
+        w.add_head_count_kv(KV)
+        w.add_key_length(2 * D)
+        w.add_uint32("gemma4.attention.sliding_window", 64)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([bytes([i]).decode("latin-1") for i in range(256)]
+                     + ["<s>", "</s>", "<unk>", "<pad>"])
+    w.add_token_types([1] * 256 + [3] * 4)
+    w.add_token_scores([0.0] * V)
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((V, H), np.float32))
+    for i in range(L):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(H, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,says", [
+    ("mamba", "mamba has no attention heads"),
+    ("gemma4", r"gemma4_text has layers of different head_dim \(32, 256\)"),
+])
+def test_a_gguf_of_a_refused_model_is_refused_before_transformers_builds_it(
+        tmp_path, monkeypatch, arch, says):
+    """The config is read first: a real Mamba or Gemma 4 GGUF was converted whole (minutes,
+    and the float32 model in memory: ~124 GB for Gemma 4 31B) before the refusal."""
+    from transformers import AutoModelForCausalLM
+
+    from kvcodec.errors import ShapeError
+
+    monkeypatch.setenv("KVCODEC_CACHE", str(tmp_path / "cache"))
+
+    def built(*args, **kwargs):
+        raise AssertionError("transformers built the model of a refused GGUF")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", built)
+    path = _refused_gguf(tmp_path / f"{arch}.gguf", arch)
+    with pytest.raises(ShapeError, match=says):
+        kvcodec.load_model(str(path))
+    models = tmp_path / "cache" / "models"
+    assert not models.is_dir() or not list(models.iterdir())
+    r = CliRunner().invoke(main, ["model-path", str(path)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, KVCodecError
 from .fingerprint import fingerprint
 from .gguf_header import check_model, read_header
 from .support import check_kv_model
@@ -102,14 +102,20 @@ def convert_gguf(path, name: str | None = None) -> Path:
     meta = head.metadata
     _check_gguf_architecture(path, meta.get("general.architecture"))
     check_model(head, path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         with _one_header_parse():
+            # The model's config first (the header's parse is kept for the weights): a
+            # model kvcodec cannot code (Mamba, T5, Gemma 4) is refused before
+            # transformers builds it at the file's size, not after minutes of conversion.
+            check_kv_model(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
             model, info = AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=torch.float32,
                 output_loading_info=True)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except KVCodecError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this file
         # (a header that passed read_header can still be inconsistent: 0 heads raised
         # ZeroDivisionError, 3 heads of a 64-wide model a validation error of its own class)
@@ -119,7 +125,6 @@ def convert_gguf(path, name: str | None = None) -> Path:
     if missing:  # transformers filled them with random values
         raise BackendError(f"{path.name} lacks weights of its model: {_some(missing)}")
     _check_shapes(model, path)
-    check_kv_model(model.config)  # nothing is cached from a model kvcodec cannot code
     for flag in ("add_bos_token", "add_eos_token"):
         want = meta.get(f"tokenizer.ggml.{flag}")
         if want is not None and bool(getattr(tok, flag, False)) != bool(want):
