@@ -189,10 +189,10 @@ def test_an_environment_error_on_the_tables_is_a_miss_not_damage(filled, lm, mon
     fresh = ChunkStore(store.root, lm.fingerprint, "default")
     real = fresh.read_object
 
-    def failing(rel):
+    def failing(rel, *args):
         if rel.startswith("tables/"):
             raise OSError(24, "Too many open files")
-        return real(rel)
+        return real(rel, *args)
     monkeypatch.setattr(fresh, "read_object", failing)
     assert fresh.load_prefix(ids) is None
     assert all(loc.exists() for loc in locs)  # nothing moved

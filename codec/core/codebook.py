@@ -48,6 +48,11 @@ CACHED = 8  # codebooks kept in the in-process cache
 _HEX = set("0123456789abcdef")
 
 
+def max_bytes(count: int, heads: int, head_dim: int) -> int:
+    """The most bytes a codebook of ``count`` bases of ``heads`` heads can take."""
+    return min(MAX_BYTES, len(MAGIC) + 8 + MAX_HEADER + 2 * count * heads * head_dim ** 2 + 4)
+
+
 def valid_digest(digest) -> bool:
     return isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX
 

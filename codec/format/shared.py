@@ -54,6 +54,20 @@ _MAX_LAYOUT = 1 << 20
 DIGEST = re.compile(r"[0-9a-f]{40}")
 
 
+def max_rows(fp: dict) -> int:
+    """The rows shared tables of the model ``fp`` can have: per stream its coded columns,
+    at most 4 per channel (lossless fp32), and one."""
+    return 2 * fp["num_layers"] * (4 * fp["num_kv_heads"] * fp["head_dim"] + 1)
+
+
+def max_bytes(rows: int) -> int:
+    """The most bytes serialized tables of ``rows`` rows can take (zstd's worst case:
+    the packed levels stored as they are, plus its frame), and at most 1 GiB (``rows``
+    may come from a header's claims)."""
+    packed = rows * (2 + MAX_ALPHABET)
+    return min(1 << 30, len(MAGIC) + 4 + _MAX_LAYOUT + packed + packed // 128 + (1 << 10) + 4)
+
+
 def digest(data: bytes) -> str:
     """The digest files record for serialized shared tables ``data``."""
     return hashlib.blake2b(data, digest_size=20).hexdigest()

@@ -20,6 +20,7 @@ import json
 from ..core.checks import is_int
 from ..core.paths import loads_json
 from ..errors import KVCodecError
+from ..store.admin import MAX_RECORD_BYTES
 
 
 class Manifest:
@@ -33,7 +34,7 @@ class Manifest:
     def get(self, text: str) -> dict | None:
         """The record of a finished document with this text, or None."""
         try:
-            data = self.store.read_object(self._rel(text))
+            data = self.store.read_object(self._rel(text), MAX_RECORD_BYTES)
         except (OSError, KVCodecError):
             return None
         if data is None:

@@ -27,7 +27,7 @@ from .backends import open_backend
 from .verify import HEAD, Verifier, head, read_config
 
 READ_AHEAD = 16  # files a local verify asks the disk for ahead of its checks
-MAX_RECORD_BYTES = 16 << 20  # a manifest record larger than this is not one  # bytes read for a header at first (headers of entries are ~5-20 KB)
+MAX_RECORD_BYTES = 16 << 20  # a manifest record larger than this is not one
 
 
 @dataclass

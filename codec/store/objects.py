@@ -58,12 +58,18 @@ class StoreObjects:
         self._backend.write(self._object(rel), data)
         self._wrote(len(data))
 
-    def read_object(self, rel: str) -> bytes | None:
-        """The bytes of the object ``rel``, or None if it is absent."""
+    def read_object(self, rel: str, limit: int = codebook.MAX_BYTES) -> bytes | None:
+        """The bytes of the object ``rel``, or None if it is absent; a
+        :class:`CorruptError` if it has more than ``limit`` bytes (what an object of its
+        kind can hold; by default, what the largest kind can), found before they are
+        read: a damaged or crafted object is never read whole."""
         try:
-            return self._backend.read(self._object(rel))
+            return self._backend.fetch(self._object(rel), limit)[0]
         except FileNotFoundError:
             return None
+        except CorruptError:
+            raise CorruptError(f"{rel}: larger than the {limit} bytes an object of its kind "
+                               "can be") from None
 
     def exists_object(self, rel: str) -> bool:
         return self._backend.exists(self._object(rel))
@@ -95,16 +101,19 @@ class StoreObjects:
             except CodebookError:
                 pass
             rel = f"codebooks/{name}{codebook.SUFFIX}"
-            data = self.read_object(rel)
-            if data is None:
-                raise CodebookError(f"codebook {name[:16]}..., which this store's config "
-                                    f"names, is neither here nor in the store ({rel})")
-            try:
-                codebook.register_bytes(data, name, rel)
+            fp = self.fingerprint
+            try:  # bases [2 * layers, heads, head_dim, head_dim] (kvcodec.core.fit)
+                data = self.read_object(rel, codebook.max_bytes(
+                    2 * fp["num_layers"], fp["num_kv_heads"], fp["head_dim"]))
+                if data is not None:
+                    codebook.register_bytes(data, name, rel)
             except CorruptError as exc:
                 self.quarantine_object(rel)
                 self._books_kept.discard(name)
                 raise CodebookError(f"the store's codebook is damaged: {exc}") from None
+            if data is None:
+                raise CodebookError(f"codebook {name[:16]}..., which this store's config "
+                                    f"names, is neither here nor in the store ({rel})")
 
     def store_config(self, config, fingerprint: dict) -> dict:
         """``load_config(config, model=fingerprint)``, except ``"klt"`` for a model that

@@ -20,7 +20,7 @@ import logging
 import threading
 
 from ..errors import CorruptError
-from ..format.shared import DIGEST, SharedTables, digest
+from ..format.shared import DIGEST, SharedTables, digest, max_bytes, max_rows
 
 log = logging.getLogger("kvcodec")
 
@@ -56,13 +56,12 @@ class StoreTables:
 
     def _load_current(self, store, folder: str, kv,
                       position_offset: int) -> SharedTables | None:
-        try:
-            name = store.read_object(f"{folder}/current")
+        try:  # a digest (its writer adds nothing), read within a bound
+            name = store.read_object(f"{folder}/current", 1 << 10)
             if name is not None:
-                try:
-                    return self.get(store, name.decode("ascii", "replace").strip())
-                except CorruptError as exc:
-                    log.warning("kvcodec store: %s; building new shared tables", exc)
+                return self.get(store, name.decode("ascii", "replace").strip())
+        except CorruptError as exc:
+            log.warning("kvcodec store: %s; building new shared tables", exc)
         except OSError as exc:
             log.warning("kvcodec store: cannot read its shared tables (%s); coding with "
                         "own tables", exc)
@@ -89,18 +88,16 @@ class StoreTables:
         if not DIGEST.fullmatch(name):
             raise CorruptError(f"shared tables {name[:50]!r} is not a digest")
         rel = f"{self.folder(store)}/{name}.kvt"
-        fp = store.fingerprint
-        data = store.read_object(rel)
-        if data is None:
-            raise CorruptError(f"its store's shared tables {name[:12]}... are gone")
+        rows = max_rows(store.fingerprint)
         try:
-            if digest(data) != name:
+            data = store.read_object(rel, max_bytes(rows))
+            if data is not None and digest(data) != name:
                 raise CorruptError(f"{rel}: checksum mismatch; the object is damaged")
-            # Rows: per stream its coded columns, at most 4 per channel (lossless fp32).
-            rows = 2 * fp["num_layers"] * (4 * fp["num_kv_heads"] * fp["head_dim"] + 1)
-            tables = SharedTables.from_bytes(data, rows, rel)
+            tables = None if data is None else SharedTables.from_bytes(data, rows, rel)
         except CorruptError:
             store.quarantine_object(rel)
             raise
+        if tables is None:
+            raise CorruptError(f"its store's shared tables {name[:12]}... are gone")
         self._by_digest[name] = tables
         return tables
