@@ -90,3 +90,67 @@ def test_rate_limited_reader_counts_bytes(doc):
     with kvcodec.open(r) as f:
         f.decode()
     assert r.bytes_read == len(doc)
+
+
+@pytest.fixture
+def deadline():
+    """Fails a test that would block for good (what a FIFO's open did) instead of
+    hanging the run."""
+    import signal
+
+    def late(*_):
+        raise TimeoutError("still blocked after 60 s")
+    old = signal.signal(signal.SIGALRM, late)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_a_pipe_given_as_a_path_is_read_as_a_stream(doc, tmp_path, deadline):
+    """A named FIFO (or ``<(curl ...)``, a pipe under /dev/fd) decodes as it arrives,
+    its writer coming after the reader (before: 'File or stream is not seekable')."""
+    import os
+    import threading
+
+    fifo = tmp_path / "doc.kvc"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "wb") as f:
+            for i in range(0, len(doc), 1 << 14):
+                f.write(doc[i:i + (1 << 14)])
+    writer = threading.Timer(0.5, write)
+    writer.start()
+    got = kvcodec.decode(str(fifo))
+    writer.join()
+    want = kvcodec.decode(doc)
+    assert all(torch.equal(a, b) for a, b in zip(got.keys + got.values,
+                                                 want.keys + want.values))
+
+
+def test_a_fifo_nobody_writes_is_a_clear_error_in_bounded_time(tmp_path, monkeypatch,
+                                                                deadline):
+    """Its open blocked until a writer came: ``kvcodec inspect``, ``decode`` and
+    ``encode`` of a FIFO nobody writes hung for good."""
+    import errno
+    import os
+
+    from click.testing import CliRunner
+
+    from kvcodec.core import paths
+    from kvcodec.errors import AccessError
+    from kvcodec_cli.main import main
+
+    monkeypatch.setattr(paths, "FIFO_WAIT_S", 0.2)
+    fifo = tmp_path / "nobody.kvc"
+    os.mkfifo(fifo)
+    with pytest.raises(AccessError, match="no writer came to this FIFO in 0.2 s"):
+        kvcodec.open(str(fifo))
+    with pytest.raises(OSError) as err:
+        paths.read_text(fifo)  # a document to encode, a prompt, a text to blend
+    assert err.value.errno == errno.ETIMEDOUT
+    r = CliRunner().invoke(main, ["inspect", str(fifo)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith("error: ") and "no writer came" in r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import stat
 import tempfile
 from pathlib import Path
@@ -122,6 +123,30 @@ def open_regular(path):
     return f
 
 
+#: How long a named FIFO given as an input waits for its writer.
+FIFO_WAIT_S = 30.0
+
+
+def open_readable(path):
+    """``open(path, "rb")``, waiting for a named FIFO's writer :data:`FIFO_WAIT_S` at
+    most (its plain open waits for good: ``kvcodec inspect`` or ``encode`` of a FIFO
+    nobody writes hung), then an ``OSError`` (``ETIMEDOUT``). A pipe given as a path
+    (``<(curl ...)``) is read as it arrives."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # returns at once, writer or not
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            waiting = select.poll()  # readable once a writer wrote, or came and went
+            waiting.register(fd, select.POLLIN)
+            if not waiting.poll(int(FIFO_WAIT_S * 1000)):
+                raise OSError(errno.ETIMEDOUT, "no writer came to this FIFO in "
+                                               f"{FIFO_WAIT_S:g} s")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def text_over_limit(what, limit: int = MAX_TEXT_BYTES) -> ShapeError:
     return ShapeError(f"{what} is over {limit >> 20} MiB of text, more than a cache can "
                       "hold (2**24 tokens); split it")
@@ -131,7 +156,7 @@ def read_document(path, limit: int = MAX_TEXT_BYTES) -> bytes:
     """The bytes of the text file at ``path``, reading at most ``limit`` of them: more is
     a ShapeError (a pipe or a device reads as text too, so it need not be a regular
     file)."""
-    with open(path, "rb") as f:
+    with open_readable(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise text_over_limit(path, limit)

@@ -4,11 +4,14 @@ whole."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 import torch
 
 from ..core.kvcache import KVCache
+from ..core.paths import open_readable
 from ..errors import AccessError, KVCodecError
 from .container import Reader, StreamBuffer
 from .reader import KVCFile
@@ -34,10 +37,12 @@ def open(source, *, tables=None, name: str = "<bytes>") -> "KVCFile":  # noqa: A
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            f = path.open("rb")
+            f = open_readable(path)
         except OSError as exc:
             raise AccessError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
         try:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a pipe: read as a stream
+                return KVCFile(Reader(StreamBuffer(f), str(path)), tables)
             return KVCFile(Reader(f, str(path)), tables)
         except BaseException:
             f.close()
