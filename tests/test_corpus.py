@@ -484,3 +484,32 @@ def test_documents_over_the_text_cap_are_skipped_in_bounded_memory(tmp_path, par
     monkeypatch.setattr(corpus_mod, "_PARQUET_INFLATE", 1000)
     got = items(Corpus([tmp_path / "a.parquet.gz"]))
     assert len(got) == 1 and got[0].reason.startswith("decompresses to over 0 GiB")
+
+
+def test_a_fifo_among_the_corpus_files_is_skipped_not_waited_on(tmp_path):
+    """A FIFO in a corpus directory (or named directly) blocked the job in its open for
+    good (a JSONL one already in ``count()``); it is left out with a reason, like any
+    unusable file, and the job goes on."""
+    import os
+    import signal
+
+    (tmp_path / "a.txt").write_text("a real document")
+    os.mkfifo(tmp_path / "b.jsonl")
+    os.mkfifo(tmp_path / "c.txt")
+
+    def late(*_):
+        raise TimeoutError("the corpus waited on a FIFO")
+    old = signal.signal(signal.SIGALRM, late)
+    signal.alarm(60)
+    try:
+        corpus = Corpus([str(tmp_path), str(tmp_path / "c.txt")])
+        assert corpus.count() == 3
+        items = list(corpus)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert items[0] == Document(str(tmp_path / "a.txt"), "a real document",
+                                str(tmp_path / "a.txt"))
+    assert [(type(i), i.id) for i in items[1:]] == [
+        (Skipped, str(tmp_path / "b.jsonl")), (Skipped, str(tmp_path / "c.txt"))]
+    assert all(i.reason.startswith("a FIFO or socket, not a file") for i in items[1:])

@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -54,6 +55,8 @@ _PARQUET_INFLATE = 1 << 30    # a compressed Parquet file is decompressed whole:
 _TOO_LONG = object()          # a JSONL line over MAX_TEXT_BYTES
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MISSING = object()
+_PIPE = ("a FIFO or socket, not a file (a corpus file may be read twice: its documents "
+         "counted, then prefilled)")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a non-integer number", bool: "a boolean", type(None): "null"}
 
@@ -80,7 +83,7 @@ class _File:
     fs: Any
     path: str
     source: str
-    kind: str                 # "jsonl", "parquet" or "text"
+    kind: str                 # "jsonl", "parquet", "text" or "pipe" (skipped)
     compression: str | None
 
     def open(self):
@@ -126,6 +129,8 @@ class Corpus:
                 yield from self._read_jsonl(file)
             elif file.kind == "parquet":
                 yield from self._read_parquet(file)
+            elif file.kind == "pipe":
+                yield Skipped(file.source, file.source, _PIPE)
             else:
                 yield self._read_text(file)
 
@@ -342,9 +347,19 @@ def _resolve(spec: str, storage_options: dict) -> list[_File]:
         ext = os.path.splitext(name)[1]
         kind = ("jsonl" if ext in (".jsonl", ".ndjson") else
                 "parquet" if ext == ".parquet" else "text")
+        if isinstance(fs, LocalFileSystem) and _pipe(p):  # its open waited for a writer
+            kind = "pipe"
         source = p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p)
         files.append(_File(fs, p, source, kind, compression))
     return files
+
+
+def _pipe(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # reading it says what is wrong
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _jsonl_lines(file: _File):
