@@ -154,3 +154,31 @@ def test_a_fifo_nobody_writes_is_a_clear_error_in_bounded_time(tmp_path, monkeyp
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.startswith("error: ") and "no writer came" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_kv_safetensors_given_as_a_fifo_is_refused_not_waited_on(tmp_path):
+    """safetensors maps its file: ``kvcodec encode x.safetensors`` of a FIFO waited in
+    its open for good (in native code, which no signal interrupts: run in a process
+    with a timeout); a pipe cannot be mapped, so it is a FormatError at once."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "kv.safetensors"
+    os.mkfifo(fifo)
+    code = ("from kvcodec.errors import FormatError\n"
+            "from kvcodec.format.io import load_safetensors\n"
+            "try:\n"
+            f"    load_safetensors({str(fifo)!r})\n"
+            "except FormatError as exc:\n"
+            "    print('refused:', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.startswith("refused: ") and "is not a regular file" in out.stdout, \
+        out.stderr[-2000:]
+    cli = "from kvcodec_cli.main import main; main()"
+    r = subprocess.run([sys.executable, "-c", cli, "encode", str(fifo), "-o",
+                        str(tmp_path / "kv.kvc")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "is not a regular file" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "kv.kvc").exists()

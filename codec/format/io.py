@@ -6,12 +6,13 @@ metadata as JSON strings. safetensors never executes code on load.
 """
 from __future__ import annotations
 
+import errno
 import json
 
 from .container import atomic_write
 from ..errors import FormatError, ShapeError
 from ..core.kvcache import KVCache
-from ..core.paths import loads_json
+from ..core.paths import loads_json, open_regular
 
 
 def save_safetensors(kv: KVCache, path) -> None:
@@ -42,6 +43,13 @@ def load_safetensors(path) -> KVCache:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
+    try:  # safetensors maps the file: a FIFO's open waited for a writer for good
+        open_regular(path).close()
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        raise FormatError(f"{path} is not a regular file (a safetensors file is mapped, "
+                          "not streamed)") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
