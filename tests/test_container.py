@@ -224,6 +224,20 @@ def test_wrong_shapes_are_refused(kv_600):
     for chunk in (0, True, 1.5, "8", 2 ** 17):  # 0 took the config's, True 1, 1.5 was cut
         with pytest.raises(kvcodec.ConfigError, match="chunk_tokens must be an integer"):
             kvcodec.encode(kvcodec.KVCache([k], [v]), chunk_tokens=chunk)
+    # A negative position rotated keys to positions no model gives; 1.5 and True were
+    # taken as 1, and a position past 2**40 was written and then refused by every reader.
+    data = kvcodec.encode(kvcodec.KVCache([k], [v]))
+    dst = {0: (torch.empty_like(k), torch.empty_like(v))}
+    for offset in (-1, -(2 ** 30), 1.5, True, "3", 2 ** 40, torch.tensor([1, 2])):
+        with pytest.raises(ShapeError, match=r"position_offset must be an integer in \[0, "):
+            kvcodec.encode(kvcodec.KVCache([k], [v]), position_offset=offset)
+        with pytest.raises(ShapeError, match=r"position_offset must be an integer in \[0, "):
+            kvcodec.open(data).decode_into(dst, position_offset=offset)
+    for offset in (5, np.int64(5), torch.tensor(5)):  # numpy's and torch's integers are
+        with kvcodec.open(kvcodec.encode(kvcodec.KVCache([k], [v]),
+                                         position_offset=offset)) as f:
+            assert f.meta.position_offset == 5 and type(f.meta.position_offset) is int
+            f.decode_into(dst, position_offset=offset)
 
 
 def test_bad_chunk_and_layer_requests(small_kvc):

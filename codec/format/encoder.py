@@ -16,7 +16,7 @@ from .. import _version
 from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, load_config,
                            resolve_layers)
 from ..core import codebook
-from ..core.checks import is_int
+from ..core.checks import check_position_offset, is_int
 from ..core.fit import first_fit, save_fitted, wants_first_fit
 from ..core.kvcache import KVCache, check_model_geometry, check_token_ids
 from ..core.quant import make_quantizer
@@ -205,6 +205,7 @@ class Encoder:
         if position_offset is None:
             position_offset = len(anchor) if anchor else 0
         n_layers, h, d, n = kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.num_tokens
+        position_offset = check_position_offset(position_offset, n)
         check_geometry(n_layers, n, h * d)
         check_model_geometry(model, n_layers, h, d)
         if token_ids is not kv.token_ids:  # the cache's were checked when it was made
@@ -355,8 +356,7 @@ def encode(kv, path=None, *, config="default", chunk_tokens: int | None = None,
            target_kl: float | None = None, embed_codebook: bool = False) -> bytes:
     """Compress a KV cache into .kvc bytes: :class:`Encoder` ``(config, model or
     kv.model, chunk_tokens=..., threads=..., target_kl=..., embed_codebook=...).encode(kv,
-    path, ...)``.
-    Code many caches with one :class:`Encoder` instead.
+    path, ...)``. Code many caches with one :class:`Encoder` instead.
 
     Returns
     -------

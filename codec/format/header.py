@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..core import codebook, paths
+from ..core.checks import MAX_POSITION
 from ..core.config import (FULL_ATTENTION_KEY_SCALE, MAX_CHUNK_TOKENS, load_config,
                            resolve_layers)
 from ..core.quant import make_quantizer
@@ -111,7 +112,8 @@ class FileHeader:
         self.config, specs, self.shared_parse = self._parse_config()
         self._set_streams(specs)
         self.codebook = self._codebook()
-        self.position_offset = g.int("position_offset", -(1 << 40), 1 << 40)
+        # Negative ones are read as written (encoders once took any integer).
+        self.position_offset = g.int("position_offset", -MAX_POSITION, MAX_POSITION)
         self.sink_tokens = g.int("sink_tokens", 0, min(64, self.num_tokens))
         self.anchor = self._anchor(h.get("anchor"))
         self.key_transform = h.get("key_transform")

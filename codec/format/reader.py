@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.checks import check_position_offset
 from ..core.kvcache import KVCache
 from ..core.quant import STEP_GRID, Uniform
 from ..core.streams import KINDS
@@ -95,10 +96,11 @@ class KVCFile:
         coded keys are rotated at positions from ``base``; ``turn`` is ``(ropes,
         delta)`` when keys coded post-RoPE must then be turned by ``delta`` positions."""
         m = self.meta
-        if position_offset is None or position_offset == m.position_offset:
+        if position_offset is None:
             return m.position_offset, None
-        if not isinstance(position_offset, int) or isinstance(position_offset, bool):
-            raise ShapeError(f"position_offset must be an integer, got {position_offset!r:.40}")
+        position_offset = check_position_offset(position_offset, m.num_tokens)
+        if position_offset == m.position_offset:
+            return m.position_offset, None
         if m.key_transform is not None:  # keys are coded pre-RoPE: rotate them there
             check_positions(m.key_transform, position_offset, m.num_tokens)
             return position_offset, None
