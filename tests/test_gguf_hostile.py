@@ -19,6 +19,17 @@ from kvcodec_cli.main import main
 L, H, KV, D, F, V = 2, 64, 2, 16, 128, 260
 
 
+def _byte_tokenizer(w):
+    """A byte-level tokenizer of V tokens (256 bytes and 4 specials) into GGUF writer w."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([bytes([i]).decode("latin-1") for i in range(256)]
+                     + ["<s>", "</s>", "<unk>", "<pad>"])
+    w.add_token_types([1] * 256 + [3] * 4)
+    w.add_token_scores([0.0] * V)
+    w.add_token_merges([])
+
+
 def _tiny_gguf(path, drop=(), hidden=H, ffn=F, heads=H // D):
     """A whole Llama of 2 blocks (hidden 64) with a byte-level tokenizer, minus ``drop``;
     ``hidden``, ``ffn`` and ``heads`` are what its metadata claims (its tensors stay)."""
@@ -34,13 +45,7 @@ def _tiny_gguf(path, drop=(), hidden=H, ffn=F, heads=H // D):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(V)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([bytes([i]).decode("latin-1") for i in range(256)]
-                     + ["<s>", "</s>", "<unk>", "<pad>"])
-    w.add_token_types([1] * 256 + [3] * 4)
-    w.add_token_scores([0.0] * V)
-    w.add_token_merges([])
+    _byte_tokenizer(w)
     w.add_bos_token_id(256)
     w.add_eos_token_id(257)
     shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,)}
@@ -228,13 +233,7 @@ def _refused_gguf(path, arch):
         w.add_head_count_kv(KV)
         w.add_key_length(2 * D)
         w.add_uint32("gemma4.attention.sliding_window", 64)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([bytes([i]).decode("latin-1") for i in range(256)]
-                     + ["<s>", "</s>", "<unk>", "<pad>"])
-    w.add_token_types([1] * 256 + [3] * 4)
-    w.add_token_scores([0.0] * V)
-    w.add_token_merges([])
+    _byte_tokenizer(w)
     w.add_tensor("token_embd.weight", np.zeros((V, H), np.float32))
     for i in range(L):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(H, np.float32))
