@@ -67,7 +67,7 @@ def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, r
     import importlib.util
 
     from kvcodec.core.config import load_config
-    from kvcodec.models.loading import model_name, resolve_model_path
+    from kvcodec.models.loading import model_config, model_name, resolve_model_path
     from kvcodec.store.backends import LocalBackend, open_backend
 
     args = list(vllm_args)
@@ -96,6 +96,7 @@ def serve(store, model, config, max_bytes, ttl, metrics_port, blend_rows_only, r
                            f"{chunk}")
     with Status("converting the model (once)"):
         path = resolve_model_path(model).resolve()
+    model_config(path)  # a model kvcodec cannot code: one line now, not at the connector's start
     backend = open_backend(store)  # a local directory is created; a URL needs its filesystem
     if isinstance(backend, LocalBackend):
         store = str(Path(backend.root).resolve())

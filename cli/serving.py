@@ -200,10 +200,11 @@ def model_path(model_arg, model):
     """Print MODEL's local transformers directory, e.g. to serve it with vLLM, which cannot
     read GGUF on CPU. MODEL (or --model) is a .gguf file, converted to safetensors once and
     cached by its hash, or a model directory (printed as is); default: the embedded model."""
-    from kvcodec.models.loading import resolve_model_path
+    from kvcodec.models.loading import model_config, resolve_model_path
 
     if model_arg and model and model_arg != model:
         raise click.UsageError("give the model once (MODEL or --model)")
     with Status("converting the model (once)"):
         path = resolve_model_path(model_arg or model)
+    model_config(path)  # a model kvcodec cannot code is said here, not when vLLM starts
     click.echo(str(path))

@@ -93,6 +93,15 @@ def test_encode_with_a_hybrid_model_directory_is_one_line_before_its_weights_loa
     assert "qwen3_5_text has linear_attention layers" in r.output, r.output
     assert "Traceback" not in r.output and r.output.splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "d.kvc").exists()
+    # The directory to serve: model-path printed it, and serve started vLLM, whose
+    # connector refused the model only at its start.
+    for args in (["model-path", path], ["serve", "--store", str(tmp_path / "s"), "--model",
+                                        path, "--port", "8765"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, (args, r.output)
+        assert r.output.splitlines()[-1].startswith("error: ") and \
+            "qwen3_5_text has linear_attention layers" in r.output, r.output
+        assert r.output.count("\n") == 1 and path not in r.output, r.output  # no path printed
 
 
 @pytest.mark.parametrize("model_type,over,heads", [

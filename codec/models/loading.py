@@ -231,6 +231,20 @@ def resolve_model_path(name) -> Path:
     return path
 
 
+def model_config(path):
+    """The transformers config of the model directory ``path``, read (no weights) and
+    checked as a model kvcodec codes (:func:`~kvcodec.models.support.check_kv_model`:
+    a ShapeError); one transformers cannot read is a BackendError."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
+        raise BackendError(f"cannot load a model from {path}: {_one_line(exc)}") from None
+    check_kv_model(config)
+    return config
+
+
 def model_name(name) -> str:
     """A short name for a model argument: the embedded default's, a directory's name or a
     GGUF file's stem."""
@@ -259,16 +273,12 @@ _LOADED: dict[str, LoadedModel] = {}
 def load_model(name=None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load (once per process) a model and tokenizer: the embedded default, a local
     transformers directory, or a ``.gguf`` file (converted once and cached)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
     key = f"{path}:{dtype}"
     if key not in _LOADED:
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception as exc:  # noqa: BLE001 - whatever transformers raises on this folder
-            raise BackendError(f"cannot load a model from {path}: {_one_line(exc)}") from None
-        check_kv_model(config)  # before any weight loads
+        config = model_config(path)  # before any weight loads
         try:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(path)
