@@ -94,18 +94,20 @@ def encode(source, output, config, model, max_tokens, chunk_tokens, threads, tar
     if enc.fitted is not None or (enc.embed_codebook and not embed_codebook):
         click.echo(f"no klt config for this model yet: fitted one on these {kv.num_tokens} "
                    "tokens, " + (f"kept as {enc.fitted} for later encodes" if enc.fitted
-                                 else "not kept (see the warning); the file carries it"))
+                                 else "not kept (see the warning); the file carries it"),
+                   err=True)
     elif enc.fit_pending:
         from kvcodec.core.fit import FIRST_FIT_TOKENS
 
         click.echo(f"no klt config for this model yet, and these {kv.num_tokens} tokens do "
                    f"not fit one (a dense cache of {FIRST_FIT_TOKENS} tokens or more after "
-                   "the sinks, at position 0): coded with default")
+                   "the sinks, at position 0): coded with default", err=True)
     kept = (f", {kv.stored_numel() / kv.numel():.0%} of tokens kept per head on average"
             if kv.evicted else "")
+    # Said on stderr, as every status line: -o /dev/stdout sends the file to stdout.
     click.echo(f"wrote {output}: {len(data):,} bytes, "
                f"{len(data) * 8 / kv.numel():.3f} bits/element, "
-               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16{kept}")
+               f"{kv.numel() * 2 / len(data):.1f}x smaller than fp16{kept}", err=True)
 
 
 @click.command()
@@ -126,7 +128,7 @@ def decode(source, output, chunks, dtype, threads):
         with Status(f"decoding {source}"):
             kv = f.decode(sel, dtype=DTYPES[dtype] if dtype else None, threads=threads)
     kvio.save_safetensors(kv, output)
-    click.echo(f"wrote {output}: {kv.num_layers} layers x {kv.num_tokens} tokens")
+    click.echo(f"wrote {output}: {kv.num_layers} layers x {kv.num_tokens} tokens", err=True)
 
 
 @click.command()

@@ -63,7 +63,7 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
     fsspec URLs). Documents already stored are skipped without a prefill, so the same
     command finishes an interrupted job.
     """
-    from kvcodec.format.container import atomic_write
+    from kvcodec.core.paths import write_output
     from kvcodec.jobs import JobSpec, precompute as run
 
     check_chat(chat, system)
@@ -80,6 +80,6 @@ def precompute(inputs, store, configs, model, text_field, id_field, max_tokens, 
     for line in summary.lines():
         click.echo(printable(line))  # ids and reasons come from the corpus
     if report_path:
-        atomic_write(report_path, summary.to_json().encode() + b"\n")
+        write_output(report_path, summary.to_json().encode() + b"\n")
     if summary.documents and summary.failed == summary.documents:
         raise KVCodecError("every document failed")

@@ -255,11 +255,11 @@ def _recorded(lm) -> dict:
 
 
 def _write(output, cfg: dict, info: dict) -> None:
-    from kvcodec.format.container import atomic_write
+    from kvcodec.core.paths import write_output
 
-    atomic_write(output, (json.dumps(cfg, indent=1) + "\n").encode())
+    write_output(output, (json.dumps(cfg, indent=1) + "\n").encode())
     click.echo(f"wrote {output}: calibration KL {info['kl']:.5f}, "
-               f"~{info['payload_bits_per_element']:.3f} bits/element payload")
+               f"~{info['payload_bits_per_element']:.3f} bits/element payload", err=True)
 
 
 def _refine(cal, lm, key, model, source, output, name, query_weights, paths, rate_margin,

@@ -9,6 +9,7 @@ import os
 import select
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import ShapeError
@@ -91,6 +92,45 @@ def atomic_write(path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def write_output(path, data: bytes) -> None:
+    """``data`` into the file a user named (``encode(kv, path)``, ``-o``): new or a
+    regular file, written crash-safely (:func:`atomic_write`) where it is, through any
+    symlink; a device, FIFO or socket (``-o /dev/null``, ``-o /dev/stdout`` into a pipe,
+    a FIFO a reader waits on), written into, a FIFO's reader waited for
+    :data:`FIFO_WAIT_S` at most. The rename made each a regular file: as root,
+    ``-o /dev/null`` replaced the system's /dev/null, and ``-o /dev/stdout`` its link."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # new (or unreachable: atomic_write names why)
+        atomic_write(path, data)
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a directory: atomic_write's error
+        atomic_write(os.path.realpath(path) if stat.S_ISREG(mode) else path, data)
+        return
+    fd = _open_writer(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _open_writer(path) -> int:
+    """A descriptor of the device or FIFO ``path`` to write to (a FIFO's open without
+    O_NONBLOCK waits for a reader for good; with it, fails until one comes)."""
+    deadline = time.monotonic() + FIFO_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or not stat.S_ISFIFO(os.stat(path).st_mode):
+                raise  # ENXIO: a socket (no file to write), or no reader yet
+            if time.monotonic() >= deadline:
+                raise OSError(errno.ETIMEDOUT, f"no reader came to the FIFO {path} in "
+                                               f"{FIFO_WAIT_S:g} s") from None
+            time.sleep(0.02)
+            continue
+        os.set_blocking(fd, True)
+        return fd
 
 
 def loads_json(data):

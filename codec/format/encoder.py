@@ -17,6 +17,7 @@ from ..core.config import (MAX_CHUNK_TOKENS, for_model, full_attention_layers, l
                            resolve_layers)
 from ..core import codebook
 from ..core.checks import check_position_offset, is_int
+from ..core.paths import write_output
 from ..core.fit import first_fit, save_fitted, wants_first_fit
 from ..core.kvcache import KVCache, check_model_geometry, check_token_ids
 from ..core.quant import make_quantizer
@@ -26,7 +27,7 @@ from ..errors import ConfigError, ShapeError
 from . import container
 from .bounded import zstd
 from .coding import StreamCoder
-from .container import atomic_write, crc32
+from .container import crc32
 from .kept import head_spec, pack_kept
 from .shared import SharedTables
 from .spec import (INDEX_ENTRY, MAX_ANCHOR_TOKENS, check_geometry, check_kept_geometry,
@@ -71,9 +72,8 @@ class Encoder:
 
     What depends only on these is done here, once: the config is loaded, checked and
     applied to the model (:func:`~kvcodec.core.config.for_model`), and per layer count
-    and dtype the quantizers are built; the compressed config section is
-    kept per distinct config a file records. A dict config is used as given, not copied:
-    leave it unchanged while the encoder is in use.
+    and dtype the quantizers are built; the compressed config section is kept per
+    distinct config a file records. A dict config is used as given: leave it unchanged.
     """
 
     def __init__(self, config="default", fingerprint: dict | None = None, *,
@@ -270,7 +270,7 @@ class Encoder:
                 sections.insert(-1, ("codebook", codebook.get(books[0]).to_bytes(), True))
         data = container.build(header, sections, version)
         if path is not None:
-            atomic_write(path, data)
+            write_output(path, data)
         return data
 
     @property

@@ -9,10 +9,9 @@ from __future__ import annotations
 import errno
 import json
 
-from .container import atomic_write
 from ..errors import FormatError, ShapeError
 from ..core.kvcache import KVCache
-from ..core.paths import loads_json, open_regular
+from ..core.paths import loads_json, open_regular, write_output
 
 
 def save_safetensors(kv: KVCache, path) -> None:
@@ -35,7 +34,7 @@ def save_safetensors(kv: KVCache, path) -> None:
             storages.add(ptr)
     meta = {"format": "kvcodec-kv", "token_ids": json.dumps(kv.token_ids),
             "model": json.dumps(kv.model)}
-    atomic_write(path, save(tensors, metadata=meta))
+    write_output(path, save(tensors, metadata=meta))
 
 
 def load_safetensors(path) -> KVCache:
