@@ -163,6 +163,16 @@ def open_regular(path):
     return f
 
 
+def is_pipe(path) -> bool:
+    """Whether ``path`` is a FIFO or a socket (False where it cannot be looked at:
+    opening it says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 #: How long a named FIFO given as an input waits for its writer.
 FIFO_WAIT_S = 30.0
 

@@ -34,7 +34,6 @@ import io
 import json
 import os
 import re
-import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -43,7 +42,7 @@ import fsspec.utils
 from fsspec.core import has_magic
 from fsspec.implementations.local import LocalFileSystem
 
-from ..core.paths import MAX_TEXT_BYTES
+from ..core.paths import MAX_TEXT_BYTES, is_pipe
 from ..errors import BackendError, ConfigError, KVCodecError
 from ..store.backends import filesystem
 from .parquet import ParquetSource, SourceError, Unreadable, pylist, pyarrow_modules
@@ -347,19 +346,11 @@ def _resolve(spec: str, storage_options: dict) -> list[_File]:
         ext = os.path.splitext(name)[1]
         kind = ("jsonl" if ext in (".jsonl", ".ndjson") else
                 "parquet" if ext == ".parquet" else "text")
-        if isinstance(fs, LocalFileSystem) and _pipe(p):  # its open waited for a writer
+        if isinstance(fs, LocalFileSystem) and is_pipe(p):  # its open waited for a writer
             kind = "pipe"
         source = p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p)
         files.append(_File(fs, p, source, kind, compression))
     return files
-
-
-def _pipe(path: str) -> bool:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False  # reading it says what is wrong
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _jsonl_lines(file: _File):
