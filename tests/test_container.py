@@ -233,6 +233,12 @@ def test_wrong_shapes_are_refused(kv_600):
             kvcodec.encode(kvcodec.KVCache([k], [v]), position_offset=offset)
         with pytest.raises(ShapeError, match=r"position_offset must be an integer in \[0, "):
             kvcodec.open(data).decode_into(dst, position_offset=offset)
+    from test_hostile import rebuild
+
+    old = rebuild(data, {"position_offset": -5})  # as encoders once wrote: still decodes
+    with kvcodec.open(old) as f:
+        assert f.meta.position_offset == -5
+        assert torch.equal(f.decode().keys[0], kvcodec.decode(data).keys[0])
     for offset in (5, np.int64(5), torch.tensor(5)):  # numpy's and torch's integers are
         with kvcodec.open(kvcodec.encode(kvcodec.KVCache([k], [v]),
                                          position_offset=offset)) as f:
