@@ -343,6 +343,25 @@ def test_file_urls_are_local_stores(tmp_path, lm):
     assert store.root == tmp_path / "s" and os.path.isdir(store.root)
 
 
+def test_a_store_path_that_is_a_file_is_a_config_error(tmp_path, lm):
+    """It was mkdir's "File exists" (or "Not a directory" under it), out of every
+    command."""
+    from click.testing import CliRunner
+
+    from kvcodec_cli.main import main
+
+    (tmp_path / "file").write_text("not a store")
+    for root in (tmp_path / "file", tmp_path / "file" / "sub", f"file://{tmp_path}/file"):
+        with pytest.raises(ConfigError, match=r"a file \(or under one\), not a directory"):
+            ChunkStore(root, lm.fingerprint)
+    (tmp_path / "doc.txt").write_text("A document.")
+    r = CliRunner().invoke(main, ["precompute", str(tmp_path / "doc.txt"), "--store",
+                                  str(tmp_path / "file"), "--no-progress"])
+    assert r.exit_code == 1 and r.output.startswith("error: store ") and \
+        len(r.output.strip().splitlines()) == 1, r.output
+    assert (tmp_path / "file").read_text() == "not a store"
+
+
 def test_sweep_removes_only_stale_temp_files(tmp_path, lm):
     """A writer killed mid-write leaves a temp file: never an entry, removed by the next
     job once it is old enough that no live writer can own it."""

@@ -89,7 +89,11 @@ class LocalBackend:
 
     def __init__(self, root):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # said as "File exists: ..."
+            raise ConfigError(f"store {root}: a file (or under one), not a directory; give "
+                              "a directory or a URL such as s3://bucket/kv") from None
 
     def location(self, rel: str) -> Path:
         return self.root / rel
