@@ -102,6 +102,11 @@ def test_encode_with_a_hybrid_model_directory_is_one_line_before_its_weights_loa
         assert r.output.splitlines()[-1].startswith("error: ") and \
             "qwen3_5_text has linear_attention layers" in r.output, r.output
         assert r.output.count("\n") == 1 and path not in r.output, r.output  # no path printed
+    # A precompute job: refused before its store is made (it left an empty directory).
+    r = CliRunner().invoke(main, ["precompute", str(doc), "--store", str(tmp_path / "kv"),
+                                  "--model", path, "--no-progress"])
+    assert r.exit_code == 1 and "qwen3_5_text has linear_attention layers" in r.output
+    assert not (tmp_path / "kv").exists()
 
 
 @pytest.mark.parametrize("model_type,over,heads", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from ..core.checks import is_int
 from ..core.tables import threads as native_threads
@@ -58,6 +59,7 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
     native_threads(threads)  # a bad count fails now, not as every document's failure
     corpus = Corpus(inputs, text_field=text_field, id_field=id_field,
                     storage_options=storage_options)
+    _check_model(model, runner)  # before the store is made (its directory was left)
     # A bad store URL fails before the model loads; temp files of writers killed
     # mid-write are swept once here, not by every Ray worker.
     open_backend(store, storage_options).sweep()
@@ -106,6 +108,17 @@ def precompute(inputs, store, *, model=None, spec: JobSpec | None = None,
             bar.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_model(model, runner: str) -> None:
+    """The model's config, checked as one kvcodec codes (no weights): here where this
+    process loads it, or where Ray's workers will and its directory is here too."""
+    from ..models.loading import LoadedModel, model_config, resolve_model_path
+
+    if isinstance(model, LoadedModel):
+        return
+    if runner == "local" or (isinstance(model, str) and Path(model).is_dir()):
+        model_config(resolve_model_path(model))
 
 
 def _bar(total):
