@@ -54,17 +54,17 @@ _MAX_LAYOUT = 1 << 20
 DIGEST = re.compile(r"[0-9a-f]{40}")
 
 
-def max_rows(fp: dict) -> int:
+def _max_rows(fp: dict) -> int:
     """The rows shared tables of the model ``fp`` can have: per stream its coded columns,
     at most 4 per channel (lossless fp32), and one."""
     return 2 * fp["num_layers"] * (4 * fp["num_kv_heads"] * fp["head_dim"] + 1)
 
 
-def max_bytes(rows: int) -> int:
-    """The most bytes serialized tables of ``rows`` rows can take (zstd's worst case:
-    the packed levels stored as they are, plus its frame), and at most 1 GiB (``rows``
-    may come from a header's claims)."""
-    packed = rows * (2 + MAX_ALPHABET)
+def max_bytes(fp: dict) -> int:
+    """The most bytes serialized tables of the model ``fp`` can take (zstd's worst case:
+    the packed levels stored as they are, plus its frame), and at most 1 GiB (``fp`` may
+    come from a header's claims)."""
+    packed = _max_rows(fp) * (2 + MAX_ALPHABET)
     return min(1 << 30, len(MAGIC) + 4 + _MAX_LAYOUT + packed + packed // 128 + (1 << 10) + 4)
 
 
@@ -146,6 +146,15 @@ class SharedTables:
         body = (MAGIC + struct.pack("<I", len(layout)) + layout
                 + zstd(b"".join(self.spans) + b"".join(self.codes)))
         return body + struct.pack("<I", crc32(body))
+
+    @classmethod
+    def stored(cls, data: bytes, name: str, fp: dict, rel: str) -> "SharedTables":
+        """The tables ``data`` a store holds as ``rel`` under their digest ``name``, for
+        the model ``fp``: they hash to ``name`` and parse within the rows that model's
+        tables can have; CorruptError otherwise."""
+        if digest(data) != name:
+            raise CorruptError(f"{rel}: checksum mismatch; the object is damaged")
+        return cls.from_bytes(data, _max_rows(fp), rel)
 
     @classmethod
     def from_bytes(cls, data: bytes, max_rows: int, name: str = "shared tables"

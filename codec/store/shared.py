@@ -20,7 +20,7 @@ import logging
 import threading
 
 from ..errors import CorruptError
-from ..format.shared import DIGEST, SharedTables, digest, max_bytes, max_rows
+from ..format.shared import DIGEST, SharedTables, max_bytes
 
 log = logging.getLogger("kvcodec")
 
@@ -88,12 +88,10 @@ class StoreTables:
         if not DIGEST.fullmatch(name):
             raise CorruptError(f"shared tables {name[:50]!r} is not a digest")
         rel = f"{self.folder(store)}/{name}.kvt"
-        rows = max_rows(store.fingerprint)
+        fp = store.fingerprint
         try:
-            data = store.read_object(rel, max_bytes(rows))
-            if data is not None and digest(data) != name:
-                raise CorruptError(f"{rel}: checksum mismatch; the object is damaged")
-            tables = None if data is None else SharedTables.from_bytes(data, rows, rel)
+            data = store.read_object(rel, max_bytes(fp))
+            tables = None if data is None else SharedTables.stored(data, name, fp, rel)
         except CorruptError:
             store.quarantine_object(rel)
             raise

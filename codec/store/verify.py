@@ -23,7 +23,7 @@ from ..errors import CorruptError, FormatError, TruncatedError, VersionError
 from ..format.bounded import unzstd
 from ..format.container import (DATA_ALIGN, MAGIC, PREAMBLE, SECTION_ALIGN, crc32,
                                 parse_header, preamble)
-from ..format.shared import DIGEST, SharedTables, digest, max_bytes, max_rows
+from ..format.shared import DIGEST, SharedTables, max_bytes
 from ..format.spec import INDEX_ENTRY, MAX_CONFIG_BYTES, MAX_TOKENS
 from . import keys as keying
 
@@ -87,14 +87,11 @@ class Verifier:
             rel = self._where.get(d) if isinstance(d, str) else None
             if rel is None:
                 raise CorruptError(f"its store's shared tables {str(d)[:12]}... are gone")
-            rows = max_rows(fp)
             try:
-                data = self.backend.fetch(rel, max_bytes(rows))[0]
+                data = self.backend.fetch(rel, max_bytes(fp))[0]
             except CorruptError:
                 raise CorruptError(f"{rel}: larger than shared tables can be") from None
-            if digest(data) != d:
-                raise CorruptError(f"{rel}: checksum mismatch; the object is damaged")
-            got = self._tables[d] = SharedTables.from_bytes(data, rows, rel)
+            got = self._tables[d] = SharedTables.stored(data, d, fp, rel)
         return got
 
     def check(self, rel: str, size: int | None = None) -> str | None:
